@@ -1,0 +1,164 @@
+"""BitLinear: a drop-in for nn.Linear with ternary (b1.58) or binary (BitNet) weights.
+
+Two states:
+- training (after construction or `convert`): a latent float `weight` Parameter (N, K); the
+  forward fake-quantizes weights and activations with the straight-through estimator, so the
+  layer trains with any torch optimizer.
+- frozen (after `.freeze()`): buffers only, `weight` uint8 (R, K) packed (bitnet.packing) and
+  `weight_scale` float32 (1,) = mean|W|, multiplied into the output. No latent copy is kept. The
+  forward runs the integer path of bitnet.ops (Triton on CUDA, exact torch elsewhere).
+
+Both states compute the same function of the same latent weights:
+    y = (x_q @ W_q^T) * s / a + bias
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .packing import TERNARY_FORMATS, pack, packed_rows, unpack
+from .quant import fake_quant_activation, fake_quant_weight, quantize_weight
+
+WEIGHT_BITS = ("ternary", "binary")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in Llama and transformers' BitNet: normalize in float32, scale in input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class BitLinear(nn.Module):
+    """y = quant(x) @ quant(W)^T + b, a drop-in for nn.Linear(in_features, out_features, bias).
+
+    Args:
+        weight_bits: "ternary" (BitNet b1.58, absmean to {-1, 0, 1}) or "binary" (BitNet,
+            sign(W - mean W) to {-1, 1}); activations are int8 per-token absmax in both.
+        rms_norm_eps: if given, an RMSNorm over the input precedes quantization (checkpoints
+            whose quantization_config sets `use_rms_norm`).
+        kernel: None (automatic: Triton on CUDA tensors, torch elsewhere; the environment
+            variable BITNET_KERNEL overrides), "triton" or "torch". Used once frozen.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        weight_bits: str = "ternary",
+        rms_norm_eps: float | None = None,
+        kernel: str | None = None,
+    ):
+        super().__init__()
+        if weight_bits not in WEIGHT_BITS:
+            raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_bits = weight_bits
+        self.kernel = kernel
+        self.packing: str | None = None  # None while training; the packed format once frozen
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.rms_norm = RMSNorm(in_features, rms_norm_eps, device, dtype) if rms_norm_eps is not None else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialization, so that convert() and construction agree.
+        if self.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def frozen(self) -> bool:
+        return self.packing is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        if self.packing is not None:
+            return ops.bitlinear(x, self.weight, self.weight_scale, self.out_features, self.packing, self.bias, self.kernel)
+        w = fake_quant_weight(self.weight, self.weight_bits)
+        x = fake_quant_activation(x)
+        return F.linear(x, w, self.bias)
+
+    @torch.no_grad()
+    def freeze(self, packing: str | None = None) -> "BitLinear":
+        """Quantize the latent weight once, keep only packed bytes and the scale.
+
+        packing: "2bit" (default for ternary, the checkpoint layout) or "1.6bit" (ternary, 5 per
+        byte); binary weights always pack as "1bit". On the meta device only the shapes are made
+        (for loading a checkpoint into them).
+        """
+        packing = packing or ("2bit" if self.weight_bits == "ternary" else "1bit")
+        valid = TERNARY_FORMATS if self.weight_bits == "ternary" else ("1bit",)
+        if packing not in valid:
+            raise ValueError(f"{self.weight_bits} weights pack as {valid}, not {packing!r}")
+        if self.frozen:
+            if packing != self.packing:
+                raise ValueError(f"layer is already frozen as {self.packing!r}; unfreeze() first to repack")
+            return self
+        latent = self.weight
+        device = latent.device
+        if latent.is_meta:
+            packed = torch.empty(packed_rows(self.out_features, packing), self.in_features, dtype=torch.uint8, device=device)
+            scale = torch.empty(1, dtype=torch.float32, device=device)
+        else:
+            w_q, s = quantize_weight(latent, self.weight_bits)
+            packed, scale = pack(w_q, packing), s.reshape(1)
+        del self.weight
+        self.register_buffer("weight", packed)
+        self.register_buffer("weight_scale", scale)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.packing = packing
+        return self
+
+    @torch.no_grad()
+    def unfreeze(self, dtype: torch.dtype = torch.float32) -> "BitLinear":
+        """Back to the training state with the dequantized weight W_q * s as latent weight.
+
+        Binary weights survive a freeze/unfreeze/freeze cycle bit for bit. Ternary W_q survive too,
+        but the absmean scale of W_q * s is s times the fraction of non-zeros, so re-freezing
+        gives a different scale: quantization is not idempotent for ternary weights.
+        """
+        if not self.frozen:
+            return self
+        w = unpack(self.weight, self.out_features, self.packing, dtype=torch.float32) * self.weight_scale.float()
+        del self.weight, self.weight_scale
+        self.weight = nn.Parameter(w.to(dtype))
+        if self.bias is not None:
+            self.bias.requires_grad_(True)
+        self.packing = None
+        return self
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_q int8 (N, K), scale float32 scalar) in either state."""
+        if self.frozen:
+            return unpack(self.weight, self.out_features, self.packing), self.weight_scale.reshape(())
+        return quantize_weight(self.weight, self.weight_bits)
+
+    def extra_repr(self) -> str:
+        state = f"frozen={self.packing}" if self.frozen else "training"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight_bits={self.weight_bits}, {state}"
+        )

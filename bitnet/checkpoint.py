@@ -1,0 +1,310 @@
+"""from_pretrained / save_pretrained over transformers' `bitnet` folder format. Safetensors only.
+
+A folder holds config.json, model.safetensors (or model-0000i-of-0000n.safetensors shards and
+model.safetensors.index.json) and optionally tokenizer files, which travel with the model.
+
+What the weights of a quantized layer mean depends on config.json's quantization_config:
+- quantization_mode "offline": `weight` uint8 (ceil(N / 4), K), 2-bit codes in strided blocks
+  (bitnet.packing), and `weight_scale` of shape (1,) whose meaning depends on linear_class:
+    "autobitlinear" (microsoft/bitnet-b1.58-2B-4T): stores s = mean|W|, output is multiplied by it
+    "bitlinear"     (HF1BitLLM, onebitllms):         stores 1 / s,       output is divided by it
+  Both load to the same function; save_pretrained writes "autobitlinear" unless asked otherwise.
+- quantization_mode "online": `weight` holds the latent float weights, quantized on the fly.
+- no quantization_config: the bf16 twin, plain linear weights.
+- quant_method "bitnet1" (this package only): binary weights, 1 bit a weight (8 rows a byte),
+  weight_scale = mean|W|.
+
+Loading never unpickles: a folder with only pytorch_model.bin is refused. Every tensor is checked
+(name, shape, dtype) against the model that config.json describes before any is used; a mismatch
+raises CheckpointError naming the file and the tensor. Saving writes every file under a temporary
+name, fsyncs it, then renames it into place (data files first, config.json last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .bitlinear import BitLinear
+from .config import BitNetConfig, ConfigError
+from .convert import bitlinears, freeze, quantization_mode
+from .model import BitNetForCausalLM
+from .packing import repack
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files do not describe the model its config.json asks for."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: str) -> str:
+    d, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+    os.close(fd)
+    return tmp
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    tmp = _temp_name(path)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# ----------------------------------------------------------------------------- save
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"cannot read shard size {size!r}; use bytes or e.g. '5GB', '500MB'")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def checkpoint_state_dict(model: BitNetForCausalLM, linear_class: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint format: packed 2-bit weights with the weight_scale convention
+    of `linear_class`, or latent / plain weights; tied lm_head left out."""
+    config = model.config
+    linear_class = linear_class or config.linear_class
+    sd = model.state_dict()
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    for name, m in bitlinears(model):
+        if not m.frozen:
+            continue
+        if m.packing == "1.6bit":
+            sd[f"{name}.weight"] = repack(m.weight, m.out_features, "1.6bit", "2bit")
+        scale = m.weight_scale.float().reshape(1)
+        if m.weight_bits == "ternary" and linear_class == "bitlinear":
+            scale = 1.0 / scale
+        sd[f"{name}.weight_scale"] = scale
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_pretrained(
+    model: BitNetForCausalLM, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write `model` to the folder `path` in transformers' format (see the module docstring)."""
+    config = model.config
+    mode = quantization_mode(model) or "offline"
+    if linear_class is not None and linear_class not in ("autobitlinear", "bitlinear"):
+        raise ValueError(f"linear_class must be 'autobitlinear' or 'bitlinear', got {linear_class!r}")
+    if mode == "online":
+        linear_class = "autobitlinear"  # transformers trains latent weights only with AutoBitLinear
+    linear_class = linear_class or config.linear_class
+    tensors = checkpoint_state_dict(model, linear_class)
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and sizes[-1] + nbytes > limit:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = t
+        sizes[-1] += nbytes
+
+    os.makedirs(path, exist_ok=True)
+    if len(shards) == 1:
+        names = [SINGLE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        atomic_save_safetensors(shard, os.path.join(path, name))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)},
+                 "weight_map": {t: f for f, shard in zip(names, shards) for t in shard}}
+        atomic_write_bytes(os.path.join(path, INDEX), (json.dumps(index, indent=2) + "\n").encode())
+    for fname, data in model.tokenizer_files.items():
+        atomic_write_bytes(os.path.join(path, fname), data)
+    float_dtype = model.model.embed_tokens.weight.dtype
+    saved = config.replace(linear_class=linear_class if config.linear == "bitnet" else config.linear_class)
+    cfg = saved.to_dict(mode)
+    cfg["torch_dtype"] = str(float_dtype).removeprefix("torch.")
+    atomic_write_bytes(os.path.join(path, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
+    # Files of an earlier save that the new one does not use (a single file now sharded, or back).
+    for f in os.listdir(path):
+        stale = (_SHARD.match(f) and f not in names) or (f == SINGLE and len(shards) > 1) or (f == INDEX and len(shards) == 1)
+        if stale:
+            os.remove(os.path.join(path, f))
+
+
+# ----------------------------------------------------------------------------- load
+def _weight_files(path: str) -> dict[str, list[str]]:
+    """{file: [tensor names]} from the index, or {model.safetensors: []} (names read later)."""
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files: dict[str, list[str]] = {}
+        for tensor, fname in weight_map.items():
+            files.setdefault(fname, []).append(tensor)
+        for fname in files:
+            if not os.path.isfile(os.path.join(path, fname)):
+                raise CheckpointError(f"{index} names {fname}, which is not in {path}")
+        return files
+    if os.path.isfile(os.path.join(path, SINGLE)):
+        return {SINGLE: []}
+    pickled = [f for f in ("pytorch_model.bin", "model.pt", "model.pth") if os.path.isfile(os.path.join(path, f))]
+    hint = f" ({pickled[0]} is there, but pickled checkpoints are never loaded: convert it to safetensors)" if pickled else ""
+    raise CheckpointError(f"no {SINGLE} or {INDEX} in {path}{hint}")
+
+
+def _expected(model: BitNetForCausalLM) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def load_pretrained(path: str, dtype: torch.dtype | None = None, device=None) -> BitNetForCausalLM:
+    """Build the model that `path`/config.json describes and fill it from the safetensors files."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    config, mode = BitNetConfig.load(os.path.join(path, "config.json"))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+    if mode == "offline":
+        freeze(model)
+    expected = _expected(model)
+    scales = {f"{n}.weight_scale" for n, m in bitlinears(model) if m.frozen}
+    packed = {f"{n}.weight": m for n, m in bitlinears(model) if m.frozen}
+
+    loaded: dict[str, torch.Tensor] = {}
+    lm_head = None
+    for fname, _ in _weight_files(path).items():
+        fpath = os.path.join(path, fname)
+        try:
+            with safe_open(fpath, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        lm_head = f.get_tensor(name)
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{fpath}: unexpected tensor {name!r} for this config.json "
+                                              f"({_describe(config, mode)})")
+                    if name in loaded:
+                        raise CheckpointError(f"{fpath}: tensor {name!r} appears in more than one file")
+                    sl = f.get_slice(name)
+                    shape, file_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    _check(fpath, name, shape, file_dtype, expected[name], name in scales, name in packed, mode)
+                    t = f.get_tensor(name)
+                    loaded[name] = t.view(torch.uint8) if name in packed else t
+        except SafetensorError as e:
+            raise CheckpointError(f"{fpath}: not a valid safetensors file, truncated or corrupt ({e})") from None
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{more} for this config.json ({_describe(config, mode)})")
+
+    for name, m in packed.items():
+        w = loaded[name]
+        if m.packing == "2bit" and bool(((w & (w >> 1)) & 0x55).any()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds the 2-bit code 3, which is not a ternary value")
+    for name in scales:
+        s = loaded[name].float().reshape(1)
+        if config.linear == "bitnet" and config.linear_class == "bitlinear":
+            s = 1.0 / s  # stored as 1/mean|W|
+        if not bool(torch.isfinite(s).all() and (s > 0).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} is {s.item()}, not a positive finite scale")
+        loaded[name] = s
+    for name, t in loaded.items():
+        if t.is_floating_point() and name not in scales and dtype is not None:
+            t = t.to(dtype)
+        loaded[name] = t.to(device)
+    if lm_head is not None and not torch.equal(lm_head.to(loaded["model.embed_tokens.weight"].dtype).cpu(),
+                                               loaded["model.embed_tokens.weight"].cpu()):
+        raise CheckpointError(f"{path}: config.json ties lm_head to embed_tokens, but lm_head.weight differs from it")
+
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary.reset(device)
+    for fname in TOKENIZER_FILES:
+        fpath = os.path.join(path, fname)
+        if os.path.isfile(fpath):
+            with open(fpath, "rb") as f:
+                model.tokenizer_files[fname] = f.read()
+    return model.eval()
+
+
+def _describe(config: BitNetConfig, mode: str | None) -> str:
+    if config.linear == "bf16":
+        return "bf16 twin, no quantization_config"
+    return f"linear {config.linear}, quantization_mode {mode}, linear_class {config.linear_class}"
+
+
+def _check(fpath, name, shape, file_dtype, want: torch.Tensor, is_scale: bool, is_packed: bool, mode) -> None:
+    if is_scale:
+        if shape not in ((1,), ()):
+            raise CheckpointError(f"{fpath}: tensor {name!r} has shape {shape}, expected (1,) (one scale per matrix)")
+        if file_dtype not in ("F32", "F16", "BF16", "F64"):
+            raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected a float scale")
+        return
+    if shape != tuple(want.shape):
+        if is_packed:
+            raise CheckpointError(f"{fpath}: tensor {name!r} has shape {shape} ({file_dtype}), expected packed uint8 "
+                                  f"{tuple(want.shape)} (quantization_mode is {mode!r})")
+        raise CheckpointError(f"{fpath}: tensor {name!r} has shape {shape}, expected {tuple(want.shape)} from config.json")
+    if is_packed:
+        if file_dtype not in ("U8", "I8"):
+            raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected uint8 packed weights "
+                                  f"(quantization_mode is {mode!r})")
+    elif file_dtype not in ("F32", "F16", "BF16", "F64"):
+        raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected a float tensor")

@@ -1,0 +1,304 @@
+"""BitNetForCausalLM: the decoder of microsoft/bitnet-b1.58-2B-4T (and its Llama variant), one file.
+
+Per layer (model_type "bitnet"; "llama" drops the two sub-norms):
+    h = x + o_proj(attn_sub_norm(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))))   n = input_layernorm(x)
+    y = h + down_proj(ffn_sub_norm(act(gate_proj(m)) * up_proj(m)))                         m = post_attention_layernorm(h)
+The seven projections are BitLinear (config.linear "bitnet"/"bitnet1") or nn.Linear ("bf16",
+the twin); embeddings, norms and lm_head stay in high precision. Parameter names are
+transformers', so state dicts map one to one onto real checkpoints.
+
+Inference state: `setup_cache(batch, max_len)` preallocates a static KV cache (compile-friendly:
+fixed shapes, positions passed as a tensor), used when `input_pos` is given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .bitlinear import BitLinear, RMSNorm
+from .config import BitNetConfig
+from .convert import matches_any
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    loss: torch.Tensor | None = None
+
+
+def make_linear(config: BitNetConfig, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """nn.Linear for the twin and for modules_to_not_convert, BitLinear otherwise."""
+    if config.linear == "bf16" or matches_any(name, config.modules_to_not_convert or ()):
+        return nn.Linear(in_features, out_features, bias=bias)
+    eps = config.quant_rms_norm_eps if config.use_rms_norm else None
+    return BitLinear(in_features, out_features, bias=bias, weight_bits=config.weight_bits, rms_norm_eps=eps)
+
+
+def _activation(name: str):
+    if name == "relu2":
+        return lambda x: F.relu(x).square()
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[name]
+
+
+def rope_inv_freq(config: BitNetConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in float32, with Llama 3 scaling when configured."""
+    d = config.dim_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for positions 0..max_position_embeddings-1, float32, (L, head_dim)."""
+
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset(None)
+
+    def reset(self, device) -> None:
+        if device is not None and torch.device(device).type == "meta":
+            return
+        inv_freq = rope_inv_freq(self.config).to(device)
+        pos = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]  # (L, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, T) -> (B, 1, T, hd), broadcast over heads
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Static cache (B, n_kv, max_len, hd); `update` writes the new keys at `input_pos`."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos (T,), k/v (B, n_kv, T, hd)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BitNetConfig, prefix: str):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.dim_head
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = make_linear(config, f"{prefix}.q_proj", hidden, self.n_head * self.head_dim, bias)
+        self.k_proj = make_linear(config, f"{prefix}.k_proj", hidden, self.n_kv * self.head_dim, bias)
+        self.v_proj = make_linear(config, f"{prefix}.v_proj", hidden, self.n_kv * self.head_dim, bias)
+        self.o_proj = make_linear(config, f"{prefix}.o_proj", self.n_head * self.head_dim, hidden, bias)
+        self.attn_sub_norm = RMSNorm(self.n_head * self.head_dim, config.rms_norm_eps) if config.sub_norms else None
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = self.n_head != self.n_kv
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        if self.attn_sub_norm is not None:
+            y = self.attn_sub_norm(y)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BitNetConfig, prefix: str):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = make_linear(config, f"{prefix}.gate_proj", h, i, bias)
+        self.up_proj = make_linear(config, f"{prefix}.up_proj", h, i, bias)
+        self.down_proj = make_linear(config, f"{prefix}.down_proj", i, h, bias)
+        self.ffn_sub_norm = RMSNorm(i, config.rms_norm_eps) if config.sub_norms else None
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, x):
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: BitNetConfig, i: int):
+        super().__init__()
+        self.self_attn = Attention(config, f"model.layers.{i}.self_attn")
+        self.mlp = MLP(config, f"model.layers.{i}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BitNetModel(nn.Module):
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = Rotary(config)
+
+
+class BitNetForCausalLM(nn.Module):
+    """`model(input_ids, labels=None)` -> CausalLMOutput(logits, loss)."""
+
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        self.config = config
+        self.model = BitNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.tokenizer_files: dict[str, bytes] = {}  # tokenizer.json & co., carried by save_pretrained
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' initialization: N(0, initializer_range) for matrices, zero biases.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, BitLinear)) and not module.weight.is_meta and module.weight.is_floating_point():
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and not module.weight.is_meta:
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    # ----- forward -----
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """input_ids (B, T) -> logits (B, T, vocab); loss when labels (B, T) are given.
+
+        attention_mask (B, S): 1 for real tokens, 0 for padding; S = T without a cache, the cache
+        length with one. input_pos (T,): positions of these tokens in the cache (uses it when set
+        up). position_ids (B, T): RoPE positions; default input_pos, else 0..T-1.
+        """
+        B, T = input_ids.shape
+        use_cache = input_pos is not None and self.model.layers[0].self_attn.kv_cache is not None
+        if position_ids is None:
+            base = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+            position_ids = base.unsqueeze(0).expand(B, T)
+        mask = self._mask(B, T, attention_mask, input_pos if use_cache else None, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        pos = input_pos if use_cache else None
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, pos)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def _mask(self, B, T, attention_mask, input_pos, device):
+        """Boolean (B, 1, T, S) mask, or None for the plain causal case (SDPA's is_causal)."""
+        if input_pos is None:
+            if attention_mask is None:
+                return None
+            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+            keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+            diag = torch.eye(T, dtype=torch.bool, device=device)
+        else:
+            S = self.model.layers[0].self_attn.kv_cache.k.shape[2]
+            allowed = input_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
+            keys = (attention_mask.bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=device))
+            keys = keys[:, None, None, :]  # (B, 1, 1, S)
+            diag = input_pos[:, None] == torch.arange(S, device=device)[None, :]
+        # A padded query sees no real key: let it see itself, so its row is never all-masked
+        # (an all-masked row makes SDPA return NaN, which the next layer would spread).
+        return (allowed[None, None] & keys) | diag[None, None]
+
+    # ----- cache -----
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        """Preallocate the static KV cache for `batch_size` sequences of up to `max_seq_len` tokens."""
+        if max_seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        ref = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim, dtype or ref.dtype, device or ref.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    # ----- checkpoints, sizes -----
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "BitNetForCausalLM":
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB") -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, linear_class=linear_class, max_shard_size=max_shard_size)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def freeze(self, packing: str | None = None) -> "BitNetForCausalLM":
+        from .convert import freeze
+
+        return freeze(self, packing)
+
+    def num_parameters(self) -> int:
+        """Parameters of the function (latent or packed), embeddings counted once when tied."""
+        from .convert import count_parameters
+
+        return count_parameters(self)

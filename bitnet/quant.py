@@ -1,0 +1,124 @@
+"""Quantization math of BitNet b1.58 (ternary) and the original BitNet (binary). Torch only.
+
+Every formula is the one in the papers and in Microsoft's training FAQ; all of it runs in float32
+whatever the input dtype, so that bf16 inputs round the same way as fp32 ones.
+
+Ternary weights, one scale per matrix (BitNet b1.58, arXiv 2402.17764, eq. 1-3):
+    s   = mean(|W|).clamp(min=1e-5)
+    W_q = round(W / s).clamp(-1, 1)                 # in {-1, 0, +1}; W ~ W_q * s
+
+Binary weights (BitNet, Wang et al. 2023, arXiv 2310.11453, eq. 1-4):
+    alpha = mean(W)
+    W_b   = sign(W - alpha)                          # in {-1, +1}; sign(0) := +1
+    beta  = mean(|W|).clamp(min=1e-5)                # W ~ W_b * beta
+
+Activations, int8 per token (absmax over the last dimension):
+    a   = 127 / max(|x|, dim=-1).clamp(min=1e-5)
+    x_q = round(x * a).clamp(-128, 127)              # x ~ x_q / a
+
+Linear layer:  y = (x_q @ W_q^T) * s / a   — the integer accumulation is exact, the scales are
+applied once at the end.
+
+Rounding: torch.round rounds half to even. Every path in this package (the Triton kernels too)
+rounds the same way, so that the int8 activations are bit-identical across paths.
+
+Training uses the straight-through estimator: the forward pass sees the quantized value, the
+backward pass treats quantization as the identity, `x + (q(x) - x).detach()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+QMAX = 127
+QMIN = -128
+
+
+def ternary_scale(w: torch.Tensor) -> torch.Tensor:
+    """s = mean(|W|) clamped at 1e-5, a float32 scalar tensor."""
+    return w.detach().float().abs().mean().clamp(min=EPS)
+
+
+def quantize_ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K) any float dtype -> (W_q int8 (N, K) in {-1, 0, 1}, s float32 scalar)."""
+    s = ternary_scale(w)
+    w_q = (w.detach().float() / s).round().clamp(-1, 1).to(torch.int8)
+    return w_q, s
+
+
+def binary_scale(w: torch.Tensor) -> torch.Tensor:
+    """beta = mean(|W|) clamped at 1e-5, a float32 scalar tensor."""
+    return w.detach().float().abs().mean().clamp(min=EPS)
+
+
+def quantize_binary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K) -> (W_b int8 (N, K) in {-1, +1}, beta float32 scalar).
+
+    sign(0) is mapped to +1: a constant matrix (W - mean(W) == 0 everywhere) becomes all +1.
+    """
+    w32 = w.detach().float()
+    centered = w32 - w32.mean()
+    w_b = torch.where(centered >= 0, 1, -1).to(torch.int8)
+    return w_b, binary_scale(w32)
+
+
+def quantize_weight(w: torch.Tensor, bits: str = "ternary") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on the weight format: "ternary" (b1.58) or "binary" (original BitNet)."""
+    if bits == "ternary":
+        return quantize_ternary(w)
+    if bits == "binary":
+        return quantize_binary(w)
+    raise ValueError(f"unknown weight format {bits!r}; expected 'ternary' or 'binary'")
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (x_q int8 (..., K), a float32 (..., 1)) with x ~ x_q / a.
+
+    An all-zero row gets a = 127 / 1e-5 and x_q = 0: no NaN, no inf.
+    """
+    x32 = x.detach().float()
+    a = QMAX / x32.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    x_q = (x32 * a).round().clamp(QMIN, QMAX).to(torch.int8)
+    return x_q, a
+
+
+def fake_quant_weight(w: torch.Tensor, bits: str = "ternary") -> torch.Tensor:
+    """Dequantized weight W_q * s in w's dtype, with the straight-through gradient."""
+    w_q, s = quantize_weight(w, bits)
+    w_dq = (w_q.float() * s).to(w.dtype)
+    return w + (w_dq - w).detach()
+
+
+def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+    """Dequantized activation x_q / a in x's dtype, with the straight-through gradient."""
+    x_q, a = quantize_activation(x)
+    x_dq = (x_q.float() / a).to(x.dtype)
+    return x + (x_dq - x).detach()
+
+
+def int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact integer x_q (M, K) @ w_q (N, K)^T -> int32 (M, N), for int8 inputs on any device.
+
+    float32 holds every integer below 2^24 exactly, and every partial sum here is bounded by
+    128 * K, so a float32 GEMM is exact for K < 131072 whatever order it sums in; that is the
+    fast path. Beyond it, int64 arithmetic (slow, exact).
+    """
+    k = x_q.shape[-1]
+    if k * 128 < 2**24:
+        return (x_q.float() @ w_q.float().t()).to(torch.int32)
+    return (x_q.long() @ w_q.long().t()).to(torch.int32)
+
+
+def quantized_linear(
+    x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference inference linear: y = (x_q @ W_q^T) * s / a (+ bias), in x's dtype.
+
+    x: (..., K) float; w_q: (N, K) int8 (ternary or binary values); scale: float32 scalar or (1,).
+    """
+    x_q, a = quantize_activation(x)  # (..., K) int8, (..., 1) float32
+    acc = int_matmul(x_q.reshape(-1, x_q.shape[-1]), w_q)  # (M, N) int32, exact
+    y = acc.float() * (scale.float().reshape(()) / a.reshape(-1, 1))
+    y = y.reshape(*x.shape[:-1], w_q.shape[0]).to(x.dtype)
+    return y if bias is None else y + bias.to(y.dtype)

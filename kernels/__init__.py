@@ -1,0 +1,1 @@
+"""Triton kernels for packed ternary (and binary) weights, installed as bitnet.kernels."""
