@@ -291,20 +291,19 @@ def _describe(config: BitNetConfig, mode: str | None) -> str:
 
 
 def _check(fpath, name, shape, file_dtype, want: torch.Tensor, is_scale: bool, is_packed: bool, mode) -> None:
+    floats = ("F32", "F16", "BF16", "F64")
     if is_scale:
         if shape not in ((1,), ()):
             raise CheckpointError(f"{fpath}: tensor {name!r} has shape {shape}, expected (1,) (one scale per matrix)")
-        if file_dtype not in ("F32", "F16", "BF16", "F64"):
+        if file_dtype not in floats:
             raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected a float scale")
         return
+    if is_packed and file_dtype not in ("U8", "I8"):
+        raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected uint8 packed weights "
+                              f"(quantization_mode is {mode!r})")
+    if not is_packed and file_dtype not in floats:
+        hint = " (packed weights, but config.json has no offline quantization_config)" if file_dtype == "U8" else ""
+        raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected a float tensor{hint}")
     if shape != tuple(want.shape):
-        if is_packed:
-            raise CheckpointError(f"{fpath}: tensor {name!r} has shape {shape} ({file_dtype}), expected packed uint8 "
-                                  f"{tuple(want.shape)} (quantization_mode is {mode!r})")
-        raise CheckpointError(f"{fpath}: tensor {name!r} has shape {shape}, expected {tuple(want.shape)} from config.json")
-    if is_packed:
-        if file_dtype not in ("U8", "I8"):
-            raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected uint8 packed weights "
-                                  f"(quantization_mode is {mode!r})")
-    elif file_dtype not in ("F32", "F16", "BF16", "F64"):
-        raise CheckpointError(f"{fpath}: tensor {name!r} has dtype {file_dtype}, expected a float tensor")
+        kind = f"packed uint8 {tuple(want.shape)} (quantization_mode is {mode!r})" if is_packed else f"{tuple(want.shape)} from config.json"
+        raise CheckpointError(f"{fpath}: tensor {name!r} has shape {shape}, expected {kind}")

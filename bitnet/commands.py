@@ -1,0 +1,72 @@
+"""Subcommands of the `bitnet` command line. Each is a thin layer over a library function."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .cli import arg, command
+from .config import PRESETS, BitNetConfig
+
+
+@dataclass
+class InfoArgs:
+    model: str = arg(help=f"a preset ({', '.join(PRESETS)}) or a checkpoint folder", positional=True)
+
+
+@command("info", InfoArgs)
+def info(args: InfoArgs) -> None:
+    """Parameter count and weight bytes, packed vs bf16, of a preset or a checkpoint folder."""
+    from .report import human_bytes, size_rows, table
+
+    if os.path.isdir(args.model):
+        config, mode = BitNetConfig.load(os.path.join(args.model, "config.json"))
+        where = f"folder {args.model}: linear {config.linear}" + (f", quantization_mode {mode}, linear_class {config.linear_class}" if mode else "")
+    elif args.model in PRESETS:
+        config = BitNetConfig.from_preset(args.model)
+        where = f"preset {args.model}"
+    else:
+        raise ValueError(f"{args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
+    c = config
+    print(where)
+    print(f"model_type {c.model_type}, hidden {c.hidden_size}, intermediate {c.intermediate_size}, layers {c.num_hidden_layers}, "
+          f"heads {c.num_attention_heads} ({c.num_key_value_heads} kv, dim {c.dim_head}), vocab {c.vocab_size}, "
+          f"{'tied' if c.tie_word_embeddings else 'untied'} embeddings, act {c.hidden_act}")
+    rows = size_rows(config)
+    print(f"parameters: {rows[0]['parameters']:,}")
+    for r in rows:
+        r["linear_h"], r["other_h"], r["total_h"] = human_bytes(r["linear"]), human_bytes(r["other"]), human_bytes(r["total"])
+    print(table(rows, [("format", "weights", ""), ("linear_h", "projections", ""), ("linear_vs_bf16", "x smaller", ".2f"),
+                       ("other_h", "embeddings+norms", ""), ("total_h", "total", ""), ("total_vs_bf16", "x smaller", ".2f")]))
+    print("(float tensors counted as bf16; projections = the 7 linear layers of every block, scales included)")
+
+
+@dataclass
+class ConvertArgs:
+    src: str = arg(help="checkpoint folder: ours, transformers' bitnet, or a Llama-style model", positional=True)
+    dst: str = arg(help="output folder", positional=True)
+    to: str = arg("packed", help="packed: offline 2-bit weights for inference; latent: online latent weights for "
+                  "(QAT) training", choices=["packed", "latent"])
+    linear_class: str = arg("autobitlinear", help="weight_scale convention of packed weights",
+                            choices=["autobitlinear", "bitlinear"])
+    weight_bits: str = arg("ternary", help="for a float model: the BitLinear kind it converts to",
+                           choices=["ternary", "binary"])
+
+
+@command("convert", ConvertArgs)
+def convert_cmd(args: ConvertArgs) -> None:
+    """Convert a checkpoint folder: a float (Llama-style) model to BitLinear, latent <-> packed."""
+    from .convert import convert, freeze, quantization_mode, unfreeze
+    from .model import BitNetForCausalLM
+
+    model = BitNetForCausalLM.from_pretrained(args.src)
+    before = quantization_mode(model) or "float"
+    if model.config.linear == "bf16":
+        convert(model, weight_bits=args.weight_bits)
+    if args.to == "packed":
+        freeze(model)
+    else:
+        unfreeze(model, dtype=model.model.embed_tokens.weight.dtype)
+    model.config.linear_class = args.linear_class
+    model.save_pretrained(args.dst, linear_class=args.linear_class)
+    print(f"{args.src} ({before}) -> {args.dst} ({quantization_mode(model)}, linear {model.config.linear})")

@@ -1,0 +1,122 @@
+"""BitLinear: drop-in for nn.Linear, training (STE) and frozen (packed) states."""
+
+import pytest
+import torch
+from torch import nn
+
+from bitnet import BitLinear
+from bitnet.quant import quantize_activation
+
+
+def layer(n=48, k=80, bias=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    return BitLinear(k, n, bias=bias, **kw)
+
+
+def test_drop_in_for_linear():
+    torch.manual_seed(0)
+    ref = nn.Linear(80, 48)
+    torch.manual_seed(0)
+    m = BitLinear(80, 48)
+    assert (m.in_features, m.out_features) == (80, 48)
+    assert torch.equal(m.weight, ref.weight) and torch.equal(m.bias, ref.bias)  # nn.Linear's init
+    for shape in [(80,), (3, 80), (2, 5, 80)]:
+        assert m(torch.randn(shape)).shape == (*shape[:-1], 48)
+    assert BitLinear(8, 4, bias=False).bias is None
+
+
+def test_training_forward_is_the_formula():
+    m = layer()
+    x = torch.randn(4, 80)
+    w64 = m.weight.double()
+    s = w64.abs().mean()
+    w_q = (w64 / s).round().clamp(-1, 1)
+    x_q, a = quantize_activation(x)
+    ref = (x_q.double() @ w_q.t()) * s / a.double() + m.bias.double()
+    torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_straight_through_gradient():
+    m = layer(bias=False)
+    x = torch.randn(6, 80)
+    gy = torch.randn(6, 48)
+    (m(x) * gy).sum().backward()
+    x_q, a = quantize_activation(x)
+    x_dq = x_q.double() / a.double()
+    torch.testing.assert_close(m.weight.grad.double(), gy.double().t() @ x_dq, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [48, 50])
+@pytest.mark.parametrize("packing", ["2bit", "1.6bit"])
+def test_frozen_agrees_with_training_state(n, packing):
+    m = layer(n=n)
+    x = torch.randn(2, 7, 80)
+    with torch.no_grad():
+        y_train = m(x)
+        m.freeze(packing)
+        y_frozen = m(x)
+    torch.testing.assert_close(y_frozen, y_train, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_holds_only_packed_weights_and_the_scale():
+    m = layer(bias=False).freeze()
+    assert list(m.parameters()) == []
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "weight_scale"}
+    assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (12, 80)
+    assert sd["weight_scale"].dtype == torch.float32 and sd["weight_scale"].shape == (1,)
+    assert sd["weight"].numel() * 8 == 48 * 80 * 2  # 2 bits a weight
+    assert "frozen=2bit" in repr(m)
+
+
+def test_frozen_bf16():
+    m = layer().to(torch.bfloat16)
+    x = torch.randn(3, 80, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_train = m(x)
+        y = m.freeze()(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_train.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_unfreeze_keeps_the_ternary_weights():
+    m = layer()
+    w_q, s = m.quantized_weight()
+    m.freeze().unfreeze()
+    assert isinstance(m.weight, nn.Parameter) and m.weight.dtype == torch.float32
+    assert torch.equal(m.quantized_weight()[0], w_q)
+
+
+def test_zero_weights_and_zero_inputs_give_no_nan():
+    m = layer(bias=False)
+    with torch.no_grad():
+        m.weight.zero_()
+    x = torch.zeros(2, 80)
+    assert torch.equal(m(x), torch.zeros(2, 48))
+    assert torch.equal(m.freeze()(x), torch.zeros(2, 48))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="weight_bits"):
+        BitLinear(4, 4, weight_bits="int4")
+    with pytest.raises(ValueError, match="pack as"):
+        layer().freeze("1bit")
+    m = layer().freeze("2bit")
+    with pytest.raises(ValueError, match="already frozen"):
+        m.freeze("1.6bit")
+
+
+def test_learns():
+    torch.manual_seed(0)
+    target = torch.randn(16, 32)
+    m = BitLinear(32, 16, bias=False)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x = torch.randn(256, 32)
+    first = None
+    for _ in range(200):
+        loss = (m(x) - x @ target.t()).pow(2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first

@@ -1,0 +1,58 @@
+"""The `bitnet` command line: info and convert."""
+
+import json
+
+import pytest
+import torch
+from reference import hf_config, hf_model, logits_on_transformers_branch, no_compile, rel_err, write_checkpoint
+
+from bitnet import BitNetForCausalLM
+from bitnet.cli import main
+
+
+def test_info_2b4t(capsys):
+    assert main(["info", "2b4t"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 2,412,820,480" in out
+    twin = next(line for line in out.splitlines() if line.startswith("bf16 twin"))
+    packed = next(line for line in out.splitlines() if line.startswith("bitnet b1.58, 2 bit"))
+    assert "3.88 GiB" in twin and "496.88 MiB" in packed and "8.00" in packed
+
+
+def test_info_folder_and_bad_name(tmp_path, capsys):
+    write_checkpoint(hf_model(hf_config()), tmp_path, "offline", "bitlinear")
+    assert main(["info", str(tmp_path)]) == 0
+    assert "quantization_mode offline, linear_class bitlinear" in capsys.readouterr().out
+    assert main(["info", "nope"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+def test_convert_llama_to_latent_then_packed(tmp_path):
+    """A float Llama folder -> BitLinear latent (QAT start) -> packed; transformers reads both."""
+    from transformers import AutoModelForCausalLM
+
+    write_checkpoint(hf_model(hf_config("llama", tied=False)), tmp_path / "llama", None)
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "latent"), "--to", "latent"]) == 0
+    assert main(["convert", str(tmp_path / "latent"), str(tmp_path / "packed"), "--linear-class", "bitlinear"]) == 0
+    q = json.load(open(tmp_path / "packed" / "config.json"))["quantization_config"]
+    assert (q["quantization_mode"], q["linear_class"]) == ("offline", "bitlinear")
+    ids = torch.tensor([[1, 4, 9, 16, 25, 36, 49, 64]])
+    latent = BitNetForCausalLM.from_pretrained(tmp_path / "latent")
+    packed = BitNetForCausalLM.from_pretrained(tmp_path / "packed")
+    with torch.no_grad():
+        a, b = latent(ids).logits, packed(ids).logits
+    assert rel_err(b, a) < 1e-5
+    with no_compile():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32)
+    ours, ref, _ = logits_on_transformers_branch(packed, theirs, ids)
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_convert_missing_source(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_choice_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(["convert", "a", "b", "--to", "gguf"])
