@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -83,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules whose import registers subcommands with @command.
+COMMAND_MODULES = ["bitnet.commands"]
+
+
 def _load_commands() -> None:
-    # Importing the modules registers their subcommands.
-    from . import commands  # noqa: F401
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fn(cls(**values))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("BITNET_DEBUG"):
+            raise
         print(f"bitnet {ns.command}: error: {e}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -1,0 +1,128 @@
+"""Measurement helpers shared by the benchmarks: timing, L2 flushing, stamps, result files.
+
+Benchmarks are scripts apart from the tests (benchmarks/bench_*.py); what they share lives here so
+that each is a thin script. Every result file carries `environment()`: device, versions, commit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Where and with what a measurement was taken."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    for mod in ("triton", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   device_capability=f"{p.major}.{p.minor}")
+    else:
+        env["device"] = f"CPU: {env['cpu']}"
+    return env
+
+
+def save_results(name: str, payload: dict, markdown: str | None = None, out_dir: str | None = None) -> str:
+    """Write {environment, **payload} to out_dir/name.json (and name.md); returns the JSON path."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), **payload}, f, indent=2)
+        f.write("\n")
+    if markdown is not None:
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+            f.write(markdown.rstrip() + "\n")
+    return path
+
+
+class L2Flusher:
+    """Writes a buffer larger than the GPU's L2 between timed calls, so that every call reads its
+    weights from HBM (an H100's 50 MB L2 holds a packed 2B-class matrix, not its bf16 twin)."""
+
+    def __init__(self, nbytes: int = 256 * 2**20, device: str = "cuda"):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def __call__(self) -> None:
+        self.buf.zero_()
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush: L2Flusher | None = None) -> float:
+    """Median milliseconds of fn() on the GPU, measured with CUDA events, L2 flushed before each."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if flush is not None:
+            flush()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:
+    """Median milliseconds of fn() on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measured_hbm_bandwidth(nbytes: int = 2 * 2**30) -> float:
+    """GB/s of a device-to-device copy of `nbytes` (read + write counted), the roofline we compare to."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), warmup=3, iters=20)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
