@@ -35,7 +35,7 @@ from .bitlinear import BitLinear
 from .config import BitNetConfig, ConfigError
 from .convert import bitlinears, freeze, quantization_mode
 from .model import BitNetForCausalLM
-from .packing import repack
+from .packing import pack, repack, unpack
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -112,18 +112,24 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
-def checkpoint_state_dict(model: BitNetForCausalLM, linear_class: str | None = None) -> dict[str, torch.Tensor]:
+def checkpoint_state_dict(
+    model: BitNetForCausalLM, linear_class: str | None = None, unpacked: bool = False
+) -> dict[str, torch.Tensor]:
     """The tensors of the checkpoint format: packed 2-bit weights with the weight_scale convention
-    of `linear_class`, or latent / plain weights; tied lm_head left out."""
+    of `linear_class`, or latent / plain weights; tied lm_head left out. unpacked: frozen layers
+    write their quantized values W_q as float (N, K) instead of packed bytes."""
     config = model.config
     linear_class = linear_class or config.linear_class
     sd = model.state_dict()
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    float_dtype = model.model.embed_tokens.weight.dtype
     for name, m in bitlinears(model):
         if not m.frozen:
             continue
-        if m.packing == "1.6bit":
+        if unpacked:
+            sd[f"{name}.weight"] = unpack(m.weight, m.out_features, m.packing, dtype=float_dtype)
+        elif m.packing == "1.6bit":
             sd[f"{name}.weight"] = repack(m.weight, m.out_features, "1.6bit", "2bit")
         scale = m.weight_scale.float().reshape(1)
         if m.weight_bits == "ternary" and linear_class == "bitlinear":
@@ -133,17 +139,28 @@ def checkpoint_state_dict(model: BitNetForCausalLM, linear_class: str | None = N
 
 
 def save_pretrained(
-    model: BitNetForCausalLM, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB"
+    model: BitNetForCausalLM, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB",
+    unpacked: bool = False,
 ) -> None:
-    """Write `model` to the folder `path` in transformers' format (see the module docstring)."""
+    """Write `model` to the folder `path` in transformers' format (see the module docstring).
+
+    unpacked=True writes frozen layers as float W_q (N, K) with `weight_scale`, under an offline
+    "autobitlinear" config: transformers' AutoBitLinear reads such weights as they are and computes
+    (act_quant(x) @ W_q^T) * weight_scale, the same function. This is the transformers export of
+    binary (bitnet1) models, whose weights are a ternary matrix without zeros.
+    """
     config = model.config
     mode = quantization_mode(model) or "offline"
+    if unpacked:
+        if mode != "offline":
+            raise ValueError("unpacked=True saves frozen (quantized) layers; freeze the model first")
+        linear_class = "autobitlinear"
     if linear_class is not None and linear_class not in ("autobitlinear", "bitlinear"):
         raise ValueError(f"linear_class must be 'autobitlinear' or 'bitlinear', got {linear_class!r}")
     if mode == "online":
         linear_class = "autobitlinear"  # transformers trains latent weights only with AutoBitLinear
     linear_class = linear_class or config.linear_class
-    tensors = checkpoint_state_dict(model, linear_class)
+    tensors = checkpoint_state_dict(model, linear_class, unpacked)
 
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -171,6 +188,8 @@ def save_pretrained(
         atomic_write_bytes(os.path.join(path, fname), data)
     float_dtype = model.model.embed_tokens.weight.dtype
     saved = config.replace(linear_class=linear_class if config.linear == "bitnet" else config.linear_class)
+    if unpacked:  # a ternary-format folder (binary weights are ternary weights without zeros)
+        saved = saved.replace(linear="bitnet", linear_class="autobitlinear")
     cfg = saved.to_dict(mode)
     cfg["torch_dtype"] = str(float_dtype).removeprefix("torch.")
     atomic_write_bytes(os.path.join(path, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
@@ -243,6 +262,10 @@ def load_pretrained(path: str, dtype: torch.dtype | None = None, device=None) ->
                         raise CheckpointError(f"{fpath}: tensor {name!r} appears in more than one file")
                     sl = f.get_slice(name)
                     shape, file_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    unpacked = (packed[name].out_features, packed[name].in_features) if name in packed else None
+                    if shape == unpacked and file_dtype in ("F32", "F16", "BF16", "F64"):
+                        loaded[name] = _pack_unpacked(fpath, name, f.get_tensor(name), packed[name])
+                        continue
                     _check(fpath, name, shape, file_dtype, expected[name], name in scales, name in packed, mode)
                     t = f.get_tensor(name)
                     loaded[name] = t.view(torch.uint8) if name in packed else t
@@ -282,6 +305,16 @@ def load_pretrained(path: str, dtype: torch.dtype | None = None, device=None) ->
             with open(fpath, "rb") as f:
                 model.tokenizer_files[fname] = f.read()
     return model.eval()
+
+
+def _pack_unpacked(fpath: str, name: str, w: torch.Tensor, m: BitLinear) -> torch.Tensor:
+    """Offline weights stored unpacked, as W_q values (N, K) (transformers' AutoBitLinear accepts
+    them): check the alphabet, pack once."""
+    allowed = "{-1, 0, 1}" if m.weight_bits == "ternary" else "{-1, 1}"
+    ok = (w == -1) | (w == 1) | ((w == 0) if m.weight_bits == "ternary" else torch.zeros_like(w, dtype=torch.bool))
+    if not bool(ok.all()):
+        raise CheckpointError(f"{fpath}: tensor {name!r} is stored unpacked but holds values outside {allowed}")
+    return pack(w.to(torch.int8), m.packing)
 
 
 def _describe(config: BitNetConfig, mode: str | None) -> str:

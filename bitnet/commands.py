@@ -45,8 +45,10 @@ def info(args: InfoArgs) -> None:
 class ConvertArgs:
     src: str = arg(help="checkpoint folder: ours, transformers' bitnet, or a Llama-style model", positional=True)
     dst: str = arg(help="output folder", positional=True)
-    to: str = arg("packed", help="packed: offline 2-bit weights for inference; latent: online latent weights for "
-                  "(QAT) training", choices=["packed", "latent"])
+    to: str = arg("packed", help="packed: offline packed weights for inference (2 bits; 1 bit for binary models, "
+                  "which load here only); unpacked: offline W_q values as floats + weight_scale, which transformers "
+                  "loads (the export of binary models for transformers); latent: online latent weights for (QAT) "
+                  "training", choices=["packed", "unpacked", "latent"])
     linear_class: str = arg("autobitlinear", help="weight_scale convention of packed weights",
                             choices=["autobitlinear", "bitlinear"])
     weight_bits: str = arg("ternary", help="for a float model: the BitLinear kind it converts to",
@@ -63,10 +65,10 @@ def convert_cmd(args: ConvertArgs) -> None:
     before = quantization_mode(model) or "float"
     if model.config.linear == "bf16":
         convert(model, weight_bits=args.weight_bits)
-    if args.to == "packed":
-        freeze(model)
-    else:
+    if args.to == "latent":
         unfreeze(model, dtype=model.model.embed_tokens.weight.dtype)
+    else:
+        freeze(model)
     model.config.linear_class = args.linear_class
-    model.save_pretrained(args.dst, linear_class=args.linear_class)
+    model.save_pretrained(args.dst, linear_class=args.linear_class, unpacked=args.to == "unpacked")
     print(f"{args.src} ({before}) -> {args.dst} ({quantization_mode(model)}, linear {model.config.linear})")

@@ -281,10 +281,13 @@ class BitNetForCausalLM(nn.Module):
 
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB") -> None:
+    def save_pretrained(
+        self, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB", unpacked: bool = False
+    ) -> None:
+        """config.json + model.safetensors in transformers' format; see bitnet.checkpoint."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path, linear_class=linear_class, max_shard_size=max_shard_size)
+        save_pretrained(self, path, linear_class=linear_class, max_shard_size=max_shard_size, unpacked=unpacked)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -9,8 +9,8 @@ Ternary weights, one scale per matrix (BitNet b1.58, arXiv 2402.17764, eq. 1-3):
 
 Binary weights (BitNet, Wang et al. 2023, arXiv 2310.11453, eq. 1-4):
     alpha = mean(W)
-    W_b   = sign(W - alpha)                          # in {-1, +1}; sign(0) := +1
-    beta  = mean(|W|).clamp(min=1e-5)                # W ~ W_b * beta
+    W_b   = Sign(W - alpha)                          # in {-1, +1}: +1 where > 0, -1 where <= 0 (eq. 2)
+    beta  = mean(|W|).clamp(min=1e-5)                # W ~ W_b * beta  (beta = ||W||_1 / nm, eq. 4)
 
 Activations, int8 per token (absmax over the last dimension):
     a   = 127 / max(|x|, dim=-1).clamp(min=1e-5)
@@ -55,11 +55,14 @@ def binary_scale(w: torch.Tensor) -> torch.Tensor:
 def quantize_binary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W (N, K) -> (W_b int8 (N, K) in {-1, +1}, beta float32 scalar).
 
-    sign(0) is mapped to +1: a constant matrix (W - mean(W) == 0 everywhere) becomes all +1.
+    Sign(0) is -1, as the paper's Sign function defines it: a constant matrix (W - mean(W) == 0
+    everywhere) becomes all -1, scaled by beta = |c|; a zero matrix becomes all -1 scaled by 1e-5.
     """
     w32 = w.detach().float()
-    centered = w32 - w32.mean()
-    w_b = torch.where(centered >= 0, 1, -1).to(torch.int8)
+    # W > alpha rather than W - alpha > 0, with alpha summed in float64: the mean of equal values
+    # is then exactly that value, so a constant matrix is all -1 rather than rounding noise.
+    alpha = w32.mean(dtype=torch.float64).float()
+    w_b = torch.where(w32 > alpha, 1, -1).to(torch.int8)
     return w_b, binary_scale(w32)
 
 

@@ -67,8 +67,12 @@ def test_wrong_shape(saved):
 
 
 def test_float_weight_where_packed_expected(saved):
-    rewrite(saved, lambda t: t.__setitem__(f"{Q}.weight", torch.zeros(64, 64)))
+    rewrite(saved, lambda t: t.__setitem__(f"{Q}.weight", torch.zeros(32, 64)))
     with pytest.raises(CheckpointError, match=rf"'{Q}\.weight' has dtype F32, expected uint8 packed weights \(quantization_mode is 'offline'\)"):
+        BitNetForCausalLM.from_pretrained(saved)
+    # (N, K) floats are read as unpacked W_q values (transformers' AutoBitLinear accepts them) ...
+    rewrite(saved, lambda t: t.__setitem__(f"{Q}.weight", torch.randn(64, 64)))
+    with pytest.raises(CheckpointError, match=rf"'{Q}\.weight' is stored unpacked but holds values outside"):
         BitNetForCausalLM.from_pretrained(saved)
 
 
