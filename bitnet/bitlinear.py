@@ -73,6 +73,7 @@ class BitLinear(nn.Module):
         self.weight_bits = weight_bits
         self.kernel = kernel
         self.packing: str | None = None  # None while training; the packed format once frozen
+        self.quant_strength: torch.Tensor | None = None  # quantization warm-up lambda (None: 1)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.rms_norm = RMSNorm(in_features, rms_norm_eps, device, dtype) if rms_norm_eps is not None else None
@@ -96,8 +97,8 @@ class BitLinear(nn.Module):
             x = self.rms_norm(x)
         if self.packing is not None:
             return ops.bitlinear(x, self.weight, self.weight_scale, self.out_features, self.packing, self.bias, self.kernel)
-        w = fake_quant_weight(self.weight, self.weight_bits)
-        x = fake_quant_activation(x)
+        w = fake_quant_weight(self.weight, self.weight_bits, self.quant_strength)
+        x = fake_quant_activation(x, self.quant_strength)
         return F.linear(x, w, self.bias)
 
     @torch.no_grad()

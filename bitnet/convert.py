@@ -63,6 +63,19 @@ def unfreeze(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model
 
 
+def set_quant_strength(model: nn.Module, value: float | None) -> None:
+    """Quantization warm-up: every training BitLinear computes w + lambda * (q(w) - w).detach()
+    (and likewise for activations) with lambda = value; None restores full quantization.
+    lambda is a tensor updated in place, so a compiled model does not recompile as it rises."""
+    for _, m in bitlinears(model):
+        if value is None:
+            m.quant_strength = None
+        elif m.quant_strength is None:
+            m.quant_strength = torch.tensor(float(value), device=m.weight.device)
+        else:
+            m.quant_strength.fill_(float(value))
+
+
 def quantization_mode(model: nn.Module) -> str | None:
     """'offline' if every BitLinear is frozen, 'online' if none is, None without BitLinear."""
     states = {m.frozen for _, m in bitlinears(model)}

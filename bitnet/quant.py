@@ -86,18 +86,26 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, a
 
 
-def fake_quant_weight(w: torch.Tensor, bits: str = "ternary") -> torch.Tensor:
-    """Dequantized weight W_q * s in w's dtype, with the straight-through gradient."""
+def _ste(x: torch.Tensor, q: torch.Tensor, strength: torch.Tensor | None) -> torch.Tensor:
+    """x + lambda * (q - x).detach(): forward q (lambda = 1) or a blend, gradient of the identity."""
+    delta = (q - x).detach()
+    return x + (delta if strength is None else strength.to(delta.dtype) * delta)
+
+
+def fake_quant_weight(w: torch.Tensor, bits: str = "ternary", strength: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantized weight W_q * s in w's dtype, with the straight-through gradient.
+
+    strength: None (full quantization) or a 0-dim tensor lambda in [0, 1] for a quantization
+    warm-up, w + lambda * (q(w) - w).detach().
+    """
     w_q, s = quantize_weight(w, bits)
-    w_dq = (w_q.float() * s).to(w.dtype)
-    return w + (w_dq - w).detach()
+    return _ste(w, (w_q.float() * s).to(w.dtype), strength)
 
 
-def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+def fake_quant_activation(x: torch.Tensor, strength: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantized activation x_q / a in x's dtype, with the straight-through gradient."""
     x_q, a = quantize_activation(x)
-    x_dq = (x_q.float() / a).to(x.dtype)
-    return x + (x_dq - x).detach()
+    return _ste(x, (x_q.float() / a).to(x.dtype), strength)
 
 
 def int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
