@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules whose import registers subcommands with @command.
-COMMAND_MODULES = ["bitnet.commands"]
+COMMAND_MODULES = ["bitnet.commands", "bitnet.generation"]
 
 
 def _load_commands() -> None:

@@ -8,7 +8,8 @@ the twin); embeddings, norms and lm_head stay in high precision. Parameter names
 transformers', so state dicts map one to one onto real checkpoints.
 
 Inference state: `setup_cache(batch, max_len)` preallocates a static KV cache (compile-friendly:
-fixed shapes, positions passed as a tensor), used when `input_pos` is given.
+fixed shapes, positions passed as a tensor), used when `input_pos` is given; `generate`
+(bitnet.generation) prefills it with the prompt and then decodes one token per step.
 """
 
 from __future__ import annotations
@@ -213,14 +214,19 @@ class BitNetForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """input_ids (B, T) -> logits (B, T, vocab); loss when labels (B, T) are given.
 
         attention_mask (B, S): 1 for real tokens, 0 for padding; S = T without a cache, the cache
         length with one. input_pos (T,): positions of these tokens in the cache (uses it when set
         up). position_ids (B, T): RoPE positions; default input_pos, else 0..T-1.
+        logits_to_keep: if > 0, logits of the last that many positions only (B, logits_to_keep,
+        vocab), as in transformers: a prefill needs one row, not a (B, T, vocab) tensor.
         """
         B, T = input_ids.shape
+        if logits_to_keep and labels is not None:
+            raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")
         use_cache = input_pos is not None and self.model.layers[0].self_attn.kv_cache is not None
         if position_ids is None:
             base = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
@@ -234,7 +240,9 @@ class BitNetForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, pos)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
+        logits = self.lm_head(self.model.norm(x))  # (B, T or logits_to_keep, vocab)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -290,10 +298,13 @@ class BitNetForCausalLM(nn.Module):
         save_pretrained(self, path, linear_class=linear_class, max_shard_size=max_shard_size, unpacked=unpacked)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id=None, **kwargs) -> torch.Tensor:
+        """(B, T) prompt ids -> (B, T + generated) ids; temperature 0 is greedy. More options
+        (attention_mask, pad_token_id, generator, compile, ...): bitnet.generation.generate."""
         from .generation import generate
 
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, **kwargs)
 
     def freeze(self, packing: str | None = None) -> "BitNetForCausalLM":
         from .convert import freeze

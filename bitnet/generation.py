@@ -1,0 +1,390 @@
+"""Text generation on a static KV cache: prefill once, then one-token decode steps.
+
+    ids = model.generate(input_ids, max_new_tokens=32)                       # greedy
+    ids = model.generate(input_ids, 32, attention_mask=mask, temperature=0.8, top_p=0.95,
+                         eos_token_id=2, generator=torch.Generator().manual_seed(0))
+
+The shape of it is gpt-fast's: `setup_cache` preallocates every layer's K/V once per call, the
+prompt fills positions 0..T-1 in one forward (`prefill`), and `decode_step` feeds one token per
+sequence at cache position `input_pos`. Every tensor of a decode step has the same shape at every
+step and positions are tensors, not Python ints, so `compile=True` traces the step once and, on
+CUDA, replays it as a CUDA graph (`mode="reduce-overhead"`).
+
+Batches: prompts of different lengths are LEFT-padded (attention_mask 0 on the left, 1 on real
+tokens; `left_pad` builds both), so that every sequence's next token lands in the same cache slot.
+RoPE positions count real tokens only (attention_mask.cumsum - 1), as transformers does, so a
+padded prompt generates what it would alone.
+
+EOS: a sequence that has produced an EOS token emits `pad_token_id` from then on; generation stops
+once every sequence has. Finding that out reads a flag from the device, a host sync, so it is done
+every `eos_check_every` steps (default 8) rather than at every step: at most that many steps
+minus one run after the last EOS, and their columns (all padding) are cut off at the end, so the
+output does not depend on `eos_check_every`. Without `eos_token_id`, exactly `max_new_tokens`
+tokens are generated and no step syncs.
+
+Context: the prompt (padded length T) plus max_new_tokens must fit in max_position_embeddings,
+else ValueError saying by how much (no silent clipping; `bitnet generate` clips max_new_tokens
+itself and says so).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .cli import arg, command
+
+CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, vocab) -> next token ids (B,). temperature 0: argmax (top_k, top_p unused)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus: keep the most likely tokens until their mass reaches top_p (always the first).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, vocab)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    # argmax(p / E) with E ~ Exp(1) draws from p exactly, like torch.multinomial, but without
+    # multinomial's device-to-host sync (gpt-fast's trick).
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- the two forwards
+def prefill(model, input_ids: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Run the prompt (B, T) through the model into cache slots 0..T-1; logits (B, vocab) of its
+    last position. key_mask (B, S) marks the cache slots that hold real tokens."""
+    input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    out = model(input_ids, attention_mask=key_mask, position_ids=position_ids, input_pos=input_pos, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+                key_mask: torch.Tensor) -> torch.Tensor:
+    """One token per sequence: tokens (B, 1) at cache slot input_pos (1,), RoPE position_ids
+    (B, 1) -> logits (B, vocab). Same shapes at every step and no host sync: the function
+    torch.compile traces (and CUDA graphs replay)."""
+    out = model(tokens, attention_mask=key_mask, position_ids=position_ids, input_pos=input_pos)
+    return out.logits[:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type: str) -> Callable:
+    """decode_step under torch.compile: CUDA graphs on CUDA ("reduce-overhead"), inductor elsewhere.
+
+    One compiled function per device type, kept for the process: later generate calls with the
+    same shapes reuse its graphs. dynamic=False: a new cache length or batch size recompiles
+    instead of becoming a symbolic-shape graph, which CUDA graphs would re-record per shape anyway.
+    """
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_step, mode=mode, dynamic=False)
+
+
+# ----------------------------------------------------------------------------- inputs
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of any lengths -> (input_ids (B, T), attention_mask (B, T)), padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _token_ids(value, name: str) -> list[int]:
+    ids = [value] if isinstance(value, int) else list(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{name} must be an int or a list of ints, got {value!r}")
+    return ids
+
+
+def check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_check_every):
+    """Validate and normalize: returns (input_ids (B, T) long, attention_mask (B, T) bool)."""
+    config = model.config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError("input_ids must be an integer tensor of token ids, shape (batch, length)")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    context = config.max_position_embeddings
+    if T > context:
+        raise ValueError(f"prompt of {T} tokens is longer than the context of {context} tokens "
+                         "(max_position_embeddings)")
+    if T + max_new_tokens > context:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of {context} "
+                         f"tokens (max_position_embeddings); ask for at most {context - T} new tokens")
+    if temperature is None or not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if not isinstance(eos_check_every, int) or eos_check_every < 1:
+        raise ValueError(f"eos_check_every must be a positive integer, got {eos_check_every!r}")
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one host sync, once per call
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}) (vocab_size), got ids from {lo} to {hi}")
+
+    if attention_mask is None:
+        return input_ids.long(), torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    mask = attention_mask.to(device=input_ids.device).bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"empty prompt: row(s) {empty} of attention_mask have no real token")
+    if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left-padded (0s, then 1s, per row) so that every sequence "
+                         "continues in the same cache slot; bitnet.generation.left_pad builds such a batch")
+    return input_ids.long(), mask
+
+
+def _cache_length(model) -> tuple[int, int, torch.dtype] | None:
+    """(batch, length, dtype) of the cache the model holds, or None."""
+    cache = model.model.layers[0].self_attn.kv_cache
+    return None if cache is None else (cache.k.shape[0], cache.k.shape[2], cache.k.dtype)
+
+
+# ----------------------------------------------------------------------------- generate
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    compile: bool = False,
+    eos_check_every: int = 8,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Continue each prompt by up to max_new_tokens tokens; returns (B, T + generated) ids.
+
+    input_ids (B, T) (or (T,)), left-padded with attention_mask (B, T) (1 = real token) when the
+    prompts differ in length. temperature 0 is greedy; otherwise tokens are drawn from
+    softmax(logits / temperature), restricted to the top_k most likely and to the smallest set of
+    probability mass >= top_p, with `generator` for reproducibility. eos_token_id (an id or a
+    list; None: no stopping) ends a sequence, which then emits pad_token_id (default
+    config.pad_token_id, else the first EOS id); generation stops when every sequence has ended.
+    compile: run the decode step under torch.compile (CUDA graphs on CUDA). on_token(ids (B,))
+    is called with each step's tokens (reading them syncs, fine for streaming).
+
+    The KV cache: if the caller has set one up (model.setup_cache) that fits this batch and
+    length, it is used and kept (repeated calls reuse its memory, and CUDA graphs their
+    recording); otherwise one is allocated for this call, in the model's dtype, and freed at the
+    end.
+    """
+    config = model.config
+    input_ids, mask = check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                                   eos_check_every)
+    B, T = input_ids.shape
+    device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    eos = _token_ids(eos_token_id, "eos_token_id") if eos_token_id is not None else []
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+
+    held = _cache_length(model)
+    owns_cache = not (held and held[0] == B and held[1] >= T + max_new_tokens and held[2] == dtype)
+    if owns_cache:
+        length = -(-(T + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+        model.setup_cache(B, min(length, config.max_position_embeddings), dtype=dtype, device=device)
+    try:
+        S = _cache_length(model)[1]
+        key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # slots after the prompt hold generated tokens
+        key_mask[:, :T] = mask
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
+        step = compiled_decode_step(device.type) if compile else decode_step
+        cuda_graphs = compile and device.type == "cuda"
+
+        out = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        out[:, :T] = input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        ended_at = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # step of each EOS
+        input_pos = torch.tensor([T], device=device)  # (1,) cache slot of the next token
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
+
+        logits = prefill(model, input_ids, key_mask, position_ids)  # (B, vocab)
+        generated = max_new_tokens
+        for i in range(max_new_tokens):
+            tokens = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            tokens = torch.where(finished, pad_token_id, tokens)
+            out[:, T + i] = tokens
+            if on_token is not None:
+                on_token(tokens)
+            if eos:
+                ended = torch.isin(tokens, eos_ids) & ~finished
+                ended_at = torch.where(ended, i, ended_at)
+                finished |= ended
+                if (i + 1) % eos_check_every == 0 and bool(finished.all()):  # the host sync
+                    generated = i + 1
+                    break
+            if i + 1 == max_new_tokens:
+                break
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
+            logits = step(model, tokens[:, None], input_pos, next_position, key_mask)
+            input_pos = input_pos + 1
+            next_position = next_position + 1
+        if eos and bool(finished.all()):
+            generated = int(ended_at.max()) + 1  # drop the columns decoded after the last EOS
+        return out[:, :T + generated]
+    finally:
+        if owns_cache:
+            model.clear_cache()
+
+
+# ----------------------------------------------------------------------------- `bitnet generate`
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class GenerateArgs:
+    model: str = arg(help="checkpoint folder with config.json, model.safetensors and tokenizer.json", positional=True)
+    prompt: str = arg(help="text to continue")
+    max_new_tokens: int = arg(64, help="tokens to generate at most (clipped to the context)")
+    temperature: float = arg(0.0, help="0 for greedy decoding")
+    top_k: int | None = arg(None, help="sample among the k most likely tokens")
+    top_p: float | None = arg(None, help="sample among the most likely tokens holding this probability mass")
+    seed: int | None = arg(None, help="random seed for sampling")
+    device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
+    dtype: str | None = arg(None, help="activation dtype (default: bfloat16 on cuda, float32 on cpu)",
+                            choices=list(DTYPES))
+    compile: bool = arg(False, help="compile the decode step (CUDA graphs on cuda)")
+
+
+def load_tokenizer(folder: str, files: dict[str, bytes] | None = None):
+    """The `tokenizers` Tokenizer of a checkpoint folder's tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    data = (files or {}).get("tokenizer.json")
+    if data is None:
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer.json in {folder}: generating text needs the model's tokenizer "
+                                    "(copy the tokenizer.json of the model into the folder)")
+        with open(path, "rb") as f:
+            data = f.read()
+    return Tokenizer.from_str(data.decode())
+
+
+def eos_token_ids(model) -> list[int]:
+    """EOS ids of config.json and, when the folder has one, generation_config.json."""
+    ids = [] if model.config.eos_token_id is None else _token_ids(model.config.eos_token_id, "eos_token_id")
+    raw = model.tokenizer_files.get("generation_config.json")
+    if raw:
+        extra = json.loads(raw).get("eos_token_id")
+        ids += [] if extra is None else _token_ids(extra, "generation_config eos_token_id")
+    return list(dict.fromkeys(ids))
+
+
+class TextStream:
+    """Prints a growing token sequence as text: decodes all of it at each token and prints what
+    is new, so that a character split over several byte-level BPE tokens prints whole (a decode
+    ending in U+FFFD is an unfinished character: wait for the next token)."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], out=None):
+        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out or sys.stdout
+        self.printed = len(tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def put(self, token: int) -> None:
+        self.ids.append(token)
+        self._print(final=False)
+
+    def end(self) -> None:
+        """Print what is left, an unfinished character included."""
+        self._print(final=True)
+
+    def _print(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if (final or not text.endswith("\ufffd")) and len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+@command("generate", GenerateArgs)
+def generate_cmd(args: GenerateArgs) -> None:
+    """Continue a prompt with a checkpoint folder's model and tokenizer, streaming the text."""
+    from .model import BitNetForCausalLM
+
+    if not args.prompt:
+        raise ValueError("empty prompt: pass some text with --prompt")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"checkpoint folder {args.model} does not exist")
+    tokenizer = load_tokenizer(args.model)  # before the weights: a missing tokenizer fails fast
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    model = BitNetForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+
+    prompt_ids = tokenizer.encode(args.prompt).ids
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the context of {context} tokens "
+                         f"(max_position_embeddings) with room for one more")
+    max_new = min(args.max_new_tokens, context - len(prompt_ids))
+    if max_new < args.max_new_tokens:
+        print(f"[max_new_tokens clipped to {max_new}: the prompt has {len(prompt_ids)} of the {context} tokens of "
+              "context]", file=sys.stderr)
+    eos = eos_token_ids(model)
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    stream = TextStream(tokenizer, prompt_ids)
+    ended = False
+
+    def on_token(tokens: torch.Tensor) -> None:
+        nonlocal ended
+        token = int(tokens[0])
+        ended = ended or token in eos
+        if not ended:
+            stream.put(token)
+
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    start = time.perf_counter()
+    ids = generate(model, torch.tensor([prompt_ids], device=device), max_new, args.temperature, args.top_k, args.top_p,
+                   eos or None, generator=generator, compile=args.compile, eos_check_every=1, on_token=on_token)
+    seconds = time.perf_counter() - start
+    stream.end()
+    n = ids.shape[1] - len(prompt_ids)
+    print()
+    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, prefill included]", file=sys.stderr)

@@ -1,0 +1,350 @@
+"""Generation: cached decode = full forward, greedy = transformers' generate, sampling, EOS,
+padding, bad input, packed bytes in memory, torch.compile, and `bitnet generate`."""
+
+import io
+
+import pytest
+import torch
+from reference import hf_config, hf_model, no_compile, rel_err, write_checkpoint
+
+from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, RMSNorm, freeze, weight_bytes
+from bitnet.cli import main
+from bitnet.generation import TextStream, decode_step, generate, left_pad, prefill, sample
+
+PROMPTS = [[1, 5, 77, 3, 9, 120, 45], [1, 99, 12], [1, 64, 64, 8, 30]]
+
+
+def tiny(linear="bitnet", dtype=torch.float32, seed=0, **kw):
+    """A tiny model with weights large enough (std 0.05) that greedy output is not one repeated token."""
+    torch.manual_seed(seed)
+    model = BitNetForCausalLM(BitNetConfig.from_preset("tiny", linear=linear, initializer_range=0.05, **kw))
+    model = model.to(dtype).eval()
+    return freeze(model) if linear == "bitnet" else model
+
+
+def full_inputs(mask, n):
+    """attention_mask and position_ids of prompt + n generated tokens, for a full forward."""
+    full = torch.cat([mask.long(), torch.ones(mask.shape[0], n, dtype=torch.long)], dim=1)
+    return full, (full.cumsum(1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------- cache = full forward
+def test_logits_to_keep_is_the_tail_of_the_logits():
+    model = tiny()
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.equal(model(ids, logits_to_keep=2).logits, model(ids).logits[:, -2:])
+    with pytest.raises(ValueError, match="labels need the logits of every position"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
+def cached_logits(model, ids, mask, seq):
+    """Logits of prefill + one decode step per generated token of seq (B, T + n): (B, n, vocab)."""
+    B, T = ids.shape
+    n = seq.shape[1] - T
+    model.setup_cache(B, seq.shape[1])
+    key_mask = torch.ones(B, seq.shape[1], dtype=torch.bool)
+    key_mask[:, :T] = mask.bool()
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    steps = [prefill(model, ids, key_mask, pos)]
+    for i in range(n - 1):
+        steps.append(decode_step(model, seq[:, T + i:T + i + 1], torch.tensor([T + i]), pos[:, -1:] + 1 + i, key_mask))
+    model.clear_cache()
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("linear,dtype,tol", [("bitnet", torch.float64, 1e-12), ("bf16", torch.float32, 1e-5)])
+def test_cached_decode_logits_equal_full_forward(linear, dtype, tol):
+    """Left-padded batch, prefill + 15 cached steps vs one forward over the whole sequence.
+
+    The packed model quantizes each projection's input to int8, so an ulp of difference (the two
+    paths sum attention in other orders) can move a code that sits on a rounding tie and the
+    logits by ~1e-3. In float64 that needs an ulp of float64 to cross a float32 rounding boundary
+    and a tie at once, which does not happen: there both paths see the same int8 codes and agree
+    to 1e-12. Without a quantizer (the twin) float32 agrees to 1e-5. (Packed float32 is held to
+    transformers' logits in test_greedy_equals_transformers_generate, ties accounted for.)
+    """
+    model = tiny(linear, dtype)
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        seq = generate(model, ids, 16, attention_mask=mask)
+        cached = cached_logits(model, ids, mask, seq)
+        full_mask, pos = full_inputs(mask, 16)
+        full = model(seq, attention_mask=full_mask, position_ids=pos).logits[:, ids.shape[1] - 1:-1]
+    assert len(set(seq[:, ids.shape[1]:].flatten().tolist())) > 5  # a non-degenerate continuation
+    assert rel_err(cached, full) < tol
+    assert torch.equal(cached.argmax(-1), seq[:, ids.shape[1]:])  # and generate took the argmax
+
+
+def test_padded_batch_generates_what_each_prompt_generates_alone():
+    model = tiny(dtype=torch.float64)  # float64: no rounding tie separates the padded and the lone run
+    ids, mask = left_pad(PROMPTS)
+    batch = generate(model, ids, 12, attention_mask=mask)
+    for i, p in enumerate(PROMPTS):
+        alone = generate(model, torch.tensor([p]), 12)
+        assert torch.equal(batch[i, ids.shape[1] - len(p):], alone[0])
+
+
+# ----------------------------------------------------------------------------- vs transformers
+def transformers_generate(path, ids, mask, n, eos, pad):
+    from transformers import AutoModelForCausalLM
+
+    with no_compile():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return model.generate(ids, attention_mask=mask.long(), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                              pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+
+
+def assert_same_greedy_tokens(ours, theirs, model, ids, mask, tie_tol):
+    """Token for token, or else the first divergence of a row is a near-tie on one shared prefix.
+
+    Two correct implementations can round one int8 activation code differently at a rounding
+    tie (see logits_on_transformers_branch), which moves tiny-model logits by ~1e-3; greedy
+    decoding then picks another token only if its top two logits are that close. So where a row
+    diverges at step j, our logits on the shared prefix must equal theirs within tie_tol (the
+    models agree) and the two tokens must be within 2 * tie_tol of each other (a near-tie); the
+    tokens after a divergence cannot be compared. With the seeds here no row diverges.
+    """
+    T = ids.shape[1]
+    for b in range(ids.shape[0]):
+        n = min(ours.shape[1], theirs.sequences.shape[1]) - T
+        diff = (ours[b, T:T + n] != theirs.sequences[b, T:T + n]).nonzero().flatten()
+        if len(diff) == 0:
+            assert ours.shape == theirs.sequences.shape
+            continue
+        j = int(diff[0])
+        prefix = theirs.sequences[b:b + 1, :T + j]
+        full_mask, pos = full_inputs(mask[b:b + 1], j)
+        with torch.no_grad():
+            our_logits = model(prefix, attention_mask=full_mask, position_ids=pos).logits[0, -1]
+        their_logits = theirs.logits[j][b]
+        assert rel_err(our_logits, their_logits) < tie_tol, f"row {b} diverges at step {j} where the models disagree"
+        a, c = int(theirs.sequences[b, T + j]), int(ours[b, T + j])
+        assert abs(their_logits[a] - their_logits[c]) / their_logits.abs().max() < 2 * tie_tol
+
+
+@pytest.mark.parametrize("mode,tie_tol", [("offline", 5e-3), (None, 1e-4)])
+def test_greedy_equals_transformers_generate(tmp_path, mode, tie_tol):
+    """Our greedy output vs transformers' generate on the same checkpoint (packed offline, and the
+    unquantized twin), left-padded batch, with an EOS that stops one row early.
+
+    The EOS id is the third token that row 1 generates without one (found by a first run), so
+    that EOS handling is exercised whatever the random weights are; pad is 0.
+    """
+    write_checkpoint(hf_model(hf_config(), seed=0), tmp_path, mode)
+    model = BitNetForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids, mask = left_pad(PROMPTS)
+    T = ids.shape[1]
+    free = generate(model, ids, 20, attention_mask=mask)
+    eos = int(free[1, T + 2])
+    ours = generate(model, ids, 20, eos_token_id=eos, attention_mask=mask, pad_token_id=0)
+    theirs = transformers_generate(tmp_path, ids, mask, 20, eos, 0)
+    assert_same_greedy_tokens(ours, theirs, model, ids, mask, tie_tol)
+    row = ours[1, T:].tolist()
+    assert row[row.index(eos) + 1:] == [0] * (len(row) - row.index(eos) - 1)  # padding after EOS
+
+
+# ----------------------------------------------------------------------------- EOS, sampling
+def test_eos_stops_and_output_does_not_depend_on_the_check_interval():
+    """EOS ids taken from a first run (a token each row generates by step 5), so every row ends
+    and generation stops before max_new_tokens, whatever the random weights are."""
+    model = tiny()
+    ids, mask = left_pad(PROMPTS)
+    T = ids.shape[1]
+    free = generate(model, ids, 24, attention_mask=mask)
+    eos = [int(free[0, T + 3]), int(free[1, T + 5]), int(free[2, T + 5])]
+    runs = [generate(model, ids, 24, eos_token_id=eos, attention_mask=mask, pad_token_id=7, eos_check_every=k)
+            for k in (1, 3, 8, 100)]
+    for r in runs[1:]:
+        assert torch.equal(r, runs[0])
+    out = runs[0]
+    ended = [next(j for j in range(24) if int(free[b, T + j]) in eos) for b in range(3)]
+    for b, j in enumerate(ended):
+        assert torch.equal(out[b, :T + j + 1], free[b, :T + j + 1])  # as without EOS, up to it
+        assert (out[b, T + j + 1:] == 7).all()  # then padding
+    assert out.shape[1] == T + max(ended) + 1 < T + 24  # stopped after the last EOS
+
+
+def test_sample_distribution_top_k_top_p():
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    logits = probs.log().expand(40000, 5)
+    g = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        return torch.bincount(sample(logits, generator=g, **kw), minlength=5).float() / logits.shape[0]
+
+    torch.testing.assert_close(freq(temperature=1.0), probs, atol=0.01, rtol=0)
+    torch.testing.assert_close(freq(temperature=1.0, top_k=2), torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.01, rtol=0)
+    # top_p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it -> the first two tokens
+    torch.testing.assert_close(freq(temperature=1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.01, rtol=0)
+    flat = freq(temperature=100.0)
+    assert (flat > 0.17).all()  # a high temperature flattens toward uniform
+    assert torch.equal(sample(logits[:3], temperature=1.0, top_k=1, generator=g), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(sample(logits[:3], temperature=1.0, top_p=0.1, generator=g), torch.zeros(3, dtype=torch.long))
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = tiny()
+    ids = torch.tensor([PROMPTS[0]])
+
+    def run(seed):
+        return generate(model, ids, 16, temperature=1.0, top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+# ----------------------------------------------------------------------------- cache, bad input
+def test_cache_is_freed_unless_the_caller_set_it_up():
+    model = tiny()
+    ids = torch.tensor([PROMPTS[0]])
+    ref = generate(model, ids, 8)
+    assert model.model.layers[0].self_attn.kv_cache is None
+    model.setup_cache(1, 100)
+    cache = model.model.layers[0].self_attn.kv_cache
+    assert torch.equal(generate(model, ids, 8), ref)
+    assert torch.equal(generate(model, ids, 8), ref)  # stale slots of the last call are never seen
+    assert model.model.layers[0].self_attn.kv_cache is cache
+    model.clear_cache()
+
+
+def test_bad_input_is_a_clear_error():
+    model = tiny(max_position_embeddings=32)
+    ok = torch.tensor([[1, 2, 3]])
+    cases = [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
+        (dict(input_ids=torch.tensor([[0, 5], [0, 6]]), attention_mask=torch.tensor([[0, 1], [0, 0]])), r"empty prompt: row\(s\) \[1\]"),
+        (dict(input_ids=torch.ones(1, 33, dtype=torch.long)), "prompt of 33 tokens is longer than the context of 32"),
+        (dict(input_ids=torch.ones(1, 30, dtype=torch.long), max_new_tokens=5), r"exceeds the context .* at most 2 new"),
+        (dict(attention_mask=torch.tensor([[1, 1, 0]])), "left-padded"),
+        (dict(input_ids=torch.tensor([[1, 512]])), r"token ids must lie in \[0, 512\)"),
+        (dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer tensor"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(eos_token_id="2"), "eos_token_id must be an int"),
+    ]
+    for kw, match in cases:
+        kw = {"input_ids": ok, "max_new_tokens": 4, **kw}
+        with pytest.raises(ValueError, match=match):
+            generate(model, kw.pop("input_ids"), kw.pop("max_new_tokens"), **kw)
+    assert generate(model, ok, 29).shape == (1, 32)  # exactly the context is fine
+    with pytest.raises(ValueError, match="empty prompt"):
+        left_pad([[1, 2], []])
+
+
+# ----------------------------------------------------------------------------- packed bytes
+def test_offline_checkpoint_stays_packed_in_memory(tmp_path):
+    """From an offline checkpoint: 2 bits a weight in memory, a quarter of int8, an eighth of bf16."""
+    write_checkpoint(hf_model(hf_config()), tmp_path / "packed", "offline")
+    write_checkpoint(hf_model(hf_config()), tmp_path / "twin", None)
+    model = BitNetForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, BitLinear)]
+    assert len(linears) == 14
+    n_weights = sum(m.out_features * m.in_features for m in linears)
+    for m in linears:
+        assert m.weight.dtype == torch.uint8 and m.weight.numel() * 4 == m.out_features * m.in_features
+        # no float copy of the weights: BitLinear holds Parameters only for a bias or an input norm
+        assert all(n.startswith(("bias", "rms_norm.")) for n, _ in m.named_parameters()), list(m.named_parameters())
+        assert [n for n, b in m.named_buffers() if b.is_floating_point()] == ["weight_scale"]
+    packed = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    assert packed == n_weights // 4 == (n_weights * 1) // 4 == (n_weights * 2) // 8
+    sizes = weight_bytes(model)
+    assert sizes["linear"] == packed + 4 * len(linears)  # + one float32 scale per matrix
+    twin = BitNetForCausalLM.from_pretrained(tmp_path / "twin", dtype=torch.bfloat16)
+    twin_sizes = weight_bytes(twin)
+    assert twin_sizes["linear"] == 2 * n_weights == 8 * packed
+    assert twin_sizes["other"] == sizes["other"]  # embeddings and norms alike
+    # generating keeps it so, and casting the model's dtype leaves the packed bytes alone
+    generate(model, torch.tensor([PROMPTS[0]]), 4)
+    model.to(torch.float32)
+    assert all(m.weight.dtype == torch.uint8 for m in linears)
+
+
+@pytest.mark.cuda
+def test_offline_checkpoint_stays_packed_on_cuda(tmp_path):
+    write_checkpoint(hf_model(hf_config()), tmp_path, "offline")
+    model = BitNetForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    linears = [m for m in model.modules() if isinstance(m, BitLinear)]
+    assert all(m.weight.is_cuda and m.weight.dtype == torch.uint8 for m in linears)
+    out = generate(model, torch.tensor([PROMPTS[0]], device="cuda"), 8, compile=True)
+    assert out.shape == (1, len(PROMPTS[0]) + 8)
+
+
+# ----------------------------------------------------------------------------- compile
+def test_decode_step_traces_as_one_graph():
+    """No graph break in a decode step (checked with dynamo's eager backend: seconds, not minutes)."""
+    model = tiny()
+    model.setup_cache(2, 64)
+    step = torch.compile(decode_step, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        logits = step(model, torch.tensor([[3], [4]]), torch.tensor([5]), torch.tensor([[4], [1]]),
+                      torch.ones(2, 64, dtype=torch.bool))
+    model.clear_cache()
+    assert logits.shape == (2, 512)
+
+
+def test_compiled_generate_equals_eager():
+    """compile=True with inductor on the CPU (about 30 s of compiling on 2 cores, once)."""
+    model = tiny()
+    ids, mask = left_pad(PROMPTS)
+    assert torch.equal(generate(model, ids, 10, attention_mask=mask, compile=True),
+                       generate(model, ids, 10, attention_mask=mask))
+
+
+# ----------------------------------------------------------------------------- `bitnet generate`
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["hello world, a tiny corpus for a tiny tokenizer", "naïve café, 😀 grüße"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def checkpoint_with_tokenizer(path, tokenizer, **kw):
+    model = tiny(vocab_size=tokenizer.get_vocab_size(), **kw)
+    model.tokenizer_files["tokenizer.json"] = tokenizer.to_str().encode()
+    model.save_pretrained(path)
+    return model
+
+
+def test_cli_generate_streams_the_greedy_continuation(tmp_path, tokenizer, capsys):
+    model = checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
+    assert main(["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr()
+    prompt_ids = tokenizer.encode("hello world").ids
+    ids = generate(model, torch.tensor([prompt_ids]), 12)[0].tolist()
+    assert out.out == tokenizer.decode(ids) + "\n"
+    assert "12 tokens in" in out.err
+
+
+def test_text_stream_prints_multibyte_characters_whole(tokenizer):
+    prompt, text = tokenizer.encode("hello ").ids, "naïve café, 😀 grüße"
+    ids = tokenizer.encode(text).ids
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some token holds part of a character
+    buf = io.StringIO()
+    stream = TextStream(tokenizer, prompt, out=buf)
+    for i in ids:
+        stream.put(i)
+        assert "\ufffd" not in buf.getvalue()
+    stream.end()
+    assert buf.getvalue() == text
+
+
+def test_cli_generate_bad_input(tmp_path, tokenizer, capsys):
+    checkpoint_with_tokenizer(tmp_path / "m", tokenizer, max_position_embeddings=8)
+    assert main(["generate", str(tmp_path / "m"), "--prompt", ""]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello world, a tiny corpus for a tiny tokenizer"]) == 2
+    assert "longer than the context of 8 tokens" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "50"]) == 0
+    assert "clipped to" in capsys.readouterr().err
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello"]) == 2
+    assert f"no tokenizer.json in {tmp_path / 'm'}" in capsys.readouterr().err
