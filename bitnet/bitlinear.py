@@ -73,7 +73,8 @@ class BitLinear(nn.Module):
         self.weight_bits = weight_bits
         self.kernel = kernel
         self.packing: str | None = None  # None while training; the packed format once frozen
-        self.quant_strength: torch.Tensor | None = None  # quantization warm-up lambda (None: 1)
+        # quantization warm-up lambda, a 0-dim tensor (None: 1, full quantization); not saved
+        self.register_buffer("quant_strength", None, persistent=False)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.rms_norm = RMSNorm(in_features, rms_norm_eps, device, dtype) if rms_norm_eps is not None else None
@@ -87,6 +88,15 @@ class BitLinear(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts every float buffer; the scale stays float32, as it was
+        # computed and as checkpoints load it (a bf16 scale would move outputs by up to 0.4%).
+        super()._apply(fn, recurse)
+        scale = getattr(self, "weight_scale", None)
+        if scale is not None and scale.dtype != torch.float32 and not scale.is_meta:
+            self.weight_scale = scale.float()
+        return self
 
     @property
     def frozen(self) -> bool:

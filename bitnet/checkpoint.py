@@ -113,17 +113,19 @@ def _parse_size(size: int | str) -> int:
 
 
 def checkpoint_state_dict(
-    model: BitNetForCausalLM, linear_class: str | None = None, unpacked: bool = False
+    model: BitNetForCausalLM, linear_class: str | None = None, unpacked: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the checkpoint format: packed 2-bit weights with the weight_scale convention
     of `linear_class`, or latent / plain weights; tied lm_head left out. unpacked: frozen layers
-    write their quantized values W_q as float (N, K) instead of packed bytes."""
+    write their quantized values W_q as float (N, K) instead of packed bytes. state_dict: the
+    model's full state dict when the model itself holds only shards of it (FSDP)."""
     config = model.config
     linear_class = linear_class or config.linear_class
-    sd = model.state_dict()
+    sd = dict(state_dict) if state_dict is not None else model.state_dict()
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    float_dtype = model.model.embed_tokens.weight.dtype
+    float_dtype = sd["model.embed_tokens.weight"].dtype
     for name, m in bitlinears(model):
         if not m.frozen:
             continue
@@ -140,7 +142,7 @@ def checkpoint_state_dict(
 
 def save_pretrained(
     model: BitNetForCausalLM, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB",
-    unpacked: bool = False,
+    unpacked: bool = False, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `model` to the folder `path` in transformers' format (see the module docstring).
 
@@ -160,7 +162,7 @@ def save_pretrained(
     if mode == "online":
         linear_class = "autobitlinear"  # transformers trains latent weights only with AutoBitLinear
     linear_class = linear_class or config.linear_class
-    tensors = checkpoint_state_dict(model, linear_class, unpacked)
+    tensors = checkpoint_state_dict(model, linear_class, unpacked, state_dict)
 
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -186,7 +188,7 @@ def save_pretrained(
         atomic_write_bytes(os.path.join(path, INDEX), (json.dumps(index, indent=2) + "\n").encode())
     for fname, data in model.tokenizer_files.items():
         atomic_write_bytes(os.path.join(path, fname), data)
-    float_dtype = model.model.embed_tokens.weight.dtype
+    float_dtype = tensors["model.embed_tokens.weight"].dtype
     saved = config.replace(linear_class=linear_class if config.linear == "bitnet" else config.linear_class)
     if unpacked:  # a ternary-format folder (binary weights are ternary weights without zeros)
         saved = saved.replace(linear="bitnet", linear_class="autobitlinear")

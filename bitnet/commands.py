@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .cli import arg, command
 from .config import PRESETS, BitNetConfig
+from .train.trainer import TrainConfig
 
 
 @dataclass
@@ -72,3 +73,44 @@ def convert_cmd(args: ConvertArgs) -> None:
     model.config.linear_class = args.linear_class
     model.save_pretrained(args.dst, linear_class=args.linear_class, unpacked=args.to == "unpacked")
     print(f"{args.src} ({before}) -> {args.dst} ({quantization_mode(model)}, linear {model.config.linear})")
+
+
+@command("train", TrainConfig)
+def train_cmd(cfg: TrainConfig) -> None:
+    """Train BitNet (or its bf16 twin) on a text corpus; works under torchrun (DDP / --fsdp)."""
+    from .train.trainer import train
+
+    row = train(cfg)
+    if row and int(os.environ.get("RANK", "0")) == 0:
+        val = f", val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})" if "val_loss" in row else ""
+        print(f"step {row['step']}: train loss {row['train_loss']:.4f}{val}; checkpoint in {cfg.out}, "
+              f"packed export in {os.path.join(cfg.out, 'export')}")
+
+
+@dataclass
+class MemoryArgs:
+    preset: str = arg(help="model shape", positional=True, choices=list(PRESETS))
+    micro_batch: int = arg(8, help="sequences per forward, per rank")
+    seq_len: int = arg(2048, help="tokens per sequence")
+    dp: int = arg(1, help="data-parallel ranks")
+    fsdp: bool = arg(False, help="FSDP2 / ZeRO-3: weights, gradients and optimizer states sharded over --dp ranks")
+    linear: str = arg("bitnet", help="linear layers", choices=["bitnet", "bitnet1", "bf16"])
+    bf16: bool = arg(True, help="bf16 autocast (fp32 master weights); --no-bf16 for fp32")
+    activation_checkpointing: bool = arg(False, help="recompute blocks in the backward pass")
+
+
+@command("memory", MemoryArgs)
+def memory_cmd(args: MemoryArgs) -> None:
+    """Per-rank training memory: weights, gradients, AdamW states and activations."""
+    from .report import human_bytes
+    from .train.memory import estimate
+
+    config = BitNetConfig.from_preset(args.preset, linear=args.linear)
+    m = estimate(config, args.micro_batch, args.seq_len, args.dp, args.fsdp, args.bf16, args.activation_checkpointing)
+    shard = f"sharded over {args.dp} ranks (FSDP2)" if args.fsdp else f"replicated on {args.dp} rank(s) (DDP)"
+    print(f"{args.preset} ({args.linear}), micro-batch {args.micro_batch} x seq_len {args.seq_len}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, states {shard}"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}")
+    for name in ("weights", "gradients", "optimizer", "activations", "total"):
+        value = getattr(m, name)
+        print(f"  {name:<12} {human_bytes(value):>12}  ({value:,} bytes)")

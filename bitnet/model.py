@@ -290,12 +290,15 @@ class BitNetForCausalLM(nn.Module):
         return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(
-        self, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB", unpacked: bool = False
+        self, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB", unpacked: bool = False,
+        state_dict: dict | None = None,
     ) -> None:
-        """config.json + model.safetensors in transformers' format; see bitnet.checkpoint."""
+        """config.json + model.safetensors in transformers' format; see bitnet.checkpoint.
+        state_dict: the full state dict, when this model holds only shards of it (FSDP)."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path, linear_class=linear_class, max_shard_size=max_shard_size, unpacked=unpacked)
+        save_pretrained(self, path, linear_class=linear_class, max_shard_size=max_shard_size, unpacked=unpacked,
+                        state_dict=state_dict)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

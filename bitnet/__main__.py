@@ -1,0 +1,5 @@
+import sys
+
+from bitnet.cli import main
+
+sys.exit(main())

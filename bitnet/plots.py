@@ -1,0 +1,49 @@
+"""Loss curves as PNG (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def plot_curves(series: dict[str, tuple[list, list]], path: str, title: str = "", ylabel: str = "loss",
+                log_y: bool = False) -> str:
+    """series: {label: (x values, y values)} -> a PNG at `path` (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, (xs, ys) in series.items():
+        if xs:
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> str:
+    """Train and validation loss of a run's metrics.jsonl."""
+    rows = read_jsonl(metrics_path)
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return plot_curves({"train": tuple(map(list, zip(*train))) if train else ([], []),
+                        "validation": tuple(map(list, zip(*val))) if val else ([], [])}, png_path, title)

@@ -1,0 +1,154 @@
+"""Training memory per rank: weights, gradients, optimizer states (exact) and activations (a model).
+
+Weights, gradients and AdamW states follow from the parameter shapes alone:
+    weights    4 bytes x P         fp32 master weights (bf16 autocast makes bf16 copies per op)
+    gradients  4 bytes x P
+    optimizer  8 bytes x P + 4 x T  exp_avg and exp_avg_sq, plus one float32 `step` per tensor
+with P parameters in T tensors; under FSDP2 (ZeRO-3) each rank keeps ceil(d0 / N) rows of every
+tensor, N = ranks. DDP keeps everything on every rank.
+
+Activations are what autograd saves for the backward pass. Per layer and token, with h hidden,
+i intermediate, q = heads x head_dim, k = kv_heads x head_dim, and e = 2 bytes under bf16 autocast
+(4 in fp32): every term below is one tensor our block saves (see the comments in the code), with
+attention by a fused kernel that keeps its output and log-sum-exp rather than the s x s scores.
+Activation checkpointing keeps only each block's input, plus one block's activations while it is
+recomputed. The figures are checked against the bytes of the tensors autograd really saves
+(`saved_activation_bytes`) in tests/test_memory.py.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..config import BitNetConfig
+from ..model import BitNetForCausalLM
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def parameter_shapes(config: BitNetConfig) -> list[tuple[int, ...]]:
+    """Shapes of the trainable tensors (tied embeddings once), from a meta-device model."""
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def _shard(shape: tuple[int, ...], ranks: int) -> int:
+    """Elements rank 0 holds of a tensor sharded on dim 0 into `ranks` chunks (FSDP2)."""
+    rows = math.ceil(shape[0] / ranks)
+    return rows * math.prod(shape[1:])
+
+
+def layer_activation_bytes_per_token(config: BitNetConfig, bf16: bool) -> int:
+    """Bytes autograd saves per token in one decoder block (training state, fused attention)."""
+    h, i = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.dim_head
+    k = config.num_key_value_heads * config.dim_head
+    e = 2 if bf16 else 4
+    quantized = config.linear != "bf16"
+
+    def linear_inputs(count: int, dim: int) -> int:
+        # A linear saves its input as its matmul sees it: under autocast a bf16 copy, one per
+        # linear (autocast does not share activation casts); BitNet's fake-quantized copy, one per
+        # linear; otherwise the shared input tensor itself, once.
+        return count * e * dim if (bf16 or quantized) else 4 * dim
+
+    def rms_norm(dim: int, input_bytes: int) -> int:
+        return 4 * dim + input_bytes * dim  # its input in fp32 (a copy if it was bf16), normalized
+
+    total = rms_norm(h, 4)  # input_layernorm over the fp32 residual stream
+    total += linear_inputs(3, h)  # q_proj, k_proj, v_proj
+    total += e * (2 * q + 2 * k) + 4 * config.num_attention_heads  # attention: q, k, v, output, logsumexp
+    if config.sub_norms:
+        total += rms_norm(q, e)  # attn_sub_norm of the attention output
+    total += linear_inputs(1, q)  # o_proj
+    total += rms_norm(h, 4)  # post_attention_layernorm
+    total += linear_inputs(2, h)  # gate_proj, up_proj
+    total += e * i + 2 * e * i  # act(gate) keeps one tensor, act(gate) * up keeps both factors
+    if config.sub_norms:
+        total += rms_norm(i, e)  # ffn_sub_norm
+    total += linear_inputs(1, i)  # down_proj
+    return total
+
+
+def weight_copy_bytes(config: BitNetConfig, bf16: bool) -> tuple[int, int]:
+    """Weight-sized tensors saved for the backward pass: BitNet's fake-quantized weights (fp32, or
+    their bf16 cast under autocast) and autocast's bf16 copies of the twin's and lm_head's weights."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.dim_head
+    k = config.num_key_value_heads * config.dim_head
+    projections = layers * (h * q + 2 * h * k + q * h + 3 * h * i)
+    per_weight = 2 if bf16 else (4 if config.linear != "bf16" else 0)
+    return per_weight * projections, (2 * config.vocab_size * h if bf16 else 0)  # blocks, lm_head
+
+
+def activation_bytes(config: BitNetConfig, micro_batch: int, seq_len: int, bf16: bool,
+                     checkpointing: bool = False) -> int:
+    """Activations saved for one micro-batch's backward (the peak of a training step)."""
+    tokens = micro_batch * seq_len
+    per_layer = layer_activation_bytes_per_token(config, bf16) * tokens
+    h = config.hidden_size
+    head = tokens * (8 * h  # final norm: fp32 input and normalized output
+                     + (2 if bf16 else 4) * h  # lm_head input (its bf16 cast, or the norm's output)
+                     + 4 * config.vocab_size)  # float32 log-probabilities of the cross-entropy
+    blocks, lm_head = weight_copy_bytes(config, bf16)
+    layers = config.num_hidden_layers
+    if checkpointing:  # block inputs only, plus one block at a time while it is recomputed
+        return layers * tokens * 4 * h + per_layer + blocks // layers + head + lm_head
+    return layers * per_layer + blocks + head + lm_head
+
+
+def estimate(config: BitNetConfig, micro_batch: int, seq_len: int, dp: int = 1, fsdp: bool = False,
+             bf16: bool = True, checkpointing: bool = False) -> MemoryEstimate:
+    """Per-rank training memory (rank 0, the largest shard) of AdamW with fp32 master weights."""
+    shapes = parameter_shapes(config)
+    ranks = dp if fsdp else 1
+    elements = sum(_shard(s, ranks) for s in shapes)
+    return MemoryEstimate(weights=4 * elements, gradients=4 * elements, optimizer=8 * elements + 4 * len(shapes),
+                          activations=activation_bytes(config, micro_batch, seq_len, bf16, checkpointing))
+
+
+@contextmanager
+def count_saved_tensors():
+    """Bytes of every distinct storage autograd saves inside the block (a CPU-friendly measurement
+    of activation memory): yields a dict whose 'bytes' grows as tensors are saved. Parameters, and
+    tensors that merely alias a parameter, are not activations and are skipped."""
+    seen: set[int] = set()
+    result = {"bytes": 0}
+
+    def pack(t: torch.Tensor):
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in seen and key not in result.setdefault("params", set()):
+                seen.add(key)
+                result["bytes"] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+
+
+def saved_activation_bytes(model: BitNetForCausalLM, input_ids: torch.Tensor, bf16: bool) -> int:
+    """Measure: bytes of the activations one forward pass saves for its backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with count_saved_tensors() as counted:
+        counted["params"] = params
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    return counted["bytes"]

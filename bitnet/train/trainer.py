@@ -1,0 +1,516 @@
+"""Quantization-aware training of BitNet (or its bf16 twin) on one process or under torchrun.
+
+    bitnet train --data corpus.txt --preset small --max-steps 2000 --out runs/small
+    torchrun --nproc-per-node 8 -m bitnet train --data ... --out ...          # DDP
+    torchrun --nproc-per-node 8 -m bitnet train --data ... --out ... --fsdp   # FSDP2 (fully_shard)
+
+Memory and throughput: fp32 master weights with bf16 autocast (on CUDA by default), gradient
+accumulation, activation checkpointing, gradient clipping, optional torch.compile. Distribution is
+torch's own (DDP, FSDP2); there is no collective code here beyond averaging the logged loss.
+
+The output folder is always loadable with BitNetForCausalLM.from_pretrained (config.json +
+model.safetensors with the latent weights, online mode, + tokenizer.json). Beside it,
+trainer_state.safetensors holds everything a resume needs (weights, optimizer, step, data
+position, RNG) in ONE file, replaced atomically; so a kill at any moment, even mid-write, leaves a
+consistent last checkpoint, and --resume continues the uninterrupted run exactly. At the end,
+export/ holds the packed (offline) model, or the bf16 cast of the twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..checkpoint import atomic_save_safetensors, atomic_write_bytes
+from ..cli import arg
+from ..config import PRESETS, BitNetConfig
+from ..convert import bitlinears, convert, freeze, set_quant_strength, unfreeze
+from ..model import BitNetForCausalLM
+from ..plots import plot_metrics, read_jsonl
+from ..quant import quantize_weight
+from . import data as D
+from .schedule import SCHEDULES, Schedule
+
+STATE = "trainer_state.safetensors"
+METRICS = "metrics.jsonl"
+
+# The recipe of each linear kind when --lr / --schedule are not given. BitNet's LR is several
+# times the float LR (Microsoft's FAQ: ~5-6x at 700M-3.9B), with the two-stage schedule.
+RECIPES = {
+    "bitnet": {"lr": 3e-3, "schedule": "two-stage", "weight_decay_stage2": 0.0},
+    "bitnet1": {"lr": 3e-3, "schedule": "two-stage", "weight_decay_stage2": 0.0},
+    "bf16": {"lr": 1e-3, "schedule": "cosine", "weight_decay_stage2": 0.1},
+}
+# Fields a resumed run may change: they do not change what is computed.
+FREE_ON_RESUME = {"out", "resume", "eval_every", "log_every", "save_every", "progress", "compile",
+                  "activation_checkpointing", "device", "threads", "cache_dir", "eval_windows",
+                  "micro_batch", "grad_accum", "fsdp"}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue (bad corpus, mismatched resume, diverged loss)."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = arg(help="training corpus: a text file or a folder of text files")
+    out: str = arg(help="output folder (checkpoint, metrics.jsonl, loss.png, export/)")
+    preset: str = arg("tiny", help="model shape", choices=list(PRESETS))
+    linear: str = arg("bitnet", help="bitnet (b1.58 ternary), bitnet1 (binary) or bf16 (the twin)",
+                      choices=["bitnet", "bitnet1", "bf16"])
+    max_steps: int = arg(1000, help="optimizer steps")
+    seq_len: int = arg(256, help="tokens per sequence")
+    micro_batch: int = arg(8, help="sequences per forward, per process")
+    grad_accum: int = arg(1, help="micro-batches per optimizer step")
+    lr: float | None = arg(None, help="peak learning rate (default: 3e-3 for bitnet/bitnet1, 1e-3 for bf16)")
+    schedule: str | None = arg(None, help="LR schedule (default: two-stage for bitnet/bitnet1, cosine for bf16)",
+                               choices=list(SCHEDULES))
+    warmup_steps: int | None = arg(None, help="linear warm-up steps (default: 5%% of max_steps)")
+    min_lr_ratio: float = arg(0.1, help="final LR as a fraction of the peak")
+    stage2_ratio: float = arg(0.4, help="two-stage: peak LR of the second half, as a fraction of the first")
+    weight_decay: float = arg(0.1, help="AdamW weight decay on matrices (first stage)")
+    weight_decay_stage2: float | None = arg(None, help="two-stage: weight decay of the second half (default 0)")
+    beta1: float = arg(0.9, help="AdamW beta1")
+    beta2: float = arg(0.95, help="AdamW beta2")
+    grad_clip: float = arg(1.0, help="gradient-norm clipping (0: off)")
+    val_data: str | None = arg(None, help="held-out corpus (default: the last --val-fraction of --data)")
+    val_fraction: float = arg(0.1, help="held-out fraction of --data when --val-data is not given")
+    tokenizer: str | None = arg(None, help="tokenizer.json (or a folder with one); default: train a byte-level BPE")
+    vocab_size: int | None = arg(None, help="BPE vocabulary when training one (default: the preset's)")
+    init: str | None = arg(None, help="start from this checkpoint folder (ours, or a Llama-style model to convert)")
+    quant_warmup_steps: int = arg(0, help="quantization warm-up: lambda rises from 0 to 1 over these steps")
+    eval_every: int = arg(100, help="validate every N steps (and at the end)")
+    eval_windows: int = arg(64, help="validation windows per evaluation (0: the whole held-out split)")
+    save_every: int | None = arg(None, help="checkpoint every N steps (default: eval_every; always at the end)")
+    log_every: int = arg(10, help="weight statistics (zeros, scales) every N steps")
+    seed: int = arg(0, help="seed of the initialization and of the data order")
+    dtype: str = arg("auto", help="autocast: bf16 (fp32 master weights) or fp32; auto = bf16 on CUDA, fp32 on CPU",
+                     choices=["auto", "bf16", "fp32"])
+    activation_checkpointing: bool = arg(False, help="recompute each block in the backward pass")
+    compile: bool = arg(False, help="torch.compile the model")
+    fsdp: bool = arg(False, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    device: str | None = arg(None, help="cuda, cpu, ... (default: cuda if available)")
+    threads: int | None = arg(None, help="torch CPU threads")
+    cache_dir: str | None = arg(None, help="token cache (default: $BITNET_CACHE or ~/.cache/bitnet)")
+    resume: bool = arg(False, help="continue the run in --out")
+    progress: bool = arg(True, help="progress bar")
+
+    def recipe(self, key):
+        value = getattr(self, key)
+        return RECIPES[self.linear][key] if value is None else value
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t = t / self.world
+        return t
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        return Dist(), torch.device(want)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = want.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training run; returns the final metrics record."""
+    d, device = _setup_distributed(cfg)
+    try:
+        return Trainer(cfg, d, device).run()
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, d: Dist, device: torch.device):
+        self.cfg, self.d, self.device = cfg, d, device
+        self._check_args()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.state_path = os.path.join(cfg.out, STATE)
+        self.metrics_path = os.path.join(cfg.out, METRICS)
+        saved = self._check_resume()
+        os.makedirs(cfg.out, exist_ok=True)
+        self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+        self.global_batch = cfg.micro_batch * cfg.grad_accum * d.world
+
+        self.tokenizer, train_tokens, val_tokens = self._prepare_data(resuming=saved is not None)
+        self.model = self._build_model()
+        self.config: BitNetConfig = self.model.config
+        if cfg.seq_len > self.config.max_position_embeddings:
+            raise TrainingError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                                f"({self.config.max_position_embeddings})")
+        self.sampler = D.WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
+        if self.sampler.windows_per_epoch < self.global_batch:
+            raise TrainingError(
+                f"the training split holds {self.sampler.windows_per_epoch} windows of {cfg.seq_len} tokens, fewer "
+                f"than one global batch of {self.global_batch} (micro-batch {cfg.micro_batch} x accumulation "
+                f"{cfg.grad_accum} x world {d.world}); use a larger corpus or a smaller batch / --seq-len")
+        val = D.eval_windows(val_tokens, cfg.seq_len, cfg.eval_windows or None)
+        self.val = val[: (len(val) // d.world) * d.world] if len(val) >= d.world else val
+        self.schedule = Schedule(
+            cfg.recipe("schedule"), cfg.recipe("lr"), cfg.max_steps,
+            cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 20),
+            cfg.min_lr_ratio, cfg.stage2_ratio, cfg.weight_decay, cfg.recipe("weight_decay_stage2"))
+
+        self.model.to(device)
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
+        self.engine = self._wrap()
+        self.optimizer = self._optimizer()
+        self.step, self.position = 0, 0
+        if saved is not None:
+            self._load_state(saved)
+
+    # ------------------------------------------------------------------ setup
+    def _check_args(self) -> None:
+        c = self.cfg
+        for name in ("max_steps", "seq_len", "micro_batch", "grad_accum", "eval_every", "log_every"):
+            if getattr(c, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+        if c.lr is not None and not c.lr > 0:
+            raise TrainingError(f"--lr must be positive, got {c.lr}")
+
+    def _comparable(self, cfg: dict) -> dict:
+        out = {k: v for k, v in cfg.items() if k not in FREE_ON_RESUME}
+        out["global_batch"] = cfg["micro_batch"] * cfg["grad_accum"] * cfg.get("world_size", 1)
+        return out
+
+    def _check_resume(self) -> dict | None:
+        exists = os.path.isfile(self.state_path)
+        if not self.cfg.resume:
+            if exists:
+                raise TrainingError(f"{self.cfg.out} already holds a training run ({STATE}); pass --resume to "
+                                    "continue it, or choose another --out")
+            return None
+        if not exists:
+            raise TrainingError(f"--resume: no {STATE} in {self.cfg.out}")
+        with safe_open(self.state_path, framework="pt") as f:
+            meta = json.loads(f.metadata()["bitnet_trainer"])
+        before = self._comparable(meta["config"])
+        now = self._comparable({**dataclasses.asdict(self.cfg), "world_size": self.d.world})
+        diff = [f"{k}={before.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(before) | set(now))
+                if before.get(k) != now.get(k)]
+        if diff:
+            raise TrainingError(f"--resume: {self.cfg.out} was trained with another configuration: " + "; ".join(diff))
+        return meta
+
+    def _prepare_data(self, resuming: bool):
+        """Tokenizer and token ids; rank 0 trains/encodes first, the others then read its files."""
+        cfg, d = self.cfg, self.d
+        cache = cfg.cache_dir or os.environ.get("BITNET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bitnet")
+        docs = D.read_corpus(cfg.data)
+        if cfg.val_data:
+            train_docs, val_docs = docs, D.read_corpus(cfg.val_data)
+        else:
+            train_docs, val_docs = D.split_tail(docs, cfg.val_fraction)
+        tok_path = os.path.join(cfg.out, "tokenizer.json")
+
+        def prepare(first: bool):
+            if resuming or not first:
+                tok = D.load_tokenizer(tok_path)
+            elif cfg.tokenizer:
+                tok = D.load_tokenizer(cfg.tokenizer)
+            elif cfg.init and os.path.isfile(os.path.join(cfg.init, "tokenizer.json")):
+                tok = D.load_tokenizer(cfg.init)
+            else:
+                tok = D.train_tokenizer(train_docs, cfg.vocab_size or PRESETS[cfg.preset]["vocab_size"])
+            if first and not resuming:
+                atomic_write_bytes(tok_path, tok.to_str().encode())
+            eos = tok.token_to_id("</s>")
+            return tok, D.encode(train_docs, tok, eos, cache), D.encode(val_docs, tok, eos, cache)
+
+        # Rank 0 trains the tokenizer and fills the token cache; the others then read them.
+        if d.main:
+            tok, train_tokens, val_tokens = prepare(first=True)
+        d.barrier()
+        if not d.main:
+            tok, train_tokens, val_tokens = prepare(first=False)
+        if len(train_tokens) < 2 * cfg.seq_len:
+            raise TrainingError(f"corpus {cfg.data} is too short: {len(train_tokens)} training tokens, fewer than two "
+                                f"windows of --seq-len {cfg.seq_len}")
+        if len(val_tokens) < cfg.seq_len:
+            raise TrainingError(f"the held-out split has {len(val_tokens)} tokens, fewer than one window of --seq-len "
+                                f"{cfg.seq_len}; give a larger --val-fraction or --val-data")
+        return tok, train_tokens, val_tokens
+
+    def _build_model(self) -> BitNetForCausalLM:
+        cfg, tok = self.cfg, self.tokenizer
+        vocab = tok.get_vocab_size()
+        if cfg.init:
+            model = BitNetForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+            if vocab > model.config.vocab_size:
+                raise TrainingError(f"the tokenizer has {vocab} tokens, more than the vocabulary of {cfg.init} "
+                                    f"({model.config.vocab_size})")
+            if model.config.linear == "bf16" and cfg.linear != "bf16":
+                convert(model, weight_bits="ternary" if cfg.linear == "bitnet" else "binary")
+            elif model.config.linear != cfg.linear:
+                raise TrainingError(f"--init {cfg.init} is a {model.config.linear} model; it cannot train as {cfg.linear}")
+            unfreeze(model)  # packed checkpoints continue from their dequantized weights
+        else:
+            ids = {name: tok.token_to_id(t) for name, t in (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"))}
+            config = BitNetConfig.from_preset(cfg.preset, linear=cfg.linear, vocab_size=vocab,
+                                              bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+            torch.manual_seed(cfg.seed)
+            model = BitNetForCausalLM(config)
+        model.tokenizer_files = {"tokenizer.json": tok.to_str().encode(),
+                                 "tokenizer_config.json": D.tokenizer_config_json(tok)}
+        if cfg.quant_warmup_steps and cfg.linear != "bf16":
+            set_quant_strength(model, 0.0)
+        return model.float()
+
+    def _wrap(self):
+        cfg, d, model = self.cfg, self.d, self.model
+        engine = model
+        if d.world > 1 and cfg.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(self.device.type, (d.world,))
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
+        elif d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            engine = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            engine = torch.compile(engine)
+        return engine
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        rest = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.schedule.weight_decay, "decay": True},
+                  {"params": rest, "weight_decay": 0.0, "decay": False}]
+        return torch.optim.AdamW(groups, lr=self.schedule.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
+
+    # ------------------------------------------------------------------ state
+    def _full_state(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(self.model, self.optimizer, options=opts)
+
+    def save(self) -> None:
+        """trainer_state.safetensors first (what --resume reads), then the loadable model folder."""
+        model_sd, optim_sd = self._full_state()  # collective under FSDP
+        if self.d.main:
+            tensors = {f"model.{k}": v.contiguous() for k, v in model_sd.items()
+                       if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+            for fqn, st in optim_sd["state"].items():
+                for key, v in st.items():
+                    tensors[f"optim.{fqn}.{key}"] = torch.as_tensor(v).contiguous()
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                tensors["rng.cuda"] = torch.cuda.get_rng_state()
+            meta = {"step": self.step, "position": self.position, "world_size": self.d.world,
+                    "config": {**dataclasses.asdict(self.cfg), "world_size": self.d.world},
+                    "param_groups": optim_sd["param_groups"]}
+            atomic_save_safetensors(tensors, self.state_path, {"bitnet_trainer": json.dumps(meta)})
+            self.model.save_pretrained(self.cfg.out, state_dict={k: v for k, v in model_sd.items()})
+            plot_metrics(self.metrics_path, os.path.join(self.cfg.out, "loss.png"), self._title())
+        self.d.barrier()
+
+    def _load_state(self, meta: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        tensors = load_file(self.state_path)
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        if self.config.tie_word_embeddings:
+            model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
+        state: dict[str, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                fqn, key = k[len("optim."):].rsplit(".", 1)
+                state.setdefault(fqn, {})[key] = v
+        optim_sd = {"state": state, "param_groups": meta["param_groups"]}
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        self.step, self.position = meta["step"], meta["position"]
+        if self.d.main:  # forget what a killed run logged after its last checkpoint
+            rows = [r for r in read_jsonl(self.metrics_path) if r["step"] <= self.step]
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the held-out windows (sharded over ranks)."""
+        model, d, mb = self.model, self.d, self.cfg.micro_batch
+        was_training = model.training
+        model.eval()
+        mine = self.val[d.rank::d.world]
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(0, len(mine), mb):
+            x = mine[i:i + mb].to(self.device)
+            with self._autocast():
+                loss = model(x, labels=x).loss
+            n = x.shape[0] * (x.shape[1] - 1)
+            total += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=self.device)
+        if d.world > 1:
+            dist.all_reduce(total)
+        model.train(was_training)
+        return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def weight_stats(self) -> dict:
+        """Fraction of zero ternary weights and mean absmean scale over the BitLinear layers."""
+        zeros = count = 0
+        scales = []
+        for _, m in bitlinears(self.model):
+            w = m.weight
+            if hasattr(w, "full_tensor"):
+                w = w.full_tensor()  # FSDP2: gather the shards (a collective, on every rank)
+            w_q, s = quantize_weight(w, m.weight_bits)
+            zeros += int((w_q == 0).sum())
+            count += w_q.numel()
+            scales.append(float(s))
+        if not count:
+            return {}
+        return {"zero_fraction": zeros / count, "mean_weight_scale": sum(scales) / len(scales)}
+
+    def _log(self, row: dict) -> None:
+        if self.d.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _title(self) -> str:
+        c = self.config
+        return f"{self.cfg.linear} {self.cfg.preset}: {c.hidden_size}x{c.num_hidden_layers}, lr {self.schedule.lr:g}"
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, d, model = self.cfg, self.d, self.model
+        if d.main:
+            n = model.num_parameters()
+            print(f"bitnet train: {cfg.linear} {cfg.preset} ({n:,} parameters), seq_len {cfg.seq_len}, global batch "
+                  f"{self.global_batch} = micro-batch {cfg.micro_batch} x accumulation {cfg.grad_accum} x world "
+                  f"{d.world} ({self.global_batch * cfg.seq_len:,} tokens/step), {self.schedule.kind} schedule, "
+                  f"peak lr {self.schedule.lr:g}, {'bf16 autocast' if self.bf16 else 'fp32'}, "
+                  f"{'resuming at step ' + str(self.step) if self.step else 'from scratch' if not cfg.init else 'from ' + cfg.init}",
+                  flush=True)
+        model.train()
+        save_every = cfg.save_every or cfg.eval_every
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (d.main and cfg.progress), dynamic_ncols=True)
+        last: dict = {}
+        ddp = hasattr(self.engine, "no_sync")
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            step = self.step
+            lr, wd = self.schedule.lr_at(step), self.schedule.wd_at(step)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+                if g["decay"]:
+                    g["weight_decay"] = wd
+            lam = None
+            if cfg.quant_warmup_steps and cfg.linear != "bf16":
+                lam = min(1.0, step / cfg.quant_warmup_steps)
+                set_quant_strength(model, lam)
+            loss_sum = torch.zeros((), device=self.device)
+            for j in range(cfg.grad_accum):
+                start = self.position + (j * d.world + d.rank) * cfg.micro_batch
+                x = self.sampler.batch(start, cfg.micro_batch).to(self.device)
+                sync = contextlib.nullcontext() if (not ddp or j == cfg.grad_accum - 1) else self.engine.no_sync()
+                with sync:
+                    with self._autocast():
+                        loss = self.engine(x, labels=x).loss
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            train_loss = d.mean(loss_sum / cfg.grad_accum).item()
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if not math.isfinite(train_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                saved = self._last_saved()
+                kept = (f"the last good checkpoint (step {saved}) is kept in {cfg.out}" if saved is not None
+                        else "no checkpoint had been written yet")
+                raise TrainingError(f"loss {train_loss} (gradient norm {grad_norm}) at step {step + 1}: the run "
+                                    f"diverged and stops here; {kept}. Try a lower --lr or more --warmup-steps.")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.position += self.global_batch
+            dt = time.perf_counter() - t0
+            row = {"step": self.step, "lr": lr, "wd": wd, "train_loss": train_loss,
+                   "tokens_per_s": self.global_batch * cfg.seq_len / dt, "step_time_s": dt}
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            if lam is not None:
+                row["quant_strength"] = lam
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                row.update(self.weight_stats())
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                row["val_loss"] = self.evaluate()
+                row["val_ppl"] = math.exp(min(row["val_loss"], 50))
+                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{row['val_loss']:.3f}")
+            else:
+                bar.set_postfix(loss=f"{train_loss:.3f}")
+            self._log(row)
+            last = row
+            bar.update(1)
+            if self.step % save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        if d.main and cfg.max_steps:
+            self.export()
+        d.barrier()
+        return last
+
+    def _last_saved(self) -> int | None:
+        if not os.path.isfile(self.state_path):
+            return None
+        with safe_open(self.state_path, framework="pt") as f:
+            return json.loads(f.metadata()["bitnet_trainer"])["step"]
+
+    def export(self) -> str:
+        """export/: the packed offline model (bitnet, bitnet1) or the bf16 twin, from the latent weights."""
+        path = os.path.join(self.cfg.out, "export")
+        model = BitNetForCausalLM.from_pretrained(self.cfg.out)
+        if model.config.linear == "bf16":
+            model.to(torch.bfloat16)
+        else:
+            freeze(model)
+        model.save_pretrained(path)
+        return path
