@@ -126,3 +126,26 @@ def measured_hbm_bandwidth(nbytes: int = 2 * 2**30) -> float:
     dst = torch.empty_like(src)
     ms = time_cuda(lambda: dst.copy_(src), warmup=3, iters=20)
     return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def train_step_time(config, micro_batch: int, seq_len: int, device: str = "cpu", bf16: bool = False,
+                    compile: bool = False, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of one training step (forward, backward, AdamW) of a fresh model."""
+    from .model import BitNetForCausalLM
+
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    fwd = torch.compile(model) if compile else model
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device=device)
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = fwd(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if torch.device(device).type == "cuda":
+        return time_cuda(step, warmup=warmup, iters=iters)
+    return time_cpu(step, warmup=warmup, iters=iters)
