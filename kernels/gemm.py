@@ -137,9 +137,14 @@ def _gemm_kernel(
         last = tl.atomic_add(count_ptr + pid, 1) == SPLIT_K - 1
     if last:
         if SPLIT_K > 1:
+            # Read the sums and leave the workspace and counter zero again: the autotuner reruns
+            # the kernel on the same buffers.
             acc_a = tl.load(ws_ptr + offs_a, mask=mask_a, other=0, cache_modifier=".cg")
+            tl.store(ws_ptr + offs_a, tl.zeros_like(acc_a), mask=mask_a)
             if PB > 0:
                 acc_b = tl.load(ws_ptr + offs_b, mask=mask_b, other=0, cache_modifier=".cg")
+                tl.store(ws_ptr + offs_b, tl.zeros_like(acc_b), mask=mask_b)
+            tl.store(count_ptr + pid, 0)
         xsum = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0)[:, None]
         if OUT_INT32:
             factor = 0.0

@@ -14,8 +14,9 @@ weight at 2 bits on an H100). Hence:
   (no shuffles through shared memory in the loop), and reduced over K once, after the loop.
 - Each program owns BLOCK_R packed rows (P * BLOCK_R outputs) and all of K: no split-K partial
   sums and no second pass. Small BLOCK_R keeps enough programs in flight at N = 2560 (R = 640).
-- The activation row is read once for its absmax (K floats from L2, small beside BLOCK_R * K
-  weight bytes) and quantized chunk by chunk with act_quant's arithmetic: bit-identical x_q.
+- The activation row is read once for its absmax (K floats from L2, in long steps, while the
+  first weight tile is already on its way) and quantized chunk by chunk with act_quant's
+  arithmetic: bit-identical x_q.
 The dp4a is PTX inline assembly on CUDA; the interpreter, which cannot run assembly, computes the
 same sum of four lane products in plain Triton (dot4 below).
 """
@@ -32,12 +33,14 @@ from .act_quant import quantize, row_scale
 from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
 from .layout import check_packed, decode, values_per_byte
 
-# BLOCK_U: units (int32 words, or bytes on the byte path) per row and step. num_stages is moot:
-# the loop is pipelined by hand.
+# BLOCK_R: packed rows per program (P * BLOCK_R outputs); small ones give the programs to fill
+# 132 SMs at N = 2560, large ones spread the activation work over more weights. BLOCK_U: units
+# (int32 words, or bytes on the byte path) per row and step. num_stages is moot: the loop is
+# pipelined by hand.
 CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_U": bu}, num_warps=w)
     for br, bu, w in [
-        (2, 256, 4), (4, 128, 4), (4, 256, 4), (4, 256, 8), (8, 128, 4),
+        (1, 512, 4), (2, 256, 4), (4, 128, 4), (4, 256, 4), (4, 256, 8), (8, 128, 4),
         (8, 256, 8), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 8),
     ]
 ]
@@ -106,7 +109,7 @@ def _gemv_kernel(
     stride_xm, stride_wr, stride_ym,
     # constexpr
     P: tl.constexpr, QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
-    LANES: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
+    LANES: tl.constexpr, ASM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k code_i(w[r, k]) * x_q[m, k] - sum_k x_q[m, k]) * s / a[m] + bias.
 
@@ -116,6 +119,7 @@ def _gemv_kernel(
     scale_ptr: float32 (1,), s = mean|W|; bias_ptr: (N,) any float dtype, read if HAS_BIAS.
     y_ptr: (M, N) in the output dtype, or int32 x_q . W_q^T itself if OUT_INT32 (a, s unused).
     ASM: dp4a by inline PTX (CUDA); else its plain Triton twin (interpreter).
+    BLOCK_A: activations per step of the absmax pass (few, long steps: it waits on L2 each step).
     Grid: (cdiv(R, BLOCK_R), M); program (p, m) writes rows i*R + p*BLOCK_R + [0, BLOCK_R).
     """
     PA: tl.constexpr = 8 if P == 8 else 4
@@ -124,8 +128,17 @@ def _gemv_kernel(
     m = tl.program_id(1)
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     x_row = x_ptr + m * stride_xm
+
+    # Software pipelining by hand (Triton pipelines only loads that feed a dot): each tile's
+    # loads are issued one step ahead of its math; the first ones before the absmax pass.
+    K_UNITS = K // LANES
+    offs_u = tl.arange(0, BLOCK_U)
+    row_ok = (offs_r < R)[:, None]
+    w_ptrs = w_ptr + offs_r[:, None] * stride_wr + offs_u[None, :]
+    w_next = tl.load(w_ptrs, mask=row_ok & (offs_u < K_UNITS)[None, :], other=0)
+    x_next = tl.load(x_row + x_offsets(0, LANES, BLOCK_U), mask=x_offsets(0, LANES, BLOCK_U) < K, other=0)
     if QUANTIZE_X:
-        a = row_scale(x_row, K, BLOCK_U * LANES)
+        a = row_scale(x_row, K, BLOCK_A)
     elif not OUT_INT32:
         a = tl.load(a_ptr + m)
     else:
@@ -135,14 +148,6 @@ def _gemv_kernel(
     if PB > 0:
         acc_b = tl.zeros([BLOCK_R, BLOCK_U], tl.int32)
     xsum = tl.zeros([BLOCK_U], tl.int32)
-    # Software pipelining by hand (Triton pipelines only loads that feed a dot): the loads of the
-    # next tile are issued before the math of this one, so HBM latency hides behind it.
-    K_UNITS = K // LANES
-    offs_u = tl.arange(0, BLOCK_U)
-    row_ok = (offs_r < R)[:, None]
-    w_ptrs = w_ptr + offs_r[:, None] * stride_wr + offs_u[None, :]
-    w_next = tl.load(w_ptrs, mask=row_ok & (offs_u < K_UNITS)[None, :], other=0)
-    x_next = tl.load(x_row + x_offsets(0, LANES, BLOCK_U), mask=x_offsets(0, LANES, BLOCK_U) < K, other=0)
     for u0 in range(0, K_UNITS, BLOCK_U):
         w = w_next.to(tl.int32)
         x = x_next
@@ -198,7 +203,8 @@ def gemv(
             n, k, packed.shape[0],
             x.stride(0), w.stride(0), y.stride(0),
             P=p, QUANTIZE_X=quantize_x, HAS_BIAS=bias is not None, OUT_INT32=out_dtype == torch.int32,
-            LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, **LAUNCH,
+            LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None,
+            BLOCK_A=min(triton.next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH,
         )
     return y
 
