@@ -110,19 +110,29 @@ def rows_of(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., K) float -> (x_q int8 (..., K), a float32 (..., 1), xsum int32 (...))."""
-    if not x.is_floating_point():
-        raise ValueError(f"act_quant takes a float tensor, got {x.dtype}")
+def quantize_rows(x: torch.Tensor, launch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a per-row quantization kernel: x (..., K) -> (x_q int8 (..., K), a float32 (..., 1),
+    xsum int32 (...)). launch(x2, x_q, a, xsum) gets x as (M, K) rows and the outputs to fill."""
     x2 = rows_of(x)
     m, k = x2.shape
     x_q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     a = torch.empty(m, dtype=torch.float32, device=x.device)
     xsum = torch.empty(m, dtype=torch.int32, device=x.device)
     if m > 0:
-        _act_quant_kernel[(m,)](x2, x_q, a, xsum, k, x2.stride(0), x_q.stride(0), **LAUNCH)
+        launch(x2, x_q, a, xsum)
     lead = x.shape[:-1]
     return x_q.reshape(*lead, k), a.reshape(*lead, 1), xsum.reshape(lead)
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., K) float -> (x_q int8 (..., K), a float32 (..., 1), xsum int32 (...))."""
+    if not x.is_floating_point():
+        raise ValueError(f"act_quant takes a float tensor, got {x.dtype}")
+
+    def launch(x2, x_q, a, xsum):
+        _act_quant_kernel[(x2.shape[0],)](x2, x_q, a, xsum, x2.shape[1], x2.stride(0), x_q.stride(0), **LAUNCH)
+
+    return quantize_rows(x, launch)
 
 
 def reference_act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

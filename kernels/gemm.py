@@ -156,16 +156,16 @@ def _gemm_kernel(
 
 
 def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
-    """How many programs share each output tile along K: enough programs for two per SM with
-    the smallest small-M tile (16 x 128), and at least MIN_K_PER_SPLIT of K for each. The
-    interpreter plays a 4-SM device with short splits, so that CI's small shapes split too."""
+    """How many programs share each output tile along K (a power of two): enough for one program
+    per SM with the smallest small-M tile (16 x 128), each with at least 512 of K. The
+    interpreter plays a 4-SM device with splits of 32, so that CI's small shapes split too."""
     if m > SMALL_M:
         return 1
     sms = 4 if INTERPRET or device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
     min_k = 32 if INTERPRET else 512
     tiles = triton.cdiv(m, 16) * triton.cdiv(r * pa, 128)
     split = 1
-    while tiles * split * 2 <= 2 * sms and k // (split * 2) >= min_k:
+    while tiles * split < sms and k // (split * 2) >= min_k:
         split *= 2
     return split
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from bitnet.bitlinear import RMSNorm
 from bitnet.quant import quantize_activation
 
-from .act_quant import CONFIGS, activation_scale, quantize, rows_of
+from .act_quant import CONFIGS, activation_scale, quantize, quantize_rows
 from .common import LAUNCH, autotune
 
 
@@ -87,15 +87,13 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
     """x (..., K) -> (x_q int8 (..., K), a float32 (..., 1), xsum int32 (...)) of RMSNorm(x)."""
     if tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    x2 = rows_of(x)
-    m, k = x2.shape
-    x_q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    a = torch.empty(m, dtype=torch.float32, device=x.device)
-    xsum = torch.empty(m, dtype=torch.int32, device=x.device)
-    if m > 0:
-        _rmsnorm_act_quant_kernel[(m,)](x2, weight.contiguous(), x_q, a, xsum, k, eps, x2.stride(0), x_q.stride(0), **LAUNCH)
-    lead = x.shape[:-1]
-    return x_q.reshape(*lead, k), a.reshape(*lead, 1), xsum.reshape(lead)
+    weight = weight.contiguous()
+
+    def launch(x2, x_q, a, xsum):
+        _rmsnorm_act_quant_kernel[(x2.shape[0],)](x2, weight, x_q, a, xsum, x2.shape[1], eps, x2.stride(0), x_q.stride(0),
+                                                  **LAUNCH)
+
+    return quantize_rows(x, launch)
 
 
 def reference_rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
