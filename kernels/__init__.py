@@ -3,7 +3,7 @@
 One kernel strategy per file, each with its torch reference:
     layout.py         the packed layout the kernels read (the checkpoint layout, in place) and
                       its decoding; a Triton unpack
-    act_quant.py      per-token absmax int8 activations, bit-identical to bitnet.quant
+    activations.py    act_quant: per-token absmax int8 activations, bit-identical to bitnet.quant
     rmsnorm_quant.py  RMSNorm fused with act_quant
     gemv.py           M = 1: dp4a GEMV with the activation quantization fused in
     gemm.py           M > 1: int8 tensor-core GEMM, split-K for small M

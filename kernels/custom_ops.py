@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .act_quant import act_quant as _act_quant, rows_of
+from .activations import act_quant as _act_quant, rows_of
 from .gemm import gemm
 from .gemv import gemv
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant

@@ -34,11 +34,12 @@ def _config(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages)
 
 
-# Tile shapes whose sm_90 code decodes in the fewest instructions per weight (1.2-1.5), read off
-# the SASS of the main loop: narrower BLOCK_N spends more on layout shuffles than it saves.
+# Tile shapes whose sm_90 code decodes in the fewest instructions per weight (1.2-1.5 for "2bit"),
+# read off the SASS of the main loop, without register spills (also with split-K): narrower
+# BLOCK_N spends more on layout shuffles than it saves.
 SMALL_M_CONFIGS = [
     _config(16, 128, 128, 4, 4), _config(16, 128, 256, 4, 3), _config(16, 256, 128, 4, 3), _config(16, 256, 64, 4, 4),
-    _config(32, 128, 128, 4, 4), _config(32, 256, 128, 4, 3), _config(64, 128, 256, 4, 3), _config(64, 256, 128, 4, 3),
+    _config(32, 128, 128, 4, 4), _config(32, 256, 128, 4, 3), _config(64, 128, 256, 8, 3), _config(64, 256, 128, 8, 3),
 ]
 LARGE_M_CONFIGS = [
     _config(128, 128, 128, 8, 3), _config(128, 256, 64, 8, 3), _config(128, 256, 128, 8, 3), _config(64, 256, 128, 8, 3),

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from bitnet.ops import torch_bitlinear
 
-from .act_quant import quantize, row_scale
+from .activations import quantize, row_scale
 from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
 from .layout import check_packed, decode, values_per_byte
 

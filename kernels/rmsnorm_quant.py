@@ -3,7 +3,7 @@ no normalized activation written to memory.
 
     h   = weight * (x * rsqrt(mean_k x^2 + eps)).to(x.dtype)   (bitnet.RMSNorm: normalize in
                                                                float32, scale in the input dtype)
-    x_q, a = act_quant(h)                                      (act_quant.py, same arithmetic)
+    x_q, a = act_quant(h)                                      (activations.py, same arithmetic)
 
 Three passes over the row (sum of squares; absmax of h; quantize h), the later two from L2.
 Bit-identical to torch where the sum of squares is: its summation order differs from torch's,
@@ -25,7 +25,7 @@ import triton.language as tl
 from bitnet.bitlinear import RMSNorm
 from bitnet.quant import quantize_activation
 
-from .act_quant import CONFIGS, activation_scale, quantize, quantize_rows
+from .activations import CONFIGS, activation_scale, quantize, quantize_rows
 from .common import LAUNCH, autotune
 
 

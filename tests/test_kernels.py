@@ -28,7 +28,7 @@ import torch
 
 import bitnet
 from bitnet import kernels
-from bitnet.kernels.act_quant import act_quant as act_quant_launch, reference_act_quant
+from bitnet.kernels.activations import act_quant as act_quant_launch, reference_act_quant
 from bitnet.kernels.common import INTERPRET
 from bitnet.kernels.gemm import gemm, reference_gemm
 from bitnet.kernels.gemv import gemv
