@@ -18,7 +18,7 @@ weight at 2 bits on an H100). Hence:
   first weight tile is already on its way) and quantized chunk by chunk with act_quant's
   arithmetic: bit-identical x_q.
 The dp4a is PTX inline assembly on CUDA; the interpreter, which cannot run assembly, computes the
-same sum of four lane products in plain Triton (dot4 below).
+same sum of four lane products in plain Triton (mac below).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from bitnet.ops import torch_bitlinear
 
 from .activations import quantize, row_scale
 from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
-from .layout import check_packed, decode, values_per_byte
+from .layout import check_packed, decode, joined_codes, values_per_byte
 
 # BLOCK_R: packed rows per program (P * BLOCK_R outputs); small ones give the programs to fill
 # 132 SMs at N = 2560, large ones spread the activation work over more weights. BLOCK_U: units
@@ -60,24 +60,6 @@ def mac(c, x, acc, LANES: tl.constexpr, ASM: tl.constexpr):
         for lane in tl.static_range(4):
             acc += ((c << (24 - 8 * lane)) >> 24) * ((x << (24 - 8 * lane)) >> 24)
     return acc
-
-
-@triton.jit
-def decode_joined(w, P: tl.constexpr, LANES: tl.constexpr):
-    """Codes of slices 0..PA-1 of the units w [BR, BU] as [BR, BU, PA], slice i at [..., i].
-
-    tl.join appends a trailing dimension of 2, in each thread's registers; joined in this order
-    (join(a, b) puts a at index 0, b at 1), the flattened trailing dimensions count the slices.
-    """
-    if P == 8:
-        c = tl.join(tl.join(tl.join(decode(w, 0, P, LANES), decode(w, 4, P, LANES)),
-                            tl.join(decode(w, 2, P, LANES), decode(w, 6, P, LANES))),
-                    tl.join(tl.join(decode(w, 1, P, LANES), decode(w, 5, P, LANES)),
-                            tl.join(decode(w, 3, P, LANES), decode(w, 7, P, LANES))))
-    else:
-        c = tl.join(tl.join(decode(w, 0, P, LANES), decode(w, 2, P, LANES)),
-                    tl.join(decode(w, 1, P, LANES), decode(w, 3, P, LANES)))
-    return tl.reshape(c, (w.shape[0], w.shape[1], 8 if P == 8 else 4))
 
 
 @triton.jit
@@ -155,7 +137,7 @@ def _gemv_kernel(
         w_next = tl.load(w_ptrs + u1, mask=row_ok & (u1 + offs_u < K_UNITS)[None, :], other=0)
         x_next = tl.load(x_row + x_offsets(u1, LANES, BLOCK_U), mask=x_offsets(u1, LANES, BLOCK_U) < K, other=0)
         xu, xs = x_units(x, a, QUANTIZE_X, LANES)
-        acc = mac(decode_joined(w, P, LANES), xu[None, :, None], acc, LANES, ASM)  # (BR, BU, PA)
+        acc = mac(joined_codes(w, P, LANES, False), xu[None, :, None], acc, LANES, ASM)  # (BR, BU, PA)
         if PB > 0:
             acc_b = mac(decode(w, PA, P, LANES), xu[None, :], acc_b, LANES, ASM)
         xsum += xs

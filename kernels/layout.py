@@ -120,7 +120,7 @@ def join_slices(c0, c1, c2, c3):
 
 
 @triton.jit
-def int8_codes(w, i, P: tl.constexpr, LANES: tl.constexpr):
+def int8_codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
     """int8 codes [BR, BU * LANES] of slice i from units w [BR, BU]: k = LANES * unit + lane."""
     c = decode(w, i, P, LANES)
     if LANES == 4:
@@ -130,21 +130,33 @@ def int8_codes(w, i, P: tl.constexpr, LANES: tl.constexpr):
 
 
 @triton.jit
+def _codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr):
+    if INT8:
+        return int8_codes(w, i, P, LANES)
+    return decode(w, i, P, LANES)
+
+
+@triton.jit
+def joined_codes(w, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr):
+    """Codes of slices 0..PA-1 of the units w [BR, BU], slice i at [..., i] of a trailing
+    dimension held in registers: [BR, BU * LANES, PA] int8 codes if INT8, else [BR, BU, PA]
+    units of codes (four byte lanes when LANES == 4)."""
+    c = join_slices(_codes(w, 0, P, LANES, INT8), _codes(w, 1, P, LANES, INT8),
+                    _codes(w, 2, P, LANES, INT8), _codes(w, 3, P, LANES, INT8))
+    if P == 8:
+        hi = join_slices(_codes(w, 4, P, LANES, INT8), _codes(w, 5, P, LANES, INT8),
+                         _codes(w, 6, P, LANES, INT8), _codes(w, 7, P, LANES, INT8))
+        c = tl.permute(tl.join(c, hi), (0, 1, 3, 2))  # [..., j, h] -> [..., h, j]: slice 4h + j
+        c = tl.reshape(c, (c.shape[0], c.shape[1], 8))
+    return c
+
+
+@triton.jit
 def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr):
     """Units w [BR, BU] -> int8 codes [PA * BR, BU * LANES] of slices 0..PA-1, stacked: row j
     holds slice j // BR, packed row j % BR (the order of the output features i*R + r)."""
-    BR: tl.constexpr = w.shape[0]
-    BK: tl.constexpr = w.shape[1] * LANES
-    c = join_slices(int8_codes(w, 0, P, LANES), int8_codes(w, 1, P, LANES),
-                    int8_codes(w, 2, P, LANES), int8_codes(w, 3, P, LANES))  # (BR, BK, 4)
-    if P == 8:
-        hi = join_slices(int8_codes(w, 4, P, LANES), int8_codes(w, 5, P, LANES),
-                         int8_codes(w, 6, P, LANES), int8_codes(w, 7, P, LANES))
-        c = tl.permute(tl.join(c, hi), (3, 2, 0, 1))  # (BR, BK, 4, 2) -> (2, 4, BR, BK): slice 4h + j
-    else:
-        c = tl.permute(c, (2, 0, 1))  # (4, BR, BK)
-    PA: tl.constexpr = 8 if P == 8 else 4
-    return tl.reshape(c, (PA * BR, BK))
+    c = tl.permute(joined_codes(w, P, LANES, True), (2, 0, 1))  # (PA, BR, BK)
+    return tl.reshape(c, (c.shape[0] * c.shape[1], c.shape[2]))
 
 
 @triton.jit
