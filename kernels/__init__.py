@@ -1,1 +1,19 @@
-"""Triton kernels for packed ternary (and binary) weights, installed as bitnet.kernels."""
+"""Triton kernels for packed ternary (and binary) weights, installed as bitnet.kernels.
+
+One kernel strategy per file, each with its torch reference:
+    layout.py         the packed layout the kernels read (the checkpoint layout, in place) and
+                      its decoding; a Triton unpack
+    activations.py    act_quant: per-token absmax int8 activations, bit-identical to bitnet.quant
+    rmsnorm_quant.py  RMSNorm fused with act_quant
+    gemv.py           M = 1: dp4a GEMV with the activation quantization fused in
+    gemm.py           M > 1: int8 tensor-core GEMM, split-K for small M
+    custom_ops.py     the torch.library ops ("bitnet::...") and the dispatch by M
+All three packed formats ("2bit", "1.6bit", "1bit") run through the same kernels; the format is
+a constexpr of the decode. Without a GPU they run under TRITON_INTERPRET=1 (set it before this
+package is imported).
+"""
+
+from .custom_ops import act_quant, bitlinear, packed_matmul, packed_matmul_int32, rmsnorm_act_quant
+from .layout import unpack_triton
+
+__all__ = ["act_quant", "bitlinear", "packed_matmul", "packed_matmul_int32", "rmsnorm_act_quant", "unpack_triton"]

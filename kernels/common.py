@@ -1,0 +1,94 @@
+"""What the kernel files share: interpreter detection, autotuning, and the dequantizing epilogue.
+
+The epilogue is where every path turns the exact integer accumulator into the output, with the
+same float32 operations as the torch reference (bitnet.quant.quantized_linear), in the same order:
+
+    dot  = SC * acc - xsum                     # int32, = x_q . W_q exactly (see layout.py)
+    y    = dot.to(f32) * (s / a)               # s / a with IEEE division, one rounding per step
+    y    = y.to(out_dtype)
+    y    = (y.to(f32) + bias.to(out_dtype).to(f32)).to(out_dtype)   # torch's low-precision add
+
+so a Triton output equals the torch path's bit for bit whenever the int8 activations do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, when the kernels are decorated: triton.jit itself decides the same way at that moment.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Launch options of every kernel here. Without FMA contraction each float operation rounds
+# once, as in torch: x * a + c or acc * f + bias fused into one FMA would round differently.
+LAUNCH = {"enable_fp_fusion": False}
+
+
+def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, prune=None):
+    """triton.autotune over `configs` on a GPU. Under the interpreter only `interpret_config` (small
+    blocks, no benchmarking): autotuning there would time every config on the CPU for nothing."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret_config], key=key)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+
+
+@triton.jit
+def store_output(
+    # pointers
+    y_ptr, bias_ptr,
+    # tiles (broadcastable to one shape)
+    y_offs, n_offs, mask, acc, xsum, factor,
+    # constexpr
+    SC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+):
+    """Store y[y_offs] from the code accumulator acc = sum_k codes * x_q (int32).
+
+    n_offs: the output feature of each element (indexes bias); xsum: sum_k x_q of the row;
+    factor: s / a of the row (float32, unused when OUT_INT32, which stores x_q . W_q itself).
+    """
+    dot = SC * acc - xsum
+    if OUT_INT32:
+        tl.store(y_ptr + y_offs, dot, mask=mask)
+    else:
+        out_ty = y_ptr.dtype.element_ty
+        y = (dot.to(tl.float32) * factor).to(out_ty)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + n_offs, mask=mask, other=0).to(out_ty)
+            y = (y.to(tl.float32) + bias.to(tl.float32)).to(out_ty)
+        tl.store(y_ptr + y_offs, y, mask=mask)
+
+
+def matmul_output(
+    x: torch.Tensor,
+    a: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    n: int,
+    out_dtype: torch.dtype | None,
+    quantized_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Check what every matmul launcher takes and allocate y (M, n); returns (y, a, scale) with a
+    as float32 (M,) and scale as float32 (1,), both None where the kernel reads neither."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"activations must be (M, K) with unit stride along K, got {tuple(x.shape)} {x.stride()}")
+    if out_dtype is None:
+        raise ValueError("int8 activations need an explicit out_dtype")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if out_dtype == torch.int32:
+        a, scale = None, None
+    else:
+        if scale is None or scale.numel() != 1:
+            raise ValueError("a scaled output needs the weight scale, a tensor of one element")
+        scale = scale.reshape(1).float()
+        if quantized_in_kernel:
+            a = None
+        elif a is None or a.numel() != x.shape[0]:
+            raise ValueError(f"int8 activations need their scales a, {x.shape[0]} of them")
+        else:
+            a = a.reshape(-1).float().contiguous()
+    y = torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
+    return y, a, scale

@@ -1,0 +1,123 @@
+"""The kernels as torch.library custom ops (namespace "bitnet"), each with a fake implementation,
+so that torch.compile traces models through them (fullgraph=True) and CUDA graphs capture them.
+
+    bitnet::bitlinear(x, packed, scale, bias, n, fmt)            y (..., n) in x's dtype
+    bitnet::packed_matmul(x_q, a, packed, scale, bias, n, fmt, out_dtype)
+    bitnet::packed_matmul_int32(x_q, packed, n, fmt)            x_q . W_q^T, int32, exact
+    bitnet::act_quant(x)                                         (x_q int8, a float32 (..., 1))
+    bitnet::rmsnorm_act_quant(x, weight, eps)                    (x_q, a) of RMSNorm(x)
+
+Dispatch by the number of activation rows M (all leading dimensions of x flattened):
+- M == 1 (decode): the GEMV, with the activation quantization fused in: one launch.
+- M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64).
+Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activations import act_quant as _act_quant, rows_of
+from .gemm import gemm
+from .gemv import gemv
+from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
+
+Tensor = torch.Tensor
+
+
+def _output_like(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    return x.new_empty((*x.shape[:-1], n), dtype=dtype)
+
+
+@torch.library.custom_op("bitnet::bitlinear", mutates_args=())
+def _bitlinear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str) -> Tensor:
+    x2 = rows_of(x)
+    if x2.shape[0] == 1:
+        y = gemv(x2, packed, n, fmt, scale=scale, bias=bias)
+    else:
+        x_q, a, xsum = _act_quant(x2)
+        y = gemm(x_q, packed, n, fmt, scale=scale, bias=bias, a=a, xsum=xsum, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@_bitlinear.register_fake
+def _(x, packed, scale, bias, n, fmt):
+    return _output_like(x, n, x.dtype)
+
+
+@torch.library.custom_op("bitnet::packed_matmul", mutates_args=())
+def _packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str,
+                   out_dtype: torch.dtype) -> Tensor:
+    x2, a2 = rows_of(x_q), a.reshape(-1)
+    if x2.shape[0] == 1:
+        y = gemv(x2, packed, n, fmt, scale=scale, bias=bias, a=a2, out_dtype=out_dtype)
+    else:
+        y = gemm(x2, packed, n, fmt, scale=scale, bias=bias, a=a2, out_dtype=out_dtype)
+    return y.reshape(*x_q.shape[:-1], n)
+
+
+@_packed_matmul.register_fake
+def _(x_q, a, packed, scale, bias, n, fmt, out_dtype):
+    return _output_like(x_q, n, out_dtype)
+
+
+@torch.library.custom_op("bitnet::packed_matmul_int32", mutates_args=())
+def _packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
+    x2 = rows_of(x_q)
+    launch = gemv if x2.shape[0] == 1 else gemm
+    return launch(x2, packed, n, fmt, out_dtype=torch.int32).reshape(*x_q.shape[:-1], n)
+
+
+@_packed_matmul_int32.register_fake
+def _(x_q, packed, n, fmt):
+    return _output_like(x_q, n, torch.int32)
+
+
+@torch.library.custom_op("bitnet::act_quant", mutates_args=())
+def _act_quant_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    x_q, a, _ = _act_quant(x)
+    return x_q, a
+
+
+@_act_quant_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("bitnet::rmsnorm_act_quant", mutates_args=())
+def _rmsnorm_act_quant_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    x_q, a, _ = _rmsnorm_act_quant(x, weight, eps)
+    return x_q, a
+
+
+@_rmsnorm_act_quant_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+# The public functions: the ops as torch.compile sees them.
+def bitlinear(x: Tensor, packed: Tensor, scale: Tensor, n: int, fmt: str, bias: Tensor | None = None) -> Tensor:
+    """y = (x_q @ W_q^T) * scale / a (+ bias) for x (..., K), packed (R, K) uint8, scale float32 (1,);
+    the signature bitnet.ops.bitlinear calls."""
+    return torch.ops.bitnet.bitlinear(x, packed, scale, bias, n, fmt)
+
+
+def packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, n: int, fmt: str,
+                  bias: Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """y = (x_q @ W_q^T) * scale / a (+ bias) from activations already quantized (act_quant)."""
+    return torch.ops.bitnet.packed_matmul(x_q, a, packed, scale, bias, n, fmt, out_dtype)
+
+
+def packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
+    """The exact integer accumulator x_q @ W_q^T, int32 (..., n)."""
+    return torch.ops.bitnet.packed_matmul_int32(x_q, packed, n, fmt)
+
+
+def act_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8: (x_q (..., K), a (..., 1)), bit-identical to bitnet.quant.quantize_activation."""
+    return torch.ops.bitnet.act_quant(x)
+
+
+def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """act_quant(RMSNorm(x)) in one kernel."""
+    return torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps)

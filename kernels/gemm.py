@@ -1,0 +1,228 @@
+"""Tiled GEMM on int8 tensor cores: y = (x_q . W_q^T) * s / a (+ bias), for M > 1 (prefill, batches).
+
+Each program computes a [BLOCK_M, BLOCK_N] output tile, BLOCK_N = PA * BLOCK_R features in PA
+row-blocks R apart (layout.py). Per K step it loads an int8 activation tile [BLOCK_M, BLOCK_K] and
+the packed tile [BLOCK_R, BLOCK_K] (as int32 words where K % 4 == 0), decodes it in registers into
+the stacked int8 code tile [BLOCK_N, BLOCK_K] (one shift and one mask per four codes) and
+accumulates one int8 x int8 -> int32 tl.dot (plus a [BLOCK_M, BLOCK_R] dot for the fifth base-3
+slice of "1.6bit"). Exact: every partial sum is an integer of magnitude below 2^31.
+
+Two regimes share the kernel; the autotuning key m_bucket (M rounded up to a power of two, so
+that a new prompt length does not retune) picks the configs (_prune):
+- small M (<= 64), memory-bound like the GEMV: BLOCK_M 16-64, long K steps, and split-K when the
+  output tiles alone cannot fill the GPU (M = 16, N = 8192: 64 tiles of 128 features for 132
+  SMs). Split programs add their int32 partial sums atomically into a zeroed workspace (exact and
+  order-independent: integer addition); the last to arrive at a tile, counted by an atomic
+  counter, applies the epilogue. Each weight is decoded once per program, for all its M rows.
+- large M, compute-bound: 128 x 128/256 tiles, 3-4 pipeline stages, grouped program order so
+  that programs sharing weight tiles run together and hit L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
+from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, values_per_byte
+
+SMALL_M = 64
+
+
+def _config(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages)
+
+
+# Tile shapes whose sm_90 code decodes in the fewest instructions per weight (1.2-1.5 for "2bit"),
+# read off the SASS of the main loop, without register spills (also with split-K): narrower
+# BLOCK_N spends more on layout shuffles than it saves.
+SMALL_M_CONFIGS = [
+    _config(16, 128, 128, 4, 4), _config(16, 128, 256, 4, 3), _config(16, 256, 128, 4, 3), _config(16, 256, 64, 4, 4),
+    _config(32, 128, 128, 4, 4), _config(32, 256, 128, 4, 3), _config(64, 128, 256, 8, 3), _config(64, 256, 128, 8, 3),
+]
+LARGE_M_CONFIGS = [
+    _config(128, 128, 128, 8, 3), _config(128, 256, 64, 8, 3), _config(128, 256, 128, 8, 3), _config(64, 256, 128, 8, 3),
+    _config(128, 128, 64, 4, 4), _config(256, 128, 64, 8, 3),
+]
+INTERPRET_CONFIG = _config(16, 32, 32, 4, 1, group=2)
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs of M's regime; at least 16-wide dots (1.6bit's fifth slice is BLOCK_N / 4)."""
+    if len(configs) == 1:
+        return configs
+    small = named_args["m_bucket"] <= SMALL_M
+    pool = SMALL_M_CONFIGS if small else LARGE_M_CONFIGS
+    return [c for c in pool if not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
+
+
+@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K"], prune=_prune,
+          interpret_config=INTERPRET_CONFIG)
+@triton.jit
+def _gemm_kernel(
+    # pointers
+    x_ptr, a_ptr, xsum_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
+    # sizes (m_bucket: autotuning key only)
+    M, N, K, R, m_bucket,
+    # strides (unit stride along K and N; stride_wr in units of w_ptr's dtype)
+    stride_xm, stride_wr, stride_ym,
+    # constexpr
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, LANES: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[m, i*R + r] = (SC * sum_k x_q[m, k] * code_i(w[r, k]) - xsum[m]) * s / a[m] + bias.
+
+    x_ptr: int8 (M, K) x_q; a_ptr: float32 (M,); xsum_ptr: int32 (M,) = sum_k x_q[m, k].
+    w_ptr: the packed layout of layout.py, (R, K) uint8 read as is, R = ceil(N / P); with
+        LANES == 4 the same bytes viewed as int32 (R, K / 4), one word = 4 consecutive k.
+    scale_ptr: float32 (1,), s = mean|W|; bias_ptr: (N,) any float dtype, read if HAS_BIAS.
+    y_ptr: (M, N) in the output dtype, or int32 x_q . W_q^T itself if OUT_INT32 (a, s unused).
+    ws_ptr: int32 (M, N), count_ptr: int32 (one per tile), both zero: used if SPLIT_K > 1.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(R, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M along M;
+    program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
+    """
+    PA: tl.constexpr = 8 if P == 8 else 4
+    PB: tl.constexpr = P - PA
+    SC: tl.constexpr = 2 if P == 8 else 1
+    BLOCK_R: tl.constexpr = BLOCK_N // PA
+    BLOCK_U: tl.constexpr = BLOCK_K // LANES
+
+    # Grouped order: GROUP_M row-tiles walk the weight column-tiles together (L2 reuse).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_r = tl.cdiv(R, BLOCK_R)
+    group = pid // (GROUP_M * num_r)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_r)) % group_size
+    pid_r = (pid % (GROUP_M * num_r)) // group_size
+    steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = tl.program_id(1) * steps * BLOCK_K
+    k_hi = min(K, k_lo + steps * BLOCK_K)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm
+    w_ptrs = w_ptr + offs_r[:, None] * stride_wr
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    if PB > 0:
+        acc_b = tl.zeros([BLOCK_M, BLOCK_R], tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_u = k0 // LANES + tl.arange(0, BLOCK_U)
+        x = tl.load(x_ptrs + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < k_hi)[None, :], other=0)
+        w_mask = (offs_r < R)[:, None] & (offs_u < k_hi // LANES)[None, :]
+        w = tl.load(w_ptrs + offs_u[None, :], mask=w_mask, other=0).to(tl.int32)
+        acc_a = tl.dot(x, tl.trans(decode_stacked(w, P, LANES)), acc_a, out_dtype=tl.int32)
+        if PB > 0:
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES)), acc_b, out_dtype=tl.int32)
+
+    # Epilogue: accumulator column j of acc_a is feature (j // BLOCK_R) * R + pid_r * BLOCK_R + j % BLOCK_R.
+    mask_m = offs_m < M
+    j = tl.arange(0, BLOCK_N)
+    r = pid_r * BLOCK_R + j % BLOCK_R
+    n_a = (j // BLOCK_R) * R + r
+    mask_a = mask_m[:, None] & ((r < R) & (n_a < N))[None, :]
+    offs_a = offs_m[:, None] * stride_ym + n_a[None, :]
+    n_b = PA * R + offs_r
+    mask_b = mask_m[:, None] & ((offs_r < R) & (n_b < N))[None, :]
+    offs_b = offs_m[:, None] * stride_ym + n_b[None, :]
+    last = True
+    if SPLIT_K > 1:
+        # Partial sums into the workspace; the program that arrives last at this tile finishes it.
+        tl.atomic_add(ws_ptr + offs_a, acc_a, mask=mask_a)
+        if PB > 0:
+            tl.atomic_add(ws_ptr + offs_b, acc_b, mask=mask_b)
+        tl.debug_barrier()  # every thread's adds are issued before the tile counts as arrived
+        last = tl.atomic_add(count_ptr + pid, 1) == SPLIT_K - 1
+    if last:
+        if SPLIT_K > 1:
+            # Read the sums and leave the workspace and counter zero again: the autotuner reruns
+            # the kernel on the same buffers.
+            acc_a = tl.load(ws_ptr + offs_a, mask=mask_a, other=0, cache_modifier=".cg")
+            tl.store(ws_ptr + offs_a, tl.zeros_like(acc_a), mask=mask_a)
+            if PB > 0:
+                acc_b = tl.load(ws_ptr + offs_b, mask=mask_b, other=0, cache_modifier=".cg")
+                tl.store(ws_ptr + offs_b, tl.zeros_like(acc_b), mask=mask_b)
+            tl.store(count_ptr + pid, 0)
+        xsum = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0)[:, None]
+        if OUT_INT32:
+            factor = 0.0
+        else:
+            factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
+        store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SC, HAS_BIAS, OUT_INT32)
+        if PB > 0:
+            store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32)
+
+
+def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
+    """How many programs share each output tile along K (a power of two): enough for one program
+    per SM with the smallest small-M tile (16 x 128), each with at least 512 of K. The
+    interpreter plays a 4-SM device with splits of 32, so that CI's small shapes split too."""
+    if m > SMALL_M:
+        return 1
+    sms = 4 if INTERPRET or device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    min_k = 32 if INTERPRET else 512
+    tiles = triton.cdiv(m, 16) * triton.cdiv(r * pa, 128)
+    split = 1
+    while tiles * split < sms and k // (split * 2) >= min_k:
+        split *= 2
+    return split
+
+
+def gemm(
+    x_q: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    fmt: str,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    xsum: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """x_q (M, K) int8 @ W^T -> y (M, n) in out_dtype; torch.int32 gives x_q . W_q^T unscaled.
+
+    a (M,) float32 is needed for a scaled output; xsum (M,) int32 = x_q.sum(-1) is computed here
+    when not given (act_quant gives it for free).
+    """
+    if x_q.dtype != torch.int8:
+        raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
+    y, a, scale = matmul_output(x_q, a, scale, bias, n, out_dtype)
+    m, k = x_q.shape
+    packed = check_packed(packed, n, k, fmt)
+    if m == 0:
+        return y
+    if xsum is None:
+        xsum = x_q.sum(-1, dtype=torch.int32)
+    p = values_per_byte(fmt)
+    pa = 8 if p == 8 else 4
+    r = packed.shape[0]
+    lanes = 4 if k % 4 == 0 and packed.storage_offset() % 4 == 0 else 1
+    w = packed.view(torch.int32) if lanes == 4 else packed
+    splits = split_k(m, r, k, pa, x_q.device)
+    ws = count = None
+    if splits > 1:
+        # One zeroed buffer: the (M, N) partial sums, then a counter for every possible tile
+        # (BLOCK_M >= 16 and BLOCK_N // PA >= 4 in every config).
+        tiles = triton.cdiv(m, 16) * triton.cdiv(r, 4)
+        buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=x_q.device)
+        ws, count = buf[: m * n], buf[m * n:]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
+    _gemm_kernel[grid](
+        x_q, a, xsum, w, scale, bias, y, ws, count,
+        m, n, k, r, triton.next_power_of_2(m),
+        x_q.stride(0), w.stride(0), y.stride(0),
+        P=p, HAS_BIAS=bias is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits, **LAUNCH,
+    )
+    return y
+
+
+def reference_gemm(x_q, packed, n, fmt, scale=None, a=None, bias=None, out_dtype=torch.float32):
+    """The torch reference: unpack, exact integer matmul, the same float32 epilogue."""
+    acc = (x_q.long() @ reference_unpack(packed, n, fmt).long().t()).to(torch.int32)
+    if out_dtype == torch.int32:
+        return acc
+    y = (acc.float() * (scale.float().reshape(()) / a.reshape(-1, 1).float())).to(out_dtype)
+    return y if bias is None else y + bias.to(out_dtype)

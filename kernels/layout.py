@@ -1,0 +1,195 @@
+"""The packed weight layout the kernels read, its decoding in Triton, and a Triton unpack kernel.
+
+Layout: the checkpoint layout itself (bitnet.packing), read in place, with no conversion at load.
+
+    W_q: (N, K) in {-1, 0, 1} ("2bit", "1.6bit") or {-1, 1} ("1bit"); P values per byte
+    packed: uint8 (R, K), row-major, R = ceil(N / P); rows N..R*P-1 are padding
+    byte[r, k] holds the codes of rows r, r + R, ..., r + (P-1)R of column k:
+        "2bit"   P=4  c = w + 1 in {0,1,2}  byte = sum_i c_i << 2i
+        "1.6bit" P=5  c = w + 1 in {0,1,2}  byte = sum_i c_i * 3^i   (< 243)
+        "1bit"   P=8  c = (w + 1) / 2       byte = sum_i c_i << i
+
+Why this layout is already the kernel layout (and no other is made at load time):
+- It is contiguous along K, the reduction dimension: a [BLOCK_R, BLOCK_K] tile is BLOCK_R
+  coalesced row segments (16-byte loads when K % 16 == 0, as in every real model), and K-major
+  is the operand order of int8 MMA.
+- Read as int32 words (K % 4 == 0), a word holds four consecutive k of one packed row, and one
+  shift and one mask give the codes of one slice at those four k in four byte lanes,
+  "2bit": (w >> 2i) & 0x03030303: the operand of dp4a and the int8 register layout of an MMA
+  operand. That is what bitnet.cpp permutes its layout to get; here the checkpoint has it.
+  Other K take the same path a byte at a time.
+- One tile decodes into P code tiles [BLOCK_R, BLOCK_K] for P output row-blocks R apart.
+  Stacked, they make one [P * BLOCK_R, BLOCK_K] operand: one dot, one accumulator; the epilogue
+  maps accumulator column j to output row (j // BLOCK_R) * R + r0 + j % BLOCK_R. Every byte is
+  read once.
+- The module keeps one copy of its weights: nothing to convert at freeze or load, nothing to keep
+  in sync with state_dict and save_pretrained, and the three formats share the kernels.
+
+Codes, not weights, meet the activations: w = SC * c - 1 with SC = 1 (ternary) or 2 (binary), so
+    x_q . w = SC * (x_q . c) - sum_k x_q
+and the inner loop saves a subtraction per weight; the row sums come with the activations.
+
+Triton blocks are powers of two, and P = 5 is not: "1.6bit" decodes slices 0-3 as the stacked
+block (PA = 4) and slice 4 as a block of its own (PB = 1) with its own accumulator. Base-3 digits
+come without division: floor(v / 3) = (v * 171) >> 9 for every v < 243, so
+    c_i = q_i - 3 * q_(i+1),  q_0 = b,  q_(i+1) = floor(q_i / 3),
+two bytes at a time in the 16-bit lanes of an int32 word. That costs about 2.5 times the
+integer instructions of "2bit" per weight (sm_90 SASS): the 20% fewer bytes of "1.6bit" pay off
+only where the kernel waits on memory rather than on its integer pipes.
+
+Every kernel takes the format as the constexpr P and derives PA = 8 if P == 8 else 4,
+PB = P - PA, SC = 2 if P == 8 else 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitnet.packing import FORMATS, packed_rows, unpack
+
+reference_unpack = unpack  # the torch reference of unpack_triton below
+
+
+def values_per_byte(fmt: str) -> int:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown packed format {fmt!r}; expected one of {sorted(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def check_packed(packed: torch.Tensor, n: int, k: int, fmt: str) -> torch.Tensor:
+    """The packed weight of an (n, k) matrix in `fmt`, row-major (copied only if it is not)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed weights must be 2-D uint8, got {packed.dtype} {tuple(packed.shape)}")
+    r = packed_rows(n, fmt)
+    if tuple(packed.shape) != (r, k):
+        raise ValueError(f"{fmt} packed weight of a ({n}, {k}) matrix has shape ({r}, {k}), got {tuple(packed.shape)}")
+    return packed if packed.stride(1) == 1 else packed.contiguous()
+
+
+@triton.jit
+def _div3(v, LANES: tl.constexpr):
+    """floor(v / 3) for v < 243 in each lane: (v * 171) >> 9 is exact there, and with two 16-bit
+    lanes (LANES == 4: v = b0 | b2 << 16) the product stays in its lane; the mask drops what the
+    shift brings down from the upper lane."""
+    q = (v * 171) >> 9
+    if LANES == 4:
+        q = q & 0x007F007F
+    return q
+
+
+@triton.jit
+def _base3_digit(v, i: tl.constexpr, LANES: tl.constexpr):
+    """Digit i of v in base 3, in each lane: floor(v / 3^i) - 3 * floor(v / 3^(i+1))."""
+    q = v
+    for _ in tl.static_range(i):
+        q = _div3(q, LANES)
+    return q - 3 * _div3(q, LANES)
+
+
+@triton.jit
+def decode(b, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
+    """Code of slice i (rows i*R + r) of the packed units b (int32, any shape).
+
+    LANES == 1: each unit is one byte. LANES == 4: each unit is an int32 word of four bytes
+    (four consecutive k), and the codes come out in the same four byte lanes: one shift and one
+    mask for bits, two 16-bit-lane halves for base 3 (the common subexpressions of the digit
+    chains are shared by the compiler across the five calls).
+    """
+    if P == 5:
+        if LANES == 4:
+            even = b & 0x00FF00FF
+            odd = (b >> 8) & 0x00FF00FF
+            c = _base3_digit(even, i, LANES) | (_base3_digit(odd, i, LANES) << 8)
+        else:
+            c = _base3_digit(b, i, LANES)
+    else:
+        BITS: tl.constexpr = 8 // P
+        MASK: tl.constexpr = ((1 << BITS) - 1) * (0x01010101 if LANES == 4 else 1)
+        c = (b >> (BITS * i)) & MASK
+    return c
+
+
+@triton.jit
+def join_slices(c0, c1, c2, c3):
+    """Four [A, B] tiles -> [A, B, 4] with c_i at [..., i] (tl.join keeps the new trailing
+    dimension in each thread's registers; join(a, b) puts a at 0, b at 1)."""
+    c = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    return tl.reshape(c, (c0.shape[0], c0.shape[1], 4))
+
+
+@triton.jit
+def int8_codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
+    """int8 codes [BR, BU * LANES] of slice i from units w [BR, BU]: k = LANES * unit + lane."""
+    c = decode(w, i, P, LANES)
+    if LANES == 4:
+        c = join_slices(c, c >> 8, c >> 16, c >> 24)  # byte lanes, little-endian
+        c = tl.reshape(c, (w.shape[0], 4 * w.shape[1]))
+    return c.to(tl.int8)
+
+
+@triton.jit
+def _codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr):
+    if INT8:
+        return int8_codes(w, i, P, LANES)
+    return decode(w, i, P, LANES)
+
+
+@triton.jit
+def joined_codes(w, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr):
+    """Codes of slices 0..PA-1 of the units w [BR, BU], slice i at [..., i] of a trailing
+    dimension held in registers: [BR, BU * LANES, PA] int8 codes if INT8, else [BR, BU, PA]
+    units of codes (four byte lanes when LANES == 4)."""
+    c = join_slices(_codes(w, 0, P, LANES, INT8), _codes(w, 1, P, LANES, INT8),
+                    _codes(w, 2, P, LANES, INT8), _codes(w, 3, P, LANES, INT8))
+    if P == 8:
+        hi = join_slices(_codes(w, 4, P, LANES, INT8), _codes(w, 5, P, LANES, INT8),
+                         _codes(w, 6, P, LANES, INT8), _codes(w, 7, P, LANES, INT8))
+        c = tl.permute(tl.join(c, hi), (0, 1, 3, 2))  # [..., j, h] -> [..., h, j]: slice 4h + j
+        c = tl.reshape(c, (c.shape[0], c.shape[1], 8))
+    return c
+
+
+@triton.jit
+def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr):
+    """Units w [BR, BU] -> int8 codes [PA * BR, BU * LANES] of slices 0..PA-1, stacked: row j
+    holds slice j // BR, packed row j % BR (the order of the output features i*R + r)."""
+    c = tl.permute(joined_codes(w, P, LANES, True), (2, 0, 1))  # (PA, BR, BK)
+    return tl.reshape(c, (c.shape[0] * c.shape[1], c.shape[2]))
+
+
+@triton.jit
+def _unpack_kernel(
+    # pointers
+    w_ptr, out_ptr,
+    # sizes
+    N, K, R,
+    # constexpr
+    P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[i*R + r, k] = SC * code_i(packed[r, k]) - 1 for rows < N.
+
+    w_ptr: uint8 (R, K) row-major, the layout above; out_ptr: int8 (N, K) row-major.
+    Grid: (cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)).
+    """
+    SC: tl.constexpr = 2 if P == 8 else 1
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_r < R)[:, None] & (offs_k < K)[None, :]
+    b = tl.load(w_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+    for i in tl.static_range(P):
+        rows = i * R + offs_r
+        w = SC * decode(b, i, P, 1) - 1
+        tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], w.to(tl.int8), mask=mask & (rows < N)[:, None])
+
+
+def unpack_triton(packed: torch.Tensor, n: int, fmt: str = "2bit") -> torch.Tensor:
+    """Packed uint8 (R, K) -> int8 (n, K): the Triton twin of bitnet.packing.unpack."""
+    k = packed.shape[1]
+    packed = check_packed(packed, n, k, fmt)
+    out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    block_r, block_k = 16, 64
+    grid = (triton.cdiv(packed.shape[0], block_r), triton.cdiv(k, block_k))
+    _unpack_kernel[grid](packed, out, n, k, packed.shape[0], P=values_per_byte(fmt), BLOCK_R=block_r, BLOCK_K=block_k)
+    return out

@@ -1,0 +1,329 @@
+"""bitnet.kernels (Triton) against exact integer and float64 references, and against the torch path.
+
+Without a GPU every kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), with
+small shapes: N and K that are multiples of no block size, K = 37 (the byte path) and K = 100
+(int32 words), M in {1, 3, 16, 33}, all-zero rows, the three packed formats. Tests marked `cuda`
+repeat the checks at real shapes on a GPU.
+
+Tolerances, where equality is not asserted:
+- fp32 outputs equal the torch path bit for bit, and are within 1e-6 (relative, plus 1e-6 absolute)
+  of the float64 formula: one rounding of s / a, one of acc * (s / a), one of the bias add.
+- bf16 outputs: the interpreter truncates float32 -> bf16 (the GPU rounds to nearest even, as
+  torch does), so there they may differ from torch by one bf16 ulp per rounding (two with a
+  bias); within 2^-6 relative of the float64 formula. On a GPU they equal the torch path.
+- logits of a frozen tiny model through both paths: equal within 1e-5 (int8 activations are
+  bit-identical, so in practice they are equal).
+- the fused RMSNorm + quantization: its sum of squares runs in another order than torch's, so x_q
+  may differ by one on a few elements (fp32: at most 1, on under 1%).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import bitnet
+from bitnet import kernels
+from bitnet.kernels.activations import act_quant as act_quant_launch, reference_act_quant
+from bitnet.kernels.common import INTERPRET
+from bitnet.kernels.gemm import gemm, reference_gemm
+from bitnet.kernels.gemv import gemv
+from bitnet.kernels.layout import unpack_triton
+from bitnet.kernels.rmsnorm_quant import reference_rmsnorm_act_quant
+from bitnet.ops import torch_bitlinear
+from bitnet.packing import pack, unpack
+from bitnet.quant import quantize_activation
+
+FORMATS = ["2bit", "1.6bit", "1bit"]
+M_VALUES = [1, 3, 16, 33]
+N = 50  # packed rows 13 / 10 / 7: padding in "2bit" and "1bit", none in "1.6bit"
+
+
+def random_weights(n: int, k: int, fmt: str, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Quantized weights (n, k) int8 of `fmt`'s alphabet; ternary ones get an all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    if fmt == "1bit":
+        w = torch.randint(0, 2, (n, k), generator=g, dtype=torch.int8) * 2 - 1
+    else:
+        w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        w[3] = 0
+    return w.to(device)
+
+
+def random_activations(m: int, k: int, seed: int = 1, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """(m, k) with rows of very different magnitudes and an all-zero first row (a = 127 / 1e-5)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 10 ** torch.empty(m, 1).uniform_(-3, 3, generator=g)
+    x[0] = 0
+    return x.to(dtype=dtype, device=device)
+
+
+def exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    return (x_q.long() @ w_q.long().t()).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_act_quant_is_bit_identical_to_torch(dtype):
+    x = random_activations(64, 100, dtype=dtype).reshape(4, 16, 100)
+    x_q, a, xsum = act_quant_launch(x)
+    r_q, r_a, r_sum = reference_act_quant(x)
+    assert x_q.dtype == torch.int8 and a.dtype == torch.float32
+    assert torch.equal(x_q, r_q) and torch.equal(a, r_a) and torch.equal(xsum, r_sum)
+    assert a[0, 0].item() == pytest.approx(127 / 1e-5) and not x_q[0, 0].any()  # the all-zero row
+
+
+def test_act_quant_rounds_ties_to_even():
+    # Row absmax 127 makes a = 1 exactly, so x * a is x: exact ties, and values just below a tie.
+    row = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 0.49999997, 1.4999999, 3.5000002]
+    x = torch.tensor([row, [-v for v in row]])
+    x_q, a = kernels.act_quant(x)
+    assert torch.equal(a, torch.ones(2, 1))
+    expected = [127, 0, 2, 2, 0, -2, -2, 126, -126, 0, 1, 4]
+    assert x_q[0].tolist() == expected and x_q[1].tolist() == [-v for v in expected]
+    assert torch.equal(x_q, quantize_activation(x)[0])
+
+
+def test_fused_rmsnorm_act_quant_matches_torch():
+    x = random_activations(32, 100)[1:]
+    weight = torch.rand(100) + 0.5
+    x_q, a = kernels.rmsnorm_act_quant(x, weight, 1e-5)
+    r_q, r_a = reference_rmsnorm_act_quant(x, weight, 1e-5)
+    torch.testing.assert_close(a, r_a, rtol=1e-6, atol=0)
+    diff = (x_q.int() - r_q.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+def test_fused_rmsnorm_act_quant_bf16_dequantizes_to_rmsnorm():
+    x = random_activations(16, 100, dtype=torch.bfloat16)[1:]
+    weight = (torch.rand(100) + 0.5).bfloat16()
+    x_q, a = kernels.rmsnorm_act_quant(x, weight, 1e-5)
+    norm = bitnet.RMSNorm(100, 1e-5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        h = norm(x).float()
+    # Half a quantization step, plus the bf16 roundings of h: two of them, each up to one ulp
+    # under the interpreter (truncation), half an ulp on a GPU.
+    assert ((x_q.float() / a - h).abs() <= 0.5 / a + 2**-5 * h.abs()).all()
+
+
+# ----------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_unpack_equals_torch_unpack_on_every_byte(fmt):
+    top = 243 if fmt == "1.6bit" else 256  # base-3 bytes stop at 3^5 - 1
+    packed = torch.arange(top, dtype=torch.int32).remainder(top).to(torch.uint8).reshape(-1, 1).repeat(1, 3)
+    n = packed.shape[0] * {"2bit": 4, "1.6bit": 5, "1bit": 8}[fmt] - 2  # two padding rows dropped
+    if fmt == "2bit":
+        packed = packed & 0x55 | (packed & 0xAA & ~((packed & 0x55) << 1))  # codes 0..2 only
+    assert torch.equal(unpack_triton(packed, n, fmt), unpack(packed, n, fmt))
+
+
+# ----------------------------------------------------------------------------- matmul: exact integers
+@pytest.mark.parametrize("k", [37, 100])
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int32_accumulator_is_exact(fmt, m, k):
+    w_q = random_weights(N, k, fmt)
+    packed = pack(w_q, fmt)
+    x_q, _ = quantize_activation(random_activations(m, k))
+    x_q[-1] = 127  # the largest products: no int8 saturation of anything
+    ref = exact(x_q, w_q)
+    assert torch.equal(kernels.packed_matmul_int32(x_q, packed, N, fmt), ref)
+    # Both kernels, whatever the dispatch would pick: the GEMM at every M, the GEMV (one program
+    # row per activation row, slow in the interpreter) up to M = 3.
+    assert torch.equal(gemm(x_q, packed, N, fmt, out_dtype=torch.int32), ref)
+    if m <= 3:
+        assert torch.equal(gemv(x_q, packed, N, fmt, out_dtype=torch.int32), ref)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int32_split_k_long_rows(fmt):
+    """K = 512: several K steps per program and 8-way split-K at small M in the interpreter."""
+    w_q = random_weights(40, 512, fmt, seed=2)
+    packed = pack(w_q, fmt)
+    for m in (2, 33):
+        x_q, _ = quantize_activation(random_activations(m, 512, seed=3))
+        assert torch.equal(gemm(x_q, packed, 40, fmt, out_dtype=torch.int32), exact(x_q, w_q))
+
+
+# ----------------------------------------------------------------------------- matmul: scaled output
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [37, 100])
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bitlinear_matches_float64_formula_and_torch_path(fmt, m, k, dtype):
+    w_q = random_weights(N, k, fmt)
+    packed, scale = pack(w_q, fmt), torch.tensor([0.037])
+    bias = torch.randn(N).to(dtype) if m != 3 else None
+    x = random_activations(m, k, dtype=dtype)
+    y = kernels.bitlinear(x, packed, scale, N, fmt, bias)
+    assert y.dtype == dtype and y.shape == (m, N)
+
+    x_q, a = quantize_activation(x)
+    main = (x_q.double() @ w_q.double().t()) * scale.double() / a.double()
+    y64 = main + (bias.double() if bias is not None else 0)
+    ref = torch_bitlinear(x, packed, scale, N, fmt, bias)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), y64, rtol=1e-6, atol=1e-6)
+        assert torch.equal(y, ref)
+    else:
+        # One bf16 rounding of the product, one of the sum with the bias: an ulp each (2^-7
+        # relative) under the interpreter's truncation, of the magnitudes that were rounded.
+        bound = 2**-6 * (main.abs() + (bias.double().abs() if bias is not None else 0))
+        assert ((y.double() - y64).abs() <= bound).all()
+        assert ((y.double() - ref.double()).abs() <= bound).all()
+
+
+def test_packed_matmul_from_int8_activations():
+    w_q = random_weights(N, 100, "2bit")
+    packed, scale = pack(w_q, "2bit"), torch.tensor([0.5])
+    for m in (1, 16):
+        x_q, a = kernels.act_quant(random_activations(m, 100))
+        y = kernels.packed_matmul(x_q, a, packed, scale, N, "2bit", out_dtype=torch.float32)
+        assert torch.equal(y, reference_gemm(x_q, packed, N, "2bit", scale, a))
+
+
+@pytest.mark.parametrize("shape", [(100,), (1, 100), (2, 3, 100), (0, 100)])
+def test_bitlinear_takes_any_leading_shape(shape):
+    packed, scale = pack(random_weights(N, 100, "2bit"), "2bit"), torch.tensor([0.1])
+    x = torch.randn(shape)
+    y = kernels.bitlinear(x, packed, scale, N, "2bit")
+    assert y.shape == (*shape[:-1], N)
+    assert torch.equal(y, torch_bitlinear(x, packed, scale, N, "2bit"))
+
+
+def test_bad_arguments_are_refused():
+    packed = pack(random_weights(N, 100, "2bit"), "2bit")
+    with pytest.raises(ValueError, match="shape"):
+        kernels.bitlinear(torch.randn(2, 99), packed, torch.tensor([1.0]), N, "2bit")
+    with pytest.raises(ValueError, match="unknown packed format"):
+        kernels.bitlinear(torch.randn(2, 100), packed, torch.tensor([1.0]), N, "3bit")
+    with pytest.raises(ValueError, match="bias"):
+        kernels.bitlinear(torch.randn(2, 100), packed, torch.tensor([1.0]), N, "2bit", torch.zeros(N + 1))
+
+
+# ----------------------------------------------------------------------------- integration
+def _frozen_tiny(linear: str, packing: str | None) -> bitnet.BitNetForCausalLM:
+    torch.manual_seed(0)
+    model = bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny").replace(linear=linear))
+    return bitnet.freeze(model, packing).eval()
+
+
+@pytest.mark.parametrize("linear, packing", [("bitnet", "2bit"), ("bitnet", "1.6bit"), ("bitnet1", None)])
+def test_frozen_model_logits_equal_through_both_paths(linear, packing, monkeypatch):
+    model = _frozen_tiny(linear, packing)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kernel in ("torch", "triton"):
+        monkeypatch.setenv("BITNET_KERNEL", kernel)
+        with torch.no_grad():
+            logits[kernel] = (model(ids).logits, model(ids[:1, :1]).logits)  # prefill; one decode token
+    for got, ref in zip(logits["triton"], logits["torch"]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_choice_argument_over_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "bitlinear", lambda *a: calls.append("triton") or torch_bitlinear(*a))
+    layer = bitnet.BitLinear(100, N).freeze()
+    x = torch.randn(2, 100)
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    layer(x)
+    layer.kernel = "torch"
+    layer(x)
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    layer.kernel = "triton"
+    layer(x)
+    assert calls == ["triton", "triton"]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_through_the_custom_ops(backend):
+    torch._dynamo.reset()
+    layer = bitnet.BitLinear(100, N, kernel="triton").freeze()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        for shape in [(1, 100), (2, 5, 100)]:
+            x = torch.randn(shape)
+            assert torch.equal(compiled(x), layer(x))
+
+
+def test_custom_ops_pass_opcheck():
+    packed, scale = pack(random_weights(N, 100, "1bit"), "1bit"), torch.tensor([0.1])
+    x = torch.randn(3, 100)
+    x_q, a = kernels.act_quant(x)
+    cases = [
+        (torch.ops.bitnet.bitlinear.default, (x, packed, scale, torch.randn(N), N, "1bit")),
+        (torch.ops.bitnet.packed_matmul.default, (x_q, a, packed, scale, None, N, "1bit", torch.bfloat16)),
+        (torch.ops.bitnet.packed_matmul_int32.default, (x_q, packed, N, "1bit")),
+        (torch.ops.bitnet.act_quant.default, (x,)),
+        (torch.ops.bitnet.rmsnorm_act_quant.default, (x, torch.rand(100), 1e-5)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _bench_module():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
+def test_benchmark_without_gpu_says_so_and_exits_cleanly(capsys):
+    bench = _bench_module()
+    assert bench.cli([]) == 0
+    assert "no GPU" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not INTERPRET, reason="drives the benchmark through the interpreter")
+def test_benchmark_measures_reports_and_plots(tmp_path, monkeypatch):
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "L2Flusher", lambda device: None)
+    monkeypatch.setattr(bench, "measured_hbm_bandwidth", lambda: 1.0)
+    monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), 1.0)[1])
+    args = bench.BenchArgs(m=[1, 2], shapes=["40x64"], formats=["2bit", "1bit"], out_dir=str(tmp_path))
+    result = bench.measure(args, device="cpu")
+    assert [(r["m"], r["format"]) for r in result["rows"]] == [(m, f) for m in (1, 2) for f in ("bf16", "2bit", "1bit")]
+    assert "| 40x64 | 2 | 1bit |" in bench.report(result)
+    bench.plot(result, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+REAL_SHAPES = [(2560, 2560), (2560, 6912), (6912, 2560), (8192, 8192)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n, k", REAL_SHAPES)
+def test_cuda_real_shapes_exact_and_equal_to_torch(n, k, fmt):
+    w_q = random_weights(n, k, fmt, device="cuda")
+    packed, scale = pack(w_q, fmt), torch.tensor([0.02], device="cuda")
+    for m in (1, 4, 16, 64, 512):
+        x = random_activations(m, k, dtype=torch.bfloat16, device="cuda")
+        x_q, _ = quantize_activation(x)
+        assert torch.equal(kernels.packed_matmul_int32(x_q, packed, n, fmt), exact(x_q, w_q))
+        assert torch.equal(kernels.bitlinear(x, packed, scale, n, fmt), torch_bitlinear(x, packed, scale, n, fmt))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_the_decode_and_prefill_ops():
+    packed, scale = pack(random_weights(2560, 2560, "2bit", device="cuda"), "2bit"), torch.tensor([0.02], device="cuda")
+    for m in (1, 16):
+        x = torch.randn(m, 2560, dtype=torch.bfloat16, device="cuda")
+        y = kernels.bitlinear(x, packed, scale, 2560, "2bit")  # autotunes outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = kernels.bitlinear(x, packed, scale, 2560, "2bit")
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(y_graph, kernels.bitlinear(x, packed, scale, 2560, "2bit"))
+        assert not torch.equal(y_graph, y)
