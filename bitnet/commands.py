@@ -114,3 +114,31 @@ def memory_cmd(args: MemoryArgs) -> None:
     for name in ("weights", "gradients", "optimizer", "activations", "total"):
         value = getattr(m, name)
         print(f"  {name:<12} {human_bytes(value):>12}  ({value:,} bytes)")
+
+
+@dataclass
+class EvalArgs:
+    task: str = arg(help="what to measure", positional=True, choices=["ppl"])
+    model: str = arg(help="checkpoint folder: ours (any format) or any transformers causal LM", positional=True)
+    data: str = arg(help="text file to score (e.g. wikitext-2-raw/wiki.test.raw)")
+    max_length: int | None = arg(None, help="tokens per window (default: min(1024, the model's context))")
+    stride: int | None = arg(None, help="sliding protocol: tokens between window starts (default: max_length / 2)")
+    protocol: str = arg("sliding", help="sliding (transformers' guide) or chunks (BOS-prefixed, non-overlapping)",
+                        choices=["sliding", "chunks"])
+    batch_size: int = arg(4, help="windows per forward pass")
+    device: str | None = arg(None, help="cpu, cuda, ... (default: cuda if available)")
+    json: bool = arg(False, help="print one JSON object instead of text")
+    progress: bool = arg(True, help="progress bar (stderr)")
+
+
+@command("eval", EvalArgs)
+def eval_cmd(args: EvalArgs) -> None:
+    """Perplexity of a checkpoint folder on a text file (sliding-window or BOS-chunk protocol)."""
+    import torch
+
+    from .evaluate import evaluate_folder, result_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    r = evaluate_folder(args.model, args.data, args.max_length, args.stride, args.protocol, args.batch_size, device,
+                        progress=args.progress and not args.json)
+    print(result_json(r) if args.json else f"{args.model} on {args.data}: {r.summary()}")
