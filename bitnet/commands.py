@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .cli import arg, command
 from .config import PRESETS, BitNetConfig
+from .experiment import CompareArgs
 from .train.trainer import TrainConfig
 
 
@@ -142,3 +143,18 @@ def eval_cmd(args: EvalArgs) -> None:
     r = evaluate_folder(args.model, args.data, args.max_length, args.stride, args.protocol, args.batch_size, device,
                         progress=args.progress and not args.json)
     print(result_json(r) if args.json else f"{args.model} on {args.data}: {r.summary()}")
+
+
+@command("compare", CompareArgs)
+def compare_cmd(args: CompareArgs) -> None:
+    """BitNet b1.58 vs binary BitNet vs the bf16 twin: train each, pick its LR on dev, test perplexity."""
+    from .experiment import run_comparison
+
+    corpus = args.data or "the docstrings of Python's standard library (embedded default)"
+    print(f"bitnet compare: {', '.join(args.linears)} at {', '.join(args.presets)} on {corpus}; "
+          f"{args.max_steps} steps x {args.micro_batch} x {args.seq_len} tokens per run; runs in {args.out}")
+    result = run_comparison(args)
+    print()
+    print(result["text"])
+    print(f"\n(test perplexity, {result['setup']['test_protocol']}; learning rate chosen on the dev split; "
+          f"{args.out}/compare.{{json,md,png}})")

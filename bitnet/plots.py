@@ -33,6 +33,35 @@ def plot_curves(series: dict[str, tuple[list, list]], path: str, title: str = ""
     return path
 
 
+def plot_panels(panels: dict[str, dict[str, tuple[list, list]]], path: str, ylabel: str = "validation loss") -> str:
+    """One subplot per panel title, each with its {label: (x, y)} series, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(panels))
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), dpi=110, squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels.items()):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=label, marker="o", markersize=2.5, linewidth=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []

@@ -1,0 +1,190 @@
+"""BitNet b1.58 vs the original (binary) BitNet vs the bf16 twin: same tokens, same seed, same
+architecture, each with its own tuned learning rate; perplexity on held-out text.
+
+    bitnet compare                                   # the short default: stdlib docstrings, minutes
+    bitnet compare --data corpus.txt --presets small base --lr-bitnet 2e-3 4e-3 --lr-bf16 5e-4 1e-3
+
+Protocol:
+1. The corpus is split once: the last `test_fraction` (or --test-data) is the test text, never
+   seen before the final evaluation. One byte-level BPE is trained on the training text and shared
+   by every run, so all systems see the same tokens in the same order (same --seed).
+2. Each (size, system, learning rate) trains with `bitnet train`; the last `dev_fraction` of the
+   training text is its development split, used only to pick the learning rate (lowest final dev
+   loss) — the test text plays no part in any choice.
+3. The chosen run of each system is evaluated on the test text with `bitnet eval ppl` (sliding
+   window, max_length = seq_len, stride = seq_len / 2), from its packed export.
+Output: compare.json (every run, the sweep, the table), compare.md (the table) and compare.png
+(the development-loss curves of the chosen runs), under --out.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .cli import arg
+from .config import PRESETS, BitNetConfig
+from .convert import count_parameters
+from .model import BitNetForCausalLM
+from .plots import plot_panels, read_jsonl
+from .report import table
+from .train import data as D
+from .train.trainer import RECIPES
+
+SYSTEMS = {"bitnet": "BitNet b1.58", "bitnet1": "BitNet (binary)", "bf16": "bf16 twin"}
+
+
+@dataclass
+class CompareArgs:
+    data: str | None = arg(None, help="training corpus (default: the embedded docstrings of Python's standard library)")
+    test_data: str | None = arg(None, help="test text (default: the last --test-fraction of --data)")
+    test_fraction: float = arg(0.1, help="test split of --data when --test-data is not given")
+    presets: list[str] = arg(["tiny"], help="model sizes", choices=list(PRESETS))
+    linears: list[str] = arg(["bitnet", "bitnet1", "bf16"], help="systems", choices=list(SYSTEMS))
+    lr_bitnet: list[float] | None = arg(None, help="learning rates to try for bitnet (default: its recipe's)")
+    lr_bitnet1: list[float] | None = arg(None, help="learning rates to try for bitnet1")
+    lr_bf16: list[float] | None = arg(None, help="learning rates to try for the bf16 twin")
+    max_steps: int = arg(300, help="optimizer steps per run")
+    seq_len: int = arg(128, help="tokens per sequence (also the evaluation window)")
+    micro_batch: int = arg(16, help="sequences per step")
+    vocab_size: int = arg(1024, help="BPE vocabulary, trained on the training text")
+    dev_fraction: float = arg(0.05, help="development split (learning-rate choice) of the training text")
+    eval_every: int = arg(50, help="development loss every N steps")
+    warmup_steps: int | None = arg(None, help="warm-up steps (default: 5%% of max_steps)")
+    seed: int = arg(0, help="seed: initialization and data order, the same for every run")
+    jobs: int = arg(1, help="runs trained in parallel (processes)")
+    threads: int | None = arg(None, help="torch threads per run (default: cores / jobs)")
+    out: str = arg("runs/compare", help="output folder (runs are reused when complete, resumed when not)")
+
+
+def _corpus(args: CompareArgs) -> tuple[str, str, str]:
+    """Write data/train.txt, data/test.txt and data/tokenizer.json under --out (once)."""
+    d = os.path.join(args.out, "data")
+    paths = tuple(os.path.join(d, f) for f in ("train.txt", "test.txt", "tokenizer.json"))
+    if all(os.path.isfile(p) for p in paths):
+        return paths
+    os.makedirs(d, exist_ok=True)
+    if args.data:
+        docs = D.read_corpus(args.data)
+    else:
+        from .corpus import stdlib_docstrings
+
+        docs = [stdlib_docstrings()]
+    if args.test_data:
+        train_docs, test_docs = docs, D.read_corpus(args.test_data)
+    else:
+        train_docs, test_docs = D.split_tail(docs, args.test_fraction)
+    tok = D.train_tokenizer(train_docs, args.vocab_size)
+    for path, text in zip(paths, ("".join(train_docs), "".join(test_docs), tok.to_str())):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return paths
+
+
+def _lrs(args: CompareArgs, linear: str) -> list[float]:
+    return getattr(args, f"lr_{linear}") or [RECIPES[linear]["lr"]]
+
+
+def _run_dir(args: CompareArgs, preset: str, linear: str, lr: float) -> str:
+    return os.path.join(args.out, "runs", f"{preset}-{linear}-lr{lr:g}")
+
+
+def _complete(path: str, steps: int) -> bool:
+    rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    return bool(rows) and rows[-1]["step"] == steps and os.path.isfile(os.path.join(path, "export", "model.safetensors"))
+
+
+def _train(args: CompareArgs, train_txt: str, tok: str, preset: str, linear: str, lr: float, threads: int) -> dict:
+    path = _run_dir(args, preset, linear, lr)
+    t0 = time.time()
+    if not _complete(path, args.max_steps):
+        cmd = [sys.executable, "-m", "bitnet", "train", "--data", train_txt, "--tokenizer", tok, "--out", path,
+               "--preset", preset, "--linear", linear, "--lr", str(lr), "--max-steps", str(args.max_steps),
+               "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--val-fraction",
+               str(args.dev_fraction), "--eval-every", str(args.eval_every), "--eval-windows", "0", "--seed",
+               str(args.seed), "--threads", str(threads), "--no-progress"]
+        if args.warmup_steps is not None:
+            cmd += ["--warmup-steps", str(args.warmup_steps)]
+        if os.path.isfile(os.path.join(path, "trainer_state.safetensors")):
+            cmd.append("--resume")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "train.log"), "a") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"training {path} failed (exit {proc.returncode}); see {path}/train.log")
+    rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    dev = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return {"preset": preset, "linear": linear, "lr": lr, "path": path, "dev_loss": dev[-1][1], "dev_curve": dev,
+            "train_seconds": sum(r["step_time_s"] for r in rows), "wall_seconds_this_call": time.time() - t0}
+
+
+def run_comparison(args: CompareArgs, progress=print) -> dict:
+    """Train every (preset, system, lr), pick each system's lr on dev, evaluate on test; returns
+    {"setup", "runs", "table"} and writes compare.{json,md,png} under args.out."""
+    from .evaluate import evaluate_folder
+
+    train_txt, test_txt, tok = _corpus(args)
+    jobs = max(1, args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    work = [(p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, lin)]
+    work.sort(key=lambda w: -PRESETS[w[0]]["hidden_size"] * PRESETS[w[0]]["num_hidden_layers"])  # longest first
+    runs = []
+    with cf.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(_train, args, train_txt, tok, *w, threads): w for w in work}
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            runs.append(r)
+            progress(f"  {r['preset']:>6} {r['linear']:<8} lr {r['lr']:<8g} dev loss {r['dev_loss']:.4f} "
+                     f"({r['train_seconds'] / 60:.1f} min of training)")
+    tokens_per_run = args.max_steps * args.micro_batch * args.seq_len
+    rows, chosen = [], {}
+    for preset in args.presets:
+        row = {"preset": preset, "tokens": tokens_per_run}
+        for linear in args.linears:
+            best = min((r for r in runs if r["preset"] == preset and r["linear"] == linear), key=lambda r: r["dev_loss"])
+            result = evaluate_folder(os.path.join(best["path"], "export"), test_txt, args.seq_len, args.seq_len // 2)
+            best.update(test_ppl=result.ppl, test_tokens=result.tokens)
+            chosen[(preset, linear)] = best
+            row[f"lr_{linear}"] = best["lr"]
+            row[f"ppl_{linear}"] = result.ppl
+        with torch.device("meta"):
+            config = BitNetConfig.from_preset(preset, vocab_size=D.load_tokenizer(tok).get_vocab_size())
+            row["params"] = count_parameters(BitNetForCausalLM(config))
+        if "bf16" in args.linears:
+            for linear in args.linears:
+                if linear != "bf16":
+                    row[f"ratio_{linear}"] = row[f"ppl_{linear}"] / row["ppl_bf16"]
+        rows.append(row)
+
+    columns = [("preset", "size", ""), ("params", "params", ",d"), ("tokens", "train tokens", ",d")]
+    for linear in args.linears:
+        columns.append((f"lr_{linear}", f"lr {linear}", "g"))
+    for linear in args.linears:
+        columns.append((f"ppl_{linear}", f"test ppl {SYSTEMS[linear]}", ".2f"))
+    for linear in args.linears:
+        if linear != "bf16" and "bf16" in args.linears:
+            columns.append((f"ratio_{linear}", f"ratio {linear}/twin", ".3f"))
+    md = table(rows, columns, markdown=True)
+    text = table(rows, columns)
+    setup = {k: v for k, v in asdict(args).items()}
+    setup.update(test_protocol=f"sliding window, max_length {args.seq_len}, stride {args.seq_len // 2}",
+                 selection="lowest final dev loss per (size, system)", corpus=args.data or "python stdlib docstrings")
+    result = {"setup": setup, "runs": sorted(runs, key=lambda r: (r["preset"], r["linear"], r["lr"])), "table": rows}
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(md + "\n")
+    panels = {f"{p}: dev loss of the chosen runs": {f"{SYSTEMS[lin]} (lr {chosen[(p, lin)]['lr']:g})":
+                                                    tuple(map(list, zip(*chosen[(p, lin)]["dev_curve"])))
+                                                    for lin in args.linears} for p in args.presets}
+    plot_panels(panels, os.path.join(args.out, "compare.png"), ylabel="dev loss (nats/token)")
+    result["text"] = text
+    result["markdown"] = md
+    return result
