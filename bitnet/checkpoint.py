@@ -73,26 +73,12 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+def atomic_write(path: str, write) -> None:
+    """Call write(temporary path), fsync the file, rename it to `path`: a crash at any point leaves
+    either the old file or the new one, never a part of one (and no temporary file on an error)."""
     tmp = _temp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    tmp = _temp_name(path)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        write(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -100,6 +86,18 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
             os.remove(tmp)
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
 
 
 # ----------------------------------------------------------------------------- save

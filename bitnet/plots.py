@@ -6,6 +6,17 @@ import json
 import os
 
 
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
 def plot_curves(series: dict[str, tuple[list, list]], path: str, title: str = "", ylabel: str = "loss",
                 log_y: bool = False) -> str:
     """series: {label: (x values, y values)} -> a PNG at `path` (written atomically)."""
@@ -25,12 +36,7 @@ def plot_curves(series: dict[str, tuple[list, list]], path: str, title: str = ""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def plot_panels(panels: dict[str, dict[str, tuple[list, list]]], path: str, ylabel: str = "validation loss") -> str:
@@ -54,12 +60,7 @@ def plot_panels(panels: dict[str, dict[str, tuple[list, list]]], path: str, ylab
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def read_jsonl(path: str) -> list[dict]:
