@@ -15,9 +15,13 @@ import os
 import shutil
 
 from bitnet.bench import RESULTS_DIR, save_results
-from bitnet.experiment import CompareArgs, run_comparison
+from bitnet.config import PRESETS
+from bitnet.experiment import CompareArgs, planned_runs, run_comparison, train_runs
 
-LRS = {"lr_bitnet": [2e-3, 4e-3, 8e-3], "lr_bitnet1": [2e-3, 4e-3, 8e-3], "lr_bf16": [1e-3, 2e-3, 4e-3]}
+# The learning-rate sweeps, each system its own, and the steps per run: what two cores can train in
+# about two hours (a base run is ~24 min at 250 steps with two runs side by side).
+LRS = {"lr_bitnet": [2e-3, 4e-3], "lr_bitnet1": [2e-3, 4e-3], "lr_bf16": [1e-3, 2e-3]}
+STEPS = {"tinyshakespeare": 250, "wikitext-2": 125}
 
 
 def corpora(shared: str) -> dict[str, dict]:
@@ -36,22 +40,31 @@ def main() -> None:
     p.add_argument("--out", default="runs/ppl")
     p.add_argument("--presets", nargs="+", default=["small", "base"])
     p.add_argument("--corpora", nargs="+", default=["tinyshakespeare", "wikitext-2"])
-    p.add_argument("--max-steps", type=int, default=250)
+    p.add_argument("--max-steps", type=int, default=None, help="steps per run (default: STEPS)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args()
 
-    results, markdown = {}, []
+    specs, comparisons = corpora(args.shared), {}
     for name in args.corpora:
-        spec = corpora(args.shared)[name]
-        cargs = CompareArgs(data=spec["data"], test_data=spec["test_data"], presets=args.presets,
-                            max_steps=args.max_steps, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                            vocab_size=args.vocab_size, eval_every=25, jobs=args.jobs, threads=1,
-                            out=os.path.join(args.out, name), **LRS)
+        spec = specs[name]
+        comparisons[name] = CompareArgs(
+            data=spec["data"], test_data=spec["test_data"], presets=args.presets, max_steps=args.max_steps or STEPS[name],
+            seq_len=args.seq_len, micro_batch=args.micro_batch, vocab_size=args.vocab_size, eval_every=25,
+            jobs=args.jobs, threads=1, out=os.path.join(args.out, name), **LRS)
+    # one pool over every corpus, so both cores stay busy to the end
+    work = [w for cargs in comparisons.values() for w in planned_runs(cargs)]
+    work.sort(key=lambda w: -PRESETS[w[3]]["hidden_size"] * PRESETS[w[3]]["num_hidden_layers"])
+    print(f"{len(work)} runs, {args.jobs} at a time", flush=True)
+    train_runs(work, args.jobs, threads=1, progress=lambda s: print(s, flush=True))
+
+    results, markdown = {}, []
+    for name, cargs in comparisons.items():
+        spec = specs[name]
         print(f"== {name}: {spec['note']}", flush=True)
-        r = run_comparison(cargs, progress=lambda s: print(s, flush=True))
+        r = run_comparison(cargs, progress=lambda s: None)
         print(r["text"], flush=True)
         results[name] = {"note": spec["note"], **{k: r[k] for k in ("setup", "runs", "table")}}
         markdown.append(f"**{name}** ({spec['note']})\n\n{r['markdown']}\n")

@@ -125,24 +125,36 @@ def _train(args: CompareArgs, train_txt: str, tok: str, preset: str, linear: str
             "train_seconds": sum(r["step_time_s"] for r in rows), "wall_seconds_this_call": time.time() - t0}
 
 
-def run_comparison(args: CompareArgs, progress=print) -> dict:
-    """Train every (preset, system, lr), pick each system's lr on dev, evaluate on test; returns
-    {"setup", "runs", "table"} and writes compare.{json,md,png} under args.out."""
-    from .evaluate import evaluate_folder
+def planned_runs(args: CompareArgs) -> list[tuple]:
+    """Every (args, train text, tokenizer, preset, system, lr) the comparison needs, longest first.
+    Prepares the corpus split and tokenizer on the way."""
+    train_txt, _, tok = _corpus(args)
+    work = [(args, train_txt, tok, p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, lin)]
+    return sorted(work, key=lambda w: -PRESETS[w[3]]["hidden_size"] * PRESETS[w[3]]["num_hidden_layers"])
 
-    train_txt, test_txt, tok = _corpus(args)
-    jobs = max(1, args.jobs)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    work = [(p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, lin)]
-    work.sort(key=lambda w: -PRESETS[w[0]]["hidden_size"] * PRESETS[w[0]]["num_hidden_layers"])  # longest first
+
+def train_runs(work: list[tuple], jobs: int = 1, threads: int | None = None, progress=print) -> list[dict]:
+    """Train `work` (from planned_runs, possibly of several comparisons) on `jobs` processes."""
+    jobs = max(1, jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     runs = []
     with cf.ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(_train, args, train_txt, tok, *w, threads): w for w in work}
+        futures = [pool.submit(_train, *w, threads) for w in work]
         for fut in cf.as_completed(futures):
             r = fut.result()
             runs.append(r)
             progress(f"  {r['preset']:>6} {r['linear']:<8} lr {r['lr']:<8g} dev loss {r['dev_loss']:.4f} "
                      f"({r['train_seconds'] / 60:.1f} min of training)")
+    return runs
+
+
+def run_comparison(args: CompareArgs, progress=print) -> dict:
+    """Train every (preset, system, lr), pick each system's lr on dev, evaluate on test; returns
+    {"setup", "runs", "table"} and writes compare.{json,md,png} under args.out."""
+    from .evaluate import evaluate_folder
+
+    _, test_txt, tok = _corpus(args)
+    runs = train_runs(planned_runs(args), args.jobs, args.threads, progress)
     tokens_per_run = args.max_steps * args.micro_batch * args.seq_len
     rows, chosen = [], {}
     for preset in args.presets:
