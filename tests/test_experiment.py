@@ -24,7 +24,7 @@ def corpus(tmp_path_factory):
 
 
 def test_compare_end_to_end(tmp_path, corpus):
-    args = CompareArgs(data=str(corpus), presets=["tiny"], lr_bitnet=[1e-3, 3e-3], max_steps=6, seq_len=32,
+    args = CompareArgs(data=str(corpus), presets=["tiny"], lr_bitnet=[1e-3, 3e-3], lr_bitnet1=[3e-3], lr_bf16=[1e-3], max_steps=6, seq_len=32,
                        micro_batch=4, vocab_size=300, eval_every=3, threads=1, out=str(tmp_path / "cmp"))
     result = run_comparison(args, progress=lambda s: None)
     runs = result["runs"]
