@@ -24,6 +24,7 @@ from bitnet.experiment import CompareArgs, planned_runs, run_comparison, train_r
 # twin's grid starts at 2e-3.)
 LRS = {"lr_bitnet": [2e-3, 4e-3], "lr_bitnet1": [2e-3, 4e-3], "lr_bf16": [2e-3, 4e-3]}
 STEPS = {"tinyshakespeare": 250, "wikitext-2": 125}
+SIZES = {"tinyshakespeare": ["tiny", "base"], "wikitext-2": ["tiny", "small"]}
 
 
 def corpora(shared: str) -> dict[str, dict]:
@@ -40,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     p.add_argument("--out", default="runs/ppl")
-    p.add_argument("--presets", nargs="+", default=["tiny", "base"])
+    p.add_argument("--presets", nargs="+", default=None, help="model sizes (default: SIZES)")
     p.add_argument("--corpora", nargs="+", default=["tinyshakespeare", "wikitext-2"])
     p.add_argument("--max-steps", type=int, default=None, help="steps per run (default: STEPS)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -53,7 +54,7 @@ def main() -> None:
     for name in args.corpora:
         spec = specs[name]
         comparisons[name] = CompareArgs(
-            data=spec["data"], test_data=spec["test_data"], presets=args.presets, max_steps=args.max_steps or STEPS[name],
+            data=spec["data"], test_data=spec["test_data"], presets=args.presets or SIZES[name], max_steps=args.max_steps or STEPS[name],
             seq_len=args.seq_len, micro_batch=args.micro_batch, vocab_size=args.vocab_size, eval_every=25,
             jobs=args.jobs, threads=1, out=os.path.join(args.out, name), **LRS)
     # one pool over every corpus, so both cores stay busy to the end
