@@ -15,11 +15,10 @@ import os
 import shutil
 
 from bitnet.bench import RESULTS_DIR, save_results
-from bitnet.config import PRESETS
 from bitnet.experiment import CompareArgs, planned_runs, run_comparison, train_runs
 
-# The learning-rate sweeps, each system its own, and the steps per run: what two cores can train in
-# about two hours (a base run is ~24 min at 250 steps with two runs side by side).
+# The learning-rate sweeps (each system its own), the steps and the sizes per corpus: what two cores
+# can train in about two hours (a base run is ~24 min at 250 steps with two runs side by side).
 # (`bitnet compare` at preset tiny had the twin's best rate at 4e-3 and 1e-3 far behind, so the
 # twin's grid starts at 2e-3.)
 LRS = {"lr_bitnet": [2e-3, 4e-3], "lr_bitnet1": [2e-3, 4e-3], "lr_bf16": [2e-3, 4e-3]}
@@ -54,12 +53,11 @@ def main() -> None:
     for name in args.corpora:
         spec = specs[name]
         comparisons[name] = CompareArgs(
-            data=spec["data"], test_data=spec["test_data"], presets=args.presets or SIZES[name], max_steps=args.max_steps or STEPS[name],
-            seq_len=args.seq_len, micro_batch=args.micro_batch, vocab_size=args.vocab_size, eval_every=25,
+            data=spec["data"], test_data=spec["test_data"], presets=args.presets or SIZES[name],
+            max_steps=args.max_steps or STEPS[name], seq_len=args.seq_len, micro_batch=args.micro_batch, vocab_size=args.vocab_size, eval_every=25,
             jobs=args.jobs, threads=1, out=os.path.join(args.out, name), **LRS)
     # one pool over every corpus, so both cores stay busy to the end
     work = [w for cargs in comparisons.values() for w in planned_runs(cargs)]
-    work.sort(key=lambda w: -PRESETS[w[3]]["hidden_size"] * PRESETS[w[3]]["num_hidden_layers"])
     print(f"{len(work)} runs, {args.jobs} at a time", flush=True)
     train_runs(work, args.jobs, threads=1, progress=lambda s: print(s, flush=True))
 

@@ -126,15 +126,16 @@ def _train(args: CompareArgs, train_txt: str, tok: str, preset: str, linear: str
 
 
 def planned_runs(args: CompareArgs) -> list[tuple]:
-    """Every (args, train text, tokenizer, preset, system, lr) the comparison needs, longest first.
+    """Every (args, train text, tokenizer, preset, system, lr) the comparison needs.
     Prepares the corpus split and tokenizer on the way."""
     train_txt, _, tok = _corpus(args)
-    work = [(args, train_txt, tok, p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, lin)]
-    return sorted(work, key=lambda w: -PRESETS[w[3]]["hidden_size"] * PRESETS[w[3]]["num_hidden_layers"])
+    return [(args, train_txt, tok, p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, lin)]
 
 
 def train_runs(work: list[tuple], jobs: int = 1, threads: int | None = None, progress=print) -> list[dict]:
-    """Train `work` (from planned_runs, possibly of several comparisons) on `jobs` processes."""
+    """Train `work` (from planned_runs, possibly of several comparisons) on `jobs` processes,
+    the largest models first so that the pool does not end on one long run."""
+    work = sorted(work, key=lambda w: -PRESETS[w[3]]["hidden_size"] * PRESETS[w[3]]["num_hidden_layers"])
     jobs = max(1, jobs)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     runs = []
