@@ -6,21 +6,19 @@
     bitnet.freeze(model)                                            # packs every BitLinear, 2 bits a weight
     model.save_pretrained("out")                                    # transformers' bitnet format
     model = bitnet.BitNetForCausalLM.from_pretrained("out")
+
+The package is used from source through its editable install (`pip install -e ".[dev]"`), which
+also maps the repository's kernels/ to bitnet.kernels. Its modules import only downwards, floor
+by floor (README: Layout; tests/test_layering.py holds them to it).
 """
 
-import os as _os
-
-# From a source checkout (PYTHONPATH=.), kernels/ sits beside bitnet/ rather than inside it, as an
-# install places it; let `bitnet.kernels` resolve to it there too.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
-    __path__.append(_root)
-
-from .bitlinear import BitLinear, RMSNorm  # noqa: E402
-from .checkpoint import CheckpointError  # noqa: E402
-from .config import PRESETS, BitNetConfig, ConfigError  # noqa: E402
-from .convert import convert, count_parameters, freeze, unfreeze, weight_bytes  # noqa: E402
-from .model import BitNetForCausalLM, CausalLMOutput  # noqa: E402
+from . import checkpoint as _checkpoint
+from . import generation as _generation
+from .bitlinear import BitLinear, RMSNorm
+from .checkpoint import CheckpointError
+from .config import PRESETS, BitNetConfig, ConfigError
+from .convert import convert, count_parameters, freeze, unfreeze, weight_bytes
+from .model import BitNetForCausalLM, CausalLMOutput
 
 __version__ = "0.1.0"
 __all__ = [
@@ -38,3 +36,20 @@ __all__ = [
     "unfreeze",
     "weight_bytes",
 ]
+
+
+# The model's convenience methods are defined where their work is, on the floors above the model,
+# and attached to it here, in the one module that runs before any bitnet.* module: model.py imports
+# none of those floors, and every BitNetForCausalLM has the methods.
+def _from_pretrained(cls, path: str, dtype=None, device=None) -> BitNetForCausalLM:
+    return _checkpoint.load_pretrained(path, dtype=dtype, device=device)
+
+
+_from_pretrained.__doc__ = _checkpoint.load_pretrained.__doc__
+_from_pretrained.__name__ = "from_pretrained"
+_from_pretrained.__qualname__ = "BitNetForCausalLM.from_pretrained"
+BitNetForCausalLM.from_pretrained = classmethod(_from_pretrained)
+BitNetForCausalLM.save_pretrained = _checkpoint.save_pretrained
+BitNetForCausalLM.generate = _generation.generate
+BitNetForCausalLM.freeze = freeze
+BitNetForCausalLM.num_parameters = count_parameters

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import ops
 from .packing import TERNARY_FORMATS, pack, packed_rows, unpack
-from .quant import fake_quant_activation, fake_quant_weight, quantize_weight
+from .quant import fake_quant_activation, fake_quant_weight, quantize_weight, rms_norm
 
 WEIGHT_BITS = ("ternary", "binary")
 
@@ -36,9 +36,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class BitLinear(nn.Module):

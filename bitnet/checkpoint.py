@@ -17,7 +17,7 @@ What the weights of a quantized layer mean depends on config.json's quantization
 Loading never unpickles: a folder with only pytorch_model.bin is refused. Every tensor is checked
 (name, shape, dtype) against the model that config.json describes before any is used; a mismatch
 raises CheckpointError naming the file and the tensor. Saving writes every file under a temporary
-name, fsyncs it, then renames it into place (data files first, config.json last).
+name, fsyncs it, then renames it into place (bitnet.atomic; data files first, config.json last).
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .atomic import atomic_save_safetensors, atomic_write, atomic_write_bytes  # noqa: F401 (their old home; re-exported)
 from .bitlinear import BitLinear
 from .config import BitNetConfig, ConfigError
 from .convert import bitlinears, freeze, quantization_mode
@@ -45,59 +44,6 @@ _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
 
 class CheckpointError(ValueError):
     """A checkpoint folder whose files do not describe the model its config.json asks for."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: str) -> str:
-    d, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
-    os.close(fd)
-    return tmp
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: str, write) -> None:
-    """Call write(temporary path), fsync the file, rename it to `path`: a crash at any point leaves
-    either the old file or the new one, never a part of one (and no temporary file on an error)."""
-    tmp = _temp_name(path)
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, write)
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
 
 
 # ----------------------------------------------------------------------------- save
@@ -142,12 +88,14 @@ def save_pretrained(
     model: BitNetForCausalLM, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB",
     unpacked: bool = False, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write `model` to the folder `path` in transformers' format (see the module docstring).
+    """Write `model` to the folder `path` in transformers' format: config.json, model.safetensors
+    (or shards of at most max_shard_size), the tokenizer files the model carries; see bitnet.checkpoint.
 
     unpacked=True writes frozen layers as float W_q (N, K) with `weight_scale`, under an offline
     "autobitlinear" config: transformers' AutoBitLinear reads such weights as they are and computes
     (act_quant(x) @ W_q^T) * weight_scale, the same function. This is the transformers export of
     binary (bitnet1) models, whose weights are a ternary matrix without zeros.
+    state_dict: the full state dict, when the model holds only shards of it (FSDP).
     """
     config = model.config
     mode = quantization_mode(model) or "offline"

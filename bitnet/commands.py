@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .cli import arg, command
+from .args import arg, command
 from .config import PRESETS, BitNetConfig
 from .experiment import CompareArgs
 from .train.trainer import TrainConfig

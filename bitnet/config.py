@@ -19,8 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .atomic import atomic_write_bytes
 
 LINEARS = ("bitnet", "bitnet1", "bf16")
 MODEL_TYPES = ("bitnet", "llama")
@@ -30,6 +33,12 @@ ACTIVATIONS = ("relu2", "silu", "gelu", "relu")
 
 class ConfigError(ValueError):
     """A config.json (or a preset) that this package cannot build a model from."""
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """`name` is one of `patterns`, ends with ".pattern", or lies under "pattern." (how
+    modules_to_not_convert and convert's `skip` name modules)."""
+    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
 
 
 @dataclass
@@ -228,8 +237,6 @@ class BitNetConfig:
         return config, mode
 
     def save(self, path: str, mode: str = "offline") -> None:
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(path, (json.dumps(self.to_dict(mode), indent=2) + "\n").encode())
 
     @classmethod

@@ -11,11 +11,7 @@ import torch
 from torch import nn
 
 from .bitlinear import BitLinear
-
-
-def matches_any(name: str, patterns: Iterable[str]) -> bool:
-    """`name` is one of `patterns`, ends with ".pattern", or lies under "pattern."."""
-    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+from .config import BitNetConfig, matches_any
 
 
 def convert(model: nn.Module, skip: Iterable[str] = ("lm_head",), weight_bits: str = "ternary") -> nn.Module:
@@ -36,8 +32,6 @@ def convert(model: nn.Module, skip: Iterable[str] = ("lm_head",), weight_bits: s
         layer.bias = module.bias
         model.set_submodule(name, layer)
     config = getattr(model, "config", None)
-    from .config import BitNetConfig
-
     if isinstance(config, BitNetConfig):
         config.linear = "bitnet" if weight_bits == "ternary" else "bitnet1"
         if skip != ("lm_head",):

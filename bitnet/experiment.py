@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cli import arg
+from .args import arg
 from .config import PRESETS, BitNetConfig
 from .convert import count_parameters
 from .model import BitNetForCausalLM

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli import arg, command
+from .args import arg, command
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
 

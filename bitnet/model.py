@@ -23,8 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .bitlinear import BitLinear, RMSNorm
-from .config import BitNetConfig
-from .convert import matches_any
+from .config import BitNetConfig, matches_any
 
 
 @dataclass
@@ -182,7 +181,12 @@ class BitNetModel(nn.Module):
 
 
 class BitNetForCausalLM(nn.Module):
-    """`model(input_ids, labels=None)` -> CausalLMOutput(logits, loss)."""
+    """`model(input_ids, labels=None)` -> CausalLMOutput(logits, loss).
+
+    The convenience methods `from_pretrained`, `save_pretrained` (bitnet.checkpoint), `generate`
+    (bitnet.generation), `freeze` and `num_parameters` (bitnet.convert) are defined on the floors
+    above this module and attached to the class by bitnet/__init__.py (README: Layout).
+    """
 
     def __init__(self, config: BitNetConfig):
         super().__init__()
@@ -281,41 +285,3 @@ class BitNetForCausalLM(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
-
-    # ----- checkpoints, sizes -----
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "BitNetForCausalLM":
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(
-        self, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB", unpacked: bool = False,
-        state_dict: dict | None = None,
-    ) -> None:
-        """config.json + model.safetensors in transformers' format; see bitnet.checkpoint.
-        state_dict: the full state dict, when this model holds only shards of it (FSDP)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, path, linear_class=linear_class, max_shard_size=max_shard_size, unpacked=unpacked,
-                        state_dict=state_dict)
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id=None, **kwargs) -> torch.Tensor:
-        """(B, T) prompt ids -> (B, T + generated) ids; temperature 0 is greedy. More options
-        (attention_mask, pad_token_id, generator, compile, ...): bitnet.generation.generate."""
-        from .generation import generate
-
-        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, **kwargs)
-
-    def freeze(self, packing: str | None = None) -> "BitNetForCausalLM":
-        from .convert import freeze
-
-        return freeze(self, packing)
-
-    def num_parameters(self) -> int:
-        """Parameters of the function (latent or packed), embeddings counted once when tied."""
-        from .convert import count_parameters
-
-        return count_parameters(self)

@@ -12,8 +12,7 @@ import os
 
 import torch
 
-from .packing import unpack
-from .quant import quantized_linear
+from .packing import packed_linear_reference
 
 KERNELS = ("triton", "torch")
 
@@ -27,11 +26,9 @@ def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
     return choice
 
 
-def torch_bitlinear(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, fmt: str, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Reference path: unpack (the weights stay packed in memory between calls), exact int matmul."""
-    return quantized_linear(x, unpack(packed, n, fmt), scale, bias)
+# The torch path: unpack (the weights stay packed in memory between calls), exact int matmul.
+# It lives on the ground floor (bitnet.packing), where the kernels' references can reach it too.
+torch_bitlinear = packed_linear_reference
 
 
 def bitlinear(

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from .quant import quantized_linear
+
 FORMATS = {"2bit": 4, "1.6bit": 5, "1bit": 8}
 TERNARY_FORMATS = ("2bit", "1.6bit")
 
@@ -101,3 +103,11 @@ def repack(packed: torch.Tensor, n: int, src: str, dst: str) -> torch.Tensor:
     if src == dst:
         return packed
     return pack(unpack(packed, n, src), dst)
+
+
+def packed_linear_reference(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, fmt: str, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The torch reference of a linear layer on packed weights: unpack (the weights stay packed in
+    memory between calls), then the exact integer matmul of bitnet.quant.quantized_linear."""
+    return quantized_linear(x, unpack(packed, n, fmt), scale, bias)

@@ -9,7 +9,7 @@ import os
 def _save(fig, path: str) -> str:
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -86,6 +86,14 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, a
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as in Llama and transformers' BitNet: normalize in float32, scale in x's dtype,
+    weight * (x * rsqrt(mean(x^2, dim=-1) + eps)).to(x.dtype) (bitnet.RMSNorm's forward)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 def _ste(x: torch.Tensor, q: torch.Tensor, strength: torch.Tensor | None) -> torch.Tensor:
     """x + lambda * (q - x).detach(): forward q (lambda = 1) or a blend, gradient of the identity."""
     delta = (q - x).detach()

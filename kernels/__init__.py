@@ -9,11 +9,29 @@ One kernel strategy per file, each with its torch reference:
     gemm.py           M > 1: int8 tensor-core GEMM, split-K for small M
     custom_ops.py     the torch.library ops ("bitnet::...") and the dispatch by M
 All three packed formats ("2bit", "1.6bit", "1bit") run through the same kernels; the format is
-a constexpr of the decode. Without a GPU they run under TRITON_INTERPRET=1 (set it before this
-package is imported).
+a constexpr of the decode. Without a GPU they run under TRITON_INTERPRET=1 (set it before the
+first of them is imported).
+
+Layering: the backends here import the math below them (bitnet.quant, bitnet.packing) and each
+other, never bitnet.ops, bitnet.bitlinear, the model or checkpoint code (tests/test_layering.py).
+The names below load their Triton modules on first access, so that importing another backend of
+this package (a sibling module) does not import triton.
 """
 
-from .custom_ops import act_quant, bitlinear, packed_matmul, packed_matmul_int32, rmsnorm_act_quant
-from .layout import unpack_triton
-
 __all__ = ["act_quant", "bitlinear", "packed_matmul", "packed_matmul_int32", "rmsnorm_act_quant", "unpack_triton"]
+
+
+def __getattr__(name: str):
+    if name == "unpack_triton":
+        from . import layout as module
+    elif name in __all__:
+        from . import custom_ops as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value  # later accesses find it without this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

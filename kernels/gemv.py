@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitnet.ops import torch_bitlinear
+from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
 from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
@@ -192,5 +192,6 @@ def gemv(
 
 
 def reference_gemv(x, packed, scale, n, fmt, bias=None):
-    """The torch reference: bitnet.ops.torch_bitlinear (unpack, exact integer matmul)."""
-    return torch_bitlinear(x, packed, scale, n, fmt, bias)
+    """The torch reference: bitnet.packing.packed_linear_reference (unpack, exact integer matmul),
+    the torch path of bitnet.ops (torch_bitlinear)."""
+    return packed_linear_reference(x, packed, scale, n, fmt, bias)

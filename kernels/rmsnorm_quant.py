@@ -1,8 +1,8 @@
 """RMSNorm fused with the per-token int8 quantization that follows it: one read of x per pass,
 no normalized activation written to memory.
 
-    h   = weight * (x * rsqrt(mean_k x^2 + eps)).to(x.dtype)   (bitnet.RMSNorm: normalize in
-                                                               float32, scale in the input dtype)
+    h   = weight * (x * rsqrt(mean_k x^2 + eps)).to(x.dtype)   (bitnet.quant.rms_norm: normalize
+                                                               in float32, scale in the input dtype)
     x_q, a = act_quant(h)                                      (activations.py, same arithmetic)
 
 Three passes over the row (sum of squares; absmax of h; quantize h), the later two from L2.
@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitnet.bitlinear import RMSNorm
-from bitnet.quant import quantize_activation
+from bitnet.quant import quantize_activation, rms_norm
 
 from .activations import CONFIGS, activation_scale, quantize, quantize_rows
 from .common import LAUNCH, autotune
@@ -97,8 +96,7 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
 
 
 def reference_rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch reference: bitnet.RMSNorm, then bitnet.quant.quantize_activation."""
-    norm = RMSNorm(x.shape[-1], eps, device=x.device, dtype=weight.dtype)
+    """The torch reference: bitnet.quant.rms_norm (what bitnet.RMSNorm computes), then
+    bitnet.quant.quantize_activation."""
     with torch.no_grad():
-        norm.weight.copy_(weight)
-        return quantize_activation(norm(x))
+        return quantize_activation(rms_norm(x, weight.to(x.device), eps))

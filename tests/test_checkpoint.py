@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import bitnet.checkpoint as ckpt
+import bitnet.atomic as atomic
 from bitnet import BitNetConfig, BitNetForCausalLM, CheckpointError, ConfigError, freeze
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -162,7 +162,7 @@ def test_crash_while_saving_leaves_the_old_checkpoint(saved, monkeypatch):
             f.write(b"half a file")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(atomic, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         other.save_pretrained(saved)
     assert {f: (saved / f).read_bytes() for f in os.listdir(saved)} == before  # nothing changed, no temp left

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import bitnet.checkpoint as ckpt
+import bitnet.atomic as atomic
 from bitnet import BitNetForCausalLM
 from bitnet.train.trainer import TrainConfig, TrainingError, train
 
@@ -100,7 +100,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, corpus):
 def test_kill_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, corpus, monkeypatch):
     kw = dict(max_steps=15, eval_every=5, save_every=5)
     run(tmp_path, corpus, "full", **kw)
-    real_save, calls = ckpt.save_file, {"n": 0}
+    real_save, calls = atomic.save_file, {"n": 0}
 
     def dies_on_second_state_write(tensors, filename, metadata=None):
         if metadata and "bitnet_trainer" in metadata:
@@ -110,10 +110,10 @@ def test_kill_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, corpu
                 raise KeyboardInterrupt("killed while writing")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", dies_on_second_state_write)
+    monkeypatch.setattr(atomic, "save_file", dies_on_second_state_write)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, corpus, "crash", **kw)
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    monkeypatch.setattr(atomic, "save_file", real_save)
     out = tmp_path / "crash"
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     BitNetForCausalLM.from_pretrained(out)  # loadable: the step-5 model

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import atomic_save_safetensors
+from ..atomic import atomic_save_safetensors
 
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: pad, bos, eos of the presets

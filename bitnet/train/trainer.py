@@ -31,8 +31,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..checkpoint import atomic_save_safetensors, atomic_write_bytes
-from ..cli import arg
+from ..args import arg
+from ..atomic import atomic_save_safetensors, atomic_write_bytes
 from ..config import PRESETS, BitNetConfig
 from ..convert import bitlinears, convert, freeze, set_quant_strength, unfreeze
 from ..model import BitNetForCausalLM

@@ -1,0 +1,73 @@
+"""Arguments as dataclasses: `arg` declares a field with its command-line description, `command`
+registers a function taking such a dataclass as a subcommand of `bitnet` (bitnet.cli builds the
+parser and runs it), and `add_dataclass_arguments` turns the fields into argparse arguments.
+
+A ground-floor module: the modules that define subcommands (bitnet.generation, bitnet.commands,
+...) and the benchmarks import it, and it imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+
+COMMANDS: dict[str, tuple[type, Callable, str]] = {}
+
+
+def arg(default=dataclasses.MISSING, help: str = "", positional: bool = False, choices=None, **kw):
+    """A dataclass field with its command-line description."""
+    meta = {"help": help, "positional": positional, "choices": choices}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta, **kw)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def command(name: str, args_cls: type, help: str = ""):
+    def register(fn):
+        COMMANDS[name] = (args_cls, fn, help or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return register
+
+
+def _base_type(tp):
+    """int for `int | None`, etc."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [t for t in typing.get_args(tp) if t is not type(None)]
+        return _base_type(inner[0])
+    if origin in (list, tuple):
+        return _base_type(typing.get_args(tp)[0]), "+"
+    return tp
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        base = _base_type(hints[f.name])
+        nargs = None
+        if isinstance(base, tuple):
+            base, nargs = base
+        kwargs = {"help": meta.get("help", "")}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if meta.get("positional"):
+            parser.add_argument(f.name, type=base, nargs=nargs if nargs else ("?" if not required else None),
+                                default=None if required else f.default, **kwargs)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if default is not None and kwargs["help"]:
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument(flag, type=base, nargs=nargs, default=default, required=required, **kwargs)
