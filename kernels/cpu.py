@@ -1,0 +1,168 @@
+"""Native CPU backend for packed ternary / binary weights: the C++ kernels of csrc/bitnet_cpu.cpp.
+
+The kernels read the checkpoint layout in place (bitnet/packing.py; no conversion at load), take
+float32 / bfloat16 / float16 inputs, quantize activations bit-identically to
+`bitnet.quant.quantize_activation`, accumulate exactly in int32 and apply the scales once, the
+same float32 operations as the torch reference, so outputs are bit-identical to it.
+
+Build: compiled with the system C++ compiler by `torch.utils.cpp_extension` on first use and
+cached (under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, keyed by the source's hash);
+about a minute once. No compiler, or a failed build: one warning naming the cause, and callers
+fall back to the torch path (`available()` is False).
+
+Instruction sets, chosen at run time from what the CPU has, capped by BITNET_CPU_ISA
+("scalar" | "avx2" | "avx512"; read at load) or `set_isa(...)` (tests use it to cover every path
+on one machine): "avx512" = AVX-512 F/BW/VL with VNNI dot products (vpdpbusd), "avx2" = AVX2
+maddubs, "scalar" = portable C++. Threads: torch's intra-op threads (torch.set_num_threads).
+
+Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.compile):
+    linear(x, packed, scale, n, fmt, bias=None) -> y          x (..., K) -> y (..., n), x's dtype
+    matmul_int32(x_q, packed, n, fmt) -> int32 (M, n)         exact x_q @ W_q^T
+    quantize(x) -> (x_q int8, a float32 (..., 1), sum int32)  per-row int8 activations
+M >= large_m (default 48) decodes the weights to int8 once per call and runs ATen's int8 GEMM
+(`torch._int_mm`: oneDNN, with VNNI or AMX where present); smaller M runs the GEMV kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import threading
+import warnings
+
+import torch
+
+ISAS = ("scalar", "avx2", "avx512")
+LARGE_M = 48  # default rows from which the decoded int8 GEMM path runs (kept equal to the C++ default)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "bitnet_cpu.cpp")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "error": str
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    try:
+        cpp_extension.load(
+            name=f"bitnet_cpu_{digest}",
+            sources=[SOURCE],
+            extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=os.environ.get("BITNET_CPU_VERBOSE") == "1",
+        )
+    except Exception as e:
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (install g++ or set CXX)") from e
+        raise
+
+
+def load() -> bool:
+    """Build (once, cached) and load the extension; False, after one warning, if it cannot be."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        if os.environ.get("BITNET_CPU_DISABLE") == "1":
+            _state.update(ok=False, error="disabled by BITNET_CPU_DISABLE=1")
+            return False
+        try:
+            _build()
+            _register_fakes()
+            torch.ops.bitnet_cpu.configure(-1, LARGE_M)
+            cap = os.environ.get("BITNET_CPU_ISA")
+            if cap:
+                set_isa(cap)
+            _state["ok"] = True
+        except Exception as e:  # no compiler, a failed build or load: the torch path takes over
+            msg = str(e).strip().splitlines()
+            _state.update(ok=False, error=(msg[-1] if msg else type(e).__name__))
+            warnings.warn(
+                f"bitnet: the native CPU kernels could not be built ({_state['error']}); packed layers on the CPU "
+                "use the slower torch path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _state["ok"]
+
+
+def available() -> bool:
+    return load()
+
+
+def error() -> str | None:
+    """Why the extension is not available (None if it is, or was not tried)."""
+    return _state.get("error")
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("bitnet_cpu::linear")
+    def _(x, packed, scale, n, fmt, bias=None):
+        return x.new_empty((*x.shape[:-1], n))
+
+    @torch.library.register_fake("bitnet_cpu::matmul_int32")
+    def _(x_q, packed, n, fmt):
+        return x_q.new_empty((x_q.shape[0], n), dtype=torch.int32)
+
+    @torch.library.register_fake("bitnet_cpu::quantize")
+    def _(x):
+        return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+                x.new_empty(x.shape[:-1], dtype=torch.int32))
+
+
+def _isa_index(name: str) -> int:
+    if name not in ISAS:
+        raise ValueError(f"BITNET_CPU_ISA / set_isa takes one of {ISAS}, got {name!r}")
+    return ISAS.index(name)
+
+
+def detected_isa() -> str:
+    """The best instruction set this CPU has (of ISAS)."""
+    return ISAS[torch.ops.bitnet_cpu.detected()] if load() else "none"
+
+
+def isa() -> str:
+    """The instruction set the kernels use now: the CPU's best, capped."""
+    return ISAS[torch.ops.bitnet_cpu.configure(-1, -1)] if load() else "none"
+
+
+def set_isa(name: str) -> str:
+    """Cap the instruction set (the kernels use min(cap, what the CPU has)); returns the active one."""
+    return ISAS[torch.ops.bitnet_cpu.configure(_isa_index(name), -1)]
+
+
+@contextlib.contextmanager
+def isa_cap(name: str):
+    """Run a block with the instruction set capped at `name`, then restore the previous cap."""
+    before = isa()
+    set_isa(name)
+    try:
+        yield isa()
+    finally:
+        set_isa(before if before != "none" else "avx512")
+
+
+def set_large_m(m: int) -> None:
+    """Rows from which the int8 GEMM path (decode once, torch._int_mm) replaces the GEMV kernel."""
+    torch.ops.bitnet_cpu.configure(-1, int(m))
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, fmt: str,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x_q @ W_q^T) * scale / a (+ bias) for x (..., K), packed (R, K) uint8, in x's dtype."""
+    return torch.ops.bitnet_cpu.linear(x, packed, scale, n, fmt, bias)
+
+
+def matmul_int32(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
+    return torch.ops.bitnet_cpu.matmul_int32(x_q, packed, n, fmt)
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.bitnet_cpu.quantize(x)

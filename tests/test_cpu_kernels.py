@@ -1,0 +1,190 @@
+"""Native CPU kernels (bitnet.kernels.cpu): exact against integer arithmetic, bit-identical to the
+torch reference, on every instruction set this CPU has, both paths (GEMV, decoded int8 GEMM), 1 and
+2 threads; the no-compiler fallback warns and stays correct."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bitnet.kernels import cpu
+from bitnet.packing import pack
+from bitnet.quant import quantize_activation, quantized_linear
+
+FORMATS = ("2bit", "1.6bit", "1bit")
+SHAPES = [(37, 45), (64, 64), (129, 200), (5, 1), (40, 1027)]  # (N, K): off every vector width
+MS = (1, 3, 16, 33, 128)
+
+
+def setup_module():
+    # CI has a compiler: a build failure is a failure here, not a skip
+    assert cpu.load(), f"native CPU kernels did not build: {cpu.error()}"
+
+
+def isas():
+    """The instruction sets this CPU can run; the ones it lacks are reported as skips."""
+    have = cpu.ISAS.index(cpu.detected_isa())
+    return [pytest.param(n, marks=[] if i <= have else pytest.mark.skip(reason=f"this CPU lacks {n}"))
+            for i, n in enumerate(cpu.ISAS)]
+
+
+def weights(n, k, fmt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if fmt == "1bit":
+        return torch.randint(0, 2, (n, k), generator=g, dtype=torch.int8) * 2 - 1
+    return torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+
+
+def exact(x_q, w):
+    """x_q @ w^T in int64, the arithmetic's definition."""
+    return (x_q.long() @ w.long().t()).to(torch.int32)
+
+
+@pytest.fixture(autouse=True)
+def restore():
+    threads = torch.get_num_threads()
+    yield
+    cpu.set_isa(cpu.ISAS[-1])
+    cpu.set_large_m(cpu.LARGE_M)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_int32_accumulation_is_exact(isa, fmt, path):
+    cpu.set_isa(isa)
+    cpu.set_large_m(10**9 if path == "gemv" else 1)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for n, k in SHAPES:
+            w = weights(n, k, fmt, seed=n * k)
+            packed = pack(w, fmt)
+            for m in MS:
+                x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+                got = cpu.matmul_int32(x_q, packed, n, fmt)
+                assert torch.equal(got, exact(x_q, w)), (isa, fmt, path, threads, n, k, m)
+
+
+@pytest.mark.parametrize("isa", isas())
+def test_extreme_activations_and_long_rows(isa):
+    """All -128 / +127 activations against all-+1 / all--1 weights, over K long enough that a
+    16-bit partial sum would overflow: the int32 results must still be exact."""
+    cpu.set_isa(isa)
+    k = 4160
+    for fmt in FORMATS:
+        for sign in (1, -1):
+            w = torch.full((12, k), sign, dtype=torch.int8)
+            packed = pack(w, fmt)
+            for v in (-128, 127):
+                x_q = torch.full((3, k), v, dtype=torch.int8)
+                assert torch.equal(cpu.matmul_int32(x_q, packed, 12, fmt), exact(x_q, w))
+
+
+@pytest.mark.parametrize("isa", isas())
+def test_activation_quantization_is_bit_identical(isa):
+    cpu.set_isa(isa)
+    torch.manual_seed(0)
+    x = torch.randn(7, 300) * 4
+    x[1] = 0  # all-zero row: a = 127 / 1e-5, x_q = 0
+    x[2, :] = torch.arange(300) / 299 * 127 / 2  # many exact halves after scaling: ties to even
+    x[3, 5] = 1e6  # one huge value
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x.to(dtype) if dtype != torch.float16 else (x / 1e3).to(dtype)
+        x_q, a, s = cpu.quantize(xd)
+        r_q, r_a = quantize_activation(xd)
+        assert torch.equal(x_q, r_q) and torch.equal(a, r_a) and torch.equal(s, r_q.int().sum(-1))
+    ties = torch.tensor([[0.5, 1.5, 2.5, -0.5, -2.5, 127.0]])  # a = 1: x * a is each value itself
+    assert cpu.quantize(ties)[0].tolist() == [[0, 2, 2, 0, -2, 127]]
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_is_bit_identical_to_the_torch_reference(isa, fmt):
+    cpu.set_isa(isa)
+    torch.manual_seed(1)
+    for n, k in [(37, 45), (130, 257)]:
+        w = weights(n, k, fmt)
+        packed, scale = pack(w, fmt), torch.tensor([0.0371])
+        for m in (1, 3, 16, 33, 128):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = torch.randn(m, k).to(dtype)
+                bias = torch.randn(n).to(dtype)
+                for b in (None, bias):
+                    assert torch.equal(cpu.linear(x, packed, scale, n, fmt, b), quantized_linear(x, w, scale, b))
+    x = torch.randn(2, 3, 45)  # leading dimensions are kept
+    assert cpu.linear(x, pack(weights(37, 45, fmt), fmt), scale, 37, fmt).shape == (2, 3, 37)
+
+
+def test_bad_input_is_named():
+    packed = pack(weights(8, 16, "2bit"))
+    with pytest.raises(RuntimeError, match="columns but the input has K = 15"):
+        cpu.linear(torch.randn(2, 15), packed, torch.ones(1), 8, "2bit")
+    with pytest.raises(RuntimeError, match="cannot hold 9 weight rows"):
+        cpu.linear(torch.randn(2, 16), packed, torch.ones(1), 9, "2bit")
+    with pytest.raises(RuntimeError, match="unknown packed format"):
+        cpu.linear(torch.randn(2, 16), packed, torch.ones(1), 8, "3bit")
+    with pytest.raises(RuntimeError, match="2-D uint8"):
+        cpu.linear(torch.randn(2, 16), packed.to(torch.int8), torch.ones(1), 8, "2bit")
+    with pytest.raises(RuntimeError, match="input dtype"):
+        cpu.linear(torch.randn(2, 16, dtype=torch.float64), packed, torch.ones(1), 8, "2bit")
+    with pytest.raises(ValueError, match="BITNET_CPU_ISA"):
+        cpu.set_isa("sse2")
+
+
+def test_isa_cap_from_the_environment():
+    code = "from bitnet.kernels import cpu; assert cpu.load(); print(cpu.isa())"
+    env = dict(os.environ, BITNET_CPU_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+
+
+def test_no_compiler_warns_and_the_torch_path_stays_correct(tmp_path):
+    """A fresh extension cache and no compiler on PATH: one warning naming the cause, then the
+    frozen layer computes through the torch path, equal to the reference."""
+    code = textwrap.dedent("""
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from bitnet.kernels import cpu
+            ok = cpu.load()
+            cpu.load()  # a second call does not warn again
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        print("ok", ok, "warnings", len(msgs))
+        print(msgs[0] if msgs else "")
+        from bitnet import BitLinear
+        from bitnet.ops import choose_kernel
+        from bitnet.quant import quantized_linear
+        layer = BitLinear(45, 37, bias=True).freeze()
+        x = torch.randn(3, 45)
+        w_q, s = layer.quantized_weight()
+        print("kernel", choose_kernel(x), torch.equal(layer(x), quantized_linear(x, w_q, s, layer.bias)))
+    """)
+    env = dict(os.environ, CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path), PATH="/nonexistent")
+    env.pop("BITNET_KERNEL", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "ok False warnings 1", out.stdout
+    assert "no C++ compiler" in lines[1] and "torch path" in lines[1]
+    assert lines[2] == "kernel torch True"
+
+
+def test_torch_compile_traces_through_the_op():
+    """The op has a fake implementation: fullgraph compilation works and gives the same output."""
+    from bitnet.kernels.cpu import linear
+
+    w = weights(24, 64, "2bit")
+    packed, scale = pack(w), torch.tensor([0.5])
+
+    def f(x):
+        return linear(x * 2, packed, scale, 24, "2bit") + 1
+
+    x = torch.randn(3, 64)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), f(x))
+    torch.library.opcheck(torch.ops.bitnet_cpu.linear.default, (x, packed, scale, 24, "2bit", None),
+                          test_utils=("test_schema", "test_faketensor"))
