@@ -6,7 +6,8 @@ Two states:
   layer trains with any torch optimizer.
 - frozen (after `.freeze()`): buffers only, `weight` uint8 (R, K) packed (bitnet.packing) and
   `weight_scale` float32 (1,) = mean|W|, multiplied into the output. No latent copy is kept. The
-  forward runs the integer path of bitnet.ops (Triton on CUDA, exact torch elsewhere).
+  forward runs the integer path of bitnet.ops (Triton on CUDA, native C++ kernels on the CPU, exact
+  torch as the fallback).
 
 Both states compute the same function of the same latent weights:
     y = (x_q @ W_q^T) * s / a + bias
@@ -47,8 +48,9 @@ class BitLinear(nn.Module):
             sign(W - mean W) to {-1, 1}); activations are int8 per-token absmax in both.
         rms_norm_eps: if given, an RMSNorm over the input precedes quantization (checkpoints
             whose quantization_config sets `use_rms_norm`).
-        kernel: None (automatic: Triton on CUDA tensors, torch elsewhere; the environment
-            variable BITNET_KERNEL overrides), "triton" or "torch". Used once frozen.
+        kernel: None (automatic: Triton on CUDA tensors, the native C++ kernels on CPU tensors,
+            torch where neither is available; the environment variable BITNET_KERNEL overrides),
+            "triton", "cpu" or "torch". Used once frozen (bitnet.ops).
     """
 
     def __init__(

@@ -84,17 +84,19 @@ def unpack(packed: torch.Tensor, n: int, fmt: str = "2bit", dtype: torch.dtype =
     r, k = packed.shape
     if not (r - 1) * p < n <= r * p:
         raise ValueError(f"{fmt} packed rows {r} cannot hold {n} weight rows (needs {math.ceil(n / p)})")
-    v = packed.to(torch.int32)
-    i = torch.arange(p, device=packed.device, dtype=torch.int32).view(p, 1, 1)
+    # byte arithmetic on uint8 (no int32 copy of the matrix): codes (P, R, K) in {0, 1, 2} or {0, 1}
     if fmt == "1.6bit":
-        codes = (v.unsqueeze(0) // 3**i) % 3  # (P, R, K)
-        values = codes - 1
-    elif fmt == "1bit":
-        codes = (v.unsqueeze(0) >> i) & 1
-        values = 2 * codes - 1
+        digits, v = [], packed
+        for _ in range(p):
+            digits.append(v % 3)
+            v = v // 3
+        codes = torch.stack(digits)
     else:
-        codes = (v.unsqueeze(0) >> (2 * i)) & 3
-        values = codes - 1
+        bits = 8 // p
+        mask = (1 << bits) - 1
+        codes = torch.stack([(packed >> (bits * i)) & mask for i in range(p)])
+    values = codes.view(torch.int8)  # codes <= 2: the same bits as int8
+    values = values * 2 - 1 if fmt == "1bit" else values - 1
     return values.reshape(p * r, k)[:n].to(dtype)
 
 

@@ -119,11 +119,15 @@ def fake_quant_activation(x: torch.Tensor, strength: torch.Tensor | None = None)
 def int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact integer x_q (M, K) @ w_q (N, K)^T -> int32 (M, N), for int8 inputs on any device.
 
-    float32 holds every integer below 2^24 exactly, and every partial sum here is bounded by
-    128 * K, so a float32 GEMM is exact for K < 131072 whatever order it sums in; that is the
-    fast path. Beyond it, int64 arithmetic (slow, exact).
+    On the CPU, torch's int8 GEMM (`torch._int_mm`, oneDNN: VNNI or AMX where the CPU has them)
+    accumulates in int32, exactly (K >= 16: for K = 1 its (K, N) view has ambiguous strides).
+    Elsewhere: float32 holds every integer below 2^24 exactly, and every partial sum here is
+    bounded by 128 * K, so a float32 GEMM is exact for K < 131072 whatever order it sums in.
+    Beyond it, int64 arithmetic (slow, exact).
     """
     k = x_q.shape[-1]
+    if x_q.device.type == "cpu" and k >= 16 and w_q.shape[0] >= 16 and hasattr(torch, "_int_mm"):
+        return torch._int_mm(x_q.to(torch.int8).contiguous(), w_q.to(torch.int8).contiguous().t())
     if k * 128 < 2**24:
         return (x_q.float() @ w_q.float().t()).to(torch.int32)
     return (x_q.long() @ w_q.long().t()).to(torch.int32)

@@ -82,8 +82,9 @@ def load() -> bool:
                 set_isa(cap)
             _state["ok"] = True
         except Exception as e:  # no compiler, a failed build or load: the torch path takes over
-            msg = str(e).strip().splitlines()
-            _state.update(ok=False, error=(msg[-1] if msg else type(e).__name__))
+            lines = str(e).strip().splitlines()
+            errors = [ln.strip() for ln in lines if "error" in ln.lower() and "ninja" not in ln.lower()]
+            _state.update(ok=False, error=(errors or lines or [type(e).__name__])[0][:500])
             warnings.warn(
                 f"bitnet: the native CPU kernels could not be built ({_state['error']}); packed layers on the CPU "
                 "use the slower torch path",

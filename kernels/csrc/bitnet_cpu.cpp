@@ -27,6 +27,7 @@
 // packed rows, torch's intra-op threads.
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -35,6 +36,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -616,10 +619,25 @@ static at::Tensor matmul_int32(const at::Tensor& xq, const at::Tensor& packed, i
   return matmul_int32_impl(xq, packed, n, parse_fmt(fmt), active_isa());
 }
 
+// y = (x_q @ W_q^T) * scale / a (+ bias), in x's dtype, x (..., K) float32 / bfloat16 / float16 /
+// float64 (quantized from its float32 value, as the reference does: x.float()).
+// A row as float32: in place for float32, converted into buf otherwise (exact for bf16 / fp16).
 template <typename T>
-static inline float to_float(T v) { return static_cast<float>(v); }
+static const float* float_row(const T* x, int64_t K, float* buf) {
+  for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<float>(x[k]);
+  return buf;
+}
+static const float* float_row(const float* x, int64_t, float*) { return x; }
 
-// y = (x_q @ W_q^T) * scale / a (+ bias), in x's dtype, x (..., K) float32 / bfloat16 / float16.
+// y[m, j] = float(acc) * (s / a[m]) in scalar_t (+ bias in scalar_t), the reference's operations
+template <typename scalar_t>
+static inline scalar_t finish(int32_t acc, float f, const scalar_t* bp, int64_t j) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t v = static_cast<scalar_t>(static_cast<float>(acc) * f);
+  if (bp) v = static_cast<scalar_t>(static_cast<opmath_t>(v) + static_cast<opmath_t>(bp[j]));  // as torch adds
+  return v;
+}
+
 static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale, int64_t n,
                          c10::string_view fmt_s, const std::optional<at::Tensor>& bias) {
   const int fmt = parse_fmt(fmt_s);
@@ -627,46 +645,77 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed_in, co
   TORCH_CHECK(x_in.device().is_cpu(), "bitnet_cpu: input must be a CPU tensor, got ", x_in.device());
   TORCH_CHECK(x_in.dim() >= 1, "bitnet_cpu: input must have a feature dimension");
   const auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "bitnet_cpu: input dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+              "bitnet_cpu: input dtype must be float32, bfloat16, float16 or float64, got ", dtype);
   TORCH_CHECK(scale.numel() == 1, "bitnet_cpu: weight_scale must hold one value, got shape ", scale.sizes());
   const int64_t K = x_in.size(-1);
   check_packed(packed_in, n, fmt, K);
-  const at::Tensor x2 = x_in.reshape({-1, K});
-  const int64_t M = x2.size(0);
-  // per-row quantization on float32 rows (bf16/fp16 -> fp32 is exact, as x.float() in torch)
-  const at::Tensor xf = x2.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({M, K}, x2.options().dtype(at::kChar));
-  std::vector<float> a(static_cast<size_t>(M));
-  std::vector<int32_t> xs(static_cast<size_t>(M));
-  const QuantFn qf = quant_fn(isa);
-  const float* xp = xf.data_ptr<float>();
-  int8_t* qp = xq.data_ptr<int8_t>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) qf(xp + m * K, K, qp + m * K, &a[m], &xs[m]);
-  });
-  const at::Tensor acc = matmul_int32_impl(xq, packed_in, n, fmt, isa);
-  const int32_t* ap = acc.data_ptr<int32_t>();
+  const at::Tensor x2 = x_in.reshape({-1, K}).contiguous();
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t M = x2.size(0), R = packed.size(0);
   const float s = scale.to(at::kFloat).reshape({}).item<float>();
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   out_shape.back() = n;
   at::Tensor y = at::empty(out_shape, x_in.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || n == 0) return y;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == n, "bitnet_cpu: bias has ", bias->numel(), " values for ", n, " outputs");
     b = bias->to(dtype).contiguous();
   }
+  // activations: per-row int8 from the float32 value of each row (x.float() in the reference: exact
+  // for bf16 / fp16), into rows zero-padded to a multiple of 64 bytes (full-width loads everywhere)
+  const int64_t xs = std::max<int64_t>(64, (K + 63) / 64 * 64);
+  std::vector<int8_t> xq(static_cast<size_t>(M * xs), 0);
+  std::vector<float> a(static_cast<size_t>(M));
+  std::vector<int32_t> xsum(static_cast<size_t>(M));
+  const QuantFn qf = quant_fn(isa);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_quantize", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+      std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(K));
+      for (int64_t m = m0; m < m1; ++m) {
+        qf(float_row(xp + m * K, K, row.data()), K, xq.data() + m * xs, &a[m], &xsum[m]);
+      }
+    });
+  });
+  const int32_t mult = fmt == F1 ? 2 : 1;  // x.w = x.c - sum(x) (ternary), 2 x.c - sum(x) (binary)
+  if (M >= g_large_m.load() && K >= 16) {
+    // prefill: decode the weights to int8 once, then the vendor's int8 GEMM (exact int32)
+    at::Tensor w = at::empty({n, K}, packed.options().dtype(at::kChar));
+    int8_t* wp = w.data_ptr<int8_t>();
+    const uint8_t* W = packed.data_ptr<uint8_t>();
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { unpack_rows(isa, fmt, W, R, K, n, r0, r1, wp); });
+    const at::Tensor xt = at::from_blob(xq.data(), {M, K}, {xs, 1}, x2.options().dtype(at::kChar)).contiguous();
+    const at::Tensor acc = at::_int_mm(xt, w.t());
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / n), [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+          const float f = s / a[m];  // as the reference: acc.float() * (scale / a)
+          for (int64_t j = 0; j < n; ++j) yp[m * n + j] = finish<scalar_t>(ap[m * n + j], f, bp, j);
+        }
+      });
+    });
+    return y;
+  }
+  // decode / small M: one parallel pass over packed rows, each thread finishing its own outputs
+  std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(M * n)]);
+  const uint8_t* W = packed.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const float f = s / a[m];  // as the reference: acc.float() * (scale / a)
-        for (int64_t j = 0; j < n; ++j) {
-          scalar_t v = static_cast<scalar_t>(static_cast<float>(ap[m * n + j]) * f);
-          if (bp) v = static_cast<scalar_t>(to_float(v) + to_float(bp[j]));
-          yp[m * n + j] = v;
-        }
+    const int P = values_per_byte(fmt);
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+      codes_dot(isa, fmt, W, R, K, n, r0, r1, xq.data(), xs, M, acc.get(), n);
+      for (int64_t m = 0; m < M; ++m) {
+        const float f = s / a[m];
+        const int32_t* am = acc.get() + m * n;
+        scalar_t* ym = yp + m * n;
+        for (int i = 0; i < P; ++i)
+          for (int64_t j = r0 + i * R; j < std::min(r1 + i * R, n); ++j) ym[j] = finish<scalar_t>(mult * am[j] - xsum[m], f, bp, j);
       }
     });
   });
