@@ -1,9 +1,12 @@
-"""End-to-end generation: BitNet b1.58 on packed 2-bit weights vs its BF16 twin, same shapes.
+"""End-to-end generation: BitNet b1.58 on packed weights vs its twin (nn.Linear), same shapes.
 
-    python benchmarks/bench_generate.py                      # GPU: 2b4t shape; CPU: "small"
+    python benchmarks/bench_generate.py                      # GPU: 2b4t shape; CPU: "700m"
     python benchmarks/bench_generate.py --preset base --batch 1 8 --new-tokens 64
 
-For each model (the packed BitNet, then the twin with nn.Linear in bf16), each batch size:
+Models: on a GPU the packed 2-bit BitNet and the BF16 twin; on a CPU also the 1.6-bit and the
+binary 1-bit packings and the twin in fp32 (CPU users run either; ratios are taken against the
+faster of the two). Float parts (embeddings, norms, lm_head) are bf16 in the packed models too.
+For each model, each batch size:
 - prefill tokens/s: `generate(prompt, 1)` (one forward over B x T prompt tokens into the cache),
 - decode tokens/s: B * (N - 1) / (time of `generate(prompt, N)` - time of `generate(prompt, 1)`),
   the real generate loop (sampling, cache writes, `compile` on GPU: CUDA graphs) minus prefill,
@@ -37,18 +40,40 @@ from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, RMSNorm, freeze, 
 from bitnet.bench import L2Flusher, environment, save_results, time_cpu, time_cuda
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.generation import generate
+from bitnet.ops import default_kernel
 from bitnet.packing import pack
 from bitnet.report import human_bytes, table
 
-MODELS = [("bitnet", "BitNet b1.58 (packed 2-bit)"), ("bf16", "BF16 twin")]
+@dataclass(frozen=True)
+class Model:
+    key: str
+    linear: str  # BitNetConfig.linear
+    packing: str | None
+    dtype: torch.dtype
+    label: str
+
+
+MODELS = {m.key: m for m in [
+    Model("bitnet", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (packed 2-bit)"),
+    Model("bitnet-1.6bit", "bitnet", "1.6bit", torch.bfloat16, "BitNet b1.58 (packed 1.6-bit)"),
+    Model("bitnet1", "bitnet1", "1bit", torch.bfloat16, "BitNet binary (packed 1-bit)"),
+    Model("bf16", "bf16", None, torch.bfloat16, "BF16 twin"),
+    Model("fp32", "bf16", None, torch.float32, "twin in fp32"),
+]}
+GPU_MODELS = ["bitnet", "bf16"]
+CPU_MODELS = ["bitnet", "bitnet-1.6bit", "bitnet1", "bf16", "fp32"]
+TWINS = ("bf16", "fp32")
 
 
 @dataclass
 class Args:
-    preset: str | None = arg(None, help="model shape (default: 2b4t on a GPU, small on a CPU)")
+    preset: str | None = arg(None, help="model shape (default: 2b4t on a GPU, 700m on a CPU)")
     device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
-    batch: list[int] = arg([1, 8], help="batch sizes")
-    prompt_len: int | None = arg(None, help="prompt tokens per sequence (default: 128 on a GPU, 64 on a CPU)")
+    models: list[str] | None = arg(None, help=f"models to measure, of {', '.join(MODELS)} (default: GPU {' '.join(GPU_MODELS)}, "
+                                   f"CPU {' '.join(CPU_MODELS)})")
+    batch: list[int] | None = arg(None, help="batch sizes (default: 1 8 on a GPU, 1 on a CPU)")
+    prompt_len: int | None = arg(None, help="prompt tokens per sequence (default: 128 on a GPU, 16 on a CPU)")
+    prefill_len: int | None = arg(None, help="tokens of a separate, longer prefill timing (default: 512 on a GPU, 128 on a CPU)")
     new_tokens: int | None = arg(None, help="tokens generated per sequence (default: 128 on a GPU, 32 on a CPU)")
     compile: bool | None = arg(None, help="compile the decode step (default: on a GPU only)")
     warmup: int = arg(2, help="untimed runs first (compiling happens here)")
@@ -59,17 +84,20 @@ class Args:
     def resolved(self) -> "Args":
         gpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         return dataclasses.replace(
-            self, device=self.device or ("cuda" if gpu else "cpu"), preset=self.preset or ("2b4t" if gpu else "small"),
-            prompt_len=self.prompt_len or (128 if gpu else 64), new_tokens=self.new_tokens or (128 if gpu else 32),
+            self, device=self.device or ("cuda" if gpu else "cpu"), preset=self.preset or ("2b4t" if gpu else "700m"),
+            models=self.models or (GPU_MODELS if gpu else CPU_MODELS), batch=self.batch or ([1, 8] if gpu else [1]),
+            prompt_len=self.prompt_len or (128 if gpu else 16), new_tokens=self.new_tokens or (128 if gpu else 32),
+            prefill_len=self.prefill_len or (512 if gpu else 128),
             compile=gpu if self.compile is None else self.compile, name=self.name or f"generate_{'cuda' if gpu else 'cpu'}")
 
 
-def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> BitNetForCausalLM:
+def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 packing: str | None = None) -> BitNetForCausalLM:
     """A model of `config` with random weights, made on the meta device and materialized in place."""
     with torch.device("meta"):
         model = BitNetForCausalLM(config).to(dtype)
     if config.linear != "bf16":
-        freeze(model)  # uint8 packed weights and float32 scales, still without memory
+        freeze(model, packing)  # uint8 packed weights and float32 scales, still without memory
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -78,6 +106,8 @@ def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device,
         for m in model.modules():
             if isinstance(m, BitLinear):
                 w_q = torch.randint(-1, 2, (m.out_features, m.in_features), generator=g, device=device, dtype=torch.int8)
+                if m.packing == "1bit":
+                    w_q = torch.where(w_q >= 0, 1, -1).to(torch.int8)  # binary {-1, +1}
                 m.weight.copy_(pack(w_q, m.packing))
                 m.weight_scale.fill_(0.02 * math.sqrt(2 / math.pi))  # mean|W| of N(0, 0.02)
             elif isinstance(m, RMSNorm):
@@ -93,18 +123,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(args: Args, linear: str) -> dict:
+def measure(args: Args, key: str) -> dict:
     """Build one model and time prefill and decode at every batch size."""
+    spec = MODELS[key]
+    linear = spec.linear
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     # The first run of any code path pages in hundreds of MB of torch's own code and fills its
     # allocator pools; run the same path once on the tiny preset so that RSS counts the model.
-    warm = random_model(BitNetConfig.from_preset("tiny", linear=linear), torch.bfloat16, device)
+    warm = random_model(BitNetConfig.from_preset("tiny", linear=linear), spec.dtype, device, packing=spec.packing)
     generate(warm, torch.zeros(max(args.batch), 8, dtype=torch.long, device=device), 2)
     del warm
     rss_before = rss_bytes()
     config = BitNetConfig.from_preset(args.preset, linear=linear)
-    model = random_model(config, torch.bfloat16, device)
+    model = random_model(config, spec.dtype, device, packing=spec.packing)
     sizes = weight_bytes(model)
     streamed = sizes["linear"] + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     flush = L2Flusher(device=device) if cuda else None
@@ -127,8 +159,15 @@ def measure(args: Args, linear: str) -> dict:
         prefill_ms = timed(lambda: run(1))
         total_ms = timed(lambda: run(N))
         step_ms = (total_ms - prefill_ms) / (N - 1)
+        model.clear_cache()
+        # a longer prompt: prefill alone (large M: the int8 GEMM path of the packed kernels)
+        TL = args.prefill_len
+        long_prompt = torch.randint(0, config.vocab_size, (B, TL), device=device, generator=torch.Generator(device).manual_seed(B))
+        model.setup_cache(B, TL + 1)
+        long_ms = timed(lambda: generate(model, long_prompt, 1, compile=args.compile))
         rows.append({
-            "linear": linear, "batch": B, "prompt_len": T, "new_tokens": N,
+            "model": key, "linear": linear, "batch": B, "prompt_len": T, "new_tokens": N,
+            "prefill_long_len": TL, "prefill_long_ms": long_ms, "prefill_long_tok_s": B * TL / long_ms * 1e3,
             "prefill_ms": prefill_ms, "prefill_tok_s": B * T / prefill_ms * 1e3,
             "generate_ms": total_ms, "decode_ms_per_step": step_ms, "decode_tok_s": B / step_ms * 1e3,
             "decode_weight_gb_s": streamed / (step_ms * 1e-3) / 1e9,
@@ -136,56 +175,78 @@ def measure(args: Args, linear: str) -> dict:
         })
         model.clear_cache()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"linear": linear, "weight_bytes": sizes, "decode_streamed_bytes": streamed,
+    return {"model": key, "label": spec.label, "linear": linear, "packing": spec.packing, "dtype": str(spec.dtype),
+            "kernel": default_kernel(device) if linear != "bf16" else "F.linear", "weight_bytes": sizes, "decode_streamed_bytes": streamed,
             "peak_rss_over_start_bytes": peak_rss - rss_before, "rows": rows}
 
 
-def measure_isolated(args: Args, linear: str) -> dict:
+def measure_isolated(args: Args, key: str) -> dict:
     if not args.isolate:
-        return measure(args, linear)
+        return measure(args, key)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no memory or CUDA state carried over
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(measure, args, linear).result()
+        return pool.submit(measure, args, key).result()
 
 
 def report(args: Args, results: dict[str, dict]) -> tuple[str, dict]:
-    """Markdown table and summary ratios (BitNet over twin)."""
-    names = dict(MODELS)
-    bit, twin = results["bitnet"], results["bf16"]
+    """Markdown tables and summary ratios (each packed model over the faster twin, batch by batch)."""
     rows = []
-    for r in bit["rows"] + twin["rows"]:
-        res = results[r["linear"]]
-        mem = r["peak_memory_bytes"] if r["peak_memory_bytes"] is not None else res["peak_rss_over_start_bytes"]
-        rows.append({**r, "model": names[r["linear"]], "weights": human_bytes(res["weight_bytes"]["total"]),
-                     "memory": human_bytes(mem)})
+    for res in results.values():
+        for r in res["rows"]:
+            mem = r["peak_memory_bytes"] if r["peak_memory_bytes"] is not None else res["peak_rss_over_start_bytes"]
+            rows.append({**r, "label": res["label"], "weights": human_bytes(res["weight_bytes"]["total"]),
+                         "memory": human_bytes(mem)})
+    twins = [k for k in TWINS if k in results]
+    packed = [k for k in results if k not in TWINS]
     ratios = []
-    for a, b in zip(bit["rows"], twin["rows"]):
-        ratios.append({"batch": a["batch"], "decode_speedup": a["decode_tok_s"] / b["decode_tok_s"],
-                       "prefill_speedup": a["prefill_tok_s"] / b["prefill_tok_s"]})
-    summary = {
-        "weights_smaller_total": twin["weight_bytes"]["total"] / bit["weight_bytes"]["total"],
-        "weights_smaller_linear": twin["weight_bytes"]["linear"] / bit["weight_bytes"]["linear"],
-        "by_batch": ratios,
-    }
+    for i, B in enumerate(args.batch):
+        if not twins:
+            break
+        best = max(twins, key=lambda k: results[k]["rows"][i]["decode_tok_s"])
+        t = results[best]["rows"][i]
+        for k in packed:
+            r = results[k]["rows"][i]
+            ratios.append({"batch": B, "model": results[k]["label"], "twin": results[best]["label"],
+                           "decode_speedup": r["decode_tok_s"] / t["decode_tok_s"],
+                           "prefill_speedup": r["prefill_tok_s"] / max(results[w]["rows"][i]["prefill_tok_s"] for w in twins),
+                           "prefill_long_speedup": r["prefill_long_tok_s"] / max(results[w]["rows"][i]["prefill_long_tok_s"] for w in twins)})
+    summary = {"by_batch": ratios}
+    if "bitnet" in results and twins:
+        twin = results[twins[0]]
+        summary["weights_smaller_total"] = twin["weight_bytes"]["total"] / results["bitnet"]["weight_bytes"]["total"]
+        summary["weights_smaller_linear"] = twin["weight_bytes"]["linear"] / results["bitnet"]["weight_bytes"]["linear"]
+        for k in ("bitnet-1.6bit", "bitnet1"):
+            if k in results:
+                summary[f"{k}_step_time_over_2bit"] = [a["decode_ms_per_step"] / b["decode_ms_per_step"]
+                                                       for a, b in zip(results[k]["rows"], results["bitnet"]["rows"])]
     memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS of its process over its RSS before the build (after a warm-up on the tiny preset)"
+    env = environment()
     md = [
-        f"# Generation, BitNet packed vs BF16 twin: preset `{args.preset}` on {environment()['device']}",
+        f"# Generation, packed BitNet vs its twin: preset `{args.preset}` on {env['device']}",
         "",
-        f"Prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, compile={args.compile}, bf16 "
-        f"activations; median of {args.iters}. Memory: {memory}.",
+        f"CPU flags {', '.join(env['cpu_flags'])}; {env['cpu_threads']} threads; load average at the end {env['loadavg']}. "
+        f"Prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, compile={args.compile}; "
+        f"a separate prefill of {args.prefill_len} tokens; median of {args.iters}. Memory: {memory}.",
         "",
-        table(rows, [("model", "model", ""), ("batch", "batch", ""), ("prefill_tok_s", "prefill tok/s", ".0f"),
+        table(rows, [("label", "model", ""), ("batch", "batch", ""), ("prefill_tok_s", f"prefill tok/s ({args.prompt_len})", ".0f"),
+                     ("prefill_long_tok_s", f"prefill tok/s ({args.prefill_len})", ".0f"),
                      ("decode_tok_s", "decode tok/s", ".1f"), ("decode_ms_per_step", "ms/step", ".2f"),
                      ("decode_weight_gb_s", "weights GB/s", ".2f"), ("memory", "peak memory", ""),
                      ("weights", "weight bytes", "")], markdown=True),
         "",
-        f"Weights {summary['weights_smaller_total']:.2f}x smaller in total "
-        f"({human_bytes(bit['weight_bytes']['total'])} vs {human_bytes(twin['weight_bytes']['total'])}), "
-        f"{summary['weights_smaller_linear']:.2f}x on the projections.",
-        "",
-        table(ratios, [("batch", "batch", ""), ("decode_speedup", "decode speed, BitNet / twin", ".2f"),
-                       ("prefill_speedup", "prefill speed, BitNet / twin", ".2f")], markdown=True),
     ]
+    if "weights_smaller_total" in summary:
+        md += [f"Packed 2-bit weights {summary['weights_smaller_total']:.2f}x smaller in total than the bf16 twin, "
+               f"{summary['weights_smaller_linear']:.2f}x on the projections.", ""]
+    if ratios:
+        md += [table(ratios, [("batch", "batch", ""), ("model", "model", ""), ("twin", "faster twin (decode)", ""),
+                              ("decode_speedup", "decode speed / twin", ".2f"),
+                              ("prefill_speedup", f"prefill ({args.prompt_len}) / faster twin", ".2f"),
+                              ("prefill_long_speedup", f"prefill ({args.prefill_len}) / faster twin", ".2f")], markdown=True)]
+    for k in ("bitnet-1.6bit", "bitnet1"):
+        if f"{k}_step_time_over_2bit" in summary:
+            md += ["", f"{MODELS[k].label}: decode step time / 2-bit's = "
+                   + ", ".join(f"{v:.2f}" for v in summary[f"{k}_step_time_over_2bit"])]
     return "\n".join(md), summary
 
 
@@ -196,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     args = Args(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(Args)}).resolved()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (decode is timed as N tokens minus the first)")
+    unknown = [k for k in args.models if k not in MODELS]
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
     results = {}
-    for linear, label in MODELS:
-        print(f"measuring {label} ...", file=sys.stderr, flush=True)
-        results[linear] = measure_isolated(args, linear)
+    for key in args.models:
+        print(f"measuring {MODELS[key].label} ...", file=sys.stderr, flush=True)
+        results[key] = measure_isolated(args, key)
     markdown, summary = report(args, results)
     path = save_results(args.name, {"args": dataclasses.asdict(args), "results": results, "summary": summary}, markdown)
     print(markdown)

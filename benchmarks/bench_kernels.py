@@ -1,5 +1,6 @@
-"""Packed ternary / binary linear layers (bitnet.kernels) against torch's bf16 F.linear, on a GPU.
+"""Packed ternary / binary linear layers (bitnet.kernels) against torch's F.linear, on a GPU or a CPU.
 
+On a GPU (the Triton kernels):
 For every weight shape N x K (nn.Linear's weight: out x in features), every M and every packed
 format: the median time of the whole layer, y = bitlinear(x) from bf16 x to bf16 y (activation
 quantization included), and of the matmul alone from int8 x_q; the L2 is flushed before every
@@ -7,8 +8,20 @@ timed call; bf16 F.linear is timed in the same run. Reported: speedup over bf16,
 (packed weight + activations in + output out) and its share of the HBM bandwidth measured by a
 device-to-device copy. Writes benchmarks/results/bench_kernels.{json,md,png}.
 
+On a CPU (the native C++ kernels, bitnet.kernels.cpu), for every shape, M and format: the
+median time of one whole layer call (int8 activation quantization included) from bf16 x to bf16
+y, next to F.linear in fp32 and in bf16, transformers' own BitLinear (it unpacks the 2-bit weights
+to bf16 at every call, then F.linear) and this package's torch fallback, all in the same run.
+Every system cycles through its own copies of the weights (512 MB of them, one a layer, as a
+model's decode reads them), so that no side is timed from a last-level cache that a whole model
+would not fit in. GB/s counts the weight bytes each system reads; its share of this machine's
+measured memory read bandwidth (torch sum over 1 GiB, same threads) is reported for the packed
+kernels. CPU model, flags, threads and load average are stamped into the results
+(benchmarks/results/bench_kernels_cpu.{json,md}).
+
     python benchmarks/bench_kernels.py                       # everything (a few minutes)
     python benchmarks/bench_kernels.py --m 1 16 --shapes 8192x8192 --formats 2bit
+    python benchmarks/bench_kernels.py --device cpu --m 1 128 --shapes 2560x6912
 """
 
 from __future__ import annotations
@@ -21,23 +34,26 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bitnet.bench import RESULTS_DIR, L2Flusher, environment, measured_hbm_bandwidth, save_results, time_cuda
+from bitnet.bench import (RESULTS_DIR, L2Flusher, copies_for, environment, loadavg, measured_cpu_bandwidth,
+                          measured_hbm_bandwidth, save_results, time_cpu_cycled, time_cuda)
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.packing import pack, packed_rows
 from bitnet.report import table
 
 SHAPES = ["2560x2560", "2560x6912", "6912x2560", "8192x8192", "28672x8192"]
+CPU_SHAPES = ["2560x6912", "6912x2560", "1536x1536", "4096x1536"]  # the issue's shapes; 700m's
 
 
 @dataclasses.dataclass
 class BenchArgs:
-    m: list[int] = arg([1, 4, 16, 64, 512, 2048], help="activation rows M (tokens)")
-    shapes: list[str] = arg(SHAPES, help="weight shapes N x K (out x in features)")
+    device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
+    m: list[int] | None = arg(None, help="activation rows M (tokens); default GPU 1 4 16 64 512 2048, CPU 1 4 16 64 128 512")
+    shapes: list[str] | None = arg(None, help="weight shapes N x K (out x in features); default by device")
     formats: list[str] = arg(["2bit", "1.6bit", "1bit"], help="packed formats")
-    warmup: int = arg(10, help="untimed calls before timing (autotuning happens in the first)")
-    iters: int = arg(50, help="timed calls; the median is reported")
+    warmup: int = arg(10, help="untimed calls before timing (autotuning happens in the first); CPU: passes over the copies")
+    iters: int = arg(50, help="timed calls; the median is reported; CPU: passes over the copies (default 3)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON, markdown and PNG go")
-    name: str = arg("bench_kernels", help="file name of the results, without extension")
+    name: str | None = arg(None, help="file name of the results, without extension (default bench_kernels[_cpu])")
 
 
 def parse_shape(s: str) -> tuple[int, int]:
@@ -127,15 +143,114 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(args: BenchArgs) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return main_cpu(args)
     if not torch.cuda.is_available():
-        print("no GPU: nothing to measure (bench_kernels times CUDA kernels against bf16 F.linear)")
+        print("no GPU: nothing to measure on cuda (bench_kernels --device cpu times the native CPU kernels)")
         return 0
+    args = dataclasses.replace(args, m=args.m or [1, 4, 16, 64, 512, 2048], shapes=args.shapes or SHAPES,
+                               name=args.name or "bench_kernels")
     result = measure(args)
     markdown = report(result)
     print(markdown)
     path = save_results(args.name, {"args": dataclasses.asdict(args), **result}, markdown, args.out_dir)
     plot(result, os.path.join(os.path.dirname(path), f"{args.name}.png"))
     print(f"measured HBM bandwidth {result['hbm_gbps']:.0f} GB/s; results in {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CPU
+def hf_bitlinear(n: int, k: int, packed: torch.Tensor) -> torch.nn.Module:
+    """transformers' own BitLinear over the same packed bytes (it unpacks them at every call)."""
+    from transformers.integrations.bitnet import BitLinear as HFBitLinear
+
+    layer = HFBitLinear(k, n, bias=False, dtype=torch.bfloat16)
+    layer.weight = packed
+    layer.weight_scale = torch.full((1,), 50.0, dtype=torch.bfloat16)  # its convention: divides by it
+    return layer
+
+
+def measure_cpu(args: BenchArgs) -> dict:
+    """Time every (shape, M, system) on the CPU, each cycling over its own weight copies."""
+    from bitnet.kernels import cpu
+    from bitnet.ops import torch_bitlinear
+
+    if not cpu.available():
+        raise RuntimeError(f"the native CPU kernels are not available: {cpu.error()}")
+    bw = measured_cpu_bandwidth()
+    warmup, iters = max(1, min(args.warmup, 2)), args.iters if args.iters != 50 else 3
+    rows = []
+    for shape in args.shapes:
+        n, k = parse_shape(shape)
+        scale = torch.full((1,), 0.02, dtype=torch.float32)
+        w32 = [torch.randn(n, k) for _ in range(copies_for(4 * n * k))]
+        w16 = [w.bfloat16() for w in w32[:copies_for(2 * n * k)]]
+        packed = {fmt: random_packed(n, k, fmt, "cpu") for fmt in args.formats}
+        copies = {fmt: [p.clone() for _ in range(copies_for(p.numel()))] for fmt, p in packed.items()}
+        # one transformers module whose weight buffer is swapped per call: its torch.compile'd epilogue
+        # would recompile for every module instance
+        hf = hf_bitlinear(n, k, copies["2bit"][0]) if "2bit" in copies else None
+        for m in args.m:
+            x32 = torch.randn(m, k)
+            x = x32.bfloat16()
+            base = {"shape": shape, "n": n, "k": k, "m": m, "loadavg": loadavg()}
+
+            def timed(fn, n_copies):
+                return time_cpu_cycled(fn, n_copies, warmup=warmup, iters=iters)
+
+            with torch.no_grad():
+                fp32_ms = timed(lambda i: F.linear(x32, w32[i]), len(w32))
+                bf16_ms = timed(lambda i: F.linear(x, w16[i]), len(w16))
+                systems = [("fp32 F.linear", fp32_ms, 4 * n * k), ("bf16 F.linear", bf16_ms, 2 * n * k)]
+                if hf is not None:
+                    p2 = copies["2bit"]
+
+                    def hf_call(i):
+                        hf.weight = p2[i]
+                        return hf(x)
+
+                    systems.append(("transformers BitLinear (2bit)", timed(hf_call, len(p2)), p2[0].numel()))
+                    systems.append(("torch path (2bit)", timed(lambda i: torch_bitlinear(x, p2[i], scale, n, "2bit"), len(p2)),
+                                    p2[0].numel()))
+                for fmt, ps in copies.items():
+                    ms = timed(lambda i: cpu.linear(x, ps[i], scale, n, fmt), len(ps))
+                    systems.append((f"native {fmt}", ms, ps[0].numel()))
+            for name, ms, nbytes in systems:
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                rows.append({**base, "system": name, "ms": ms, "vs_fp32": fp32_ms / ms, "vs_bf16": bf16_ms / ms,
+                             "weight_bytes": nbytes, "gbps": gbps, "bw_share": gbps / bw["read_gbps"]})
+            print(f"{shape} M={m}: " + ", ".join(f"{r['system']} {r['ms'] * 1e3:.0f} us" for r in rows[-len(systems):]),
+                  flush=True)
+        del w32, w16, packed, copies, hf
+    return {"bandwidth": bw, "isa": cpu.isa(), "threads": torch.get_num_threads(), "rows": rows}
+
+
+CPU_COLUMNS = [("shape", "N x K", ""), ("m", "M", ""), ("system", "system", ""), ("us", "time (us)", ".0f"),
+               ("vs_fp32", "vs fp32", ".2f"), ("vs_bf16", "vs bf16", ".2f"), ("gbps", "weight GB/s", ".1f"),
+               ("bw_pct", "% of read bw", ".0f")]
+
+
+def report_cpu(result: dict) -> str:
+    rows = [{**r, "us": r["ms"] * 1e3, "bw_pct": 100 * r["bw_share"] if r["system"].startswith("native") else None}
+            for r in result["rows"]]
+    env = environment()
+    bw = result["bandwidth"]
+    head = (f"CPU: {env['cpu']} ({', '.join(env['cpu_flags'])}), {result['threads']} threads, native ISA "
+            f"{result['isa']}; measured read bandwidth {bw['read_gbps']:.1f} GB/s. Median of every call, each system "
+            "cycling over its own weight copies (512 MB of them); bf16 x in, bf16 y out (fp32 for fp32 F.linear); "
+            "weight GB/s counts the bytes of the weights each system reads.")
+    return head + "\n\n" + table(rows, CPU_COLUMNS, markdown=True)
+
+
+def main_cpu(args: BenchArgs) -> int:
+    args = dataclasses.replace(args, m=args.m or [1, 4, 16, 64, 128, 512], shapes=args.shapes or CPU_SHAPES,
+                               name=args.name or "bench_kernels_cpu")
+    result = measure_cpu(args)
+    markdown = report_cpu(result)
+    print(markdown)
+    path = save_results(args.name, {"args": dataclasses.asdict(args), **result}, markdown, args.out_dir)
+    print(f"results in {path}")
     return 0
 
 

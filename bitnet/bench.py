@@ -40,6 +40,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that matter to the kernels, as /proc/cpuinfo lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in CPU_FLAGS if x in have]
+    except OSError:
+        pass
+    return []
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment() -> dict:
     """Where and with what a measurement was taken."""
     env = {
@@ -47,7 +71,10 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
+        "loadavg": loadavg(),
         "commit": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
@@ -118,6 +145,43 @@ def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> floa
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_cpu_cycled(fn: Callable[[int], object], copies: int, warmup: int = 1, iters: int = 5) -> float:
+    """Median milliseconds of one call of fn(i) on the CPU, i cycling over `copies` weight copies:
+    every call reads weights that the last-level cache does not hold (a whole model's worth of
+    copies, one a layer, as decode reads them), not the ones the previous call left there."""
+    for i in range(warmup * copies):
+        fn(i % copies)
+    times = []
+    for _ in range(iters):
+        for i in range(copies):
+            t0 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, total: int = 512 * 2**20, most: int = 256) -> int:
+    """How many copies of an nbytes weight make `total` bytes (at least 2): far more than any L3."""
+    return max(2, min(most, -(-total // max(nbytes, 1))))
+
+
+def measured_cpu_bandwidth(nbytes: int = 2**30, reps: int = 5) -> dict:
+    """Memory read bandwidth of this CPU in GB/s with torch's threads: the best of `reps` sums over
+    an nbytes float32 buffer (written first, so its pages are real), and the same for a copy
+    (read + write counted)."""
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    read, copy = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        read.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        copy.append(2 * nbytes / (time.perf_counter() - t0) / 1e9)
+    return {"read_gbps": max(read), "copy_gbps": max(copy), "threads": torch.get_num_threads(), "bytes": nbytes}
 
 
 def measured_hbm_bandwidth(nbytes: int = 2 * 2**30) -> float:

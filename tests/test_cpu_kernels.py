@@ -188,3 +188,43 @@ def test_torch_compile_traces_through_the_op():
     assert torch.equal(compiled(x), f(x))
     torch.library.opcheck(torch.ops.bitnet_cpu.linear.default, (x, packed, scale, 24, "2bit", None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("linear, packing", [("bitnet", "2bit"), ("bitnet", "1.6bit"), ("bitnet1", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_model_logits_equal_through_native_and_torch_paths(linear, packing, dtype, monkeypatch):
+    """The same integers and the same float32 epilogue: the logits are equal, not close, whether the
+    packed layers run on the native kernels or on the torch reference (prefill and one decode)."""
+    import bitnet
+
+    torch.manual_seed(0)
+    model = bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny", linear=linear))
+    model = bitnet.freeze(model.to(dtype), packing).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kernel in ("torch", "cpu"):
+        monkeypatch.setenv("BITNET_KERNEL", kernel)
+        with torch.no_grad():
+            logits[kernel] = (model(ids).logits, model(ids[:1, :1]).logits)  # M = 140 (GEMM path) and M = 1
+    for got, ref in zip(logits["cpu"], logits["torch"]):
+        assert torch.equal(got, ref)
+
+
+def test_generation_uses_the_native_kernels_and_compiles(monkeypatch):
+    """generate on a frozen model runs the native op (counted), and compile=True traces through it
+    on the CPU with the same greedy tokens."""
+    import bitnet
+    from bitnet import ops
+
+    monkeypatch.delenv("BITNET_KERNEL", raising=False)
+    torch.manual_seed(0)
+    model = bitnet.freeze(bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny", initializer_range=0.05))).eval()
+    calls = []
+    real = ops.native.linear
+    monkeypatch.setattr(ops.native, "linear", lambda *a: calls.append(1) or real(*a))
+    prompt = torch.tensor([[1, 5, 77, 3, 9]])
+    eager = model.generate(prompt, 6)
+    assert calls, "the packed layers did not run on the native kernels"
+    torch._dynamo.reset()
+    compiled = model.generate(prompt, 6, compile=True)
+    assert torch.equal(eager, compiled)
