@@ -228,3 +228,25 @@ def test_generation_uses_the_native_kernels_and_compiles(monkeypatch):
     torch._dynamo.reset()
     compiled = model.generate(prompt, 6, compile=True)
     assert torch.equal(eager, compiled)
+
+
+def test_native_kernels_read_the_checkpoint_layout_in_place(tmp_path):
+    """No CPU-private layout: after native forwards, the layer still holds transformers' own packed
+    bytes, and save -> load round-trips them bit for bit with equal logits."""
+    import bitnet
+    from transformers.integrations.bitnet import pack_weights
+
+    torch.manual_seed(0)
+    model = bitnet.freeze(bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny"))).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+    layer = model.model.layers[0].mlp.down_proj
+    w_q, _ = layer.quantized_weight()
+    assert torch.equal(layer.weight, pack_weights(w_q.float()))
+    model.save_pretrained(tmp_path / "m")
+    loaded = bitnet.BitNetForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
