@@ -1,4 +1,5 @@
-"""Native CPU backend for packed ternary / binary weights: the C++ kernels of csrc/bitnet_cpu.cpp.
+"""Native CPU backend for packed ternary / binary weights: the C++ kernels of csrc/ (bitnet_kernels.h,
+bound to torch by bitnet_cpu.cpp).
 
 The kernels read the checkpoint layout in place (bitnet/packing.py; no conversion at load), take
 float32 / bfloat16 / float16 inputs, quantize activations bit-identically to
@@ -11,9 +12,10 @@ about a minute once. No compiler, or a failed build: one warning naming the caus
 fall back to the torch path (`available()` is False).
 
 Instruction sets, chosen at run time from what the CPU has, capped by BITNET_CPU_ISA
-("scalar" | "avx2" | "avx512"; read at load) or `set_isa(...)` (tests use it to cover every path
-on one machine): "avx512" = AVX-512 F/BW/VL with VNNI dot products (vpdpbusd), "avx2" = AVX2
-maddubs, "scalar" = portable C++. Threads: torch's intra-op threads (torch.set_num_threads).
+("scalar" | "avx2" | "avx512" on x86-64, "scalar" | "neon" on AArch64; read at load) or
+`set_isa(...)` (tests use it to cover every path on one machine): "avx512" = AVX-512 F/BW/VL with
+VNNI dot products (vpdpbusd), "avx2" = AVX2 maddubs, "neon" = NEON with the dot-product extension
+(sdot), "scalar" = portable C++. Threads: torch's intra-op threads (torch.set_num_threads).
 
 Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.compile):
     linear(x, packed, scale, n, fmt, bias=None) -> y          x (..., K) -> y (..., n), x's dtype
@@ -28,15 +30,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import shutil
 import threading
 import warnings
 
 import torch
 
-ISAS = ("scalar", "avx2", "avx512")
+# instruction-set levels, lowest first (the C++ enum Isa): x86-64 and AArch64 name them differently
+ISAS = ("scalar", "neon") if platform.machine().lower() in ("aarch64", "arm64") else ("scalar", "avx2", "avx512")
 LARGE_M = 48  # default rows from which the decoded int8 GEMM path runs (kept equal to the C++ default)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "bitnet_cpu.cpp")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCE = os.path.join(CSRC, "bitnet_cpu.cpp")
+HEADERS = [os.path.join(CSRC, "bitnet_kernels.h")]
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "error": str
@@ -45,12 +51,16 @@ _state: dict = {}  # "ok": bool, "error": str
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for path in [SOURCE, *HEADERS]:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    digest = h.hexdigest()[:12]
     try:
         cpp_extension.load(
             name=f"bitnet_cpu_{digest}",
             sources=[SOURCE],
+            extra_include_paths=[CSRC],
             extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

@@ -47,7 +47,7 @@ def exact(x_q, w):
 def restore():
     threads = torch.get_num_threads()
     yield
-    cpu.set_isa(cpu.ISAS[-1])
+    cpu.set_isa(os.environ.get("BITNET_CPU_ISA", cpu.ISAS[-1]))  # the session's cap, as loaded
     cpu.set_large_m(cpu.LARGE_M)
     torch.set_num_threads(threads)
 
@@ -250,3 +250,46 @@ def test_native_kernels_read_the_checkpoint_layout_in_place(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, logits)
+
+
+HARNESS = os.path.join(os.path.dirname(__file__), "native", "kernels_test.cpp")
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "csrc")
+
+
+def run_harness(compiler, tmp_path, runner=(), extra=()):
+    exe = tmp_path / "kernels_test"
+    subprocess.run([compiler, "-O2", "-std=c++17", "-ffp-contract=off", *extra, "-I", CSRC, HARNESS, "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.split()
+
+
+def test_native_simd_paths_equal_the_portable_one_without_torch(tmp_path):
+    """tests/native/kernels_test.cpp, built here with the system compiler: every SIMD level this CPU
+    has against the scalar path (quantization bit for bit, dot products and decode exactly)."""
+    import shutil
+
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    words = run_harness(cxx, tmp_path)  # "ok <level> <cases>" per level above scalar
+    levels = cpu.ISAS.index(cpu.detected_isa())
+    if levels == 0:
+        assert words == ["ok", "0", "0"]
+        pytest.skip("this CPU has no SIMD level above the portable one")
+    assert words[0::3] == ["ok"] * levels and [int(w) for w in words[1::3]] == list(range(1, levels + 1))
+    assert all(int(w) > 0 for w in words[2::3]), words
+
+
+def test_neon_path_under_qemu(tmp_path):
+    """The AArch64 NEON (sdot) path, cross-compiled and run under qemu-aarch64 (-cpu max has the
+    dot-product extension), against the portable path. Needs g++-aarch64-linux-gnu and
+    qemu-user (.ci/run installs them where apt can)."""
+    import shutil
+
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if cxx is None or qemu is None:
+        pytest.skip("no aarch64-linux-gnu-g++ or qemu-aarch64 (apt install g++-aarch64-linux-gnu qemu-user)")
+    words = run_harness(cxx, tmp_path, runner=(qemu, "-cpu", "max"), extra=("-static",))
+    assert words[:2] == ["ok", "1"] and int(words[2]) > 0, words

@@ -1,0 +1,755 @@
+// Packed ternary / binary matmul kernels for the CPU, pure C++ (no torch): activation
+// quantization, the packed GEMV / small-M dot products and the decode to int8, for every
+// instruction set (scalar, AVX2, AVX-512 VNNI), chosen by the caller (bitnet_cpu.cpp binds them
+// to torch; tests/native/kernels_test.cpp holds each SIMD path equal to the scalar one).
+//
+// The packed layout is the checkpoint layout, read in place (bitnet/packing.py):
+//     W: (N, K) with values in the format's alphabet, P values a byte, R = ceil(N / P)
+//     byte[r, k] holds rows r, r + R, ..., r + (P-1)R of column k; packed is uint8 (R, K), row-major
+//     "2bit"   P = 4  code c = w + 1 in {0,1,2} at bits 2i..2i+1
+//     "1.6bit" P = 5  code c = w + 1 in {0,1,2}, byte = sum_i c_i 3^i (< 243)
+//     "1bit"   P = 8  code c = (w > 0) in {0,1} at bit i
+// So one contiguous run of packed row r along K is, after decoding, P rows of codes along K that
+// all meet the same activations x[m, k]: one load of x serves P output rows (no layout change
+// needed on the CPU either).
+//
+// Arithmetic (exact): activations are quantized per row exactly as bitnet.quant.quantize_activation
+// (float32 a = 127 / max(|x|, 1e-5), x_q = round-half-even(x * a) clamped to [-128, 127]); the dot
+// product runs on unsigned codes times signed int8 activations (maddubs / vpdpbusd), and the
+// identity x.w = x.c - sum(x) (ternary, w = c - 1) or x.w = 2 x.c - sum(x) (binary, w = 2c - 1)
+// gives the int32 accumulation of x_q . W_q exactly. The scales are applied once:
+//     y = float(acc) * (s / a)  -> output dtype  (+ bias in the output dtype)
+// the same float32 operations in the same order as the torch reference, so outputs are
+// bit-identical to it.
+//
+// Paths: M < large_m: a GEMV-style kernel over packed rows (all M rows per decoded vector); M >=
+// large_m: the packed weights are decoded to int8 (N, K) once per call and the int8 GEMM of
+// ATen (_int_mm: oneDNN / MKL, VNNI or AMX where the CPU has them) does the product, exact in
+// int32. Instruction sets, chosen at run time, capped by set_isa (BITNET_CPU_ISA in Python):
+// 0 scalar (portable C++), 1 AVX2, 2 AVX-512 (F, BW, VL, VNNI). Threads: at::parallel_for over
+// packed rows, torch's intra-op threads.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BITNET_X86 1
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#define BITNET_ARM 1
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#endif
+
+namespace bitnet_cpu {
+
+// Instruction-set levels: 0 portable; x86-64: 1 AVX2, 2 AVX-512 VNNI; AArch64: 1 NEON with the
+// dot-product extension (sdot, Armv8.2 and later: Graviton 2+, Apple M1+, Ampere).
+enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVX512 = 2, NEON = 1 };
+enum Fmt : int { F2 = 0, F16 = 1, F1 = 2 };  // "2bit", "1.6bit", "1bit"
+
+static int64_t detect_isa() {
+#ifdef BITNET_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+#elif defined(BITNET_ARM)
+  if (getauxval(AT_HWCAP) & (1UL << 20)) return NEON;  // HWCAP_ASIMDDP
+#endif
+  return SCALAR;
+}
+
+static const int64_t kDetected = detect_isa();
+
+
+static int values_per_byte(int fmt) { return fmt == F2 ? 4 : fmt == F16 ? 5 : 8; }
+
+
+// ------------------------------------------------------------------------------------ scalar
+// Codes of every byte value, the portable path's decoder: kCodes[fmt][byte][i] = code of row r + iR.
+struct CodeTable {
+  uint8_t t[3][256][8];
+  CodeTable() {
+    for (int v = 0; v < 256; ++v) {
+      int x = v;
+      for (int i = 0; i < 8; ++i) {
+        t[F2][v][i] = i < 4 ? (v >> (2 * i)) & 3 : 0;
+        t[F1][v][i] = (v >> i) & 1;
+        t[F16][v][i] = i < 5 ? x % 3 : 0;
+        if (i < 5) x /= 3;
+      }
+    }
+  }
+};
+static const CodeTable kCodes;
+
+static void quantize_row_scalar(const float* x, int64_t K, int8_t* q, float* a, int32_t* sum) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = (1.0f / std::max(amax, 1e-5f)) * 127.0f;  // torch evaluates 127 / t as t.reciprocal() * 127
+  int32_t acc = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(x[k] * s);  // round half to even (default rounding mode), as torch.round
+    v = std::min(127.0f, std::max(-128.0f, v));
+    q[k] = static_cast<int8_t>(v);
+    acc += q[k];
+  }
+  *a = s;
+  *sum = acc;
+}
+
+// acc[m * ldc + r + i R] = sum_k code_i(W[r, k]) * xq[m, k] for packed rows r in [r0, r1).
+static void codes_dot_scalar(int fmt, const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
+                             const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
+  const int P = values_per_byte(fmt);
+  std::vector<int32_t> part(static_cast<size_t>(P));
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W + r * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* x = xq + m * xs;
+      std::fill(part.begin(), part.end(), 0);
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t* c = kCodes.t[fmt][w[k]];
+        for (int i = 0; i < P; ++i) part[i] += c[i] * x[k];
+      }
+      for (int i = 0; i < P; ++i)
+        if (r + i * R < N) acc[m * ldc + r + i * R] = part[i];
+    }
+  }
+}
+
+// out[(r + i R) * K + k] = W_q value for packed rows r in [r0, r1) (int8 in {-1, 0, 1}).
+static void unpack_scalar(int fmt, const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1, int8_t* out) {
+  const int P = values_per_byte(fmt);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int i = 0; i < P; ++i) {
+      if (r + i * R >= N) break;
+      int8_t* o = out + (r + i * R) * K;
+      const uint8_t* w = W + r * K;
+      for (int64_t k = 0; k < K; ++k) {
+        int c = kCodes.t[fmt][w[k]][i];
+        o[k] = static_cast<int8_t>(fmt == F1 ? 2 * c - 1 : c - 1);
+      }
+    }
+}
+
+#ifdef BITNET_X86
+// ------------------------------------------------------------------------------------ AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+static inline float hmax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+static inline int32_t hsum256(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+static void quantize_row_avx2(const float* x, int64_t K, int8_t* q, float* a, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  float amax = hmax256(vmax);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = (1.0f / std::max(amax, 1e-5f)) * 127.0f;  // torch evaluates 127 / t as t.reciprocal() * 127
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  __m256i vsum = _mm256_setzero_si256();
+  k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i i32[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * j), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      i32[j] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+      vsum = _mm256_add_epi32(vsum, i32[j]);
+    }
+    __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
+    __m256i i8 = _mm256_packs_epi16(i16a, i16b);  // lanes interleaved by the 128-bit packs: fix order
+    i8 = _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), i8);
+  }
+  int32_t acc = hsum256(vsum);
+  for (; k < K; ++k) {
+    float v = std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * s)));
+    q[k] = static_cast<int8_t>(v);
+    acc += q[k];
+  }
+  *a = s;
+  *sum = acc;
+}
+
+// P code vectors (bytes in {0,1,2} or {0,1}) of 32 packed bytes.
+template <int FMT>
+static inline void decode_avx2(__m256i v, __m256i* c) {
+  if constexpr (FMT == F2) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    c[0] = _mm256_and_si256(v, m3);
+    c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+    c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+    c[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+  } else if constexpr (FMT == F1) {
+    const __m256i m1 = _mm256_set1_epi8(1);
+    c[0] = _mm256_and_si256(v, m1);
+    for (int i = 1; i < 8; ++i) c[i] = _mm256_and_si256(_mm256_srli_epi16(v, i), m1);
+  } else {
+    // base-3 digits in 16-bit lanes (even and odd bytes apart): t = x / 3 = (x * 21846) >> 16
+    // for x < 256, digit = x - 3t
+    const __m256i lomask = _mm256_set1_epi16(0x00FF), third = _mm256_set1_epi16(21846), three = _mm256_set1_epi16(3);
+    __m256i lo = _mm256_and_si256(v, lomask), hi = _mm256_srli_epi16(v, 8);
+    for (int i = 0; i < 4; ++i) {
+      __m256i tl = _mm256_mulhi_epu16(lo, third), th = _mm256_mulhi_epu16(hi, third);
+      __m256i dl = _mm256_sub_epi16(lo, _mm256_mullo_epi16(tl, three));
+      __m256i dh = _mm256_sub_epi16(hi, _mm256_mullo_epi16(th, three));
+      c[i] = _mm256_or_si256(dl, _mm256_slli_epi16(dh, 8));
+      lo = tl;
+      hi = th;
+    }
+    c[4] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 8));
+  }
+}
+
+static inline __m256i load_tail256(const void* p, int64_t n) {
+  alignas(32) uint8_t buf[32] = {0};
+  std::memcpy(buf, p, static_cast<size_t>(n));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+// int16 partial sums in registers: each maddubs lane is at most 2 * 2 * 128 = 512 in magnitude,
+// so 32 steps (16384) fit; then they are summed into int32 totals in memory (AVX2 has 16 vector
+// registers, the codes, activations and partial sums take them all).
+constexpr int kAvx2Flush = 32;
+
+// M = 1: decode each 32-byte vector of packed row r and meet the activations at once.
+// x is zero-padded to a multiple of 64 (xs), so only the weights' last vector needs care.
+template <int FMT>
+static void row_dot1_avx2(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i part[P];
+  for (int i = 0; i < P; ++i) part[i] = _mm256_setzero_si256(), tot[i] = 0;
+  int steps = 0;
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m256i v = k + 32 <= K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)) : load_tail256(w + k, K - k);
+    __m256i c[P];
+    decode_avx2<FMT>(v, c);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+    for (int i = 0; i < P; ++i) part[i] = _mm256_add_epi16(part[i], _mm256_maddubs_epi16(c[i], xv));
+    if (++steps == kAvx2Flush || k + 32 >= K) {
+      for (int i = 0; i < P; ++i) tot[i] += hsum256(_mm256_madd_epi16(part[i], ones)), part[i] = _mm256_setzero_si256();
+      steps = 0;
+    }
+  }
+}
+
+// G rows of decoded codes (stride cs) against MB activation rows (stride xs), Kp a multiple of 32:
+// tot[g * MB + j] = sum_k c[g, k] * x[j, k].
+template <int G, int MB>
+static void tile_avx2(const uint8_t* c, int64_t cs, const int8_t* x, int64_t xs, int64_t Kp, int32_t* tot) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i part[G][MB];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < MB; ++j) part[g][j] = _mm256_setzero_si256(), tot[g * MB + j] = 0;
+  int steps = 0;
+  for (int64_t k = 0; k < Kp; k += 32) {
+    __m256i cv[G], xv[MB];
+    for (int g = 0; g < G; ++g) cv[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * cs + k));
+    for (int j = 0; j < MB; ++j) xv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j * xs + k));
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < MB; ++j) part[g][j] = _mm256_add_epi16(part[g][j], _mm256_maddubs_epi16(cv[g], xv[j]));
+    if (++steps == kAvx2Flush || k + 32 >= Kp) {
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < MB; ++j)
+          tot[g * MB + j] += hsum256(_mm256_madd_epi16(part[g][j], ones)), part[g][j] = _mm256_setzero_si256();
+      steps = 0;
+    }
+  }
+}
+
+// Decode packed row r (K bytes) into P rows of codes, zero-padded to Kp.
+template <int FMT>
+static void decode_row_avx2(const uint8_t* w, int64_t K, int64_t Kp, uint8_t* out) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  for (int64_t k = 0; k < Kp; k += 32) {
+    const __m256i v = k + 32 <= K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k))
+                                  : k < K ? load_tail256(w + k, K - k) : _mm256_setzero_si256();
+    __m256i c[P];
+    decode_avx2<FMT>(v, c);
+    for (int i = 0; i < P; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * Kp + k), c[i]);
+  }
+}
+
+template <int FMT>
+static void codes_dot_avx2(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
+                           const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  int32_t tot[8 * 4];
+  if (M == 1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row_dot1_avx2<FMT>(W + r * K, K, xq, tot);
+      for (int i = 0; i < P && r + i * R < N; ++i) acc[r + i * R] = tot[i];
+    }
+    return;
+  }
+  // M > 1: decode a packed row once, then tiles of (up to) 4 code rows x 2 activation rows
+  std::vector<uint8_t> buf(static_cast<size_t>(P * xs));
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row_avx2<FMT>(W + r * K, K, xs, buf.data());
+    for (int64_t m = 0; m < M; m += 2) {
+      const int mb = static_cast<int>(std::min<int64_t>(2, M - m));
+      for (int g0 = 0; g0 < P; g0 += 4) {
+        const int g = std::min(4, P - g0);
+        const uint8_t* c = buf.data() + g0 * xs;
+        const int8_t* x = xq + m * xs;
+        switch (g * 4 + mb) {
+          case 4 * 4 + 2: tile_avx2<4, 2>(c, xs, x, xs, xs, tot); break;
+          case 4 * 4 + 1: tile_avx2<4, 1>(c, xs, x, xs, xs, tot); break;
+          case 1 * 4 + 2: tile_avx2<1, 2>(c, xs, x, xs, xs, tot); break;
+          case 1 * 4 + 1: tile_avx2<1, 1>(c, xs, x, xs, xs, tot); break;
+          default: std::abort();  // unreachable: g in {1, 4}, mb in {1, 2}
+        }
+        for (int gi = 0; gi < g; ++gi) {
+          const int64_t row = r + (g0 + gi) * R;
+          if (row >= N) break;
+          for (int j = 0; j < mb; ++j) acc[(m + j) * ldc + row] = tot[gi * mb + j];
+        }
+      }
+    }
+  }
+}
+
+template <int FMT>
+static void unpack_avx2(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1, int8_t* out) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W + r * K;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m256i c[P];
+      decode_avx2<FMT>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)), c);
+      for (int i = 0; i < P; ++i) {
+        if (r + i * R >= N) break;
+        __m256i v = FMT == F1 ? _mm256_sub_epi8(_mm256_add_epi8(c[i], c[i]), one) : _mm256_sub_epi8(c[i], one);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r + i * R) * K + k), v);
+      }
+    }
+    for (; k < K; ++k)
+      for (int i = 0; i < P; ++i) {
+        if (r + i * R >= N) break;
+        int c = kCodes.t[FMT][w[k]][i];
+        out[(r + i * R) * K + k] = static_cast<int8_t>(FMT == F1 ? 2 * c - 1 : c - 1);
+      }
+  }
+}
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------ AVX-512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
+
+static void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* a, int32_t* sum) {
+  __m512 vmax = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  if (k < K) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (K - k)) - 1), x + k)));
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const float s = (1.0f / std::max(amax, 1e-5f)) * 127.0f;  // torch evaluates 127 / t as t.reciprocal() * 127
+  const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  __m512i vsum = _mm512_setzero_si512();
+  for (k = 0; k < K; k += 16) {
+    const int64_t n = std::min<int64_t>(16, K - k);
+    const __mmask16 mk = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512i i32 = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, v)));
+    vsum = _mm512_add_epi32(vsum, i32);  // masked-off lanes are 0
+    _mm_mask_storeu_epi8(q + k, mk, _mm512_cvtepi32_epi8(i32));
+  }
+  *a = s;
+  *sum = _mm512_reduce_add_epi32(vsum);
+}
+
+template <int FMT>
+static inline void decode_avx512(__m512i v, __m512i* c) {
+  if constexpr (FMT == F2) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    c[0] = _mm512_and_si512(v, m3);
+    c[1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3);
+    c[2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3);
+    c[3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m3);
+  } else if constexpr (FMT == F1) {
+    const __m512i m1 = _mm512_set1_epi8(1);
+    c[0] = _mm512_and_si512(v, m1);
+    for (int i = 1; i < 8; ++i) c[i] = _mm512_and_si512(_mm512_srli_epi16(v, i), m1);
+  } else {
+    const __m512i lomask = _mm512_set1_epi16(0x00FF), third = _mm512_set1_epi16(21846), three = _mm512_set1_epi16(3);
+    __m512i lo = _mm512_and_si512(v, lomask), hi = _mm512_srli_epi16(v, 8);
+    for (int i = 0; i < 4; ++i) {
+      __m512i tl = _mm512_mulhi_epu16(lo, third), th = _mm512_mulhi_epu16(hi, third);
+      __m512i dl = _mm512_sub_epi16(lo, _mm512_mullo_epi16(tl, three));
+      __m512i dh = _mm512_sub_epi16(hi, _mm512_mullo_epi16(th, three));
+      c[i] = _mm512_or_si512(dl, _mm512_slli_epi16(dh, 8));
+      lo = tl;
+      hi = th;
+    }
+    c[4] = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 8));
+  }
+}
+
+// M = 1: decode each 64-byte vector of packed row r and meet the activations at once (x is
+// zero-padded to a multiple of 64; the weights' last vector is a masked load).
+template <int FMT>
+static void row_dot1_avx512(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  __m512i a[P];
+  for (int i = 0; i < P; ++i) a[i] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i c[P];
+    decode_avx512<FMT>(_mm512_loadu_si512(w + k), c);
+    const __m512i xv = _mm512_loadu_si512(x + k);
+    for (int i = 0; i < P; ++i) a[i] = _mm512_dpbusd_epi32(a[i], c[i], xv);
+  }
+  if (k < K) {
+    __m512i c[P];
+    decode_avx512<FMT>(_mm512_maskz_loadu_epi8((1ULL << (K - k)) - 1, w + k), c);
+    const __m512i xv = _mm512_loadu_si512(x + k);
+    for (int i = 0; i < P; ++i) a[i] = _mm512_dpbusd_epi32(a[i], c[i], xv);
+  }
+  for (int i = 0; i < P; ++i) tot[i] = _mm512_reduce_add_epi32(a[i]);
+}
+
+// G rows of decoded codes (stride cs) against MB activation rows (stride xs), Kp a multiple of 64.
+template <int G, int MB>
+static void tile_avx512(const uint8_t* c, int64_t cs, const int8_t* x, int64_t xs, int64_t Kp, int32_t* tot) {
+  __m512i a[G][MB];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < MB; ++j) a[g][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < Kp; k += 64) {
+    __m512i cv[G], xv[MB];
+    for (int g = 0; g < G; ++g) cv[g] = _mm512_loadu_si512(c + g * cs + k);
+    for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_si512(x + j * xs + k);
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < MB; ++j) a[g][j] = _mm512_dpbusd_epi32(a[g][j], cv[g], xv[j]);
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < MB; ++j) tot[g * MB + j] = _mm512_reduce_add_epi32(a[g][j]);
+}
+
+template <int FMT>
+static void decode_row_avx512(const uint8_t* w, int64_t K, int64_t Kp, uint8_t* out) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const __m512i v = k + 64 <= K ? _mm512_loadu_si512(w + k)
+                                  : k < K ? _mm512_maskz_loadu_epi8((1ULL << (K - k)) - 1, w + k) : _mm512_setzero_si512();
+    __m512i c[P];
+    decode_avx512<FMT>(v, c);
+    for (int i = 0; i < P; ++i) _mm512_storeu_si512(out + i * Kp + k, c[i]);
+  }
+}
+
+template <int FMT>
+static void codes_dot_avx512(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
+                             const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  int32_t tot[8 * 4];
+  if (M == 1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row_dot1_avx512<FMT>(W + r * K, K, xq, tot);
+      for (int i = 0; i < P && r + i * R < N; ++i) acc[r + i * R] = tot[i];
+    }
+    return;
+  }
+  // M > 1: decode a packed row once, then tiles of (up to) 4 code rows x 4 activation rows
+  std::vector<uint8_t> buf(static_cast<size_t>(P * xs));
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row_avx512<FMT>(W + r * K, K, xs, buf.data());
+    for (int64_t m = 0; m < M; m += 4) {
+      const int mb = static_cast<int>(std::min<int64_t>(4, M - m));
+      for (int g0 = 0; g0 < P; g0 += 4) {
+        const int g = std::min(4, P - g0);
+        const uint8_t* c = buf.data() + g0 * xs;
+        const int8_t* x = xq + m * xs;
+        switch (g * 8 + mb) {
+#define BITNET_TILE(G_, MB_) case G_ * 8 + MB_: tile_avx512<G_, MB_>(c, xs, x, xs, xs, tot); break;
+          BITNET_TILE(4, 4) BITNET_TILE(4, 3) BITNET_TILE(4, 2) BITNET_TILE(4, 1)
+          BITNET_TILE(1, 4) BITNET_TILE(1, 3) BITNET_TILE(1, 2) BITNET_TILE(1, 1)
+#undef BITNET_TILE
+          default: std::abort();  // unreachable: g in {1, 4}, mb in 1..4
+        }
+        for (int gi = 0; gi < g; ++gi) {
+          const int64_t row = r + (g0 + gi) * R;
+          if (row >= N) break;
+          for (int j = 0; j < mb; ++j) acc[(m + j) * ldc + row] = tot[gi * mb + j];
+        }
+      }
+    }
+  }
+}
+
+template <int FMT>
+static void unpack_avx512(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1, int8_t* out) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  const __m512i one = _mm512_set1_epi8(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W + r * K;
+    for (int64_t k = 0; k < K; k += 64) {
+      const int64_t n = std::min<int64_t>(64, K - k);
+      const __mmask64 mk = n == 64 ? ~0ULL : (1ULL << n) - 1;
+      __m512i c[P];
+      decode_avx512<FMT>(_mm512_maskz_loadu_epi8(mk, w + k), c);
+      for (int i = 0; i < P; ++i) {
+        if (r + i * R >= N) break;
+        __m512i v = FMT == F1 ? _mm512_sub_epi8(_mm512_add_epi8(c[i], c[i]), one) : _mm512_sub_epi8(c[i], one);
+        _mm512_mask_storeu_epi8(out + (r + i * R) * K + k, mk, v);
+      }
+    }
+  }
+}
+#pragma GCC pop_options
+#endif  // BITNET_X86
+
+
+#ifdef BITNET_ARM
+// ------------------------------------------------------------------------------------ NEON
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+
+static void quantize_row_neon(const float* x, int64_t K, int8_t* q, float* a, int32_t* sum) {
+  float32x4_t vmax = vdupq_n_f32(0.f);
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) vmax = vmaxq_f32(vmax, vabsq_f32(vld1q_f32(x + k)));
+  float amax = vmaxvq_f32(vmax);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = (1.0f / std::max(amax, 1e-5f)) * 127.0f;  // torch evaluates 127 / t as t.reciprocal() * 127
+  const float32x4_t vs = vdupq_n_f32(s), lo = vdupq_n_f32(-128.0f), hi = vdupq_n_f32(127.0f);
+  int32x4_t vsum = vdupq_n_s32(0);
+  k = 0;
+  for (; k + 8 <= K; k += 8) {
+    // vrndnq: round to nearest, ties to even, as torch.round; the multiply is not fused
+    const int32x4_t i0 = vcvtq_s32_f32(vminq_f32(hi, vmaxq_f32(lo, vrndnq_f32(vmulq_f32(vld1q_f32(x + k), vs)))));
+    const int32x4_t i1 = vcvtq_s32_f32(vminq_f32(hi, vmaxq_f32(lo, vrndnq_f32(vmulq_f32(vld1q_f32(x + k + 4), vs)))));
+    vsum = vaddq_s32(vsum, vaddq_s32(i0, i1));
+    vst1_s8(q + k, vmovn_s16(vcombine_s16(vmovn_s32(i0), vmovn_s32(i1))));
+  }
+  int32_t acc = vaddvq_s32(vsum);
+  for (; k < K; ++k) {
+    float v = std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * s)));
+    q[k] = static_cast<int8_t>(v);
+    acc += q[k];
+  }
+  *a = s;
+  *sum = acc;
+}
+
+// P code vectors of 16 packed bytes. 1.6-bit: x / 3 = (x * 171) >> 9 for bytes, digit = x - 3t.
+template <int FMT>
+static inline void decode_neon(uint8x16_t v, uint8x16_t* c) {
+  if constexpr (FMT == F2) {
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    c[0] = vandq_u8(v, m3);
+    c[1] = vandq_u8(vshrq_n_u8(v, 2), m3);
+    c[2] = vandq_u8(vshrq_n_u8(v, 4), m3);
+    c[3] = vshrq_n_u8(v, 6);
+  } else if constexpr (FMT == F1) {
+    const uint8x16_t m1 = vdupq_n_u8(1);
+    for (int i = 0; i < 8; ++i) c[i] = vandq_u8(vshlq_u8(v, vdupq_n_s8(static_cast<int8_t>(-i))), m1);
+  } else {
+    const uint8x8_t k171 = vdup_n_u8(171);
+    const uint8x16_t three = vdupq_n_u8(3);
+    uint8x16_t x = v;
+    for (int i = 0; i < 4; ++i) {
+      const uint16x8_t lo = vmull_u8(vget_low_u8(x), k171), hi = vmull_u8(vget_high_u8(x), k171);
+      const uint8x16_t t = vshrq_n_u8(vcombine_u8(vshrn_n_u16(lo, 8), vshrn_n_u16(hi, 8)), 1);
+      c[i] = vmlsq_u8(x, t, three);
+      x = t;
+    }
+    c[4] = x;
+  }
+}
+
+static inline uint8x16_t load_tail128(const void* p, int64_t n) {
+  uint8_t buf[16] = {0};
+  std::memcpy(buf, p, static_cast<size_t>(n));
+  return vld1q_u8(buf);
+}
+
+template <int FMT>
+static void row_dot1_neon(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  int32x4_t a[P];
+  for (int i = 0; i < P; ++i) a[i] = vdupq_n_s32(0);
+  for (int64_t k = 0; k < K; k += 16) {
+    uint8x16_t c[P];
+    decode_neon<FMT>(k + 16 <= K ? vld1q_u8(w + k) : load_tail128(w + k, K - k), c);
+    const int8x16_t xv = vld1q_s8(x + k);  // zero-padded past K
+    for (int i = 0; i < P; ++i) a[i] = vdotq_s32(a[i], vreinterpretq_s8_u8(c[i]), xv);
+  }
+  for (int i = 0; i < P; ++i) tot[i] = vaddvq_s32(a[i]);
+}
+
+template <int G, int MB>
+static void tile_neon(const uint8_t* c, int64_t cs, const int8_t* x, int64_t xs, int64_t Kp, int32_t* tot) {
+  int32x4_t a[G][MB];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < MB; ++j) a[g][j] = vdupq_n_s32(0);
+  for (int64_t k = 0; k < Kp; k += 16) {
+    int8x16_t cv[G], xv[MB];
+    for (int g = 0; g < G; ++g) cv[g] = vreinterpretq_s8_u8(vld1q_u8(c + g * cs + k));
+    for (int j = 0; j < MB; ++j) xv[j] = vld1q_s8(x + j * xs + k);
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < MB; ++j) a[g][j] = vdotq_s32(a[g][j], cv[g], xv[j]);
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < MB; ++j) tot[g * MB + j] = vaddvq_s32(a[g][j]);
+}
+
+template <int FMT>
+static void decode_row_neon(const uint8_t* w, int64_t K, int64_t Kp, uint8_t* out) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  for (int64_t k = 0; k < Kp; k += 16) {
+    const uint8x16_t v = k + 16 <= K ? vld1q_u8(w + k) : k < K ? load_tail128(w + k, K - k) : vdupq_n_u8(0);
+    uint8x16_t c[P];
+    decode_neon<FMT>(v, c);
+    for (int i = 0; i < P; ++i) vst1q_u8(out + i * Kp + k, c[i]);
+  }
+}
+
+template <int FMT>
+static void codes_dot_neon(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
+                           const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  int32_t tot[8 * 4];
+  if (M == 1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row_dot1_neon<FMT>(W + r * K, K, xq, tot);
+      for (int i = 0; i < P && r + i * R < N; ++i) acc[r + i * R] = tot[i];
+    }
+    return;
+  }
+  std::vector<uint8_t> buf(static_cast<size_t>(P * xs));
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row_neon<FMT>(W + r * K, K, xs, buf.data());
+    for (int64_t m = 0; m < M; m += 4) {
+      const int mb = static_cast<int>(std::min<int64_t>(4, M - m));
+      for (int g0 = 0; g0 < P; g0 += 4) {
+        const int g = std::min(4, P - g0);
+        const uint8_t* c = buf.data() + g0 * xs;
+        const int8_t* x = xq + m * xs;
+        switch (g * 8 + mb) {
+#define BITNET_TILE(G_, MB_) case G_ * 8 + MB_: tile_neon<G_, MB_>(c, xs, x, xs, xs, tot); break;
+          BITNET_TILE(4, 4) BITNET_TILE(4, 3) BITNET_TILE(4, 2) BITNET_TILE(4, 1)
+          BITNET_TILE(1, 4) BITNET_TILE(1, 3) BITNET_TILE(1, 2) BITNET_TILE(1, 1)
+#undef BITNET_TILE
+          default: std::abort();  // unreachable: g in {1, 4}, mb in 1..4
+        }
+        for (int gi = 0; gi < g; ++gi) {
+          const int64_t row = r + (g0 + gi) * R;
+          if (row >= N) break;
+          for (int j = 0; j < mb; ++j) acc[(m + j) * ldc + row] = tot[gi * mb + j];
+        }
+      }
+    }
+  }
+}
+
+template <int FMT>
+static void unpack_neon(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1, int8_t* out) {
+  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
+  const uint8x16_t one = vdupq_n_u8(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W + r * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      uint8x16_t c[P];
+      decode_neon<FMT>(vld1q_u8(w + k), c);
+      for (int i = 0; i < P; ++i) {
+        if (r + i * R >= N) break;
+        const uint8x16_t v = FMT == F1 ? vsubq_u8(vaddq_u8(c[i], c[i]), one) : vsubq_u8(c[i], one);
+        vst1q_s8(out + (r + i * R) * K + k, vreinterpretq_s8_u8(v));
+      }
+    }
+    for (; k < K; ++k)
+      for (int i = 0; i < P; ++i) {
+        if (r + i * R >= N) break;
+        const int c = kCodes.t[FMT][w[k]][i];
+        out[(r + i * R) * K + k] = static_cast<int8_t>(FMT == F1 ? 2 * c - 1 : c - 1);
+      }
+  }
+}
+#pragma GCC pop_options
+#endif  // BITNET_ARM
+
+// ------------------------------------------------------------------------------------ dispatch
+using DotFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
+using UnpackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int8_t*);
+using QuantFn = void (*)(const float*, int64_t, int8_t*, float*, int32_t*);
+
+static QuantFn quant_fn(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) return quantize_row_avx512;
+  if (isa >= AVX2) return quantize_row_avx2;
+#elif defined(BITNET_ARM)
+  if (isa >= NEON) return quantize_row_neon;
+#endif
+  return quantize_row_scalar;
+}
+
+// acc[m * ldc + r + i R] = sum_k code_i(W[r, k]) * xq[m, k] for packed rows r in [r0, r1); xq has
+// row stride xs, a multiple of 64, zero past K.
+static void codes_dot(int64_t isa, int fmt, const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
+                      const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) {
+    static const DotFn f[3] = {codes_dot_avx512<F2>, codes_dot_avx512<F16>, codes_dot_avx512<F1>};
+    return f[fmt](W, R, K, N, r0, r1, xq, xs, M, acc, ldc);
+  }
+  if (isa >= AVX2) {
+    static const DotFn f[3] = {codes_dot_avx2<F2>, codes_dot_avx2<F16>, codes_dot_avx2<F1>};
+    return f[fmt](W, R, K, N, r0, r1, xq, xs, M, acc, ldc);
+  }
+#elif defined(BITNET_ARM)
+  if (isa >= NEON) {
+    static const DotFn f[3] = {codes_dot_neon<F2>, codes_dot_neon<F16>, codes_dot_neon<F1>};
+    return f[fmt](W, R, K, N, r0, r1, xq, xs, M, acc, ldc);
+  }
+#endif
+  codes_dot_scalar(fmt, W, R, K, N, r0, r1, xq, xs, M, acc, ldc);
+}
+
+static void unpack_rows(int64_t isa, int fmt, const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1, int8_t* out) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) {
+    static const UnpackFn f[3] = {unpack_avx512<F2>, unpack_avx512<F16>, unpack_avx512<F1>};
+    return f[fmt](W, R, K, N, r0, r1, out);
+  }
+  if (isa >= AVX2) {
+    static const UnpackFn f[3] = {unpack_avx2<F2>, unpack_avx2<F16>, unpack_avx2<F1>};
+    return f[fmt](W, R, K, N, r0, r1, out);
+  }
+#elif defined(BITNET_ARM)
+  if (isa >= NEON) {
+    static const UnpackFn f[3] = {unpack_neon<F2>, unpack_neon<F16>, unpack_neon<F1>};
+    return f[fmt](W, R, K, N, r0, r1, out);
+  }
+#endif
+  unpack_scalar(fmt, W, R, K, N, r0, r1, out);
+}
+
+}  // namespace bitnet_cpu

@@ -1,0 +1,63 @@
+// Holds every SIMD path of kernels/csrc/bitnet_kernels.h equal to the portable one, without torch:
+// activation quantization bit for bit, packed dot products and the decode to int8 exactly, over
+// ragged shapes, every format and several M. Built and run by tests/test_cpu_kernels.py, natively
+// and, where a cross compiler and qemu are present, for AArch64 (the NEON path).
+//     g++ -O2 -std=c++17 -I kernels/csrc tests/native/kernels_test.cpp -o t && ./t
+// Prints "ok <isa level> <cases>" for every level the CPU has; exits 1 on the first mismatch.
+
+#include <cstdio>
+#include <random>
+
+#include "bitnet_kernels.h"
+
+using namespace bitnet_cpu;
+
+static int fail(const char* what, int level, int fmt, long n, long k, long m) {
+  std::printf("MISMATCH %s level %d fmt %d N %ld K %ld M %ld\n", what, level, fmt, n, k, m);
+  return 1;
+}
+
+int main() {
+  std::mt19937 rng(1234);
+  const long shapes[][2] = {{37, 45}, {64, 64}, {129, 200}, {5, 1}, {40, 1027}, {12, 4160}, {8, 17}};
+  const long ms[] = {1, 2, 3, 5, 16, 33};
+  int cases = 0;
+  for (int level = 1; level <= kDetected; ++level) {
+    for (int fmt = 0; fmt < 3; ++fmt) {
+      const int P = values_per_byte(fmt);
+      for (const auto& sh : shapes) {
+        const long N = sh[0], K = sh[1], R = (N + P - 1) / P, xs = std::max<long>(64, (K + 63) / 64 * 64);
+        std::vector<uint8_t> W(static_cast<size_t>(R * K));
+        const int top = fmt == F16 ? 243 : 256;
+        for (auto& b : W) b = static_cast<uint8_t>(rng() % top);
+        for (long M : ms) {
+          std::vector<float> x(static_cast<size_t>(M * K));
+          std::normal_distribution<float> nd(0.f, 3.f);
+          for (auto& v : x) v = nd(rng);
+          for (long k = 0; k < K; k += 7) x[k] = 0.5f * static_cast<float>(k % 5);  // ties after scaling
+          std::vector<int8_t> q0(static_cast<size_t>(M * xs), 0), q1(static_cast<size_t>(M * xs), 0);
+          for (long m = 0; m < M; ++m) {
+            float a0, a1;
+            int32_t s0, s1;
+            quant_fn(SCALAR)(x.data() + m * K, K, q0.data() + m * xs, &a0, &s0);
+            quant_fn(level)(x.data() + m * K, K, q1.data() + m * xs, &a1, &s1);
+            if (a0 != a1 || s0 != s1 || std::memcmp(q0.data() + m * xs, q1.data() + m * xs, K) != 0)
+              return fail("quantize", level, fmt, N, K, M);
+          }
+          std::vector<int32_t> c0(static_cast<size_t>(M * N), -7), c1(static_cast<size_t>(M * N), -7);
+          codes_dot(SCALAR, fmt, W.data(), R, K, N, 0, R, q0.data(), xs, M, c0.data(), N);
+          codes_dot(level, fmt, W.data(), R, K, N, 0, R, q0.data(), xs, M, c1.data(), N);
+          if (c0 != c1) return fail("codes_dot", level, fmt, N, K, M);
+          ++cases;
+        }
+        std::vector<int8_t> u0(static_cast<size_t>(N * K)), u1(static_cast<size_t>(N * K));
+        unpack_rows(SCALAR, fmt, W.data(), R, K, N, 0, R, u0.data());
+        unpack_rows(level, fmt, W.data(), R, K, N, 0, R, u1.data());
+        if (u0 != u1) return fail("unpack", level, fmt, N, K, 0);
+      }
+    }
+    std::printf("ok %d %d\n", level, cases);
+  }
+  if (kDetected == 0) std::printf("ok 0 0\n");
+  return 0;
+}
