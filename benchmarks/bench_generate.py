@@ -51,17 +51,19 @@ class Model:
     packing: str | None
     dtype: torch.dtype
     label: str
+    int8_head: bool = False
 
 
 MODELS = {m.key: m for m in [
     Model("bitnet", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (packed 2-bit)"),
     Model("bitnet-1.6bit", "bitnet", "1.6bit", torch.bfloat16, "BitNet b1.58 (packed 1.6-bit)"),
     Model("bitnet1", "bitnet1", "1bit", torch.bfloat16, "BitNet binary (packed 1-bit)"),
+    Model("bitnet-int8head", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (2-bit, int8 lm_head)", int8_head=True),
     Model("bf16", "bf16", None, torch.bfloat16, "BF16 twin"),
     Model("fp32", "bf16", None, torch.float32, "twin in fp32"),
 ]}
 GPU_MODELS = ["bitnet", "bf16"]
-CPU_MODELS = ["bitnet", "bitnet-1.6bit", "bitnet1", "bf16", "fp32"]
+CPU_MODELS = ["bitnet", "bitnet-1.6bit", "bitnet1", "bitnet-int8head", "bf16", "fp32"]
 TWINS = ("bf16", "fp32")
 
 
@@ -137,8 +139,10 @@ def measure(args: Args, key: str) -> dict:
     rss_before = rss_bytes()
     config = BitNetConfig.from_preset(args.preset, linear=linear)
     model = random_model(config, spec.dtype, device, packing=spec.packing)
+    if spec.int8_head:
+        model.quantize_lm_head()
     sizes = weight_bytes(model)
-    streamed = sizes["linear"] + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    streamed = sizes["linear"] + model.lm_head.weight.numel() * model.lm_head.weight.element_size()  # int8: 1 byte
     flush = L2Flusher(device=device) if cuda else None
     T, N = args.prompt_len, args.new_tokens
     rows = []

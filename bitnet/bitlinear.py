@@ -173,3 +173,43 @@ class BitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight_bits={self.weight_bits}, {state}"
         )
+
+
+class Int8Linear(nn.Module):
+    """An inference-only linear layer with int8 weights, one float32 absmax scale per output row.
+
+    Meant for the lm_head of packed models (decode streams every weight byte once: at the 700m
+    shape the bf16 head weighs 60% as much as all ternary layers together):
+        s_n = max_k |W[n, k]| / 127,   W_q[n, k] = round(W[n, k] / s_n) in [-127, 127]
+        y = x @ (W_q * s)^T (+ bias)   activations stay in float.
+    `state_dict()` holds the dequantized weight W_q * s in bf16 under `weight` (no extra tensor),
+    so a model saved after the swap is an ordinary checkpoint whose head carries the rounding.
+    """
+
+    def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight_q.shape[1], weight_q.shape[0]
+        self.register_buffer("weight", weight_q.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", scale.float().reshape(-1).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._register_state_dict_hook(Int8Linear._dequantized_state)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Module) -> "Int8Linear":
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (N,)
+        w_q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(w_q, scale, getattr(linear, "bias", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    @staticmethod
+    def _dequantized_state(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "weight"] = (module.weight.float() * module.weight_scale[:, None]).to(torch.bfloat16)
+        state_dict.pop(prefix + "weight_scale", None)
+        return state_dict
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 rows"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bitlinear import BitLinear, RMSNorm
+from .bitlinear import BitLinear, Int8Linear, RMSNorm
 from .config import BitNetConfig, matches_any
 
 
@@ -282,6 +282,15 @@ class BitNetForCausalLM(nn.Module):
         # A padded query sees no real key: let it see itself, so its row is never all-masked
         # (an all-masked row makes SDPA return NaN, which the next layer would spread).
         return (allowed[None, None] & keys) | diag[None, None]
+
+    @torch.no_grad()
+    def quantize_lm_head(self) -> "BitNetForCausalLM":
+        """Swap the lm_head for int8 rows with float32 row scales (bitnet.Int8Linear), in place:
+        half the bytes of a bf16 head for decode to stream. Inference only; with tied embeddings the
+        embedding keeps its own float table. The cost in perplexity is measured in the README."""
+        if not isinstance(self.lm_head, Int8Linear):
+            self.lm_head = Int8Linear.from_linear(self.lm_head)
+        return self
 
     # ----- cache -----
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:

@@ -79,3 +79,15 @@ def bitlinear(
 
         return triton_bitlinear(x, packed, scale, n, fmt, bias)
     return torch_bitlinear(x, packed, scale, n, fmt, bias)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ (weight * scale)^T (+ bias) for int8 rows with float32 row scales (an int8 lm_head).
+
+    Few rows on the CPU (decode): the native kernel streams the int8 bytes once. Otherwise the rows
+    are dequantized to x's dtype for F.linear (prefill, evaluation, GPUs)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type == "cpu" and rows <= 16 and os.environ.get("BITNET_KERNEL") != "torch" and native.available():
+        return native.int8_linear(x, weight, scale, bias)
+    w = (weight.float() * scale.float()[:, None]).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

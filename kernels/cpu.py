@@ -21,6 +21,7 @@ Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.co
     linear(x, packed, scale, n, fmt, bias=None) -> y          x (..., K) -> y (..., n), x's dtype
     matmul_int32(x_q, packed, n, fmt) -> int32 (M, n)         exact x_q @ W_q^T
     quantize(x) -> (x_q int8, a float32 (..., 1), sum int32)  per-row int8 activations
+    int8_linear(x, weight, scale, bias=None) -> y             weight-only int8 rows (an int8 lm_head)
 M >= large_m (default 48) decodes the weights to int8 once per call and runs ATen's int8 GEMM
 (`torch._int_mm`: oneDNN, with VNNI or AMX where present); smaller M runs the GEMV kernel.
 """
@@ -122,6 +123,10 @@ def _register_fakes() -> None:
     def _(x_q, packed, n, fmt):
         return x_q.new_empty((x_q.shape[0], n), dtype=torch.int32)
 
+    @torch.library.register_fake("bitnet_cpu::int8_linear")
+    def _(x, weight, scale, bias=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     @torch.library.register_fake("bitnet_cpu::quantize")
     def _(x):
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
@@ -173,6 +178,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, f
 
 def matmul_int32(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:
     return torch.ops.bitnet_cpu.matmul_int32(x_q, packed, n, fmt)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x @ weight^T) * scale (+ bias) for an int8 (N, K) weight with float32 row scales (N,)."""
+    return torch.ops.bitnet_cpu.int8_linear(x, weight, scale, bias)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -293,3 +293,41 @@ def test_neon_path_under_qemu(tmp_path):
         pytest.skip("no aarch64-linux-gnu-g++ or qemu-aarch64 (apt install g++-aarch64-linux-gnu qemu-user)")
     words = run_harness(cxx, tmp_path, runner=(qemu, "-cpu", "max"), extra=("-static",))
     assert words[:2] == ["ok", "1"] and int(words[2]) > 0, words
+
+
+@pytest.mark.parametrize("isa", isas())
+def test_int8_lm_head_against_float64(isa):
+    """Int8Linear: native rows (decode) and the dequantized path (many rows) both equal the float64
+    product of the int8 weights and their scales within float32 rounding; quantization error of
+    the rows themselves is bounded by half a step."""
+    import bitnet
+
+    cpu.set_isa(isa)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(257, 1003, bias=False)
+    head = bitnet.Int8Linear.from_linear(lin)
+    w = head.weight.double() * head.weight_scale.double()[:, None]
+    assert (w - lin.weight.double()).abs().max() <= head.weight_scale.max() / 2 + 1e-7
+    for m in (1, 3, 40):
+        x = torch.randn(2, m, 257)
+        ref = x.double() @ w.t()
+        y = head(x)
+        assert y.shape == (2, m, 1003) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    state = head.state_dict()  # an ordinary checkpoint tensor: the dequantized rows in bf16
+    assert list(state) == ["weight"] and state["weight"].dtype == torch.bfloat16
+
+
+def test_quantize_lm_head_keeps_greedy_decoding_close():
+    import bitnet
+
+    torch.manual_seed(0)
+    model = bitnet.freeze(bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny", initializer_range=0.05))).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.quantize_lm_head()
+        after = model(ids).logits
+    assert isinstance(model.lm_head, bitnet.Int8Linear)
+    assert (after - before).abs().max() < 0.02 * before.abs().max()
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9

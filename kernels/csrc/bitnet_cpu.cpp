@@ -197,6 +197,40 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor&
   return {xq.reshape(x_in.sizes()), a.reshape(ashape), s.reshape(shape)};
 }
 
+// Weight-only int8 linear (an int8 lm_head): y = (x @ W^T) * scale[n] (+ bias), W int8 (N, K),
+// scale float32 (N,), accumulated in float32; x (..., K) float32 / bf16 / fp16 / fp64, y in x's dtype.
+// Meant for few rows (decode: the weights stream once); callers dequantize for large M.
+static at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& scale_in,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), "bitnet_cpu: int8_linear takes CPU tensors");
+  TORCH_CHECK(w_in.scalar_type() == at::kChar && w_in.dim() == 2, "bitnet_cpu: int8 weight must be a 2-D int8 tensor, got ",
+              w_in.scalar_type(), " ", w_in.sizes());
+  const int64_t N = w_in.size(0), K = w_in.size(1);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "bitnet_cpu: input has ", x_in.size(-1), " features, the int8 weight ", K);
+  TORCH_CHECK(scale_in.numel() == N, "bitnet_cpu: int8 weight scale has ", scale_in.numel(), " values for ", N, " rows");
+  const auto dtype = x_in.scalar_type();
+  const at::Tensor xf = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  const at::Tensor w = w_in.contiguous(), scale = scale_in.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  at::Tensor y32 = at::empty({M, N}, xf.options());
+  const Int8RowsFn f = int8_rows_fn(active_isa());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y32.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      f(wp, K, xp + m * K, n0, n1, yp + m * N + n0);
+      for (int64_t n = n0; n < n1; ++n) yp[m * N + n] *= sp[n];
+    }
+  });
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  at::Tensor y = y32.to(dtype).reshape(shape);
+  if (bias.has_value() && bias->defined()) y = y + bias->to(dtype);
+  return y;
+}
+
 // Set the instruction-set cap (-1: leave it) and the large-M threshold (-1: leave it); returns the
 // active instruction set (0 scalar, 1 AVX2, 2 AVX-512 VNNI).
 static int64_t configure(int64_t cap, int64_t large_m) {
@@ -213,6 +247,7 @@ TORCH_LIBRARY(bitnet_cpu, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor scale, int n, str fmt, Tensor? bias=None) -> Tensor");
   m.def("matmul_int32(Tensor x_q, Tensor packed, int n, str fmt) -> Tensor");
   m.def("quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
   m.def("configure(int cap, int large_m) -> int", &bitnet_cpu::configure);
   m.def("detected() -> int", &bitnet_cpu::detected);
 }
@@ -221,4 +256,5 @@ TORCH_LIBRARY_IMPL(bitnet_cpu, CPU, m) {
   m.impl("linear", &bitnet_cpu::linear);
   m.impl("matmul_int32", &bitnet_cpu::matmul_int32);
   m.impl("quantize", &bitnet_cpu::quantize);
+  m.impl("int8_linear", &bitnet_cpu::int8_linear);
 }

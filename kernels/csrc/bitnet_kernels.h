@@ -143,6 +143,16 @@ static void unpack_scalar(int fmt, const uint8_t* W, int64_t R, int64_t K, int64
     }
 }
 
+// Weight-only int8 rows (an int8 lm_head): out[n - n0] = sum_k W[n, k] * x[k] in float32, n in [n0, n1).
+static void int8_rows_scalar(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    out[n - n0] = acc;
+  }
+}
+
 #ifdef BITNET_X86
 // ------------------------------------------------------------------------------------ AVX2
 #pragma GCC push_options
@@ -358,6 +368,29 @@ static void unpack_avx2(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64
       }
   }
 }
+static void int8_rows_avx2(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+      for (int j = 0; j < 4; ++j) {
+        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * j))));
+        a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k + 8 * j), a[j]);
+      }
+    for (; k + 8 <= K; k += 8) {
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
+      a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a[0]);
+    }
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float acc = _mm_cvtss_f32(h);
+    for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    out[n - n0] = acc;
+  }
+}
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------------------------ AVX-512
@@ -520,6 +553,25 @@ static void unpack_avx512(const uint8_t* W, int64_t R, int64_t K, int64_t N, int
         _mm512_mask_storeu_epi8(out + (r + i * R) * K + k, mk, v);
       }
     }
+  }
+}
+static void int8_rows_avx512(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+      for (int j = 0; j < 4; ++j) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * j))));
+        a[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k + 16 * j), a[j]);
+      }
+    for (; k + 16 <= K; k += 16) {
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+      a[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k), a[0]);
+    }
+    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+    for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    out[n - n0] = acc;
   }
 }
 #pragma GCC pop_options
@@ -693,6 +745,24 @@ static void unpack_neon(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64
       }
   }
 }
+static void int8_rows_neon(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    float32x4_t a[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const int8x16_t wv = vld1q_s8(w + k);
+      const int16x8_t lo = vmovl_s8(vget_low_s8(wv)), hi = vmovl_s8(vget_high_s8(wv));
+      a[0] = vfmaq_f32(a[0], vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vld1q_f32(x + k));
+      a[1] = vfmaq_f32(a[1], vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), vld1q_f32(x + k + 4));
+      a[2] = vfmaq_f32(a[2], vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vld1q_f32(x + k + 8));
+      a[3] = vfmaq_f32(a[3], vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), vld1q_f32(x + k + 12));
+    }
+    float acc = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+    for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    out[n - n0] = acc;
+  }
+}
 #pragma GCC pop_options
 #endif  // BITNET_ARM
 
@@ -750,6 +820,18 @@ static void unpack_rows(int64_t isa, int fmt, const uint8_t* W, int64_t R, int64
   }
 #endif
   unpack_scalar(fmt, W, R, K, N, r0, r1, out);
+}
+
+using Int8RowsFn = void (*)(const int8_t*, int64_t, const float*, int64_t, int64_t, float*);
+
+static Int8RowsFn int8_rows_fn(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) return int8_rows_avx512;
+  if (isa >= AVX2) return int8_rows_avx2;
+#elif defined(BITNET_ARM)
+  if (isa >= NEON) return int8_rows_neon;
+#endif
+  return int8_rows_scalar;
 }
 
 }  // namespace bitnet_cpu

@@ -56,6 +56,20 @@ int main() {
         if (u0 != u1) return fail("unpack", level, fmt, N, K, 0);
       }
     }
+    // int8 rows (an int8 lm_head): float32 sums in another order, equal within rounding
+    for (long K : {1L, 45L, 1027L}) {
+      const long N = 33;
+      std::vector<int8_t> W(static_cast<size_t>(N * K));
+      std::vector<float> x(static_cast<size_t>(K)), y0(N), y1(N);
+      std::normal_distribution<float> nd(0.f, 1.f);
+      for (auto& b : W) b = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+      for (auto& v : x) v = nd(rng);
+      int8_rows_fn(SCALAR)(W.data(), K, x.data(), 0, N, y0.data());
+      int8_rows_fn(level)(W.data(), K, x.data(), 0, N, y1.data());
+      for (long n = 0; n < N; ++n)
+        if (std::fabs(y0[n] - y1[n]) > 1e-4f * (1.f + std::fabs(y0[n]))) return fail("int8_rows", level, 0, N, K, 1);
+      ++cases;
+    }
     std::printf("ok %d %d\n", level, cases);
   }
   if (kDetected == 0) std::printf("ok 0 0\n");
