@@ -14,7 +14,7 @@ by floor (README: Layout; tests/test_layering.py holds them to it).
 
 from . import checkpoint as _checkpoint
 from . import generation as _generation
-from .bitlinear import BitLinear, RMSNorm
+from .bitlinear import BitLinear, Int8Linear, RMSNorm
 from .checkpoint import CheckpointError
 from .config import PRESETS, BitNetConfig, ConfigError
 from .convert import convert, count_parameters, freeze, unfreeze, weight_bytes
@@ -28,6 +28,7 @@ __all__ = [
     "CausalLMOutput",
     "CheckpointError",
     "ConfigError",
+    "Int8Linear",
     "PRESETS",
     "RMSNorm",
     "convert",
@@ -41,8 +42,10 @@ __all__ = [
 # The model's convenience methods are defined where their work is, on the floors above the model,
 # and attached to it here, in the one module that runs before any bitnet.* module: model.py imports
 # none of those floors, and every BitNetForCausalLM has the methods.
-def _from_pretrained(cls, path: str, dtype=None, device=None) -> BitNetForCausalLM:
-    return _checkpoint.load_pretrained(path, dtype=dtype, device=device)
+def _from_pretrained(cls, path: str, dtype=None, device=None, *, revision=None, cache_dir=None, local_files_only=False,
+                     token=None) -> BitNetForCausalLM:
+    return _checkpoint.load_pretrained(path, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token)
 
 
 _from_pretrained.__doc__ = _checkpoint.load_pretrained.__doc__

@@ -33,11 +33,10 @@ from .atomic import atomic_save_safetensors, atomic_write, atomic_write_bytes  #
 from .bitlinear import BitLinear
 from .config import BitNetConfig, ConfigError
 from .convert import bitlinears, freeze, quantization_mode
+from .hub import INDEX, SINGLE, resolve
 from .model import BitNetForCausalLM
 from .packing import pack, repack, unpack
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
 
@@ -179,10 +178,17 @@ def _expected(model: BitNetForCausalLM) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_pretrained(path: str, dtype: torch.dtype | None = None, device=None) -> BitNetForCausalLM:
-    """Build the model that `path`/config.json describes and fill it from the safetensors files."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+def load_pretrained(path: str, dtype: torch.dtype | None = None, device=None, *, revision: str | None = None,
+                    cache_dir: str | None = None, local_files_only: bool = False,
+                    token: str | bool | None = None) -> BitNetForCausalLM:
+    """Build the model that `path`/config.json describes and fill it from the safetensors files.
+
+    `path` is a checkpoint folder or a hub id such as "microsoft/bitnet-b1.58-2B-4T", fetched into
+    (or, offline, read from) huggingface_hub's cache: revision, cache_dir, local_files_only (or
+    HF_HUB_OFFLINE=1) and token as in transformers' from_pretrained (bitnet.hub). Only config.json,
+    the safetensors and the tokenizer files are fetched; pickled weights never are.
+    """
+    path = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     config, mode = BitNetConfig.load(os.path.join(path, "config.json"))
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):

@@ -48,7 +48,8 @@ def info(args: InfoArgs) -> None:
 
 @dataclass
 class ConvertArgs:
-    src: str = arg(help="checkpoint folder: ours, transformers' bitnet, or a Llama-style model", positional=True)
+    src: str = arg(help="checkpoint folder or hub id (org/name): ours, transformers' bitnet, or a Llama-style model",
+                   positional=True)
     dst: str = arg(help="output folder", positional=True)
     to: str = arg("packed", help="packed: offline packed weights for inference (2 bits; 1 bit for binary models, "
                   "which load here only); unpacked: offline W_q values as floats + weight_scale, which transformers "
@@ -58,6 +59,9 @@ class ConvertArgs:
                             choices=["autobitlinear", "bitlinear"])
     weight_bits: str = arg("ternary", help="for a float model: the BitLinear kind it converts to",
                            choices=["ternary", "binary"])
+    revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
+    cache_dir: str | None = arg(None, help="hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
+    local_files_only: bool = arg(False, help="hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
 
 
 @command("convert", ConvertArgs)
@@ -66,7 +70,8 @@ def convert_cmd(args: ConvertArgs) -> None:
     from .convert import convert, freeze, quantization_mode, unfreeze
     from .model import BitNetForCausalLM
 
-    model = BitNetForCausalLM.from_pretrained(args.src)
+    model = BitNetForCausalLM.from_pretrained(args.src, revision=args.revision, cache_dir=args.cache_dir,
+                                              local_files_only=args.local_files_only)
     before = quantization_mode(model) or "float"
     if model.config.linear == "bf16":
         convert(model, weight_bits=args.weight_bits)
@@ -123,7 +128,8 @@ def memory_cmd(args: MemoryArgs) -> None:
 @dataclass
 class EvalArgs:
     task: str = arg(help="what to measure", positional=True, choices=["ppl"])
-    model: str = arg(help="checkpoint folder: ours (any format) or any transformers causal LM", positional=True)
+    model: str = arg(help="checkpoint folder or hub id (org/name): ours (any format) or any transformers causal LM",
+                     positional=True)
     data: str = arg(help="text file to score (e.g. wikitext-2-raw/wiki.test.raw)")
     max_length: int | None = arg(None, help="tokens per window (default: min(1024, the model's context))")
     stride: int | None = arg(None, help="sliding protocol: tokens between window starts (default: max_length / 2)")
@@ -133,6 +139,9 @@ class EvalArgs:
     device: str | None = arg(None, help="cpu, cuda, ... (default: cuda if available)")
     json: bool = arg(False, help="print one JSON object instead of text")
     progress: bool = arg(True, help="progress bar (stderr)")
+    revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
+    cache_dir: str | None = arg(None, help="hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
+    local_files_only: bool = arg(False, help="hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
 
 
 @command("eval", EvalArgs)
@@ -144,7 +153,8 @@ def eval_cmd(args: EvalArgs) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     r = evaluate_folder(args.model, args.data, args.max_length, args.stride, args.protocol, args.batch_size, device,
-                        progress=args.progress and not args.json)
+                        progress=args.progress and not args.json, revision=args.revision, cache_dir=args.cache_dir,
+                        local_files_only=args.local_files_only)
     print(result_json(r) if args.json else f"{args.model} on {args.data}: {r.summary()}")
 
 

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .hub import resolve
+
 PROTOCOLS = ("sliding", "chunks")
 
 
@@ -158,7 +160,10 @@ def bos_id(model) -> int | None:
 
 
 def evaluate_folder(path: str, data: str, max_length: int | None = None, stride: int | None = None, protocol: str = "sliding",
-                    batch_size: int = 4, device=None, progress: bool = False) -> Perplexity:
+                    batch_size: int = 4, device=None, progress: bool = False, revision: str | None = None,
+                    cache_dir: str | None = None, local_files_only: bool = False) -> Perplexity:
+    """Perplexity of the model at `path` (a folder or a hub id, bitnet.hub) on the text file `data`."""
+    name, path = path, resolve(path, revision, cache_dir, local_files_only)
     model = load_model(path, device=device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     max_length = max_length or min(1024, max_pos or 1024)
@@ -166,7 +171,7 @@ def evaluate_folder(path: str, data: str, max_length: int | None = None, stride:
         raise ValueError(f"--max-length {max_length} exceeds the model's max_position_embeddings ({max_pos})")
     result = perplexity(model, load_text_ids(path, data), max_length, stride, protocol, bos_id(model), batch_size,
                         progress=progress)
-    result.model, result.data = path, data
+    result.model, result.data = name, data
     return result
 
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from .args import arg, command
+from .hub import resolve
+from .model import attention_dtype
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
 
@@ -210,8 +212,8 @@ def generate(
 
     The KV cache: if the caller has set one up (model.setup_cache) that fits this batch and
     length, it is used and kept (repeated calls reuse its memory, and CUDA graphs their
-    recording); otherwise one is allocated for this call, in the model's dtype, and freed at the
-    end.
+    recording); otherwise one is allocated for this call, in the attention's dtype (the model's;
+    float32 on the CPU), and freed at the end.
     """
     config = model.config
     input_ids, mask = check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
@@ -225,10 +227,11 @@ def generate(
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
 
     held = _cache_length(model)
-    owns_cache = not (held and held[0] == B and held[1] >= T + max_new_tokens and held[2] == dtype)
+    cache_dtype = attention_dtype(model.model.embed_tokens.weight)  # float32 on the CPU (bitnet.model)
+    owns_cache = not (held and held[0] == B and held[1] >= T + max_new_tokens and held[2] == cache_dtype)
     if owns_cache:
         length = -(-(T + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
-        model.setup_cache(B, min(length, config.max_position_embeddings), dtype=dtype, device=device)
+        model.setup_cache(B, min(length, config.max_position_embeddings), dtype=cache_dtype, device=device)
     try:
         S = _cache_length(model)[1]
         key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # slots after the prompt hold generated tokens
@@ -280,7 +283,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass
 class GenerateArgs:
-    model: str = arg(help="checkpoint folder with config.json, model.safetensors and tokenizer.json", positional=True)
+    model: str = arg(help="checkpoint folder with config.json, model.safetensors and tokenizer.json, or a hub id "
+                     "(org/name)", positional=True)
     prompt: str = arg(help="text to continue")
     max_new_tokens: int = arg(64, help="tokens to generate at most (clipped to the context)")
     temperature: float = arg(0.0, help="0 for greedy decoding")
@@ -288,9 +292,13 @@ class GenerateArgs:
     top_p: float | None = arg(None, help="sample among the most likely tokens holding this probability mass")
     seed: int | None = arg(None, help="random seed for sampling")
     device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
-    dtype: str | None = arg(None, help="activation dtype (default: bfloat16 on cuda, float32 on cpu)",
+    dtype: str | None = arg(None, help="activation and float-weight dtype (default: bfloat16; decode streams every "
+                            "weight byte once, the float ones too)",
                             choices=list(DTYPES))
     compile: bool = arg(False, help="compile the decode step (CUDA graphs on cuda)")
+    revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
+    cache_dir: str | None = arg(None, help="hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
+    local_files_only: bool = arg(False, help="hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
 
 
 def load_tokenizer(folder: str, files: dict[str, bytes] | None = None):
@@ -350,12 +358,11 @@ def generate_cmd(args: GenerateArgs) -> None:
 
     if not args.prompt:
         raise ValueError("empty prompt: pass some text with --prompt")
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"checkpoint folder {args.model} does not exist")
-    tokenizer = load_tokenizer(args.model)  # before the weights: a missing tokenizer fails fast
+    folder = resolve(args.model, args.revision, args.cache_dir, args.local_files_only)
+    tokenizer = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    model = BitNetForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    dtype = DTYPES[args.dtype or "bfloat16"]
+    model = BitNetForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
 
     prompt_ids = tokenizer.encode(args.prompt).ids
     context = model.config.max_position_embeddings

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Where each top-level package of pyproject.toml's [tool.setuptools.package-dir] has its source.
 PACKAGE_DIRS = {"bitnet": ROOT / "bitnet", "bitnet.kernels": ROOT / "kernels"}
 FLOORS = {
-    1: ("ground", ["bitnet.quant", "bitnet.packing", "bitnet.atomic", "bitnet.config", "bitnet.args", "bitnet.corpus"]),
+    1: ("ground", ["bitnet.quant", "bitnet.packing", "bitnet.atomic", "bitnet.config", "bitnet.args", "bitnet.corpus",
+                   "bitnet.hub"]),
     2: ("kernels", ["bitnet.kernels", "bitnet.kernels.*"]),
     3: ("layers", ["bitnet.ops", "bitnet.bitlinear", "bitnet.model"]),
     4: ("over the model", ["bitnet.checkpoint", "bitnet.convert", "bitnet.generation", "bitnet.evaluate",
@@ -267,7 +268,8 @@ def test_model_methods_are_attached_with_their_documentation():
     assert BitNetForCausalLM.freeze is freeze
     assert BitNetForCausalLM.num_parameters is count_parameters
     assert BitNetForCausalLM.from_pretrained.__doc__ == load_pretrained.__doc__
-    assert list(inspect.signature(BitNetForCausalLM.from_pretrained).parameters) == ["path", "dtype", "device"]
+    assert list(inspect.signature(BitNetForCausalLM.from_pretrained).parameters) == ["path", "dtype", "device", "revision",
+                                                                             "cache_dir", "local_files_only", "token"]
 
 
 # ----------------------------------------------------------------------------- the detector can fail

@@ -35,6 +35,7 @@ from ..args import arg
 from ..atomic import atomic_save_safetensors, atomic_write_bytes
 from ..config import PRESETS, BitNetConfig
 from ..convert import bitlinears, convert, freeze, set_quant_strength, unfreeze
+from ..hub import resolve
 from ..model import BitNetForCausalLM
 from ..plots import plot_metrics, read_jsonl
 from ..quant import quantize_weight
@@ -54,7 +55,7 @@ RECIPES = {
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"out", "resume", "eval_every", "log_every", "save_every", "progress", "compile",
                   "activation_checkpointing", "device", "threads", "cache_dir", "eval_windows",
-                  "micro_batch", "grad_accum", "fsdp"}
+                  "micro_batch", "grad_accum", "fsdp", "hub_cache_dir", "local_files_only"}
 
 
 class TrainingError(RuntimeError):
@@ -87,7 +88,11 @@ class TrainConfig:
     val_fraction: float = arg(0.1, help="held-out fraction of --data when --val-data is not given")
     tokenizer: str | None = arg(None, help="tokenizer.json (or a folder with one); default: train a byte-level BPE")
     vocab_size: int | None = arg(None, help="BPE vocabulary when training one (default: the preset's)")
-    init: str | None = arg(None, help="start from this checkpoint folder (ours, or a Llama-style model to convert)")
+    init: str | None = arg(None, help="start from this checkpoint folder or hub id (ours, or a Llama-style model to "
+                           "convert)")
+    init_revision: str | None = arg(None, help="--init hub id: branch, tag or commit (default: main)")
+    hub_cache_dir: str | None = arg(None, help="--init hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
+    local_files_only: bool = arg(False, help="--init hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
     quant_warmup_steps: int = arg(0, help="quantization warm-up: lambda rises from 0 to 1 over these steps")
     eval_every: int = arg(100, help="validate every N steps (and at the end)")
     eval_windows: int = arg(64, help="validation windows per evaluation (0: the whole held-out split)")
@@ -168,6 +173,7 @@ class Trainer:
         self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
         self.global_batch = cfg.micro_batch * cfg.grad_accum * d.world
 
+        self.init_dir = self._resolve_init()
         self.tokenizer, train_tokens, val_tokens = self._prepare_data(resuming=saved is not None)
         self.model = self._build_model()
         self.config: BitNetConfig = self.model.config
@@ -203,6 +209,16 @@ class Trainer:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
         if c.lr is not None and not c.lr > 0:
             raise TrainingError(f"--lr must be positive, got {c.lr}")
+
+    def _resolve_init(self) -> str | None:
+        """--init as a local folder: itself, or its hub snapshot (rank 0 fetches, the others then read the cache)."""
+        c = self.cfg
+        if not c.init:
+            return None
+        get = lambda: resolve(c.init, c.init_revision, c.hub_cache_dir, c.local_files_only)  # noqa: E731
+        folder = get() if self.d.main else None
+        self.d.barrier()
+        return folder if folder is not None else get()
 
     def _comparable(self, cfg: dict) -> dict:
         out = {k: v for k, v in cfg.items() if k not in FREE_ON_RESUME}
@@ -244,8 +260,8 @@ class Trainer:
                 tok = D.load_tokenizer(tok_path)
             elif cfg.tokenizer:
                 tok = D.load_tokenizer(cfg.tokenizer)
-            elif cfg.init and os.path.isfile(os.path.join(cfg.init, "tokenizer.json")):
-                tok = D.load_tokenizer(cfg.init)
+            elif self.init_dir and os.path.isfile(os.path.join(self.init_dir, "tokenizer.json")):
+                tok = D.load_tokenizer(self.init_dir)
             else:
                 tok = D.train_tokenizer(train_docs, cfg.vocab_size or PRESETS[cfg.preset]["vocab_size"])
             if first and not resuming:
@@ -271,7 +287,7 @@ class Trainer:
         cfg, tok = self.cfg, self.tokenizer
         vocab = tok.get_vocab_size()
         if cfg.init:
-            model = BitNetForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+            model = BitNetForCausalLM.from_pretrained(self.init_dir, dtype=torch.float32)
             if vocab > model.config.vocab_size:
                 raise TrainingError(f"the tokenizer has {vocab} tokens, more than the vocabulary of {cfg.init} "
                                     f"({model.config.vocab_size})")
