@@ -18,6 +18,7 @@ from .bitlinear import BitLinear, Int8Linear, RMSNorm
 from .checkpoint import CheckpointError
 from .config import PRESETS, BitNetConfig, ConfigError
 from .convert import convert, count_parameters, freeze, unfreeze, weight_bytes
+from .hf import patch
 from .model import BitNetForCausalLM, CausalLMOutput
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "convert",
     "count_parameters",
     "freeze",
+    "patch",
     "unfreeze",
     "weight_bytes",
 ]
