@@ -50,15 +50,24 @@ def info(args: InfoArgs) -> None:
 class ConvertArgs:
     src: str = arg(help="checkpoint folder or hub id (org/name): ours, transformers' bitnet, or a Llama-style model",
                    positional=True)
-    dst: str = arg(help="output folder", positional=True)
+    dst: str = arg(help="output folder (a .gguf file with --to gguf)", positional=True)
     to: str = arg("packed", help="packed: offline packed weights for inference (2 bits; 1 bit for binary models, "
                   "which load here only); unpacked: offline W_q values as floats + weight_scale, which transformers "
                   "loads (the export of binary models for transformers); latent: online latent weights for (QAT) "
-                  "training", choices=["packed", "unpacked", "latent"])
+                  "training; gguf: one GGUF file for llama.cpp", choices=["packed", "unpacked", "latent", "gguf"])
     linear_class: str = arg("autobitlinear", help="weight_scale convention of packed weights",
                             choices=["autobitlinear", "bitlinear"])
     weight_bits: str = arg("ternary", help="for a float model: the BitLinear kind it converts to",
                            choices=["ternary", "binary"])
+    gguf_type: str = arg("tq2_0", help="--to gguf: type of the projections: ternary blocks TQ2_0 (2.06 bits/weight) or "
+                         "TQ1_0 (1.69), or F16 W_q (for runtimes that quantize with their own tools)",
+                         choices=["tq2_0", "tq1_0", "f16"])
+    gguf_fallback: str = arg("q4_0", help="--to gguf: type of projections whose input width is not a multiple of 256 "
+                             "(q4_0 and q8_0 hold ternary values exactly; error: refuse)",
+                             choices=["q4_0", "q8_0", "f16", "error"])
+    gguf_float: str = arg("f16", help="--to gguf: type of the embeddings and lm_head", choices=["f16", "f32"])
+    gguf_scale: str = arg("tensor", help="--to gguf: per-matrix scale as an F32 .scale tensor (exact) or folded into "
+                          "the fp16 block scales (for runtimes without .scale tensors)", choices=["tensor", "fold"])
     revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
     cache_dir: str | None = arg(None, help="hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
     local_files_only: bool = arg(False, help="hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
@@ -75,6 +84,12 @@ def convert_cmd(args: ConvertArgs) -> None:
     before = quantization_mode(model) or "float"
     if model.config.linear == "bf16":
         convert(model, weight_bits=args.weight_bits)
+    if args.to == "gguf":
+        from .gguf_export import export_gguf
+
+        report = export_gguf(model, args.dst, args.gguf_type, args.gguf_fallback, args.gguf_float, args.gguf_scale)
+        print(f"{args.src} ({before}) -> {report.summary()}")
+        return
     if args.to == "latent":
         unfreeze(model, dtype=model.model.embed_tokens.weight.dtype)
     else:

@@ -55,4 +55,4 @@ def test_convert_missing_source(tmp_path, capsys):
 
 def test_unknown_choice_exits_with_usage():
     with pytest.raises(SystemExit):
-        main(["convert", "a", "b", "--to", "gguf"])
+        main(["convert", "a", "b", "--to", "onnx"])

@@ -1,0 +1,375 @@
+"""GGUF export for llama.cpp (and the runtimes built on it): `export_gguf(model, "out.gguf")`.
+
+    bitnet convert runs/small/export model.gguf --to gguf [--gguf-type tq2_0|tq1_0]
+
+What is written (the `gguf` package writes the container):
+- architecture `llama` for model_type "llama" (the HF1BitLLM / onebitllms layout: a Llama block),
+  `bitnet` for model_type "bitnet" (the 2B-4T layout, with attn_sub_norm / ffn_sub_norm);
+- hyper-parameters under llama.cpp's keys; the tokenizer (byte-level BPE, as tokenizer.json holds
+  it: tokens, token types, merges, special ids, chat template); llama3 RoPE scaling as the
+  `rope_freqs` tensor llama.cpp's own converter writes;
+- the seven projections of every block as ternary blocks of 256 along K: TQ2_0 (2 bits a weight +
+  one fp16 per block, 2.06 bits/weight) or TQ1_0 (base-3, 1.69 bits/weight). Block scale d = 1 and
+  the per-matrix scale s = mean|W| as the F32 tensor `blk.N.<name>.scale` that llama.cpp multiplies
+  after the matmul (scale="tensor": the dequantized weights are exactly W_q * s), or s folded into
+  every block's fp16 d (scale="fold": for runtimes that do not read .scale tensors; s rounds to fp16);
+- or, gguf_type "f16", every projection as F16 values W_q (exact; with scale="fold", W_q * fp16(s)):
+  the input of runtimes that quantize with their own tools (ik_llama.cpp's llama-quantize), and a
+  float reference: llama.cpp then multiplies float activations, without int8 quantization;
+- a projection whose input width K is not a multiple of 256 cannot be held in TQ blocks: it is
+  written as `fallback` (Q4_0 by default: blocks of 32, exact for ternary values, 4.5 bits/weight;
+  or Q8_0, or F16; "error" refuses), and the report says which tensors;
+- q_proj / k_proj rows permuted for the `llama` architecture as llama.cpp's converter does (its
+  llama RoPE rotates consecutive pairs, transformers' rotate_half rotates halves); the `bitnet`
+  architecture uses NeoX RoPE in llama.cpp, so its rows stay as they are;
+- embeddings and lm_head as `float_type` (f16 or f32), norms as F32.
+
+Which runtime computes which layout right (FORMAT.md):
+- `llama`: stock llama.cpp (and llama-cpp-python, ollama, LM Studio on a recent llama.cpp) runs it
+  right; the slow test holds its logits to ours.
+- `bitnet` (model_type "bitnet", relu^2 MLP): stock llama.cpp loads it but its graph hard-codes a
+  SiLU gate, and bitnet.cpp's llama.cpp too, so a relu^2 model computes wrong there (a 2B-4T
+  export gives garbage-level perplexity); the layout itself is right (a model_type "bitnet" model
+  trained with hidden_act "silu" runs right). ik_llama.cpp's BitNet graphs do compute relu^2, but
+  with ternary types of their own (IQ1_BN / IQ2_BN, made by its llama-quantize from an F16 GGUF),
+  not TQ1_0 / TQ2_0. The head must be tied (llama.cpp's bitnet graph always reads it from token_embd).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .bitlinear import BitLinear
+from .model import BitNetForCausalLM
+
+GGUF_TYPES = ("tq2_0", "tq1_0", "f16")
+FALLBACKS = ("q4_0", "q8_0", "f16", "error")
+FLOAT_TYPES = ("f16", "f32")
+SCALES = ("tensor", "fold")
+QK_K = 256  # TQ block
+QK = 32  # Q4_0 / Q8_0 block
+PROJECTION_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm"}
+LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+class GGUFError(ValueError):
+    """A model (or an option) that this exporter cannot write as a GGUF llama.cpp would run."""
+
+
+@dataclass
+class GGUFReport:
+    path: str
+    architecture: str
+    tensors: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)  # (name, type, torch shape)
+    notes: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for _, t, _ in self.tensors:
+            kinds[t] = kinds.get(t, 0) + 1
+        kinds_s = ", ".join(f"{n} {t}" for t, n in sorted(kinds.items()))
+        return (f"{self.path}: GGUF architecture {self.architecture}, {len(self.tensors)} tensors ({kinds_s}), "
+                f"{self.bytes / 2**20:.2f} MiB" + "".join(f"\n  note: {n}" for n in self.notes))
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the `gguf` package (llama.cpp's gguf-py): pip install gguf") from None
+    return gguf
+
+
+# ----------------------------------------------------------------------------- blocks
+def tq2_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """TQ2_0 of ternary q (N, K) int8, K % 256 == 0, with block scale d (N, 1) float: uint8 (N, K/256 * 66).
+
+    Per block of 256: 64 bytes, then d as fp16; in each half of 128 values, byte j holds values
+    j, j+32, j+64, j+96 of that half in bits 0-1, 2-3, 4-5, 6-7, as the codes q + 1."""
+    n, k = q.shape
+    c = (q.to(torch.int16) + 1).to(torch.uint8).reshape(n, k // QK_K, 2, 4, 32)  # (N, blocks, half, 4, 32)
+    qs = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)  # (N, blocks, 2, 32)
+    return _with_d(qs.reshape(n, k // QK_K, 64), d, k // QK_K)
+
+
+def tq1_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """TQ1_0 of ternary q (N, K) int8, K % 256 == 0: uint8 (N, K/256 * 54), 5 trits a byte.
+
+    Per block of 256, codes c = q + 1 in base 3, most significant trit first: 32 bytes for values
+    0..159 (byte j: c[j], c[j+32], ..., c[j+128]), 16 bytes for 160..239 (byte j: c[160+j], c[176+j],
+    ...), 4 bytes for 240..255 (byte j: c[240+j], c[244+j], c[248+j], c[252+j], then a 0 trit),
+    each byte b stored as ceil(b * 256 / 243) so that digits come out by multiplication; then d fp16."""
+    n, k = q.shape
+    c = (q.to(torch.int32) + 1).reshape(n, k // QK_K, QK_K)  # (N, blocks, 256)
+    pow5 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32)
+    qs0 = (c[..., :160].reshape(n, -1, 5, 32) * pow5.view(5, 1)).sum(-2)  # (N, blocks, 32)
+    qs1 = (c[..., 160:240].reshape(n, -1, 5, 16) * pow5.view(5, 1)).sum(-2)  # (N, blocks, 16)
+    qh = (c[..., 240:].reshape(n, -1, 4, 4) * pow5[:4].view(4, 1)).sum(-2)  # (N, blocks, 4)
+    b = torch.cat([qs0, qs1, qh], -1)
+    b = ((b * 256 + 242) // 243).to(torch.uint8)
+    return _with_d(b, d, k // QK_K)
+
+
+def q8_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """Q8_0 of integers q (N, K), K % 32 == 0: per block of 32, d fp16 then the 32 int8 values."""
+    n, k = q.shape
+    qs = q.to(torch.int8).reshape(n, k // QK, QK).view(torch.uint8)
+    return _with_d(qs, d, k // QK, d_first=True)
+
+
+def q4_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """Q4_0 of q (N, K) in [-8, 7], K % 32 == 0: per block of 32, d fp16 then 16 bytes, byte j holding
+    value j (low nibble) and value j + 16 (high nibble), each as q + 8."""
+    n, k = q.shape
+    c = (q.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // QK, 2, 16)
+    qs = c[..., 0, :] | (c[..., 1, :] << 4)
+    return _with_d(qs, d, k // QK, d_first=True)
+
+
+def _with_d(qs: torch.Tensor, d: torch.Tensor, blocks: int, d_first: bool = False) -> np.ndarray:
+    """Append (or prepend) each block's fp16 d: qs (N, blocks, B) uint8, d (N, 1) -> (N, blocks * (B + 2))."""
+    n = qs.shape[0]
+    d16 = d.to(torch.float16).reshape(n, 1, 1).expand(n, blocks, 1).contiguous().view(torch.uint8)  # (N, blocks, 2)
+    parts = [d16, qs] if d_first else [qs, d16]
+    return torch.cat(parts, -1).reshape(n, -1).numpy()
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def tokenizer_metadata(files: dict[str, bytes], vocab_size: int, bos, eos, pad) -> dict:
+    """What llama.cpp needs of a byte-level BPE tokenizer.json: tokens (padded to vocab_size),
+    token types, merges, pre-tokenizer name, special ids, add_bos, chat template."""
+    raw = files.get("tokenizer.json")
+    if raw is None:
+        raise GGUFError("no tokenizer.json travels with the model: llama.cpp needs the vocabulary; put the model's "
+                        "tokenizer.json into its folder")
+    tj = json.loads(raw)
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GGUFError(f"tokenizer.json holds a {model.get('type')} model with a {(tj.get('decoder') or {}).get('type')} "
+                        "decoder; GGUF export writes byte-level BPE tokenizers (GPT-2 / Llama 3 style) only")
+    pre = _pre_tokenizer(tj.get("pre_tokenizer"))
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [5] * vocab_size  # UNUSED, for rows of the embedding that no token names
+    for tok, i in model["vocab"].items():
+        if i < vocab_size:
+            tokens[i], types[i] = tok, 1  # NORMAL
+    for t in tj.get("added_tokens") or []:
+        if t["id"] < vocab_size:
+            tokens[t["id"]], types[t["id"]] = t["content"], 3 if t.get("special") else 4  # CONTROL / USER_DEFINED
+    too_big = [i for i in model["vocab"].values() if i >= vocab_size]
+    if too_big:
+        raise GGUFError(f"tokenizer.json has ids up to {max(too_big)}, beyond the model's vocab_size {vocab_size}")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+        post = tj.get("post_processor") or {}
+        posts = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+        single = next((p.get("single") for p in posts if p.get("type") == "TemplateProcessing"), None) or []
+        add_bos = bool(single) and "SpecialToken" in single[0] and bos is not None
+    first = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+    return dict(tokens=tokens, types=types, merges=merges, pre=pre, bos=first(bos), eos=first(eos), pad=first(pad),
+                add_bos=bool(add_bos), chat_template=config.get("chat_template"))
+
+
+def _pre_tokenizer(pt: dict | None) -> str:
+    """llama.cpp's name for the pre-tokenizer: GPT-2's regex ("gpt-2") or Llama 3's ("llama-bpe")."""
+    if pt and pt.get("type") == "ByteLevel" and pt.get("use_regex", True):
+        return "gpt-2"
+    if pt and pt.get("type") == "Sequence":
+        splits = [p for p in pt.get("pretokenizers", []) if p.get("type") == "Split"]
+        regex = (splits[0].get("pattern") or {}).get("Regex", "") if splits else ""
+        if regex.startswith(LLAMA3_REGEX_START):
+            return "llama-bpe"
+    raise GGUFError(f"tokenizer.json's pre-tokenizer {json.dumps(pt)[:200]} is neither GPT-2's byte-level regex nor "
+                    "Llama 3's; llama.cpp would split text differently, so it is not exported")
+
+
+# ----------------------------------------------------------------------------- the model
+def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of q / k from rotate_half order (pairs i, i + d/2) to llama.cpp's consecutive pairs, per head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """llama.cpp's rope_freqs (divisors of each RoPE frequency) for llama3 rope scaling."""
+    rs = config.rope_scaling
+    factor, low, high = rs.get("factor", 8.0), rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old = rs.get("original_max_position_embeddings", 8192)
+    dim = config.dim_head
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def check_exportable(model: BitNetForCausalLM) -> str:
+    """The GGUF architecture of `model`, or GGUFError saying why llama.cpp could not hold it."""
+    c = model.config
+    arch = {"llama": "llama", "bitnet": "bitnet"}[c.model_type]
+    if c.attention_bias or c.mlp_bias:
+        raise GGUFError("biases in the projections (attention_bias / mlp_bias) are not exported to GGUF")
+    if c.use_rms_norm:
+        raise GGUFError("quantization_config use_rms_norm (an RMSNorm inside every BitLinear) has no place in "
+                        "llama.cpp's graphs")
+    if arch == "llama" and c.hidden_act != "silu":
+        raise GGUFError(f"model_type llama with hidden_act {c.hidden_act!r}: llama.cpp's llama graph computes SiLU")
+    if arch == "bitnet":
+        if not c.tie_word_embeddings:
+            raise GGUFError("llama.cpp's bitnet architecture always reads the head from token_embd; this model's "
+                            "lm_head is not tied to its embeddings")
+        if c.dim_head * c.num_attention_heads != c.hidden_size:
+            raise GGUFError("llama.cpp's bitnet architecture needs num_attention_heads * head_dim == hidden_size")
+        if c.rope_scaling:
+            raise GGUFError("rope scaling is not exported for the bitnet architecture")
+    return arch
+
+
+def export_gguf(
+    model: BitNetForCausalLM,
+    path: str,
+    gguf_type: str = "tq2_0",
+    fallback: str = "q4_0",
+    float_type: str = "f16",
+    scale: str = "tensor",
+    name: str | None = None,
+) -> GGUFReport:
+    """Write `model` (any state: packed, latent or binary; binary weights are ternary without zeros)
+    as a GGUF file at `path` (written under a temporary name, then renamed). See the module's docstring."""
+    for value, allowed, what in ((gguf_type, GGUF_TYPES, "gguf_type"), (fallback, FALLBACKS, "fallback"),
+                                 (float_type, FLOAT_TYPES, "float_type"), (scale, SCALES, "scale")):
+        if value not in allowed:
+            raise GGUFError(f"{what} must be one of {allowed}, got {value!r}")
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    c = model.config
+    arch = check_exportable(model)
+    report = GGUFReport(path=path, architecture=arch)
+    tok = tokenizer_metadata(model.tokenizer_files, c.vocab_size, c.bos_token_id, c.eos_token_id, c.pad_token_id)
+
+    tmp = f"{path}.tmp.{os.getpid()}"
+    w = gguf.GGUFWriter(tmp, arch)
+    w.add_name(name or f"bitnet-{c.model_type}-{c.num_hidden_layers}x{c.hidden_size}")
+    w.add_file_type({"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
+                     "f16": gguf.LlamaFileType.MOSTLY_F16}[gguf_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.dim_head)
+    w.add_vocab_size(c.vocab_size)
+    if c.dim_head * c.num_attention_heads != c.hidden_size:
+        w.add_key_length(c.dim_head)
+        w.add_value_length(c.dim_head)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
+        if tok[key] is not None:
+            add(int(tok[key]))
+    w.add_add_bos_token(tok["add_bos"])
+    w.add_add_eos_token(False)
+    if tok["chat_template"]:
+        w.add_chat_template(tok["chat_template"])
+
+    def add_float(gname: str, t: torch.Tensor, kind: str) -> None:
+        arr = t.detach().float().cpu().numpy()
+        arr = arr.astype(np.float16) if kind == "f16" else arr
+        w.add_tensor(gname, arr)
+        report.tensors.append((gname, kind.upper(), tuple(t.shape)))
+
+    sd = model.state_dict()
+    add_float("token_embd.weight", sd["model.embed_tokens.weight"], float_type)
+    if c.rope_scaling:
+        add_float("rope_freqs.weight", llama3_rope_factors(c), "f32")
+    fell_back: list[str] = []
+    for i in range(c.num_hidden_layers):
+        prefix = f"model.layers.{i}"
+        for ours, theirs in NORM_NAMES.items():
+            if f"{prefix}.{ours}.weight" in sd:
+                add_float(f"blk.{i}.{theirs}.weight", sd[f"{prefix}.{ours}.weight"], "f32")
+        for ours, theirs in PROJECTION_NAMES.items():
+            module = model.get_submodule(f"{prefix}.{ours}")
+            gname = f"blk.{i}.{theirs}"
+            if not isinstance(module, BitLinear):  # modules_to_not_convert: a float projection
+                weight = module.weight.detach().float()
+                if arch == "llama" and theirs in ("attn_q", "attn_k"):
+                    weight = llama_permute(weight, c.num_attention_heads if theirs == "attn_q" else c.num_key_value_heads)
+                add_float(f"{gname}.weight", weight, float_type)
+                continue
+            q, s = module.quantized_weight()  # int8 (N, K), float32 scalar
+            q = q.to(torch.int8).cpu()
+            if arch == "llama" and theirs in ("attn_q", "attn_k"):
+                q = llama_permute(q, c.num_attention_heads if theirs == "attn_q" else c.num_key_value_heads)
+            n, k = q.shape
+            s = s.float().reshape(1).cpu()
+            d = (s if scale == "fold" else torch.ones(1)).expand(n, 1)
+            kind = gguf_type
+            if kind != "f16" and k % QK_K:
+                if fallback == "error":
+                    raise GGUFError(f"{gname}: input width {k} is not a multiple of {QK_K}, which {gguf_type.upper()} "
+                                    "blocks need; choose a fallback type (q4_0, q8_0 or f16)")
+                kind = fallback if k % QK == 0 else "f16"
+                fell_back.append(f"{gname} (K={k}) as {kind.upper()}")
+            if kind == "f16":
+                blocks = (q.float() * d).numpy().astype(np.float16)
+                w.add_tensor(f"{gname}.weight", blocks)
+            else:
+                encode = {"tq2_0": tq2_0_blocks, "tq1_0": tq1_0_blocks, "q8_0": q8_0_blocks, "q4_0": q4_0_blocks}[kind]
+                w.add_tensor(f"{gname}.weight", encode(q, d), raw_dtype=getattr(Q, kind.upper()))
+            report.tensors.append((f"{gname}.weight", kind.upper(), (n, k)))
+            if scale == "tensor":
+                w.add_tensor(f"{gname}.scale", s.numpy())
+                report.tensors.append((f"{gname}.scale", "F32", (1,)))
+    add_float("output_norm.weight", sd["model.norm.weight"], "f32")
+    if arch == "llama" and not c.tie_word_embeddings:
+        add_float("output.weight", sd["lm_head.weight"], float_type)
+    if fell_back:
+        report.notes.append(f"{len(fell_back)} projections have an input width that is not a multiple of {QK_K} and "
+                            f"were written in another type: {', '.join(fell_back[:4])}"
+                            + (f" and {len(fell_back) - 4} more" if len(fell_back) > 4 else ""))
+    if arch == "bitnet" and c.hidden_act != "silu":
+        report.notes.append(f"architecture bitnet with hidden_act {c.hidden_act}: stock llama.cpp (and bitnet.cpp) "
+                            "compute a SiLU gate there, so this file loads but computes another function; "
+                            "ik_llama.cpp's BitNet graphs compute relu^2 but read their own ternary types (IQ1_BN / "
+                            "IQ2_BN from its llama-quantize), not TQ1_0 / TQ2_0")
+
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    report.bytes = os.path.getsize(path)
+    return report
