@@ -210,7 +210,8 @@ def measure_cpu(args: BenchArgs) -> dict:
                         hf.weight = p2[i]
                         return hf(x)
 
-                    systems.append(("transformers BitLinear (2bit)", timed(hf_call, len(p2)), p2[0].numel()))
+                    # its unpack at every call costs far more than reading the bytes: a few copies suffice
+                    systems.append(("transformers BitLinear (2bit)", timed(hf_call, min(4, len(p2))), p2[0].numel()))
                     systems.append(("torch path (2bit)", timed(lambda i: torch_bitlinear(x, p2[i], scale, n, "2bit"), len(p2)),
                                     p2[0].numel()))
                 for fmt, ps in copies.items():
