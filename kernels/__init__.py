@@ -1,6 +1,13 @@
-"""Triton kernels for packed ternary (and binary) weights, installed as bitnet.kernels.
+"""Kernels for packed ternary (and binary) weights, installed as bitnet.kernels: native C++ for
+CPUs (cpu.py over csrc/) and Triton for NVIDIA GPUs.
 
-One kernel strategy per file, each with its torch reference:
+    cpu.py            the native CPU backend: builds csrc/ with torch.utils.cpp_extension on first
+                      use, the bitnet_cpu ops (linear, matmul_int32, quantize, int8_linear), the
+                      instruction-set cap (BITNET_CPU_ISA)
+    csrc/             bitnet_kernels.h (torch-free kernels: scalar, AVX2, AVX-512 VNNI, NEON),
+                      bitnet_cpu.cpp (torch bindings, threads, the int8-GEMM path for large M)
+
+Triton, one kernel strategy per file, each with its torch reference:
     layout.py         the packed layout the kernels read (the checkpoint layout, in place) and
                       its decoding; a Triton unpack
     activations.py    act_quant: per-token absmax int8 activations, bit-identical to bitnet.quant
