@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .args import arg, command
 from .config import PRESETS, BitNetConfig
 from .experiment import CompareArgs
+from .runlock import RunLock
 from .train.trainer import TrainConfig
 
 
@@ -95,7 +96,8 @@ def convert_cmd(args: ConvertArgs) -> None:
     else:
         freeze(model)
     model.config.linear_class = args.linear_class
-    model.save_pretrained(args.dst, linear_class=args.linear_class, unpacked=args.to == "unpacked")
+    with RunLock(args.dst):  # one writer per folder
+        model.save_pretrained(args.dst, linear_class=args.linear_class, unpacked=args.to == "unpacked")
     print(f"{args.src} ({before}) -> {args.dst} ({quantization_mode(model)}, linear {model.config.linear})")
 
 
@@ -181,7 +183,8 @@ def compare_cmd(args: CompareArgs) -> None:
     corpus = args.data or "the docstrings of Python's standard library (embedded default)"
     print(f"bitnet compare: {', '.join(args.linears)} at {', '.join(args.presets)} on {corpus}; "
           f"{args.max_steps} steps x {args.micro_batch} x {args.seq_len} tokens per run; runs in {args.out}")
-    result = run_comparison(args)
+    with RunLock(args.out):  # one writer per folder (each run under it locks its own)
+        result = run_comparison(args)
     print()
     print(result["text"])
     print(f"\n(test perplexity, {result['setup']['test_protocol']}; learning rate chosen on the dev split; "

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Where each top-level package of pyproject.toml's [tool.setuptools.package-dir] has its source.
 PACKAGE_DIRS = {"bitnet": ROOT / "bitnet", "bitnet.kernels": ROOT / "kernels"}
 FLOORS = {
-    1: ("ground", ["bitnet.quant", "bitnet.packing", "bitnet.atomic", "bitnet.config", "bitnet.args", "bitnet.corpus",
+    1: ("ground", ["bitnet.quant", "bitnet.packing", "bitnet.atomic", "bitnet.runlock", "bitnet.config", "bitnet.args", "bitnet.corpus",
                    "bitnet.hub"]),
     2: ("kernels", ["bitnet.kernels", "bitnet.kernels.*"]),
     3: ("layers", ["bitnet.ops", "bitnet.bitlinear", "bitnet.model"]),

@@ -39,6 +39,7 @@ from ..hub import resolve
 from ..model import BitNetForCausalLM
 from ..plots import plot_metrics, read_jsonl
 from ..quant import quantize_weight
+from ..runlock import RunLock, RunLockError
 from . import data as D
 from .schedule import SCHEDULES, Schedule
 
@@ -153,11 +154,32 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training run; returns the final metrics record."""
     d, device = _setup_distributed(cfg)
+    lock = RunLock(cfg.out)
     try:
+        _lock_run(lock, d, device)
         return Trainer(cfg, d, device).run()
     finally:
+        lock.release()
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _lock_run(lock: RunLock, d: Dist, device: torch.device) -> None:
+    """Rank 0 takes the run folder's lock for the whole run (one writer per folder); under torchrun the
+    other ranks learn whether it got it, so none of them waits on a rank that has stopped."""
+    err = None
+    if d.main:
+        try:
+            lock.acquire()
+        except RunLockError as e:
+            err = e
+    if d.world > 1:
+        flag = torch.tensor([0 if err is None else 1], device=device)
+        dist.broadcast(flag, 0)
+        if err is None and int(flag.item()):
+            raise RunLockError(f"rank 0 could not lock {lock.folder}; see its error")
+    if err is not None:
+        raise err
 
 
 class Trainer:
