@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -85,7 +86,7 @@ def checkpoint_state_dict(
 
 def save_pretrained(
     model: BitNetForCausalLM, path: str, linear_class: str | None = None, max_shard_size: int | str = "5GB",
-    unpacked: bool = False, state_dict: dict[str, torch.Tensor] | None = None,
+    unpacked: bool = False, state_dict: dict[str, torch.Tensor] | None = None, step: int | None = None,
 ) -> None:
     """Write `model` to the folder `path` in transformers' format: config.json, model.safetensors
     (or shards of at most max_shard_size), the tokenizer files the model carries; see bitnet.checkpoint.
@@ -95,6 +96,8 @@ def save_pretrained(
     (act_quant(x) @ W_q^T) * weight_scale, the same function. This is the transformers export of
     binary (bitnet1) models, whose weights are a ternary matrix without zeros.
     state_dict: the full state dict, when the model holds only shards of it (FSDP).
+    step: the training step the weights are from, recorded in every safetensors file's metadata
+    ("bitnet_step") and in config.json ("bitnet_step"); default: the step config.json carried.
     """
     config = model.config
     mode = quantization_mode(model) or "offline"
@@ -108,6 +111,9 @@ def save_pretrained(
         linear_class = "autobitlinear"  # transformers trains latent weights only with AutoBitLinear
     linear_class = linear_class or config.linear_class
     tensors = checkpoint_state_dict(model, linear_class, unpacked, state_dict)
+    if step is None:
+        step = _as_step(config.extra.get(STEP_KEY))
+    meta = {STEP_KEY: str(step)} if step is not None else None
 
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -126,7 +132,7 @@ def save_pretrained(
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        atomic_save_safetensors(shard, os.path.join(path, name))
+        atomic_save_safetensors(shard, os.path.join(path, name), meta)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)},
                  "weight_map": {t: f for f, shard in zip(names, shards) for t in shard}}
@@ -139,12 +145,74 @@ def save_pretrained(
         saved = saved.replace(linear="bitnet", linear_class="autobitlinear")
     cfg = saved.to_dict(mode)
     cfg["torch_dtype"] = str(float_dtype).removeprefix("torch.")
+    cfg.pop(STEP_KEY, None)
+    if step is not None:
+        cfg[STEP_KEY] = step
     atomic_write_bytes(os.path.join(path, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
     # Files of an earlier save that the new one does not use (a single file now sharded, or back).
     for f in os.listdir(path):
         stale = (_SHARD.match(f) and f not in names) or (f == SINGLE and len(shards) > 1) or (f == INDEX and len(shards) == 1)
         if stale:
             os.remove(os.path.join(path, f))
+
+
+# ----------------------------------------------------------------------------- the step a folder holds
+STEP_KEY = "bitnet_step"
+TRAINER_STATE = "trainer_state.safetensors"  # bitnet.train's resume state (its own metadata holds its step)
+
+
+def _as_step(v) -> int | None:
+    try:
+        return int(v) if v is not None and not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def folder_steps(path: str) -> dict:
+    """The step each part of a folder records: {"config": int|None, "weights": {file: int|None},
+    "trainer_state": int|None}; parts that are missing or unreadable count as None."""
+    out: dict = {"config": None, "weights": {}, "trainer_state": None}
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            d = json.load(f)
+        out["config"] = _as_step(d.get(STEP_KEY)) if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        pass
+    try:
+        files = list(_weight_files(path))
+    except CheckpointError:
+        files = []
+    for fname in files:
+        try:
+            with safe_open(os.path.join(path, fname), framework="pt") as f:
+                out["weights"][fname] = _as_step((f.metadata() or {}).get(STEP_KEY))
+        except (OSError, SafetensorError):
+            out["weights"][fname] = None
+    state = os.path.join(path, TRAINER_STATE)
+    if os.path.isfile(state):
+        try:
+            with safe_open(state, framework="pt") as f:
+                out["trainer_state"] = _as_step(json.loads((f.metadata() or {})["bitnet_trainer"])["step"])
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError):
+            pass
+    return out
+
+
+def step_mismatch(path: str, steps: dict | None = None) -> str | None:
+    """A sentence when the folder's model files and trainer state disagree on the step (a save that
+    stopped part way), else None."""
+    steps = steps or folder_steps(path)
+    model = {v for v in [steps["config"], *steps["weights"].values()] if v is not None}
+    parts = [f"config.json step {steps['config']}"] + [f"{f} step {v}" for f, v in steps["weights"].items()]
+    if steps["trainer_state"] is not None:
+        parts.append(f"{TRAINER_STATE} step {steps['trainer_state']}")
+        model_steps = [steps["config"], *steps["weights"].values()]
+        if any(v != steps["trainer_state"] for v in model_steps):
+            return (f"{path}: the model and the trainer state disagree on the step ({', '.join(parts)}); a save "
+                    f"stopped part way; `bitnet train --resume` continues from step {steps['trainer_state']}")
+    if len(model) > 1:
+        return f"{path}: the model files disagree on the step ({', '.join(parts)}); a save stopped part way"
+    return None
 
 
 # ----------------------------------------------------------------------------- load
@@ -190,6 +258,10 @@ def load_pretrained(path: str, dtype: torch.dtype | None = None, device=None, *,
     """
     path = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     config, mode = BitNetConfig.load(os.path.join(path, "config.json"))
+    if STEP_KEY in config.extra or os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        mismatch = step_mismatch(path)
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=2)
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = BitNetForCausalLM(config)

@@ -32,6 +32,16 @@ def info(args: InfoArgs) -> None:
         raise ValueError(f"{args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
     c = config
     print(where)
+    if os.path.isdir(args.model):
+        from .checkpoint import folder_steps, step_mismatch
+
+        steps = folder_steps(args.model)
+        held = sorted({v for v in [steps["config"], *steps["weights"].values()] if v is not None})
+        state = f", trainer state at step {steps['trainer_state']}" if steps["trainer_state"] is not None else ""
+        print(f"step: {', '.join(map(str, held)) if held else 'not recorded'} (model files){state}")
+        mismatch = step_mismatch(args.model, steps)
+        if mismatch:
+            print(f"warning: {mismatch}")
     print(f"model_type {c.model_type}, hidden {c.hidden_size}, intermediate {c.intermediate_size}, layers {c.num_hidden_layers}, "
           f"heads {c.num_attention_heads} ({c.num_key_value_heads} kv, dim {c.dim_head}), vocab {c.vocab_size}, "
           f"{'tied' if c.tie_word_embeddings else 'untied'} embeddings, act {c.hidden_act}")

@@ -23,7 +23,9 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..args import arg
-from ..atomic import atomic_save_safetensors, atomic_write_bytes
+from ..atomic import SaveError, atomic_save_safetensors, atomic_write_bytes, free_bytes, human
 from ..config import PRESETS, BitNetConfig
 from ..convert import bitlinears, convert, freeze, set_quant_strength, unfreeze
 from ..hub import resolve
@@ -379,10 +381,31 @@ class Trainer:
             meta = {"step": self.step, "position": self.position, "world_size": self.d.world,
                     "config": {**dataclasses.asdict(self.cfg), "world_size": self.d.world},
                     "param_groups": optim_sd["param_groups"]}
-            atomic_save_safetensors(tensors, self.state_path, {"bitnet_trainer": json.dumps(meta)})
-            self.model.save_pretrained(self.cfg.out, state_dict={k: v for k, v in model_sd.items()})
+            before = self._last_saved()
+            try:
+                atomic_save_safetensors(tensors, self.state_path, {"bitnet_trainer": json.dumps(meta)})
+            except SaveError as e:
+                kept = (f"the checkpoint of step {before} in {self.cfg.out} is intact (model and trainer state); "
+                        "--resume continues from it" if before is not None else "no checkpoint had been written yet")
+                raise TrainingError(f"step {self.step}: saving the checkpoint failed: {e}; {kept}") from e
+            try:
+                self.model.save_pretrained(self.cfg.out, state_dict={k: v for k, v in model_sd.items()}, step=self.step)
+            except SaveError as e:
+                raise TrainingError(
+                    f"step {self.step}: saving the model files failed: {e}; {STATE} holds step {self.step} (complete: "
+                    f"--resume continues from it exactly), the model files of {self.cfg.out} may still be those of step "
+                    f"{before} (loading the folder warns with both steps until the next save)") from e
             plot_metrics(self.metrics_path, os.path.join(self.cfg.out, "loss.png"), self._title())
         self.d.barrier()
+
+    def _warn_low_space(self, need: int) -> None:
+        """Before the first save: warn when the folder's disk has less free space than a checkpoint needs."""
+        free = free_bytes(self.cfg.out)
+        if free is not None and free < need:
+            msg = (f"{self.cfg.out}: {human(free)} free, but a checkpoint (trainer state + model files) needs about "
+                   f"{human(need)}; saves will fail with a disk-full error")
+            warnings.warn(msg, stacklevel=2)
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def _load_state(self, meta: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -468,6 +491,9 @@ class Trainer:
                   f"peak lr {self.schedule.lr:g}, {'bf16 autocast' if self.bf16 else 'fp32'}, "
                   f"{'resuming at step ' + str(self.step) if self.step else 'from scratch' if not cfg.init else 'from ' + cfg.init}",
                   flush=True)
+            # A checkpoint: the trainer state (weights + two AdamW moments, float32) and the model files.
+            per = sum(p.numel() for p in self.model.parameters()) * 4
+            self._warn_low_space(4 * per)
         model.train()
         save_every = cfg.save_every or cfg.eval_every
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (d.main and cfg.progress), dynamic_ncols=True)
