@@ -153,6 +153,46 @@ static void int8_rows_scalar(const int8_t* W, int64_t K, const float* x, int64_t
   }
 }
 
+// The driver every SIMD level shares, over three kernels of its own:
+//   row_dot1(w, K, x, tot)        M = 1: decode packed row w and meet x at once (tot: P sums)
+//   decode_row(w, K, Kp, codes)   P rows of codes of packed row w, zero-padded to Kp
+//   tile(g, mb, codes, x, ...)    g code rows x mb activation rows (tot: g * mb sums)
+// acc[m * ldc + r + i R] = sum_k code_i(W[r, k]) * xq[m, k] for packed rows r in [r0, r1).
+using RowDot1Fn = void (*)(const uint8_t*, int64_t, const int8_t*, int32_t*);
+using DecodeRowFn = void (*)(const uint8_t*, int64_t, int64_t, uint8_t*);
+using TileFn = void (*)(int, int, const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
+
+template <int P, int MBMAX>
+static void codes_dot_simd(RowDot1Fn row_dot1, DecodeRowFn decode_row, TileFn tile, const uint8_t* W, int64_t R,
+                           int64_t K, int64_t N, int64_t r0, int64_t r1, const int8_t* xq, int64_t xs, int64_t M,
+                           int32_t* acc, int64_t ldc) {
+  int32_t tot[8 * 4];
+  if (M == 1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row_dot1(W + r * K, K, xq, tot);
+      for (int i = 0; i < P && r + i * R < N; ++i) acc[r + i * R] = tot[i];
+    }
+    return;
+  }
+  // M > 1: decode a packed row once, then tiles of (up to) 4 code rows x MBMAX activation rows
+  std::vector<uint8_t> buf(static_cast<size_t>(P * xs));
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row(W + r * K, K, xs, buf.data());
+    for (int64_t m = 0; m < M; m += MBMAX) {
+      const int mb = static_cast<int>(std::min<int64_t>(MBMAX, M - m));
+      for (int g0 = 0; g0 < P; g0 += 4) {
+        const int g = std::min(4, P - g0);  // 4, or 1 (the fifth row of 1.6-bit)
+        tile(g, mb, buf.data() + g0 * xs, xs, xq + m * xs, xs, xs, tot);
+        for (int gi = 0; gi < g; ++gi) {
+          const int64_t row = r + (g0 + gi) * R;
+          if (row >= N) break;
+          for (int j = 0; j < mb; ++j) acc[(m + j) * ldc + row] = tot[gi * mb + j];
+        }
+      }
+    }
+  }
+}
+
 #ifdef BITNET_X86
 // ------------------------------------------------------------------------------------ AVX2
 #pragma GCC push_options
@@ -305,43 +345,21 @@ static void decode_row_avx2(const uint8_t* w, int64_t K, int64_t Kp, uint8_t* ou
   }
 }
 
+static void tile_any_avx2(int g, int mb, const uint8_t* c, int64_t cs, const int8_t* x, int64_t xs, int64_t Kp, int32_t* tot) {
+  switch (g * 8 + mb) {
+    case 4 * 8 + 2: return tile_avx2<4, 2>(c, cs, x, xs, Kp, tot);
+    case 4 * 8 + 1: return tile_avx2<4, 1>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 2: return tile_avx2<1, 2>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 1: return tile_avx2<1, 1>(c, cs, x, xs, Kp, tot);
+    default: std::abort();  // unreachable: g in {1, 4}, mb in 1..2
+  }
+}
+
 template <int FMT>
 static void codes_dot_avx2(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
                            const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
-  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
-  int32_t tot[8 * 4];
-  if (M == 1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      row_dot1_avx2<FMT>(W + r * K, K, xq, tot);
-      for (int i = 0; i < P && r + i * R < N; ++i) acc[r + i * R] = tot[i];
-    }
-    return;
-  }
-  // M > 1: decode a packed row once, then tiles of (up to) 4 code rows x 2 activation rows
-  std::vector<uint8_t> buf(static_cast<size_t>(P * xs));
-  for (int64_t r = r0; r < r1; ++r) {
-    decode_row_avx2<FMT>(W + r * K, K, xs, buf.data());
-    for (int64_t m = 0; m < M; m += 2) {
-      const int mb = static_cast<int>(std::min<int64_t>(2, M - m));
-      for (int g0 = 0; g0 < P; g0 += 4) {
-        const int g = std::min(4, P - g0);
-        const uint8_t* c = buf.data() + g0 * xs;
-        const int8_t* x = xq + m * xs;
-        switch (g * 4 + mb) {
-          case 4 * 4 + 2: tile_avx2<4, 2>(c, xs, x, xs, xs, tot); break;
-          case 4 * 4 + 1: tile_avx2<4, 1>(c, xs, x, xs, xs, tot); break;
-          case 1 * 4 + 2: tile_avx2<1, 2>(c, xs, x, xs, xs, tot); break;
-          case 1 * 4 + 1: tile_avx2<1, 1>(c, xs, x, xs, xs, tot); break;
-          default: std::abort();  // unreachable: g in {1, 4}, mb in {1, 2}
-        }
-        for (int gi = 0; gi < g; ++gi) {
-          const int64_t row = r + (g0 + gi) * R;
-          if (row >= N) break;
-          for (int j = 0; j < mb; ++j) acc[(m + j) * ldc + row] = tot[gi * mb + j];
-        }
-      }
-    }
-  }
+  codes_dot_simd<FMT == F2 ? 4 : FMT == F16 ? 5 : 8, 2>(row_dot1_avx2<FMT>, decode_row_avx2<FMT>, tile_any_avx2, W, R, K, N,
+                                                          r0, r1, xq, xs, M, acc, ldc);
 }
 
 template <int FMT>
@@ -497,43 +515,25 @@ static void decode_row_avx512(const uint8_t* w, int64_t K, int64_t Kp, uint8_t* 
   }
 }
 
+static void tile_any_avx512(int g, int mb, const uint8_t* c, int64_t cs, const int8_t* x, int64_t xs, int64_t Kp, int32_t* tot) {
+  switch (g * 8 + mb) {
+    case 4 * 8 + 4: return tile_avx512<4, 4>(c, cs, x, xs, Kp, tot);
+    case 4 * 8 + 3: return tile_avx512<4, 3>(c, cs, x, xs, Kp, tot);
+    case 4 * 8 + 2: return tile_avx512<4, 2>(c, cs, x, xs, Kp, tot);
+    case 4 * 8 + 1: return tile_avx512<4, 1>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 4: return tile_avx512<1, 4>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 3: return tile_avx512<1, 3>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 2: return tile_avx512<1, 2>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 1: return tile_avx512<1, 1>(c, cs, x, xs, Kp, tot);
+    default: std::abort();  // unreachable: g in {1, 4}, mb in 1..4
+  }
+}
+
 template <int FMT>
 static void codes_dot_avx512(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
-                             const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
-  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
-  int32_t tot[8 * 4];
-  if (M == 1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      row_dot1_avx512<FMT>(W + r * K, K, xq, tot);
-      for (int i = 0; i < P && r + i * R < N; ++i) acc[r + i * R] = tot[i];
-    }
-    return;
-  }
-  // M > 1: decode a packed row once, then tiles of (up to) 4 code rows x 4 activation rows
-  std::vector<uint8_t> buf(static_cast<size_t>(P * xs));
-  for (int64_t r = r0; r < r1; ++r) {
-    decode_row_avx512<FMT>(W + r * K, K, xs, buf.data());
-    for (int64_t m = 0; m < M; m += 4) {
-      const int mb = static_cast<int>(std::min<int64_t>(4, M - m));
-      for (int g0 = 0; g0 < P; g0 += 4) {
-        const int g = std::min(4, P - g0);
-        const uint8_t* c = buf.data() + g0 * xs;
-        const int8_t* x = xq + m * xs;
-        switch (g * 8 + mb) {
-#define BITNET_TILE(G_, MB_) case G_ * 8 + MB_: tile_avx512<G_, MB_>(c, xs, x, xs, xs, tot); break;
-          BITNET_TILE(4, 4) BITNET_TILE(4, 3) BITNET_TILE(4, 2) BITNET_TILE(4, 1)
-          BITNET_TILE(1, 4) BITNET_TILE(1, 3) BITNET_TILE(1, 2) BITNET_TILE(1, 1)
-#undef BITNET_TILE
-          default: std::abort();  // unreachable: g in {1, 4}, mb in 1..4
-        }
-        for (int gi = 0; gi < g; ++gi) {
-          const int64_t row = r + (g0 + gi) * R;
-          if (row >= N) break;
-          for (int j = 0; j < mb; ++j) acc[(m + j) * ldc + row] = tot[gi * mb + j];
-        }
-      }
-    }
-  }
+                           const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
+  codes_dot_simd<FMT == F2 ? 4 : FMT == F16 ? 5 : 8, 4>(row_dot1_avx512<FMT>, decode_row_avx512<FMT>, tile_any_avx512, W, R, K, N,
+                                                          r0, r1, xq, xs, M, acc, ldc);
 }
 
 template <int FMT>
@@ -683,42 +683,25 @@ static void decode_row_neon(const uint8_t* w, int64_t K, int64_t Kp, uint8_t* ou
   }
 }
 
+static void tile_any_neon(int g, int mb, const uint8_t* c, int64_t cs, const int8_t* x, int64_t xs, int64_t Kp, int32_t* tot) {
+  switch (g * 8 + mb) {
+    case 4 * 8 + 4: return tile_neon<4, 4>(c, cs, x, xs, Kp, tot);
+    case 4 * 8 + 3: return tile_neon<4, 3>(c, cs, x, xs, Kp, tot);
+    case 4 * 8 + 2: return tile_neon<4, 2>(c, cs, x, xs, Kp, tot);
+    case 4 * 8 + 1: return tile_neon<4, 1>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 4: return tile_neon<1, 4>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 3: return tile_neon<1, 3>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 2: return tile_neon<1, 2>(c, cs, x, xs, Kp, tot);
+    case 1 * 8 + 1: return tile_neon<1, 1>(c, cs, x, xs, Kp, tot);
+    default: std::abort();  // unreachable: g in {1, 4}, mb in 1..4
+  }
+}
+
 template <int FMT>
 static void codes_dot_neon(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
                            const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
-  constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
-  int32_t tot[8 * 4];
-  if (M == 1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      row_dot1_neon<FMT>(W + r * K, K, xq, tot);
-      for (int i = 0; i < P && r + i * R < N; ++i) acc[r + i * R] = tot[i];
-    }
-    return;
-  }
-  std::vector<uint8_t> buf(static_cast<size_t>(P * xs));
-  for (int64_t r = r0; r < r1; ++r) {
-    decode_row_neon<FMT>(W + r * K, K, xs, buf.data());
-    for (int64_t m = 0; m < M; m += 4) {
-      const int mb = static_cast<int>(std::min<int64_t>(4, M - m));
-      for (int g0 = 0; g0 < P; g0 += 4) {
-        const int g = std::min(4, P - g0);
-        const uint8_t* c = buf.data() + g0 * xs;
-        const int8_t* x = xq + m * xs;
-        switch (g * 8 + mb) {
-#define BITNET_TILE(G_, MB_) case G_ * 8 + MB_: tile_neon<G_, MB_>(c, xs, x, xs, xs, tot); break;
-          BITNET_TILE(4, 4) BITNET_TILE(4, 3) BITNET_TILE(4, 2) BITNET_TILE(4, 1)
-          BITNET_TILE(1, 4) BITNET_TILE(1, 3) BITNET_TILE(1, 2) BITNET_TILE(1, 1)
-#undef BITNET_TILE
-          default: std::abort();  // unreachable: g in {1, 4}, mb in 1..4
-        }
-        for (int gi = 0; gi < g; ++gi) {
-          const int64_t row = r + (g0 + gi) * R;
-          if (row >= N) break;
-          for (int j = 0; j < mb; ++j) acc[(m + j) * ldc + row] = tot[gi * mb + j];
-        }
-      }
-    }
-  }
+  codes_dot_simd<FMT == F2 ? 4 : FMT == F16 ? 5 : 8, 4>(row_dot1_neon<FMT>, decode_row_neon<FMT>, tile_any_neon, W, R, K, N,
+                                                          r0, r1, xq, xs, M, acc, ldc);
 }
 
 template <int FMT>
