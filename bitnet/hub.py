@@ -161,7 +161,11 @@ def _write_ref(snapshot: str, revision: str, commit: str) -> None:
     ref = os.path.join(os.path.dirname(os.path.dirname(snapshot)), "refs", revision)
     try:
         os.makedirs(os.path.dirname(ref), exist_ok=True)
-        if not os.path.isfile(ref) or open(ref).read() != commit:
+        current = None
+        if os.path.isfile(ref):
+            with open(ref) as f:
+                current = f.read()
+        if current != commit:
             tmp = f"{ref}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 f.write(commit)
