@@ -221,12 +221,17 @@ def _weight_files(path: str) -> dict[str, list[str]]:
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file")
         files: dict[str, list[str]] = {}
         for tensor, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname.endswith(".safetensors") or os.path.basename(fname) != fname \
+                    or fname.startswith("."):
+                raise CheckpointError(f"{index}: tensor {tensor!r} maps to {fname!r}, not a .safetensors file of the folder")
             files.setdefault(fname, []).append(tensor)
         for fname in files:
             if not os.path.isfile(os.path.join(path, fname)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
     """`name` is one of `patterns`, ends with ".pattern", or lies under "pattern." (how
     modules_to_not_convert and convert's `skip` name modules)."""
     return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+
+# Upper bounds no real model reaches: a config.json beyond them is refused before any memory is
+# spent on it (the largest open models: vocab ~256k, hidden ~16-25k, ~128 layers, ~1M positions).
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 1 << 12,
+          "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "max_position_embeddings": 1 << 24}
 
 
 @dataclass
@@ -99,7 +106,27 @@ class BitNetConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+            need(value <= LIMITS[name], f"{name} {value} is beyond any real model (at most {LIMITS[name]:,})")
+        need(self.head_dim is None or (isinstance(self.head_dim, int) and not isinstance(self.head_dim, bool)
+                                       and 0 < self.head_dim <= 65536), f"head_dim must be a positive integer, got {self.head_dim!r}")
+        for name in ("initializer_range", "rms_norm_eps", "rope_theta", "quant_rms_norm_eps"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+                 f"{name} must be a positive finite number, got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_rms_norm"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            need(all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in ids),
+                 f"{name} must be an integer or null, got {value!r}")
+        m = self.modules_to_not_convert
+        need(m is None or (isinstance(m, list) and all(isinstance(x, str) for x in m)),
+             f"modules_to_not_convert must be a list of module names, got {m!r}")
+        need(self.rope_scaling is None or isinstance(self.rope_scaling, dict),
+             f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
              f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads ({self.num_key_value_heads})")
         need(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
@@ -108,6 +135,13 @@ class BitNetConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             need(kind in ("default", "llama3"), f"rope scaling {kind!r} is not supported (default and llama3 are)")
+            if kind == "llama3":
+                for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    v = self.rope_scaling.get(key)
+                    need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                         f"rope_scaling.{key} must be a positive finite number, got {v!r}")
+                need(self.rope_scaling["high_freq_factor"] != self.rope_scaling["low_freq_factor"],
+                     "rope_scaling: high_freq_factor must differ from low_freq_factor")
 
     # ----- presets -----
     @classmethod
@@ -179,6 +213,17 @@ class BitNetConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> tuple["BitNetConfig", str | None]:
         """config.json dict -> (config, quantization_mode or None). Errors name `source`."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        try:
+            return cls._from_dict(d, source)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:  # a value of the wrong kind
+            raise ConfigError(f"{source}: malformed ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict, source: str) -> tuple["BitNetConfig", str | None]:
         d = dict(d)
         model_type = d.pop("model_type", None)
         if model_type not in MODEL_TYPES:
@@ -244,9 +289,9 @@ class BitNetConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")

@@ -144,3 +144,19 @@ def test_info_prints_the_step(tmp_path, capsys):
     model.save_pretrained(str(tmp_path / "a"), step=12)
     assert main(["info", str(tmp_path / "a")]) == 0
     assert "step: 12 (model files)" in capsys.readouterr().out
+
+
+def test_corpus_that_is_not_text_warns_with_the_share(tmp_path):
+    from bitnet.train.data import read_corpus
+
+    (tmp_path / "ok.txt").write_text("plain text, é and ü\n" * 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_corpus(str(tmp_path / "ok.txt"))[0].startswith("plain text")
+    blob = bytes(range(128, 256)) * 4 + b"x" * 512  # 512 undecodable bytes of 1024
+    (tmp_path / "bin.txt").write_bytes(blob)
+    with pytest.warns(UserWarning, match=r"512 of 1,024 bytes \(50.00%\) are not UTF-8"):
+        docs = read_corpus(str(tmp_path / "bin.txt"))
+    assert docs[0].count("\ufffd") == 512 and docs[0].endswith("x" * 512)
+    with pytest.warns(UserWarning, match=r"worst: .*bin.txt \(50.0%\)"):
+        read_corpus(str(tmp_path))

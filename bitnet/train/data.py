@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,9 @@ from ..atomic import atomic_save_safetensors
 
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: pad, bos, eos of the presets
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 class DataError(ValueError):
@@ -41,10 +46,21 @@ def read_corpus(path: str) -> list[str]:
             raise DataError(f"corpus folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
     else:
         raise DataError(f"corpus {path} does not exist")
-    docs = []
+    docs, bad, total, worst = [], 0, 0, []
     for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            docs.append(fh.read())
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        # Undecodable bytes become lone surrogates (one per byte), counted, then U+FFFD.
+        text, n = _UNDECODABLE.subn("\ufffd", raw.decode("utf-8", errors="surrogateescape"))
+        bad, total = bad + n, total + len(raw)
+        if n:
+            worst.append((n / max(1, len(raw)), f))
+        docs.append(text)
+    if bad:
+        share, f = max(worst)
+        where = f"; worst: {f} ({share:.1%})" if len(files) > 1 else ""
+        warnings.warn(f"corpus {path}: {bad:,} of {total:,} bytes ({bad / total:.2%}) are not UTF-8 text and were "
+                      f"replaced by U+FFFD{where}; is it a text corpus?", stacklevel=2)
     if not any(d.strip() for d in docs):
         raise DataError(f"corpus {path} is empty")
     return docs
@@ -105,7 +121,11 @@ def load_tokenizer(path: str):
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise DataError(f"no tokenizer.json at {path}")
-    return Tokenizer.from_file(file)
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception for any malformed file
+        reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise DataError(f"{file}: not a valid tokenizer.json ({reason})") from None
 
 
 def tokenizer_config_json(tok) -> bytes:
