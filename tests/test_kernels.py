@@ -278,9 +278,25 @@ def _bench_module():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
 def test_benchmark_without_gpu_says_so_and_exits_cleanly(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
     bench = _bench_module()
-    assert bench.cli([]) == 0
+    assert bench.cli(["--device", "cuda"]) == 0
     assert "no GPU" in capsys.readouterr().out
+
+
+def test_cpu_benchmark_measures_and_reports(tmp_path, monkeypatch):
+    """The CPU mode's measuring, table and JSON code on a tiny shape (bandwidth stubbed, no
+    transformers layer: its compiled epilogue would take longer than the whole test)."""
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "measured_cpu_bandwidth", lambda: {"read_gbps": 10.0, "copy_gbps": 10.0, "threads": 1, "bytes": 0})
+    monkeypatch.setattr(bench, "hf_bitlinear", lambda *a: None)
+    monkeypatch.setattr(bench, "copies_for", lambda nbytes: 2)
+    args = bench.BenchArgs(device="cpu", m=[1, 3], shapes=["40x64"], formats=["2bit", "1bit"], warmup=1, iters=1,
+                           out_dir=str(tmp_path), name="cpu_smoke")
+    assert bench.main(args) == 0
+    text = (tmp_path / "cpu_smoke.md").read_text()
+    assert "| 40x64 | 3 | native 1bit |" in text and "| 40x64 | 1 | fp32 F.linear |" in text
 
 
 @pytest.mark.skipif(not INTERPRET, reason="drives the benchmark through the interpreter")
