@@ -36,6 +36,20 @@ static void check_packed(const at::Tensor& packed, int64_t n, int fmt, int64_t K
               packed.size(0), " cannot hold ", n, " weight rows of this format (needs ", (n + P - 1) / P, ")");
 }
 
+// Prefill (M >= large_m): decode the packed weights to int8 (n, K) once, then the vendor's int8
+// GEMM (torch._int_mm: oneDNN, VNNI or AMX-INT8), exact in int32. K >= 16: for K = 1 the (K, n)
+// view has ambiguous strides for _int_mm.
+static bool use_gemm(int64_t M, int64_t K) { return M >= g_large_m.load() && K >= 16; }
+
+static at::Tensor decoded_int_mm(const at::Tensor& xq, const at::Tensor& packed, int64_t n, int fmt, int64_t isa) {
+  const int64_t R = packed.size(0), K = packed.size(1);
+  at::Tensor w = at::empty({n, K}, packed.options().dtype(at::kChar));
+  int8_t* wp = w.data_ptr<int8_t>();
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { unpack_rows(isa, fmt, W, R, K, n, r0, r1, wp); });
+  return at::_int_mm(xq, w.t());
+}
+
 // Exact int32 x_q (M, K) @ W_q^T (K, N) from the packed weights.
 static at::Tensor matmul_int32_impl(const at::Tensor& xq, const at::Tensor& packed_in, int64_t n, int fmt, int64_t isa) {
   TORCH_CHECK(xq.scalar_type() == at::kChar && xq.dim() == 2, "bitnet_cpu: x_q must be a 2-D int8 tensor, got ",
@@ -45,13 +59,7 @@ static at::Tensor matmul_int32_impl(const at::Tensor& xq, const at::Tensor& pack
   const at::Tensor x = xq.contiguous(), packed = packed_in.contiguous();
   const int64_t R = packed.size(0);
   const uint8_t* W = packed.data_ptr<uint8_t>();
-  if (M >= g_large_m.load() && K >= 16) {  // (K = 1: the (K, N) view has ambiguous strides for _int_mm)
-    // prefill: decode to int8 once, then the vendor's int8 GEMM (exact int32)
-    at::Tensor w = at::empty({n, K}, packed.options().dtype(at::kChar));
-    int8_t* wp = w.data_ptr<int8_t>();
-    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { unpack_rows(isa, fmt, W, R, K, n, r0, r1, wp); });
-    return at::_int_mm(x, w.t());
-  }
+  if (use_gemm(M, K)) return decoded_int_mm(x, packed, n, fmt, isa);
   at::Tensor acc = at::empty({M, n}, packed.options().dtype(at::kInt));
   int32_t* ap = acc.data_ptr<int32_t>();
   if (K == 0) return acc.zero_();
@@ -136,14 +144,9 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed_in, co
     });
   });
   const int32_t mult = fmt == F1 ? 2 : 1;  // x.w = x.c - sum(x) (ternary), 2 x.c - sum(x) (binary)
-  if (M >= g_large_m.load() && K >= 16) {
-    // prefill: decode the weights to int8 once, then the vendor's int8 GEMM (exact int32)
-    at::Tensor w = at::empty({n, K}, packed.options().dtype(at::kChar));
-    int8_t* wp = w.data_ptr<int8_t>();
-    const uint8_t* W = packed.data_ptr<uint8_t>();
-    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { unpack_rows(isa, fmt, W, R, K, n, r0, r1, wp); });
+  if (use_gemm(M, K)) {
     const at::Tensor xt = at::from_blob(xq.data(), {M, K}, {xs, 1}, x2.options().dtype(at::kChar)).contiguous();
-    const at::Tensor acc = at::_int_mm(xt, w.t());
+    const at::Tensor acc = decoded_int_mm(xt, packed, n, fmt, isa);
     const int32_t* ap = acc.data_ptr<int32_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
       scalar_t* yp = y.data_ptr<scalar_t>();
