@@ -128,8 +128,10 @@ class MemoryArgs:
     preset: str = arg(help="model shape", positional=True, choices=list(PRESETS))
     micro_batch: int = arg(8, help="sequences per forward, per rank")
     seq_len: int = arg(2048, help="tokens per sequence")
-    dp: int = arg(1, help="data-parallel ranks")
+    dp: int = arg(1, help="data-parallel ranks (replicas of the model)")
     fsdp: bool = arg(False, help="FSDP2 / ZeRO-3: weights, gradients and optimizer states sharded over --dp ranks")
+    tp: int = arg(1, help="tensor-parallel ranks per replica (world = dp x tp)")
+    sequence_parallel: bool = arg(True, help="with --tp: norms and residual stream sharded along the sequence")
     linear: str = arg("bitnet", help="linear layers", choices=["bitnet", "bitnet1", "bf16"])
     bf16: bool = arg(True, help="bf16 autocast (fp32 master weights); --no-bf16 for fp32")
     activation_checkpointing: bool = arg(False, help="recompute blocks in the backward pass")
@@ -140,12 +142,18 @@ def memory_cmd(args: MemoryArgs) -> None:
     """Per-rank training memory: weights, gradients, AdamW states and activations."""
     from .report import human_bytes
     from .train.memory import estimate
+    from .train.parallel import check_layout
 
     config = BitNetConfig.from_preset(args.preset, linear=args.linear)
-    m = estimate(config, args.micro_batch, args.seq_len, args.dp, args.fsdp, args.bf16, args.activation_checkpointing)
+    if args.tp > 1:
+        check_layout(config, args.tp, args.tp, args.seq_len, args.sequence_parallel)
+    m = estimate(config, args.micro_batch, args.seq_len, args.dp, args.fsdp, args.bf16, args.activation_checkpointing,
+                 args.tp, args.sequence_parallel)
     shard = f"sharded over {args.dp} ranks (FSDP2)" if args.fsdp else f"replicated on {args.dp} rank(s) (DDP)"
+    tp = (f", tensor parallel over {args.tp} ranks ({'with' if args.sequence_parallel else 'without'} sequence "
+          f"parallelism; world {args.dp * args.tp})" if args.tp > 1 else "")
     print(f"{args.preset} ({args.linear}), micro-batch {args.micro_batch} x seq_len {args.seq_len}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, states {shard}"
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, states {shard}{tp}"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}")
     for name in ("weights", "gradients", "optimizer", "activations", "total"):
         value = getattr(m, name)

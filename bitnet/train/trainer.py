@@ -3,10 +3,13 @@
     bitnet train --data corpus.txt --preset small --max-steps 2000 --out runs/small
     torchrun --nproc-per-node 8 -m bitnet train --data ... --out ...          # DDP
     torchrun --nproc-per-node 8 -m bitnet train --data ... --out ... --fsdp   # FSDP2 (fully_shard)
+    torchrun --nproc-per-node 8 -m bitnet train ... --tp 4 --fsdp           # 2-D: TP 4 x FSDP2 over dp 2
 
 Memory and throughput: fp32 master weights with bf16 autocast (on CUDA by default), gradient
 accumulation, activation checkpointing, gradient clipping, optional torch.compile. Distribution is
-torch's own (DDP, FSDP2); there is no collective code here beyond averaging the logged loss.
+torch's own (DDP, FSDP2, and DTensor tensor/sequence parallelism, bitnet.train.parallel, on a
+(dp, tp) mesh); there is no collective code here beyond averaging the logged loss. Under --tp the
+ranks of one TP group read the same micro-batches: the data is sharded over dp = world / tp.
 
 The output folder is always loadable with BitNetForCausalLM.from_pretrained (config.json +
 model.safetensors with the latent weights, online mode, + tokenizer.json). Beside it,
@@ -58,7 +61,10 @@ RECIPES = {
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"out", "resume", "eval_every", "log_every", "save_every", "progress", "compile",
                   "activation_checkpointing", "device", "threads", "cache_dir", "eval_windows",
-                  "micro_batch", "grad_accum", "fsdp", "hub_cache_dir", "local_files_only"}
+                  "micro_batch", "grad_accum", "fsdp", "hub_cache_dir", "local_files_only", "tp",
+                  "sequence_parallel", "stop_at"}
+# What a resume compares instead of the layout: the global batch (micro-batch x accumulation x dp).
+LAYOUT = {"world_size", "dp_size"}
 
 
 class TrainingError(RuntimeError):
@@ -106,7 +112,12 @@ class TrainConfig:
                      choices=["auto", "bf16", "fp32"])
     activation_checkpointing: bool = arg(False, help="recompute each block in the backward pass")
     compile: bool = arg(False, help="torch.compile the model")
-    fsdp: bool = arg(False, help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    fsdp: bool = arg(False, help="under torchrun: FSDP2 (fully_shard) instead of DDP; with --tp, over the dp dimension")
+    tp: int = arg(1, help="under torchrun: tensor-parallel ranks per model replica (Megatron-style, DTensor); the "
+                  "data is sharded over dp = world / tp")
+    sequence_parallel: bool = arg(True, help="with --tp: shard the norms and residual adds along the sequence "
+                                  "(--no-sequence-parallel keeps them replicated)")
+    stop_at: int | None = arg(None, help="checkpoint and stop after this step (a job's time limit); --resume continues")
     device: str | None = arg(None, help="cuda, cpu, ... (default: cuda if available)")
     threads: int | None = arg(None, help="torch CPU threads")
     cache_dir: str | None = arg(None, help="token cache (default: $BITNET_CACHE or ~/.cache/bitnet)")
@@ -123,10 +134,19 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    tp: int = 1  # tensor-parallel ranks per replica; the (dp, tp) mesh puts a TP group on consecutive ranks
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -143,14 +163,14 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world == 1:
-        return Dist(), torch.device(want)
+        return Dist(tp=cfg.tp), torch.device(want)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = want.startswith("cuda")
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local), torch.device(f"cuda:{local}" if cuda else "cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local, cfg.tp), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -195,12 +215,19 @@ class Trainer:
         saved = self._check_resume()
         os.makedirs(cfg.out, exist_ok=True)
         self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-        self.global_batch = cfg.micro_batch * cfg.grad_accum * d.world
+        self.global_batch = cfg.micro_batch * cfg.grad_accum * d.dp
 
         self.init_dir = self._resolve_init()
         self.tokenizer, train_tokens, val_tokens = self._prepare_data(resuming=saved is not None)
         self.model = self._build_model()
         self.config: BitNetConfig = self.model.config
+        if cfg.tp > 1:
+            from .parallel import ParallelError, check_layout
+
+            try:
+                check_layout(self.config, cfg.tp, d.world, cfg.seq_len, cfg.sequence_parallel)
+            except ParallelError as e:
+                raise TrainingError(str(e)) from None
         if cfg.seq_len > self.config.max_position_embeddings:
             raise TrainingError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                 f"({self.config.max_position_embeddings})")
@@ -209,9 +236,9 @@ class Trainer:
             raise TrainingError(
                 f"the training split holds {self.sampler.windows_per_epoch} windows of {cfg.seq_len} tokens, fewer "
                 f"than one global batch of {self.global_batch} (micro-batch {cfg.micro_batch} x accumulation "
-                f"{cfg.grad_accum} x world {d.world}); use a larger corpus or a smaller batch / --seq-len")
+                f"{cfg.grad_accum} x {self._dp_words()}); use a larger corpus or a smaller batch / --seq-len")
         val = D.eval_windows(val_tokens, cfg.seq_len, cfg.eval_windows or None)
-        self.val = val[: (len(val) // d.world) * d.world] if len(val) >= d.world else val
+        self.val = val[: (len(val) // d.dp) * d.dp] if len(val) >= d.dp else val
         self.schedule = Schedule(
             cfg.recipe("schedule"), cfg.recipe("lr"), cfg.max_steps,
             cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 20),
@@ -233,6 +260,22 @@ class Trainer:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
         if c.lr is not None and not c.lr > 0:
             raise TrainingError(f"--lr must be positive, got {c.lr}")
+        if c.stop_at is not None and c.stop_at < 1:
+            raise TrainingError(f"--stop-at must be at least 1, got {c.stop_at}")
+        w = self.d.world
+        if c.tp < 1 or c.tp > w or w % c.tp:
+            why = ("must be at least 1" if c.tp < 1 else f"is larger than the world size {w}" if c.tp > w
+                   else f"does not divide the world size {w} (the (dp, tp) mesh needs dp x tp = world)")
+            raise TrainingError(f"--tp {c.tp} {why}; tensor parallelism splits each layer over --tp processes of one "
+                                f"torchrun (e.g. torchrun --nproc-per-node {max(c.tp, 1)} ... --tp {max(c.tp, 1)})")
+        if c.tp > 1 and w // c.tp > 1 and not c.fsdp:
+            raise TrainingError(f"--tp {c.tp} on {w} processes leaves a data-parallel dimension of {w // c.tp}: add "
+                                "--fsdp (FSDP2 over the dp dimension of the (dp, tp) mesh, the 2-D layout); DDP over "
+                                "tensor-parallel (DTensor) parameters is not supported here")
+
+    def _dp_words(self) -> str:
+        d = self.d
+        return f"world {d.world}" if d.tp == 1 else f"dp {d.dp} (world {d.world} / tp {d.tp})"
 
     def _resolve_init(self) -> str | None:
         """--init as a local folder: itself, or its hub snapshot (rank 0 fetches, the others then read the cache)."""
@@ -245,8 +288,10 @@ class Trainer:
         return folder if folder is not None else get()
 
     def _comparable(self, cfg: dict) -> dict:
-        out = {k: v for k, v in cfg.items() if k not in FREE_ON_RESUME}
-        out["global_batch"] = cfg["micro_batch"] * cfg["grad_accum"] * cfg.get("world_size", 1)
+        """The fields a resume must keep. The layout (world size, dp, tp, FSDP) may change: checkpoints
+        hold full tensors, which load into any mesh; the global batch, and so the data order, may not."""
+        out = {k: v for k, v in cfg.items() if k not in FREE_ON_RESUME | LAYOUT}
+        out["global_batch"] = cfg["micro_batch"] * cfg["grad_accum"] * cfg.get("dp_size", cfg.get("world_size", 1))
         return out
 
     def _check_resume(self) -> dict | None:
@@ -261,7 +306,7 @@ class Trainer:
         with safe_open(self.state_path, framework="pt") as f:
             meta = json.loads(f.metadata()["bitnet_trainer"])
         before = self._comparable(meta["config"])
-        now = self._comparable({**dataclasses.asdict(self.cfg), "world_size": self.d.world})
+        now = self._comparable({**dataclasses.asdict(self.cfg), "world_size": self.d.world, "dp_size": self.d.dp})
         diff = [f"{k}={before.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(before) | set(now))
                 if before.get(k) != now.get(k)]
         if diff:
@@ -335,15 +380,17 @@ class Trainer:
     def _wrap(self):
         cfg, d, model = self.cfg, self.d, self.model
         engine = model
-        if d.world > 1 and cfg.fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if cfg.tp > 1:  # TP inside a replica, then FSDP2 over the replicas: the 2-D (dp, tp) mesh
+            from .parallel import device_mesh, tensor_parallel
 
-            mesh = init_device_mesh(self.device.type, (d.world,))
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)
+            mesh = device_mesh(self.device.type, d.world, cfg.tp)
+            tensor_parallel(model, mesh["tp"], cfg.sequence_parallel)
+            if d.dp > 1:
+                self._fully_shard(mesh["dp"])
+        elif d.world > 1 and cfg.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._fully_shard(init_device_mesh(self.device.type, (d.world,)))
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -351,6 +398,15 @@ class Trainer:
         if cfg.compile:
             engine = torch.compile(engine)
         return engine
+
+    def _fully_shard(self, mesh) -> None:
+        """FSDP2 per block and at the root over a 1-D mesh (all ranks, or the dp dimension under TP)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(self.model, mesh=mesh, mp_policy=mp)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -379,7 +435,7 @@ class Trainer:
             if torch.cuda.is_available():
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
             meta = {"step": self.step, "position": self.position, "world_size": self.d.world,
-                    "config": {**dataclasses.asdict(self.cfg), "world_size": self.d.world},
+                    "config": {**dataclasses.asdict(self.cfg), "world_size": self.d.world, "dp_size": self.d.dp},
                     "param_groups": optim_sd["param_groups"]}
             before = self._last_saved()
             try:
@@ -436,11 +492,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss over the held-out windows (sharded over ranks)."""
+        """Mean next-token loss over the held-out windows (sharded over the dp ranks; a TP group reads
+        the same windows, and the all-reduce then counts each of them tp times, above and below the line)."""
         model, d, mb = self.model, self.d, self.cfg.micro_batch
         was_training = model.training
         model.eval()
-        mine = self.val[d.rank::d.world]
+        mine = self.val[d.dp_rank::d.dp]
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(0, len(mine), mb):
             x = mine[i:i + mb].to(self.device)
@@ -486,8 +543,8 @@ class Trainer:
         if d.main:
             n = model.num_parameters()
             print(f"bitnet train: {cfg.linear} {cfg.preset} ({n:,} parameters), seq_len {cfg.seq_len}, global batch "
-                  f"{self.global_batch} = micro-batch {cfg.micro_batch} x accumulation {cfg.grad_accum} x world "
-                  f"{d.world} ({self.global_batch * cfg.seq_len:,} tokens/step), {self.schedule.kind} schedule, "
+                  f"{self.global_batch} = micro-batch {cfg.micro_batch} x accumulation {cfg.grad_accum} x "
+                  f"{self._dp_words()} ({self.global_batch * cfg.seq_len:,} tokens/step), {self.schedule.kind} schedule, "
                   f"peak lr {self.schedule.lr:g}, {'bf16 autocast' if self.bf16 else 'fp32'}, "
                   f"{'resuming at step ' + str(self.step) if self.step else 'from scratch' if not cfg.init else 'from ' + cfg.init}",
                   flush=True)
@@ -513,7 +570,7 @@ class Trainer:
                 set_quant_strength(model, lam)
             loss_sum = torch.zeros((), device=self.device)
             for j in range(cfg.grad_accum):
-                start = self.position + (j * d.world + d.rank) * cfg.micro_batch
+                start = self.position + (j * d.dp + d.dp_rank) * cfg.micro_batch
                 x = self.sampler.batch(start, cfg.micro_batch).to(self.device)
                 sync = contextlib.nullcontext() if (not ddp or j == cfg.grad_accum - 1) else self.engine.no_sync()
                 with sync:
@@ -554,10 +611,13 @@ class Trainer:
             self._log(row)
             last = row
             bar.update(1)
-            if self.step % save_every == 0 or self.step == cfg.max_steps:
+            stop = cfg.stop_at is not None and self.step >= cfg.stop_at
+            if self.step % save_every == 0 or self.step == cfg.max_steps or stop:
                 self.save()
+            if stop:
+                break
         bar.close()
-        if d.main and cfg.max_steps:
+        if d.main and cfg.max_steps and self.step == cfg.max_steps:
             self.export()
         d.barrier()
         return last
