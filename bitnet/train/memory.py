@@ -23,7 +23,8 @@ Under tensor parallelism a rank keeps 1/tp of everything between a colwise and a
 (its heads, its MLP rows); with sequence parallelism 1/tp of the norms and the residual stream too.
 What it keeps whole: the all-gathered (B, T, h) input of the colwise layers (each linear saves
 the input its matmul sees, and DTensor gathers before the matmul; Megatron re-gathers it in the
-backward pass instead, not done here) and the (B, T, vocab) logits, gathered before the loss.
+backward pass instead, not done here). The logits stay sharded over the vocabulary: the trainer's
+cross-entropy is vocab-parallel (torch's loss_parallel), so the log-probabilities are 1/tp too.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def activation_bytes(config: BitNetConfig, micro_batch: int, seq_len: int, bf16:
     sp = tp if sequence_parallel else 1
     head = tokens * (8 * h / sp  # final norm: fp32 input and normalized output
                      + (2 if bf16 else 4) * h  # lm_head input (its bf16 cast, or the norm's output; gathered)
-                     + 4 * config.vocab_size)  # float32 log-probabilities of the cross-entropy (gathered logits)
+                     + 4 * config.vocab_size / tp)  # float32 log-probabilities of the (vocab-parallel) cross-entropy
     blocks, lm_head = weight_copy_bytes(config, bf16, tp)
     layers = config.num_hidden_layers
     if checkpointing:  # block inputs only, plus one block at a time while it is recomputed

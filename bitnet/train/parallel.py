@@ -13,7 +13,9 @@ The layout is Megatron's, written as a `parallelize_module` plan (torchtitan's L
     o_proj           rowwise           input columns sharded; output reduce-scattered to Shard(1)
     post_attention_layernorm, mlp (gate/up colwise, ffn_sub_norm sharded, down rowwise): the same
     norm             SequenceParallel
-    lm_head          colwise           vocab rows sharded; input all-gathered, logits all-gathered (B, T, V)
+    lm_head          colwise           vocab rows sharded; input all-gathered; logits (B, T, V/N) with
+                                       loss_parallel (the trainer's: vocab-parallel cross-entropy under
+                                       torch's `loss_parallel()`), else all-gathered to (B, T, V)
 
 Sequence parallelism (on by default; `sequence_parallel=False` keeps the norms replicated) shards the
 residual stream, the norms and the residual adds along the sequence: their activations are 1/N per
@@ -188,8 +190,13 @@ def _styles():
     return BitColwise, BitRowwise, ShardedNorm, Replicated
 
 
-def tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> nn.Module:
+def tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True, loss_parallel: bool = False) -> nn.Module:
     """Shard `model` (a BitNetForCausalLM, training or frozen) over the 1-D tensor-parallel `mesh`, in place.
+
+    loss_parallel: the logits stay a (B, T, V/N) DTensor sharded over the vocabulary, and the
+    cross-entropy of the model's forward is torch's vocab-parallel one, which needs the forward and
+    the backward to run under `torch.distributed.tensor.parallel.loss_parallel()`: no rank then
+    holds the (B, T, V) logits. Off: the logits are gathered, a plain tensor on every rank.
 
     Every rank must hold the same full model before the call (same seed or the same checkpoint);
     afterwards each holds its shards. The attention modules' head counts become the local ones
@@ -214,7 +221,8 @@ def tensor_parallel(model: nn.Module, mesh, sequence_parallel: bool = True) -> n
     norm = SequenceParallel if sp else Replicated
     plan["model.norm"] = norm()
     if isinstance(model.lm_head, nn.Linear):  # an int8 head (quantize_lm_head) stays whole on every rank
-        plan["lm_head"] = BitColwise(input_layouts=seq if sp else rep, output_layouts=rep)
+        plan["lm_head"] = BitColwise(input_layouts=seq if sp else rep, output_layouts=Shard(-1) if loss_parallel else rep,
+                                     use_local_output=not loss_parallel)
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp

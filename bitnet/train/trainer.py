@@ -384,7 +384,7 @@ class Trainer:
             from .parallel import device_mesh, tensor_parallel
 
             mesh = device_mesh(self.device.type, d.world, cfg.tp)
-            tensor_parallel(model, mesh["tp"], cfg.sequence_parallel)
+            tensor_parallel(model, mesh["tp"], cfg.sequence_parallel, loss_parallel=True)
             if d.dp > 1:
                 self._fully_shard(mesh["dp"])
         elif d.world > 1 and cfg.fsdp:
@@ -490,6 +490,20 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def _loss_parallel(self):
+        """Under --tp the logits are sharded over the vocabulary: torch's vocab-parallel cross-entropy,
+        for the forward and the backward (bitnet.train.parallel)."""
+        if self.cfg.tp == 1:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
+    @staticmethod
+    def _plain(loss: torch.Tensor) -> torch.Tensor:
+        """The loss as a plain tensor (under --tp a replicated 0-dim DTensor, the same on every rank)."""
+        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss over the held-out windows (sharded over the dp ranks; a TP group reads
@@ -501,8 +515,8 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(0, len(mine), mb):
             x = mine[i:i + mb].to(self.device)
-            with self._autocast():
-                loss = model(x, labels=x).loss
+            with self._autocast(), self._loss_parallel():
+                loss = self._plain(model(x, labels=x).loss)
             n = x.shape[0] * (x.shape[1] - 1)
             total += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=self.device)
         if d.world > 1:
@@ -573,11 +587,11 @@ class Trainer:
                 start = self.position + (j * d.dp + d.dp_rank) * cfg.micro_batch
                 x = self.sampler.batch(start, cfg.micro_batch).to(self.device)
                 sync = contextlib.nullcontext() if (not ddp or j == cfg.grad_accum - 1) else self.engine.no_sync()
-                with sync:
+                with sync, self._loss_parallel():
                     with self._autocast():
                         loss = self.engine(x, labels=x).loss
                     (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
+                loss_sum += self._plain(loss.detach().float())
             train_loss = d.mean(loss_sum / cfg.grad_accum).item()
             grad_norm = None
             if cfg.grad_clip > 0:
