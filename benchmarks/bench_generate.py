@@ -30,6 +30,7 @@ import dataclasses
 import math
 import multiprocessing
 import resource
+import statistics
 import sys
 from dataclasses import dataclass
 
@@ -80,6 +81,9 @@ class Args:
     compile: bool | None = arg(None, help="compile the decode step (default: on a GPU only)")
     warmup: int = arg(2, help="untimed runs first (compiling happens here)")
     iters: int = arg(5, help="timed runs; the median is reported")
+    rounds: int | None = arg(None, help="rounds over all the models, in alternating order; medians over rounds, ratios "
+                             "taken round by round (min-max reported): a machine whose speed drifts over minutes "
+                             "moves both sides of a ratio alike (default: 3 on a CPU, 1 on a GPU)")
     isolate: bool = arg(True, help="measure each model in a fresh process (clean peak memory)")
     name: str | None = arg(None, help="results file name (default: generate_cpu or generate_cuda)")
 
@@ -90,7 +94,8 @@ class Args:
             models=self.models or (GPU_MODELS if gpu else CPU_MODELS), batch=self.batch or ([1, 8] if gpu else [1]),
             prompt_len=self.prompt_len or (128 if gpu else 16), new_tokens=self.new_tokens or (128 if gpu else 32),
             prefill_len=self.prefill_len or (512 if gpu else 128),
-            compile=gpu if self.compile is None else self.compile, name=self.name or f"generate_{'cuda' if gpu else 'cpu'}")
+            compile=gpu if self.compile is None else self.compile, name=self.name or f"generate_{'cuda' if gpu else 'cpu'}",
+            rounds=self.rounds or (1 if gpu else 3))
 
 
 def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
@@ -192,14 +197,23 @@ def measure_isolated(args: Args, key: str) -> dict:
         return pool.submit(measure, args, key).result()
 
 
-def report(args: Args, results: dict[str, dict]) -> tuple[str, dict]:
-    """Markdown tables and summary ratios (each packed model over the faster twin, batch by batch)."""
-    rows = []
-    for res in results.values():
-        for r in res["rows"]:
-            mem = r["peak_memory_bytes"] if r["peak_memory_bytes"] is not None else res["peak_rss_over_start_bytes"]
-            rows.append({**r, "label": res["label"], "weights": human_bytes(res["weight_bytes"]["total"]),
-                         "memory": human_bytes(mem)})
+TIMINGS = ("prefill_ms", "prefill_tok_s", "generate_ms", "decode_ms_per_step", "decode_tok_s", "decode_weight_gb_s",
+           "prefill_long_ms", "prefill_long_tok_s")
+
+
+def merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """One result per model: each timing the median over rounds, peak memory the largest."""
+    merged = {}
+    for key, first in rounds[0].items():
+        res = {**first, "rows": [], "peak_rss_over_start_bytes": max(r[key]["peak_rss_over_start_bytes"] for r in rounds)}
+        for i, row in enumerate(first["rows"]):
+            res["rows"].append({**row, **{f: statistics.median(r[key]["rows"][i][f] for r in rounds) for f in TIMINGS}})
+        merged[key] = res
+    return merged
+
+
+def speedups(args: Args, results: dict[str, dict]) -> list[dict]:
+    """Each packed model over the faster twin, batch by batch, within one set of results."""
     twins = [k for k in TWINS if k in results]
     packed = [k for k in results if k not in TWINS]
     ratios = []
@@ -214,7 +228,29 @@ def report(args: Args, results: dict[str, dict]) -> tuple[str, dict]:
                            "decode_speedup": r["decode_tok_s"] / t["decode_tok_s"],
                            "prefill_speedup": r["prefill_tok_s"] / max(results[w]["rows"][i]["prefill_tok_s"] for w in twins),
                            "prefill_long_speedup": r["prefill_long_tok_s"] / max(results[w]["rows"][i]["prefill_long_tok_s"] for w in twins)})
-    summary = {"by_batch": ratios}
+    return ratios
+
+
+def report(args: Args, results: dict[str, dict], rounds: list[dict[str, dict]] | None = None) -> tuple[str, dict]:
+    """Markdown tables and summary ratios (each packed model over the faster twin, batch by batch:
+    the median of the round-by-round ratios, with their min-max)."""
+    rows = []
+    for res in results.values():
+        for r in res["rows"]:
+            mem = r["peak_memory_bytes"] if r["peak_memory_bytes"] is not None else res["peak_rss_over_start_bytes"]
+            rows.append({**r, "label": res["label"], "weights": human_bytes(res["weight_bytes"]["total"]),
+                         "memory": human_bytes(mem)})
+    twins = [k for k in TWINS if k in results]
+    per_round = [speedups(args, r) for r in (rounds or [results])]
+    ratios = []
+    for j, first in enumerate(per_round[0]):
+        row = dict(first)
+        for f in ("decode_speedup", "prefill_speedup", "prefill_long_speedup"):
+            values = [r[j][f] for r in per_round]
+            row[f] = statistics.median(values)
+            row[f + "_range"] = f"{min(values):.2f}-{max(values):.2f}"
+        ratios.append(row)
+    summary = {"by_batch": ratios, "rounds": len(per_round)}
     if "bitnet" in results and twins:
         twin = results[twins[0]]
         summary["weights_smaller_total"] = twin["weight_bytes"]["total"] / results["bitnet"]["weight_bytes"]["total"]
@@ -223,6 +259,8 @@ def report(args: Args, results: dict[str, dict]) -> tuple[str, dict]:
             if k in results:
                 summary[f"{k}_step_time_over_2bit"] = [a["decode_ms_per_step"] / b["decode_ms_per_step"]
                                                        for a, b in zip(results[k]["rows"], results["bitnet"]["rows"])]
+    rounds_note = (f"{len(per_round)} rounds over the models in alternating order (each model in a fresh process); "
+                   "timings are medians over rounds, ratios are taken round by round: median (min-max)")
     memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS of its process over its RSS before the build (after a warm-up on the tiny preset)"
     env = environment()
     md = [
@@ -230,7 +268,7 @@ def report(args: Args, results: dict[str, dict]) -> tuple[str, dict]:
         "",
         f"CPU flags {', '.join(env['cpu_flags'])}; {env['cpu_threads']} threads; load average at the end {env['loadavg']}. "
         f"Prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, compile={args.compile}; "
-        f"a separate prefill of {args.prefill_len} tokens; median of {args.iters}. Memory: {memory}.",
+        f"a separate prefill of {args.prefill_len} tokens; median of {args.iters} runs; {rounds_note}. Memory: {memory}.",
         "",
         table(rows, [("label", "model", ""), ("batch", "batch", ""), ("prefill_tok_s", f"prefill tok/s ({args.prompt_len})", ".0f"),
                      ("prefill_long_tok_s", f"prefill tok/s ({args.prefill_len})", ".0f"),
@@ -244,9 +282,10 @@ def report(args: Args, results: dict[str, dict]) -> tuple[str, dict]:
                f"{summary['weights_smaller_linear']:.2f}x on the projections.", ""]
     if ratios:
         md += [table(ratios, [("batch", "batch", ""), ("model", "model", ""), ("twin", "faster twin (decode)", ""),
-                              ("decode_speedup", "decode speed / twin", ".2f"),
+                              ("decode_speedup", "decode speed / twin", ".2f"), ("decode_speedup_range", "(min-max)", ""),
                               ("prefill_speedup", f"prefill ({args.prompt_len}) / faster twin", ".2f"),
-                              ("prefill_long_speedup", f"prefill ({args.prefill_len}) / faster twin", ".2f")], markdown=True)]
+                              ("prefill_long_speedup", f"prefill ({args.prefill_len}) / faster twin", ".2f"),
+                              ("prefill_long_speedup_range", "(min-max)", "")], markdown=True)]
     for k in ("bitnet-1.6bit", "bitnet1"):
         if f"{k}_step_time_over_2bit" in summary:
             md += ["", f"{MODELS[k].label}: decode step time / 2-bit's = "
@@ -264,12 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in args.models if k not in MODELS]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
-    results = {}
-    for key in args.models:
-        print(f"measuring {MODELS[key].label} ...", file=sys.stderr, flush=True)
-        results[key] = measure_isolated(args, key)
-    markdown, summary = report(args, results)
-    path = save_results(args.name, {"args": dataclasses.asdict(args), "results": results, "summary": summary}, markdown)
+    rounds = []
+    for r in range(args.rounds):
+        order = args.models if r % 2 == 0 else args.models[::-1]
+        rounds.append({})
+        for key in order:
+            print(f"round {r + 1}/{args.rounds}: measuring {MODELS[key].label} ...", file=sys.stderr, flush=True)
+            rounds[-1][key] = measure_isolated(args, key)
+    rounds = [{key: rnd[key] for key in args.models} for rnd in rounds]
+    results = merge_rounds(rounds)
+    markdown, summary = report(args, results, rounds)
+    path = save_results(args.name, {"args": dataclasses.asdict(args), "results": results, "rounds": rounds,
+                                    "summary": summary}, markdown)
     print(markdown)
     print(f"\nsaved {path}", file=sys.stderr)
     return 0

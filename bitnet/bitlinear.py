@@ -23,13 +23,14 @@ from torch import nn
 
 from . import ops
 from .packing import TERNARY_FORMATS, pack, packed_rows, unpack
-from .quant import fake_quant_activation, fake_quant_weight, quantize_weight, rms_norm
+from .quant import fake_quant_activation, fake_quant_weight, quantize_weight
 
 WEIGHT_BITS = ("ternary", "binary")
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as in Llama and transformers' BitNet: normalize in float32, scale in input dtype."""
+    """RMSNorm as in Llama and transformers' BitNet: normalize in float32, scale in input dtype
+    (bitnet.ops.rms_norm: one native pass on the CPU in inference)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -37,7 +38,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class StreamedLinear(nn.Linear):
+    """nn.Linear, same parameters and state dict, for the float lm_head of a packed model: on the CPU
+    in inference a bf16 weight is streamed once by the native kernel for decode's few rows
+    (bitnet.ops.float_head); F.linear otherwise. `freeze` turns a model's nn.Linear head into one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.float_head(x, self.weight, self.bias)
+
+    @classmethod
+    def adopt(cls, linear: nn.Linear) -> "StreamedLinear":
+        """The same module object, now of this class (parameters, ties and hooks unchanged)."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"StreamedLinear adopts a plain nn.Linear, got {type(linear).__name__}")
+        linear.__class__ = cls
+        return linear
 
 
 class BitLinear(nn.Module):

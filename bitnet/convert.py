@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .bitlinear import BitLinear
+from .bitlinear import BitLinear, StreamedLinear
 from .config import BitNetConfig, matches_any
 
 
@@ -44,9 +44,15 @@ def bitlinears(model: nn.Module) -> list[tuple[str, BitLinear]]:
 
 
 def freeze(model: nn.Module, packing: str | None = None) -> nn.Module:
-    """Pack every BitLinear of `model` for inference (in place): 2 bits (or 1.6, or 1) a weight."""
-    for _, m in bitlinears(model):
+    """Pack every BitLinear of `model` for inference (in place): 2 bits (or 1.6, or 1) a weight.
+    A plain nn.Linear lm_head becomes a StreamedLinear (the same module and parameters; on the CPU
+    decode streams a bf16 head once through the native kernel)."""
+    layers = bitlinears(model)
+    for _, m in layers:
         m.freeze(packing)
+    head = getattr(model, "lm_head", None)
+    if layers and type(head) is nn.Linear:
+        StreamedLinear.adopt(head)
     return model
 
 

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .bitlinear import BitLinear, Int8Linear, RMSNorm
 from .config import BitNetConfig, matches_any
+from .ops import rotate_half
 
 
 @dataclass
@@ -87,11 +88,6 @@ class Rotary(nn.Module):
         return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def attention_dtype(x: torch.Tensor, device: torch.device | str | None = None) -> torch.dtype:
     """float32 for bf16 / fp16 activations on the CPU, else their own dtype. torch's reduced-precision
     attention kernels on the CPU are several times slower than its float32 one (one decode token,
@@ -102,20 +98,34 @@ def attention_dtype(x: torch.Tensor, device: torch.device | str | None = None) -
     return x.dtype
 
 
-class KVCache(nn.Module):
-    """Static cache (B, n_kv, max_len, hd); `update` writes the new keys at `input_pos`."""
+@dataclass
+class CacheWindow:
+    """The cache slots attention reads in this forward, shared by every layer's KVCache: None for
+    all of them (static shapes: CUDA graphs, torch.compile), else slots [0, live)."""
 
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+    live: int | None = None
+
+
+class KVCache(nn.Module):
+    """Static cache (B, n_kv, max_len, hd); `update` writes the new keys at `input_pos` and returns
+    the slots of the window (all, or the first `window.live`)."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device,
+                 window: CacheWindow | None = None):
         super().__init__()
         shape = (batch, n_kv, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.window = window or CacheWindow()
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (T,), k/v (B, n_kv, T, hd)
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        live = self.window.live
+        if live is None:
+            return self.k, self.v
+        return self.k[:, :, :live], self.v[:, :, :live]
 
 
 class Attention(nn.Module):
@@ -246,6 +256,8 @@ class BitNetForCausalLM(nn.Module):
         if position_ids is None:
             base = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
             position_ids = base.unsqueeze(0).expand(B, T)
+        if use_cache:
+            self._set_cache_window(input_pos)
         mask = self._mask(B, T, attention_mask, input_pos if use_cache else None, input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary(position_ids, x.dtype)
@@ -274,7 +286,10 @@ class BitNetForCausalLM(nn.Module):
             keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
             diag = torch.eye(T, dtype=torch.bool, device=device)
         else:
-            S = self.model.layers[0].self_attn.kv_cache.k.shape[2]
+            cache = self.model.layers[0].self_attn.kv_cache
+            S = cache.window.live or cache.k.shape[2]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :S]
             allowed = input_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
             keys = (attention_mask.bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=device))
             keys = keys[:, None, None, :]  # (B, 1, 1, S)
@@ -298,10 +313,20 @@ class BitNetForCausalLM(nn.Module):
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings {self.config.max_position_embeddings}")
         ref = self.model.embed_tokens.weight
+        window = CacheWindow()
         for layer in self.model.layers:
             a = layer.self_attn
             a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim,
-                                 dtype or attention_dtype(ref, device), device or ref.device)
+                                 dtype or attention_dtype(ref, device), device or ref.device, window)
+
+    def _set_cache_window(self, input_pos: torch.Tensor) -> None:
+        """Eager CPU inference reads the cache up to the last slot written (the later slots are
+        masked anyway; a long preallocated cache would otherwise be streamed whole every step, at
+        the 700m shape 7 MB a layer for 1024 slots). Elsewhere (GPUs: CUDA graphs; torch.compile)
+        the shapes stay static."""
+        window = self.model.layers[0].self_attn.kv_cache.window
+        eager_cpu = input_pos.device.type == "cpu" and not torch.compiler.is_compiling()
+        window.live = int(input_pos.max()) + 1 if eager_cpu and input_pos.numel() else None
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:

@@ -7,16 +7,27 @@ CPU kernels (bitnet.kernels.cpu) for CPU tensors when they could be built, torch
 three compute the same integers and apply the scales with the same float32 operations, so their
 outputs are equal. Under TRITON_INTERPRET=1, BITNET_KERNEL=triton runs the Triton kernels on CPU
 tensors (that is how CI proves them correct).
+
+The float parts of inference on the CPU (RMSNorm, rotary embeddings, a bf16 lm_head of a packed
+model) have native one-pass versions too (`rms_norm`, `rope`, `float_head`): each op of eager torch
+costs microseconds of dispatch, and a decode step of a small model is hundreds of them. They run
+wherever the extension is built and nothing needs autograd, whatever BITNET_KERNEL says (it picks
+the packed matmul only), so the native and torch matmul paths still see the same float inputs.
+BITNET_CPU_FLOAT_OPS=torch keeps torch's own float ops (RMSNorm's mean of squares then rounds as
+torch's does: bit-for-bit parity with a pure torch model, e.g. transformers' patched by
+bitnet.patch); BITNET_CPU_DISABLE=1 turns every native op off.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 from .kernels import cpu as native
 from .packing import packed_linear_reference
+from .quant import rms_norm as torch_rms_norm
 
 KERNELS = ("triton", "cpu", "torch")
 
@@ -87,7 +98,58 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     Few rows on the CPU (decode): the native kernel streams the int8 bytes once. Otherwise the rows
     are dequantized to x's dtype for F.linear (prefill, evaluation, GPUs)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type == "cpu" and rows <= 16 and os.environ.get("BITNET_KERNEL") != "torch" and native.available():
+    if rows <= 16 and native_inference(x):
         return native.int8_linear(x, weight, scale, bias)
     w = (weight.float() * scale.float()[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- float parts, native on the CPU
+HEAD_ROWS = 4  # up to this many rows, the native bf16 head beats torch's bf16 GEMM on the CPUs measured
+
+
+def native_inference(*tensors: torch.Tensor) -> bool:
+    """True where a native float op may stand in for a torch composite: plain CPU tensors (no
+    DTensor or other subclass), no autograd to record, and the extension built."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    mode = os.environ.get("BITNET_CPU_FLOAT_OPS", "native")
+    if mode != "native":
+        if mode != "torch":
+            raise ValueError(f"BITNET_CPU_FLOAT_OPS must be 'native' or 'torch', got {mode!r}")
+        return False
+    dist = sys.modules.get("torch.distributed.tensor")  # only imported modules can have made a DTensor
+    for t in tensors:
+        if t.device.type != "cpu" or (dist is not None and isinstance(t, dist.DTensor)):
+            return False
+    return native.available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """bitnet.quant.rms_norm; one native pass on the CPU in inference (its float32 mean of squares
+    summed in float64: the last bit can differ from torch's own sum)."""
+    if weight.dtype == x.dtype and native_inference(x, weight):
+        return native.rms_norm(x, weight, eps)
+    return torch_rms_norm(x, weight, eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x (B, H, T, D), cos / sin (B or 1, 1, T, D) in x's dtype;
+    the native op on the CPU in inference, bit for bit the same."""
+    if x.dim() == 4 and cos.dtype == x.dtype and sin.dtype == x.dtype and native_inference(x, cos, sin):
+        return native.rope(x, cos, sin)
+    return x * cos + rotate_half(x) * sin
+
+
+def float_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for the float head of a packed model: a bf16 weight and few rows on the CPU (decode)
+    stream the weight once through the native kernel, float32 sums; else F.linear."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if weight.dtype == torch.bfloat16 and rows <= HEAD_ROWS and native_inference(x, weight, *([bias] if bias is not None else [])):
+        return native.bf16_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)

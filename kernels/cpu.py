@@ -22,6 +22,9 @@ Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.co
     matmul_int32(x_q, packed, n, fmt) -> int32 (M, n)         exact x_q @ W_q^T
     quantize(x) -> (x_q int8, a float32 (..., 1), sum int32)  per-row int8 activations
     int8_linear(x, weight, scale, bias=None) -> y             weight-only int8 rows (an int8 lm_head)
+    bf16_linear(x, weight, bias=None) -> y                    bf16 rows streamed once (a bf16 lm_head)
+    rms_norm(x, weight, eps) -> y                             RMSNorm in one pass (inference)
+    rope(x, cos, sin) -> y                                    x * cos + rotate_half(x) * sin, bit for bit
 M >= large_m (default 48) decodes the weights to int8 once per call and runs ATen's int8 GEMM
 (`torch._int_mm`: oneDNN, with VNNI or AMX where present); smaller M runs the GEMV kernel.
 """
@@ -127,6 +130,18 @@ def _register_fakes() -> None:
     def _(x, weight, scale, bias=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake("bitnet_cpu::bf16_linear")
+    def _(x, weight, bias=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("bitnet_cpu::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("bitnet_cpu::rope")
+    def _(x, cos, sin):
+        return x.new_empty(x.shape)
+
     @torch.library.register_fake("bitnet_cpu::quantize")
     def _(x):
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
@@ -183,6 +198,22 @@ def matmul_int32(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str) -> t
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = (x @ weight^T) * scale (+ bias) for an int8 (N, K) weight with float32 row scales (N,)."""
     return torch.ops.bitnet_cpu.int8_linear(x, weight, scale, bias)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight^T (+ bias) for a bfloat16 (N, K) weight, float32 sums, y in x's dtype."""
+    return torch.ops.bitnet_cpu.bf16_linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """bitnet.quant.rms_norm in one pass (no autograd): equal to it but for the last bit where its
+    float32 mean of squares rounds differently (this one sums in float64)."""
+    return torch.ops.bitnet_cpu.rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x (B, H, T, D), cos / sin (B, 1, T, D): bit for bit."""
+    return torch.ops.bitnet_cpu.rope(x, cos, sin)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

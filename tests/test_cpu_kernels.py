@@ -331,3 +331,129 @@ def test_quantize_lm_head_keeps_greedy_decoding_close():
     assert isinstance(model.lm_head, bitnet.Int8Linear)
     assert (after - before).abs().max() < 0.02 * before.abs().max()
     assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9
+
+
+# ----------------------------------------------------------------------------- float parts of inference
+@pytest.mark.parametrize("isa", isas())
+def test_bf16_head_against_float64(isa):
+    """The native bf16 head (decode's few rows) equals the float64 product of the same bf16 weights
+    within float32 summation error (bias included, K off every vector width); a frozen model's head
+    takes it on the CPU in inference and falls back to F.linear for many rows or with autograd."""
+    import bitnet
+    from bitnet import ops
+
+    cpu.set_isa(isa)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1003, 259, generator=g).to(torch.bfloat16)
+    b = torch.randn(1003, generator=g).to(torch.bfloat16)
+    for m in (1, 3):
+        x = torch.randn(2, m, 259, generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            y = cpu.bf16_linear(xd, w, b)
+            ref = xd.double() @ w.double().t() + b.double()
+            bound = (xd.double().abs() @ w.double().abs().t()) * 1e-6 + ref.abs() * (2**-8 if dtype == torch.bfloat16 else 1e-6)
+            assert y.shape == (2, m, 1003) and y.dtype == dtype
+            assert ((y.double() - ref).abs() <= bound + 1e-6).all()
+    lin = bitnet.StreamedLinear.adopt(torch.nn.Linear(259, 1003, bias=False).to(torch.bfloat16))
+    calls = {"n": 0}
+    real = cpu.bf16_linear
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    try:
+        cpu.bf16_linear = counted
+        with torch.no_grad():
+            lin(torch.randn(1, 259).to(torch.bfloat16))  # decode: native
+            lin(torch.randn(ops.HEAD_ROWS + 1, 259).to(torch.bfloat16))  # many rows: F.linear
+        y = lin(torch.randn(1, 259, dtype=torch.bfloat16, requires_grad=True))  # autograd: F.linear
+        y.float().sum().backward()
+    finally:
+        cpu.bf16_linear = real
+    assert calls["n"] == 1 and lin.weight.grad is not None
+
+
+def test_freeze_streams_the_float_head_and_keeps_the_checkpoint():
+    """freeze() turns a plain nn.Linear lm_head into a StreamedLinear in place: the same parameter
+    (ties kept), the same state dict; the twin (no BitLinear) is left alone."""
+    import bitnet
+
+    torch.manual_seed(0)
+    cfg = bitnet.BitNetConfig.from_preset("tiny", tie_word_embeddings=True)
+    model = bitnet.BitNetForCausalLM(cfg).to(torch.bfloat16)
+    weight = model.lm_head.weight
+    bitnet.freeze(model)
+    assert type(model.lm_head) is bitnet.StreamedLinear and model.lm_head.weight is weight
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    state = model.state_dict()
+    model.lm_head.__class__ = torch.nn.Linear  # what freeze() would have left without the swap
+    plain = model.state_dict()
+    assert list(state) == list(plain) and all(torch.equal(state[k], plain[k]) for k in state)
+    twin = bitnet.freeze(bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny", linear="bf16")))
+    assert type(twin.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_native_rms_norm_against_the_reference(dtype):
+    """Native RMSNorm equals bitnet.quant.rms_norm up to the one reduction: its float32 mean of
+    squares may round differently (the native one sums in float64), so outputs agree within one
+    float32 rounding of the scale, then the rounding to x's dtype: at most one unit in the last
+    place of x's dtype; most values are equal."""
+    from bitnet.quant import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 7, 1537, generator=g) * 3).to(dtype)
+    w = torch.randn(1537, generator=g).to(dtype)
+    got, ref = cpu.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    ulp = {torch.float32: 2**-23, torch.float64: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    assert ((got.double() - ref.double()).abs() <= 2 * ulp * ref.double().abs() + 1e-30).all()
+    assert (got == ref).float().mean() > 0.5
+    x64 = x.float().double()  # float64 reference of the formula, for float32 inputs
+    if dtype == torch.float32:
+        ref64 = w.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+        assert (got.double() - ref64).abs().max() <= (ref64.abs() * 4 * ulp).max()
+    with pytest.raises(RuntimeError, match="rms_norm weight"):
+        cpu.rms_norm(x, w[:-1], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_rope_is_bit_identical(dtype):
+    """x * cos + rotate_half(x) * sin: the native op equals torch's three elementwise ops bit for
+    bit, for a transposed (non-contiguous) x and cos / sin per batch row or broadcast."""
+    from bitnet.ops import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 64, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, D), strided
+    for cb in (2, 1):
+        cos, sin = (torch.randn(cb, 1, 5, 64, generator=g).to(dtype) for _ in range(2))
+        assert torch.equal(cpu.rope(x, cos, sin), x * cos + rotate_half(x) * sin)
+    with pytest.raises(RuntimeError, match="cos / sin"):
+        cpu.rope(x, cos[..., :32], sin[..., :32])
+
+
+def test_decode_reads_only_the_live_cache():
+    """Eager CPU decode reads the cache up to the last written slot: the same greedy tokens and,
+    within float32 rounding of attention's sums, the same logits as a cache of exactly the needed
+    length, however long the preallocated one is."""
+    import bitnet
+    from bitnet.generation import generate
+
+    torch.manual_seed(0)
+    model = bitnet.freeze(bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny", initializer_range=0.05))).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    out = {}
+    for length in (9 + 6, 256):
+        model.setup_cache(2, length)
+        out[length] = generate(model, ids, 6)
+        with torch.no_grad():
+            logits = model(ids, input_pos=torch.arange(9)).logits
+            step = model(ids[:, -1:], input_pos=torch.tensor([9])).logits
+        assert model.model.layers[0].self_attn.kv_cache.window.live == 10  # slots 0..9, not `length`
+        out[length, "logits"] = (logits, step)
+        model.clear_cache()
+    assert torch.equal(out[15], out[256])
+    for a, b in zip(out[15, "logits"], out[256, "logits"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -103,7 +103,8 @@ def test_pipeline_on_the_patched_model(tmp_path):
     assert after == before and len(before[0]["generated_text"]) == 6
 
 
-def test_save_after_patch_loads_in_transformers_and_here(tmp_path):
+def test_save_after_patch_loads_in_transformers_and_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_CPU_FLOAT_OPS", "torch")  # transformers' RMSNorm: torch's float32 mean, bit for bit
     write_checkpoint(hf_model(hf_config("llama", tied=False, vocab_size=128)), tmp_path / "src", "offline", "bitlinear")
     model = patch(load(tmp_path / "src"))
     with torch.no_grad():

@@ -123,7 +123,9 @@ def load_tokenizer(path: str):
         raise DataError(f"no tokenizer.json at {path}")
     try:
         return Tokenizer.from_file(file)
-    except Exception as e:  # tokenizers raises a bare Exception for any malformed file
+    except BaseException as e:  # tokenizers raises a bare Exception for a malformed file, a Rust panic for some
+        if not (isinstance(e, Exception) or type(e).__name__ == "PanicException"):  # (pyo3's: a BaseException)
+            raise
         reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise DataError(f"{file}: not a valid tokenizer.json ({reason})") from None
 

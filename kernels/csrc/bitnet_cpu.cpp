@@ -200,37 +200,156 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor&
   return {xq.reshape(x_in.sizes()), a.reshape(ashape), s.reshape(shape)};
 }
 
+// Float-accumulated rows for few input rows (decode: the weights stream once), W (N, K) int8 or
+// bf16: y32[m, n] = sum_k float(W[n, k]) * x[m, k] (* scale[n]), x as float32 (M, K). Rows go in
+// blocks of 32 so that every input row meets a block while it is in cache.
+template <typename T>
+static at::Tensor float_rows(const at::Tensor& xf, const T* wp, int64_t N, int64_t K, const float* scale) {
+  const int64_t M = xf.size(0);
+  at::Tensor y32 = at::empty({M, N}, xf.options());
+  const FloatRowsFn<T> f = float_rows_fn<T>(active_isa());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y32.data_ptr<float>();
+  constexpr int64_t kBlock = 32;
+  at::parallel_for(0, (N + kBlock - 1) / kBlock, std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t n0 = b0 * kBlock; n0 < std::min(b1 * kBlock, N); n0 += kBlock) {
+      const int64_t n1 = std::min(n0 + kBlock, N);
+      for (int64_t m = 0; m < M; ++m) {
+        f(wp, K, xp + m * K, n0, n1, yp + m * N + n0);
+        if (scale)
+          for (int64_t n = n0; n < n1; ++n) yp[m * N + n] *= scale[n];
+      }
+    }
+  });
+  return y32;
+}
+
+// (M, N) float32 sums -> x's leading shape and dtype; a bias is added in float32, one rounding.
+static at::Tensor rows_output(at::Tensor y32, const at::Tensor& x_in, const std::optional<at::Tensor>& bias) {
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = y32.size(1);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == y32.size(1), "bitnet_cpu: bias has ", bias->numel(), " values for ", y32.size(1), " outputs");
+    y32.add_(bias->to(at::kFloat).reshape({1, -1}));
+  }
+  return y32.to(x_in.scalar_type()).reshape(shape);
+}
+
+static at::Tensor rows_input(const at::Tensor& x_in, const at::Tensor& w, const char* what) {
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "bitnet_cpu: ", what, " takes CPU tensors");
+  TORCH_CHECK(w.dim() == 2, "bitnet_cpu: ", what, " weight must be 2-D, got ", w.sizes());
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w.size(1), "bitnet_cpu: ", what, " input has ", x_in.size(-1),
+              " features, the weight ", w.size(1));
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+              "bitnet_cpu: ", what, " input dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+  return x_in.reshape({-1, w.size(1)}).to(at::kFloat).contiguous();
+}
+
 // Weight-only int8 linear (an int8 lm_head): y = (x @ W^T) * scale[n] (+ bias), W int8 (N, K),
 // scale float32 (N,), accumulated in float32; x (..., K) float32 / bf16 / fp16 / fp64, y in x's dtype.
 // Meant for few rows (decode: the weights stream once); callers dequantize for large M.
 static at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& scale_in,
                               const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), "bitnet_cpu: int8_linear takes CPU tensors");
-  TORCH_CHECK(w_in.scalar_type() == at::kChar && w_in.dim() == 2, "bitnet_cpu: int8 weight must be a 2-D int8 tensor, got ",
-              w_in.scalar_type(), " ", w_in.sizes());
+  TORCH_CHECK(w_in.scalar_type() == at::kChar, "bitnet_cpu: int8 weight must be an int8 tensor, got ", w_in.scalar_type());
+  const at::Tensor xf = rows_input(x_in, w_in, "int8_linear");
   const int64_t N = w_in.size(0), K = w_in.size(1);
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "bitnet_cpu: input has ", x_in.size(-1), " features, the int8 weight ", K);
   TORCH_CHECK(scale_in.numel() == N, "bitnet_cpu: int8 weight scale has ", scale_in.numel(), " values for ", N, " rows");
-  const auto dtype = x_in.scalar_type();
-  const at::Tensor xf = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
   const at::Tensor w = w_in.contiguous(), scale = scale_in.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
-  at::Tensor y32 = at::empty({M, N}, xf.options());
-  const Int8RowsFn f = int8_rows_fn(active_isa());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
-  float* yp = y32.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; ++m) {
-      f(wp, K, xp + m * K, n0, n1, yp + m * N + n0);
-      for (int64_t n = n0; n < n1; ++n) yp[m * N + n] *= sp[n];
-    }
+  return rows_output(float_rows<int8_t>(xf, w.data_ptr<int8_t>(), N, K, scale.data_ptr<float>()), x_in, bias);
+}
+
+// y = x @ W^T (+ bias) for a bfloat16 W (N, K) (a bf16 lm_head), accumulated in float32, y in x's
+// dtype. For few rows: the one pass over W runs near the memory bandwidth (torch's bf16 GEMV for
+// M = 1 reaches about half of it on the CPUs measured, README).
+static at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w_in.scalar_type() == at::kBFloat16, "bitnet_cpu: bf16_linear weight must be bfloat16, got ", w_in.scalar_type());
+  const at::Tensor xf = rows_input(x_in, w_in, "bf16_linear");
+  const at::Tensor w = w_in.contiguous();
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  return rows_output(float_rows<uint16_t>(xf, wp, w.size(0), w.size(1), nullptr), x_in, bias);
+}
+
+// RMSNorm, the function of bitnet.quant.rms_norm: per row r = 1 / sqrt(mean(x32^2) + eps) in float32,
+// y = weight * (x32 * r).to(x.dtype) in x's dtype. The one reduction, the mean of squares, is summed
+// in float64 (torch sums float32 in an order of its own), so y can differ from torch's in the last
+// bit where the float32 mean rounds differently; every other operation is torch's, in its order.
+static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu(), "bitnet_cpu: rms_norm takes CPU tensors");
+  const int64_t C = x_in.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C, "bitnet_cpu: rms_norm weight has shape ", weight.sizes(),
+              " for ", C, " features");
+  TORCH_CHECK(weight.scalar_type() == x_in.scalar_type(), "bitnet_cpu: rms_norm weight dtype ", weight.scalar_type(),
+              " differs from the input's ", x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(), w = weight.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const int64_t M = C ? x.numel() / C : 0;
+  const float e = static_cast<float>(eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bitnet_cpu_rms_norm", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* xr = xp + m * C;
+        scalar_t* yr = yp + m * C;
+        double ss = 0;  // x.float(): float64 inputs too are normalized in float32, as the reference does
+        for (int64_t c = 0; c < C; ++c) {
+          const double v = static_cast<float>(xr[c]);
+          ss += v * v;
+        }
+        const float var = static_cast<float>(ss / static_cast<double>(C));
+        const float r = 1.f / std::sqrt(var + e);
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t h = static_cast<scalar_t>(static_cast<float>(xr[c]) * r);
+          yr[c] = static_cast<scalar_t>(static_cast<opmath_t>(wp[c]) * static_cast<opmath_t>(h));
+        }
+      }
+    });
   });
-  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-  shape.back() = N;
-  at::Tensor y = y32.to(dtype).reshape(shape);
-  if (bias.has_value() && bias->defined()) y = y + bias->to(dtype);
+  return y;
+}
+
+// Rotary embedding, the function of bitnet.model's `x * cos + rotate_half(x) * sin`, bit for bit:
+// x (B, H, T, D) (any strides), cos / sin (B, 1, T, D) in x's dtype; each product and the sum
+// rounded to x's dtype as torch's three elementwise ops do. Returns a contiguous (B, H, T, D).
+static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "bitnet_cpu: rope takes a 4-D CPU tensor (B, H, T, D), got ", x.sizes());
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0, "bitnet_cpu: rope needs an even head dimension, got ", D);
+  TORCH_CHECK(cos_in.dim() == 4 && sin_in.sizes() == cos_in.sizes() && cos_in.size(1) == 1 && cos_in.size(2) == T &&
+              cos_in.size(3) == D && (cos_in.size(0) == B || cos_in.size(0) == 1),
+              "bitnet_cpu: rope cos / sin must be (B or 1, 1, T, D) = (", B, ", 1, ", T, ", ", D, "), got ", cos_in.sizes(),
+              " and ", sin_in.sizes());
+  TORCH_CHECK(cos_in.scalar_type() == x.scalar_type() && sin_in.scalar_type() == x.scalar_type(),
+              "bitnet_cpu: rope cos / sin dtype must be the input's ", x.scalar_type());
+  const at::Tensor c = cos_in.contiguous(), s = sin_in.contiguous();
+  at::Tensor y = at::empty({B, H, T, D}, x.options());
+  const int64_t h2 = D / 2, cb = cos_in.size(0) == 1 ? 0 : T * D;
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2), sd = x.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bitnet_cpu_rope", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* spn = s.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H * T, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
+        const scalar_t* xr = xp + b * sb + h * sh + t * st;
+        const scalar_t* cr = cp + b * cb + t * D;
+        const scalar_t* sr = spn + b * cb + t * D;
+        scalar_t* yr = yp + i * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const opmath_t rot = d < h2 ? -static_cast<opmath_t>(xr[(d + h2) * sd]) : static_cast<opmath_t>(xr[(d - h2) * sd]);
+          const scalar_t a = static_cast<scalar_t>(static_cast<opmath_t>(xr[d * sd]) * static_cast<opmath_t>(cr[d]));
+          const scalar_t r = static_cast<scalar_t>(rot * static_cast<opmath_t>(sr[d]));
+          yr[d] = static_cast<scalar_t>(static_cast<opmath_t>(a) + static_cast<opmath_t>(r));
+        }
+      }
+    });
+  });
   return y;
 }
 
@@ -251,6 +370,9 @@ TORCH_LIBRARY(bitnet_cpu, m) {
   m.def("matmul_int32(Tensor x_q, Tensor packed, int n, str fmt) -> Tensor");
   m.def("quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("configure(int cap, int large_m) -> int", &bitnet_cpu::configure);
   m.def("detected() -> int", &bitnet_cpu::detected);
 }
@@ -260,4 +382,7 @@ TORCH_LIBRARY_IMPL(bitnet_cpu, CPU, m) {
   m.impl("matmul_int32", &bitnet_cpu::matmul_int32);
   m.impl("quantize", &bitnet_cpu::quantize);
   m.impl("int8_linear", &bitnet_cpu::int8_linear);
+  m.impl("bf16_linear", &bitnet_cpu::bf16_linear);
+  m.impl("rms_norm", &bitnet_cpu::rms_norm);
+  m.impl("rope", &bitnet_cpu::rope);
 }

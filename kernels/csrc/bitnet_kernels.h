@@ -143,12 +143,24 @@ static void unpack_scalar(int fmt, const uint8_t* W, int64_t R, int64_t K, int64
     }
 }
 
-// Weight-only int8 rows (an int8 lm_head): out[n - n0] = sum_k W[n, k] * x[k] in float32, n in [n0, n1).
-static void int8_rows_scalar(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+// Float-accumulated weight rows (a float lm_head): out[n - n0] = sum_k float(W[n, k]) * x[k] in
+// float32 for n in [n0, n1), W row-major with K columns, either int8 (an int8 head: the caller
+// applies the row scales) or bfloat16 (its raw 16 bits: a bf16 head streamed once, no copy).
+static inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+static inline float weight_to_float(int8_t w) { return static_cast<float>(w); }
+static inline float weight_to_float(uint16_t w) { return bf16_bits_to_float(w); }
+
+template <typename T>
+static void float_rows_scalar(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = W + n * K;
+    const T* w = W + n * K;
     float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    for (int64_t k = 0; k < K; ++k) acc += weight_to_float(w[k]) * x[k];
     out[n - n0] = acc;
   }
 }
@@ -386,26 +398,28 @@ static void unpack_avx2(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64
       }
   }
 }
-static void int8_rows_avx2(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+// 8 weights as float32: int8 sign-extended and converted; bf16 widened and shifted into the high half
+static inline __m256 load8_avx2(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+static inline __m256 load8_avx2(const uint16_t* w) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 16));
+}
+template <typename T>
+static void float_rows_avx2(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = W + n * K;
+    const T* w = W + n * K;
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t k = 0;
     for (; k + 32 <= K; k += 32)
-      for (int j = 0; j < 4; ++j) {
-        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * j))));
-        a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k + 8 * j), a[j]);
-      }
-    for (; k + 8 <= K; k += 8) {
-      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
-      a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a[0]);
-    }
+      for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(load8_avx2(w + k + 8 * j), _mm256_loadu_ps(x + k + 8 * j), a[j]);
+    for (; k + 8 <= K; k += 8) a[0] = _mm256_fmadd_ps(load8_avx2(w + k), _mm256_loadu_ps(x + k), a[0]);
     const __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
     float acc = _mm_cvtss_f32(h);
-    for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    for (; k < K; ++k) acc += weight_to_float(w[k]) * x[k];
     out[n - n0] = acc;
   }
 }
@@ -555,22 +569,23 @@ static void unpack_avx512(const uint8_t* W, int64_t R, int64_t K, int64_t N, int
     }
   }
 }
-static void int8_rows_avx512(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+static inline __m512 load16_avx512(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+static inline __m512 load16_avx512(const uint16_t* w) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16));
+}
+template <typename T>
+static void float_rows_avx512(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = W + n * K;
+    const T* w = W + n * K;
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int64_t k = 0;
     for (; k + 64 <= K; k += 64)
-      for (int j = 0; j < 4; ++j) {
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * j))));
-        a[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k + 16 * j), a[j]);
-      }
-    for (; k + 16 <= K; k += 16) {
-      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
-      a[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + k), a[0]);
-    }
+      for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(load16_avx512(w + k + 16 * j), _mm512_loadu_ps(x + k + 16 * j), a[j]);
+    for (; k + 16 <= K; k += 16) a[0] = _mm512_fmadd_ps(load16_avx512(w + k), _mm512_loadu_ps(x + k), a[0]);
     float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
-    for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    for (; k < K; ++k) acc += weight_to_float(w[k]) * x[k];
     out[n - n0] = acc;
   }
 }
@@ -728,21 +743,35 @@ static void unpack_neon(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64
       }
   }
 }
-static void int8_rows_neon(const int8_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+// 16 weights as four float32x4
+static inline void load16_neon(const int8_t* w, float32x4_t* f) {
+  const int8x16_t wv = vld1q_s8(w);
+  const int16x8_t lo = vmovl_s8(vget_low_s8(wv)), hi = vmovl_s8(vget_high_s8(wv));
+  f[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+  f[1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo)));
+  f[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+  f[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
+}
+static inline void load16_neon(const uint16_t* w, float32x4_t* f) {
+  const uint16x8_t a = vld1q_u16(w), b = vld1q_u16(w + 8);
+  f[0] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(a), 16));
+  f[1] = vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(a), 16));
+  f[2] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(b), 16));
+  f[3] = vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(b), 16));
+}
+template <typename T>
+static void float_rows_neon(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = W + n * K;
+    const T* w = W + n * K;
     float32x4_t a[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-      const int8x16_t wv = vld1q_s8(w + k);
-      const int16x8_t lo = vmovl_s8(vget_low_s8(wv)), hi = vmovl_s8(vget_high_s8(wv));
-      a[0] = vfmaq_f32(a[0], vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vld1q_f32(x + k));
-      a[1] = vfmaq_f32(a[1], vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), vld1q_f32(x + k + 4));
-      a[2] = vfmaq_f32(a[2], vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vld1q_f32(x + k + 8));
-      a[3] = vfmaq_f32(a[3], vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), vld1q_f32(x + k + 12));
+      float32x4_t f[4];
+      load16_neon(w + k, f);
+      for (int j = 0; j < 4; ++j) a[j] = vfmaq_f32(a[j], f[j], vld1q_f32(x + k + 4 * j));
     }
     float acc = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
-    for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+    for (; k < K; ++k) acc += weight_to_float(w[k]) * x[k];
     out[n - n0] = acc;
   }
 }
@@ -805,16 +834,18 @@ static void unpack_rows(int64_t isa, int fmt, const uint8_t* W, int64_t R, int64
   unpack_scalar(fmt, W, R, K, N, r0, r1, out);
 }
 
-using Int8RowsFn = void (*)(const int8_t*, int64_t, const float*, int64_t, int64_t, float*);
+template <typename T>
+using FloatRowsFn = void (*)(const T*, int64_t, const float*, int64_t, int64_t, float*);
 
-static Int8RowsFn int8_rows_fn(int64_t isa) {
+template <typename T>
+static FloatRowsFn<T> float_rows_fn(int64_t isa) {
 #ifdef BITNET_X86
-  if (isa >= AVX512) return int8_rows_avx512;
-  if (isa >= AVX2) return int8_rows_avx2;
+  if (isa >= AVX512) return float_rows_avx512<T>;
+  if (isa >= AVX2) return float_rows_avx2<T>;
 #elif defined(BITNET_ARM)
-  if (isa >= NEON) return int8_rows_neon;
+  if (isa >= NEON) return float_rows_neon<T>;
 #endif
-  return int8_rows_scalar;
+  return float_rows_scalar<T>;
 }
 
 }  // namespace bitnet_cpu

@@ -5,7 +5,9 @@
 //     g++ -O2 -std=c++17 -I kernels/csrc tests/native/kernels_test.cpp -o t && ./t
 // Prints "ok <isa level> <cases>" for every level the CPU has; exits 1 on the first mismatch.
 
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 
 #include "bitnet_kernels.h"
@@ -56,19 +58,39 @@ int main() {
         if (u0 != u1) return fail("unpack", level, fmt, N, K, 0);
       }
     }
-    // int8 rows (an int8 lm_head): float32 sums in another order, equal within rounding
-    for (long K : {1L, 45L, 1027L}) {
+    // float rows (an int8 or a bf16 lm_head): float32 sums in another order, equal within rounding
+    // (|difference| <= 1e-5 sum_k |w_k x_k|, float32 rounding of K terms in any order)
+    for (long K : {1L, 45L, 1027L, 1536L}) {
       const long N = 33;
-      std::vector<int8_t> W(static_cast<size_t>(N * K));
-      std::vector<float> x(static_cast<size_t>(K)), y0(N), y1(N);
+      std::vector<int8_t> W8(static_cast<size_t>(N * K));
+      std::vector<uint16_t> W16(static_cast<size_t>(N * K));
+      std::vector<float> x(static_cast<size_t>(K)), y0(N), y1(N), bound(N, 0.f);
       std::normal_distribution<float> nd(0.f, 1.f);
-      for (auto& b : W) b = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+      for (auto& b : W8) b = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+      for (auto& b : W16) {
+        const float f = nd(rng);
+        uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        b = static_cast<uint16_t>(u >> 16);  // truncated to bf16: any bf16 value will do
+      }
       for (auto& v : x) v = nd(rng);
-      int8_rows_fn(SCALAR)(W.data(), K, x.data(), 0, N, y0.data());
-      int8_rows_fn(level)(W.data(), K, x.data(), 0, N, y1.data());
-      for (long n = 0; n < N; ++n)
-        if (std::fabs(y0[n] - y1[n]) > 1e-4f * (1.f + std::fabs(y0[n]))) return fail("int8_rows", level, 0, N, K, 1);
-      ++cases;
+      for (int t = 0; t < 2; ++t) {
+        for (long n = 0; n < N; ++n) {
+          bound[n] = 0.f;
+          for (long k = 0; k < K; ++k)
+            bound[n] += std::fabs((t ? bf16_bits_to_float(W16[n * K + k]) : static_cast<float>(W8[n * K + k])) * x[k]);
+        }
+        if (t) {
+          float_rows_fn<uint16_t>(SCALAR)(W16.data(), K, x.data(), 0, N, y0.data());
+          float_rows_fn<uint16_t>(level)(W16.data(), K, x.data(), 0, N, y1.data());
+        } else {
+          float_rows_fn<int8_t>(SCALAR)(W8.data(), K, x.data(), 0, N, y0.data());
+          float_rows_fn<int8_t>(level)(W8.data(), K, x.data(), 0, N, y1.data());
+        }
+        for (long n = 0; n < N; ++n)
+          if (std::fabs(y0[n] - y1[n]) > 1e-5f * bound[n] + 1e-30f) return fail(t ? "bf16_rows" : "int8_rows", level, 0, N, K, 1);
+        ++cases;
+      }
     }
     std::printf("ok %d %d\n", level, cases);
   }
