@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .bitlinear import BitLinear, Int8Linear, RMSNorm
 from .config import BitNetConfig, matches_any
-from .ops import rotate_half
+from .ops import bitlinear_many, rope
 
 
 @dataclass
@@ -39,6 +39,16 @@ def make_linear(config: BitNetConfig, name: str, in_features: int, out_features:
         return nn.Linear(in_features, out_features, bias=bias)
     eps = config.quant_rms_norm_eps if config.use_rms_norm else None
     return BitLinear(in_features, out_features, bias=bias, weight_bits=config.weight_bits, rms_norm_eps=eps)
+
+
+def projections(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]; frozen BitLinear on the native CPU kernels share one call
+    (bitnet.ops.bitlinear_many: the same outputs, x quantized once)."""
+    if len(layers) > 1 and isinstance(layers[0], BitLinear) and layers[0].frozen:
+        out = bitlinear_many(x, layers)
+        if out is not None:
+            return out
+    return [layer(x) for layer in layers]
 
 
 def _activation(name: str):
@@ -128,6 +138,10 @@ class KVCache(nn.Module):
         return self.k[:, :, :live], self.v[:, :, :live]
 
 
+# The attention mask of a decode step that sees every key it is given (bitnet.model's _mask).
+ALL_KEYS = object()
+
+
 class Attention(nn.Module):
     def __init__(self, config: BitNetConfig, prefix: str):
         super().__init__()
@@ -142,11 +156,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # x * cos + rotate_half(x) * sin (bitnet.ops)
         dtype = attention_dtype(q)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
@@ -154,6 +168,8 @@ class Attention(nn.Module):
         gqa = self.n_head != self.n_kv
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif mask is ALL_KEYS:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
@@ -173,7 +189,8 @@ class MLP(nn.Module):
         self.act = _activation(config.hidden_act)
 
     def forward(self, x):
-        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        gate, up = projections(x, self.gate_proj, self.up_proj)
+        h = self.act(gate) * up
         if self.ffn_sub_norm is not None:
             h = self.ffn_sub_norm(h)
         return self.down_proj(h)
@@ -278,7 +295,8 @@ class BitNetForCausalLM(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss)
 
     def _mask(self, B, T, attention_mask, input_pos, device):
-        """Boolean (B, 1, T, S) mask, or None for the plain causal case (SDPA's is_causal)."""
+        """Boolean (B, 1, T, S) mask, None for the plain causal case (SDPA's is_causal), or ALL_KEYS
+        for a decode step that sees every key of the live cache window (eager CPU, no padding)."""
         if input_pos is None:
             if attention_mask is None:
                 return None
@@ -290,6 +308,8 @@ class BitNetForCausalLM(nn.Module):
             S = cache.window.live or cache.k.shape[2]
             if attention_mask is not None:
                 attention_mask = attention_mask[:, :S]
+            if cache.window.live is not None and T == 1 and (attention_mask is None or bool(attention_mask.all())):
+                return ALL_KEYS  # one query at the last live slot, no padding: no mask to build or apply
             allowed = input_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
             keys = (attention_mask.bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=device))
             keys = keys[:, None, None, :]  # (B, 1, 1, S)

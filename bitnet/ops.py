@@ -92,6 +92,25 @@ def bitlinear(
     return torch_bitlinear(x, packed, scale, n, fmt, bias)
 
 
+def bitlinear_many(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+    """The outputs of several frozen BitLinear of one input (q / k / v, gate / up) in one native call
+    (x quantized once, one pass over all their rows; each equal to its own layer's output), or None
+    where that does not apply (not all plain frozen BitLinear of one format without their own
+    RMSNorm, or another backend chosen): the caller then runs the layers one by one."""
+    from .bitlinear import BitLinear  # the layer type this floor dispatches for (same floor)
+
+    first = layers[0]
+    for m in layers:
+        if type(m) is not BitLinear or m.packing != first.packing or m.rms_norm is not None or m.kernel != first.kernel:
+            return None
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+    if x.device.type != "cpu" or choose_kernel(x, first.kernel) != "cpu":
+        return None
+    return native.linear_many(x, [m.weight for m in layers], [m.weight_scale for m in layers],
+                              [m.out_features for m in layers], first.packing, [m.bias for m in layers])
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (weight * scale)^T (+ bias) for int8 rows with float32 row scales (an int8 lm_head).
 

@@ -19,6 +19,8 @@ VNNI dot products (vpdpbusd), "avx2" = AVX2 maddubs, "neon" = NEON with the dot-
 
 Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.compile):
     linear(x, packed, scale, n, fmt, bias=None) -> y          x (..., K) -> y (..., n), x's dtype
+    linear_many(x, packed[], scale[], n[], fmt, bias[]) -> y[]  several matrices of one input (q/k/v,
+                                                               gate/up): x quantized once, one pass
     matmul_int32(x_q, packed, n, fmt) -> int32 (M, n)         exact x_q @ W_q^T
     quantize(x) -> (x_q int8, a float32 (..., 1), sum int32)  per-row int8 activations
     int8_linear(x, weight, scale, bias=None) -> y             weight-only int8 rows (an int8 lm_head)
@@ -122,6 +124,10 @@ def _register_fakes() -> None:
     def _(x, packed, scale, n, fmt, bias=None):
         return x.new_empty((*x.shape[:-1], n))
 
+    @torch.library.register_fake("bitnet_cpu::linear_many")
+    def _(x, packed, scale, n, fmt, bias):
+        return [x.new_empty((*x.shape[:-1], k)) for k in n]
+
     @torch.library.register_fake("bitnet_cpu::matmul_int32")
     def _(x_q, packed, n, fmt):
         return x_q.new_empty((x_q.shape[0], n), dtype=torch.int32)
@@ -189,6 +195,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, f
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = (x_q @ W_q^T) * scale / a (+ bias) for x (..., K), packed (R, K) uint8, in x's dtype."""
     return torch.ops.bitnet_cpu.linear(x, packed, scale, n, fmt, bias)
+
+
+def linear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor], ns: list[int], fmt: str,
+                biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """[linear(x, packed[i], scales[i], ns[i], fmt, biases[i]) for each i], bit for bit, in one call."""
+    return torch.ops.bitnet_cpu.linear_many(x, packed, scales, ns, fmt, biases)
 
 
 def matmul_int32(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:

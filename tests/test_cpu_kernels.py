@@ -457,3 +457,29 @@ def test_decode_reads_only_the_live_cache():
     assert torch.equal(out[15], out[256])
     for a, b in zip(out[15, "logits"], out[256, "logits"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_many_equals_one_call_per_matrix(isa, fmt):
+    """linear_many (q / k / v, gate / up in one call) gives each matrix's linear() bit for bit, on
+    both paths (GEMV and the decoded GEMM), with and without bias, 1 and 2 threads; bad arguments
+    are named."""
+    cpu.set_isa(isa)
+    g = torch.Generator().manual_seed(1)
+    K = 200
+    shapes = [37, 129, 5]
+    packed = [pack(weights(n, K, fmt, seed=n), fmt) for n in shapes]
+    scales = [torch.rand(1, generator=g) + 0.1 for _ in shapes]
+    biases = [torch.randn(37, generator=g), None, torch.randn(5, generator=g)]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for m in (1, 3, 16, 64):
+            x = torch.randn(m, K, generator=g).to(torch.bfloat16)
+            got = cpu.linear_many(x, packed, scales, shapes, fmt, biases)
+            for y, p, s, n, b in zip(got, packed, scales, shapes, biases):
+                assert torch.equal(y, cpu.linear(x, p, s, n, fmt, b))
+    with pytest.raises(RuntimeError, match="as many scales"):
+        cpu.linear_many(x, packed, scales[:2], shapes, fmt, biases)
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        cpu.linear_many(x, packed, scales, [37, 129, 500], fmt, biases)

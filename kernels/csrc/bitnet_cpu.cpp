@@ -102,83 +102,154 @@ static inline scalar_t finish(int32_t acc, float f, const scalar_t* bp, int64_t 
   return v;
 }
 
-static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale, int64_t n,
-                         c10::string_view fmt_s, const std::optional<at::Tensor>& bias) {
-  const int fmt = parse_fmt(fmt_s);
-  const int64_t isa = active_isa();
+// Activations of one call: per-row int8 from the float32 value of each row (x.float() in the
+// reference: exact for bf16 / fp16), in rows zero-padded to a multiple of 64 bytes (full-width
+// loads everywhere), with each row's scale a and sum of x_q.
+struct QuantizedRows {
+  int64_t M, K, xs;
+  std::vector<int8_t> q;
+  std::vector<float> a;
+  std::vector<int32_t> sum;
+};
+
+static QuantizedRows quantize_rows(const at::Tensor& x2, int64_t isa) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  QuantizedRows r{M, K, std::max<int64_t>(64, (K + 63) / 64 * 64), {}, {}, {}};
+  r.q.assign(static_cast<size_t>(M * r.xs), 0);
+  r.a.resize(static_cast<size_t>(M));
+  r.sum.resize(static_cast<size_t>(M));
+  const QuantFn qf = quant_fn(isa);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "bitnet_cpu_quantize", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+      std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(K));
+      for (int64_t m = m0; m < m1; ++m) qf(float_row(xp + m * K, K, row.data()), K, r.q.data() + m * r.xs, &r.a[m], &r.sum[m]);
+    });
+  });
+  return r;
+}
+
+// One packed matrix of a call: its weights, scale, outputs (n), bias and result.
+struct Projection {
+  at::Tensor packed;  // contiguous (R, K) uint8
+  int64_t n;
+  float s;
+  at::Tensor bias;  // in the output dtype, or undefined
+  at::Tensor y;     // (..., n) in the output dtype
+};
+
+static Projection projection(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale, int64_t n, int fmt,
+                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(scale.numel() == 1, "bitnet_cpu: weight_scale must hold one value, got shape ", scale.sizes());
+  check_packed(packed_in, n, fmt, x_in.size(-1));
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = n;
+  Projection p{packed_in.contiguous(), n, scale.to(at::kFloat).reshape({}).item<float>(), {},
+               at::empty(out_shape, x_in.options().memory_format(at::MemoryFormat::Contiguous))};
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "bitnet_cpu: bias has ", bias->numel(), " values for ", n, " outputs");
+    p.bias = bias->to(x_in.scalar_type()).contiguous();
+  }
+  return p;
+}
+
+// y = (x_q @ W_q^T) * s / a (+ bias) for each projection; M >= large_m: decoded int8 GEMM per
+// projection; else one parallel pass over the packed rows of all of them (one fork-join, shared
+// activations), each thread finishing its own outputs.
+static void run_projections(std::vector<Projection>& ps, const QuantizedRows& xq, int fmt, int64_t isa) {
+  const int64_t M = xq.M, K = xq.K, xs = xq.xs;
+  const int32_t mult = fmt == F1 ? 2 : 1;  // x.w = x.c - sum(x) (ternary), 2 x.c - sum(x) (binary)
+  const auto dtype = ps[0].y.scalar_type();
+  if (M == 0) return;
+  if (use_gemm(M, K)) {
+    const at::Tensor xt = at::from_blob(const_cast<int8_t*>(xq.q.data()), {M, K}, {xs, 1},
+                                        at::TensorOptions().dtype(at::kChar)).contiguous();
+    for (auto& p : ps) {
+      if (p.n == 0) continue;
+      const at::Tensor acc = decoded_int_mm(xt, p.packed, p.n, fmt, isa);
+      const int32_t* ap = acc.data_ptr<int32_t>();
+      const int64_t n = p.n;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
+        scalar_t* yp = p.y.data_ptr<scalar_t>();
+        const scalar_t* bp = p.bias.defined() ? p.bias.data_ptr<scalar_t>() : nullptr;
+        at::parallel_for(0, M, std::max<int64_t>(1, 65536 / n), [&](int64_t m0, int64_t m1) {
+          for (int64_t m = m0; m < m1; ++m) {
+            const float f = p.s / xq.a[m];  // as the reference: acc.float() * (scale / a)
+            for (int64_t j = 0; j < n; ++j) yp[m * n + j] = finish<scalar_t>(ap[m * n + j], f, bp, j);
+          }
+        });
+      });
+    }
+    return;
+  }
+  std::vector<int64_t> start(ps.size() + 1, 0);  // packed rows of all projections, end to end
+  std::vector<std::unique_ptr<int32_t[]>> accs;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    start[i + 1] = start[i] + (ps[i].n ? ps[i].packed.size(0) : 0);
+    accs.emplace_back(new int32_t[static_cast<size_t>(M * ps[i].n)]);
+  }
+  const int P = values_per_byte(fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
+    at::parallel_for(0, start.back(), std::max<int64_t>(1, 16384 / K), [&](int64_t g0, int64_t g1) {
+      for (size_t i = 0; i < ps.size(); ++i) {
+        const int64_t r0 = std::max(g0, start[i]) - start[i], r1 = std::min(g1, start[i + 1]) - start[i];
+        if (r0 >= r1) continue;
+        const Projection& p = ps[i];
+        const int64_t R = p.packed.size(0), n = p.n;
+        int32_t* acc = accs[i].get();
+        codes_dot(isa, fmt, p.packed.data_ptr<uint8_t>(), R, K, n, r0, r1, xq.q.data(), xs, M, acc, n);
+        scalar_t* yp = p.y.data_ptr<scalar_t>();
+        const scalar_t* bp = p.bias.defined() ? p.bias.data_ptr<scalar_t>() : nullptr;
+        for (int64_t m = 0; m < M; ++m) {
+          const float f = p.s / xq.a[m];
+          const int32_t* am = acc + m * n;
+          scalar_t* ym = yp + m * n;
+          for (int q = 0; q < P; ++q)
+            for (int64_t j = r0 + q * R; j < std::min(r1 + q * R, n); ++j) ym[j] = finish<scalar_t>(mult * am[j] - xq.sum[m], f, bp, j);
+        }
+      }
+    });
+  });
+}
+
+static at::Tensor check_input(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu(), "bitnet_cpu: input must be a CPU tensor, got ", x_in.device());
   TORCH_CHECK(x_in.dim() >= 1, "bitnet_cpu: input must have a feature dimension");
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
               "bitnet_cpu: input dtype must be float32, bfloat16, float16 or float64, got ", dtype);
-  TORCH_CHECK(scale.numel() == 1, "bitnet_cpu: weight_scale must hold one value, got shape ", scale.sizes());
-  const int64_t K = x_in.size(-1);
-  check_packed(packed_in, n, fmt, K);
-  const at::Tensor x2 = x_in.reshape({-1, K}).contiguous();
-  const at::Tensor packed = packed_in.contiguous();
-  const int64_t M = x2.size(0), R = packed.size(0);
-  const float s = scale.to(at::kFloat).reshape({}).item<float>();
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = n;
-  at::Tensor y = at::empty(out_shape, x_in.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0 || n == 0) return y;
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "bitnet_cpu: bias has ", bias->numel(), " values for ", n, " outputs");
-    b = bias->to(dtype).contiguous();
-  }
-  // activations: per-row int8 from the float32 value of each row (x.float() in the reference: exact
-  // for bf16 / fp16), into rows zero-padded to a multiple of 64 bytes (full-width loads everywhere)
-  const int64_t xs = std::max<int64_t>(64, (K + 63) / 64 * 64);
-  std::vector<int8_t> xq(static_cast<size_t>(M * xs), 0);
-  std::vector<float> a(static_cast<size_t>(M));
-  std::vector<int32_t> xsum(static_cast<size_t>(M));
-  const QuantFn qf = quant_fn(isa);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_quantize", [&] {
-    const scalar_t* xp = x2.data_ptr<scalar_t>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-      std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(K));
-      for (int64_t m = m0; m < m1; ++m) {
-        qf(float_row(xp + m * K, K, row.data()), K, xq.data() + m * xs, &a[m], &xsum[m]);
-      }
-    });
-  });
-  const int32_t mult = fmt == F1 ? 2 : 1;  // x.w = x.c - sum(x) (ternary), 2 x.c - sum(x) (binary)
-  if (use_gemm(M, K)) {
-    const at::Tensor xt = at::from_blob(xq.data(), {M, K}, {xs, 1}, x2.options().dtype(at::kChar)).contiguous();
-    const at::Tensor acc = decoded_int_mm(xt, packed, n, fmt, isa);
-    const int32_t* ap = acc.data_ptr<int32_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
-      scalar_t* yp = y.data_ptr<scalar_t>();
-      const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / n), [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; ++m) {
-          const float f = s / a[m];  // as the reference: acc.float() * (scale / a)
-          for (int64_t j = 0; j < n; ++j) yp[m * n + j] = finish<scalar_t>(ap[m * n + j], f, bp, j);
-        }
-      });
-    });
-    return y;
-  }
-  // decode / small M: one parallel pass over packed rows, each thread finishing its own outputs
-  std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(M * n)]);
-  const uint8_t* W = packed.data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    const int P = values_per_byte(fmt);
-    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
-      codes_dot(isa, fmt, W, R, K, n, r0, r1, xq.data(), xs, M, acc.get(), n);
-      for (int64_t m = 0; m < M; ++m) {
-        const float f = s / a[m];
-        const int32_t* am = acc.get() + m * n;
-        scalar_t* ym = yp + m * n;
-        for (int i = 0; i < P; ++i)
-          for (int64_t j = r0 + i * R; j < std::min(r1 + i * R, n); ++j) ym[j] = finish<scalar_t>(mult * am[j] - xsum[m], f, bp, j);
-      }
-    });
-  });
-  return y;
+  return x_in.reshape({-1, x_in.size(-1)}).contiguous();
+}
+
+static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale, int64_t n,
+                         c10::string_view fmt_s, const std::optional<at::Tensor>& bias) {
+  const int fmt = parse_fmt(fmt_s);
+  const int64_t isa = active_isa();
+  const at::Tensor x2 = check_input(x_in);
+  std::vector<Projection> ps;
+  ps.push_back(projection(x_in, packed, scale, n, fmt, bias));
+  if (x2.size(0) == 0 || n == 0) return ps[0].y;
+  run_projections(ps, quantize_rows(x2, isa), fmt, isa);
+  return ps[0].y;
+}
+
+// Several packed matrices of one input (q / k / v, gate / up): the activations quantized once and
+// one parallel pass over all their rows; each output equal to linear() of its own matrix.
+static std::vector<at::Tensor> linear_many(const at::Tensor& x_in, at::TensorList packed, at::TensorList scales,
+                                           at::IntArrayRef ns, c10::string_view fmt_s, const c10::List<std::optional<at::Tensor>>& biases) {
+  const int fmt = parse_fmt(fmt_s);
+  const int64_t isa = active_isa();
+  const size_t J = packed.size();
+  TORCH_CHECK(J > 0 && scales.size() == J && ns.size() == J && biases.size() == J,
+              "bitnet_cpu: linear_many takes as many scales, sizes and biases as packed matrices (", J, "), got ",
+              scales.size(), ", ", ns.size(), ", ", biases.size());
+  const at::Tensor x2 = check_input(x_in);
+  std::vector<Projection> ps;
+  for (size_t i = 0; i < J; ++i) ps.push_back(projection(x_in, packed[i], scales[i], ns[i], fmt, biases.get(i)));
+  if (x2.size(0) > 0) run_projections(ps, quantize_rows(x2, isa), fmt, isa);
+  std::vector<at::Tensor> out;
+  for (auto& p : ps) out.push_back(p.y);
+  return out;
 }
 
 // Per-row int8 quantization, bit-identical to bitnet.quant.quantize_activation: (x_q, a, sum x_q).
@@ -367,6 +438,7 @@ static int64_t detected() { return kDetected; }
 
 TORCH_LIBRARY(bitnet_cpu, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor scale, int n, str fmt, Tensor? bias=None) -> Tensor");
+  m.def("linear_many(Tensor x, Tensor[] packed, Tensor[] scale, int[] n, str fmt, Tensor?[] bias) -> Tensor[]");
   m.def("matmul_int32(Tensor x_q, Tensor packed, int n, str fmt) -> Tensor");
   m.def("quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
@@ -379,6 +451,7 @@ TORCH_LIBRARY(bitnet_cpu, m) {
 
 TORCH_LIBRARY_IMPL(bitnet_cpu, CPU, m) {
   m.impl("linear", &bitnet_cpu::linear);
+  m.impl("linear_many", &bitnet_cpu::linear_many);
   m.impl("matmul_int32", &bitnet_cpu::matmul_int32);
   m.impl("quantize", &bitnet_cpu::quantize);
   m.impl("int8_linear", &bitnet_cpu::int8_linear);
