@@ -18,7 +18,9 @@ Weights are random (ternary codes drawn uniformly, N(0, 0.02) embeddings), built
 device and materialized in their final dtype as a checkpoint load would be, so that no float copy
 of the BitNet projections ever exists. Each model is measured in a fresh process (`--isolate`),
 so that one model's memory does not count toward the other's. Median of `--iters` timed runs
-after `--warmup` runs (which also compile). Results: benchmarks/results/generate_{cpu,cuda}.json
+after `--warmup` runs (which also compile); `--rounds` passes over all the models (CPU default 3,
+in alternating order), timings the median over rounds, each ratio taken within a round (median
+and min-max reported), since a VM's speed drifts over the minutes a pass takes. Results: benchmarks/results/generate_{cpu,cuda}.json
 and .md, stamped with device, versions and commit.
 """
 
