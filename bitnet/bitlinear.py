@@ -193,6 +193,20 @@ class BitLinear(nn.Module):
         )
 
 
+def frozen_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+    """The outputs of several frozen BitLinear of one input (q / k / v, gate / up) in one native
+    call (bitnet.ops.bitlinear_many), or None where that does not apply: not all plain frozen
+    BitLinear of one format and kernel without their own RMSNorm or hooks, or another backend."""
+    first = layers[0]
+    for m in layers:
+        if type(m) is not BitLinear or not m.frozen or m.packing != first.packing or m.rms_norm is not None:
+            return None
+        if m.kernel != first.kernel or m._forward_hooks or m._forward_pre_hooks:
+            return None
+    return ops.bitlinear_many(x, [m.weight for m in layers], [m.weight_scale for m in layers],
+                              [m.out_features for m in layers], first.packing, [m.bias for m in layers], first.kernel)
+
+
 class Int8Linear(nn.Module):
     """An inference-only linear layer with int8 weights, one float32 absmax scale per output row.
 

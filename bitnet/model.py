@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bitlinear import BitLinear, Int8Linear, RMSNorm
+from .bitlinear import BitLinear, Int8Linear, RMSNorm, frozen_projections
 from .config import BitNetConfig, matches_any
-from .ops import bitlinear_many, rope
+from .ops import rope
 
 
 @dataclass
@@ -45,7 +45,7 @@ def projections(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]; frozen BitLinear on the native CPU kernels share one call
     (bitnet.ops.bitlinear_many: the same outputs, x quantized once)."""
     if len(layers) > 1 and isinstance(layers[0], BitLinear) and layers[0].frozen:
-        out = bitlinear_many(x, layers)
+        out = frozen_projections(x, layers)
         if out is not None:
             return out
     return [layer(x) for layer in layers]

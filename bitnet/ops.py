@@ -92,23 +92,14 @@ def bitlinear(
     return torch_bitlinear(x, packed, scale, n, fmt, bias)
 
 
-def bitlinear_many(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-    """The outputs of several frozen BitLinear of one input (q / k / v, gate / up) in one native call
-    (x quantized once, one pass over all their rows; each equal to its own layer's output), or None
-    where that does not apply (not all plain frozen BitLinear of one format without their own
-    RMSNorm, or another backend chosen): the caller then runs the layers one by one."""
-    from .bitlinear import BitLinear  # the layer type this floor dispatches for (same floor)
-
-    first = layers[0]
-    for m in layers:
-        if type(m) is not BitLinear or m.packing != first.packing or m.rms_norm is not None or m.kernel != first.kernel:
-            return None
-        if m._forward_hooks or m._forward_pre_hooks:
-            return None
-    if x.device.type != "cpu" or choose_kernel(x, first.kernel) != "cpu":
+def bitlinear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor], ns: list[int], fmt: str,
+                   biases: list[torch.Tensor | None], kernel: str | None = None) -> list[torch.Tensor] | None:
+    """[bitlinear(x, packed[i], scales[i], ns[i], fmt, biases[i], kernel) for each i] in one native
+    call on the CPU (x quantized once, one pass over all the rows; each output equal to its own),
+    or None where the native kernels are not the choice: the caller then runs them one by one."""
+    if x.device.type != "cpu" or choose_kernel(x, kernel) != "cpu":
         return None
-    return native.linear_many(x, [m.weight for m in layers], [m.weight_scale for m in layers],
-                              [m.out_features for m in layers], first.packing, [m.bias for m in layers])
+    return native.linear_many(x, packed, scales, ns, fmt, biases)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

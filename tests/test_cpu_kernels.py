@@ -483,3 +483,27 @@ def test_linear_many_equals_one_call_per_matrix(isa, fmt):
         cpu.linear_many(x, packed, scales[:2], shapes, fmt, biases)
     with pytest.raises(RuntimeError, match="cannot hold"):
         cpu.linear_many(x, packed, scales, [37, 129, 500], fmt, biases)
+
+
+def test_frozen_model_fuses_its_projections(monkeypatch):
+    """A frozen model on the native kernels runs q / k / v and gate / up as one linear_many call
+    each (two a layer); on the torch path none."""
+    import bitnet
+
+    monkeypatch.delenv("BITNET_KERNEL", raising=False)
+    model = bitnet.freeze(bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny"))).eval()
+    calls = {"n": 0}
+    real = cpu.linear_many
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(cpu, "linear_many", counted)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        model(ids)
+        assert calls["n"] == 2 * model.config.num_hidden_layers
+        monkeypatch.setenv("BITNET_KERNEL", "torch")
+        model(ids)
+    assert calls["n"] == 2 * model.config.num_hidden_layers
