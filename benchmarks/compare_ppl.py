@@ -20,7 +20,8 @@ from bitnet.experiment import CompareArgs, planned_runs, run_comparison, train_r
 # The learning-rate sweeps (each system its own), the steps and the sizes per corpus: what two cores
 # can train in about two hours (a base run is ~24 min at 250 steps with two runs side by side).
 # (`bitnet compare` at preset tiny had the twin's best rate at 4e-3 and 1e-3 far behind, so the
-# twin's grid starts at 2e-3.)
+# twin's grid starts at 2e-3.) run_comparison extends any sweep whose best is at an end of its grid
+# (CompareArgs.extend, default 3 more rates; --extend here) and records where it stopped at that limit.
 LRS = {"lr_bitnet": [2e-3, 4e-3], "lr_bitnet1": [2e-3, 4e-3], "lr_bf16": [2e-3, 4e-3]}
 STEPS = {"tinyshakespeare": 250, "wikitext-2": 125}
 SIZES = {"tinyshakespeare": ["tiny", "base"], "wikitext-2": ["tiny", "small"]}
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--extend", type=int, default=3, help="edge extensions per sweep (0: the grids only)")
     args = p.parse_args()
 
     specs, comparisons = corpora(args.shared), {}
@@ -55,7 +57,7 @@ def main() -> None:
         comparisons[name] = CompareArgs(
             data=spec["data"], test_data=spec["test_data"], presets=args.presets or SIZES[name],
             max_steps=args.max_steps or STEPS[name], seq_len=args.seq_len, micro_batch=args.micro_batch, vocab_size=args.vocab_size, eval_every=25,
-            jobs=args.jobs, threads=1, out=os.path.join(args.out, name), **LRS)
+            jobs=args.jobs, threads=1, out=os.path.join(args.out, name), extend=args.extend, **LRS)
     # one pool over every corpus, so both cores stay busy to the end
     work = [w for cargs in comparisons.values() for w in planned_runs(cargs)]
     print(f"{len(work)} runs, {args.jobs} at a time", flush=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from .model import BitNetForCausalLM
 from .plots import plot_panels, read_jsonl
 from .report import table
 from .train import data as D
-from .train.trainer import RECIPES
+from .train.recipes import default_recipe
 
 SYSTEMS = {"bitnet": "BitNet b1.58", "bitnet1": "BitNet (binary)", "bf16": "bf16 twin"}
 
@@ -59,6 +60,8 @@ class CompareArgs:
     eval_every: int = arg(50, help="development loss every N steps")
     warmup_steps: int | None = arg(None, help="warm-up steps (default: 5%% of max_steps)")
     seed: int = arg(0, help="seed: initialization and data order, the same for every run")
+    extend: int = arg(3, help="when a system's best rate is at an end of its sweep, try one more rate (x2 or /2, or "
+                      "the grid's own step) past that end, up to this many per (size, system); 0: off")
     jobs: int = arg(1, help="runs trained in parallel (processes)")
     threads: int | None = arg(None, help="torch threads per run (default: cores / jobs)")
     out: str = arg("runs/compare", help="output folder (runs are reused when complete, resumed when not)")
@@ -88,8 +91,28 @@ def _corpus(args: CompareArgs) -> tuple[str, str, str]:
     return paths
 
 
-def _lrs(args: CompareArgs, linear: str) -> list[float]:
-    return getattr(args, f"lr_{linear}") or [RECIPES[linear]["lr"]]
+def edge_lr(points: dict[float, float], factor: float = 2.0) -> float | None:
+    """The next rate of a sweep whose best rate is at an end of its grid, one `factor` beyond that
+    end; None when the best is inside the grid (or the sweep has a single point: nothing to bracket).
+
+    points: {lr: final dev loss}; a diverged run counts as an infinite loss, so it is never the
+    best and a sweep that diverges at its top extends downwards."""
+    if len(points) < 2:
+        return None
+    lrs = sorted(points)
+    finite = [lr for lr in lrs if math.isfinite(points[lr])]
+    if not finite:
+        return lrs[0] / factor
+    best = min(finite, key=lambda lr: points[lr])
+    if best == lrs[0]:
+        return best / factor
+    if best == lrs[-1]:
+        return best * factor
+    return None
+
+
+def _lrs(args: CompareArgs, preset: str, linear: str) -> list[float]:
+    return getattr(args, f"lr_{linear}") or [default_recipe(linear, preset).lr]
 
 
 def _run_dir(args: CompareArgs, preset: str, linear: str, lr: float) -> str:
@@ -118,7 +141,13 @@ def _train(args: CompareArgs, train_txt: str, tok: str, preset: str, linear: str
         with open(os.path.join(path, "train.log"), "a") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            raise RuntimeError(f"training {path} failed (exit {proc.returncode}); see {path}/train.log")
+            if "diverged" in open(os.path.join(path, "train.log")).read():
+                open(os.path.join(path, "DIVERGED"), "w").close()
+            else:
+                raise RuntimeError(f"training {path} failed (exit {proc.returncode}); see {path}/train.log")
+    if os.path.isfile(os.path.join(path, "DIVERGED")):  # a sweep point past the stable range: never chosen
+        return {"preset": preset, "linear": linear, "lr": lr, "path": path, "dev_loss": math.inf, "dev_curve": [],
+                "diverged": True, "train_seconds": 0.0, "wall_seconds_this_call": time.time() - t0}
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     dev = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     return {"preset": preset, "linear": linear, "lr": lr, "path": path, "dev_loss": dev[-1][1], "dev_curve": dev,
@@ -129,7 +158,7 @@ def planned_runs(args: CompareArgs) -> list[tuple]:
     """Every (args, train text, tokenizer, preset, system, lr) the comparison needs.
     Prepares the corpus split and tokenizer on the way."""
     train_txt, _, tok = _corpus(args)
-    return [(args, train_txt, tok, p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, lin)]
+    return [(args, train_txt, tok, p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, p, lin)]
 
 
 def train_runs(work: list[tuple], jobs: int = 1, threads: int | None = None, progress=print) -> list[dict]:
@@ -145,8 +174,47 @@ def train_runs(work: list[tuple], jobs: int = 1, threads: int | None = None, pro
             r = fut.result()
             runs.append(r)
             progress(f"  {r['preset']:>6} {r['linear']:<8} lr {r['lr']:<8g} dev loss {r['dev_loss']:.4f} "
-                     f"({r['train_seconds'] / 60:.1f} min of training)")
+                     f"({r['train_seconds'] / 60:.1f} min of training)" + (" diverged" if r.get("diverged") else ""))
     return runs
+
+
+def _points(runs: list[dict], preset: str, linear: str) -> dict[float, float]:
+    return {r["lr"]: r["dev_loss"] for r in runs if r["preset"] == preset and r["linear"] == linear}
+
+
+def _step(lrs: list[float]) -> float:
+    """The sweep's own step between neighbouring rates (2 for a single point or a 1-2-4 grid)."""
+    lrs = sorted(lrs)
+    return min(b / a for a, b in zip(lrs, lrs[1:])) if len(lrs) > 1 else 2.0
+
+
+def extend_sweeps(args: CompareArgs, runs: list[dict], progress=print) -> tuple[list[dict], list[str]]:
+    """Extend each (size, system) sweep whose best rate is at an end of its grid by one rate past that
+    end (bitnet.experiment.edge_lr), up to args.extend times; returns (all runs, the sweeps that
+    stopped at that limit with the best still at an end, as text)."""
+    train_txt, _, tok = _corpus(args)
+    groups = [(p, lin) for p in args.presets for lin in args.linears]
+    for _ in range(max(0, args.extend)):
+        work = []
+        for p, lin in groups:
+            pts = _points(runs, p, lin)
+            lr = edge_lr(pts, _step(list(getattr(args, f"lr_{lin}") or pts)))
+            if lr is not None:
+                work.append((args, train_txt, tok, p, lin, lr))
+        if not work:
+            break
+        progress("  best rate at an end of its sweep: " + ", ".join(f"{w[3]} {w[4]} -> lr {w[5]:g}" for w in work))
+        runs = runs + train_runs(work, args.jobs, args.threads, progress)
+    limited = []
+    for p, lin in groups:
+        pts = _points(runs, p, lin)
+        if edge_lr(pts) is not None:
+            best = min(pts, key=lambda lr: pts[lr])
+            limited.append(f"{p} {lin}: best lr {best:g} is still at an end of its sweep "
+                           f"({min(pts):g}-{max(pts):g}) after --extend {args.extend}")
+    for line in limited:
+        progress(f"  stopped at the limit: {line}")
+    return runs, limited
 
 
 def run_comparison(args: CompareArgs, progress=print) -> dict:
@@ -156,6 +224,7 @@ def run_comparison(args: CompareArgs, progress=print) -> dict:
 
     _, test_txt, tok = _corpus(args)
     runs = train_runs(planned_runs(args), args.jobs, args.threads, progress)
+    runs, limited = extend_sweeps(args, runs, progress)
     tokens_per_run = args.max_steps * args.micro_batch * args.seq_len
     rows, chosen = [], {}
     for preset in args.presets:
@@ -188,7 +257,8 @@ def run_comparison(args: CompareArgs, progress=print) -> dict:
     text = table(rows, columns)
     setup = {k: v for k, v in asdict(args).items()}
     setup.update(test_protocol=f"sliding window, max_length {args.seq_len}, stride {args.seq_len // 2}",
-                 selection="lowest final dev loss per (size, system)", corpus=args.data or "python stdlib docstrings")
+                 selection="lowest final dev loss per (size, system)", corpus=args.data or "python stdlib docstrings",
+                 sweeps_stopped_at_limit=limited)
     result = {"setup": setup, "runs": sorted(runs, key=lambda r: (r["preset"], r["linear"], r["lr"])), "table": rows}
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump(result, f, indent=2)

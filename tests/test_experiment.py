@@ -25,7 +25,8 @@ def corpus(tmp_path_factory):
 
 def test_compare_end_to_end(tmp_path, corpus):
     args = CompareArgs(data=str(corpus), presets=["tiny"], lr_bitnet=[1e-3, 3e-3], lr_bitnet1=[3e-3], lr_bf16=[1e-3], max_steps=6, seq_len=32,
-                       micro_batch=4, vocab_size=300, eval_every=3, threads=1, out=str(tmp_path / "cmp"))
+                       micro_batch=4, vocab_size=300, eval_every=3, threads=1, out=str(tmp_path / "cmp"),
+                       extend=0)  # the grids only; the edge extension has its own test below
     result = run_comparison(args, progress=lambda s: None)
     runs = result["runs"]
     assert sorted((r["linear"], r["lr"]) for r in runs) == [("bf16", 1e-3), ("bitnet", 1e-3), ("bitnet", 3e-3),
@@ -44,3 +45,50 @@ def test_compare_end_to_end(tmp_path, corpus):
     again = run_comparison(args, progress=lambda s: None)
     assert all(r["wall_seconds_this_call"] < 5 for r in again["runs"])
     assert again["table"][0]["ppl_bitnet"] == pytest.approx(row["ppl_bitnet"])
+
+
+def test_sweeps_extend_past_the_edge_until_the_best_is_inside(tmp_path, corpus, monkeypatch):
+    """A fake trainer whose dev loss is lowest at lr 0.032 (bitnet) and 0.001 (the twin): the sweeps
+    grow upwards and downwards one factor-2 point at a time; a limit stops them, and says so."""
+    import math
+
+    import bitnet.experiment as E
+
+    best = {"bitnet": 0.032, "bf16": 0.001}
+    trained = []
+
+    def fake_train(args, train_txt, tok, preset, linear, lr, threads):
+        trained.append((linear, lr))
+        if linear == "bitnet" and lr > 0.05:
+            return {"preset": preset, "linear": linear, "lr": lr, "dev_loss": math.inf, "diverged": True,
+                    "train_seconds": 0.0}
+        return {"preset": preset, "linear": linear, "lr": lr, "dev_loss": 4 + math.log(lr / best[linear]) ** 2,
+                "train_seconds": 0.0}
+
+    monkeypatch.setattr(E, "_train", fake_train)
+    args = E.CompareArgs(data=str(corpus), presets=["tiny"], linears=["bitnet", "bf16"], lr_bitnet=[2e-3, 4e-3, 8e-3],
+                         lr_bf16=[4e-3, 8e-3], vocab_size=300, out=str(tmp_path / "cmp"), extend=3)
+    runs = E.train_runs(E.planned_runs(args), progress=lambda s: None)
+    said = []
+    runs, limited = E.extend_sweeps(args, runs, progress=said.append)
+    pts = {lin: sorted(r["lr"] for r in runs if r["linear"] == lin) for lin in ("bitnet", "bf16")}
+    assert pts["bitnet"] == pytest.approx([2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2])  # 0.064 is past the best: stop
+    assert pts["bf16"] == pytest.approx([5e-4, 1e-3, 2e-3, 4e-3, 8e-3])  # downwards, 0.001 now inside
+    assert limited == [] and not any("limit" in s for s in said)
+
+    # one extension allowed: the bitnet sweep stops at 0.016, still its top, and the run says so
+    args.extend, trained[:] = 1, []
+    runs = E.train_runs(E.planned_runs(args), progress=lambda s: None)
+    runs, limited = E.extend_sweeps(args, runs, progress=said.append)
+    assert len(limited) == 2 and limited[0].startswith("tiny bitnet: best lr 0.016")
+    assert any(s.startswith("  stopped at the limit: tiny bitnet") for s in said)
+
+
+def test_edge_lr():
+    from bitnet.experiment import edge_lr
+
+    assert edge_lr({1e-3: 5.0}) is None  # one point brackets nothing
+    assert edge_lr({1e-3: 5.0, 2e-3: 4.0, 4e-3: 4.5}) is None
+    assert edge_lr({1e-3: 5.0, 2e-3: 4.0}) == 4e-3
+    assert edge_lr({1e-3: 4.0, 2e-3: 5.0}, factor=3) == pytest.approx(1e-3 / 3)
+    assert edge_lr({1e-3: 4.0, 2e-3: float("inf")}) == 5e-4  # diverged at the top: look below

@@ -46,18 +46,16 @@ from ..plots import plot_metrics, read_jsonl
 from ..quant import quantize_weight
 from ..runlock import RunLock, RunLockError
 from . import data as D
+from .recipes import Recipe, default_recipe
 from .schedule import SCHEDULES, Schedule
 
 STATE = "trainer_state.safetensors"
 METRICS = "metrics.jsonl"
 
-# The recipe of each linear kind when --lr / --schedule are not given. BitNet's LR is several
-# times the float LR (Microsoft's FAQ: ~5-6x at 700M-3.9B), with the two-stage schedule.
-RECIPES = {
-    "bitnet": {"lr": 3e-3, "schedule": "two-stage", "weight_decay_stage2": 0.0},
-    "bitnet1": {"lr": 3e-3, "schedule": "two-stage", "weight_decay_stage2": 0.0},
-    "bf16": {"lr": 1e-3, "schedule": "cosine", "weight_decay_stage2": 0.1},
-}
+RECIPE = "recipe.json"
+# The flags that override a field of the default recipe (bitnet.train.recipes) when given.
+RECIPE_FLAGS = ("lr", "schedule", "weight_decay", "weight_decay_stage2", "stage2_ratio", "min_lr_ratio", "beta1",
+                "beta2")
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"out", "resume", "eval_every", "log_every", "save_every", "progress", "compile",
                   "activation_checkpointing", "device", "threads", "cache_dir", "eval_windows",
@@ -82,16 +80,20 @@ class TrainConfig:
     seq_len: int = arg(256, help="tokens per sequence")
     micro_batch: int = arg(8, help="sequences per forward, per process")
     grad_accum: int = arg(1, help="micro-batches per optimizer step")
-    lr: float | None = arg(None, help="peak learning rate (default: 3e-3 for bitnet/bitnet1, 1e-3 for bf16)")
+    # None: the default recipe of this system at this size (bitnet.train.recipes; printed at the start
+    # and written to recipe.json in --out)
+    lr: float | None = arg(None, help="peak learning rate (default: the size's recipe, bitnet.train.recipes)")
     schedule: str | None = arg(None, help="LR schedule (default: two-stage for bitnet/bitnet1, cosine for bf16)",
                                choices=list(SCHEDULES))
     warmup_steps: int | None = arg(None, help="linear warm-up steps (default: 5%% of max_steps)")
-    min_lr_ratio: float = arg(0.1, help="final LR as a fraction of the peak")
-    stage2_ratio: float = arg(0.4, help="two-stage: peak LR of the second half, as a fraction of the first")
-    weight_decay: float = arg(0.1, help="AdamW weight decay on matrices (first stage)")
-    weight_decay_stage2: float | None = arg(None, help="two-stage: weight decay of the second half (default 0)")
-    beta1: float = arg(0.9, help="AdamW beta1")
-    beta2: float = arg(0.95, help="AdamW beta2")
+    min_lr_ratio: float | None = arg(None, help="final LR as a fraction of the peak (default 0.1)")
+    stage2_ratio: float | None = arg(None, help="two-stage: peak LR of the second half, as a fraction of the first "
+                                     "(default: the recipe's, 0.4 for the small presets)")
+    weight_decay: float | None = arg(None, help="AdamW weight decay on matrices, first stage (default 0.1)")
+    weight_decay_stage2: float | None = arg(None, help="two-stage: weight decay of the second half (default 0; the "
+                                            "twin: 0.1)")
+    beta1: float | None = arg(None, help="AdamW beta1 (default 0.9)")
+    beta2: float | None = arg(None, help="AdamW beta2 (default 0.95)")
     grad_clip: float = arg(1.0, help="gradient-norm clipping (0: off)")
     val_data: str | None = arg(None, help="held-out corpus (default: the last --val-fraction of --data)")
     val_fraction: float = arg(0.1, help="held-out fraction of --data when --val-data is not given")
@@ -124,9 +126,13 @@ class TrainConfig:
     resume: bool = arg(False, help="continue the run in --out")
     progress: bool = arg(True, help="progress bar")
 
-    def recipe(self, key):
-        value = getattr(self, key)
-        return RECIPES[self.linear][key] if value is None else value
+    def resolve_recipe(self, config: BitNetConfig | str | None = None) -> Recipe:
+        """The default recipe of --linear for `config` (default: --preset), with the flags given here on top."""
+        base = default_recipe(self.linear, config if config is not None else self.preset)
+        given = {k: getattr(self, k) for k in RECIPE_FLAGS if getattr(self, k) is not None}
+        if not given:
+            return base
+        return base.replace(**given, source=f"{base.source}; set by flags: {', '.join(sorted(given))}")
 
 
 @dataclass
@@ -239,10 +245,10 @@ class Trainer:
                 f"{cfg.grad_accum} x {self._dp_words()}); use a larger corpus or a smaller batch / --seq-len")
         val = D.eval_windows(val_tokens, cfg.seq_len, cfg.eval_windows or None)
         self.val = val[: (len(val) // d.dp) * d.dp] if len(val) >= d.dp else val
-        self.schedule = Schedule(
-            cfg.recipe("schedule"), cfg.recipe("lr"), cfg.max_steps,
-            cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 20),
-            cfg.min_lr_ratio, cfg.stage2_ratio, cfg.weight_decay, cfg.recipe("weight_decay_stage2"))
+        self.recipe = r = cfg.resolve_recipe(self.config)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, math.floor(cfg.max_steps * r.warmup_fraction + 1e-9))
+        self.schedule = Schedule(r.schedule, r.lr, cfg.max_steps, warmup, r.min_lr_ratio, r.stage2_ratio,
+                                 r.weight_decay, r.weight_decay_stage2)
 
         self.model.to(device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
@@ -250,7 +256,44 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.step, self.position = 0, 0
         if saved is not None:
+            self._check_resumed_recipe(saved)
             self._load_state(saved)
+
+    # ------------------------------------------------------------------ recipe
+    def recipe_record(self) -> dict:
+        """Everything the optimizer follows, as printed at the start and written to recipe.json."""
+        r, sch, cfg = self.recipe, self.schedule, self.cfg
+        rec = {"linear": cfg.linear, "preset": cfg.preset, "hidden_size": self.config.hidden_size,
+               "num_hidden_layers": self.config.num_hidden_layers, "lr": r.lr, "schedule": r.schedule,
+               "warmup_steps": sch.warmup, "max_steps": cfg.max_steps, "min_lr_ratio": r.min_lr_ratio}
+        if r.schedule == "two-stage":
+            rec.update(stage2_ratio=r.stage2_ratio, stage2_from_step=sch.midpoint)
+        rec.update(weight_decay=r.weight_decay,
+                   weight_decay_stage2=r.weight_decay_stage2 if r.schedule == "two-stage" else r.weight_decay,
+                   beta1=r.beta1, beta2=r.beta2, eps=1e-8, grad_clip=cfg.grad_clip,
+                   batch_sequences=self.global_batch, seq_len=cfg.seq_len,
+                   batch_tokens=self.global_batch * cfg.seq_len, source=r.source)
+        return rec
+
+    def _recipe_line(self) -> str:
+        r = self.recipe_record()
+        stages = (f"two-stage (lr x{r['stage2_ratio']:.3g} at step {r['stage2_from_step']}), weight decay "
+                  f"{r['weight_decay']:g} then {r['weight_decay_stage2']:g}" if r["schedule"] == "two-stage"
+                  else f"{r['schedule']}, weight decay {r['weight_decay']:g}")
+        return (f"recipe: lr {r['lr']:g}, {stages}, warm-up {r['warmup_steps']} steps, final lr x{r['min_lr_ratio']:g}, "
+                f"AdamW betas ({r['beta1']:g}, {r['beta2']:g}), grad clip {r['grad_clip']:g}, batch "
+                f"{r['batch_tokens']:,} tokens ({r['batch_sequences']} x {r['seq_len']}); from: {r['source']}")
+
+    def _check_resumed_recipe(self, meta: dict) -> None:
+        """A resume follows the recipe it started with: refuse when the defaults have changed since."""
+        before = meta.get("recipe")
+        if before is None:  # a checkpoint from before recipes were recorded
+            return
+        now = dataclasses.asdict(self.recipe)
+        diff = [f"{k}={before.get(k)!r} there, {now[k]!r} here" for k in now if k != "source" and before.get(k) != now[k]]
+        if diff:
+            raise TrainingError(f"--resume: {self.cfg.out} was trained with another recipe: " + "; ".join(diff) +
+                                " (the default recipes changed since; give the old values as flags)")
 
     # ------------------------------------------------------------------ setup
     def _check_args(self) -> None:
@@ -413,7 +456,8 @@ class Trainer:
         rest = [p for p in self.model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.schedule.weight_decay, "decay": True},
                   {"params": rest, "weight_decay": 0.0, "decay": False}]
-        return torch.optim.AdamW(groups, lr=self.schedule.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
+        return torch.optim.AdamW(groups, lr=self.schedule.lr, betas=(self.recipe.beta1, self.recipe.beta2),
+                                 eps=1e-8)
 
     # ------------------------------------------------------------------ state
     def _full_state(self) -> tuple[dict, dict]:
@@ -436,7 +480,7 @@ class Trainer:
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
             meta = {"step": self.step, "position": self.position, "world_size": self.d.world,
                     "config": {**dataclasses.asdict(self.cfg), "world_size": self.d.world, "dp_size": self.d.dp},
-                    "param_groups": optim_sd["param_groups"]}
+                    "param_groups": optim_sd["param_groups"], "recipe": dataclasses.asdict(self.recipe)}
             before = self._last_saved()
             try:
                 atomic_save_safetensors(tensors, self.state_path, {"bitnet_trainer": json.dumps(meta)})
@@ -562,6 +606,8 @@ class Trainer:
                   f"peak lr {self.schedule.lr:g}, {'bf16 autocast' if self.bf16 else 'fp32'}, "
                   f"{'resuming at step ' + str(self.step) if self.step else 'from scratch' if not cfg.init else 'from ' + cfg.init}",
                   flush=True)
+            print(self._recipe_line(), flush=True)
+            atomic_write_bytes(os.path.join(cfg.out, RECIPE), (json.dumps(self.recipe_record(), indent=2) + "\n").encode())
             # A checkpoint: the trainer state (weights + two AdamW moments, float32) and the model files.
             per = sum(p.numel() for p in self.model.parameters()) * 4
             self._warn_low_space(4 * per)

@@ -1,0 +1,147 @@
+"""The default training recipe of each system (bitnet, bitnet1, bf16) at each model size.
+
+A recipe is everything `bitnet train` does not take from the data or the hardware: peak LR,
+schedule, weight decay per stage, warm-up, AdamW betas. Defaults must be fair: a comparison run
+with nothing but defaults should give each system a rate near its own best at that size, or the
+ratio it prints measures the tuning, not the quantization (the twin at the old size-blind 1e-3
+lost to BitNet by 23% at preset tiny, and was 11% ahead once both were swept).
+
+Where the numbers come from:
+- tiny: our sweeps (benchmarks/sweep_lr.py, benchmarks/results/lr_sweep.md), on TinyShakespeare
+  and WikiText-2 at `bitnet train`'s defaults (seq_len 256, micro-batch 8, i.e. 2,048 tokens a
+  step) and 300 steps; the rate is the one on the factor-2 grid whose final dev loss is closest to
+  each corpus's best (max relative gap over the two corpora). Rates this high are right for a few
+  hundred steps of a sub-million-parameter model, not for long runs.
+- small / base: PROVISIONAL, the best of the two-rate sweeps of benchmarks/results/ppl_compare.md
+  (2e-3 / 4e-3, mostly at the top of that grid, 125-250 steps of 4,096 tokens); not yet swept at
+  `bitnet train`'s defaults. (small's 4e-3 is also what 1/width predicts from tiny's 1.6e-2.)
+- 700m / 1.3b / 3b (BitNet b1.58 paper, Table 5 shapes): BitNet b1.58 from Microsoft's "The Era of
+  1-bit LLMs: Training Tips, Code and FAQ" (hyper-parameter table: 700M 1.5e-3 -> 1e-3, 1.3B
+  1.2e-3 -> 8e-4, 3B 1.2e-3 -> 6.4e-4, weight decay 0.1 -> 0, two stages; here the second number
+  is the stage-2 peak, `stage2_ratio` = second / first). The bf16 twin: GPT-3's rates for its
+  nearest sizes (Brown et al. 2020, Table 2.1: 760M 2.5e-4, 1.3B 2.0e-4, 2.7B 1.6e-4) with the
+  Llama recipe around them (AdamW 0.9 / 0.95, weight decay 0.1, cosine to 10%). Binary BitNet
+  has no published recipe at these shapes: it takes b1.58's.
+- 2b4t: the BitNet b1.58 2B4T technical report (Ma et al. 2025): stage 1 from 1.5e-3 (decaying to
+  about 8e-4 by its end), stage 2 from 5e-4 down to 0, weight decay 0.1 then 0 (stage2_ratio 1/3,
+  min_lr_ratio 0); the twin: GPT-3's 2.7B rate, 1.6e-4.
+  The published runs used batches of millions of tokens (2B4T: 4M); their rates belong to such
+  batches, far from a CPU's micro-batch.
+- Warm-up (5% of the steps) is ours everywhere; the papers give it in steps of their own runs.
+
+Custom sizes (a config that is no preset, e.g. from --init) get the rule `lr_for_width`: the rate
+is interpolated log-log in hidden_size between this system's anchors (every preset above), and
+beyond the ends it scales as 1/width from the nearest anchor (the muP / Adam rule for hidden
+matrices). Depth is not in the rule: the presets' depths (2-30 layers) move together with their
+widths, so the sweeps cannot tell the two apart. The anchors mix two regimes (300-step CPU runs
+below base, 100B-token runs from 700m up), so the rule between base and 700m is an interpolation
+across regimes, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..config import PRESETS, BitNetConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lr: float  # peak
+    schedule: str  # bitnet.train.schedule.SCHEDULES
+    weight_decay: float = 0.1  # on matrices; the first stage of two-stage
+    weight_decay_stage2: float = 0.0  # two-stage: second stage
+    stage2_ratio: float = 0.4  # two-stage: peak of the second stage, as a fraction of the first
+    min_lr_ratio: float = 0.1  # LR at the last step, as a fraction of the peak
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_fraction: float = 0.05  # of max_steps, when --warmup-steps is not given
+    source: str = ""  # where the numbers come from
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def _bitnet(lr: float, source: str, **kw) -> Recipe:
+    return Recipe(lr=lr, schedule="two-stage", weight_decay=0.1, weight_decay_stage2=0.0, source=source, **kw)
+
+
+def _twin(lr: float, source: str, **kw) -> Recipe:
+    return Recipe(lr=lr, schedule="cosine", weight_decay=0.1, weight_decay_stage2=0.1, source=source, **kw)
+
+
+SWEPT = "benchmarks/results/lr_sweep.md (300 steps x 2,048 tokens, TinyShakespeare and WikiText-2)"
+PROVISIONAL = ("provisional: benchmarks/results/ppl_compare.md (two-rate sweeps, 2e-3 / 4e-3, 125-250 steps of "
+               "4,096 tokens; most bests at the top of the grid), not yet swept at the defaults")
+FAQ = "BitNet b1.58 training FAQ (Microsoft, 2024), hyper-parameter table"
+GPT3 = "GPT-3 (Brown et al. 2020) Table 2.1 rate for the nearest size; Llama-style AdamW 0.9/0.95, wd 0.1, cosine"
+R2B4T = "BitNet b1.58 2B4T technical report (Ma et al. 2025): 1.5e-3 two-stage, stage 2 from 5e-4 to 0"
+
+# {linear: {preset: Recipe}}.
+RECIPES: dict[str, dict[str, Recipe]] = {
+    "bitnet": {
+        "tiny": _bitnet(1.6e-2, SWEPT),
+        "small": _bitnet(4e-3, PROVISIONAL),
+        "base": _bitnet(4e-3, PROVISIONAL),
+        "700m": _bitnet(1.5e-3, FAQ, stage2_ratio=1e-3 / 1.5e-3),
+        "1.3b": _bitnet(1.2e-3, FAQ, stage2_ratio=8e-4 / 1.2e-3),
+        "3b": _bitnet(1.2e-3, FAQ, stage2_ratio=6.4e-4 / 1.2e-3),
+        "2b4t": _bitnet(1.5e-3, R2B4T, stage2_ratio=5e-4 / 1.5e-3, min_lr_ratio=0.0),
+    },
+    "bf16": {
+        "tiny": _twin(1.6e-2, SWEPT),
+        "small": _twin(4e-3, PROVISIONAL),
+        "base": _twin(2e-3, PROVISIONAL),
+        "700m": _twin(2.5e-4, GPT3),
+        "1.3b": _twin(2.0e-4, GPT3),
+        "3b": _twin(1.6e-4, GPT3),
+        "2b4t": _twin(1.6e-4, GPT3),
+    },
+}
+RECIPES["bitnet1"] = {
+    p: (r.replace(source=r.source + "; b1.58's recipe (none published for binary BitNet at this shape)")
+        if r.source not in (SWEPT, PROVISIONAL) else r) for p, r in RECIPES["bitnet"].items()}
+RECIPES["bitnet1"].update(tiny=_bitnet(1.6e-2, SWEPT), small=_bitnet(4e-3, PROVISIONAL),
+                          base=_bitnet(2e-3, PROVISIONAL))
+
+SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def preset_of(config: BitNetConfig) -> str | None:
+    """The preset whose shape (widths, depth, heads) this config has, or None."""
+    for name, p in PRESETS.items():
+        if all(getattr(config, k) == p[k] for k in SHAPE):
+            return name
+    return None
+
+
+def lr_for_width(linear: str, width: int) -> float:
+    """Peak LR for a model `width` wide: log-log interpolation between this system's preset anchors,
+    1/width beyond them (see the module docstring for the evidence and its limits)."""
+    anchors = sorted({PRESETS[p]["hidden_size"]: r.lr for p, r in RECIPES[linear].items()}.items())
+    if width <= anchors[0][0]:
+        return anchors[0][1] * anchors[0][0] / width
+    if width >= anchors[-1][0]:
+        return anchors[-1][1] * anchors[-1][0] / width
+    for (w0, lr0), (w1, lr1) in zip(anchors, anchors[1:]):
+        if w0 <= width <= w1:
+            t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return math.exp(math.log(lr0) + t * (math.log(lr1) - math.log(lr0)))
+    raise AssertionError("unreachable")
+
+
+def default_recipe(linear: str, config: BitNetConfig | str) -> Recipe:
+    """The default recipe of `linear` for a preset name or a model config (a preset's shape gets the
+    preset's recipe; any other shape the width rule, with the schedule of the nearest preset)."""
+    if linear not in RECIPES:
+        raise ValueError(f"no recipe for linear {linear!r}; systems: {', '.join(RECIPES)}")
+    name = config if isinstance(config, str) else preset_of(config)
+    if name is not None:
+        return RECIPES[linear][name]
+    width = config.hidden_size
+    nearest = min(RECIPES[linear], key=lambda p: abs(math.log(PRESETS[p]["hidden_size"] / width)))
+    return RECIPES[linear][nearest].replace(
+        lr=lr_for_width(linear, width),
+        source=f"width rule (hidden {width}): log-log between preset anchors, 1/width beyond; other fields as {nearest}")

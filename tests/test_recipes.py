@@ -1,0 +1,39 @@
+"""Default recipes: one per (system, preset), the width rule for other shapes, flags on top."""
+
+import pytest
+
+from bitnet.config import PRESETS, BitNetConfig
+from bitnet.train.recipes import RECIPES, default_recipe, lr_for_width, preset_of
+from bitnet.train.trainer import TrainConfig
+
+
+def test_every_system_has_a_recipe_at_every_preset():
+    for linear in ("bitnet", "bitnet1", "bf16"):
+        assert set(RECIPES[linear]) == set(PRESETS)
+        for preset, r in RECIPES[linear].items():
+            assert r.lr > 0 and r.source, (linear, preset)
+            assert r.schedule == ("cosine" if linear == "bf16" else "two-stage")
+    # published large-size recipes: BitNet's rate several times the twin's (FAQ vs GPT-3 / Llama)
+    assert RECIPES["bitnet"]["700m"].lr == 1.5e-3 and RECIPES["bf16"]["700m"].lr == 2.5e-4
+    assert RECIPES["bitnet"]["1.3b"].stage2_ratio == pytest.approx(8e-4 / 1.2e-3)
+
+
+def test_width_rule_for_custom_shapes():
+    for linear in RECIPES:
+        for preset in PRESETS:  # the rule passes through its anchors
+            assert lr_for_width(linear, PRESETS[preset]["hidden_size"]) == pytest.approx(RECIPES[linear][preset].lr)
+        big = max(p["hidden_size"] for p in PRESETS.values())
+        assert lr_for_width(linear, 2 * big) == pytest.approx(lr_for_width(linear, big) / 2)  # 1/width beyond
+    config = BitNetConfig.from_preset("small", hidden_size=320, intermediate_size=864, num_attention_heads=5,
+                                      num_key_value_heads=5)
+    assert preset_of(config) is None and preset_of(BitNetConfig.from_preset("base")) == "base"
+    r = default_recipe("bf16", config)
+    lo, hi = sorted((RECIPES["bf16"]["small"].lr, RECIPES["bf16"]["base"].lr))
+    assert lo <= r.lr <= hi and "width rule" in r.source
+
+
+def test_flags_override_the_recipe():
+    cfg = TrainConfig(data="x", out="y", preset="tiny", linear="bf16", lr=1e-3, beta2=0.99)
+    r = cfg.resolve_recipe()
+    assert (r.lr, r.beta2, r.schedule) == (1e-3, 0.99, "cosine") and "set by flags: beta2, lr" in r.source
+    assert TrainConfig(data="x", out="y", preset="small").resolve_recipe() == RECIPES["bitnet"]["small"]
