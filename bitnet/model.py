@@ -44,11 +44,8 @@ def make_linear(config: BitNetConfig, name: str, in_features: int, out_features:
 def projections(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]; frozen BitLinear on the native CPU kernels share one call
     (bitnet.ops.bitlinear_many: the same outputs, x quantized once)."""
-    if len(layers) > 1 and isinstance(layers[0], BitLinear) and layers[0].frozen:
-        out = frozen_projections(x, layers)
-        if out is not None:
-            return out
-    return [layer(x) for layer in layers]
+    out = frozen_projections(x, layers)
+    return out if out is not None else [layer(x) for layer in layers]
 
 
 def _activation(name: str):
@@ -120,13 +117,12 @@ class KVCache(nn.Module):
     """Static cache (B, n_kv, max_len, hd); `update` writes the new keys at `input_pos` and returns
     the slots of the window (all, or the first `window.live`)."""
 
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device,
-                 window: CacheWindow | None = None):
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device, window: CacheWindow):
         super().__init__()
         shape = (batch, n_kv, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.window = window or CacheWindow()
+        self.window = window  # one object for every layer (setup_cache), set once a forward
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (T,), k/v (B, n_kv, T, hd)
