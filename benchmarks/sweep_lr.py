@@ -166,13 +166,20 @@ def state_path(a) -> str:
 
 
 def record(a, point: dict) -> None:
+    """Add `point` to <out>/points.json (replacing the same run's older record); safe when several
+    driver processes share --out (e.g. one per corpus, --threads 1 each, on a 2-core machine)."""
+    import fcntl
+
     path = state_path(a)
-    points = json.load(open(path)) if os.path.isfile(path) else []
-    key = lambda p: (p["corpus"], p["preset"], p["linear"], p["lr"], p["default"], p["seed"], p["steps"])  # noqa: E731
-    points = [p for p in points if key(p) != key(point)] + [point]
-    with open(path + ".tmp", "w") as f:
-        json.dump(points, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    os.makedirs(a.out, exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        points = json.load(open(path)) if os.path.isfile(path) else []
+        key = lambda p: (p["corpus"], p["preset"], p["linear"], p["lr"], p["default"], p["seed"], p["steps"])  # noqa: E731
+        points = [p for p in points if key(p) != key(point)] + [point]
+        with open(path + ".tmp", "w") as f:
+            json.dump(points, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
 
 
 def sweep(a) -> None:

@@ -13,9 +13,21 @@ def test_every_system_has_a_recipe_at_every_preset():
         for preset, r in RECIPES[linear].items():
             assert r.lr > 0 and r.source, (linear, preset)
             assert r.schedule == ("cosine" if linear == "bf16" else "two-stage")
-    # published large-size recipes: BitNet's rate several times the twin's (FAQ vs GPT-3 / Llama)
-    assert RECIPES["bitnet"]["700m"].lr == 1.5e-3 and RECIPES["bf16"]["700m"].lr == 2.5e-4
-    assert RECIPES["bitnet"]["1.3b"].stage2_ratio == pytest.approx(8e-4 / 1.2e-3)
+    # the published large-size recipes (the training FAQ's Table 2, both systems): BitNet's peak is
+    # several times the twin's; 1.3B and 3B share 1.2e-3 -> 8e-4 and the twin's 2e-4
+    faq = {"700m": (1.5e-3, 1e-3, 2.5e-4), "1.3b": (1.2e-3, 8e-4, 2e-4), "3b": (1.2e-3, 8e-4, 2e-4)}
+    for preset, (peak, stage2, twin) in faq.items():
+        b, t = RECIPES["bitnet"][preset], RECIPES["bf16"][preset]
+        assert (b.lr, b.stage2_ratio * b.lr, t.lr) == pytest.approx((peak, stage2, twin)), preset
+        assert (b.weight_decay, b.weight_decay_stage2, t.weight_decay) == (0.1, 0.0, 0.1)
+        assert b.warmup_steps == t.warmup_steps == 375 and (b.beta1, b.beta2) == (t.beta1, t.beta2) == (0.9, 0.95)
+
+
+def test_warmup_is_the_published_count_capped_at_five_percent():
+    faq, swept = RECIPES["bitnet"]["700m"], RECIPES["bitnet"]["tiny"]
+    assert faq.warmup_for(100_000) == 375  # the FAQ's runs: 100B tokens at 1M-token batches
+    assert faq.warmup_for(1_000) == 50 and faq.warmup_for(10) == 1  # short runs: 5%, at least one step
+    assert swept.warmup_steps is None and swept.warmup_for(300) == 15
 
 
 def test_width_rule_for_custom_shapes():

@@ -15,19 +15,22 @@ Where the numbers come from:
 - small / base: PROVISIONAL, the best of the two-rate sweeps of benchmarks/results/ppl_compare.md
   (2e-3 / 4e-3, mostly at the top of that grid, 125-250 steps of 4,096 tokens); not yet swept at
   `bitnet train`'s defaults. (small's 4e-3 is also what 1/width predicts from tiny's 1.6e-2.)
-- 700m / 1.3b / 3b (BitNet b1.58 paper, Table 5 shapes): BitNet b1.58 from Microsoft's "The Era of
-  1-bit LLMs: Training Tips, Code and FAQ" (hyper-parameter table: 700M 1.5e-3 -> 1e-3, 1.3B
-  1.2e-3 -> 8e-4, 3B 1.2e-3 -> 6.4e-4, weight decay 0.1 -> 0, two stages; here the second number
-  is the stage-2 peak, `stage2_ratio` = second / first). The bf16 twin: GPT-3's rates for its
-  nearest sizes (Brown et al. 2020, Table 2.1: 760M 2.5e-4, 1.3B 2.0e-4, 2.7B 1.6e-4) with the
-  Llama recipe around them (AdamW 0.9 / 0.95, weight decay 0.1, cosine to 10%). Binary BitNet
-  has no published recipe at these shapes: it takes b1.58's.
+- 700m / 1.3b / 3b (BitNet b1.58 paper, Table 5 shapes): Microsoft's "The Era of 1-bit LLMs:
+  Training Tips, Code and FAQ" (microsoft/unilm, bitnet/The-Era-of-1-bit-LLMs__Training_Tips_Code_FAQ.pdf,
+  read first-hand), Table 2. BitNet b1.58: 700M 1.5e-3 -> 1e-3, 1.3B and 3B 1.2e-3 -> 8e-4 (here the
+  second number is the stage-2 peak, `stage2_ratio` = second / first), weight decay 0.1 -> 0, two
+  stages split at the midpoint. The LLaMA twin ("LLaMA LLM" in the same table): 700M 2.5e-4, 1.3B
+  and 3B 2.0e-4, weight decay 0.1; the table gives no schedule for it, so it takes Llama's (cosine
+  to 10%). Both: warm-up 375 steps, Adam betas (0.9, 0.95), batch 1M tokens, 100B tokens (Table 1).
+  Binary BitNet has no published recipe at these shapes: it takes b1.58's.
 - 2b4t: the BitNet b1.58 2B4T technical report (Ma et al. 2025): stage 1 from 1.5e-3 (decaying to
   about 8e-4 by its end), stage 2 from 5e-4 down to 0, weight decay 0.1 then 0 (stage2_ratio 1/3,
-  min_lr_ratio 0); the twin: GPT-3's 2.7B rate, 1.6e-4.
-  The published runs used batches of millions of tokens (2B4T: 4M); their rates belong to such
-  batches, far from a CPU's micro-batch.
-- Warm-up (5% of the steps) is ours everywhere; the papers give it in steps of their own runs.
+  min_lr_ratio 0); checked against second-hand notes only (the report is not readable here). It
+  had no twin; ours takes the FAQ's LLaMA 3B rate, 2.0e-4.
+  The published runs used batches of millions of tokens (FAQ: 1M; 2B4T: 4M); their rates belong
+  to such batches, far from a CPU's micro-batch.
+- Warm-up: the published 375 steps where the FAQ gives it (700m-3b, and 2b4t), capped at 5% of
+  max_steps so that a short run does not spend itself warming up; 5% of the steps elsewhere (ours).
 
 Custom sizes (a config that is no preset, e.g. from --init) get the rule `lr_for_width`: the rate
 is interpolated log-log in hidden_size between this system's anchors (every preset above), and
@@ -58,10 +61,17 @@ class Recipe:
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_fraction: float = 0.05  # of max_steps, when --warmup-steps is not given
+    warmup_steps: int | None = None  # published warm-up in steps (capped at warmup_fraction of max_steps)
     source: str = ""  # where the numbers come from
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
+
+    def warmup_for(self, max_steps: int) -> int:
+        """Warm-up steps of a run of `max_steps`: the published count where there is one, never more
+        than `warmup_fraction` of the run; at least one step."""
+        cap = max(1, math.floor(max_steps * self.warmup_fraction + 1e-9))
+        return cap if self.warmup_steps is None else max(1, min(self.warmup_steps, cap))
 
 
 def _bitnet(lr: float, source: str, **kw) -> Recipe:
@@ -75,9 +85,12 @@ def _twin(lr: float, source: str, **kw) -> Recipe:
 SWEPT = "benchmarks/results/lr_sweep.md (300 steps x 2,048 tokens, TinyShakespeare and WikiText-2)"
 PROVISIONAL = ("provisional: benchmarks/results/ppl_compare.md (two-rate sweeps, 2e-3 / 4e-3, 125-250 steps of "
                "4,096 tokens; most bests at the top of the grid), not yet swept at the defaults")
-FAQ = "BitNet b1.58 training FAQ (Microsoft, 2024), hyper-parameter table"
-GPT3 = "GPT-3 (Brown et al. 2020) Table 2.1 rate for the nearest size; Llama-style AdamW 0.9/0.95, wd 0.1, cosine"
+FAQ = ("The Era of 1-bit LLMs: Training Tips, Code and FAQ (Microsoft, 2024), Table 2, BitNet b1.58; "
+       "published warm-up 375 steps at 1M-token batches")
+FAQ_LLAMA = ("The Era of 1-bit LLMs: Training Tips, Code and FAQ (Microsoft, 2024), Table 2, LLaMA LLM: AdamW "
+             "0.9/0.95, wd 0.1, warm-up 375 steps; schedule not given there: Llama's cosine to 10%")
 R2B4T = "BitNet b1.58 2B4T technical report (Ma et al. 2025): 1.5e-3 two-stage, stage 2 from 5e-4 to 0"
+FAQ_WARMUP = 375
 
 # {linear: {preset: Recipe}}.
 RECIPES: dict[str, dict[str, Recipe]] = {
@@ -85,19 +98,19 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "tiny": _bitnet(1.6e-2, SWEPT),
         "small": _bitnet(4e-3, PROVISIONAL),
         "base": _bitnet(4e-3, PROVISIONAL),
-        "700m": _bitnet(1.5e-3, FAQ, stage2_ratio=1e-3 / 1.5e-3),
-        "1.3b": _bitnet(1.2e-3, FAQ, stage2_ratio=8e-4 / 1.2e-3),
-        "3b": _bitnet(1.2e-3, FAQ, stage2_ratio=6.4e-4 / 1.2e-3),
-        "2b4t": _bitnet(1.5e-3, R2B4T, stage2_ratio=5e-4 / 1.5e-3, min_lr_ratio=0.0),
+        "700m": _bitnet(1.5e-3, FAQ, stage2_ratio=1e-3 / 1.5e-3, warmup_steps=FAQ_WARMUP),
+        "1.3b": _bitnet(1.2e-3, FAQ, stage2_ratio=8e-4 / 1.2e-3, warmup_steps=FAQ_WARMUP),
+        "3b": _bitnet(1.2e-3, FAQ, stage2_ratio=8e-4 / 1.2e-3, warmup_steps=FAQ_WARMUP),
+        "2b4t": _bitnet(1.5e-3, R2B4T, stage2_ratio=5e-4 / 1.5e-3, min_lr_ratio=0.0, warmup_steps=FAQ_WARMUP),
     },
     "bf16": {
         "tiny": _twin(1.6e-2, SWEPT),
         "small": _twin(4e-3, PROVISIONAL),
         "base": _twin(2e-3, PROVISIONAL),
-        "700m": _twin(2.5e-4, GPT3),
-        "1.3b": _twin(2.0e-4, GPT3),
-        "3b": _twin(1.6e-4, GPT3),
-        "2b4t": _twin(1.6e-4, GPT3),
+        "700m": _twin(2.5e-4, FAQ_LLAMA, warmup_steps=FAQ_WARMUP),
+        "1.3b": _twin(2.0e-4, FAQ_LLAMA, warmup_steps=FAQ_WARMUP),
+        "3b": _twin(2.0e-4, FAQ_LLAMA, warmup_steps=FAQ_WARMUP),
+        "2b4t": _twin(2.0e-4, FAQ_LLAMA + "; 2B4T had no twin: the FAQ's 3B rate", warmup_steps=FAQ_WARMUP),
     },
 }
 RECIPES["bitnet1"] = {

@@ -246,7 +246,7 @@ class Trainer:
         val = D.eval_windows(val_tokens, cfg.seq_len, cfg.eval_windows or None)
         self.val = val[: (len(val) // d.dp) * d.dp] if len(val) >= d.dp else val
         self.recipe = r = cfg.resolve_recipe(self.config)
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, math.floor(cfg.max_steps * r.warmup_fraction + 1e-9))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else r.warmup_for(cfg.max_steps)
         self.schedule = Schedule(r.schedule, r.lr, cfg.max_steps, warmup, r.min_lr_ratio, r.stage2_ratio,
                                  r.weight_decay, r.weight_decay_stage2)
 
