@@ -293,6 +293,13 @@ def report(a) -> None:
     from bitnet.train.recipes import default_recipe
 
     points = json.load(open(state_path(a)))
+    kept_ablations = []
+    if a.keep_from:  # an earlier session's results: its points and ablations stay unless rerun here
+        earlier = json.load(open(a.keep_from))
+        key = lambda p: (p["corpus"], p["preset"], p["linear"], p["lr"], p["default"], p["seed"], p["steps"])  # noqa: E731
+        have = {key(p) for p in points}
+        points = [p for p in earlier["points"] if key(p) not in have] + points
+        kept_ablations = earlier.get("ablations", [])
     for p in points:
         STEPS_SEEN[(p["corpus"], p["preset"])] = p["steps"]
     tables = sweep_tables(points)
@@ -348,6 +355,9 @@ def report(a) -> None:
             recipe = json.load(open(os.path.join(folder, name, "recipe.json")))
             if rows and "val_loss" in rows[-1]:
                 ablations.append({"corpus": corpus, "run": name, "dev_loss": rows[-1]["val_loss"], "recipe": recipe})
+    here = {(x["corpus"], x["run"]) for x in ablations}
+    ablations = [x for x in kept_ablations if (x["corpus"], x["run"]) not in here] + ablations
+    ablations.sort(key=lambda x: (x["corpus"], x["run"]))
     if ablations:
         md += ["## Ablations (seed 0, final dev loss)", "", "| corpus | run | dev loss |", "|---|---|---|"]
         md += [f"| {x['corpus']} | {x['run']} | {x['dev_loss']:.4f} |" for x in ablations] + [""]
@@ -370,8 +380,9 @@ def seed_table(points: list[dict]) -> tuple[list[str], list[dict]]:
             runs.setdefault((p["corpus"], p["preset"]), {}).setdefault(p["seed"], {})[p["linear"]] = p
     rows, md = [], ["## Defaults only (`bitnet train --preset P --linear L --max-steps 300`), test perplexity", "",
                     "| size | corpus | seeds | lr bitnet / bitnet1 / bf16 | test ppl b1.58 | binary | twin | "
-                    "ratio b1.58/twin, mean (min-max) | ratio binary/twin, mean (min-max) |",
-                    "|---|---|---|---|---|---|---|---|---|"]
+                    "ratio b1.58/twin, mean (min-max) | ratio binary/twin, mean (min-max) | "
+                    "b1.58/twin on the dev split, mean (min-max) |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
     for (corpus, preset), by_seed in sorted(runs.items(), key=lambda kv: (list(GRIDS).index(kv[0][1]), kv[0][0])):
         seeds = sorted(s for s, r in by_seed.items() if "bf16" in r)
         row = {"corpus": corpus, "preset": preset, "seeds": seeds}
@@ -386,6 +397,10 @@ def seed_table(points: list[dict]) -> tuple[list[str], list[dict]]:
             r = [by_seed[s][lin]["test_ppl"] / by_seed[s]["bf16"]["test_ppl"] for s in seeds if lin in by_seed[s]]
             row[f"ratio_{lin}"] = r
             ratios.append(f"{sum(r) / len(r):.3f} ({min(r):.3f}-{max(r):.3f})" if r else "")
+        dev = [math.exp(by_seed[s]["bitnet"]["dev_loss"] - by_seed[s]["bf16"]["dev_loss"]) for s in seeds
+               if "bitnet" in by_seed[s]]
+        row["dev_ratio_bitnet"] = dev  # the same ratio on the dev split (the trainer's final dev loss)
+        ratios.append(f"{sum(dev) / len(dev):.3f} ({min(dev):.3f}-{max(dev):.3f})" if dev else "")
         lrs = " / ".join(f"{row[f'lr_{lin}']:g}" if row[f"lr_{lin}"] else "-" for lin in LINEARS)
         md.append(f"| {preset} | {corpus} | {len(seeds)} | {lrs} | " + " | ".join(cells + ratios) + " |")
         rows.append(row)
@@ -406,6 +421,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep-from", default=None, help="report: an earlier results JSON (e.g. benchmarks/results/"
+                   "lr_sweep.json) whose points and ablations are kept where --out has no newer record")
     a = p.parse_args()
     if a.phase == "sweep":
         sweep(a)

@@ -12,9 +12,11 @@ Where the numbers come from:
   step) and 300 steps; the rate is the one on the factor-2 grid whose final dev loss is closest to
   each corpus's best (max relative gap over the two corpora). Rates this high are right for a few
   hundred steps of a sub-million-parameter model, not for long runs.
-- small / base: PROVISIONAL, the best of the two-rate sweeps of benchmarks/results/ppl_compare.md
-  (2e-3 / 4e-3, mostly at the top of that grid, 125-250 steps of 4,096 tokens); not yet swept at
-  `bitnet train`'s defaults. (small's 4e-3 is also what 1/width predicts from tiny's 1.6e-2.)
+- small: our sweeps, the same protocol (five rates, factor 2, edge extension, on both corpora; the
+  twin's default is the half-step sqrt(2) x 1e-3 between its two corpora's bests, 1e-3 to 1.4e-3 on
+  TinyShakespeare and 2e-3 on WikiText-2, added to the grid so that one rate is within 1% of both).
+- base: PROVISIONAL, the best of the two-rate sweeps of benchmarks/results/ppl_compare.md
+  (2e-3 / 4e-3, mostly at the top of that grid, 125-250 steps of 4,096 tokens).
 - 700m / 1.3b / 3b (BitNet b1.58 paper, Table 5 shapes): Microsoft's "The Era of 1-bit LLMs:
   Training Tips, Code and FAQ" (microsoft/unilm, bitnet/The-Era-of-1-bit-LLMs__Training_Tips_Code_FAQ.pdf,
   read first-hand), Table 2. BitNet b1.58: 700M 1.5e-3 -> 1e-3, 1.3B and 3B 1.2e-3 -> 8e-4 (here the
@@ -96,7 +98,7 @@ FAQ_WARMUP = 375
 RECIPES: dict[str, dict[str, Recipe]] = {
     "bitnet": {
         "tiny": _bitnet(1.6e-2, SWEPT),
-        "small": _bitnet(4e-3, PROVISIONAL),
+        "small": _bitnet(4e-3, SWEPT),
         "base": _bitnet(4e-3, PROVISIONAL),
         "700m": _bitnet(1.5e-3, FAQ, stage2_ratio=1e-3 / 1.5e-3, warmup_steps=FAQ_WARMUP),
         "1.3b": _bitnet(1.2e-3, FAQ, stage2_ratio=8e-4 / 1.2e-3, warmup_steps=FAQ_WARMUP),
@@ -105,7 +107,7 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "bf16": {
         "tiny": _twin(1.6e-2, SWEPT),
-        "small": _twin(4e-3, PROVISIONAL),
+        "small": _twin(1.4142e-3, SWEPT),  # sqrt(2) x 1e-3: the half-step between the grid's 1e-3 and 2e-3
         "base": _twin(2e-3, PROVISIONAL),
         "700m": _twin(2.5e-4, FAQ_LLAMA, warmup_steps=FAQ_WARMUP),
         "1.3b": _twin(2.0e-4, FAQ_LLAMA, warmup_steps=FAQ_WARMUP),
@@ -116,7 +118,7 @@ RECIPES: dict[str, dict[str, Recipe]] = {
 RECIPES["bitnet1"] = {
     p: (r.replace(source=r.source + "; b1.58's recipe (none published for binary BitNet at this shape)")
         if r.source not in (SWEPT, PROVISIONAL) else r) for p, r in RECIPES["bitnet"].items()}
-RECIPES["bitnet1"].update(tiny=_bitnet(1.6e-2, SWEPT), small=_bitnet(4e-3, PROVISIONAL),
+RECIPES["bitnet1"].update(tiny=_bitnet(1.6e-2, SWEPT), small=_bitnet(2e-3, SWEPT),
                           base=_bitnet(2e-3, PROVISIONAL))
 
 SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
