@@ -259,6 +259,7 @@ def plot_sweeps(tables: dict, preset: str, path: str) -> str:
     import matplotlib.pyplot as plt
 
     from bitnet.plots import _save
+    from bitnet.train.recipes import default_recipe
 
     names = sorted(k for k in tables if k[1] == preset)
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=110, squeeze=False)
@@ -268,12 +269,16 @@ def plot_sweeps(tables: dict, preset: str, path: str) -> str:
             if not pts:
                 continue
             lrs = sorted(lr for lr in pts if math.isfinite(pts[lr]))
-            ax.plot(lrs, [pts[lr] for lr in lrs], marker="o", label=linear)
+            line, = ax.plot(lrs, [pts[lr] for lr in lrs], marker="o", label=linear)
+            d = default_recipe(linear, preset).lr
+            hit = [lr for lr in lrs if abs(lr - d) < 1e-12]
+            if hit:  # the default: a star on its line
+                ax.plot(hit, [pts[hit[0]]], marker="*", markersize=14, color=line.get_color(), linestyle="none")
         ax.set_xscale("log")
         every = sorted({lr for pts in tables[key].values() for lr in pts})
-        ax.set_xticks(every, [f"{lr:g}" for lr in every])
+        ax.set_xticks(every, [f"{lr:.2g}" for lr in every], rotation=45, fontsize=8)
         ax.minorticks_off()
-        ax.set_title(f"{preset} on {key[0]}: final dev loss, {points_steps(key)} steps", fontsize=10)
+        ax.set_title(f"{preset} on {key[0]}: final dev loss, {points_steps(key)} steps (star: default)", fontsize=10)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("dev loss (nats/token)")
         ax.grid(alpha=0.3)
