@@ -165,6 +165,11 @@ def state_path(a) -> str:
     return os.path.join(a.out, "points.json")
 
 
+def point_key(p: dict) -> tuple:
+    """What makes two records the same run."""
+    return p["corpus"], p["preset"], p["linear"], p["lr"], p["default"], p["seed"], p["steps"]
+
+
 def record(a, point: dict) -> None:
     """Add `point` to <out>/points.json (replacing the same run's older record); safe when several
     driver processes share --out (e.g. one per corpus, --threads 1 each, on a 2-core machine)."""
@@ -175,8 +180,7 @@ def record(a, point: dict) -> None:
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         points = json.load(open(path)) if os.path.isfile(path) else []
-        key = lambda p: (p["corpus"], p["preset"], p["linear"], p["lr"], p["default"], p["seed"], p["steps"])  # noqa: E731
-        points = [p for p in points if key(p) != key(point)] + [point]
+        points = [p for p in points if point_key(p) != point_key(point)] + [point]
         with open(path + ".tmp", "w") as f:
             json.dump(points, f, indent=1, default=str)
         os.replace(path + ".tmp", path)
@@ -220,10 +224,6 @@ def seeds(a) -> None:
                     record(a, p)
                     print(f"{name:>15} {preset:>5} {linear:<8} default lr {p['lr']:g} seed {seed} dev "
                           f"{p['dev_loss']:.4f} test ppl {p['test_ppl']:.2f}", flush=True)
-
-
-def _key(lr: float) -> str:
-    return f"{lr:g}"
 
 
 def sweep_tables(points: list[dict]) -> dict:
@@ -301,9 +301,8 @@ def report(a) -> None:
     kept_ablations = []
     if a.keep_from:  # an earlier session's results: its points and ablations stay unless rerun here
         earlier = json.load(open(a.keep_from))
-        key = lambda p: (p["corpus"], p["preset"], p["linear"], p["lr"], p["default"], p["seed"], p["steps"])  # noqa: E731
-        have = {key(p) for p in points}
-        points = [p for p in earlier["points"] if key(p) not in have] + points
+        have = {point_key(p) for p in points}
+        points = [p for p in earlier["points"] if point_key(p) not in have] + points
         kept_ablations = earlier.get("ablations", [])
     for p in points:
         STEPS_SEEN[(p["corpus"], p["preset"])] = p["steps"]
