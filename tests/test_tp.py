@@ -373,6 +373,7 @@ def _worker(out: str) -> None:
         res[f"activations_{key}"] = [activation_bytes(tpm.config, 2, 64, bf16, tp=world), got]
 
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (seen: "terminate called" at exit)
     dist.destroy_process_group()
 
 
