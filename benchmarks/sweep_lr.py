@@ -226,6 +226,13 @@ def seeds(a) -> None:
                           f"{p['dev_loss']:.4f} test ppl {p['test_ppl']:.2f}", flush=True)
 
 
+def is_default(linear: str, preset: str, lr: float) -> bool:
+    """Whether `lr` is the default rate of `linear` at `preset` (bitnet.train.recipes)."""
+    from bitnet.train.recipes import default_recipe
+
+    return abs(default_recipe(linear, preset).lr - lr) < 1e-12
+
+
 def sweep_tables(points: list[dict]) -> dict:
     """{(corpus, preset): {linear: {lr: dev loss}}} of the seed-0 sweep points (explicit --lr)."""
     out: dict = {}
@@ -259,7 +266,6 @@ def plot_sweeps(tables: dict, preset: str, path: str) -> str:
     import matplotlib.pyplot as plt
 
     from bitnet.plots import _save
-    from bitnet.train.recipes import default_recipe
 
     names = sorted(k for k in tables if k[1] == preset)
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=110, squeeze=False)
@@ -270,8 +276,7 @@ def plot_sweeps(tables: dict, preset: str, path: str) -> str:
                 continue
             lrs = sorted(lr for lr in pts if math.isfinite(pts[lr]))
             line, = ax.plot(lrs, [pts[lr] for lr in lrs], marker="o", label=linear)
-            d = default_recipe(linear, preset).lr
-            hit = [lr for lr in lrs if abs(lr - d) < 1e-12]
+            hit = [lr for lr in lrs if is_default(linear, preset, lr)]
             if hit:  # the default: a star on its line
                 ax.plot(hit, [pts[hit[0]]], marker="*", markersize=14, color=line.get_color(), linestyle="none")
         ax.set_xscale("log")
@@ -321,7 +326,7 @@ def report(a) -> None:
             cells = []
             for lin in systems:
                 v = t[lin].get(lr)
-                mark = "*" if abs(default_recipe(lin, preset).lr - lr) < 1e-12 else ""
+                mark = "*" if is_default(lin, preset, lr) else ""
                 if v is None:
                     cells.append("")
                 elif not math.isfinite(v):
@@ -336,7 +341,7 @@ def report(a) -> None:
             pts, d = t[lin], default_recipe(lin, preset).lr
             best_lr = min(pts, key=lambda lr: pts[lr])
             inside = best_lr not in (min(pts), max(pts))
-            hit = next((v for lr, v in pts.items() if abs(lr - d) < 1e-12), None)
+            hit = next((v for lr, v in pts.items() if is_default(lin, preset, lr)), None)
             checks.append({"corpus": corpus, "preset": preset, "linear": lin, "best_lr": best_lr,
                            "best_dev_loss": pts[best_lr], "best_inside_grid": inside, "default_lr": d,
                            "default_dev_loss": hit, "gap": None if hit is None else hit / pts[best_lr] - 1,

@@ -114,11 +114,11 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "2b4t": _twin(2.0e-4, FAQ_LLAMA + "; 2B4T had no twin: the FAQ's 3B rate", warmup_steps=FAQ_WARMUP),
     },
 }
+# binary BitNet: its own sweeps where we ran them, b1.58's published recipe above them
 RECIPES["bitnet1"] = {
-    p: (r.replace(source=r.source + "; b1.58's recipe (none published for binary BitNet at this shape)")
-        if r.source not in (SWEPT, SWEPT_100) else r) for p, r in RECIPES["bitnet"].items()}
-RECIPES["bitnet1"].update(tiny=_bitnet(1.6e-2, SWEPT), small=_bitnet(2e-3, SWEPT),
-                          base=_bitnet(4e-3, SWEPT_100))
+    "tiny": _bitnet(1.6e-2, SWEPT), "small": _bitnet(2e-3, SWEPT), "base": _bitnet(4e-3, SWEPT_100),
+    **{p: r.replace(source=r.source + "; b1.58's recipe (none published for binary BitNet at this shape)")
+       for p, r in RECIPES["bitnet"].items() if p not in ("tiny", "small", "base")}}
 
 SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
