@@ -2,6 +2,7 @@
 and the defaults' perplexity ratio over seeds: the evidence behind bitnet/train/recipes.py.
 
     python benchmarks/sweep_lr.py sweep --presets tiny small          # dev loss at each rate, per corpus
+    python benchmarks/sweep_lr.py sweep --presets small --warmups 0.2 0.4 --grid 0.002 0.004   # warm-up axis
     python benchmarks/sweep_lr.py seeds --presets tiny small --seeds 0 1 2   # defaults only, test ppl
     python benchmarks/sweep_lr.py report                                # results JSON/markdown + plots
 
@@ -14,7 +15,10 @@ The dev split is the trainer's own (the last 10% of the training file); the swee
 final dev loss over the whole dev split (--eval-windows 0), never on the test text. A sweep starts
 on a grid (factor 2) and is extended one factor-2 point at a time past whichever end holds the
 best rate (bitnet.experiment.edge_lr), up to --extend points; a run that diverges counts as an
-infinite loss. Test perplexity (seeds) is `bitnet eval ppl`'s default protocol on the export
+infinite loss. Warm-up is the second axis: every explicit run warms up for a fraction of its steps
+(--warmups, default 5%: the trainer's old default), one LR sweep per fraction; a defaults run takes
+the whole recipe, warm-up included. Each record names the CPU it ran on (float reductions differ
+between instruction sets, and a run's last digits with them). Test perplexity (seeds) is `bitnet eval ppl`'s default protocol on the export
 (sliding window of 256 tokens, stride 128).
 
 CPU sharing: before every run and every evaluation the driver waits while /tmp/bench.lock exists
@@ -33,7 +37,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
+from bitnet.bench import cpu_name
 from bitnet.experiment import edge_lr
 from bitnet.plots import read_jsonl
 
@@ -85,21 +91,40 @@ def run_politely(cmd: list[str], log) -> int:
     return proc.returncode
 
 
-def run_dir(out: str, corpus: str, preset: str, linear: str, lr: float | None, seed: int, steps: int) -> str:
-    tag = "default" if lr is None else f"lr{lr:g}"
+WARMUP = 0.05  # the warm-up fraction of the first sweeps (the trainer's old default); records without one had it
+
+
+def warmup_steps(fraction: float, steps: int) -> int:
+    """The trainer's rule (bitnet.train.recipes.Recipe.warmup_for): floor, at least one step."""
+    return max(1, math.floor(steps * fraction + 1e-9))
+
+
+def default_point(linear: str, preset: str, steps: int) -> tuple[float, float]:
+    """(lr, warm-up fraction) of the default recipe of `linear` at `preset` for a run of `steps`."""
+    from bitnet.train.recipes import default_recipe
+
+    r = default_recipe(linear, preset)
+    return r.lr, r.warmup_for(steps) / steps
+
+
+def run_dir(out: str, corpus: str, preset: str, linear: str, lr: float | None, warmup: float | None, seed: int,
+            steps: int) -> str:
+    tag = "default" if lr is None else f"lr{lr:g}-wu{warmup:g}"
     return os.path.join(out, corpus, "runs", f"{preset}-{linear}-{tag}-s{seed}-{steps}")
 
 
-def train_point(a, corpus: dict, name: str, preset: str, linear: str, lr: float | None, seed: int) -> dict:
-    """One `bitnet train` run (reused when complete); returns its record. A defaults run (lr None)
-    reuses the explicit run at the default rate when that one is complete: the same computation."""
+def train_point(a, corpus: dict, name: str, preset: str, linear: str, lr: float | None, seed: int,
+                warmup: float | None = None) -> dict:
+    """One `bitnet train` run (reused when complete); returns its record. An explicit run (lr given)
+    warms up for the fraction `warmup` of its steps; a defaults run (lr None) takes the whole recipe,
+    and reuses the explicit run at the default rate and warm-up when that one is complete: the same
+    computation."""
     if lr is None:
-        from bitnet.train.recipes import default_recipe
-
-        same = train_point_if_complete(a, name, preset, linear, default_recipe(linear, preset).lr, seed)
+        d_lr, d_wu = default_point(linear, preset, a.max_steps)
+        same = train_point_if_complete(a, name, preset, linear, d_lr, d_wu, seed)
         if same is not None:
             return {**same, "default": True}
-    path = run_dir(a.out, name, preset, linear, lr, seed, a.max_steps)
+    path = run_dir(a.out, name, preset, linear, lr, warmup, seed, a.max_steps)
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     diverged = os.path.isfile(os.path.join(path, "DIVERGED"))
     if not diverged and not (rows and rows[-1]["step"] == a.max_steps and "val_loss" in rows[-1]):
@@ -109,7 +134,7 @@ def train_point(a, corpus: dict, name: str, preset: str, linear: str, lr: float 
                "--eval-windows", "0", "--seed", str(seed), "--threads", str(a.threads), "--no-progress",
                "--cache-dir", os.path.join(a.out, "cache")]
         if lr is not None:
-            cmd += ["--lr", str(lr)]
+            cmd += ["--lr", str(lr), "--warmup-steps", str(warmup_steps(warmup, a.max_steps))]
         if os.path.isfile(os.path.join(path, "trainer_state.safetensors")):
             cmd.append("--resume")
         else:
@@ -128,20 +153,22 @@ def train_point(a, corpus: dict, name: str, preset: str, linear: str, lr: float 
     if os.path.isfile(os.path.join(path, "recipe.json")):
         recipe = json.load(open(os.path.join(path, "recipe.json")))
     used_lr = lr if lr is not None else recipe.get("lr")
+    used_wu = warmup if lr is not None else recipe["warmup_steps"] / a.max_steps
     dev = math.inf if diverged else rows[-1]["val_loss"]
-    return {"corpus": name, "preset": preset, "linear": linear, "lr": used_lr, "default": lr is None, "seed": seed,
-            "steps": a.max_steps, "dev_loss": dev, "diverged": diverged, "path": path,
-            "train_seconds": sum(r["step_time_s"] for r in rows)}
+    return {"corpus": name, "preset": preset, "linear": linear, "lr": used_lr, "warmup": used_wu,
+            "default": lr is None, "seed": seed, "steps": a.max_steps, "dev_loss": dev, "diverged": diverged,
+            "path": path, "train_seconds": sum(r["step_time_s"] for r in rows), "cpu": cpu_name()}
 
 
-def train_point_if_complete(a, name: str, preset: str, linear: str, lr: float, seed: int) -> dict | None:
-    path = run_dir(a.out, name, preset, linear, lr, seed, a.max_steps)
+def train_point_if_complete(a, name: str, preset: str, linear: str, lr: float, warmup: float,
+                            seed: int) -> dict | None:
+    path = run_dir(a.out, name, preset, linear, lr, warmup, seed, a.max_steps)
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     if not (rows and rows[-1]["step"] == a.max_steps and "val_loss" in rows[-1]):
         return None
-    return {"corpus": name, "preset": preset, "linear": linear, "lr": lr, "default": False, "seed": seed,
-            "steps": a.max_steps, "dev_loss": rows[-1]["val_loss"], "diverged": False, "path": path,
-            "train_seconds": sum(r["step_time_s"] for r in rows)}
+    return {"corpus": name, "preset": preset, "linear": linear, "lr": lr, "warmup": warmup, "default": False,
+            "seed": seed, "steps": a.max_steps, "dev_loss": rows[-1]["val_loss"], "diverged": False, "path": path,
+            "train_seconds": sum(r["step_time_s"] for r in rows), "cpu": cpu_name()}
 
 
 def evaluate(path: str, test: str, threads: int) -> dict:
@@ -167,7 +194,7 @@ def state_path(a) -> str:
 
 def point_key(p: dict) -> tuple:
     """What makes two records the same run."""
-    return p["corpus"], p["preset"], p["linear"], p["lr"], p["default"], p["seed"], p["steps"]
+    return p["corpus"], p["preset"], p["linear"], p["lr"], p.get("warmup", WARMUP), p["default"], p["seed"], p["steps"]
 
 
 def record(a, point: dict) -> None:
@@ -191,26 +218,32 @@ def sweep(a) -> None:
     for preset in a.presets:
         for name in a.corpora:
             for linear in a.linears:
-                grid = list(a.grid or GRIDS[preset])
-                points: dict[float, float] = {}
-                for lr in grid:
-                    p = train_point(a, specs[name], name, preset, linear, lr, a.seed)
-                    record(a, p)
-                    points[lr] = p["dev_loss"]
-                    print(f"{name:>15} {preset:>5} {linear:<8} lr {lr:<8g} dev {p['dev_loss']:.4f}", flush=True)
-                for _ in range(a.extend):
-                    lr = edge_lr(points)
-                    if lr is None:
-                        break
-                    p = train_point(a, specs[name], name, preset, linear, lr, a.seed)
-                    record(a, p)
-                    points[lr] = p["dev_loss"]
-                    print(f"{name:>15} {preset:>5} {linear:<8} lr {lr:<8g} dev {p['dev_loss']:.4f} (edge extension)",
-                          flush=True)
-                else:
-                    if edge_lr(points) is not None:
-                        print(f"{name} {preset} {linear}: best rate still at an end of the grid after --extend "
-                              f"{a.extend} points; stopped at the limit", flush=True)
+                for wu in a.warmups:
+                    sweep_rates(a, specs[name], name, preset, linear, wu)
+
+
+def sweep_rates(a, spec: dict, name: str, preset: str, linear: str, wu: float) -> None:
+    """One LR sweep at warm-up fraction `wu`: the grid, then edge extensions up to --extend."""
+    grid = list(a.grid or GRIDS[preset])
+    points: dict[float, float] = {}
+    where = f"{name:>15} {preset:>5} {linear:<8} warm-up {wu:<5g}"
+    for lr in grid:
+        p = train_point(a, spec, name, preset, linear, lr, a.seed, wu)
+        record(a, p)
+        points[lr] = p["dev_loss"]
+        print(f"{where} lr {lr:<8g} dev {p['dev_loss']:.4f}", flush=True)
+    for _ in range(a.extend):
+        lr = edge_lr(points)
+        if lr is None:
+            break
+        p = train_point(a, spec, name, preset, linear, lr, a.seed, wu)
+        record(a, p)
+        points[lr] = p["dev_loss"]
+        print(f"{where} lr {lr:<8g} dev {p['dev_loss']:.4f} (edge extension)", flush=True)
+    else:
+        if edge_lr(points) is not None:
+            print(f"{name} {preset} {linear} warm-up {wu:g}: best rate still at an end of the grid after --extend "
+                  f"{a.extend} points; stopped at the limit", flush=True)
 
 
 def seeds(a) -> None:
@@ -222,41 +255,46 @@ def seeds(a) -> None:
                     p = train_point(a, specs[name], name, preset, linear, None, seed)
                     p.update(evaluate(p["path"], specs[name]["test"], a.threads))
                     record(a, p)
-                    print(f"{name:>15} {preset:>5} {linear:<8} default lr {p['lr']:g} seed {seed} dev "
-                          f"{p['dev_loss']:.4f} test ppl {p['test_ppl']:.2f}", flush=True)
+                    print(f"{name:>15} {preset:>5} {linear:<8} default lr {p['lr']:g} warm-up {p['warmup']:g} "
+                          f"seed {seed} dev {p['dev_loss']:.4f} test ppl {p['test_ppl']:.2f}", flush=True)
 
 
-def is_default(linear: str, preset: str, lr: float) -> bool:
-    """Whether `lr` is the default rate of `linear` at `preset` (bitnet.train.recipes)."""
-    from bitnet.train.recipes import default_recipe
-
-    return abs(default_recipe(linear, preset).lr - lr) < 1e-12
+def is_default(linear: str, preset: str, lr: float, warmup: float, steps: int) -> bool:
+    """Whether (lr, warm-up fraction) is the default recipe of `linear` at `preset` (bitnet.train.recipes)."""
+    d_lr, d_wu = default_point(linear, preset, steps)
+    return abs(d_lr - lr) < 1e-12 and warmup_steps(warmup, steps) == warmup_steps(d_wu, steps)
 
 
 def sweep_tables(points: list[dict]) -> dict:
-    """{(corpus, preset): {linear: {lr: dev loss}}} of the seed-0 sweep points (explicit --lr)."""
+    """{(corpus, preset): {linear: {(lr, warm-up): dev loss}}} of the seed-0 sweep points (explicit --lr)."""
     out: dict = {}
     for p in points:
         if p["default"] or p["seed"] != 0:
             continue
-        out.setdefault((p["corpus"], p["preset"]), {}).setdefault(p["linear"], {})[p["lr"]] = p["dev_loss"]
+        pts = out.setdefault((p["corpus"], p["preset"]), {}).setdefault(p["linear"], {})
+        pts[(p["lr"], p.get("warmup", WARMUP))] = p["dev_loss"]
     return out
 
 
 def pick_defaults(tables: dict) -> dict:
-    """{(preset, linear): (lr, worst gap)}: the swept rate whose dev loss is closest to each corpus's
-    best, in the worst corpus (relative gap); only rates swept on every corpus of that preset."""
+    """{(preset, linear): ((lr, warm-up), worst gap, corpora)}: the swept point whose dev loss is
+    closest to each corpus's best, in the worst corpus (relative gap); only points swept on every
+    corpus of that preset."""
     picks = {}
     for preset in {k[1] for k in tables}:
         names = [k for k in tables if k[1] == preset]
         for linear in {lin for k in names for lin in tables[k]}:
             sweeps = [tables[k][linear] for k in names if linear in tables[k]]
             common = set.intersection(*(set(s) for s in sweeps))
-            gap = lambda lr: max(s[lr] / min(s.values()) - 1 for s in sweeps)  # noqa: E731
+            gap = lambda pt: max(s[pt] / min(s.values()) - 1 for s in sweeps)  # noqa: E731
             if common:
-                lr = min(common, key=gap)
-                picks[(preset, linear)] = (lr, gap(lr), len(sweeps))
+                pt = min(common, key=gap)
+                picks[(preset, linear)] = (pt, gap(pt), len(sweeps))
     return picks
+
+
+def warmups_of(pts: dict) -> list[float]:
+    return sorted({wu for _, wu in pts})
 
 
 def plot_sweeps(tables: dict, preset: str, path: str) -> str:
@@ -269,25 +307,31 @@ def plot_sweeps(tables: dict, preset: str, path: str) -> str:
 
     names = sorted(k for k in tables if k[1] == preset)
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=110, squeeze=False)
+    styles = ["-", "--", ":", "-."]
     for ax, key in zip(axes.flat, names):
-        for linear in LINEARS:
+        steps = points_steps(key)
+        every_wu = sorted({wu for pts in tables[key].values() for _, wu in pts})
+        for i, linear in enumerate(LINEARS):
             pts = tables[key].get(linear)
             if not pts:
                 continue
-            lrs = sorted(lr for lr in pts if math.isfinite(pts[lr]))
-            line, = ax.plot(lrs, [pts[lr] for lr in lrs], marker="o", label=linear)
-            hit = [lr for lr in lrs if is_default(linear, preset, lr)]
-            if hit:  # the default: a star on its line
-                ax.plot(hit, [pts[hit[0]]], marker="*", markersize=14, color=line.get_color(), linestyle="none")
+            for wu in warmups_of(pts):
+                lrs = sorted(lr for lr, w in pts if w == wu and math.isfinite(pts[(lr, w)]))
+                label = linear if len(every_wu) == 1 else f"{linear}, warm-up {100 * wu:g}%"
+                ax.plot(lrs, [pts[(lr, wu)] for lr in lrs], marker="o", color=f"C{i}",
+                        linestyle=styles[every_wu.index(wu) % len(styles)], label=label)
+                hit = [lr for lr in lrs if is_default(linear, preset, lr, wu, steps)]
+                if hit:  # the default: a star on its line
+                    ax.plot(hit, [pts[(hit[0], wu)]], marker="*", markersize=14, color=f"C{i}", linestyle="none")
         ax.set_xscale("log")
-        every = sorted({lr for pts in tables[key].values() for lr in pts})
+        every = sorted({lr for pts in tables[key].values() for lr, _ in pts})
         ax.set_xticks(every, [f"{lr:.2g}" for lr in every], rotation=45, fontsize=8)
         ax.minorticks_off()
-        ax.set_title(f"{preset} on {key[0]}: final dev loss, {points_steps(key)} steps (star: default)", fontsize=10)
+        ax.set_title(f"{preset} on {key[0]}: final dev loss, {steps} steps (star: default)", fontsize=10)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("dev loss (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -313,20 +357,28 @@ def report(a) -> None:
         STEPS_SEEN[(p["corpus"], p["preset"])] = p["steps"]
     tables = sweep_tables(points)
     picks = pick_defaults(tables)
-    md = ["## LR sweeps (seed 0): final dev loss; **bold** = best of the sweep, `*` = the current default rate", ""]
+    md = ["## LR sweeps (seed 0): final dev loss; **bold** = best of the sweep, `*` = the current default "
+          "(rate and warm-up)", ""]
     checks = []
     for key in sorted(tables, key=lambda k: (list(GRIDS).index(k[1]), k[0])):
         corpus, preset = key
-        t = tables[key]
-        lrs = sorted({lr for pts in t.values() for lr in pts})
-        systems = [lin for lin in LINEARS if lin in t]
-        md += [f"**{preset} on {corpus}** ({STEPS_SEEN[key]} steps x 2,048 tokens)", "",
-               "| lr | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
+        t, steps = tables[key], STEPS_SEEN[key]
+        lrs = sorted({lr for pts in t.values() for lr, _ in pts})
+        cols = [(lin, wu) for lin in LINEARS if lin in t for wu in warmups_of(t[lin])]
+        one_wu = len({wu for _, wu in cols}) == 1
+        head = [lin if one_wu else f"{lin} wu {warmup_steps(wu, steps)}" for lin, wu in cols]
+        wu_note = (f"warm-up {warmup_steps(cols[0][1], steps)} steps" if one_wu else
+                   "`wu N`: N warm-up steps")
+        cpus = Counter(p.get("cpu", "not recorded (an earlier session)") for p in points
+                       if (p["corpus"], p["preset"]) == key and not p["default"] and p["seed"] == 0)
+        where = ", ".join(f"{cpu} {n}" for cpu, n in cpus.most_common())
+        md += [f"**{preset} on {corpus}** ({steps} steps x 2,048 tokens; {wu_note}; points by CPU: {where})", "",
+               "| lr | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
         for lr in lrs:
             cells = []
-            for lin in systems:
-                v = t[lin].get(lr)
-                mark = "*" if is_default(lin, preset, lr) else ""
+            for lin, wu in cols:
+                v = t[lin].get((lr, wu))
+                mark = "*" if is_default(lin, preset, lr, wu, steps) else ""
                 if v is None:
                     cells.append("")
                 elif not math.isfinite(v):
@@ -337,22 +389,30 @@ def report(a) -> None:
                     cells.append(f"{v:.4f}{mark}")
             md.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         md.append("")
-        for lin in systems:
-            pts, d = t[lin], default_recipe(lin, preset).lr
-            best_lr = min(pts, key=lambda lr: pts[lr])
-            inside = best_lr not in (min(pts), max(pts))
-            hit = next((v for lr, v in pts.items() if is_default(lin, preset, lr)), None)
-            checks.append({"corpus": corpus, "preset": preset, "linear": lin, "best_lr": best_lr,
-                           "best_dev_loss": pts[best_lr], "best_inside_grid": inside, "default_lr": d,
-                           "default_dev_loss": hit, "gap": None if hit is None else hit / pts[best_lr] - 1,
-                           "points": len(pts)})
+        for lin in LINEARS:
+            if lin not in t:
+                continue
+            pts = t[lin]
+            d_lr, d_wu = default_point(lin, preset, steps)
+            best = min(pts, key=lambda pt: pts[pt])
+            at_wu = [lr for lr, wu in pts if wu == best[1]]  # the rates swept at the best's warm-up
+            inside = best[0] not in (min(at_wu), max(at_wu))
+            hit = next((v for (lr, wu), v in pts.items() if is_default(lin, preset, lr, wu, steps)), None)
+            checks.append({"corpus": corpus, "preset": preset, "linear": lin, "best_lr": best[0],
+                           "best_warmup": best[1], "best_warmup_steps": warmup_steps(best[1], steps),
+                           "best_dev_loss": pts[best], "best_inside_grid": inside, "default_lr": d_lr,
+                           "default_warmup": d_wu, "default_warmup_steps": warmup_steps(d_wu, steps),
+                           "default_dev_loss": hit, "gap": None if hit is None else hit / pts[best] - 1,
+                           "points": len(pts), "warmups_swept": warmups_of(pts)})
     md += ["## Defaults against the sweeps", "",
-           "| size | corpus | system | best lr | best inside the grid | default lr | default's dev loss over the best |",
+           "| size | corpus | system | best lr, warm-up steps | best rate inside its grid | default lr, warm-up steps | "
+           "default's dev loss over the best |",
            "|---|---|---|---|---|---|---|"]
     for c in checks:
         gap = "not swept" if c["gap"] is None else f"{100 * c['gap']:+.2f}%"
-        md.append(f"| {c['preset']} | {c['corpus']} | {c['linear']} | {c['best_lr']:g} | "
-                  f"{'yes' if c['best_inside_grid'] else 'NO (edge)'} | {c['default_lr']:g} | {gap} |")
+        md.append(f"| {c['preset']} | {c['corpus']} | {c['linear']} | {c['best_lr']:g}, {c['best_warmup_steps']} | "
+                  f"{'yes' if c['best_inside_grid'] else 'NO (edge)'} | {c['default_lr']:g}, "
+                  f"{c['default_warmup_steps']} | {gap} |")
     md.append("")
     seeds_md, seed_rows = seed_table(points)
     md += seeds_md
@@ -371,24 +431,28 @@ def report(a) -> None:
         md += ["## Ablations (seed 0, final dev loss)", "", "| corpus | run | dev loss |", "|---|---|---|"]
         md += [f"| {x['corpus']} | {x['run']} | {x['dev_loss']:.4f} |" for x in ablations] + [""]
     payload = {"protocol": __doc__, "points": points, "checks": checks, "seeds": seed_rows, "ablations": ablations,
-               "picks": [{"preset": k[0], "linear": k[1], "lr": v[0], "worst_gap": v[1], "corpora": v[2]}
+               "picks": [{"preset": k[0], "linear": k[1], "lr": v[0][0], "warmup": v[0][1], "worst_gap": v[1],
+                          "corpora": v[2]}
                          for k, v in sorted(picks.items())]}
     path = save_results("lr_sweep", payload, markdown="\n".join(md))
     for preset in sorted({k[1] for k in tables}):
         plot_sweeps(tables, preset, os.path.join(RESULTS_DIR, f"lr_sweep_{preset}.png"))
     print("\n".join(md))
-    print("picks (lr, worst gap over corpora):", {k: (v[0], round(100 * v[1], 2)) for k, v in sorted(picks.items())})
+    print("picks ((lr, warm-up), worst gap % over corpora):",
+          {k: (v[0], round(100 * v[1], 2)) for k, v in sorted(picks.items())})
     print(f"saved {path}")
 
 
 def seed_table(points: list[dict]) -> tuple[list[str], list[dict]]:
-    """Test ppl of the default runs per seed, and the ratios to the twin: mean and min-max."""
+    """Test ppl of the default runs per seed, and the ratios to the twin: mean and min-max. Only runs
+    of the current defaults count (an earlier default's runs, kept from an older record, do not)."""
     runs: dict = {}
     for p in points:
-        if p["default"] and "test_ppl" in p:
+        if p["default"] and "test_ppl" in p and is_default(p["linear"], p["preset"], p["lr"],
+                                                           p.get("warmup", WARMUP), p["steps"]):
             runs.setdefault((p["corpus"], p["preset"]), {}).setdefault(p["seed"], {})[p["linear"]] = p
     rows, md = [], ["## Defaults only (`bitnet train --preset P --linear L --max-steps 300`), test perplexity", "",
-                    "| size | corpus | seeds | lr bitnet / bitnet1 / bf16 | test ppl b1.58 | binary | twin | "
+                    "| size | corpus | seeds | lr, warm-up steps: bitnet / bitnet1 / bf16 | test ppl b1.58 | binary | twin | "
                     "ratio b1.58/twin, mean (min-max) | ratio binary/twin, mean (min-max) | "
                     "b1.58/twin on the dev split, mean (min-max) |",
                     "|---|---|---|---|---|---|---|---|---|---|"]
@@ -400,6 +464,7 @@ def seed_table(points: list[dict]) -> tuple[list[str], list[dict]]:
             ppl = [by_seed[s][lin]["test_ppl"] for s in seeds if lin in by_seed[s]]
             row[f"ppl_{lin}"] = ppl
             row[f"lr_{lin}"] = next((by_seed[s][lin]["lr"] for s in seeds if lin in by_seed[s]), None)
+            row[f"warmup_{lin}"] = next((by_seed[s][lin].get("warmup", WARMUP) for s in seeds if lin in by_seed[s]), None)
             cells.append(f"{sum(ppl) / len(ppl):.2f}" if ppl else "")
         ratios = []
         for lin in ("bitnet", "bitnet1"):
@@ -410,7 +475,9 @@ def seed_table(points: list[dict]) -> tuple[list[str], list[dict]]:
                if "bitnet" in by_seed[s]]
         row["dev_ratio_bitnet"] = dev  # the same ratio on the dev split (the trainer's final dev loss)
         ratios.append(f"{sum(dev) / len(dev):.3f} ({min(dev):.3f}-{max(dev):.3f})" if dev else "")
-        lrs = " / ".join(f"{row[f'lr_{lin}']:g}" if row[f"lr_{lin}"] else "-" for lin in LINEARS)
+        steps = by_seed[seeds[0]]["bf16"]["steps"]
+        lrs = " / ".join(f"{row[f'lr_{lin}']:g}, {warmup_steps(row[f'warmup_{lin}'], steps)}" if row[f"lr_{lin}"] else "-"
+                         for lin in LINEARS)
         md.append(f"| {preset} | {corpus} | {len(seeds)} | {lrs} | " + " | ".join(cells + ratios) + " |")
         rows.append(row)
     return md + [""], rows
@@ -425,6 +492,8 @@ def main() -> None:
     p.add_argument("--corpora", nargs="+", default=["tinyshakespeare", "wikitext-2"])
     p.add_argument("--linears", nargs="+", default=LINEARS, choices=LINEARS)
     p.add_argument("--grid", nargs="+", type=float, default=None, help="starting rates (default: GRIDS[preset])")
+    p.add_argument("--warmups", nargs="+", type=float, default=[WARMUP],
+                   help="sweep: warm-up fractions of --max-steps, one LR sweep each (default: 0.05)")
     p.add_argument("--extend", type=int, default=3, help="edge extensions per sweep at most")
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)

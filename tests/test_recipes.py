@@ -1,9 +1,11 @@
 """Default recipes: one per (system, preset), the width rule for other shapes, flags on top."""
 
+import math
+
 import pytest
 
 from bitnet.config import PRESETS, BitNetConfig
-from bitnet.train.recipes import RECIPES, default_recipe, lr_for_width, preset_of
+from bitnet.train.recipes import RECIPES, Recipe, default_recipe, lr_for_width, preset_of
 from bitnet.train.trainer import TrainConfig
 
 
@@ -27,7 +29,12 @@ def test_warmup_is_the_published_count_capped_at_five_percent():
     faq, swept = RECIPES["bitnet"]["700m"], RECIPES["bitnet"]["tiny"]
     assert faq.warmup_for(100_000) == 375  # the FAQ's runs: 100B tokens at 1M-token batches
     assert faq.warmup_for(1_000) == 50 and faq.warmup_for(10) == 1  # short runs: 5%, at least one step
-    assert swept.warmup_steps is None and swept.warmup_for(300) == 15
+    assert swept.warmup_steps is None and swept.warmup_for(300) == math.floor(300 * swept.warmup_fraction)
+    assert Recipe(lr=1e-3, schedule="cosine").warmup_for(300) == 15  # the fraction unless a recipe sets one: 5%
+    # a swept per-system fraction (20%, say) sets the count, and caps a published one
+    assert Recipe(lr=1e-3, schedule="cosine", warmup_fraction=0.2).warmup_for(300) == 60
+    assert Recipe(lr=1e-3, schedule="cosine", warmup_fraction=0.2, warmup_steps=375).warmup_for(1_000) == 200
+    assert Recipe(lr=1e-3, schedule="cosine", warmup_fraction=0.2).warmup_for(4) == 1
 
 
 def test_width_rule_for_custom_shapes():
@@ -41,7 +48,7 @@ def test_width_rule_for_custom_shapes():
     assert preset_of(config) is None and preset_of(BitNetConfig.from_preset("base")) == "base"
     r = default_recipe("bf16", config)
     lo, hi = sorted((RECIPES["bf16"]["small"].lr, RECIPES["bf16"]["base"].lr))
-    assert lo <= r.lr <= hi and "width rule" in r.source
+    assert lo * (1 - 1e-12) <= r.lr <= hi * (1 + 1e-12) and "width rule" in r.source  # exp(log(x)) rounds
 
 
 def test_flags_override_the_recipe():
