@@ -95,8 +95,10 @@ WARMUP = 0.05  # the warm-up fraction of the first sweeps (the trainer's old def
 
 
 def warmup_steps(fraction: float, steps: int) -> int:
-    """The trainer's rule (bitnet.train.recipes.Recipe.warmup_for): floor, at least one step."""
-    return max(1, math.floor(steps * fraction + 1e-9))
+    """Warm-up steps of a run of `steps` that warms up for `fraction` of them: the trainer's rule."""
+    from bitnet.train.recipes import Recipe
+
+    return Recipe(lr=1.0, schedule="cosine", warmup_fraction=fraction).warmup_for(steps)
 
 
 def default_point(linear: str, preset: str, steps: int) -> tuple[float, float]:
