@@ -3,6 +3,7 @@ and the defaults' perplexity ratio over seeds: the evidence behind bitnet/train/
 
     python benchmarks/sweep_lr.py sweep --presets tiny small          # dev loss at each rate, per corpus
     python benchmarks/sweep_lr.py sweep --presets small --warmups 0.2 0.4 --grid 0.002 0.004   # warm-up axis
+    python benchmarks/sweep_lr.py sweep --presets tiny --warmups 0.4 --seed 1   # the same sweep at another seed
     python benchmarks/sweep_lr.py seeds --presets tiny small --seeds 0 1 2   # defaults only, test ppl
     python benchmarks/sweep_lr.py report                                # results JSON/markdown + plots
 
@@ -17,9 +18,11 @@ on a grid (factor 2) and is extended one factor-2 point at a time past whichever
 best rate (bitnet.experiment.edge_lr), up to --extend points; a run that diverges counts as an
 infinite loss. Warm-up is the second axis: every explicit run warms up for a fraction of its steps
 (--warmups, default 5%: the trainer's old default), one LR sweep per fraction; a defaults run takes
-the whole recipe, warm-up included. Each record names the CPU it ran on (float reductions differ
-between instruction sets, and a run's last digits with them). Test perplexity (seeds) is `bitnet eval ppl`'s default protocol on the export
-(sliding window of 256 tokens, stride 128).
+the whole recipe, warm-up included. A sweep line run at several seeds (--seed) is also reported as
+the mean over its seeds, ranked on the mean. Each record names the CPU it ran on and when it
+finished (float reductions differ between machines, and a run's last digits with them). Test
+perplexity (seeds) is `bitnet eval ppl`'s default protocol on the export (sliding window of 256
+tokens, stride 128).
 
 CPU sharing: before every run and every evaluation the driver waits while /tmp/bench.lock exists
 (another benchmark's timing), and each run is its own process with --threads (default 2).
@@ -156,10 +159,22 @@ def train_point(a, corpus: dict, name: str, preset: str, linear: str, lr: float 
         recipe = json.load(open(os.path.join(path, "recipe.json")))
     used_lr = lr if lr is not None else recipe.get("lr")
     used_wu = warmup if lr is not None else recipe["warmup_steps"] / a.max_steps
-    dev = math.inf if diverged else rows[-1]["val_loss"]
-    return {"corpus": name, "preset": preset, "linear": linear, "lr": used_lr, "warmup": used_wu,
-            "default": lr is None, "seed": seed, "steps": a.max_steps, "dev_loss": dev, "diverged": diverged,
-            "path": path, "train_seconds": sum(r["step_time_s"] for r in rows), "cpu": cpu_name()}
+    return run_record(a, name, preset, linear, used_lr, used_wu, lr is None, seed, path, rows, diverged)
+
+
+def run_record(a, name: str, preset: str, linear: str, lr: float, warmup: float, default: bool, seed: int,
+               path: str, rows: list[dict], diverged: bool = False) -> dict:
+    """The record of a finished run; `finished` (UTC, from its metrics file) tells one session's
+    machine from another's where the CPU's name does not."""
+    return {"corpus": name, "preset": preset, "linear": linear, "lr": lr, "warmup": warmup, "default": default,
+            "seed": seed, "steps": a.max_steps, "dev_loss": math.inf if diverged else rows[-1]["val_loss"],
+            "diverged": diverged, "path": path, "train_seconds": sum(r["step_time_s"] for r in rows),
+            "cpu": cpu_name(), "finished": finished_at(path)}
+
+
+def finished_at(path: str) -> str:
+    """When the run in `path` wrote its last metrics (UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(os.path.getmtime(os.path.join(path, "metrics.jsonl"))))
 
 
 def train_point_if_complete(a, name: str, preset: str, linear: str, lr: float, warmup: float,
@@ -168,9 +183,7 @@ def train_point_if_complete(a, name: str, preset: str, linear: str, lr: float, w
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     if not (rows and rows[-1]["step"] == a.max_steps and "val_loss" in rows[-1]):
         return None
-    return {"corpus": name, "preset": preset, "linear": linear, "lr": lr, "warmup": warmup, "default": False,
-            "seed": seed, "steps": a.max_steps, "dev_loss": rows[-1]["val_loss"], "diverged": False, "path": path,
-            "train_seconds": sum(r["step_time_s"] for r in rows), "cpu": cpu_name()}
+    return run_record(a, name, preset, linear, lr, warmup, False, seed, path, rows)
 
 
 def evaluate(path: str, test: str, threads: int) -> dict:
@@ -278,6 +291,24 @@ def sweep_tables(points: list[dict]) -> dict:
     return out
 
 
+def seed_sweeps(points: list[dict]) -> dict:
+    """{(corpus, preset): {linear: {(lr, warm-up): {seed: dev loss}}}} of the sweep lines (corpus,
+    preset, system, warm-up) run at more than one seed, each line kept at the rates that ran at every
+    one of its seeds."""
+    runs: dict = {}
+    for p in points:
+        if not p["default"]:
+            line = runs.setdefault((p["corpus"], p["preset"], p["linear"], p.get("warmup", WARMUP)), {})
+            line.setdefault(p["lr"], {})[p["seed"]] = p["dev_loss"]
+    out: dict = {}
+    for (corpus, preset, linear, wu), line in runs.items():
+        seeds = max((set(s) for s in line.values()), key=len)
+        if len(seeds) > 1:
+            out.setdefault((corpus, preset), {}).setdefault(linear, {}).update(
+                {(lr, wu): {k: s[k] for k in sorted(seeds)} for lr, s in line.items() if set(s) >= seeds})
+    return out
+
+
 def pick_defaults(tables: dict) -> dict:
     """{(preset, linear): ((lr, warm-up), worst gap, corpora)}: the swept point whose dev loss is
     closest to each corpus's best, in the worst corpus (relative gap); only points swept on every
@@ -295,11 +326,18 @@ def pick_defaults(tables: dict) -> dict:
     return picks
 
 
+def picks_json(picks: dict) -> list[dict]:
+    return [{"preset": k[0], "linear": k[1], "lr": v[0][0], "warmup": v[0][1], "worst_gap": v[1], "corpora": v[2]}
+            for k, v in sorted(picks.items())]
+
+
 def warmups_of(pts: dict) -> list[float]:
     return sorted({wu for _, wu in pts})
 
 
-def plot_sweeps(tables: dict, preset: str, path: str) -> str:
+def plot_sweeps(tables: dict, preset: str, path: str, spread: dict | None = None, what: str = "final dev loss") -> str:
+    """Dev loss against the rate, a line per system and warm-up; `spread` ({key: {linear: {(lr, wu):
+    (lo, hi)}}}) draws each point's range over seeds as a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,8 +358,13 @@ def plot_sweeps(tables: dict, preset: str, path: str) -> str:
             for wu in warmups_of(pts):
                 lrs = sorted(lr for lr, w in pts if w == wu and math.isfinite(pts[(lr, w)]))
                 label = linear if len(every_wu) == 1 else f"{linear}, warm-up {100 * wu:g}%"
-                ax.plot(lrs, [pts[(lr, wu)] for lr in lrs], marker="o", color=f"C{i}",
-                        linestyle=styles[every_wu.index(wu) % len(styles)], label=label)
+                ys = [pts[(lr, wu)] for lr in lrs]
+                ax.plot(lrs, ys, marker="o", color=f"C{i}", linestyle=styles[every_wu.index(wu) % len(styles)],
+                        label=label)
+                if spread is not None and lrs:
+                    lo, hi = zip(*(spread[key][linear][(lr, wu)] for lr in lrs))
+                    ax.errorbar(lrs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+                                fmt="none", ecolor=f"C{i}", capsize=3, alpha=0.6)
                 hit = [lr for lr in lrs if is_default(linear, preset, lr, wu, steps)]
                 if hit:  # the default: a star on its line
                     ax.plot(hit, [pts[(hit[0], wu)]], marker="*", markersize=14, color=f"C{i}", linestyle="none")
@@ -329,7 +372,7 @@ def plot_sweeps(tables: dict, preset: str, path: str) -> str:
         every = sorted({lr for pts in tables[key].values() for lr, _ in pts})
         ax.set_xticks(every, [f"{lr:.2g}" for lr in every], rotation=45, fontsize=8)
         ax.minorticks_off()
-        ax.set_title(f"{preset} on {key[0]}: final dev loss, {steps} steps (star: default)", fontsize=10)
+        ax.set_title(f"{preset} on {key[0]}: {what}, {steps} steps (star: default)", fontsize=10)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("dev loss (nats/token)")
         ax.grid(alpha=0.3)
@@ -344,24 +387,11 @@ def points_steps(key) -> int:
 STEPS_SEEN: dict = {}
 
 
-def report(a) -> None:
-    from bitnet.bench import RESULTS_DIR, save_results
-    from bitnet.train.recipes import default_recipe
-
-    points = json.load(open(state_path(a)))
-    kept_ablations = []
-    if a.keep_from:  # an earlier session's results: its points and ablations stay unless rerun here
-        earlier = json.load(open(a.keep_from))
-        have = {point_key(p) for p in points}
-        points = [p for p in earlier["points"] if point_key(p) not in have] + points
-        kept_ablations = earlier.get("ablations", [])
-    for p in points:
-        STEPS_SEEN[(p["corpus"], p["preset"])] = p["steps"]
-    tables = sweep_tables(points)
-    picks = pick_defaults(tables)
-    md = ["## LR sweeps (seed 0): final dev loss; **bold** = best of the sweep, `*` = the current default "
-          "(rate and warm-up)", ""]
-    checks = []
+def sweep_section(tables: dict, note, cell) -> tuple[list[str], list[dict]]:
+    """A markdown table per (corpus, preset) of `tables` ({key: {linear: {(lr, wu): dev loss}}}, the
+    loss a point is ranked by), with `cell(key, linear, (lr, wu))` as each point's text and `note(key)`
+    in its heading, and the check of each system's default against the best of its sweep."""
+    md, checks = [], []
     for key in sorted(tables, key=lambda k: (list(GRIDS).index(k[1]), k[0])):
         corpus, preset = key
         t, steps = tables[key], STEPS_SEEN[key]
@@ -371,10 +401,7 @@ def report(a) -> None:
         head = [lin if one_wu else f"{lin} wu {warmup_steps(wu, steps)}" for lin, wu in cols]
         wu_note = (f"warm-up {warmup_steps(cols[0][1], steps)} steps" if one_wu else
                    "`wu N`: N warm-up steps")
-        cpus = Counter(p.get("cpu", "not recorded (an earlier session)") for p in points
-                       if (p["corpus"], p["preset"]) == key and not p["default"] and p["seed"] == 0)
-        where = ", ".join(f"{cpu} {n}" for cpu, n in cpus.most_common())
-        md += [f"**{preset} on {corpus}** ({steps} steps x 2,048 tokens; {wu_note}; points by CPU: {where})", "",
+        md += [f"**{preset} on {corpus}** ({steps} steps x 2,048 tokens; {wu_note}; {note(key)})", "",
                "| lr | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
         for lr in lrs:
             cells = []
@@ -386,9 +413,9 @@ def report(a) -> None:
                 elif not math.isfinite(v):
                     cells.append(f"diverged{mark}")
                 elif v == min(t[lin].values()):
-                    cells.append(f"**{v:.4f}**{mark}")
+                    cells.append(f"**{cell(key, lin, (lr, wu))}**{mark}")
                 else:
-                    cells.append(f"{v:.4f}{mark}")
+                    cells.append(f"{cell(key, lin, (lr, wu))}{mark}")
             md.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         md.append("")
         for lin in LINEARS:
@@ -406,13 +433,62 @@ def report(a) -> None:
                            "default_warmup": d_wu, "default_warmup_steps": warmup_steps(d_wu, steps),
                            "default_dev_loss": hit, "gap": None if hit is None else hit / pts[best] - 1,
                            "points": len(pts), "warmups_swept": warmups_of(pts)})
+    return md, checks
+
+
+def report(a) -> None:
+    from bitnet.bench import RESULTS_DIR, save_results
+
+    points = json.load(open(state_path(a)))
+    for p in points:  # records written before they carried `finished`: the run's own metrics file tells
+        if "finished" not in p and os.path.isfile(os.path.join(p["path"], "metrics.jsonl")):
+            p["finished"] = finished_at(p["path"])
+    kept_ablations = []
+    if a.keep_from:  # an earlier session's results: its points and ablations stay unless rerun here
+        earlier = json.load(open(a.keep_from))
+        have = {point_key(p) for p in points}
+        points = [p for p in earlier["points"] if point_key(p) not in have] + points
+        kept_ablations = earlier.get("ablations", [])
+    for p in points:
+        STEPS_SEEN[(p["corpus"], p["preset"])] = p["steps"]
+    tables = sweep_tables(points)
+    picks = pick_defaults(tables)
+    md = ["## LR sweeps (seed 0): final dev loss; **bold** = best of the sweep, `*` = the current default "
+          "(rate and warm-up)", ""]
+
+    def where(key):
+        cpus = Counter(p.get("cpu", "not recorded (an earlier session)") for p in points
+                       if (p["corpus"], p["preset"]) == key and not p["default"] and p["seed"] == 0)
+        return "points by CPU: " + ", ".join(f"{cpu} {n}" for cpu, n in cpus.most_common())
+
+    tables_md, checks = sweep_section(tables, where, lambda key, lin, pt: f"{tables[key][lin][pt]:.4f}")
+    md += tables_md
+    by_seed = seed_sweeps(points)
+    means = {key: {lin: {pt: sum(s.values()) / len(s) for pt, s in pts.items()} for lin, pts in t.items()}
+             for key, t in by_seed.items()}
+    spread = {key: {lin: {pt: (min(s.values()), max(s.values())) for pt, s in pts.items()} for lin, pts in t.items()}
+              for key, t in by_seed.items()}
+
+    def seeds_of(key):
+        return sorted({k for pts in by_seed[key].values() for s in pts.values() for k in s})
+
+    def mean_cell(key, lin, pt):  # a mean with a diverged seed is infinite: sweep_section writes "diverged"
+        return f"{means[key][lin][pt]:.4f} ({spread[key][lin][pt][0]:.4f}-{spread[key][lin][pt][1]:.4f})"
+
+    seed_md, seed_checks = sweep_section(means, lambda key: f"seeds {', '.join(map(str, seeds_of(key)))}", mean_cell)
+    if seed_md:
+        md += ["## LR sweeps over seeds: mean final dev loss (min-max over the seeds), every point run at "
+               "every seed on one machine; **bold** = best mean of the sweep, `*` = the current default", ""]
+        md += seed_md
     md += ["## Defaults against the sweeps", "",
-           "| size | corpus | system | best lr, warm-up steps | best rate inside its grid | default lr, warm-up steps | "
-           "default's dev loss over the best |",
-           "|---|---|---|---|---|---|---|"]
-    for c in checks:
+           "| size | corpus | system | seeds | best lr, warm-up steps | best rate inside its grid | "
+           "default lr, warm-up steps | default's dev loss over the best |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in [{**c, "seeds": "0"} for c in checks] + [{**c, "seeds": "mean of " + ", ".join(
+            map(str, seeds_of((c["corpus"], c["preset"]))))} for c in seed_checks]:
         gap = "not swept" if c["gap"] is None else f"{100 * c['gap']:+.2f}%"
-        md.append(f"| {c['preset']} | {c['corpus']} | {c['linear']} | {c['best_lr']:g}, {c['best_warmup_steps']} | "
+        md.append(f"| {c['preset']} | {c['corpus']} | {c['linear']} | {c['seeds']} | {c['best_lr']:g}, "
+                  f"{c['best_warmup_steps']} | "
                   f"{'yes' if c['best_inside_grid'] else 'NO (edge)'} | {c['default_lr']:g}, "
                   f"{c['default_warmup_steps']} | {gap} |")
     md.append("")
@@ -432,16 +508,20 @@ def report(a) -> None:
     if ablations:
         md += ["## Ablations (seed 0, final dev loss)", "", "| corpus | run | dev loss |", "|---|---|---|"]
         md += [f"| {x['corpus']} | {x['run']} | {x['dev_loss']:.4f} |" for x in ablations] + [""]
-    payload = {"protocol": __doc__, "points": points, "checks": checks, "seeds": seed_rows, "ablations": ablations,
-               "picks": [{"preset": k[0], "linear": k[1], "lr": v[0][0], "warmup": v[0][1], "worst_gap": v[1],
-                          "corpora": v[2]}
-                         for k, v in sorted(picks.items())]}
+    payload = {"protocol": __doc__, "points": points, "checks": checks,
+               "seed_checks": [{**c, "seeds": seeds_of((c["corpus"], c["preset"]))} for c in seed_checks],
+               "seeds": seed_rows, "ablations": ablations,
+               "picks": picks_json(picks), "seed_picks": picks_json(pick_defaults(means))}
     path = save_results("lr_sweep", payload, markdown="\n".join(md))
     for preset in sorted({k[1] for k in tables}):
         plot_sweeps(tables, preset, os.path.join(RESULTS_DIR, f"lr_sweep_{preset}.png"))
+    for preset in sorted({k[1] for k in means}):
+        plot_sweeps(means, preset, os.path.join(RESULTS_DIR, f"lr_sweep_{preset}_seeds.png"), spread,
+                    "mean dev loss over seeds\n(bars: min-max)")
     print("\n".join(md))
-    print("picks ((lr, warm-up), worst gap % over corpora):",
-          {k: (v[0], round(100 * v[1], 2)) for k, v in sorted(picks.items())})
+    for name, chosen in (("seed 0", picks), ("seed means", pick_defaults(means))):
+        print(f"picks on {name} ((lr, warm-up), worst gap % over corpora):",
+              {k: (v[0], round(100 * v[1], 2)) for k, v in sorted(chosen.items())})
     print(f"saved {path}")
 
 
