@@ -42,3 +42,31 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+def _hand_over_to_the_pypi_package() -> None:
+    """This folder installs as bitnet.kernels. It is imported as a top-level `kernels` only where a
+    checkout's root is the first entry of the import path (`python -m pytest` or `python -m bitnet`
+    run there), and there it shadows the PyPI package `kernels`, which transformers (a dependency
+    from 5.25) imports. Load that package, found by its installed metadata, in this module's place,
+    so that `import kernels` means in a checkout what it means everywhere else; with no such package
+    installed, leave things as they are."""
+    import importlib.metadata
+    import importlib.util
+    import os
+    import sys
+
+    try:
+        init = str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if not os.path.isfile(init) or os.path.samefile(init, __file__):
+        return
+    spec = importlib.util.spec_from_file_location("kernels", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # the import that found this file returns sys.modules["kernels"]
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over_to_the_pypi_package()

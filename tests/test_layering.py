@@ -310,3 +310,20 @@ def test_detector_sees_path_tricks():
                                           ("bitnet.quant", 1), ("bitnet.model", 3)])
 def test_floor_map(module, floor):
     assert floor_of(module) == floor
+
+
+def test_a_checkout_does_not_shadow_the_pypi_kernels_package():
+    """Where `python -m` puts the repository root on sys.path (run there), `import kernels` is the
+    PyPI package that transformers imports, not this repository's kernels/ folder (bitnet.kernels,
+    which must still load from that folder)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the PyPI package `kernels` is not installed here: nothing for the checkout to shadow")
+    code = "import kernels, bitnet.kernels; print(kernels.__file__); print(bitnet.kernels.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    top, ours = out.stdout.split()
+    assert Path(top).resolve() == Path(dist.locate_file("kernels/__init__.py")).resolve()
+    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
