@@ -475,10 +475,11 @@ def report(a) -> None:
     def mean_cell(key, lin, pt):  # a mean with a diverged seed is infinite: sweep_section writes "diverged"
         return f"{means[key][lin][pt]:.4f} ({spread[key][lin][pt][0]:.4f}-{spread[key][lin][pt][1]:.4f})"
 
+    seed_picks = pick_defaults(means)
     seed_md, seed_checks = sweep_section(means, lambda key: f"seeds {', '.join(map(str, seeds_of(key)))}", mean_cell)
     if seed_md:
-        md += ["## LR sweeps over seeds: mean final dev loss (min-max over the seeds), every point run at "
-               "every seed on one machine; **bold** = best mean of the sweep, `*` = the current default", ""]
+        md += ["## LR sweeps over seeds: mean final dev loss (min-max over the seeds), each line at the rates "
+               "run at every one of its seeds; **bold** = best mean of the sweep, `*` = the current default", ""]
         md += seed_md
     md += ["## Defaults against the sweeps", "",
            "| size | corpus | system | seeds | best lr, warm-up steps | best rate inside its grid | "
@@ -511,7 +512,7 @@ def report(a) -> None:
     payload = {"protocol": __doc__, "points": points, "checks": checks,
                "seed_checks": [{**c, "seeds": seeds_of((c["corpus"], c["preset"]))} for c in seed_checks],
                "seeds": seed_rows, "ablations": ablations,
-               "picks": picks_json(picks), "seed_picks": picks_json(pick_defaults(means))}
+               "picks": picks_json(picks), "seed_picks": picks_json(seed_picks)}
     path = save_results("lr_sweep", payload, markdown="\n".join(md))
     for preset in sorted({k[1] for k in tables}):
         plot_sweeps(tables, preset, os.path.join(RESULTS_DIR, f"lr_sweep_{preset}.png"))
@@ -519,7 +520,7 @@ def report(a) -> None:
         plot_sweeps(means, preset, os.path.join(RESULTS_DIR, f"lr_sweep_{preset}_seeds.png"), spread,
                     "mean dev loss over seeds\n(bars: min-max)")
     print("\n".join(md))
-    for name, chosen in (("seed 0", picks), ("seed means", pick_defaults(means))):
+    for name, chosen in (("seed 0", picks), ("seed means", seed_picks)):
         print(f"picks on {name} ((lr, warm-up), worst gap % over corpora):",
               {k: (v[0], round(100 * v[1], 2)) for k, v in sorted(chosen.items())})
     print(f"saved {path}")
