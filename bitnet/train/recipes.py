@@ -12,10 +12,10 @@ Where the numbers come from:
   2,048 tokens a step) and 300 steps, in two dimensions: the rate (factor-2 grids of five to seven
   rates, extended past whichever end holds the best) and the warm-up (5% and 40% of the steps at
   both sizes, 20% at tiny too). Every system at both sizes is best at the longest warm-up, 40% (120
-  steps), on both corpora. At tiny, where one seed's dev loss moves by up to 2% between seeds and
-  between machines, the 40% sweeps ran at three seeds and the rate is chosen on their mean: 3.2e-2
-  for all three systems (one seed alone had put b1.58 at 6.4e-2, 1.0-1.5% worse in the mean); at
-  small b1.58 and binary take 4e-3, the twin 2e-3 (seed 0). The point each system takes is the one
+  steps), on both corpora. At tiny, where one seed's dev loss moves by up to 3% between seeds at the
+  chosen rate and by up to 1% between machines, the 40% sweeps ran at three seeds and the rate is
+  chosen on their mean: 3.2e-2 for all three systems (one seed alone had put b1.58 at 6.4e-2,
+  1.0-1.5% worse in the mean); at small b1.58 and binary take 4e-3, the twin 2e-3 (seed 0). The point each system takes is the one
   closest to both corpora's bests (the smallest worst relative gap in dev loss). Rates this high
   are right for a few hundred steps of models this small (0.1-4M parameters), not for long runs.
 - base: our sweeps at 100 steps (what two cores fit in a session; base's own best at 300 steps may
