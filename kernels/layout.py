@@ -131,9 +131,13 @@ def int8_codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
 
 @triton.jit
 def _codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr):
+    # One return: Triton's compiler (not the interpreter) rejects returns of different types,
+    # even in branches of a constexpr condition.
     if INT8:
-        return int8_codes(w, i, P, LANES)
-    return decode(w, i, P, LANES)
+        c = int8_codes(w, i, P, LANES)
+    else:
+        c = decode(w, i, P, LANES)
+    return c
 
 
 @triton.jit
