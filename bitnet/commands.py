@@ -196,11 +196,13 @@ def eval_cmd(args: EvalArgs) -> None:
 @command("compare", CompareArgs)
 def compare_cmd(args: CompareArgs) -> None:
     """BitNet b1.58 vs binary BitNet vs the bf16 twin: train each, pick its LR on dev, test perplexity."""
-    from .experiment import run_comparison
+    from .experiment import describe_sweeps, run_comparison
 
     corpus = args.data or "the docstrings of Python's standard library (embedded default)"
     print(f"bitnet compare: {', '.join(args.linears)} at {', '.join(args.presets)} on {corpus}; "
           f"{args.max_steps} steps x {args.micro_batch} x {args.seq_len} tokens per run; runs in {args.out}")
+    for line in describe_sweeps(args):
+        print(f"  sweep {line}")
     with RunLock(args.out):  # one writer per folder (each run under it locks its own)
         result = run_comparison(args)
     print()

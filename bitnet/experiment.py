@@ -4,6 +4,10 @@ architecture, each with its own tuned learning rate; perplexity on held-out text
     bitnet compare                                   # the short default: stdlib docstrings, minutes
     bitnet compare --data corpus.txt --presets small base --lr-bitnet 2e-3 4e-3 --lr-bf16 5e-4 1e-3
 
+Centred on the recipes (bitnet.train.recipes): unless --lr-<system> is given, each system's sweep
+at each size is its default recipe's rate times 1/2, 1 and 2, every run with the recipe's warm-up
+(unless --warmup-steps), so the middle point is what `bitnet train` would do with no flags.
+
 Protocol:
 1. The corpus is split once: the last `test_fraction` (or --test-data) is the test text, never
    seen before the final evaluation. One byte-level BPE is trained on the training text and shared
@@ -49,16 +53,20 @@ class CompareArgs:
     test_fraction: float = arg(0.1, help="test split of --data when --test-data is not given")
     presets: list[str] = arg(["tiny"], help="model sizes", choices=list(PRESETS))
     linears: list[str] = arg(["bitnet", "bitnet1", "bf16"], help="systems", choices=list(SYSTEMS))
-    lr_bitnet: list[float] | None = arg([3e-3, 6e-3, 1.2e-2], help="learning rates to try for bitnet")
-    lr_bitnet1: list[float] | None = arg([3e-3, 6e-3, 1.2e-2], help="learning rates to try for bitnet1")
-    lr_bf16: list[float] | None = arg([2e-3, 4e-3, 8e-3], help="learning rates to try for the bf16 twin")
+    lr_bitnet: list[float] | None = arg(None, help="learning rates to try for bitnet (default: its recipe's rate at "
+                                        "each size times 1/2, 1, 2)")
+    lr_bitnet1: list[float] | None = arg(None, help="learning rates to try for bitnet1 (default: its recipe's rate "
+                                         "times 1/2, 1, 2)")
+    lr_bf16: list[float] | None = arg(None, help="learning rates to try for the bf16 twin (default: its recipe's "
+                                      "rate times 1/2, 1, 2)")
     max_steps: int = arg(300, help="optimizer steps per run")
     seq_len: int = arg(128, help="tokens per sequence (also the evaluation window)")
     micro_batch: int = arg(16, help="sequences per step")
     vocab_size: int = arg(1024, help="BPE vocabulary, trained on the training text")
     dev_fraction: float = arg(0.05, help="development split (learning-rate choice) of the training text")
     eval_every: int = arg(50, help="development loss every N steps")
-    warmup_steps: int | None = arg(None, help="warm-up steps (default: 5%% of max_steps)")
+    warmup_steps: int | None = arg(None, help="warm-up steps of every run (default: each system's recipe at each "
+                                   "size, e.g. 40%% of max_steps at tiny and small)")
     seed: int = arg(0, help="seed: initialization and data order, the same for every run")
     extend: int = arg(3, help="when a system's best rate is at an end of its sweep, try one more rate (x2 or /2, or "
                       "the grid's own step) past that end, up to this many per (size, system); 0: off")
@@ -111,8 +119,36 @@ def edge_lr(points: dict[float, float], factor: float = 2.0) -> float | None:
     return None
 
 
-def _lrs(args: CompareArgs, preset: str, linear: str) -> list[float]:
-    return getattr(args, f"lr_{linear}") or [default_recipe(linear, preset).lr]
+GRID = (0.5, 1.0, 2.0)  # the default sweep: the recipe's rate times these
+
+
+def sweep_lrs(args: CompareArgs, preset: str, linear: str) -> list[float]:
+    """The rates a (size, system) sweep starts from: --lr-<system> when given, else the recipe's
+    rate times GRID (rounded to 6 significant digits, so that run folders have clean names)."""
+    given = getattr(args, f"lr_{linear}")
+    if given:
+        return list(given)
+    lr = default_recipe(linear, preset).lr
+    return [float(f"{lr * f:.6g}") for f in GRID]
+
+
+def warmup_steps(args: CompareArgs, preset: str, linear: str) -> int:
+    """Warm-up steps of every run of a (size, system) sweep: --warmup-steps, else the recipe's."""
+    if args.warmup_steps is not None:
+        return args.warmup_steps
+    return default_recipe(linear, preset).warmup_for(args.max_steps)
+
+
+def describe_sweeps(args: CompareArgs) -> list[str]:
+    """One line per (size, system): its starting grid and warm-up, and where they come from."""
+    lines = []
+    for p in args.presets:
+        for lin in args.linears:
+            where = "given" if getattr(args, f"lr_{lin}") else "recipe x 1/2, 1, 2"
+            wu = "given" if args.warmup_steps is not None else "recipe"
+            lines.append(f"{p} {lin}: lr {' '.join(f'{lr:g}' for lr in sweep_lrs(args, p, lin))} ({where}), "
+                         f"warm-up {warmup_steps(args, p, lin)} steps ({wu})")
+    return lines
 
 
 def _run_dir(args: CompareArgs, preset: str, linear: str, lr: float) -> str:
@@ -124,17 +160,22 @@ def _complete(path: str, steps: int) -> bool:
     return bool(rows) and rows[-1]["step"] == steps and os.path.isfile(os.path.join(path, "export", "model.safetensors"))
 
 
+def train_command(args: CompareArgs, train_txt: str, tok: str, preset: str, linear: str, lr: float,
+                  threads: int) -> list[str]:
+    """The `bitnet train` command line of one sweep point (the recipe's schedule, this lr and warm-up)."""
+    return [sys.executable, "-m", "bitnet", "train", "--data", train_txt, "--tokenizer", tok, "--out",
+            _run_dir(args, preset, linear, lr), "--preset", preset, "--linear", linear, "--lr", str(lr),
+            "--warmup-steps", str(warmup_steps(args, preset, linear)), "--max-steps", str(args.max_steps),
+            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--val-fraction",
+            str(args.dev_fraction), "--eval-every", str(args.eval_every), "--eval-windows", "0", "--seed",
+            str(args.seed), "--threads", str(threads), "--no-progress"]
+
+
 def _train(args: CompareArgs, train_txt: str, tok: str, preset: str, linear: str, lr: float, threads: int) -> dict:
     path = _run_dir(args, preset, linear, lr)
     t0 = time.time()
     if not _complete(path, args.max_steps):
-        cmd = [sys.executable, "-m", "bitnet", "train", "--data", train_txt, "--tokenizer", tok, "--out", path,
-               "--preset", preset, "--linear", linear, "--lr", str(lr), "--max-steps", str(args.max_steps),
-               "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--val-fraction",
-               str(args.dev_fraction), "--eval-every", str(args.eval_every), "--eval-windows", "0", "--seed",
-               str(args.seed), "--threads", str(threads), "--no-progress"]
-        if args.warmup_steps is not None:
-            cmd += ["--warmup-steps", str(args.warmup_steps)]
+        cmd = train_command(args, train_txt, tok, preset, linear, lr, threads)
         if os.path.isfile(os.path.join(path, "trainer_state.safetensors")):
             cmd.append("--resume")
         os.makedirs(path, exist_ok=True)
@@ -158,7 +199,7 @@ def planned_runs(args: CompareArgs) -> list[tuple]:
     """Every (args, train text, tokenizer, preset, system, lr) the comparison needs.
     Prepares the corpus split and tokenizer on the way."""
     train_txt, _, tok = _corpus(args)
-    return [(args, train_txt, tok, p, lin, lr) for p in args.presets for lin in args.linears for lr in _lrs(args, p, lin)]
+    return [(args, train_txt, tok, p, lin, lr) for p in args.presets for lin in args.linears for lr in sweep_lrs(args, p, lin)]
 
 
 def train_runs(work: list[tuple], jobs: int = 1, threads: int | None = None, progress=print) -> list[dict]:
@@ -198,7 +239,7 @@ def extend_sweeps(args: CompareArgs, runs: list[dict], progress=print) -> tuple[
         work = []
         for p, lin in groups:
             pts = _points(runs, p, lin)
-            lr = edge_lr(pts, _step(list(getattr(args, f"lr_{lin}") or pts)))
+            lr = edge_lr(pts, _step(sweep_lrs(args, p, lin)))
             if lr is not None:
                 work.append((args, train_txt, tok, p, lin, lr))
         if not work:
@@ -258,7 +299,9 @@ def run_comparison(args: CompareArgs, progress=print) -> dict:
     setup = {k: v for k, v in asdict(args).items()}
     setup.update(test_protocol=f"sliding window, max_length {args.seq_len}, stride {args.seq_len // 2}",
                  selection="lowest final dev loss per (size, system)", corpus=args.data or "python stdlib docstrings",
-                 sweeps_stopped_at_limit=limited)
+                 sweeps_stopped_at_limit=limited,
+                 sweeps={f"{p} {lin}": {"start": sweep_lrs(args, p, lin), "warmup_steps": warmup_steps(args, p, lin)}
+                         for p in args.presets for lin in args.linears})
     result = {"setup": setup, "runs": sorted(runs, key=lambda r: (r["preset"], r["linear"], r["lr"])), "table": rows}
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -92,3 +92,46 @@ def test_edge_lr():
     assert edge_lr({1e-3: 5.0, 2e-3: 4.0}) == 4e-3
     assert edge_lr({1e-3: 4.0, 2e-3: 5.0}, factor=3) == pytest.approx(1e-3 / 3)
     assert edge_lr({1e-3: 4.0, 2e-3: float("inf")}) == 5e-4  # diverged at the top: look below
+
+
+def test_default_sweeps_are_the_recipes_rate_times_half_one_two(tmp_path):
+    """With no --lr-<system>, each (size, system) starts at its recipe's rate x (1/2, 1, 2), every run
+    with the recipe's warm-up; given rates and --warmup-steps replace them."""
+    from bitnet.experiment import describe_sweeps, sweep_lrs, train_command, warmup_steps
+    from bitnet.train.recipes import default_recipe
+
+    args = CompareArgs(presets=["tiny", "small"], max_steps=300, out=str(tmp_path / "cmp"))
+    for preset in args.presets:
+        for linear in args.linears:
+            r = default_recipe(linear, preset)
+            assert sweep_lrs(args, preset, linear) == pytest.approx([r.lr / 2, r.lr, 2 * r.lr])
+            assert warmup_steps(args, preset, linear) == r.warmup_for(300)
+    assert sweep_lrs(args, "tiny", "bitnet") == [0.016, 0.032, 0.064]  # clean folder names, e.g. ...-lr0.016
+    assert warmup_steps(args, "tiny", "bf16") == 120  # the recipe's 40% of 300 steps
+    cmd = train_command(args, "train.txt", "tok.json", "tiny", "bitnet", 0.032, 1)
+    assert cmd[cmd.index("--lr") + 1] == "0.032" and cmd[cmd.index("--warmup-steps") + 1] == "120"
+    assert describe_sweeps(args)[0] == "tiny bitnet: lr 0.016 0.032 0.064 (recipe x 1/2, 1, 2), warm-up 120 steps (recipe)"
+
+    given = CompareArgs(lr_bf16=[1e-3, 2e-3], warmup_steps=7, out=str(tmp_path / "cmp2"))
+    assert sweep_lrs(given, "tiny", "bf16") == [1e-3, 2e-3] and warmup_steps(given, "tiny", "bitnet") == 7
+    assert "(given)" in describe_sweeps(given)[2]
+
+
+def test_default_sweep_extends_by_its_own_factor_2(tmp_path, corpus, monkeypatch):
+    """The recipe-centred grid (0.016, 0.032, 0.064 at tiny) extends past its top by x2 when the best is
+    there, and stops once the best is inside."""
+    import math
+
+    import bitnet.experiment as E
+
+    def fake_train(args, train_txt, tok, preset, linear, lr, threads):
+        return {"preset": preset, "linear": linear, "lr": lr, "dev_loss": 4 + math.log(lr / 0.128) ** 2,
+                "train_seconds": 0.0}
+
+    monkeypatch.setattr(E, "_train", fake_train)
+    args = E.CompareArgs(data=str(corpus), presets=["tiny"], linears=["bitnet"], vocab_size=300,
+                         out=str(tmp_path / "cmp"))
+    runs = E.train_runs(E.planned_runs(args), progress=lambda s: None)
+    runs, limited = E.extend_sweeps(args, runs, progress=lambda s: None)
+    assert sorted(r["lr"] for r in runs) == pytest.approx([0.016, 0.032, 0.064, 0.128, 0.256])
+    assert limited == []
