@@ -41,6 +41,7 @@ import torch
 
 from .args import arg, command
 from .hub import resolve
+from .kernels import cpu as native
 from .model import attention_dtype
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
@@ -351,6 +352,33 @@ class TextStream:
             self.printed = len(text)
 
 
+def speed_report(prompt_tokens: int, start: float, token_times: Sequence[float]) -> str:
+    """`bitnet generate`'s last line: prefill and decode rates apart.
+
+    start: perf_counter before generate; token_times: perf_counter as each new token arrived (the
+    first comes from the prefill's logits, each later one from one decode step), so the prefill
+    is start -> token_times[0] and the decode token_times[0] -> token_times[-1]."""
+    if not token_times:
+        return f"[prompt {prompt_tokens} tokens; no new tokens]"
+    first = token_times[0] - start
+    line = (f"[prompt {prompt_tokens} tokens in {first:.2f} s ({prompt_tokens / max(first, 1e-9):.0f} tok/s); "
+            f"{len(token_times)} token{'s' if len(token_times) > 1 else ''} in {token_times[-1] - start:.2f} s")
+    steps = len(token_times) - 1
+    if steps == 0:
+        return line + ", from the prefill]"
+    decode = token_times[-1] - token_times[0]
+    return line + (f", {steps / max(decode, 1e-9):.1f} tok/s decode ({steps} steps in {decode:.2f} s after the "
+                   "prefill's token)]")
+
+
+def build_cpu_kernels() -> None:
+    """Build (or load) the native CPU kernels now, so that their one-time build (announced on stderr
+    by bitnet.kernels.cpu) falls outside any timed part; nothing when they would not be used."""
+    if os.environ.get("BITNET_KERNEL") == "torch" and os.environ.get("BITNET_CPU_FLOAT_OPS") == "torch":
+        return
+    native.load()
+
+
 @command("generate", GenerateArgs)
 def generate_cmd(args: GenerateArgs) -> None:
     """Continue a prompt with a checkpoint folder's model and tokenizer, streaming the text."""
@@ -362,6 +390,8 @@ def generate_cmd(args: GenerateArgs) -> None:
     tokenizer = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or "bfloat16"]
+    if device.type == "cpu":
+        build_cpu_kernels()  # the one-time build, if any, before the model and the clock
     model = BitNetForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
 
     prompt_ids = tokenizer.encode(args.prompt).ids
@@ -374,24 +404,37 @@ def generate_cmd(args: GenerateArgs) -> None:
         print(f"[max_new_tokens clipped to {max_new}: the prompt has {len(prompt_ids)} of the {context} tokens of "
               "context]", file=sys.stderr)
     eos = eos_token_ids(model)
+    input_ids = torch.tensor([prompt_ids], device=device)
+    held = device.type != "cpu" or args.compile  # where the first call compiles (Triton, torch.compile)
+    if held:  # one cache for the warm-up and the timed call: the same buffers, so the compiled step is reused
+        length = -(-(len(prompt_ids) + max_new) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+        model.setup_cache(1, min(length, context), dtype=attention_dtype(model.model.embed_tokens.weight), device=device)
+        t0 = time.perf_counter()
+        generate(model, input_ids, min(2, max_new), compile=args.compile)  # prefill and one decode step
+        print(f"[warm-up: kernels compiled for this prompt in {time.perf_counter() - t0:.2f} s, not counted below]",
+              file=sys.stderr)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     stream = TextStream(tokenizer, prompt_ids)
     ended = False
+    token_times = []
 
     def on_token(tokens: torch.Tensor) -> None:
         nonlocal ended
-        token = int(tokens[0])
+        token = int(tokens[0])  # a host sync: the time below is when the token exists
+        token_times.append(time.perf_counter())
         ended = ended or token in eos
         if not ended:
             stream.put(token)
 
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    start = time.perf_counter()
-    ids = generate(model, torch.tensor([prompt_ids], device=device), max_new, args.temperature, args.top_k, args.top_p,
-                   eos or None, generator=generator, compile=args.compile, eos_check_every=1, on_token=on_token)
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        generate(model, input_ids, max_new, args.temperature, args.top_k, args.top_p, eos or None,
+                 generator=generator, compile=args.compile, eos_check_every=1, on_token=on_token)
+    finally:
+        if held:
+            model.clear_cache()
     stream.end()
-    n = ids.shape[1] - len(prompt_ids)
     print()
-    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, prefill included]", file=sys.stderr)
+    print(speed_report(len(prompt_ids), start, token_times), file=sys.stderr)
