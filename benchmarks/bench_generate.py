@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, RMSNorm, freeze, weight_bytes
-from bitnet.bench import L2Flusher, environment, save_results, time_cpu, time_cuda
+from bitnet.bench import RESULTS_DIR, L2Flusher, environment, save_results, time_cpu, time_cuda
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.generation import generate
 from bitnet.ops import default_kernel
@@ -88,6 +88,7 @@ class Args:
                              "moves both sides of a ratio alike (default: 3 on a CPU, 1 on a GPU)")
     isolate: bool = arg(True, help="measure each model in a fresh process (clean peak memory)")
     name: str | None = arg(None, help="results file name (default: generate_cpu or generate_cuda)")
+    out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")
 
     def resolved(self) -> "Args":
         gpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -312,11 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         for key in order:
             print(f"round {r + 1}/{args.rounds}: measuring {MODELS[key].label} ...", file=sys.stderr, flush=True)
             rounds[-1][key] = measure_isolated(args, key)
+            # what is measured so far, raw (JSON only): a run cut short keeps it
+            save_results(args.name, {"args": dataclasses.asdict(args), "complete": False, "rounds": rounds},
+                         out_dir=args.out_dir)
     rounds = [{key: rnd[key] for key in args.models} for rnd in rounds]
     results = merge_rounds(rounds)
     markdown, summary = report(args, results, rounds)
-    path = save_results(args.name, {"args": dataclasses.asdict(args), "results": results, "rounds": rounds,
-                                    "summary": summary}, markdown)
+    path = save_results(args.name, {"args": dataclasses.asdict(args), "complete": True, "results": results,
+                                    "rounds": rounds, "summary": summary}, markdown, args.out_dir)
     print(markdown)
     print(f"\nsaved {path}", file=sys.stderr)
     return 0

@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,8 @@ class BenchArgs:
     m: list[int] | None = arg(None, help="activation rows M (tokens); default GPU 1 4 16 64 512 2048, CPU 1 4 16 64 128 512")
     shapes: list[str] | None = arg(None, help="weight shapes N x K (out x in features); default by device")
     formats: list[str] = arg(["2bit", "1.6bit", "1bit"], help="packed formats")
+    m1_formats: list[str] | None = arg(None, help="more packed formats timed at M = 1 only, the decode shape (GPU; "
+                                       "e.g. --formats 2bit --m1-formats 1.6bit 1bit: each format autotunes its own kernels)")
     warmup: int = arg(10, help="untimed calls before timing (autotuning happens in the first); CPU: passes over the copies")
     iters: int = arg(50, help="timed calls; the median is reported; CPU: passes over the copies (default 3)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON, markdown and PNG go")
@@ -69,19 +72,22 @@ def random_packed(n: int, k: int, fmt: str, device: str) -> torch.Tensor:
     return pack(w, fmt)
 
 
-def measure(args: BenchArgs, device: str = "cuda") -> dict:
-    """Time every (shape, M, format); returns {"hbm_gbps", "rows"}."""
+def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], None] | None = None) -> dict:
+    """Time every (shape, M, format); returns {"hbm_gbps", "rows"}. on_shape(result so far) is
+    called after each shape (the results are saved as they come: a run cut short keeps them)."""
     from bitnet.kernels import act_quant, bitlinear, packed_matmul
 
     flush = L2Flusher(device=device)
     hbm = measured_hbm_bandwidth()
     rows = []
+    m1_formats = [f for f in args.m1_formats or [] if f not in args.formats]
     for shape in args.shapes:
         n, k = parse_shape(shape)
         w16 = torch.randn(n, k, dtype=torch.bfloat16, device=device)
         scale = torch.full((1,), 0.02, dtype=torch.float32, device=device)
-        packed = {fmt: random_packed(n, k, fmt, device) for fmt in args.formats}
+        all_packed = {fmt: random_packed(n, k, fmt, device) for fmt in [*args.formats, *m1_formats]}
         for m in args.m:
+            packed = {f: p for f, p in all_packed.items() if f in args.formats or m == 1}
             x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
             io_bytes = 2 * m * k + 2 * m * n  # bf16 activations in, bf16 output out
             bf16_ms = time_cuda(lambda: F.linear(x, w16), args.warmup, args.iters, flush)
@@ -98,10 +104,14 @@ def measure(args: BenchArgs, device: str = "cuda") -> dict:
                              "gbps": nbytes / (ms * 1e-3) / 1e9})
             print(f"{shape} M={m}: " + ", ".join(f"{r['format']} {r['ms'] * 1e3:.1f} us" for r in rows[-1 - len(packed):]),
                   flush=True)
-        del w16, packed
-    for r in rows:
-        r["hbm_share"] = r["gbps"] / hbm
-    return {"hbm_gbps": hbm, "rows": rows}
+        del w16, packed, all_packed
+        if on_shape is not None:
+            on_shape(with_shares(hbm, rows))
+    return with_shares(hbm, rows)
+
+
+def with_shares(hbm: float, rows: list[dict]) -> dict:
+    return {"hbm_gbps": hbm, "rows": [{**r, "hbm_share": r["gbps"] / hbm} for r in rows]}
 
 
 COLUMNS = [("shape", "N x K", ""), ("m", "M", ""), ("format", "format", ""), ("us", "time (us)", ".1f"),
@@ -151,10 +161,15 @@ def main(args: BenchArgs) -> int:
         return 0
     args = dataclasses.replace(args, m=args.m or [1, 4, 16, 64, 512, 2048], shapes=args.shapes or SHAPES,
                                name=args.name or "bench_kernels")
-    result = measure(args)
+
+    def save(result: dict, complete: bool) -> str:
+        return save_results(args.name, {"args": dataclasses.asdict(args), "complete": complete, **result},
+                            report(result), args.out_dir)
+
+    result = measure(args, on_shape=lambda partial: save(partial, complete=False))
     markdown = report(result)
     print(markdown)
-    path = save_results(args.name, {"args": dataclasses.asdict(args), **result}, markdown, args.out_dir)
+    path = save(result, complete=True)
     plot(result, os.path.join(os.path.dirname(path), f"{args.name}.png"))
     print(f"measured HBM bandwidth {result['hbm_gbps']:.0f} GB/s; results in {path}")
     return 0

@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install, stamp, test, measure; everything logged to one folder.
+#
+#   bash benchmarks/gpu_check.sh [RESULTS_DIR] [--stages install,stamp,tests,...] [--dry-run]
+#   GIT_COMMIT=<hash> bash benchmarks/gpu_check.sh       # the copy sent to the machine has no .git
+#
+# For the bare machine a session is lent (README of the device tool): run in the repository root
+# with `.whl` carried (the gguf wheel), in a call of at most 6 minutes, so that two calls fit the
+# 15 minutes of device time a session has, each machine start included. Every stage runs under
+# `timeout` (SIGINT first, so that pytest prints its summary and Python its traceback; SIGKILL 5 s
+# later); a failing stage does not stop the next. Time a stage leaves unused passes on to the
+# later ones; the stages together never run past TOTAL.
+#
+# Stages and their budgets in seconds (override any: BUDGET_TESTS=150 ..., TOTAL=500):
+#   install   20  the carried wheels (.whl/*.whl) into /tmp/site (on PYTHONPATH), then the package:
+#                 pip install --no-index --no-deps --no-build-isolation -e .
+#   stamp     10  nvidia-smi (GPU, driver), python/torch/triton/transformers versions, commit, CPUs
+#   tests     90  the whole suite: pytest -q -n N -p no:cacheprovider --timeout 60 -rf --durations=20
+#   kernels   70  bench_kernels.py: 2560x6912 6912x2560 8192x8192 28672x8192, M 1 16 2048, 2bit at
+#                 every M, 1.6bit and 1bit at M = 1 -> bench_kernels_cuda.{json,md} (saved shape by shape)
+#   generate  80  bench_generate.py: 2b4t, packed 2-bit vs the bf16 twin, batch 1 8, compile (CUDA
+#                 graphs), 32 new tokens, median of 3 -> generate_cuda.{json,md} (saved model by model)
+#   peer      70  peer_transformers.py: 2b4t, 32 new tokens, median of 2: ours vs transformers' BitNet
+#                 -> peer_transformers_cuda.{json,md} (saved before its compiled timing)
+#   (packing)  5  reserved: after every stage the results folder is refreshed
+#   TOTAL    345
+#
+# The results folder (argument, else $OUT, else benchmarks/results/gpu_check/<UTC date-time>)
+# holds at most 8 files at every moment (what the device tool brings back from $OUT):
+#   summary.md                               stamp, stage table, test summary line, failed tests
+#   logs.tar.gz                              every stage's log, tests.xml, the stamp, the kernel plot
+#   bench_kernels_cuda.{json,md}  generate_cuda.{json,md}  peer_transformers_cuda.{json,md}
+# The benchmarks also write these into benchmarks/results/ (only files written by this run are
+# copied). The output ends with the result tables, the failed tests and the stage table.
+# --dry-run prints the folder, the budgets and every stage's command, and runs nothing.
+#
+# A second call, to give one stage the time the first did not (the machine may be a fresh one:
+# keep install in the list):  BUDGET_TESTS=300 TOTAL=340 bash benchmarks/gpu_check.sh --stages install,tests
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+
+ALL_STAGES="install stamp tests kernels generate peer"
+STAGES=$ALL_STAGES
+DRY=0
+RESULTS=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) DRY=1 ;;
+        --stages) STAGES=${2//,/ }; shift ;;
+        --stages=*) STAGES=${1#--stages=}; STAGES=${STAGES//,/ } ;;
+        -h|--help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) RESULTS=$1 ;;
+    esac
+    shift
+done
+for s in $STAGES; do
+    case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s'; stages: $ALL_STAGES" >&2; exit 2 ;; esac
+done
+RESULTS=${RESULTS:-${OUT:-benchmarks/results/gpu_check/$(date -u +%Y-%m-%dT%H%MZ)}}
+
+declare -A BUDGET=([install]=${BUDGET_INSTALL:-20} [stamp]=${BUDGET_STAMP:-10} [tests]=${BUDGET_TESTS:-90}
+                   [kernels]=${BUDGET_KERNELS:-70} [generate]=${BUDGET_GENERATE:-80} [peer]=${BUDGET_PEER:-70})
+PACK_RESERVE=${PACK_RESERVE:-5}
+TOTAL=${TOTAL:-345}
+GRACE=${GRACE:-5}  # seconds between SIGINT and SIGKILL
+BENCH_OUT=${BENCH_OUT:-benchmarks/results}  # where the benchmarks write (copied from there into the results folder)
+NPROC=$(nproc 2>/dev/null || echo 2)
+WORKERS=$(( NPROC >= 8 ? NPROC - 4 : (NPROC >= 2 ? NPROC : 1) ))
+TEST_TIMEOUT=${TEST_TIMEOUT:-60}
+PY=${PYTHON:-python3}
+RESULT_FILES="bench_kernels_cuda.json bench_kernels_cuda.md generate_cuda.json generate_cuda.md peer_transformers_cuda.json peer_transformers_cuda.md"
+
+declare -A CMD
+CMD[install]="if ls .whl/*.whl >/dev/null 2>&1; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; else echo 'no .whl/*.whl carried'; fi
+$PY -m pip install --no-index --no-deps --no-build-isolation -e . && $PY -c 'import bitnet, bitnet.kernels, gguf; print(\"bitnet\", bitnet.__file__, \"gguf\", gguf.__file__)'"
+CMD[stamp]="nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvidia-smi | head -n 12
+$PY -c 'import platform, torch, triton, transformers; print(\"python\", platform.python_version(), \"| torch\", torch.__version__, \"cuda\", torch.version.cuda, \"| triton\", triton.__version__, \"| transformers\", transformers.__version__); print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, torch.cuda.get_device_capability(0) if torch.cuda.is_available() else \"\")'
+echo \"commit \$(git rev-parse HEAD 2>/dev/null || echo \${GIT_COMMIT:-unknown: no .git here, pass GIT_COMMIT=<hash>})\"
+echo \"cpus $NPROC; \$(grep -m1 'model name' /proc/cpuinfo)\"; free -g | head -n 2; df -h /tmp | tail -n 1
+$PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '"
+CMD[tests]="$PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml"
+CMD[kernels]="$PY benchmarks/bench_kernels.py --device cuda --shapes 2560x6912 6912x2560 8192x8192 28672x8192 --m 1 16 2048 --formats 2bit --m1-formats 1.6bit 1bit --name bench_kernels_cuda --out-dir $BENCH_OUT"
+CMD[generate]="HF_HUB_OFFLINE=1 $PY benchmarks/bench_generate.py --device cuda --preset 2b4t --batch 1 8 --compile --new-tokens 32 --warmup 2 --iters 3 --out-dir $BENCH_OUT"
+CMD[peer]="HF_HUB_OFFLINE=1 $PY benchmarks/peer_transformers.py --device cuda --preset 2b4t --new-tokens 32 --iters 2 --out-dir $BENCH_OUT"
+
+selected() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+if [ "$DRY" = 1 ]; then
+    echo "gpu_check (dry run): results folder $RESULTS; total budget ${TOTAL}s; $WORKERS test workers"
+    sum=$PACK_RESERVE
+    for s in $ALL_STAGES; do
+        if selected "$s"; then
+            sum=$(( sum + BUDGET[$s] ))
+            echo "stage $s: budget ${BUDGET[$s]}s"
+            echo "${CMD[$s]//@LOGS@/<logs>}" | sed 's/^/    /'
+        else
+            echo "stage $s: not selected"
+        fi
+    done
+    echo "sum of the selected budgets (with ${PACK_RESERVE}s for packing): ${sum}s of ${TOTAL}s"
+    exit 0
+fi
+
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+[ -d .whl ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$RESULTS" || exit 2
+RESULTS=$(cd "$RESULTS" && pwd)
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT  # the logs live on in logs.tar.gz
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+MARK=$WORK/start-mark
+touch "$MARK"
+T0=$(now)
+declare -A STATUS SECS ALLOT NOTE
+
+test_summary() {  # the pytest summary line, e.g. "3 failed, 400 passed, 5 skipped in 85.20s"
+    grep -E '(passed|failed|errors?|skipped|no tests ran|interrupted).* in [0-9.]+s' "$LOGS/tests.log" 2>/dev/null \
+        | tail -n 1 | sed -E 's/^=+ //; s/ =+$//'
+}
+
+write_summary() {
+    {
+        echo "# GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo
+        echo '```'
+        cat "$LOGS/stamp.log" 2>/dev/null || echo "(no stamp)"
+        echo '```'
+        echo
+        echo "| stage | status | seconds | allotted | note |"
+        echo "|---|---|---|---|---|"
+        for s in $ALL_STAGES; do
+            selected "$s" && echo "| $s | ${STATUS[$s]:-not run} | ${SECS[$s]:-} | ${ALLOT[$s]:-} | ${NOTE[$s]:-} |"
+        done
+        echo
+        if [ -f "$LOGS/tests.log" ]; then
+            echo "Tests: $(test_summary)"
+            echo
+            grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 40 | sed 's/^/- /'
+        fi
+    } > "$RESULTS/summary.md"
+}
+
+pack() {  # the results folder: summary.md, logs.tar.gz and this run's result files; never more than 8 files
+    local f src
+    for f in $RESULT_FILES; do
+        src=$BENCH_OUT/$f
+        if [ -f "$src" ] && [ "$src" -nt "$MARK" ] && [ "$(cd "$BENCH_OUT" && pwd)" != "$RESULTS" ]; then
+            cp "$src" "$RESULTS/$f"
+        fi
+    done
+    src=$BENCH_OUT/bench_kernels_cuda.png
+    [ -f "$src" ] && [ "$src" -nt "$MARK" ] && cp "$src" "$LOGS/"
+    write_summary
+    cp "$RESULTS/summary.md" "$LOGS/"
+    tar -czf "$WORK/logs.tar.gz" -C "$WORK" logs && cp "$WORK/logs.tar.gz" "$RESULTS/logs.tar.gz"
+}
+
+later_budgets() {  # the budgets of the selected stages after $1, plus the packing reserve
+    local after=0 sum=$PACK_RESERVE
+    for s in $ALL_STAGES; do
+        if [ "$after" = 1 ] && selected "$s"; then sum=$(( sum + BUDGET[$s] )); fi
+        [ "$s" = "$1" ] && after=1
+    done
+    echo $sum
+}
+
+run_stage() {
+    local s=$1 start allot rc
+    local elapsed=$(awk -v a="$T0" -v b="$(now)" 'BEGIN { printf "%d", b - a }')
+    allot=$(( TOTAL - elapsed - $(later_budgets "$s") ))
+    [ "$allot" -gt $(( BUDGET[$s] * 3 )) ] && allot=$(( BUDGET[$s] * 3 ))  # carried-over time: at most 3x its own
+    ALLOT[$s]=$allot
+    if [ "$allot" -le $(( GRACE + 1 )) ]; then
+        STATUS[$s]="skipped"; NOTE[$s]="no time left (${allot}s)"; echo "=== $s: skipped, ${allot}s left for it"; return
+    fi
+    echo "=== $s: up to ${allot}s (budget ${BUDGET[$s]}s; ${elapsed}s elapsed)"
+    start=$(now)
+    timeout -s INT -k $GRACE $(( allot - GRACE )) bash -c "${CMD[$s]//@LOGS@/$LOGS}" > "$LOGS/$s.log" 2>&1
+    rc=$?
+    SECS[$s]=$(since "$start")
+    case $rc in
+        0) STATUS[$s]=ok ;;
+        124|137) STATUS[$s]="TIMEOUT"; NOTE[$s]="stopped at ${allot}s" ;;
+        *) STATUS[$s]="FAIL (rc $rc)" ;;
+    esac
+    [ "$s" = tests ] && NOTE[$s]="$(test_summary)${NOTE[$s]:+; ${NOTE[$s]}}"
+    [ "$s" = stamp ] && grep -v '^$' "$LOGS/stamp.log" | head -n 8
+    tail -n 3 "$LOGS/$s.log" | cut -c1-200 | sed 's/^/    /'
+    echo "=== $s: ${STATUS[$s]} in ${SECS[$s]}s"
+    pack
+}
+
+echo "gpu_check: results in $RESULTS, logs in $LOGS; total budget ${TOTAL}s; stages: $STAGES"
+for s in $ALL_STAGES; do
+    selected "$s" && run_stage "$s"
+done
+pack
+
+# The tail of the output is what the device tool returns: result tables first, the stage table last.
+for f in bench_kernels_cuda.md generate_cuda.md peer_transformers_cuda.md; do
+    [ -f "$RESULTS/$f" ] && { echo; echo "----- $f"; cat "$RESULTS/$f"; }
+done
+if [ -f "$LOGS/tests.log" ]; then
+    echo; echo "----- failed tests (of $(grep -c -E '^(FAILED|ERROR) ' "$LOGS/tests.log"))"
+    grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 15 | cut -c1-160
+fi
+echo
+printf '%-9s %-14s %8s %9s  %s\n' stage status seconds allotted note
+for s in $ALL_STAGES; do
+    selected "$s" && printf '%-9s %-14s %8s %9s  %s\n' "$s" "${STATUS[$s]:-not run}" "${SECS[$s]:-}" "${ALLOT[$s]:-}" "${NOTE[$s]:-}"
+done
+printf '%-9s %-14s %8s %9s\n' total "" "$(since "$T0")" "$TOTAL"
+echo "results: $RESULTS ($(ls "$RESULTS" | wc -l) files)"
