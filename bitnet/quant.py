@@ -120,17 +120,21 @@ def int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact integer x_q (M, K) @ w_q (N, K)^T -> int32 (M, N), for int8 inputs on any device.
 
     On the CPU, torch's int8 GEMM (`torch._int_mm`, oneDNN: VNNI or AMX where the CPU has them)
-    accumulates in int32, exactly (K >= 16: for K = 1 its (K, N) view has ambiguous strides).
-    Elsewhere: float32 holds every integer below 2^24 exactly, and every partial sum here is
-    bounded by 128 * K, so a float32 GEMM is exact for K < 131072 whatever order it sums in.
-    Beyond it, int64 arithmetic (slow, exact).
+    accumulates in int32, exactly (K >= 16 and N >= 16: for K = 1 its (K, N) view has ambiguous
+    strides). Elsewhere (CUDA, small CPU shapes) a float64 GEMM: every product is an integer and
+    every partial sum is bounded by 128 * K < 2^53, so it is exact whatever order it sums in, for
+    any K, whatever precision settings are on (they apply to float32 GEMMs only).
+    Not float32: exact only below K = 2^17, and `torch.backends.cuda.matmul.allow_tf32` or
+    `torch.set_float32_matmul_precision("high")` hand float32 GEMMs to TF32 or bf16 tensor cores:
+    int8 values survive their operand rounding, but exactness would then rest on how the tensor
+    cores accumulate, which is not documented as IEEE float32. Not int64: no int64 GEMM on CUDA.
+    (The cost: GPUs without fast float64, consumer ones, run this torch path far slower; the
+    Triton kernels are the path for speed there.)
     """
     k = x_q.shape[-1]
     if x_q.device.type == "cpu" and k >= 16 and w_q.shape[0] >= 16 and hasattr(torch, "_int_mm"):
         return torch._int_mm(x_q.to(torch.int8).contiguous(), w_q.to(torch.int8).contiguous().t())
-    if k * 128 < 2**24:
-        return (x_q.float() @ w_q.float().t()).to(torch.int32)
-    return (x_q.long() @ w_q.long().t()).to(torch.int32)
+    return (x_q.double() @ w_q.double().t()).to(torch.int32)
 
 
 def quantized_linear(

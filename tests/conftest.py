@@ -4,17 +4,43 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before
-# triton.jit decorates them, so here, before any test module imports bitnet.kernels.
+# triton.jit decorates them, so here, before any test module imports bitnet.kernels. An explicit
+# TRITON_INTERPRET=0 is kept: it plays a GPU machine (no interpreter) on a CPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Where the Triton kernels run in this session, the one place that says so: "cpu" under the
+# interpreter (TRITON_INTERPRET=1: the default tier on a CPU, and the interpreter rerun that
+# test_kernels starts beside a GPU run), "cuda" with a GPU (compiled kernels), None with neither.
+# A test that runs a Triton kernel takes the `triton_device` fixture and builds its inputs there;
+# its exact references run on the CPU.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    TRITON_DEVICE = "cpu"
+elif torch.cuda.is_available():
+    TRITON_DEVICE = "cuda"
+else:
+    TRITON_DEVICE = None
+NO_TRITON = "no GPU and TRITON_INTERPRET=0: the Triton kernels can run nowhere in this session"
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """The device of the Triton kernels' inputs ("cuda" or "cpu"); skips the test where they cannot run."""
+    if TRITON_DEVICE is None:
+        pytest.skip(NO_TRITON)
+    return TRITON_DEVICE
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if TRITON_DEVICE == "cuda":
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    if not torch.cuda.is_available():
+        reason = "needs an NVIDIA GPU"
+    else:  # a GPU, but TRITON_INTERPRET=1: the tier's real shapes would take hours in the interpreter
+        reason = "the cuda tier runs the compiled kernels, and TRITON_INTERPRET=1 is set"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

@@ -320,12 +320,26 @@ def checkpoint_with_tokenizer(path, tokenizer, **kw):
 
 
 def test_cli_generate_streams_the_greedy_continuation(tmp_path, tokenizer, capsys):
+    """On the CPU, held to generate() of the float32 model in this process (the CLI's default device
+    is cuda where there is one: test_cli_generate_on_cuda)."""
     model = checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
-    assert main(["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12"]) == 0
+    assert main(["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12", "--device", "cpu"]) == 0
     out = capsys.readouterr()
     prompt_ids = tokenizer.encode("hello world").ids
     ids = generate(model, torch.tensor([prompt_ids]), 12)[0].tolist()
     assert out.out == tokenizer.decode(ids) + "\n"
+    assert "12 tokens in" in out.err
+
+
+@pytest.mark.cuda
+def test_cli_generate_on_cuda(tmp_path, tokenizer, capsys):
+    """The CLI's default device where there is a GPU: it runs there (Triton kernels, bf16) and streams
+    12 tokens after the prompt. Its tokens are not held to the CPU's: another device sums the float
+    parts in another order, and a rounding tie of an int8 code may then pick another token."""
+    checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
+    assert main(["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("hello world") and out.out.endswith("\n")
     assert "12 tokens in" in out.err
 
 
@@ -344,12 +358,13 @@ def test_text_stream_prints_multibyte_characters_whole(tokenizer):
 
 def test_cli_generate_bad_input(tmp_path, tokenizer, capsys):
     checkpoint_with_tokenizer(tmp_path / "m", tokenizer, max_position_embeddings=8)
-    assert main(["generate", str(tmp_path / "m"), "--prompt", ""]) == 2
+    cmd = ["generate", str(tmp_path / "m"), "--device", "cpu", "--prompt"]  # the CPU tier, GPU or not
+    assert main([*cmd, ""]) == 2
     assert "empty prompt" in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello world, a tiny corpus for a tiny tokenizer"]) == 2
+    assert main([*cmd, "hello world, a tiny corpus for a tiny tokenizer"]) == 2
     assert "longer than the context of 8 tokens" in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "50"]) == 0
+    assert main([*cmd, "hello", "--max-new-tokens", "50"]) == 0
     assert "clipped to" in capsys.readouterr().err
     (tmp_path / "m" / "tokenizer.json").unlink()
-    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello"]) == 2
+    assert main([*cmd, "hello"]) == 2
     assert f"no tokenizer.json in {tmp_path / 'm'}" in capsys.readouterr().err

@@ -1,16 +1,22 @@
 """bitnet.kernels (Triton) against exact integer and float64 references, and against the torch path.
 
-Without a GPU every kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), with
-small shapes: N and K that are multiples of no block size, K = 37 (the byte path) and K = 100
-(int32 words), M in {1, 3, 16, 33}, all-zero rows, the three packed formats. Tests marked `cuda`
-repeat the checks at real shapes on a GPU.
+The small-shape tier: N and K that are multiples of no block size, K = 37 (the byte path) and
+K = 100 (int32 words), M in {1, 3, 16, 33}, all-zero rows, the three packed formats. Its kernels
+run where conftest.py's `triton_device` says: in Triton's interpreter on CPU tensors without a GPU
+(TRITON_INTERPRET=1, what CPU CI runs), compiled on CUDA tensors with one. With a GPU the
+interpreter tier is also rerun, in a subprocess that sees none (test_interpreter_tier_reruns_beside_a_gpu).
+Tests marked `cuda` repeat the checks at real shapes on a GPU. Every exact reference (the integer
+products, reference_gemm, the torch path) runs on the CPU, and kernel outputs are compared there;
+only the frozen model's two paths run side by side on the kernels' device.
 
 Tolerances, where equality is not asserted:
 - fp32 outputs equal the torch path bit for bit, and are within 1e-6 (relative, plus 1e-6 absolute)
   of the float64 formula: one rounding of s / a, one of acc * (s / a), one of the bias add.
-- bf16 outputs: the interpreter truncates float32 -> bf16 (the GPU rounds to nearest even, as
-  torch does), so there they may differ from torch by one bf16 ulp per rounding (two with a
-  bias); within 2^-6 relative of the float64 formula. On a GPU they equal the torch path.
+- bf16 outputs: the interpreter truncates float32 -> bf16 (a GPU rounds to nearest even, as torch
+  does), so there they may differ from torch by one bf16 ulp per rounding (two with a bias);
+  within 2^-6 relative of the float64 formula. The small tier asserts that bound on a GPU too (it
+  was written and checked under the interpreter); equality with the torch path on a GPU is what
+  the cuda tier asserts (bf16, no bias).
 - logits of a frozen tiny model through both paths: equal within 1e-5 (int8 activations are
   bit-identical, so in practice they are equal).
 - the fused RMSNorm + quantization: its sum of squares runs in another order than torch's, so x_q
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -63,45 +70,49 @@ def random_activations(m: int, k: int, seed: int = 1, dtype=torch.float32, devic
 
 
 def exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    return (x_q.long() @ w_q.long().t()).to(torch.int32)
+    """x_q @ w_q^T as int32, on the CPU, in float64: every product is an integer and every partial
+    sum an integer below 128 * K < 2^53, so any summation order gives the exact sum. (int64 would be
+    as exact, but torch has no int64 GEMM on CUDA and only a slow one on the CPU: minutes at the
+    cuda tier's shapes.)"""
+    return (x_q.cpu().double() @ w_q.cpu().double().t()).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- activations
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_act_quant_is_bit_identical_to_torch(dtype):
+def test_act_quant_is_bit_identical_to_torch(dtype, triton_device):
     x = random_activations(64, 100, dtype=dtype).reshape(4, 16, 100)
-    x_q, a, xsum = act_quant_launch(x)
+    x_q, a, xsum = (t.cpu() for t in act_quant_launch(x.to(triton_device)))
     r_q, r_a, r_sum = reference_act_quant(x)
     assert x_q.dtype == torch.int8 and a.dtype == torch.float32
     assert torch.equal(x_q, r_q) and torch.equal(a, r_a) and torch.equal(xsum, r_sum)
     assert a[0, 0].item() == pytest.approx(127 / 1e-5) and not x_q[0, 0].any()  # the all-zero row
 
 
-def test_act_quant_rounds_ties_to_even():
+def test_act_quant_rounds_ties_to_even(triton_device):
     # Row absmax 127 makes a = 1 exactly, so x * a is x: exact ties, and values just below a tie.
     row = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 0.49999997, 1.4999999, 3.5000002]
     x = torch.tensor([row, [-v for v in row]])
-    x_q, a = kernels.act_quant(x)
+    x_q, a = (t.cpu() for t in kernels.act_quant(x.to(triton_device)))
     assert torch.equal(a, torch.ones(2, 1))
     expected = [127, 0, 2, 2, 0, -2, -2, 126, -126, 0, 1, 4]
     assert x_q[0].tolist() == expected and x_q[1].tolist() == [-v for v in expected]
     assert torch.equal(x_q, quantize_activation(x)[0])
 
 
-def test_fused_rmsnorm_act_quant_matches_torch():
+def test_fused_rmsnorm_act_quant_matches_torch(triton_device):
     x = random_activations(32, 100)[1:]
     weight = torch.rand(100) + 0.5
-    x_q, a = kernels.rmsnorm_act_quant(x, weight, 1e-5)
+    x_q, a = (t.cpu() for t in kernels.rmsnorm_act_quant(x.to(triton_device), weight.to(triton_device), 1e-5))
     r_q, r_a = reference_rmsnorm_act_quant(x, weight, 1e-5)
     torch.testing.assert_close(a, r_a, rtol=1e-6, atol=0)
     diff = (x_q.int() - r_q.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
-def test_fused_rmsnorm_act_quant_bf16_dequantizes_to_rmsnorm():
+def test_fused_rmsnorm_act_quant_bf16_dequantizes_to_rmsnorm(triton_device):
     x = random_activations(16, 100, dtype=torch.bfloat16)[1:]
     weight = (torch.rand(100) + 0.5).bfloat16()
-    x_q, a = kernels.rmsnorm_act_quant(x, weight, 1e-5)
+    x_q, a = (t.cpu() for t in kernels.rmsnorm_act_quant(x.to(triton_device), weight.to(triton_device), 1e-5))
     norm = bitnet.RMSNorm(100, 1e-5, dtype=torch.bfloat16)
     with torch.no_grad():
         norm.weight.copy_(weight)
@@ -113,41 +124,42 @@ def test_fused_rmsnorm_act_quant_bf16_dequantizes_to_rmsnorm():
 
 # ----------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_triton_unpack_equals_torch_unpack_on_every_byte(fmt):
+def test_triton_unpack_equals_torch_unpack_on_every_byte(fmt, triton_device):
     top = 243 if fmt == "1.6bit" else 256  # base-3 bytes stop at 3^5 - 1
     packed = torch.arange(top, dtype=torch.int32).remainder(top).to(torch.uint8).reshape(-1, 1).repeat(1, 3)
     n = packed.shape[0] * {"2bit": 4, "1.6bit": 5, "1bit": 8}[fmt] - 2  # two padding rows dropped
     if fmt == "2bit":
         packed = packed & 0x55 | (packed & 0xAA & ~((packed & 0x55) << 1))  # codes 0..2 only
-    assert torch.equal(unpack_triton(packed, n, fmt), unpack(packed, n, fmt))
+    assert torch.equal(unpack_triton(packed.to(triton_device), n, fmt).cpu(), unpack(packed, n, fmt))
 
 
 # ----------------------------------------------------------------------------- matmul: exact integers
 @pytest.mark.parametrize("k", [37, 100])
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_int32_accumulator_is_exact(fmt, m, k):
+def test_int32_accumulator_is_exact(fmt, m, k, triton_device):
     w_q = random_weights(N, k, fmt)
-    packed = pack(w_q, fmt)
     x_q, _ = quantize_activation(random_activations(m, k))
     x_q[-1] = 127  # the largest products: no int8 saturation of anything
     ref = exact(x_q, w_q)
-    assert torch.equal(kernels.packed_matmul_int32(x_q, packed, N, fmt), ref)
+    packed, x_q = pack(w_q, fmt).to(triton_device), x_q.to(triton_device)
+    assert torch.equal(kernels.packed_matmul_int32(x_q, packed, N, fmt).cpu(), ref)
     # Both kernels, whatever the dispatch would pick: the GEMM at every M, the GEMV (one program
     # row per activation row, slow in the interpreter) up to M = 3.
-    assert torch.equal(gemm(x_q, packed, N, fmt, out_dtype=torch.int32), ref)
+    assert torch.equal(gemm(x_q, packed, N, fmt, out_dtype=torch.int32).cpu(), ref)
     if m <= 3:
-        assert torch.equal(gemv(x_q, packed, N, fmt, out_dtype=torch.int32), ref)
+        assert torch.equal(gemv(x_q, packed, N, fmt, out_dtype=torch.int32).cpu(), ref)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_int32_split_k_long_rows(fmt):
-    """K = 512: several K steps per program and 8-way split-K at small M in the interpreter."""
+def test_int32_split_k_long_rows(fmt, triton_device):
+    """K = 512: several K steps per program and 8-way split-K at small M in the interpreter (a GPU
+    splits only from K = 1024 on, gemm.split_k: there the cuda tier's shapes split)."""
     w_q = random_weights(40, 512, fmt, seed=2)
-    packed = pack(w_q, fmt)
+    packed = pack(w_q, fmt).to(triton_device)
     for m in (2, 33):
         x_q, _ = quantize_activation(random_activations(m, 512, seed=3))
-        assert torch.equal(gemm(x_q, packed, 40, fmt, out_dtype=torch.int32), exact(x_q, w_q))
+        assert torch.equal(gemm(x_q.to(triton_device), packed, 40, fmt, out_dtype=torch.int32).cpu(), exact(x_q, w_q))
 
 
 # ----------------------------------------------------------------------------- matmul: scaled output
@@ -155,12 +167,13 @@ def test_int32_split_k_long_rows(fmt):
 @pytest.mark.parametrize("k", [37, 100])
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bitlinear_matches_float64_formula_and_torch_path(fmt, m, k, dtype):
+def test_bitlinear_matches_float64_formula_and_torch_path(fmt, m, k, dtype, triton_device):
     w_q = random_weights(N, k, fmt)
     packed, scale = pack(w_q, fmt), torch.tensor([0.037])
     bias = torch.randn(N).to(dtype) if m != 3 else None
     x = random_activations(m, k, dtype=dtype)
-    y = kernels.bitlinear(x, packed, scale, N, fmt, bias)
+    y = kernels.bitlinear(x.to(triton_device), packed.to(triton_device), scale.to(triton_device), N, fmt,
+                          None if bias is None else bias.to(triton_device)).cpu()
     assert y.dtype == dtype and y.shape == (m, N)
 
     x_q, a = quantize_activation(x)
@@ -172,38 +185,43 @@ def test_bitlinear_matches_float64_formula_and_torch_path(fmt, m, k, dtype):
         assert torch.equal(y, ref)
     else:
         # One bf16 rounding of the product, one of the sum with the bias: an ulp each (2^-7
-        # relative) under the interpreter's truncation, of the magnitudes that were rounded.
+        # relative) under the interpreter's truncation, of the magnitudes that were rounded. A
+        # GPU rounds to nearest even and should equal ref; this tier holds it to the bound only.
         bound = 2**-6 * (main.abs() + (bias.double().abs() if bias is not None else 0))
         assert ((y.double() - y64).abs() <= bound).all()
         assert ((y.double() - ref.double()).abs() <= bound).all()
 
 
-def test_packed_matmul_from_int8_activations():
+def test_packed_matmul_from_int8_activations(triton_device):
     w_q = random_weights(N, 100, "2bit")
     packed, scale = pack(w_q, "2bit"), torch.tensor([0.5])
     for m in (1, 16):
-        x_q, a = kernels.act_quant(random_activations(m, 100))
-        y = kernels.packed_matmul(x_q, a, packed, scale, N, "2bit", out_dtype=torch.float32)
-        assert torch.equal(y, reference_gemm(x_q, packed, N, "2bit", scale, a))
+        x_q, a = kernels.act_quant(random_activations(m, 100).to(triton_device))
+        y = kernels.packed_matmul(x_q, a, packed.to(triton_device), scale.to(triton_device), N, "2bit",
+                                  out_dtype=torch.float32)
+        assert torch.equal(y.cpu(), reference_gemm(x_q.cpu(), packed, N, "2bit", scale, a.cpu()))
 
 
 @pytest.mark.parametrize("shape", [(100,), (1, 100), (2, 3, 100), (0, 100)])
-def test_bitlinear_takes_any_leading_shape(shape):
+def test_bitlinear_takes_any_leading_shape(shape, triton_device):
     packed, scale = pack(random_weights(N, 100, "2bit"), "2bit"), torch.tensor([0.1])
     x = torch.randn(shape)
-    y = kernels.bitlinear(x, packed, scale, N, "2bit")
+    y = kernels.bitlinear(x.to(triton_device), packed.to(triton_device), scale.to(triton_device), N, "2bit").cpu()
     assert y.shape == (*shape[:-1], N)
     assert torch.equal(y, torch_bitlinear(x, packed, scale, N, "2bit"))
 
 
-def test_bad_arguments_are_refused():
-    packed = pack(random_weights(N, 100, "2bit"), "2bit")
+def test_bad_arguments_are_refused(triton_device):
+    # Everything on the kernels' device, so that each call gets as far as the check it means.
+    packed = pack(random_weights(N, 100, "2bit"), "2bit").to(triton_device)
+    scale = torch.tensor([1.0], device=triton_device)
     with pytest.raises(ValueError, match="shape"):
-        kernels.bitlinear(torch.randn(2, 99), packed, torch.tensor([1.0]), N, "2bit")
+        kernels.bitlinear(torch.randn(2, 99, device=triton_device), packed, scale, N, "2bit")
     with pytest.raises(ValueError, match="unknown packed format"):
-        kernels.bitlinear(torch.randn(2, 100), packed, torch.tensor([1.0]), N, "3bit")
+        kernels.bitlinear(torch.randn(2, 100, device=triton_device), packed, scale, N, "3bit")
     with pytest.raises(ValueError, match="bias"):
-        kernels.bitlinear(torch.randn(2, 100), packed, torch.tensor([1.0]), N, "2bit", torch.zeros(N + 1))
+        kernels.bitlinear(torch.randn(2, 100, device=triton_device), packed, scale, N, "2bit",
+                          torch.zeros(N + 1, device=triton_device))
 
 
 # ----------------------------------------------------------------------------- integration
@@ -214,9 +232,12 @@ def _frozen_tiny(linear: str, packing: str | None) -> bitnet.BitNetForCausalLM:
 
 
 @pytest.mark.parametrize("linear, packing", [("bitnet", "2bit"), ("bitnet", "1.6bit"), ("bitnet1", None)])
-def test_frozen_model_logits_equal_through_both_paths(linear, packing, monkeypatch):
-    model = _frozen_tiny(linear, packing)
+def test_frozen_model_logits_equal_through_both_paths(linear, packing, monkeypatch, triton_device):
+    # Both paths on the kernels' device: the float parts around the projections (attention,
+    # norms) then run the same ops on the same inputs, and only the packed matmul differs.
+    model = _frozen_tiny(linear, packing).to(triton_device)
     ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(triton_device)
     logits = {}
     for kernel in ("torch", "triton"):
         monkeypatch.setenv("BITNET_KERNEL", kernel)
@@ -226,11 +247,11 @@ def test_frozen_model_logits_equal_through_both_paths(linear, packing, monkeypat
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_choice_argument_over_environment(monkeypatch):
+def test_kernel_choice_argument_over_environment(monkeypatch, triton_device):
     calls = []
     monkeypatch.setattr(kernels, "bitlinear", lambda *a: calls.append("triton") or torch_bitlinear(*a))
-    layer = bitnet.BitLinear(100, N).freeze()
-    x = torch.randn(2, 100)
+    layer = bitnet.BitLinear(100, N).freeze().to(triton_device)
+    x = torch.randn(2, 100, device=triton_device)  # bitnet.ops refuses "triton" where the kernels cannot run
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     layer(x)
     layer.kernel = "torch"
@@ -242,29 +263,54 @@ def test_kernel_choice_argument_over_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph_through_the_custom_ops(backend):
+def test_torch_compile_fullgraph_through_the_custom_ops(backend, triton_device):
     torch._dynamo.reset()
-    layer = bitnet.BitLinear(100, N, kernel="triton").freeze()
+    layer = bitnet.BitLinear(100, N, kernel="triton").freeze().to(triton_device)
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     with torch.no_grad():
         for shape in [(1, 100), (2, 5, 100)]:
-            x = torch.randn(shape)
+            x = torch.randn(shape, device=triton_device)
             assert torch.equal(compiled(x), layer(x))
 
 
-def test_custom_ops_pass_opcheck():
-    packed, scale = pack(random_weights(N, 100, "1bit"), "1bit"), torch.tensor([0.1])
-    x = torch.randn(3, 100)
+def test_custom_ops_pass_opcheck(triton_device):
+    packed = pack(random_weights(N, 100, "1bit"), "1bit").to(triton_device)
+    scale = torch.tensor([0.1], device=triton_device)
+    x = torch.randn(3, 100, device=triton_device)
     x_q, a = kernels.act_quant(x)
     cases = [
-        (torch.ops.bitnet.bitlinear.default, (x, packed, scale, torch.randn(N), N, "1bit")),
+        (torch.ops.bitnet.bitlinear.default, (x, packed, scale, torch.randn(N, device=triton_device), N, "1bit")),
         (torch.ops.bitnet.packed_matmul.default, (x_q, a, packed, scale, None, N, "1bit", torch.bfloat16)),
         (torch.ops.bitnet.packed_matmul_int32.default, (x_q, packed, N, "1bit")),
         (torch.ops.bitnet.act_quant.default, (x,)),
-        (torch.ops.bitnet.rmsnorm_act_quant.default, (x, torch.rand(100), 1e-5)),
+        (torch.ops.bitnet.rmsnorm_act_quant.default, (x, torch.rand(100, device=triton_device), 1e-5)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------- the interpreter tier beside a GPU
+INTERPRETER_RERUN = "BITNET_TEST_INTERPRETER_RERUN"  # set in the rerun, which therefore starts no other
+
+
+def test_interpreter_tier_reruns_beside_a_gpu(triton_device):
+    """With a GPU the tests above run the compiled kernels; the interpreter (what CPU CI runs, with
+    its own small blocks and split-K) would go untested on a GPU machine. So this file's default
+    tier runs again here in a subprocess that sees no GPU, under TRITON_INTERPRET=1, and must pass."""
+    if os.environ.get(INTERPRETER_RERUN):
+        pytest.skip("this is the interpreter rerun: it starts no other")
+    if triton_device == "cpu":
+        pytest.skip("this session already runs the kernels in the interpreter (TRITON_INTERPRET=1)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "BITNET_KERNEL"}
+    env.update({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", INTERPRETER_RERUN: "1"})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda and not slow",
+           os.path.join("tests", os.path.basename(__file__))]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
+    lines = proc.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    assert proc.returncode == 0 and " passed" in summary, (
+        f"the interpreter rerun ({' '.join(cmd)}) exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
 
 
 def _bench_module():
@@ -321,13 +367,16 @@ REAL_SHAPES = [(2560, 2560), (2560, 6912), (6912, 2560), (8192, 8192)]
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("n, k", REAL_SHAPES)
 def test_cuda_real_shapes_exact_and_equal_to_torch(n, k, fmt):
-    w_q = random_weights(n, k, fmt, device="cuda")
-    packed, scale = pack(w_q, fmt), torch.tensor([0.02], device="cuda")
+    """The references on the CPU: exact() in float64, and the torch path (int8 GEMM, torch._int_mm)."""
+    w_q = random_weights(n, k, fmt)
+    packed, scale = pack(w_q, fmt), torch.tensor([0.02])
+    packed_cuda, scale_cuda = packed.cuda(), scale.cuda()
     for m in (1, 4, 16, 64, 512):
-        x = random_activations(m, k, dtype=torch.bfloat16, device="cuda")
+        x = random_activations(m, k, dtype=torch.bfloat16)
         x_q, _ = quantize_activation(x)
-        assert torch.equal(kernels.packed_matmul_int32(x_q, packed, n, fmt), exact(x_q, w_q))
-        assert torch.equal(kernels.bitlinear(x, packed, scale, n, fmt), torch_bitlinear(x, packed, scale, n, fmt))
+        assert torch.equal(kernels.packed_matmul_int32(x_q.cuda(), packed_cuda, n, fmt).cpu(), exact(x_q, w_q))
+        y = kernels.bitlinear(x.cuda(), packed_cuda, scale_cuda, n, fmt).cpu()
+        assert torch.equal(y, torch_bitlinear(x, packed, scale, n, fmt))
 
 
 @pytest.mark.cuda
