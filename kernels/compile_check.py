@@ -1,0 +1,351 @@
+"""The compile guard: every Triton kernel of this package compiled for real GPUs, on a CPU.
+
+The interpreter (TRITON_INTERPRET=1, what CPU CI runs the kernels in) proves what they compute,
+not that they compile: it never type-checks what Triton's compiler does (two returns of different
+types in constexpr branches passed the interpreter for weeks and failed every GEMM on the first
+H200). This module runs the compiler itself, with no GPU and no driver:
+
+    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))
+
+through every stage (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin), for sm_90 (H100/H200) and
+sm_80 (A100), and checks the shared memory each variant asks for against the architecture's
+per-block limit (a launch would fail with "out of resources" on the GPU).
+
+Variants: what each launcher can produce. Axes per kernel (launcher in brackets):
+
+    _gemv_kernel [gemv.gemv]        tile: CONFIGS; format P; LANES 4 (int32 words) or 1 (bytes);
+                                    input: float x quantized in the kernel (fp32/bf16/fp16, y in
+                                    x's dtype) or int8 x_q with y fp32/bf16/fp16 or int32; bias or
+                                    not; BLOCK_A 4096 (K >= 4096) or smaller
+    _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
+                                    counter epilogue) + LARGE_M_CONFIGS (SPLIT_K 1); format; LANES;
+                                    y fp32/bf16/fp16 with bias or not, or int32
+    _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
+    _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32
+    _unpack_kernel [unpack_triton]  format
+    every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
+                                    vectorizes) or not (K = 37 and the like)
+
+A covering set, not the full product (which is thousands of compiles): for each kernel, format
+and LANES, every tile config is compiled, and every combination of the other axes is compiled,
+walked round-robin beside the configs, so that each config meets a flag combination and each
+flag combination a config. Every value of every axis, and every pair of a format and a path with
+each, is compiled. About 460 compiles for two architectures; --jobs spreads them over processes.
+
+    python -m bitnet.kernels.compile_check                   # sm_90 and sm_80, every kernel
+    python -m bitnet.kernels.compile_check --arch 90 --kernel _gemm_kernel --jobs 8
+
+Exit status 1 if any variant fails; each failure names the kernel, its constexprs and launch
+options, the architecture and the compiler's message. Run it without TRITON_INTERPRET (the
+interpreter replaces the kernels by Python functions that cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+ARCHS = (90, 80)
+# The largest shared memory one program (CTA) may ask for, in bytes (CUDA's opt-in per-block limit).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+FORMATS = {"2bit": 4, "1.6bit": 5, "1bit": 8}  # format -> P (bitnet.packing.FORMATS)
+TYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "int8": "*i8", "int32": "*i32", "uint8": "*u8"}
+
+
+@dataclass
+class Variant:
+    """One compile: a kernel, its constexprs, the types of its pointer and scalar arguments, the
+    launch options, whether its arguments are 16-byte aligned, and the target architecture."""
+
+    kernel: str
+    constexprs: dict
+    types: dict  # argument name -> Triton type string, for pointers and float scalars; ints are i32
+    num_warps: int = 4
+    num_stages: int = 3
+    fp_fusion: bool = False  # common.LAUNCH turns FMA contraction off in every launcher that passes it
+    aligned: bool = True
+    arch: int = 90
+    note: str = ""
+
+    def describe(self) -> str:
+        consts = " ".join(f"{k}={v}" for k, v in self.constexprs.items())
+        types = " ".join(f"{k}:{v.lstrip('*')}" for k, v in self.types.items() if v.startswith("*"))
+        return (f"{self.kernel} sm_{self.arch} [{consts}] num_warps={self.num_warps} num_stages={self.num_stages}"
+                f" {'aligned' if self.aligned else 'unaligned'} ({types}){' ' + self.note if self.note else ''}")
+
+
+@dataclass
+class Result:
+    variant: Variant
+    ok: bool
+    seconds: float
+    shared: int = 0
+    error: str = ""
+
+
+def _jit_functions() -> dict:
+    """name -> the JITFunction of every kernel (under autotune: the function it wraps)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the compile guard compiles the kernels: run it without TRITON_INTERPRET=1")
+    from . import activations, gemm, gemv, layout, rmsnorm_quant
+
+    kernels = {
+        "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel,
+        "_act_quant_kernel": activations._act_quant_kernel,
+        "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
+        "_unpack_kernel": layout._unpack_kernel,
+    }
+    # an autotuned kernel is an Autotuner over the JITFunction (its .fn); a plain one is the JITFunction
+    return {name: k.fn if hasattr(k, "configs") else k for name, k in kernels.items()}
+
+
+def kernel_names_in_sources() -> set[str]:
+    """Names of the @triton.jit kernels (`_..._kernel`) defined in the Triton files of this folder,
+    read from the source: a new kernel that the guard does not know about shows up here."""
+    import ast
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = set()
+    for file in sorted(os.listdir(here)):
+        if not file.endswith(".py") or file in ("cpu.py", "compile_check.py"):
+            continue
+        tree = ast.parse(open(os.path.join(here, file)).read())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                names.add(node.name)
+    return names
+
+
+def _round_robin(configs: list, flags: list) -> list[tuple]:
+    """Pairs that put every config beside some flag combination and every flag combination beside
+    some config: max(len) pairs, the shorter list cycled."""
+    n = max(len(configs), len(flags))
+    return [(configs[i % len(configs)], flags[i % len(flags)]) for i in range(n)]
+
+
+def _gemv_variants() -> list[Variant]:
+    from .gemv import CONFIGS
+
+    flags = []
+    for q_in, bias in itertools.product(["fp32", "bf16", "fp16"], [False, True]):
+        # BLOCK_A = min(next_power_of_2(K), 4096): 4096 at real widths, small for small K
+        flags.append(dict(QUANTIZE_X=True, x=q_in, y=q_in, HAS_BIAS=bias, BLOCK_A=64 if q_in == "fp16" else 4096))
+    for out, bias in itertools.product(["fp32", "bf16", "fp16"], [False, True]):
+        flags.append(dict(QUANTIZE_X=False, x="int8", y=out, HAS_BIAS=bias, BLOCK_A=4096))
+    flags.append(dict(QUANTIZE_X=False, x="int8", y="int32", HAS_BIAS=False, BLOCK_A=4096))
+    out = []
+    for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
+        for i, (cfg, f) in enumerate(_round_robin(CONFIGS, flags)):
+            consts = dict(P=p, QUANTIZE_X=f["QUANTIZE_X"], HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32",
+                          LANES=lanes, ASM=True, BLOCK_A=f["BLOCK_A"], **cfg.kwargs)
+            types = dict(x_ptr=TYPES[f["x"]], a_ptr="*fp32", w_ptr="*i32" if lanes == 4 else "*u8", scale_ptr="*fp32",
+                         bias_ptr=TYPES["bf16" if f["y"] == "int32" else f["y"]], y_ptr=TYPES[f["y"]])
+            out.append(Variant("_gemv_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
+    return out
+
+
+def _gemm_variants() -> list[Variant]:
+    from .gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
+
+    tiles = [(c, s) for c in SMALL_M_CONFIGS for s in (1, 2)] + [(c, 1) for c in LARGE_M_CONFIGS]
+    flags = [dict(y=y, HAS_BIAS=b) for y, b in itertools.product(["bf16", "fp32", "fp16"], [True, False])]
+    flags.append(dict(y="int32", HAS_BIAS=False))
+    out = []
+    for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
+        for i, ((cfg, split), f) in enumerate(_round_robin(tiles, flags)):
+            consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
+                          **cfg.kwargs)
+            types = dict(x_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32" if lanes == 4 else "*u8",
+                         scale_ptr="*fp32", bias_ptr=TYPES["bf16" if f["y"] == "int32" else f["y"]], y_ptr=TYPES[f["y"]],
+                         ws_ptr="*i32", count_ptr="*i32")
+            out.append(Variant("_gemm_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
+    return out
+
+
+def _act_quant_variants() -> list[Variant]:
+    from .activations import CONFIGS
+
+    out = []
+    for i, (cfg, dtype) in enumerate(itertools.product(CONFIGS, ["fp32", "bf16", "fp16"])):
+        types = dict(x_ptr=TYPES[dtype], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32")
+        out.append(Variant("_act_quant_kernel", dict(cfg.kwargs), types, cfg.num_warps, cfg.num_stages,
+                           aligned=i % 2 == 0))
+    return out
+
+
+def _rmsnorm_variants() -> list[Variant]:
+    from .activations import CONFIGS
+
+    dtypes = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32")]
+    out = []
+    for i, (cfg, (x, w)) in enumerate(_round_robin(CONFIGS, dtypes)):
+        types = dict(x_ptr=TYPES[x], w_ptr=TYPES[w], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", eps="fp32")
+        out.append(Variant("_rmsnorm_act_quant_kernel", dict(cfg.kwargs), types, cfg.num_warps, cfg.num_stages,
+                           aligned=i % 2 == 0))
+    return out
+
+
+def _unpack_variants() -> list[Variant]:
+    # unpack_triton launches with Triton's default options (no LAUNCH): 4 warps, 3 stages, fusion on.
+    return [Variant("_unpack_kernel", dict(P=p, BLOCK_R=16, BLOCK_K=64), dict(w_ptr="*u8", out_ptr="*i8"),
+                    fp_fusion=True) for p in FORMATS.values()]
+
+
+VARIANTS = {
+    "_gemv_kernel": _gemv_variants, "_gemm_kernel": _gemm_variants, "_act_quant_kernel": _act_quant_variants,
+    "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
+}
+
+
+def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:
+    unknown = set(kernels or []) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {sorted(unknown)}; the guard knows {sorted(VARIANTS)}")
+    out = []
+    for name, make in VARIANTS.items():
+        if kernels and name not in kernels:
+            continue
+        for arch in archs:
+            out += [dataclasses.replace(v, arch=arch) for v in make()]
+    return out
+
+
+def compile_variant(v: Variant, fn=None) -> Result:
+    """Compile one variant to a cubin; a failure is a Result carrying the compiler's message.
+    fn: the JITFunction to compile (default: the package's kernel named v.kernel)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    try:
+        fn = fn or _jit_functions()[v.kernel]
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in v.constexprs:
+                signature[name] = "constexpr"
+                continue
+            signature[name] = v.types.get(name, "i32")
+            if v.aligned and (signature[name].startswith("*") or signature[name] == "i32"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher's specialization gives
+        missing = set(v.constexprs) - set(fn.arg_names)
+        if missing:
+            raise TypeError(f"constexprs {sorted(missing)} are not arguments of {v.kernel}")
+        source = ASTSource(fn=fn, signature=signature, constexprs=v.constexprs, attrs=attrs)
+        options = dict(num_warps=v.num_warps, num_stages=v.num_stages, enable_fp_fusion=v.fp_fusion)
+        compiled = triton.compile(source, target=GPUTarget("cuda", v.arch, 32), options=options)
+        shared = int(compiled.metadata.shared)
+        if not compiled.asm.get("cubin"):
+            raise RuntimeError("the compiler returned no cubin")
+    except Exception as e:  # noqa: BLE001: every compiler failure is reported, with its type
+        return Result(v, False, time.perf_counter() - start, error=_message(e))
+    limit = SHARED_LIMIT.get(v.arch)
+    if limit is not None and shared > limit:
+        return Result(v, False, time.perf_counter() - start, shared,
+                      f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}")
+    return Result(v, True, time.perf_counter() - start, shared)
+
+
+def _message(e: BaseException) -> str:
+    """The compiler's message: the source excerpt it points at (its last lines, where the caret
+    is), then every exception in the chain beneath it (a CompilationError's cause is the real
+    reason, e.g. the TypeError of two return types)."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    lines = f"{type(chain[0]).__name__}: {chain[0]}".strip().splitlines()
+    out = lines[:1] + (["    ..."] if len(lines) > 13 else []) + lines[max(1, len(lines) - 12):]
+    for cause in chain[1:]:
+        text = " ".join(f"{cause}".split())
+        out.append(f"caused by {type(cause).__name__}: {text if cause is chain[-1] else text[:160] + ' ...'}")
+    return "\n".join(out)
+
+
+def run(archs=ARCHS, kernels: list[str] | None = None, jobs: int | None = None, progress=None) -> list[Result]:
+    """Compile every variant, `jobs` processes at a time (default: one per CPU)."""
+    todo = variants(archs, kernels)
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        results = []
+        for v in todo:
+            results.append(compile_variant(v))
+            if progress:
+                progress(results[-1])
+        return results
+    import multiprocessing
+
+    # fork: the workers inherit the imported modules (and the kernels' source as this process read it)
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        results = []
+        for r in pool.map(compile_variant, todo, chunksize=1):
+            results.append(r)
+            if progress:
+                progress(r)
+    return results
+
+
+def report(results: list[Result], seconds: float) -> str:
+    import triton
+
+    fails = [r for r in results if not r.ok]
+    by_kernel = {}
+    for r in results:
+        k = by_kernel.setdefault((r.variant.kernel, r.variant.arch), [0, 0, 0])
+        k[0] += 1
+        k[1] += not r.ok
+        k[2] = max(k[2], r.shared)
+    lines = [f"{len(results)} compiles with Triton {triton.__version__}, {len(fails)} failed, {seconds:.0f} s"]
+    lines += [f"  {name} sm_{arch}: {n} variants, {bad} failed, largest shared memory {shared} B"
+              for (name, arch), (n, bad, shared) in sorted(by_kernel.items())]
+    for r in fails:
+        lines += ["", f"FAILED {r.variant.describe()}", *("    " + line for line in r.error.splitlines())]
+    return "\n".join(lines)
+
+
+@dataclass
+class Args:
+    arch: list[int] = field(default_factory=lambda: list(ARCHS))
+    kernel: list[str] | None = None
+    jobs: int | None = None
+    verbose: bool = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bitnet.kernels.compile_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default: 90 80)")
+    p.add_argument("--kernel", nargs="+", choices=sorted(VARIANTS), help="only these kernels (default: all)")
+    p.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per CPU)")
+    p.add_argument("--verbose", action="store_true", help="one line per compile")
+    args = Args(**vars(p.parse_args(argv)))
+    unguarded = kernel_names_in_sources() - set(VARIANTS)
+    if unguarded:
+        print(f"kernels the guard does not know how to launch: {sorted(unguarded)} (add them to VARIANTS)")
+        return 1
+    import triton
+
+    todo = len(variants(args.arch, args.kernel))
+    print(f"Triton {triton.__version__}: compiling {todo} variants for {', '.join(f'sm_{a}' for a in args.arch)}, "
+          f"{args.jobs or os.cpu_count()} processes", flush=True)
+    start = time.perf_counter()
+
+    def progress(r: Result):
+        if args.verbose or not r.ok:
+            print(f"{'ok  ' if r.ok else 'FAIL'} {r.seconds:5.1f}s {r.variant.describe()}", flush=True)
+
+    results = run(args.arch, args.kernel, args.jobs, progress)
+    print(report(results, time.perf_counter() - start))
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The compile guard (bitnet.kernels.compile_check): every Triton kernel compiled for sm_90 and
+sm_80 by Triton's own compiler, on a CPU, with no GPU.
+
+The rest of the suite runs the kernels in the interpreter, which proves what they compute but
+never type-checks them: a GEMM that the interpreter ran correctly for weeks did not compile on the
+first GPU. These tests run the compiler in a subprocess (this process has TRITON_INTERPRET=1 when
+there is no GPU, and the interpreter replaces every kernel by Python).
+
+- default tier: every kernel with the Triton installed here (CI's), both architectures;
+- default tier: the guard fails, naming the kernel and the cause, on the bug it exists for;
+- slow tier: the same guard with the oldest Triton that pyproject.toml allows (the floor; 3.6 is
+  the GPU machines' version), installed once into ~/.cache/bitnet-test (CI runs it as a step).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bitnet.kernels import compile_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra)
+    return env
+
+
+def _guard(*args: str, env: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitnet.kernels.compile_check", *args], env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_guard_knows_every_kernel_in_the_sources():
+    found = compile_check.kernel_names_in_sources()
+    assert {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel", "_rmsnorm_act_quant_kernel", "_unpack_kernel"} <= found
+    assert found <= set(compile_check.VARIANTS), f"kernels without compile variants: {found - set(compile_check.VARIANTS)}"
+
+
+def test_variants_cover_every_config_format_path_and_flag():
+    """The covering set's promise: per kernel, format and path, every tile config and every flag
+    combination is compiled (read off the variants, not recomputed the same way)."""
+    from bitnet.kernels.gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
+    from bitnet.kernels.gemv import CONFIGS as GEMV_CONFIGS
+
+    vs = compile_check.variants(archs=(90, 80))
+    assert {v.arch for v in vs} == {90, 80}
+    tiles = lambda v: tuple(v.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (v.num_warps, v.num_stages)  # noqa: E731
+    for p in (4, 5, 8):
+        for lanes in (4, 1):
+            gemm = [v for v in vs if v.kernel == "_gemm_kernel" and v.arch == 90 and v.constexprs["P"] == p
+                    and v.constexprs["LANES"] == lanes]
+            want = {tiles(type("V", (), {"constexprs": c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}))
+                    for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
+            assert {tiles(v) for v in gemm} == want
+            assert {(v.constexprs["SPLIT_K"] > 1) for v in gemm} == {False, True}
+            assert {(v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemm} == {
+                ("*bf16", True), ("*bf16", False), ("*fp32", True), ("*fp32", False), ("*fp16", True), ("*fp16", False),
+                ("*i32", False)}
+            assert {v.aligned for v in gemm} == {True, False}
+            gemv = [v for v in vs if v.kernel == "_gemv_kernel" and v.arch == 90 and v.constexprs["P"] == p
+                    and v.constexprs["LANES"] == lanes]
+            assert {(v.constexprs["BLOCK_R"], v.constexprs["BLOCK_U"], v.num_warps) for v in gemv} == {
+                (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_U"], c.num_warps) for c in GEMV_CONFIGS}
+            assert {(v.types["x_ptr"], v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemv} >= {
+                ("*fp32", "*fp32", True), ("*bf16", "*bf16", False), ("*fp16", "*fp16", True), ("*i8", "*i32", False),
+                ("*i8", "*bf16", True), ("*i8", "*fp32", False)}
+            assert all(v.constexprs["ASM"] for v in gemv)  # what gemv() launches on CUDA
+
+
+def test_every_kernel_compiles_for_sm90_and_sm80():
+    r = _guard("--arch", "90", "80")
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, f"the compile guard failed:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+    summary = r.stdout.splitlines()
+    counts = [line for line in summary if line.startswith("  _") and " variants, " in line]
+    assert len(counts) == 2 * len(compile_check.VARIANTS)
+    assert all(" 0 failed" in line for line in counts)
+
+
+BROKEN = '''
+import triton
+import triton.language as tl
+from bitnet.kernels import compile_check
+
+
+@triton.jit
+def _codes(w, INT8: tl.constexpr):
+    # the bug the guard was written for: two returns of different types in constexpr branches
+    if INT8:
+        return w.to(tl.int8)
+    return w
+
+
+@triton.jit
+def _broken_kernel(w_ptr, y_ptr, INT8: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    c = _codes(tl.load(w_ptr + offs), INT8)
+    tl.store(y_ptr + offs, c.to(tl.int32))
+
+
+v = compile_check.Variant("_broken_kernel", dict(INT8=True, BLOCK=64), dict(w_ptr="*i32", y_ptr="*i32"))
+r = compile_check.compile_variant(v, fn=_broken_kernel)
+print("OK" if r.ok else "FAILED " + v.describe())
+print(r.error)
+'''
+
+
+def test_guard_fails_on_two_return_types_and_names_the_cause(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text(textwrap.dedent(BROKEN))
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith("FAILED _broken_kernel sm_90 [INT8=True BLOCK=64]"), out
+    assert re.search(r"return type", out, re.IGNORECASE) and "_codes" in out, out
+
+
+def _triton_floor() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    m = re.search(r'"triton>=([0-9.]+)', text)
+    assert m, "pyproject.toml names no triton floor"
+    return m.group(1)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_with_the_oldest_supported_triton():
+    """The floor in pyproject.toml is the Triton checked here: it is installed (once, cached) into
+    its own folder and put first on the path of the guard's process, for sm_90 (the GPU machines')."""
+    floor = _triton_floor()
+    version = floor if floor.count(".") == 2 else floor + ".0"
+    target = Path(os.environ.get("BITNET_TEST_CACHE", Path.home() / ".cache" / "bitnet-test")) / f"triton-{version}"
+    if not (target / "triton" / "__init__.py").exists():
+        install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                                  f"triton=={version}"], capture_output=True, text=True, timeout=900)
+        assert install.returncode == 0, f"could not install triton=={version}:\n{install.stderr[-3000:]}"
+    env = _env(PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    r = _guard("--arch", "90", env=env, timeout=1800)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.stdout.startswith(f"Triton {version}:"), f"the guard did not run with Triton {version}:\n{r.stdout[:500]}"
+    assert r.returncode == 0, f"the compile guard failed with Triton {version}:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
