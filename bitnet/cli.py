@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules whose import registers subcommands with @command.
-COMMAND_MODULES = ["bitnet.commands", "bitnet.generation"]
+COMMAND_MODULES = ["bitnet.commands", "bitnet.generation", "bitnet.serve.server"]
 
 
 def _load_commands() -> None:

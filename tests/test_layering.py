@@ -33,7 +33,7 @@ FLOORS = {
     3: ("layers", ["bitnet.ops", "bitnet.bitlinear", "bitnet.model"]),
     4: ("over the model", ["bitnet.checkpoint", "bitnet.convert", "bitnet.generation", "bitnet.evaluate",
                            "bitnet.train", "bitnet.train.*", "bitnet.experiment", "bitnet.report", "bitnet.plots",
-                           "bitnet.bench", "bitnet.hf", "bitnet.gguf_export"]),
+                           "bitnet.bench", "bitnet.hf", "bitnet.gguf_export", "bitnet.serve", "bitnet.serve.*"]),
     5: ("top", ["bitnet.cli", "bitnet.commands", "bitnet.__main__", "bitnet"]),
 }
 THIN_DIRS = ("scripts", "benchmarks")  # thin over the library

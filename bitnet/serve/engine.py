@@ -1,0 +1,287 @@
+"""The serving engine: continuous batching of generation requests over one model, in a thread of
+its own. It knows nothing of HTTP: a request comes in as token ids and sampling parameters, its
+tokens go out one by one through a callback.
+
+    engine = Engine(model, max_batch=8, max_seq_len=1024)       # the KV cache: 8 rows of 1024 tokens
+    engine.start()
+    rid = engine.submit(prompt_ids, SamplingParams(max_tokens=32), emit)   # emit(Output) per token
+    engine.cancel(rid)                                           # client gone: the slot is free next step
+    engine.stop()                                                # drain: finish what is running and queued
+
+Each step (bitnet.serve.scheduler plans it) admits waiting requests into free slots, prefills
+newcomers' prompts (in chunks of at most `prefill_chunk` tokens a step), then decodes one token for
+every running sequence in one batched forward (bitnet.serve.runner), samples each row with its own
+parameters and emits the tokens. A sequence ends at an EOS token (finish_reason "stop"), at
+max_tokens ("length"), when cancelled, or when the model fails on it ("error"); its slot is free
+for the next step.
+
+Faults stay with their request: a prefill that raises fails that request alone; a batched decode
+that raises is retried row by row, and only the rows that fail alone are failed. The thread
+survives anything a step raises.
+
+Greedy rows are the argmax of logits that equal a lone `generate`'s bit for bit on packed models
+(bitnet.serve.runner), so each stream gets its solo greedy output whatever else runs beside it.
+With a `seed`, a sampled row draws from its own torch.Generator seeded with it, as `generate` with
+`generator=torch.Generator().manual_seed(seed)` does: the same tokens as that lone call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation import sample
+from .runner import ModelRunner
+from .scheduler import QueueFull, Scheduler
+from .scheduler import Sequence as Seq
+
+log = logging.getLogger("bitnet.serve")
+
+__all__ = ["ContextOverflow", "Engine", "EngineClosed", "Output", "QueueFull", "SamplingParams"]
+
+
+class ContextOverflow(ValueError):
+    """prompt + max_tokens does not fit a cache row (max_seq_len)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is draining or stopped: it takes no new request."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
+
+    def check(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+
+
+@dataclass(frozen=True)
+class Output:
+    """One event of a request: a token (with finish_reason on the last one), or an end without
+    a token (finish_reason "error" with `error`, or "cancelled"). `time`: time.perf_counter()."""
+
+    token: int | None
+    finish_reason: str | None = None
+    error: str | None = None
+    time: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Output], None]
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    arrived: float
+    last_token: int | None = None
+
+
+class Engine:
+    def __init__(self, model, *, max_batch: int = 4, max_seq_len: int | None = None, max_queue: int = 64,
+                 prefill_chunk: int = 256, eos_token_ids: Sequence[int] = ()):
+        context = model.config.max_position_embeddings
+        self.max_seq_len = min(max_seq_len or context, context)
+        self.max_batch, self.vocab_size = max_batch, model.config.vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.runner = ModelRunner(model, max_batch, self.max_seq_len)
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
+        self._cond = threading.Condition()
+        self._seqs: dict[int, Seq] = {}
+        self._ids = itertools.count()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._seconds_per_request = 1.0  # running mean of request durations, for Retry-After
+        self.steps = 0
+        self.last_batch = 0  # sequences decoded in the last step
+
+    # ----------------------------------------------------------------------------- the interface
+    @property
+    def num_running(self) -> int:
+        return self.max_batch - self.scheduler.free_slots
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="bitnet-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, emit: Callable[[Output], None]) -> int:
+        """Queue a request; returns its id. ValueError for bad input (ContextOverflow when prompt +
+        max_tokens exceed max_seq_len), QueueFull when the queue is full, EngineClosed when draining.
+        `emit` is called from the engine's thread, once per token and once at the end if that has no token."""
+        prompt = list(prompt)
+        params.check()
+        if not prompt:
+            raise ValueError("empty prompt: a request needs at least one prompt token")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise ContextOverflow(
+                f"this model's maximum context length is {self.max_seq_len} tokens (--max-seq-len); the prompt has "
+                f"{len(prompt)} tokens and max_tokens asks for {params.max_tokens} more: ask for at most "
+                f"{max(self.max_seq_len - len(prompt), 0)} new tokens or shorten the prompt")
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(self.runner.device)
+            generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the server is shutting down and takes no new requests")
+            rid = next(self._ids)
+            req = _Request(rid, prompt, params, emit, frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids),
+                           generator, time.perf_counter())
+            seq = Seq(rid, len(prompt), params.max_tokens, payload=req)
+            self.scheduler.add(seq)  # raises QueueFull
+            self._seqs[rid] = seq
+            self._cond.notify()
+        return rid
+
+    def cancel(self, rid: int) -> bool:
+        """Drop a request (queued or running); its slot is free for the next step. False if it had ended."""
+        with self._cond:
+            seq = self._seqs.pop(rid, None)
+            if seq is None:
+                return False
+            self.scheduler.cancel(seq)
+        self._emit(seq.payload, Output(None, "cancelled"))
+        return True
+
+    def retry_after(self) -> int:
+        """Seconds after which a refused request may find room: about one request's duration over
+        the slots (a queue place frees when a running request ends)."""
+        return max(1, math.ceil(self._seconds_per_request / self.max_batch))
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new requests; with drain, finish the running and queued ones first, else cancel
+        them. Returns when the thread has ended (or after timeout seconds)."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                for rid in list(self._seqs):
+                    seq = self._seqs.pop(rid)
+                    self.scheduler.cancel(seq)
+                    self._emit(seq.payload, Output(None, "cancelled"))
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.runner.close()
+
+    # ----------------------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self.scheduler.has_work() and not self._closing:
+                    self._cond.wait()
+                if not self.scheduler.has_work():
+                    return  # closing and drained
+                step = self.scheduler.schedule()
+            try:
+                self._step(step)
+            except Exception as e:  # a bug of the engine itself: the step's requests fail, the thread lives
+                log.exception("engine step failed")
+                for seq in [s for s, _, _ in step.prefill] + step.decode:
+                    self._fail(seq, e)
+            self.steps += 1
+
+    def _step(self, step) -> None:
+        for seq, start, end in step.prefill:
+            if seq.finished:
+                continue
+            req = seq.payload
+            try:
+                logits = self.runner.prefill(seq.slot, req.prompt[start:end], start)
+            except Exception as e:
+                self._fail(seq, e)
+                continue
+            if end == seq.prompt_len:
+                self._emit_tokens([seq], logits[None])
+        rows = [s for s in step.decode if not s.finished]
+        self.last_batch = len(rows)
+        if not rows:
+            return
+        try:
+            logits = self._decode(rows)
+        except Exception:  # find who: each row alone; the others go on
+            ok, parts = [], []
+            for seq in rows:
+                try:
+                    parts.append(self._decode([seq]))
+                    ok.append(seq)
+                except Exception as e:
+                    self._fail(seq, e)
+            rows, logits = ok, (torch.cat(parts) if parts else None)
+        if rows:
+            self._emit_tokens(rows, logits)
+
+    def _decode(self, rows: list[Seq]) -> torch.Tensor:
+        return self.runner.decode([s.slot for s in rows], [s.payload.last_token for s in rows],
+                                  [s.position for s in rows])
+
+    def _emit_tokens(self, rows: list[Seq], logits: torch.Tensor) -> None:
+        """Sample one token per row (logits (B, vocab)), emit it, end the rows that are done."""
+        tokens = logits.argmax(dim=-1).tolist()  # greedy rows (one host sync for all)
+        for i, seq in enumerate(rows):
+            p = seq.payload.params
+            if p.temperature > 0:
+                tokens[i] = int(sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, seq.payload.generator)[0])
+        now = time.perf_counter()
+        for seq, token in zip(rows, tokens):
+            req = seq.payload
+            with self._cond:
+                if seq.finished:  # cancelled while the step ran
+                    continue
+                seq.generated += 1
+                req.last_token = token
+                reason = "stop" if token in req.stop_ids else "length" if seq.generated == seq.max_new_tokens else None
+                if reason:
+                    self._end(seq, now)
+            self._emit(req, Output(token, reason, time=now))
+
+    def _end(self, seq: Seq, now: float) -> None:
+        """Free the slot (under the lock) and fold the request's duration into the running mean."""
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.id, None)
+        self._seconds_per_request += 0.2 * ((now - seq.payload.arrived) - self._seconds_per_request)
+
+    def _fail(self, seq: Seq, error: BaseException) -> None:
+        log.error("request %s failed in the model: %s: %s", seq.id, type(error).__name__, error)
+        with self._cond:
+            if seq.finished:
+                return
+            self._end(seq, time.perf_counter())
+        self._emit(seq.payload, Output(None, "error", error=f"{type(error).__name__}: {error}"))
+
+    @staticmethod
+    def _emit(req: _Request, out: Output) -> None:
+        try:
+            req.emit(out)
+        except Exception:  # a consumer that is gone (closed event loop) must not stop the engine
+            log.debug("request %s: emit failed", req.id, exc_info=True)
+

@@ -1,0 +1,414 @@
+"""Continuous batching without HTTP: the scheduler's policy (plain numbers), the runner's exactness
+(a batched decode step gives each row the logits of that sequence run alone), and the engine (solo
+greedy outputs under staggered arrivals, chunked prefill, seeded sampling, EOS, cancel, faults
+that stay with their request, the queue bound, draining). The HTTP server: tests/test_serve.py."""
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitnet import BitNetConfig, BitNetForCausalLM, freeze
+from bitnet.generation import CACHE_MULTIPLE, decode_step, generate, prefill
+from bitnet.kernels import cpu as native
+from bitnet.serve.engine import ContextOverflow, Engine, EngineClosed, SamplingParams
+from bitnet.serve.runner import ModelRunner
+from bitnet.serve.scheduler import QueueFull, Scheduler, Sequence
+
+PROMPTS = [[1, 5, 77, 3, 9, 120, 45], [1, 99, 12], [1, 64, 64, 8, 30], [7], list(range(1, 40)), [3, 3, 3, 3]]
+
+
+def tiny(linear="bitnet", dtype=torch.float32, seed=0, **kw):
+    """The tiny preset with weights large enough (std 0.05) that greedy output is not one repeated token."""
+    torch.manual_seed(seed)
+    model = BitNetForCausalLM(BitNetConfig.from_preset("tiny", linear=linear, initializer_range=0.05, **kw))
+    model = model.to(dtype).eval()
+    return freeze(model) if linear == "bitnet" else model
+
+
+# ----------------------------------------------------------------------------- the scheduler
+def seq(i, prompt_len=4, new=3):
+    return Sequence(i, prompt_len, new)
+
+
+def test_admits_in_arrival_order_into_free_slots_and_decodes_the_prefilled():
+    s = Scheduler(max_batch=2, max_queue=4, prefill_chunk=64)
+    a, b, c = seq("a"), seq("b"), seq("c")
+    for x in (a, b, c):
+        s.add(x)
+    step = s.schedule()
+    assert [(x.id, lo, hi) for x, lo, hi in step.prefill] == [("a", 0, 4), ("b", 0, 4)]
+    assert step.decode == [] and list(s.waiting) == [c] and (a.slot, b.slot) == (0, 1)
+    a.generated = b.generated = 1  # the engine emitted their first tokens (from the prefill)
+    step = s.schedule()
+    assert step.prefill == [] and step.decode == [a, b]
+    s.finish(a)  # a slot frees at once; c takes it at the next step while b keeps decoding
+    assert s.free_slots == 1
+    step = s.schedule()
+    assert c.slot == 0 and [x for x, _, _ in step.prefill] == [c] and step.decode == [b]
+
+
+def test_the_queue_is_bounded():
+    s = Scheduler(max_batch=1, max_queue=2, prefill_chunk=64)
+    for i in range(3):  # one for the free slot, two waiting
+        s.add(seq(i))
+    with pytest.raises(QueueFull, match=r"0 running and 3 waiting \(max_queue 2\)"):
+        s.add(seq(3))
+    s.schedule()  # 0 takes the slot, 1 and 2 wait: still full
+    with pytest.raises(QueueFull, match="1 running and 2 waiting"):
+        s.add(seq(4))
+    s.finish(s.running[0])  # a free slot takes the next one: room for one more
+    s.add(seq(5))
+    with pytest.raises(QueueFull):
+        s.add(seq(6))
+    with pytest.raises(ValueError, match="a prompt and a token"):
+        Scheduler(1, 1, 1).add(seq(9, prompt_len=0))
+
+
+def test_long_prompts_go_in_chunks_while_the_others_decode():
+    s = Scheduler(max_batch=2, max_queue=4, prefill_chunk=256)
+    a = seq("a", prompt_len=5, new=100)
+    s.add(a)
+    s.schedule()
+    a.generated = 1
+    long = seq("long", prompt_len=600)
+    s.add(long)
+    chunks = []
+    for _ in range(3):
+        step = s.schedule()
+        assert step.decode == [a]  # a decodes at every step of the long prefill
+        chunks += [(lo, hi) for x, lo, hi in step.prefill]
+    assert chunks == [(0, 256), (256, 512), (512, 600)] and long.prefill_done
+
+
+def test_a_whole_prompt_is_not_split_to_fill_the_budget():
+    s = Scheduler(max_batch=3, max_queue=4, prefill_chunk=10)
+    a, b, c = seq("a", 6), seq("b", 6), seq("c", 3)
+    for x in (a, b, c):
+        s.add(x)
+    # b fits in a chunk but not in what a left of this step's budget: it waits, and c behind it too
+    assert [(x.id, lo, hi) for x, lo, hi in s.schedule().prefill] == [("a", 0, 6)]
+    assert [(x.id, lo, hi) for x, lo, hi in s.schedule().prefill] == [("b", 0, 6), ("c", 0, 3)]
+
+
+def test_cancel_takes_a_sequence_out_of_the_queue_or_its_slot():
+    s = Scheduler(max_batch=1, max_queue=4, prefill_chunk=64)
+    a, b, c = seq("a"), seq("b"), seq("c")
+    for x in (a, b, c):
+        s.add(x)
+    s.schedule()
+    s.cancel(b)  # waiting
+    s.cancel(a)  # running
+    assert a.finished and b.finished and s.free_slots == 1 and list(s.waiting) == [c]
+    assert [x for x, _, _ in s.schedule().prefill] == [c]
+    s.finish(c)
+    assert not s.has_work()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 6), st.integers(0, 3), st.booleans()), min_size=1,
+                max_size=25),
+       st.integers(1, 4), st.integers(1, 16))
+def test_random_traffic_keeps_the_invariants(arrivals, max_batch, chunk):
+    """Requests (prompt_len, max_new, arrival step, cancelled at admission) through the scheduler,
+    with an engine that emits one token per decode and per finished prefill: every request ends;
+    slots are never shared; a step prefills at most `chunk` tokens (one prompt alone may take a
+    whole chunk); every prefilled running sequence decodes at every step; admission is FIFO."""
+    s = Scheduler(max_batch, max_queue=len(arrivals), prefill_chunk=chunk)
+    seqs = [Sequence(i, p, n) for i, (p, n, _, _) in enumerate(arrivals)]
+    admitted, step_no = [], 0
+    while step_no < 10_000:
+        for i, (_, _, at, _) in enumerate(arrivals):
+            if at == step_no:
+                s.add(seqs[i])
+        if step_no > max(a[2] for a in arrivals) and not s.has_work():
+            break
+        before = {x.id for x in s.running}
+        step = s.schedule()
+        running = s.running
+        assert len({x.slot for x in running}) == len(running) <= max_batch
+        admitted += [x.id for x in running if x.id not in before]
+        assert sum(hi - lo for _, lo, hi in step.prefill) <= chunk
+        assert set(x.id for x in step.decode) == {x.id for x in running if x.generated > 0}
+        for x, lo, hi in step.prefill:
+            if hi == x.prompt_len:
+                x.generated = 1
+        for x in step.decode:
+            x.generated += 1
+        for x in running:
+            if x.generated >= x.max_new_tokens or (arrivals[x.id][3] and x.generated):
+                s.finish(x)
+        step_no += 1
+    assert all(x.finished for x in seqs)
+    assert admitted == sorted(admitted, key=lambda i: seqs[i].arrival)  # first come, first admitted
+
+
+# ----------------------------------------------------------------------------- the runner's premise
+@pytest.mark.skipif(not native.load(), reason="the native CPU kernels could not be built here")
+@pytest.mark.parametrize("fmt", ["2bit", "1.6bit", "1bit"])
+def test_native_kernels_give_each_row_what_it_gets_alone(fmt):
+    """The batched decode step rests on this: row r of an (M, K) call equals the (1, K) call of that
+    row, bit for bit, for M below and above the int8-GEMM threshold, and for the float heads."""
+    from bitnet.packing import pack
+
+    g = torch.Generator().manual_seed(0)
+    N, K = 96, 256
+    w_q = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
+    if fmt == "1bit":
+        w_q = torch.where(w_q >= 0, 1, -1).to(torch.int8)
+    packed, scale = pack(w_q, fmt), torch.tensor([0.0123])
+    for dtype in (torch.float32, torch.bfloat16):
+        for M in (2, 7, 16, native.LARGE_M + 3):
+            x = torch.randn(M, K, generator=g).to(dtype)
+            batched = native.linear(x, packed, scale, N, fmt)
+            alone = torch.cat([native.linear(x[r:r + 1], packed, scale, N, fmt) for r in range(M)])
+            assert torch.equal(batched, alone), (dtype, M)
+            many = native.linear_many(x, [packed, packed], [scale, scale], [N, N], fmt, [None, None])
+            assert torch.equal(many[0], alone) and torch.equal(many[1], alone)
+    head = torch.randn(300, K, generator=g)
+    x = torch.randn(16, K, generator=g)
+    rows = range(16)
+    assert torch.equal(native.bf16_linear(x, head.bfloat16(), None),
+                       torch.cat([native.bf16_linear(x[r:r + 1], head.bfloat16(), None) for r in rows]))
+    w8, s8 = head.to(torch.int8), torch.rand(300, generator=g)
+    assert torch.equal(native.int8_linear(x, w8, s8, None), torch.cat([native.int8_linear(x[r:r + 1], w8, s8, None)
+                                                                       for r in rows]))
+
+
+@torch.no_grad()
+def solo_logits(model, prompt, n):
+    """The logits of each greedy step of a lone `generate` on this prompt (its prefill, then its
+    decode steps, on a cache of generate's length)."""
+    T = len(prompt)
+    L = -(-(T + n) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    model.setup_cache(1, L)
+    key_mask = torch.ones(1, L, dtype=torch.bool)
+    out = [prefill(model, torch.tensor([prompt]), key_mask, torch.arange(T)[None])[0]]
+    for i in range(n - 1):
+        token = torch.tensor([[int(out[-1].argmax())]])
+        out.append(decode_step(model, token, torch.tensor([T + i]), torch.tensor([[T + i]]), key_mask)[0])
+    model.clear_cache()
+    return torch.stack(out)
+
+
+def staggered(runner, prompts, n, max_batch, join_every=3):
+    """Greedy decoding of every prompt through the runner, prompts joining every few steps into
+    whatever slot is free: {prompt index: logits (n, vocab)}."""
+    logits = {i: [] for i in range(len(prompts))}
+    tokens = {i: [] for i in range(len(prompts))}
+    active, pending, step = {}, list(range(len(prompts))), 0
+    while active or pending:
+        if pending and len(active) < max_batch and step % join_every == 0:
+            i = pending.pop(0)
+            slot = min(set(range(max_batch)) - set(active.values()))
+            logits[i].append(runner.prefill(slot, prompts[i], 0))
+            tokens[i].append(int(logits[i][-1].argmax()))
+            active[i] = slot
+        ids = list(active)
+        if ids:
+            out = runner.decode([active[i] for i in ids], [tokens[i][-1] for i in ids],
+                                [len(prompts[i]) + len(tokens[i]) - 1 for i in ids])
+            for r, i in enumerate(ids):
+                logits[i].append(out[r])
+                tokens[i].append(int(out[r].argmax()))
+                if len(tokens[i]) == n:
+                    del active[i]
+        step += 1
+    return {i: torch.stack(v) for i, v in logits.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_decode_gives_each_sequence_its_solo_logits_bit_for_bit(dtype):
+    """Packed model (native kernels where built, the torch path elsewhere: both exact per row),
+    sequences joining at different steps into different slots: every logit equal to the lone run's."""
+    model = tiny(dtype=dtype)
+    n = 16
+    solo = [solo_logits(model, p, n) for p in PROMPTS]
+    runner = ModelRunner(model, max_batch=3, max_seq_len=128)
+    got = staggered(runner, PROMPTS, n, 3)
+    runner.close()
+    for i in range(len(PROMPTS)):
+        assert torch.equal(got[i], solo[i]), f"prompt {i}"
+    assert len(set(solo[0].argmax(-1).tolist())) > 3  # a non-degenerate continuation
+
+
+def test_a_float_twin_batches_within_a_stated_tolerance():
+    """What is true for a model whose projections are float GEMMs: BLAS sums M = 1 and M = B rows
+    in different orders, so the batched logits differ from a lone run's in the last bits (1e-5 of
+    logits of order 1 here); its greedy tokens agree unless two logits tie that closely."""
+    model = tiny("bf16")
+    n = 12
+    solo = [solo_logits(model, p, n) for p in PROMPTS]
+    runner = ModelRunner(model, max_batch=3, max_seq_len=128)
+    got = staggered(runner, PROMPTS, n, 3)
+    runner.close()
+    for i in range(len(PROMPTS)):
+        torch.testing.assert_close(got[i], solo[i], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_gives_the_whole_prefill_logits():
+    model = tiny()
+    runner = ModelRunner(model, max_batch=2, max_seq_len=256)
+    prompt = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    whole = runner.prefill(0, prompt, 0)
+    for chunk in (16, 64, 150):
+        for start in range(0, len(prompt), chunk):
+            last = runner.prefill(1, prompt[start:start + chunk], start)
+        assert torch.equal(last, whole), chunk
+    runner.close()
+
+
+# ----------------------------------------------------------------------------- the engine
+class Collector:
+    """emit() for one request: tokens, the finish reason, the error."""
+
+    def __init__(self):
+        self.tokens, self.finish, self.error, self.done = [], None, None, threading.Event()
+
+    def __call__(self, out):
+        if out.token is not None:
+            self.tokens.append(out.token)
+        if out.finish_reason is not None:
+            self.finish, self.error = out.finish_reason, out.error
+            self.done.set()
+
+    def wait(self, timeout=60):
+        assert self.done.wait(timeout), "request did not finish"
+        return self
+
+
+def run(engine, prompts, params):
+    outs = [Collector() for _ in prompts]
+    for p, prm, c in zip(prompts, params if isinstance(params, list) else [params] * len(prompts), outs):
+        engine.submit(p, prm, c)
+    return [c.wait() for c in outs]
+
+
+def hold(model, gate: threading.Event) -> None:
+    """Every forward of the model waits for the gate (the engine's step stalls there)."""
+    def hook(module, args):
+        gate.wait(10)
+
+    model.model.embed_tokens.register_forward_pre_hook(hook)
+
+
+def until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def alone(model, prompt, n, **kw):
+    return generate(model, torch.tensor([prompt]), n, **kw)[0, len(prompt):].tolist()
+
+
+def test_engine_streams_get_their_solo_greedy_tokens():
+    """More requests than slots (so some wait), different lengths, one chunked prompt (39 tokens,
+    chunk 16): each gets exactly the tokens of generate() on its prompt alone."""
+    model = tiny()
+    n = 14
+    solo = [alone(model, p, n) for p in PROMPTS]
+    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16).start()
+    outs = run(engine, PROMPTS, SamplingParams(max_tokens=n))
+    engine.stop()
+    for i, c in enumerate(outs):
+        assert c.finish == "length" and c.tokens == solo[i], f"prompt {i}"
+    assert engine.steps > n  # batched: fewer steps than requests x tokens
+
+
+def test_engine_sampling_with_a_seed_is_generate_with_that_generator():
+    model = tiny()
+    engine = Engine(model, max_batch=2, max_seq_len=128).start()
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.95, seed=s) for s in (1, 2, 3)]
+    outs = run(engine, PROMPTS[:3], params)
+    engine.stop()
+    for p, prm, c in zip(PROMPTS, params, outs):
+        assert c.tokens == alone(model, p, 10, temperature=0.9, top_k=40, top_p=0.95,
+                                 generator=torch.Generator().manual_seed(prm.seed))
+
+
+def test_engine_stops_at_eos_and_frees_the_slot():
+    model = tiny()
+    free = alone(model, PROMPTS[0], 12)
+    eos = free[4]
+    engine = Engine(model, max_batch=1, max_seq_len=128, eos_token_ids=[eos]).start()
+    first, second = run(engine, [PROMPTS[0], PROMPTS[1]], SamplingParams(max_tokens=12))
+    engine.stop()
+    assert first.finish == "stop" and first.tokens == free[:free.index(eos) + 1]
+    assert second.finish in ("stop", "length")  # the one slot served the second request after it
+
+
+def test_cancel_frees_the_slot_for_the_next_request():
+    model = tiny()
+    gate = threading.Event()
+    hold(model, gate)
+    engine = Engine(model, max_batch=1, max_seq_len=128).start()
+    long_one, waiting = Collector(), Collector()
+    rid = engine.submit(PROMPTS[0], SamplingParams(max_tokens=100), long_one)
+    engine.submit(PROMPTS[1], SamplingParams(max_tokens=5), waiting)
+    until(lambda: engine.num_running == 1 and engine.num_waiting == 1)  # the first is in its prefill, held
+    assert engine.cancel(rid) and not engine.cancel(rid)
+    gate.set()
+    assert waiting.wait().finish == "length" and len(waiting.tokens) == 5
+    assert long_one.finish == "cancelled" and len(long_one.tokens) < 100
+    engine.stop()
+
+
+def test_a_request_that_fails_in_the_model_fails_alone():
+    """A poison token makes the model raise: in a prompt (prefill), and as a token one request
+    generates (a batched decode step, retried row by row): only that request fails, the others get
+    their solo tokens, and the engine keeps serving."""
+    model = tiny()
+    n = 10
+    prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[4]]  # continuations that do not repeat one token
+    solo = [alone(model, p, n) for p in prompts]
+    # a token that request 1 generates first at step j >= 2 and that nothing else holds
+    others = {t for i, s in enumerate(solo) for t in s + prompts[i] if i != 1} | set(prompts[1])
+    j = next(j for j in range(2, n - 1) if solo[1][j] not in others | set(solo[1][:j]))
+    poison = solo[1][j]
+
+    def hook(module, args):
+        if (args[0] == poison).any():
+            raise RuntimeError("poisoned")
+
+    model.model.embed_tokens.register_forward_pre_hook(hook)
+    engine = Engine(model, max_batch=3, max_seq_len=128).start()
+    outs = run(engine, prompts + [[poison, 5]], SamplingParams(max_tokens=n))
+    # request 1 emits the poison, then the decode step that feeds it fails
+    assert outs[1].finish == "error" and "poisoned" in outs[1].error and outs[1].tokens == solo[1][:j + 1]
+    assert outs[3].finish == "error" and outs[3].tokens == []  # failed in its prefill
+    assert outs[0].tokens == solo[0] and outs[2].tokens == solo[2]
+    assert run(engine, [PROMPTS[0]], SamplingParams(max_tokens=n))[0].tokens == solo[0]  # still serving
+    engine.stop()
+
+
+def test_engine_refuses_what_it_cannot_hold():
+    model = tiny(max_position_embeddings=64)
+    gate = threading.Event()
+    hold(model, gate)
+    engine = Engine(model, max_batch=1, max_seq_len=32, max_queue=1).start()
+    with pytest.raises(ContextOverflow, match="maximum context length is 32 tokens.*at most 29 new"):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=30), Collector())
+    for bad, match in [(SamplingParams(max_tokens=0), "max_tokens"), (SamplingParams(temperature=-1), "temperature"),
+                       (SamplingParams(top_p=0.0), "top_p"), (SamplingParams(top_k=0), "top_k")]:
+        with pytest.raises(ValueError, match=match):
+            engine.submit([1], bad, Collector())
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        engine.submit([1, 512], SamplingParams(), Collector())
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit([], SamplingParams(), Collector())
+    a, b = Collector(), Collector()
+    engine.submit([1, 2], SamplingParams(max_tokens=3), a)  # takes the slot
+    engine.submit([1, 2], SamplingParams(max_tokens=3), b)  # waits
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2], SamplingParams(max_tokens=3), Collector())
+    assert engine.retry_after() >= 1
+    gate.set()
+    engine.stop()  # drains: both finish
+    assert a.wait().finish == b.wait().finish == "length"
+    with pytest.raises(EngineClosed):
+        engine.submit([1, 2], SamplingParams(), Collector())
