@@ -15,10 +15,12 @@ compiler, or a failed build: one warning naming the cause, and callers fall back
 path (`available()` is False).
 
 Instruction sets, chosen at run time from what the CPU has, capped by BITNET_CPU_ISA
-("scalar" | "avx2" | "avx512" on x86-64, "scalar" | "neon" on AArch64; read at load) or
-`set_isa(...)` (tests use it to cover every path on one machine): "avx512" = AVX-512 F/BW/VL with
-VNNI dot products (vpdpbusd), "avx2" = AVX2 maddubs, "neon" = NEON with the dot-product extension
-(sdot), "scalar" = portable C++. Threads: torch's intra-op threads (torch.set_num_threads).
+("scalar" | "avx2" | "avx512" | "amx" on x86-64, "scalar" | "neon" on AArch64; read at load) or
+`set_isa(...)` (tests use it to cover every path on one machine): "amx" = "avx512" with the packed
+matmuls on the AMX-INT8 tile unit (Sapphire Rapids and later, where Linux grants the process the
+tile data), "avx512" = AVX-512 F/BW/VL with VNNI dot products (vpdpbusd), "avx2" = AVX2 maddubs,
+"neon" = NEON with the dot-product extension (sdot), "scalar" = portable C++. Threads: torch's
+intra-op threads (torch.set_num_threads).
 
 Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.compile):
     linear(x, packed, scale, n, fmt, bias=None) -> y          x (..., K) -> y (..., n), x's dtype
@@ -49,7 +51,7 @@ import warnings
 import torch
 
 # instruction-set levels, lowest first (the C++ enum Isa): x86-64 and AArch64 name them differently
-ISAS = ("scalar", "neon") if platform.machine().lower() in ("aarch64", "arm64") else ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "neon") if platform.machine().lower() in ("aarch64", "arm64") else ("scalar", "avx2", "avx512", "amx")
 LARGE_M = 48  # default rows from which the decoded int8 GEMM path runs (kept equal to the C++ default)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCE = os.path.join(CSRC, "bitnet_cpu.cpp")
@@ -217,7 +219,7 @@ def isa_cap(name: str):
     try:
         yield isa()
     finally:
-        set_isa(before if before != "none" else "avx512")
+        set_isa(before if before != "none" else ISAS[-1])
 
 
 def set_large_m(m: int) -> None:

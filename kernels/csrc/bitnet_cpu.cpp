@@ -14,7 +14,7 @@
 
 namespace bitnet_cpu {
 
-static std::atomic<int64_t> g_cap{AVX512};
+static std::atomic<int64_t> g_cap{AMX};  // no cap: the detected level
 static std::atomic<int64_t> g_large_m{48};
 
 static int64_t active_isa() { return std::min<int64_t>(kDetected, g_cap.load()); }
