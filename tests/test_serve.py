@@ -1,0 +1,473 @@
+"""`bitnet serve`, the real thing: uvicorn on 127.0.0.1 on a free port, driven by the official
+`openai` client and by raw HTTP. Solo greedy outputs for concurrent clients (completions, chat
+through the folder's chat template, streamed and not), the bad-input and auth tables (OpenAI's
+error body, the right 4xx), overload (429 + Retry-After), a disconnect mid-stream freeing its slot,
+a request the model fails on failing alone, /metrics through Prometheus' parser, and SIGTERM
+draining a stream of the `bitnet serve` process. The engine alone: tests/test_scheduler.py."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+REASON = "needs the serve extra and its test clients: pip install -e '.[serve]' openai httpx"
+for _module in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client", "openai", "httpx"):
+    pytest.importorskip(_module, reason=REASON)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import uvicorn  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from bitnet import BitNetConfig, BitNetForCausalLM, freeze  # noqa: E402
+from bitnet.generation import generate  # noqa: E402
+from bitnet.serve.server import ServeArgs, load  # noqa: E402
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+TEXTS = ["hello world", "a tiny corpus", "naïve café", "grüße", "tokenizer for a tiny", "world, hello", "😀", "h"]
+CONTEXT = 128
+EOS = 2  # "</s>" of the tokenizer below
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["hello world, a tiny corpus for a tiny tokenizer", "naïve café, 😀 grüße"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def write_model(path, tokenizer, chat_template=True, **kw):
+    """The tiny preset, packed, fp32, with the tokenizer (and a chat template) in its folder."""
+    torch.manual_seed(0)
+    config = BitNetConfig.from_preset("tiny", initializer_range=0.05, vocab_size=tokenizer.get_vocab_size(),
+                                      max_position_embeddings=CONTEXT, bos_token_id=1, eos_token_id=EOS, **kw)
+    model = freeze(BitNetForCausalLM(config).eval())
+    model.tokenizer_files["tokenizer.json"] = tokenizer.to_str().encode()
+    tok_config = {"bos_token": "<s>", "eos_token": "</s>", **({"chat_template": TEMPLATE} if chat_template else {})}
+    model.tokenizer_files["tokenizer_config.json"] = json.dumps(tok_config).encode()
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer):
+    return write_model(tmp_path_factory.mktemp("served"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """The same checkpoint loaded apart from the server's: the solo greedy outputs come from it."""
+    return BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def solo(model, tokenizer, ids, n):
+    """(text, finish_reason, completion tokens) of generate() on this prompt alone, greedy, the
+    model's EOS ending it as the server's does."""
+    out = generate(model, torch.tensor([ids]), n, eos_token_id=EOS)[0, len(ids):].tolist()
+    if EOS in out:
+        out = out[:out.index(EOS) + 1]
+        return tokenizer.decode(out[:-1]), "stop", len(out)
+    return tokenizer.decode(out), "length", len(out)
+
+
+class Server:
+    """`bitnet serve`'s app in uvicorn, in a thread, on a socket bound to a free port of 127.0.0.1."""
+
+    def __init__(self, folder, **kw):
+        args = ServeArgs(folder, dtype="float32", device="cpu", max_seq_len=CONTEXT, **kw)
+        self.app, self.engine, _ = load(args)
+        self.name = args.served_model_name or folder
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        until(lambda: self.uvicorn.started)
+
+    @property
+    def model(self):
+        return self.engine.runner.model
+
+    def client(self, key="none", **kw):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kw)
+
+    def async_client(self, key="none"):
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, parsed by Prometheus' own parser: {name{labels}: value}."""
+        text = httpx.get(f"{self.url}/metrics").text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def close(self):
+        self.uvicorn.should_exit = True
+        self.thread.join(30)
+
+
+def until(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    s = Server(folder, max_batch=3, max_queue=32)
+    yield s
+    s.close()
+
+
+def hook(model, fn):
+    """A forward pre-hook on the embedding (every forward passes there): the test's handle on a step."""
+    def pre_hook(module, args):
+        fn(args[0])
+
+    return model.model.embed_tokens.register_forward_pre_hook(pre_hook)
+
+
+# ----------------------------------------------------------------------------- solo outputs
+def test_completion_is_the_solo_greedy_output(server, reference, tokenizer):
+    client = server.client()
+    for text in TEXTS[:3]:
+        r = client.completions.create(model=server.name, prompt=text, max_tokens=12, temperature=0)
+        want, finish, n = solo(reference, tokenizer, tokenizer.encode(text).ids, 12)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want, finish)
+        assert r.usage.completion_tokens == n and r.usage.prompt_tokens == len(tokenizer.encode(text).ids)
+        assert r.object == "text_completion" and r.model == server.name
+    # token ids as the prompt, as OpenAI's API allows
+    ids = tokenizer.encode(TEXTS[0]).ids
+    r = client.completions.create(model=server.name, prompt=ids, max_tokens=12, temperature=0)
+    assert r.choices[0].text == solo(reference, tokenizer, ids, 12)[0]
+
+
+def test_concurrent_clients_each_get_their_solo_output(server, reference, tokenizer):
+    """8 clients at once on 3 slots (the rest queue, and join the running batch as slots free),
+    streamed and not, completions and chat: each gets exactly its prompt's solo greedy output."""
+    n = 20
+
+    async def one(i):
+        client = server.async_client()
+        text, stream = TEXTS[i], i % 2 == 0
+        if i % 3 == 2:  # chat
+            messages = [{"role": "user", "content": text}]
+            ids = tokenizer.encode(f"<s>user: {text}\nassistant:", add_special_tokens=False).ids
+            r = await client.chat.completions.create(model=server.name, messages=messages, max_tokens=n,
+                                                     temperature=0, stream=stream)
+            if stream:
+                got, finish = "", None
+                async for chunk in r:
+                    got += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+            else:
+                got, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        else:
+            ids = tokenizer.encode(text).ids
+            r = await client.completions.create(model=server.name, prompt=text, max_tokens=n, temperature=0,
+                                                stream=stream)
+            if stream:
+                got, finish = "", None
+                async for chunk in r:
+                    got += chunk.choices[0].text
+                    finish = chunk.choices[0].finish_reason or finish
+            else:
+                got, finish = r.choices[0].text, r.choices[0].finish_reason
+        await client.close()
+        return got, finish, ids
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(len(TEXTS))))
+
+    results = asyncio.run(all_of_them())
+    for got, finish, ids in results:
+        want, want_finish, _ = solo(reference, tokenizer, ids, n)
+        assert (got, finish) == (want, want_finish)
+    assert server.metrics()["bitnet_requests_running"] == 0
+
+
+def test_chat_renders_the_template_and_streams_chunks(server, reference, tokenizer):
+    client = server.client()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    ids = tokenizer.encode("<s>system: be brief\nuser: hello\nassistant:", add_special_tokens=False).ids
+    want, finish, n = solo(reference, tokenizer, ids, 16)
+    r = client.chat.completions.create(model=server.name, messages=messages, max_completion_tokens=16, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, finish)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
+    chunks = list(client.chat.completions.create(model=server.name, messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stop_strings_cut_the_text(server, reference, tokenizer):
+    client = server.client()
+    full = client.completions.create(model=server.name, prompt="hello", max_tokens=24, temperature=0).choices[0].text
+    cut = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip())  # a piece in the middle
+    r = client.completions.create(model=server.name, prompt="hello", max_tokens=24, temperature=0, stop=[cut, "zzz"])
+    assert r.choices[0].text == full[:full.index(cut)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=server.name, prompt="hello", max_tokens=24, temperature=0, stop=cut, stream=True))
+    assert streamed == full[:full.index(cut)]
+
+
+def test_seeded_sampling_is_reproducible(server):
+    client = server.client()
+
+    def run(seed):
+        return client.completions.create(model=server.name, prompt="hello", max_tokens=16, temperature=1.0,
+                                         top_p=0.9, seed=seed).choices[0].text
+
+    assert run(1) == run(1)
+    assert len({run(s) for s in (1, 2, 3)}) > 1
+
+
+def test_models_health_and_unknown_routes(server):
+    client = server.client()
+    models = client.models.list()
+    assert [m.id for m in models.data] == [server.name]
+    assert client.models.retrieve(server.name).id == server.name
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    r = httpx.get(f"{server.url}/v1/nothing")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# ----------------------------------------------------------------------------- bad input, faults
+def bad_cases(name):
+    ok = {"model": name, "prompt": "hello", "max_tokens": 4}
+    chat = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+    return [  # (endpoint, body, status, param, code)
+        ("completions", b"{not json", 400, None, None),
+        ("completions", b"[1, 2]", 400, None, None),
+        ("completions", {**ok, "model": "gpt-4o"}, 404, "model", "model_not_found"),
+        ("completions", {**ok, "prompt": "hello " * 200}, 400, "prompt", "context_length_exceeded"),
+        ("completions", {**ok, "max_tokens": 10**9}, 400, "prompt", "context_length_exceeded"),
+        ("completions", {**ok, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+        ("completions", {**ok, "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
+        ("completions", {**ok, "max_tokens": "many"}, 400, "max_tokens", "invalid_value"),
+        ("completions", {**ok, "temperature": -1}, 400, "temperature", "invalid_value"),
+        ("completions", {**ok, "temperature": 1e9}, 400, "temperature", "invalid_value"),
+        ("completions", {**ok, "top_p": 0}, 400, "top_p", "invalid_value"),
+        ("completions", {**ok, "top_p": 1.5}, 400, "top_p", "invalid_value"),
+        ("completions", {**ok, "top_k": 0}, 400, "top_k", "invalid_value"),
+        ("completions", {**ok, "seed": 2**70}, 400, "seed", "invalid_value"),
+        ("completions", {**ok, "n": 3}, 400, "n", "unsupported"),
+        ("completions", {**ok, "logprobs": 2}, 400, "logprobs", "unsupported"),
+        ("completions", {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+        ("completions", {**ok, "max_token": 4}, 400, "max_token", None),
+        ("completions", {**ok, "prompt": ""}, 400, "prompt", "invalid_value"),
+        ("completions", {**ok, "prompt": [1, 99999]}, 400, "prompt", "invalid_value"),
+        ("completions", {**ok, "prompt": ["one", "two"]}, 400, "prompt", "unsupported"),
+        ("completions", {"prompt": "hello"}, 400, "model", "invalid_value"),
+        ("chat/completions", {**chat, "messages": []}, 400, "messages", "invalid_value"),
+        ("chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role",
+         "invalid_value"),
+        ("chat/completions", {**chat, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+         "messages", "unsupported"),
+        ("chat/completions", {**chat, "max_tokens": 10**6}, 400, "messages", "context_length_exceeded"),
+        ("chat/completions", {**chat, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
+    ]
+
+
+def test_bad_input_is_an_openai_error_and_the_server_stays_up(server):
+    for endpoint, body, status, param, code in bad_cases(server.name):
+        kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+        r = httpx.post(f"{server.url}/v1/{endpoint}", **kw)
+        err = r.json()["error"]
+        assert (r.status_code, err["param"]) == (status, param), (body, r.text)
+        assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"] == "invalid_request_error"
+        if code is not None:
+            assert err["code"] == code, (body, err)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.client().completions.create(model=server.name, prompt="hello", max_tokens=500)
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="nope", prompt="hello")
+    assert server.client().completions.create(model=server.name, prompt="hello", max_tokens=3).usage.completion_tokens
+    assert server.metrics()['bitnet_requests_total{endpoint=completions,status=400}'] >= 20
+
+
+def test_a_request_the_model_fails_on_fails_alone(server, reference, tokenizer):
+    poison = tokenizer.encode("café").ids[-1]
+
+    def raise_on_poison(ids):
+        if (ids == poison).any():
+            raise RuntimeError("poisoned input")
+
+    handle = hook(server.model, raise_on_poison)
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": server.name, "prompt": "naïve café", "max_tokens": 4})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "model_error" and "poisoned" in r.json()["error"]["message"]
+        with pytest.raises(openai.APIError, match="poisoned"):
+            list(server.client().completions.create(model=server.name, prompt="naïve café", max_tokens=4, stream=True))
+        r = server.client().completions.create(model=server.name, prompt="hello world", max_tokens=8, temperature=0)
+        assert r.choices[0].text == solo(reference, tokenizer, tokenizer.encode("hello world").ids, 8)[0]
+    finally:
+        handle.remove()
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    slow = hook(server.model, lambda ids: time.sleep(0.01))  # >= 10 ms a step: 100 tokens take > 1 s
+    try:
+        before = server.metrics()["bitnet_generation_tokens_total"]
+        body = {"model": server.name, "prompt": "hello", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
+            assert len(got) >= 2 and server.metrics()["bitnet_requests_running"] == 1
+        # the connection is closed: the slot frees within a step, long before the 100 tokens
+        until(lambda: server.metrics()["bitnet_requests_running"] == 0, timeout=5)
+        time.sleep(0.1)
+        assert server.metrics()["bitnet_generation_tokens_total"] - before < 60
+    finally:
+        slow.remove()
+
+
+def test_metrics_parse_and_count(server, tokenizer):
+    client = server.client()
+    before = server.metrics()
+    for stream in (False, True):
+        r = client.completions.create(model=server.name, prompt="hello world", max_tokens=6, temperature=0, stream=stream)
+        if stream:
+            list(r)
+    after = server.metrics()
+    key = "bitnet_requests_total{endpoint=completions,status=200}"
+    assert after[key] - before.get(key, 0) == 2
+    prompt = len(tokenizer.encode("hello world").ids)
+    assert after["bitnet_prompt_tokens_total"] - before["bitnet_prompt_tokens_total"] == 2 * prompt
+    assert after["bitnet_generation_tokens_total"] - before["bitnet_generation_tokens_total"] <= 2 * 6
+    assert after["bitnet_time_to_first_token_seconds_count"] - before["bitnet_time_to_first_token_seconds_count"] == 2
+    assert after["bitnet_inter_token_latency_seconds_count"] - before["bitnet_inter_token_latency_seconds_count"] >= 2
+    assert after["bitnet_request_duration_seconds_count"] > before["bitnet_request_duration_seconds_count"]
+    assert after["bitnet_batch_slots"] == 3 and after["bitnet_requests_waiting"] == 0
+
+
+# ----------------------------------------------------------------------------- auth, overload, no template
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, tokenizer):
+    """A server with an API key, one slot, a queue of one, and a folder without a chat template."""
+    s = Server(write_model(tmp_path_factory.mktemp("bare"), tokenizer, chat_template=False), api_key="sekret",
+               max_batch=1, max_queue=1, served_model_name="bare")
+    yield s
+    s.close()
+
+
+def test_api_key_table(guarded):
+    url = f"{guarded.url}/v1/completions"
+    body = {"model": "bare", "prompt": "hello", "max_tokens": 2}
+    for headers, status in [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": "sekret"}, 401),
+                            ({"Authorization": "Basic sekret"}, 401), ({"Authorization": "Bearer sekret"}, 200)]:
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == status, headers
+        if status == 401:
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.post(url, content=b"{bad", headers={"Authorization": "Bearer x"}).status_code == 401  # auth first
+    assert httpx.get(f"{guarded.url}/v1/models").status_code == 401
+    assert httpx.get(f"{guarded.url}/health").status_code == 200  # probes need no key
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client("wrong").completions.create(model="bare", prompt="hello", max_tokens=2)
+    assert guarded.client("sekret").completions.create(model="bare", prompt="hello", max_tokens=2).usage
+
+
+def test_chat_without_a_template_is_a_clear_400(guarded):
+    with pytest.raises(openai.BadRequestError, match="no chat template") as e:
+        guarded.client("sekret").chat.completions.create(model="bare", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "chat_template_missing"
+
+
+def test_overload_is_429_with_retry_after(guarded):
+    gate = threading.Event()
+    held = hook(guarded.model, lambda ids: gate.wait(20))
+    client = guarded.client("sekret")
+    try:
+        with httpx.Client(headers={"Authorization": "Bearer sekret"}, timeout=30) as http:
+            body = {"model": "bare", "prompt": "hello", "max_tokens": 3, "temperature": 0}
+            url = f"{guarded.url}/v1/completions"
+            first = threading.Thread(target=http.post, args=(url,), kwargs={"json": body})
+            first.start()
+            until(lambda: guarded.engine.num_running == 1)  # in the slot, held at its prefill
+            second = threading.Thread(target=http.post, args=(url,), kwargs={"json": body})
+            second.start()
+            until(lambda: guarded.engine.num_waiting == 1)
+            r = http.post(url, json=body)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "queue_full"
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(**body)
+            gate.set()
+            first.join(10)
+            second.join(10)
+        assert client.completions.create(**body).usage.completion_tokens == 3  # room again
+    finally:
+        gate.set()
+        held.remove()
+
+
+# ----------------------------------------------------------------------------- the command, SIGTERM
+def test_sigterm_drains_a_running_stream(folder):
+    """`bitnet serve` as a process: a stream is running when SIGTERM comes; it still gets all its
+    tokens, the process exits, and then nothing listens on the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BITNET_API_KEY": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet", "serve", folder, "--port", str(port), "--dtype", "float32",
+                             "--device", "cpu", "--max-batch", "2", "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        until(up, timeout=60)
+        n = CONTEXT - 8
+        body = {"model": folder, "prompt": "hello", "max_tokens": n, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        chunks, at_signal = [], None
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                chunks.append(line[5:].strip())
+                if at_signal is None:
+                    proc.send_signal(signal.SIGTERM)
+                    at_signal = len(chunks)
+        assert chunks[-1] == "[DONE]"
+        usage = json.loads(chunks[-2])["usage"]
+        finishes = [json.loads(c)["choices"][0]["finish_reason"] for c in chunks[:-2]]
+        assert usage["completion_tokens"] == n and finishes[-1] == "length"
+        assert at_signal < len(chunks) - 3  # the stream was under way when the signal came
+        # uvicorn re-raises the signal once it has shut down: the exit status says SIGTERM, as it was asked
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
