@@ -649,8 +649,9 @@ static void amx_configure(int mb) {
   _tile_loadconfig(&cfg);
 }
 
-// A tile's 16 code rows of packed rows r .. r + G - 1 (those below r1) at k .. k + 63: row g P + i
-// holds slice i of packed row r + g; rows of packed rows at or past r1 stay zero.
+// A tile's 16 code rows of packed rows r .. r + G - 1 (those below r1) at k .. k + 63: row i G + g
+// holds slice i of packed row r + g (slice-major: rows i G .. i G + G - 1 are the G consecutive
+// output features r + i R ..); rows of packed rows at or past r1 stay zero.
 template <int FMT>
 static inline void amx_decode(const uint8_t* W, int64_t K, int64_t r, int64_t r1, int64_t k, uint8_t* a) {
   constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
@@ -664,7 +665,7 @@ static inline void amx_decode(const uint8_t* W, int64_t K, int64_t r, int64_t r1
     } else {
       for (int i = 0; i < P; ++i) c[i] = _mm512_setzero_si512();
     }
-    for (int i = 0; i < P; ++i) _mm512_store_si512(a + (g * P + i) * 64, c[i]);
+    for (int i = 0; i < P; ++i) _mm512_store_si512(a + (i * G + g) * 64, c[i]);
   }
 }
 
@@ -675,14 +676,26 @@ static inline void amx_scatter(int T, int64_t r, int64_t r1, int64_t R, int64_t 
                                int32_t* acc, int64_t ldc) {
   constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
   constexpr int G = 16 / P;
-  for (int g = 0; g < G; ++g) {
-    const int64_t pr = r + T * G + g;
-    if (pr >= r1) break;
-    for (int i = 0; i < P; ++i) {
-      const int64_t row = pr + i * R;
-      if (row >= N) break;
-      for (int j = 0; j < mb; ++j) acc[j * ldc + row] = cbuf[(g * P + i) * mb + j];
-    }
+  const int64_t pr = r + T * G;  // the tile's first packed row
+  const int64_t rows = std::min<int64_t>(G, r1 - pr);
+  if (rows <= 0) return;
+  // Column j of the tile (16 code rows of token j) in one gather; slice i's G rows are G
+  // consecutive output features from pr + i R: one masked store each puts lanes i G .. i G + n - 1
+  // at those features (masked-off lanes are neither written nor touched).
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(mb));
+  __mmask16 mask[P];
+  for (int i = 0; i < P; ++i) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(rows, N - (pr + i * R)));
+    mask[i] = static_cast<__mmask16>(((1u << n) - 1) << (i * G));
+  }
+  for (int j = 0; j < mb; ++j) {
+    const __m512i v = _mm512_i32gather_epi32(idx, cbuf + j, 4);
+    // lane i G + g goes to feature pr + i R + g (an address computed as an integer: for R < G the
+    // base of the store lies before acc, though no lane it writes does)
+    const uintptr_t out = reinterpret_cast<uintptr_t>(acc + j * ldc + pr);
+    for (int i = 0; i < P; ++i)
+      _mm512_mask_storeu_epi32(reinterpret_cast<void*>(out + (i * R - i * G) * sizeof(int32_t)), mask[i], v);
   }
 }
 
