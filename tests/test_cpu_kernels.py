@@ -258,7 +258,7 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def run_harness(compiler, tmp_path, runner=(), extra=()):
     exe = tmp_path / "kernels_test"
-    subprocess.run([compiler, "-O2", "-std=c++17", "-ffp-contract=off", *extra, "-I", CSRC, HARNESS, "-o", str(exe)],
+    subprocess.run([compiler, "-O3", "-std=c++17", "-ffp-contract=off", *extra, "-I", CSRC, HARNESS, "-o", str(exe)],
                    check=True, capture_output=True, text=True, timeout=300)
     out = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

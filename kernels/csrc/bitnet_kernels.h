@@ -636,6 +636,15 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
+// GCC 12's tileloadd (like its ldtilecfg) does not tell the optimizer that it reads memory, so
+// the stores that fill a buffer could be moved past the load that reads it (seen at -O3: wrong
+// sums); a compiler barrier before each load keeps them in order.
+#define BITNET_TILE_LOADD(tmm, base, stride)        \
+  do {                                              \
+    __asm__ __volatile__("" : : : "memory");        \
+    _tile_loadd(tmm, base, stride);                 \
+  } while (0)
+
 static void amx_configure(int mb) {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
@@ -728,18 +737,18 @@ static void codes_dot_amx(const uint8_t* W, int64_t R, int64_t K, int64_t N, int
         const int64_t k = c * 64;
         uint8_t* a0 = abuf;
         uint8_t* a1 = abuf + 1024;
-        _tile_loadd(4, &bbuf[c * 1024], mb * 4);
+        BITNET_TILE_LOADD(4, &bbuf[c * 1024], mb * 4);
         amx_decode<FMT>(W, K, r, r1, k, a0);
-        _tile_loadd(5, a0, 64);
+        BITNET_TILE_LOADD(5, a0, 64);
         _tile_dpbusd(0, 5, 4);
         amx_decode<FMT>(W, K, r + G, r1, k, a1);
-        _tile_loadd(6, a1, 64);
+        BITNET_TILE_LOADD(6, a1, 64);
         _tile_dpbusd(1, 6, 4);
         amx_decode<FMT>(W, K, r + 2 * G, r1, k, a0);
-        _tile_loadd(5, a0, 64);
+        BITNET_TILE_LOADD(5, a0, 64);
         _tile_dpbusd(2, 5, 4);
         amx_decode<FMT>(W, K, r + 3 * G, r1, k, a1);
-        _tile_loadd(6, a1, 64);
+        BITNET_TILE_LOADD(6, a1, 64);
         _tile_dpbusd(3, 6, 4);
       }
       int32_t* out = acc + m0 * ldc;
