@@ -112,13 +112,17 @@ class ModelRunner:
         rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)  # (B,)
         x = m.embed_tokens(ids)  # (B, 1, C)
         cos, sin = m.rotary(pos[:, None], x.dtype)  # (B, 1, 1, hd)
+        _, nkv, S, hd = self.caches[0].k.shape
+        # where each row's new key / value goes, as rows of the cache seen as (max_batch * nkv * S, hd)
+        heads = torch.arange(nkv, device=self.device)
+        at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (B * nkv,)
         for layer, cache in zip(m.layers, self.caches):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, rows, pos, positions)
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, at, slots, positions)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return head_rows(self.model.lm_head, m.norm(x))  # (B, vocab)
 
     @staticmethod
-    def _attention(attn, x, cos, sin, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor,
+    def _attention(attn, x, cos, sin, cache: KVCache, at: torch.Tensor, slots: Sequence[int],
                    positions: Sequence[int]) -> torch.Tensor:
         """bitnet.model.Attention.forward for one token per row at per-row cache positions."""
         B = x.shape[0]
@@ -129,12 +133,12 @@ class ModelRunner:
         v = v.view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         dtype = attention_dtype(q)
-        cache.k[rows, :, pos] = k[:, :, 0].to(cache.k.dtype)  # (B, nkv, hd) into row r, column pos[r]
-        cache.v[rows, :, pos] = v[:, :, 0].to(cache.v.dtype)
+        cache.k.view(-1, hd).index_copy_(0, at, k.reshape(B * nkv, hd).to(cache.k.dtype))  # row r -> column pos[r]
+        cache.v.view(-1, hd).index_copy_(0, at, v.reshape(B * nkv, hd).to(cache.v.dtype))
         q = q.to(dtype)
         gqa = nh != nkv
         ys = []
-        for r, (s, p) in enumerate(zip(rows.tolist(), positions)):
+        for r, (s, p) in enumerate(zip(slots, positions)):
             k_r = cache.k[s:s + 1, :, :p + 1].to(dtype)  # (1, nkv, p + 1, hd): a lone step's live window
             v_r = cache.v[s:s + 1, :, :p + 1].to(dtype)
             ys.append(F.scaled_dot_product_attention(q[r:r + 1], k_r, v_r, enable_gqa=gqa))  # (1, nh, 1, hd)
