@@ -323,7 +323,8 @@ def test_cli_generate_streams_the_greedy_continuation(tmp_path, tokenizer, capsy
     """On the CPU, held to generate() of the float32 model in this process (the CLI's default device
     is cuda where there is one: test_cli_generate_on_cuda)."""
     model = checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
-    assert main(["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    cmd = ["generate", str(tmp_path), "--device", "cpu", "--prompt", "hello world", "--max-new-tokens", "12"]
+    assert main(cmd) == 0
     out = capsys.readouterr()
     prompt_ids = tokenizer.encode("hello world").ids
     ids = generate(model, torch.tensor([prompt_ids]), 12)[0].tolist()

@@ -291,12 +291,22 @@ def test_custom_ops_pass_opcheck(triton_device):
 
 # ----------------------------------------------------------------------------- the interpreter tier beside a GPU
 INTERPRETER_RERUN = "BITNET_TEST_INTERPRETER_RERUN"  # set in the rerun, which therefore starts no other
+# The test files that drive the Triton kernels through the interpreter (test_gpu_check: the kernel
+# benchmark at M = 1); their default tier is what the rerun runs.
+INTERPRETER_TIER = ["tests/test_kernels.py", "tests/test_gpu_check.py"]
+RERUN_SECONDS = 300
+# pytest-timeout (benchmarks/gpu_check.sh runs the suite with --timeout 60): the rerun is some hundred
+# tests in one, a minute of CPU time serially; it gets its own limit where the plugin is installed.
+_rerun_timeout = (pytest.mark.timeout(RERUN_SECONDS + 30) if importlib.util.find_spec("pytest_timeout")
+                  else (lambda f: f))
 
 
+@_rerun_timeout
 def test_interpreter_tier_reruns_beside_a_gpu(triton_device):
     """With a GPU the tests above run the compiled kernels; the interpreter (what CPU CI runs, with
-    its own small blocks and split-K) would go untested on a GPU machine. So this file's default
-    tier runs again here in a subprocess that sees no GPU, under TRITON_INTERPRET=1, and must pass."""
+    its own small blocks and split-K) would go untested on a GPU machine. So the interpreter tier
+    runs again here, in a subprocess that sees no GPU, under TRITON_INTERPRET=1 (on 4 xdist workers
+    where pytest-xdist is installed), and must pass."""
     if os.environ.get(INTERPRETER_RERUN):
         pytest.skip("this is the interpreter rerun: it starts no other")
     if triton_device == "cpu":
@@ -304,13 +314,15 @@ def test_interpreter_tier_reruns_beside_a_gpu(triton_device):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "BITNET_KERNEL"}
     env.update({"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", INTERPRETER_RERUN: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda and not slow",
-           os.path.join("tests", os.path.basename(__file__))]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
+    workers = ["-n", "4"] if importlib.util.find_spec("xdist") else []
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, "-m", "not cuda and not slow",
+           *INTERPRETER_TIER]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=RERUN_SECONDS)
     lines = proc.stdout.strip().splitlines()
     summary = lines[-1] if lines else ""
     assert proc.returncode == 0 and " passed" in summary, (
-        f"the interpreter rerun ({' '.join(cmd)}) exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+        f"the interpreter rerun ({' '.join(cmd)}) exited {proc.returncode}:\n"
+        f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
 
 
 def _bench_module():
