@@ -183,12 +183,20 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training run; returns the final metrics record."""
     d, device = _setup_distributed(cfg)
     lock = RunLock(cfg.out)
+    finished = False
     try:
         _lock_run(lock, d, device)
-        return Trainer(cfg, d, device).run()
+        result = Trainer(cfg, d, device).run()
+        finished = True
+        return result
     finally:
         lock.release()
         if d.world > 1 and dist.is_initialized():
+            if finished:
+                # Every rank reaches the teardown together: a rank that tore gloo down while rank 0
+                # was still writing the export aborted now and then ("terminate called without an
+                # active exception", SIGABRT at exit; seen in test_tp under load).
+                dist.barrier()
             dist.destroy_process_group()
 
 
