@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitnet.quant import int_matmul
+
 from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, values_per_byte
 
@@ -220,8 +222,9 @@ def gemm(
 
 
 def reference_gemm(x_q, packed, n, fmt, scale=None, a=None, bias=None, out_dtype=torch.float32):
-    """The torch reference: unpack, exact integer matmul, the same float32 epilogue."""
-    acc = (x_q.long() @ reference_unpack(packed, n, fmt).long().t()).to(torch.int32)
+    """The torch reference: unpack, exact integer matmul (bitnet.quant.int_matmul: exact on any
+    device; int64 has no CUDA matmul), the same float32 epilogue."""
+    acc = int_matmul(x_q, reference_unpack(packed, n, fmt))
     if out_dtype == torch.int32:
         return acc
     y = (acc.float() * (scale.float().reshape(()) / a.reshape(-1, 1).float())).to(out_dtype)
