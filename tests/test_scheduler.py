@@ -179,17 +179,18 @@ def test_native_kernels_give_each_row_what_it_gets_alone(fmt):
 
 
 @torch.no_grad()
-def solo_logits(model, prompt, n):
+def solo_logits(model, prompt, n, device="cpu"):
     """The logits of each greedy step of a lone `generate` on this prompt (its prefill, then its
     decode steps, on a cache of generate's length)."""
     T = len(prompt)
     L = -(-(T + n) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     model.setup_cache(1, L)
-    key_mask = torch.ones(1, L, dtype=torch.bool)
-    out = [prefill(model, torch.tensor([prompt]), key_mask, torch.arange(T)[None])[0]]
+    key_mask = torch.ones(1, L, dtype=torch.bool, device=device)
+    out = [prefill(model, torch.tensor([prompt], device=device), key_mask, torch.arange(T, device=device)[None])[0]]
     for i in range(n - 1):
-        token = torch.tensor([[int(out[-1].argmax())]])
-        out.append(decode_step(model, token, torch.tensor([T + i]), torch.tensor([[T + i]]), key_mask)[0])
+        token = torch.tensor([[int(out[-1].argmax())]], device=device)
+        out.append(decode_step(model, token, torch.tensor([T + i], device=device),
+                               torch.tensor([[T + i]], device=device), key_mask)[0])
     model.clear_cache()
     return torch.stack(out)
 
@@ -412,3 +413,20 @@ def test_engine_refuses_what_it_cannot_hold():
     assert a.wait().finish == b.wait().finish == "length"
     with pytest.raises(EngineClosed):
         engine.submit([1, 2], SamplingParams(), Collector())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batched_decode_on_cuda_gives_each_sequence_its_solo_logits(dtype):
+    """On a GPU (Triton kernels for the packed layers, cuBLAS for the head row by row, one masked
+    SDPA over the static cache as a lone GPU step runs it): staggered sequences get the logits of
+    their lone runs bit for bit (seen on an H200, bf16 and fp32)."""
+    model = tiny(dtype=dtype).to("cuda")
+    n = 10
+    prompts = PROMPTS[:4]
+    solo = [solo_logits(model, p, n, device="cuda") for p in prompts]
+    runner = ModelRunner(model, max_batch=3, max_seq_len=128)
+    got = staggered(runner, prompts, n, 3)
+    runner.close()
+    for i in range(len(prompts)):
+        assert torch.equal(got[i], solo[i]), f"prompt {i}"

@@ -14,7 +14,9 @@ modules, with only the attention's cache read/write done per row:
 - embedding, RMSNorms, the seven projections and the MLP run on all rows at once: the packed
   kernels are exact per row (int32 sums, per-row activation scales, the same float32 epilogue), and
   the native RMSNorm / RoPE are row-wise, so row r of the batch equals that row run alone;
-- attention runs row by row over that row's keys [0, position], the shapes of a lone decode step;
+- attention runs as a lone step runs it: on the CPU row by row over that row's keys [0, position]
+  (eager CPU decode reads the live window, no mask); on a GPU in one call over the whole static
+  cache with each row's keys after its query masked (a lone GPU step's shapes and mask, batched);
 - the lm_head runs all rows at once where its kernel is exact per row (the native bf16 and int8
   heads of packed models on the CPU), else row by row (a float GEMM blocks M = 1 and M = B
   differently: the last bits would differ from a lone run).
@@ -83,7 +85,9 @@ class ModelRunner:
         layers = self.model.model.layers
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
         input_pos = torch.arange(start, end, device=self.device)  # (T,)
-        key_mask = torch.ones(1, end, dtype=torch.bool, device=self.device)  # no padding in a slot
+        # no padding in a slot: every key up to the query is real (the causal mask stops at the query;
+        # the model reads a CPU cache up to the last slot written, a GPU one whole, static shapes)
+        key_mask = torch.ones(1, self.max_seq_len, dtype=torch.bool, device=self.device)
         try:
             for layer, view in zip(layers, self._slot_views[slot]):
                 layer.self_attn.kv_cache = view
@@ -137,12 +141,25 @@ class ModelRunner:
         cache.v.view(-1, hd).index_copy_(0, at, v.reshape(B * nkv, hd).to(cache.v.dtype))
         q = q.to(dtype)
         gqa = nh != nkv
-        ys = []
-        for r, (s, p) in enumerate(zip(slots, positions)):
-            k_r = cache.k[s:s + 1, :, :p + 1].to(dtype)  # (1, nkv, p + 1, hd): a lone step's live window
-            v_r = cache.v[s:s + 1, :, :p + 1].to(dtype)
-            ys.append(F.scaled_dot_product_attention(q[r:r + 1], k_r, v_r, enable_gqa=gqa))  # (1, nh, 1, hd)
-        y = torch.cat(ys).to(x.dtype).transpose(1, 2).reshape(B, 1, nh * hd)  # (B, 1, nh*hd)
+        if x.device.type == "cpu":  # as a lone eager CPU step: no mask, the live window [0, p] of its row
+            ys = []
+            for r, (s, p) in enumerate(zip(slots, positions)):
+                k_r = cache.k[s:s + 1, :, :p + 1].to(dtype)  # (1, nkv, p + 1, hd)
+                v_r = cache.v[s:s + 1, :, :p + 1].to(dtype)
+                ys.append(F.scaled_dot_product_attention(q[r:r + 1], k_r, v_r, enable_gqa=gqa))  # (1, nh, 1, hd)
+            y = torch.cat(ys)  # (B, nh, 1, hd)
+        else:  # as a lone GPU step (static shapes): the whole row, keys after the query masked; one call
+            S = cache.k.shape[2]
+            if list(slots) == list(range(B)):
+                k_b, v_b = cache.k[:B], cache.v[:B]  # (B, nkv, S, hd) views
+            else:
+                rows = torch.tensor(list(slots), device=x.device)
+                k_b, v_b = cache.k.index_select(0, rows), cache.v.index_select(0, rows)
+            pos = torch.tensor(list(positions), device=x.device)
+            mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # (B, S)
+            y = F.scaled_dot_product_attention(q, k_b.to(dtype), v_b.to(dtype), attn_mask=mask[:, None, None, :],
+                                               enable_gqa=gqa)  # (B, nh, 1, hd)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, 1, nh * hd)  # (B, 1, nh*hd)
         if attn.attn_sub_norm is not None:
             y = attn.attn_sub_norm(y)
         return attn.o_proj(y)
