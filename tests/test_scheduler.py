@@ -15,7 +15,7 @@ from bitnet import BitNetConfig, BitNetForCausalLM, freeze
 from bitnet.generation import CACHE_MULTIPLE, decode_step, generate, prefill
 from bitnet.kernels import cpu as native
 from bitnet.serve.engine import ContextOverflow, Engine, EngineClosed, SamplingParams
-from bitnet.serve.runner import ModelRunner
+from bitnet.serve.runner import ModelRunner, Segment
 from bitnet.serve.scheduler import QueueFull, Scheduler, Sequence
 
 PROMPTS = [[1, 5, 77, 3, 9, 120, 45], [1, 99, 12], [1, 64, 64, 8, 30], [7], list(range(1, 40)), [3, 3, 3, 3]]
@@ -196,23 +196,26 @@ def solo_logits(model, prompt, n, device="cpu"):
 
 
 def staggered(runner, prompts, n, max_batch, join_every=3):
-    """Greedy decoding of every prompt through the runner, prompts joining every few steps into
-    whatever slot is free: {prompt index: logits (n, vocab)}."""
+    """Greedy decoding of every prompt through the runner, a prompt joining every few steps into
+    whatever slot is free: its prefill in the same forward as the others' decode tokens (one
+    runner.step). {prompt index: logits (n, vocab)}."""
     logits = {i: [] for i in range(len(prompts))}
     tokens = {i: [] for i in range(len(prompts))}
     active, pending, step = {}, list(range(len(prompts))), 0
     while active or pending:
+        segments, owners = [], []
+        for i, slot in active.items():
+            segments.append(Segment(slot, [tokens[i][-1]], len(prompts[i]) + len(tokens[i]) - 1))
+            owners.append(i)
         if pending and len(active) < max_batch and step % join_every == 0:
             i = pending.pop(0)
             slot = min(set(range(max_batch)) - set(active.values()))
-            logits[i].append(runner.prefill(slot, prompts[i], 0))
-            tokens[i].append(int(logits[i][-1].argmax()))
+            segments.insert(len(segments) // 2, Segment(slot, prompts[i], 0))  # amid the decode rows
+            owners.insert(len(owners) // 2, i)
             active[i] = slot
-        ids = list(active)
-        if ids:
-            out = runner.decode([active[i] for i in ids], [tokens[i][-1] for i in ids],
-                                [len(prompts[i]) + len(tokens[i]) - 1 for i in ids])
-            for r, i in enumerate(ids):
+        if segments:
+            out = runner.step(segments)
+            for r, i in enumerate(owners):
                 logits[i].append(out[r])
                 tokens[i].append(int(out[r].argmax()))
                 if len(tokens[i]) == n:
@@ -224,7 +227,8 @@ def staggered(runner, prompts, n, max_batch, join_every=3):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_decode_gives_each_sequence_its_solo_logits_bit_for_bit(dtype):
     """Packed model (native kernels where built, the torch path elsewhere: both exact per row),
-    sequences joining at different steps into different slots: every logit equal to the lone run's."""
+    sequences joining at different steps into different slots, each newcomer's prefill in one
+    forward with the others' decode tokens: every logit equal to the lone run's."""
     model = tiny(dtype=dtype)
     n = 16
     solo = [solo_logits(model, p, n) for p in PROMPTS]

@@ -8,16 +8,16 @@ tokens go out one by one through a callback.
     engine.cancel(rid)                                           # client gone: the slot is free next step
     engine.stop()                                                # drain: finish what is running and queued
 
-Each step (bitnet.serve.scheduler plans it) admits waiting requests into free slots, prefills
-newcomers' prompts (in chunks of at most `prefill_chunk` tokens a step), then decodes one token for
-every running sequence in one batched forward (bitnet.serve.runner), samples each row with its own
-parameters and emits the tokens. A sequence ends at an EOS token (finish_reason "stop"), at
+Each step (bitnet.serve.scheduler plans it) admits waiting requests into free slots and runs ONE
+forward (bitnet.serve.runner) over the newcomers' prompt chunks (at most `prefill_chunk` tokens a
+step) and one token of every running sequence, samples each row with its own parameters and emits
+the tokens. A sequence ends at an EOS token (finish_reason "stop"), at
 max_tokens ("length"), when cancelled, or when the model fails on it ("error"); its slot is free
 for the next step.
 
-Faults stay with their request: a prefill that raises fails that request alone; a batched decode
-that raises is retried row by row, and only the rows that fail alone are failed. The thread
-survives anything a step raises.
+Faults stay with their request: a step that raises is retried sequence by sequence, and only the
+sequences that fail alone are failed (the others' cache columns are simply written again). The
+thread survives anything a step raises.
 
 Greedy rows are the argmax of logits that equal a lone `generate`'s bit for bit on packed models
 (bitnet.serve.runner), so each stream gets its solo greedy output whatever else runs beside it.
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import sample
-from .runner import ModelRunner
+from .runner import ModelRunner, Segment
 from .scheduler import QueueFull, Scheduler
 from .scheduler import Sequence as Seq
 
@@ -211,38 +211,31 @@ class Engine:
             self.steps += 1
 
     def _step(self, step) -> None:
-        for seq, start, end in step.prefill:
-            if seq.finished:
-                continue
-            req = seq.payload
-            try:
-                logits = self.runner.prefill(seq.slot, req.prompt[start:end], start)
-            except Exception as e:
-                self._fail(seq, e)
-                continue
-            if end == seq.prompt_len:
-                self._emit_tokens([seq], logits[None])
-        rows = [s for s in step.decode if not s.finished]
-        self.last_batch = len(rows)
-        if not rows:
+        """One forward for the step's prefill chunks and decode tokens (bitnet.serve.runner)."""
+        work = [(seq, Segment(seq.slot, seq.payload.prompt[lo:hi], lo, logits=hi == seq.prompt_len))
+                for seq, lo, hi in step.prefill if not seq.finished]
+        decode = [s for s in step.decode if not s.finished]
+        work += [(seq, Segment(seq.slot, [seq.payload.last_token], seq.position)) for seq in decode]
+        self.last_batch = len(decode)
+        if not work:
             return
         try:
-            logits = self._decode(rows)
-        except Exception:  # find who: each row alone; the others go on
-            ok, parts = [], []
-            for seq in rows:
+            logits = self.runner.step([seg for _, seg in work])
+            rows = [seq for seq, seg in work if seg.logits]
+        except Exception:  # find who: each segment alone; the others go on
+            rows, parts = [], []
+            for seq, seg in work:
                 try:
-                    parts.append(self._decode([seq]))
-                    ok.append(seq)
+                    out = self.runner.step([seg])
                 except Exception as e:
                     self._fail(seq, e)
-            rows, logits = ok, (torch.cat(parts) if parts else None)
+                    continue
+                if seg.logits:
+                    rows.append(seq)
+                    parts.append(out)
+            logits = torch.cat(parts) if parts else None
         if rows:
             self._emit_tokens(rows, logits)
-
-    def _decode(self, rows: list[Seq]) -> torch.Tensor:
-        return self.runner.decode([s.slot for s in rows], [s.payload.last_token for s in rows],
-                                  [s.position for s in rows])
 
     def _emit_tokens(self, rows: list[Seq], logits: torch.Tensor) -> None:
         """Sample one token per row (logits (B, vocab)), emit it, end the rows that are done."""

@@ -1,47 +1,65 @@
-"""The server's model runner: runs the batch the engine hands it on the model's static KV cache,
+"""The server's model runner: runs the step the engine hands it on the model's static KV cache,
 one cache row (a slot) per sequence, and nothing else (no queue, no sampling, no HTTP).
 
     runner = ModelRunner(model, max_batch=8, max_seq_len=1024)    # model.setup_cache(8, 1024)
-    logits = runner.prefill(slot=3, ids=prompt, start=0)          # (vocab,) after the prompt
-    logits = runner.decode(slots=[0, 3], tokens=[17, 4], positions=[40, 9])   # (2, vocab)
+    logits = runner.step([Segment(slot=3, tokens=prompt, start=0),           # a newcomer's prompt
+                          Segment(slot=0, tokens=[17], start=40),            # running sequences:
+                          Segment(slot=5, tokens=[4], start=9)])             # one token each
+    # logits (3, vocab): after the prompt, and the next-token logits of slots 0 and 5
 
-Every sequence keeps the layout a lone `generate` gives it: its token i in cache column i of its
-slot's row, RoPE position i. Sequences join at any step, so the rows of one decode step sit at
-different positions; `model.forward` takes one cache position for the whole batch (left padding
-aligns sequences that start together), so the decode step is written here over the model's own
-modules, with only the attention's cache read/write done per row:
+A step is a list of segments, each some tokens of one sequence at cache columns (and RoPE
+positions) start, start + 1, ...: a whole prompt, a chunk of one, or the one token of a decode
+step. All of them go through the model in ONE forward, so one pass over the weights serves the
+newcomers' prefill and every running sequence's decode (`prefill` and `decode` are that step with
+one kind of segment).
 
-- embedding, RMSNorms, the seven projections and the MLP run on all rows at once: the packed
-  kernels are exact per row (int32 sums, per-row activation scales, the same float32 epilogue), and
-  the native RMSNorm / RoPE are row-wise, so row r of the batch equals that row run alone;
-- attention runs as a lone step runs it: on the CPU row by row over that row's keys [0, position]
-  (eager CPU decode reads the live window, no mask); on a GPU in one call over the whole static
-  cache with each row's keys after its query masked (a lone GPU step's shapes and mask, batched);
-- the lm_head runs all rows at once where its kernel is exact per row (the native bf16 and int8
-  heads of packed models on the CPU), else row by row (a float GEMM blocks M = 1 and M = B
-  differently: the last bits would differ from a lone run).
+Every sequence keeps the layout a lone `generate` gives it: its token i in column i of its slot's
+row. `model.forward` takes one cache position for the whole batch (left padding aligns sequences
+that start together), so the step is written here over the model's own modules, the tokens of all
+segments side by side in one row of the activations (1, N, C):
 
-So a sequence's logits, hence its greedy tokens, are bit for bit those of `model.generate` on its
-prompt alone (tests/test_scheduler.py holds them equal on the tiny fp32 model and on a packed bf16
-model through the native kernels). A float (twin) model's projections are float GEMMs: there the
-batched rows may differ from a lone run in the last bits.
+- embedding, RMSNorms, the seven projections, RoPE and the MLP run on all N tokens at once: the
+  packed kernels are exact per row (int32 sums, per-row activation scales, the same float32
+  epilogue for any M), the native RMSNorm / RoPE are row-wise, so each token's activations are
+  those it has in a lone run;
+- attention runs per segment as a lone forward runs it. On the CPU: over the live window [0, end)
+  of its row, a causal mask for several tokens, none for one (eager CPU decode and prefill read the
+  cache up to the last column written). On a GPU: over the whole static row with the keys after
+  each query masked, the one-token segments in one batched call;
+- the lm_head runs on the last token of the segments that want logits, all at once where its
+  kernel is exact per row (the native bf16 and int8 heads of packed models on the CPU), else row by
+  row (a float GEMM blocks M = 1 and M = K differently: the last bits would differ from a lone run).
 
-Prefill runs `model.forward` itself on the slot's row alone (the layers' caches swapped for views
-of that row), with the arguments `generate`'s prefill passes; a prompt longer than the engine's
-chunk comes in several calls, `start` > 0.
+So each sequence's logits, hence its greedy tokens, are bit for bit those of `model.generate` on
+its prompt alone (tests/test_scheduler.py: tiny fp32 and bf16 packed models on the CPU, and on a
+GPU). A float (twin) model's projections are float GEMMs: there a batch may differ from a lone run
+in the last bits. A prompt cut in chunks is not a lone prefill either, but equal to it in the
+tests' chunk sizes, except that a chunk of one token takes the unmasked path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..bitlinear import Int8Linear, StreamedLinear
 from ..kernels import cpu as native
-from ..model import CacheWindow, KVCache, attention_dtype, projections
+from ..model import KVCache, attention_dtype, projections
 from ..ops import native_inference, rope
+
+
+@dataclass(frozen=True)
+class Segment:
+    """tokens[i] goes into cache column start + i of row `slot` (RoPE position start + i);
+    `logits`: return the logits after its last token."""
+
+    slot: int
+    tokens: Sequence[int]
+    start: int
+    logits: bool = True
 
 
 class ModelRunner:
@@ -55,7 +73,6 @@ class ModelRunner:
         self.device = ref.device
         model.setup_cache(max_batch, max_seq_len, dtype=attention_dtype(ref), device=ref.device)
         self.caches: list[KVCache] = [layer.self_attn.kv_cache for layer in model.model.layers]
-        self._slot_views = [self._views(s) for s in range(max_batch)]
 
     def cache_bytes(self) -> int:
         return sum(c.k.numel() * c.k.element_size() * 2 for c in self.caches)
@@ -63,103 +80,106 @@ class ModelRunner:
     def close(self) -> None:
         self.model.clear_cache()
 
-    def _views(self, slot: int) -> list[KVCache]:
-        """Per layer, a batch-1 KVCache whose k / v are views of row `slot` of the big cache (writes
-        land in it), all sharing one CacheWindow as setup_cache's caches do."""
-        window = CacheWindow()
-        views = []
-        for big in self.caches:
-            view = KVCache(1, big.k.shape[1], 0, big.k.shape[3], big.k.dtype, big.k.device, window)
-            view.k, view.v = big.k[slot:slot + 1], big.v[slot:slot + 1]
-            views.append(view)
-        return views
-
-    # ----------------------------------------------------------------------------- prefill
-    @torch.no_grad()
+    # ----------------------------------------------------------------------------- the two kinds
     def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
-        """Prompt tokens ids (their positions start..start+len-1) into row `slot`; logits (vocab,)
-        of the last one."""
-        end = start + len(ids)
-        if not ids or end > self.max_seq_len:
-            raise ValueError(f"prefill of tokens [{start}, {end}) does not fit a cache row of {self.max_seq_len}")
-        layers = self.model.model.layers
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
-        input_pos = torch.arange(start, end, device=self.device)  # (T,)
-        # no padding in a slot: every key up to the query is real (the causal mask stops at the query;
-        # the model reads a CPU cache up to the last slot written, a GPU one whole, static shapes)
-        key_mask = torch.ones(1, self.max_seq_len, dtype=torch.bool, device=self.device)
-        try:
-            for layer, view in zip(layers, self._slot_views[slot]):
-                layer.self_attn.kv_cache = view
-            out = self.model(input_ids, attention_mask=key_mask, position_ids=input_pos[None], input_pos=input_pos,
-                             logits_to_keep=1)
-        finally:
-            for layer, big in zip(layers, self.caches):
-                layer.self_attn.kv_cache = big
-        return out.logits[0, -1]
+        """Prompt tokens ids at columns start.. of row `slot`; logits (vocab,) after the last one."""
+        return self.step([Segment(slot, list(ids), start)])[0]
 
-    # ----------------------------------------------------------------------------- decode
-    @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One token per sequence: tokens[r] at cache column positions[r] of row slots[r], attending
-        to that row's columns [0, positions[r]]; logits (B, vocab)."""
-        B = len(slots)
-        if not (B == len(tokens) == len(positions)) or B == 0:
-            raise ValueError(f"decode needs as many slots, tokens and positions, at least one: {B}, {len(tokens)}, "
+        """One token per sequence, tokens[r] at column positions[r] of row slots[r]; logits (B, vocab)."""
+        if not len(slots) == len(tokens) == len(positions):
+            raise ValueError(f"decode needs as many slots, tokens and positions: {len(slots)}, {len(tokens)}, "
                              f"{len(positions)}")
-        if len(set(slots)) != B or max(positions) >= self.max_seq_len or min(positions) < 0:
-            raise ValueError(f"decode: slots must differ and positions lie in [0, {self.max_seq_len}): {slots}, "
-                             f"{positions}")
-        m = self.model.model
-        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        pos = torch.tensor(list(positions), dtype=torch.long, device=self.device)  # (B,)
-        rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)  # (B,)
-        x = m.embed_tokens(ids)  # (B, 1, C)
-        cos, sin = m.rotary(pos[:, None], x.dtype)  # (B, 1, 1, hd)
-        _, nkv, S, hd = self.caches[0].k.shape
-        # where each row's new key / value goes, as rows of the cache seen as (max_batch * nkv * S, hd)
-        heads = torch.arange(nkv, device=self.device)
-        at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (B * nkv,)
-        for layer, cache in zip(m.layers, self.caches):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, at, slots, positions)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return head_rows(self.model.lm_head, m.norm(x))  # (B, vocab)
+        return self.step([Segment(s, [t], p) for s, t, p in zip(slots, tokens, positions)])
 
-    @staticmethod
-    def _attention(attn, x, cos, sin, cache: KVCache, at: torch.Tensor, slots: Sequence[int],
-                   positions: Sequence[int]) -> torch.Tensor:
-        """bitnet.model.Attention.forward for one token per row at per-row cache positions."""
-        B = x.shape[0]
+    # ----------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, segments: Sequence[Segment]) -> torch.Tensor:
+        """One forward over every segment's tokens; logits (number of segments with logits, vocab),
+        in segment order."""
+        segs = list(segments)
+        if not segs or any(not s.tokens for s in segs):
+            raise ValueError("a step needs at least one segment, each with at least one token")
+        if len({s.slot for s in segs}) != len(segs) or not all(0 <= s.slot < self.max_batch for s in segs):
+            raise ValueError(f"a step's segments need distinct slots in [0, {self.max_batch}): {[s.slot for s in segs]}")
+        if any(s.start < 0 or s.start + len(s.tokens) > self.max_seq_len for s in segs):
+            raise ValueError(f"tokens beyond a cache row of {self.max_seq_len}: "
+                             f"{[(s.start, s.start + len(s.tokens)) for s in segs]}")
+        m, dev = self.model.model, self.device
+        ids = torch.tensor([t for s in segs for t in s.tokens], dtype=torch.long, device=dev)[None]  # (1, N)
+        pos = torch.tensor([s.start + i for s in segs for i in range(len(s.tokens))], device=dev)  # (N,)
+        rows = torch.tensor([s.slot for s in segs for _ in s.tokens], dtype=torch.long, device=dev)  # (N,)
+        x = m.embed_tokens(ids)  # (1, N, C)
+        cos, sin = m.rotary(pos[None], x.dtype)  # (1, 1, N, hd)
+        _, nkv, S, hd = self.caches[0].k.shape
+        # where each token's key / value goes, as rows of the cache seen as (max_batch * nkv * S, hd)
+        heads = torch.arange(nkv, device=dev)
+        at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (N * nkv,)
+        for layer, cache in zip(m.layers, self.caches):
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, at, segs)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        ends, offset = [], 0
+        for s in segs:
+            offset += len(s.tokens)
+            if s.logits:
+                ends.append(offset - 1)
+        if not ends:
+            return torch.empty(0, self.model.config.vocab_size, device=dev)
+        last = x[0, ends][:, None]  # (K, 1, C): the last token of each segment that wants logits
+        return head_rows(self.model.lm_head, m.norm(last))  # (K, vocab)
+
+    def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """bitnet.model.Attention.forward over the segments side by side, x (1, N, C)."""
+        N = x.shape[1]
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
         q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj)
-        q = q.view(B, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
-        k = k.view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
-        v = v.view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
+        q = q.view(1, N, nh, hd).transpose(1, 2)  # (1, nh, N, hd)
+        k = k.view(1, N, nkv, hd).transpose(1, 2)  # (1, nkv, N, hd)
+        v = v.view(1, N, nkv, hd).transpose(1, 2)  # (1, nkv, N, hd)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         dtype = attention_dtype(q)
-        cache.k.view(-1, hd).index_copy_(0, at, k.reshape(B * nkv, hd).to(cache.k.dtype))  # row r -> column pos[r]
-        cache.v.view(-1, hd).index_copy_(0, at, v.reshape(B * nkv, hd).to(cache.v.dtype))
+        # token n's key / value (all heads) into column pos[n] of row rows[n]
+        cache.k.view(-1, hd).index_copy_(0, at, k[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.k.dtype))
+        cache.v.view(-1, hd).index_copy_(0, at, v[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.v.dtype))
         q = q.to(dtype)
         gqa = nh != nkv
-        if x.device.type == "cpu":  # as a lone eager CPU step: no mask, the live window [0, p] of its row
-            ys = []
-            for r, (s, p) in enumerate(zip(slots, positions)):
-                k_r = cache.k[s:s + 1, :, :p + 1].to(dtype)  # (1, nkv, p + 1, hd)
-                v_r = cache.v[s:s + 1, :, :p + 1].to(dtype)
-                ys.append(F.scaled_dot_product_attention(q[r:r + 1], k_r, v_r, enable_gqa=gqa))  # (1, nh, 1, hd)
-            y = torch.cat(ys)  # (B, nh, 1, hd)
-        else:  # as a lone GPU step (static shapes): the whole row, keys after the query masked; one call
-            S = cache.k.shape[2]
-            if list(slots) == list(range(B)):
+        cpu = x.device.type == "cpu"
+        ys: list[torch.Tensor | None] = []
+        singles = []  # GPU: the one-token segments, attended in one call
+        offset = 0
+        for i, s in enumerate(segs):
+            T, end = len(s.tokens), s.start + len(s.tokens)
+            q_s = q[:, :, offset:offset + T]  # (1, nh, T, hd)
+            offset += T
+            if not cpu and T == 1:
+                singles.append(i)
+                ys.append(None)
+                continue
+            S = end if cpu else cache.k.shape[2]  # the CPU reads the live window, a GPU the static row
+            k_s = cache.k[s.slot:s.slot + 1, :, :S].to(dtype)  # (1, nkv, S, hd)
+            v_s = cache.v[s.slot:s.slot + 1, :, :S].to(dtype)
+            mask = None
+            if T > 1 or not cpu:  # a lone CPU step of one token sees its whole window: no mask
+                columns = torch.arange(S, device=x.device)
+                mask = (torch.arange(s.start, end, device=x.device)[:, None] >= columns[None, :])[None, None]  # (1, 1, T, S)
+            ys.append(F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=gqa))  # (1, nh, T, hd)
+        if singles:
+            B, S = len(singles), cache.k.shape[2]
+            slots = [segs[i].slot for i in singles]
+            if slots == list(range(B)):
                 k_b, v_b = cache.k[:B], cache.v[:B]  # (B, nkv, S, hd) views
             else:
-                rows = torch.tensor(list(slots), device=x.device)
-                k_b, v_b = cache.k.index_select(0, rows), cache.v.index_select(0, rows)
-            pos = torch.tensor(list(positions), device=x.device)
-            mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # (B, S)
-            y = F.scaled_dot_product_attention(q, k_b.to(dtype), v_b.to(dtype), attn_mask=mask[:, None, None, :],
-                                               enable_gqa=gqa)  # (B, nh, 1, hd)
-        y = y.to(x.dtype).transpose(1, 2).reshape(B, 1, nh * hd)  # (B, 1, nh*hd)
+                idx = torch.tensor(slots, device=x.device)
+                k_b, v_b = cache.k.index_select(0, idx), cache.v.index_select(0, idx)
+            starts = torch.tensor([segs[i].start for i in singles], device=x.device)
+            mask = torch.arange(S, device=x.device)[None, :] <= starts[:, None]  # (B, S)
+            offsets = torch.tensor([sum(len(s.tokens) for s in segs[:i]) for i in singles], device=x.device)
+            q_b = q[0].index_select(1, offsets).transpose(0, 1)[:, :, None]  # (B, nh, 1, hd)
+            y_b = F.scaled_dot_product_attention(q_b, k_b.to(dtype), v_b.to(dtype), attn_mask=mask[:, None, None, :],
+                                                 enable_gqa=gqa)  # (B, nh, 1, hd)
+            for j, i in enumerate(singles):
+                ys[i] = y_b[j:j + 1]
+        y = torch.cat(ys, dim=2).to(x.dtype).transpose(1, 2).reshape(1, N, nh * hd)  # (1, N, nh*hd)
         if attn.attn_sub_norm is not None:
             y = attn.attn_sub_norm(y)
         return attn.o_proj(y)
