@@ -362,6 +362,10 @@ def test_metrics_parse_and_count(server, tokenizer):
     assert after["bitnet_inter_token_latency_seconds_count"] - before["bitnet_inter_token_latency_seconds_count"] >= 2
     assert after["bitnet_request_duration_seconds_count"] > before["bitnet_request_duration_seconds_count"]
     assert after["bitnet_batch_slots"] == 3 and after["bitnet_requests_waiting"] == 0
+    steps = sum(after.get(f"bitnet_step_seconds_count{{kind={k}}}", 0) - before.get(f"bitnet_step_seconds_count{{kind={k}}}", 0)
+                for k in ("decode", "prefill", "mixed"))
+    assert steps == 2 * 6  # one prefill step and five decode steps a request (they ran one after the other)
+    assert after["bitnet_prefill_tokens_total"] - before["bitnet_prefill_tokens_total"] == 2 * prompt
 
 
 # ----------------------------------------------------------------------------- auth, overload, no template

@@ -115,6 +115,8 @@ class Engine:
         self._seconds_per_request = 1.0  # running mean of request durations, for Retry-After
         self.steps = 0
         self.last_batch = 0  # sequences decoded in the last step
+        # called after each step with (seconds, prompt tokens prefilled, sequences decoded): metrics
+        self.on_step: Callable[[float, int, int], None] | None = None
 
     # ----------------------------------------------------------------------------- the interface
     @property
@@ -202,6 +204,7 @@ class Engine:
                 if not self.scheduler.has_work():
                     return  # closing and drained
                 step = self.scheduler.schedule()
+            t0 = time.perf_counter()
             try:
                 self._step(step)
             except Exception as e:  # a bug of the engine itself: the step's requests fail, the thread lives
@@ -209,6 +212,11 @@ class Engine:
                 for seq in [s for s, _, _ in step.prefill] + step.decode:
                     self._fail(seq, e)
             self.steps += 1
+            if self.on_step is not None:
+                try:
+                    self.on_step(time.perf_counter() - t0, sum(hi - lo for _, lo, hi in step.prefill), len(step.decode))
+                except Exception:
+                    log.debug("on_step failed", exc_info=True)
 
     def _step(self, step) -> None:
         """One forward for the step's prefill chunks and decode tokens (bitnet.serve.runner)."""

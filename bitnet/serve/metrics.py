@@ -11,6 +11,8 @@ app, so that several servers in one process (tests) do not share counters.
     bitnet_time_to_first_token_seconds            request received -> first token (histogram)
     bitnet_inter_token_latency_seconds            between two tokens of one request (histogram)
     bitnet_request_duration_seconds               request received -> last token (histogram)
+    bitnet_step_seconds{kind}                     one engine step: decode, prefill, or mixed (histogram)
+    bitnet_prefill_tokens_total                   prompt tokens run through the model (chunks included)
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.duration = Histogram("bitnet_request_duration_seconds", "Request received to its last token",
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("bitnet_step_seconds", "One engine step (one forward): decode only, prefill only, or both",
+                              ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prefilled = Counter("bitnet_prefill_tokens", "Prompt tokens run through the model", registry=r)
+        engine.on_step = self._on_step
+
+    def _on_step(self, seconds: float, prefill_tokens: int, decoded: int) -> None:  # the engine's thread
+        kind = "mixed" if prefill_tokens and decoded else "prefill" if prefill_tokens else "decode"
+        self.step.labels(kind).observe(seconds)
+        self.prefilled.inc(prefill_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
