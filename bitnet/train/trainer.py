@@ -85,7 +85,7 @@ class TrainConfig:
     lr: float | None = arg(None, help="peak learning rate (default: the size's recipe, bitnet.train.recipes)")
     schedule: str | None = arg(None, help="LR schedule (default: two-stage for bitnet/bitnet1, cosine for bf16)",
                                choices=list(SCHEDULES))
-    warmup_steps: int | None = arg(None, help="linear warm-up steps (default: 5%% of max_steps)")
+    warmup_steps: int | None = arg(None, help="linear warm-up steps (default: the recipe's, e.g. 40%% of max_steps at tiny)")
     min_lr_ratio: float | None = arg(None, help="final LR as a fraction of the peak (default 0.1)")
     stage2_ratio: float | None = arg(None, help="two-stage: peak LR of the second half, as a fraction of the first "
                                      "(default: the recipe's, 0.4 for the small presets)")
