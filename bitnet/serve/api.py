@@ -153,15 +153,18 @@ class Generation:
 
 # ----------------------------------------------------------------------------- the app
 def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api_key: str | None = None,
-              drain_timeout: float = 30.0) -> FastAPI:
+              drain_timeout: float = 30.0, manage_engine: bool = True) -> FastAPI:
+    """The ASGI app. manage_engine: the app's startup starts the engine's loop in a thread and its
+    shutdown stops it (in-process servers); `bitnet serve` runs the loop in its main thread instead."""
     metrics = Metrics(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        if manage_engine:
+            engine.start()
         yield
-        # uvicorn has waited for the open connections (drained); what is left is cancelled
-        await anyio.to_thread.run_sync(lambda: engine.stop(drain=False, timeout=drain_timeout))
+        if manage_engine:  # uvicorn has waited for the open connections (drained); what is left is cancelled
+            await anyio.to_thread.run_sync(lambda: engine.stop(drain=False, timeout=drain_timeout))
 
     app = FastAPI(title="bitnet serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics = engine, metrics
@@ -200,6 +203,8 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
     # ----- the plain routes
     @app.get("/health")
     async def health():
+        if not engine.running:
+            raise APIError(503, "the engine is not running", type="server_error", code="engine_down")
         return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
 
     @app.get("/metrics")

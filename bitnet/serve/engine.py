@@ -112,6 +112,7 @@ class Engine:
         self._ids = itertools.count()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._running = False
         self._seconds_per_request = 1.0  # running mean of request durations, for Retry-After
         self.steps = 0
         self.last_batch = 0  # sequences decoded in the last step
@@ -127,11 +128,29 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def running(self) -> bool:
+        """The loop is running (in its thread or in the caller of run())."""
+        return self._running
+
     def start(self) -> "Engine":
+        """Run the loop in a thread of its own (tests, in-process servers). `bitnet serve` calls
+        run() in its main thread instead: see run()."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="bitnet-engine", daemon=True)
             self._thread.start()
         return self
+
+    def run(self, until: Callable[[], bool], poll: float = 0.2) -> None:
+        """Run the loop in the calling thread until until() is true and nothing is left to do.
+
+        `bitnet serve` runs the engine in its main thread and uvicorn in another: torch's OpenMP
+        threads were made by the main thread (loading the model), and a loop in a second thread
+        gets a second team of them. More threads than cores makes libgomp stop spinning between
+        parallel regions, and every region then waits for its threads to wake: on 2 cores the
+        700m decode step took 1.5-1.8x as long from a second thread (41 vs 28 ms at one sequence,
+        140 vs 81 ms at 16)."""
+        self._loop(until, poll)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, emit: Callable[[Output], None]) -> int:
         """Queue a request; returns its id. ValueError for bad input (ContextOverflow when prompt +
@@ -196,27 +215,38 @@ class Engine:
             self.runner.close()
 
     # ----------------------------------------------------------------------------- the loop
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self.scheduler.has_work() and not self._closing:
-                    self._cond.wait()
-                if not self.scheduler.has_work():
-                    return  # closing and drained
-                step = self.scheduler.schedule()
-            t0 = time.perf_counter()
+    def _loop(self, until: Callable[[], bool] | None = None, poll: float = 0.2) -> None:
+        self._running = True
+        try:
+            while self._once(until, poll):
+                pass
+        finally:
+            self._running = False
+
+    def _once(self, until, poll) -> bool:
+        """Wait for work and run one step; False once closing (or until()) and drained."""
+        with self._cond:
+            while not self.scheduler.has_work() and not self._closing:
+                if until is not None and until():
+                    return False
+                self._cond.wait(poll if until is not None else None)
+            if not self.scheduler.has_work():
+                return False  # closing and drained
+            step = self.scheduler.schedule()
+        t0 = time.perf_counter()
+        try:
+            self._step(step)
+        except Exception as e:  # a bug of the engine itself: the step's requests fail, the loop lives
+            log.exception("engine step failed")
+            for seq in [s for s, _, _ in step.prefill] + step.decode:
+                self._fail(seq, e)
+        self.steps += 1
+        if self.on_step is not None:
             try:
-                self._step(step)
-            except Exception as e:  # a bug of the engine itself: the step's requests fail, the thread lives
-                log.exception("engine step failed")
-                for seq in [s for s, _, _ in step.prefill] + step.decode:
-                    self._fail(seq, e)
-            self.steps += 1
-            if self.on_step is not None:
-                try:
-                    self.on_step(time.perf_counter() - t0, sum(hi - lo for _, lo, hi in step.prefill), len(step.decode))
-                except Exception:
-                    log.debug("on_step failed", exc_info=True)
+                self.on_step(time.perf_counter() - t0, sum(hi - lo for _, lo, hi in step.prefill), len(step.decode))
+            except Exception:
+                log.debug("on_step failed", exc_info=True)
+        return True
 
     def _step(self, step) -> None:
         """One forward for the step's prefill chunks and decode tokens (bitnet.serve.runner)."""

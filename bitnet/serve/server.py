@@ -58,9 +58,9 @@ def check_extra() -> None:
         raise RuntimeError(f"{EXTRA_HINT}; missing here: {', '.join(missing)}")
 
 
-def load(args: ServeArgs):
-    """(app, engine, description) for these arguments: the model loaded, the engine built (not
-    started: the app's startup starts it)."""
+def load(args: ServeArgs, manage_engine: bool = True):
+    """(app, engine, description) for these arguments: the model loaded, the engine built, not
+    started (manage_engine: the app's startup starts it in a thread, else the caller runs it)."""
     check_extra()
     import torch
 
@@ -90,7 +90,8 @@ def load(args: ServeArgs):
                     prefill_chunk=args.prefill_chunk, eos_token_ids=eos_token_ids(model))
     name = args.served_model_name or args.model
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_API_KEY") or None
-    app = build_app(engine, tokenizer, name, api_key=api_key, drain_timeout=args.drain_timeout)
+    app = build_app(engine, tokenizer, name, api_key=api_key, drain_timeout=args.drain_timeout,
+                    manage_engine=manage_engine)
     from ..ops import describe_cpu_backend
 
     kernels = f"packed layers: {describe_cpu_backend()}" if device.type == "cpu" else f"device {device}"
@@ -106,11 +107,32 @@ def load(args: ServeArgs):
 def serve_cmd(args: ServeArgs) -> None:
     """Serve a model over OpenAI's HTTP API (completions, chat, streaming) with continuous batching."""
     check_extra()
+    import signal
+    import threading
+
     import uvicorn
 
-    app, engine, description = load(args)
+    app, engine, description = load(args, manage_engine=False)
     print(f"bitnet serve: {description}", file=sys.stderr)
     print(f"bitnet serve: http://{args.host}:{args.port}/v1 (GET /health, /metrics)", file=sys.stderr, flush=True)
     logging.getLogger("bitnet.serve").setLevel(args.log_level.upper())
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout)
+    # uvicorn in a thread, the engine in this one: the main thread made torch's OpenMP threads
+    # (Engine.run says why that matters); the signals are caught here and passed on to uvicorn.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout))
+    http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+
+    def on_signal(signum, frame):
+        if server.should_exit:  # a second Ctrl-C: do not wait for the streams
+            server.force_exit = True
+        server.should_exit = True  # stop accepting, let the open requests finish (drain), then end
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    http.start()
+    try:
+        engine.run(until=lambda: not http.is_alive())
+    finally:
+        engine.stop(drain=False)
+    if not server.started:
+        raise RuntimeError(f"the HTTP server did not start on {args.host}:{args.port} (see the log above)")
