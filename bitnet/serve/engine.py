@@ -137,6 +137,7 @@ class Engine:
         """Run the loop in a thread of its own (tests, in-process servers). `bitnet serve` calls
         run() in its main thread instead: see run()."""
         if self._thread is None:
+            self._running = True  # from now on, not from when the thread gets going
             self._thread = threading.Thread(target=self._loop, name="bitnet-engine", daemon=True)
             self._thread.start()
         return self
