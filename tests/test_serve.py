@@ -255,6 +255,26 @@ def test_models_health_and_unknown_routes(server):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_stop_strings_and_detokenizer_pieces(tokenizer):
+    """Text comes out whole: a stop string split over pieces still cuts, a held-back tail that
+    turns out not to be one is released, and a character split over byte-level tokens is sent
+    once complete."""
+    from bitnet.serve.text import Detokenizer, ServeTokenizer, StopStrings
+
+    stops = StopStrings(["abc", "xyz"])
+    assert [stops.feed(p) for p in ["12a", "b", "c34"]] == [("12", False), ("", False), ("", True)]
+    stops = StopStrings(["abc"])
+    assert [stops.feed(p) for p in ["12a", "bd", "e"]] + [stops.end()] == [("12", False), ("abd", False), ("e", False), ""]
+    text = "naïve café, 😀 grüße"
+    ids = tokenizer.encode(text).ids
+    detok = Detokenizer(tokenizer, tokenizer.encode("hello ").ids)
+    pieces = [detok.push(t) for t in ids] + [detok.end()]
+    assert "".join(pieces) == tokenizer.decode(ids) and not any("\ufffd" in p for p in pieces)
+    refusing = ServeTokenizer(tokenizer, "{{ raise_exception('only user messages') }}")
+    with pytest.raises(ValueError, match="only user messages"):
+        refusing.chat([{"role": "system", "content": "x"}])
+
+
 # ----------------------------------------------------------------------------- bad input, faults
 def bad_cases(name):
     ok = {"model": name, "prompt": "hello", "max_tokens": 4}

@@ -78,6 +78,14 @@ class ServeTokenizer:
             raise NoChatTemplate("this model has no chat template (no chat_template in tokenizer_config.json, no "
                                  "chat_template.jinja in its folder, no --chat-template): use /v1/completions with a "
                                  "prompt, or start the server with --chat-template FILE")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._compiled().render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except TemplateError as e:  # the template's raise_exception, or a template that does not compile
+            raise ValueError(f"the chat template refused these messages: {e}") from None
+
+    def _compiled(self):
         if self._template is None:
             from jinja2.exceptions import TemplateError
             from jinja2.ext import loopcontrols
@@ -90,12 +98,7 @@ class ServeTokenizer:
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)
-        from jinja2.exceptions import TemplateError
-
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
-        except TemplateError as e:
-            raise ValueError(f"the chat template refused these messages: {e}") from None
+        return self._template
 
     def chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
