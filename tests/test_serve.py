@@ -449,6 +449,26 @@ def test_overload_is_429_with_retry_after(guarded):
         held.remove()
 
 
+def test_a_request_dropped_at_shutdown_is_a_503(folder):
+    s = Server(folder, max_batch=1)
+    gate = threading.Event()
+    hook(s.model, lambda ids: gate.wait(20))
+    result = {}
+    body = {"model": s.name, "prompt": "hello", "max_tokens": 5}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(f"{s.url}/v1/completions", json=body, timeout=30)))
+    t.start()
+    try:
+        until(lambda: s.engine.num_running == 1)
+        threading.Timer(0.2, gate.set).start()
+        s.engine.stop(drain=False)  # what the app's shutdown does once uvicorn has waited for the connections
+        t.join(30)
+        assert result["r"].status_code == 503 and result["r"].json()["error"]["code"] == "shutting_down"
+        assert httpx.get(f"{s.url}/health").status_code == 503
+    finally:
+        gate.set()
+        s.close()
+
+
 # ----------------------------------------------------------------------------- the command, SIGTERM
 def test_sigterm_drains_a_running_stream(folder):
     """`bitnet serve` as a process: a stream is running when SIGTERM comes; it still gets all its

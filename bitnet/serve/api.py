@@ -71,6 +71,10 @@ ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_com
 DISCONNECT_POLL_S = 0.25  # a non-streamed request checks its connection this often
 
 
+class Aborted(Exception):
+    """The engine dropped a request that its client had not given up (the server is stopping)."""
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
@@ -98,6 +102,7 @@ class Generation:
         self.prompt_tokens, self.completion_tokens = len(prompt_ids), 0
         self.detok, self.stops = tokenizer.detokenizer(prompt_ids), StopStrings(stops)
         self._last: float | None = None
+        self.cancelled = False  # by us (client gone, stop string), not by the server
 
         def emit(out: Output) -> None:  # the engine's thread
             loop.call_soon_threadsafe(self.queue.put_nowait, out)
@@ -106,6 +111,7 @@ class Generation:
         metrics.prompt_tokens.inc(len(prompt_ids))
 
     def cancel(self) -> None:
+        self.cancelled = True
         self.engine.cancel(self.rid)
 
     async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
@@ -114,7 +120,9 @@ class Generation:
         while True:
             out = await self.queue.get()
             if out.finish_reason == "cancelled":
-                return
+                if self.cancelled:
+                    return
+                raise Aborted("the server cancelled this request (shutting down)")
             if out.error is not None:
                 raise RuntimeError(out.error)
             text = ""
@@ -358,6 +366,8 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
         except RuntimeError as e:
             raise APIError(500, f"the model failed on this request: {e}", type="server_error",
                            code="model_error") from None
+        except Aborted as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         finally:
             gen.cancel()  # a no-op once it has ended
         return "".join(parts), finish
@@ -375,6 +385,8 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
             except RuntimeError as e:
                 yield {"data": json.dumps(error_json(500, f"the model failed on this request: {e}", "server_error",
                                                      code="model_error"))}
+            except Aborted as e:
+                yield {"data": json.dumps(error_json(503, str(e), "server_error", code="shutting_down"))}
             finally:
                 gen.cancel()  # the client went away (sse-starlette cancelled us) or it ended: the slot is free
             yield {"data": "[DONE]"}

@@ -202,14 +202,17 @@ class Engine:
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Take no new requests; with drain, finish the running and queued ones first, else cancel
         them. Returns when the thread has ended (or after timeout seconds)."""
+        dropped = []
         with self._cond:
             self._closing = True
             if not drain:
                 for rid in list(self._seqs):
                     seq = self._seqs.pop(rid)
                     self.scheduler.cancel(seq)
-                    self._emit(seq.payload, Output(None, "cancelled"))
+                    dropped.append(seq)
             self._cond.notify()
+        for seq in dropped:
+            self._emit(seq.payload, Output(None, "cancelled"))
         if self._thread is not None:
             self._thread.join(timeout)
         if self._thread is None or not self._thread.is_alive():
