@@ -1,6 +1,7 @@
-"""The serving engine: continuous batching of generation requests over one model, in a thread of
-its own. It knows nothing of HTTP: a request comes in as token ids and sampling parameters, its
-tokens go out one by one through a callback.
+"""The serving engine: continuous batching of generation requests over one model, its loop in a
+thread of its own (start) or in the caller's (run: what `bitnet serve` does, see Engine.run). It
+knows nothing of HTTP: a request comes in as token ids and sampling parameters, its tokens go out
+one by one through a callback, called from the loop's thread.
 
     engine = Engine(model, max_batch=8, max_seq_len=1024)       # the KV cache: 8 rows of 1024 tokens
     engine.start()
@@ -11,13 +12,12 @@ tokens go out one by one through a callback.
 Each step (bitnet.serve.scheduler plans it) admits waiting requests into free slots and runs ONE
 forward (bitnet.serve.runner) over the newcomers' prompt chunks (at most `prefill_chunk` tokens a
 step) and one token of every running sequence, samples each row with its own parameters and emits
-the tokens. A sequence ends at an EOS token (finish_reason "stop"), at
-max_tokens ("length"), when cancelled, or when the model fails on it ("error"); its slot is free
-for the next step.
+the tokens. A sequence ends at an EOS token (finish_reason "stop"), at max_tokens ("length"),
+when cancelled, or when the model fails on it ("error"); its slot is free for the next step.
 
 Faults stay with their request: a step that raises is retried sequence by sequence, and only the
 sequences that fail alone are failed (the others' cache columns are simply written again). The
-thread survives anything a step raises.
+loop survives anything a step raises.
 
 Greedy rows are the argmax of logits that equal a lone `generate`'s bit for bit on packed models
 (bitnet.serve.runner), so each stream gets its solo greedy output whatever else runs beside it.
