@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -69,6 +70,15 @@ log = logging.getLogger("bitnet.serve")
 MAX_BODY_BYTES = 16 * 2**20
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
 DISCONNECT_POLL_S = 0.25  # a non-streamed request checks its connection this often
+
+
+def SSE_DRAIN(seconds: float) -> dict:
+    """sse-starlette >= 3.3 ends streams when uvicorn starts shutting down unless given a grace period
+    (older ones only on their own exit flag, which `bitnet serve` never sets): the drain timeout."""
+    return {"shutdown_grace_period": seconds} if _SSE_GRACE else {}
+
+
+_SSE_GRACE = "shutdown_grace_period" in inspect.signature(EventSourceResponse.__init__).parameters
 
 
 class Aborted(Exception):
@@ -391,7 +401,7 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
                 gen.cancel()  # the client went away (sse-starlette cancelled us) or it ended: the slot is free
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(events(), shutdown_grace_period=drain_timeout)
+        return EventSourceResponse(events(), **SSE_DRAIN(drain_timeout))
 
     return CountAndGuard(app, metrics, api_key)
 
