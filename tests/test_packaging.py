@@ -43,6 +43,14 @@ def test_license_field_builds_with_the_setuptools_floor():
         assert floor >= (77,), f"an SPDX license string needs setuptools >= 77, [build-system] says >= {floor}"
 
 
+def test_every_subpackage_is_listed_for_the_wheel():
+    # a subpackage missing from [tool.setuptools] packages is left out of a (non-editable) wheel,
+    # and the CLI, which imports bitnet.serve, then fails on every command
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {"bitnet." + p.parent.name for p in (ROOT / "bitnet").glob("*/__init__.py")}
+    assert found <= listed, f"subpackages not in [tool.setuptools] packages: {sorted(found - listed)}"
+
+
 def test_distribution_name_is_not_pypis_bitnet():
     # PyPI's "bitnet" is an unrelated project: `pip install bitnet` must not be this package's name
     assert _pyproject()["project"]["name"] != "bitnet"
@@ -66,5 +74,6 @@ def test_wheel_builds_offline_with_the_oldest_setuptools(tmp_path):
     assert r.returncode == 0, f"setuptools {floor} could not build the package:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     wheel = next(out.glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for member in ("bitnet/kernels/gemm.py", "bitnet/kernels/csrc/bitnet_cpu.cpp", "bitnet/kernels/compile_check.py"):
+    for member in ("bitnet/kernels/gemm.py", "bitnet/kernels/csrc/bitnet_cpu.cpp", "bitnet/kernels/compile_check.py",
+                   "bitnet/train/trainer.py", "bitnet/serve/server.py"):
         assert member in names, f"{member} missing from {wheel.name}"
