@@ -278,18 +278,19 @@ template <typename T>
 static at::Tensor float_rows(const at::Tensor& xf, const T* wp, int64_t N, int64_t K, const float* scale) {
   const int64_t M = xf.size(0);
   at::Tensor y32 = at::empty({M, N}, xf.options());
-  const FloatRowsFn<T> f = float_rows_fn<T>(active_isa());
+  const int64_t isa = active_isa();
   const float* xp = xf.data_ptr<float>();
   float* yp = y32.data_ptr<float>();
   constexpr int64_t kBlock = 32;
   at::parallel_for(0, (N + kBlock - 1) / kBlock, std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t n0 = b0 * kBlock; n0 < std::min(b1 * kBlock, N); n0 += kBlock) {
       const int64_t n1 = std::min(n0 + kBlock, N);
-      for (int64_t m = 0; m < M; ++m) {
-        f(wp, K, xp + m * K, n0, n1, yp + m * N + n0);
-        if (scale)
+      // every row of x against this block (each weight converted once for several rows; each
+      // row's sums exactly those of a one-row call)
+      float_rows_multi<T>(isa, wp, K, xp, K, M, n0, n1, yp + n0, N);
+      if (scale)
+        for (int64_t m = 0; m < M; ++m)
           for (int64_t n = n0; n < n1; ++n) yp[m * N + n] *= scale[n];
-      }
     }
   });
   return y32;

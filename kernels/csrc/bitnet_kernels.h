@@ -604,6 +604,36 @@ static void float_rows_avx512(const T* W, int64_t K, const float* x, int64_t n0,
     out[n - n0] = acc;
   }
 }
+
+// float_rows_avx512 for MB input rows at once (x rows xs apart, out rows ldo apart): each weight
+// vector is loaded and converted once for all MB rows, and every row's sums run through the very
+// operations of the one-row kernel in the same order, so each output equals the one-row kernel's
+// bit for bit (a batch of decode rows gets each row's solo logits).
+template <typename T, int MB>
+static void float_rows_multi_avx512(const T* W, int64_t K, const float* x, int64_t xs, int64_t n0, int64_t n1,
+                                    float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* w = W + n * K;
+    __m512 a[MB][4];
+    for (int r = 0; r < MB; ++r)
+      for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+      for (int j = 0; j < 4; ++j) {
+        const __m512 wv = load16_avx512(w + k + 16 * j);
+        for (int r = 0; r < MB; ++r) a[r][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * xs + k + 16 * j), a[r][j]);
+      }
+    for (; k + 16 <= K; k += 16) {
+      const __m512 wv = load16_avx512(w + k);
+      for (int r = 0; r < MB; ++r) a[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * xs + k), a[r][0]);
+    }
+    for (int r = 0; r < MB; ++r) {
+      float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3])));
+      for (int64_t kk = k; kk < K; ++kk) acc += weight_to_float(w[kk]) * x[r * xs + kk];
+      out[r * ldo + n - n0] = acc;
+    }
+  }
+}
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------------------------ AMX-INT8
@@ -1025,6 +1055,26 @@ static FloatRowsFn<T> float_rows_fn(int64_t isa) {
   if (isa >= NEON) return float_rows_neon<T>;
 #endif
   return float_rows_scalar<T>;
+}
+
+// Several input rows at once (M rows of x, xs apart; out rows ldo apart), each output equal to
+// float_rows_fn's for its row bit for bit: AVX-512 converts each weight vector once for up to 4
+// rows; elsewhere the one-row kernel row by row.
+template <typename T>
+static void float_rows_multi(int64_t isa, const T* W, int64_t K, const float* x, int64_t xs, int64_t M, int64_t n0,
+                             int64_t n1, float* out, int64_t ldo) {
+  int64_t m = 0;
+#ifdef BITNET_X86
+  if (isa >= AVX512) {
+    for (; m + 4 <= M; m += 4) float_rows_multi_avx512<T, 4>(W, K, x + m * xs, xs, n0, n1, out + m * ldo, ldo);
+    if (M - m == 3) float_rows_multi_avx512<T, 3>(W, K, x + m * xs, xs, n0, n1, out + m * ldo, ldo);
+    if (M - m == 2) float_rows_multi_avx512<T, 2>(W, K, x + m * xs, xs, n0, n1, out + m * ldo, ldo);
+    if (M - m == 1) float_rows_avx512<T>(W, K, x + m * xs, n0, n1, out + m * ldo);
+    return;
+  }
+#endif
+  const FloatRowsFn<T> f = float_rows_fn<T>(isa);
+  for (; m < M; ++m) f(W, K, x + m * xs, n0, n1, out + m * ldo);
 }
 
 }  // namespace bitnet_cpu

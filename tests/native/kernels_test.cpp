@@ -90,6 +90,20 @@ int main() {
         for (long n = 0; n < N; ++n)
           if (std::fabs(y0[n] - y1[n]) > 1e-5f * bound[n] + 1e-30f) return fail(t ? "bf16_rows" : "int8_rows", level, 0, N, K, 1);
         ++cases;
+        // several rows at once: every row equal, bit for bit, to the one-row kernel on that row
+        for (long M : {2L, 3L, 4L, 7L}) {
+          std::vector<float> xm(static_cast<size_t>(M * K)), ym(static_cast<size_t>(M * N)), y1m(static_cast<size_t>(N));
+          for (auto& v : xm) v = nd(rng);
+          if (t) float_rows_multi<uint16_t>(level, W16.data(), K, xm.data(), K, M, 0, N, ym.data(), N);
+          else float_rows_multi<int8_t>(level, W8.data(), K, xm.data(), K, M, 0, N, ym.data(), N);
+          for (long m = 0; m < M; ++m) {
+            if (t) float_rows_fn<uint16_t>(level)(W16.data(), K, xm.data() + m * K, 0, N, y1m.data());
+            else float_rows_fn<int8_t>(level)(W8.data(), K, xm.data() + m * K, 0, N, y1m.data());
+            if (std::memcmp(ym.data() + m * N, y1m.data(), N * sizeof(float)) != 0)
+              return fail(t ? "bf16_rows_multi" : "int8_rows_multi", level, 0, N, K, M);
+          }
+          ++cases;
+        }
       }
     }
     std::printf("ok %d %d\n", level, cases);
