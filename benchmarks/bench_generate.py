@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import math
 import multiprocessing
 import resource
 import statistics
@@ -37,14 +36,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, RMSNorm, freeze, weight_bytes
-from bitnet.bench import RESULTS_DIR, L2Flusher, environment, save_results, time_cpu, time_cuda
+from bitnet import BitNetConfig, weight_bytes
+from bitnet.bench import RESULTS_DIR, L2Flusher, environment, random_model, save_results, time_cpu, time_cuda
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.generation import generate
 from bitnet.ops import default_kernel
-from bitnet.packing import pack
 from bitnet.report import human_bytes, table
 
 @dataclass(frozen=True)
@@ -99,33 +96,6 @@ class Args:
             prefill_len=self.prefill_len or (512 if gpu else 128),
             compile=gpu if self.compile is None else self.compile, name=self.name or f"generate_{'cuda' if gpu else 'cpu'}",
             rounds=self.rounds or (1 if gpu else 3))
-
-
-def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 packing: str | None = None) -> BitNetForCausalLM:
-    """A model of `config` with random weights, made on the meta device and materialized in place."""
-    with torch.device("meta"):
-        model = BitNetForCausalLM(config).to(dtype)
-    if config.linear != "bf16":
-        freeze(model, packing)  # uint8 packed weights and float32 scales, still without memory
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    g = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, BitLinear):
-                w_q = torch.randint(-1, 2, (m.out_features, m.in_features), generator=g, device=device, dtype=torch.int8)
-                if m.packing == "1bit":
-                    w_q = torch.where(w_q >= 0, 1, -1).to(torch.int8)  # binary {-1, +1}
-                m.weight.copy_(pack(w_q, m.packing))
-                m.weight_scale.fill_(0.02 * math.sqrt(2 / math.pi))  # mean|W| of N(0, 0.02)
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
-            elif isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, 0.02, generator=g)
-    model.model.rotary.reset(device)
-    return model.eval()
 
 
 def rss_bytes() -> int:

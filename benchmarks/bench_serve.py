@@ -41,12 +41,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, RMSNorm, freeze
-from bitnet.bench import RESULTS_DIR, environment, save_results
+from bitnet import BitNetConfig
+from bitnet.bench import RESULTS_DIR, environment, random_model, save_results
 from bitnet.cli import add_dataclass_arguments, arg
-from bitnet.packing import pack
 from bitnet.report import table
 
 # The issue's measurements of the peers on this Xeon type (2 threads, 700m GGUFs of the same shape,
@@ -78,30 +76,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- the model folder
-def random_model(config: BitNetConfig, dtype: torch.dtype, packing: str, seed: int) -> BitNetForCausalLM:
-    """Random weights made on the meta device and materialized in place, as bench_generate.py's
-    random_model (benchmarks import only bitnet, not each other)."""
-    with torch.device("meta"):
-        model = BitNetForCausalLM(config).to(dtype)
-    freeze(model, packing)
-    model.to_empty(device="cpu")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, BitLinear):
-                w_q = torch.randint(-1, 2, (m.out_features, m.in_features), generator=g, dtype=torch.int8)
-                m.weight.copy_(pack(w_q, m.packing))
-                m.weight_scale.fill_(0.02 * math.sqrt(2 / math.pi))  # mean|W| of N(0, 0.02)
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
-            elif isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, 0.02, generator=g)
-    model.model.rotary.reset("cpu")
-    return model.eval()
-
-
 def word_tokenizer(vocab_size: int) -> bytes:
     """tokenizer.json of a word-level tokenizer over "t0" .. "t{vocab_size - 1}", split on spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -114,7 +88,7 @@ def word_tokenizer(vocab_size: int) -> bytes:
 
 def write_folder(args: Args, path: str) -> BitNetConfig:
     config = BitNetConfig.from_preset(args.preset, eos_token_id=None)  # no EOS: every request runs to max_tokens
-    model = random_model(config, torch.bfloat16, args.packing, args.seed)
+    model = random_model(config, torch.bfloat16, "cpu", args.seed, packing=args.packing)
     model.tokenizer_files["tokenizer.json"] = word_tokenizer(config.vocab_size)
     model.save_pretrained(path)
     return config

@@ -33,8 +33,9 @@ Reported:
 Results: benchmarks/results/peer_transformers_{cuda,cpu}.{json,md}, stamped by bitnet.bench. Exit
 status 1 when the logits are beyond the tolerance or the bf16 greedy tokens part away from a near-tie.
 
-The random model is built through the package's API (BitNetForCausalLM, freeze) rather than
-bench_generate.random_model: benchmarks import `bitnet` and no sibling script (tests/test_layering.py).
+The checkpoint comes from latent N(0, 0.02) weights (and norms off 1) frozen by the package, as a
+user's export is made, rather than from bitnet.bench.random_model's codes drawn directly: the
+comparison then covers freeze and save_pretrained too.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -16,6 +17,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from .bitlinear import BitLinear, RMSNorm
+from .config import BitNetConfig
+from .convert import freeze
+from .model import BitNetForCausalLM
+from .packing import pack
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
 
@@ -213,3 +221,34 @@ def train_step_time(config, micro_batch: int, seq_len: int, device: str = "cpu",
     if torch.device(device).type == "cuda":
         return time_cuda(step, warmup=warmup, iters=iters)
     return time_cpu(step, warmup=warmup, iters=iters)
+
+
+def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0,
+                 packing: str | None = None) -> BitNetForCausalLM:
+    """A model of `config` with random weights, made on the meta device and materialized in place
+    in its final dtype, as a checkpoint load would be (no float copy of a packed projection ever
+    exists): ternary codes drawn uniformly (binary for "1bit"), scales of N(0, 0.02), unit norms,
+    N(0, 0.02) embeddings and float linears."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config).to(dtype)
+    if config.linear != "bf16":
+        freeze(model, packing)  # uint8 packed weights and float32 scales, still without memory
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BitLinear):
+                w_q = torch.randint(-1, 2, (m.out_features, m.in_features), generator=g, device=device, dtype=torch.int8)
+                if m.packing == "1bit":
+                    w_q = torch.where(w_q >= 0, 1, -1).to(torch.int8)  # binary {-1, +1}
+                m.weight.copy_(pack(w_q, m.packing))
+                m.weight_scale.fill_(0.02 * math.sqrt(2 / math.pi))  # mean|W| of N(0, 0.02)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02, generator=g)
+    model.model.rotary.reset(device)
+    return model.eval()
