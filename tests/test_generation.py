@@ -299,19 +299,6 @@ def test_compiled_generate_equals_eager():
 
 
 # ----------------------------------------------------------------------------- `bitnet generate`
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["hello world, a tiny corpus for a tiny tokenizer", "naïve café, 😀 grüße"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
-
-
 def checkpoint_with_tokenizer(path, tokenizer, **kw):
     model = tiny(vocab_size=tokenizer.get_vocab_size(), **kw)
     model.tokenizer_files["tokenizer.json"] = tokenizer.to_str().encode()

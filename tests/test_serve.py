@@ -38,19 +38,6 @@ CONTEXT = 128
 EOS = 2  # "</s>" of the tokenizer below
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["hello world, a tiny corpus for a tiny tokenizer", "naïve café, 😀 grüße"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
-
-
 def write_model(path, tokenizer, chat_template=True, **kw):
     """The tiny preset, packed, fp32, with the tokenizer (and a chat template) in its folder."""
     torch.manual_seed(0)
