@@ -51,6 +51,12 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             h = self.holder()
+            # The holder writes who it is just after taking the lock: a loser that read in between
+            # sees an empty file (seen as "in use by another process" in a race of two trains).
+            deadline = time.monotonic() + 1.0
+            while not h and time.monotonic() < deadline:
+                time.sleep(0.02)
+                h = self.holder()
             who = (f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
                    + (f" ({h['command']})" if h.get("command") else "")) if h else "another process"
             raise RunLockError(f"{self.folder} is in use by {who}; one writer per run folder: wait for it to "
