@@ -228,7 +228,7 @@ def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device 
     """A model of `config` with random weights, made on the meta device and materialized in place
     in its final dtype, as a checkpoint load would be (no float copy of a packed projection ever
     exists): ternary codes drawn uniformly (binary for "1bit"), scales of N(0, 0.02), unit norms,
-    N(0, 0.02) embeddings and float linears."""
+    N(0, 0.02) biases, embeddings and float linears."""
     device = torch.device(device)
     with torch.device("meta"):
         model = BitNetForCausalLM(config).to(dtype)
@@ -246,6 +246,8 @@ def random_model(config: BitNetConfig, dtype: torch.dtype, device: torch.device 
                     w_q = torch.where(w_q >= 0, 1, -1).to(torch.int8)  # binary {-1, +1}
                 m.weight.copy_(pack(w_q, m.packing))
                 m.weight_scale.fill_(0.02 * math.sqrt(2 / math.pi))  # mean|W| of N(0, 0.02)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.02, generator=g)
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
             elif isinstance(m, (nn.Linear, nn.Embedding)):

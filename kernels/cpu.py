@@ -32,6 +32,10 @@ Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.co
     bf16_linear(x, weight, bias=None) -> y                    bf16 rows streamed once (a bf16 lm_head)
     rms_norm(x, weight, eps) -> y                             RMSNorm in one pass (inference)
     rope(x, cos, sin) -> y                                    x * cos + rotate_half(x) * sin, bit for bit
+    decode_attention(q, k_cache, v_cache, rows, pos, key_mask) one query token per sequence over its
+                                                               float32 cache row (csrc/bitnet_attention.h)
+    decode_layer(x, norms, eps, packed[7], ...) -> x           a decoder layer at decode in one call: the
+                                                               eager layer's own ops, bar the attention
 M >= large_m (default 48) decodes the weights to int8 once per call and runs ATen's int8 GEMM
 (`torch._int_mm`: oneDNN, with VNNI or AMX where present); smaller M runs the GEMV kernel.
 """
@@ -55,7 +59,7 @@ ISAS = ("scalar", "neon") if platform.machine().lower() in ("aarch64", "arm64") 
 LARGE_M = 48  # default rows from which the decoded int8 GEMM path runs (kept equal to the C++ default)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCE = os.path.join(CSRC, "bitnet_cpu.cpp")
-HEADERS = [os.path.join(CSRC, "bitnet_kernels.h")]
+HEADERS = [os.path.join(CSRC, "bitnet_kernels.h"), os.path.join(CSRC, "bitnet_attention.h")]
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "error": str
@@ -184,6 +188,14 @@ def _register_fakes() -> None:
     def _(x, cos, sin):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("bitnet_cpu::decode_attention")
+    def _(q, k_cache, v_cache, rows, pos, key_mask):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("bitnet_cpu::decode_layer")
+    def _(x, norms, eps, packed, scales, biases, ns, fmt, act, k_cache, v_cache, rows, pos, cos, sin, key_mask, n_head, n_kv):
+        return x.new_empty(x.shape)
+
     @torch.library.register_fake("bitnet_cpu::quantize")
     def _(x):
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
@@ -237,6 +249,17 @@ def linear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.
                 biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """[linear(x, packed[i], scales[i], ns[i], fmt, biases[i]) for each i], bit for bit, in one call."""
     return torch.ops.bitnet_cpu.linear_many(x, packed, scales, ns, fmt, biases)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                     pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.bitnet_cpu.decode_attention(q, k_cache, v_cache, rows, pos, key_mask)
+
+
+def decode_layer(x, norms, eps, packed, scales, biases, ns, fmt, act, k_cache, v_cache, rows, pos, cos, sin, key_mask,
+                 n_head, n_kv) -> torch.Tensor:
+    return torch.ops.bitnet_cpu.decode_layer(x, norms, eps, packed, scales, biases, ns, fmt, act, k_cache, v_cache, rows,
+                                             pos, cos, sin, key_mask, n_head, n_kv)
 
 
 def matmul_int32(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str) -> torch.Tensor:

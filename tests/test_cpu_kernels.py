@@ -2,6 +2,7 @@
 torch reference, on every instruction set this CPU has, both paths (GEMV, decoded int8 GEMM), 1 and
 2 threads; the no-compiler fallback warns and stays correct."""
 
+import math
 import os
 import subprocess
 import sys
@@ -72,16 +73,18 @@ def test_int32_accumulation_is_exact(isa, fmt, path):
 @pytest.mark.parametrize("isa", isas())
 def test_extreme_activations_and_long_rows(isa):
     """All -128 / +127 activations against all-+1 / all--1 weights, over K long enough that a
-    16-bit partial sum would overflow: the int32 results must still be exact."""
+    16-bit partial sum would overflow: the int32 results must still be exact. One row (the decode
+    kernel, whose 2bit / 1bit sums run scaled by up to 4^3 and split K beyond 65536) and three."""
     cpu.set_isa(isa)
-    k = 4160
-    for fmt in FORMATS:
-        for sign in (1, -1):
-            w = torch.full((12, k), sign, dtype=torch.int8)
-            packed = pack(w, fmt)
-            for v in (-128, 127):
-                x_q = torch.full((3, k), v, dtype=torch.int8)
-                assert torch.equal(cpu.matmul_int32(x_q, packed, 12, fmt), exact(x_q, w))
+    for k in (4160, 70001):
+        for fmt in FORMATS:
+            for sign in (1, -1):
+                w = torch.full((12, k), sign, dtype=torch.int8)
+                packed = pack(w, fmt)
+                for v in (-128, 127):
+                    for m in (1, 3) if k < 10000 else (1,):
+                        x_q = torch.full((m, k), v, dtype=torch.int8)
+                        assert torch.equal(cpu.matmul_int32(x_q, packed, 12, fmt), exact(x_q, w)), (fmt, k, m, sign, v)
 
 
 @pytest.mark.parametrize("isa", isas())
@@ -507,3 +510,167 @@ def test_frozen_model_fuses_its_projections(monkeypatch):
         monkeypatch.setenv("BITNET_KERNEL", "torch")
         model(ids)
     assert calls["n"] == 2 * model.config.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------- decode: attention and whole layers
+def attention_reference(q, k_cache, v_cache, rows, pos, key_mask=None):
+    """float64 softmax attention of each query (N, H, D) over slots 0..pos[n] of cache row rows[n]
+    (the keys key_mask allows, and the query's own slot)."""
+    N, H, D = q.shape
+    rep = H // k_cache.shape[1]
+    y = torch.empty(N, H, D, dtype=torch.float64)
+    for n in range(N):
+        L = int(pos[n]) + 1
+        allowed = torch.ones(L, dtype=torch.bool) if key_mask is None else key_mask[n, :L].clone()
+        allowed[L - 1] = True
+        for h in range(H):
+            k, v = k_cache[rows[n], h // rep, :L].double(), v_cache[rows[n], h // rep, :L].double()
+            s = (k @ q[n, h].double()) / math.sqrt(D)
+            y[n, h] = torch.softmax(s.masked_fill(~allowed, -math.inf), 0) @ v
+    return y
+
+
+@pytest.mark.parametrize("isa", isas())
+def test_decode_attention_against_float64(isa):
+    """One query per sequence over its own cache row, any position, GQA, masked keys, head sizes off
+    the vector widths, 1 and 2 threads; a query at slot 0 sees one key: its output is that value."""
+    cpu.set_isa(isa)
+    g = torch.Generator().manual_seed(0)
+    for H, G, D in [(8, 8, 64), (8, 2, 64), (4, 1, 36), (3, 3, 128)]:
+        B, S = 4, 50
+        k_cache, v_cache = torch.randn(B, G, S, D, generator=g), torch.randn(B, G, S, D, generator=g)
+        rows, pos = torch.tensor([2, 0, 3, 1, 2]), torch.tensor([0, 7, 49, 20, 33])
+        q = torch.randn(5, H, D, generator=g) * 3
+        key_mask = torch.rand(5, S, generator=g) > 0.3
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for mask in (None, key_mask):
+                y = cpu.decode_attention(q, k_cache, v_cache, rows, pos, mask)
+                ref = attention_reference(q, k_cache, v_cache, rows, pos, mask)
+                assert (y.double() - ref).abs().max() < 1e-5, (isa, H, G, D, threads, mask is None)
+                assert torch.equal(y[0], v_cache[2].repeat_interleave(H // G, 0)[:, 0])
+
+
+def test_decode_attention_rejects_bad_input():
+    k = torch.zeros(2, 4, 10, 16)
+    q, rows = torch.zeros(1, 4, 16), torch.tensor([0])
+    for args, words in [((q, k, k, rows, torch.tensor([10])), "position 10"),
+                        ((q, k, k, torch.tensor([2]), torch.tensor([0])), "cache row 2"),
+                        ((q, k.half(), k.half(), rows, torch.tensor([0])), "float32"),
+                        ((torch.zeros(1, 3, 16), k, k, rows, torch.tensor([0])), "3 query heads")]:
+        with pytest.raises(RuntimeError, match=words):
+            cpu.decode_attention(*args)
+
+
+def decode_model(dtype, packing="2bit", **overrides):
+    from bitnet import BitNetConfig
+    from bitnet.bench import random_model
+
+    config = BitNetConfig.from_preset("tiny", **overrides)
+    return random_model(config, dtype, packing=packing if config.linear == "bitnet" else None)
+
+
+def decode_logits(model, ids, start, monkeypatch, native_layers: bool, attention_mask=None, position_ids=None):
+    """Logits of one forward of ids (B, T) at cache slots start.. (a decode step for T = 1), with the
+    layers in native decode_layer calls or eager (native_layers=False: the native path turned off)."""
+    import bitnet.model as bm
+
+    if not native_layers:
+        monkeypatch.setattr(bm.BitNetForCausalLM, "_native_decode", lambda self, x, *rest: x)
+    with torch.no_grad():
+        out = model(ids, input_pos=torch.arange(start, start + ids.shape[1]), attention_mask=attention_mask,
+                    position_ids=position_ids).logits
+    monkeypatch.undo()
+    return out
+
+
+LAYER_VARIANTS = [
+    dict(dtype=torch.float32),
+    dict(dtype=torch.bfloat16),
+    dict(dtype=torch.bfloat16, packing="1.6bit"),
+    dict(dtype=torch.float32, linear="bitnet1"),
+    dict(dtype=torch.float32, model_type="llama", hidden_act="relu", num_key_value_heads=1, attention_bias=True,
+         mlp_bias=True),
+    dict(dtype=torch.float16, num_key_value_heads=2),
+]
+
+
+@pytest.mark.parametrize("variant", LAYER_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_decode_layer_equals_the_eager_layers(variant, monkeypatch):
+    """bitnet_cpu::decode_layer is the eager layer's own ops in one call, bar the attention kernel:
+    at slot 0 (one key: attention returns the value, exactly, in both) the logits are equal bit for
+    bit; later, within the attention kernels' rounding. Formats, dtypes, sub-norms or none, relu2 /
+    relu, GQA, biases; the native calls are counted (one per layer and step)."""
+    variant = dict(variant)
+    dtype, packing = variant.pop("dtype"), variant.pop("packing", "2bit")
+    model = decode_model(dtype, packing, **variant)
+    model.setup_cache(2, 32)
+    calls = []
+    real = cpu.decode_layer
+    monkeypatch.setattr(cpu, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    first = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)
+    fused = decode_logits(model, first, 0, monkeypatch, True)
+    assert len(calls) == model.config.num_hidden_layers
+    eager = decode_logits(model, first, 0, monkeypatch, False)
+    assert torch.equal(fused, eager)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 11), generator=g)
+    decode_logits(model, prompt, 1, monkeypatch, False)  # slots 1..11
+    nxt = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)
+    fused = decode_logits(model, nxt, 12, monkeypatch, True).float()
+    eager = decode_logits(model, nxt, 12, monkeypatch, False).float()
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    assert (fused - eager).abs().max() <= tol * eager.abs().max(), (fused - eager).abs().max()
+
+
+def test_decode_layer_with_left_padding(monkeypatch):
+    """A left-padded batch: the padded slots are masked in the native attention as in the eager
+    mask; a decode step's logits agree with the eager layers'."""
+    model = decode_model(torch.float32)
+    model.setup_cache(2, 16)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=g)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    decode_logits(model, ids, 0, monkeypatch, False, attention_mask=mask, position_ids=positions)
+    nxt = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)
+    mask7 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    pos7 = positions[:, -1:] + 1
+    fused = decode_logits(model, nxt, 6, monkeypatch, True, attention_mask=mask7, position_ids=pos7)
+    eager = decode_logits(model, nxt, 6, monkeypatch, False, attention_mask=mask7, position_ids=pos7)
+    assert (fused - eager).abs().max() <= 1e-4 * eager.abs().max()
+    # the padding matters: garbage in the padded slots changes nothing
+    for layer in model.model.layers:
+        layer.self_attn.kv_cache.k[0, :, :3] = 1e3
+    again = decode_logits(model, nxt, 6, monkeypatch, True, attention_mask=mask7, position_ids=pos7)
+    assert torch.equal(again[0], fused[0])
+
+
+def test_decode_layer_only_where_it_is_exact(monkeypatch):
+    """The native layer runs only where it computes what the module does: not for a silu MLP, a
+    layer with a forward hook (which must still fire), or BITNET_KERNEL=torch; those decode eagerly."""
+    calls = []
+    real = cpu.decode_layer
+    monkeypatch.setattr(cpu, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    ids = torch.tensor([[3]])
+    model = decode_model(torch.float32, hidden_act="silu")
+    model.setup_cache(1, 8)
+    with torch.no_grad():
+        model(ids, input_pos=torch.tensor([0]))
+    assert not calls
+    model = decode_model(torch.float32)
+    model.setup_cache(1, 8)
+    fired = []
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: fired.append(1))
+    with torch.no_grad():
+        model(ids, input_pos=torch.tensor([0]))
+    assert not calls and fired
+    handle.remove()
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    with torch.no_grad():
+        model(ids, input_pos=torch.tensor([0]))
+    assert not calls
+    monkeypatch.delenv("BITNET_KERNEL")
+    with torch.no_grad():
+        model(ids, input_pos=torch.tensor([0]))
+    assert len(calls) == model.config.num_hidden_layers

@@ -22,10 +22,13 @@ segments side by side in one row of the activations (1, N, C):
   packed kernels are exact per row (int32 sums, per-row activation scales, the same float32
   epilogue for any M), the native RMSNorm / RoPE are row-wise, so each token's activations are
   those it has in a lone run;
-- attention runs per segment as a lone forward runs it. On the CPU: over the live window [0, end)
-  of its row, a causal mask for several tokens, none for one (eager CPU decode and prefill read the
-  cache up to the last column written). On a GPU: over the whole static row with the keys after
-  each query masked, the one-token segments in one batched call;
+- attention runs per segment as a lone forward runs it. On the CPU: a prompt (chunk) over the live
+  window [0, end) of its row with a causal mask; the one-token segments all in one call of the
+  native decode attention where a lone decode step runs it (a packed model on the native kernels:
+  bitnet.model.native_decode_args), else each over its window without a mask. On a GPU: over the
+  whole static row with the keys after each query masked, the one-token segments in one batched call;
+- a step of one-token segments only (pure decode) on a packed CPU model runs each layer as one
+  native call (bitnet_cpu::decode_layer, the op a lone decode step runs);
 - the lm_head runs on the last token of the segments that want logits, all at once where its
   kernel is exact per row (the native bf16 and int8 heads of packed models on the CPU), else row by
   row (a float GEMM blocks M = 1 and M = K differently: the last bits would differ from a lone run).
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 
 from ..bitlinear import Int8Linear, StreamedLinear
 from ..kernels import cpu as native
-from ..model import KVCache, attention_dtype, projections
+from ..model import KVCache, attention_dtype, native_decode_args, projections
 from ..ops import native_inference, rope
 
 
@@ -111,13 +114,22 @@ class ModelRunner:
         rows = torch.tensor([s.slot for s in segs for _ in s.tokens], dtype=torch.long, device=dev)  # (N,)
         x = m.embed_tokens(ids)  # (1, N, C)
         cos, sin = m.rotary(pos[None], x.dtype)  # (1, 1, N, hd)
-        _, nkv, S, hd = self.caches[0].k.shape
-        # where each token's key / value goes, as rows of the cache seen as (max_batch * nkv * S, hd)
-        heads = torch.arange(nkv, device=dev)
-        at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (N * nkv,)
-        for layer, cache in zip(m.layers, self.caches):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, at, segs)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        args = [native_decode_args(layer, x, self.model.config.hidden_act) for layer in m.layers]
+        native_decode = bool(args) and all(a is not None for a in args)  # what a lone decode step runs
+        if native_decode and len(segs) == ids.shape[1]:  # one token a segment: each layer in one native call
+            N = len(segs)
+            h, cos2, sin2 = x.reshape(N, -1), cos.reshape(N, -1), sin.reshape(N, -1)
+            for a in args:
+                h = native.decode_layer(h, *a[:10], rows, pos, cos2, sin2, None, *a[10:])
+            x = h[None]
+        else:
+            _, nkv, S, hd = self.caches[0].k.shape
+            # where each token's key / value goes, as rows of the cache seen as (max_batch * nkv * S, hd)
+            heads = torch.arange(nkv, device=dev)
+            at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (N * nkv,)
+            for layer, cache in zip(m.layers, self.caches):
+                x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, at, segs, native_decode)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
         ends, offset = [], 0
         for s in segs:
             offset += len(s.tokens)
@@ -128,8 +140,10 @@ class ModelRunner:
         last = x[0, ends][:, None]  # (K, 1, C): the last token of each segment that wants logits
         return head_rows(self.model.lm_head, m.norm(last))  # (K, vocab)
 
-    def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
-        """bitnet.model.Attention.forward over the segments side by side, x (1, N, C)."""
+    def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, segs: list[Segment],
+                   native_decode: bool) -> torch.Tensor:
+        """bitnet.model.Attention.forward over the segments side by side, x (1, N, C); the one-token
+        segments through the native decode attention where a lone decode step runs it."""
         N = x.shape[1]
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
         q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj)
@@ -151,7 +165,7 @@ class ModelRunner:
             T, end = len(s.tokens), s.start + len(s.tokens)
             q_s = q[:, :, offset:offset + T]  # (1, nh, T, hd)
             offset += T
-            if not cpu and T == 1:
+            if T == 1 and (native_decode or not cpu):
                 singles.append(i)
                 ys.append(None)
                 continue
@@ -163,7 +177,15 @@ class ModelRunner:
                 columns = torch.arange(S, device=x.device)
                 mask = (torch.arange(s.start, end, device=x.device)[:, None] >= columns[None, :])[None, None]  # (1, 1, T, S)
             ys.append(F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=gqa))  # (1, nh, T, hd)
-        if singles:
+        if singles and native_decode:
+            offsets = torch.tensor([sum(len(s.tokens) for s in segs[:i]) for i in singles], device=x.device)
+            q_b = q[0].index_select(1, offsets).transpose(0, 1)  # (B, nh, hd)
+            y_b = native.decode_attention(q_b.contiguous(), cache.k, cache.v,
+                                          torch.tensor([segs[i].slot for i in singles], device=x.device),
+                                          torch.tensor([segs[i].start for i in singles], device=x.device))
+            for j, i in enumerate(singles):
+                ys[i] = y_b[j][None, :, None]  # (1, nh, 1, hd)
+        elif singles:
             B, S = len(singles), cache.k.shape[2]
             slots = [segs[i].slot for i in singles]
             if slots == list(range(B)):

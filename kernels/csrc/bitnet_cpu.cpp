@@ -10,6 +10,7 @@
 
 #include <atomic>
 
+#include "bitnet_attention.h"
 #include "bitnet_kernels.h"
 
 namespace bitnet_cpu {
@@ -425,6 +426,149 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
   return y;
 }
 
+// ------------------------------------------------------------------------------------ decode
+// Attention of one query token per sequence over its cache row (bitnet_attention.h): q (N, H, D)
+// float32, k_cache / v_cache (B, G, S, D) float32, rows / pos (N,) int64 (query n sits at slot
+// pos[n] of cache row rows[n] and sees slots 0..pos[n]), key_mask (N, >= max pos + 1) bool or
+// None (a masked slot is skipped; the query's own never is). Returns y (N, H, D) float32.
+static void check_decode_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t G, int64_t D) {
+  TORCH_CHECK(k_cache.device().is_cpu() && k_cache.scalar_type() == at::kFloat && k_cache.dim() == 4 && k_cache.is_contiguous(),
+              "bitnet_cpu: the KV cache must be a contiguous float32 CPU tensor (B, G, S, D), got ", k_cache.scalar_type(), " ",
+              k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous(),
+              "bitnet_cpu: the value cache must match the key cache ", k_cache.sizes(), ", got ", v_cache.sizes());
+  TORCH_CHECK(k_cache.size(1) == G && k_cache.size(3) == D, "bitnet_cpu: the KV cache holds ", k_cache.size(1), " heads of ",
+              k_cache.size(3), ", the layer has ", G, " of ", D);
+}
+
+static void check_decode_rows(const at::Tensor& rows, const at::Tensor& pos, int64_t N, const at::Tensor& k_cache,
+                              const std::optional<at::Tensor>& key_mask) {
+  TORCH_CHECK(rows.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && rows.numel() == N && pos.numel() == N,
+              "bitnet_cpu: rows and pos must be int64 with one value per query (", N, "), got ", rows.sizes(), " and ", pos.sizes());
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(rp[n] >= 0 && rp[n] < k_cache.size(0), "bitnet_cpu: cache row ", rp[n], " outside [0, ", k_cache.size(0), ")");
+    TORCH_CHECK(pp[n] >= 0 && pp[n] < k_cache.size(2), "bitnet_cpu: position ", pp[n], " outside the cache's ", k_cache.size(2), " slots");
+    if (key_mask.has_value() && key_mask->defined())
+      TORCH_CHECK(pp[n] < key_mask->size(1), "bitnet_cpu: key_mask has ", key_mask->size(1), " slots, position ", pp[n]);
+  }
+  if (key_mask.has_value() && key_mask->defined())
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == N,
+                "bitnet_cpu: key_mask must be bool (N, S) with N = ", N, ", got ", key_mask->scalar_type(), " ", key_mask->sizes());
+}
+
+static at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& rows_in, const at::Tensor& pos_in, const std::optional<at::Tensor>& key_mask) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3,
+              "bitnet_cpu: decode_attention q must be float32 (N, H, D), got ", q.scalar_type(), " ", q.sizes());
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2), G = k_cache.size(1);
+  check_decode_cache(k_cache, v_cache, G, D);
+  TORCH_CHECK(G > 0 && H % G == 0, "bitnet_cpu: ", H, " query heads cannot share ", G, " KV heads");
+  const at::Tensor rows = rows_in.contiguous(), pos = pos_in.contiguous();
+  check_decode_rows(rows, pos, N, k_cache, key_mask);
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor mask = key_mask.has_value() && key_mask->defined() ? key_mask->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({N, H, D}, q.options());
+  const int64_t S = k_cache.size(2), isa = active_isa(), rep = H / G;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(static_cast<size_t>(S));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / H, h = i % H, g = h / rep;
+      const int64_t base = ((rp[n] * G + g) * S) * D;
+      attend_one(isa, qp + i * D, kp + base, vp + base, pp[n] + 1, D, mp ? mp + n * mask.size(1) : nullptr, scale,
+                 scores.data(), yp + i * D);
+    }
+  });
+  return y;
+}
+
+static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& rows, const at::Tensor& pos, const std::optional<at::Tensor>& key_mask) {
+  return decode_attention_impl(q, k_cache, v_cache, rows, pos, key_mask);
+}
+
+// One decoder layer of a packed model for one token per sequence, the function of
+// bitnet.model.DecoderLayer.forward at decode in one call (a decode step of a small model is
+// otherwise hundreds of eager ops, each microseconds of dispatch):
+//     h = rms_norm(x); q, k, v = projections(h); q, k = rope(q, k); k, v -> cache (float32)
+//     y = attention(q) (decode_attention); y = attn_sub_norm(y)?; x = x + o_proj(y)
+//     h = rms_norm(x); g, u = projections(h); h = act(g) * u; h = ffn_sub_norm(h)?; x = x + down(h)
+// Every step but the attention is the very function the eager path runs (these ops' own C++, ATen's
+// elementwise ops), so it equals that path bit for bit except where the attention kernels round
+// differently. x (N, C) float32 / bf16 / fp16; norms [input, attn_sub or None, post_attention,
+// ffn_sub or None] in x's dtype with their eps; the seven projections q, k, v, o, gate, up, down
+// (packed, scale, bias or None, out features) of one format; act "relu2" or "relu"; cos / sin
+// (N, D) in x's dtype; rows / pos / key_mask as decode_attention's. Writes the cache; returns x.
+static at::Tensor decode_layer(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& norms, at::ArrayRef<double> eps,
+                               at::TensorList packed, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& biases,
+                               at::IntArrayRef ns, c10::string_view fmt_s, c10::string_view act, at::Tensor k_cache,
+                               at::Tensor v_cache, const at::Tensor& rows_in, const at::Tensor& pos_in, const at::Tensor& cos,
+                               const at::Tensor& sin, const std::optional<at::Tensor>& key_mask, int64_t n_head, int64_t n_kv) {
+  TORCH_CHECK(norms.size() == 4 && eps.size() == 4, "bitnet_cpu: decode_layer takes 4 norms and 4 eps, got ", norms.size(), " and ",
+              eps.size());
+  TORCH_CHECK(packed.size() == 7 && scales.size() == 7 && biases.size() == 7 && ns.size() == 7,
+              "bitnet_cpu: decode_layer takes the 7 projections q, k, v, o, gate, up, down");
+  TORCH_CHECK(act == "relu2" || act == "relu", "bitnet_cpu: decode_layer activation must be relu2 or relu, got ", std::string(act));
+  TORCH_CHECK(norms.get(0).has_value() && norms.get(2).has_value(), "bitnet_cpu: decode_layer needs the input and post-attention norms");
+  const int fmt = parse_fmt(fmt_s);
+  const int64_t isa = active_isa();
+  const at::Tensor x = check_input(x_in);
+  const int64_t N = x.size(0), D = ns[0] / n_head;
+  TORCH_CHECK(n_head > 0 && n_kv > 0 && ns[0] == n_head * D && ns[1] == n_kv * D && ns[2] == n_kv * D,
+              "bitnet_cpu: q / k / v sizes ", ns[0], " / ", ns[1], " / ", ns[2], " do not fit ", n_head, " and ", n_kv, " heads");
+  check_decode_cache(k_cache, v_cache, n_kv, D);
+  const at::Tensor rows = rows_in.contiguous(), pos = pos_in.contiguous();
+  check_decode_rows(rows, pos, N, k_cache, key_mask);
+  TORCH_CHECK(cos.sizes() == at::IntArrayRef({N, D}) && sin.sizes() == cos.sizes(), "bitnet_cpu: decode_layer cos / sin must be (",
+              N, ", ", D, "), got ", cos.sizes(), " and ", sin.sizes());
+  auto project = [&](const at::Tensor& h, size_t first, size_t count) {
+    std::vector<Projection> ps;
+    for (size_t i = first; i < first + count; ++i) ps.push_back(projection(h, packed[i], scales[i], ns[i], fmt, biases.get(i)));
+    run_projections(ps, quantize_rows(h, isa), fmt, isa);
+    std::vector<at::Tensor> out;
+    for (auto& p : ps) out.push_back(p.y);
+    return out;
+  };
+  auto norm = [&](const at::Tensor& h, size_t i) { return rms_norm(h, *norms.get(i), eps[i]); };
+  // attention
+  const std::vector<at::Tensor> qkv = project(norm(x, 0), 0, 3);
+  const at::Tensor c4 = cos.reshape({N, 1, 1, D}), s4 = sin.reshape({N, 1, 1, D});
+  const at::Tensor q = rope(qkv[0].view({N, n_head, 1, D}), c4, s4).view({N, n_head, D});
+  const at::Tensor k = rope(qkv[1].view({N, n_kv, 1, D}), c4, s4).view({N, n_kv, D}).to(at::kFloat);
+  const at::Tensor v = qkv[2].view({N, n_kv, D}).to(at::kFloat).contiguous();
+  {
+    const int64_t S = k_cache.size(2);
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    float* kc = k_cache.data_ptr<float>();
+    float* vc = v_cache.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < n_kv; ++g) {
+        const int64_t at_ = ((rp[n] * n_kv + g) * S + pp[n]) * D;
+        std::memcpy(kc + at_, k.data_ptr<float>() + (n * n_kv + g) * D, sizeof(float) * D);
+        std::memcpy(vc + at_, v.data_ptr<float>() + (n * n_kv + g) * D, sizeof(float) * D);
+      }
+  }
+  at::Tensor y = decode_attention_impl(q.to(at::kFloat), k_cache, v_cache, rows, pos, key_mask).to(x.scalar_type()).view({N, n_head * D});
+  if (norms.get(1).has_value()) y = norm(y, 1);
+  const at::Tensor h1 = at::add(x, project(y, 3, 1)[0]);
+  // MLP
+  const std::vector<at::Tensor> gu = project(norm(h1, 2), 4, 2);
+  at::Tensor a = act == "relu2" ? at::relu(gu[0]).square() : at::relu(gu[0]);
+  a = at::mul(a, gu[1]);
+  if (norms.get(3).has_value()) a = norm(a, 3);
+  return at::add(h1, project(a, 6, 1)[0]).view(x_in.sizes());
+}
+
 // Set the instruction-set cap (-1: leave it) and the large-M threshold (-1: leave it); returns the
 // active instruction set (0 scalar, 1 AVX2, 2 AVX-512 VNNI).
 static int64_t configure(int64_t cap, int64_t large_m) {
@@ -446,6 +590,10 @@ TORCH_LIBRARY(bitnet_cpu, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, Tensor? key_mask) -> Tensor");
+  m.def("decode_layer(Tensor x, Tensor?[] norms, float[] eps, Tensor[] packed, Tensor[] scales, Tensor?[] biases, int[] ns, "
+        "str fmt, str act, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor pos, Tensor cos, Tensor sin, "
+        "Tensor? key_mask, int n_head, int n_kv) -> Tensor");
   m.def("configure(int cap, int large_m) -> int", &bitnet_cpu::configure);
   m.def("detected() -> int", &bitnet_cpu::detected);
 }
@@ -459,4 +607,6 @@ TORCH_LIBRARY_IMPL(bitnet_cpu, CPU, m) {
   m.impl("bf16_linear", &bitnet_cpu::bf16_linear);
   m.impl("rms_norm", &bitnet_cpu::rms_norm);
   m.impl("rope", &bitnet_cpu::rope);
+  m.impl("decode_attention", &bitnet_cpu::decode_attention);
+  m.impl("decode_layer", &bitnet_cpu::decode_layer);
 }
