@@ -54,7 +54,8 @@ the tree is an export without .git).
    percentile(), loaded by path): 1, 4 and 16 concurrent streaming clients (one AsyncOpenAI each),
    4 requests per client back to back, prompt 16 tokens (16 words of the vocabulary above, exactly 16
    tokens, no BOS), 32 tokens per request, greedy, ignore_eos (no request ends early, as bench_serve's
-   model has no EOS); two untimed requests first. Results: benchmarks/results/peer_ik_llamacpp_serve_cpu.{json,md}.
+   model has no EOS); two untimed requests first; the whole run holds --lock, each level starts on an
+   idle machine and records the CPU that other processes took meanwhile. Results: benchmarks/results/peer_ik_llamacpp_serve_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -573,6 +574,13 @@ def load_bench_serve():
     return mod
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -654,21 +662,31 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
         return [prompt_text([rng.randrange(vocab_size) for _ in range(args.prompt_len)], vocab_size) for _ in range(n)]
 
     rows, raw = [], {}
-    with open(log_path, "w+") as log:
+    with open(log_path, "w+") as log, Lock(args.lock):
         print("server:", " ".join(cmd), file=sys.stderr, flush=True)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_healthy(proc, url, log_path)
             asyncio.run(level(url, 1, prompts(2), args))  # warm-up, untimed
             for c in args.clients:
+                waited = wait_idle(args.max_other)
                 print(f"{c} client(s) ...", file=sys.stderr, flush=True)
+                busy0, cpu0, self0, w0 = busy_cpu_seconds(), process_cpu_seconds(proc.pid), os.times(), time.monotonic()
                 runs = asyncio.run(level(url, c, prompts(c * args.requests_per_client), args))
+                busy1, cpu1, self1, wall = busy_cpu_seconds(), process_cpu_seconds(proc.pid), os.times(), time.monotonic() - w0
+                client = (self1.user - self0.user) + (self1.system - self0.system)
                 raw[c] = runs
                 for r in runs:  # where the server sends no usage, count the streamed tokens
                     if r["completion_tokens"] is None:
                         r["completion_tokens"] = r["text_chunks"]
                 row = bs.summarize(c, runs, args.max_tokens)
-                row["text_chunks"] = sum(r["text_chunks"] for r in runs)
+                # ik's server ends every stream with finish_reason "stop", also at max_tokens
+                # (server-context.cpp: `res->stop = true; // to do: set value`): complete = all tokens came
+                row["complete"] = sum(r["completion_tokens"] == args.max_tokens for r in runs)
+                row.update(text_chunks=sum(r["text_chunks"] for r in runs), waited_for_idle_s=waited,
+                           server_cpu_s_per_wall_s=round((cpu1 - cpu0) / wall, 2),
+                           client_cpu_s_per_wall_s=round(client / wall, 2),
+                           other_cpu_s_per_wall_s=round(max(0.0, busy1 - busy0 - (cpu1 - cpu0) - client) / wall, 2))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
@@ -705,12 +723,16 @@ def serve_markdown(payload: dict, env: dict) -> str:
         f"Server: `{os.path.basename(payload['command'].split()[0])} {' '.join(payload['command'].split()[1:])}`. "
         f"Requests: prompt {a['prompt_len']} tokens, {a['max_tokens']} tokens generated, greedy, ignore_eos, "
         f"streamed, the openai client on loopback; {a['requests_per_client']} requests per client back to back "
-        "(bench_serve.py's protocol and summary). Protocol: benchmarks/peer_ik_llamacpp.py.",
+        "(bench_serve.py's protocol and summary). Protocol: benchmarks/peer_ik_llamacpp.py. A request is complete "
+        f"when its usage says {a['max_tokens']} tokens (ik's server ends every stream with finish_reason \"stop\", "
+        "even at max_tokens).",
         "",
         table(rows, [("clients", "clients", ""), ("tok_s", "aggregate tok/s", ".1f"), ("vs_one", "x one client", ".2f"),
                      ("stream_tok_s_median", "per-stream tok/s", ".1f"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
                      ("ttft_p99_ms", "TTFT p99 ms", ".0f"), ("itl_p50_ms", "ITL p50 ms", ".0f"),
-                     ("itl_p99_ms", "ITL p99 ms", ".0f"), ("complete_of", "requests complete", "")], markdown=True),
+                     ("itl_p99_ms", "ITL p99 ms", ".0f"), ("complete_of", "requests complete", ""),
+                     ("server_cpu_s_per_wall_s", "server cores busy", ".2f"),
+                     ("other_cpu_s_per_wall_s", "other processes' cores", ".2f")], markdown=True),
         "",
         "Ours under the same protocol: benchmarks/results/serve_cpu.md.",
     ])
