@@ -103,6 +103,20 @@ static inline scalar_t finish(int32_t acc, float f, const scalar_t* bp, int64_t 
   return v;
 }
 
+// finish() over outputs [0, n) of one row: acc the raw code sums, y[j] from mult * acc[j] - sum; in
+// SIMD lanes for float32 and bfloat16 (bitnet_kernels.h: the same bits), else one by one.
+template <typename scalar_t>
+static void finish_range(int64_t isa, const int32_t* acc, int64_t n, int32_t mult, int32_t sum, float f, const scalar_t* bp,
+                         scalar_t* y) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    finish_f32_fn(isa)(acc, n, mult, sum, f, bp, y);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    finish_bf16_fn(isa)(acc, n, mult, sum, f, reinterpret_cast<const uint16_t*>(bp), reinterpret_cast<uint16_t*>(y));
+  } else {
+    for (int64_t j = 0; j < n; ++j) y[j] = finish<scalar_t>(mult * acc[j] - sum, f, bp, j);
+  }
+}
+
 // Activations of one call: per-row int8 from the float32 value of each row (x.float() in the
 // reference: exact for bf16 / fp16), in rows zero-padded to a multiple of 64 bytes (full-width
 // loads everywhere), with each row's scale a and sum of x_q.
@@ -174,10 +188,8 @@ static void run_projections(std::vector<Projection>& ps, const QuantizedRows& xq
         scalar_t* yp = p.y.data_ptr<scalar_t>();
         const scalar_t* bp = p.bias.defined() ? p.bias.data_ptr<scalar_t>() : nullptr;
         at::parallel_for(0, M, std::max<int64_t>(1, 65536 / n), [&](int64_t m0, int64_t m1) {
-          for (int64_t m = m0; m < m1; ++m) {
-            const float f = p.s / xq.a[m];  // as the reference: acc.float() * (scale / a)
-            for (int64_t j = 0; j < n; ++j) yp[m * n + j] = finish<scalar_t>(ap[m * n + j], f, bp, j);
-          }
+          for (int64_t m = m0; m < m1; ++m)  // as the reference: acc.float() * (scale / a)
+            finish_range<scalar_t>(isa, ap + m * n, n, 1, 0, p.s / xq.a[m], bp, yp + m * n);
         });
       });
     }
@@ -205,8 +217,10 @@ static void run_projections(std::vector<Projection>& ps, const QuantizedRows& xq
           const float f = p.s / xq.a[m];
           const int32_t* am = acc + m * n;
           scalar_t* ym = yp + m * n;
-          for (int q = 0; q < P; ++q)
-            for (int64_t j = r0 + q * R; j < std::min(r1 + q * R, n); ++j) ym[j] = finish<scalar_t>(mult * am[j] - xq.sum[m], f, bp, j);
+          for (int q = 0; q < P; ++q) {
+            const int64_t j0 = r0 + q * R, j1 = std::min(r1 + q * R, n);
+            if (j0 < j1) finish_range<scalar_t>(isa, am + j0, j1 - j0, mult, xq.sum[m], f, bp ? bp + j0 : nullptr, ym + j0);
+          }
         }
       }
     });

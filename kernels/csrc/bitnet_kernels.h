@@ -1044,6 +1044,132 @@ static void float_rows_neon(const T* W, int64_t K, const float* x, int64_t n0, i
 #pragma GCC pop_options
 #endif  // BITNET_ARM
 
+// ------------------------------------------------------------------------------------ epilogue
+// The outputs of one row of a projection: y[j] = T(float(mult * acc[j] - sum) * f) (+ bias[j],
+// added in float32 and rounded again), T float32 or bfloat16 (its 16 bits). The same float32
+// operations as the torch reference and the same rounding as c10::BFloat16 (to nearest even; NaN
+// -> 0x7FC0), so any level gives the scalar path's bits; in SIMD lanes because at decode this is
+// one conversion per output feature, tens of thousands a layer.
+static inline uint16_t bf16_bits(float v) {
+  if (std::isnan(v)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return static_cast<uint16_t>((u + ((u >> 16) & 1) + 0x7FFFu) >> 16);
+}
+
+static void finish_f32_scalar(const int32_t* acc, int64_t n, int32_t mult, int32_t sum, float f, const float* bias, float* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = static_cast<float>(mult * acc[j] - sum) * f;
+    y[j] = bias ? v + bias[j] : v;
+  }
+}
+static void finish_bf16_scalar(const int32_t* acc, int64_t n, int32_t mult, int32_t sum, float f, const uint16_t* bias, uint16_t* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint16_t b = bf16_bits(static_cast<float>(mult * acc[j] - sum) * f);
+    if (bias) b = bf16_bits(bf16_bits_to_float(b) + bf16_bits_to_float(bias[j]));
+    y[j] = b;
+  }
+}
+
+#ifdef BITNET_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+static inline __m512i bf16_rne_avx512(__m512 v) {  // 32-bit lanes, the bf16 bits in the low half
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+}
+static inline __mmask16 mask16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+static void finish_f32_avx512(const int32_t* acc, int64_t n, int32_t mult, int32_t sum, float f, const float* bias, float* y) {
+  const __m512i vm = _mm512_set1_epi32(mult), vs = _mm512_set1_epi32(sum);
+  const __m512 vf = _mm512_set1_ps(f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = mask16(n - j);
+    const __m512i a = _mm512_sub_epi32(_mm512_mullo_epi32(_mm512_maskz_loadu_epi32(m, acc + j), vm), vs);
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), vf);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + j));
+    _mm512_mask_storeu_ps(y + j, m, v);
+  }
+}
+static void finish_bf16_avx512(const int32_t* acc, int64_t n, int32_t mult, int32_t sum, float f, const uint16_t* bias, uint16_t* y) {
+  const __m512i vm = _mm512_set1_epi32(mult), vs = _mm512_set1_epi32(sum);
+  const __m512 vf = _mm512_set1_ps(f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = mask16(n - j);
+    const __m512i a = _mm512_sub_epi32(_mm512_mullo_epi32(_mm512_maskz_loadu_epi32(m, acc + j), vm), vs);
+    __m512i b = bf16_rne_avx512(_mm512_mul_ps(_mm512_cvtepi32_ps(a), vf));
+    if (bias) {
+      const __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + j)), 16));
+      b = bf16_rne_avx512(_mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), bv));
+    }
+    _mm256_mask_storeu_epi16(y + j, m, _mm512_cvtepi32_epi16(b));
+  }
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+static inline __m256i bf16_rne_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+static void finish_f32_avx2(const int32_t* acc, int64_t n, int32_t mult, int32_t sum, float f, const float* bias, float* y) {
+  const __m256i vm = _mm256_set1_epi32(mult), vs = _mm256_set1_epi32(sum);
+  const __m256 vf = _mm256_set1_ps(f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i a = _mm256_sub_epi32(_mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)), vm), vs);
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), vf);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    _mm256_storeu_ps(y + j, v);
+  }
+  finish_f32_scalar(acc + j, n - j, mult, sum, f, bias ? bias + j : nullptr, y + j);
+}
+static void finish_bf16_avx2(const int32_t* acc, int64_t n, int32_t mult, int32_t sum, float f, const uint16_t* bias, uint16_t* y) {
+  const __m256i vm = _mm256_set1_epi32(mult), vs = _mm256_set1_epi32(sum);
+  const __m256 vf = _mm256_set1_ps(f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i a = _mm256_sub_epi32(_mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)), vm), vs);
+    __m256i b = bf16_rne_avx2(_mm256_mul_ps(_mm256_cvtepi32_ps(a), vf));
+    if (bias) {
+      const __m256 bv = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bias + j))), 16));
+      b = bf16_rne_avx2(_mm256_add_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), bv));
+    }
+    // 8 lanes of 32 bits -> 8 x 16 bits (values < 65536: packus is exact)
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j), h);
+  }
+  finish_bf16_scalar(acc + j, n - j, mult, sum, f, bias ? bias + j : nullptr, y + j);
+}
+#pragma GCC pop_options
+#endif
+
+using FinishF32Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const float*, float*);
+using FinishBf16Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const uint16_t*, uint16_t*);
+static FinishF32Fn finish_f32_fn(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) return finish_f32_avx512;
+  if (isa >= AVX2) return finish_f32_avx2;
+#endif
+  (void)isa;
+  return finish_f32_scalar;
+}
+static FinishBf16Fn finish_bf16_fn(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) return finish_bf16_avx512;
+  if (isa >= AVX2) return finish_bf16_avx2;
+#endif
+  (void)isa;
+  return finish_bf16_scalar;
+}
+
 // ------------------------------------------------------------------------------------ dispatch
 using DotFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
 using UnpackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int8_t*);
