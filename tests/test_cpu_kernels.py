@@ -399,13 +399,15 @@ def test_freeze_streams_the_float_head_and_keeps_the_checkpoint():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_native_rms_norm_against_the_reference(dtype):
+@pytest.mark.parametrize("isa", isas())
+def test_native_rms_norm_against_the_reference(dtype, isa):
     """Native RMSNorm equals bitnet.quant.rms_norm up to the one reduction: its float32 mean of
     squares may round differently (the native one sums in float64), so outputs agree within one
     float32 rounding of the scale, then the rounding to x's dtype: at most one unit in the last
     place of x's dtype; most values are equal."""
     from bitnet.quant import rms_norm
 
+    cpu.set_isa(isa)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 7, 1537, generator=g) * 3).to(dtype)
     w = torch.randn(1537, generator=g).to(dtype)
@@ -422,17 +424,27 @@ def test_native_rms_norm_against_the_reference(dtype):
         cpu.rms_norm(x, w[:-1], 1e-5)
 
 
+@pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_native_rope_is_bit_identical(dtype):
+def test_native_rope_is_bit_identical(dtype, isa):
     """x * cos + rotate_half(x) * sin: the native op equals torch's three elementwise ops bit for
-    bit, for a transposed (non-contiguous) x and cos / sin per batch row or broadcast."""
+    bit (signed zeros included), for a transposed (non-contiguous) x and cos / sin per batch row or
+    broadcast, head sizes on and off the vector width."""
     from bitnet.ops import rotate_half
 
+    cpu.set_isa(isa)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 3, 64, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, D), strided
-    for cb in (2, 1):
-        cos, sin = (torch.randn(cb, 1, 5, 64, generator=g).to(dtype) for _ in range(2))
-        assert torch.equal(cpu.rope(x, cos, sin), x * cos + rotate_half(x) * sin)
+    for D in (64, 36):
+        x = torch.randn(2, 5, 3, D, generator=g).to(dtype)
+        x[0, 0, 0, :D // 2] = 0.0
+        x[0, 0, 1] = -0.0
+        x = x.transpose(1, 2)  # (B, H, T, D), strided
+        for cb in (2, 1):
+            cos, sin = (torch.randn(cb, 1, 5, D, generator=g).to(dtype) for _ in range(2))
+            sin[..., 1] = 0.0
+            got, ref = cpu.rope(x, cos, sin), x * cos + rotate_half(x) * sin
+            assert torch.equal(got, ref) and torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                                         ref.contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32))
     with pytest.raises(RuntimeError, match="cos / sin"):
         cpu.rope(x, cos[..., :32], sin[..., :32])
 

@@ -377,8 +377,18 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, dou
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    constexpr bool simd_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
+    const bool simd = simd_type && active_isa() >= AVX512;
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
+#ifdef BITNET_X86
+        if constexpr (simd_type) {
+          if (simd) {
+            rms_row_avx512<std::is_same_v<scalar_t, at::BFloat16>>(xp + m * C, wp, C, e, yp + m * C);
+            continue;
+          }
+        }
+#endif
         const scalar_t* xr = xp + m * C;
         scalar_t* yr = yp + m * C;
         double ss = 0;  // x.float(): float64 inputs too are normalized in float32, as the reference does
@@ -421,6 +431,8 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* spn = s.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    constexpr bool simd_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
+    const bool simd = simd_type && sd == 1 && active_isa() >= AVX512;
     at::parallel_for(0, B * H * T, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
@@ -428,6 +440,14 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
         const scalar_t* cr = cp + b * cb + t * D;
         const scalar_t* sr = spn + b * cb + t * D;
         scalar_t* yr = yp + i * D;
+#ifdef BITNET_X86
+        if constexpr (simd_type) {
+          if (simd) {
+            rope_row_avx512<std::is_same_v<scalar_t, at::BFloat16>>(xr, cr, sr, D, yr);
+            continue;
+          }
+        }
+#endif
         for (int64_t d = 0; d < D; ++d) {
           const opmath_t rot = d < h2 ? -static_cast<opmath_t>(xr[(d + h2) * sd]) : static_cast<opmath_t>(xr[(d - h2) * sd]);
           const scalar_t a = static_cast<scalar_t>(static_cast<opmath_t>(xr[d * sd]) * static_cast<opmath_t>(cr[d]));

@@ -1151,6 +1151,74 @@ static void finish_bf16_avx2(const int32_t* acc, int64_t n, int32_t mult, int32_
 #pragma GCC pop_options
 #endif
 
+// ------------------------------------------------------------------------------------ norms, rope
+// One row of RMSNorm and of the rotary embedding in AVX-512 lanes, for float32 and bfloat16 (BF16:
+// its 16 bits), with the scalar loops' operations and roundings (bitnet_cpu.cpp's rms_norm / rope;
+// c10's bf16 rounding). The one reduction, RMSNorm's float64 sum of the float32 squares, runs in
+// 16 lanes instead of one: each square is exact in float64, only the order of the additions
+// differs (the float32 mean can differ in its last bit, as torch's own can).
+#ifdef BITNET_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+template <bool BF16>
+static inline __m512 load_row16(const void* p, int64_t i, __mmask16 m) {
+  if constexpr (BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i)), 16));
+  else
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+}
+template <bool BF16>
+static inline __m512 round_row16(__m512 v) {  // to the row's dtype and back to float32
+  if constexpr (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_rne_avx512(v), 16));
+  else return v;
+}
+template <bool BF16>
+static inline void store_row16(void* p, int64_t i, __mmask16 m, __m512 v) {
+  if constexpr (BF16)
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, _mm512_cvtepi32_epi16(bf16_rne_avx512(v)));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
+}
+
+template <bool BF16>
+static void rms_row_avx512(const void* x, const void* w, int64_t C, float eps, void* y) {
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __m512 v = load_row16<BF16>(x, c, mask16(C - c));
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    s0 = _mm512_fmadd_pd(lo, lo, s0);  // lo * lo is exact in float64: the fma rounds once, as an add
+    s1 = _mm512_fmadd_pd(hi, hi, s1);
+  }
+  const float var = static_cast<float>(_mm512_reduce_add_pd(_mm512_add_pd(s0, s1)) / static_cast<double>(C));
+  const __m512 r = _mm512_set1_ps(1.f / std::sqrt(var + eps));
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = mask16(C - c);
+    const __m512 h = round_row16<BF16>(_mm512_mul_ps(load_row16<BF16>(x, c, m), r));
+    store_row16<BF16>(y, c, m, _mm512_mul_ps(load_row16<BF16>(w, c, m), h));
+  }
+}
+
+// y = x * cos + rotate_half(x) * sin for one head vector (D even, contiguous), each product and the
+// sum rounded to the dtype
+template <bool BF16>
+static void rope_row_avx512(const void* x, const void* cs, const void* sn, int64_t D, void* y) {
+  const int64_t h2 = D / 2;
+  for (int64_t d = 0; d < h2; d += 16) {
+    const __mmask16 m = mask16(h2 - d);
+    const __m512 x1 = load_row16<BF16>(x, d, m), x2 = load_row16<BF16>(x, d + h2, m);
+    const __m512 a1 = round_row16<BF16>(_mm512_mul_ps(x1, load_row16<BF16>(cs, d, m)));
+    const __m512 r1 = round_row16<BF16>(_mm512_mul_ps(_mm512_xor_ps(x2, _mm512_set1_ps(-0.f)), load_row16<BF16>(sn, d, m)));
+    store_row16<BF16>(y, d, m, _mm512_add_ps(a1, r1));
+    const __m512 a2 = round_row16<BF16>(_mm512_mul_ps(x2, load_row16<BF16>(cs, d + h2, m)));
+    const __m512 r2 = round_row16<BF16>(_mm512_mul_ps(x1, load_row16<BF16>(sn, d + h2, m)));
+    store_row16<BF16>(y, d + h2, m, _mm512_add_ps(a2, r2));
+  }
+}
+#pragma GCC pop_options
+#endif
+
 using FinishF32Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const float*, float*);
 using FinishBf16Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const uint16_t*, uint16_t*);
 static FinishF32Fn finish_f32_fn(int64_t isa) {
