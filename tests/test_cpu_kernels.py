@@ -340,7 +340,8 @@ def test_quantize_lm_head_keeps_greedy_decoding_close():
 @pytest.mark.parametrize("isa", isas())
 def test_bf16_head_against_float64(isa):
     """The native bf16 head (decode's few rows) equals the float64 product of the same bf16 weights
-    within float32 summation error (bias included, K off every vector width); a frozen model's head
+    within float32 summation error (bias included, K off every vector width; bf16 activations go
+    to the AMX-BF16 tiles where the CPU has them), each row independent of the others; a frozen model's head
     takes it on the CPU in inference and falls back to F.linear for many rows or with autograd."""
     import bitnet
     from bitnet import ops
@@ -358,6 +359,10 @@ def test_bf16_head_against_float64(isa):
             bound = (xd.double().abs() @ w.double().abs().t()) * 1e-6 + ref.abs() * (2**-8 if dtype == torch.bfloat16 else 1e-6)
             assert y.shape == (2, m, 1003) and y.dtype == dtype
             assert ((y.double() - ref).abs() <= bound + 1e-6).all()
+    # each row's outputs do not depend on the others (a batch of decode rows = each row alone);
+    # 17 rows: the AMX-BF16 kernel's two blocks of rows
+    x = torch.randn(17, 259, generator=g).to(torch.bfloat16)
+    assert torch.equal(cpu.bf16_linear(x, w, b), torch.cat([cpu.bf16_linear(x[i:i + 1], w, b) for i in range(17)]))
     lin = bitnet.StreamedLinear.adopt(torch.nn.Linear(259, 1003, bias=False).to(torch.bfloat16))
     calls = {"n": 0}
     real = cpu.bf16_linear

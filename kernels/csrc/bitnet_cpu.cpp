@@ -349,11 +349,28 @@ static at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, co
 // y = x @ W^T (+ bias) for a bfloat16 W (N, K) (a bf16 lm_head), accumulated in float32, y in x's
 // dtype. For few rows: the one pass over W runs near the memory bandwidth (torch's bf16 GEMV for
 // M = 1 reaches about half of it on the CPUs measured, README).
+// bfloat16 activations on a CPU with AMX-BF16 take the tile unit (bf16_rows_amx), every row the
+// same whatever the number of rows; float32 ones, or other CPUs, the float32 kernel.
 static at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w_in.scalar_type() == at::kBFloat16, "bitnet_cpu: bf16_linear weight must be bfloat16, got ", w_in.scalar_type());
   const at::Tensor xf = rows_input(x_in, w_in, "bf16_linear");
   const at::Tensor w = w_in.contiguous();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+#ifdef BITNET_X86
+  if (x_in.scalar_type() == at::kBFloat16 && kAmxBf16 && active_isa() >= AMX) {
+    const int64_t M = xf.size(0), N = w.size(0), K = w.size(1), xs = std::max<int64_t>(32, (K + 31) / 32 * 32);
+    at::Tensor xb = at::zeros({M, xs}, x_in.options().dtype(at::kBFloat16));
+    xb.narrow(1, 0, K).copy_(x_in.reshape({M, K}));
+    at::Tensor y32 = at::empty({M, N}, xf.options());
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    float* yp = y32.data_ptr<float>();
+    at::parallel_for(0, (N + 63) / 64, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t m0 = 0; m0 < M; m0 += 16)
+        bf16_rows_amx(wp, K, xp + m0 * xs, xs, std::min<int64_t>(16, M - m0), b0 * 64, std::min(b1 * 64, N), yp + m0 * N + b0 * 64, N);
+    });
+    return rows_output(y32, x_in, bias);
+  }
+#endif
   return rows_output(float_rows<uint16_t>(xf, wp, w.size(0), w.size(1), nullptr), x_in, bias);
 }
 
