@@ -71,7 +71,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -198,21 +197,19 @@ def build(args: argparse.Namespace, commit: str) -> dict:
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         cmd = nice + ["cmake", "-S", args.src, "-B", bdir, *gen, *flags]
         print("configure:", " ".join(cmd), file=sys.stderr, flush=True)
-        log = run_logged(cmd, os.path.join(bdir, "configure.log"))
+        run_logged(cmd, os.path.join(bdir, "configure.log"))
         with open(stamp, "w") as f:
             json.dump(want, f, indent=1)
-    else:
-        log = open(os.path.join(bdir, "configure.log")).read() if os.path.exists(os.path.join(bdir, "configure.log")) else ""
     t0 = time.time()
     cmd = nice + ["cmake", "--build", bdir, "--target", *build_targets(args.server), "-j", str(args.jobs)]
     print("build:", " ".join(cmd), file=sys.stderr, flush=True)
     run_logged(cmd, os.path.join(bdir, "build.log"))
-    m = re.search(r"ARCH_FLAGS = (.*)", log)
     cache = read_cmake_cache(os.path.join(bdir, "CMakeCache.txt"))
     cxx = cache.get("CMAKE_CXX_COMPILER", "c++")
     return {"isa": args.isa, "build_dir": bdir, "commit": commit, "cmake_args": flags,
-            "arch_flags": m.group(1).strip() if m else None,
+            "arch_flags": " ".join(compile_arch_flags(bdir)),
             "march_native": march_native(cxx) if args.isa == "native" else None,
+            "zmm_instructions_in_llama_bench": count_zmm(os.path.join(bdir, "bin", "llama-bench")),
             "compiler": first_line([cxx, "--version"]), "compiler_path": cxx,
             "cxx_flags_release": cache.get("CMAKE_CXX_FLAGS_RELEASE"),
             "generator": cache.get("CMAKE_GENERATOR"), "build_s": round(time.time() - t0, 1),
@@ -226,6 +223,29 @@ def run_logged(cmd: list[str], log_path: str) -> str:
     if r.returncode:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{(r.stdout + r.stderr)[-3000:]}")
     return r.stdout + r.stderr
+
+
+ARCH_FLAG = re.compile(r"(?<!\S)(-march=\S+|-mtune=\S+|-m(?:avx|fma|f16c|bmi|sse|amx)\S*)")
+
+
+def compile_arch_flags(bdir: str) -> list[str]:
+    """The -march / -m<isa> flags the build's compile commands carry (build.ninja, or the Makefiles' flags.make)."""
+    texts = []
+    if os.path.exists(os.path.join(bdir, "build.ninja")):
+        texts.append(open(os.path.join(bdir, "build.ninja")).read())
+    else:
+        for dirpath, _, files in os.walk(bdir):
+            if "flags.make" in files:
+                texts.append(open(os.path.join(dirpath, "flags.make")).read())
+    return sorted({m.group(1) for t in texts for m in ARCH_FLAG.finditer(t)})
+
+
+def count_zmm(binary: str) -> int | None:
+    """Instructions on 512-bit registers in a binary (objdump), to show what an AVX2 build holds."""
+    if not shutil.which("objdump") or not os.path.exists(binary):
+        return None
+    r = subprocess.run(["objdump", "-d", "--no-show-raw-insn", binary], capture_output=True, text=True)
+    return sum("%zmm" in line for line in r.stdout.splitlines()) if r.returncode == 0 else None
 
 
 def read_cmake_cache(path: str) -> dict[str, str]:
@@ -317,7 +337,6 @@ def make_model(preset: str, seed: int):
 def write_ik_gguf(model, path: str, name: str | None = None) -> dict:
     """Our exporter's F16 GGUF of `model` (scale folded), retargeted to ik's architecture
     "bitnet-b1.58" with the model's own output.weight (see the module docstring, step 2)."""
-    import gguf
     import numpy as np
 
     from bitnet.gguf_export import export_gguf
@@ -545,8 +564,10 @@ def bench_markdown(payload: dict, env: dict) -> str:
         "",
     ]
     for isa, b in payload["builds"].items():
-        lines.append(f"- {isa}: {b['compiler']}; ARCH_FLAGS `{b['arch_flags']}`"
+        lines.append(f"- {isa}: {b['compiler']}; compile flags `{b['arch_flags']}`"
                      + (f" (-march=native = {b['march_native']})" if b.get("march_native") else "")
+                     + (f"; {b['zmm_instructions_in_llama_bench']} instructions on zmm registers in llama-bench"
+                        if b.get("zmm_instructions_in_llama_bench") is not None else "")
                      + f"; cmake {' '.join(b['cmake_args'])}")
     lines += ["", "Files (IQ2_BN projections in every row):", ""]
     for head, q in payload["files"].items():
@@ -757,8 +778,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(export, f, indent=1)
     with open(f16_path + ".json") as f:
         export = json.load(f)
-    vocab_size = (model.config.vocab_size if model is not None else
-                  __import__("bitnet").BitNetConfig.from_preset(args.preset).vocab_size)
+    from bitnet import BitNetConfig
+
+    vocab_size = BitNetConfig.from_preset(args.preset).vocab_size
     del model
     files = {}
     heads = sorted(set(args.heads) | ({args.server_head} if args.server else set()), key=list(HEADS).index)

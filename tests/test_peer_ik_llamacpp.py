@@ -5,7 +5,6 @@ read back with the `gguf` package. Nothing is built or run."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import numpy as np
@@ -202,3 +201,11 @@ def test_gguf_for_ik(tmp_path):
     want = (q.float() * s.float().half().float()).numpy().astype(np.float16)
     np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data), want)
     assert set(np.unique(np.abs(want.astype(np.float32)))) <= {0.0, float(np.float16(s.item()))}
+
+
+def test_compile_arch_flags(tmp_path):
+    (tmp_path / "build.ninja").write_text(
+        "  FLAGS = -O3 -DNDEBUG -std=gnu++17 -mf16c -mfma -mavx -mavx2 -fopenmp -Wall\n"
+        "  FLAGS = -O3 -march=native -fopenmp -Wmissing-declarations\n")
+    assert peer.compile_arch_flags(str(tmp_path)) == ["-march=native", "-mavx", "-mavx2", "-mf16c", "-mfma"]
+    assert peer.count_zmm(str(tmp_path / "missing")) is None
