@@ -685,7 +685,8 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
     rows, raw = [], {}
     with open(log_path, "w+") as log, Lock(args.lock):
         print("server:", " ".join(cmd), file=sys.stderr, flush=True)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # in the GGUF folder: ik's common code writes llama.log into the working directory
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(model_path))
         try:
             wait_healthy(proc, url, log_path)
             asyncio.run(level(url, 1, prompts(2), args))  # warm-up, untimed
