@@ -138,7 +138,16 @@ static QuantizedRows quantize_rows(const at::Tensor& x2, int64_t isa) {
     const scalar_t* xp = x2.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
       std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(K));
-      for (int64_t m = m0; m < m1; ++m) qf(float_row(xp + m * K, K, row.data()), K, r.q.data() + m * r.xs, &r.a[m], &r.sum[m]);
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* xf;
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          widen_bf16_fn(isa)(reinterpret_cast<const uint16_t*>(xp + m * K), K, row.data());
+          xf = row.data();
+        } else {
+          xf = float_row(xp + m * K, K, row.data());
+        }
+        qf(xf, K, r.q.data() + m * r.xs, &r.a[m], &r.sum[m]);
+      }
     });
   });
   return r;

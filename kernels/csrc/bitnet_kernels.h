@@ -1316,6 +1316,42 @@ static void rope_row_avx512(const void* x, const void* cs, const void* sn, int64
 #pragma GCC pop_options
 #endif
 
+// bf16 rows widened to float32 (exact: the bits shifted up), the input of activation
+// quantization, in SIMD lanes (one conversion per input feature and row, tens of thousands a
+// layer at decode).
+static void widen_bf16_scalar(const uint16_t* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = bf16_bits_to_float(x[i]);
+}
+#ifdef BITNET_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+static void widen_bf16_avx512(const uint16_t* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = mask16(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + i)), 16)));
+  }
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+static void widen_bf16_avx2(const uint16_t* x, int64_t n, float* y) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))), 16)));
+  widen_bf16_scalar(x + i, n - i, y + i);
+}
+#pragma GCC pop_options
+#endif
+using WidenFn = void (*)(const uint16_t*, int64_t, float*);
+static WidenFn widen_bf16_fn(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) return widen_bf16_avx512;
+  if (isa >= AVX2) return widen_bf16_avx2;
+#endif
+  (void)isa;
+  return widen_bf16_scalar;
+}
+
 using FinishF32Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const float*, float*);
 using FinishBf16Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const uint16_t*, uint16_t*);
 static FinishF32Fn finish_f32_fn(int64_t isa) {
