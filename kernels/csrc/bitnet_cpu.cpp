@@ -556,6 +556,34 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cach
   return decode_attention_impl(q, k_cache, v_cache, rows, pos, key_mask);
 }
 
+// x + r and act(g) * u of contiguous (N, n) tensors of one dtype: one SIMD pass for float32 / bf16
+// on AVX-512 (bitnet_kernels.h: torch's roundings), torch's ops otherwise; the same bits either way.
+static at::Tensor residual(const at::Tensor& x, const at::Tensor& r, int64_t isa) {
+  const auto dtype = x.scalar_type();
+#ifdef BITNET_X86
+  if (isa >= AVX512 && (dtype == at::kFloat || dtype == at::kBFloat16) && r.scalar_type() == dtype && x.is_contiguous() &&
+      r.is_contiguous()) {
+    at::Tensor y = at::empty_like(x);
+    (dtype == at::kFloat ? add_rows_avx512<false> : add_rows_avx512<true>)(x.data_ptr(), r.data_ptr(), x.numel(), y.data_ptr());
+    return y;
+  }
+#endif
+  return at::add(x, r);
+}
+
+static at::Tensor act_mul(const at::Tensor& g, const at::Tensor& u, bool square, int64_t isa) {
+  const auto dtype = g.scalar_type();
+#ifdef BITNET_X86
+  if (isa >= AVX512 && (dtype == at::kFloat || dtype == at::kBFloat16) && u.scalar_type() == dtype && g.is_contiguous() &&
+      u.is_contiguous()) {
+    at::Tensor y = at::empty_like(g);
+    (dtype == at::kFloat ? relu_mul_avx512<false> : relu_mul_avx512<true>)(g.data_ptr(), u.data_ptr(), g.numel(), square, y.data_ptr());
+    return y;
+  }
+#endif
+  return at::mul(square ? at::relu(g).square() : at::relu(g), u);
+}
+
 // One decoder layer of a packed model for one token per sequence, the function of
 // bitnet.model.DecoderLayer.forward at decode in one call (a decode step of a small model is
 // otherwise hundreds of eager ops, each microseconds of dispatch):
@@ -620,13 +648,12 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const c10::List<std::opti
   }
   at::Tensor y = decode_attention_impl(q.to(at::kFloat), k_cache, v_cache, rows, pos, key_mask).to(x.scalar_type()).view({N, n_head * D});
   if (norms.get(1).has_value()) y = norm(y, 1);
-  const at::Tensor h1 = at::add(x, project(y, 3, 1)[0]);
+  const at::Tensor h1 = residual(x, project(y, 3, 1)[0], isa);
   // MLP
   const std::vector<at::Tensor> gu = project(norm(h1, 2), 4, 2);
-  at::Tensor a = act == "relu2" ? at::relu(gu[0]).square() : at::relu(gu[0]);
-  a = at::mul(a, gu[1]);
+  at::Tensor a = act_mul(gu[0], gu[1], act == "relu2", isa);
   if (norms.get(3).has_value()) a = norm(a, 3);
-  return at::add(h1, project(a, 6, 1)[0]).view(x_in.sizes());
+  return residual(h1, project(a, 6, 1)[0], isa).view(x_in.sizes());
 }
 
 // Set the instruction-set cap (-1: leave it) and the large-M threshold (-1: leave it); returns the

@@ -1314,6 +1314,28 @@ static void rope_row_avx512(const void* x, const void* cs, const void* sn, int64
     store_row16<BF16>(y, d + h2, m, _mm512_add_ps(a2, r2));
   }
 }
+// A decode layer's elementwise steps on rows of n values, as torch's ops compute them (each
+// result rounded to the dtype): y = x + r (the residual), and the MLP's act(g) * u with act relu
+// (g < 0 -> 0: NaN and -0 pass, as clamp_min) or relu2 (relu then squared, rounded).
+template <bool BF16>
+static void add_rows_avx512(const void* x, const void* r, int64_t n, void* y) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = mask16(n - i);
+    store_row16<BF16>(y, i, m, _mm512_add_ps(load_row16<BF16>(x, i, m), load_row16<BF16>(r, i, m)));
+  }
+}
+template <bool BF16>
+static void relu_mul_avx512(const void* g, const void* u, int64_t n, bool square, void* y) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = mask16(n - i);
+    const __m512 gv = load_row16<BF16>(g, i, m);
+    __m512 a = _mm512_mask_mov_ps(gv, _mm512_cmp_ps_mask(gv, zero, _CMP_LT_OQ), zero);
+    if (square) a = round_row16<BF16>(_mm512_mul_ps(a, a));
+    store_row16<BF16>(y, i, m, _mm512_mul_ps(a, load_row16<BF16>(u, i, m)));
+  }
+}
+
 #pragma GCC pop_options
 #endif
 
