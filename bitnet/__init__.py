@@ -14,7 +14,7 @@ by floor (README: Layout; tests/test_layering.py holds them to it).
 
 from . import checkpoint as _checkpoint
 from . import generation as _generation
-from .bitlinear import BitLinear, Int8Linear, RMSNorm, StreamedLinear
+from .bitlinear import BitLinear, Int4Linear, Int8Linear, RMSNorm, StreamedLinear
 from .checkpoint import CheckpointError
 from .config import PRESETS, BitNetConfig, ConfigError
 from .convert import convert, count_parameters, freeze, unfreeze, weight_bytes
@@ -29,6 +29,7 @@ __all__ = [
     "CausalLMOutput",
     "CheckpointError",
     "ConfigError",
+    "Int4Linear",
     "Int8Linear",
     "StreamedLinear",
     "PRESETS",

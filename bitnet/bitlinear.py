@@ -23,7 +23,7 @@ from torch import nn
 
 from . import ops
 from .packing import TERNARY_FORMATS, pack, packed_rows, unpack
-from .quant import fake_quant_activation, fake_quant_weight, quantize_weight
+from .quant import fake_quant_activation, fake_quant_weight, quantize_activation, quantize_weight
 
 WEIGHT_BITS = ("ternary", "binary")
 
@@ -245,3 +245,73 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 rows"
+
+
+class Int4Linear(nn.Module):
+    """An inference-only linear layer with 4-bit weights in groups of 32 and int8 activations: the
+    lm_head at about a third of a bf16 head's bytes (llama.cpp's heads are quantized the same way,
+    Q6_K / Q4_0 weights against Q8 activations).
+
+        groups of 32 along K (K padded with zero weights to Kp, a multiple of 64):
+            d_g = max |W[n, g]| / 7,   c = round(W / d_g) + 8 in [1, 15]
+        y = (sum_g d_g sum_{k in g} (c - 8) x_q) / a (+ bias)     x_q, a: per-row int8 activations
+                                                                   (bitnet.quant.quantize_activation)
+    Storage: `codes` uint8 (N, Kp / 2), block b of 64 weights in bytes 32b..32b+31 (weight 64b + i
+    in the low nibble of byte i, 64b + 32 + i in its high nibble), `scales` float32 (N, Kp / 32):
+    4.5 + 0.5 (padding aside) bits a weight. Decode's few rows run the native kernel on the CPU
+    (exact integer sums per 4 weights, float32 over them); other inputs the same function in torch.
+    `state_dict()` holds the dequantized weight in bf16 under `weight`, as Int8Linear's does.
+    """
+
+    GROUP = 32
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, codes.shape[0]
+        self.register_buffer("codes", codes.to(torch.uint8).contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._register_state_dict_hook(Int4Linear._dequantized_state)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Module) -> "Int4Linear":
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        Kp = max(64, -(-K // 64) * 64)
+        w = torch.nn.functional.pad(w, (0, Kp - K)).view(N, Kp // cls.GROUP, cls.GROUP)
+        d = w.abs().amax(dim=2) / 7  # (N, groups)
+        q = torch.where(d[..., None] > 0, w / d.clamp(min=1e-30)[..., None], torch.zeros_like(w))
+        c = (q.round().clamp(-7, 7) + 8).to(torch.uint8).view(N, Kp // 64, 2, 32)  # (N, blocks, half, 32)
+        codes = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2)
+        return cls(codes, d, K, getattr(linear, "bias", None))
+
+    def codes_unpacked(self) -> torch.Tensor:
+        """The codes c (N, Kp) as int16, in weight order."""
+        b = self.codes.view(self.out_features, -1, 32).to(torch.int16)
+        return torch.stack([b & 15, b >> 4], dim=2).reshape(self.out_features, -1)
+
+    def dequantized(self) -> torch.Tensor:
+        """d_g (c - 8) as float32 (N, K)."""
+        c = self.codes_unpacked().float() - 8
+        return (c.view(self.out_features, -1, self.GROUP) * self.scales[..., None]).reshape(self.out_features, -1)[:, :self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= 16 and ops.native_inference(x):
+            return ops.native.int4_linear(x, self.codes, self.scales, self.out_features, self.bias)
+        x_q, a = quantize_activation(x)
+        y = (x_q.float() @ self.dequantized().t()) / a
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    @staticmethod
+    def _dequantized_state(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "weight"] = module.dequantized().to(torch.bfloat16)
+        state_dict.pop(prefix + "codes", None)
+        state_dict.pop(prefix + "scales", None)
+        return state_dict
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int4 groups of 32"

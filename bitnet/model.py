@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bitlinear import BitLinear, Int8Linear, RMSNorm, frozen_projections
+from .bitlinear import BitLinear, Int4Linear, Int8Linear, RMSNorm, frozen_projections
 from .config import BitNetConfig, matches_any
 from .kernels import cpu as native
 from .ops import choose_kernel, native_inference, rope
@@ -377,12 +377,20 @@ class BitNetForCausalLM(nn.Module):
         return (allowed[None, None] & keys) | diag[None, None]
 
     @torch.no_grad()
-    def quantize_lm_head(self) -> "BitNetForCausalLM":
-        """Swap the lm_head for int8 rows with float32 row scales (bitnet.Int8Linear), in place:
-        half the bytes of a bf16 head for decode to stream. Inference only; with tied embeddings the
-        embedding keeps its own float table. The cost in perplexity is measured in the README."""
-        if not isinstance(self.lm_head, Int8Linear):
-            self.lm_head = Int8Linear.from_linear(self.lm_head)
+    def quantize_lm_head(self, bits: int = 8) -> "BitNetForCausalLM":
+        """Swap the lm_head for a quantized one, in place (inference only): bits=8, int8 rows with
+        float32 row scales (bitnet.Int8Linear; activations stay float), half the bytes of a bf16
+        head; bits=4, 4-bit weights in groups of 32 against int8 activations (bitnet.Int4Linear),
+        under a third of them. Decode streams every head byte once a step. With tied embeddings the
+        embedding keeps its own float table. The cost in perplexity is measured in docs/results.md."""
+        kinds = {8: Int8Linear, 4: Int4Linear}
+        if bits not in kinds:
+            raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        if isinstance(self.lm_head, (Int8Linear, Int4Linear)):
+            if isinstance(self.lm_head, kinds[bits]):
+                return self
+            raise ValueError(f"the lm_head is already quantized ({type(self.lm_head).__name__}); load the model again to requantize")
+        self.lm_head = kinds[bits].from_linear(self.lm_head)
         return self
 
     # ----- cache -----

@@ -30,6 +30,7 @@ Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.co
     quantize(x) -> (x_q int8, a float32 (..., 1), sum int32)  per-row int8 activations
     int8_linear(x, weight, scale, bias=None) -> y             weight-only int8 rows (an int8 lm_head)
     bf16_linear(x, weight, bias=None) -> y                    bf16 rows streamed once (a bf16 lm_head)
+    int4_linear(x, codes, scales, n, bias=None) -> y          4-bit grouped rows x int8 activations (Int4Linear)
     rms_norm(x, weight, eps) -> y                             RMSNorm in one pass (inference)
     rope(x, cos, sin) -> y                                    x * cos + rotate_half(x) * sin, bit for bit
     decode_attention(q, k_cache, v_cache, rows, pos, key_mask) one query token per sequence over its
@@ -180,6 +181,10 @@ def _register_fakes() -> None:
     def _(x, weight, bias=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake("bitnet_cpu::int4_linear")
+    def _(x, codes, scales, n, bias=None):
+        return x.new_empty((*x.shape[:-1], n))
+
     @torch.library.register_fake("bitnet_cpu::rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -249,6 +254,11 @@ def linear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.
                 biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """[linear(x, packed[i], scales[i], ns[i], fmt, biases[i]) for each i], bit for bit, in one call."""
     return torch.ops.bitnet_cpu.linear_many(x, packed, scales, ns, fmt, biases)
+
+
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.bitnet_cpu.int4_linear(x, codes, scales, n, bias)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,

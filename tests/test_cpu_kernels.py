@@ -336,6 +336,54 @@ def test_quantize_lm_head_keeps_greedy_decoding_close():
     assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("isa", isas())
+def test_int4_lm_head_against_float64(isa):
+    """Int4Linear: native rows (decode) equal the float64 value of its function (per-row int8
+    activations against 4-bit weights in groups of 32, K off the 64-wide blocks) within float32
+    summation, each row independent of the others; many rows (the torch path) agree with them; the
+    weights' own rounding is at most half a step of their group; the state dict is an ordinary
+    bf16 weight; the quantize_lm_head switch and its refusals."""
+    import bitnet
+    from bitnet.quant import quantize_activation
+
+    cpu.set_isa(isa)
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(259, 1003)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02, generator=g)
+        lin.bias.normal_(0, 0.02, generator=g)
+    head = bitnet.Int4Linear.from_linear(lin)
+    w = head.dequantized().double()
+    step = head.scales.double().repeat_interleave(32, 1)[:, :259]
+    assert ((w - lin.weight.double()).abs() <= step / 2 + 1e-9).all()
+    assert head.codes.shape == (1003, 160) and head.scales.shape == (1003, 10)
+    x = torch.randn(5, 259, generator=g)
+    x_q, a = quantize_activation(x)
+    ref = (x_q.double() @ w.t()) / a.double() + lin.bias.double()
+    bound = (x_q.double().abs() @ w.abs().t()) / a.double() * 1e-6 + 1e-7
+    with torch.no_grad():
+        y = head(x)
+        assert ((y.double() - ref).abs() <= bound).all()
+        assert torch.equal(torch.cat([head(x[i:i + 1]) for i in range(5)]), y)
+        many = head(torch.cat([x] * 4))  # 20 rows: the torch path
+    assert (many[:5].double() - ref).abs().max() <= bound.max() * 10
+    state = head.state_dict()
+    assert sorted(state) == ["bias", "weight"] and state["weight"].dtype == torch.bfloat16
+    model = bitnet.freeze(bitnet.BitNetForCausalLM(bitnet.BitNetConfig.from_preset("tiny", initializer_range=0.05))).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=g)
+    with torch.no_grad():
+        before = model(ids).logits
+        after = model.quantize_lm_head(bits=4)(ids).logits
+    assert isinstance(model.lm_head, bitnet.Int4Linear)
+    # 4-bit rounding of random N(0, 0.05) rows: about 10% of the logits' norm (a wrong nibble
+    # order or scale gives over 100%); what it costs a trained model is measured in perplexity
+    assert (after - before).norm() < 0.15 * before.norm()
+    with pytest.raises(ValueError, match="already quantized"):
+        model.quantize_lm_head(bits=8)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        model.quantize_lm_head(bits=6)
+
+
 # ----------------------------------------------------------------------------- float parts of inference
 @pytest.mark.parametrize("isa", isas())
 def test_bf16_head_against_float64(isa):

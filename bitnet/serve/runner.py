@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..bitlinear import Int8Linear, StreamedLinear
+from ..bitlinear import Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
 from ..model import KVCache, attention_dtype, native_decode_args, projections
 from ..ops import native_inference, rope
@@ -215,6 +215,8 @@ def head_rows(head, h: torch.Tensor) -> torch.Tensor:
         bias = [head.bias] if getattr(head, "bias", None) is not None else []
         if isinstance(head, Int8Linear):
             return native.int8_linear(h, head.weight, head.weight_scale, head.bias)[:, -1]
+        if isinstance(head, Int4Linear):
+            return native.int4_linear(h, head.codes, head.scales, head.out_features, head.bias)[:, -1]
         if isinstance(head, StreamedLinear) and head.weight.dtype == torch.bfloat16 and native_inference(head.weight, *bias):
             return native.bf16_linear(h, head.weight, head.bias)[:, -1]
     return torch.cat([head(h[r:r + 1])[:, -1] for r in range(h.shape[0])])

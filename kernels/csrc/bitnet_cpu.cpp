@@ -383,6 +383,38 @@ static at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in, co
   return rows_output(float_rows<uint16_t>(xf, wp, w.size(0), w.size(1), nullptr), x_in, bias);
 }
 
+// An int4 head (Int4Linear; bitnet_kernels.h, q4_rows): y = (sum_g d_g sum_k (c - 8) x_q) / a (+ bias)
+// for x (..., K) float32 / bf16 / fp16 / fp64 quantized per row to int8, codes uint8 (N, Kp / 2),
+// scales float32 (N, Kp / 32), Kp = K rounded up to 64; y in x's dtype.
+static at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in, int64_t N,
+                              const std::optional<at::Tensor>& bias) {
+  const at::Tensor x2 = check_input(x_in);
+  const int64_t M = x2.size(0), K = x2.size(1), Kp = std::max<int64_t>(64, (K + 63) / 64 * 64);
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.dim() == 2 && codes_in.size(0) == N && codes_in.size(1) == Kp / 2,
+              "bitnet_cpu: int4 codes must be uint8 (", N, ", ", Kp / 2, ") for K = ", K, ", got ", codes_in.scalar_type(), " ",
+              codes_in.sizes());
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 && scales_in.size(0) == N && scales_in.size(1) == Kp / 32,
+              "bitnet_cpu: int4 scales must be float32 (", N, ", ", Kp / 32, "), got ", scales_in.scalar_type(), " ", scales_in.sizes());
+  const at::Tensor codes = codes_in.contiguous(), scales = scales_in.contiguous();
+  const int64_t isa = active_isa();
+  const QuantizedRows xq = quantize_rows(x2, isa);  // rows of xs = Kp bytes, zero past K
+  std::vector<int32_t> x8s(static_cast<size_t>(M * Kp / 4));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < Kp / 4; ++j) {
+      const int8_t* q = xq.q.data() + m * xq.xs + 4 * j;
+      x8s[m * (Kp / 4) + j] = 8 * (q[0] + q[1] + q[2] + q[3]);
+    }
+  at::Tensor y32 = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  float* yp = y32.data_ptr<float>();
+  const Q4RowsFn f = q4_rows_fn(isa);
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / Kp), [&](int64_t n0, int64_t n1) {
+    f(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), Kp, xq.q.data(), x8s.data(), xq.xs, M, n0, n1, yp + n0, N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) yp[m * N + n] /= xq.a[m];
+  });
+  return rows_output(y32, x_in, bias);
+}
+
 // RMSNorm, the function of bitnet.quant.rms_norm: per row r = 1 / sqrt(mean(x32^2) + eps) in float32,
 // y = weight * (x32 * r).to(x.dtype) in x's dtype. The one reduction, the mean of squares, is summed
 // in float64 (torch sums float32 in an order of its own), so y can differ from torch's in the last
@@ -675,6 +707,7 @@ TORCH_LIBRARY(bitnet_cpu, m) {
   m.def("quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor codes, Tensor scales, int n, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, Tensor? key_mask) -> Tensor");
@@ -692,6 +725,7 @@ TORCH_LIBRARY_IMPL(bitnet_cpu, CPU, m) {
   m.impl("quantize", &bitnet_cpu::quantize);
   m.impl("int8_linear", &bitnet_cpu::int8_linear);
   m.impl("bf16_linear", &bitnet_cpu::bf16_linear);
+  m.impl("int4_linear", &bitnet_cpu::int4_linear);
   m.impl("rms_norm", &bitnet_cpu::rms_norm);
   m.impl("rope", &bitnet_cpu::rope);
   m.impl("decode_attention", &bitnet_cpu::decode_attention);

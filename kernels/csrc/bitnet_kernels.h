@@ -1394,6 +1394,128 @@ static FinishBf16Fn finish_bf16_fn(int64_t isa) {
   return finish_bf16_scalar;
 }
 
+// ------------------------------------------------------------------------------------ int4 head
+// A 4-bit grouped head with int8 activations (Int4Linear: the lm_head at a third of bf16's bytes):
+// weights in groups of 32 along K, each w = d_g (c - 8) with a code c in [1, 15] and a float32
+// scale d_g; activations per-row int8 as everywhere (x_q, a). For output n and row m:
+//     out[m, n] = sum_g d_g * sum_{k in g} (c[n, k] - 8) * x_q[m, k]       (then / a[m], by the caller)
+// Layout (Int4Linear.from_linear): K padded with zero weights (c = 8) to Kp, a multiple of 64;
+// block b of 64 weights is 32 bytes, byte i holding weight 64b + i (low nibble) and 64b + 32 + i
+// (high nibble): a block unpacks to 64 codes in order with one and, one shift and one and. The
+// integer sums are exact per 4 weights (vpdpbusd on the codes, minus 8 x the sum of those 4
+// activations, precomputed per call: x8s); each 4-weight sum is then scaled and summed in float32
+// lanes, in a fixed order per ISA whatever M is (rows of a batch = each row alone).
+static void q4_rows_scalar(const uint8_t* C, const float* D, int64_t Kp, const int8_t* x, const int32_t* x8s, int64_t xs,
+                           int64_t M, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t G = Kp / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = C + n * (Kp / 2);
+    const float* d = D + n * G;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xm = x + m * xs;
+      const int32_t* x8 = x8s + m * (xs / 4);
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t b = g / 2, half = g % 2;
+        for (int q = 0; q < 8; ++q) {  // 4 weights at a time, as the SIMD lanes
+          int32_t s = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int64_t j = q * 4 + i;  // 0..31 within the group
+            const uint8_t byte = c[b * 32 + j];
+            s += (half ? byte >> 4 : byte & 15) * xm[g * 32 + j];
+          }
+          acc += static_cast<float>(s - x8[g * 8 + q]) * d[g];
+        }
+      }
+      out[m * ldo + n - n0] = acc;
+    }
+  }
+}
+
+#ifdef BITNET_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+template <int MB>
+static void q4_row_avx512(const uint8_t* c, const float* d, int64_t Kp, const int8_t* x, const int32_t* x8s, int64_t xs,
+                          float* out, int64_t ldo) {
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < Kp / 64; ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + b * 32) + kPrefetch, _MM_HINT_T0);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32));
+    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
+                                             _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
+    const __m512 dv = _mm512_insertf32x8(_mm512_set1_ps(d[2 * b]), _mm256_set1_ps(d[2 * b + 1]), 1);
+    for (int m = 0; m < MB; ++m) {
+      const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(x + m * xs + b * 64)),
+                                         _mm512_loadu_si512(x8s + m * (xs / 4) + b * 16));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dv, acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
+}
+static void q4_rows_avx512(const uint8_t* C, const float* D, int64_t Kp, const int8_t* x, const int32_t* x8s, int64_t xs,
+                           int64_t M, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t G = Kp / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = C + n * (Kp / 2);
+    const float* d = D + n * G;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) q4_row_avx512<4>(c, d, Kp, x + m * xs, x8s + m * (xs / 4), xs, out + m * ldo + n - n0, ldo);
+    for (; m < M; ++m) q4_row_avx512<1>(c, d, Kp, x + m * xs, x8s + m * (xs / 4), xs, out + m * ldo + n - n0, ldo);
+  }
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+static void q4_rows_avx2(const uint8_t* C, const float* D, int64_t Kp, const int8_t* x, const int32_t* x8s, int64_t xs,
+                         int64_t M, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t G = Kp / 32;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = C + n * (Kp / 2);
+    const float* d = D + n * G;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xm = x + m * xs;
+      const int32_t* x8 = x8s + m * (xs / 4);
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < Kp / 64; ++b) {
+        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(c + b * 32) + kPrefetch, _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        // each int32 lane: 4 products (maddubs pairs, |sum| <= 2 * 15 * 128, then pairs of pairs)
+        const __m256i s0 = _mm256_sub_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + b * 64))), ones),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * 16)));
+        const __m256i s1 = _mm256_sub_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + b * 64 + 32))), ones),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * 16 + 8)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(d[2 * b]), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(d[2 * b + 1]), acc);
+      }
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+      out[m * ldo + n - n0] = _mm_cvtss_f32(h);
+    }
+  }
+}
+#pragma GCC pop_options
+#endif
+
+using Q4RowsFn = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t, int64_t,
+                          int64_t, float*, int64_t);
+static Q4RowsFn q4_rows_fn(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) return q4_rows_avx512;
+  if (isa >= AVX2) return q4_rows_avx2;
+#endif
+  (void)isa;
+  return q4_rows_scalar;
+}
+
 // ------------------------------------------------------------------------------------ dispatch
 using DotFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
 using UnpackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int8_t*);
