@@ -51,14 +51,15 @@ class Model:
     packing: str | None
     dtype: torch.dtype
     label: str
-    int8_head: bool = False
+    head_bits: int | None = None  # a quantized lm_head (model.quantize_lm_head(bits)), else the float one
 
 
 MODELS = {m.key: m for m in [
     Model("bitnet", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (packed 2-bit)"),
     Model("bitnet-1.6bit", "bitnet", "1.6bit", torch.bfloat16, "BitNet b1.58 (packed 1.6-bit)"),
     Model("bitnet1", "bitnet1", "1bit", torch.bfloat16, "BitNet binary (packed 1-bit)"),
-    Model("bitnet-int8head", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (2-bit, int8 lm_head)", int8_head=True),
+    Model("bitnet-int8head", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (2-bit, int8 lm_head)", head_bits=8),
+    Model("bitnet-int4head", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (2-bit, int4 lm_head)", head_bits=4),
     Model("bf16", "bf16", None, torch.bfloat16, "BF16 twin"),
     Model("fp32", "bf16", None, torch.float32, "twin in fp32"),
 ]}
@@ -117,10 +118,12 @@ def measure(args: Args, key: str) -> dict:
     rss_before = rss_bytes()
     config = BitNetConfig.from_preset(args.preset, linear=linear)
     model = random_model(config, spec.dtype, device, packing=spec.packing)
-    if spec.int8_head:
-        model.quantize_lm_head()
+    if spec.head_bits:
+        model.quantize_lm_head(spec.head_bits)
     sizes = weight_bytes(model)
-    streamed = sizes["linear"] + model.lm_head.weight.numel() * model.lm_head.weight.element_size()  # int8: 1 byte
+    streamed = sizes["linear"] + sum(t.numel() * t.element_size() for t in model.lm_head.buffers() if t is not None)
+    if not spec.head_bits:
+        streamed += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     flush = L2Flusher(device=device) if cuda else None
     T, N = args.prompt_len, args.new_tokens
     rows = []

@@ -19,8 +19,9 @@ Protocol (the issue's for the peers: 2 threads, 32 tokens per request, streamed,
   request sent to last stream ended); per-request TTFT (sent -> first token chunk) and ITL (gaps
   between token chunks), p50 and p99; per-stream decode tokens/s (median); and whether every request
   got all its tokens (finish_reason "length", usage = --max-tokens).
-The peers (ik_llama.cpp's llama-server, llama-cpp-python's server) are measured elsewhere: the
-issue's figures are printed beside ours, labelled as such. Results: benchmarks/results/serve_cpu.{json,md},
+The peers: ik_llama.cpp's llama-server is measured by benchmarks/peer_ik_llamacpp.py --server
+under this protocol; its last result file, if present, is printed beside ours; the issue's own
+figures (llama-cpp-python's server too) follow, labelled as such. Results: benchmarks/results/serve_cpu.{json,md},
 stamped with the machine (bitnet.bench.environment) and whether kernels/ differs from the commit.
 """
 
@@ -258,6 +259,25 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
                f"({top['tok_s']:.1f} vs {peer['tok_s']} tok/s, theirs measured elsewhere)." if peer else ""),
             "",
         ]
+    measured = measured_peer()
+    if measured:
+        env = measured["environment"]
+        md += [
+            "## ik_llama.cpp's llama-server, measured in this repository",
+            "",
+            f"`benchmarks/peer_ik_llamacpp.py --server` ({env['date'][:16]}, {env['cpu']}, ik {measured['build']['commit'][:12]}, "
+            f"{measured['file']['types']['projections'][0]} with {measured['file']['types']['output']} head, "
+            f"`{' '.join(measured['command'].split()[-11:-4])}`), the same protocol; ours above, at their concurrency levels:",
+            "",
+            table([{"clients": lv["clients"], "ik": lv["tok_s"], "ttft": 1000 * lv["ttft_p50_s"], "itl": 1000 * lv["itl_p50_s"],
+                    "ours": next((r["tok_s"] for r in rows if r["clients"] == lv["clients"]), None),
+                    "ratio": next((r["tok_s"] / lv["tok_s"] for r in rows if r["clients"] == lv["clients"]), None)}
+                   for lv in measured["levels"]],
+                  [("clients", "clients", ""), ("ik", "ik_llama.cpp tok/s", ".1f"), ("ttft", "its TTFT p50 ms", ".0f"),
+                   ("itl", "its ITL p50 ms", ".0f"), ("ours", "ours tok/s", ".1f"), ("ratio", "ours / ik", ".2f")],
+                  markdown=True),
+            "",
+        ]
     md += [
         "## The peers: the issue's figures, not measured here",
         "",
@@ -270,6 +290,15 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
                ("ttft", "TTFT p50", ""), ("note", "note", "")], markdown=True),
     ]
     return "\n".join(md)
+
+
+def measured_peer() -> dict | None:
+    """benchmarks/results/peer_ik_llamacpp_serve_cpu.json (peer_ik_llamacpp.py --server), if measured here."""
+    path = os.path.join(RESULTS_DIR, "peer_ik_llamacpp_serve_cpu.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:
