@@ -37,8 +37,9 @@ Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.co
                                                                float32 cache row (csrc/bitnet_attention.h)
     decode_layer(x, norms, eps, packed[7], ...) -> x           a decoder layer at decode in one call: the
                                                                eager layer's own ops, bar the attention
-M >= large_m (default 48) decodes the weights to int8 once per call and runs ATen's int8 GEMM
-(`torch._int_mm`: oneDNN, with VNNI or AMX where present); smaller M runs the GEMV kernel.
+M >= gemm_rows() (48; 257 where the packed matmuls run on AMX tiles; set_large_m overrides it)
+decodes the weights to int8 once per call and runs ATen's int8 GEMM (`torch._int_mm`: oneDNN, with
+VNNI or AMX where present); smaller M runs the packed kernels.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import torch
 
 # instruction-set levels, lowest first (the C++ enum Isa): x86-64 and AArch64 name them differently
 ISAS = ("scalar", "neon") if platform.machine().lower() in ("aarch64", "arm64") else ("scalar", "avx2", "avx512", "amx")
-LARGE_M = 48  # default rows from which the decoded int8 GEMM path runs (kept equal to the C++ default)
+LARGE_M = 0  # set_large_m's default: automatic, 257 rows where the packed matmuls run on AMX tiles, else 48
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCE = os.path.join(CSRC, "bitnet_cpu.cpp")
 HEADERS = [os.path.join(CSRC, "bitnet_kernels.h"), os.path.join(CSRC, "bitnet_attention.h")]
@@ -240,8 +241,14 @@ def isa_cap(name: str):
 
 
 def set_large_m(m: int) -> None:
-    """Rows from which the int8 GEMM path (decode once, torch._int_mm) replaces the GEMV kernel."""
+    """Rows from which the int8 GEMM path (decode once, torch._int_mm) replaces the packed kernels;
+    0: automatic (gemm_rows)."""
     torch.ops.bitnet_cpu.configure(-1, int(m))
+
+
+def gemm_rows() -> int:
+    """The rows from which the int8 GEMM path runs now, for the active instruction set."""
+    return torch.ops.bitnet_cpu.gemm_rows()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, fmt: str,

@@ -161,7 +161,7 @@ def test_native_kernels_give_each_row_what_it_gets_alone(fmt):
         w_q = torch.where(w_q >= 0, 1, -1).to(torch.int8)
     packed, scale = pack(w_q, fmt), torch.tensor([0.0123])
     for dtype in (torch.float32, torch.bfloat16):
-        for M in (2, 7, 16, native.LARGE_M + 3):
+        for M in (2, 7, 16, 40, native.gemm_rows() + 3):
             x = torch.randn(M, K, generator=g).to(dtype)
             batched = native.linear(x, packed, scale, N, fmt)
             alone = torch.cat([native.linear(x[r:r + 1], packed, scale, N, fmt) for r in range(M)])

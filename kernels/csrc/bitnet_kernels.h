@@ -773,7 +773,7 @@ static inline void amx_decode(const uint8_t* W, int64_t K, int64_t r, int64_t r1
 // C tile T (stored in cbuf, 16 rows x mb) to its output features. (The tile intrinsics take
 // their register numbers as literals, so the callers spell each T out.)
 template <int FMT>
-static inline void amx_scatter(int T, int64_t r, int64_t r1, int64_t R, int64_t N, int mb, const int32_t* cbuf,
+static inline void amx_scatter(int T, int64_t r, int64_t r1, int64_t R, int64_t N, int mb, int cols, const int32_t* cbuf,
                                int32_t* acc, int64_t ldc) {
   constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
   constexpr int G = 16 / P;
@@ -790,7 +790,7 @@ static inline void amx_scatter(int T, int64_t r, int64_t r1, int64_t R, int64_t 
     const int64_t n = std::max<int64_t>(0, std::min<int64_t>(rows, N - (pr + i * R)));
     mask[i] = static_cast<__mmask16>(((1u << n) - 1) << (i * G));
   }
-  for (int j = 0; j < mb; ++j) {
+  for (int j = 0; j < cols; ++j) {
     const __m512i v = _mm512_i32gather_epi32(idx, cbuf + j, 4);
     // lane i G + g goes to feature pr + i R + g (an address computed as an integer: for R < G the
     // base of the store lies before acc, though no lane it writes does)
@@ -801,25 +801,42 @@ static inline void amx_scatter(int T, int64_t r, int64_t r1, int64_t R, int64_t 
 }
 
 // acc[m * ldc + r + i R] = sum_k code_i(W[r, k]) * xq[m, k] for packed rows r in [r0, r1), any M;
-// xq rows zero-padded to xs, a multiple of 64.
+// xq rows zero-padded to xs, a multiple of 64. Up to 16 rows (decode): each A tile is decoded just
+// before its multiply. More (prefill, batched prompts): the 4G packed rows of a pass are decoded
+// once for all of K into an L2-resident buffer (4 KB per 64 k), then every block of 16 activation
+// rows runs its tiles over it, so the decode is paid once per pass whatever M is.
 template <int FMT>
 static void codes_dot_amx(const uint8_t* W, int64_t R, int64_t K, int64_t N, int64_t r0, int64_t r1,
                           const int8_t* xq, int64_t xs, int64_t M, int32_t* acc, int64_t ldc) {
   constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
   constexpr int G = 16 / P;
-  const int64_t chunks = xs / 64;
+  const int64_t chunks = xs / 64, blocks = (M + 15) / 16;
+  const int mb = static_cast<int>(std::min<int64_t>(16, M));  // tile columns: every block padded to mb
   alignas(64) uint8_t abuf[2 * 1024];
   alignas(64) int32_t cbuf[16 * 16];
   std::memset(abuf, 0, sizeof(abuf));  // 1.6bit: row 15 of each A is never written
-  std::vector<int8_t> bbuf(static_cast<size_t>(chunks * 1024));
-  for (int64_t m0 = 0; m0 < M; m0 += 16) {
-    const int mb = static_cast<int>(std::min<int64_t>(16, M - m0));
-    // B in VNNI order: chunk c, row q (k = 64 c + 4 q .. + 3), column j: x[m0 + j, 64 c + 4 q + 0..3]
+  // B in VNNI order, block b, chunk c, row q (k = 64 c + 4 q .. + 3), column j: x[16 b + j, 64 c + 4 q + 0..3]
+  // (columns past M zero)
+  std::vector<int8_t> bbuf(static_cast<size_t>(blocks * chunks * 16 * mb * 4), 0);
+  for (int64_t b = 0; b < blocks; ++b)
     for (int64_t c = 0; c < chunks; ++c)
       for (int q = 0; q < 16; ++q)
-        for (int j = 0; j < mb; ++j)
-          std::memcpy(&bbuf[c * 1024 + (q * mb + j) * 4], xq + (m0 + j) * xs + c * 64 + q * 4, 4);
-    amx_configure(mb);
+        for (int j = 0; j < mb && 16 * b + j < M; ++j)
+          std::memcpy(&bbuf[((b * chunks + c) * 16 + q) * mb * 4 + j * 4], xq + (16 * b + j) * xs + c * 64 + q * 4, 4);
+  amx_configure(mb);
+  auto finish_block = [&](int64_t r, int64_t b) {
+    int32_t* out = acc + 16 * b * ldc;
+    const int cols = static_cast<int>(std::min<int64_t>(mb, M - 16 * b));
+    _tile_stored(0, cbuf, mb * 4);
+    amx_scatter<FMT>(0, r, r1, R, N, mb, cols, cbuf, out, ldc);
+    _tile_stored(1, cbuf, mb * 4);
+    amx_scatter<FMT>(1, r, r1, R, N, mb, cols, cbuf, out, ldc);
+    _tile_stored(2, cbuf, mb * 4);
+    amx_scatter<FMT>(2, r, r1, R, N, mb, cols, cbuf, out, ldc);
+    _tile_stored(3, cbuf, mb * 4);
+    amx_scatter<FMT>(3, r, r1, R, N, mb, cols, cbuf, out, ldc);
+  };
+  if (blocks == 1) {
     for (int64_t r = r0; r < r1; r += 4 * G) {
       _tile_zero(0);
       _tile_zero(1);
@@ -829,7 +846,7 @@ static void codes_dot_amx(const uint8_t* W, int64_t R, int64_t K, int64_t N, int
         const int64_t k = c * 64;
         uint8_t* a0 = abuf;
         uint8_t* a1 = abuf + 1024;
-        BITNET_TILE_LOADD(4, &bbuf[c * 1024], mb * 4);
+        BITNET_TILE_LOADD(4, &bbuf[c * 16 * mb * 4], mb * 4);
         amx_decode<FMT>(W, K, r, r1, k, a0);
         BITNET_TILE_LOADD(5, a0, 64);
         _tile_dpbusd(0, 5, 4);
@@ -843,15 +860,34 @@ static void codes_dot_amx(const uint8_t* W, int64_t R, int64_t K, int64_t N, int
         BITNET_TILE_LOADD(6, a1, 64);
         _tile_dpbusd(3, 6, 4);
       }
-      int32_t* out = acc + m0 * ldc;
-      _tile_stored(0, cbuf, mb * 4);
-      amx_scatter<FMT>(0, r, r1, R, N, mb, cbuf, out, ldc);
-      _tile_stored(1, cbuf, mb * 4);
-      amx_scatter<FMT>(1, r, r1, R, N, mb, cbuf, out, ldc);
-      _tile_stored(2, cbuf, mb * 4);
-      amx_scatter<FMT>(2, r, r1, R, N, mb, cbuf, out, ldc);
-      _tile_stored(3, cbuf, mb * 4);
-      amx_scatter<FMT>(3, r, r1, R, N, mb, cbuf, out, ldc);
+      finish_block(r, 0);
+    }
+  } else {
+    std::vector<uint8_t> decoded(static_cast<size_t>(chunks * 4 * 1024 + 64));
+    uint8_t* dec = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(decoded.data()) + 63) & ~uintptr_t(63));
+    for (int64_t r = r0; r < r1; r += 4 * G) {
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int t = 0; t < 4; ++t) amx_decode<FMT>(W, K, r + t * G, r1, c * 64, dec + (c * 4 + t) * 1024);
+      for (int64_t b = 0; b < blocks; ++b) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const int8_t* bb = &bbuf[b * chunks * 16 * mb * 4];
+        for (int64_t c = 0; c < chunks; ++c) {
+          const uint8_t* a = dec + c * 4 * 1024;
+          BITNET_TILE_LOADD(4, bb + c * 16 * mb * 4, mb * 4);
+          BITNET_TILE_LOADD(5, a, 64);
+          _tile_dpbusd(0, 5, 4);
+          BITNET_TILE_LOADD(6, a + 1024, 64);
+          _tile_dpbusd(1, 6, 4);
+          BITNET_TILE_LOADD(5, a + 2048, 64);
+          _tile_dpbusd(2, 5, 4);
+          BITNET_TILE_LOADD(6, a + 3072, 64);
+          _tile_dpbusd(3, 6, 4);
+        }
+        finish_block(r, b);
+      }
     }
   }
   _tile_release();
