@@ -664,7 +664,7 @@ LAYER_VARIANTS = [
 def test_decode_layer_equals_the_eager_layers(variant, monkeypatch):
     """bitnet_cpu::decode_layer is the eager layer's own ops in one call, bar the attention kernel:
     at slot 0 (one key: attention returns the value, exactly, in both) the logits are equal bit for
-    bit; later, within the attention kernels' rounding. Formats, dtypes, sub-norms or none, relu2 /
+    bit, at every instruction-set level; later, within the attention kernels' rounding. Formats, dtypes, sub-norms or none, relu2 /
     relu, GQA, biases; the native calls are counted (one per layer and step)."""
     variant = dict(variant)
     dtype, packing = variant.pop("dtype"), variant.pop("packing", "2bit")
@@ -679,6 +679,10 @@ def test_decode_layer_equals_the_eager_layers(variant, monkeypatch):
     assert len(calls) == model.config.num_hidden_layers
     eager = decode_logits(model, first, 0, monkeypatch, False)
     assert torch.equal(fused, eager)
+    for isa in cpu.ISAS[:cpu.ISAS.index(cpu.detected_isa()) + 1]:  # every SIMD level's elementwise steps
+        cpu.set_isa(isa)
+        assert torch.equal(decode_logits(model, first, 0, monkeypatch, True), decode_logits(model, first, 0, monkeypatch, False)), isa
+    cpu.set_isa(cpu.detected_isa())
     prompt = torch.randint(0, model.config.vocab_size, (2, 11), generator=g)
     decode_logits(model, prompt, 1, monkeypatch, False)  # slots 1..11
     nxt = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)

@@ -444,13 +444,18 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, dou
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     constexpr bool simd_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
-    const bool simd = simd_type && active_isa() >= AVX512;
+    const int64_t level = simd_type ? active_isa() : SCALAR;
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
 #ifdef BITNET_X86
         if constexpr (simd_type) {
-          if (simd) {
-            rms_row_avx512<std::is_same_v<scalar_t, at::BFloat16>>(xp + m * C, wp, C, e, yp + m * C);
+          constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+          if (level >= AVX512) {
+            rms_row_avx512<bf16>(xp + m * C, wp, C, e, yp + m * C);
+            continue;
+          }
+          if (level >= AVX2) {
+            rms_row_avx2<bf16>(xp + m * C, wp, C, e, yp + m * C);
             continue;
           }
         }
@@ -498,7 +503,7 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
     const scalar_t* spn = s.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     constexpr bool simd_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
-    const bool simd = simd_type && sd == 1 && active_isa() >= AVX512;
+    const int64_t level = simd_type && sd == 1 ? active_isa() : SCALAR;
     at::parallel_for(0, B * H * T, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
@@ -508,8 +513,13 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
         scalar_t* yr = yp + i * D;
 #ifdef BITNET_X86
         if constexpr (simd_type) {
-          if (simd) {
-            rope_row_avx512<std::is_same_v<scalar_t, at::BFloat16>>(xr, cr, sr, D, yr);
+          constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+          if (level >= AVX512) {
+            rope_row_avx512<bf16>(xr, cr, sr, D, yr);
+            continue;
+          }
+          if (level >= AVX2) {
+            rope_row_avx2<bf16>(xr, cr, sr, D, yr);
             continue;
           }
         }
@@ -597,7 +607,7 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cach
 }
 
 // x + r and act(g) * u of contiguous (N, n) tensors of one dtype: one SIMD pass for float32 / bf16
-// on AVX-512 (bitnet_kernels.h: torch's roundings), torch's ops otherwise; the same bits either way.
+// on AVX-512 or AVX2 (bitnet_kernels.h: torch's roundings), torch's ops otherwise; the same bits.
 static at::Tensor residual(const at::Tensor& x, const at::Tensor& r, int64_t isa) {
   const auto dtype = x.scalar_type();
 #ifdef BITNET_X86
@@ -605,6 +615,12 @@ static at::Tensor residual(const at::Tensor& x, const at::Tensor& r, int64_t isa
       r.is_contiguous()) {
     at::Tensor y = at::empty_like(x);
     (dtype == at::kFloat ? add_rows_avx512<false> : add_rows_avx512<true>)(x.data_ptr(), r.data_ptr(), x.numel(), y.data_ptr());
+    return y;
+  }
+  if (isa >= AVX2 && (dtype == at::kFloat || dtype == at::kBFloat16) && r.scalar_type() == dtype && x.is_contiguous() &&
+      r.is_contiguous()) {
+    at::Tensor y = at::empty_like(x);
+    (dtype == at::kFloat ? add_rows_avx2<false> : add_rows_avx2<true>)(x.data_ptr(), r.data_ptr(), x.numel(), y.data_ptr());
     return y;
   }
 #endif
@@ -618,6 +634,12 @@ static at::Tensor act_mul(const at::Tensor& g, const at::Tensor& u, bool square,
       u.is_contiguous()) {
     at::Tensor y = at::empty_like(g);
     (dtype == at::kFloat ? relu_mul_avx512<false> : relu_mul_avx512<true>)(g.data_ptr(), u.data_ptr(), g.numel(), square, y.data_ptr());
+    return y;
+  }
+  if (isa >= AVX2 && (dtype == at::kFloat || dtype == at::kBFloat16) && u.scalar_type() == dtype && g.is_contiguous() &&
+      u.is_contiguous()) {
+    at::Tensor y = at::empty_like(g);
+    (dtype == at::kFloat ? relu_mul_avx2<false> : relu_mul_avx2<true>)(g.data_ptr(), u.data_ptr(), g.numel(), square, y.data_ptr());
     return y;
   }
 #endif

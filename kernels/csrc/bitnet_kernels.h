@@ -321,8 +321,37 @@ constexpr int kAvx2Flush = 32;
 
 // M = 1: decode each 32-byte vector of packed row r and meet the activations at once.
 // x is zero-padded to a multiple of 64 (xs), so only the weights' last vector needs care.
+//
+// 2bit takes two of its slots scaled, as the AVX-512 kernel does: c1 = v & 0x0C and c2 = (v >> 2)
+// & 0x0C are 4 times the codes (two shifts and four ands a vector instead of three and four); their
+// int16 partial sums (each maddubs lane |.| <= 2 * 8 * 128) are widened every 16 steps into int32
+// vectors, reduced once at the end and divided back exactly.
+static void row_dot1_avx2_f2(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
+  const __m256i ones = _mm256_set1_epi16(1), m3 = _mm256_set1_epi8(3), m12 = _mm256_set1_epi8(12);
+  __m256i part[4], wide[4];
+  for (int i = 0; i < 4; ++i) part[i] = wide[i] = _mm256_setzero_si256();
+  int steps = 0;
+  for (int64_t k = 0; k < K; k += 32) {
+    if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+    const __m256i v = k + 32 <= K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)) : load_tail256(w + k, K - k);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+    const __m256i c[4] = {_mm256_and_si256(v, m3), _mm256_and_si256(v, m12), _mm256_and_si256(_mm256_srli_epi16(v, 2), m12),
+                          _mm256_and_si256(_mm256_srli_epi16(v, 6), m3)};
+    for (int i = 0; i < 4; ++i) part[i] = _mm256_add_epi16(part[i], _mm256_maddubs_epi16(c[i], xv));
+    if (++steps == 16 || k + 32 >= K) {
+      for (int i = 0; i < 4; ++i) wide[i] = _mm256_add_epi32(wide[i], _mm256_madd_epi16(part[i], ones)), part[i] = _mm256_setzero_si256();
+      steps = 0;
+    }
+  }
+  tot[0] = hsum256(wide[0]);
+  tot[1] = hsum256(wide[1]) >> 2;
+  tot[2] = hsum256(wide[2]) >> 2;
+  tot[3] = hsum256(wide[3]);
+}
+
 template <int FMT>
 static void row_dot1_avx2(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
+  if constexpr (FMT == F2) return row_dot1_avx2_f2(w, K, x, tot);
   constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i part[P];
@@ -427,8 +456,46 @@ static inline __m256 load8_avx2(const int8_t* w) {
 static inline __m256 load8_avx2(const uint16_t* w) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 16));
 }
+// bf16 rows without widening shuffles: a 32-bit lane holds weights 2j (low half) and 2j + 1 (high
+// half), which are, as float32, the lane shifted up 16 and the lane with its low half cleared; x is
+// split once per call into its even and odd elements to meet them.
+static void float_rows_avx2_bf16(const uint16_t* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  const int64_t K16 = K / 16 * 16;
+  std::vector<float> xe(static_cast<size_t>(K16 / 2 + 8)), xo(static_cast<size_t>(K16 / 2 + 8));
+  for (int64_t k = 0; k < K16; k += 16)
+    for (int j = 0; j < 8; ++j) xe[k / 2 + j] = x[k + 2 * j], xo[k / 2 + j] = x[k + 2 * j + 1];
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* w = W + n * K;
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 32 <= K16; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16));
+      a[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(&xe[k / 2]), a[0]);
+      a[1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), _mm256_loadu_ps(&xo[k / 2]), a[1]);
+      a[2] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), _mm256_loadu_ps(&xe[k / 2 + 8]), a[2]);
+      a[3] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)), _mm256_loadu_ps(&xo[k / 2 + 8]), a[3]);
+    }
+    for (; k < K16; k += 16) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      a[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(&xe[k / 2]), a[0]);
+      a[1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), _mm256_loadu_ps(&xo[k / 2]), a[1]);
+    }
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float acc = _mm_cvtss_f32(h);
+    for (; k < K; ++k) acc += bf16_bits_to_float(w[k]) * x[k];
+    out[n - n0] = acc;
+  }
+}
+
 template <typename T>
 static void float_rows_avx2(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  if constexpr (std::is_same_v<T, uint16_t>) return float_rows_avx2_bf16(W, K, x, n0, n1, out);
   for (int64_t n = n0; n < n1; ++n) {
     const T* w = W + n * K;
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -1410,6 +1477,122 @@ static WidenFn widen_bf16_fn(int64_t isa) {
   (void)isa;
   return widen_bf16_scalar;
 }
+
+// The same rows in AVX2 lanes (8 floats), the remainder one value at a time with the same
+// operations: the results equal the AVX-512 rows' but for RMSNorm's float64 summation order.
+template <bool BF16>
+static inline float row_get(const void* p, int64_t i) {
+  if constexpr (BF16) return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+  else return static_cast<const float*>(p)[i];
+}
+template <bool BF16>
+static inline float row_round(float v) {
+  if constexpr (BF16) return bf16_bits_to_float(bf16_bits(v));
+  else return v;
+}
+template <bool BF16>
+static inline void row_put(void* p, int64_t i, float v) {
+  if constexpr (BF16) static_cast<uint16_t*>(p)[i] = bf16_bits(v);
+  else static_cast<float*>(p)[i] = v;
+}
+#ifdef BITNET_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+template <bool BF16>
+static inline __m256 load_row8(const void* p, int64_t i) {
+  if constexpr (BF16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i))), 16));
+  else
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+template <bool BF16>
+static inline __m256 round_row8(__m256 v) {
+  if constexpr (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_rne_avx2(v), 16));
+  else return v;
+}
+template <bool BF16>
+static inline void store_row8(void* p, int64_t i, __m256 v) {
+  if constexpr (BF16) {
+    const __m256i b = bf16_rne_avx2(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+  }
+}
+
+template <bool BF16>
+static void rms_row_avx2(const void* x, const void* w, int64_t C, float eps, void* y) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 v = load_row8<BF16>(x, c);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    s0 = _mm256_fmadd_pd(lo, lo, s0);
+    s1 = _mm256_fmadd_pd(hi, hi, s1);
+  }
+  alignas(32) double part[4];
+  _mm256_store_pd(part, _mm256_add_pd(s0, s1));
+  double ss = (part[0] + part[1]) + (part[2] + part[3]);
+  for (int64_t t = c; t < C; ++t) {
+    const double v = row_get<BF16>(x, t);
+    ss += v * v;
+  }
+  const float var = static_cast<float>(ss / static_cast<double>(C));
+  const float r = 1.f / std::sqrt(var + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  for (c = 0; c + 8 <= C; c += 8)
+    store_row8<BF16>(y, c, _mm256_mul_ps(load_row8<BF16>(w, c), round_row8<BF16>(_mm256_mul_ps(load_row8<BF16>(x, c), rv))));
+  for (; c < C; ++c) row_put<BF16>(y, c, row_get<BF16>(w, c) * row_round<BF16>(row_get<BF16>(x, c) * r));
+}
+
+template <bool BF16>
+static void add_rows_avx2(const void* x, const void* r, int64_t n, void* y) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store_row8<BF16>(y, i, _mm256_add_ps(load_row8<BF16>(x, i), load_row8<BF16>(r, i)));
+  for (; i < n; ++i) row_put<BF16>(y, i, row_get<BF16>(x, i) + row_get<BF16>(r, i));
+}
+template <bool BF16>
+static void relu_mul_avx2(const void* g, const void* u, int64_t n, bool square, void* y) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = load_row8<BF16>(g, i);
+    __m256 a = _mm256_blendv_ps(gv, zero, _mm256_cmp_ps(gv, zero, _CMP_LT_OQ));
+    if (square) a = round_row8<BF16>(_mm256_mul_ps(a, a));
+    store_row8<BF16>(y, i, _mm256_mul_ps(a, load_row8<BF16>(u, i)));
+  }
+  for (; i < n; ++i) {
+    const float gv = row_get<BF16>(g, i);
+    float a = gv < 0.f ? 0.f : gv;
+    if (square) a = row_round<BF16>(a * a);
+    row_put<BF16>(y, i, a * row_get<BF16>(u, i));
+  }
+}
+
+template <bool BF16>
+static void rope_row_avx2(const void* x, const void* cs, const void* sn, int64_t D, void* y) {
+  const int64_t h2 = D / 2;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  int64_t d = 0;
+  for (; d + 8 <= h2; d += 8) {
+    const __m256 x1 = load_row8<BF16>(x, d), x2 = load_row8<BF16>(x, d + h2);
+    const __m256 a1 = round_row8<BF16>(_mm256_mul_ps(x1, load_row8<BF16>(cs, d)));
+    const __m256 r1 = round_row8<BF16>(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load_row8<BF16>(sn, d)));
+    store_row8<BF16>(y, d, _mm256_add_ps(a1, r1));
+    const __m256 a2 = round_row8<BF16>(_mm256_mul_ps(x2, load_row8<BF16>(cs, d + h2)));
+    const __m256 r2 = round_row8<BF16>(_mm256_mul_ps(x1, load_row8<BF16>(sn, d + h2)));
+    store_row8<BF16>(y, d + h2, _mm256_add_ps(a2, r2));
+  }
+  for (; d < h2; ++d) {
+    const float x1 = row_get<BF16>(x, d), x2 = row_get<BF16>(x, d + h2);
+    row_put<BF16>(y, d, row_round<BF16>(x1 * row_get<BF16>(cs, d)) + row_round<BF16>(-x2 * row_get<BF16>(sn, d)));
+    row_put<BF16>(y, d + h2, row_round<BF16>(x2 * row_get<BF16>(cs, d + h2)) + row_round<BF16>(x1 * row_get<BF16>(sn, d + h2)));
+  }
+}
+#pragma GCC pop_options
+#endif
 
 using FinishF32Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const float*, float*);
 using FinishBf16Fn = void (*)(const int32_t*, int64_t, int32_t, int32_t, float, const uint16_t*, uint16_t*);
