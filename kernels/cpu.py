@@ -37,7 +37,7 @@ Ops (torch.library, namespace bitnet_cpu, with fake implementations for torch.co
                                                                float32 cache row (csrc/bitnet_attention.h)
     decode_layer(x, norms, eps, packed[7], ...) -> x           a decoder layer at decode in one call: the
                                                                eager layer's own ops, bar the attention
-M >= gemm_rows() (48; 257 where the packed matmuls run on AMX tiles; set_large_m overrides it)
+M >= gemm_rows() (by level: 257 on AMX, 48 on AVX-512, 513 on AVX2; set_large_m overrides it)
 decodes the weights to int8 once per call and runs ATen's int8 GEMM (`torch._int_mm`: oneDNN, with
 VNNI or AMX where present); smaller M runs the packed kernels.
 """
@@ -58,7 +58,7 @@ import torch
 
 # instruction-set levels, lowest first (the C++ enum Isa): x86-64 and AArch64 name them differently
 ISAS = ("scalar", "neon") if platform.machine().lower() in ("aarch64", "arm64") else ("scalar", "avx2", "avx512", "amx")
-LARGE_M = 0  # set_large_m's default: automatic, 257 rows where the packed matmuls run on AMX tiles, else 48
+LARGE_M = 0  # set_large_m's default: automatic by level (AMX 257 rows, AVX-512 48, AVX2 513, else 48)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCE = os.path.join(CSRC, "bitnet_cpu.cpp")
 HEADERS = [os.path.join(CSRC, "bitnet_kernels.h"), os.path.join(CSRC, "bitnet_attention.h")]

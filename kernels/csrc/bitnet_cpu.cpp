@@ -40,13 +40,15 @@ static void check_packed(const at::Tensor& packed, int64_t n, int fmt, int64_t K
 // Prefill (M >= large_m): decode the packed weights to int8 (n, K) once, then the vendor's int8
 // GEMM (torch._int_mm: oneDNN, VNNI or AMX-INT8), exact in int32. K >= 16: for K = 1 the (K, n)
 // view has ambiguous strides for _int_mm.
-// The rows from which the decoded int8 GEMM runs: set_large_m's value, or automatically 48, and 257
-// where the packed matmuls run on AMX tiles (they decode each pass of weights once for all rows
-// and beat decode + _int_mm up to 256 rows: 4096x1536, 2 threads, 256 rows 2.1 vs 2.5 ms,
-// 1536x4096 1.4 vs 2.5; from 512 rows the GEMM leads, 4.2 vs 3.6 ms).
+// The rows from which the decoded int8 GEMM runs: set_large_m's value, or automatically by level
+// (2 threads on the Xeon, oneDNN capped to the same level, 4096x1536 and 1536x4096):
+//   AMX 257: the tile path decodes each pass of weights once for all rows and beats decode +
+//     _int_mm up to 256 rows (2.1 vs 2.5 ms and 1.4 vs 2.5 at 256; at 512 the GEMM leads, 4.2 vs 3.6);
+//   AVX-512 VNNI 48: the GEMM leads from about 48 rows (128 rows: 1.8 vs 3.7 ms);
+//   AVX2 513: oneDNN's AVX2 int8 GEMM trails the maddubs tiles even at 256 rows (8.5 vs 8.0 and 7.0 ms).
 static int64_t gemm_rows(int64_t isa) {
   const int64_t m = g_large_m.load();
-  return m > 0 ? m : isa >= AMX ? 257 : 48;
+  return m > 0 ? m : isa >= AMX ? 257 : isa >= AVX512 ? 48 : isa >= AVX2 ? 513 : 48;
 }
 static bool use_gemm(int64_t M, int64_t K, int64_t isa) { return M >= gemm_rows(isa) && K >= 16; }
 
