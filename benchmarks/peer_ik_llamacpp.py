@@ -3,6 +3,7 @@
 
     python benchmarks/peer_ik_llamacpp.py --src PATH/ik_llama.cpp [--isa native|avx2] [--threads 1,2]
         [--reps 5] [--lock /tmp/bench.lock] [--server]
+    python benchmarks/peer_ik_llamacpp.py --src PATH --preset 2b4t --gguf-only   # the files only (cpu_vs_peers.py)
 
 Nothing is downloaded and no binary is committed: --src is a source checkout of ik_llama.cpp
 (https://github.com/ikawrakow/ik_llama.cpp; its commit is read with git, or given with --commit when
@@ -49,6 +50,9 @@ the tree is an export without .git).
    tok/s: llama-bench's mean over REPS after its warm-up, with its stddev.
    Results: benchmarks/results/peer_ik_llamacpp_cpu.{json,md}; a run with another --isa keeps the
    other ISA's rows (the table holds both).
+   --gguf-only stops after steps 1-2 and prints the build's and the files' facts as JSON (no timing,
+   no results file): benchmarks/cpu_vs_peers.py makes its files so, e.g. for --preset 2b4t (tied head:
+   no output.weight, ik reads the head from token_embd, F16 or, by ik's default, Q6_K; F16 file 4.8 GB).
 4. --server: ik's llama-server -m FILE -t 2 -np 16 -cb -c 2048 (128 positions a slot, as our server's
    --max-seq-len 128) on 127.0.0.1, measured with bench_serve.py's protocol (its summarize() and
    percentile(), loaded by path): 1, 4 and 16 concurrent streaming clients (one AsyncOpenAI each),
@@ -116,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cores other processes may use while llama-bench runs; more: run it again")
     ap.add_argument("--retries", type=int, default=3, help="reruns of a llama-bench disturbed by other processes")
     ap.add_argument("--no-bench", action="store_true", help="skip llama-bench (e.g. with --server)")
+    ap.add_argument("--gguf-only", action="store_true",
+                    help="build and write the GGUF files (F16, then IQ2_BN per --heads), print their facts as JSON on "
+                         "stdout, measure nothing and write no results file (e.g. --preset 2b4t for cpu_vs_peers.py)")
     ap.add_argument("--server", action="store_true", help="also build and load-test llama-server")
     ap.add_argument("--server-threads", type=int, default=2)
     ap.add_argument("--server-slots", type=int, default=16, help="llama-server -np")
@@ -144,8 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.server and per_slot < args.prompt_len + args.max_tokens + 1:
         ap.error(f"--server-ctx {args.server_ctx} / --server-slots {args.server_slots} = {per_slot} positions a "
                  f"slot, fewer than the prompt + tokens ({args.prompt_len + args.max_tokens})")
-    if args.no_bench and not args.server:
+    if args.no_bench and not args.server and not args.gguf_only:
         ap.error("--no-bench without --server leaves nothing to do")
+    if args.gguf_only and args.server:
+        ap.error("--gguf-only measures nothing: not with --server")
     return args
 
 
@@ -760,13 +769,10 @@ def serve_markdown(payload: dict, env: dict) -> str:
     ])
 
 
-# ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from bitnet.bench import environment, save_results
-
-    commit = source_commit(args.src, args.commit)
-    info = build(args, commit)
+def prepare_files(args: argparse.Namespace, info: dict, heads: list[str]) -> tuple[dict, dict, int]:
+    """The F16 GGUF of the random --preset model (written once, kept in --workdir) and its IQ2_BN
+    quantizations, one per head type (made again when older than the F16 file): (export facts,
+    {head: quantize facts}, vocab size)."""
     work = args.workdir or os.path.join(DEFAULT_CACHE, f"ik-gguf-{args.preset}-seed{args.seed}")
     os.makedirs(work, exist_ok=True)
     f16_path = os.path.join(work, f"bitnet-{args.preset}-{IK_ARCH}-F16.gguf")
@@ -784,7 +790,6 @@ def main(argv: list[str] | None = None) -> int:
     vocab_size = BitNetConfig.from_preset(args.preset).vocab_size
     del model
     files = {}
-    heads = sorted(set(args.heads) | ({args.server_head} if args.server else set()), key=list(HEADS).index)
     for head in heads:
         q_path = os.path.join(work, f"bitnet-{args.preset}-{IK_ARCH}-IQ2_BN-head_{head}.gguf")
         stamp = q_path + ".json"
@@ -794,6 +799,22 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(q, f, indent=1)
         with open(stamp) as f:
             files[head] = json.load(f)
+    return export, files, vocab_size
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bitnet.bench import environment, save_results
+
+    commit = source_commit(args.src, args.commit)
+    info = build(args, commit)
+    heads = sorted(set(args.heads) | ({args.server_head} if args.server else set()), key=list(HEADS).index)
+    export, files, vocab_size = prepare_files(args, info, heads)
+    if args.gguf_only:
+        print(json.dumps({"preset": args.preset, "seed": args.seed, "build": info, "export": export, "files": files},
+                         indent=1))
+        return 0
 
     if not args.no_bench:
         rows = []
