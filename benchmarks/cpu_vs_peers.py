@@ -514,8 +514,8 @@ def run_child(spec: dict, isa: str, snap: str | None) -> dict:
         env.pop(k, None)
     env.update(ISA_ENV[isa])
     env["OMP_NUM_THREADS"] = str(spec["threads"])
-    if snap:
-        env["PYTHONPATH"] = snap + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the snapshot's copy of this script: Python puts its folder first on sys.path, so the child
+    # imports the snapshot's bitnet (and bitnet.kernels) ahead of the editable install
     script = os.path.join(snap, "cpu_vs_peers.py") if snap else os.path.abspath(__file__)
     cmd = [sys.executable, script, "--child", json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=snap or ROOT, timeout=3600)
