@@ -212,23 +212,32 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def native_decode_args(layer, x: torch.Tensor, hidden_act: str) -> tuple | None:
+def native_decode_args(layer, x: torch.Tensor, hidden_act: str, memo: dict | None = None) -> tuple | None:
     """The arguments of bitnet_cpu::decode_layer for `layer` at a decode step of x, or None where the
     layer is not exactly what that op computes: plain DecoderLayer / Attention / MLP / RMSNorm
-    modules without hooks, the seven projections frozen BitLinear of one format on the native CPU
-    kernels (no RMSNorm of their own), norms in x's dtype, a relu2 or relu MLP, a float32 CPU cache,
-    and native float ops allowed (bitnet.ops.native_inference)."""
+    modules without hooks (nor global module hooks), the seven projections frozen BitLinear of one
+    format on the native CPU kernels (no RMSNorm of their own), norms in x's dtype, a relu2 or relu
+    MLP, a float32 CPU cache, and native float ops allowed (bitnet.ops.native_inference). `memo`, a
+    dict shared by the layers of one step, keeps what depends on x and the environment only."""
+    memo = {} if memo is None else memo
     a, mlp = layer.self_attn, layer.mlp
     if type(layer) is not DecoderLayer or type(a) is not Attention or type(mlp) is not MLP or hidden_act not in ("relu2", "relu"):
         return None
+    if "native" not in memo:
+        hooks = nn.modules.module
+        memo["native"] = native_inference(x) and not hooks._global_forward_hooks and not hooks._global_forward_pre_hooks
     cache = a.kv_cache
-    if cache is None or cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or not native_inference(x):
+    if cache is None or cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or not memo["native"]:
         return None
     lins = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     fmt = lins[0].packing if type(lins[0]) is BitLinear else None
     for m in lins:
         if type(m) is not BitLinear or not m.frozen or m.packing != fmt or m.rms_norm is not None or m._forward_hooks \
-                or m._forward_pre_hooks or choose_kernel(x, m.kernel) != "cpu":
+                or m._forward_pre_hooks:
+            return None
+        if ("kernel", m.kernel) not in memo:
+            memo["kernel", m.kernel] = choose_kernel(x, m.kernel) == "cpu"
+        if not memo["kernel", m.kernel]:
             return None
     norms = (layer.input_layernorm, a.attn_sub_norm, layer.post_attention_layernorm, mlp.ffn_sub_norm)
     for n in norms:
@@ -336,7 +345,8 @@ class BitNetForCausalLM(nn.Module):
         """All layers of a decode step (x (B, 1, C)) as bitnet_cpu::decode_layer calls -> (B, C);
         x unchanged (B, 1, C) where a layer does not qualify (native_decode_args)."""
         B, _, C = x.shape
-        args = [native_decode_args(layer, x, self.config.hidden_act) for layer in self.model.layers]
+        memo: dict = {}
+        args = [native_decode_args(layer, x, self.config.hidden_act, memo) for layer in self.model.layers]
         if not args or any(a is None for a in args):
             return x
         live = int(input_pos[0]) + 1

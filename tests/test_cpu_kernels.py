@@ -717,7 +717,8 @@ def test_decode_layer_with_left_padding(monkeypatch):
 
 def test_decode_layer_only_where_it_is_exact(monkeypatch):
     """The native layer runs only where it computes what the module does: not for a silu MLP, a
-    layer with a forward hook (which must still fire), or BITNET_KERNEL=torch; those decode eagerly."""
+    layer with a forward hook or a global module hook (which must still fire), or
+    BITNET_KERNEL=torch; those decode eagerly."""
     calls = []
     real = cpu.decode_layer
     monkeypatch.setattr(cpu, "decode_layer", lambda *a: calls.append(1) or real(*a))
@@ -735,6 +736,12 @@ def test_decode_layer_only_where_it_is_exact(monkeypatch):
         model(ids, input_pos=torch.tensor([0]))
     assert not calls and fired
     handle.remove()
+    fired.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: fired.append(1))  # a global hook
+    with torch.no_grad():
+        model(ids, input_pos=torch.tensor([0]))
+    handle.remove()
+    assert not calls and fired
     monkeypatch.setenv("BITNET_KERNEL", "torch")
     with torch.no_grad():
         model(ids, input_pos=torch.tensor([0]))

@@ -114,7 +114,8 @@ class ModelRunner:
         rows = torch.tensor([s.slot for s in segs for _ in s.tokens], dtype=torch.long, device=dev)  # (N,)
         x = m.embed_tokens(ids)  # (1, N, C)
         cos, sin = m.rotary(pos[None], x.dtype)  # (1, 1, N, hd)
-        args = [native_decode_args(layer, x, self.model.config.hidden_act) for layer in m.layers]
+        memo: dict = {}
+        args = [native_decode_args(layer, x, self.model.config.hidden_act, memo) for layer in m.layers]
         native_decode = bool(args) and all(a is not None for a in args)  # what a lone decode step runs
         if native_decode and len(segs) == ids.shape[1]:  # one token a segment: each layer in one native call
             N = len(segs)
