@@ -124,10 +124,12 @@ def start_server(args: Args, folder: str, port: int, log) -> subprocess.Popen:
 
 
 # ----------------------------------------------------------------------------- the clients
-async def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(client, model: str, prompt: str, max_tokens: int, extra_body: dict | None = None) -> dict:
+    """One streamed greedy completion (extra_body: server-specific fields, e.g. a peer's ignore_eos)."""
     sent = time.perf_counter()
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})
+                                             stream=True, stream_options={"include_usage": True},
+                                             **({"extra_body": extra_body} if extra_body else {}))
     times, finish, usage = [], None, None
     async for chunk in stream:
         if chunk.choices:
@@ -139,7 +141,8 @@ async def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"sent": sent, "token_times": times, "finish_reason": finish, "completion_tokens": usage}
 
 
-async def level(args: Args, url: str, model: str, clients: int, prompts: list[str]) -> list[dict]:
+async def level(args, url: str, model: str, clients: int, prompts: list[str], extra_body: dict | None = None) -> list[dict]:
+    """`clients` streaming clients sending `prompts` back to back (args: max_tokens, time_limit)."""
     import openai
 
     queue = list(prompts)
@@ -150,7 +153,7 @@ async def level(args: Args, url: str, model: str, clients: int, prompts: list[st
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
         try:
             while queue and time.perf_counter() < deadline:
-                done.append(await one_request(client, model, queue.pop(), args.max_tokens))
+                done.append(await one_request(client, model, queue.pop(), args.max_tokens, extra_body))
         finally:
             await client.close()
 

@@ -640,42 +640,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, log_path: str, timeout: float
     raise SystemExit(f"llama-server did not come up within {timeout} s; its log: {log_path}")
 
 
-async def one_request(client, prompt: str, max_tokens: int) -> dict:
-    """bench_serve.one_request, with ignore_eos (our served model has no EOS; this file's vocabulary has one)."""
-    sent = time.perf_counter()
-    stream = await client.completions.create(model="ik", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True},
-                                             extra_body={"ignore_eos": True})
-    times, finish, usage, chunks = [], None, None, 0
-    async for chunk in stream:
-        if chunk.choices:
-            if chunk.choices[0].text:
-                times.append(time.perf_counter())
-                chunks += 1
-            finish = chunk.choices[0].finish_reason or finish
-        if getattr(chunk, "usage", None) is not None:
-            usage = chunk.usage.completion_tokens
-    return {"sent": sent, "token_times": times, "finish_reason": finish, "completion_tokens": usage,
-            "text_chunks": chunks}
-
-
-async def level(url: str, clients: int, prompts: list[str], args: argparse.Namespace) -> list[dict]:
-    import openai
-
-    queue = list(prompts)
-    deadline = time.perf_counter() + args.time_limit
-    done: list[dict] = []
-
-    async def worker():
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
-        try:
-            while queue and time.perf_counter() < deadline:
-                done.append(await one_request(client, queue.pop(), args.max_tokens))
-        finally:
-            await client.close()
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return done
+IK_EXTRA = {"ignore_eos": True}  # our served model has no EOS; this file's vocabulary has one
 
 
 def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_size: int) -> dict:
@@ -698,16 +663,17 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(model_path))
         try:
             wait_healthy(proc, url, log_path)
-            asyncio.run(level(url, 1, prompts(2), args))  # warm-up, untimed
+            asyncio.run(bs.level(args, url, "ik", 1, prompts(2), IK_EXTRA))  # warm-up, untimed (bench_serve's clients)
             for c in args.clients:
                 waited = wait_idle(args.max_other)
                 print(f"{c} client(s) ...", file=sys.stderr, flush=True)
                 busy0, cpu0, self0, w0 = busy_cpu_seconds(), process_cpu_seconds(proc.pid), os.times(), time.monotonic()
-                runs = asyncio.run(level(url, c, prompts(c * args.requests_per_client), args))
+                runs = asyncio.run(bs.level(args, url, "ik", c, prompts(c * args.requests_per_client), IK_EXTRA))
                 busy1, cpu1, self1, wall = busy_cpu_seconds(), process_cpu_seconds(proc.pid), os.times(), time.monotonic() - w0
                 client = (self1.user - self0.user) + (self1.system - self0.system)
                 raw[c] = runs
                 for r in runs:  # where the server sends no usage, count the streamed tokens
+                    r["text_chunks"] = len(r["token_times"])
                     if r["completion_tokens"] is None:
                         r["completion_tokens"] = r["text_chunks"]
                 row = bs.summarize(c, runs, args.max_tokens)
