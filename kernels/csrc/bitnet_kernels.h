@@ -350,8 +350,7 @@ static void row_dot1_avx2_f2(const uint8_t* w, int64_t K, const int8_t* x, int32
 }
 
 template <int FMT>
-static void row_dot1_avx2(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
-  if constexpr (FMT == F2) return row_dot1_avx2_f2(w, K, x, tot);
+static void row_dot1_avx2_generic(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
   constexpr int P = FMT == F2 ? 4 : FMT == F16 ? 5 : 8;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i part[P];
@@ -369,6 +368,12 @@ static void row_dot1_avx2(const uint8_t* w, int64_t K, const int8_t* x, int32_t*
       steps = 0;
     }
   }
+}
+
+template <int FMT>
+static void row_dot1_avx2(const uint8_t* w, int64_t K, const int8_t* x, int32_t* tot) {
+  if constexpr (FMT == F2) row_dot1_avx2_f2(w, K, x, tot);
+  else row_dot1_avx2_generic<FMT>(w, K, x, tot);
 }
 
 // G rows of decoded codes (stride cs) against MB activation rows (stride xs), Kp a multiple of 32:
@@ -494,8 +499,7 @@ static void float_rows_avx2_bf16(const uint16_t* W, int64_t K, const float* x, i
 }
 
 template <typename T>
-static void float_rows_avx2(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
-  if constexpr (std::is_same_v<T, uint16_t>) return float_rows_avx2_bf16(W, K, x, n0, n1, out);
+static void float_rows_avx2_widen(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* w = W + n * K;
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -513,6 +517,12 @@ static void float_rows_avx2(const T* W, int64_t K, const float* x, int64_t n0, i
     for (; k < K; ++k) acc += weight_to_float(w[k]) * x[k];
     out[n - n0] = acc;
   }
+}
+
+template <typename T>
+static void float_rows_avx2(const T* W, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  if constexpr (std::is_same_v<T, uint16_t>) float_rows_avx2_bf16(W, K, x, n0, n1, out);
+  else float_rows_avx2_widen<T>(W, K, x, n0, n1, out);
 }
 #pragma GCC pop_options
 
