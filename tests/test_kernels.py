@@ -202,6 +202,22 @@ def test_packed_matmul_from_int8_activations(triton_device):
         assert torch.equal(y.cpu(), reference_gemm(x_q.cpu(), packed, N, "2bit", scale, a.cpu()))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_reads_unaligned_int8_activations(fmt, triton_device):
+    """The GEMV reads x_q as int32 words: rows that do not start on a 4-byte boundary (a column
+    slice of a wider tensor) are copied first, not misread. K = 100: 25 words, two tile steps in
+    the interpreter (16 words a step)."""
+    w_q = random_weights(N, 100, fmt, seed=3)
+    x_q, a = quantize_activation(random_activations(2, 100, seed=4))
+    wide = torch.zeros(2, 103, dtype=torch.int8)
+    wide[:, 1:101] = x_q
+    view = wide.to(triton_device)[:, 1:101]  # storage offset 1, row stride 103
+    packed, scale = pack(w_q, fmt).to(triton_device), torch.tensor([0.25], device=triton_device)
+    assert torch.equal(gemv(view, packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q, w_q))
+    y = gemv(view, packed, N, fmt, scale=scale, a=a.to(triton_device), out_dtype=torch.float32)
+    assert torch.equal(y.cpu(), reference_gemm(x_q, pack(w_q, fmt), N, fmt, scale.cpu(), a))
+
+
 @pytest.mark.parametrize("shape", [(100,), (1, 100), (2, 3, 100), (0, 100)])
 def test_bitlinear_takes_any_leading_shape(shape, triton_device):
     packed, scale = pack(random_weights(N, 100, "2bit"), "2bit"), torch.tensor([0.1])
