@@ -4,9 +4,13 @@ On a GPU (the Triton kernels):
 For every weight shape N x K (nn.Linear's weight: out x in features), every M and every packed
 format: the median time of the whole layer, y = bitlinear(x) from bf16 x to bf16 y (activation
 quantization included), and of the matmul alone from int8 x_q; the L2 is flushed before every
-timed call; bf16 F.linear is timed in the same run. Reported: speedup over bf16, achieved GB/s
-(packed weight + activations in + output out) and its share of the HBM bandwidth measured by a
-device-to-device copy. Writes benchmarks/results/bench_kernels.{json,md,png}.
+timed call; bf16 F.linear is timed in the same run, the same ways. Each is timed twice: its GPU
+work alone (captured in a CUDA graph and replayed: the kernels and the gaps between them, what a
+model run under CUDA graphs pays; the headline and the speedups) and as an eager call (which
+also counts the host's time to issue the kernels wherever that is longer: Python, torch.library
+dispatch, Triton's launcher). Reported: speedup over bf16, achieved GB/s (packed weight +
+activations in + output out) and its share of the HBM bandwidth measured by a device-to-device
+copy. Writes benchmarks/results/bench_kernels.{json,md,png}.
 
 On a CPU (the native C++ kernels, bitnet.kernels.cpu), for every shape, M and format: the
 median time of one whole layer call (int8 activation quantization included) from bf16 x to bf16
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bitnet.bench import (RESULTS_DIR, L2Flusher, copies_for, environment, loadavg, measured_cpu_bandwidth,
-                          measured_hbm_bandwidth, save_results, time_cpu_cycled, time_cuda)
+                          measured_hbm_bandwidth, save_results, time_cpu_cycled, time_cuda, time_cuda_graph)
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.packing import pack, packed_rows
 from bitnet.report import table
@@ -90,17 +94,22 @@ def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], No
             packed = {f: p for f, p in all_packed.items() if f in args.formats or m == 1}
             x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
             io_bytes = 2 * m * k + 2 * m * n  # bf16 activations in, bf16 output out
-            bf16_ms = time_cuda(lambda: F.linear(x, w16), args.warmup, args.iters, flush)
+
+            def timed(fn):  # (GPU work alone, eager call) in ms
+                return (time_cuda_graph(fn, args.warmup, args.iters, flush),
+                        time_cuda(fn, args.warmup, args.iters, flush))
+
+            bf16_ms, bf16_eager = timed(lambda: F.linear(x, w16))
             base = {"shape": shape, "n": n, "k": k, "m": m}
-            rows.append({**base, "format": "bf16", "ms": bf16_ms, "speedup": 1.0,
+            rows.append({**base, "format": "bf16", "ms": bf16_ms, "eager_ms": bf16_eager, "speedup": 1.0,
                          "gbps": (2 * n * k + io_bytes) / (bf16_ms * 1e-3) / 1e9})
             x_q, a = act_quant(x)
             for fmt, p in packed.items():
-                ms = time_cuda(lambda: bitlinear(x, p, scale, n, fmt), args.warmup, args.iters, flush)
-                matmul_ms = time_cuda(lambda: packed_matmul(x_q, a, p, scale, n, fmt, out_dtype=torch.bfloat16),
-                                      args.warmup, args.iters, flush)
+                ms, eager_ms = timed(lambda: bitlinear(x, p, scale, n, fmt))
+                matmul_ms, _ = timed(lambda: packed_matmul(x_q, a, p, scale, n, fmt, out_dtype=torch.bfloat16))
                 nbytes = packed_rows(n, fmt) * k + io_bytes
-                rows.append({**base, "format": fmt, "ms": ms, "matmul_ms": matmul_ms, "speedup": bf16_ms / ms,
+                rows.append({**base, "format": fmt, "ms": ms, "eager_ms": eager_ms, "matmul_ms": matmul_ms,
+                             "speedup": bf16_ms / ms, "eager_speedup": bf16_eager / eager_ms,
                              "gbps": nbytes / (ms * 1e-3) / 1e9})
             print(f"{shape} M={m}: " + ", ".join(f"{r['format']} {r['ms'] * 1e3:.1f} us" for r in rows[-1 - len(packed):]),
                   flush=True)
@@ -114,14 +123,14 @@ def with_shares(hbm: float, rows: list[dict]) -> dict:
     return {"hbm_gbps": hbm, "rows": [{**r, "hbm_share": r["gbps"] / hbm} for r in rows]}
 
 
-COLUMNS = [("shape", "N x K", ""), ("m", "M", ""), ("format", "format", ""), ("us", "time (us)", ".1f"),
+COLUMNS = [("shape", "N x K", ""), ("m", "M", ""), ("format", "format", ""), ("us", "GPU time (us)", ".1f"),
            ("matmul_us", "matmul only (us)", ".1f"), ("speedup", "vs bf16", ".2f"), ("gbps", "GB/s", ".0f"),
-           ("hbm_pct", "% HBM", ".0f")]
+           ("hbm_pct", "% HBM", ".0f"), ("eager_us", "eager call (us)", ".1f"), ("eager_speedup", "eager vs bf16", ".2f")]
 
 
 def report(result: dict) -> str:
-    rows = [{**r, "us": r["ms"] * 1e3, "matmul_us": r.get("matmul_ms", 0) * 1e3 or None, "hbm_pct": 100 * r["hbm_share"]}
-            for r in result["rows"]]
+    rows = [{**r, "us": r["ms"] * 1e3, "matmul_us": r.get("matmul_ms", 0) * 1e3 or None, "hbm_pct": 100 * r["hbm_share"],
+             "eager_us": r["eager_ms"] * 1e3 if r.get("eager_ms") else None} for r in result["rows"]]
     return table(rows, COLUMNS, markdown=True)
 
 

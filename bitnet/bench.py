@@ -143,6 +143,40 @@ def time_cuda(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush
     return statistics.median(times)
 
 
+def time_cuda_graph(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush: L2Flusher | None = None) -> float:
+    """Median milliseconds of fn()'s GPU work alone: fn is captured once into a CUDA graph (after
+    `warmup` eager calls, where autotuning happens), and each timed replay follows an L2 flush.
+
+    time_cuda times an eager call, and where the host needs longer to issue fn's kernels (Python,
+    torch.library dispatch, Triton's launcher) than the GPU needs to run them, its events measure
+    the host. A replay issues the whole graph in one call, enqueued while the flush still runs,
+    so the events bracket the kernels and the gaps between them on the GPU, nothing else: what a
+    model captured in CUDA graphs (torch.compile's "reduce-overhead") pays per call."""
+    for _ in range(warmup):
+        fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # a warm call on a side stream, as torch.cuda.graphs advises
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if flush is not None:
+            flush()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
 def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:
     """Median milliseconds of fn() on the CPU."""
     for _ in range(warmup):

@@ -27,6 +27,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LAUNCH = {"enable_fp_fusion": False}
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launchers: plain Python (triton.cdiv is a constexpr function, ~5 us a call
+    from host code, and a decode step launches hundreds of kernels)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), for launchers (like cdiv: no triton.* call)."""
+    return 1 << (n - 1).bit_length()
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, prune=None):
     """triton.autotune over `configs` on a GPU. Under the interpreter only `interpret_config` (small
     blocks, no benchmarking): autotuning there would time every config on the CPU for nothing."""

@@ -11,6 +11,11 @@ Dispatch by the number of activation rows M (all leading dimensions of x flatten
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch.
 - M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64).
 Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
+
+The public functions at the bottom call the ops where torch.compile (or torch.export) traces, and
+the ops' own Python implementations directly in eager code: torch.library's dispatch costs ~30 us
+of host time a call (measured on a 2-core Xeon), more than a decode GEMV's GPU work, and eager
+decode issues hundreds of them a token. Same functions, same results either way.
 """
 
 from __future__ import annotations
@@ -29,8 +34,7 @@ def _output_like(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return x.new_empty((*x.shape[:-1], n), dtype=dtype)
 
 
-@torch.library.custom_op("bitnet::bitlinear", mutates_args=())
-def _bitlinear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str) -> Tensor:
+def _bitlinear_impl(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str) -> Tensor:
     x2 = rows_of(x)
     if x2.shape[0] == 1:
         y = gemv(x2, packed, n, fmt, scale=scale, bias=bias)
@@ -40,13 +44,15 @@ def _bitlinear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n:
     return y.reshape(*x.shape[:-1], n)
 
 
+_bitlinear = torch.library.custom_op("bitnet::bitlinear", _bitlinear_impl, mutates_args=())
+
+
 @_bitlinear.register_fake
 def _(x, packed, scale, bias, n, fmt):
     return _output_like(x, n, x.dtype)
 
 
-@torch.library.custom_op("bitnet::packed_matmul", mutates_args=())
-def _packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str,
+def _packed_matmul_impl(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str,
                    out_dtype: torch.dtype) -> Tensor:
     x2, a2 = rows_of(x_q), a.reshape(-1)
     if x2.shape[0] == 1:
@@ -56,16 +62,21 @@ def _packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, bias: 
     return y.reshape(*x_q.shape[:-1], n)
 
 
+_packed_matmul = torch.library.custom_op("bitnet::packed_matmul", _packed_matmul_impl, mutates_args=())
+
+
 @_packed_matmul.register_fake
 def _(x_q, a, packed, scale, bias, n, fmt, out_dtype):
     return _output_like(x_q, n, out_dtype)
 
 
-@torch.library.custom_op("bitnet::packed_matmul_int32", mutates_args=())
-def _packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
+def _packed_matmul_int32_impl(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
     x2 = rows_of(x_q)
     launch = gemv if x2.shape[0] == 1 else gemm
     return launch(x2, packed, n, fmt, out_dtype=torch.int32).reshape(*x_q.shape[:-1], n)
+
+
+_packed_matmul_int32 = torch.library.custom_op("bitnet::packed_matmul_int32", _packed_matmul_int32_impl, mutates_args=())
 
 
 @_packed_matmul_int32.register_fake
@@ -73,10 +84,12 @@ def _(x_q, packed, n, fmt):
     return _output_like(x_q, n, torch.int32)
 
 
-@torch.library.custom_op("bitnet::act_quant", mutates_args=())
-def _act_quant_op(x: Tensor) -> tuple[Tensor, Tensor]:
+def _act_quant_impl(x: Tensor) -> tuple[Tensor, Tensor]:
     x_q, a, _ = _act_quant(x)
     return x_q, a
+
+
+_act_quant_op = torch.library.custom_op("bitnet::act_quant", _act_quant_impl, mutates_args=())
 
 
 @_act_quant_op.register_fake
@@ -84,10 +97,12 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("bitnet::rmsnorm_act_quant", mutates_args=())
-def _rmsnorm_act_quant_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _rmsnorm_act_quant_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     x_q, a, _ = _rmsnorm_act_quant(x, weight, eps)
     return x_q, a
+
+
+_rmsnorm_act_quant_op = torch.library.custom_op("bitnet::rmsnorm_act_quant", _rmsnorm_act_quant_impl, mutates_args=())
 
 
 @_rmsnorm_act_quant_op.register_fake
@@ -95,29 +110,36 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-# The public functions: the ops as torch.compile sees them.
+# The public functions: the ops where torch.compile (or torch.export) traces, their implementations
+# in eager code.
+_tracing = torch.compiler.is_compiling
+
+
 def bitlinear(x: Tensor, packed: Tensor, scale: Tensor, n: int, fmt: str, bias: Tensor | None = None) -> Tensor:
     """y = (x_q @ W_q^T) * scale / a (+ bias) for x (..., K), packed (R, K) uint8, scale float32 (1,);
     the signature bitnet.ops.bitlinear calls."""
-    return torch.ops.bitnet.bitlinear(x, packed, scale, bias, n, fmt)
+    op = torch.ops.bitnet.bitlinear if _tracing() else _bitlinear_impl
+    return op(x, packed, scale, bias, n, fmt)
 
 
 def packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, n: int, fmt: str,
                   bias: Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """y = (x_q @ W_q^T) * scale / a (+ bias) from activations already quantized (act_quant)."""
-    return torch.ops.bitnet.packed_matmul(x_q, a, packed, scale, bias, n, fmt, out_dtype)
+    op = torch.ops.bitnet.packed_matmul if _tracing() else _packed_matmul_impl
+    return op(x_q, a, packed, scale, bias, n, fmt, out_dtype)
 
 
 def packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
     """The exact integer accumulator x_q @ W_q^T, int32 (..., n)."""
-    return torch.ops.bitnet.packed_matmul_int32(x_q, packed, n, fmt)
+    op = torch.ops.bitnet.packed_matmul_int32 if _tracing() else _packed_matmul_int32_impl
+    return op(x_q, packed, n, fmt)
 
 
 def act_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token absmax int8: (x_q (..., K), a (..., 1)), bit-identical to bitnet.quant.quantize_activation."""
-    return torch.ops.bitnet.act_quant(x)
+    return torch.ops.bitnet.act_quant(x) if _tracing() else _act_quant_impl(x)
 
 
 def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """act_quant(RMSNorm(x)) in one kernel."""
-    return torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps)
+    return torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps) if _tracing() else _rmsnorm_act_quant_impl(x, weight, eps)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from bitnet.quant import int_matmul
 
-from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
+from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_output, next_power_of_2, store_output
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, values_per_byte
 
 SMALL_M = 64
@@ -166,7 +166,7 @@ def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
         return 1
     sms = 4 if INTERPRET or device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
     min_k = 32 if INTERPRET else 512
-    tiles = triton.cdiv(m, 16) * triton.cdiv(r * pa, 128)
+    tiles = cdiv(m, 16) * cdiv(r * pa, 128)
     split = 1
     while tiles * split < sms and k // (split * 2) >= min_k:
         split *= 2
@@ -208,13 +208,13 @@ def gemm(
     if splits > 1:
         # One zeroed buffer: the (M, N) partial sums, then a counter for every possible tile
         # (BLOCK_M >= 16 and BLOCK_N // PA >= 4 in every config).
-        tiles = triton.cdiv(m, 16) * triton.cdiv(r, 4)
+        tiles = cdiv(m, 16) * cdiv(r, 4)
         buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=x_q.device)
         ws, count = buf[: m * n], buf[m * n:]
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
     _gemm_kernel[grid](
         x_q, a, xsum, w, scale, bias, y, ws, count,
-        m, n, k, r, triton.next_power_of_2(m),
+        m, n, k, r, next_power_of_2(m),
         x_q.stride(0), w.stride(0), y.stride(0),
         P=p, HAS_BIAS=bias is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits, **LAUNCH,
     )

@@ -36,7 +36,7 @@ import triton.language as tl
 from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
-from .common import INTERPRET, LAUNCH, autotune, matmul_output, store_output
+from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_output, next_power_of_2, store_output
 from .layout import check_packed, decode, joined_codes, values_per_byte
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
@@ -56,7 +56,7 @@ def _prune(configs, named_args, **kwargs):
         return configs
     args = {**named_args, **kwargs}
     units = args["K"] // args.get("LANES", 1)
-    fit = [c for c in configs if c.kwargs["BLOCK_U"] <= max(128, triton.next_power_of_2(units))
+    fit = [c for c in configs if c.kwargs["BLOCK_U"] <= max(128, next_power_of_2(units))
            and (c.kwargs["BLOCK_R"] == 1 or not args.get("QUANTIZE_X", False))]
     return fit or configs
 
@@ -246,7 +246,7 @@ def gemv(
         if x.storage_offset() % 4 or x.stride(0) % 4:
             x = x.clone(memory_format=torch.contiguous_format)
         x = x.view(torch.int32)
-    grid = lambda meta: (triton.cdiv(packed.shape[0], meta["BLOCK_R"]), m)  # noqa: E731
+    grid = lambda meta: (cdiv(packed.shape[0], meta["BLOCK_R"]), m)  # noqa: E731
     if m > 0:
         _gemv_kernel[grid](
             x, a, w, scale, bias, y,
@@ -254,7 +254,7 @@ def gemv(
             x.stride(0), w.stride(0), y.stride(0),
             P=p, QUANTIZE_X=quantize_x, HAS_BIAS=bias is not None, OUT_INT32=out_dtype == torch.int32,
             LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None,
-            BLOCK_A=min(triton.next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH,
+            BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH,
         )
     return y
 

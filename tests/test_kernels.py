@@ -378,7 +378,8 @@ def test_benchmark_measures_reports_and_plots(tmp_path, monkeypatch):
     bench = _bench_module()
     monkeypatch.setattr(bench, "L2Flusher", lambda device: None)
     monkeypatch.setattr(bench, "measured_hbm_bandwidth", lambda: 1.0)
-    monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), 2.0)[1])
+    monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, warmup, iters, flush: (fn(), 1.0)[1])
     args = bench.BenchArgs(m=[1, 2], shapes=["40x64"], formats=["2bit", "1bit"], out_dir=str(tmp_path))
     result = bench.measure(args, device="cpu")
     assert [(r["m"], r["format"]) for r in result["rows"]] == [(m, f) for m in (1, 2) for f in ("bf16", "2bit", "1bit")]
