@@ -239,7 +239,10 @@ class BitnetCppBuild:
         with open(header) as f:
             key = hashlib.sha256((cu_text + f.read() + repr((sm, extra, self.nvcc))).encode()).hexdigest()[:12]
         self.dir = build_dir or os.path.join(os.path.expanduser("~"), ".cache", "bitnet-peers", f"bitnet-gpu-{key}")
-        os.makedirs(self.dir, exist_ok=True)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError:  # an unwritable home: a fresh folder (no reuse)
+            self.dir = tempfile.mkdtemp(prefix=f"bitnet-gpu-{key}-")
         jobs = {"libbitnet.so": nvcc_command(self.nvcc, cu, os.path.join(self.dir, "libbitnet.so"), sm)}
         if extra:
             at = os.path.join(self.dir, "bitnet_kernels_at.cu")

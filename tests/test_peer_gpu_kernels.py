@@ -79,6 +79,30 @@ def test_dispatch_shapes_read_from_the_source():
         assert peer.parse_shape(s) in shapes
 
 
+def encode_bitnetcpp(w: torch.Tensor) -> torch.Tensor:
+    """decode_bitnetcpp's inverse (codes w + 2 at the bits and bytes the kernel reads them from), a
+    stand-in for bitnet.cpp's converter where its sources are not here."""
+    n, k = w.shape
+    codes = (w.to(torch.int32) + 2).reshape(n // 16, 16, k // 128, 8, 16).permute(0, 2, 3, 1, 4)  # (bx, k0, tx, ty, t)
+    t = torch.arange(16)
+    word = (codes << (2 * (t // 4) + 8 * (t % 4)).to(torch.int32)).sum(-1, dtype=torch.int32)  # disjoint bits
+    bx, k0, tx, ty = (torch.arange(d).view([-1 if i == j else 1 for j in range(4)])
+                      for i, d in enumerate((n // 16, k // 128, 8, 16)))
+    offset = bx * 16 * k // 4 + k0 * 512 + (tx >> 1) * 128 + (ty >> 3) * 64 + (tx & 1) * 32 + (ty & 7) * 4
+    words = torch.zeros(n * k // 16, dtype=torch.int32)
+    words[(offset // 4).reshape(-1)] = word.reshape(-1)
+    return words.view(torch.int8).reshape(n, k // 4)
+
+
+@pytest.mark.parametrize("n,k", [(16, 128), (48, 384)])
+def test_the_stand_in_encoder_inverts_the_decoder(n, k):
+    w = ternary(n, k, seed=7)
+    b = encode_bitnetcpp(w)
+    assert torch.equal(peer.decode_bitnetcpp(b, n, k), w)
+    if HAVE_SRC:  # and it is bitnet.cpp's converter, byte for byte
+        assert torch.equal(b, peer.bitnetcpp_pack(SRC)(w))
+
+
 @pytest.mark.skipif(not HAVE_SRC, reason=NO_SRC)
 @pytest.mark.parametrize("n,k", [(16, 128), (48, 384), (2560, 2560)])
 def test_bitnetcpp_layout_from_its_converter_decodes_to_the_weights(n, k):
@@ -225,21 +249,24 @@ def emulated_kernel(zero: int = 2):
     return Build
 
 
-def fake_src(tmp_path, shapes: str) -> str:
+def fake_src(tmp_path, monkeypatch, dispatch: str) -> str:
+    """A gpu/ folder whose dispatch lists `dispatch`, with bitnet.cpp's converter (or the stand-in)."""
     src = tmp_path / "gpu"
     (src / "bitnet_kernels").mkdir(parents=True)
-    shutil.copy(os.path.join(SRC, "pack_weight.py"), src / "pack_weight.py")
-    (src / "bitnet_kernels" / "bitnet_kernels.cu").write_text(shapes)
+    if HAVE_SRC:
+        shutil.copy(os.path.join(SRC, "pack_weight.py"), src / "pack_weight.py")
+    else:
+        monkeypatch.setattr(peer, "bitnetcpp_pack", lambda _: encode_bitnetcpp)
+    (src / "bitnet_kernels" / "bitnet_kernels.cu").write_text(dispatch)
     return str(src)
 
 
-@pytest.mark.skipif(not HAVE_SRC, reason=NO_SRC)
 def test_the_loop_checks_times_and_reports_every_system(tmp_path, monkeypatch, triton_device):
     if triton_device != "cpu":
         pytest.skip("the CPU run of the loop (the GPU runs the script itself)")
     monkeypatch.setattr(peer, "BitnetCppBuild", emulated_kernel())
     monkeypatch.setitem(sys.modules, "gemlite", None)  # as on a machine without it: its rows say so
-    src = fake_src(tmp_path, "M == 1 && N == 64 && K == 256")
+    src = fake_src(tmp_path, monkeypatch, "M == 1 && N == 64 && K == 256")
     args = peer.PeerArgs(shapes=["64x256"], m1_shapes=["32x128"], m=[1, 2], src=src, warmup=0, iters=1, budget_s=600)
     result = peer.Run(args, device="cpu").run()
     rows = {(r["shape"], r["m"], r["system"]): r for r in result["rows"]}
