@@ -256,7 +256,11 @@ class BitnetCppBuild:
             if os.path.isfile(os.path.join(self.dir, lib)):
                 continue
             log = open(os.path.join(self.dir, lib + ".log"), "w")
-            self.procs[lib] = (subprocess.Popen(cmd, cwd=kernels, stdout=log, stderr=subprocess.STDOUT), log)
+            try:
+                self.procs[lib] = (subprocess.Popen(cmd, cwd=kernels, stdout=log, stderr=subprocess.STDOUT), log)
+            except OSError as e:
+                self.error = f"cannot start nvcc: {e}"
+                return
 
     def kernel(self, lib: str) -> Callable[..., torch.Tensor]:
         """kernel(x_q, b, out, s, ws, n, k) -> out: y = (x_q W^T) / s[0] * ws[...] into out (1, n) bf16,
@@ -457,6 +461,11 @@ class Run:
                 self.info["gemlite"] = {"error": self.gemlite}
         self.flush = L2Flusher() if device == "cuda" else None
         self.hbm = measured_hbm_bandwidth() if device == "cuda" else None
+        bitnetcpp = "-" if self.bitnetcpp is None else self.bitnetcpp.error or f"nvcc into {self.bitnetcpp.info.get('dir')}"
+        gemlite = self.info.get("gemlite", {})
+        gemlite = gemlite.get("error") or gemlite.get("version", "-")
+        print(f"setup ({self.elapsed():.0f} s): bitnet.cpp {bitnetcpp}; gemlite {gemlite}; "
+              f"copy bandwidth {self.hbm or 0:.0f} GB/s", flush=True)
 
     def run(self, on_cell: Callable[[dict], object] | None = None) -> dict:
         """Every cell of the plan (after the budget: a 'skipped' row); on_cell(result so far) after each."""
