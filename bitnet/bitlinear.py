@@ -194,17 +194,47 @@ class BitLinear(nn.Module):
 
 
 def frozen_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-    """The outputs of several frozen BitLinear of one input (q / k / v, gate / up) in one native
-    call (bitnet.ops.bitlinear_many), or None where that does not apply: not all plain frozen
-    BitLinear of one format and kernel without their own RMSNorm or hooks, or another backend."""
+    """The outputs of several frozen BitLinear of one input (q / k / v, gate / up) with x quantized
+    once (bitnet.ops.bitlinear_many: one native call on the CPU, one act_quant on the Triton
+    kernels), or None where that does not apply: not all plain frozen BitLinear of one format and
+    kernel without their own RMSNorm or hooks, or the torch path."""
+    if not _plain_frozen(layers):
+        return None
+    first = layers[0]
+    return ops.bitlinear_many(x, [m.weight for m in layers], [m.weight_scale for m in layers],
+                              [m.out_features for m in layers], first.packing, [m.bias for m in layers], first.kernel)
+
+
+def normed_projections(x: torch.Tensor, norm: nn.Module, layers) -> list[torch.Tensor] | None:
+    """[layer(norm(x)) for layer in layers] with the RMSNorm fused into the quantization of x
+    (bitnet.ops.rms_norm_bitlinear_many: one rmsnorm_act_quant on the Triton kernels), or None
+    where that does not apply: `norm` not a plain RMSNorm of x's dtype without hooks, global module
+    hooks (the modules would not be called), autograd to record (the fused op has no backward),
+    the layers not as frozen_projections needs them, or another backend. Its a may be an ulp and its
+    x_q one step off norm(x)'s, where the RMSNorm's last bit is (bitnet.ops.rms_norm_bitlinear_many)."""
+    if type(norm) is not RMSNorm or norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+        return None
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or not _plain_frozen(layers):
+        return None
+    first = layers[0]
+    return ops.rms_norm_bitlinear_many(x, norm.weight, norm.eps, [m.weight for m in layers],
+                                       [m.weight_scale for m in layers], [m.out_features for m in layers],
+                                       first.packing, [m.bias for m in layers], first.kernel)
+
+
+def _plain_frozen(layers) -> bool:
+    """All plain frozen BitLinear of one format and kernel, without their own RMSNorm or hooks: what
+    a shared quantization of their input computes exactly as each layer would."""
     first = layers[0]
     for m in layers:
         if type(m) is not BitLinear or not m.frozen or m.packing != first.packing or m.rms_norm is not None:
-            return None
+            return False
         if m.kernel != first.kernel or m._forward_hooks or m._forward_pre_hooks:
-            return None
-    return ops.bitlinear_many(x, [m.weight for m in layers], [m.weight_scale for m in layers],
-                              [m.out_features for m in layers], first.packing, [m.bias for m in layers], first.kernel)
+            return False
+    return True
 
 
 class Int8Linear(nn.Module):

@@ -16,6 +16,13 @@ as one native call, `bitnet_cpu::decode_layer` (`native_decode_args` says when):
 ops in C++ but for the attention, a decode kernel of its own (kernels/csrc/bitnet_attention.h)
 that rounds differently from torch's in the last bits. A decode step of the 700m shape is
 otherwise about 700 eager ops, 5 of its 23 ms on a 2-core Xeon.
+
+On the Triton kernels (GPUs) every RMSNorm in front of frozen BitLinear (input_layernorm -> q/k/v,
+attn_sub_norm -> o_proj, post_attention_layernorm -> gate/up, ffn_sub_norm -> down_proj) is fused
+into the quantization of their input: one rmsnorm_act_quant, then a packed matmul per projection
+(`projections`, `prenormed`). Its sum of squares runs in another order than the norm's, so a
+scale a may be an ulp off and an x_q one step off the unfused path's; the torch and native CPU
+paths are the references.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bitlinear import BitLinear, Int4Linear, Int8Linear, RMSNorm, frozen_projections
+from .bitlinear import BitLinear, Int4Linear, Int8Linear, RMSNorm, frozen_projections, normed_projections
 from .config import BitNetConfig, matches_any
 from .kernels import cpu as native
 from .ops import choose_kernel, native_inference, rope
@@ -48,11 +55,36 @@ def make_linear(config: BitNetConfig, name: str, in_features: int, out_features:
     return BitLinear(in_features, out_features, bias=bias, weight_bits=config.weight_bits, rms_norm_eps=eps)
 
 
-def projections(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers]; frozen BitLinear on the native CPU kernels share one call
-    (bitnet.ops.bitlinear_many: the same outputs, x quantized once)."""
-    out = frozen_projections(x, layers)
+def projections(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None) -> list[torch.Tensor]:
+    """[layer(norm(x)) for layer in layers] (x as it is without a norm).
+
+    On the Triton kernels a plain RMSNorm in front of frozen BitLinear is fused into the quantization
+    of its output, once for all of them (normed_projections: rmsnorm_act_quant, then a packed matmul
+    each; a may be an ulp, x_q one step off the unfused path's, where the norm's last bit is). Otherwise
+    the norm runs as a module, then several frozen BitLinear share one quantization of its output
+    (frozen_projections: one native call on the CPU, one act_quant on the Triton kernels; each
+    output equal to its layer's own, bit for bit); one layer alone runs as a module.
+    """
+    if norm is not None:
+        out = normed_projections(x, norm, layers)
+        if out is not None:
+            return out
+        x = norm(x)
+    out = frozen_projections(x, layers) if len(layers) > 1 else None
     return out if out is not None else [layer(x) for layer in layers]
+
+
+def prenormed(block: nn.Module, norm: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    """block(norm(x), *args). An Attention or MLP block without hooks, after an RMSNorm of x's dtype
+    (whose output has x's dtype too), is handed x and the norm instead, and applies it in front of
+    its first projections (projections: fused into their quantization on the Triton kernels). Hooks
+    on the block (a tensor-parallel plan, a user's) see its input normed, as before."""
+    hooks = nn.modules.module
+    plain = type(block) in (Attention, MLP) and type(norm) is RMSNorm and norm.weight.dtype == x.dtype
+    if not plain or block._forward_hooks or block._forward_pre_hooks or hooks._global_forward_hooks \
+            or hooks._global_forward_pre_hooks:
+        return block(norm(x), *args)
+    return block(x, *args, norm=norm)
 
 
 def _activation(name: str):
@@ -157,9 +189,10 @@ class Attention(nn.Module):
         self.attn_sub_norm = RMSNorm(self.n_head * self.head_dim, config.rms_norm_eps) if config.sub_norms else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, norm=None):
+        # x (B, T, C); norm: the input_layernorm to apply to it first (prenormed), or None
         B, T, _ = x.shape
-        q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj, norm=norm)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -176,9 +209,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
-        if self.attn_sub_norm is not None:
-            y = self.attn_sub_norm(y)
-        return self.o_proj(y)
+        return projections(y, self.o_proj, norm=self.attn_sub_norm)[0]
 
 
 class MLP(nn.Module):
@@ -191,12 +222,10 @@ class MLP(nn.Module):
         self.ffn_sub_norm = RMSNorm(i, config.rms_norm_eps) if config.sub_norms else None
         self.act = _activation(config.hidden_act)
 
-    def forward(self, x):
-        gate, up = projections(x, self.gate_proj, self.up_proj)
-        h = self.act(gate) * up
-        if self.ffn_sub_norm is not None:
-            h = self.ffn_sub_norm(h)
-        return self.down_proj(h)
+    def forward(self, x, norm=None):
+        # x (B, T, C); norm: the post_attention_layernorm to apply to it first (prenormed), or None
+        gate, up = projections(x, self.gate_proj, self.up_proj, norm=norm)
+        return projections(self.act(gate) * up, self.down_proj, norm=self.ffn_sub_norm)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -208,8 +237,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # x + attn(norm(x)), then h + mlp(norm(h)); each block applies its norm (prenormed)
+        x = x + prenormed(self.self_attn, self.input_layernorm, x, cos, sin, mask, input_pos)
+        return x + prenormed(self.mlp, self.post_attention_layernorm, x)
 
 
 def native_decode_args(layer, x: torch.Tensor, hidden_act: str, memo: dict | None = None) -> tuple | None:

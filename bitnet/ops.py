@@ -94,12 +94,44 @@ def bitlinear(
 
 def bitlinear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor], ns: list[int], fmt: str,
                    biases: list[torch.Tensor | None], kernel: str | None = None) -> list[torch.Tensor] | None:
-    """[bitlinear(x, packed[i], scales[i], ns[i], fmt, biases[i], kernel) for each i] in one native
-    call on the CPU (x quantized once, one pass over all the rows; each output equal to its own),
-    or None where the native kernels are not the choice: the caller then runs them one by one."""
-    if x.device.type != "cpu" or choose_kernel(x, kernel) != "cpu":
+    """[bitlinear(x, packed[i], scales[i], ns[i], fmt, biases[i], kernel) for each i] with x quantized
+    once: one native call on the CPU (one pass over all the rows), one act_quant and a packed_matmul
+    per matrix on the Triton kernels; each output equal to its own bitlinear bit for bit (the same
+    x_q and a, the same epilogue). None on the torch path: the caller then runs them one by one."""
+    choice = choose_kernel(x, kernel)
+    if choice == "cpu":
+        return native.linear_many(x, packed, scales, ns, fmt, biases)
+    if choice == "triton":
+        from .kernels import act_quant
+
+        return _packed_many(*act_quant(x), packed, scales, ns, fmt, biases, x.dtype)
+    return None
+
+
+def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, packed: list[torch.Tensor],
+                            scales: list[torch.Tensor], ns: list[int], fmt: str, biases: list[torch.Tensor | None],
+                            kernel: str | None = None) -> list[torch.Tensor] | None:
+    """bitlinear_many(rms_norm(x, weight, eps), ...) with the RMSNorm fused into the activation
+    quantization on the Triton kernels: one rmsnorm_act_quant, then a packed_matmul per matrix (the
+    normalized activations never reach memory). None on the other backends: the caller then runs
+    the norm, then bitlinear_many. weight must have x's dtype (the outputs do too).
+
+    Not bit-identical to the unfused path: the kernel sums the squares in another order than torch
+    (or the native rms_norm), so a normalized value may differ by an ulp; then a (127 / its row's
+    absmax) may differ by an ulp, and x_q by one where it lies that close to a rounding boundary
+    (kernels/rmsnorm_quant.py). The unfused torch and CPU paths stay the references."""
+    if choose_kernel(x, kernel) != "triton":
         return None
-    return native.linear_many(x, packed, scales, ns, fmt, biases)
+    from .kernels import rmsnorm_act_quant
+
+    return _packed_many(*rmsnorm_act_quant(x, weight, eps), packed, scales, ns, fmt, biases, x.dtype)
+
+
+def _packed_many(x_q, a, packed, scales, ns, fmt, biases, out_dtype) -> list[torch.Tensor]:
+    """The Triton packed_matmul of each matrix from one quantized input x_q (..., K), a (..., 1)."""
+    from .kernels import packed_matmul
+
+    return [packed_matmul(x_q, a, p, s, n, fmt, b, out_dtype) for p, s, n, b in zip(packed, scales, ns, biases)]
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,278 @@
+"""RMSNorm + activation quantization fused into the model's projections on the Triton path
+(bitnet.model.projections / prenormed, bitnet.bitlinear.frozen_projections / normed_projections,
+bitnet.ops.bitlinear_many / rms_norm_bitlinear_many).
+
+What is asserted, and with which tolerance:
+- Projections of one input (q / k / v) quantize it once (one act_quant, a packed_matmul each) and
+  give each layer's own output bit for bit: the same x_q and a, the same epilogue.
+- The fused RMSNorm (rmsnorm_act_quant) sums the squares in another order than the norm it stands
+  for (bitnet.ops.rms_norm: the native one-pass norm on the CPU, torch's on a GPU), so its a may
+  be an ulp off and x_q one step off where the normalized value sits on a rounding boundary. So:
+  rows whose (x_q, a) equal norm(x)'s give outputs equal bit for bit; every output is exactly the
+  packed matmul of the fused (x_q, a), and within s * |W_q| . |x_q / a - x_q' / a'| (the only
+  change) of the unfused one, plus a few ulps of rounding.
+- A tiny model (fp32) on the Triton path, prefill (M > 1) and cached greedy decode (M = 1): equal
+  bit for bit to the torch path fed the fused kernel's (x_q, a) (the wiring); against the torch
+  path itself, greedy tokens equal and logits within 1e-5 where only scales a changed (an ulp of a
+  is an ulp of a projection's output), within 1e-2 of the logits' scale if some x_q flipped (a
+  step of x_q moves a projection's output by s / a, up to 1/127 of its input's absmax).
+- Where the fusion must not apply (hooks, an unfrozen model, the native CPU kernels, the torch
+  path, autograd) it does not, and the native CPU path's logits are those of the unfused layers.
+- torch.compile(fullgraph=True) traces the fused layer through the custom ops' fake kernels.
+The Triton kernels run where conftest.py's `triton_device` says (the interpreter on a CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitnet
+import bitnet.model as bm
+from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, freeze, kernels, ops
+from bitnet.bitlinear import RMSNorm, frozen_projections, normed_projections
+from bitnet.kernels import cpu as native
+from bitnet.kernels.gemm import reference_gemm
+from bitnet.quant import quantize_activation
+
+K = 64
+KERNEL_OPS = ("rmsnorm_act_quant", "act_quant", "packed_matmul", "bitlinear")
+
+
+def count_kernel_calls(monkeypatch) -> dict[str, int]:
+    """Count the calls of bitnet.kernels' public ops (bitnet.ops imports them at each call)."""
+    calls = dict.fromkeys(KERNEL_OPS, 0)
+    for name in KERNEL_OPS:
+        real = getattr(kernels, name)
+
+        def spy(*args, _name=name, _real=real, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
+def qkv(device, dtype=torch.float32, fmt="2bit", bias=True, kernel="triton"):
+    """Three frozen BitLinear of one input, GQA-like widths (q 48, k / v 16)."""
+    torch.manual_seed(0)
+    bits = "binary" if fmt == "1bit" else "ternary"
+    return [BitLinear(K, n, bias=bias, weight_bits=bits, kernel=kernel).freeze(fmt).to(device, dtype)
+            for n in (48, 16, 16)]
+
+
+def activations(m: int, seed: int = 1, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """(m, K) rows of very different magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, K, generator=g) * 10 ** torch.empty(m, 1).uniform_(-2, 2, generator=g)
+    return x.to(device, dtype)
+
+
+def tiny(layers: int = 2, **kw) -> BitNetForCausalLM:
+    """The tiny preset, packed; std 0.05 weights so that greedy output is not one repeated token."""
+    torch.manual_seed(0)
+    config = BitNetConfig.from_preset("tiny", num_hidden_layers=layers, initializer_range=0.05, **kw)
+    return freeze(BitNetForCausalLM(config).eval())
+
+
+# ----------------------------------------------------------------------------- one quantization for q / k / v
+@pytest.mark.parametrize("fmt, m, dtype, bias", [("2bit", 1, torch.float32, True), ("1.6bit", 4, torch.bfloat16, False),
+                                                 ("1bit", 1, torch.bfloat16, True)])
+def test_projections_of_one_input_quantize_it_once(fmt, m, dtype, bias, monkeypatch, triton_device):
+    layers = qkv(triton_device, dtype, fmt, bias)
+    x = activations(m, device=triton_device, dtype=dtype)
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        shared = frozen_projections(x, layers)
+        assert calls == {"rmsnorm_act_quant": 0, "act_quant": 1, "packed_matmul": 3, "bitlinear": 0}
+        alone = [layer(x) for layer in layers]  # bitnet::bitlinear each (M = 1: the GEMV quantizes x itself)
+    for y, ref in zip(shared, alone):
+        assert y.dtype == dtype and torch.equal(y, ref)
+
+
+def test_fused_norm_differs_only_through_x_q_and_a(triton_device):
+    layers = qkv(triton_device)
+    norm = RMSNorm(K).to(triton_device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(K, generator=torch.Generator().manual_seed(2)) + 0.5)
+        x = activations(48, device=triton_device)
+        fused = normed_projections(x, norm, layers)
+        unfused = [layer(norm(x)) for layer in layers]
+        x_q, a = (t.cpu() for t in kernels.rmsnorm_act_quant(x, norm.weight, norm.eps))
+        r_q, r_a = (t.cpu() for t in quantize_activation(norm(x)))
+    assert (x_q.int() - r_q.int()).abs().max() <= 1
+    same = (x_q == r_q).all(-1) & (a == r_a).squeeze(-1)  # (M,) rows the fusion did not change
+    delta = (x_q.double() / a.double() - r_q.double() / r_a.double()).abs()  # (M, K)
+    for layer, y, ref in zip(layers, fused, unfused):
+        y, ref = y.cpu(), ref.cpu()
+        w_q, s = (t.cpu() for t in layer.quantized_weight())
+        exact = reference_gemm(x_q, layer.weight.cpu(), layer.out_features, layer.packing, s, a, layer.bias.cpu(),
+                               torch.float32)
+        assert torch.equal(y, exact)  # the packed matmul of the fused (x_q, a), nothing else
+        assert torch.equal(y[same], ref[same])
+        bound = float(s) * (delta @ w_q.abs().double().t()) + 4 * torch.finfo(torch.float32).eps * ref.abs().double()
+        assert ((y.double() - ref.double()).abs() <= bound).all(), f"{int((~same).sum())} rows changed"
+
+
+# ----------------------------------------------------------------------------- the model on the fused path
+def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton_device):
+    model = tiny().to(triton_device)
+    prompt = torch.tensor([[5, 77, 3, 120, 45]], device=triton_device)
+    T, steps = prompt.shape[1], 3
+
+    fused = []  # the inputs of each fused call
+    real = ops.rms_norm_bitlinear_many
+
+    def spy(x, weight, eps, *args, **kw):
+        out = real(x, weight, eps, *args, **kw)
+        if out is not None:  # None: not the Triton path, the norm runs unfused
+            fused.append((x.detach().clone(), weight, eps))
+        return out
+
+    monkeypatch.setattr(ops, "rms_norm_bitlinear_many", spy)
+
+    def run(kernel):
+        """Prefill (M = T), then greedy decode with the cache (M = 1): logits (T + steps, vocab), tokens."""
+        monkeypatch.setenv("BITNET_KERNEL", kernel)
+        model.setup_cache(1, 16)
+        with torch.no_grad():
+            logits = [model(prompt, input_pos=torch.arange(T, device=triton_device)).logits[0]]
+            tokens = [int(logits[-1][-1].argmax())]
+            for i in range(steps):
+                step = torch.tensor([[tokens[-1]]], device=triton_device)
+                logits.append(model(step, input_pos=torch.tensor([T + i], device=triton_device)).logits[0])
+                tokens.append(int(logits[-1][-1].argmax()))
+        model.clear_cache()
+        return torch.cat(logits).cpu(), tokens
+
+    ref, ref_tokens = run("torch")  # the reference: each norm, then the projections, in torch
+    assert not fused
+    got, tokens = run("triton")
+    assert len(fused) == 4 * 2 * (1 + steps)  # 4 norms x 2 layers, each forward
+    assert tokens == ref_tokens
+
+    # The wiring, bit for bit: the torch path fed the fused kernel's (x_q, a) gives the same logits.
+    def torch_from_fused_quant(x, weight, eps, packed, scales, ns, fmt, biases, kernel=None):
+        x_q, a = kernels.rmsnorm_act_quant(x, weight, eps)
+        rows, lead = x_q.reshape(-1, x.shape[-1]), x.shape[:-1]
+        return [reference_gemm(rows, p, n, fmt, s, a, b, x.dtype).reshape(*lead, n)
+                for p, s, n, b in zip(packed, scales, ns, biases)]
+
+    monkeypatch.setattr(ops, "rms_norm_bitlinear_many", torch_from_fused_quant)
+    wired, _ = run("torch")
+    assert torch.equal(got, wired)
+
+    # Against the torch path: what the fusion changed in (x_q, a) sets the tolerance.
+    flips = changed_scales = 0
+    for x, weight, eps in fused:
+        x_q, a = (t.cpu() for t in kernels.rmsnorm_act_quant(x, weight, eps))
+        r_q, r_a = (t.cpu() for t in quantize_activation(ops.rms_norm(x, weight, eps)))
+        flips += int((x_q != r_q).sum())
+        changed_scales += int((a != r_a).sum())
+    tol = 1e-5 if flips == 0 else 1e-2 * float(ref.abs().max())
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"{flips} x_q flips, {changed_scales} scales: {m}")
+
+
+# ----------------------------------------------------------------------------- where it applies, where not
+def one_forward(model, device) -> torch.Tensor:
+    """A one-token forward (M = 1) of a one-layer model."""
+    with torch.no_grad():
+        return model(torch.tensor([[7]], device=device)).logits
+
+
+def test_fused_path_is_taken_on_the_triton_kernels(monkeypatch, triton_device):
+    model = tiny(layers=1).to(triton_device)
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    calls = count_kernel_calls(monkeypatch)
+    one_forward(model, triton_device)
+    # the four norms fused, each projection fed its (x_q, a): 4 + 7 launches, no bitnet::bitlinear
+    assert calls == {"rmsnorm_act_quant": 4, "act_quant": 0, "packed_matmul": 7, "bitlinear": 0}
+
+
+@pytest.mark.parametrize("hooked, expected", [
+    # q / k / v each alone (a hook on one of them), their norm unfused; the other three norms fused
+    ("self_attn.q_proj", {"rmsnorm_act_quant": 3, "act_quant": 0, "packed_matmul": 4, "bitlinear": 3}),
+    # the input norm runs as a module; q / k / v still share one act_quant
+    ("input_layernorm", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 7, "bitlinear": 0}),
+    # the attention block gets its input normed (the hook sees it so), then as above
+    ("self_attn", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 7, "bitlinear": 0}),
+])
+def test_hooks_keep_the_modules_they_watch(hooked, expected, monkeypatch, triton_device):
+    model = tiny(layers=1).to(triton_device)
+    layer = model.model.layers[0]
+    seen = []
+    layer.get_submodule(hooked).register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    calls = count_kernel_calls(monkeypatch)
+    one_forward(model, triton_device)
+    assert calls == expected and len(seen) == 1
+    if hooked != "input_layernorm":  # a projection or the block: its input is the normed residual stream
+        with torch.no_grad():
+            x = model.model.embed_tokens(torch.tensor([[7]], device=triton_device))
+            assert torch.equal(seen[0], layer.input_layernorm(x))
+
+
+def test_no_fusion_off_the_triton_path(monkeypatch, triton_device):
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    calls = count_kernel_calls(monkeypatch)
+    training = tiny(layers=1).to(triton_device)
+    bitnet.unfreeze(training)
+    one_forward(training, triton_device)  # unfrozen BitLinear: fake quantization in torch
+    frozen = tiny(layers=1).to(triton_device)
+    frozen(torch.tensor([[7]], device=triton_device))  # autograd on (the norms' weights): the fused op has no backward
+    # no norm fused; q / k / v and gate / up still share one act_quant each, o / down run alone
+    assert calls == {"rmsnorm_act_quant": 0, "act_quant": 2, "packed_matmul": 5, "bitlinear": 2}
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    calls.update(dict.fromkeys(calls, 0))
+    one_forward(frozen, triton_device)
+    assert calls == dict.fromkeys(KERNEL_OPS, 0)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native CPU kernels could not be built")
+def test_native_cpu_path_is_the_unfused_one(monkeypatch):
+    """BITNET_KERNEL=cpu: no Triton op, and logits (prefill, then cached decode: the native decode
+    layer) equal bit for bit to the layers run as before this change (norm, then projections)."""
+    model = tiny()
+    monkeypatch.setenv("BITNET_KERNEL", "cpu")
+    calls = count_kernel_calls(monkeypatch)
+
+    def logits():
+        model.setup_cache(1, 8)
+        with torch.no_grad():
+            out = [model(torch.tensor([[5, 77, 3]]), input_pos=torch.arange(3)).logits,
+                   model(torch.tensor([[9]]), input_pos=torch.tensor([3])).logits]
+        model.clear_cache()
+        return out
+
+    new = logits()
+    assert calls == dict.fromkeys(KERNEL_OPS, 0)
+    monkeypatch.setattr(bm, "prenormed", lambda block, norm, x, *args: block(norm(x), *args))
+    monkeypatch.setattr(bm, "normed_projections", lambda x, norm, layers: None)
+    for got, ref in zip(new, logits()):
+        assert torch.equal(got, ref)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_fused_layer_compiles_as_one_graph(triton_device):
+    native.available()  # load the native extension first: its one-time load (a lock) cannot be traced
+    torch._dynamo.reset()
+    model = tiny(layers=1).to(triton_device)
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.kernel = "triton"
+    layer = model.model.layers[0]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)  # the fake kernels trace it
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        for T in (1, 3):
+            x = torch.randn(1, T, model.config.hidden_size, device=triton_device)
+            cos, sin = model.model.rotary(torch.arange(T, device=triton_device)[None], x.dtype)
+            assert torch.equal(compiled(x, cos, sin, None, None), layer(x, cos, sin, None, None))
+    ops_in_graph = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops_in_graph.count(torch.ops.bitnet.rmsnorm_act_quant) == 4
+    assert ops_in_graph.count(torch.ops.bitnet.packed_matmul) == 7
