@@ -72,6 +72,37 @@ def store_output(
         tl.store(y_ptr + y_offs, y, mask=mask)
 
 
+def matmul_args(
+    x: torch.Tensor,
+    a: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    n: int,
+    out_dtype: torch.dtype | None,
+    quantized_in_kernel: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Check what every matmul launcher takes; returns (a, scale) with a as float32 (M,) and scale
+    as float32 (1,), each None where the kernel reads neither."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"activations must be (M, K) with unit stride along K, got {tuple(x.shape)} {x.stride()}")
+    if out_dtype is None:
+        raise ValueError("int8 activations need an explicit out_dtype")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if out_dtype == torch.int32:
+        return None, None
+    if scale is None or scale.numel() != 1:
+        raise ValueError("a scaled output needs the weight scale, a tensor of one element")
+    scale = scale.reshape(1).float()
+    if quantized_in_kernel:
+        a = None
+    elif a is None or a.numel() != x.shape[0]:
+        raise ValueError(f"int8 activations need their scales a, {x.shape[0]} of them")
+    else:
+        a = a.reshape(-1).float().contiguous()
+    return a, scale
+
+
 def matmul_output(
     x: torch.Tensor,
     a: torch.Tensor | None,
@@ -81,25 +112,6 @@ def matmul_output(
     out_dtype: torch.dtype | None,
     quantized_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Check what every matmul launcher takes and allocate y (M, n); returns (y, a, scale) with a
-    as float32 (M,) and scale as float32 (1,), both None where the kernel reads neither."""
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"activations must be (M, K) with unit stride along K, got {tuple(x.shape)} {x.stride()}")
-    if out_dtype is None:
-        raise ValueError("int8 activations need an explicit out_dtype")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if out_dtype == torch.int32:
-        a, scale = None, None
-    else:
-        if scale is None or scale.numel() != 1:
-            raise ValueError("a scaled output needs the weight scale, a tensor of one element")
-        scale = scale.reshape(1).float()
-        if quantized_in_kernel:
-            a = None
-        elif a is None or a.numel() != x.shape[0]:
-            raise ValueError(f"int8 activations need their scales a, {x.shape[0]} of them")
-        else:
-            a = a.reshape(-1).float().contiguous()
-    y = torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
-    return y, a, scale
+    """matmul_args, and y (M, n) allocated: returns (y, a, scale)."""
+    a, scale = matmul_args(x, a, scale, bias, n, out_dtype, quantized_in_kernel)
+    return torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device), a, scale

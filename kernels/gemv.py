@@ -36,7 +36,7 @@ import triton.language as tl
 from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
-from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_output, next_power_of_2, store_output
+from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_args, next_power_of_2, store_output
 from .layout import check_packed, decode, joined_codes, values_per_byte
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
@@ -140,19 +140,33 @@ def mac_tile(w, xu, acc, acc_b, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.co
     return acc, acc_b
 
 
-@autotune(CONFIGS, key=["N", "K", "P", "QUANTIZE_X"], prune=_prune,
+@triton.jit
+def segment_of(rows, R, R1, SEGMENTS: tl.constexpr):
+    """Which of up to three matrices stacked along the packed rows each row belongs to: (in the
+    second or later, in the third) as two masks; rows R .. R + R1 - 1 are the second's."""
+    later = rows >= R
+    if SEGMENTS == 3:
+        third = rows >= R + R1
+    else:
+        third = rows < 0
+    return later, third
+
+
+@autotune(CONFIGS, key=["N", "K", "P", "QUANTIZE_X", "SEGMENTS", "N1", "N2"], prune=_prune,
           interpret_config=triton.Config({"BLOCK_R": 4, "BLOCK_U": 16}))
 @triton.jit
 def _gemv_kernel(
-    # pointers
-    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
-    # sizes
-    N, K, R,
+    # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
+    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr,
+    # sizes (N1, R1, N2, R2: of the second and third matrices; W1, W2: where their packed weights
+    # start, from w_ptr, in units of 16 elements of w_ptr's dtype)
+    N, K, R, N1, R1, N2, R2, W1, W2,
     # strides (unit stride along K and N; stride_xm and stride_wr in units of their pointers' dtypes)
     stride_xm, stride_wr, stride_ym,
     # constexpr
     P: tl.constexpr, QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
-    LANES: tl.constexpr, ASM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
+    LANES: tl.constexpr, ASM: tl.constexpr, SEGMENTS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k code_i(w[r, k]) * x_q[m, k] - sum_k x_q[m, k]) * s / a[m] + bias.
 
@@ -162,24 +176,50 @@ def _gemv_kernel(
         LANES == 4 the same bytes viewed as int32 (R, K / 4), one word = 4 consecutive k.
     scale_ptr: float32 (1,), s = mean|W|; bias_ptr: (N,) any float dtype, read if HAS_BIAS.
     y_ptr: (M, N) in the output dtype, or int32 x_q . W_q^T itself if OUT_INT32 (a, s unused).
+    SEGMENTS > 1: as many matrices of the same K and format in one launch (q / k / v, gate / up),
+        each with its own packed weight (same row stride, at w_ptr + W1 and w_ptr + W2: offsets,
+        not pointers, keep the loads 16 bytes wide), scale and bias; their packed rows are
+        numbered one after the other (R, then R1, then R2) and their outputs side by side,
+        y (M, N + N1 + N2).
     ASM: dp4a by inline PTX (CUDA); else its plain Triton twin (interpreter).
     BLOCK_A: activations per step of the absmax pass (few, long steps: it waits on L2 each step).
-    Grid: (cdiv(R, BLOCK_R), M); program (p, m) writes rows i*R + p*BLOCK_R + [0, BLOCK_R).
+    Grid: (cdiv(R + R1 + R2, BLOCK_R), M); program (p, m) takes packed rows p*BLOCK_R + [0, BLOCK_R).
     """
     PA: tl.constexpr = 8 if P == 8 else 4
     PB: tl.constexpr = P - PA
     SC: tl.constexpr = 2 if P == 8 else 1
     m = tl.program_id(1)
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     x_row = x_ptr + m * stride_xm
+
+    # Each row's matrix: its base pointer, local row, packed rows, outputs and first output column.
+    if SEGMENTS == 1:
+        w_base = w_ptr
+        offs_r = rows
+        rows_in = R + 0 * rows
+        cols = N + 0 * rows
+        col0 = 0 * rows
+        row_ok = rows < R
+    else:
+        later, third = segment_of(rows, R, R1, SEGMENTS)
+        # offsets from w_ptr, scaled after the select: the compiler then knows every row starts on a
+        # 16-element boundary and keeps the loads 16 bytes wide (a select of unscaled offsets loses it)
+        w_base = tl.where(third, W2, tl.where(later, W1, 0)).to(tl.int64) * 16
+        offs_r = rows - tl.where(third, R + R1, tl.where(later, R, 0))
+        rows_in = tl.where(third, R2, tl.where(later, R1, R))
+        cols = tl.where(third, N2, tl.where(later, N1, N))
+        col0 = tl.where(third, N + N1, tl.where(later, N, 0))
+        row_ok = rows < R + R1 + R2
 
     # Every load of a tile is issued before the math that needs the previous one: the first
     # tile's before the absmax pass, the next tile's before this one's dp4a.
     K_UNITS = K // LANES
     offs_u = tl.arange(0, BLOCK_U)
-    row_ok = (offs_r < R)[:, None]
-    w_ptrs = w_ptr + offs_r[:, None] * stride_wr + offs_u[None, :]
-    w_next = tl.load(w_ptrs, mask=row_ok & (offs_u < K_UNITS)[None, :], other=0)
+    if SEGMENTS == 1:
+        w_ptrs = w_base + offs_r[:, None] * stride_wr + offs_u[None, :]
+    else:
+        w_ptrs = w_ptr + w_base[:, None] + offs_r[:, None] * stride_wr + offs_u[None, :]
+    w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (offs_u < K_UNITS)[None, :], other=0)
     if QUANTIZE_X:
         a = row_scale(x_row, K, BLOCK_A)
     elif not OUT_INT32:
@@ -193,7 +233,7 @@ def _gemv_kernel(
     # The activations as a [BLOCK_R, BLOCK_U] tile, every row the same units: the weights' own
     # register layout, so the dp4a operands meet in registers (a [BLOCK_U] vector broadcast over
     # the rows costs a shared-memory exchange and two barriers a step); rows past the first hit L1.
-    x_offs = offs_u[None, :] + 0 * offs_r[:, None]
+    x_offs = offs_u[None, :] + 0 * rows[:, None]
     x_next, s_next = x_units(x_row, x_offs, x_offs < K_UNITS, a, QUANTIZE_X, LANES, ASM)
     for u0 in range(0, K_UNITS, BLOCK_U):
         w = w_next.to(tl.int32)
@@ -201,19 +241,34 @@ def _gemv_kernel(
         xsum += s_next
         u1 = u0 + BLOCK_U
         if u1 < K_UNITS:
-            w_next = tl.load(w_ptrs + u1, mask=row_ok & (u1 + offs_u < K_UNITS)[None, :], other=0)
+            w_next = tl.load(w_ptrs + u1, mask=row_ok[:, None] & (u1 + offs_u < K_UNITS)[None, :], other=0)
             x_next, s_next = x_units(x_row, u1 + x_offs, u1 + x_offs < K_UNITS, a, QUANTIZE_X, LANES, ASM)
         acc, acc_b = mac_tile(w, xu, acc, acc_b, P, LANES, ASM)
 
     total = tl.sum(xsum, 1)  # (BR,): every row's is sum_k x_q[m, k]
-    factor = tl.math.div_rn(tl.load(scale_ptr), a) if not OUT_INT32 else 0.0
     y_row = y_ptr + m * stride_ym
-    n = tl.arange(0, PA)[None, :] * R + offs_r[:, None]  # (BR, PA)
-    store_output(y_row, bias_ptr, n, n, (offs_r < R)[:, None] & (n < N), tl.sum(acc, 1), total[:, None], factor,
-                 SC, HAS_BIAS, OUT_INT32)
+    if OUT_INT32:
+        factor = 0.0 * total  # (BR,), unused
+    elif SEGMENTS == 1:
+        factor = tl.math.div_rn(tl.load(scale_ptr) + 0.0 * total, a)
+    else:
+        s = tl.where(third, tl.load(scale2_ptr), tl.where(later, tl.load(scale1_ptr), tl.load(scale_ptr)))
+        factor = tl.math.div_rn(s, a)
+    if not HAS_BIAS:
+        bias_rows = bias_ptr  # None: store_output reads no bias
+        bias_tile = bias_ptr
+    elif SEGMENTS == 1:
+        bias_rows = bias_ptr + 0 * rows
+        bias_tile = bias_rows[:, None]
+    else:
+        bias_rows = tl.where(third, bias2_ptr, tl.where(later, bias1_ptr, bias_ptr))
+        bias_tile = bias_rows[:, None]
+    n = tl.arange(0, PA)[None, :] * rows_in[:, None] + offs_r[:, None]  # (BR, PA): outputs within their matrix
+    store_output(y_row, bias_tile, n + col0[:, None], n, row_ok[:, None] & (n < cols[:, None]),
+                 tl.sum(acc, 1), total[:, None], factor[:, None], SC, HAS_BIAS, OUT_INT32)
     if PB > 0:
-        n = PA * R + offs_r
-        store_output(y_row, bias_ptr, n, n, (offs_r < R) & (n < N), tl.sum(acc_b, 1), total, factor,
+        n = PA * rows_in + offs_r
+        store_output(y_row, bias_rows, n + col0, n, row_ok & (n < cols), tl.sum(acc_b, 1), total, factor,
                      SC, HAS_BIAS, OUT_INT32)
 
 
@@ -232,28 +287,64 @@ def gemv(
     x float: quantized in the kernel (a must be None). x int8: x_q, with its a (M,) float32.
     out_dtype: x's dtype for float x; torch.int32 returns x_q . W_q^T, unscaled (scale unused).
     """
+    return gemv_cat(x, [packed], [n], fmt, [scale], [bias], a, out_dtype)
+
+
+def gemv_cat(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    ns: list[int],
+    fmt: str,
+    scales: list[torch.Tensor | None],
+    biases: list[torch.Tensor | None] | None = None,
+    a: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Up to three matrices of one input in one launch: y (M, sum(ns)), matrix j's outputs in
+    columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemv() of that matrix alone (the same
+    integers, the same epilogue). The matrices share K and the format; biases all or none."""
+    if not 1 <= len(packed) <= 3 or not len(packed) == len(ns) == len(scales):
+        raise ValueError(f"gemv_cat takes 1 to 3 matrices with one n and one scale each, got {len(packed)}, "
+                         f"{len(ns)}, {len(scales)}")
+    biases = biases or [None] * len(packed)
+    if len({b is None for b in biases}) > 1:
+        raise ValueError("gemv_cat needs a bias for every matrix or for none")
     quantize_x = x.is_floating_point()
     out_dtype = out_dtype or (x.dtype if quantize_x else None)
-    y, a, scale = matmul_output(x, a, scale, bias, n, out_dtype, quantized_in_kernel=quantize_x)
     m, k = x.shape
+    checked = [matmul_args(x, a, s, b, n, out_dtype, quantized_in_kernel=quantize_x)
+               for s, b, n in zip(scales, biases, ns)]
+    a = checked[0][0]
+    scales = [c[1] for c in checked]
     p = values_per_byte(fmt)
-    packed = check_packed(packed, n, k, fmt)
+    packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
     # Words need 4-byte aligned rows; other K take the byte path. int8 activations are read as
     # words too (a fresh copy where their rows are not 4-byte aligned).
-    lanes = 4 if k % 4 == 0 and packed.storage_offset() % 4 == 0 else 1
-    w = packed.view(torch.int32) if lanes == 4 else packed
+    lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
+    ws = [w.view(torch.int32) if lanes == 4 else w for w in packed]
+    grain = 16 * ws[0].element_size()  # where the second and third matrices start: in units of 16 elements
+    starts = [(w.data_ptr() - ws[0].data_ptr()) // grain for w in ws]
+    if any((w.data_ptr() - ws[0].data_ptr()) % grain for w in ws):  # not the caching allocator's (512-byte) blocks
+        return torch.cat([gemv_cat(x, [w], [n], fmt, [s], [b], a, out_dtype)
+                          for w, n, s, b in zip(packed, ns, scales, biases)], 1)
     if lanes == 4 and not quantize_x:
         if x.storage_offset() % 4 or x.stride(0) % 4:
             x = x.clone(memory_format=torch.contiguous_format)
         x = x.view(torch.int32)
-    grid = lambda meta: (cdiv(packed.shape[0], meta["BLOCK_R"]), m)  # noqa: E731
+    y = torch.empty(m, sum(ns), dtype=out_dtype, device=x.device)
+    rows = [w.shape[0] for w in ws]
+    seg = len(ws)
+    # Unused segments: the first one's pointers (never read) and no rows.
+    ws, scales, biases = (v + [v[0]] * (3 - seg) for v in (ws, scales, biases))
+    rows, ns, starts = rows + [0] * (3 - seg), list(ns) + [0] * (3 - seg), starts + [0] * (3 - seg)
+    grid = lambda meta: (cdiv(sum(rows[:seg]), meta["BLOCK_R"]), m)  # noqa: E731
     if m > 0:
         _gemv_kernel[grid](
-            x, a, w, scale, bias, y,
-            n, k, packed.shape[0],
-            x.stride(0), w.stride(0), y.stride(0),
-            P=p, QUANTIZE_X=quantize_x, HAS_BIAS=bias is not None, OUT_INT32=out_dtype == torch.int32,
-            LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None,
+            x, a, ws[0], scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2],
+            ns[0], k, rows[0], ns[1], rows[1], ns[2], rows[2], starts[1], starts[2],
+            x.stride(0), ws[0].stride(0), y.stride(0),
+            P=p, QUANTIZE_X=quantize_x, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32,
+            LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, SEGMENTS=seg,
             BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH,
         )
     return y

@@ -38,7 +38,7 @@ from bitnet import kernels
 from bitnet.kernels.activations import act_quant as act_quant_launch, reference_act_quant
 from bitnet.kernels.common import INTERPRET
 from bitnet.kernels.gemm import gemm, reference_gemm
-from bitnet.kernels.gemv import gemv
+from bitnet.kernels.gemv import gemv, gemv_cat
 from bitnet.kernels.layout import unpack_triton
 from bitnet.kernels.rmsnorm_quant import reference_rmsnorm_act_quant
 from bitnet.ops import torch_bitlinear
@@ -216,6 +216,41 @@ def test_gemv_reads_unaligned_int8_activations(fmt, triton_device):
     assert torch.equal(gemv(view, packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q, w_q))
     y = gemv(view, packed, N, fmt, scale=scale, a=a.to(triton_device), out_dtype=torch.float32)
     assert torch.equal(y.cpu(), reference_gemm(x_q, pack(w_q, fmt), N, fmt, scale.cpu(), a))
+
+
+@pytest.mark.parametrize("fmt, k", [("2bit", 37), ("2bit", 100), ("1.6bit", 100), ("1bit", 100)])
+def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
+    """Three (and two) matrices of one input in one launch, of different N (q / k / v-like, rows
+    that do not fill a tile), each with its own scale and bias: every column block equal to that
+    matrix's own GEMV, bit for bit, from float x and from int8 x_q; int32 exact."""
+    ns = [50, 20, 13]
+    ws = [random_weights(n, k, fmt, seed=10 + i) for i, n in enumerate(ns)]
+    packed = [pack(w, fmt).to(triton_device) for w in ws]
+    scales = [torch.tensor([s], device=triton_device) for s in (0.5, 0.03, 2.0)]
+    biases = [torch.randn(n, generator=torch.Generator().manual_seed(i)).to(triton_device) for i, n in enumerate(ns)]
+    x = random_activations(2, k, seed=5).to(triton_device)
+    x_q, a = quantize_activation(x.cpu())
+    x_q, a = x_q.to(triton_device), a.to(triton_device)
+    cols = [0, 50, 70, 83]
+    y = gemv_cat(x, packed, ns, fmt, scales, biases)
+    yq = gemv_cat(x_q, packed, ns, fmt, scales, a=a, out_dtype=torch.float32)
+    assert y.shape == (2, 83) and yq.shape == (2, 83)
+    for j in range(3):
+        block = slice(cols[j], cols[j + 1])
+        assert torch.equal(y[:, block], gemv(x, packed[j], ns[j], fmt, scales[j], biases[j]))
+        assert torch.equal(yq[:, block], gemv(x_q, packed[j], ns[j], fmt, scales[j], a=a, out_dtype=torch.float32))
+    for count in (3, 2):  # two matrices: no third segment's rows
+        acc = gemv_cat(x_q, packed[:count], ns[:count], fmt, [None] * count, out_dtype=torch.int32)
+        assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:count]], 1))
+    # A weight 4 bytes into its buffer: word-aligned, not on the 16-element grain of the one-launch
+    # path (gemv_cat then launches each matrix on its own): the same numbers.
+    buf = torch.zeros(packed[1].numel() + 4, dtype=torch.uint8, device=triton_device)
+    shifted = buf[4:].view(packed[1].shape)
+    shifted.copy_(packed[1])
+    acc = gemv_cat(x_q, [packed[0], shifted], ns[:2], fmt, [None] * 2, out_dtype=torch.int32)
+    assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:2]], 1))
+    with pytest.raises(ValueError, match="bias for every matrix or for none"):
+        gemv_cat(x, packed, ns, fmt, scales, [biases[0], None, None])
 
 
 @pytest.mark.parametrize("shape", [(100,), (1, 100), (2, 3, 100), (0, 100)])
