@@ -95,9 +95,10 @@ def bitlinear(
 def bitlinear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor], ns: list[int], fmt: str,
                    biases: list[torch.Tensor | None], kernel: str | None = None) -> list[torch.Tensor] | None:
     """[bitlinear(x, packed[i], scales[i], ns[i], fmt, biases[i], kernel) for each i] with x quantized
-    once: one native call on the CPU (one pass over all the rows), one act_quant and a packed_matmul
-    per matrix on the Triton kernels; each output equal to its own bitlinear bit for bit (the same
-    x_q and a, the same epilogue). None on the torch path: the caller then runs them one by one."""
+    once: one native call on the CPU (one pass over all the rows), one act_quant and one
+    packed_matmul_cat on the Triton kernels (the outputs are views of its columns); each output
+    equal to its own bitlinear bit for bit (the same x_q and a, the same epilogue). None on the
+    torch path: the caller then runs them one by one."""
     choice = choose_kernel(x, kernel)
     if choice == "cpu":
         return native.linear_many(x, packed, scales, ns, fmt, biases)
@@ -112,7 +113,7 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
                             scales: list[torch.Tensor], ns: list[int], fmt: str, biases: list[torch.Tensor | None],
                             kernel: str | None = None) -> list[torch.Tensor] | None:
     """bitlinear_many(rms_norm(x, weight, eps), ...) with the RMSNorm fused into the activation
-    quantization on the Triton kernels: one rmsnorm_act_quant, then a packed_matmul per matrix (the
+    quantization on the Triton kernels: one rmsnorm_act_quant, then one packed_matmul_cat (the
     normalized activations never reach memory). None on the other backends: the caller then runs
     the norm, then bitlinear_many. weight must have x's dtype (the outputs do too).
 
@@ -128,10 +129,12 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
 
 
 def _packed_many(x_q, a, packed, scales, ns, fmt, biases, out_dtype) -> list[torch.Tensor]:
-    """The Triton packed_matmul of each matrix from one quantized input x_q (..., K), a (..., 1)."""
-    from .kernels import packed_matmul
+    """The Triton packed_matmul of each matrix from one quantized input x_q (..., K), a (..., 1): one
+    packed_matmul_cat (at decode, q / k / v or gate / up in one GEMV launch), its output split into
+    one view per matrix."""
+    from .kernels import packed_matmul_cat
 
-    return [packed_matmul(x_q, a, p, s, n, fmt, b, out_dtype) for p, s, n, b in zip(packed, scales, ns, biases)]
+    return list(packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype).split(ns, -1))
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

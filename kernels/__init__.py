@@ -25,7 +25,8 @@ The names below load their Triton modules on first access, so that importing ano
 this package (a sibling module) does not import triton.
 """
 
-__all__ = ["act_quant", "bitlinear", "packed_matmul", "packed_matmul_int32", "rmsnorm_act_quant", "unpack_triton"]
+__all__ = ["act_quant", "bitlinear", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
+           "unpack_triton"]
 
 
 def __getattr__(name: str):

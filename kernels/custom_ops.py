@@ -3,13 +3,17 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
 
     bitnet::bitlinear(x, packed, scale, bias, n, fmt)            y (..., n) in x's dtype
     bitnet::packed_matmul(x_q, a, packed, scale, bias, n, fmt, out_dtype)
+    bitnet::packed_matmul_cat(x_q, a, packed[], scales[], biases[], ns, fmt, out_dtype)
+                                                                 several matrices of one input: y (..., sum(ns))
     bitnet::packed_matmul_int32(x_q, packed, n, fmt)            x_q . W_q^T, int32, exact
     bitnet::act_quant(x)                                         (x_q int8, a float32 (..., 1))
     bitnet::rmsnorm_act_quant(x, weight, eps)                    (x_q, a) of RMSNorm(x)
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
-- M == 1 (decode): the GEMV, with the activation quantization fused in: one launch.
-- M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64).
+- M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
+  matrices of one input (packed_matmul_cat: q / k / v, gate / up) share one GEMV launch.
+- M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64), one
+  launch per matrix, written side by side.
 Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
 
 The public functions at the bottom call the ops where torch.compile (or torch.export) traces, and
@@ -20,11 +24,13 @@ decode issues hundreds of them a token. Same functions, same results either way.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .activations import act_quant as _act_quant, rows_of
 from .gemm import gemm
-from .gemv import gemv
+from .gemv import gemv, gemv_cat
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
 
 Tensor = torch.Tensor
@@ -68,6 +74,33 @@ _packed_matmul = torch.library.custom_op("bitnet::packed_matmul", _packed_matmul
 @_packed_matmul.register_fake
 def _(x_q, a, packed, scale, bias, n, fmt, out_dtype):
     return _output_like(x_q, n, out_dtype)
+
+
+def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor],
+                            biases: list[Optional[Tensor]], ns: list[int], fmt: str, out_dtype: torch.dtype) -> Tensor:
+    x2, a2 = rows_of(x_q), a.reshape(-1)
+    one_launch = len(packed) <= 3 and len({b is None for b in biases}) == 1
+    if x2.shape[0] == 1 and one_launch:
+        y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype)
+    else:
+        y = x2.new_empty((x2.shape[0], sum(ns)), dtype=out_dtype)
+        xsum = x2.sum(-1, dtype=torch.int32)  # once for every matrix
+        col = 0
+        for p, s, b, n in zip(packed, scales, biases, ns):
+            if x2.shape[0] == 1:
+                y[:, col:col + n] = gemv(x2, p, n, fmt, scale=s, bias=b, a=a2, out_dtype=out_dtype)
+            else:
+                gemm(x2, p, n, fmt, scale=s, bias=b, a=a2, xsum=xsum, out_dtype=out_dtype, out=y[:, col:col + n])
+            col += n
+    return y.reshape(*x_q.shape[:-1], sum(ns))
+
+
+_packed_matmul_cat = torch.library.custom_op("bitnet::packed_matmul_cat", _packed_matmul_cat_impl, mutates_args=())
+
+
+@_packed_matmul_cat.register_fake
+def _(x_q, a, packed, scales, biases, ns, fmt, out_dtype):
+    return _output_like(x_q, sum(ns), out_dtype)
 
 
 def _packed_matmul_int32_impl(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
@@ -127,6 +160,16 @@ def packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, n: int,
     """y = (x_q @ W_q^T) * scale / a (+ bias) from activations already quantized (act_quant)."""
     op = torch.ops.bitnet.packed_matmul if _tracing() else _packed_matmul_impl
     return op(x_q, a, packed, scale, bias, n, fmt, out_dtype)
+
+
+def packed_matmul_cat(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor], ns: list[int], fmt: str,
+                      biases: list[Tensor | None] | None = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """packed_matmul of several matrices of one quantized input, outputs side by side: y (..., sum(ns)),
+    matrix j's in columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to its own packed_matmul. At
+    M = 1 up to three matrices (with a bias each or none) run in one GEMV launch."""
+    biases = list(biases) if biases is not None else [None] * len(packed)
+    op = torch.ops.bitnet.packed_matmul_cat if _tracing() else _packed_matmul_cat_impl
+    return op(x_q, a, list(packed), list(scales), biases, list(ns), fmt, out_dtype)
 
 
 def packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:

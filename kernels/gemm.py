@@ -26,7 +26,7 @@ import triton.language as tl
 
 from bitnet.quant import int_matmul
 
-from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_output, next_power_of_2, store_output
+from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_args, matmul_output, next_power_of_2, store_output
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, values_per_byte
 
 SMALL_M = 64
@@ -183,15 +183,24 @@ def gemm(
     a: torch.Tensor | None = None,
     xsum: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_q (M, K) int8 @ W^T -> y (M, n) in out_dtype; torch.int32 gives x_q . W_q^T unscaled.
 
     a (M,) float32 is needed for a scaled output; xsum (M,) int32 = x_q.sum(-1) is computed here
-    when not given (act_quant gives it for free).
+    when not given (act_quant gives it for free). out: where to write y, (M, n) of out_dtype with
+    unit stride along n (e.g. a column block of a wider output); a new tensor if None.
     """
     if x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
-    y, a, scale = matmul_output(x_q, a, scale, bias, n, out_dtype)
+    if out is None:
+        y, a, scale = matmul_output(x_q, a, scale, bias, n, out_dtype)
+    else:
+        a, scale = matmul_args(x_q, a, scale, bias, n, out_dtype)
+        if out.shape != (x_q.shape[0], n) or out.dtype != out_dtype or (n > 1 and out.stride(1) != 1):
+            raise ValueError(f"out must be ({x_q.shape[0]}, {n}) {out_dtype} with unit stride along n, "
+                             f"got {tuple(out.shape)} {out.dtype} {out.stride()}")
+        y = out
     m, k = x_q.shape
     packed = check_packed(packed, n, k, fmt)
     if m == 0:
@@ -206,11 +215,13 @@ def gemm(
     splits = split_k(m, r, k, pa, x_q.device)
     ws = count = None
     if splits > 1:
-        # One zeroed buffer: the (M, N) partial sums, then a counter for every possible tile
+        # One zeroed buffer: the (M, N) partial sums, indexed as y is (its row stride: a column
+        # block of a wider output has a longer one), then a counter for every possible tile
         # (BLOCK_M >= 16 and BLOCK_N // PA >= 4 in every config).
         tiles = cdiv(m, 16) * cdiv(r, 4)
-        buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=x_q.device)
-        ws, count = buf[: m * n], buf[m * n:]
+        size = (m - 1) * y.stride(0) + n
+        buf = torch.zeros(size + tiles, dtype=torch.int32, device=x_q.device)
+        ws, count = buf[:size], buf[size:]
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
     _gemm_kernel[grid](
         x_q, a, xsum, w, scale, bias, y, ws, count,

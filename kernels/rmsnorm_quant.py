@@ -10,10 +10,12 @@ Bit-identical to torch where the sum of squares is: its summation order differs 
 so the normalized values may differ by an ulp, and x_q by one where h * a lies that close to a
 rounding boundary (the tests bound both).
 
-Wiring (not done here): in the model an RMSNorm feeds q/k/v (or gate/up) projections; computing
-x_q, a once with this kernel and handing them to the three packed matmuls (packed_matmul) saves
-the normalized activation's round trip and two of the three quantizations. A BitLinear with its
-own rms_norm (use_rms_norm checkpoints) can call it in place of rms_norm + act_quant.
+Wiring: on the Triton path the model calls it (bitnet::rmsnorm_act_quant) once for every RMSNorm
+in front of frozen BitLinear and hands x_q, a to their packed_matmul_cat (bitnet.model.projections
+-> bitnet.bitlinear.normed_projections -> bitnet.ops.rms_norm_bitlinear_many): the normalized
+activation never reaches memory, q/k/v (gate/up) share one quantization, and at decode one GEMV
+launch. A BitLinear with its own rms_norm (use_rms_norm checkpoints) does not use it yet:
+rms_norm, then act_quant.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from bitnet.kernels.gemm import reference_gemm
 from bitnet.quant import quantize_activation
 
 K = 64
-KERNEL_OPS = ("rmsnorm_act_quant", "act_quant", "packed_matmul", "bitlinear")
+KERNEL_OPS = ("rmsnorm_act_quant", "act_quant", "packed_matmul", "packed_matmul_cat", "bitlinear")
 
 
 def count_kernel_calls(monkeypatch) -> dict[str, int]:
@@ -84,7 +84,7 @@ def test_projections_of_one_input_quantize_it_once(fmt, m, dtype, bias, monkeypa
     calls = count_kernel_calls(monkeypatch)
     with torch.no_grad():
         shared = frozen_projections(x, layers)
-        assert calls == {"rmsnorm_act_quant": 0, "act_quant": 1, "packed_matmul": 3, "bitlinear": 0}
+        assert calls == {"rmsnorm_act_quant": 0, "act_quant": 1, "packed_matmul": 0, "packed_matmul_cat": 1, "bitlinear": 0}
         alone = [layer(x) for layer in layers]  # bitnet::bitlinear each (M = 1: the GEMV quantizes x itself)
     for y, ref in zip(shared, alone):
         assert y.dtype == dtype and torch.equal(y, ref)
@@ -185,17 +185,18 @@ def test_fused_path_is_taken_on_the_triton_kernels(monkeypatch, triton_device):
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     calls = count_kernel_calls(monkeypatch)
     one_forward(model, triton_device)
-    # the four norms fused, each projection fed its (x_q, a): 4 + 7 launches, no bitnet::bitlinear
-    assert calls == {"rmsnorm_act_quant": 4, "act_quant": 0, "packed_matmul": 7, "bitlinear": 0}
+    # the four norms fused, the projections of each fed its (x_q, a) together (q / k / v, o, gate / up,
+    # down): 4 + 4 calls, no bitnet::bitlinear
+    assert calls == {"rmsnorm_act_quant": 4, "act_quant": 0, "packed_matmul": 0, "packed_matmul_cat": 4, "bitlinear": 0}
 
 
 @pytest.mark.parametrize("hooked, expected", [
     # q / k / v each alone (a hook on one of them), their norm unfused; the other three norms fused
-    ("self_attn.q_proj", {"rmsnorm_act_quant": 3, "act_quant": 0, "packed_matmul": 4, "bitlinear": 3}),
+    ("self_attn.q_proj", {"rmsnorm_act_quant": 3, "act_quant": 0, "packed_matmul": 0, "packed_matmul_cat": 3, "bitlinear": 3}),
     # the input norm runs as a module; q / k / v still share one act_quant
-    ("input_layernorm", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 7, "bitlinear": 0}),
+    ("input_layernorm", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 0, "packed_matmul_cat": 4, "bitlinear": 0}),
     # the attention block gets its input normed (the hook sees it so), then as above
-    ("self_attn", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 7, "bitlinear": 0}),
+    ("self_attn", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 0, "packed_matmul_cat": 4, "bitlinear": 0}),
 ])
 def test_hooks_keep_the_modules_they_watch(hooked, expected, monkeypatch, triton_device):
     model = tiny(layers=1).to(triton_device)
@@ -221,7 +222,7 @@ def test_no_fusion_off_the_triton_path(monkeypatch, triton_device):
     frozen = tiny(layers=1).to(triton_device)
     frozen(torch.tensor([[7]], device=triton_device))  # autograd on (the norms' weights): the fused op has no backward
     # no norm fused; q / k / v and gate / up still share one act_quant each, o / down run alone
-    assert calls == {"rmsnorm_act_quant": 0, "act_quant": 2, "packed_matmul": 5, "bitlinear": 2}
+    assert calls == {"rmsnorm_act_quant": 0, "act_quant": 2, "packed_matmul": 0, "packed_matmul_cat": 2, "bitlinear": 2}
     monkeypatch.setenv("BITNET_KERNEL", "torch")
     calls.update(dict.fromkeys(calls, 0))
     one_forward(frozen, triton_device)
@@ -275,4 +276,4 @@ def test_fused_layer_compiles_as_one_graph(triton_device):
             assert torch.equal(compiled(x, cos, sin, None, None), layer(x, cos, sin, None, None))
     ops_in_graph = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert ops_in_graph.count(torch.ops.bitnet.rmsnorm_act_quant) == 4
-    assert ops_in_graph.count(torch.ops.bitnet.packed_matmul) == 7
+    assert ops_in_graph.count(torch.ops.bitnet.packed_matmul_cat) == 4

@@ -17,8 +17,11 @@ Tolerances, where equality is not asserted:
   within 2^-6 relative of the float64 formula. The small tier asserts that bound on a GPU too (it
   was written and checked under the interpreter); equality with the torch path on a GPU is what
   the cuda tier asserts (bf16, no bias).
-- logits of a frozen tiny model through both paths: equal within 1e-5 (int8 activations are
-  bit-identical, so in practice they are equal).
+- logits of a frozen tiny model through both paths: within 1e-5. The Triton path fuses each
+  RMSNorm into its output's quantization (rmsnorm_act_quant), whose sum of squares runs in another
+  order than torch's: a row's scale a may be an ulp off the torch path's, and an x_q could be one
+  step off where h * a lies that close to a rounding boundary (none does at this seed; the bound
+  on such a step is tests/test_fused_norm_quant.py's).
 - the fused RMSNorm + quantization: its sum of squares runs in another order than torch's, so x_q
   may differ by one on a few elements (fp32: at most 1, on under 1%).
 """
@@ -253,6 +256,22 @@ def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
         gemv_cat(x, packed, ns, fmt, scales, [biases[0], None, None])
 
 
+def test_packed_matmul_cat_equals_each_packed_matmul(triton_device):
+    """The op behind the model's q / k / v and gate / up: at M = 1 one GEMV launch, at M > 1 one
+    GEMM per matrix written into its column block (split-K at K = 512 in the interpreter: its
+    workspace indexed with the wide output's row stride); biases for all, none, or some."""
+    ns, k = [40, 12, 12], 512
+    packed = [pack(random_weights(n, k, "2bit", seed=20 + i), "2bit").to(triton_device) for i, n in enumerate(ns)]
+    scales = [torch.tensor([s], device=triton_device) for s in (0.1, 0.2, 0.3)]
+    bias = [torch.randn(n).to(triton_device) for n in ns]
+    for m, biases in ((1, bias), (1, [bias[0], None, bias[2]]), (3, None), (3, [None, bias[1], None])):
+        x_q, a = kernels.act_quant(random_activations(m, k, seed=m).to(triton_device))
+        y = kernels.packed_matmul_cat(x_q, a, packed, scales, ns, "2bit", biases, out_dtype=torch.float32)
+        each = [kernels.packed_matmul(x_q, a, p, s, n, "2bit", b, out_dtype=torch.float32)
+                for p, s, n, b in zip(packed, scales, ns, biases or [None] * 3)]
+        assert torch.equal(y, torch.cat(each, -1))
+
+
 @pytest.mark.parametrize("shape", [(100,), (1, 100), (2, 3, 100), (0, 100)])
 def test_bitlinear_takes_any_leading_shape(shape, triton_device):
     packed, scale = pack(random_weights(N, 100, "2bit"), "2bit"), torch.tensor([0.1])
@@ -333,6 +352,9 @@ def test_custom_ops_pass_opcheck(triton_device):
         (torch.ops.bitnet.bitlinear.default, (x, packed, scale, torch.randn(N, device=triton_device), N, "1bit")),
         (torch.ops.bitnet.packed_matmul.default, (x_q, a, packed, scale, None, N, "1bit", torch.bfloat16)),
         (torch.ops.bitnet.packed_matmul_int32.default, (x_q, packed, N, "1bit")),
+        (torch.ops.bitnet.packed_matmul_cat.default,
+         (x_q[:1], a[:1], [packed, packed], [scale, scale], [None, torch.randn(N, device=triton_device)], [N, N],
+          "1bit", torch.float32)),
         (torch.ops.bitnet.act_quant.default, (x,)),
         (torch.ops.bitnet.rmsnorm_act_quant.default, (x, torch.rand(100, device=triton_device), 1e-5)),
     ]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..bitlinear import Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
-from ..model import KVCache, attention_dtype, native_decode_args, projections
+from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
 from ..ops import native_inference, rope
 
 
@@ -129,8 +129,8 @@ class ModelRunner:
             heads = torch.arange(nkv, device=dev)
             at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (N * nkv,)
             for layer, cache in zip(m.layers, self.caches):
-                x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, at, segs, native_decode)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                x = x + self._attention(layer.self_attn, x, cos, sin, cache, at, segs, native_decode, layer.input_layernorm)
+                x = x + prenormed(layer.mlp, layer.post_attention_layernorm, x)
         ends, offset = [], 0
         for s in segs:
             offset += len(s.tokens)
@@ -142,12 +142,12 @@ class ModelRunner:
         return head_rows(self.model.lm_head, m.norm(last))  # (K, vocab)
 
     def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, segs: list[Segment],
-                   native_decode: bool) -> torch.Tensor:
+                   native_decode: bool, norm=None) -> torch.Tensor:
         """bitnet.model.Attention.forward over the segments side by side, x (1, N, C); the one-token
         segments through the native decode attention where a lone decode step runs it."""
         N = x.shape[1]
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
-        q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj)
+        q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj, norm=norm)
         q = q.view(1, N, nh, hd).transpose(1, 2)  # (1, nh, N, hd)
         k = k.view(1, N, nkv, hd).transpose(1, 2)  # (1, nkv, N, hd)
         v = v.view(1, N, nkv, hd).transpose(1, 2)  # (1, nkv, N, hd)
@@ -203,9 +203,7 @@ class ModelRunner:
             for j, i in enumerate(singles):
                 ys[i] = y_b[j:j + 1]
         y = torch.cat(ys, dim=2).to(x.dtype).transpose(1, 2).reshape(1, N, nh * hd)  # (1, N, nh*hd)
-        if attn.attn_sub_norm is not None:
-            y = attn.attn_sub_norm(y)
-        return attn.o_proj(y)
+        return projections(y, attn.o_proj, norm=attn.attn_sub_norm)[0]
 
 
 def head_rows(head, h: torch.Tensor) -> torch.Tensor:
