@@ -5,8 +5,14 @@
 #   GIT_COMMIT=<hash> bash benchmarks/gpu_check.sh       # the copy sent to the machine has no .git
 #
 # For the bare machine a session is lent (README of the device tool): run in the repository root
-# with `.whl` carried (the gguf wheel), in a call of at most 6 minutes, so that two calls fit the
-# 15 minutes of device time a session has, each machine start included. Every stage runs under
+# with `.whl` (the gguf and gemlite wheels) and `.peers` (bitnet.cpp's gpu/ sources) carried, both
+# made here by `python benchmarks/peer_gpu_kernels.py --prepare --bitnet-git <microsoft/BitNet git
+# dir>`, in calls of at most 6 minutes, so that two fit the 15 minutes of device time a session
+# has, each machine start included:
+#   call 1 (issue 26, the default stages):  bash benchmarks/gpu_check.sh
+#   call 2 (issue 27, speed beside the GPU peers; the machine may be a fresh one, keep install):
+#     bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
+#   (carry [".whl", ".peers"]; timeout_s 360) Every stage runs under
 # `timeout` (SIGINT first, so that pytest prints its summary and Python its traceback; SIGKILL 5 s
 # later); a failing stage does not stop the next. Time a stage leaves unused passes on to the
 # later ones; the stages together never run past TOTAL.
@@ -19,7 +25,11 @@
 #                 (its longest tests here: compare end to end ~100 s on a CPU core, the interpreter
 #                 tier rerun beside the GPU ~60-100 s, the compile guard ~350 CPU-s spread over the cores)
 #   kernels   55  bench_kernels.py: 2560x6912 6912x2560 8192x8192 28672x8192, M 1 16 2048, 2bit at
-#                 every M, 1.6bit and 1bit at M = 1 -> bench_kernels_cuda.{json,md} (saved shape by shape)
+#                 every M, 1.6bit and 1bit at M = 1, GPU time (CUDA graph) and eager call
+#                 -> bench_kernels_cuda.{json,md} (saved shape by shape)
+#   gpu_peers 90  peer_gpu_kernels.py (not a default stage: call 2): ours, bitnet.cpp's W2A8 GEMV
+#                 (built here with nvcc from .peers), gemlite and bf16 cuBLAS, each checked against
+#                 the exact reference before timing -> peer_gpu_kernels_cuda.{json,md}
 #   generate  60  bench_generate.py: 2b4t, packed 2-bit vs the bf16 twin, batch 1 8, compile (CUDA
 #                 graphs), 32 new tokens, median of 3 -> generate_cuda.{json,md} (saved model by model)
 #   peer      45  peer_transformers.py: 2b4t, 32 new tokens, median of 2: ours vs transformers' BitNet
@@ -31,7 +41,8 @@
 # holds at most 8 files at every moment (what the device tool brings back from $OUT):
 #   summary.md                               stamp, stage table, test summary line, failed tests
 #   logs.tar.gz                              every stage's log, tests.xml, the stamp, the kernel plot
-#   bench_kernels_cuda.{json,md}  generate_cuda.{json,md}  peer_transformers_cuda.{json,md}
+#   results.tar.gz                           this run's result files (JSON and markdown), to commit
+#   bench_kernels_cuda.md  generate_cuda.md  peer_transformers_cuda.md  peer_gpu_kernels_cuda.md
 # The benchmarks also write these into benchmarks/results/ (only files written by this run are
 # copied). The output ends with the result tables, the failed tests and the stage table.
 # --dry-run prints the folder, the budgets and every stage's command, and runs nothing.
@@ -43,8 +54,8 @@ set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 
-ALL_STAGES="install stamp tests kernels generate peer"
-STAGES=$ALL_STAGES
+ALL_STAGES="install stamp tests kernels gpu_peers generate peer"
+STAGES="install stamp tests kernels generate peer"  # the default: call 1
 DRY=0
 RESULTS=""
 while [ $# -gt 0 ]; do
@@ -64,7 +75,8 @@ done
 RESULTS=${RESULTS:-${OUT:-benchmarks/results/gpu_check/$(date -u +%Y-%m-%dT%H%MZ)}}
 
 declare -A BUDGET=([install]=${BUDGET_INSTALL:-20} [stamp]=${BUDGET_STAMP:-10} [tests]=${BUDGET_TESTS:-150}
-                   [kernels]=${BUDGET_KERNELS:-55} [generate]=${BUDGET_GENERATE:-60} [peer]=${BUDGET_PEER:-45})
+                   [kernels]=${BUDGET_KERNELS:-55} [gpu_peers]=${BUDGET_GPU_PEERS:-90} [generate]=${BUDGET_GENERATE:-60}
+                   [peer]=${BUDGET_PEER:-45})
 PACK_RESERVE=${PACK_RESERVE:-5}
 TOTAL=${TOTAL:-345}
 GRACE=${GRACE:-5}  # seconds between SIGINT and SIGKILL
@@ -73,7 +85,7 @@ NPROC=$(nproc 2>/dev/null || echo 2)
 WORKERS=$(( NPROC >= 8 ? NPROC - 4 : (NPROC >= 2 ? NPROC : 1) ))
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 PY=${PYTHON:-python3}
-RESULT_FILES="bench_kernels_cuda.json bench_kernels_cuda.md generate_cuda.json generate_cuda.md peer_transformers_cuda.json peer_transformers_cuda.md"
+RESULT_FILES="bench_kernels_cuda.json bench_kernels_cuda.md generate_cuda.json generate_cuda.md peer_transformers_cuda.json peer_transformers_cuda.md peer_gpu_kernels_cuda.json peer_gpu_kernels_cuda.md"
 
 declare -A CMD
 CMD[install]="if ls .whl/*.whl >/dev/null 2>&1; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; else echo 'no .whl/*.whl carried'; fi
@@ -85,6 +97,7 @@ echo \"cpus $NPROC; \$(grep -m1 'model name' /proc/cpuinfo)\"; free -g | head -n
 $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '"
 CMD[tests]="$PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml"
 CMD[kernels]="$PY benchmarks/bench_kernels.py --device cuda --shapes 2560x6912 6912x2560 8192x8192 28672x8192 --m 1 16 2048 --formats 2bit --m1-formats 1.6bit 1bit --name bench_kernels_cuda --out-dir $BENCH_OUT"
+CMD[gpu_peers]="$PY benchmarks/peer_gpu_kernels.py --budget-s \$(( \${STAGE_SECONDS:-90} - 20 )) --out-dir $BENCH_OUT"
 CMD[generate]="HF_HUB_OFFLINE=1 $PY benchmarks/bench_generate.py --device cuda --preset 2b4t --batch 1 8 --compile --new-tokens 32 --warmup 2 --iters 3 --out-dir $BENCH_OUT"
 CMD[peer]="HF_HUB_OFFLINE=1 $PY benchmarks/peer_transformers.py --device cuda --preset 2b4t --new-tokens 32 --iters 2 --out-dir $BENCH_OUT"
 
@@ -148,14 +161,20 @@ write_summary() {
     } > "$RESULTS/summary.md"
 }
 
-pack() {  # the results folder: summary.md, logs.tar.gz and this run's result files; never more than 8 files
-    local f src
+pack() {  # the results folder: summary.md, logs.tar.gz, results.tar.gz and this run's tables; never more than 8 files
+    local f src fresh=0
+    mkdir -p "$WORK/results"
     for f in $RESULT_FILES; do
         src=$BENCH_OUT/$f
-        if [ -f "$src" ] && [ "$src" -nt "$MARK" ] && [ "$(cd "$BENCH_OUT" && pwd)" != "$RESULTS" ]; then
-            cp "$src" "$RESULTS/$f"
+        if [ -f "$src" ] && [ "$src" -nt "$MARK" ]; then
+            cp "$src" "$WORK/results/$f"
+            fresh=1
+            case $f in
+                *.md) [ "$(cd "$BENCH_OUT" && pwd)" != "$RESULTS" ] && cp "$src" "$RESULTS/$f" ;;
+            esac
         fi
     done
+    [ "$fresh" = 1 ] && tar -czf "$RESULTS/results.tar.gz" -C "$WORK" results
     src=$BENCH_OUT/bench_kernels_cuda.png
     [ -f "$src" ] && [ "$src" -nt "$MARK" ] && cp "$src" "$LOGS/"
     write_summary
@@ -183,7 +202,7 @@ run_stage() {
     fi
     echo "=== $s: up to ${allot}s (budget ${BUDGET[$s]}s; ${elapsed}s elapsed)"
     start=$(now)
-    timeout -s INT -k $GRACE $(( allot - GRACE )) bash -c "${CMD[$s]//@LOGS@/$LOGS}" > "$LOGS/$s.log" 2>&1
+    STAGE_SECONDS=$(( allot - GRACE )) timeout -s INT -k $GRACE $(( allot - GRACE )) bash -c "${CMD[$s]//@LOGS@/$LOGS}" > "$LOGS/$s.log" 2>&1
     rc=$?
     SECS[$s]=$(since "$start")
     case $rc in
@@ -205,7 +224,7 @@ done
 pack
 
 # The tail of the output is what the device tool returns: result tables first, the stage table last.
-for f in bench_kernels_cuda.md generate_cuda.md peer_transformers_cuda.md; do
+for f in bench_kernels_cuda.md peer_gpu_kernels_cuda.md generate_cuda.md peer_transformers_cuda.md; do
     [ -f "$RESULTS/$f" ] && { echo; echo "----- $f"; cat "$RESULTS/$f"; }
 done
 if [ -f "$LOGS/tests.log" ]; then

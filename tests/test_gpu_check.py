@@ -94,7 +94,9 @@ def test_stages_time_out_fail_and_go_on_into_at_most_eight_files(tmp_path):
     assert re.search(r"^peer\s+FAIL \(rc 1\)", table, re.M), table
     assert "# generate table" in r.stdout  # result tables are printed before the stage table
     files = sorted(os.listdir(results))
-    assert files == ["generate_cuda.json", "generate_cuda.md", "logs.tar.gz", "summary.md"]
+    assert files == ["generate_cuda.md", "logs.tar.gz", "results.tar.gz", "summary.md"]
+    with tarfile.open(results / "results.tar.gz") as tar:  # this run's results only (not the stale JSON)
+        assert sorted(tar.getnames()) == ["results", "results/generate_cuda.json", "results/generate_cuda.md"]
     with tarfile.open(results / "logs.tar.gz") as tar:
         names = set(tar.getnames())
         assert {"logs/kernels.log", "logs/generate.log", "logs/peer.log", "logs/summary.md"} <= names
@@ -150,7 +152,8 @@ def test_kernel_benchmark_times_m1_formats_at_m1_only_and_saves_shape_by_shape(t
     bench = bench_module("bench_kernels")
     monkeypatch.setattr(bench, "L2Flusher", lambda device: None)
     monkeypatch.setattr(bench, "measured_hbm_bandwidth", lambda: 1000.0)
-    monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), 0.01)[1])
+    monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), 0.02)[1])
+    monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, warmup, iters, flush: (fn(), 0.01)[1])
     args = bench.BenchArgs(m=[1, 3], shapes=["40x64", "8x32"], formats=["2bit"], m1_formats=["1bit", "2bit"],
                            warmup=1, iters=1)
     seen = []
@@ -161,3 +164,4 @@ def test_kernel_benchmark_times_m1_formats_at_m1_only_and_saves_shape_by_shape(t
     assert seen == [5, 10]
     assert all(r["hbm_share"] > 0 for r in result["rows"])
     assert "| 40x64 | 1 | 1bit |" in bench.report(result)
+    assert all(r["ms"] == 0.01 and r["eager_ms"] == 0.02 for r in result["rows"])  # GPU time and eager call, apart
