@@ -3,7 +3,9 @@
 On a GPU (the Triton kernels):
 For every weight shape N x K (nn.Linear's weight: out x in features), every M and every packed
 format: the median time of the whole layer, y = bitlinear(x) from bf16 x to bf16 y (activation
-quantization included), and of the matmul alone from int8 x_q; the L2 is flushed before every
+quantization included), and of the matmul alone from int8 x_q (from M = BITNET_UNPACK_GEMM_M on,
+the dispatch's unpack + int8 GEMM and, labelled "decode-in-loop", the GEMM that decodes the
+packed weights in its K loop, both); the L2 is flushed before every
 timed call; bf16 F.linear is timed in the same run, the same ways. Each is timed twice: its GPU
 work alone (captured in a CUDA graph and replayed: the kernels and the gaps between them, what a
 model run under CUDA graphs pays; the headline and the speedups) and as an eager call (which
@@ -80,6 +82,7 @@ def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], No
     """Time every (shape, M, format); returns {"hbm_gbps", "rows"}. on_shape(result so far) is
     called after each shape (the results are saved as they come: a run cut short keeps them)."""
     from bitnet.kernels import act_quant, bitlinear, packed_matmul
+    from bitnet.kernels import gemm as gemm_module
 
     flush = L2Flusher(device=device)
     hbm = measured_hbm_bandwidth()
@@ -104,14 +107,22 @@ def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], No
             rows.append({**base, "format": "bf16", "ms": bf16_ms, "eager_ms": bf16_eager, "speedup": 1.0,
                          "gbps": (2 * n * k + io_bytes) / (bf16_ms * 1e-3) / 1e9})
             x_q, a = act_quant(x)
-            for fmt, p in packed.items():
-                ms, eager_ms = timed(lambda: bitlinear(x, p, scale, n, fmt))
-                matmul_ms, _ = timed(lambda: packed_matmul(x_q, a, p, scale, n, fmt, out_dtype=torch.bfloat16))
+            variants = [(fmt, p, fmt) for fmt, p in packed.items()]
+            if 0 < gemm_module.UNPACK_M <= m:  # the decode-in-the-loop GEMM beside the dispatch's unpacked one
+                variants += [(fmt, p, f"{fmt} decode-in-loop") for fmt, p in packed.items()]
+            for fmt, p, label in variants:
+                unpack_m = gemm_module.UNPACK_M
+                gemm_module.UNPACK_M = unpack_m if label == fmt else 0
+                try:
+                    ms, eager_ms = timed(lambda: bitlinear(x, p, scale, n, fmt))
+                    matmul_ms, _ = timed(lambda: packed_matmul(x_q, a, p, scale, n, fmt, out_dtype=torch.bfloat16))
+                finally:
+                    gemm_module.UNPACK_M = unpack_m
                 nbytes = packed_rows(n, fmt) * k + io_bytes
-                rows.append({**base, "format": fmt, "ms": ms, "eager_ms": eager_ms, "matmul_ms": matmul_ms,
+                rows.append({**base, "format": label, "ms": ms, "eager_ms": eager_ms, "matmul_ms": matmul_ms,
                              "speedup": bf16_ms / ms, "eager_speedup": bf16_eager / eager_ms,
                              "gbps": nbytes / (ms * 1e-3) / 1e9})
-            print(f"{shape} M={m}: " + ", ".join(f"{r['format']} {r['ms'] * 1e3:.1f} us" for r in rows[-1 - len(packed):]),
+            print(f"{shape} M={m}: " + ", ".join(f"{r['format']} {r['ms'] * 1e3:.1f} us" for r in rows[-1 - len(variants):]),
                   flush=True)
         del w16, packed, all_packed
         if on_shape is not None:

@@ -22,6 +22,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
                                     counter epilogue) + LARGE_M_CONFIGS (SPLIT_K 1); format; LANES;
                                     y fp32/bf16/fp16 with bias or not, or int32
+    _gemm_int8_kernel [gemm.gemm,   INT8_CONFIGS (the unpacked weights' GEMM, M >= UNPACK_M); y
+      M >= UNPACK_M]                fp32/bf16/fp16 with bias or not, or int32
     _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
     _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32
     _unpack_kernel [unpack_triton]  format
@@ -98,7 +100,7 @@ def _jit_functions() -> dict:
     from . import activations, gemm, gemv, layout, rmsnorm_quant
 
     kernels = {
-        "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel,
+        "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel, "_gemm_int8_kernel": gemm._gemm_int8_kernel,
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
         "_unpack_kernel": layout._unpack_kernel,
@@ -174,6 +176,20 @@ def _gemm_variants() -> list[Variant]:
     return out
 
 
+def _gemm_int8_variants() -> list[Variant]:
+    from .gemm import INT8_CONFIGS
+
+    flags = [dict(y=y, HAS_BIAS=b) for y, b in itertools.product(["bf16", "fp32", "fp16"], [True, False])]
+    flags.append(dict(y="int32", HAS_BIAS=False))
+    out = []
+    for i, (cfg, f) in enumerate(_round_robin(INT8_CONFIGS, flags)):
+        consts = dict(HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", **cfg.kwargs)
+        types = dict(x_ptr="*i8", a_ptr="*fp32", w_ptr="*i8", scale_ptr="*fp32",
+                     bias_ptr=TYPES["bf16" if f["y"] == "int32" else f["y"]], y_ptr=TYPES[f["y"]])
+        out.append(Variant("_gemm_int8_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
+    return out
+
+
 def _act_quant_variants() -> list[Variant]:
     from .activations import CONFIGS
 
@@ -204,7 +220,8 @@ def _unpack_variants() -> list[Variant]:
 
 
 VARIANTS = {
-    "_gemv_kernel": _gemv_variants, "_gemm_kernel": _gemm_variants, "_act_quant_kernel": _act_quant_variants,
+    "_gemv_kernel": _gemv_variants, "_gemm_kernel": _gemm_variants, "_gemm_int8_kernel": _gemm_int8_variants,
+    "_act_quant_kernel": _act_quant_variants,
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
 }
 

@@ -16,9 +16,21 @@ that a new prompt length does not retune) picks the configs (_prune):
   counter, applies the epilogue. Each weight is decoded once per program, for all its M rows.
 - large M, compute-bound: 128 x 128/256 tiles, 3-4 pipeline stages, grouped program order so
   that programs sharing weight tiles run together and hit L2.
+
+From M = UNPACK_M on (BITNET_UNPACK_GEMM_M, default 512; 0: never) the weights are unpacked first
+(layout.unpack_triton: int8 (N, K), a temporary of N * K bytes) and a plain int8 GEMM runs on them
+(_gemm_int8_kernel: both operands straight from memory into Triton's pipelined shared-memory
+buffers). Why: in the kernel above the decoded tile goes from registers to shared memory every K
+step, and Triton then waits for each step's wgmma before the next decode (sm_90 SASS of the
+128 x 128 x 128 config: STS.128 x 4, three BAR.SYNC and WARPGROUP.DEPBAR.LE gsb0, 0x0 per step:
+decode and tensor cores never overlap); at large M the unpack's extra traffic (N * K bytes written
+and read back, ~10 us for 2560 x 6912 on an H200) is small beside the GEMM. A prediction from the
+SASS, to be checked on a GPU (benchmarks/gpu_notes.md); the threshold is the knob.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -27,7 +39,7 @@ import triton.language as tl
 from bitnet.quant import int_matmul
 
 from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_args, matmul_output, next_power_of_2, store_output
-from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, values_per_byte
+from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_triton, values_per_byte
 
 SMALL_M = 64
 
@@ -158,6 +170,79 @@ def _gemm_kernel(
             store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32)
 
 
+UNPACK_M = int(os.environ.get("BITNET_UNPACK_GEMM_M", "512"))  # read at import, like INTERPRET
+
+INT8_CONFIGS = [
+    _config(128, 128, 128, 8, 3), _config(128, 256, 128, 8, 3), _config(256, 128, 128, 8, 3),
+    _config(128, 128, 64, 4, 4), _config(128, 256, 64, 8, 4), _config(64, 128, 128, 4, 4),
+]
+
+
+@autotune(INT8_CONFIGS, key=["m_bucket", "N", "K"], interpret_config=INTERPRET_CONFIG)
+@triton.jit
+def _gemm_int8_kernel(
+    # pointers
+    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
+    # sizes (m_bucket: autotuning key only)
+    M, N, K, m_bucket,
+    # strides (unit stride along K and N)
+    stride_xm, stride_wn, stride_ym,
+    # constexpr
+    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * s / a[m] + bias[n]: the unpacked weights' GEMM.
+
+    x_ptr: int8 (M, K) x_q; a_ptr: float32 (M,); w_ptr: int8 (N, K) W_q itself (unpack_triton);
+    scale_ptr, bias_ptr, y_ptr as in _gemm_kernel. Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
+    programs, grouped by GROUP_M along M.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptrs + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0)
+        w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n < N)[:, None] & (offs_k < K)[None, :], other=0)
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_n < N)[None, :]
+    if OUT_INT32:
+        factor = 0.0
+    else:
+        factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
+    # weights, not codes: SC = 1 and no row sum to subtract
+    store_output(y_ptr, bias_ptr, offs_m[:, None] * stride_ym + offs_n[None, :], offs_n[None, :], mask, acc, 0, factor,
+                 1, HAS_BIAS, OUT_INT32)
+
+
+def gemm_unpacked(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str, y: torch.Tensor, a: torch.Tensor | None,
+                  scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x_q @ unpack(packed)^T with gemm's epilogue, into y (M, n) (checked by gemm)."""
+    m, k = x_q.shape
+    w = unpack_triton(packed, n, fmt)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_int8_kernel[grid](
+        x_q, a, w, scale, bias, y,
+        m, n, k, next_power_of_2(m),
+        x_q.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, OUT_INT32=y.dtype == torch.int32, **LAUNCH,
+    )
+    return y
+
+
 def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
     """How many programs share each output tile along K (a power of two): enough for one program
     per SM with the smallest small-M tile (16 x 128), each with at least 512 of K. The
@@ -205,6 +290,8 @@ def gemm(
     packed = check_packed(packed, n, k, fmt)
     if m == 0:
         return y
+    if 0 < UNPACK_M <= m:
+        return gemm_unpacked(x_q, packed, n, fmt, y, a, scale, bias)
     if xsum is None:
         xsum = x_q.sum(-1, dtype=torch.int32)
     p = values_per_byte(fmt)

@@ -256,6 +256,25 @@ def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
         gemv_cat(x, packed, ns, fmt, scales, [biases[0], None, None])
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_large_m_unpacked_gemm_is_exact_and_equals_the_fused_one(fmt, monkeypatch, triton_device):
+    """From M = UNPACK_M on the GEMM unpacks the weights and runs a plain int8 GEMM: the same
+    integers (exact) and the same epilogue as the decode-in-the-loop GEMM, bit for bit."""
+    import bitnet.kernels.gemm as gemm_module
+
+    k = 100
+    w_q = random_weights(N, k, fmt, seed=7)
+    packed, scale = pack(w_q, fmt).to(triton_device), torch.tensor([0.3], device=triton_device)
+    bias = torch.randn(N).to(triton_device)
+    x_q, a = quantize_activation(random_activations(33, k, seed=8))
+    x_q, a = x_q.to(triton_device), a.to(triton_device)
+    fused = gemm(x_q, packed, N, fmt, scale, bias, a, out_dtype=torch.float32)
+    monkeypatch.setattr(gemm_module, "UNPACK_M", 3)
+    assert torch.equal(gemm(x_q, packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q, w_q))
+    assert torch.equal(gemm(x_q, packed, N, fmt, scale, bias, a, out_dtype=torch.float32), fused)
+    assert torch.equal(gemm(x_q[:2], packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q[:2], w_q))  # below
+
+
 def test_packed_matmul_cat_equals_each_packed_matmul(triton_device):
     """The op behind the model's q / k / v and gate / up: at M = 1 one GEMV launch, at M > 1 one
     GEMM per matrix written into its column block (split-K at K = 512 in the interpreter: its
