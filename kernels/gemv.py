@@ -43,7 +43,7 @@ from .layout import check_packed, decode, joined_codes, values_per_byte
 # thread and row. Wide tiles cover a whole row in one step (no loop); narrow ones give programs
 # enough to fill 132 SMs where rows are short (N = 6912, K = 2560: 640 words a row).
 TILES = [
-    (1, 2048, 8), (1, 1024, 4), (1, 1024, 8), (2, 1024, 8), (2, 512, 4), (4, 512, 8),
+    (1, 2048, 8), (1, 1024, 4), (1, 1024, 8), (1, 512, 4), (2, 1024, 8), (2, 512, 4), (4, 512, 8),
     (4, 256, 4), (8, 256, 8), (8, 128, 4), (16, 128, 8),
 ]
 CONFIGS = [triton.Config({"BLOCK_R": br, "BLOCK_U": bu}, num_warps=w) for br, bu, w in TILES]
@@ -56,9 +56,9 @@ def _prune(configs, named_args, **kwargs):
         return configs
     args = {**named_args, **kwargs}
     units = args["K"] // args.get("LANES", 1)
-    fit = [c for c in configs if c.kwargs["BLOCK_U"] <= max(128, next_power_of_2(units))
-           and (c.kwargs["BLOCK_R"] == 1 or not args.get("QUANTIZE_X", False))]
-    return fit or configs
+    rows_ok = [c for c in configs if c.kwargs["BLOCK_R"] == 1 or not args.get("QUANTIZE_X", False)]
+    fit = [c for c in rows_ok if c.kwargs["BLOCK_U"] <= max(128, next_power_of_2(units))]
+    return fit or rows_ok
 
 
 @triton.jit
