@@ -105,7 +105,7 @@ def bitlinear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[tor
     if choice == "triton":
         from .kernels import act_quant
 
-        return _packed_many(*act_quant(x), packed, scales, ns, fmt, biases, x.dtype)
+        return _packed_many(*act_quant(x, with_sum=True), packed, scales, ns, fmt, biases, x.dtype)
     return None
 
 
@@ -125,16 +125,16 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
         return None
     from .kernels import rmsnorm_act_quant
 
-    return _packed_many(*rmsnorm_act_quant(x, weight, eps), packed, scales, ns, fmt, biases, x.dtype)
+    return _packed_many(*rmsnorm_act_quant(x, weight, eps, with_sum=True), packed, scales, ns, fmt, biases, x.dtype)
 
 
-def _packed_many(x_q, a, packed, scales, ns, fmt, biases, out_dtype) -> list[torch.Tensor]:
-    """The Triton packed_matmul of each matrix from one quantized input x_q (..., K), a (..., 1): one
-    packed_matmul_cat (at decode, q / k / v or gate / up in one GEMV launch), its output split into
-    one view per matrix."""
+def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype) -> list[torch.Tensor]:
+    """The Triton packed_matmul of each matrix from one quantized input x_q (..., K), a (..., 1) and
+    its row sums xsum (...): one packed_matmul_cat (at decode, q / k / v or gate / up in one GEMV
+    launch), its output split into one view per matrix."""
     from .kernels import packed_matmul_cat
 
-    return list(packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype).split(ns, -1))
+    return list(packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype, xsum).split(ns, -1))
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,8 +6,8 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
     bitnet::packed_matmul_cat(x_q, a, packed[], scales[], biases[], ns, fmt, out_dtype)
                                                                  several matrices of one input: y (..., sum(ns))
     bitnet::packed_matmul_int32(x_q, packed, n, fmt)            x_q . W_q^T, int32, exact
-    bitnet::act_quant(x)                                         (x_q int8, a float32 (..., 1))
-    bitnet::rmsnorm_act_quant(x, weight, eps)                    (x_q, a) of RMSNorm(x)
+    bitnet::act_quant(x)                                         (x_q int8, a float32 (..., 1), xsum int32 (...))
+    bitnet::rmsnorm_act_quant(x, weight, eps)                    (x_q, a, xsum) of RMSNorm(x)
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
@@ -77,14 +77,17 @@ def _(x_q, a, packed, scale, bias, n, fmt, out_dtype):
 
 
 def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor],
-                            biases: list[Optional[Tensor]], ns: list[int], fmt: str, out_dtype: torch.dtype) -> Tensor:
+                            biases: list[Optional[Tensor]], ns: list[int], fmt: str, out_dtype: torch.dtype,
+                            xsum: Optional[Tensor] = None) -> Tensor:
     x2, a2 = rows_of(x_q), a.reshape(-1)
     one_launch = len(packed) <= 3 and len({b is None for b in biases}) == 1
     if x2.shape[0] == 1 and one_launch:
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype)
     else:
         y = x2.new_empty((x2.shape[0], sum(ns)), dtype=out_dtype)
-        xsum = x2.sum(-1, dtype=torch.int32)  # once for every matrix
+        if xsum is None:
+            xsum = x2.sum(-1, dtype=torch.int32)  # once for every matrix
+        xsum = xsum.reshape(-1)
         col = 0
         for p, s, b, n in zip(packed, scales, biases, ns):
             if x2.shape[0] == 1:
@@ -99,7 +102,7 @@ _packed_matmul_cat = torch.library.custom_op("bitnet::packed_matmul_cat", _packe
 
 
 @_packed_matmul_cat.register_fake
-def _(x_q, a, packed, scales, biases, ns, fmt, out_dtype):
+def _(x_q, a, packed, scales, biases, ns, fmt, out_dtype, xsum=None):
     return _output_like(x_q, sum(ns), out_dtype)
 
 
@@ -117,22 +120,25 @@ def _(x_q, packed, n, fmt):
     return _output_like(x_q, n, torch.int32)
 
 
-def _act_quant_impl(x: Tensor) -> tuple[Tensor, Tensor]:
-    x_q, a, _ = _act_quant(x)
-    return x_q, a
+def _act_quant_impl(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _act_quant(x)
 
 
 _act_quant_op = torch.library.custom_op("bitnet::act_quant", _act_quant_impl, mutates_args=())
 
 
+def _quantized_like(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+            x.new_empty(x.shape[:-1], dtype=torch.int32))
+
+
 @_act_quant_op.register_fake
 def _(x):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+    return _quantized_like(x)
 
 
-def _rmsnorm_act_quant_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    x_q, a, _ = _rmsnorm_act_quant(x, weight, eps)
-    return x_q, a
+def _rmsnorm_act_quant_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _rmsnorm_act_quant(x, weight, eps)
 
 
 _rmsnorm_act_quant_op = torch.library.custom_op("bitnet::rmsnorm_act_quant", _rmsnorm_act_quant_impl, mutates_args=())
@@ -140,7 +146,7 @@ _rmsnorm_act_quant_op = torch.library.custom_op("bitnet::rmsnorm_act_quant", _rm
 
 @_rmsnorm_act_quant_op.register_fake
 def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+    return _quantized_like(x)
 
 
 # The public functions: the ops where torch.compile (or torch.export) traces, their implementations
@@ -163,13 +169,15 @@ def packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, n: int,
 
 
 def packed_matmul_cat(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor], ns: list[int], fmt: str,
-                      biases: list[Tensor | None] | None = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
+                      biases: list[Tensor | None] | None = None, out_dtype: torch.dtype = torch.float32,
+                      xsum: Tensor | None = None) -> Tensor:
     """packed_matmul of several matrices of one quantized input, outputs side by side: y (..., sum(ns)),
     matrix j's in columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to its own packed_matmul. At
-    M = 1 up to three matrices (with a bias each or none) run in one GEMV launch."""
+    M = 1 up to three matrices (with a bias each or none) run in one GEMV launch. xsum: the rows'
+    sums of x_q (act_quant(..., with_sum=True) gives them), else computed here where needed (M > 1)."""
     biases = list(biases) if biases is not None else [None] * len(packed)
     op = torch.ops.bitnet.packed_matmul_cat if _tracing() else _packed_matmul_cat_impl
-    return op(x_q, a, list(packed), list(scales), biases, list(ns), fmt, out_dtype)
+    return op(x_q, a, list(packed), list(scales), biases, list(ns), fmt, out_dtype, xsum)
 
 
 def packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
@@ -178,11 +186,14 @@ def packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor
     return op(x_q, packed, n, fmt)
 
 
-def act_quant(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token absmax int8: (x_q (..., K), a (..., 1)), bit-identical to bitnet.quant.quantize_activation."""
-    return torch.ops.bitnet.act_quant(x) if _tracing() else _act_quant_impl(x)
+def act_quant(x: Tensor, with_sum: bool = False) -> tuple[Tensor, ...]:
+    """Per-token absmax int8: (x_q (..., K), a (..., 1)), bit-identical to bitnet.quant.quantize_activation;
+    with_sum: also xsum (...) int32, the rows' sums of x_q (what the GEMM subtracts)."""
+    out = torch.ops.bitnet.act_quant(x) if _tracing() else _act_quant_impl(x)
+    return out if with_sum else out[:2]
 
 
-def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """act_quant(RMSNorm(x)) in one kernel."""
-    return torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps) if _tracing() else _rmsnorm_act_quant_impl(x, weight, eps)
+def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5, with_sum: bool = False) -> tuple[Tensor, ...]:
+    """act_quant(RMSNorm(x)) in one kernel (with_sum: also xsum, as act_quant)."""
+    out = torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps) if _tracing() else _rmsnorm_act_quant_impl(x, weight, eps)
+    return out if with_sum else out[:2]

@@ -92,7 +92,7 @@ def _gemm_kernel(
         LANES == 4 the same bytes viewed as int32 (R, K / 4), one word = 4 consecutive k.
     scale_ptr: float32 (1,), s = mean|W|; bias_ptr: (N,) any float dtype, read if HAS_BIAS.
     y_ptr: (M, N) in the output dtype, or int32 x_q . W_q^T itself if OUT_INT32 (a, s unused).
-    ws_ptr: int32 (M, N), count_ptr: int32 (one per tile), both zero: used if SPLIT_K > 1.
+    ws_ptr: int32 (M, N), count_ptr: int32 (one per tile), both zero, and left zero: used if SPLIT_K > 1.
     Grid: (cdiv(M, BLOCK_M) * cdiv(R, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M along M;
     program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
     """
@@ -243,6 +243,28 @@ def gemm_unpacked(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str, y: 
     return y
 
 
+_WORKSPACES: dict = {}
+
+
+def zeroed_workspace(size: int, device: torch.device) -> torch.Tensor:
+    """An int32 buffer of `size` zeros for split-K's partial sums and counters. The kernel leaves
+    every element it touches zero again, so one buffer per device and stream is reused from call to
+    call (no memset launch per GEMM: a batched decode step runs dozens of small-M GEMMs). While a
+    CUDA graph is being captured a fresh zeroed buffer is made instead (the graph owns it; a cached
+    one could be replaced, growing, under a graph that still points at it)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(size, dtype=torch.int32, device=device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, None)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = buf
+    return buf[:size]
+
+
 def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
     """How many programs share each output tile along K (a power of two): enough for one program
     per SM with the smallest small-M tile (16 x 128), each with at least 512 of K. The
@@ -307,7 +329,7 @@ def gemm(
         # (BLOCK_M >= 16 and BLOCK_N // PA >= 4 in every config).
         tiles = cdiv(m, 16) * cdiv(r, 4)
         size = (m - 1) * y.stride(0) + n
-        buf = torch.zeros(size + tiles, dtype=torch.int32, device=x_q.device)
+        buf = zeroed_workspace(size + tiles, x_q.device)
         ws, count = buf[:size], buf[size:]
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
     _gemm_kernel[grid](
