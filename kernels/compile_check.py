@@ -15,8 +15,7 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
 
     _gemv_kernel [gemv.gemv]        tile: CONFIGS; format P; LANES 4 (int32 words) or 1 (bytes);
                                     input: float x quantized in the kernel (fp32/bf16/fp16, y in
-                                    x's dtype) or x_q (int32 words on the word path, int8 on the
-                                    byte path) with y fp32/bf16/fp16 or int32; one to three
+                                    x's dtype) or int8 x_q with y fp32/bf16/fp16 or int32; one to three
                                     matrices (SEGMENTS, gemv.gemv_cat); bias or
                                     not; BLOCK_A 4096 (K >= 4096) or smaller
     _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
@@ -150,9 +149,8 @@ def _gemv_variants() -> list[Variant]:
         for i, (cfg, f) in enumerate(_round_robin(CONFIGS, flags)):
             consts = dict(P=p, QUANTIZE_X=f["QUANTIZE_X"], HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32",
                           LANES=lanes, ASM=True, SEGMENTS=f["SEGMENTS"], BLOCK_A=f["BLOCK_A"], **cfg.kwargs)
-            x = "int32" if f["x"] == "int8" and lanes == 4 else f["x"]  # x_q is read as words on the word path
-            w, bias = "*i32" if lanes == 4 else "*u8", TYPES["bf16" if f["y"] == "int32" else f["y"]]
-            types = dict(x_ptr=TYPES[x], a_ptr="*fp32", w_ptr=w, scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]],
+            bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]  # (the kernel reads words through cast pointers)
+            types = dict(x_ptr=TYPES[f["x"]], a_ptr="*fp32", w_ptr="*u8", scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]],
                          scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64")
             out.append(Variant("_gemv_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out

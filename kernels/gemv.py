@@ -159,9 +159,9 @@ def _gemv_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
     x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr,
     # sizes (N1, R1, N2, R2: of the second and third matrices; W1, W2: where their packed weights
-    # start, from w_ptr, in units of 16 elements of w_ptr's dtype)
+    # start, from w_ptr, in units of 16 units: 64 bytes on the word path, 16 on the byte path)
     N, K, R, N1, R1, N2, R2, W1, W2,
-    # strides (unit stride along K and N; stride_xm and stride_wr in units of their pointers' dtypes)
+    # strides (unit stride along K and N; stride_wr, and stride_xm of x_q, in units: words or bytes)
     stride_xm, stride_wr, stride_ym,
     # constexpr
     P: tl.constexpr, QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
@@ -170,10 +170,12 @@ def _gemv_kernel(
 ):
     """y[m, i*R + r] = (SC * sum_k code_i(w[r, k]) * x_q[m, k] - sum_k x_q[m, k]) * s / a[m] + bias.
 
-    x_ptr: (M, K) float (fp32/bf16/fp16) if QUANTIZE_X; else x_q, as int32 words (M, K / 4) when
-        LANES == 4, as int8 (M, K) when LANES == 1, with a_ptr float32 (M,).
+    x_ptr: (M, K) float (fp32/bf16/fp16) if QUANTIZE_X; else int8 x_q (M, K), read as int32 words
+        when LANES == 4, with a_ptr float32 (M,).
     w_ptr: the packed layout of layout.py, (R, K) uint8 read as is, R = ceil(N / P); with
-        LANES == 4 the same bytes viewed as int32 (R, K / 4), one word = 4 consecutive k.
+        LANES == 4 read as int32 (R, K / 4), one word = 4 consecutive k. (The launcher passes the
+        tensors as they are and the kernel casts the pointers: no host-side views, which cost
+        two torch dispatches each on every call.)
     scale_ptr: float32 (1,), s = mean|W|; bias_ptr: (N,) any float dtype, read if HAS_BIAS.
     y_ptr: (M, N) in the output dtype, or int32 x_q . W_q^T itself if OUT_INT32 (a, s unused).
     SEGMENTS > 1: as many matrices of the same K and format in one launch (q / k / v, gate / up),
@@ -190,6 +192,10 @@ def _gemv_kernel(
     SC: tl.constexpr = 2 if P == 8 else 1
     m = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if LANES == 4:
+        w_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+        if not QUANTIZE_X:
+            x_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     x_row = x_ptr + m * stride_xm
 
     # Each row's matrix: its base pointer, local row, packed rows, outputs and first output column.
@@ -306,43 +312,41 @@ def gemv_cat(
     if not 1 <= len(packed) <= 3 or not len(packed) == len(ns) == len(scales):
         raise ValueError(f"gemv_cat takes 1 to 3 matrices with one n and one scale each, got {len(packed)}, "
                          f"{len(ns)}, {len(scales)}")
-    biases = biases or [None] * len(packed)
+    biases = list(biases) if biases else [None] * len(packed)
     if len({b is None for b in biases}) > 1:
         raise ValueError("gemv_cat needs a bias for every matrix or for none")
     quantize_x = x.is_floating_point()
     out_dtype = out_dtype or (x.dtype if quantize_x else None)
     m, k = x.shape
-    checked = [matmul_args(x, a, s, b, n, out_dtype, quantized_in_kernel=quantize_x)
-               for s, b, n in zip(scales, biases, ns)]
-    a = checked[0][0]
-    scales = [c[1] for c in checked]
+    scales = list(scales)
+    a, scales[0] = matmul_args(x, a, scales[0], biases[0], ns[0], out_dtype, quantized_in_kernel=quantize_x)
+    for j in range(1, len(packed)):  # the activations are checked once; the other matrices' own arguments
+        scales[j] = matmul_args(x, None, scales[j], biases[j], ns[j], out_dtype, quantized_in_kernel=True)[1]
     p = values_per_byte(fmt)
     packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
     # Words need 4-byte aligned rows; other K take the byte path. int8 activations are read as
     # words too (a fresh copy where their rows are not 4-byte aligned).
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
-    ws = [w.view(torch.int32) if lanes == 4 else w for w in packed]
-    grain = 16 * ws[0].element_size()  # where the second and third matrices start: in units of 16 elements
-    starts = [(w.data_ptr() - ws[0].data_ptr()) // grain for w in ws]
-    if any((w.data_ptr() - ws[0].data_ptr()) % grain for w in ws):  # not the caching allocator's (512-byte) blocks
+    grain = 16 * lanes  # where the second and third matrices start: in units of 16 units
+    base = packed[0].data_ptr()
+    starts = [(w.data_ptr() - base) // grain for w in packed]
+    if any((w.data_ptr() - base) % grain for w in packed):  # not the caching allocator's (512-byte) blocks
         return torch.cat([gemv_cat(x, [w], [n], fmt, [s], [b], a, out_dtype)
                           for w, n, s, b in zip(packed, ns, scales, biases)], 1)
-    if lanes == 4 and not quantize_x:
-        if x.storage_offset() % 4 or x.stride(0) % 4:
-            x = x.clone(memory_format=torch.contiguous_format)
-        x = x.view(torch.int32)
+    if lanes == 4 and not quantize_x and (x.storage_offset() % 4 or x.stride(0) % 4):
+        x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty(m, sum(ns), dtype=out_dtype, device=x.device)
-    rows = [w.shape[0] for w in ws]
-    seg = len(ws)
+    rows = [w.shape[0] for w in packed]
+    seg = len(packed)
     # Unused segments: the first one's pointers (never read) and no rows.
-    ws, scales, biases = (v + [v[0]] * (3 - seg) for v in (ws, scales, biases))
+    scales, biases = (v + [v[0]] * (3 - seg) for v in (scales, biases))
     rows, ns, starts = rows + [0] * (3 - seg), list(ns) + [0] * (3 - seg), starts + [0] * (3 - seg)
-    grid = lambda meta: (cdiv(sum(rows[:seg]), meta["BLOCK_R"]), m)  # noqa: E731
+    grid = lambda meta: (cdiv(rows[0] + rows[1] + rows[2], meta["BLOCK_R"]), m)  # noqa: E731
     if m > 0:
         _gemv_kernel[grid](
-            x, a, ws[0], scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2],
+            x, a, packed[0], scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2],
             ns[0], k, rows[0], ns[1], rows[1], ns[2], rows[2], starts[1], starts[2],
-            x.stride(0), ws[0].stride(0), y.stride(0),
+            x.stride(0) // (1 if quantize_x else lanes), packed[0].stride(0) // lanes, y.stride(0),
             P=p, QUANTIZE_X=quantize_x, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32,
             LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, SEGMENTS=seg,
             BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH,
