@@ -24,6 +24,8 @@ The Triton kernels run where conftest.py's `triton_device` says (the interpreter
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -277,3 +279,24 @@ def test_fused_layer_compiles_as_one_graph(triton_device):
     ops_in_graph = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert ops_in_graph.count(torch.ops.bitnet.rmsnorm_act_quant) == 4
     assert ops_in_graph.count(torch.ops.bitnet.packed_matmul_cat) == 4
+
+
+def test_host_overhead_benchmark_counts_eight_launches_a_decode_layer(tmp_path, triton_device):
+    """benchmarks/host_overhead.py on the tiny preset: a decode layer on the Triton path issues four
+    rmsnorm_act_quant and four GEMVs (q/k/v, o, gate/up, down), nothing else; the stubs come off."""
+    if triton_device != "cpu":
+        pytest.skip("stubs the kernels of a CPU (interpreter) run")
+    import importlib.util
+    import sys
+
+    from bitnet.kernels import gemv
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "host_overhead.py")
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    kernel = gemv._gemv_kernel
+    result = bench.measure(bench.HostArgs(preset="tiny", layers=2, iters=2, dtype="float32", out_dir=str(tmp_path)))
+    assert result["triton_launches"] == 8 and result["layer_us"] > 0 and result["torch_ops"] > 0
+    assert gemv._gemv_kernel is kernel
