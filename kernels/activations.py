@@ -112,16 +112,17 @@ def rows_of(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(x: torch.Tensor, launch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run a per-row quantization kernel: x (..., K) -> (x_q int8 (..., K), a float32 (..., 1),
-    xsum int32 (...)). launch(x2, x_q, a, xsum) gets x as (M, K) rows and the outputs to fill."""
+    xsum int32 (...)). launch(x2, x_q, a, xsum) gets x as (M, K) rows and the outputs to fill,
+    contiguous in their final shapes (x_q's row stride is K)."""
     x2 = rows_of(x)
-    m, k = x2.shape
-    x_q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    a = torch.empty(m, dtype=torch.float32, device=x.device)
-    xsum = torch.empty(m, dtype=torch.int32, device=x.device)
-    if m > 0:
-        launch(x2, x_q, a, xsum)
     lead = x.shape[:-1]
-    return x_q.reshape(*lead, k), a.reshape(*lead, 1), xsum.reshape(lead)
+    # made in their final shapes (contiguous: row m of x_q at m * K, a[m] and xsum[m] at m)
+    x_q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    a = torch.empty((*lead, 1), dtype=torch.float32, device=x.device)
+    xsum = torch.empty(lead, dtype=torch.int32, device=x.device)
+    if x2.shape[0] > 0:
+        launch(x2, x_q, a, xsum)
+    return x_q, a, xsum
 
 
 def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +131,7 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         raise ValueError(f"act_quant takes a float tensor, got {x.dtype}")
 
     def launch(x2, x_q, a, xsum):
-        _act_quant_kernel[(x2.shape[0],)](x2, x_q, a, xsum, x2.shape[1], x2.stride(0), x_q.stride(0), **LAUNCH)
+        _act_quant_kernel[(x2.shape[0],)](x2, x_q, a, xsum, x2.shape[1], x2.stride(0), x2.shape[1], **LAUNCH)
 
     return quantize_rows(x, launch)
 

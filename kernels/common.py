@@ -93,12 +93,13 @@ def matmul_args(
         return None, None
     if scale is None or scale.numel() != 1:
         raise ValueError("a scaled output needs the weight scale, a tensor of one element")
-    scale = scale.reshape(1).float()
+    if scale.dtype != torch.float32:  # (the kernels read element 0; no dispatch when it is as they want it)
+        scale = scale.reshape(1).float()
     if quantized_in_kernel:
         a = None
     elif a is None or a.numel() != x.shape[0]:
         raise ValueError(f"int8 activations need their scales a, {x.shape[0]} of them")
-    else:
+    elif a.dtype != torch.float32 or not a.is_contiguous():  # the kernels read a[m] at offset m
         a = a.reshape(-1).float().contiguous()
     return a, scale
 

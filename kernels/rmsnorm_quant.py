@@ -91,7 +91,7 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
     weight = weight.contiguous()
 
     def launch(x2, x_q, a, xsum):
-        _rmsnorm_act_quant_kernel[(x2.shape[0],)](x2, weight, x_q, a, xsum, x2.shape[1], eps, x2.stride(0), x_q.stride(0),
+        _rmsnorm_act_quant_kernel[(x2.shape[0],)](x2, weight, x_q, a, xsum, x2.shape[1], eps, x2.stride(0), x2.shape[1],
                                                   **LAUNCH)
 
     return quantize_rows(x, launch)
