@@ -60,7 +60,7 @@ class _CountOps(TorchDispatchMode):
 @contextlib.contextmanager
 def stubbed_launches():
     """Every Triton kernel of bitnet.kernels replaced by a launch counter (yields it), restored after."""
-    from bitnet.kernels import activations, gemm, gemv, layout, rmsnorm_quant
+    from bitnet.kernels import activations, gemm, gemv, layout, rmsnorm_quant, rope
 
     count = [0]
 
@@ -71,7 +71,8 @@ def stubbed_launches():
             return launch
 
     kernels = [(gemv, "_gemv_kernel"), (gemm, "_gemm_kernel"), (gemm, "_gemm_int8_kernel"),
-               (activations, "_act_quant_kernel"), (rmsnorm_quant, "_rmsnorm_act_quant_kernel"), (layout, "_unpack_kernel")]
+               (activations, "_act_quant_kernel"), (rmsnorm_quant, "_rmsnorm_act_quant_kernel"), (layout, "_unpack_kernel"),
+               (rope, "_rope_cache_kernel")]
     saved = [getattr(module, name) for module, name in kernels]
     try:
         for module, name in kernels:

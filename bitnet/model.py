@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .bitlinear import BitLinear, Int4Linear, Int8Linear, RMSNorm, frozen_projections, normed_projections
 from .config import BitNetConfig, matches_any
 from .kernels import cpu as native
-from .ops import choose_kernel, native_inference, rope
+from .ops import choose_kernel, native_inference, rope, rope_cache
 
 
 @dataclass
@@ -167,6 +167,10 @@ class KVCache(nn.Module):
         # input_pos (T,), k/v (B, n_kv, T, hd)
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.visible()
+
+    def visible(self):
+        """The keys and values attention reads: every slot, or the first `window.live`."""
         live = self.window.live
         if live is None:
             return self.k, self.v
@@ -193,13 +197,23 @@ class Attention(nn.Module):
         # x (B, T, C); norm: the input_layernorm to apply to it first (prenormed), or None
         B, T, _ = x.shape
         q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj, norm=norm)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)  # x * cos + rotate_half(x) * sin (bitnet.ops)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
+        cache = self.kv_cache if input_pos is not None else None
+        fused = None
+        if type(self.q_proj) is BitLinear and self.q_proj.frozen:  # packed inference (the bf16 twin stays vanilla)
+            fused = rope_cache(q, k, v, cos, sin, cache, input_pos, self.q_proj.kernel)  # one Triton launch, or None
+        if fused is not None:
+            q, k, v = fused  # (B, nh, T, hd); the cache (B, nkv, max_len, hd), or (B, nkv, T, hd)
+            if cache is not None:
+                k, v = cache.visible()
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)  # x * cos + rotate_half(x) * sin (bitnet.ops)
+            if cache is not None:
+                k, v = cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
         dtype = attention_dtype(q)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         gqa = self.n_head != self.n_kv
         if mask is None:

@@ -191,6 +191,26 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache=None, input_pos: torch.Tensor | None = None, kernel: str | None = None) -> tuple | None:
+    """The attention layer's RoPE and cache write in one Triton launch (bitnet.kernels.rope_cache):
+    q (B, T, nh, hd), k / v (B, T, nkv, hd) -> (q' (B, nh, T, hd), K, V) with K, V the cache's
+    tensors (k' and v written at input_pos) when `cache` (a KVCache) is given, else k', v; the
+    same numbers as rope() and KVCache.update. None where the Triton kernels are not the choice
+    (the CPU has its native rope) or autograd is recording: the caller then runs those."""
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    if choose_kernel(q, kernel) != "triton" or cos.dtype != q.dtype or sin.dtype != q.dtype or q.shape[-1] % 2:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    from .kernels import rope_cache as triton_rope_cache
+
+    if cache is None:
+        return triton_rope_cache(q, k, v, cos, sin)
+    return triton_rope_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos)
+
+
 def float_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for the float head of a packed model: a bf16 weight and few rows on the CPU (decode)
     stream the weight once through the native kernel, float32 sums; else F.linear."""

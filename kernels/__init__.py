@@ -12,6 +12,7 @@ Triton, one kernel strategy per file, each with its torch reference:
                       its decoding; a Triton unpack
     activations.py    act_quant: per-token absmax int8 activations, bit-identical to bitnet.quant
     rmsnorm_quant.py  RMSNorm fused with act_quant
+    rope.py           RoPE of q and k with the KV-cache write, one launch
     gemv.py           M = 1: dp4a GEMV with the activation quantization fused in
     gemm.py           M > 1: int8 tensor-core GEMM, split-K for small M
     custom_ops.py     the torch.library ops ("bitnet::...") and the dispatch by M
@@ -26,7 +27,7 @@ this package (a sibling module) does not import triton.
 """
 
 __all__ = ["act_quant", "bitlinear", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
-           "unpack_triton"]
+           "rope_cache", "unpack_triton"]
 
 
 def __getattr__(name: str):

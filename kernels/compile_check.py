@@ -26,6 +26,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
     _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32
     _unpack_kernel [unpack_triton]  format
+    _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32, or none; head
+                                    sizes 64, 96, 128
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
 
@@ -96,13 +98,13 @@ def _jit_functions() -> dict:
     """name -> the JITFunction of every kernel (under autotune: the function it wraps)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile guard compiles the kernels: run it without TRITON_INTERPRET=1")
-    from . import activations, gemm, gemv, layout, rmsnorm_quant
+    from . import activations, gemm, gemv, layout, rmsnorm_quant, rope
 
     kernels = {
         "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel, "_gemm_int8_kernel": gemm._gemm_int8_kernel,
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
-        "_unpack_kernel": layout._unpack_kernel,
+        "_unpack_kernel": layout._unpack_kernel, "_rope_cache_kernel": rope._rope_cache_kernel,
     }
     # an autotuned kernel is an Autotuner over the JITFunction (its .fn); a plain one is the JITFunction
     return {name: k.fn if hasattr(k, "configs") else k for name, k in kernels.items()}
@@ -211,6 +213,20 @@ def _rmsnorm_variants() -> list[Variant]:
     return out
 
 
+def _rope_variants() -> list[Variant]:
+    # rope.rope_cache launches with LAUNCH (4 warps); the cache may hold another dtype than q / k / v
+    out = []
+    for i, (dtype, cache_dtype, cached, hd) in enumerate([("bf16", "bf16", True, 128), ("bf16", "bf16", False, 128),
+                                                          ("fp16", "fp16", True, 64), ("fp32", "fp32", False, 64),
+                                                          ("bf16", "fp32", True, 96), ("fp32", "fp32", True, 128)]):
+        types = dict(q_ptr=TYPES[dtype], k_ptr=TYPES[dtype], v_ptr=TYPES[dtype], cos_ptr=TYPES[dtype], sin_ptr=TYPES[dtype],
+                     qo_ptr=TYPES[dtype], ko_ptr=TYPES[cache_dtype], vo_ptr=TYPES[cache_dtype],
+                     pos_ptr="*i64" if cached else TYPES[dtype])
+        consts = dict(HD=hd, CACHE=cached, BLOCK=1 << (hd - 1).bit_length())
+        out.append(Variant("_rope_cache_kernel", consts, types, aligned=i % 2 == 0))
+    return out
+
+
 def _unpack_variants() -> list[Variant]:
     # unpack_triton launches with Triton's default options (no LAUNCH): 4 warps, 3 stages, fusion on.
     return [Variant("_unpack_kernel", dict(P=p, BLOCK_R=16, BLOCK_K=64), dict(w_ptr="*u8", out_ptr="*i8"),
@@ -221,6 +237,7 @@ VARIANTS = {
     "_gemv_kernel": _gemv_variants, "_gemm_kernel": _gemm_variants, "_gemm_int8_kernel": _gemm_int8_variants,
     "_act_quant_kernel": _act_quant_variants,
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
+    "_rope_cache_kernel": _rope_variants,
 }
 
 

@@ -8,6 +8,8 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
     bitnet::packed_matmul_int32(x_q, packed, n, fmt)            x_q . W_q^T, int32, exact
     bitnet::act_quant(x)                                         (x_q int8, a float32 (..., 1), xsum int32 (...))
     bitnet::rmsnorm_act_quant(x, weight, eps)                    (x_q, a, xsum) of RMSNorm(x)
+    bitnet::rope(q, k, v, cos, sin)                              (q', k', v) as (B, heads, T, hd)
+    bitnet::rope_cache_(q, k, v, cos, sin, cache_k!, cache_v!, input_pos)   q'; k', v written to the cache
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
@@ -32,6 +34,7 @@ from .activations import act_quant as _act_quant, rows_of
 from .gemm import gemm
 from .gemv import gemv, gemv_cat
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
+from .rope import rope_cache as _rope_cache
 
 Tensor = torch.Tensor
 
@@ -149,6 +152,34 @@ def _(x, weight, eps):
     return _quantized_like(x)
 
 
+def _rope_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _rope_cache(q, k, v, cos, sin)
+
+
+_rope_op = torch.library.custom_op("bitnet::rope", _rope_impl, mutates_args=())
+
+
+@_rope_op.register_fake
+def _(q, k, v, cos, sin):
+    B, T, nh, hd = q.shape
+    nkv = k.shape[2]
+    return q.new_empty(B, nh, T, hd), q.new_empty(B, nkv, T, hd), v.new_empty(B, nkv, T, hd)
+
+
+def _rope_cache_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
+                     input_pos: Tensor) -> Tensor:
+    return _rope_cache(q, k, v, cos, sin, cache_k, cache_v, input_pos)[0]
+
+
+_rope_cache_op = torch.library.custom_op("bitnet::rope_cache_", _rope_cache_impl, mutates_args=("cache_k", "cache_v"))
+
+
+@_rope_cache_op.register_fake
+def _(q, k, v, cos, sin, cache_k, cache_v, input_pos):
+    B, T, nh, hd = q.shape
+    return q.new_empty(B, nh, T, hd)
+
+
 # The public functions: the ops where torch.compile (or torch.export) traces, their implementations
 # in eager code.
 _tracing = torch.compiler.is_compiling
@@ -197,3 +228,14 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5, with_sum: bo
     """act_quant(RMSNorm(x)) in one kernel (with_sum: also xsum, as act_quant)."""
     out = torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps) if _tracing() else _rmsnorm_act_quant_impl(x, weight, eps)
     return out if with_sum else out[:2]
+
+
+def rope_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor | None = None,
+               cache_v: Tensor | None = None, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """RoPE of q (B, T, nh, hd) and k (B, T, nkv, hd) and the cache write of k and v, one launch
+    (kernels/rope.py): (q' (B, nh, T, hd), K, V), K / V the caches when given (k', v written at
+    input_pos), else new (B, nkv, T, hd) tensors."""
+    if cache_k is None:
+        return torch.ops.bitnet.rope(q, k, v, cos, sin) if _tracing() else _rope_impl(q, k, v, cos, sin)
+    op = torch.ops.bitnet.rope_cache_ if _tracing() else _rope_cache_impl
+    return op(q, k, v, cos, sin, cache_k, cache_v, input_pos), cache_k, cache_v

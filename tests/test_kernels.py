@@ -279,6 +279,63 @@ def test_large_m_unpacked_gemm_is_exact_and_equals_the_fused_one(fmt, monkeypatc
     assert torch.equal(gemm(x_q[:2], packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q[:2], w_q))  # below
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd, per_row_cos", [(16, False), (24, True)])
+def test_rope_cache_equals_rope_and_index_copy(dtype, hd, per_row_cos, triton_device):
+    """RoPE of q and k and the cache write in one launch against bitnet.ops.rope's formula and
+    KVCache.update's index_copy: q / k / v as strided views of one projection output (GQA: 4 query,
+    2 key heads), cos / sin shared by the rows or per row, a head size that is not a power of two;
+    equal in float32, within one bf16 rounding per step in bf16 (the interpreter truncates where
+    torch rounds; on a GPU equal)."""
+    from bitnet.kernels.rope import reference_rope_cache, rope_cache
+
+    g = torch.Generator().manual_seed(hd)
+    B, T, nh, nkv, S = 2, 3, 4, 2, 8
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hd, generator=g).to(dtype).to(triton_device)
+    q = qkv[..., :nh * hd].view(B, T, nh, hd)
+    k = qkv[..., nh * hd:(nh + nkv) * hd].view(B, T, nkv, hd)
+    v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd)
+    angles = torch.randn(B if per_row_cos else 1, 1, T, hd, generator=g).to(triton_device)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    pos = torch.tensor([5, 1, 6], device=triton_device)
+    caches = [torch.zeros(B, nkv, S, hd, dtype=dtype, device=triton_device) for _ in range(4)]
+    got = rope_cache(q, k, v, cos, sin, caches[0], caches[1], pos)
+    ref = reference_rope_cache(q, k, v, cos, sin, caches[2], caches[3], pos)
+    got += rope_cache(q, k, v, cos, sin)
+    ref += reference_rope_cache(q, k, v, cos, sin)
+    # in bf16 under the interpreter: each of the three roundings (two products, the sum) off by under
+    # one bf16 ulp (2^-7 relative), so |error| < 2^-7 (|x cos| + |rotate_half(x) sin| + |result|) <= 2^-5 max|x|
+    bound = 2 ** -5 * qkv.abs().max().item()
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if dtype == torch.float32 or not INTERPRET:
+            assert torch.equal(a, b)
+        else:
+            assert (a.float() - b.float()).abs().max().item() <= bound
+    assert torch.equal(got[2], ref[2]) and torch.equal(got[5], ref[5])  # the values are copied, not computed
+    assert not caches[0][:, :, [0, 2, 3, 4, 7]].any()  # only the three slots written
+
+
+def test_packed_model_uses_the_fused_rope_and_the_twin_does_not(monkeypatch, triton_device):
+    from bitnet import BitNetConfig, BitNetForCausalLM, freeze
+    from bitnet.kernels import custom_ops
+
+    calls = []
+    real = custom_ops._rope_cache_impl
+    monkeypatch.setattr(custom_ops, "_rope_cache_impl", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    ids = torch.tensor([[3, 1, 4]], device=triton_device)
+    for linear, expected in (("bitnet", 2), ("bf16", 0)):
+        torch.manual_seed(0)
+        model = BitNetForCausalLM(BitNetConfig.from_preset("tiny", num_hidden_layers=2, linear=linear)).eval()
+        model = (freeze(model) if linear == "bitnet" else model).to(triton_device)
+        model.setup_cache(1, 8)
+        calls.clear()
+        with torch.no_grad():
+            model(ids, input_pos=torch.arange(3, device=triton_device))
+        assert len(calls) == expected  # one a layer, packed only
+
+
 def test_packed_matmul_cat_equals_each_packed_matmul(triton_device):
     """The op behind the model's q / k / v and gate / up: at M = 1 one GEMV launch, at M > 1 one
     GEMM per matrix written into its column block (split-K at K = 512 in the interpreter: its
@@ -379,6 +436,15 @@ def test_custom_ops_pass_opcheck(triton_device):
          (x_q[:1], a[:1], [packed, packed], [scale, scale], [None, torch.randn(N, device=triton_device)], [N, N],
           "1bit", torch.float32)),
         (torch.ops.bitnet.act_quant.default, (x,)),
+        (torch.ops.bitnet.rope.default, (x.view(1, 3, 5, 20)[:, :, :4], x.view(1, 3, 5, 20)[:, :, 4:],
+                                         x.view(1, 3, 5, 20)[:, :, 4:], torch.ones(1, 1, 3, 20, device=triton_device),
+                                         torch.zeros(1, 1, 3, 20, device=triton_device))),
+        (torch.ops.bitnet.rope_cache_.default, (x.view(1, 3, 5, 20)[:, :, :4], x.view(1, 3, 5, 20)[:, :, 4:],
+                                                x.view(1, 3, 5, 20)[:, :, 4:], torch.ones(1, 1, 3, 20, device=triton_device),
+                                                torch.zeros(1, 1, 3, 20, device=triton_device),
+                                                torch.zeros(1, 1, 6, 20, device=triton_device),
+                                                torch.zeros(1, 1, 6, 20, device=triton_device),
+                                                torch.tensor([0, 2, 4], device=triton_device))),
         (torch.ops.bitnet.rmsnorm_act_quant.default, (x, torch.rand(100, device=triton_device), 1e-5)),
     ]
     for op, args in cases:
