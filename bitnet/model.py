@@ -235,10 +235,16 @@ class MLP(nn.Module):
         self.down_proj = make_linear(config, f"{prefix}.down_proj", i, h, bias)
         self.ffn_sub_norm = RMSNorm(i, config.rms_norm_eps) if config.sub_norms else None
         self.act = _activation(config.hidden_act)
+        self.relu2 = config.hidden_act == "relu2"
 
     def forward(self, x, norm=None):
         # x (B, T, C); norm: the post_attention_layernorm to apply to it first (prenormed), or None
         gate, up = projections(x, self.gate_proj, self.up_proj, norm=norm)
+        if self.relu2 and self.ffn_sub_norm is not None:
+            # relu(gate)^2 * up folded into the sub norm's quantization on the Triton kernels
+            out = normed_projections(gate, self.ffn_sub_norm, [self.down_proj], up=up)
+            if out is not None:
+                return out[0]
         return projections(self.act(gate) * up, self.down_proj, norm=self.ffn_sub_norm)[0]
 
 

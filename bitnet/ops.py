@@ -111,11 +111,12 @@ def bitlinear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[tor
 
 def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, packed: list[torch.Tensor],
                             scales: list[torch.Tensor], ns: list[int], fmt: str, biases: list[torch.Tensor | None],
-                            kernel: str | None = None) -> list[torch.Tensor] | None:
+                            kernel: str | None = None, up: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """bitlinear_many(rms_norm(x, weight, eps), ...) with the RMSNorm fused into the activation
     quantization on the Triton kernels: one rmsnorm_act_quant, then one packed_matmul_cat (the
     normalized activations never reach memory). None on the other backends: the caller then runs
-    the norm, then bitlinear_many. weight must have x's dtype (the outputs do too).
+    the norm, then bitlinear_many. weight must have x's dtype (the outputs do too). With up (x's
+    shape and dtype), the norm's input is relu(x)^2 * up, each step rounded as torch rounds it.
 
     Not bit-identical to the unfused path: the kernel sums the squares in another order than torch
     (or the native rms_norm), so a normalized value may differ by an ulp; then a (127 / its row's
@@ -125,7 +126,7 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
         return None
     from .kernels import rmsnorm_act_quant
 
-    return _packed_many(*rmsnorm_act_quant(x, weight, eps, with_sum=True), packed, scales, ns, fmt, biases, x.dtype)
+    return _packed_many(*rmsnorm_act_quant(x, weight, eps, with_sum=True, up=up), packed, scales, ns, fmt, biases, x.dtype)
 
 
 def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype) -> list[torch.Tensor]:

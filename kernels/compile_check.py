@@ -24,7 +24,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _gemm_int8_kernel [gemm.gemm,   INT8_CONFIGS (the unpacked weights' GEMM, M >= UNPACK_M); y
       M >= UNPACK_M]                fp32/bf16/fp16 with bias or not, or int32
     _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
-    _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32
+    _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32; the relu2
+                                    gate (GATED) or not
     _unpack_kernel [unpack_triton]  format
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32, or none; head
                                     sizes 64, 96, 128
@@ -204,12 +205,13 @@ def _act_quant_variants() -> list[Variant]:
 def _rmsnorm_variants() -> list[Variant]:
     from .activations import CONFIGS
 
-    dtypes = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32")]
+    dtypes = [("fp32", "fp32", False), ("bf16", "bf16", True), ("fp16", "fp16", False), ("bf16", "fp32", False),
+              ("fp16", "fp32", True), ("bf16", "bf16", False), ("fp32", "fp32", True)]
     out = []
-    for i, (cfg, (x, w)) in enumerate(_round_robin(CONFIGS, dtypes)):
-        types = dict(x_ptr=TYPES[x], w_ptr=TYPES[w], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", eps="fp32")
-        out.append(Variant("_rmsnorm_act_quant_kernel", dict(cfg.kwargs), types, cfg.num_warps, cfg.num_stages,
-                           aligned=i % 2 == 0))
+    for i, (cfg, (x, w, gated)) in enumerate(_round_robin(CONFIGS, dtypes)):
+        types = dict(x_ptr=TYPES[x], u_ptr=TYPES[x], w_ptr=TYPES[w], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", eps="fp32")
+        out.append(Variant("_rmsnorm_act_quant_kernel", dict(GATED=gated, **cfg.kwargs), types, cfg.num_warps,
+                           cfg.num_stages, aligned=i % 2 == 0))
     return out
 
 

@@ -7,7 +7,8 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
                                                                  several matrices of one input: y (..., sum(ns))
     bitnet::packed_matmul_int32(x_q, packed, n, fmt)            x_q . W_q^T, int32, exact
     bitnet::act_quant(x)                                         (x_q int8, a float32 (..., 1), xsum int32 (...))
-    bitnet::rmsnorm_act_quant(x, weight, eps)                    (x_q, a, xsum) of RMSNorm(x)
+    bitnet::rmsnorm_act_quant(x, weight, eps, up?)               (x_q, a, xsum) of RMSNorm(x), or of
+                                                                 RMSNorm(relu(x)^2 * up)
     bitnet::rope(q, k, v, cos, sin)                              (q', k', v) as (B, heads, T, hd)
     bitnet::rope_cache_(q, k, v, cos, sin, cache_k!, cache_v!, input_pos)   q'; k', v written to the cache
 
@@ -140,15 +141,15 @@ def _(x):
     return _quantized_like(x)
 
 
-def _rmsnorm_act_quant_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _rmsnorm_act_quant(x, weight, eps)
+def _rmsnorm_act_quant_impl(x: Tensor, weight: Tensor, eps: float, up: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _rmsnorm_act_quant(x, weight, eps, up)
 
 
 _rmsnorm_act_quant_op = torch.library.custom_op("bitnet::rmsnorm_act_quant", _rmsnorm_act_quant_impl, mutates_args=())
 
 
 @_rmsnorm_act_quant_op.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, up=None):
     return _quantized_like(x)
 
 
@@ -224,9 +225,12 @@ def act_quant(x: Tensor, with_sum: bool = False) -> tuple[Tensor, ...]:
     return out if with_sum else out[:2]
 
 
-def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5, with_sum: bool = False) -> tuple[Tensor, ...]:
-    """act_quant(RMSNorm(x)) in one kernel (with_sum: also xsum, as act_quant)."""
-    out = torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps) if _tracing() else _rmsnorm_act_quant_impl(x, weight, eps)
+def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5, with_sum: bool = False,
+                      up: Tensor | None = None) -> tuple[Tensor, ...]:
+    """act_quant(RMSNorm(x)) in one kernel (with_sum: also xsum, as act_quant); with up,
+    act_quant(RMSNorm(relu(x)^2 * up)), the relu2 MLP's activation folded in."""
+    op = torch.ops.bitnet.rmsnorm_act_quant if _tracing() else _rmsnorm_act_quant_impl
+    out = op(x, weight, eps, up)
     return out if with_sum else out[:2]
 
 

@@ -26,44 +26,61 @@ import triton.language as tl
 
 from bitnet.quant import quantize_activation, rms_norm
 
-from .activations import CONFIGS, activation_scale, quantize, quantize_rows
+from .activations import CONFIGS, activation_scale, quantize, quantize_rows, rows_of
 from .common import LAUNCH, autotune
 
 
 @triton.jit
-def _normed(x_row, w_ptr, offs, mask, rstd):
-    """h at offs, as float32, rounded as torch rounds it (x's dtype, then the product's)."""
+def _input(x_row, u_row, offs, mask, GATED: tl.constexpr):
+    """The norm's input at offs as float32 holding values of x's dtype: x itself, or with GATED
+    relu(x)^2 * u (x the gate, u the up projection), rounded to x's dtype after the square and
+    after the product, as torch's F.relu(gate).square() * up rounds them."""
     x = tl.load(x_row + offs, mask=mask, other=0.0)
+    if GATED:
+        u = tl.load(u_row + offs, mask=mask, other=0.0)
+        r = tl.maximum(x.to(tl.float32), 0.0)
+        sq = (r * r).to(x.dtype).to(tl.float32)
+        return (sq * u.to(tl.float32)).to(x.dtype).to(tl.float32)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _normed(v, w_ptr, offs, mask, rstd, DT: tl.constexpr):
+    """h at offs from the norm's input v (float32 holding DT values), as float32, rounded as torch
+    rounds it (DT, then the product's)."""
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    h = w.to(tl.float32) * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)  # exact in float32
-    if w.dtype == x.dtype:
-        h = h.to(x.dtype).to(tl.float32)  # torch: bf16 * bf16 is a bf16; mixed dtypes give float32
+    h = w.to(tl.float32) * (v * rstd).to(DT).to(tl.float32)  # exact in float32
+    if w.dtype == DT:
+        h = h.to(DT).to(tl.float32)  # torch: bf16 * bf16 is a bf16; mixed dtypes give float32
     return h
 
 
-@autotune(CONFIGS, key=["K"], interpret_config=triton.Config({"BLOCK_K": 64}))
+@autotune(CONFIGS, key=["K", "GATED"], interpret_config=triton.Config({"BLOCK_K": 64}))
 @triton.jit
 def _rmsnorm_act_quant_kernel(
     # pointers
-    x_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr,
+    x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr,
     # sizes
     K, eps,
     # strides
-    stride_xm, stride_qm,
+    stride_xm, stride_um, stride_qm,
     # constexpr
-    BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per row m.
 
     x_ptr: (M, K) float, unit stride along K; w_ptr: (K,) float, the RMSNorm weight.
+    u_ptr: (M, K) of x's dtype, read if GATED: the norm's input is then relu(x)^2 * u (_input).
     xq_ptr: int8 (M, K); a_ptr: float32 (M,); xsum_ptr: int32 (M,) = sum_k x_q[m, k].
     """
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     m = tl.program_id(0)
     x_row = x_ptr + m * stride_xm
+    u_row = u_ptr + m * stride_um if GATED else u_ptr
     sq = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        x = _input(x_row, u_row, offs, offs < K, GATED)
         sq += x * x
     mean = tl.math.div_rn(tl.sum(sq, 0), K.to(tl.float32))
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))  # torch.rsqrt is 1 / sqrt on CPU
@@ -71,34 +88,44 @@ def _rmsnorm_act_quant_kernel(
     amax = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, offs, offs < K, rstd)))
+        amax = tl.maximum(amax, tl.abs(_normed(_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K,
+                                               rstd, DT)))
     a = activation_scale(tl.max(amax, 0))
 
     xsum = tl.zeros([BLOCK_K], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        q = quantize(_normed(x_row, w_ptr, offs, offs < K, rstd), a)
+        q = quantize(_normed(_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K, rstd, DT), a)
         tl.store(xq_ptr + m * stride_qm + offs, q.to(tl.int8), mask=offs < K)
         xsum += q
     tl.store(a_ptr + m, a)
     tl.store(xsum_ptr + m, tl.sum(xsum, 0))
 
 
-def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., K) -> (x_q int8 (..., K), a float32 (..., 1), xsum int32 (...)) of RMSNorm(x)."""
+def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (x_q int8 (..., K), a float32 (..., 1), xsum int32 (...)) of RMSNorm(x), or with
+    `up` (x's shape and dtype) of RMSNorm(relu(x)^2 * up): the gated MLP's activation folded in
+    (x the gate projection's output; BitNet b1.58's relu2 MLP before its ffn_sub_norm)."""
     if tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
+        raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype}, got {tuple(up.shape)} {up.dtype}")
     weight = weight.contiguous()
+    up2 = rows_of(up) if up is not None else None
 
     def launch(x2, x_q, a, xsum):
-        _rmsnorm_act_quant_kernel[(x2.shape[0],)](x2, weight, x_q, a, xsum, x2.shape[1], eps, x2.stride(0), x2.shape[1],
-                                                  **LAUNCH)
+        u, stride_u = (up2, up2.stride(0)) if up2 is not None else (x2, 0)
+        _rmsnorm_act_quant_kernel[(x2.shape[0],)](x2, u, weight, x_q, a, xsum, x2.shape[1], eps, x2.stride(0), stride_u,
+                                                  x2.shape[1], GATED=up2 is not None, **LAUNCH)
 
     return quantize_rows(x, launch)
 
 
-def reference_rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                                up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch reference: bitnet.quant.rms_norm (what bitnet.RMSNorm computes), then
-    bitnet.quant.quantize_activation."""
+    bitnet.quant.quantize_activation; with up, of F.relu(x).square() * up (the relu2 MLP)."""
     with torch.no_grad():
-        return quantize_activation(rms_norm(x, weight.to(x.device), eps))
+        h = x if up is None else torch.nn.functional.relu(x).square() * up
+        return quantize_activation(rms_norm(h, weight.to(x.device), eps))

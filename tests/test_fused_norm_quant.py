@@ -128,7 +128,8 @@ def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton
     def spy(x, weight, eps, *args, **kw):
         out = real(x, weight, eps, *args, **kw)
         if out is not None:  # None: not the Triton path, the norm runs unfused
-            fused.append((x.detach().clone(), weight, eps))
+            up = args[6] if len(args) > 6 else kw.get("up")  # the relu2 MLP's up (its norm's input: relu(x)^2 * up)
+            fused.append((x.detach().clone(), weight, eps, None if up is None else up.detach().clone()))
         return out
 
     monkeypatch.setattr(ops, "rms_norm_bitlinear_many", spy)
@@ -154,8 +155,8 @@ def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton
     assert tokens == ref_tokens
 
     # The wiring, bit for bit: the torch path fed the fused kernel's (x_q, a) gives the same logits.
-    def torch_from_fused_quant(x, weight, eps, packed, scales, ns, fmt, biases, kernel=None):
-        x_q, a = kernels.rmsnorm_act_quant(x, weight, eps)
+    def torch_from_fused_quant(x, weight, eps, packed, scales, ns, fmt, biases, kernel=None, up=None):
+        x_q, a = kernels.rmsnorm_act_quant(x, weight, eps, up=up)
         rows, lead = x_q.reshape(-1, x.shape[-1]), x.shape[:-1]
         return [reference_gemm(rows, p, n, fmt, s, a, b, x.dtype).reshape(*lead, n)
                 for p, s, n, b in zip(packed, scales, ns, biases)]
@@ -166,9 +167,10 @@ def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton
 
     # Against the torch path: what the fusion changed in (x_q, a) sets the tolerance.
     flips = changed_scales = 0
-    for x, weight, eps in fused:
-        x_q, a = (t.cpu() for t in kernels.rmsnorm_act_quant(x, weight, eps))
-        r_q, r_a = (t.cpu() for t in quantize_activation(ops.rms_norm(x, weight, eps)))
+    for x, weight, eps, up in fused:
+        x_q, a = (t.cpu() for t in kernels.rmsnorm_act_quant(x, weight, eps, up=up))
+        h = x if up is None else torch.nn.functional.relu(x).square() * up
+        r_q, r_a = (t.cpu() for t in quantize_activation(ops.rms_norm(h, weight, eps)))
         flips += int((x_q != r_q).sum())
         changed_scales += int((a != r_a).sum())
     tol = 1e-5 if flips == 0 else 1e-2 * float(ref.abs().max())
@@ -190,6 +192,23 @@ def test_fused_path_is_taken_on_the_triton_kernels(monkeypatch, triton_device):
     # the four norms fused, the projections of each fed its (x_q, a) together (q / k / v, o, gate / up,
     # down): 4 + 4 calls, no bitnet::bitlinear
     assert calls == {"rmsnorm_act_quant": 4, "act_quant": 0, "packed_matmul": 0, "packed_matmul_cat": 4, "bitlinear": 0}
+
+
+def test_relu2_gate_is_folded_into_the_sub_norm(monkeypatch, triton_device):
+    """The MLP's relu(gate)^2 * up goes into ffn_sub_norm's kernel (up passed), once a layer; with a
+    hook on down_proj it runs in torch and the norm is not fused at all."""
+    model = tiny(layers=2).to(triton_device)
+    assert model.config.hidden_act == "relu2" and model.config.sub_norms
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    gated = []
+    real = kernels.rmsnorm_act_quant
+    monkeypatch.setattr(kernels, "rmsnorm_act_quant", lambda *a, up=None, **kw: gated.append(up is not None) or real(*a, up=up, **kw))
+    one_forward(model, triton_device)
+    assert sorted(gated) == [False] * 6 + [True] * 2
+    gated.clear()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: None)
+    one_forward(model, triton_device)
+    assert sorted(gated) == [False] * 6 + [True]
 
 
 @pytest.mark.parametrize("hooked, expected", [
@@ -250,7 +269,7 @@ def test_native_cpu_path_is_the_unfused_one(monkeypatch):
     new = logits()
     assert calls == dict.fromkeys(KERNEL_OPS, 0)
     monkeypatch.setattr(bm, "prenormed", lambda block, norm, x, *args: block(norm(x), *args))
-    monkeypatch.setattr(bm, "normed_projections", lambda x, norm, layers: None)
+    monkeypatch.setattr(bm, "normed_projections", lambda x, norm, layers, up=None: None)
     for got, ref in zip(new, logits()):
         assert torch.equal(got, ref)
 

@@ -125,6 +125,23 @@ def test_fused_rmsnorm_act_quant_bf16_dequantizes_to_rmsnorm(triton_device):
     assert ((x_q.float() / a - h).abs() <= 0.5 / a + 2**-5 * h.abs()).all()
 
 
+def test_fused_rmsnorm_act_quant_with_the_relu2_gate(triton_device):
+    """up given: the norm's input is relu(gate)^2 * up, rounded as torch rounds it (the relu2 MLP's
+    activation before its ffn_sub_norm), against the reference on F.relu(gate).square() * up; as
+    close as the plain fused norm is to its reference; the row sums are x_q's."""
+    gate, up = random_activations(17, 100, seed=4)[1:], random_activations(17, 100, seed=5)[1:]
+    weight = torch.rand(100) + 0.5
+    x_q, a, xsum = (t.cpu() for t in kernels.rmsnorm_act_quant(gate.to(triton_device), weight.to(triton_device), 1e-5,
+                                                              with_sum=True, up=up.to(triton_device)))
+    r_q, r_a = reference_rmsnorm_act_quant(gate, weight, 1e-5, up=up)
+    torch.testing.assert_close(a, r_a, rtol=1e-6, atol=0)
+    diff = (x_q.int() - r_q.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    assert torch.equal(xsum, x_q.int().sum(-1))
+    plain = kernels.rmsnorm_act_quant(gate.to(triton_device), weight.to(triton_device), 1e-5)[0].cpu()
+    assert not torch.equal(plain, x_q)  # the gate is applied, not ignored
+
+
 # ----------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_unpack_equals_torch_unpack_on_every_byte(fmt, triton_device):
