@@ -130,17 +130,7 @@ def time_cuda(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if flush is not None:
-            flush()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _median_between_events(fn, iters, flush)
 
 
 def time_cuda_graph(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush: L2Flusher | None = None) -> float:
@@ -163,17 +153,21 @@ def time_cuda_graph(fn: Callable[[], object], warmup: int = 10, iters: int = 50,
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
+    return _median_between_events(graph.replay, iters, flush)
+
+
+def _median_between_events(launch: Callable[[], object], iters: int, flush: L2Flusher | None) -> float:
+    """Median milliseconds between CUDA events recorded around launch(), the L2 flushed before each."""
     times = []
     for _ in range(iters):
         if flush is not None:
             flush()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        launch()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    del graph
     return statistics.median(times)
 
 

@@ -71,6 +71,17 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in pool if not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
 
 
+@triton.jit
+def grouped_tile(num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program_id(0) in grouped order: GROUP_M row tiles walk the
+    column (weight) tiles together, so that programs sharing weight tiles run together (L2 reuse)."""
+    pid = tl.program_id(0)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_n)) % group_size, (pid % (GROUP_M * num_n)) // group_size
+
+
 @autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K"], prune=_prune,
           interpret_config=INTERPRET_CONFIG)
 @triton.jit
@@ -102,15 +113,7 @@ def _gemm_kernel(
     BLOCK_R: tl.constexpr = BLOCK_N // PA
     BLOCK_U: tl.constexpr = BLOCK_K // LANES
 
-    # Grouped order: GROUP_M row-tiles walk the weight column-tiles together (L2 reuse).
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_r = tl.cdiv(R, BLOCK_R)
-    group = pid // (GROUP_M * num_r)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_r)) % group_size
-    pid_r = (pid % (GROUP_M * num_r)) // group_size
+    pid_m, pid_r = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(R, BLOCK_R), GROUP_M)
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_lo = tl.program_id(1) * steps * BLOCK_K
     k_hi = min(K, k_lo + steps * BLOCK_K)
@@ -149,7 +152,7 @@ def _gemm_kernel(
         if PB > 0:
             tl.atomic_add(ws_ptr + offs_b, acc_b, mask=mask_b)
         tl.debug_barrier()  # every thread's adds are issued before the tile counts as arrived
-        last = tl.atomic_add(count_ptr + pid, 1) == SPLIT_K - 1
+        last = tl.atomic_add(count_ptr + tl.program_id(0), 1) == SPLIT_K - 1
     if last:
         if SPLIT_K > 1:
             # Read the sums and leave the workspace and counter zero again: the autotuner reruns
@@ -159,7 +162,7 @@ def _gemm_kernel(
             if PB > 0:
                 acc_b = tl.load(ws_ptr + offs_b, mask=mask_b, other=0, cache_modifier=".cg")
                 tl.store(ws_ptr + offs_b, tl.zeros_like(acc_b), mask=mask_b)
-            tl.store(count_ptr + pid, 0)
+            tl.store(count_ptr + tl.program_id(0), 0)
         xsum = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0)[:, None]
         if OUT_INT32:
             factor = 0.0
@@ -197,14 +200,7 @@ def _gemm_int8_kernel(
     scale_ptr, bias_ptr, y_ptr as in _gemm_kernel. Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
     programs, grouped by GROUP_M along M.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
