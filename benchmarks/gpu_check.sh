@@ -6,9 +6,13 @@
 #
 # For the bare machine a session is lent (README of the device tool): run in the repository root
 # with `.whl` (the gguf and gemlite wheels) and `.peers` (bitnet.cpp's gpu/ sources) carried, both
-# made here by `python benchmarks/peer_gpu_kernels.py --prepare --bitnet-git <microsoft/BitNet git
-# dir>`, in calls of at most 6 minutes, so that two fit the 15 minutes of device time a session
-# has, each machine start included:
+# git-ignored (`/.whl/` and `/.peers/` in .git/info/exclude) and made on the session's machine first:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform any -d .whl gguf==0.19.0
+#   python benchmarks/peer_gpu_kernels.py --prepare --bitnet-git <git dir of microsoft/BitNet>
+#       (the `fetch` tool's github:microsoft/BitNet gives one under /work/.mirror/)
+# in calls of at most 6 minutes, so that two fit the 15 minutes of device time a session has, each
+# machine start included:
 #   call 1 (issue 26, the default stages):  bash benchmarks/gpu_check.sh
 #   call 2 (issue 27, speed beside the GPU peers; the machine may be a fresh one, keep install):
 #     bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
