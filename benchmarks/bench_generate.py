@@ -79,6 +79,8 @@ class Args:
     prefill_len: int | None = arg(None, help="tokens of a separate, longer prefill timing (default: 512 on a GPU, 128 on a CPU)")
     new_tokens: int | None = arg(None, help="tokens generated per sequence (default: 128 on a GPU, 32 on a CPU)")
     compile: bool | None = arg(None, help="compile the decode step (default: on a GPU only)")
+    cuda_graph: bool = arg(False, help="GPU: record the eager decode step as a CUDA graph and replay it (no compiler; "
+                           "instead of --compile)")
     warmup: int = arg(2, help="untimed runs first (compiling happens here)")
     iters: int = arg(5, help="timed runs; the median is reported")
     rounds: int | None = arg(None, help="rounds over all the models, in alternating order; medians over rounds, ratios "
@@ -95,7 +97,8 @@ class Args:
             models=self.models or (GPU_MODELS if gpu else CPU_MODELS), batch=self.batch or ([1, 8] if gpu else [1]),
             prompt_len=self.prompt_len or (128 if gpu else 16), new_tokens=self.new_tokens or (128 if gpu else 32),
             prefill_len=self.prefill_len or (512 if gpu else 128),
-            compile=gpu if self.compile is None else self.compile, name=self.name or f"generate_{'cuda' if gpu else 'cpu'}",
+            compile=(gpu and not self.cuda_graph) if self.compile is None else self.compile,
+            name=self.name or f"generate_{'cuda' if gpu else 'cpu'}",
             rounds=self.rounds or (1 if gpu else 3))
 
 
@@ -134,7 +137,7 @@ def measure(args: Args, key: str) -> dict:
             torch.cuda.reset_peak_memory_stats()
 
         def run(n: int) -> torch.Tensor:
-            return generate(model, prompt, n, compile=args.compile)
+            return generate(model, prompt, n, compile=args.compile, cuda_graph=args.cuda_graph)
 
         def timed(fn) -> float:
             if cuda:
@@ -149,7 +152,7 @@ def measure(args: Args, key: str) -> dict:
         TL = args.prefill_len
         long_prompt = torch.randint(0, config.vocab_size, (B, TL), device=device, generator=torch.Generator(device).manual_seed(B))
         model.setup_cache(B, TL + 1)
-        long_ms = timed(lambda: generate(model, long_prompt, 1, compile=args.compile))
+        long_ms = timed(lambda: generate(model, long_prompt, 1, compile=args.compile, cuda_graph=args.cuda_graph))
         rows.append({
             "model": key, "linear": linear, "batch": B, "prompt_len": T, "new_tokens": N,
             "prefill_long_len": TL, "prefill_long_ms": long_ms, "prefill_long_tok_s": B * TL / long_ms * 1e3,
@@ -243,7 +246,8 @@ def report(args: Args, results: dict[str, dict], rounds: list[dict[str, dict]] |
         f"# Generation, packed BitNet vs its twin: preset `{args.preset}` on {env['device']}",
         "",
         f"CPU flags {', '.join(env['cpu_flags'])}; {env['cpu_threads']} threads; load average at the end {env['loadavg']}. "
-        f"Prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, compile={args.compile}; "
+        f"Prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, compile={args.compile}, "
+        f"cuda_graph={args.cuda_graph}; "
         f"a separate prefill of {args.prefill_len} tokens; median of {args.iters} runs; {rounds_note}. Memory: {memory}.",
         "",
         table(rows, [("label", "model", ""), ("batch", "batch", ""), ("prefill_tok_s", f"prefill tok/s ({args.prompt_len})", ".0f"),

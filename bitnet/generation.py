@@ -94,6 +94,45 @@ def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, position_i
     return out.logits[:, -1]
 
 
+class CapturedDecodeStep:
+    """decode_step recorded once as a CUDA graph and replayed for every token: the whole step (every
+    layer's kernels) issued by one call, without torch.compile. Each call copies its arguments into
+    the graph's input tensors and returns the graph's logits tensor (overwritten by the next call).
+
+    Kept on the model for its KV cache (`captured_step`): the graph reads and writes that cache's
+    memory, so a new cache (setup_cache, clear_cache) means a new recording. Recording runs one
+    step eagerly first (on a side stream, as torch.cuda.graphs advises; the Triton kernels tune
+    there): it writes the first token's key and value at their slot, as the first replay then does."""
+
+    def __init__(self, model, tokens, input_pos, position_ids, key_mask):
+        self.inputs = [t.clone() for t in (tokens, input_pos, position_ids, key_mask)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            decode_step(model, *self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, *self.inputs)
+
+    def __call__(self, model, tokens, input_pos, position_ids, key_mask) -> torch.Tensor:
+        for static, value in zip(self.inputs, (tokens, input_pos, position_ids, key_mask)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.logits
+
+
+def captured_step(model, tokens, input_pos, position_ids, key_mask) -> CapturedDecodeStep:
+    """The model's recorded decode step for its current cache and these shapes, recorded now if
+    there is none (bitnet.model's setup_cache / clear_cache drop the old one)."""
+    cache = model.model.layers[0].self_attn.kv_cache
+    key = (id(cache), tuple(tokens.shape), tuple(key_mask.shape), key_mask.dtype)
+    held = getattr(model, "_captured_step", None)
+    if held is None or held[0] != key:
+        model._captured_step = held = (key, CapturedDecodeStep(model, tokens, input_pos, position_ids, key_mask))
+    return held[1]
+
+
 @functools.cache
 def compiled_decode_step(device_type: str) -> Callable:
     """decode_step under torch.compile: CUDA graphs on CUDA ("reduce-overhead"), inductor elsewhere.
@@ -197,6 +236,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     compile: bool = False,
+    cuda_graph: bool = False,
     eos_check_every: int = 8,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -208,8 +248,10 @@ def generate(
     probability mass >= top_p, with `generator` for reproducibility. eos_token_id (an id or a
     list; None: no stopping) ends a sequence, which then emits pad_token_id (default
     config.pad_token_id, else the first EOS id); generation stops when every sequence has ended.
-    compile: run the decode step under torch.compile (CUDA graphs on CUDA). on_token(ids (B,))
-    is called with each step's tokens (reading them syncs, fine for streaming).
+    compile: run the decode step under torch.compile (CUDA graphs on CUDA). cuda_graph (CUDA
+    only): record the eager decode step as a CUDA graph once (CapturedDecodeStep: no compiler, the
+    recording costs about one step) and replay it for every token. on_token(ids (B,)) is called
+    with each step's tokens (reading them syncs, fine for streaming).
 
     The KV cache: if the caller has set one up (model.setup_cache) that fits this batch and
     length, it is used and kept (repeated calls reuse its memory, and CUDA graphs their
@@ -222,6 +264,9 @@ def generate(
     B, T = input_ids.shape
     device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
     input_ids, mask = input_ids.to(device), mask.to(device)
+    if cuda_graph and (device.type != "cuda" or compile):
+        raise ValueError(f"cuda_graph records CUDA graphs of the eager step: it needs a CUDA model and not compile "
+                         f"(got {device.type}, compile={compile})")
     eos = _token_ids(eos_token_id, "eos_token_id") if eos_token_id is not None else []
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
@@ -238,7 +283,7 @@ def generate(
         key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # slots after the prompt hold generated tokens
         key_mask[:, :T] = mask
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
-        step = compiled_decode_step(device.type) if compile else decode_step
+        step = compiled_decode_step(device.type) if compile else captured_step if cuda_graph else decode_step
         cuda_graphs = compile and device.type == "cuda"
 
         out = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -267,6 +312,8 @@ def generate(
                 break
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
+            if cuda_graph:
+                step = captured_step(model, tokens[:, None], input_pos, next_position, key_mask)
             logits = step(model, tokens[:, None], input_pos, next_position, key_mask)
             input_pos = input_pos + 1
             next_position = next_position + 1

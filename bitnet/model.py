@@ -460,6 +460,7 @@ class BitNetForCausalLM(nn.Module):
             raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings {self.config.max_position_embeddings}")
         ref = self.model.embed_tokens.weight
         window = CacheWindow()
+        self._captured_step = None  # a recorded decode step (bitnet.generation) holds the old cache
         for layer in self.model.layers:
             a = layer.self_attn
             a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim,
@@ -477,3 +478,4 @@ class BitNetForCausalLM(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
+        self._captured_step = None  # a recorded decode step (bitnet.generation) holds the old cache

@@ -298,6 +298,32 @@ def test_compiled_generate_equals_eager():
                        generate(model, ids, 10, attention_mask=mask))
 
 
+def test_cuda_graph_needs_a_cuda_model_and_no_compile():
+    model = tiny()
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate(model, torch.tensor([PROMPTS[0]]), 4, cuda_graph=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_generate_equals_eager(dtype):
+    """The eager decode step recorded once and replayed: the same tokens as eager, batch with
+    padding; the recording is reused for the model's held cache and dropped with it."""
+    model = tiny(dtype=dtype).to("cuda")
+    ids, mask = left_pad(PROMPTS)
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = generate(model, ids, 12, attention_mask=mask)
+    assert torch.equal(generate(model, ids, 12, attention_mask=mask, cuda_graph=True), eager)
+    model.setup_cache(ids.shape[0], 64)
+    first = generate(model, ids, 12, attention_mask=mask, cuda_graph=True)
+    held = model._captured_step
+    assert torch.equal(first, eager) and held is not None
+    assert torch.equal(generate(model, ids, 12, attention_mask=mask, cuda_graph=True), eager)
+    assert model._captured_step is held  # replayed, not recorded again
+    model.clear_cache()
+    assert model._captured_step is None
+
+
 # ----------------------------------------------------------------------------- `bitnet generate`
 def checkpoint_with_tokenizer(path, tokenizer, **kw):
     model = tiny(vocab_size=tokenizer.get_vocab_size(), **kw)
