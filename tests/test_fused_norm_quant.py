@@ -320,3 +320,28 @@ def test_host_overhead_benchmark_counts_nine_launches_a_decode_layer(tmp_path, t
     result = bench.measure(bench.HostArgs(preset="tiny", layers=2, iters=2, dtype="float32", out_dir=str(tmp_path)))
     assert result["triton_launches"] == 9 and result["layer_us"] > 0 and result["torch_ops"] > 0
     assert gemv._gemv_kernel is kernel
+
+
+def test_compiled_decode_step_on_the_triton_path_equals_eager(monkeypatch, triton_device):
+    """torch.compile (aot_eager: functionalized, as inductor sees it) of a whole decode step on the
+    Triton path, the cache-writing RoPE op (bitnet::rope_cache_, which mutates the cache) included:
+    no graph break, the same cache as eager and the same logits up to the attention's summation
+    order (eager on a CPU reads only the live cache window, a traced step the whole static cache
+    under a mask: bitnet.model._set_cache_window)."""
+    from bitnet.generation import decode_step
+
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    model = tiny(layers=1).to(triton_device)
+    args = (torch.tensor([[3]], device=triton_device), torch.tensor([4], device=triton_device),
+            torch.tensor([[4]], device=triton_device), torch.ones(1, 16, dtype=torch.bool, device=triton_device))
+    results = []
+    for step in (decode_step, torch.compile(decode_step, backend="aot_eager", fullgraph=True)):
+        model.setup_cache(1, 16)
+        with torch.no_grad():
+            logits = step(model, *args)
+        cache = model.model.layers[0].self_attn.kv_cache
+        results.append((logits, cache.k.clone(), cache.v.clone()))
+    model.clear_cache()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[1][1], results[0][1]) and torch.equal(results[1][2], results[0][2])
+    assert results[0][1][:, :, 4].abs().sum() > 0 and not results[0][1][:, :, 5:].any()  # slot 4 written, no other
