@@ -193,11 +193,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache=None, input_pos: torch.Tensor | None = None, kernel: str | None = None) -> tuple | None:
+               cache=None, input_pos: torch.Tensor | None = None, kernel: str | None = None,
+               cache_rows: torch.Tensor | None = None) -> tuple | None:
     """The attention layer's RoPE and cache write in one Triton launch (bitnet.kernels.rope_cache):
     q (B, T, nh, hd), k / v (B, T, nkv, hd) -> (q' (B, nh, T, hd), K, V) with K, V the cache's
     tensors (k' and v written at input_pos) when `cache` (a KVCache) is given, else k', v; the
-    same numbers as rope() and KVCache.update. None where the Triton kernels are not the choice
+    same numbers as rope() and KVCache.update (cache_rows: the serve runner's per-token cache rows,
+    B = 1). None where the Triton kernels are not the choice
     (the CPU has its native rope) or autograd is recording: the caller then runs those."""
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return None
@@ -209,7 +211,7 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
 
     if cache is None:
         return triton_rope_cache(q, k, v, cos, sin)
-    return triton_rope_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos)
+    return triton_rope_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos, cache_rows)
 
 
 def float_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

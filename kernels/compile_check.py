@@ -27,8 +27,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32; the relu2
                                     gate (GATED) or not
     _unpack_kernel [unpack_triton]  format
-    _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32, or none; head
-                                    sizes 64, 96, 128
+    _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
+                                    sequence or per token), or none; head sizes 64, 96, 128
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
 
@@ -218,13 +218,14 @@ def _rmsnorm_variants() -> list[Variant]:
 def _rope_variants() -> list[Variant]:
     # rope.rope_cache launches with LAUNCH (4 warps); the cache may hold another dtype than q / k / v
     out = []
-    for i, (dtype, cache_dtype, cached, hd) in enumerate([("bf16", "bf16", True, 128), ("bf16", "bf16", False, 128),
-                                                          ("fp16", "fp16", True, 64), ("fp32", "fp32", False, 64),
-                                                          ("bf16", "fp32", True, 96), ("fp32", "fp32", True, 128)]):
+    for i, (dtype, cache_dtype, cached, rows, hd) in enumerate([
+            ("bf16", "bf16", True, False, 128), ("bf16", "bf16", False, False, 128), ("fp16", "fp16", True, True, 64),
+            ("fp32", "fp32", False, False, 64), ("bf16", "fp32", True, False, 96), ("fp32", "fp32", True, True, 128),
+            ("bf16", "bf16", True, True, 128)]):
         types = dict(q_ptr=TYPES[dtype], k_ptr=TYPES[dtype], v_ptr=TYPES[dtype], cos_ptr=TYPES[dtype], sin_ptr=TYPES[dtype],
                      qo_ptr=TYPES[dtype], ko_ptr=TYPES[cache_dtype], vo_ptr=TYPES[cache_dtype],
-                     pos_ptr="*i64" if cached else TYPES[dtype])
-        consts = dict(HD=hd, CACHE=cached, BLOCK=1 << (hd - 1).bit_length())
+                     pos_ptr="*i64" if cached else TYPES[dtype], row_ptr="*i64" if rows else TYPES[dtype])
+        consts = dict(HD=hd, CACHE=cached, TOKEN_ROWS=rows, BLOCK=1 << (hd - 1).bit_length())
         out.append(Variant("_rope_cache_kernel", consts, types, aligned=i % 2 == 0))
     return out
 

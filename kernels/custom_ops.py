@@ -10,7 +10,8 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
     bitnet::rmsnorm_act_quant(x, weight, eps, up?)               (x_q, a, xsum) of RMSNorm(x), or of
                                                                  RMSNorm(relu(x)^2 * up)
     bitnet::rope(q, k, v, cos, sin)                              (q', k', v) as (B, heads, T, hd)
-    bitnet::rope_cache_(q, k, v, cos, sin, cache_k!, cache_v!, input_pos)   q'; k', v written to the cache
+    bitnet::rope_cache_(q, k, v, cos, sin, cache_k!, cache_v!, input_pos, cache_rows?)
+                                                                 q'; k', v written to the cache
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
@@ -168,15 +169,15 @@ def _(q, k, v, cos, sin):
 
 
 def _rope_cache_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
-                     input_pos: Tensor) -> Tensor:
-    return _rope_cache(q, k, v, cos, sin, cache_k, cache_v, input_pos)[0]
+                     input_pos: Tensor, cache_rows: Optional[Tensor] = None) -> Tensor:
+    return _rope_cache(q, k, v, cos, sin, cache_k, cache_v, input_pos, cache_rows)[0]
 
 
 _rope_cache_op = torch.library.custom_op("bitnet::rope_cache_", _rope_cache_impl, mutates_args=("cache_k", "cache_v"))
 
 
 @_rope_cache_op.register_fake
-def _(q, k, v, cos, sin, cache_k, cache_v, input_pos):
+def _(q, k, v, cos, sin, cache_k, cache_v, input_pos, cache_rows=None):
     B, T, nh, hd = q.shape
     return q.new_empty(B, nh, T, hd)
 
@@ -235,11 +236,13 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5, with_sum: bo
 
 
 def rope_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor | None = None,
-               cache_v: Tensor | None = None, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               cache_v: Tensor | None = None, input_pos: Tensor | None = None,
+               cache_rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """RoPE of q (B, T, nh, hd) and k (B, T, nkv, hd) and the cache write of k and v, one launch
     (kernels/rope.py): (q' (B, nh, T, hd), K, V), K / V the caches when given (k', v written at
-    input_pos), else new (B, nkv, T, hd) tensors."""
+    input_pos; with cache_rows (T,) and B = 1, token t into cache row cache_rows[t]), else new
+    (B, nkv, T, hd) tensors."""
     if cache_k is None:
         return torch.ops.bitnet.rope(q, k, v, cos, sin) if _tracing() else _rope_impl(q, k, v, cos, sin)
     op = torch.ops.bitnet.rope_cache_ if _tracing() else _rope_cache_impl
-    return op(q, k, v, cos, sin, cache_k, cache_v, input_pos), cache_k, cache_v
+    return op(q, k, v, cos, sin, cache_k, cache_v, input_pos, cache_rows), cache_k, cache_v

@@ -37,20 +37,22 @@ def _rotated(src, d, rot, mask, first_half, c, s, OUT_TY: tl.constexpr):
 @triton.jit
 def _rope_cache_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, pos_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, pos_ptr, row_ptr,
     # sizes (S: the cache's slots, or T without a cache)
     T, NH, NKV, S,
     # strides of q, k, v seen as (B, T, heads, hd) (unit along hd), and of cos / sin as (B, T, hd)
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ct,
     # constexpr
-    HD: tl.constexpr, CACHE: tl.constexpr, BLOCK: tl.constexpr,
+    HD: tl.constexpr, CACHE: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program (b * T + t, h): query head h < NH, else key / value head h - NH, of token t of row b.
 
     qo_ptr: (B, NH, T, HD) contiguous, the rotated queries (q's dtype).
-    ko_ptr, vo_ptr: the cache (B, NKV, S, HD) when CACHE (token t to slot pos_ptr[t]), else
-    (B, NKV, T, HD) contiguous; their own dtype (the values converted to it, as index_copy does).
+    ko_ptr, vo_ptr: the cache (rows, NKV, S, HD) when CACHE (token t of row b to slot pos_ptr[t] of
+    cache row b, or of cache row row_ptr[t] if TOKEN_ROWS: a server's batch of sequences side by
+    side in one row of tokens), else (B, NKV, T, HD) contiguous; their own dtype (the values
+    converted to it, as index_copy does).
     """
     bt = tl.program_id(0)
     h = tl.program_id(1)
@@ -70,7 +72,8 @@ def _rope_cache_kernel(
     else:
         j = h - NH
         slot = tl.load(pos_ptr + t) if CACHE else t
-        row = ((b * NKV + j) * S + slot) * HD
+        cache_row = tl.load(row_ptr + t) if TOKEN_ROWS else b
+        row = ((cache_row * NKV + j) * S + slot) * HD
         src = k_ptr + b * stride_kb + t * stride_kt + j * stride_kh
         out = _rotated(src, d, rot, mask, first_half, c, s, k_ptr.dtype.element_ty)
         tl.store(ko_ptr + row + d, out.to(ko_ptr.dtype.element_ty), mask=mask)
@@ -80,11 +83,14 @@ def _rope_cache_kernel(
 
 def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                cache_k: torch.Tensor | None = None, cache_v: torch.Tensor | None = None,
-               input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               input_pos: torch.Tensor | None = None,
+               cache_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, T, nh, hd), k / v (B, T, nkv, hd) (unit stride along hd; e.g. views of the q / k / v
     projections' outputs), cos / sin (B or 1, 1, T, hd) in q's dtype -> (q' (B, nh, T, hd), K, V):
     with a cache (B, nkv, S, hd) and input_pos (T,), k' and v are written into it at those slots
-    and K, V are the caches; without, K = k' and V = v as new (B, nkv, T, hd) tensors."""
+    and K, V are the caches; without, K = k' and V = v as new (B, nkv, T, hd) tensors.
+    cache_rows (T,), with B = 1: token t goes to cache row cache_rows[t] (a server's step, one
+    token row holding several sequences), input_pos then the slot of each token in its row."""
     B, T, nh, hd = q.shape
     nkv = k.shape[2]
     if hd % 2 or k.shape != (B, T, nkv, hd) or v.shape != k.shape or k.dtype != q.dtype:
@@ -100,9 +106,12 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     q_out = torch.empty(B, nh, T, hd, dtype=q.dtype, device=q.device)
     cached = cache_k is not None
     if cached:
-        if input_pos is None or cache_v is None or cache_k.shape[:2] != (B, nkv) or cache_k.shape[-1] != hd \
+        rows_ok = cache_rows is None and cache_k.shape[0] == B or cache_rows is not None and B == 1 \
+            and cache_rows.shape == (T,)
+        if input_pos is None or cache_v is None or not rows_ok or cache_k.shape[1:2] != (nkv,) or cache_k.shape[-1] != hd \
                 or not cache_k.is_contiguous() or not cache_v.is_contiguous() or cache_v.shape != cache_k.shape:
-            raise ValueError("rope_cache: the cache must be two contiguous (B, nkv, S, hd) tensors, with input_pos")
+            raise ValueError("rope_cache: the cache must be two contiguous (B, nkv, S, hd) tensors, with input_pos "
+                             "(and cache_rows (T,) only with B = 1)")
         k_out, v_out, slots = cache_k, cache_v, cache_k.shape[2]
     else:
         k_out = torch.empty(B, nkv, T, hd, dtype=q.dtype, device=q.device)
@@ -111,16 +120,18 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     if B * T > 0:
         _rope_cache_kernel[(B * T, nh + nkv)](
             q, k, v, cos2, sin2, q_out, k_out, v_out, input_pos if cached else q_out,
+            cache_rows if cache_rows is not None else q_out,
             T, nh, nkv, slots,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), stride_cb, cos2.stride(1),
-            HD=hd, CACHE=cached, BLOCK=next_power_of_2(hd), **LAUNCH,
+            HD=hd, CACHE=cached, TOKEN_ROWS=cached and cache_rows is not None, BLOCK=next_power_of_2(hd), **LAUNCH,
         )
     return q_out, k_out, v_out
 
 
-def reference_rope_cache(q, k, v, cos, sin, cache_k=None, cache_v=None, input_pos=None):
-    """The torch reference: bitnet.ops.rope's formula and KVCache.update's index_copy."""
+def reference_rope_cache(q, k, v, cos, sin, cache_k=None, cache_v=None, input_pos=None, cache_rows=None):
+    """The torch reference: bitnet.ops.rope's formula and KVCache.update's index_copy (the serve
+    runner's flat index_copy with cache_rows)."""
     def rope(x):  # x (B, H, T, hd)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -129,6 +140,12 @@ def reference_rope_cache(q, k, v, cos, sin, cache_k=None, cache_v=None, input_po
     v2 = v.transpose(1, 2)
     if cache_k is None:
         return q2.contiguous(), k2.contiguous(), v2.contiguous()
-    cache_k.index_copy_(2, input_pos, k2.to(cache_k.dtype))
-    cache_v.index_copy_(2, input_pos, v2.to(cache_v.dtype))
+    if cache_rows is None:
+        cache_k.index_copy_(2, input_pos, k2.to(cache_k.dtype))
+        cache_v.index_copy_(2, input_pos, v2.to(cache_v.dtype))
+        return q2.contiguous(), cache_k, cache_v
+    nkv, S, hd = cache_k.shape[1:]
+    at = ((cache_rows[:, None] * nkv + torch.arange(nkv, device=q.device)[None, :]) * S + input_pos[:, None]).flatten()
+    cache_k.view(-1, hd).index_copy_(0, at, k2[0].transpose(0, 1).reshape(-1, hd).to(cache_k.dtype))
+    cache_v.view(-1, hd).index_copy_(0, at, v2[0].transpose(0, 1).reshape(-1, hd).to(cache_v.dtype))
     return q2.contiguous(), cache_k, cache_v

@@ -320,6 +320,12 @@ def test_rope_cache_equals_rope_and_index_copy(dtype, hd, per_row_cos, triton_de
     ref = reference_rope_cache(q, k, v, cos, sin, caches[2], caches[3], pos)
     got += rope_cache(q, k, v, cos, sin)
     ref += reference_rope_cache(q, k, v, cos, sin)
+    # a server's step: one row of tokens from several sequences, each into its own cache row
+    rows = torch.tensor([1, 0, 1], device=triton_device)
+    caches += [torch.zeros(B, nkv, S, hd, dtype=dtype, device=triton_device) for _ in range(4)]
+    one = (q[:1], k[:1], v[:1], cos[:1], sin[:1])
+    got += rope_cache(*one, caches[4], caches[5], pos, cache_rows=rows)
+    ref += reference_rope_cache(*one, caches[6], caches[7], pos, cache_rows=rows)
     # in bf16 under the interpreter: each of the three roundings (two products, the sum) off by under
     # one bf16 ulp (2^-7 relative), so |error| < 2^-7 (|x cos| + |rotate_half(x) sin| + |result|) <= 2^-5 max|x|
     bound = 2 ** -5 * qkv.abs().max().item()
@@ -329,7 +335,7 @@ def test_rope_cache_equals_rope_and_index_copy(dtype, hd, per_row_cos, triton_de
             assert torch.equal(a, b)
         else:
             assert (a.float() - b.float()).abs().max().item() <= bound
-    assert torch.equal(got[2], ref[2]) and torch.equal(got[5], ref[5])  # the values are copied, not computed
+    assert all(torch.equal(got[i], ref[i]) for i in (2, 5, 8))  # the values are copied, not computed
     assert not caches[0][:, :, [0, 2, 3, 4, 7]].any()  # only the three slots written
 
 

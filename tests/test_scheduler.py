@@ -240,6 +240,28 @@ def test_batched_decode_gives_each_sequence_its_solo_logits_bit_for_bit(dtype):
     assert len(set(solo[0].argmax(-1).tolist())) > 3  # a non-degenerate continuation
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run of what the cuda test checks compiled")
+def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
+    """The Triton path under the interpreter (its RoPE and cache writes in one launch, each token
+    into its own cache row): staggered sequences get their lone runs' logits bit for bit."""
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from bitnet.kernels import custom_ops
+
+    writes = []
+    real = custom_ops._rope_cache_impl
+    monkeypatch.setattr(custom_ops, "_rope_cache_impl", lambda *a: writes.append(a[-1] is not None) or real(*a))
+    model = tiny(num_hidden_layers=1)
+    prompts, n = PROMPTS[:3], 4
+    solo = [solo_logits(model, p, n) for p in prompts]
+    runner = ModelRunner(model, max_batch=2, max_seq_len=64)
+    got = staggered(runner, prompts, n, 2)
+    runner.close()
+    for i in range(len(prompts)):
+        assert torch.equal(got[i], solo[i]), f"prompt {i}"
+    assert True in writes and False in writes  # the runner's per-token rows and generate's own
+
+
 def test_a_float_twin_batches_within_a_stated_tolerance():
     """What is true for a model whose projections are float GEMMs: BLAS sums M = 1 and M = B rows
     in different orders, so the batched logits differ from a lone run's in the last bits (1e-5 of

@@ -48,10 +48,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..bitlinear import Int4Linear, Int8Linear, StreamedLinear
+from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
 from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
-from ..ops import native_inference, rope
+from ..ops import native_inference, rope, rope_cache
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ class ModelRunner:
             heads = torch.arange(nkv, device=dev)
             at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (N * nkv,)
             for layer, cache in zip(m.layers, self.caches):
-                x = x + self._attention(layer.self_attn, x, cos, sin, cache, at, segs, native_decode, layer.input_layernorm)
+                x = x + self._attention(layer.self_attn, x, cos, sin, cache, at, rows, pos, segs, native_decode,
+                                        layer.input_layernorm)
                 x = x + prenormed(layer.mlp, layer.post_attention_layernorm, x)
         ends, offset = [], 0
         for s in segs:
@@ -141,21 +142,26 @@ class ModelRunner:
         last = x[0, ends][:, None]  # (K, 1, C): the last token of each segment that wants logits
         return head_rows(self.model.lm_head, m.norm(last))  # (K, vocab)
 
-    def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, segs: list[Segment],
-                   native_decode: bool, norm=None) -> torch.Tensor:
+    def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                   segs: list[Segment], native_decode: bool, norm=None) -> torch.Tensor:
         """bitnet.model.Attention.forward over the segments side by side, x (1, N, C); the one-token
         segments through the native decode attention where a lone decode step runs it."""
         N = x.shape[1]
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
         q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj, norm=norm)
-        q = q.view(1, N, nh, hd).transpose(1, 2)  # (1, nh, N, hd)
-        k = k.view(1, N, nkv, hd).transpose(1, 2)  # (1, nkv, N, hd)
-        v = v.view(1, N, nkv, hd).transpose(1, 2)  # (1, nkv, N, hd)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k, v = q.view(1, N, nh, hd), k.view(1, N, nkv, hd), v.view(1, N, nkv, hd)
+        fused = None
+        if type(attn.q_proj) is BitLinear and attn.q_proj.frozen:  # RoPE + cache writes in one Triton launch
+            fused = rope_cache(q, k, v, cos, sin, cache, pos, attn.q_proj.kernel, cache_rows=rows)
+        if fused is not None:
+            q = fused[0]  # (1, nh, N, hd)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, heads, N, hd)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            # token n's key / value (all heads) into column pos[n] of row rows[n]
+            cache.k.view(-1, hd).index_copy_(0, at, k[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.k.dtype))
+            cache.v.view(-1, hd).index_copy_(0, at, v[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.v.dtype))
         dtype = attention_dtype(q)
-        # token n's key / value (all heads) into column pos[n] of row rows[n]
-        cache.k.view(-1, hd).index_copy_(0, at, k[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.k.dtype))
-        cache.v.view(-1, hd).index_copy_(0, at, v[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.v.dtype))
         q = q.to(dtype)
         gqa = nh != nkv
         cpu = x.device.type == "cpu"
