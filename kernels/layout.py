@@ -81,11 +81,17 @@ def _div3(v, LANES: tl.constexpr):
 
 @triton.jit
 def _base3_digit(v, i: tl.constexpr, LANES: tl.constexpr):
-    """Digit i of v in base 3, in each lane: floor(v / 3^i) - 3 * floor(v / 3^(i+1))."""
+    """Digit i of v in base 3, in each lane: floor(v / 3^i) - 3 * floor(v / 3^(i+1)); the top digit
+    (i = 4) is floor(v / 81) itself, since a packed byte is below 3^5 (one division and one
+    multiply-add fewer per lane pair)."""
     q = v
     for _ in tl.static_range(i):
         q = _div3(q, LANES)
-    return q - 3 * _div3(q, LANES)
+    if i == 4:
+        c = q
+    else:
+        c = q - 3 * _div3(q, LANES)
+    return c
 
 
 @triton.jit
