@@ -201,8 +201,6 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     same numbers as rope() and KVCache.update (cache_rows: the serve runner's per-token cache rows,
     B = 1). None where the Triton kernels are not the choice
     (the CPU has its native rope) or autograd is recording: the caller then runs those."""
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None
     if choose_kernel(q, kernel) != "triton" or cos.dtype != q.dtype or sin.dtype != q.dtype or q.shape[-1] % 2:
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

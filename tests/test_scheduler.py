@@ -195,6 +195,15 @@ def solo_logits(model, prompt, n, device="cpu"):
     return torch.stack(out)
 
 
+def solo_and_batched(model, prompts, n, max_batch, device="cpu", max_seq_len=128):
+    """(each prompt's lone-run logits, the same prompts' logits through a ModelRunner, staggered)."""
+    solo = [solo_logits(model, p, n, device=device) for p in prompts]
+    runner = ModelRunner(model, max_batch=max_batch, max_seq_len=max_seq_len)
+    got = staggered(runner, prompts, n, max_batch)
+    runner.close()
+    return solo, got
+
+
 def staggered(runner, prompts, n, max_batch, join_every=3):
     """Greedy decoding of every prompt through the runner, a prompt joining every few steps into
     whatever slot is free: its prefill in the same forward as the others' decode tokens (one
@@ -230,11 +239,7 @@ def test_batched_decode_gives_each_sequence_its_solo_logits_bit_for_bit(dtype):
     sequences joining at different steps into different slots, each newcomer's prefill in one
     forward with the others' decode tokens: every logit equal to the lone run's."""
     model = tiny(dtype=dtype)
-    n = 16
-    solo = [solo_logits(model, p, n) for p in PROMPTS]
-    runner = ModelRunner(model, max_batch=3, max_seq_len=128)
-    got = staggered(runner, PROMPTS, n, 3)
-    runner.close()
+    solo, got = solo_and_batched(model, PROMPTS, 16, 3)
     for i in range(len(PROMPTS)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
     assert len(set(solo[0].argmax(-1).tolist())) > 3  # a non-degenerate continuation
@@ -245,18 +250,14 @@ def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
     """The Triton path under the interpreter (its RoPE and cache writes in one launch, each token
     into its own cache row): staggered sequences get their lone runs' logits bit for bit."""
     monkeypatch.setenv("BITNET_KERNEL", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     from bitnet.kernels import custom_ops
 
     writes = []
     real = custom_ops._rope_cache_impl
     monkeypatch.setattr(custom_ops, "_rope_cache_impl", lambda *a: writes.append(a[-1] is not None) or real(*a))
     model = tiny(num_hidden_layers=1)
-    prompts, n = PROMPTS[:3], 4
-    solo = [solo_logits(model, p, n) for p in prompts]
-    runner = ModelRunner(model, max_batch=2, max_seq_len=64)
-    got = staggered(runner, prompts, n, 2)
-    runner.close()
+    prompts = PROMPTS[:3]
+    solo, got = solo_and_batched(model, prompts, 4, 2, max_seq_len=64)
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
     assert True in writes and False in writes  # the runner's per-token rows and generate's own
@@ -267,11 +268,7 @@ def test_a_float_twin_batches_within_a_stated_tolerance():
     in different orders, so the batched logits differ from a lone run's in the last bits (1e-5 of
     logits of order 1 here); its greedy tokens agree unless two logits tie that closely."""
     model = tiny("bf16")
-    n = 12
-    solo = [solo_logits(model, p, n) for p in PROMPTS]
-    runner = ModelRunner(model, max_batch=3, max_seq_len=128)
-    got = staggered(runner, PROMPTS, n, 3)
-    runner.close()
+    solo, got = solo_and_batched(model, PROMPTS, 12, 3)
     for i in range(len(PROMPTS)):
         torch.testing.assert_close(got[i], solo[i], rtol=1e-5, atol=1e-5)
 
@@ -448,11 +445,7 @@ def test_batched_decode_on_cuda_gives_each_sequence_its_solo_logits(dtype):
     SDPA over the static cache as a lone GPU step runs it): staggered sequences get the logits of
     their lone runs bit for bit (seen on an H200, bf16 and fp32)."""
     model = tiny(dtype=dtype).to("cuda")
-    n = 10
     prompts = PROMPTS[:4]
-    solo = [solo_logits(model, p, n, device="cuda") for p in prompts]
-    runner = ModelRunner(model, max_batch=3, max_seq_len=128)
-    got = staggered(runner, prompts, n, 3)
-    runner.close()
+    solo, got = solo_and_batched(model, prompts, 10, 3, device="cuda")
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"

@@ -44,12 +44,7 @@ static void weighted_scalar(const float* p, const float* values, int64_t L, int6
 #ifdef BITNET_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-static inline float hsum256_ps(__m256 t) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
-}
+// hsum256_ps: bitnet_kernels.h
 static void scores_avx2(const float* q, const float* keys, int64_t L, int64_t D, float* s) {
   const int64_t D8 = D / 8 * 8;
   for (int64_t j = 0; j < L; ++j) {

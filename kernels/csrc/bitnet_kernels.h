@@ -238,6 +238,13 @@ static inline float hmax256(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+static inline float hsum256_ps(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
 static inline int32_t hsum256(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -488,11 +495,7 @@ static void float_rows_avx2_bf16(const uint16_t* W, int64_t K, const float* x, i
       a[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(&xe[k / 2]), a[0]);
       a[1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), _mm256_loadu_ps(&xo[k / 2]), a[1]);
     }
-    const __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float acc = _mm_cvtss_f32(h);
+    float acc = hsum256_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
     for (; k < K; ++k) acc += bf16_bits_to_float(w[k]) * x[k];
     out[n - n0] = acc;
   }
@@ -509,11 +512,7 @@ static void float_rows_avx2_widen(const T* W, int64_t K, const float* x, int64_t
       for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(load8_avx2(w + k + 8 * j), _mm256_loadu_ps(x + k + 8 * j), a[j]);
     }
     for (; k + 8 <= K; k += 8) a[0] = _mm256_fmadd_ps(load8_avx2(w + k), _mm256_loadu_ps(x + k), a[0]);
-    const __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float acc = _mm_cvtss_f32(h);
+    float acc = hsum256_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
     for (; k < K; ++k) acc += weight_to_float(w[k]) * x[k];
     out[n - n0] = acc;
   }
@@ -1724,10 +1723,7 @@ static void q4_rows_avx2(const uint8_t* C, const float* D, int64_t Kp, const int
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(d[2 * b]), acc);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(d[2 * b + 1]), acc);
       }
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-      out[m * ldo + n - n0] = _mm_cvtss_f32(h);
+      out[m * ldo + n - n0] = hsum256_ps(acc);
     }
   }
 }
