@@ -60,7 +60,7 @@ class _CountOps(TorchDispatchMode):
 @contextlib.contextmanager
 def stubbed_launches():
     """Every Triton kernel of bitnet.kernels replaced by a launch counter (yields it), restored after."""
-    from bitnet.kernels import activations, gemm, gemv, layout, rmsnorm_quant, rope
+    from bitnet.kernels import activations, attention, gemm, gemv, layout, rmsnorm_quant, rope
 
     count = [0]
 
@@ -72,7 +72,8 @@ def stubbed_launches():
 
     kernels = [(gemv, "_gemv_kernel"), (gemm, "_gemm_kernel"), (gemm, "_gemm_int8_kernel"),
                (activations, "_act_quant_kernel"), (rmsnorm_quant, "_rmsnorm_act_quant_kernel"), (layout, "_unpack_kernel"),
-               (rope, "_rope_cache_kernel")]
+               (rope, "_rope_cache_kernel"), (attention, "_decode_attention_kernel"),
+               (attention, "_decode_attention_merge_kernel")]
     saved = [getattr(module, name) for module, name in kernels]
     try:
         for module, name in kernels:

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .bitlinear import BitLinear, Int4Linear, Int8Linear, RMSNorm, frozen_projections, normed_projections
 from .config import BitNetConfig, matches_any
 from .kernels import cpu as native
-from .ops import choose_kernel, native_inference, rope, rope_cache
+from .ops import choose_kernel, decode_attention, native_inference, rope, rope_cache
 
 
 @dataclass
@@ -215,6 +215,11 @@ class Attention(nn.Module):
                 k, v = cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
         dtype = attention_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if cache is not None and T == 1:  # decode: one Triton launch on the GPU (torch's SDPA would take its math path)
+            key_mask = None if mask is ALL_KEYS else mask[:, 0, 0]  # (B, S): mask is (B, 1, 1, S)
+            y = decode_attention(q[:, :, 0], k, v, input_pos, key_mask=key_mask, kernel=getattr(self.q_proj, "kernel", None))
+            if y is not None:  # (B, nh*hd)
+                return projections(y.to(x.dtype)[:, None], self.o_proj, norm=self.attn_sub_norm)[0]
         gqa = self.n_head != self.n_kv
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

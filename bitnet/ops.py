@@ -212,6 +212,23 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     return triton_rope_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos, cache_rows)
 
 
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     rows: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                     kernel: str | None = None) -> torch.Tensor | None:
+    """Attention of one query token per sequence over its cache row in one Triton launch (two for
+    a long cache; bitnet.kernels.decode_attention): q (N, H, D), caches (rows, NKV, S, D), pos (N,)
+    or (1,) the query's slot (it sees slots 0 .. pos), rows (N,) its cache row (default n),
+    key_mask (N, S) (zero: padding) -> y (N, H * D). None where the Triton kernels are not the
+    choice, autograd is recording, or q and the caches differ in dtype: the caller runs SDPA."""
+    if choose_kernel(q, kernel) != "triton" or not k_cache.dtype == v_cache.dtype == q.dtype or q.shape[-1] > 256:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        return None
+    from .kernels import decode_attention as triton_decode_attention
+
+    return triton_decode_attention(q, k_cache, v_cache, pos, rows, key_mask)
+
+
 def float_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for the float head of a packed model: a bf16 weight and few rows on the CPU (decode)
     stream the weight once through the native kernel, float32 sums; else F.linear."""

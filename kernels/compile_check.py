@@ -29,6 +29,9 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _unpack_kernel [unpack_triton]  format
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
                                     sequence or per token), or none; head sizes 64, 96, 128
+    _decode_attention_kernel,       q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
+      _merge_kernel                 heads per KV head; cache rows per query or not; a bool, an
+      [decode_attention]            integer or no key mask; one split or several (then merged)
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
 
@@ -99,9 +102,11 @@ def _jit_functions() -> dict:
     """name -> the JITFunction of every kernel (under autotune: the function it wraps)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile guard compiles the kernels: run it without TRITON_INTERPRET=1")
-    from . import activations, gemm, gemv, layout, rmsnorm_quant, rope
+    from . import activations, attention, gemm, gemv, layout, rmsnorm_quant, rope
 
     kernels = {
+        "_decode_attention_kernel": attention._decode_attention_kernel,
+        "_decode_attention_merge_kernel": attention._decode_attention_merge_kernel,
         "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel, "_gemm_int8_kernel": gemm._gemm_int8_kernel,
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
@@ -230,6 +235,41 @@ def _rope_variants() -> list[Variant]:
     return out
 
 
+# attention.decode_attention: q and the caches of one dtype (a float32 one: IEEE dots), head sizes
+# 64 / 96 / 128, grouped heads 1 / 2 / 4 / 8 (BLOCK_G 16), per-query cache rows, a key mask (bool, or
+# the integer attention_mask), one split (y written by the kernel) or several (partials, merged)
+_ATTENTION_CASES = [("bf16", 128, 4, False, "i1", 1), ("bf16", 128, 4, False, "i1", 4), ("fp16", 64, 1, True, None, 2),
+                    ("fp32", 64, 8, True, "i64", 1), ("bf16", 96, 8, False, None, 3), ("fp32", 128, 4, False, "i1", 2),
+                    ("fp16", 128, 2, True, "i1", 1)]
+
+
+def _attention_variants() -> list[Variant]:
+    from .attention import BLOCK_S, NUM_WARPS
+
+    out = []
+    for i, (dtype, hd, g, rows, mask, splits) in enumerate(_ATTENTION_CASES):
+        types = dict(q_ptr=TYPES[dtype], k_ptr=TYPES[dtype], v_ptr=TYPES[dtype], pos_ptr="*i64", row_ptr="*i64",
+                     mask_ptr=f"*{mask}" if mask else "*i64", y_ptr=TYPES[dtype],
+                     part_ptr="*fp32" if splits > 1 else TYPES[dtype], qk_scale="fp32")
+        consts = dict(G=g, D=hd, HAS_ROWS=rows, HAS_MASK=mask is not None, IEEE=dtype == "fp32", UPCAST=False,
+                      BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(), BLOCK_S=BLOCK_S)
+        out.append(Variant("_decode_attention_kernel", consts, types, NUM_WARPS, aligned=i % 2 == 0,
+                           note=f"splits={splits}"))
+    return out
+
+
+def _attention_merge_variants() -> list[Variant]:
+    from .attention import NUM_WARPS
+
+    out = []
+    for i, (dtype, hd, g, _, _, splits) in enumerate(c for c in _ATTENTION_CASES if c[-1] > 1):
+        consts = dict(G=g, D=hd, BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(),
+                      BLOCK_SPLITS=1 << (splits - 1).bit_length())
+        out.append(Variant("_decode_attention_merge_kernel", consts, dict(part_ptr="*fp32", y_ptr=TYPES[dtype]),
+                           NUM_WARPS, aligned=i % 2 == 0))
+    return out
+
+
 def _unpack_variants() -> list[Variant]:
     # unpack_triton launches with Triton's default options (no LAUNCH): 4 warps, 3 stages, fusion on.
     return [Variant("_unpack_kernel", dict(P=p, BLOCK_R=16, BLOCK_K=64), dict(w_ptr="*u8", out_ptr="*i8"),
@@ -240,7 +280,8 @@ VARIANTS = {
     "_gemv_kernel": _gemv_variants, "_gemm_kernel": _gemm_variants, "_gemm_int8_kernel": _gemm_int8_variants,
     "_act_quant_kernel": _act_quant_variants,
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
-    "_rope_cache_kernel": _rope_variants,
+    "_rope_cache_kernel": _rope_variants, "_decode_attention_kernel": _attention_variants,
+    "_decode_attention_merge_kernel": _attention_merge_variants,
 }
 
 

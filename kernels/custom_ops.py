@@ -12,6 +12,8 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
     bitnet::rope(q, k, v, cos, sin)                              (q', k', v) as (B, heads, T, hd)
     bitnet::rope_cache_(q, k, v, cos, sin, cache_k!, cache_v!, input_pos, cache_rows?)
                                                                  q'; k', v written to the cache
+    bitnet::decode_attention(q, k_cache, v_cache, pos, rows?, key_mask?)
+                                                                 y (N, H * D): one query per sequence
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
@@ -33,6 +35,7 @@ from typing import Optional
 import torch
 
 from .activations import act_quant as _act_quant, rows_of
+from .attention import decode_attention as _decode_attention
 from .gemm import gemm
 from .gemv import gemv, gemv_cat
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
@@ -182,6 +185,19 @@ def _(q, k, v, cos, sin, cache_k, cache_v, input_pos, cache_rows=None):
     return q.new_empty(B, nh, T, hd)
 
 
+def _decode_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, rows: Optional[Tensor] = None,
+                           key_mask: Optional[Tensor] = None) -> Tensor:
+    return _decode_attention(q, k_cache, v_cache, pos, rows, key_mask)
+
+
+_decode_attention_op = torch.library.custom_op("bitnet::decode_attention", _decode_attention_impl, mutates_args=())
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, pos, rows=None, key_mask=None):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
 # The public functions: the ops where torch.compile (or torch.export) traces, their implementations
 # in eager code.
 _tracing = torch.compiler.is_compiling
@@ -246,3 +262,13 @@ def rope_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache_
         return torch.ops.bitnet.rope(q, k, v, cos, sin) if _tracing() else _rope_impl(q, k, v, cos, sin)
     op = torch.ops.bitnet.rope_cache_ if _tracing() else _rope_cache_impl
     return op(q, k, v, cos, sin, cache_k, cache_v, input_pos, cache_rows), cache_k, cache_v
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, rows: Tensor | None = None,
+                     key_mask: Tensor | None = None) -> Tensor:
+    """One query token per sequence over its cache row (kernels/attention.py): q (N, H, D), caches
+    (rows, NKV, S, D) of q's dtype, pos (N,) or (1,) the query's slot (it sees slots 0 .. pos),
+    rows (N,) its cache row (default n), key_mask (N, S) bool / integer (zero: padding, skipped)
+    -> y (N, H * D), the heads side by side (the o_proj's input)."""
+    op = torch.ops.bitnet.decode_attention if _tracing() else _decode_attention_impl
+    return op(q, k_cache, v_cache, pos, rows, key_mask)

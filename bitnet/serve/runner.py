@@ -25,8 +25,10 @@ segments side by side in one row of the activations (1, N, C):
 - attention runs per segment as a lone forward runs it. On the CPU: a prompt (chunk) over the live
   window [0, end) of its row with a causal mask; the one-token segments all in one call of the
   native decode attention where a lone decode step runs it (a packed model on the native kernels:
-  bitnet.model.native_decode_args), else each over its window without a mask. On a GPU: over the
-  whole static row with the keys after each query masked, the one-token segments in one batched call;
+  bitnet.model.native_decode_args), else each over its window without a mask. On a GPU: a prompt
+  over the whole static row with the keys after each query masked, the one-token segments in one
+  call of the Triton decode attention (bitnet.kernels.decode_attention: each query's result is the
+  same in any batch, as a lone decode step runs it), else of SDPA;
 - a step of one-token segments only (pure decode) on a packed CPU model runs each layer as one
   native call (bitnet_cpu::decode_layer, the op a lone decode step runs);
 - the lm_head runs on the last token of the segments that want logits, all at once where its
@@ -51,7 +53,7 @@ import torch.nn.functional as F
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
 from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
-from ..ops import native_inference, rope, rope_cache
+from ..ops import choose_kernel, decode_attention, native_inference, rope, rope_cache
 
 
 @dataclass(frozen=True)
@@ -165,14 +167,16 @@ class ModelRunner:
         q = q.to(dtype)
         gqa = nh != nkv
         cpu = x.device.type == "cpu"
+        kernel = getattr(attn.q_proj, "kernel", None)
+        triton = choose_kernel(q, kernel) == "triton"  # the one-token segments through the Triton decode attention
         ys: list[torch.Tensor | None] = []
-        singles = []  # GPU: the one-token segments, attended in one call
+        singles = []  # the one-token segments, attended in one call (native or Triton decode attention; SDPA on a GPU)
         offset = 0
         for i, s in enumerate(segs):
             T, end = len(s.tokens), s.start + len(s.tokens)
             q_s = q[:, :, offset:offset + T]  # (1, nh, T, hd)
             offset += T
-            if T == 1 and (native_decode or not cpu):
+            if T == 1 and (native_decode or not cpu or triton):
                 singles.append(i)
                 ys.append(None)
                 continue
@@ -193,6 +197,17 @@ class ModelRunner:
             for j, i in enumerate(singles):
                 ys[i] = y_b[j][None, :, None]  # (1, nh, 1, hd)
         elif singles:
+            offsets = torch.tensor([sum(len(s.tokens) for s in segs[:i]) for i in singles], device=x.device)
+            q_b = q[0].index_select(1, offsets).transpose(0, 1)  # (B, nh, hd)
+            y_b = decode_attention(q_b, cache.k, cache.v, torch.tensor([segs[i].start for i in singles], device=x.device),
+                                   rows=torch.tensor([segs[i].slot for i in singles], device=x.device),
+                                   kernel=kernel)  # (B, nh*hd): one launch (two: a long cache), or None
+            if y_b is not None and len(singles) == N:  # a pure decode step: the heads already side by side
+                return projections(y_b.to(x.dtype)[None], attn.o_proj, norm=attn.attn_sub_norm)[0]
+            if y_b is not None:
+                for j, i in enumerate(singles):
+                    ys[i] = y_b[j].view(nh, 1, hd)[None]  # (1, nh, 1, hd)
+        if singles and any(y is None for y in ys):  # the GPU's one-token segments without the Triton kernel
             B, S = len(singles), cache.k.shape[2]
             slots = [segs[i].slot for i in singles]
             if slots == list(range(B)):

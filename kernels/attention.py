@@ -1,0 +1,232 @@
+"""Decode attention: one query token per sequence against its KV-cache row, grouped-query aware.
+
+    y[n, h] = sum_s p[s] v[row, h / G, s]     p = softmax_s(q[n, h] . k[row, h / G, s] / sqrt(D))
+    over the visible slots s <= pos[n] with key_mask[n, s] (the query's own slot always visible)
+
+the contract of the native CPU op (bitnet_cpu::decode_attention), for the GPU. Why a kernel: at a
+decode step torch's SDPA with a key mask and grouped heads (enable_gqa) has no fused backend on
+CUDA (flash takes no mask, memory-efficient no grouped heads, cuDNN ranks after math in torch's
+default order) and falls back to the math path:
+K and V repeated to every query head over the whole static cache, a masked softmax, two batched
+matmuls, ~10 launches a layer and the cache read four times over at 2B-4T (20 query heads on 5
+KV heads). Here one program reads one KV head's slots once for all G query heads sharing it
+(flash-decoding): scores by tensor-core dot (the G heads padded to 16 rows), an online softmax in
+float32, P kept in float32 against V (a TF32 dot: 10 bits of P's mantissa where flash attention's
+bf16 P keeps 7), float32 accumulators; y within an ulp of its dtype of the float64 reference.
+
+Slots past pos[n] are not read (the loop stops there) and a block with no visible slot is not
+loaded: the work follows the live length, not the static cache's. A cache longer than CHUNK slots
+is split over programs (CHUNK slots each) and a second kernel merges their partial softmaxes; one
+split writes y directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2
+
+BLOCK_S = 16 if INTERPRET else 64  # slots per step: a [64, 128] bf16 tile of K and of V (16 KB each)
+# Slots per split: a fixed number, so that a query's result does not depend on the batch around it
+# (a server's batched decode equals each sequence's lone decode bit for bit). At 2B-4T (5 KV heads)
+# a 2048-slot cache is 16 splits: 80 programs for one sequence, 640 for eight.
+CHUNK = 2 * BLOCK_S
+NUM_WARPS = 4
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation: tensor cores in a and b's dtype (float32 ones as TF32),
+    float32 at full precision (IEEE), or both converted to float32 first (UPCAST; exact products of
+    bf16 / fp16 values)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _decode_attention_kernel(
+    # pointers (part_ptr: the splits' float32 partials, m and l then acc, read if SPLITS > 1)
+    q_ptr, k_ptr, v_ptr, pos_ptr, row_ptr, mask_ptr, y_ptr, part_ptr,
+    # sizes (CHUNK: slots per split, a multiple of BLOCK_S)
+    NKV, CHUNK, SPLITS, qk_scale,
+    # strides (q as (N, H, D), the caches as (rows, NKV, S, D), y as (N, H * D); unit along D)
+    stride_qn, stride_qh, stride_kr, stride_kh, stride_ks, stride_vr, stride_vh, stride_vs, stride_pos, stride_mn,
+    stride_yn,
+    # constexpr
+    G: tl.constexpr, D: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * NKV + j, split): query n's heads j*G .. j*G + G - 1 over the slots
+    [split * CHUNK, (split + 1) * CHUNK) of KV head j of its cache row.
+
+    q_ptr: (N, H, D), H = NKV * G, the cache's dtype. k_ptr, v_ptr: (rows, NKV, S, D).
+    pos_ptr: int (N,) (stride_pos 0: one position for all), the query's slot; row_ptr: int (N,),
+    its cache row if HAS_ROWS, else row n. mask_ptr: (N, >= pos + 1) bool or integer, read if
+    HAS_MASK (nonzero: visible). qk_scale: log2(e) / sqrt(D) (exp2 below).
+    y_ptr: (N, H * D) in q's dtype (SPLITS == 1). Else part_ptr holds, per (program, split), BLOCK_G
+    running maxima m (log2 units), BLOCK_G sums l, then BLOCK_G x BLOCK_D accumulators.
+    IEEE: float32 dots in full precision (a float32 cache), not TF32. UPCAST: the dots' operands
+    converted to float32 first (the interpreter, whose bf16 dot is not one), the same products.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid // NKV
+    j = pid % NKV
+    pos = tl.load(pos_ptr + n * stride_pos)
+    row = tl.load(row_ptr + n) if HAS_ROWS else n
+    start = split * CHUNK
+    stop = tl.minimum(start + CHUNK, pos + 1)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(q_ptr + n * stride_qn + (j * G + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < G)[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    k_head = k_ptr + row.to(tl.int64) * stride_kr + j * stride_kh
+    v_head = v_ptr + row.to(tl.int64) * stride_vr + j * stride_vh
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s0 in range(start, stop, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        visible = s < stop
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + n * stride_mn + s, mask=visible, other=0) != 0
+            visible = visible & (keep | (s == pos))
+        if tl.max(visible.to(tl.int32), 0) > 0:  # a block of masked-off slots (left padding) is not read
+            kv_mask = visible[:, None] & d_ok[None, :]
+            k = tl.load(k_head + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_S, BLOCK_D)
+            qk = _dot(q, tl.trans(k), IEEE, UPCAST)  # (BLOCK_G, BLOCK_S) float32
+            qk = tl.where(visible[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: the block has a visible slot
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_head + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), IEEE, UPCAST)
+            m_i = m_new
+
+    if SPLITS == 1:
+        y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        y_offs = n * stride_yn + (j * G + g)[:, None] * D + d[None, :]
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=(g < G)[:, None] & d_ok[None, :])
+    else:
+        base = part_ptr + (pid * SPLITS + split) * (BLOCK_G * (2 + BLOCK_D))
+        tl.store(base + g, m_i)
+        tl.store(base + BLOCK_G + g, l_i)
+        tl.store(base + 2 * BLOCK_G + g[:, None] * BLOCK_D + d[None, :], acc)
+
+
+@triton.jit
+def _decode_attention_merge_kernel(
+    # pointers
+    part_ptr, y_ptr,
+    # sizes
+    NKV, SPLITS,
+    # strides
+    stride_yn,
+    # constexpr
+    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """Program (n * NKV + j) * G + i: query head j*G + i of query n, its SPLITS partial softmaxes
+    (m, l, acc as _decode_attention_kernel wrote them) merged: y = sum_k 2^(m_k - M) acc_k /
+    sum_k 2^(m_k - M) l_k, M the largest m_k. A split with no visible slot has m = -inf, l = 0."""
+    pid = tl.program_id(0)
+    i = pid % G
+    head = pid // G  # n * NKV + j
+    n = head // NKV
+    j = head % NKV
+    sp = tl.arange(0, BLOCK_SPLITS)
+    sp_ok = sp < SPLITS
+    d = tl.arange(0, BLOCK_D)
+    base = part_ptr + (head * SPLITS + sp) * (BLOCK_G * (2 + BLOCK_D))  # (BLOCK_SPLITS,)
+    m = tl.load(base + i, mask=sp_ok, other=float("-inf"))
+    l = tl.load(base + BLOCK_G + i, mask=sp_ok, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.math.exp2(m - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+    acc = tl.load(base[:, None] + 2 * BLOCK_G + i * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
+    total = tl.sum(w * l, 0)
+    y = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(y_ptr + n * stride_yn + (j * G + i) * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     rows: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                     splits: int | None = None) -> torch.Tensor:
+    """q (N, H, D) (unit stride along D), caches (rows, NKV, S, D) of q's dtype (H a multiple of
+    NKV; unit stride along D), pos (N,) or (1,) integer slots (query n sits at pos[n] and sees
+    slots 0 .. pos[n]), rows (N,) integer cache rows (default: row n), key_mask (N, >= max pos + 1)
+    bool or integer (zero: a padding slot, skipped; the query's own slot never is) -> y (N, H * D)
+    in q's dtype. splits: how many programs share one cache row's slots (default: one per CHUNK
+    slots, whatever N: each query's result is the same in any batch)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: q must be (N, H, D) and the caches (rows, NKV, S, D), got q "
+                         f"{tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    N, H, D = q.shape
+    _, nkv, S, _ = k_cache.shape
+    if k_cache.shape[-1] != D or nkv == 0 or H % nkv:
+        raise ValueError(f"decode_attention: {H} query heads of {D} do not fit a cache of {nkv} heads of {k_cache.shape[-1]}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"decode_attention: the caches ({k_cache.dtype}, {v_cache.dtype}) must have q's dtype {q.dtype}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode_attention: q and the caches need unit stride along the head dimension")
+    if pos.dim() != 1 or pos.shape[0] not in (1, N) or pos.is_floating_point():
+        raise ValueError(f"decode_attention: pos must be integer (N,) or (1,), got {pos.dtype} {tuple(pos.shape)}")
+    if rows is not None and (rows.shape != (N,) or rows.is_floating_point()):
+        raise ValueError(f"decode_attention: rows must be integer ({N},), got {rows.dtype} {tuple(rows.shape)}")
+    if key_mask is not None and (key_mask.dim() != 2 or key_mask.shape[0] != N or key_mask.stride(-1) != 1
+                                 or key_mask.is_floating_point()):
+        raise ValueError(f"decode_attention: key_mask must be bool or integer ({N}, S) with unit stride along S, "
+                         f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+    G = H // nkv
+    y = torch.empty(N, H * D, dtype=q.dtype, device=q.device)
+    if N == 0:
+        return y
+    blocks = cdiv(S, BLOCK_S)
+    splits = max(1, min(cdiv(S, CHUNK) if splits is None else splits, blocks))
+    chunk = cdiv(blocks, splits) * BLOCK_S
+    splits = cdiv(S, chunk)
+    block_g, block_d = max(16, next_power_of_2(G)), max(16, next_power_of_2(D))
+    part = y
+    if splits > 1:
+        part = torch.empty(N * nkv * splits * block_g * (2 + block_d), dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(N * nkv, splits)](
+        q, k_cache, v_cache, pos, rows if rows is not None else pos, key_mask if key_mask is not None else pos, y, part,
+        nkv, chunk, splits, _LOG2E / D ** 0.5,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pos.stride(0) if pos.shape[0] == N and N > 1 else 0,
+        key_mask.stride(0) if key_mask is not None else 0, y.stride(0),
+        G=G, D=D, HAS_ROWS=rows is not None, HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32, UPCAST=INTERPRET,
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS, **LAUNCH,
+    )
+    if splits > 1:
+        _decode_attention_merge_kernel[(N * H,)](
+            part, y, nkv, splits, y.stride(0),
+            G=G, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SPLITS=next_power_of_2(splits), num_warps=NUM_WARPS, **LAUNCH,
+        )
+    return y
+
+
+def reference_decode_attention(q, k_cache, v_cache, pos, rows=None, key_mask=None) -> torch.Tensor:
+    """The float64 reference: each query's visible slots gathered, softmax(q k^T / sqrt(D)) v."""
+    N, H, D = q.shape
+    nkv = k_cache.shape[1]
+    y = torch.empty(N, H, D, dtype=torch.float64, device=q.device)
+    for n in range(N):
+        p = int(pos[n if pos.shape[0] == N else 0])
+        r = int(rows[n]) if rows is not None else n
+        slots = torch.arange(p + 1, device=q.device)
+        if key_mask is not None:
+            slots = slots[(key_mask[n, :p + 1] != 0) | (slots == p)]
+        k = k_cache[r, :, slots].double().repeat_interleave(H // nkv, 0)  # (H, s, D)
+        v = v_cache[r, :, slots].double().repeat_interleave(H // nkv, 0)
+        w = torch.softmax((q[n].double()[:, None, :] @ k.transpose(1, 2)) / D ** 0.5, -1)  # (H, 1, s)
+        y[n] = (w @ v)[:, 0]
+    return y.reshape(N, H * D)

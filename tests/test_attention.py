@@ -1,0 +1,173 @@
+"""The decode attention kernel (kernels/attention.py) against a float64 reference, and its wiring:
+the model's decode steps and the server's batched decode call it, and it agrees with SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitnet import BitNetConfig, BitNetForCausalLM, freeze, kernels
+from bitnet.kernels import attention
+from bitnet.kernels.attention import CHUNK, reference_decode_attention
+
+
+def bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernel may be off the float64 reference: an ulp of the output dtype at |y| + 1
+    (values of order one; the interpreter truncates float32 to bf16 / fp16 where a GPU rounds;
+    P in TF32 on a GPU), 16 float32 ulps for float32 (IEEE dots, exp2)."""
+    eps = torch.finfo(dtype).eps * (16 if dtype == torch.float32 else 1)
+    return eps * (ref.abs() + 1)
+
+
+def case(device, dtype, N, H, nkv, D, S, rows_n=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows_n = rows_n or N
+    q = torch.randn(N, H, D, generator=g).to(dtype)
+    k = torch.randn(rows_n, nkv, S, D, generator=g).to(dtype)
+    v = torch.randn(rows_n, nkv, S, D, generator=g).to(dtype)
+    pos = torch.randint(S // 2, S, (N,), generator=g)
+    mask = torch.rand(N, S, generator=g) > 0.3
+    return [t.to(device) for t in (q, k, v, pos, mask)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, H, nkv, D, S, rows_n", [
+    (1, 20, 5, 128, 3 * CHUNK + 5, None),  # 2B-4T's heads, several splits
+    (3, 8, 2, 64, 40, 5),                   # per-query cache rows
+    (2, 6, 6, 32, 33, None),                # no grouping
+    (2, 6, 2, 96, 50, None),                # three query heads per KV head, a head size not a power of two
+])
+def test_decode_attention_matches_float64(dtype, N, H, nkv, D, S, rows_n, triton_device):
+    q, k, v, pos, mask = case(triton_device, dtype, N, H, nkv, D, S, rows_n)
+    rows = torch.randperm(rows_n)[:N].to(triton_device) if rows_n else None
+    for key_mask in (None, mask, mask.to(torch.int64)):  # none, bool, an integer attention_mask
+        for splits in (None, 1, 3):
+            y = attention.decode_attention(q, k, v, pos, rows, key_mask, splits=splits)
+            assert y.shape == (N, H * D) and y.dtype == dtype
+            ref = reference_decode_attention(*(t.cpu() for t in (q, k, v, pos)), None if rows is None else rows.cpu(),
+                                             None if key_mask is None else key_mask.cpu())
+            err = (y.cpu().double() - ref).abs()
+            assert (err <= bound(ref, dtype)).all(), f"mask {key_mask is not None}, splits {splits}: {err.max():.3g}"
+    # the mask is seen: without it the answer is another (more than the bound away)
+    unmasked = reference_decode_attention(*(t.cpu() for t in (q, k, v, pos)), None if rows is None else rows.cpu())
+    y = kernels.decode_attention(q, k, v, pos, rows, mask).cpu().double()
+    assert ((y - unmasked).abs() > bound(unmasked, dtype)).any()
+
+
+def test_one_position_for_every_query_and_an_unwritten_tail(triton_device):
+    """pos (1,) broadcasts (a decode step's input_pos); slots after pos hold garbage that must not
+    be read (a static cache's unwritten tail): NaN there changes nothing."""
+    q, k, v, _, mask = case(triton_device, torch.float32, 2, 4, 2, 64, 4 * CHUNK)
+    pos = torch.tensor([CHUNK + 3], device=triton_device)
+    k[:, :, CHUNK + 4:] = float("nan")
+    v[:, :, CHUNK + 4:] = float("nan")
+    y = kernels.decode_attention(q, k, v, pos, key_mask=mask)
+    ref = reference_decode_attention(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), key_mask=mask.cpu())
+    assert torch.isfinite(y).all()
+    assert ((y.cpu().double() - ref).abs() <= bound(ref, torch.float32)).all()
+
+
+def test_a_query_sees_its_own_slot_whatever_the_mask(triton_device):
+    """The contract of the native op: the query's own slot is visible even where key_mask is 0 (a
+    padded query then attends to itself alone: y is its own value, no NaN)."""
+    q, k, v, pos, _ = case(triton_device, torch.float32, 2, 4, 2, 32, 20)
+    none = torch.zeros(2, 20, dtype=torch.bool, device=triton_device)
+    y = kernels.decode_attention(q, k, v, pos, key_mask=none).view(2, 2, 2, 32)  # (N, nkv, G, D)
+    own = torch.stack([v[n, :, pos[n]] for n in range(2)])  # (N, nkv, D)
+    torch.testing.assert_close(y, own[:, :, None].expand_as(y), rtol=0, atol=1e-6)
+
+
+def test_the_batch_does_not_change_a_query(triton_device):
+    """Splits are fixed slot ranges, not a function of the batch: a query's y is the same bits alone
+    or among others (a server's batched decode equals each lone decode step)."""
+    q, k, v, pos, mask = case(triton_device, torch.bfloat16, 4, 8, 2, 64, 3 * CHUNK)
+    rows = torch.tensor([2, 0, 3, 1], device=triton_device)
+    batch = kernels.decode_attention(q, k, v, pos, rows, mask)
+    for n in range(4):
+        alone = kernels.decode_attention(q[n:n + 1], k, v, pos[n:n + 1], rows[n:n + 1], mask[n:n + 1])
+        assert torch.equal(alone[0], batch[n])
+
+
+def test_bad_inputs_say_what_is_wrong(triton_device):
+    q, k, v, pos, mask = case(triton_device, torch.float32, 2, 4, 2, 32, 20)
+    with pytest.raises(ValueError, match="must have q's dtype"):
+        kernels.decode_attention(q, k.double(), v.double(), pos)
+    with pytest.raises(ValueError, match="3 query heads of 32 do not fit a cache of 2 heads"):
+        kernels.decode_attention(q[:, :3], k, v, pos)
+    with pytest.raises(ValueError, match="pos must be integer"):
+        kernels.decode_attention(q, k, v, pos.float())
+    with pytest.raises(ValueError, match="key_mask must be bool or integer"):
+        kernels.decode_attention(q, k, v, pos, key_mask=mask[:1])
+    with pytest.raises(ValueError, match="rows must be integer"):
+        kernels.decode_attention(q, k, v, pos, rows=torch.zeros(3, dtype=torch.long, device=triton_device))
+
+
+def test_the_op_traces_with_its_fake(triton_device):
+    """bitnet::decode_attention under torch.compile (aot_eager, fullgraph): the same numbers."""
+    q, k, v, pos, mask = case(triton_device, torch.float32, 2, 4, 2, 32, 20)
+    fn = torch.compile(lambda *a: kernels.decode_attention(*a), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v, pos, None, mask), kernels.decode_attention(q, k, v, pos, None, mask),
+                               rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- wiring
+def tiny_model(packed: bool, dtype=torch.float32):
+    torch.manual_seed(0)
+    config = BitNetConfig.from_preset("tiny", num_hidden_layers=2, initializer_range=0.05)
+    model = BitNetForCausalLM(config).eval().to(dtype)
+    return freeze(model) if packed else model
+
+
+def decode_logits(model, device, prompt, steps, mask=None):
+    """Prefill, then greedy decode steps with the cache: the decode steps' logits (steps, vocab)."""
+    model.setup_cache(prompt.shape[0], 32)
+    T = prompt.shape[1]
+    key_mask = None if mask is None else torch.cat([mask, torch.ones(mask.shape[0], 32 - T, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        out = model(prompt.to(device), input_pos=torch.arange(T, device=device),
+                    attention_mask=None if key_mask is None else key_mask.to(device)).logits[:, -1]
+        logits = []
+        for i in range(steps):
+            step = out.argmax(-1, keepdim=True)
+            out = model(step, input_pos=torch.tensor([T + i], device=device),
+                        attention_mask=None if key_mask is None else key_mask.to(device)).logits[:, -1]
+            logits.append(out.cpu())
+    model.clear_cache()
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_decode_steps_use_it_and_agree_with_sdpa(packed, monkeypatch, triton_device):
+    """A packed model on the Triton path and its float twin (kernel chosen by BITNET_KERNEL) run
+    each decode step's attention in the kernel, once a layer; the logits agree with SDPA's (the
+    torch path) to float32 rounding, with left padding in the batch."""
+    model = tiny_model(packed).to(triton_device)
+    prompt = torch.tensor([[5, 77, 3, 120, 45], [0, 0, 9, 31, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    from bitnet.kernels import custom_ops
+
+    calls = []
+    real = custom_ops._decode_attention_impl
+    monkeypatch.setattr(custom_ops, "_decode_attention_impl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    ref = decode_logits(model, triton_device, prompt, 3, mask)
+    assert not calls  # the torch path: SDPA
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    got = decode_logits(model, triton_device, prompt, 3, mask)
+    assert len(calls) == 2 * 3  # two layers, three decode steps (the prefill runs SDPA)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_sdpa_agrees_with_the_reference_where_the_kernel_does(triton_device):
+    """The yardstick: torch's SDPA (enable_gqa, a key mask) on the same bf16 inputs is within the
+    same bound of the float64 reference as the kernel."""
+    q, k, v, pos, mask = case("cpu", torch.bfloat16, 2, 20, 5, 128, 70)
+    pos = torch.full((2,), 69)
+    ref = reference_decode_attention(q, k, v, pos, key_mask=mask)
+    keys = (mask | (torch.arange(70) == 69))[:, None, None, :]
+    sdpa = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=keys, enable_gqa=True)[:, :, 0].reshape(2, -1)
+    assert ((sdpa.double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
+    y = kernels.decode_attention(*(t.to(triton_device) for t in (q, k, v, pos)), key_mask=mask.to(triton_device))
+    assert ((y.cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
