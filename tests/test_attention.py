@@ -171,3 +171,17 @@ def test_sdpa_agrees_with_the_reference_where_the_kernel_does(triton_device):
     assert ((sdpa.double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
     y = kernels.decode_attention(*(t.to(triton_device) for t in (q, k, v, pos)), key_mask=mask.to(triton_device))
     assert ((y.cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N, S", [(1, 4096), (8, 1024), (8, 100)])
+def test_decode_attention_at_2b4t_shapes_on_a_gpu(N, S):
+    """Compiled, at 2B-4T's heads (20 on 5, head size 128) in bf16: within the bound of the float64
+    reference, whatever the split count, and equal to its lone runs bit for bit."""
+    q, k, v, pos, mask = case("cuda", torch.bfloat16, N, 20, 5, 128, S)
+    rows = torch.randperm(N, device="cuda")
+    y = kernels.decode_attention(q, k, v, pos, rows, mask)
+    ref = reference_decode_attention(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), rows.cpu(), mask.cpu())
+    assert ((y.cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
+    alone = kernels.decode_attention(q[:1], k, v, pos[:1], rows[:1], mask[:1])
+    assert torch.equal(alone[0], y[0])
