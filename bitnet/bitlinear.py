@@ -205,14 +205,16 @@ def frozen_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
                               [m.out_features for m in layers], first.packing, [m.bias for m in layers], first.kernel)
 
 
-def normed_projections(x: torch.Tensor, norm: nn.Module, layers, up: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+def normed_projections(x: torch.Tensor, norm: nn.Module, layers, up: torch.Tensor | None = None,
+                       residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """[layer(norm(x)) for layer in layers] with the RMSNorm fused into the quantization of x
     (bitnet.ops.rms_norm_bitlinear_many: one rmsnorm_act_quant on the Triton kernels), or None
     where that does not apply: `norm` not a plain RMSNorm of x's dtype without hooks, global module
     hooks (the modules would not be called), autograd to record (the fused op has no backward),
     the layers not as frozen_projections needs them, or another backend. Its a may be an ulp and its
     x_q one step off norm(x)'s, where the RMSNorm's last bit is (bitnet.ops.rms_norm_bitlinear_many).
-    up: the relu2 MLP's up projection output; the norm's input is then relu(x)^2 * up (x the gate's)."""
+    up: the relu2 MLP's up projection output; the norm's input is then relu(x)^2 * up (x the gate's).
+    residual (one layer; its output's shape and dtype): [residual + layer(norm(x))], the add fused."""
     if type(norm) is not RMSNorm or norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
@@ -220,10 +222,13 @@ def normed_projections(x: torch.Tensor, norm: nn.Module, layers, up: torch.Tenso
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or not _plain_frozen(layers):
         return None
+    if residual is not None and (len(layers) != 1 or residual.dtype != x.dtype or residual.requires_grad
+                                 and torch.is_grad_enabled()):
+        return None
     first = layers[0]
     return ops.rms_norm_bitlinear_many(x, norm.weight, norm.eps, [m.weight for m in layers],
                                        [m.weight_scale for m in layers], [m.out_features for m in layers],
-                                       first.packing, [m.bias for m in layers], first.kernel, up)
+                                       first.packing, [m.bias for m in layers], first.kernel, up, residual)
 
 
 def _plain_frozen(layers) -> bool:

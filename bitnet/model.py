@@ -55,8 +55,10 @@ def make_linear(config: BitNetConfig, name: str, in_features: int, out_features:
     return BitLinear(in_features, out_features, bias=bias, weight_bits=config.weight_bits, rms_norm_eps=eps)
 
 
-def projections(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None) -> list[torch.Tensor]:
-    """[layer(norm(x)) for layer in layers] (x as it is without a norm).
+def projections(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """[layer(norm(x)) for layer in layers] (x as it is without a norm); with a residual (one
+    layer), [residual + layer(norm(x))], the add in the packed GEMV's epilogue where the norm fuses.
 
     On the Triton kernels a plain RMSNorm in front of frozen BitLinear is fused into the quantization
     of its output, once for all of them (normed_projections: rmsnorm_act_quant, then a packed matmul
@@ -66,25 +68,30 @@ def projections(x: torch.Tensor, *layers: nn.Module, norm: nn.Module | None = No
     output equal to its layer's own, bit for bit); one layer alone runs as a module.
     """
     if norm is not None:
-        out = normed_projections(x, norm, layers)
+        out = normed_projections(x, norm, layers, residual=residual)
         if out is not None:
             return out
         x = norm(x)
+    if residual is not None:
+        return [residual + layers[0](x)]
     out = frozen_projections(x, layers) if len(layers) > 1 else None
     return out if out is not None else [layer(x) for layer in layers]
 
 
-def prenormed(block: nn.Module, norm: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-    """block(norm(x), *args). An Attention or MLP block without hooks, after an RMSNorm of x's dtype
-    (whose output has x's dtype too), is handed x and the norm instead, and applies it in front of
-    its first projections (projections: fused into their quantization on the Triton kernels). Hooks
-    on the block (a tensor-parallel plan, a user's) see its input normed, as before."""
+def prenormed(block: nn.Module, norm: nn.Module, x: torch.Tensor, *args, skip: bool = False) -> torch.Tensor:
+    """block(norm(x), *args), plus x with skip (the decoder layer's skip connection). An Attention
+    or MLP block without hooks, after an RMSNorm of x's dtype (whose output has x's dtype too), is
+    handed x and the norm instead, and applies it in front of its first projections (projections:
+    fused into their quantization on the Triton kernels), and x as the residual its last projection
+    adds (in the GEMV's epilogue there). Hooks on the block (a tensor-parallel plan, a user's) see
+    its input normed and its output without x, as before."""
     hooks = nn.modules.module
     plain = type(block) in (Attention, MLP) and type(norm) is RMSNorm and norm.weight.dtype == x.dtype
     if not plain or block._forward_hooks or block._forward_pre_hooks or hooks._global_forward_hooks \
             or hooks._global_forward_pre_hooks:
-        return block(norm(x), *args)
-    return block(x, *args, norm=norm)
+        out = block(norm(x), *args)
+        return x + out if skip else out
+    return block(x, *args, norm=norm, residual=x if skip else None)
 
 
 def _activation(name: str):
@@ -193,8 +200,9 @@ class Attention(nn.Module):
         self.attn_sub_norm = RMSNorm(self.n_head * self.head_dim, config.rms_norm_eps) if config.sub_norms else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, norm=None):
-        # x (B, T, C); norm: the input_layernorm to apply to it first (prenormed), or None
+    def forward(self, x, cos, sin, mask, input_pos, norm=None, residual=None):
+        # x (B, T, C); norm: the input_layernorm to apply to it first (prenormed), or None;
+        # residual (B, T, C): returned plus the output (the layer's skip connection, prenormed)
         B, T, _ = x.shape
         q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj, norm=norm)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -219,7 +227,7 @@ class Attention(nn.Module):
             key_mask = None if mask is ALL_KEYS else mask[:, 0, 0]  # (B, S): mask is (B, 1, 1, S)
             y = decode_attention(q[:, :, 0], k, v, input_pos, key_mask=key_mask, kernel=getattr(self.q_proj, "kernel", None))
             if y is not None:  # (B, nh*hd)
-                return projections(y.to(x.dtype)[:, None], self.o_proj, norm=self.attn_sub_norm)[0]
+                return projections(y.to(x.dtype)[:, None], self.o_proj, norm=self.attn_sub_norm, residual=residual)[0]
         gqa = self.n_head != self.n_kv
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -228,7 +236,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
-        return projections(y, self.o_proj, norm=self.attn_sub_norm)[0]
+        return projections(y, self.o_proj, norm=self.attn_sub_norm, residual=residual)[0]
 
 
 class MLP(nn.Module):
@@ -242,15 +250,16 @@ class MLP(nn.Module):
         self.act = _activation(config.hidden_act)
         self.relu2 = config.hidden_act == "relu2"
 
-    def forward(self, x, norm=None):
-        # x (B, T, C); norm: the post_attention_layernorm to apply to it first (prenormed), or None
+    def forward(self, x, norm=None, residual=None):
+        # x (B, T, C); norm: the post_attention_layernorm to apply to it first (prenormed), or None;
+        # residual (B, T, C): returned plus the output (the layer's skip connection, prenormed)
         gate, up = projections(x, self.gate_proj, self.up_proj, norm=norm)
         if self.relu2 and self.ffn_sub_norm is not None:
             # relu(gate)^2 * up folded into the sub norm's quantization on the Triton kernels
-            out = normed_projections(gate, self.ffn_sub_norm, [self.down_proj], up=up)
+            out = normed_projections(gate, self.ffn_sub_norm, [self.down_proj], up=up, residual=residual)
             if out is not None:
                 return out[0]
-        return projections(self.act(gate) * up, self.down_proj, norm=self.ffn_sub_norm)[0]
+        return projections(self.act(gate) * up, self.down_proj, norm=self.ffn_sub_norm, residual=residual)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -262,9 +271,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, input_pos):
-        # x + attn(norm(x)), then h + mlp(norm(h)); each block applies its norm (prenormed)
-        x = x + prenormed(self.self_attn, self.input_layernorm, x, cos, sin, mask, input_pos)
-        return x + prenormed(self.mlp, self.post_attention_layernorm, x)
+        # x + attn(norm(x)), then h + mlp(norm(h)); each block applies its norm and adds its input
+        # (prenormed: on the Triton kernels the norms fuse into quantization, the adds into the GEMVs)
+        x = prenormed(self.self_attn, self.input_layernorm, x, cos, sin, mask, input_pos, skip=True)
+        return prenormed(self.mlp, self.post_attention_layernorm, x, skip=True)
 
 
 def native_decode_args(layer, x: torch.Tensor, hidden_act: str, memo: dict | None = None) -> tuple | None:
@@ -446,7 +456,8 @@ class BitNetForCausalLM(nn.Module):
         """Swap the lm_head for a quantized one, in place (inference only): bits=8, int8 rows with
         float32 row scales (bitnet.Int8Linear; activations stay float), half the bytes of a bf16
         head; bits=4, 4-bit weights in groups of 32 against int8 activations (bitnet.Int4Linear),
-        under a third of them. Decode streams every head byte once a step. With tied embeddings the
+        under a third of them. Decode streams every head byte once a step (bits=8: the native kernel
+        on a CPU, a Triton GEMV on a GPU; bits=4 runs natively on a CPU and dequantizes elsewhere). With tied embeddings the
         embedding keeps its own float table. The cost in perplexity is measured in docs/results.md."""
         kinds = {8: Int8Linear, 4: Int4Linear}
         if bits not in kinds:

@@ -111,12 +111,15 @@ def bitlinear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[tor
 
 def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, packed: list[torch.Tensor],
                             scales: list[torch.Tensor], ns: list[int], fmt: str, biases: list[torch.Tensor | None],
-                            kernel: str | None = None, up: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+                            kernel: str | None = None, up: torch.Tensor | None = None,
+                            residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """bitlinear_many(rms_norm(x, weight, eps), ...) with the RMSNorm fused into the activation
     quantization on the Triton kernels: one rmsnorm_act_quant, then one packed_matmul_cat (the
     normalized activations never reach memory). None on the other backends: the caller then runs
     the norm, then bitlinear_many. weight must have x's dtype (the outputs do too). With up (x's
     shape and dtype), the norm's input is relu(x)^2 * up, each step rounded as torch rounds it.
+    residual (one matrix; the output's shape and dtype): its output is residual + y, the add in
+    the GEMV's epilogue at decode (the decoder layer's skip connection without a launch).
 
     Not bit-identical to the unfused path: the kernel sums the squares in another order than torch
     (or the native rms_norm), so a normalized value may differ by an ulp; then a (127 / its row's
@@ -126,26 +129,34 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
         return None
     from .kernels import rmsnorm_act_quant
 
-    return _packed_many(*rmsnorm_act_quant(x, weight, eps, with_sum=True, up=up), packed, scales, ns, fmt, biases, x.dtype)
+    return _packed_many(*rmsnorm_act_quant(x, weight, eps, with_sum=True, up=up), packed, scales, ns, fmt, biases, x.dtype,
+                        residual)
 
 
-def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype) -> list[torch.Tensor]:
+def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype, residual=None) -> list[torch.Tensor]:
     """The Triton packed_matmul of each matrix from one quantized input x_q (..., K), a (..., 1) and
     its row sums xsum (...): one packed_matmul_cat (at decode, q / k / v or gate / up in one GEMV
-    launch), its output split into one view per matrix."""
+    launch), its output split into one view per matrix; residual + it with a residual (one matrix)."""
     from .kernels import packed_matmul_cat
 
-    return list(packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype, xsum).split(ns, -1))
+    y = packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype, xsum, residual)
+    return [y] if len(ns) == 1 else list(y.split(ns, -1))
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (weight * scale)^T (+ bias) for int8 rows with float32 row scales (an int8 lm_head).
 
-    Few rows on the CPU (decode): the native kernel streams the int8 bytes once. Otherwise the rows
-    are dequantized to x's dtype for F.linear (prefill, evaluation, GPUs)."""
+    Few rows (decode, a prefill's last position): the native kernel on the CPU, the Triton GEMV on
+    the GPU (bitnet.kernels.int8_linear), each streaming the int8 bytes once, float32 sums times
+    the row scale. Otherwise (evaluation) the rows are dequantized to x's dtype for F.linear."""
     rows = x.numel() // max(x.shape[-1], 1)
     if rows <= 16 and native_inference(x):
         return native.int8_linear(x, weight, scale, bias)
+    if rows <= 16 and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and choose_kernel(x) == "triton" \
+            and not (torch.is_grad_enabled() and x.requires_grad):
+        from .kernels import int8_linear as triton_int8_linear
+
+        return triton_int8_linear(x, weight, scale, bias)
     w = (weight.float() * scale.float()[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 

@@ -14,6 +14,7 @@ Triton, one kernel strategy per file, each with its torch reference:
     rmsnorm_quant.py  RMSNorm fused with act_quant
     rope.py           RoPE of q and k with the KV-cache write, one launch
     attention.py      decode attention: one query per sequence over its cache row (flash-decoding)
+    int8_head.py      weight-only int8 GEMV (an int8 lm_head), few rows
     gemv.py           M = 1: dp4a GEMV with the activation quantization fused in
     gemm.py           M > 1: int8 tensor-core GEMM, split-K for small M
     custom_ops.py     the torch.library ops ("bitnet::...") and the dispatch by M
@@ -27,7 +28,7 @@ The names below load their Triton modules on first access, so that importing ano
 this package (a sibling module) does not import triton.
 """
 
-__all__ = ["act_quant", "bitlinear", "decode_attention", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
+__all__ = ["act_quant", "bitlinear", "decode_attention", "int8_linear", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
            "rope_cache", "unpack_triton"]
 
 

@@ -7,6 +7,7 @@ same float32 operations as the torch reference (bitnet.quant.quantized_linear), 
     y    = dot.to(f32) * (s / a)               # s / a with IEEE division, one rounding per step
     y    = y.to(out_dtype)
     y    = (y.to(f32) + bias.to(out_dtype).to(f32)).to(out_dtype)   # torch's low-precision add
+    y    = (residual.to(f32) + y.to(f32)).to(out_dtype)                 # optional: x + o_proj(...)
 
 so a Triton output equals the torch path's bit for bit whenever the int8 activations do.
 """
@@ -48,17 +49,19 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
 
 @triton.jit
 def store_output(
-    # pointers
+    # pointers (res_ptr: read if HAS_RES, at y_offs like y)
     y_ptr, bias_ptr,
     # tiles (broadcastable to one shape)
     y_offs, n_offs, mask, acc, xsum, factor,
     # constexpr
-    SC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+    SC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, res_ptr=None, HAS_RES: tl.constexpr = False,
 ):
     """Store y[y_offs] from the code accumulator acc = sum_k codes * x_q (int32).
 
     n_offs: the output feature of each element (indexes bias); xsum: sum_k x_q of the row;
     factor: s / a of the row (float32, unused when OUT_INT32, which stores x_q . W_q itself).
+    HAS_RES: y = residual + y, a residual stream of y's dtype (torch's low-precision add, as for
+    the bias): the decoder layer's `x + o_proj(...)` in the epilogue instead of a launch of its own.
     """
     dot = SC * acc - xsum
     if OUT_INT32:
@@ -69,6 +72,9 @@ def store_output(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + n_offs, mask=mask, other=0).to(out_ty)
             y = (y.to(tl.float32) + bias.to(tl.float32)).to(out_ty)
+        if HAS_RES:
+            r = tl.load(res_ptr + y_offs, mask=mask, other=0).to(tl.float32)
+            y = (r + y.to(tl.float32)).to(out_ty)
         tl.store(y_ptr + y_offs, y, mask=mask)
 
 

@@ -17,7 +17,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     input: float x quantized in the kernel (fp32/bf16/fp16, y in
                                     x's dtype) or int8 x_q with y fp32/bf16/fp16 or int32; one to three
                                     matrices (SEGMENTS, gemv.gemv_cat); bias or
-                                    not; BLOCK_A 4096 (K >= 4096) or smaller
+                                    not; a residual added in the epilogue or not;
+                                    BLOCK_A 4096 (K >= 4096) or smaller
     _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
                                     counter epilogue) + LARGE_M_CONFIGS (SPLIT_K 1); format; LANES;
                                     y fp32/bf16/fp16 with bias or not, or int32
@@ -32,6 +33,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _decode_attention_kernel,       q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
       _merge_kernel                 heads per KV head; cache rows per query or not; a bool, an
       [decode_attention]            integer or no key mask; one split or several (then merged)
+    _int8_linear_kernel             CONFIGS; x fp32/bf16/fp16; bias or not
+      [int8_linear]
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
 
@@ -102,11 +105,12 @@ def _jit_functions() -> dict:
     """name -> the JITFunction of every kernel (under autotune: the function it wraps)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile guard compiles the kernels: run it without TRITON_INTERPRET=1")
-    from . import activations, attention, gemm, gemv, layout, rmsnorm_quant, rope
+    from . import activations, attention, gemm, gemv, int8_head, layout, rmsnorm_quant, rope
 
     kernels = {
         "_decode_attention_kernel": attention._decode_attention_kernel,
         "_decode_attention_merge_kernel": attention._decode_attention_merge_kernel,
+        "_int8_linear_kernel": int8_head._int8_linear_kernel,
         "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel, "_gemm_int8_kernel": gemm._gemm_int8_kernel,
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
@@ -152,14 +156,18 @@ def _gemv_variants() -> list[Variant]:
         flags.append(dict(QUANTIZE_X=False, x="int8", y=out, HAS_BIAS=bias, BLOCK_A=4096))
     flags.append(dict(QUANTIZE_X=False, x="int8", y="int32", HAS_BIAS=False, BLOCK_A=4096))
     flags = [dict(f, SEGMENTS=1 + i % 3) for i, f in enumerate(flags)]  # one to three matrices (gemv_cat)
+    # the residual added in the epilogue (one matrix, a float output): the decoder layer's skip connection
+    flags += [dict(f, SEGMENTS=1, HAS_RES=True) for f in flags if f["y"] in ("bf16", "fp32") and not f["HAS_BIAS"]]
     out = []
     for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
         for i, (cfg, f) in enumerate(_round_robin(CONFIGS, flags)):
             consts = dict(P=p, QUANTIZE_X=f["QUANTIZE_X"], HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32",
-                          LANES=lanes, ASM=True, SEGMENTS=f["SEGMENTS"], BLOCK_A=f["BLOCK_A"], **cfg.kwargs)
+                          LANES=lanes, ASM=True, SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False),
+                          BLOCK_A=f["BLOCK_A"], **cfg.kwargs)
             bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]  # (the kernel reads words through cast pointers)
             types = dict(x_ptr=TYPES[f["x"]], a_ptr="*fp32", w_ptr="*u8", scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]],
-                         scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64")
+                         scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64",
+                         res_ptr=bias)
             out.append(Variant("_gemv_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 
@@ -270,6 +278,18 @@ def _attention_merge_variants() -> list[Variant]:
     return out
 
 
+def _int8_linear_variants() -> list[Variant]:
+    from .int8_head import CONFIGS
+
+    flags = [dict(x=x, HAS_BIAS=b) for x, b in itertools.product(["bf16", "fp32", "fp16"], [False, True])]
+    out = []
+    for i, (cfg, f) in enumerate(_round_robin(CONFIGS, flags)):
+        types = dict(x_ptr=TYPES[f["x"]], w_ptr="*i8", scale_ptr="*fp32", bias_ptr=TYPES[f["x"]], y_ptr=TYPES[f["x"]])
+        out.append(Variant("_int8_linear_kernel", dict(HAS_BIAS=f["HAS_BIAS"], **cfg.kwargs), types, cfg.num_warps,
+                           cfg.num_stages, fp_fusion=True, aligned=i % 3 != 2))  # launched without LAUNCH
+    return out
+
+
 def _unpack_variants() -> list[Variant]:
     # unpack_triton launches with Triton's default options (no LAUNCH): 4 warps, 3 stages, fusion on.
     return [Variant("_unpack_kernel", dict(P=p, BLOCK_R=16, BLOCK_K=64), dict(w_ptr="*u8", out_ptr="*i8"),
@@ -281,7 +301,7 @@ VARIANTS = {
     "_act_quant_kernel": _act_quant_variants,
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
     "_rope_cache_kernel": _rope_variants, "_decode_attention_kernel": _attention_variants,
-    "_decode_attention_merge_kernel": _attention_merge_variants,
+    "_decode_attention_merge_kernel": _attention_merge_variants, "_int8_linear_kernel": _int8_linear_variants,
 }
 
 

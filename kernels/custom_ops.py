@@ -14,6 +14,7 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
                                                                  q'; k', v written to the cache
     bitnet::decode_attention(q, k_cache, v_cache, pos, rows?, key_mask?)
                                                                  y (N, H * D): one query per sequence
+    bitnet::int8_linear(x, weight, scale, bias?)                 y = (x @ W_q^T) * s: an int8 lm_head, few rows
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
@@ -38,6 +39,7 @@ from .activations import act_quant as _act_quant, rows_of
 from .attention import decode_attention as _decode_attention
 from .gemm import gemm
 from .gemv import gemv, gemv_cat
+from .int8_head import int8_linear as _int8_linear
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
 from .rope import rope_cache as _rope_cache
 
@@ -86,11 +88,17 @@ def _(x_q, a, packed, scale, bias, n, fmt, out_dtype):
 
 def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor],
                             biases: list[Optional[Tensor]], ns: list[int], fmt: str, out_dtype: torch.dtype,
-                            xsum: Optional[Tensor] = None) -> Tensor:
+                            xsum: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
     x2, a2 = rows_of(x_q), a.reshape(-1)
     one_launch = len(packed) <= 3 and len({b is None for b in biases}) == 1
-    if x2.shape[0] == 1 and one_launch:
-        y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype)
+    if residual is not None and (residual.shape[:-1] != x_q.shape[:-1] or residual.shape[-1] != sum(ns)
+                                 or residual.dtype != out_dtype):
+        raise ValueError(f"residual must be {(*x_q.shape[:-1], sum(ns))} {out_dtype}, got {tuple(residual.shape)} "
+                         f"{residual.dtype}")
+    r2 = None if residual is None else residual.reshape(x2.shape[0], sum(ns))
+    if x2.shape[0] == 1 and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
+        y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
+        r2 = None  # added in the epilogue
     else:
         y = x2.new_empty((x2.shape[0], sum(ns)), dtype=out_dtype)
         if xsum is None:
@@ -103,6 +111,8 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
             else:
                 gemm(x2, p, n, fmt, scale=s, bias=b, a=a2, xsum=xsum, out_dtype=out_dtype, out=y[:, col:col + n])
             col += n
+    if r2 is not None:
+        y.add_(r2)  # residual + y: the same bits (IEEE addition commutes)
     return y.reshape(*x_q.shape[:-1], sum(ns))
 
 
@@ -110,7 +120,7 @@ _packed_matmul_cat = torch.library.custom_op("bitnet::packed_matmul_cat", _packe
 
 
 @_packed_matmul_cat.register_fake
-def _(x_q, a, packed, scales, biases, ns, fmt, out_dtype, xsum=None):
+def _(x_q, a, packed, scales, biases, ns, fmt, out_dtype, xsum=None, residual=None):
     return _output_like(x_q, sum(ns), out_dtype)
 
 
@@ -198,6 +208,18 @@ def _(q, k_cache, v_cache, pos, rows=None, key_mask=None):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
+def _int8_linear_impl(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return _int8_linear(x, weight, scale, bias)
+
+
+_int8_linear_op = torch.library.custom_op("bitnet::int8_linear", _int8_linear_impl, mutates_args=())
+
+
+@_int8_linear_op.register_fake
+def _(x, weight, scale, bias=None):
+    return _output_like(x, weight.shape[0], x.dtype)
+
+
 # The public functions: the ops where torch.compile (or torch.export) traces, their implementations
 # in eager code.
 _tracing = torch.compiler.is_compiling
@@ -219,14 +241,16 @@ def packed_matmul(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, n: int,
 
 def packed_matmul_cat(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor], ns: list[int], fmt: str,
                       biases: list[Tensor | None] | None = None, out_dtype: torch.dtype = torch.float32,
-                      xsum: Tensor | None = None) -> Tensor:
+                      xsum: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """packed_matmul of several matrices of one quantized input, outputs side by side: y (..., sum(ns)),
     matrix j's in columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to its own packed_matmul. At
     M = 1 up to three matrices (with a bias each or none) run in one GEMV launch. xsum: the rows'
-    sums of x_q (act_quant(..., with_sum=True) gives them), else computed here where needed (M > 1)."""
+    sums of x_q (act_quant(..., with_sum=True) gives them), else computed here where needed (M > 1).
+    residual (..., sum(ns)) of out_dtype: y = residual + y (the decoder layer's skip connection), in
+    the GEMV's epilogue at M = 1 for one matrix, else one add after."""
     biases = list(biases) if biases is not None else [None] * len(packed)
     op = torch.ops.bitnet.packed_matmul_cat if _tracing() else _packed_matmul_cat_impl
-    return op(x_q, a, list(packed), list(scales), biases, list(ns), fmt, out_dtype, xsum)
+    return op(x_q, a, list(packed), list(scales), biases, list(ns), fmt, out_dtype, xsum, residual)
 
 
 def packed_matmul_int32(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
@@ -272,3 +296,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, r
     -> y (N, H * D), the heads side by side (the o_proj's input)."""
     op = torch.ops.bitnet.decode_attention if _tracing() else _decode_attention_impl
     return op(q, k_cache, v_cache, pos, rows, key_mask)
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = (x @ W_q^T) * scale (+ bias) for an int8 weight (N, K) with float32 row scales and x
+    (..., K) of at most 16 rows (kernels/int8_head.py), y in x's dtype."""
+    op = torch.ops.bitnet.int8_linear if _tracing() else _int8_linear_impl
+    return op(x, weight, scale, bias)

@@ -156,16 +156,17 @@ def segment_of(rows, R, R1, SEGMENTS: tl.constexpr):
           interpret_config=triton.Config({"BLOCK_R": 4, "BLOCK_U": 16}))
 @triton.jit
 def _gemv_kernel(
-    # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
-    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr,
+    # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2;
+    # res_ptr: the residual stream, read if HAS_RES)
+    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr, res_ptr,
     # sizes (N1, R1, N2, R2: of the second and third matrices; W1, W2: where their packed weights
     # start, from w_ptr, in units of 16 units: 64 bytes on the word path, 16 on the byte path)
     N, K, R, N1, R1, N2, R2, W1, W2,
     # strides (unit stride along K and N; stride_wr, and stride_xm of x_q, in units: words or bytes)
-    stride_xm, stride_wr, stride_ym,
+    stride_xm, stride_wr, stride_ym, stride_rm,
     # constexpr
     P: tl.constexpr, QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
-    LANES: tl.constexpr, ASM: tl.constexpr, SEGMENTS: tl.constexpr,
+    LANES: tl.constexpr, ASM: tl.constexpr, SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k code_i(w[r, k]) * x_q[m, k] - sum_k x_q[m, k]) * s / a[m] + bias.
@@ -183,6 +184,7 @@ def _gemv_kernel(
         not pointers, keep the loads 16 bytes wide), scale and bias; their packed rows are
         numbered one after the other (R, then R1, then R2) and their outputs side by side,
         y (M, N + N1 + N2).
+    HAS_RES (SEGMENTS == 1): y = residual + y, res_ptr (M, N) of y's dtype (common.store_output).
     ASM: dp4a by inline PTX (CUDA); else its plain Triton twin (interpreter).
     BLOCK_A: activations per step of the absmax pass (few, long steps: it waits on L2 each step).
     Grid: (cdiv(R + R1 + R2, BLOCK_R), M); program (p, m) takes packed rows p*BLOCK_R + [0, BLOCK_R).
@@ -253,6 +255,7 @@ def _gemv_kernel(
 
     total = tl.sum(xsum, 1)  # (BR,): every row's is sum_k x_q[m, k]
     y_row = y_ptr + m * stride_ym
+    r_row = res_ptr + m * stride_rm if HAS_RES else res_ptr
     if OUT_INT32:
         factor = 0.0 * total  # (BR,), unused
     elif SEGMENTS == 1:
@@ -271,11 +274,11 @@ def _gemv_kernel(
         bias_tile = bias_rows[:, None]
     n = tl.arange(0, PA)[None, :] * rows_in[:, None] + offs_r[:, None]  # (BR, PA): outputs within their matrix
     store_output(y_row, bias_tile, n + col0[:, None], n, row_ok[:, None] & (n < cols[:, None]),
-                 tl.sum(acc, 1), total[:, None], factor[:, None], SC, HAS_BIAS, OUT_INT32)
+                 tl.sum(acc, 1), total[:, None], factor[:, None], SC, HAS_BIAS, OUT_INT32, r_row, HAS_RES)
     if PB > 0:
         n = PA * rows_in + offs_r
         store_output(y_row, bias_rows, n + col0, n, row_ok & (n < cols), tl.sum(acc_b, 1), total, factor,
-                     SC, HAS_BIAS, OUT_INT32)
+                     SC, HAS_BIAS, OUT_INT32, r_row, HAS_RES)
 
 
 def gemv(
@@ -287,13 +290,15 @@ def gemv(
     bias: torch.Tensor | None = None,
     a: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (M, K) @ W^T -> y (M, n), one program row per activation row (meant for M = 1).
 
     x float: quantized in the kernel (a must be None). x int8: x_q, with its a (M,) float32.
     out_dtype: x's dtype for float x; torch.int32 returns x_q . W_q^T, unscaled (scale unused).
+    residual (M, n) of out_dtype: y = residual + (x @ W^T), the add in the epilogue.
     """
-    return gemv_cat(x, [packed], [n], fmt, [scale], [bias], a, out_dtype)
+    return gemv_cat(x, [packed], [n], fmt, [scale], [bias], a, out_dtype, residual)
 
 
 def gemv_cat(
@@ -305,10 +310,12 @@ def gemv_cat(
     biases: list[torch.Tensor | None] | None = None,
     a: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Up to three matrices of one input in one launch: y (M, sum(ns)), matrix j's outputs in
     columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemv() of that matrix alone (the same
-    integers, the same epilogue). The matrices share K and the format; biases all or none."""
+    integers, the same epilogue). The matrices share K and the format; biases all or none.
+    residual: one matrix only, as gemv's."""
     if not 1 <= len(packed) <= 3 or not len(packed) == len(ns) == len(scales):
         raise ValueError(f"gemv_cat takes 1 to 3 matrices with one n and one scale each, got {len(packed)}, "
                          f"{len(ns)}, {len(scales)}")
@@ -318,6 +325,10 @@ def gemv_cat(
     quantize_x = x.is_floating_point()
     out_dtype = out_dtype or (x.dtype if quantize_x else None)
     m, k = x.shape
+    if residual is not None and (len(packed) != 1 or residual.shape != (m, ns[0]) or residual.dtype != out_dtype
+                                 or residual.stride(-1) != 1):
+        raise ValueError(f"residual must be ({m}, {ns[0]}) {out_dtype} with unit stride along N, for one matrix; got "
+                         f"{tuple(residual.shape)} {residual.dtype} for {len(packed)}")
     scales = list(scales)
     a, scales[0] = matmul_args(x, a, scales[0], biases[0], ns[0], out_dtype, quantized_in_kernel=quantize_x)
     for j in range(1, len(packed)):  # the activations are checked once; the other matrices' own arguments
@@ -344,11 +355,13 @@ def gemv_cat(
     grid = lambda meta: (cdiv(rows[0] + rows[1] + rows[2], meta["BLOCK_R"]), m)  # noqa: E731
     if m > 0:
         _gemv_kernel[grid](
-            x, a, packed[0], scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2],
+            x, a, packed[0], scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2], residual,
             ns[0], k, rows[0], ns[1], rows[1], ns[2], rows[2], starts[1], starts[2],
             x.stride(0) // (1 if quantize_x else lanes), packed[0].stride(0) // lanes, y.stride(0),
+            residual.stride(0) if residual is not None else 0,
             P=p, QUANTIZE_X=quantize_x, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32,
             LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, SEGMENTS=seg,
+            HAS_RES=residual is not None,
             BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH,
         )
     return y

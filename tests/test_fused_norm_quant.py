@@ -116,6 +116,66 @@ def test_fused_norm_differs_only_through_x_q_and_a(triton_device):
         assert ((y.double() - ref.double()).abs() <= bound).all(), f"{int((~same).sum())} rows changed"
 
 
+# ----------------------------------------------------------------------------- the skip connection in the epilogue
+@pytest.mark.parametrize("fmt, dtype, bias", [("2bit", torch.bfloat16, False), ("1.6bit", torch.float32, True),
+                                              ("1bit", torch.bfloat16, True)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_the_skip_connection_adds_as_torch_adds(fmt, dtype, bias, m, triton_device):
+    """residual + o_proj(norm(x)) with the add in the GEMV's epilogue (M = 1; M > 1 adds after the
+    GEMM): bit for bit torch's add of the same output, which the fused path gives without it (in
+    bf16 under the interpreter, which truncates float32 -> bf16 where a GPU rounds: within its ulp)."""
+    layer = qkv(triton_device, dtype, fmt, bias)[0]
+    norm = RMSNorm(K).to(triton_device, dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = activations(m, device=triton_device, dtype=dtype)[:, None]  # (m, 1, K)
+        residual = torch.randn(m, 1, layer.out_features, device=triton_device).to(dtype) * 4
+        (y,) = normed_projections(x, norm, [layer])
+        (fused,) = normed_projections(x, norm, [layer], residual=residual)
+    assert fused.shape == residual.shape and fused.dtype == dtype
+    ref = (residual + y).cpu()
+    if dtype == torch.float32 or triton_device == "cuda" or m > 1:  # (M > 1: torch's own add after the GEMM)
+        assert torch.equal(fused.cpu(), ref)
+    else:
+        assert ((fused.cpu().float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
+    assert not torch.equal(fused.cpu(), y.cpu())
+
+
+def test_the_skip_connection_is_refused_where_it_cannot_fuse(triton_device):
+    layers = qkv(triton_device)
+    x = activations(1, device=triton_device)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.packed_matmul_cat(*kernels.act_quant(x), [m.weight for m in layers[:1]], [layers[0].weight_scale], [48],
+                                  "2bit", residual=torch.zeros(1, 47, device=triton_device))
+    norm = RMSNorm(K).to(triton_device)
+    with torch.no_grad():  # several layers, or another dtype: the caller adds in torch
+        assert normed_projections(x, norm, layers, residual=torch.zeros(1, 80, device=triton_device)) is None
+        assert normed_projections(x, norm, layers[:1], residual=torch.zeros(1, 48, device=triton_device).double()) is None
+
+
+def test_a_decode_step_adds_no_skip_connection_in_torch(monkeypatch, triton_device):
+    """On the Triton path a decode step of the tiny model issues no torch add: both skip
+    connections of each layer ride the o_proj and down_proj GEMVs' epilogues."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Adds(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Adds.n += func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny().to(triton_device)
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    model.setup_cache(1, 8)
+    with torch.no_grad():
+        model(torch.tensor([[5, 77, 3]], device=triton_device), input_pos=torch.arange(3, device=triton_device))
+        with Adds():
+            model(torch.tensor([[9]], device=triton_device), input_pos=torch.tensor([3], device=triton_device))
+    model.clear_cache()
+    assert Adds.n == 0
+
+
 # ----------------------------------------------------------------------------- the model on the fused path
 def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton_device):
     model = tiny().to(triton_device)
@@ -155,11 +215,12 @@ def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton
     assert tokens == ref_tokens
 
     # The wiring, bit for bit: the torch path fed the fused kernel's (x_q, a) gives the same logits.
-    def torch_from_fused_quant(x, weight, eps, packed, scales, ns, fmt, biases, kernel=None, up=None):
+    def torch_from_fused_quant(x, weight, eps, packed, scales, ns, fmt, biases, kernel=None, up=None, residual=None):
         x_q, a = kernels.rmsnorm_act_quant(x, weight, eps, up=up)
         rows, lead = x_q.reshape(-1, x.shape[-1]), x.shape[:-1]
-        return [reference_gemm(rows, p, n, fmt, s, a, b, x.dtype).reshape(*lead, n)
-                for p, s, n, b in zip(packed, scales, ns, biases)]
+        out = [reference_gemm(rows, p, n, fmt, s, a, b, x.dtype).reshape(*lead, n)
+               for p, s, n, b in zip(packed, scales, ns, biases)]
+        return out if residual is None else [residual + out[0]]  # the skip connection, in torch
 
     monkeypatch.setattr(ops, "rms_norm_bitlinear_many", torch_from_fused_quant)
     # and the decode steps' attention the Triton path's (its own tests: tests/test_attention.py)
@@ -272,8 +333,12 @@ def test_native_cpu_path_is_the_unfused_one(monkeypatch):
 
     new = logits()
     assert calls == dict.fromkeys(KERNEL_OPS, 0)
-    monkeypatch.setattr(bm, "prenormed", lambda block, norm, x, *args: block(norm(x), *args))
-    monkeypatch.setattr(bm, "normed_projections", lambda x, norm, layers, up=None: None)
+    def unfused(block, norm, x, *args, skip=False):
+        out = block(norm(x), *args)
+        return x + out if skip else out
+
+    monkeypatch.setattr(bm, "prenormed", unfused)
+    monkeypatch.setattr(bm, "normed_projections", lambda x, norm, layers, up=None, residual=None: None)
     for got, ref in zip(new, logits()):
         assert torch.equal(got, ref)
 

@@ -131,9 +131,9 @@ class ModelRunner:
             heads = torch.arange(nkv, device=dev)
             at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (N * nkv,)
             for layer, cache in zip(m.layers, self.caches):
-                x = x + self._attention(layer.self_attn, x, cos, sin, cache, at, rows, pos, segs, native_decode,
-                                        layer.input_layernorm)
-                x = x + prenormed(layer.mlp, layer.post_attention_layernorm, x)
+                x = self._attention(layer.self_attn, x, cos, sin, cache, at, rows, pos, segs, native_decode,
+                                    layer.input_layernorm)  # x + attention
+                x = prenormed(layer.mlp, layer.post_attention_layernorm, x, skip=True)
         ends, offset = [], 0
         for s in segs:
             offset += len(s.tokens)
@@ -146,8 +146,9 @@ class ModelRunner:
 
     def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                    segs: list[Segment], native_decode: bool, norm=None) -> torch.Tensor:
-        """bitnet.model.Attention.forward over the segments side by side, x (1, N, C); the one-token
-        segments through the native decode attention where a lone decode step runs it."""
+        """x + bitnet.model.Attention.forward over the segments side by side, x (1, N, C) (the skip
+        connection added as the layer adds it); the one-token segments through the native or
+        Triton decode attention where a lone decode step runs it."""
         N = x.shape[1]
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
         q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj, norm=norm)
@@ -203,7 +204,7 @@ class ModelRunner:
                                    rows=torch.tensor([segs[i].slot for i in singles], device=x.device),
                                    kernel=kernel)  # (B, nh*hd): one launch (two: a long cache), or None
             if y_b is not None and len(singles) == N:  # a pure decode step: the heads already side by side
-                return projections(y_b.to(x.dtype)[None], attn.o_proj, norm=attn.attn_sub_norm)[0]
+                return projections(y_b.to(x.dtype)[None], attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
             if y_b is not None:
                 for j, i in enumerate(singles):
                     ys[i] = y_b[j].view(nh, 1, hd)[None]  # (1, nh, 1, hd)
@@ -224,7 +225,7 @@ class ModelRunner:
             for j, i in enumerate(singles):
                 ys[i] = y_b[j:j + 1]
         y = torch.cat(ys, dim=2).to(x.dtype).transpose(1, 2).reshape(1, N, nh * hd)  # (1, N, nh*hd)
-        return projections(y, attn.o_proj, norm=attn.attn_sub_norm)[0]
+        return projections(y, attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
 
 
 def head_rows(head, h: torch.Tensor) -> torch.Tensor:
