@@ -108,17 +108,3 @@ def matmul_args(
     elif a.dtype != torch.float32 or not a.is_contiguous():  # the kernels read a[m] at offset m
         a = a.reshape(-1).float().contiguous()
     return a, scale
-
-
-def matmul_output(
-    x: torch.Tensor,
-    a: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    n: int,
-    out_dtype: torch.dtype | None,
-    quantized_in_kernel: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """matmul_args, and y (M, n) allocated: returns (y, a, scale)."""
-    a, scale = matmul_args(x, a, scale, bias, n, out_dtype, quantized_in_kernel)
-    return torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device), a, scale

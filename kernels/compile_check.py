@@ -21,7 +21,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     BLOCK_A 4096 (K >= 4096) or smaller
     _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
                                     counter epilogue) + LARGE_M_CONFIGS (SPLIT_K 1); format; LANES;
-                                    y fp32/bf16/fp16 with bias or not, or int32
+                                    y fp32/bf16/fp16 with bias or not, or int32; one to three
+                                    matrices (SEGMENTS, gemm.gemm_cat)
     _gemm_int8_kernel [gemm.gemm,   INT8_CONFIGS (the unpacked weights' GEMM, M >= UNPACK_M); y
       M >= UNPACK_M]                fp32/bf16/fp16 with bias or not, or int32
     _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
@@ -178,14 +179,17 @@ def _gemm_variants() -> list[Variant]:
     tiles = [(c, s) for c in SMALL_M_CONFIGS for s in (1, 2)] + [(c, 1) for c in LARGE_M_CONFIGS]
     flags = [dict(y=y, HAS_BIAS=b) for y, b in itertools.product(["bf16", "fp32", "fp16"], [True, False])]
     flags.append(dict(y="int32", HAS_BIAS=False))
+    # one to three matrices (gemm_cat), every output dtype and bias beside each count
+    flags = [dict(f, SEGMENTS=s) for f in flags for s in (1, 2, 3)]
     out = []
     for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
         for i, ((cfg, split), f) in enumerate(_round_robin(tiles, flags)):
             consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
-                          **cfg.kwargs)
+                          SEGMENTS=f["SEGMENTS"], **cfg.kwargs)
+            bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]
             types = dict(x_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32" if lanes == 4 else "*u8",
-                         scale_ptr="*fp32", bias_ptr=TYPES["bf16" if f["y"] == "int32" else f["y"]], y_ptr=TYPES[f["y"]],
-                         ws_ptr="*i32", count_ptr="*i32")
+                         scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]], ws_ptr="*i32", count_ptr="*i32",
+                         scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64")
             out.append(Variant("_gemm_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 

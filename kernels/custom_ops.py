@@ -19,8 +19,8 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
   matrices of one input (packed_matmul_cat: q / k / v, gate / up) share one GEMV launch.
-- M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64), one
-  launch per matrix, written side by side.
+- M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64);
+  several matrices of one input in one launch too (gemm_cat), from M = UNPACK_M one per matrix.
 Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
 
 The public functions at the bottom call the ops where torch.compile (or torch.export) traces, and
@@ -37,7 +37,7 @@ import torch
 
 from .activations import act_quant as _act_quant, rows_of
 from .attention import decode_attention as _decode_attention
-from .gemm import gemm
+from .gemm import gemm, gemm_cat
 from .gemv import gemv, gemv_cat
 from .int8_head import int8_linear as _int8_linear
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
@@ -99,6 +99,10 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
     if x2.shape[0] == 1 and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
         r2 = None  # added in the epilogue
+    elif x2.shape[0] > 1 and one_launch:  # below UNPACK_M one GEMM launch for all of them
+        if xsum is None:
+            xsum = x2.sum(-1, dtype=torch.int32)
+        y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=xsum.reshape(-1), out_dtype=out_dtype)
     else:
         y = x2.new_empty((x2.shape[0], sum(ns)), dtype=out_dtype)
         if xsum is None:

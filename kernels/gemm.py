@@ -38,7 +38,8 @@ import triton.language as tl
 
 from bitnet.quant import int_matmul
 
-from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_args, matmul_output, next_power_of_2, store_output
+from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_args, next_power_of_2, store_output
+from .gemv import segment_of
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_triton, values_per_byte
 
 SMALL_M = 64
@@ -82,18 +83,20 @@ def grouped_tile(num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + (pid % (GROUP_M * num_n)) % group_size, (pid % (GROUP_M * num_n)) // group_size
 
 
-@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K"], prune=_prune,
-          interpret_config=INTERPRET_CONFIG)
+@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2"],
+          prune=_prune, interpret_config=INTERPRET_CONFIG)
 @triton.jit
 def _gemm_kernel(
-    # pointers
-    x_ptr, a_ptr, xsum_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
-    # sizes (m_bucket: autotuning key only)
-    M, N, K, R, m_bucket,
+    # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
+    x_ptr, a_ptr, xsum_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, scale1_ptr, bias1_ptr, scale2_ptr,
+    bias2_ptr,
+    # sizes (m_bucket: autotuning key only; N1, R1, N2, R2, W1, W2 as in gemv._gemv_kernel)
+    M, N, K, R, m_bucket, N1, R1, N2, R2, W1, W2,
     # strides (unit stride along K and N; stride_wr in units of w_ptr's dtype)
     stride_xm, stride_wr, stride_ym,
     # constexpr
     P: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, LANES: tl.constexpr, SPLIT_K: tl.constexpr,
+    SEGMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k x_q[m, k] * code_i(w[r, k]) - xsum[m]) * s / a[m] + bias.
@@ -104,8 +107,12 @@ def _gemm_kernel(
     scale_ptr: float32 (1,), s = mean|W|; bias_ptr: (N,) any float dtype, read if HAS_BIAS.
     y_ptr: (M, N) in the output dtype, or int32 x_q . W_q^T itself if OUT_INT32 (a, s unused).
     ws_ptr: int32 (M, N), count_ptr: int32 (one per tile), both zero, and left zero: used if SPLIT_K > 1.
-    Grid: (cdiv(M, BLOCK_M) * cdiv(R, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M along M;
-    program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
+    SEGMENTS > 1: as many matrices of one input in one launch (q / k / v, gate / up at a batched
+        decode step), as gemv._gemv_kernel takes them: packed rows numbered R, then R1, then R2 (a
+        tile may straddle two matrices: each row and output column finds its own), the second and
+        third weights at w_ptr + 16 * W1 and + 16 * W2 units, outputs side by side in y (M, N + N1 + N2).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(R + R1 + R2, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M
+    along M; program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
     """
     PA: tl.constexpr = 8 if P == 8 else 4
     PB: tl.constexpr = P - PA
@@ -113,7 +120,7 @@ def _gemm_kernel(
     BLOCK_R: tl.constexpr = BLOCK_N // PA
     BLOCK_U: tl.constexpr = BLOCK_K // LANES
 
-    pid_m, pid_r = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(R, BLOCK_R), GROUP_M)
+    pid_m, pid_r = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(R + R1 + R2, BLOCK_R), GROUP_M)
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_lo = tl.program_id(1) * steps * BLOCK_K
     k_hi = min(K, k_lo + steps * BLOCK_K)
@@ -121,7 +128,16 @@ def _gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm
-    w_ptrs = w_ptr + offs_r[:, None] * stride_wr
+    if SEGMENTS == 1:
+        w_ptrs = w_ptr + offs_r[:, None] * stride_wr
+        row_ok = offs_r < R
+    else:
+        # each row's matrix: offsets from w_ptr scaled after the select (16-unit grains), as the GEMV does
+        later, third = segment_of(offs_r, R, R1, SEGMENTS)
+        w_base = tl.where(third, W2, tl.where(later, W1, 0)).to(tl.int64) * 16
+        local = offs_r - tl.where(third, R + R1, tl.where(later, R, 0))
+        w_ptrs = w_ptr + w_base[:, None] + local[:, None] * stride_wr
+        row_ok = offs_r < R + R1 + R2
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     if PB > 0:
         acc_b = tl.zeros([BLOCK_M, BLOCK_R], tl.int32)
@@ -129,22 +145,33 @@ def _gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_u = k0 // LANES + tl.arange(0, BLOCK_U)
         x = tl.load(x_ptrs + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < k_hi)[None, :], other=0)
-        w_mask = (offs_r < R)[:, None] & (offs_u < k_hi // LANES)[None, :]
+        w_mask = row_ok[:, None] & (offs_u < k_hi // LANES)[None, :]
         w = tl.load(w_ptrs + offs_u[None, :], mask=w_mask, other=0).to(tl.int32)
         acc_a = tl.dot(x, tl.trans(decode_stacked(w, P, LANES)), acc_a, out_dtype=tl.int32)
         if PB > 0:
             acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES)), acc_b, out_dtype=tl.int32)
 
-    # Epilogue: accumulator column j of acc_a is feature (j // BLOCK_R) * R + pid_r * BLOCK_R + j % BLOCK_R.
+    # Epilogue: accumulator column j of acc_a is feature (j // BLOCK_R) * R + pid_r * BLOCK_R + j % BLOCK_R
+    # (with segments: of the matrix of that packed row, R its rows, its outputs from column col0 on).
     mask_m = offs_m < M
     j = tl.arange(0, BLOCK_N)
     r = pid_r * BLOCK_R + j % BLOCK_R
-    n_a = (j // BLOCK_R) * R + r
-    mask_a = mask_m[:, None] & ((r < R) & (n_a < N))[None, :]
-    offs_a = offs_m[:, None] * stride_ym + n_a[None, :]
-    n_b = PA * R + offs_r
-    mask_b = mask_m[:, None] & ((offs_r < R) & (n_b < N))[None, :]
-    offs_b = offs_m[:, None] * stride_ym + n_b[None, :]
+    if SEGMENTS == 1:
+        n_a = (j // BLOCK_R) * R + r
+        mask_a = mask_m[:, None] & ((r < R) & (n_a < N))[None, :]
+        offs_a = offs_m[:, None] * stride_ym + n_a[None, :]
+        n_b = PA * R + offs_r
+        mask_b = mask_m[:, None] & ((offs_r < R) & (n_b < N))[None, :]
+        offs_b = offs_m[:, None] * stride_ym + n_b[None, :]
+    else:
+        later_a, third_a = segment_of(r, R, R1, SEGMENTS)
+        n_a = (j // BLOCK_R) * tl.where(third_a, R2, tl.where(later_a, R1, R)) + r \
+            - tl.where(third_a, R + R1, tl.where(later_a, R, 0))
+        mask_a = mask_m[:, None] & ((r < R + R1 + R2) & (n_a < tl.where(third_a, N2, tl.where(later_a, N1, N))))[None, :]
+        offs_a = offs_m[:, None] * stride_ym + (n_a + tl.where(third_a, N + N1, tl.where(later_a, N, 0)))[None, :]
+        n_b = PA * tl.where(third, R2, tl.where(later, R1, R)) + local
+        mask_b = mask_m[:, None] & (row_ok & (n_b < tl.where(third, N2, tl.where(later, N1, N))))[None, :]
+        offs_b = offs_m[:, None] * stride_ym + (n_b + tl.where(third, N + N1, tl.where(later, N, 0)))[None, :]
     last = True
     if SPLIT_K > 1:
         # Partial sums into the workspace; the program that arrives last at this tile finishes it.
@@ -164,13 +191,37 @@ def _gemm_kernel(
                 tl.store(ws_ptr + offs_b, tl.zeros_like(acc_b), mask=mask_b)
             tl.store(count_ptr + tl.program_id(0), 0)
         xsum = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0)[:, None]
-        if OUT_INT32:
-            factor = 0.0
+        if SEGMENTS == 1:
+            if OUT_INT32:
+                factor = 0.0
+            else:
+                factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
+            store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SC, HAS_BIAS, OUT_INT32)
+            if PB > 0:
+                store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32)
         else:
-            factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
-        store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SC, HAS_BIAS, OUT_INT32)
-        if PB > 0:
-            store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32)
+            # per column: its matrix's scale and bias (s / a rounded as one matrix alone rounds it)
+            if OUT_INT32:
+                factor_a = 0.0
+            else:
+                a = tl.load(a_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
+                s0, s1, s2 = tl.load(scale_ptr), tl.load(scale1_ptr), tl.load(scale2_ptr)
+                factor_a = tl.math.div_rn(tl.where(third_a, s2, tl.where(later_a, s1, s0))[None, :] + 0.0 * a, a)
+            if HAS_BIAS:
+                bias_a = tl.where(third_a, bias2_ptr, tl.where(later_a, bias1_ptr, bias_ptr))[None, :]
+            else:
+                bias_a = bias_ptr
+            store_output(y_ptr, bias_a, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor_a, SC, HAS_BIAS, OUT_INT32)
+            if PB > 0:
+                if OUT_INT32:
+                    factor_b = 0.0
+                else:
+                    factor_b = tl.math.div_rn(tl.where(third, s2, tl.where(later, s1, s0))[None, :] + 0.0 * a, a)
+                if HAS_BIAS:
+                    bias_b = tl.where(third, bias2_ptr, tl.where(later, bias1_ptr, bias_ptr))[None, :]
+                else:
+                    bias_b = bias_ptr
+                store_output(y_ptr, bias_b, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor_b, SC, HAS_BIAS, OUT_INT32)
 
 
 UNPACK_M = int(os.environ.get("BITNET_UNPACK_GEMM_M", "512"))  # read at import, like INTERPRET
@@ -294,29 +345,69 @@ def gemm(
     when not given (act_quant gives it for free). out: where to write y, (M, n) of out_dtype with
     unit stride along n (e.g. a column block of a wider output); a new tensor if None.
     """
+    return gemm_cat(x_q, [packed], [n], fmt, [scale], [bias], a, xsum, out_dtype, out)
+
+
+def gemm_cat(
+    x_q: torch.Tensor,
+    packed: list[torch.Tensor],
+    ns: list[int],
+    fmt: str,
+    scales: list[torch.Tensor | None],
+    biases: list[torch.Tensor | None] | None = None,
+    a: torch.Tensor | None = None,
+    xsum: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Up to three matrices of one input in one launch (below UNPACK_M): y (M, sum(ns)), matrix j's
+    outputs in columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemm() of that matrix alone
+    (the same integers, the same epilogue). The matrices share K and the format; biases all or none.
+    Matrices whose packed weights do not sit on 16-unit grains of the first's run one launch each."""
     if x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
+    if not 1 <= len(packed) <= 3 or not len(packed) == len(ns) == len(scales):
+        raise ValueError(f"gemm_cat takes 1 to 3 matrices with one n and one scale each, got {len(packed)}, "
+                         f"{len(ns)}, {len(scales)}")
+    biases = list(biases) if biases else [None] * len(packed)
+    if len({b is None for b in biases}) > 1:
+        raise ValueError("gemm_cat needs a bias for every matrix or for none")
+    total = sum(ns)
+    a, scale0 = matmul_args(x_q, a, scales[0], biases[0], ns[0], out_dtype)
+    scales = [scale0] + [matmul_args(x_q, a, s, b, n, out_dtype)[1] for s, b, n in zip(scales[1:], biases[1:], ns[1:])]
     if out is None:
-        y, a, scale = matmul_output(x_q, a, scale, bias, n, out_dtype)
+        y = torch.empty(x_q.shape[0], total, dtype=out_dtype, device=x_q.device)
     else:
-        a, scale = matmul_args(x_q, a, scale, bias, n, out_dtype)
-        if out.shape != (x_q.shape[0], n) or out.dtype != out_dtype or (n > 1 and out.stride(1) != 1):
-            raise ValueError(f"out must be ({x_q.shape[0]}, {n}) {out_dtype} with unit stride along n, "
+        if out.shape != (x_q.shape[0], total) or out.dtype != out_dtype or (total > 1 and out.stride(1) != 1):
+            raise ValueError(f"out must be ({x_q.shape[0]}, {total}) {out_dtype} with unit stride along n, "
                              f"got {tuple(out.shape)} {out.dtype} {out.stride()}")
         y = out
     m, k = x_q.shape
-    packed = check_packed(packed, n, k, fmt)
+    packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
     if m == 0:
         return y
+    lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
+    grain = 16 * lanes
+    base = packed[0].data_ptr()
+    if (0 < UNPACK_M <= m or any((w.data_ptr() - base) % grain for w in packed)) and len(packed) > 1:
+        col = 0  # one launch a matrix, into its columns of y
+        for w, n, s, b in zip(packed, ns, scales, biases):
+            gemm_cat(x_q, [w], [n], fmt, [s], [b], a, xsum, out_dtype, y[:, col:col + n])
+            col += n
+        return y
     if 0 < UNPACK_M <= m:
-        return gemm_unpacked(x_q, packed, n, fmt, y, a, scale, bias)
+        return gemm_unpacked(x_q, packed[0], ns[0], fmt, y, a, scales[0], biases[0])
     if xsum is None:
         xsum = x_q.sum(-1, dtype=torch.int32)
     p = values_per_byte(fmt)
     pa = 8 if p == 8 else 4
-    r = packed.shape[0]
-    lanes = 4 if k % 4 == 0 and packed.storage_offset() % 4 == 0 else 1
-    w = packed.view(torch.int32) if lanes == 4 else packed
+    seg = len(packed)
+    rows = [w.shape[0] for w in packed] + [0] * (3 - seg)
+    starts = [(w.data_ptr() - base) // grain for w in packed] + [0] * (3 - seg)
+    sizes = list(ns) + [0] * (3 - seg)
+    scales, biases = (v + [v[0]] * (3 - seg) for v in (scales, biases))  # unused segments: the first's pointers
+    w = packed[0].view(torch.int32) if lanes == 4 else packed[0]
+    r = sum(rows)
     splits = split_k(m, r, k, pa, x_q.device)
     ws = count = None
     if splits > 1:
@@ -324,15 +415,16 @@ def gemm(
         # block of a wider output has a longer one), then a counter for every possible tile
         # (BLOCK_M >= 16 and BLOCK_N // PA >= 4 in every config).
         tiles = cdiv(m, 16) * cdiv(r, 4)
-        size = (m - 1) * y.stride(0) + n
+        size = (m - 1) * y.stride(0) + total
         buf = zeroed_workspace(size + tiles, x_q.device)
         ws, count = buf[:size], buf[size:]
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
     _gemm_kernel[grid](
-        x_q, a, xsum, w, scale, bias, y, ws, count,
-        m, n, k, r, next_power_of_2(m),
+        x_q, a, xsum, w, scales[0], biases[0], y, ws, count, scales[1], biases[1], scales[2], biases[2],
+        m, sizes[0], k, rows[0], next_power_of_2(m), sizes[1], rows[1], sizes[2], rows[2], starts[1], starts[2],
         x_q.stride(0), w.stride(0), y.stride(0),
-        P=p, HAS_BIAS=bias is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits, **LAUNCH,
+        P=p, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits,
+        SEGMENTS=seg, **LAUNCH,
     )
     return y
 

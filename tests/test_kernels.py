@@ -40,7 +40,7 @@ import bitnet
 from bitnet import kernels
 from bitnet.kernels.activations import act_quant as act_quant_launch, reference_act_quant
 from bitnet.kernels.common import INTERPRET
-from bitnet.kernels.gemm import gemm, reference_gemm
+from bitnet.kernels.gemm import gemm, gemm_cat, reference_gemm
 from bitnet.kernels.gemv import gemv, gemv_cat
 from bitnet.kernels.layout import unpack_triton
 from bitnet.kernels.rmsnorm_quant import reference_rmsnorm_act_quant
@@ -277,6 +277,39 @@ def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
         gemv_cat(x, packed, ns, fmt, scales, [biases[0], None, None])
 
 
+@pytest.mark.parametrize("fmt, k", [("2bit", 37), ("2bit", 100), ("1.6bit", 100), ("1bit", 100)])
+@pytest.mark.parametrize("m", [3, 70])
+def test_gemm_cat_equals_each_matrix_alone(fmt, k, m, triton_device):
+    """gemv_cat's contract for M > 1 (a batched decode step's q / k / v, small-M tiles with split-K;
+    and the large-M tiles): three and two matrices of one input in one GEMM launch, tiles
+    straddling two matrices, each column block equal to that matrix's own GEMM bit for bit, with
+    its own scale and bias; int32 exact; weights off the 16-unit grain launch one by one."""
+    ns = [50, 20, 13]
+    ws = [random_weights(n, k, fmt, seed=30 + i) for i, n in enumerate(ns)]
+    packed = [pack(w, fmt).to(triton_device) for w in ws]
+    scales = [torch.tensor([s], device=triton_device) for s in (0.5, 0.03, 2.0)]
+    biases = [torch.randn(n, generator=torch.Generator().manual_seed(i)).to(triton_device) for i, n in enumerate(ns)]
+    x_q, a = quantize_activation(random_activations(m, k, seed=6))
+    x_q, a = x_q.to(triton_device), a.to(triton_device)
+    cols = [0, 50, 70, 83]
+    for bias in (biases, None):
+        y = gemm_cat(x_q, packed, ns, fmt, scales, bias, a=a, out_dtype=torch.float32)
+        assert y.shape == (m, 83)
+        for j in range(3):
+            alone = gemm(x_q, packed[j], ns[j], fmt, scales[j], bias[j] if bias else None, a, out_dtype=torch.float32)
+            assert torch.equal(y[:, cols[j]:cols[j + 1]], alone)
+    for count in (3, 2):
+        acc = gemm_cat(x_q, packed[:count], ns[:count], fmt, [None] * count, out_dtype=torch.int32)
+        assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:count]], 1))
+    buf = torch.zeros(packed[1].numel() + 4, dtype=torch.uint8, device=triton_device)
+    shifted = buf[4:].view(packed[1].shape)
+    shifted.copy_(packed[1])
+    acc = gemm_cat(x_q, [packed[0], shifted], ns[:2], fmt, [None] * 2, out_dtype=torch.int32)
+    assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:2]], 1))
+    with pytest.raises(ValueError, match="bias for every matrix or for none"):
+        gemm_cat(x_q, packed, ns, fmt, scales, [biases[0], None, None], a=a)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_large_m_unpacked_gemm_is_exact_and_equals_the_fused_one(fmt, monkeypatch, triton_device):
     """From M = UNPACK_M on the GEMM unpacks the weights and runs a plain int8 GEMM: the same
@@ -360,9 +393,9 @@ def test_packed_model_uses_the_fused_rope_and_the_twin_does_not(monkeypatch, tri
 
 
 def test_packed_matmul_cat_equals_each_packed_matmul(triton_device):
-    """The op behind the model's q / k / v and gate / up: at M = 1 one GEMV launch, at M > 1 one
-    GEMM per matrix written into its column block (split-K at K = 512 in the interpreter: its
-    workspace indexed with the wide output's row stride); biases for all, none, or some."""
+    """The op behind the model's q / k / v and gate / up: one GEMV launch at M = 1, one GEMM launch
+    at M > 1 (split-K at K = 512 in the interpreter: its workspace indexed with the wide output's
+    row stride); with biases for some only, one launch per matrix into its column block."""
     ns, k = [40, 12, 12], 512
     packed = [pack(random_weights(n, k, "2bit", seed=20 + i), "2bit").to(triton_device) for i, n in enumerate(ns)]
     scales = [torch.tensor([s], device=triton_device) for s in (0.1, 0.2, 0.3)]
@@ -469,6 +502,11 @@ def test_custom_ops_pass_opcheck(triton_device):
                                                 torch.zeros(1, 1, 6, 20, device=triton_device),
                                                 torch.tensor([0, 2, 4], device=triton_device))),
         (torch.ops.bitnet.rmsnorm_act_quant.default, (x, torch.rand(100, device=triton_device), 1e-5)),
+        (torch.ops.bitnet.decode_attention.default,
+         (x.view(3, 5, 20)[:, :4], torch.randn(3, 2, 6, 20, device=triton_device),
+          torch.randn(3, 2, 6, 20, device=triton_device), torch.tensor([1, 5, 3], device=triton_device))),
+        (torch.ops.bitnet.int8_linear.default,
+         (x, torch.randint(-127, 128, (7, 100), dtype=torch.int8, device=triton_device), torch.rand(7, device=triton_device))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -478,7 +516,7 @@ def test_custom_ops_pass_opcheck(triton_device):
 INTERPRETER_RERUN = "BITNET_TEST_INTERPRETER_RERUN"  # set in the rerun, which therefore starts no other
 # The test files that drive the Triton kernels through the interpreter (test_gpu_check: the kernel
 # benchmark at M = 1); their default tier is what the rerun runs.
-INTERPRETER_TIER = ["tests/test_kernels.py", "tests/test_gpu_check.py"]
+INTERPRETER_TIER = ["tests/test_kernels.py", "tests/test_gpu_check.py", "tests/test_attention.py", "tests/test_int8_head.py"]
 RERUN_SECONDS = 300
 # pytest-timeout (benchmarks/gpu_check.sh runs the suite with --timeout 60): the rerun is some hundred
 # tests in one, a minute of CPU time serially; it gets its own limit where the plugin is installed.
