@@ -13,6 +13,10 @@ also counts the host's time to issue the kernels wherever that is longer: Python
 dispatch, Triton's launcher). Reported: speedup over bf16, achieved GB/s (packed weight +
 activations in + output out) and its share of the HBM bandwidth measured by a device-to-device
 copy. Writes benchmarks/results/bench_kernels.{json,md,png}.
+--attention adds the decode attention at 2B-4T's heads (20 query heads on 5 KV heads of 128,
+bf16): bitnet.kernels.decode_attention against the call the model made before it, torch's SDPA
+with the static cache's key mask and enable_gqa (its math path on CUDA), for batches and cache
+lengths (--attention-cache), GPU time and eager call as above, and the KV bytes it reads.
 
 On a CPU (the native C++ kernels, bitnet.kernels.cpu), for every shape, M and format: the
 median time of one whole layer call (int8 activation quantization included) from bf16 x to bf16
@@ -63,6 +67,9 @@ class BenchArgs:
     iters: int = arg(50, help="timed calls; the median is reported; CPU: passes over the copies (default 3)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON, markdown and PNG go")
     name: str | None = arg(None, help="file name of the results, without extension (default bench_kernels[_cpu])")
+    attention: bool = arg(False, help="also time the decode attention (GPU) against SDPA, at 2B-4T's heads")
+    attention_batch: list[int] = arg([1, 8], help="sequences per decode step, for --attention")
+    attention_cache: list[int] = arg([160, 1024, 4096], help="static cache lengths (the live slots: all), for --attention")
 
 
 def parse_shape(s: str) -> tuple[int, int]:
@@ -130,6 +137,57 @@ def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], No
     return with_shares(hbm, rows)
 
 
+ATTENTION_HEADS = (20, 5, 128)  # 2B-4T: query heads, KV heads, head size
+
+
+def attention_case(batch: int, slots: int, device: str, dtype=torch.bfloat16, heads=ATTENTION_HEADS):
+    """One decode step's attention over a full static cache, both ways: (ours, sdpa, kv_bytes).
+    ours: bitnet.kernels.decode_attention -> (B, H * D); sdpa: the model's former call, SDPA over
+    the whole cache with the (B, 1, 1, S) key mask and enable_gqa -> (B, H * D)."""
+    from bitnet.kernels import decode_attention
+
+    H, G, D = heads
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, H, D, generator=g, device=device).to(dtype)
+    k = torch.randn(batch, G, slots, D, generator=g, device=device).to(dtype)
+    v = torch.randn(batch, G, slots, D, generator=g, device=device).to(dtype)
+    pos = torch.tensor([slots - 1], device=device)
+    mask = torch.ones(batch, 1, 1, slots, dtype=torch.bool, device=device)
+
+    def ours():
+        return decode_attention(q, k, v, pos, key_mask=mask[:, 0, 0])
+
+    def sdpa():
+        y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2).reshape(batch, H * D)
+
+    return ours, sdpa, 2 * k.numel() * k.element_size()
+
+
+def measure_attention(args: BenchArgs, device: str = "cuda") -> list[dict]:
+    """GPU time and eager call of both attentions for every (batch, cache length)."""
+    flush = L2Flusher(device=device)
+    rows = []
+    for batch in args.attention_batch:
+        for slots in args.attention_cache:
+            ours, sdpa, kv_bytes = attention_case(batch, slots, device)
+            sdpa_ms = (time_cuda_graph(sdpa, args.warmup, args.iters, flush), time_cuda(sdpa, args.warmup, args.iters, flush))
+            ours_ms = (time_cuda_graph(ours, args.warmup, args.iters, flush), time_cuda(ours, args.warmup, args.iters, flush))
+            rows.append({"batch": batch, "slots": slots, "kv_mb": kv_bytes / 1e6, "sdpa_us": sdpa_ms[0] * 1e3,
+                         "ours_us": ours_ms[0] * 1e3, "speedup": sdpa_ms[0] / ours_ms[0],
+                         "sdpa_eager_us": sdpa_ms[1] * 1e3, "ours_eager_us": ours_ms[1] * 1e3,
+                         "gbps": kv_bytes / (ours_ms[0] * 1e-3) / 1e9})
+            print(f"attention B={batch} S={slots}: SDPA {rows[-1]['sdpa_us']:.1f} us, ours {rows[-1]['ours_us']:.1f} us",
+                  flush=True)
+    return rows
+
+
+ATTENTION_COLUMNS = [("batch", "batch", ""), ("slots", "cache slots", ""), ("kv_mb", "K+V MB", ".1f"),
+                     ("sdpa_us", "SDPA (us)", ".1f"), ("ours_us", "decode_attention (us)", ".1f"),
+                     ("speedup", "vs SDPA", ".2f"), ("gbps", "GB/s", ".0f"), ("sdpa_eager_us", "SDPA eager (us)", ".1f"),
+                     ("ours_eager_us", "ours eager (us)", ".1f")]
+
+
 def with_shares(hbm: float, rows: list[dict]) -> dict:
     return {"hbm_gbps": hbm, "rows": [{**r, "hbm_share": r["gbps"] / hbm} for r in rows]}
 
@@ -142,7 +200,12 @@ COLUMNS = [("shape", "N x K", ""), ("m", "M", ""), ("format", "format", ""), ("u
 def report(result: dict) -> str:
     rows = [{**r, "us": r["ms"] * 1e3, "matmul_us": r.get("matmul_ms", 0) * 1e3 or None, "hbm_pct": 100 * r["hbm_share"],
              "eager_us": r["eager_ms"] * 1e3 if r.get("eager_ms") else None} for r in result["rows"]]
-    return table(rows, COLUMNS, markdown=True)
+    text = table(rows, COLUMNS, markdown=True)
+    if result.get("attention"):
+        text += ("\n\nDecode attention, 2B-4T heads (20 on 5 KV heads of 128), bf16, every cache slot live, L2 "
+                 "flushed: GPU time (CUDA graph replay) and eager call\n\n"
+                 + table(result["attention"], ATTENTION_COLUMNS, markdown=True))
+    return text
 
 
 def plot(result: dict, path: str) -> None:
@@ -187,6 +250,8 @@ def main(args: BenchArgs) -> int:
                             report(result), args.out_dir)
 
     result = measure(args, on_shape=lambda partial: save(partial, complete=False))
+    if args.attention:
+        result["attention"] = measure_attention(args)
     markdown = report(result)
     print(markdown)
     path = save(result, complete=True)
