@@ -122,6 +122,10 @@ class BitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
+            if self.packing is not None:  # frozen: its own norm fused into the quantization (Triton kernels)
+                out = normed_projections(x, self.rms_norm, [self], own_norm=True)
+                if out is not None:
+                    return out[0]
             x = self.rms_norm(x)
         if self.packing is not None:
             return ops.bitlinear(x, self.weight, self.weight_scale, self.out_features, self.packing, self.bias, self.kernel)
@@ -206,7 +210,7 @@ def frozen_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
 
 
 def normed_projections(x: torch.Tensor, norm: nn.Module, layers, up: torch.Tensor | None = None,
-                       residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+                       residual: torch.Tensor | None = None, own_norm: bool = False) -> list[torch.Tensor] | None:
     """[layer(norm(x)) for layer in layers] with the RMSNorm fused into the quantization of x
     (bitnet.ops.rms_norm_bitlinear_many: one rmsnorm_act_quant on the Triton kernels), or None
     where that does not apply: `norm` not a plain RMSNorm of x's dtype without hooks, global module
@@ -214,13 +218,15 @@ def normed_projections(x: torch.Tensor, norm: nn.Module, layers, up: torch.Tenso
     the layers not as frozen_projections needs them, or another backend. Its a may be an ulp and its
     x_q one step off norm(x)'s, where the RMSNorm's last bit is (bitnet.ops.rms_norm_bitlinear_many).
     up: the relu2 MLP's up projection output; the norm's input is then relu(x)^2 * up (x the gate's).
-    residual (one layer; its output's shape and dtype): [residual + layer(norm(x))], the add fused."""
+    residual (one layer; its output's shape and dtype): [residual + layer(norm(x))], the add fused.
+    own_norm: `norm` is the one layer's own (use_rms_norm checkpoints: BitLinear.forward calls this,
+    the layer's hooks have run)."""
     if type(norm) is not RMSNorm or norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
         return None
     hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or not _plain_frozen(layers):
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or not _plain_frozen(layers, own_norm):
         return None
     if residual is not None and (len(layers) != 1 or residual.dtype != x.dtype or residual.requires_grad
                                  and torch.is_grad_enabled()):
@@ -231,9 +237,13 @@ def normed_projections(x: torch.Tensor, norm: nn.Module, layers, up: torch.Tenso
                                        first.packing, [m.bias for m in layers], first.kernel, up, residual)
 
 
-def _plain_frozen(layers) -> bool:
+def _plain_frozen(layers, own_norm: bool = False) -> bool:
     """All plain frozen BitLinear of one format and kernel, without their own RMSNorm or hooks: what
-    a shared quantization of their input computes exactly as each layer would."""
+    a shared quantization of their input computes exactly as each layer would. own_norm: one layer
+    whose own RMSNorm is the one being fused, called from its forward (its hooks have run)."""
+    if own_norm:
+        m = layers[0]
+        return len(layers) == 1 and type(m) is BitLinear and m.frozen and m.rms_norm is not None
     first = layers[0]
     for m in layers:
         if type(m) is not BitLinear or not m.frozen or m.packing != first.packing or m.rms_norm is not None:

@@ -186,6 +186,9 @@ class KVCache(nn.Module):
 
 # The attention mask of a decode step that sees every key it is given (bitnet.model's _mask).
 ALL_KEYS = object()
+# The attention mask of a prompt written to cache slots 0..T-1 with no padding (bitnet.model's
+# _mask, on a GPU): plain causal attention over those T slots.
+CAUSAL_PREFIX = object()
 
 
 class Attention(nn.Module):
@@ -233,6 +236,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif mask is ALL_KEYS:
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        elif mask is CAUSAL_PREFIX:  # square and causal: flash attention takes it (a mask and GQA it would not)
+            y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
@@ -428,8 +433,11 @@ class BitNetForCausalLM(nn.Module):
         return h
 
     def _mask(self, B, T, attention_mask, input_pos, device):
-        """Boolean (B, 1, T, S) mask, None for the plain causal case (SDPA's is_causal), or ALL_KEYS
-        for a decode step that sees every key of the live cache window (eager CPU, no padding)."""
+        """Boolean (B, 1, T, S) mask, None for the plain causal case (SDPA's is_causal), ALL_KEYS
+        for a decode step that sees every key of the live cache window (eager CPU, no padding), or
+        CAUSAL_PREFIX for a prompt into slots 0..T-1 with no padding on a GPU (eager: one host sync
+        decides it): causal attention over those slots, which SDPA runs as flash attention, where
+        the masked call over the static cache takes its math path (a mask with grouped heads)."""
         if input_pos is None:
             if attention_mask is None:
                 return None
@@ -443,6 +451,12 @@ class BitNetForCausalLM(nn.Module):
                 attention_mask = attention_mask[:, :S]
             if cache.window.live is not None and T == 1 and (attention_mask is None or bool(attention_mask.all())):
                 return ALL_KEYS  # one query at the last live slot, no padding: no mask to build or apply
+            if T > 1 and input_pos.device.type == "cuda" and not torch.compiler.is_compiling() and T <= S:
+                prefix = (input_pos == torch.arange(T, device=device)).all()
+                if attention_mask is not None:
+                    prefix = prefix & attention_mask[:, :T].bool().all()
+                if bool(prefix):
+                    return CAUSAL_PREFIX
             allowed = input_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
             keys = (attention_mask.bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=device))
             keys = keys[:, None, None, :]  # (B, 1, 1, S)

@@ -14,8 +14,8 @@ Wiring: on the Triton path the model calls it (bitnet::rmsnorm_act_quant) once f
 in front of frozen BitLinear and hands x_q, a to their packed_matmul_cat (bitnet.model.projections
 -> bitnet.bitlinear.normed_projections -> bitnet.ops.rms_norm_bitlinear_many): the normalized
 activation never reaches memory, q/k/v (gate/up) share one quantization, and at decode one GEMV
-launch. A BitLinear with its own rms_norm (use_rms_norm checkpoints) does not use it yet:
-rms_norm, then act_quant.
+launch. A frozen BitLinear with its own rms_norm (use_rms_norm checkpoints) uses it too, for its
+own input (BitLinear.forward -> normed_projections(..., own_norm=True)).
 """
 
 from __future__ import annotations

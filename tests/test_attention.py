@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bitnet.model as bm
 from bitnet import BitNetConfig, BitNetForCausalLM, freeze, kernels
 from bitnet.kernels import attention
 from bitnet.kernels.attention import CHUNK, reference_decode_attention
@@ -185,3 +186,28 @@ def test_decode_attention_at_2b4t_shapes_on_a_gpu(N, S):
     assert ((y.cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
     alone = kernels.decode_attention(q[:1], k, v, pos[:1], rows[:1], mask[:1])
     assert torch.equal(alone[0], y[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_prompt_from_slot_zero_runs_causal_on_a_gpu(packed, monkeypatch):
+    """A prompt into cache slots 0..T-1 without padding takes plain causal attention over its slots
+    (flash attention; the masked call over the static cache took SDPA's math path): the prefill's
+    logits agree with the same model on the CPU, and a left-padded batch keeps the mask."""
+    model = tiny_model(packed)
+    prompt = torch.tensor([[5, 77, 3, 120, 45, 9, 31]])
+    model.setup_cache(1, 32)
+    with torch.no_grad():
+        ref = model(prompt, input_pos=torch.arange(7)).logits
+    model.clear_cache()
+    model.cuda()
+    kinds = []
+    real = BitNetForCausalLM._mask
+    monkeypatch.setattr(BitNetForCausalLM, "_mask", lambda self, *a: kinds.append(real(self, *a)) or kinds[-1])
+    model.setup_cache(1, 32)
+    with torch.no_grad():
+        got = model(prompt.cuda(), input_pos=torch.arange(7, device="cuda")).logits.cpu()
+        model(prompt.cuda(), input_pos=torch.arange(7, device="cuda"),
+              attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1] + [1] * 25], device="cuda"))
+    assert kinds[0] is bm.CAUSAL_PREFIX and torch.is_tensor(kinds[1])
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)

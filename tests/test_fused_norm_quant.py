@@ -116,6 +116,37 @@ def test_fused_norm_differs_only_through_x_q_and_a(triton_device):
         assert ((y.double() - ref.double()).abs() <= bound).all(), f"{int((~same).sum())} rows changed"
 
 
+# ----------------------------------------------------------------------------- a BitLinear's own RMSNorm
+@pytest.mark.parametrize("m", [1, 5])
+def test_a_bitlinears_own_norm_fuses_into_its_quantization(m, monkeypatch, triton_device):
+    """use_rms_norm checkpoints (an RMSNorm inside every BitLinear): frozen on the Triton kernels the
+    layer runs rmsnorm_act_quant then its packed matmul, no separate norm: exactly the packed
+    matmul of the fused kernel's (x_q, a), and within the fusion's bound of norm-then-quantize."""
+    torch.manual_seed(0)
+    layer = BitLinear(K, 24, bias=True, rms_norm_eps=1e-6, kernel="triton").freeze().to(triton_device)
+    with torch.no_grad():
+        layer.rms_norm.weight.uniform_(0.5, 1.5)
+    x = activations(m, device=triton_device)
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls["rmsnorm_act_quant"] == 1 and calls["bitlinear"] == 0
+    x_q, a = kernels.rmsnorm_act_quant(x, layer.rms_norm.weight, 1e-6)
+    exact = reference_gemm(x_q.cpu(), layer.weight.cpu(), 24, layer.packing, layer.weight_scale.cpu(), a.cpu(),
+                           layer.bias.cpu(), torch.float32)
+    assert torch.equal(y.cpu(), exact)
+    with torch.no_grad():
+        unfused = ops.torch_bitlinear(layer.rms_norm(x).cpu(), layer.weight.cpu(), layer.weight_scale.cpu(), 24,
+                                      layer.packing, layer.bias.cpu())
+    torch.testing.assert_close(y.cpu(), unfused, rtol=2e-2, atol=2e-2 * float(unfused.abs().max()))
+    before = dict(calls)
+    hooked = layer.rms_norm.register_forward_hook(lambda *a: None)  # a hook on the norm: it runs as a module
+    with torch.no_grad():
+        layer(x)
+    hooked.remove()
+    assert calls["rmsnorm_act_quant"] == before["rmsnorm_act_quant"] and calls["bitlinear"] == before["bitlinear"] + 1
+
+
 # ----------------------------------------------------------------------------- the skip connection in the epilogue
 @pytest.mark.parametrize("fmt, dtype, bias", [("2bit", torch.bfloat16, False), ("1.6bit", torch.float32, True),
                                               ("1bit", torch.bfloat16, True)])

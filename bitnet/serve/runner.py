@@ -25,8 +25,9 @@ segments side by side in one row of the activations (1, N, C):
 - attention runs per segment as a lone forward runs it. On the CPU: a prompt (chunk) over the live
   window [0, end) of its row with a causal mask; the one-token segments all in one call of the
   native decode attention where a lone decode step runs it (a packed model on the native kernels:
-  bitnet.model.native_decode_args), else each over its window without a mask. On a GPU: a prompt
-  over the whole static row with the keys after each query masked, the one-token segments in one
+  bitnet.model.native_decode_args), else each over its window without a mask. On a GPU: a whole prompt
+  causal over its own slots (flash attention, as a lone prefill runs it), a later chunk over the
+  whole static row with the keys after each query masked, the one-token segments in one
   call of the Triton decode attention (bitnet.kernels.decode_attention: each query's result is the
   same in any batch, as a lone decode step runs it), else of SDPA;
 - a step of one-token segments only (pure decode) on a packed CPU model runs each layer as one
@@ -184,6 +185,9 @@ class ModelRunner:
             S = end if cpu else cache.k.shape[2]  # the CPU reads the live window, a GPU the static row
             k_s = cache.k[s.slot:s.slot + 1, :, :S].to(dtype)  # (1, nkv, S, hd)
             v_s = cache.v[s.slot:s.slot + 1, :, :S].to(dtype)
+            if not cpu and T > 1 and s.start == 0:  # a whole prompt on a GPU: causal over its slots, as generate runs it
+                ys.append(F.scaled_dot_product_attention(q_s, k_s[:, :, :T], v_s[:, :, :T], is_causal=True, enable_gqa=gqa))
+                continue
             mask = None
             if T > 1 or not cpu:  # a lone CPU step of one token sees its whole window: no mask
                 columns = torch.arange(S, device=x.device)
