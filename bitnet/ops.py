@@ -45,6 +45,15 @@ def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
     return choice
 
 
+def triton_applies(x: torch.Tensor, kernel: str | None = None) -> bool:
+    """Whether the Triton kernels are the choice for x (choose_kernel's answer, without its errors):
+    for the float parts that have a Triton kernel and a torch fallback (decode attention, an int8
+    head), which follow the choice where it can be honoured and fall back where it cannot (say
+    BITNET_KERNEL=cpu with a float model on a GPU)."""
+    choice = kernel or os.environ.get("BITNET_KERNEL") or default_kernel(x.device)
+    return choice == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def default_kernel(device: torch.device | str) -> str:
     """The backend a packed layer uses on `device` when nothing is asked for."""
     device = torch.device(device)
@@ -152,7 +161,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     rows = x.numel() // max(x.shape[-1], 1)
     if rows <= 16 and native_inference(x):
         return native.int8_linear(x, weight, scale, bias)
-    if rows <= 16 and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and choose_kernel(x) == "triton" \
+    if rows <= 16 and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_applies(x) \
             and not (torch.is_grad_enabled() and x.requires_grad):
         from .kernels import int8_linear as triton_int8_linear
 
@@ -231,7 +240,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     or (1,) the query's slot (it sees slots 0 .. pos), rows (N,) its cache row (default n),
     key_mask (N, S) (zero: padding) -> y (N, H * D). None where the Triton kernels are not the
     choice, autograd is recording, or q and the caches differ in dtype: the caller runs SDPA."""
-    if choose_kernel(q, kernel) != "triton" or not k_cache.dtype == v_cache.dtype == q.dtype or q.shape[-1] > 256:
+    if not triton_applies(q, kernel) or not k_cache.dtype == v_cache.dtype == q.dtype or q.shape[-1] > 256:
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
         return None

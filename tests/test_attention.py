@@ -211,3 +211,21 @@ def test_a_prompt_from_slot_zero_runs_causal_on_a_gpu(packed, monkeypatch):
               attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1] + [1] * 25], device="cuda"))
     assert kinds[0] is bm.CAUSAL_PREFIX and torch.is_tensor(kinds[1])
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_a_float_model_on_a_gpu_keeps_sdpa_where_the_choice_is_the_cpus(monkeypatch):
+    """BITNET_KERNEL names the packed layers' backend; for the attention it is a preference: where
+    the Triton kernels are not the choice (cpu, torch) the attention is SDPA, and a choice that
+    cannot be honoured (the CPU's kernels for a CUDA tensor, Triton for a CPU tensor without the
+    interpreter) raises nothing: triton_applies says no."""
+    from bitnet import ops
+
+    q = torch.zeros(1, 4, 16)
+    k = torch.zeros(1, 2, 8, 16)
+    for choice in ("cpu", "torch"):
+        monkeypatch.setenv("BITNET_KERNEL", choice)
+        assert ops.decode_attention(q, k, k, torch.tensor([3])) is None
+        assert not ops.triton_applies(q)
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not ops.triton_applies(q)  # a CPU tensor without the interpreter: no Triton, no error

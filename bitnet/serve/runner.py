@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
 from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
-from ..ops import choose_kernel, decode_attention, native_inference, rope, rope_cache
+from ..ops import decode_attention, native_inference, rope, rope_cache, triton_applies
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class ModelRunner:
         gqa = nh != nkv
         cpu = x.device.type == "cpu"
         kernel = getattr(attn.q_proj, "kernel", None)
-        triton = choose_kernel(q, kernel) == "triton"  # the one-token segments through the Triton decode attention
+        triton = triton_applies(q, kernel)  # the one-token segments through the Triton decode attention
         ys: list[torch.Tensor | None] = []
         singles = []  # the one-token segments, attended in one call (native or Triton decode attention; SDPA on a GPU)
         offset = 0
