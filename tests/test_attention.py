@@ -141,8 +141,9 @@ def decode_logits(model, device, prompt, steps, mask=None):
 @pytest.mark.parametrize("packed", [True, False])
 def test_decode_steps_use_it_and_agree_with_sdpa(packed, monkeypatch, triton_device):
     """A packed model on the Triton path and its float twin (kernel chosen by BITNET_KERNEL) run
-    each decode step's attention in the kernel, once a layer; the logits agree with SDPA's (the
-    torch path) to float32 rounding, with left padding in the batch."""
+    each decode step's attention in the kernel, once a layer; with everything else the same (the
+    reference declines the kernel, so SDPA runs) the logits agree to float32 rounding, with left
+    padding in the batch."""
     model = tiny_model(packed).to(triton_device)
     prompt = torch.tensor([[5, 77, 3, 120, 45], [0, 0, 9, 31, 7]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -151,10 +152,11 @@ def test_decode_steps_use_it_and_agree_with_sdpa(packed, monkeypatch, triton_dev
     calls = []
     real = custom_ops._decode_attention_impl
     monkeypatch.setattr(custom_ops, "_decode_attention_impl", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("BITNET_KERNEL", "torch")
-    ref = decode_logits(model, triton_device, prompt, 3, mask)
-    assert not calls  # the torch path: SDPA
     monkeypatch.setenv("BITNET_KERNEL", "triton")
+    with monkeypatch.context() as m:
+        m.setattr(bm, "decode_attention", lambda *a, **k: None)  # the model's fallback: SDPA
+        ref = decode_logits(model, triton_device, prompt, 3, mask)
+    assert not calls
     got = decode_logits(model, triton_device, prompt, 3, mask)
     assert len(calls) == 2 * 3  # two layers, three decode steps (the prefill runs SDPA)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
