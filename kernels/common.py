@@ -108,3 +108,27 @@ def matmul_args(
     elif a.dtype != torch.float32 or not a.is_contiguous():  # the kernels read a[m] at offset m
         a = a.reshape(-1).float().contiguous()
     return a, scale
+
+
+def cat_biases(name: str, packed: list, ns: list, scales: list, biases: list | None) -> list:
+    """The checks of gemv_cat / gemm_cat (`name`) on their matrices; the biases as a list (None
+    for each matrix where none are given)."""
+    if not 1 <= len(packed) <= 3 or not len(packed) == len(ns) == len(scales):
+        raise ValueError(f"{name} takes 1 to 3 matrices with one n and one scale each, got {len(packed)}, "
+                         f"{len(ns)}, {len(scales)}")
+    biases = list(biases) if biases else [None] * len(packed)
+    if len({b is None for b in biases}) > 1:
+        raise ValueError(f"{name} needs a bias for every matrix or for none")
+    return biases
+
+
+def segment_starts(packed: list[torch.Tensor], lanes: int) -> list[int] | None:
+    """Where each matrix's packed weight starts, from the first's, in grains of 16 units (int32 words
+    when lanes == 4, bytes else): the W1 / W2 of a segmented launch, padded to three. None where one
+    does not sit on that grain (not the caching allocator's 512-byte blocks): the caller then
+    launches one matrix at a time."""
+    grain = 16 * lanes
+    offsets = [w.data_ptr() - packed[0].data_ptr() for w in packed]
+    if any(o % grain for o in offsets):
+        return None
+    return [o // grain for o in offsets] + [0] * (3 - len(packed))

@@ -38,8 +38,9 @@ import triton.language as tl
 
 from bitnet.quant import int_matmul
 
-from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_args, next_power_of_2, store_output
-from .gemv import segment_of
+from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, segment_starts,
+                     store_output)
+from .gemv import by_segment, segment_of
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_triton, values_per_byte
 
 SMALL_M = 64
@@ -81,6 +82,23 @@ def grouped_tile(num_m, num_n, GROUP_M: tl.constexpr):
     first_m = group * GROUP_M
     group_size = min(num_m - first_m, GROUP_M)
     return first_m + (pid % (GROUP_M * num_n)) % group_size, (pid % (GROUP_M * num_n)) // group_size
+
+
+@triton.jit
+def segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr, bias_ptr, bias1_ptr,
+                     bias2_ptr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
+    """(factor, bias) of store_output for output columns of several matrices (later, third: each
+    column's matrix, (BLOCK,)): s / a[m] of the column's matrix, rounded as that matrix alone rounds
+    it ([BLOCK_M, BLOCK] float32; 0.0 if OUT_INT32), and its bias pointers ([1, BLOCK])."""
+    factor = 0.0
+    if not OUT_INT32:
+        a = tl.load(a_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
+        s = by_segment(later, third, tl.load(scale_ptr), tl.load(scale1_ptr), tl.load(scale2_ptr))
+        factor = tl.math.div_rn(s[None, :] + 0.0 * a, a)
+    bias = bias_ptr
+    if HAS_BIAS:
+        bias = by_segment(later, third, bias_ptr, bias1_ptr, bias2_ptr)[None, :]
+    return factor, bias
 
 
 @autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2"],
@@ -134,8 +152,8 @@ def _gemm_kernel(
     else:
         # each row's matrix: offsets from w_ptr scaled after the select (16-unit grains), as the GEMV does
         later, third = segment_of(offs_r, R, R1, SEGMENTS)
-        w_base = tl.where(third, W2, tl.where(later, W1, 0)).to(tl.int64) * 16
-        local = offs_r - tl.where(third, R + R1, tl.where(later, R, 0))
+        w_base = by_segment(later, third, 0, W1, W2).to(tl.int64) * 16
+        local = offs_r - by_segment(later, third, 0, R, R + R1)
         w_ptrs = w_ptr + w_base[:, None] + local[:, None] * stride_wr
         row_ok = offs_r < R + R1 + R2
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
@@ -165,13 +183,13 @@ def _gemm_kernel(
         offs_b = offs_m[:, None] * stride_ym + n_b[None, :]
     else:
         later_a, third_a = segment_of(r, R, R1, SEGMENTS)
-        n_a = (j // BLOCK_R) * tl.where(third_a, R2, tl.where(later_a, R1, R)) + r \
-            - tl.where(third_a, R + R1, tl.where(later_a, R, 0))
-        mask_a = mask_m[:, None] & ((r < R + R1 + R2) & (n_a < tl.where(third_a, N2, tl.where(later_a, N1, N))))[None, :]
-        offs_a = offs_m[:, None] * stride_ym + (n_a + tl.where(third_a, N + N1, tl.where(later_a, N, 0)))[None, :]
-        n_b = PA * tl.where(third, R2, tl.where(later, R1, R)) + local
-        mask_b = mask_m[:, None] & (row_ok & (n_b < tl.where(third, N2, tl.where(later, N1, N))))[None, :]
-        offs_b = offs_m[:, None] * stride_ym + (n_b + tl.where(third, N + N1, tl.where(later, N, 0)))[None, :]
+        n_a = (j // BLOCK_R) * by_segment(later_a, third_a, R, R1, R2) + r \
+            - by_segment(later_a, third_a, 0, R, R + R1)
+        mask_a = mask_m[:, None] & ((r < R + R1 + R2) & (n_a < by_segment(later_a, third_a, N, N1, N2)))[None, :]
+        offs_a = offs_m[:, None] * stride_ym + (n_a + by_segment(later_a, third_a, 0, N, N + N1))[None, :]
+        n_b = PA * by_segment(later, third, R, R1, R2) + local
+        mask_b = mask_m[:, None] & (row_ok & (n_b < by_segment(later, third, N, N1, N2)))[None, :]
+        offs_b = offs_m[:, None] * stride_ym + (n_b + by_segment(later, third, 0, N, N + N1))[None, :]
     last = True
     if SPLIT_K > 1:
         # Partial sums into the workspace; the program that arrives last at this tile finishes it.
@@ -199,28 +217,13 @@ def _gemm_kernel(
             store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SC, HAS_BIAS, OUT_INT32)
             if PB > 0:
                 store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32)
-        else:
-            # per column: its matrix's scale and bias (s / a rounded as one matrix alone rounds it)
-            if OUT_INT32:
-                factor_a = 0.0
-            else:
-                a = tl.load(a_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
-                s0, s1, s2 = tl.load(scale_ptr), tl.load(scale1_ptr), tl.load(scale2_ptr)
-                factor_a = tl.math.div_rn(tl.where(third_a, s2, tl.where(later_a, s1, s0))[None, :] + 0.0 * a, a)
-            if HAS_BIAS:
-                bias_a = tl.where(third_a, bias2_ptr, tl.where(later_a, bias1_ptr, bias_ptr))[None, :]
-            else:
-                bias_a = bias_ptr
+        else:  # per column: its matrix's scale and bias
+            factor_a, bias_a = segment_epilogue(later_a, third_a, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
+                                                bias_ptr, bias1_ptr, bias2_ptr, HAS_BIAS, OUT_INT32)
             store_output(y_ptr, bias_a, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor_a, SC, HAS_BIAS, OUT_INT32)
             if PB > 0:
-                if OUT_INT32:
-                    factor_b = 0.0
-                else:
-                    factor_b = tl.math.div_rn(tl.where(third, s2, tl.where(later, s1, s0))[None, :] + 0.0 * a, a)
-                if HAS_BIAS:
-                    bias_b = tl.where(third, bias2_ptr, tl.where(later, bias1_ptr, bias_ptr))[None, :]
-                else:
-                    bias_b = bias_ptr
+                factor_b, bias_b = segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
+                                                    bias_ptr, bias1_ptr, bias2_ptr, HAS_BIAS, OUT_INT32)
                 store_output(y_ptr, bias_b, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor_b, SC, HAS_BIAS, OUT_INT32)
 
 
@@ -366,12 +369,7 @@ def gemm_cat(
     Matrices whose packed weights do not sit on 16-unit grains of the first's run one launch each."""
     if x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
-    if not 1 <= len(packed) <= 3 or not len(packed) == len(ns) == len(scales):
-        raise ValueError(f"gemm_cat takes 1 to 3 matrices with one n and one scale each, got {len(packed)}, "
-                         f"{len(ns)}, {len(scales)}")
-    biases = list(biases) if biases else [None] * len(packed)
-    if len({b is None for b in biases}) > 1:
-        raise ValueError("gemm_cat needs a bias for every matrix or for none")
+    biases = cat_biases("gemm_cat", packed, ns, scales, biases)
     total = sum(ns)
     a, scale0 = matmul_args(x_q, a, scales[0], biases[0], ns[0], out_dtype)
     scales = [scale0] + [matmul_args(x_q, a, s, b, n, out_dtype)[1] for s, b, n in zip(scales[1:], biases[1:], ns[1:])]
@@ -387,9 +385,8 @@ def gemm_cat(
     if m == 0:
         return y
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
-    grain = 16 * lanes
-    base = packed[0].data_ptr()
-    if (0 < UNPACK_M <= m or any((w.data_ptr() - base) % grain for w in packed)) and len(packed) > 1:
+    starts = segment_starts(packed, lanes)
+    if (0 < UNPACK_M <= m or starts is None) and len(packed) > 1:
         col = 0  # one launch a matrix, into its columns of y
         for w, n, s, b in zip(packed, ns, scales, biases):
             gemm_cat(x_q, [w], [n], fmt, [s], [b], a, xsum, out_dtype, y[:, col:col + n])
@@ -403,7 +400,6 @@ def gemm_cat(
     pa = 8 if p == 8 else 4
     seg = len(packed)
     rows = [w.shape[0] for w in packed] + [0] * (3 - seg)
-    starts = [(w.data_ptr() - base) // grain for w in packed] + [0] * (3 - seg)
     sizes = list(ns) + [0] * (3 - seg)
     scales, biases = (v + [v[0]] * (3 - seg) for v in (scales, biases))  # unused segments: the first's pointers
     w = packed[0].view(torch.int32) if lanes == 4 else packed[0]

@@ -36,7 +36,8 @@ import triton.language as tl
 from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
-from .common import INTERPRET, LAUNCH, autotune, cdiv, matmul_args, next_power_of_2, store_output
+from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, segment_starts,
+                     store_output)
 from .layout import check_packed, decode, joined_codes, values_per_byte
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
@@ -152,6 +153,12 @@ def segment_of(rows, R, R1, SEGMENTS: tl.constexpr):
     return later, third
 
 
+@triton.jit
+def by_segment(later, third, v0, v1, v2):
+    """v0, v1 or v2 for each element by its matrix (segment_of's two masks)."""
+    return tl.where(third, v2, tl.where(later, v1, v0))
+
+
 @autotune(CONFIGS, key=["N", "K", "P", "QUANTIZE_X", "SEGMENTS", "N1", "N2"], prune=_prune,
           interpret_config=triton.Config({"BLOCK_R": 4, "BLOCK_U": 16}))
 @triton.jit
@@ -212,11 +219,11 @@ def _gemv_kernel(
         later, third = segment_of(rows, R, R1, SEGMENTS)
         # offsets from w_ptr, scaled after the select: the compiler then knows every row starts on a
         # 16-element boundary and keeps the loads 16 bytes wide (a select of unscaled offsets loses it)
-        w_base = tl.where(third, W2, tl.where(later, W1, 0)).to(tl.int64) * 16
-        offs_r = rows - tl.where(third, R + R1, tl.where(later, R, 0))
-        rows_in = tl.where(third, R2, tl.where(later, R1, R))
-        cols = tl.where(third, N2, tl.where(later, N1, N))
-        col0 = tl.where(third, N + N1, tl.where(later, N, 0))
+        w_base = by_segment(later, third, 0, W1, W2).to(tl.int64) * 16
+        offs_r = rows - by_segment(later, third, 0, R, R + R1)
+        rows_in = by_segment(later, third, R, R1, R2)
+        cols = by_segment(later, third, N, N1, N2)
+        col0 = by_segment(later, third, 0, N, N + N1)
         row_ok = rows < R + R1 + R2
 
     # Every load of a tile is issued before the math that needs the previous one: the first
@@ -261,7 +268,7 @@ def _gemv_kernel(
     elif SEGMENTS == 1:
         factor = tl.math.div_rn(tl.load(scale_ptr) + 0.0 * total, a)
     else:
-        s = tl.where(third, tl.load(scale2_ptr), tl.where(later, tl.load(scale1_ptr), tl.load(scale_ptr)))
+        s = by_segment(later, third, tl.load(scale_ptr), tl.load(scale1_ptr), tl.load(scale2_ptr))
         factor = tl.math.div_rn(s, a)
     if not HAS_BIAS:
         bias_rows = bias_ptr  # None: store_output reads no bias
@@ -270,7 +277,7 @@ def _gemv_kernel(
         bias_rows = bias_ptr + 0 * rows
         bias_tile = bias_rows[:, None]
     else:
-        bias_rows = tl.where(third, bias2_ptr, tl.where(later, bias1_ptr, bias_ptr))
+        bias_rows = by_segment(later, third, bias_ptr, bias1_ptr, bias2_ptr)
         bias_tile = bias_rows[:, None]
     n = tl.arange(0, PA)[None, :] * rows_in[:, None] + offs_r[:, None]  # (BR, PA): outputs within their matrix
     store_output(y_row, bias_tile, n + col0[:, None], n, row_ok[:, None] & (n < cols[:, None]),
@@ -316,12 +323,7 @@ def gemv_cat(
     columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemv() of that matrix alone (the same
     integers, the same epilogue). The matrices share K and the format; biases all or none.
     residual: one matrix only, as gemv's."""
-    if not 1 <= len(packed) <= 3 or not len(packed) == len(ns) == len(scales):
-        raise ValueError(f"gemv_cat takes 1 to 3 matrices with one n and one scale each, got {len(packed)}, "
-                         f"{len(ns)}, {len(scales)}")
-    biases = list(biases) if biases else [None] * len(packed)
-    if len({b is None for b in biases}) > 1:
-        raise ValueError("gemv_cat needs a bias for every matrix or for none")
+    biases = cat_biases("gemv_cat", packed, ns, scales, biases)
     quantize_x = x.is_floating_point()
     out_dtype = out_dtype or (x.dtype if quantize_x else None)
     m, k = x.shape
@@ -338,10 +340,8 @@ def gemv_cat(
     # Words need 4-byte aligned rows; other K take the byte path. int8 activations are read as
     # words too (a fresh copy where their rows are not 4-byte aligned).
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
-    grain = 16 * lanes  # where the second and third matrices start: in units of 16 units
-    base = packed[0].data_ptr()
-    starts = [(w.data_ptr() - base) // grain for w in packed]
-    if any((w.data_ptr() - base) % grain for w in packed):  # not the caching allocator's (512-byte) blocks
+    starts = segment_starts(packed, lanes)
+    if starts is None:
         return torch.cat([gemv_cat(x, [w], [n], fmt, [s], [b], a, out_dtype)
                           for w, n, s, b in zip(packed, ns, scales, biases)], 1)
     if lanes == 4 and not quantize_x and (x.storage_offset() % 4 or x.stride(0) % 4):
@@ -351,7 +351,7 @@ def gemv_cat(
     seg = len(packed)
     # Unused segments: the first one's pointers (never read) and no rows.
     scales, biases = (v + [v[0]] * (3 - seg) for v in (scales, biases))
-    rows, ns, starts = rows + [0] * (3 - seg), list(ns) + [0] * (3 - seg), starts + [0] * (3 - seg)
+    rows, ns = rows + [0] * (3 - seg), list(ns) + [0] * (3 - seg)
     grid = lambda meta: (cdiv(rows[0] + rows[1] + rows[2], meta["BLOCK_R"]), m)  # noqa: E731
     if m > 0:
         _gemv_kernel[grid](

@@ -242,16 +242,37 @@ def test_gemv_reads_unaligned_int8_activations(fmt, triton_device):
     assert torch.equal(y.cpu(), reference_gemm(x_q, pack(w_q, fmt), N, fmt, scale.cpu(), a))
 
 
+def three_matrices(fmt, k, device, seed):
+    """Three matrices of one input for the *_cat launchers, q / k / v-like (N 50, 20, 13: rows that do
+    not fill a tile): (ns, ternary weights, packed, scales, biases)."""
+    ns = [50, 20, 13]
+    ws = [random_weights(n, k, fmt, seed=seed + i) for i, n in enumerate(ns)]
+    packed = [pack(w, fmt).to(device) for w in ws]
+    scales = [torch.tensor([s], device=device) for s in (0.5, 0.03, 2.0)]
+    biases = [torch.randn(n, generator=torch.Generator().manual_seed(i)).to(device) for i, n in enumerate(ns)]
+    return ns, ws, packed, scales, biases
+
+
+def check_cat_int32(cat, x_q, ws, packed, ns, fmt, device):
+    """cat's int32 output exact for three and two matrices (no third segment's rows), and for a
+    weight 4 bytes into its buffer: word-aligned, not on the 16-element grain of the one-launch path
+    (cat then launches each matrix on its own)."""
+    for count in (3, 2):
+        acc = cat(x_q, packed[:count], ns[:count], fmt, [None] * count, out_dtype=torch.int32)
+        assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:count]], 1))
+    buf = torch.zeros(packed[1].numel() + 4, dtype=torch.uint8, device=device)
+    shifted = buf[4:].view(packed[1].shape)
+    shifted.copy_(packed[1])
+    acc = cat(x_q, [packed[0], shifted], ns[:2], fmt, [None] * 2, out_dtype=torch.int32)
+    assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:2]], 1))
+
+
 @pytest.mark.parametrize("fmt, k", [("2bit", 37), ("2bit", 100), ("1.6bit", 100), ("1bit", 100)])
 def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
     """Three (and two) matrices of one input in one launch, of different N (q / k / v-like, rows
     that do not fill a tile), each with its own scale and bias: every column block equal to that
     matrix's own GEMV, bit for bit, from float x and from int8 x_q; int32 exact."""
-    ns = [50, 20, 13]
-    ws = [random_weights(n, k, fmt, seed=10 + i) for i, n in enumerate(ns)]
-    packed = [pack(w, fmt).to(triton_device) for w in ws]
-    scales = [torch.tensor([s], device=triton_device) for s in (0.5, 0.03, 2.0)]
-    biases = [torch.randn(n, generator=torch.Generator().manual_seed(i)).to(triton_device) for i, n in enumerate(ns)]
+    ns, ws, packed, scales, biases = three_matrices(fmt, k, triton_device, seed=10)
     x = random_activations(2, k, seed=5).to(triton_device)
     x_q, a = quantize_activation(x.cpu())
     x_q, a = x_q.to(triton_device), a.to(triton_device)
@@ -263,16 +284,7 @@ def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
         block = slice(cols[j], cols[j + 1])
         assert torch.equal(y[:, block], gemv(x, packed[j], ns[j], fmt, scales[j], biases[j]))
         assert torch.equal(yq[:, block], gemv(x_q, packed[j], ns[j], fmt, scales[j], a=a, out_dtype=torch.float32))
-    for count in (3, 2):  # two matrices: no third segment's rows
-        acc = gemv_cat(x_q, packed[:count], ns[:count], fmt, [None] * count, out_dtype=torch.int32)
-        assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:count]], 1))
-    # A weight 4 bytes into its buffer: word-aligned, not on the 16-element grain of the one-launch
-    # path (gemv_cat then launches each matrix on its own): the same numbers.
-    buf = torch.zeros(packed[1].numel() + 4, dtype=torch.uint8, device=triton_device)
-    shifted = buf[4:].view(packed[1].shape)
-    shifted.copy_(packed[1])
-    acc = gemv_cat(x_q, [packed[0], shifted], ns[:2], fmt, [None] * 2, out_dtype=torch.int32)
-    assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:2]], 1))
+    check_cat_int32(gemv_cat, x_q, ws, packed, ns, fmt, triton_device)
     with pytest.raises(ValueError, match="bias for every matrix or for none"):
         gemv_cat(x, packed, ns, fmt, scales, [biases[0], None, None])
 
@@ -284,11 +296,7 @@ def test_gemm_cat_equals_each_matrix_alone(fmt, k, m, triton_device):
     and the large-M tiles): three and two matrices of one input in one GEMM launch, tiles
     straddling two matrices, each column block equal to that matrix's own GEMM bit for bit, with
     its own scale and bias; int32 exact; weights off the 16-unit grain launch one by one."""
-    ns = [50, 20, 13]
-    ws = [random_weights(n, k, fmt, seed=30 + i) for i, n in enumerate(ns)]
-    packed = [pack(w, fmt).to(triton_device) for w in ws]
-    scales = [torch.tensor([s], device=triton_device) for s in (0.5, 0.03, 2.0)]
-    biases = [torch.randn(n, generator=torch.Generator().manual_seed(i)).to(triton_device) for i, n in enumerate(ns)]
+    ns, ws, packed, scales, biases = three_matrices(fmt, k, triton_device, seed=30)
     x_q, a = quantize_activation(random_activations(m, k, seed=6))
     x_q, a = x_q.to(triton_device), a.to(triton_device)
     cols = [0, 50, 70, 83]
@@ -298,14 +306,7 @@ def test_gemm_cat_equals_each_matrix_alone(fmt, k, m, triton_device):
         for j in range(3):
             alone = gemm(x_q, packed[j], ns[j], fmt, scales[j], bias[j] if bias else None, a, out_dtype=torch.float32)
             assert torch.equal(y[:, cols[j]:cols[j + 1]], alone)
-    for count in (3, 2):
-        acc = gemm_cat(x_q, packed[:count], ns[:count], fmt, [None] * count, out_dtype=torch.int32)
-        assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:count]], 1))
-    buf = torch.zeros(packed[1].numel() + 4, dtype=torch.uint8, device=triton_device)
-    shifted = buf[4:].view(packed[1].shape)
-    shifted.copy_(packed[1])
-    acc = gemm_cat(x_q, [packed[0], shifted], ns[:2], fmt, [None] * 2, out_dtype=torch.int32)
-    assert torch.equal(acc.cpu(), torch.cat([exact(x_q, w) for w in ws[:2]], 1))
+    check_cat_int32(gemm_cat, x_q, ws, packed, ns, fmt, triton_device)
     with pytest.raises(ValueError, match="bias for every matrix or for none"):
         gemm_cat(x_q, packed, ns, fmt, scales, [biases[0], None, None], a=a)
 
