@@ -27,7 +27,8 @@
 #   stamp     10  nvidia-smi (GPU, driver), python/torch/triton/transformers versions, commit, CPUs
 #   tests    150  the whole suite: pytest -q -n N -p no:cacheprovider --timeout 150 -rf --durations=20
 #                 (its longest tests here: compare end to end ~100 s on a CPU core, the interpreter
-#                 tier rerun beside the GPU ~60-100 s, the compile guard ~350 CPU-s spread over the cores)
+#                 tier rerun beside the GPU ~60-100 s, the compile guard ~350 CPU-s spread over the cores;
+#                 conftest.py sets BITNET_AUTOTUNE=first: no config timing, tests/test_configs.py runs each)
 #   kernels   55  bench_kernels.py: 2560x6912 6912x2560 8192x8192 28672x8192, M 1 16 2048, 2bit at
 #                 every M, 1.6bit and 1bit at M = 1, GPU time (CUDA graph) and eager call; then the
 #                 decode attention against SDPA (batch 1 8, 160 1024 4096 slots)

@@ -39,12 +39,49 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+# How a kernel picks its config for a new key (shape, format, flags), read at that moment:
+#   full   time every config that fits (after the kernel's pruning) and keep the fastest (default)
+#   first  no timing: the first config that fits (the lists are ordered by expected speed); what the
+#          test suite uses on a GPU, where hundreds of small shapes would each be tuned, while
+#          tests/test_configs.py runs every config of every kernel against the exact references
+AUTOTUNE_ENV = "BITNET_AUTOTUNE"
+AUTOTUNE_POLICIES = ("full", "first")
+# Timing budget of one config (ms): Triton's default is 25 ms of warm-up and 100 of repetitions, a
+# second and a half a key for 11 configs; a few hundred repetitions of microsecond kernels rank
+# them as well (the L2 is flushed between repetitions either way).
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25
+
+
+def autotune_policy() -> str:
+    policy = os.environ.get(AUTOTUNE_ENV, "full").strip().lower() or "full"
+    if policy not in AUTOTUNE_POLICIES:
+        raise ValueError(f"{AUTOTUNE_ENV}={os.environ[AUTOTUNE_ENV]!r}: expected one of {', '.join(AUTOTUNE_POLICIES)}")
+    return policy
+
+
+def _time_config(kernel_call, quantiles):
+    """The autotuner's benchmark of one config: a short do_bench, or one call (which compiles the
+    config, as the real launch would) when the policy is `first` and nothing is compared."""
+    if autotune_policy() == "first":
+        kernel_call()
+        return [0.0, 0.0, 0.0]
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, prune=None):
-    """triton.autotune over `configs` on a GPU. Under the interpreter only `interpret_config` (small
-    blocks, no benchmarking): autotuning there would time every config on the CPU for nothing."""
+    """triton.autotune over `configs` on a GPU, pruned by `prune(configs, named_args, **kwargs)`, as
+    the BITNET_AUTOTUNE policy says (above). Under the interpreter only `interpret_config` (small
+    blocks, no benchmarking): autotuning there would time every config on the CPU for nothing.
+    `kernel.configs = [config]` pins one config (tests/test_configs.py)."""
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=key)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+
+    def early_prune(configs, named_args, **kwargs):
+        fitting = prune(configs, named_args, **kwargs) if prune else configs
+        return fitting[:1] if autotune_policy() == "first" else fitting
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
+                           do_bench=_time_config)
 
 
 @triton.jit

@@ -23,6 +23,11 @@ elif torch.cuda.is_available():
 else:
     TRITON_DEVICE = None
 NO_TRITON = "no GPU and TRITON_INTERPRET=0: the Triton kernels can run nowhere in this session"
+# On a GPU, the suite's hundreds of small shapes would each be autotuned (every config compiled and
+# timed, ~0.3 s a shape): the first config that fits runs instead, and tests/test_configs.py runs
+# every config against the references. An explicit BITNET_AUTOTUNE is kept.
+if TRITON_DEVICE == "cuda":
+    os.environ.setdefault("BITNET_AUTOTUNE", "first")
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ run where conftest.py's `triton_device` says: in Triton's interpreter on CPU ten
 (TRITON_INTERPRET=1, what CPU CI runs), compiled on CUDA tensors with one. With a GPU the
 interpreter tier is also rerun, in a subprocess that sees none (test_interpreter_tier_reruns_beside_a_gpu).
 Tests marked `cuda` repeat the checks at real shapes on a GPU. Every exact reference (the integer
-products, reference_gemm, the torch path) runs on the CPU, and kernel outputs are compared there;
-only the frozen model's two paths run side by side on the kernels' device.
+products, reference_gemm, the torch path) of the small-shape tier runs on the CPU, and kernel
+outputs are compared there; the frozen model's two paths run side by side on the kernels' device,
+and the real shapes' references on the GPU (float64 GEMMs: exact, and minutes on a CPU).
 
 Tolerances, where equality is not asserted:
 - fp32 outputs equal the torch path bit for bit, and are within 1e-6 (relative, plus 1e-6 absolute)
@@ -72,12 +73,12 @@ def random_activations(m: int, k: int, seed: int = 1, dtype=torch.float32, devic
     return x.to(dtype=dtype, device=device)
 
 
-def exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """x_q @ w_q^T as int32, on the CPU, in float64: every product is an integer and every partial
-    sum an integer below 128 * K < 2^53, so any summation order gives the exact sum. (int64 would be
-    as exact, but torch has no int64 GEMM on CUDA and only a slow one on the CPU: minutes at the
-    cuda tier's shapes.)"""
-    return (x_q.cpu().double() @ w_q.cpu().double().t()).to(torch.int32)
+def exact(x_q: torch.Tensor, w_q: torch.Tensor, device="cpu") -> torch.Tensor:
+    """x_q @ w_q^T as int32, in float64 on `device` (the CPU unless a cuda-tier shape needs the GPU's
+    speed): every product is an integer and every partial sum an integer below 128 * K < 2^53, so
+    any summation order gives the exact sum. (int64 would be as exact, but torch has no int64 GEMM
+    on CUDA and only a slow one on the CPU: minutes at the cuda tier's shapes.)"""
+    return (x_q.to(device).double() @ w_q.to(device).double().t()).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -612,23 +613,26 @@ def test_attention_benchmark_compares_like_with_like(monkeypatch, triton_device)
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes
-REAL_SHAPES = [(2560, 2560), (2560, 6912), (6912, 2560), (8192, 8192)]
+REAL_SHAPES = [(2560, 2560), (2560, 6912), (6912, 2560), (8192, 8192), (28672, 8192)]
+REAL_M = (1, 4, 16, 64, 512, 2048)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("n, k", REAL_SHAPES)
 def test_cuda_real_shapes_exact_and_equal_to_torch(n, k, fmt):
-    """The references on the CPU: exact() in float64, and the torch path (int8 GEMM, torch._int_mm)."""
-    w_q = random_weights(n, k, fmt)
-    packed, scale = pack(w_q, fmt), torch.tensor([0.02])
-    packed_cuda, scale_cuda = packed.cuda(), scale.cuda()
-    for m in (1, 4, 16, 64, 512):
-        x = random_activations(m, k, dtype=torch.bfloat16)
+    """Issue 27's shapes and M (every path: GEMV, small-M GEMM with split-K, the unpacked GEMM).
+    The references run on the GPU here, both independent of the kernels: exact() as a float64
+    GEMM (cuBLAS; exact for these integers in any summation order), and the torch path, whose
+    integer GEMM is that same float64 one on CUDA (bitnet.quant.int_matmul); on the CPU they would
+    take minutes at 28672 x 8192."""
+    w_q = random_weights(n, k, fmt, device="cuda")
+    packed, scale = pack(w_q, fmt), torch.tensor([0.02], device="cuda")
+    for m in REAL_M:
+        x = random_activations(m, k, dtype=torch.bfloat16, device="cuda")
         x_q, _ = quantize_activation(x)
-        assert torch.equal(kernels.packed_matmul_int32(x_q.cuda(), packed_cuda, n, fmt).cpu(), exact(x_q, w_q))
-        y = kernels.bitlinear(x.cuda(), packed_cuda, scale_cuda, n, fmt).cpu()
-        assert torch.equal(y, torch_bitlinear(x, packed, scale, n, fmt))
+        assert torch.equal(kernels.packed_matmul_int32(x_q, packed, n, fmt), exact(x_q, w_q, device="cuda")), m
+        assert torch.equal(kernels.bitlinear(x, packed, scale, n, fmt), torch_bitlinear(x, packed, scale, n, fmt)), m
 
 
 @pytest.mark.cuda
