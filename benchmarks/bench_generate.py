@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from bitnet import BitNetConfig, weight_bytes
-from bitnet.bench import RESULTS_DIR, L2Flusher, environment, random_model, save_results, time_cpu, time_cuda
+from bitnet.bench import (RESULTS_DIR, L2Flusher, environment, random_model, save_results, step_profile, time_cpu,
+                          time_cuda)
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.generation import generate
 from bitnet.ops import default_kernel
@@ -86,6 +87,8 @@ class Args:
     rounds: int | None = arg(None, help="rounds over all the models, in alternating order; medians over rounds, ratios "
                              "taken round by round (min-max reported): a machine whose speed drifts over minutes "
                              "moves both sides of a ratio alike (default: 3 on a CPU, 1 on a GPU)")
+    profile_steps: int | None = arg(None, help="decode steps profiled kernel by kernel (op by op on a CPU) at the first "
+                                    "batch size, after the timings (default: 8 on a GPU, 0: none, on a CPU)")
     isolate: bool = arg(True, help="measure each model in a fresh process (clean peak memory)")
     name: str | None = arg(None, help="results file name (default: generate_cpu or generate_cuda)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")
@@ -99,7 +102,8 @@ class Args:
             prefill_len=self.prefill_len or (512 if gpu else 128),
             compile=(gpu and not self.cuda_graph) if self.compile is None else self.compile,
             name=self.name or f"generate_{'cuda' if gpu else 'cpu'}",
-            rounds=self.rounds or (1 if gpu else 3))
+            rounds=self.rounds or (1 if gpu else 3),
+            profile_steps=(8 if gpu else 0) if self.profile_steps is None else self.profile_steps)
 
 
 def rss_bytes() -> int:
@@ -147,6 +151,9 @@ def measure(args: Args, key: str) -> dict:
         prefill_ms = timed(lambda: run(1))
         total_ms = timed(lambda: run(N))
         step_ms = (total_ms - prefill_ms) / (N - 1)
+        profile = None
+        if args.profile_steps and B == args.batch[0]:  # where a decode step's time goes
+            profile = step_profile(run, min(args.profile_steps, N - 1), device)
         model.clear_cache()
         # a longer prompt: prefill alone (large M: the int8 GEMM path of the packed kernels)
         TL = args.prefill_len
@@ -160,6 +167,7 @@ def measure(args: Args, key: str) -> dict:
             "generate_ms": total_ms, "decode_ms_per_step": step_ms, "decode_tok_s": B / step_ms * 1e3,
             "decode_weight_gb_s": streamed / (step_ms * 1e-3) / 1e9,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            **({"profile": profile} if profile else {}),
         })
         model.clear_cache()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -270,7 +278,32 @@ def report(args: Args, results: dict[str, dict], rounds: list[dict[str, dict]] |
         if f"{k}_step_time_over_2bit" in summary:
             md += ["", f"{MODELS[k].label}: decode step time / 2-bit's = "
                    + ", ".join(f"{v:.2f}" for v in summary[f"{k}_step_time_over_2bit"])]
+    md += profile_tables(args, results)
     return "\n".join(md), summary
+
+
+def short(name: str, width: int = 70) -> str:
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def profile_tables(args: Args, results: dict[str, dict]) -> list[str]:
+    """Markdown: each profiled model's decode step by kernel (GPU) or op (CPU), the costliest first."""
+    gpu = args.device.startswith("cuda")
+    md = []
+    for res in results.values():
+        for r in res["rows"]:
+            prof = r.get("profile")
+            if not prof:
+                continue
+            what = "kernel" if gpu else "op (self CPU time)"
+            md += ["", f"**{res['label']}**, batch {r['batch']}: one decode step by {what}, from {prof['steps']} profiled "
+                   f"steps: {prof['busy_us']:.0f} us busy, {prof['launches']:.0f} launches, of a "
+                   f"{r['decode_ms_per_step'] * 1e3:.0f} us step"
+                   + (" (the rest: gaps between kernels, and the host where it is not captured)" if gpu else ""), ""]
+            rows = [{**row, "name": short(row["name"].replace("|", "/"))} for row in prof["rows"]]
+            md.append(table(rows, [("name", what, ""), ("calls", "calls a step", ".1f"), ("us", "us a step", ".1f"),
+                                   ("share", "share", ".0%")], markdown=True))
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:

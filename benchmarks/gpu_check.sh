@@ -37,7 +37,9 @@
 #                 (built here with nvcc from .peers), gemlite and bf16 cuBLAS, each checked against
 #                 the exact reference before timing -> peer_gpu_kernels_cuda.{json,md}
 #   generate  60  bench_generate.py: 2b4t, packed 2-bit vs the bf16 twin, batch 1 8, compile (CUDA
-#                 graphs), 32 new tokens, median of 3 -> generate_cuda.{json,md} (saved model by model)
+#                 graphs), 32 new tokens, median of 3, then 8 decode steps profiled kernel by kernel
+#                 (batch 1: each kernel's time a step, the sum against the step's time) -> generate_cuda.{json,md}
+#                 (saved model by model)
 #   peer      45  peer_transformers.py: 2b4t, 32 new tokens, median of 2: ours vs transformers' BitNet
 #                 -> peer_transformers_cuda.{json,md} (saved before its compiled timing)
 #   (packing)  5  reserved: after every stage the results folder is refreshed

@@ -171,6 +171,58 @@ def _median_between_events(launch: Callable[[], object], iters: int, flush: L2Fl
     return statistics.median(times)
 
 
+def profile_ops(fn: Callable[[], object], device: torch.device | str) -> dict[str, list[float]]:
+    """{name: [calls, microseconds]} of one call of fn() under torch.profiler: the GPU kernels and
+    their time on the GPU (each kernel's own interval, CUDA-graph replays included) where device is
+    CUDA; else the CPU ops and their self time. fn should be warm (compiled, tuned)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    ops: dict[str, list[float]] = {}
+    for evt in prof.events():
+        on_gpu = evt.device_type == torch.autograd.DeviceType.CUDA
+        if on_gpu != cuda:
+            continue
+        if cuda:
+            us = evt.time_range.elapsed_us()
+        else:
+            us = evt.self_cpu_time_total
+        row = ops.setdefault(evt.name, [0, 0.0])
+        row[0] += 1
+        row[1] += us
+    return ops
+
+
+def step_profile(run: Callable[[int], object], steps: int, device: torch.device | str, top: int = 15) -> dict:
+    """What one decode step spends, by kernel (GPU) or op (CPU): run(n) generates n tokens, so the
+    profile of run(steps + 1) minus that of run(1) (the prefill and the first token), divided by
+    steps, is the decode steps' alone, through the real generate loop (CUDA graphs included).
+
+    Returns {"steps", "busy_us" (the kernels' summed time a step: the floor a CUDA graph can
+    approach; on a CPU the ops' self time), "launches" (kernels or ops a step), "rows": the `top`
+    costliest, each {name, calls (a step), us (a step), share}}."""
+    run(steps + 1)  # warm: both lengths compiled and tuned
+    base, full = profile_ops(lambda: run(1), device), profile_ops(lambda: run(steps + 1), device)
+    rows = []
+    for name, (calls, us) in full.items():
+        b_calls, b_us = base.get(name, (0, 0.0))
+        c, t = (calls - b_calls) / steps, (us - b_us) / steps
+        if c > 0:  # what the decode steps launch (the prefill's own kernels cancel, up to its noise)
+            rows.append({"name": name, "calls": c, "us": max(t, 0.0)})
+    busy = sum(r["us"] for r in rows)
+    rows.sort(key=lambda r: -r["us"])
+    for r in rows:
+        r["share"] = r["us"] / busy if busy else 0.0
+    return {"steps": steps, "busy_us": busy, "launches": sum(r["calls"] for r in rows), "rows": rows[:top]}
+
+
 def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:
     """Median milliseconds of fn() on the CPU."""
     for _ in range(warmup):

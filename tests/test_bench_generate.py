@@ -1,0 +1,40 @@
+"""benchmarks/bench_generate.py end to end on the CPU at the tiny preset: the timings' table and the
+decode step's profile (what the device script's generate stage records per kernel on a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+from bitnet import BitNetConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(ROOT, "benchmarks", "bench_generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_step_profile_counts_what_one_step_runs(tmp_path):
+    """The profile of generate(steps + 1) minus generate(1), per step: a packed model's native decode
+    runs one bitnet_cpu::decode_layer a layer and one head (bf16_linear) a step, exactly; the
+    twin's float projections are 7 aten::mm a layer plus the head's."""
+    layers = BitNetConfig.from_preset("tiny").num_hidden_layers
+    assert _bench().main(["--device", "cpu", "--preset", "tiny", "--models", "bitnet", "bf16", "--batch", "1",
+                          "--new-tokens", "6", "--prompt-len", "8", "--prefill-len", "16", "--iters", "1",
+                          "--warmup", "1", "--rounds", "1", "--no-isolate", "--profile-steps", "3",
+                          "--out-dir", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "generate_cpu.json").read_text())
+    prof = {k: saved["results"][k]["rows"][0]["profile"] for k in ("bitnet", "bf16")}
+    calls = {k: {r["name"]: r["calls"] for r in p["rows"]} for k, p in prof.items()}
+    assert calls["bitnet"]["bitnet_cpu::decode_layer"] == layers and calls["bitnet"]["bitnet_cpu::bf16_linear"] == 1
+    assert calls["bf16"]["aten::mm"] == 7 * layers + 1
+    assert all(p["steps"] == 3 and p["busy_us"] > 0 and p["launches"] >= len(p["rows"]) for p in prof.values())
+    md = (tmp_path / "generate_cpu.md").read_text()
+    assert "one decode step by op (self CPU time), from 3 profiled steps" in md and "| bitnet_cpu::decode_layer | 2.0 |" in md
