@@ -153,7 +153,10 @@ def measure(args: Args, key: str) -> dict:
         step_ms = (total_ms - prefill_ms) / (N - 1)
         profile = None
         if args.profile_steps and B == args.batch[0]:  # where a decode step's time goes
-            profile = step_profile(run, min(args.profile_steps, N - 1), device)
+            try:
+                profile = step_profile(run, min(args.profile_steps, N - 1), device)
+            except Exception as e:  # the profiler is a diagnostic: a failure there keeps the timings
+                profile = {"error": f"{type(e).__name__}: {e}"}
         model.clear_cache()
         # a longer prompt: prefill alone (large M: the int8 GEMM path of the packed kernels)
         TL = args.prefill_len
@@ -294,6 +297,9 @@ def profile_tables(args: Args, results: dict[str, dict]) -> list[str]:
         for r in res["rows"]:
             prof = r.get("profile")
             if not prof:
+                continue
+            if "error" in prof:
+                md += ["", f"**{res['label']}**, batch {r['batch']}: the decode step profile failed: {prof['error']}"]
                 continue
             what = "kernel" if gpu else "op (self CPU time)"
             md += ["", f"**{res['label']}**, batch {r['batch']}: one decode step by {what}, from {prof['steps']} profiled "
