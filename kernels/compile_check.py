@@ -24,7 +24,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     y fp32/bf16/fp16 with bias or not, or int32; one to three
                                     matrices (SEGMENTS, gemm.gemm_cat)
     _gemm_int8_kernel [gemm.gemm,   INT8_CONFIGS (the unpacked weights' GEMM, M >= UNPACK_M); y
-      M >= UNPACK_M]                fp32/bf16/fp16 with bias or not, or int32
+      M >= UNPACK_M]                fp32/bf16/fp16 with bias or not, or int32; one to three
+                                    matrices (SEGMENTS, gemm.gemm_cat)
     _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
     _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32; the relu2
                                     gate (GATED) or not
@@ -199,11 +200,14 @@ def _gemm_int8_variants() -> list[Variant]:
 
     flags = [dict(y=y, HAS_BIAS=b) for y, b in itertools.product(["bf16", "fp32", "fp16"], [True, False])]
     flags.append(dict(y="int32", HAS_BIAS=False))
+    # one to three matrices (gemm_cat at a prefill), every output dtype and bias beside each count
+    flags = [dict(f, SEGMENTS=s) for f in flags for s in (1, 2, 3)]
     out = []
     for i, (cfg, f) in enumerate(_round_robin(INT8_CONFIGS, flags)):
-        consts = dict(HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", **cfg.kwargs)
-        types = dict(x_ptr="*i8", a_ptr="*fp32", w_ptr="*i8", scale_ptr="*fp32",
-                     bias_ptr=TYPES["bf16" if f["y"] == "int32" else f["y"]], y_ptr=TYPES[f["y"]])
+        consts = dict(HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", SEGMENTS=f["SEGMENTS"], **cfg.kwargs)
+        bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]
+        types = dict(x_ptr="*i8", a_ptr="*fp32", w_ptr="*i8", scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]],
+                     scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias)
         out.append(Variant("_gemm_int8_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 

@@ -99,7 +99,7 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
     if x2.shape[0] == 1 and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
         r2 = None  # added in the epilogue
-    elif x2.shape[0] > 1 and one_launch:  # below UNPACK_M one GEMM launch for all of them
+    elif x2.shape[0] > 1 and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
         if xsum is None:
             xsum = x2.sum(-1, dtype=torch.int32)
         y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=xsum.reshape(-1), out_dtype=out_dtype)

@@ -25,7 +25,10 @@ step, and Triton then waits for each step's wgmma before the next decode (sm_90 
 128 x 128 x 128 config: STS.128 x 4, three BAR.SYNC and WARPGROUP.DEPBAR.LE gsb0, 0x0 per step:
 decode and tensor cores never overlap); at large M the unpack's extra traffic (N * K bytes written
 and read back, ~10 us for 2560 x 6912 on an H200) is small beside the GEMM. A prediction from the
-SASS, to be checked on a GPU (benchmarks/gpu_notes.md); the threshold is the knob.
+SASS, to be checked on a GPU (benchmarks/gpu_notes.md); the threshold is the knob. gemm_cat's
+matrices (a prefill's q / k / v, gate / up) are unpacked into one buffer, rows one after the
+other, and one launch multiplies them all (SEGMENTS: each output column takes its matrix's scale
+and bias): a lone k_proj at M = 512 has 5 x 4 tiles of 128 x 128 for 132 SMs.
 """
 
 from __future__ import annotations
@@ -235,26 +238,30 @@ INT8_CONFIGS = [
 ]
 
 
-@autotune(INT8_CONFIGS, key=["m_bucket", "N", "K"], interpret_config=INTERPRET_CONFIG)
+@autotune(INT8_CONFIGS, key=["m_bucket", "N", "K", "SEGMENTS", "N1", "N2"], interpret_config=INTERPRET_CONFIG)
 @triton.jit
 def _gemm_int8_kernel(
-    # pointers
-    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
-    # sizes (m_bucket: autotuning key only)
-    M, N, K, m_bucket,
+    # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
+    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr,
+    # sizes (m_bucket: autotuning key only; N1, N2: the second and third matrices' rows)
+    M, N, K, m_bucket, N1, N2,
     # strides (unit stride along K and N)
     stride_xm, stride_wn, stride_ym,
     # constexpr
-    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, SEGMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * s / a[m] + bias[n]: the unpacked weights' GEMM.
 
-    x_ptr: int8 (M, K) x_q; a_ptr: float32 (M,); w_ptr: int8 (N, K) W_q itself (unpack_triton);
-    scale_ptr, bias_ptr, y_ptr as in _gemm_kernel. Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
-    programs, grouped by GROUP_M along M.
+    x_ptr: int8 (M, K) x_q; a_ptr: float32 (M,); w_ptr: int8 (N + N1 + N2, K) W_q itself
+    (unpack_triton), the matrices' rows one after the other; scale_ptr, bias_ptr, y_ptr as in
+    _gemm_kernel. SEGMENTS > 1: output column n belongs to the matrix whose rows hold it, and
+    takes that matrix's scale and bias (q / k / v in one launch at a prefill: k and v alone fill
+    a fraction of the SMs). Grid: cdiv(M, BLOCK_M) * cdiv(N + N1 + N2, BLOCK_N) programs, grouped
+    by GROUP_M along M.
     """
-    pid_m, pid_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    NT = N + N1 + N2
+    pid_m, pid_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(NT, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -264,31 +271,47 @@ def _gemm_int8_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptrs + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0)
-        w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n < N)[:, None] & (offs_k < K)[None, :], other=0)
+        w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n < NT)[:, None] & (offs_k < K)[None, :], other=0)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
 
     mask_m = offs_m < M
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    if OUT_INT32:
-        factor = 0.0
-    else:
-        factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
+    mask = mask_m[:, None] & (offs_n < NT)[None, :]
+    offs_y = offs_m[:, None] * stride_ym + offs_n[None, :]
     # weights, not codes: SC = 1 and no row sum to subtract
-    store_output(y_ptr, bias_ptr, offs_m[:, None] * stride_ym + offs_n[None, :], offs_n[None, :], mask, acc, 0, factor,
-                 1, HAS_BIAS, OUT_INT32)
+    if SEGMENTS == 1:
+        if OUT_INT32:
+            factor = 0.0
+        else:
+            factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
+        store_output(y_ptr, bias_ptr, offs_y, offs_n[None, :], mask, acc, 0, factor, 1, HAS_BIAS, OUT_INT32)
+    else:  # per column: its matrix's scale and bias, the bias indexed by the column within its matrix
+        later, third = segment_of(offs_n, N, N1, SEGMENTS)
+        factor, bias = segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
+                                        bias_ptr, bias1_ptr, bias2_ptr, HAS_BIAS, OUT_INT32)
+        local = offs_n - by_segment(later, third, 0, N, N + N1)
+        store_output(y_ptr, bias, offs_y, local[None, :], mask, acc, 0, factor, 1, HAS_BIAS, OUT_INT32)
 
 
-def gemm_unpacked(x_q: torch.Tensor, packed: torch.Tensor, n: int, fmt: str, y: torch.Tensor, a: torch.Tensor | None,
-                  scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x_q @ unpack(packed)^T with gemm's epilogue, into y (M, n) (checked by gemm)."""
+def gemm_unpacked(x_q: torch.Tensor, packed: list[torch.Tensor], ns: list[int], fmt: str, y: torch.Tensor,
+                  a: torch.Tensor | None, scales: list, biases: list) -> torch.Tensor:
+    """y = x_q @ unpack(packed)^T with gemm's epilogue, into y (M, sum(ns)) (checked by gemm_cat):
+    up to three matrices unpacked into one int8 (sum(ns), K) buffer, one GEMM launch over all."""
     m, k = x_q.shape
-    w = unpack_triton(packed, n, fmt)
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    total = sum(ns)
+    w = torch.empty(total, k, dtype=torch.int8, device=x_q.device)
+    row = 0
+    for p, n in zip(packed, ns):
+        unpack_triton(p, n, fmt, out=w[row:row + n])
+        row += n
+    seg = len(packed)
+    sizes = list(ns) + [0] * (3 - seg)
+    scales, biases = (list(v) + [v[0]] * (3 - seg) for v in (scales, biases))  # unused segments: the first's pointers
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(total, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_int8_kernel[grid](
-        x_q, a, w, scale, bias, y,
-        m, n, k, next_power_of_2(m),
+        x_q, a, w, scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2],
+        m, sizes[0], k, next_power_of_2(m), sizes[1], sizes[2],
         x_q.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, OUT_INT32=y.dtype == torch.int32, **LAUNCH,
+        HAS_BIAS=biases[0] is not None, OUT_INT32=y.dtype == torch.int32, SEGMENTS=seg, **LAUNCH,
     )
     return y
 
@@ -363,10 +386,11 @@ def gemm_cat(
     out_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Up to three matrices of one input in one launch (below UNPACK_M): y (M, sum(ns)), matrix j's
-    outputs in columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemm() of that matrix alone
-    (the same integers, the same epilogue). The matrices share K and the format; biases all or none.
-    Matrices whose packed weights do not sit on 16-unit grains of the first's run one launch each."""
+    """Up to three matrices of one input in one launch: y (M, sum(ns)), matrix j's outputs in
+    columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemm() of that matrix alone (the same
+    integers, the same epilogue). The matrices share K and the format; biases all or none. Below
+    UNPACK_M, matrices whose packed weights do not sit on 16-unit grains of the first's run one
+    launch each; from UNPACK_M on they are unpacked into one buffer (gemm_unpacked) and need not."""
     if x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
     biases = cat_biases("gemm_cat", packed, ns, scales, biases)
@@ -386,14 +410,14 @@ def gemm_cat(
         return y
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
     starts = segment_starts(packed, lanes)
-    if (0 < UNPACK_M <= m or starts is None) and len(packed) > 1:
+    if 0 < UNPACK_M <= m:
+        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases)
+    if starts is None and len(packed) > 1:
         col = 0  # one launch a matrix, into its columns of y
         for w, n, s, b in zip(packed, ns, scales, biases):
             gemm_cat(x_q, [w], [n], fmt, [s], [b], a, xsum, out_dtype, y[:, col:col + n])
             col += n
         return y
-    if 0 < UNPACK_M <= m:
-        return gemm_unpacked(x_q, packed[0], ns[0], fmt, y, a, scales[0], biases[0])
     if xsum is None:
         xsum = x_q.sum(-1, dtype=torch.int32)
     p = values_per_byte(fmt)

@@ -194,12 +194,17 @@ def _unpack_kernel(
         tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], w.to(tl.int8), mask=mask & (rows < N)[:, None])
 
 
-def unpack_triton(packed: torch.Tensor, n: int, fmt: str = "2bit") -> torch.Tensor:
-    """Packed uint8 (R, K) -> int8 (n, K): the Triton twin of bitnet.packing.unpack."""
+def unpack_triton(packed: torch.Tensor, n: int, fmt: str = "2bit", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed uint8 (R, K) -> int8 (n, K): the Triton twin of bitnet.packing.unpack; into `out`
+    (a contiguous int8 (n, K), e.g. rows of a larger buffer) if given."""
     k = packed.shape[1]
     packed = check_packed(packed, n, k, fmt)
-    out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    elif out.shape != (n, k) or out.dtype != torch.int8 or not out.is_contiguous() or out.device != packed.device:
+        raise ValueError(f"out must be a contiguous int8 ({n}, {k}) tensor on {packed.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} {out.stride()} on {out.device}")
     block_r, block_k = 16, 64
-    grid = (triton.cdiv(packed.shape[0], block_r), triton.cdiv(k, block_k))
+    grid = (-(-packed.shape[0] // block_r), -(-k // block_k))
     _unpack_kernel[grid](packed, out, n, k, packed.shape[0], P=values_per_byte(fmt), BLOCK_R=block_r, BLOCK_K=block_k)
     return out

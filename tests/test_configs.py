@@ -150,6 +150,12 @@ def test_every_unpacked_gemm_config_is_exact(config, monkeypatch, triton_device)
         assert torch.equal(y, exact(x_q, w_q))
         y = gemm(x_q.to(d), packed.to(d), N_GEMM, "2bit", scale.to(d), bias.to(d), a.reshape(-1).to(d)).cpu()
         assert torch.equal(y, torch_bitlinear(x, packed, scale, N_GEMM, "2bit", bias))
+        # q / k / v-like matrices in one launch: tiles straddle them
+        ns = [200, 76, 76]
+        w_qs = [random_weights(n, K_GEMM, "1.6bit", seed=j) for j, n in enumerate(ns)]
+        cat = [pack(w, "1.6bit").to(d) for w in w_qs]
+        y = gemm_cat(x_q.to(d), cat, ns, "1.6bit", [None] * 3, out_dtype=torch.int32).cpu()
+        assert torch.equal(y, torch.cat([exact(x_q, w) for w in w_qs], 1))
 
 
 # ----------------------------------------------------------------------------- quantization, head

@@ -291,12 +291,21 @@ def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
 
 
 @pytest.mark.parametrize("fmt, k", [("2bit", 37), ("2bit", 100), ("1.6bit", 100), ("1bit", 100)])
-@pytest.mark.parametrize("m", [3, 70])
-def test_gemm_cat_equals_each_matrix_alone(fmt, k, m, triton_device):
+@pytest.mark.parametrize("m, unpacked", [(3, False), (70, False), (70, True)])
+def test_gemm_cat_equals_each_matrix_alone(fmt, k, m, unpacked, monkeypatch, triton_device):
     """gemv_cat's contract for M > 1 (a batched decode step's q / k / v, small-M tiles with split-K;
     and the large-M tiles): three and two matrices of one input in one GEMM launch, tiles
     straddling two matrices, each column block equal to that matrix's own GEMM bit for bit, with
-    its own scale and bias; int32 exact; weights off the 16-unit grain launch one by one."""
+    its own scale and bias; int32 exact; weights off the 16-unit grain launch one by one. From
+    UNPACK_M on (a prefill; forced here), the matrices are unpacked into one int8 buffer and one
+    int8 GEMM launch covers them all, the same contract (the grain does not matter there)."""
+    import bitnet.kernels.gemm as gemm_module
+
+    if unpacked:
+        monkeypatch.setattr(gemm_module, "UNPACK_M", 1)
+        launches = []
+        kernel = gemm_module._gemm_int8_kernel
+        monkeypatch.setattr(gemm_module, "_gemm_int8_kernel", CountLaunches(kernel, launches))
     ns, ws, packed, scales, biases = three_matrices(fmt, k, triton_device, seed=30)
     x_q, a = quantize_activation(random_activations(m, k, seed=6))
     x_q, a = x_q.to(triton_device), a.to(triton_device)
@@ -310,6 +319,21 @@ def test_gemm_cat_equals_each_matrix_alone(fmt, k, m, triton_device):
     check_cat_int32(gemm_cat, x_q, ws, packed, ns, fmt, triton_device)
     with pytest.raises(ValueError, match="bias for every matrix or for none"):
         gemm_cat(x_q, packed, ns, fmt, scales, [biases[0], None, None], a=a)
+    if unpacked:  # one launch per call: (a cat of 3, each alone) twice above, then check_cat_int32's 3, 2, 2
+        assert launches == [3, 1, 1, 1] * 2 + [3, 2, 2]
+
+
+class CountLaunches:
+    """Wraps an autotuned kernel: kernel[grid](...) runs it and appends its SEGMENTS to `launches`."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs["SEGMENTS"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
