@@ -72,8 +72,7 @@ def stubbed_launches():
 
     kernels = [(gemv, "_gemv_kernel"), (gemm, "_gemm_kernel"), (gemm, "_gemm_int8_kernel"),
                (activations, "_act_quant_kernel"), (rmsnorm_quant, "_rmsnorm_act_quant_kernel"), (layout, "_unpack_kernel"),
-               (rope, "_rope_cache_kernel"), (attention, "_decode_attention_kernel"),
-               (attention, "_decode_attention_merge_kernel")]
+               (rope, "_rope_cache_kernel"), (attention, "_decode_attention_kernel")]
     saved = [getattr(module, name) for module, name in kernels]
     try:
         for module, name in kernels:

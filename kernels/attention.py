@@ -16,8 +16,11 @@ bf16 P keeps 7), float32 accumulators; y within an ulp of its dtype of the float
 
 Slots past pos[n] are not read (the loop stops there) and a block with no visible slot is not
 loaded: the work follows the live length, not the static cache's. A cache longer than CHUNK slots
-is split over programs (CHUNK slots each) and a second kernel merges their partial softmaxes; one
-split writes y directly.
+is split over programs (CHUNK slots each), each writing its partial softmax; the program that
+finishes last for a (query, KV head), counted by an atomic counter (as the split-K GEMM's tiles
+are), merges them in split order and writes y: one launch however long the cache, where a merge
+kernel of its own was one more a layer (the merge reads a few KB per head). One split writes y
+directly.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2
+from .gemm import zeroed_workspace
 
 BLOCK_S = 16 if INTERPRET else 64  # slots per step: a [64, 128] bf16 tile of K and of V (16 KB each)
 # Slots per split: a fixed number, so that a query's result does not depend on the batch around it
@@ -52,8 +56,9 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _decode_attention_kernel(
-    # pointers (part_ptr: the splits' float32 partials, m and l then acc, read if SPLITS > 1)
-    q_ptr, k_ptr, v_ptr, pos_ptr, row_ptr, mask_ptr, y_ptr, part_ptr,
+    # pointers (part_ptr: the splits' float32 partials, m and l then acc, and count_ptr: int32 arrival
+    # counters, one a program row, zero before and after; both used if SPLITS > 1)
+    q_ptr, k_ptr, v_ptr, pos_ptr, row_ptr, mask_ptr, y_ptr, part_ptr, count_ptr,
     # sizes (CHUNK: slots per split, a multiple of BLOCK_S)
     NKV, CHUNK, SPLITS, qk_scale,
     # strides (q as (N, H, D), the caches as (rows, NKV, S, D), y as (N, H * D); unit along D)
@@ -70,8 +75,11 @@ def _decode_attention_kernel(
     pos_ptr: int (N,) (stride_pos 0: one position for all), the query's slot; row_ptr: int (N,),
     its cache row if HAS_ROWS, else row n. mask_ptr: (N, >= pos + 1) bool or integer, read if
     HAS_MASK (nonzero: visible). qk_scale: log2(e) / sqrt(D) (exp2 below).
-    y_ptr: (N, H * D) in q's dtype (SPLITS == 1). Else part_ptr holds, per (program, split), BLOCK_G
-    running maxima m (log2 units), BLOCK_G sums l, then BLOCK_G x BLOCK_D accumulators.
+    y_ptr: (N, H * D) in q's dtype. SPLITS > 1: part_ptr holds, per (program, split), BLOCK_G
+    running maxima m (log2 units), BLOCK_G sums l, then BLOCK_G x BLOCK_D accumulators; the last
+    split program of a row to arrive (count_ptr) merges them: y = sum_k 2^(m_k - M) acc_k /
+    sum_k 2^(m_k - M) l_k over the splits k in order, M the largest m_k (a split with no visible
+    slot has m = -inf, l = 0), and leaves its counter zero again.
     IEEE: float32 dots in full precision (a float32 cache), not TF32. UPCAST: the dots' operands
     converted to float32 first (the interpreter, whose bf16 dot is not one), the same products.
     """
@@ -113,48 +121,34 @@ def _decode_attention_kernel(
             acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), IEEE, UPCAST)
             m_i = m_new
 
-    if SPLITS == 1:
-        y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        y_offs = n * stride_yn + (j * G + g)[:, None] * D + d[None, :]
-        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=(g < G)[:, None] & d_ok[None, :])
-    else:
-        base = part_ptr + (pid * SPLITS + split) * (BLOCK_G * (2 + BLOCK_D))
+    last = pid >= 0  # a scalar boolean tensor, as the atomic's test below (SPLITS is not constexpr)
+    if SPLITS > 1:
+        PART: tl.constexpr = BLOCK_G * (2 + BLOCK_D)
+        row_parts = part_ptr + pid.to(tl.int64) * SPLITS * PART
+        base = row_parts + split * PART
         tl.store(base + g, m_i)
         tl.store(base + BLOCK_G + g, l_i)
         tl.store(base + 2 * BLOCK_G + g[:, None] * BLOCK_D + d[None, :], acc)
-
-
-@triton.jit
-def _decode_attention_merge_kernel(
-    # pointers
-    part_ptr, y_ptr,
-    # sizes
-    NKV, SPLITS,
-    # strides
-    stride_yn,
-    # constexpr
-    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-):
-    """Program (n * NKV + j) * G + i: query head j*G + i of query n, its SPLITS partial softmaxes
-    (m, l, acc as _decode_attention_kernel wrote them) merged: y = sum_k 2^(m_k - M) acc_k /
-    sum_k 2^(m_k - M) l_k, M the largest m_k. A split with no visible slot has m = -inf, l = 0."""
-    pid = tl.program_id(0)
-    i = pid % G
-    head = pid // G  # n * NKV + j
-    n = head // NKV
-    j = head % NKV
-    sp = tl.arange(0, BLOCK_SPLITS)
-    sp_ok = sp < SPLITS
-    d = tl.arange(0, BLOCK_D)
-    base = part_ptr + (head * SPLITS + sp) * (BLOCK_G * (2 + BLOCK_D))  # (BLOCK_SPLITS,)
-    m = tl.load(base + i, mask=sp_ok, other=float("-inf"))
-    l = tl.load(base + BLOCK_G + i, mask=sp_ok, other=0.0)
-    top = tl.max(m, 0)
-    w = tl.where(m > float("-inf"), tl.math.exp2(m - tl.where(top > float("-inf"), top, 0.0)), 0.0)
-    acc = tl.load(base[:, None] + 2 * BLOCK_G + i * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
-    total = tl.sum(w * l, 0)
-    y = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(y_ptr + n * stride_yn + (j * G + i) * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
+        tl.debug_barrier()  # every thread's stores are issued before this split counts as arrived
+        last = tl.atomic_add(count_ptr + pid, 1) == SPLITS - 1
+        if last:
+            tl.store(count_ptr + pid, 0)  # zero again for the next call (and the next CUDA-graph replay)
+            top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            for k in range(0, SPLITS):
+                top = tl.maximum(top, tl.load(row_parts + k * PART + g, cache_modifier=".cg"))
+            top = tl.where(top > float("-inf"), top, 0.0)
+            l_i = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            for k in range(0, SPLITS):
+                part = row_parts + k * PART
+                m_k = tl.load(part + g, cache_modifier=".cg")
+                w = tl.where(m_k > float("-inf"), tl.math.exp2(m_k - top), 0.0)
+                l_i += w * tl.load(part + BLOCK_G + g, cache_modifier=".cg")
+                acc += w[:, None] * tl.load(part + 2 * BLOCK_G + g[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+    if last:
+        y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        y_offs = n * stride_yn + (j * G + g)[:, None] * D + d[None, :]
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=(g < G)[:, None] & d_ok[None, :])
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -194,11 +188,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     chunk = cdiv(blocks, splits) * BLOCK_S
     splits = cdiv(S, chunk)
     block_g, block_d = max(16, next_power_of_2(G)), max(16, next_power_of_2(D))
-    part = y
+    part, count = y, pos  # unused with one split
     if splits > 1:
         part = torch.empty(N * nkv * splits * block_g * (2 + block_d), dtype=torch.float32, device=q.device)
+        count = zeroed_workspace(N * nkv, q.device)
     _decode_attention_kernel[(N * nkv, splits)](
         q, k_cache, v_cache, pos, rows if rows is not None else pos, key_mask if key_mask is not None else pos, y, part,
+        count,
         nkv, chunk, splits, _LOG2E / D ** 0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pos.stride(0) if pos.shape[0] == N and N > 1 else 0,
@@ -206,11 +202,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         G=G, D=D, HAS_ROWS=rows is not None, HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32, UPCAST=INTERPRET,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS, **LAUNCH,
     )
-    if splits > 1:
-        _decode_attention_merge_kernel[(N * H,)](
-            part, y, nkv, splits, y.stride(0),
-            G=G, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SPLITS=next_power_of_2(splits), num_warps=NUM_WARPS, **LAUNCH,
-        )
     return y
 
 

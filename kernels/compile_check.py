@@ -32,9 +32,9 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _unpack_kernel [unpack_triton]  format
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
                                     sequence or per token), or none; head sizes 64, 96, 128
-    _decode_attention_kernel,       q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
-      _merge_kernel                 heads per KV head; cache rows per query or not; a bool, an
-      [decode_attention]            integer or no key mask; one split or several (then merged)
+    _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
+      [decode_attention]            heads per KV head; cache rows per query or not; a bool, an
+                                    integer or no key mask; one split or several (the last merges)
     _int8_linear_kernel             CONFIGS; x fp32/bf16/fp16; bias or not
       [int8_linear]
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
@@ -111,7 +111,6 @@ def _jit_functions() -> dict:
 
     kernels = {
         "_decode_attention_kernel": attention._decode_attention_kernel,
-        "_decode_attention_merge_kernel": attention._decode_attention_merge_kernel,
         "_int8_linear_kernel": int8_head._int8_linear_kernel,
         "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel, "_gemm_int8_kernel": gemm._gemm_int8_kernel,
         "_act_quant_kernel": activations._act_quant_kernel,
@@ -266,23 +265,12 @@ def _attention_variants() -> list[Variant]:
     for i, (dtype, hd, g, rows, mask, splits) in enumerate(_ATTENTION_CASES):
         types = dict(q_ptr=TYPES[dtype], k_ptr=TYPES[dtype], v_ptr=TYPES[dtype], pos_ptr="*i64", row_ptr="*i64",
                      mask_ptr=f"*{mask}" if mask else "*i64", y_ptr=TYPES[dtype],
-                     part_ptr="*fp32" if splits > 1 else TYPES[dtype], qk_scale="fp32")
+                     part_ptr="*fp32" if splits > 1 else TYPES[dtype], count_ptr="*i32" if splits > 1 else "*i64",
+                     qk_scale="fp32")
         consts = dict(G=g, D=hd, HAS_ROWS=rows, HAS_MASK=mask is not None, IEEE=dtype == "fp32", UPCAST=False,
                       BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(), BLOCK_S=BLOCK_S)
         out.append(Variant("_decode_attention_kernel", consts, types, NUM_WARPS, aligned=i % 2 == 0,
                            note=f"splits={splits}"))
-    return out
-
-
-def _attention_merge_variants() -> list[Variant]:
-    from .attention import NUM_WARPS
-
-    out = []
-    for i, (dtype, hd, g, _, _, splits) in enumerate(c for c in _ATTENTION_CASES if c[-1] > 1):
-        consts = dict(G=g, D=hd, BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(),
-                      BLOCK_SPLITS=1 << (splits - 1).bit_length())
-        out.append(Variant("_decode_attention_merge_kernel", consts, dict(part_ptr="*fp32", y_ptr=TYPES[dtype]),
-                           NUM_WARPS, aligned=i % 2 == 0))
     return out
 
 
@@ -309,7 +297,7 @@ VARIANTS = {
     "_act_quant_kernel": _act_quant_variants,
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
     "_rope_cache_kernel": _rope_variants, "_decode_attention_kernel": _attention_variants,
-    "_decode_attention_merge_kernel": _attention_merge_variants, "_int8_linear_kernel": _int8_linear_variants,
+"_int8_linear_kernel": _int8_linear_variants,
 }
 
 

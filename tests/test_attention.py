@@ -234,3 +234,33 @@ def test_a_float_model_on_a_gpu_keeps_sdpa_where_the_choice_is_the_cpus(monkeypa
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not ops.triton_applies(q)  # a CPU tensor without the interpreter: no Triton, no error
+
+
+def test_the_last_split_merges_in_the_same_launch(monkeypatch, triton_device):
+    """Several splits: one launch a call (the program that finishes a row last merges its splits),
+    the arrival counters left zero (a second call, and a CUDA graph's next replay, start from zero:
+    the same bits again), and a split with no visible slot (pos in the first of four) merged as
+    nothing."""
+    from bitnet.kernels import gemm
+
+    q, k, v, _, mask = case(triton_device, torch.bfloat16, 3, 8, 2, 64, 4 * CHUNK)
+    pos = torch.tensor([CHUNK - 7, 2 * CHUNK + 1, 4 * CHUNK - 1], device=triton_device)
+    launches = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name, kernel in list(vars(attention).items()):  # every Triton kernel of the module
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(attention, name, Counting(name, kernel))
+    first = kernels.decode_attention(q, k, v, pos, key_mask=mask)
+    assert launches == [("_decode_attention_kernel", (3 * 2, 4))]
+    assert all(not buf.any() for buf in gemm._WORKSPACES.values())
+    assert torch.equal(kernels.decode_attention(q, k, v, pos, key_mask=mask), first)
+    ref = reference_decode_attention(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), key_mask=mask.cpu())
+    assert ((first.cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
