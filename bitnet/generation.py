@@ -344,6 +344,9 @@ class GenerateArgs:
                             "weight byte once, the float ones too)",
                             choices=list(DTYPES))
     compile: bool = arg(False, help="compile the decode step (CUDA graphs on cuda)")
+    cuda_graph: bool | None = arg(None, help="record the eager decode step as a CUDA graph once and replay it for every "
+                                  "token (default: on cuda unless --compile; --no-cuda-graph: eager, the host issuing "
+                                  "every kernel of every step)")
     revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
     cache_dir: str | None = arg(None, help="hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
     local_files_only: bool = arg(False, help="hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
@@ -452,12 +455,14 @@ def generate_cmd(args: GenerateArgs) -> None:
               "context]", file=sys.stderr)
     eos = eos_token_ids(model)
     input_ids = torch.tensor([prompt_ids], device=device)
+    cuda_graph = device.type == "cuda" and not args.compile if args.cuda_graph is None else args.cuda_graph
     held = device.type != "cpu" or args.compile  # where the first call compiles (Triton, torch.compile)
     if held:  # one cache for the warm-up and the timed call: the same buffers, so the compiled step is reused
         length = -(-(len(prompt_ids) + max_new) // CACHE_MULTIPLE) * CACHE_MULTIPLE
         model.setup_cache(1, min(length, context), dtype=attention_dtype(model.model.embed_tokens.weight), device=device)
         t0 = time.perf_counter()
-        generate(model, input_ids, min(2, max_new), compile=args.compile)  # prefill and one decode step
+        # prefill and one decode step (recorded as a CUDA graph, which later steps replay)
+        generate(model, input_ids, min(2, max_new), compile=args.compile, cuda_graph=cuda_graph)
         print(f"[warm-up: kernels compiled for this prompt in {time.perf_counter() - t0:.2f} s, not counted below]",
               file=sys.stderr)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
@@ -478,7 +483,7 @@ def generate_cmd(args: GenerateArgs) -> None:
     try:
         start = time.perf_counter()
         generate(model, input_ids, max_new, args.temperature, args.top_k, args.top_p, eos or None,
-                 generator=generator, compile=args.compile, eos_check_every=1, on_token=on_token)
+                 generator=generator, compile=args.compile, cuda_graph=cuda_graph, eos_check_every=1, on_token=on_token)
     finally:
         if held:
             model.clear_cache()

@@ -346,15 +346,26 @@ def test_cli_generate_streams_the_greedy_continuation(tmp_path, tokenizer, capsy
 
 
 @pytest.mark.cuda
-def test_cli_generate_on_cuda(tmp_path, tokenizer, capsys):
+def test_cli_generate_on_cuda(tmp_path, tokenizer, capsys, monkeypatch):
     """The CLI's default device where there is a GPU: it runs there (Triton kernels, bf16) and streams
-    12 tokens after the prompt. Its tokens are not held to the CPU's: another device sums the float
-    parts in another order, and a rounding tie of an int8 code may then pick another token."""
+    12 tokens after the prompt, its decode step recorded as a CUDA graph once (by default) and
+    replayed, the same text as eager decoding (--no-cuda-graph: the same kernels). Its tokens are not
+    held to the CPU's: another device sums the float parts in another order, and a rounding tie of
+    an int8 code may then pick another token."""
+    import bitnet.generation as generation
+
+    recorded = []
+    real = generation.CapturedDecodeStep
+    monkeypatch.setattr(generation, "CapturedDecodeStep", lambda *a: recorded.append(1) or real(*a))
     checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
-    assert main(["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12"]) == 0
+    cmd = ["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12"]
+    assert main(cmd) == 0
     out = capsys.readouterr()
     assert out.out.startswith("hello world") and out.out.endswith("\n")
     assert "12 tokens in" in out.err
+    assert recorded == [1]  # recorded at the warm-up, replayed by the timed call
+    assert main([*cmd, "--no-cuda-graph"]) == 0
+    assert capsys.readouterr().out == out.out and recorded == [1]
 
 
 def test_text_stream_prints_multibyte_characters_whole(tokenizer):
@@ -379,6 +390,8 @@ def test_cli_generate_bad_input(tmp_path, tokenizer, capsys):
     assert "longer than the context of 8 tokens" in capsys.readouterr().err
     assert main([*cmd, "hello", "--max-new-tokens", "50"]) == 0
     assert "clipped to" in capsys.readouterr().err
+    assert main([*cmd, "hello", "--cuda-graph"]) == 2
+    assert "cuda_graph records CUDA graphs of the eager step: it needs a CUDA model" in capsys.readouterr().err
     (tmp_path / "m" / "tokenizer.json").unlink()
     assert main([*cmd, "hello"]) == 2
     assert f"no tokenizer.json in {tmp_path / 'm'}" in capsys.readouterr().err
