@@ -235,8 +235,8 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      rows: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                      kernel: str | None = None) -> torch.Tensor | None:
-    """Attention of one query token per sequence over its cache row in one Triton launch (two for
-    a long cache; bitnet.kernels.decode_attention): q (N, H, D), caches (rows, NKV, S, D), pos (N,)
+    """Attention of one query token per sequence over its cache row in one Triton launch
+    (bitnet.kernels.decode_attention): q (N, H, D), caches (rows, NKV, S, D), pos (N,)
     or (1,) the query's slot (it sees slots 0 .. pos), rows (N,) its cache row (default n),
     key_mask (N, S) (zero: padding) -> y (N, H * D). None where the Triton kernels are not the
     choice, autograd is recording, or q and the caches differ in dtype: the caller runs SDPA."""

@@ -195,10 +195,10 @@ def solo_logits(model, prompt, n, device="cpu"):
     return torch.stack(out)
 
 
-def solo_and_batched(model, prompts, n, max_batch, device="cpu", max_seq_len=128):
+def solo_and_batched(model, prompts, n, max_batch, device="cpu", max_seq_len=128, **runner_kw):
     """(each prompt's lone-run logits, the same prompts' logits through a ModelRunner, staggered)."""
     solo = [solo_logits(model, p, n, device=device) for p in prompts]
-    runner = ModelRunner(model, max_batch=max_batch, max_seq_len=max_seq_len)
+    runner = ModelRunner(model, max_batch=max_batch, max_seq_len=max_seq_len, **runner_kw)
     got = staggered(runner, prompts, n, max_batch)
     runner.close()
     return solo, got
@@ -267,6 +267,52 @@ def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
     assert True in writes and False in writes  # the runner's per-token rows and generate's own
     assert True in attended and False in attended  # the runner's batched decode rows and generate's lone steps
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run of what the cuda test checks compiled")
+def test_padded_decode_buckets_change_no_sequence(monkeypatch):
+    """decode_graphs (on CUDA: each bucket's step a CUDA graph) run eagerly on the CPU's Triton path:
+    pure decode steps padded to 1, 2, 4 sequences from input tensors alone, the padding's tokens in
+    the scratch cache row; every sequence still gets its lone run's logits bit for bit, and the
+    sequences' own cache rows are all the padding never touches."""
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    from bitnet.serve import runner as runner_module
+
+    buckets = []
+    real = runner_module.ModelRunner.decode_forward
+    monkeypatch.setattr(runner_module.ModelRunner, "decode_forward",
+                        lambda self, t, p, r: buckets.append((t.shape[0], r.tolist())) or real(self, t, p, r))
+    model = tiny(num_hidden_layers=1)
+    prompts = PROMPTS[:3]
+    solo, got = solo_and_batched(model, prompts, 9, 4, max_seq_len=64, decode_graphs=True)  # 3 at once: bucket 4
+    for i in range(len(prompts)):
+        assert torch.equal(got[i], solo[i]), f"prompt {i}"
+    padded = [(b, rows) for b, rows in buckets if rows.count(4) > 0]  # row 4: the scratch row of max_batch 4
+    assert padded and all(b in (1, 2, 4) for b, _ in buckets)
+    assert all(rows[-1] == 4 and 4 not in rows[:rows.index(4)] for _, rows in padded)  # padding after the sequences
+
+
+def test_a_decode_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog):
+    """If recording a bucket's CUDA graph fails, the runner says so once and decodes eagerly from
+    then on: the step still returns the sequences' logits (here within float32 rounding of the
+    lone runs': the torch path, SDPA over the static rows instead of the live window)."""
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    from bitnet.serve import runner as runner_module
+
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner_module, "_BucketStep", broken)
+    model = tiny(num_hidden_layers=1)
+    prompts = PROMPTS[:2]
+    with caplog.at_level("WARNING", logger="bitnet.serve"):
+        solo, got = solo_and_batched(model, prompts, 6, 2, max_seq_len=64, decode_graphs=True)
+    for i in range(len(prompts)):
+        torch.testing.assert_close(got[i], solo[i], rtol=1e-5, atol=1e-5)
+    assert tries == [1] and "decoding eagerly" in caplog.text
 
 
 def test_a_float_twin_batches_within_a_stated_tolerance():
@@ -442,6 +488,24 @@ def test_engine_refuses_what_it_cannot_hold():
     assert a.wait().finish == b.wait().finish == "length"
     with pytest.raises(EngineClosed):
         engine.submit([1, 2], SamplingParams(), Collector())
+
+
+@pytest.mark.cuda
+def test_decode_graphs_on_cuda_equal_the_eager_steps():
+    """Each bucket's pure decode step recorded as a CUDA graph (the default on CUDA) and replayed,
+    padded (3 sequences in a bucket of 4): the same logits as the eager steps, bit for bit, and
+    graphs were recorded and replayed for the buckets used."""
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    prompts = PROMPTS[:3]
+    got = {}
+    for graphs in (True, False):
+        runner = ModelRunner(model, max_batch=4, max_seq_len=128, decode_graphs=graphs)
+        got[graphs] = staggered(runner, prompts, 10, 4)
+        if graphs:
+            assert {b for b, step in runner._buckets.items() if step.graph is not None} >= {1, 2, 4}
+        runner.close()
+    for i in range(len(prompts)):
+        assert torch.equal(got[True][i], got[False][i]), f"prompt {i}"
 
 
 @pytest.mark.cuda
