@@ -158,7 +158,9 @@ def logits_theirs(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_ours(model, ids: torch.Tensor, n: int, compile: bool = False) -> torch.Tensor:
-    return generate(model, ids, n, compile=compile)  # (1, T + n)
+    """Ours eager (cuda_graph=False: the row issue 27 holds against transformers' eager BitNet) or
+    compiled (torch.compile, CUDA graphs on a GPU)."""
+    return generate(model, ids, n, compile=compile, cuda_graph=False)  # (1, T + n)
 
 
 @torch.no_grad()

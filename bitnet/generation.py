@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -45,6 +46,7 @@ from .kernels import cpu as native
 from .model import attention_dtype
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
+log = logging.getLogger("bitnet.generation")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -236,7 +238,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     compile: bool = False,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     eos_check_every: int = 8,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -249,8 +251,10 @@ def generate(
     list; None: no stopping) ends a sequence, which then emits pad_token_id (default
     config.pad_token_id, else the first EOS id); generation stops when every sequence has ended.
     compile: run the decode step under torch.compile (CUDA graphs on CUDA). cuda_graph (CUDA
-    only): record the eager decode step as a CUDA graph once (CapturedDecodeStep: no compiler, the
-    recording costs about one step) and replay it for every token. on_token(ids (B,)) is called
+    only; default: on CUDA unless compile): record the eager decode step as a CUDA graph once
+    (CapturedDecodeStep: no compiler, the recording costs about one step) and replay it for every
+    token; False decodes eagerly (the host issuing every kernel of every step). A step that cannot
+    be recorded is logged and decoded eagerly. on_token(ids (B,)) is called
     with each step's tokens (reading them syncs, fine for streaming).
 
     The KV cache: if the caller has set one up (model.setup_cache) that fits this batch and
@@ -264,6 +268,8 @@ def generate(
     B, T = input_ids.shape
     device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
     input_ids, mask = input_ids.to(device), mask.to(device)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and not compile
     if cuda_graph and (device.type != "cuda" or compile):
         raise ValueError(f"cuda_graph records CUDA graphs of the eager step: it needs a CUDA model and not compile "
                          f"(got {device.type}, compile={compile})")
@@ -313,7 +319,12 @@ def generate(
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
             if cuda_graph:
-                step = captured_step(model, tokens[:, None], input_pos, next_position, key_mask)
+                try:
+                    step = captured_step(model, tokens[:, None], input_pos, next_position, key_mask)
+                except Exception:  # decode eagerly: the recording's warm-up wrote only this step's own slot
+                    log.warning("recording the decode step as a CUDA graph failed; decoding eagerly", exc_info=True)
+                    model._captured_step = None
+                    cuda_graph, step = False, decode_step
             logits = step(model, tokens[:, None], input_pos, next_position, key_mask)
             input_pos = input_pos + 1
             next_position = next_position + 1
@@ -455,7 +466,7 @@ def generate_cmd(args: GenerateArgs) -> None:
               "context]", file=sys.stderr)
     eos = eos_token_ids(model)
     input_ids = torch.tensor([prompt_ids], device=device)
-    cuda_graph = device.type == "cuda" and not args.compile if args.cuda_graph is None else args.cuda_graph
+    cuda_graph = args.cuda_graph  # None: generate's default (a CUDA graph on cuda unless --compile)
     held = device.type != "cpu" or args.compile  # where the first call compiles (Triton, torch.compile)
     if held:  # one cache for the warm-up and the timed call: the same buffers, so the compiled step is reused
         length = -(-(len(prompt_ids) + max_new) // CACHE_MULTIPLE) * CACHE_MULTIPLE

@@ -306,14 +306,21 @@ def test_cuda_graph_needs_a_cuda_model_and_no_compile():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_graph_generate_equals_eager(dtype):
-    """The eager decode step recorded once and replayed: the same tokens as eager, batch with
-    padding; the recording is reused for the model's held cache and dropped with it."""
+def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
+    """The eager decode step recorded once and replayed (generate's default on CUDA): the same
+    tokens as eager, batch with padding; the recording is reused for the model's held cache and
+    dropped with it; a recording that fails falls back to eager decoding, the same tokens."""
+    import bitnet.generation as generation
+
     model = tiny(dtype=dtype).to("cuda")
     ids, mask = left_pad(PROMPTS)
     ids, mask = ids.cuda(), mask.cuda()
-    eager = generate(model, ids, 12, attention_mask=mask)
+    eager = generate(model, ids, 12, attention_mask=mask, cuda_graph=False)
     assert torch.equal(generate(model, ids, 12, attention_mask=mask, cuda_graph=True), eager)
+    assert torch.equal(generate(model, ids, 12, attention_mask=mask), eager)  # the default
+    with monkeypatch.context() as m:
+        m.setattr(generation, "CapturedDecodeStep", lambda *a: (_ for _ in ()).throw(RuntimeError("capture failed")))
+        assert torch.equal(generate(model, ids, 12, attention_mask=mask), eager)
     model.setup_cache(ids.shape[0], 64)
     first = generate(model, ids, 12, attention_mask=mask, cuda_graph=True)
     held = model._captured_step
