@@ -305,7 +305,9 @@ class Int4Linear(nn.Module):
     Storage: `codes` uint8 (N, Kp / 2), block b of 64 weights in bytes 32b..32b+31 (weight 64b + i
     in the low nibble of byte i, 64b + 32 + i in its high nibble), `scales` float32 (N, Kp / 32):
     4.5 + 0.5 (padding aside) bits a weight. Decode's few rows run the native kernel on the CPU
-    (exact integer sums per 4 weights, float32 over them); other inputs the same function in torch.
+    (exact integer sums per 4 weights, float32 over them) and a Triton GEMV on the GPU (exact sums
+    per group of 32, float32 over the groups: kernels/int4_head.py); other inputs the same function
+    in torch.
     `state_dict()` holds the dequantized weight in bf16 under `weight`, as Int8Linear's does.
     """
 
@@ -343,9 +345,9 @@ class Int4Linear(nn.Module):
         return (c.view(self.out_features, -1, self.GROUP) * self.scales[..., None]).reshape(self.out_features, -1)[:, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= 16 and ops.native_inference(x):
-            return ops.native.int4_linear(x, self.codes, self.scales, self.out_features, self.bias)
+        y = ops.int4_linear(x, self.codes, self.scales, self.out_features, self.bias)  # few rows: a kernel
+        if y is not None:
+            return y
         x_q, a = quantize_activation(x)
         y = (x_q.float() @ self.dequantized().t()) / a
         if self.bias is not None:

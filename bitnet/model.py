@@ -471,7 +471,7 @@ class BitNetForCausalLM(nn.Module):
         float32 row scales (bitnet.Int8Linear; activations stay float), half the bytes of a bf16
         head; bits=4, 4-bit weights in groups of 32 against int8 activations (bitnet.Int4Linear),
         under a third of them. Decode streams every head byte once a step (bits=8: the native kernel
-        on a CPU, a Triton GEMV on a GPU; bits=4 runs natively on a CPU and dequantizes elsewhere). With tied embeddings the
+        on a CPU, a Triton GEMV on a GPU; bits=4 likewise). With tied embeddings the
         embedding keeps its own float table. The cost in perplexity is measured in docs/results.md."""
         kinds = {8: Int8Linear, 4: Int4Linear}
         if bits not in kinds:

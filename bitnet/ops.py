@@ -170,6 +170,25 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_features: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An Int4Linear's y (bitnet.Int4Linear: 4-bit weights in groups of 32, int8 activations) for few
+    rows (decode, a prefill's last position): the native kernel on the CPU, the Triton GEMV on the
+    GPU (bitnet.kernels.int4_linear), each streaming the codes and scales once. None otherwise: the
+    caller dequantizes."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > 16:
+        return None
+    if native_inference(x):
+        return native.int4_linear(x, codes, scales, out_features, bias)
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_applies(x) \
+            and not (torch.is_grad_enabled() and x.requires_grad):
+        from .kernels import int4_linear as triton_int4_linear
+
+        return triton_int4_linear(x, codes, scales, out_features, bias)
+    return None
+
+
 # ----------------------------------------------------------------------------- float parts, native on the CPU
 HEAD_ROWS = 4  # up to this many rows, the native bf16 head beats torch's bf16 GEMM on the CPUs measured
 

@@ -28,7 +28,7 @@ The names below load their Triton modules on first access, so that importing ano
 this package (a sibling module) does not import triton.
 """
 
-__all__ = ["act_quant", "bitlinear", "decode_attention", "int8_linear", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
+__all__ = ["act_quant", "bitlinear", "decode_attention", "int4_linear", "int8_linear", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
            "rope_cache", "unpack_triton"]
 
 

@@ -68,6 +68,17 @@ def _time_config(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 
 
+def few_rows(x: torch.Tensor, k: int, name: str, max_rows: int) -> torch.Tensor:
+    """x (..., k) float32 / bf16 / fp16 as (M, k) rows with unit stride along k, M <= max_rows: the
+    input of a head GEMV (int8_head, int4_head), checked."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > max_rows:
+        raise ValueError(f"{name}: the GEMV takes at most {max_rows} rows, got {x2.shape[0]}")
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, prune=None):
     """triton.autotune over `configs` on a GPU, pruned by `prune(configs, named_args, **kwargs)`, as
     the BITNET_AUTOTUNE policy says (above). Under the interpreter only `interpret_config` (small

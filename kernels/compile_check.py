@@ -37,6 +37,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     integer or no key mask; one split or several (the last merges)
     _int8_linear_kernel             CONFIGS; x fp32/bf16/fp16; bias or not
       [int8_linear]
+    _int4_linear_kernel             CONFIGS; y fp32/bf16/fp16 (int8 x_q in); bias or not
+      [int4_linear]
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
 
@@ -107,11 +109,11 @@ def _jit_functions() -> dict:
     """name -> the JITFunction of every kernel (under autotune: the function it wraps)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile guard compiles the kernels: run it without TRITON_INTERPRET=1")
-    from . import activations, attention, gemm, gemv, int8_head, layout, rmsnorm_quant, rope
+    from . import activations, attention, gemm, gemv, int4_head, int8_head, layout, rmsnorm_quant, rope
 
     kernels = {
         "_decode_attention_kernel": attention._decode_attention_kernel,
-        "_int8_linear_kernel": int8_head._int8_linear_kernel,
+        "_int8_linear_kernel": int8_head._int8_linear_kernel, "_int4_linear_kernel": int4_head._int4_linear_kernel,
         "_gemv_kernel": gemv._gemv_kernel, "_gemm_kernel": gemm._gemm_kernel, "_gemm_int8_kernel": gemm._gemm_int8_kernel,
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
@@ -286,6 +288,19 @@ def _int8_linear_variants() -> list[Variant]:
     return out
 
 
+def _int4_linear_variants() -> list[Variant]:
+    from .int4_head import CONFIGS
+
+    flags = [dict(y=y, HAS_BIAS=b) for y, b in itertools.product(["bf16", "fp32", "fp16"], [False, True])]
+    out = []
+    for i, (cfg, f) in enumerate(_round_robin(CONFIGS, flags)):
+        types = dict(xq_ptr="*i8", a_ptr="*fp32", codes_ptr="*u8", scales_ptr="*fp32", bias_ptr=TYPES[f["y"]],
+                     y_ptr=TYPES[f["y"]])
+        out.append(Variant("_int4_linear_kernel", dict(HAS_BIAS=f["HAS_BIAS"], **cfg.kwargs), types, cfg.num_warps,
+                           cfg.num_stages, fp_fusion=True, aligned=i % 3 != 2))  # launched without LAUNCH
+    return out
+
+
 def _unpack_variants() -> list[Variant]:
     # unpack_triton launches with Triton's default options (no LAUNCH): 4 warps, 3 stages, fusion on.
     return [Variant("_unpack_kernel", dict(P=p, BLOCK_R=16, BLOCK_K=64), dict(w_ptr="*u8", out_ptr="*i8"),
@@ -298,6 +313,7 @@ VARIANTS = {
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
     "_rope_cache_kernel": _rope_variants, "_decode_attention_kernel": _attention_variants,
 "_int8_linear_kernel": _int8_linear_variants,
+    "_int4_linear_kernel": _int4_linear_variants,
 }
 
 

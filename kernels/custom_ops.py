@@ -15,6 +15,7 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
     bitnet::decode_attention(q, k_cache, v_cache, pos, rows?, key_mask?)
                                                                  y (N, H * D): one query per sequence
     bitnet::int8_linear(x, weight, scale, bias?)                 y = (x @ W_q^T) * s: an int8 lm_head, few rows
+    bitnet::int4_linear(x, codes, scales, out_features, bias?)   a 4-bit grouped lm_head (Int4Linear), few rows
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
@@ -39,6 +40,7 @@ from .activations import act_quant as _act_quant, rows_of
 from .attention import decode_attention as _decode_attention
 from .gemm import gemm, gemm_cat
 from .gemv import gemv, gemv_cat
+from .int4_head import int4_linear as _int4_linear
 from .int8_head import int8_linear as _int8_linear
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
 from .rope import rope_cache as _rope_cache
@@ -224,6 +226,18 @@ def _(x, weight, scale, bias=None):
     return _output_like(x, weight.shape[0], x.dtype)
 
 
+def _int4_linear_impl(x: Tensor, codes: Tensor, scales: Tensor, out_features: int, bias: Optional[Tensor] = None) -> Tensor:
+    return _int4_linear(x, codes, scales, out_features, bias)
+
+
+_int4_linear_op = torch.library.custom_op("bitnet::int4_linear", _int4_linear_impl, mutates_args=())
+
+
+@_int4_linear_op.register_fake
+def _(x, codes, scales, out_features, bias=None):
+    return _output_like(x, out_features, x.dtype)
+
+
 # The public functions: the ops where torch.compile (or torch.export) traces, their implementations
 # in eager code.
 _tracing = torch.compiler.is_compiling
@@ -307,3 +321,10 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = 
     (..., K) of at most 16 rows (kernels/int8_head.py), y in x's dtype."""
     op = torch.ops.bitnet.int8_linear if _tracing() else _int8_linear_impl
     return op(x, weight, scale, bias)
+
+
+def int4_linear(x: Tensor, codes: Tensor, scales: Tensor, out_features: int, bias: Tensor | None = None) -> Tensor:
+    """An Int4Linear's y for x (..., K) of at most 16 rows (kernels/int4_head.py): x quantized per
+    row to int8, exact int32 sums per group of 32 weights, float32 over the groups; y in x's dtype."""
+    op = torch.ops.bitnet.int4_linear if _tracing() else _int4_linear_impl
+    return op(x, codes, scales, out_features, bias)

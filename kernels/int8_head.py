@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, cdiv
+from .common import autotune, cdiv, few_rows
 
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
            for bn, bk, w in [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (8, 1024, 4)]]
@@ -68,18 +68,12 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     if weight.dtype != torch.int8 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"int8_linear: x (..., {x.shape[-1]}) and an int8 (N, K) weight, got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"int8_linear: x must be float32, bfloat16 or float16, got {x.dtype}")
     N, K = weight.shape
     if scale.numel() != N or (bias is not None and bias.numel() != N):
         raise ValueError(f"int8_linear: {N} rows need {N} scales (and biases), got {scale.numel()}"
                          f"{'' if bias is None else f' and {bias.numel()}'}")
-    x2 = x.reshape(-1, K)
+    x2 = few_rows(x, K, "int8_linear", MAX_ROWS)
     M = x2.shape[0]
-    if M > MAX_ROWS:
-        raise ValueError(f"int8_linear: the GEMV takes at most {MAX_ROWS} rows, got {M}")
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     scale = scale.reshape(-1)
     if scale.dtype != torch.float32 or not scale.is_contiguous():

@@ -21,11 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from bitnet.kernels import activations, gemm as gemm_module, gemv as gemv_module, int8_head, rmsnorm_quant
+from bitnet.kernels import activations, gemm as gemm_module, gemv as gemv_module, int4_head, int8_head, rmsnorm_quant
 from bitnet.kernels.activations import act_quant, reference_act_quant
 from bitnet.kernels.common import AUTOTUNE_ENV, autotune_policy
 from bitnet.kernels.gemm import gemm, gemm_cat
 from bitnet.kernels.gemv import gemv, gemv_cat
+from bitnet.kernels.int4_head import int4_linear, reference_int4_linear
 from bitnet.kernels.int8_head import int8_linear, reference_int8_linear
 from bitnet.kernels.rmsnorm_quant import reference_rmsnorm_act_quant, rmsnorm_act_quant
 from bitnet.ops import torch_bitlinear
@@ -202,6 +203,19 @@ def test_every_int8_head_config_matches_float64(config, triton_device):
     ref = reference_int8_linear(x, w, s, b)
     scale = (x.double().abs() @ w.double().abs().t()) * s.double()
     assert ((y.double() - ref).abs() <= 1e-6 * scale + 1e-6 + torch.finfo(torch.float32).eps * ref.abs()).all()
+
+
+@pytest.mark.parametrize("config", int4_head.CONFIGS, ids=ids(int4_head.CONFIGS))
+def test_every_int4_head_config_matches_float64(config, triton_device):
+    """Ragged along N and along the 64-weight blocks (K = 1100: 18 blocks, the last one padded)."""
+    from test_int4_head import head, tolerance
+
+    h = head(triton_device, n=300, k=1100, bias=True, seed=19)
+    x = torch.randn(3, 1100, generator=torch.Generator().manual_seed(20)) * 2
+    with pinned(int4_head._int4_linear_kernel, config):
+        y = int4_linear(x.to(triton_device), h.codes, h.scales, h.out_features, h.bias).cpu()
+    ref = reference_int4_linear(x, h.codes.cpu(), h.scales.cpu(), h.out_features, h.bias.cpu())
+    assert ((y.double() - ref).abs() <= tolerance(x, h, ref, torch.float32)).all()
 
 
 # ----------------------------------------------------------------------------- the policy itself

@@ -45,25 +45,33 @@ def test_leading_dimensions_and_bad_inputs(triton_device):
         kernels.int8_linear(x, w, s[:-1])
 
 
-def test_a_quantized_head_runs_the_gemv_for_few_rows(monkeypatch, triton_device):
-    """quantize_lm_head(8) on the Triton path: decode's one row (and a prefill's last position) go
-    through the GEMV, equal to the native CPU kernel's arithmetic within float32 summation order;
-    evaluation's many rows dequantize and run F.linear as before."""
+def quantized_head_calls(bits: int, impl: str, monkeypatch, device):
+    """A tiny frozen model with quantize_lm_head(bits) on the Triton path (its float parts in torch
+    on a CPU), its GEMV implementation custom_ops.<impl> watched: (model, the shapes it was called
+    with, the last position's logits alone, the full logits) over more rows than the GEMV takes."""
     torch.manual_seed(0)
     model = freeze(BitNetForCausalLM(BitNetConfig.from_preset("tiny", num_hidden_layers=1)).eval())
-    model.quantize_lm_head(8)
-    model.to(triton_device)
+    model.quantize_lm_head(bits)
+    model.to(device)
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     monkeypatch.setenv("BITNET_CPU_FLOAT_OPS", "torch")  # on a CPU: the Triton path, not the native op
     calls = []
     from bitnet.kernels import custom_ops
 
-    real = custom_ops._int8_linear_impl
-    monkeypatch.setattr(custom_ops, "_int8_linear_impl", lambda *a: calls.append(a[0].shape) or real(*a))
-    ids = torch.arange(3, 3 + MAX_ROWS + 4, device=triton_device)[None]  # more rows than the GEMV takes
+    real = getattr(custom_ops, impl)
+    monkeypatch.setattr(custom_ops, impl, lambda *a: calls.append(a[0].shape) or real(*a))
+    ids = torch.arange(3, 3 + MAX_ROWS + 4, device=device)[None]  # more rows than the GEMV takes
     with torch.no_grad():
         last = model(ids, logits_to_keep=1).logits
         full = model(ids).logits
+    return model, calls, last, full
+
+
+def test_a_quantized_head_runs_the_gemv_for_few_rows(monkeypatch, triton_device):
+    """quantize_lm_head(8) on the Triton path: decode's one row (and a prefill's last position) go
+    through the GEMV, equal to the native CPU kernel's arithmetic within float32 summation order;
+    evaluation's many rows dequantize and run F.linear as before."""
+    model, calls, last, full = quantized_head_calls(8, "_int8_linear_impl", monkeypatch, triton_device)
     assert calls == [torch.Size([1, 1, model.config.hidden_size])]  # the one row; the full logits: F.linear
     torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
     h = model.lm_head

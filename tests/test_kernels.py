@@ -542,7 +542,8 @@ def test_custom_ops_pass_opcheck(triton_device):
 INTERPRETER_RERUN = "BITNET_TEST_INTERPRETER_RERUN"  # set in the rerun, which therefore starts no other
 # The test files that drive the Triton kernels through the interpreter (test_gpu_check: the kernel
 # benchmark at M = 1); their default tier is what the rerun runs.
-INTERPRETER_TIER = ["tests/test_kernels.py", "tests/test_gpu_check.py", "tests/test_attention.py", "tests/test_int8_head.py"]
+INTERPRETER_TIER = ["tests/test_kernels.py", "tests/test_gpu_check.py", "tests/test_attention.py", "tests/test_int8_head.py",
+                    "tests/test_int4_head.py"]
 RERUN_SECONDS = 300
 # pytest-timeout (benchmarks/gpu_check.sh runs the suite with --timeout 60): the rerun is some hundred
 # tests in one, a minute of CPU time serially; it gets its own limit where the plugin is installed.
