@@ -456,6 +456,15 @@ def test_a_request_dropped_at_shutdown_is_a_503(folder):
         s.close()
 
 
+def test_decode_graphs_need_a_gpu(folder):
+    """--decode-graphs (each batch size's decode step a CUDA graph; the default on CUDA) is refused
+    on a CPU with a clear error, before any weight is loaded; the runner's own default there is off."""
+    from bitnet.serve.server import ServeArgs, load
+
+    with pytest.raises(ValueError, match="--decode-graphs records CUDA graphs: it needs a CUDA device, not cpu"):
+        load(ServeArgs(model=folder, device="cpu", decode_graphs=True))
+
+
 # ----------------------------------------------------------------------------- the command, SIGTERM
 def test_sigterm_drains_a_running_stream(folder):
     """`bitnet serve` as a process: a stream is running when SIGTERM comes; it still gets all its

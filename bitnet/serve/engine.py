@@ -100,12 +100,13 @@ class _Request:
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 4, max_seq_len: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = 256, eos_token_ids: Sequence[int] = ()):
+                 prefill_chunk: int = 256, eos_token_ids: Sequence[int] = (), decode_graphs: bool | None = None):
         context = model.config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch, self.vocab_size = max_batch, model.config.vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
-        self.runner = ModelRunner(model, max_batch, self.max_seq_len)
+        # decode_graphs: ModelRunner's (each bucket's pure decode step a CUDA graph; default on CUDA)
+        self.runner = ModelRunner(model, max_batch, self.max_seq_len, decode_graphs=decode_graphs)
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
         self._cond = threading.Condition()
         self._seqs: dict[int, Seq] = {}

@@ -40,6 +40,8 @@ class ServeArgs:
     dtype: str | None = arg(None, help="activation and float-weight dtype (default: bfloat16)",
                             choices=["bfloat16", "float16", "float32"])
     device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
+    decode_graphs: bool | None = arg(None, help="record each batch size's decode step as a CUDA graph and replay it "
+                                     "(default: on cuda; --no-decode-graphs: eager steps)")
     drain_timeout: float = arg(30.0, help="on SIGTERM / Ctrl-C: seconds to let running requests finish")
     log_level: str = arg("info", help="uvicorn's log level", choices=["critical", "error", "warning", "info", "debug"])
     revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
@@ -77,6 +79,8 @@ def load(args: ServeArgs, manage_engine: bool = True):
             raise ValueError(f"--{name.replace('_', '-')} must be at least {0 if name == 'max_queue' else 1}")
     folder = resolve(args.model, args.revision, args.cache_dir, args.local_files_only)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.decode_graphs and device.type != "cuda":
+        raise ValueError(f"--decode-graphs records CUDA graphs: it needs a CUDA device, not {device}")
     dtype = DTYPES[args.dtype or "bfloat16"]
     if device.type == "cpu":
         build_cpu_kernels()  # a first build says so on stderr, before the model
@@ -87,7 +91,7 @@ def load(args: ServeArgs, manage_engine: bool = True):
     if not 2 <= max_seq_len <= context:
         raise ValueError(f"--max-seq-len must be in [2, {context}] (the model's context), got {max_seq_len}")
     engine = Engine(model, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk, eos_token_ids=eos_token_ids(model))
+                    prefill_chunk=args.prefill_chunk, eos_token_ids=eos_token_ids(model), decode_graphs=args.decode_graphs)
     name = args.served_model_name or args.model
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_API_KEY") or None
     app = build_app(engine, tokenizer, name, api_key=api_key, drain_timeout=args.drain_timeout,
