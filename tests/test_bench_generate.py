@@ -35,6 +35,8 @@ def test_decode_step_profile_counts_what_one_step_runs(tmp_path):
     calls = {k: {r["name"]: r["calls"] for r in p["rows"]} for k, p in prof.items()}
     assert calls["bitnet"]["bitnet_cpu::decode_layer"] == layers and calls["bitnet"]["bitnet_cpu::bf16_linear"] == 1
     assert calls["bf16"]["aten::mm"] == 7 * layers + 1
-    assert all(p["steps"] == 3 and p["busy_us"] > 0 and p["launches"] >= len(p["rows"]) for p in prof.values())
+    # (the rows are the costliest by time, which varies; ops seen once a run count a third a step)
+    assert all(p["steps"] == 3 and p["busy_us"] > 0 and p["launches"] >= sum(r["calls"] for r in p["rows"])
+               for p in prof.values())
     md = (tmp_path / "generate_cpu.md").read_text()
     assert "one decode step by op (self CPU time), from 3 profiled steps" in md and "| bitnet_cpu::decode_layer | 2.0 |" in md

@@ -195,11 +195,11 @@ def solo_logits(model, prompt, n, device="cpu"):
     return torch.stack(out)
 
 
-def solo_and_batched(model, prompts, n, max_batch, device="cpu", max_seq_len=128, **runner_kw):
+def solo_and_batched(model, prompts, n, max_batch, device="cpu", max_seq_len=128, join_every=3, **runner_kw):
     """(each prompt's lone-run logits, the same prompts' logits through a ModelRunner, staggered)."""
     solo = [solo_logits(model, p, n, device=device) for p in prompts]
     runner = ModelRunner(model, max_batch=max_batch, max_seq_len=max_seq_len, **runner_kw)
-    got = staggered(runner, prompts, n, max_batch)
+    got = staggered(runner, prompts, n, max_batch, join_every)
     runner.close()
     return solo, got
 
@@ -284,7 +284,8 @@ def test_padded_decode_buckets_change_no_sequence(monkeypatch):
                         lambda self, t, p, r: buckets.append((t.shape[0], r.tolist())) or real(self, t, p, r))
     model = tiny(num_hidden_layers=1)
     prompts = PROMPTS[:3]
-    solo, got = solo_and_batched(model, prompts, 9, 4, max_seq_len=64, decode_graphs=True)  # 3 at once: bucket 4
+    # joining a step apart: then 3 at once (bucket 4, one padded), then 2 and 1 as they finish
+    solo, got = solo_and_batched(model, prompts, 5, 4, max_seq_len=64, join_every=1, decode_graphs=True)
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
     padded = [(b, rows) for b, rows in buckets if rows.count(4) > 0]  # row 4: the scratch row of max_batch 4
