@@ -290,8 +290,9 @@ def test_gemv_cat_equals_each_matrix_alone(fmt, k, triton_device):
         gemv_cat(x, packed, ns, fmt, scales, [biases[0], None, None])
 
 
-@pytest.mark.parametrize("fmt, k", [("2bit", 37), ("2bit", 100), ("1.6bit", 100), ("1bit", 100)])
-@pytest.mark.parametrize("m, unpacked", [(3, False), (70, False), (70, True)])
+@pytest.mark.parametrize("fmt, k, m, unpacked", [
+    (fmt, k, m, False) for fmt, k in [("2bit", 37), ("2bit", 100), ("1.6bit", 100), ("1bit", 100)] for m in (3, 70)
+] + [("2bit", 37, 70, True), ("1.6bit", 100, 70, True)])  # the unpacked path: its format only in the unpack
 def test_gemm_cat_equals_each_matrix_alone(fmt, k, m, unpacked, monkeypatch, triton_device):
     """gemv_cat's contract for M > 1 (a batched decode step's q / k / v, small-M tiles with split-K;
     and the large-M tiles): three and two matrices of one input in one GEMM launch, tiles
