@@ -21,7 +21,8 @@ Dispatch by the number of activation rows M (all leading dimensions of x flatten
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
   matrices of one input (packed_matmul_cat: q / k / v, gate / up) share one GEMV launch.
 - M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64);
-  several matrices of one input in one launch too (gemm_cat), from M = UNPACK_M one per matrix.
+  several matrices of one input in one launch too (gemm_cat; from M = UNPACK_M after unpacking
+  them into one int8 buffer).
 Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
 
 The public functions at the bottom call the ops where torch.compile (or torch.export) traces, and
@@ -102,9 +103,8 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
         r2 = None  # added in the epilogue
     elif x2.shape[0] > 1 and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
-        if xsum is None:
-            xsum = x2.sum(-1, dtype=torch.int32)
-        y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=xsum.reshape(-1), out_dtype=out_dtype)
+        y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=None if xsum is None else xsum.reshape(-1),
+                     out_dtype=out_dtype)  # (gemm_cat sums x_q where its kernel needs it and none is given)
     else:
         y = x2.new_empty((x2.shape[0], sum(ns)), dtype=out_dtype)
         if xsum is None:

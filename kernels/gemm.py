@@ -408,10 +408,10 @@ def gemm_cat(
     packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
     if m == 0:
         return y
-    lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
-    starts = segment_starts(packed, lanes)
     if 0 < UNPACK_M <= m:
         return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases)
+    lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
+    starts = segment_starts(packed, lanes)
     if starts is None and len(packed) > 1:
         col = 0  # one launch a matrix, into its columns of y
         for w, n, s, b in zip(packed, ns, scales, biases):

@@ -127,6 +127,10 @@ class ModelRunner:
             raise ValueError(f"tokens beyond a cache row of {self.max_seq_len}: "
                              f"{[(s.start, s.start + len(s.tokens)) for s in segs]}")
         m, dev = self.model.model, self.device
+        pure_decode = all(len(s.tokens) == 1 for s in segs)  # one token a segment
+        wants_all = all(s.logits for s in segs)
+        if pure_decode and wants_all and dev.type != "cpu":  # off the CPU no native layer: from tensors alone
+            return self._decode(segs)
         ids = torch.tensor([t for s in segs for t in s.tokens], dtype=torch.long, device=dev)[None]  # (1, N)
         pos = torch.tensor([s.start + i for s in segs for i in range(len(s.tokens))], device=dev)  # (N,)
         rows = torch.tensor([s.slot for s in segs for _ in s.tokens], dtype=torch.long, device=dev)  # (N,)
@@ -134,9 +138,8 @@ class ModelRunner:
         memo: dict = {}
         args = [native_decode_args(layer, x, self.model.config.hidden_act, memo) for layer in m.layers]
         native_decode = bool(args) and all(a is not None for a in args)  # what a lone decode step runs
-        pure_decode = len(segs) == ids.shape[1]  # one token a segment
-        if pure_decode and not native_decode and all(s.logits for s in segs) and (self.decode_graphs or dev.type != "cpu"):
-            return self._decode(segs)  # from tensors alone (the CPU's own path reads its live window instead)
+        if pure_decode and not native_decode and wants_all and self.decode_graphs:  # padded steps asked for on a CPU
+            return self._decode(segs)  # (the CPU's own path reads each row's live window instead)
         cos, sin = m.rotary(pos[None], x.dtype)  # (1, 1, N, hd)
         if native_decode and pure_decode:  # each layer in one native call
             N = len(segs)
