@@ -40,7 +40,7 @@ import torch
 from .activations import act_quant as _act_quant, rows_of
 from .attention import decode_attention as _decode_attention
 from .gemm import gemm, gemm_cat
-from .gemv import gemv, gemv_cat
+from .gemv import MAX_K as GEMV_MAX_K, gemv, gemv_cat
 from .int4_head import int4_linear as _int4_linear
 from .int8_head import int8_linear as _int8_linear
 from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
@@ -53,9 +53,14 @@ def _output_like(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return x.new_empty((*x.shape[:-1], n), dtype=dtype)
 
 
+def _one_row(x2: Tensor) -> bool:
+    """The GEMV's case: one activation row (a decode step), at a K its int32 sums hold (else the GEMM)."""
+    return x2.shape[0] == 1 and x2.shape[1] <= GEMV_MAX_K
+
+
 def _bitlinear_impl(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str) -> Tensor:
     x2 = rows_of(x)
-    if x2.shape[0] == 1:
+    if _one_row(x2):
         y = gemv(x2, packed, n, fmt, scale=scale, bias=bias)
     else:
         x_q, a, xsum = _act_quant(x2)
@@ -74,7 +79,7 @@ def _(x, packed, scale, bias, n, fmt):
 def _packed_matmul_impl(x_q: Tensor, a: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str,
                    out_dtype: torch.dtype) -> Tensor:
     x2, a2 = rows_of(x_q), a.reshape(-1)
-    if x2.shape[0] == 1:
+    if _one_row(x2):
         y = gemv(x2, packed, n, fmt, scale=scale, bias=bias, a=a2, out_dtype=out_dtype)
     else:
         y = gemm(x2, packed, n, fmt, scale=scale, bias=bias, a=a2, out_dtype=out_dtype)
@@ -99,10 +104,10 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
         raise ValueError(f"residual must be {(*x_q.shape[:-1], sum(ns))} {out_dtype}, got {tuple(residual.shape)} "
                          f"{residual.dtype}")
     r2 = None if residual is None else residual.reshape(x2.shape[0], sum(ns))
-    if x2.shape[0] == 1 and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
+    if _one_row(x2) and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
         r2 = None  # added in the epilogue
-    elif x2.shape[0] > 1 and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
+    elif not _one_row(x2) and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
         y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=None if xsum is None else xsum.reshape(-1),
                      out_dtype=out_dtype)  # (gemm_cat sums x_q where its kernel needs it and none is given)
     else:
@@ -112,7 +117,7 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
         xsum = xsum.reshape(-1)
         col = 0
         for p, s, b, n in zip(packed, scales, biases, ns):
-            if x2.shape[0] == 1:
+            if _one_row(x2):
                 y[:, col:col + n] = gemv(x2, p, n, fmt, scale=s, bias=b, a=a2, out_dtype=out_dtype)
             else:
                 gemm(x2, p, n, fmt, scale=s, bias=b, a=a2, xsum=xsum, out_dtype=out_dtype, out=y[:, col:col + n])
@@ -132,7 +137,7 @@ def _(x_q, a, packed, scales, biases, ns, fmt, out_dtype, xsum=None, residual=No
 
 def _packed_matmul_int32_impl(x_q: Tensor, packed: Tensor, n: int, fmt: str) -> Tensor:
     x2 = rows_of(x_q)
-    launch = gemv if x2.shape[0] == 1 else gemm
+    launch = gemv if _one_row(x2) else gemm
     return launch(x2, packed, n, fmt, out_dtype=torch.int32).reshape(*x_q.shape[:-1], n)
 
 

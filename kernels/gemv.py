@@ -11,10 +11,15 @@ gets there. Hence:
   and ~5 programs an SM at N = 2560 (640 packed rows), ~35 KB in flight per SM. Longer rows take
   more steps, each tile's loads issued one step ahead of its math.
 - Weights are read as int32 words (K % 4 == 0, as in every real model): a word holds four
-  consecutive k of one packed row, so one shift and one mask give the codes of one slice at four
-  k in four byte lanes, the operand of dp4a (four int8 products and a sum, one instruction)
-  against four packed activations. Base 3 takes about twice that (layout.py). Other K take a
-  byte path: one code and one multiply-add per weight.
+  consecutive k of one packed row. For bits, one mask (no shift) leaves slice i's codes in place
+  in four byte lanes, 2^(BITS i) times their value (at most 128), the unsigned operand of dp4a
+  (four byte products and a sum, one instruction) against four packed activations; the epilogue
+  shifts each exact sum back (the CPU VNNI kernel's trick). For base 3 the loop multiplies the
+  bytes' quotients q_i = floor(v / 3^i) instead of their digits c_i = q_i - 3 q_(i+1) (one IMAD
+  and a byte permute a quotient, two bytes at a time), and the epilogue takes the differences:
+  sm_90 SASS of the loop, per weight, 1.02 instructions for "2bit" (1.19 with shifts), 0.76 for
+  "1bit" (0.95), 1.67 for "1.6bit" (2.86 with digits). Other K take a byte path: one code and
+  one multiply-add per weight.
 - The activations arrive as int32 words too, with no re-packing through shared memory (which cost
   two barriers a step): int8 x_q (act_quant's, or rmsnorm_act_quant's: the model quantizes once
   per RMSNorm for all the projections it feeds) is read as words; float x is loaded as four
@@ -23,8 +28,8 @@ gets there. Hence:
   more dp4a per word (against 0x01010101).
 - The P slices are tl.join-ed into a trailing dimension held in each thread's registers and
   reduced over K once, after the loop: no split-K partial sums, exact int32 throughout.
-The dp4a is PTX inline assembly on CUDA; the interpreter, which cannot run assembly, computes the
-same sum of four lane products in plain Triton (mac below).
+The dp4a and the byte permutes (prmt) are PTX inline assembly on CUDA; the interpreter, which
+cannot run assembly, computes the same in plain Triton (mac, high_bytes, interleave_high below).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from bitnet.packing import packed_linear_reference
 from .activations import quantize, row_scale
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, segment_starts,
                      store_output)
-from .layout import check_packed, decode, joined_codes, values_per_byte
+from .layout import check_packed, join_slices, values_per_byte
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
 # thread and row. Wide tiles cover a whole row in one step (no loop); narrow ones give programs
@@ -64,18 +69,134 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def mac(c, x, acc, LANES: tl.constexpr, ASM: tl.constexpr):
-    """acc + c * x for units: plain int32 (LANES == 1), or the sum over four signed int8 byte
-    lanes of int32 words (LANES == 4): dp4a, by inline PTX if ASM, else in plain Triton."""
+    """acc + c * x for units: plain int32 (LANES == 1), or the sum over four byte lanes of int32
+    words (LANES == 4), c's lanes unsigned (0 .. 255: the scaled codes and base-3 quotients below),
+    x's signed (int8 x_q): dp4a.u32.s32, by inline PTX if ASM, else in plain Triton."""
     if LANES == 1:
         acc += c * x
     elif ASM:
         acc = tl.inline_asm_elementwise(
-            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [c, tl.broadcast_to(x, c.shape), acc],
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [c, tl.broadcast_to(x, c.shape), acc],
             dtype=tl.int32, is_pure=True, pack=1)
     else:
         for lane in tl.static_range(4):
-            acc += ((c << (24 - 8 * lane)) >> 24) * ((x << (24 - 8 * lane)) >> 24)
+            acc += ((c >> (8 * lane)) & 0xFF) * ((x << (24 - 8 * lane)) >> 24)
     return acc
+
+
+# PTX `prmt.b32 d, a, b, sel`: byte i of d is byte (sel >> 4i) & 7 of the eight bytes a.0 .. a.3,
+# b.0 .. b.3 (b = 0 here for zeros). tests/test_kernels.py checks these against that definition.
+HIGH_BYTES = 0x4341  # (a.1, 0, a.3, 0): (a >> 8) & 0x00FF00FF
+INTERLEAVE_HIGH = 0x7351  # (a.1, b.1, a.3, b.3)
+_HIGH_BYTES_ASM = tl.constexpr(f"prmt.b32 $0, $1, 0, {HIGH_BYTES:#x};")
+_INTERLEAVE_HIGH_ASM = tl.constexpr(f"prmt.b32 $0, $1, $2, {INTERLEAVE_HIGH:#x};")
+# The largest K whose sums stay exact in int32: the top slice's scaled codes (128) times x_q (-128)
+# reach -2^31 there, and a shift back is exact only without wrap-around. (Base 3 needs no bound: its
+# quotient sums may wrap, being used only in differences, the code sums, that fit; int32 wraps.)
+MAX_K = 131072
+
+
+@triton.jit
+def high_bytes(t, ASM: tl.constexpr):
+    """(t >> 8) & 0x00FF00FF: bytes 1 and 3 of each word moved to bytes 0 and 2, the others zero
+    (one PRMT by inline PTX if ASM; a shift and a mask otherwise)."""
+    if ASM:
+        r = tl.inline_asm_elementwise(_HIGH_BYTES_ASM, "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = (t >> 8) & 0x00FF00FF
+    return r
+
+
+@triton.jit
+def interleave_high(te, to, ASM: tl.constexpr):
+    """Bytes (te.1, to.1, te.3, to.3) from bytes 0 .. 3: the high bytes of the 16-bit lanes of two
+    words, interleaved (one PRMT if ASM)."""
+    if ASM:
+        r = tl.inline_asm_elementwise(_INTERLEAVE_HIGH_ASM, "=r,r,r", [te, to], dtype=tl.int32, is_pure=True,
+                                      pack=1)
+    else:
+        r = high_bytes(te, ASM) | (high_bytes(to, ASM) << 8)
+    return r
+
+
+@triton.jit
+def third(e, o, ASM: tl.constexpr):
+    """One base-3 step on the four bytes of words split into 16-bit lanes (e: bytes 0 and 2, o:
+    bytes 1 and 3, values < 243): (v + 1) * 85 >> 8 = floor(v / 3) for every v < 243, and without
+    the shift the quotient is already the high byte of v's lane (the low byte a fraction, dropped).
+    Returns the quotients of all four bytes in byte lanes, and split into 16-bit lanes again."""
+    te = e * 85 + 0x00550055
+    to = o * 85 + 0x00550055
+    return interleave_high(te, to, ASM), high_bytes(te, ASM), high_bytes(to, ASM)
+
+
+@triton.jit
+def base3_quotients(w, LANES: tl.constexpr, ASM: tl.constexpr):
+    """q_i = floor(v / 3^i), i = 1 .. 4, of every packed byte v < 243 (its five base-3 codes are
+    c_i = q_i - 3 q_(i+1), c_4 = q_4): in the byte lanes of words (LANES == 4: two IMAD and one
+    PRMT a step for four bytes, and two PRMT to split them for the next step), or per byte."""
+    if LANES == 4:
+        e = w & 0x00FF00FF
+        o = high_bytes(w, ASM)
+        q1, e, o = third(e, o, ASM)
+        q2, e, o = third(e, o, ASM)
+        q3, e, o = third(e, o, ASM)
+        q4, e, o = third(e, o, ASM)
+    else:
+        q1 = (w * 171) >> 9
+        q2 = (q1 * 171) >> 9
+        q3 = (q2 * 171) >> 9
+        q4 = (q3 * 171) >> 9
+    return q1, q2, q3, q4
+
+
+@triton.jit
+def scaled_slice(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
+    """2^(BITS i) * code_i of each unit ("2bit", "1bit"): slice i's bits masked in place, not
+    shifted down (one instruction a slice instead of two; the epilogue divides the exact sums by
+    2^(BITS i)). In byte lanes the top slice reaches 128: unsigned dp4a operands."""
+    BITS: tl.constexpr = 8 // P
+    MASK: tl.constexpr = ((1 << BITS) - 1) * (0x01010101 if LANES == 4 else 1)
+    return w & (tl.full([], MASK, tl.int32) << (BITS * i))
+
+
+@triton.jit
+def slice_units(w, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
+    """What the loop multiplies with x for the units w [A, B]: [A, B, PA] with slice i at [..., i],
+    and [A, B] for the fifth base-3 slice (P == 5; else w, unused). "2bit" / "1bit": each slice's
+    codes scaled by 2^(BITS i); "1.6bit": the quotients q_0 = v .. q_3 and q_4 (base3_quotients).
+    code_sums turns the sums of these into the sums of the codes."""
+    if P == 5:
+        q1, q2, q3, q4 = base3_quotients(w, LANES, ASM)
+        c = join_slices(w, q1, q2, q3)
+        c_b = q4
+    else:
+        c = join_slices(scaled_slice(w, 0, P, LANES), scaled_slice(w, 1, P, LANES),
+                        scaled_slice(w, 2, P, LANES), scaled_slice(w, 3, P, LANES))
+        if P == 8:
+            hi = join_slices(scaled_slice(w, 4, P, LANES), scaled_slice(w, 5, P, LANES),
+                             scaled_slice(w, 6, P, LANES), scaled_slice(w, 7, P, LANES))
+            c = tl.permute(tl.join(c, hi), (0, 1, 3, 2))  # [..., j, h] -> [..., h, j]: slice 4h + j
+            c = tl.reshape(c, (c.shape[0], c.shape[1], 8))
+        c_b = w
+    return c, c_b
+
+
+@triton.jit
+def code_sums(d, d_b, P: tl.constexpr):
+    """sum_k code_i * x_q for slices 0 .. PA-1 ([BR, PA]) and the fifth base-3 slice ([BR]) from
+    the loop's sums d, d_b of slice_units' values: d_i >> BITS i for bits; for base 3,
+    c_i = q_i - 3 q_(i+1) makes sum c_i x = d_i - 3 d_(i+1) (i < 4) and sum c_4 x = d_4. Exact
+    for K <= MAX_K (the shifts), and the differences modulo 2^32 even where d_0 wraps."""
+    if P == 5:
+        even, odd = tl.split(tl.reshape(d, (d.shape[0], 2, 2)))  # [d_0, d_2], [d_1, d_3]
+        d0, d2 = tl.split(even)
+        d1, d3 = tl.split(odd)
+        s = tl.join(tl.join(d0 - 3 * d1, d2 - 3 * d3), tl.join(d1 - 3 * d2, d3 - 3 * d_b))
+        s = tl.reshape(s, (d.shape[0], 4))
+    else:
+        s = d >> ((8 // P) * tl.arange(0, d.shape[1]))[None, :]
+    return s, d_b
 
 
 @triton.jit
@@ -122,22 +243,27 @@ def quarters(t):
 
 @triton.jit
 def mac_tile(w, xu, acc, acc_b, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
-    """acc [BR, BU / 4, PA] += the codes of slices 0..PA-1 of w [BR, BU] times xu [BR, BU], four
-    units into each accumulator (so that a thread keeps PA accumulators per four units it loads,
-    not per unit); acc_b [BR, BU / 4] likewise for the fifth base-3 slice."""
-    PA: tl.constexpr = 8 if P == 8 else 4
-    PB: tl.constexpr = P - PA
+    """acc [BR, BU / 4, PA] += slice_units of w [BR, BU] times xu [BR, BU], four units into each
+    accumulator (so that a thread keeps PA accumulators per four units it loads, not per unit);
+    acc_b [BR, BU / 4] likewise for the fifth base-3 slice."""
     w0, w1, w2, w3 = quarters(w)
     x0, x1, x2, x3 = quarters(xu)
-    acc = mac(joined_codes(w0, P, LANES, False), x0[:, :, None], acc, LANES, ASM)
-    acc = mac(joined_codes(w1, P, LANES, False), x1[:, :, None], acc, LANES, ASM)
-    acc = mac(joined_codes(w2, P, LANES, False), x2[:, :, None], acc, LANES, ASM)
-    acc = mac(joined_codes(w3, P, LANES, False), x3[:, :, None], acc, LANES, ASM)
-    if PB > 0:
-        acc_b = mac(decode(w0, PA, P, LANES), x0, acc_b, LANES, ASM)
-        acc_b = mac(decode(w1, PA, P, LANES), x1, acc_b, LANES, ASM)
-        acc_b = mac(decode(w2, PA, P, LANES), x2, acc_b, LANES, ASM)
-        acc_b = mac(decode(w3, PA, P, LANES), x3, acc_b, LANES, ASM)
+    c, c_b = slice_units(w0, P, LANES, ASM)
+    acc = mac(c, x0[:, :, None], acc, LANES, ASM)
+    if P == 5:
+        acc_b = mac(c_b, x0, acc_b, LANES, ASM)
+    c, c_b = slice_units(w1, P, LANES, ASM)
+    acc = mac(c, x1[:, :, None], acc, LANES, ASM)
+    if P == 5:
+        acc_b = mac(c_b, x1, acc_b, LANES, ASM)
+    c, c_b = slice_units(w2, P, LANES, ASM)
+    acc = mac(c, x2[:, :, None], acc, LANES, ASM)
+    if P == 5:
+        acc_b = mac(c_b, x2, acc_b, LANES, ASM)
+    c, c_b = slice_units(w3, P, LANES, ASM)
+    acc = mac(c, x3[:, :, None], acc, LANES, ASM)
+    if P == 5:
+        acc_b = mac(c_b, x3, acc_b, LANES, ASM)
     return acc, acc_b
 
 
@@ -279,12 +405,13 @@ def _gemv_kernel(
     else:
         bias_rows = by_segment(later, third, bias_ptr, bias1_ptr, bias2_ptr)
         bias_tile = bias_rows[:, None]
+    sums, sums_b = code_sums(tl.sum(acc, 1), tl.sum(acc_b, 1), P)
     n = tl.arange(0, PA)[None, :] * rows_in[:, None] + offs_r[:, None]  # (BR, PA): outputs within their matrix
     store_output(y_row, bias_tile, n + col0[:, None], n, row_ok[:, None] & (n < cols[:, None]),
-                 tl.sum(acc, 1), total[:, None], factor[:, None], SC, HAS_BIAS, OUT_INT32, r_row, HAS_RES)
+                 sums, total[:, None], factor[:, None], SC, HAS_BIAS, OUT_INT32, r_row, HAS_RES)
     if PB > 0:
         n = PA * rows_in + offs_r
-        store_output(y_row, bias_rows, n + col0, n, row_ok & (n < cols), tl.sum(acc_b, 1), total, factor,
+        store_output(y_row, bias_rows, n + col0, n, row_ok & (n < cols), sums_b, total, factor,
                      SC, HAS_BIAS, OUT_INT32, r_row, HAS_RES)
 
 
@@ -327,6 +454,8 @@ def gemv_cat(
     quantize_x = x.is_floating_point()
     out_dtype = out_dtype or (x.dtype if quantize_x else None)
     m, k = x.shape
+    if k > MAX_K:
+        raise ValueError(f"gemv: K = {k} is above MAX_K = {MAX_K}, where its int32 sums stay exact; use gemm")
     if residual is not None and (len(packed) != 1 or residual.shape != (m, ns[0]) or residual.dtype != out_dtype
                                  or residual.stride(-1) != 1):
         raise ValueError(f"residual must be ({m}, {ns[0]}) {out_dtype} with unit stride along N, for one matrix; got "

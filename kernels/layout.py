@@ -33,9 +33,9 @@ Triton blocks are powers of two, and P = 5 is not: "1.6bit" decodes slices 0-3 a
 block (PA = 4) and slice 4 as a block of its own (PB = 1) with its own accumulator. Base-3 digits
 come without division: floor(v / 3) = (v * 171) >> 9 for every v < 243, so
     c_i = q_i - 3 * q_(i+1),  q_0 = b,  q_(i+1) = floor(q_i / 3),
-two bytes at a time in the 16-bit lanes of an int32 word. That costs about 2.5 times the
-integer instructions of "2bit" per weight (sm_90 SASS): the 20% fewer bytes of "1.6bit" pay off
-only where the kernel waits on memory rather than on its integer pipes.
+two bytes at a time in the 16-bit lanes of an int32 word (the GEMM's decode here). The GEMV
+multiplies the quotients q_i themselves and takes the differences after the loop (gemv.py), at
+1.6 times the instructions a weight of "2bit" there: 20% fewer bytes, ~60% more integer work.
 
 Every kernel takes the format as the constexpr P and derives PA = 8 if P == 8 else 4,
 PB = P - PA, SC = 2 if P == 8 else 1.

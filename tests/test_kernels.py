@@ -187,6 +187,96 @@ def test_int32_split_k_long_rows(fmt, triton_device):
     assert _WORKSPACES and all(not buf.any() for buf in _WORKSPACES.values())  # left zero for the next call
 
 
+def every_byte_matrix(fmt: str, k: int) -> torch.Tensor:
+    """Packed (R, k) uint8 in which every valid byte of `fmt` (0 .. 242 for base 3; 2-bit bytes
+    of codes 0 .. 2) sits in every byte lane of a word (column k % 4) of some row."""
+    if fmt == "1.6bit":
+        valid = torch.arange(243)
+    else:
+        b = torch.arange(256)
+        valid = b[(b & 3 < 3) & (b >> 2 & 3 < 3) & (b >> 4 & 3 < 3) & (b >> 6 < 3)] if fmt == "2bit" else b
+    rows = -(-valid.numel() // k) + 4
+    idx = (torch.arange(rows)[:, None] * 5 + torch.arange(k)[None, :] * 7) % valid.numel()  # shifted per row
+    return valid[idx].to(torch.uint8)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_every_byte_in_every_lane_at_extreme_activations(fmt, triton_device):
+    """The GEMV multiplies what it derives from the packed bytes (codes scaled in place for bits,
+    base-3 quotients for "1.6bit", combined after the loop): every valid byte in every lane of a
+    word, against x_q of -128 and 127 (the int8 extremes, also where they alternate), exact."""
+    k = 128
+    packed = every_byte_matrix(fmt, k)
+    n = packed.shape[0] * {"2bit": 4, "1.6bit": 5, "1bit": 8}[fmt]
+    w_q = unpack(packed, n, fmt)
+    x_q = torch.tensor([[-128] * k, [127] * k, [(-128, 127)[i % 2] for i in range(k)],
+                        [(127, -128, 5, -1)[i % 4] for i in range(k)]], dtype=torch.int8)
+    for row in x_q:
+        y = gemv(row[None].to(triton_device), packed.to(triton_device), n, fmt, out_dtype=torch.int32)
+        assert torch.equal(y.cpu(), exact(row[None], w_q))
+
+
+def prmt(a: int, b: int, selector: int) -> int:
+    """PTX `prmt.b32 d, a, b, c` (default mode), from the ISA's definition: byte i of d is byte
+    c[4i + 2 : 4i] of {b, a} (bytes 0-3 a's, 4-7 b's), or that byte's sign replicated if c[4i + 3]."""
+    src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    d = 0
+    for i in range(4):
+        nibble = (selector >> 4 * i) & 0xF
+        byte = src[nibble & 7]
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        d |= byte << 8 * i
+    return d
+
+
+def test_gemv_byte_permutes_and_base3_step_are_what_the_plain_path_computes():
+    """On a GPU the GEMV moves bytes with PTX `prmt` (inline assembly the interpreter cannot run;
+    its plain-Triton twin is what CPU CI checks for exactness): its selectors, by the ISA's
+    definition, against the twin's shifts and masks; and the base-3 step (v + 1) * 85 >> 8 =
+    floor(v / 3) for every byte value v < 243, its product inside a 16-bit lane."""
+    from bitnet.kernels import gemv as g
+
+    rng = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2 ** 32, (2000, 2), generator=rng, dtype=torch.int64).tolist()
+    words += [[0, 0xFFFFFFFF], [0x80808080, 0x7F7F7F7F], [0x00FF00FF, 0xFF00FF00]]
+    for a, b in words:
+        assert prmt(a, 0, g.HIGH_BYTES) == (a >> 8) & 0x00FF00FF
+        assert prmt(a, b, g.INTERLEAVE_HIGH) == ((a >> 8) & 0x00FF00FF) | (((b >> 8) & 0x00FF00FF) << 8)
+    assert f"{g.HIGH_BYTES:#x}" in g._HIGH_BYTES_ASM.value and f"{g.INTERLEAVE_HIGH:#x}" in g._INTERLEAVE_HIGH_ASM.value
+    for v in range(243):
+        assert (v + 1) * 85 >> 8 == v // 3 and (v + 1) * 85 < 2 ** 15
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_sums_stay_exact_up_to_max_k(fmt, monkeypatch, triton_device):
+    """The largest sums the GEMV's int32 accumulators meet: K = MAX_K (131072), the largest bytes
+    (every code 2, or 1 for "1bit") against x_q = -128 everywhere: the top bit slice's scaled sum
+    is -2^31 itself; the base-3 sum of bytes times x_q (-242 * 128 * 2^17) wraps around, and the
+    code sums, its differences, come out exact. (One wide tile pinned: 16 steps, not the
+    interpreter's 2048.) Beyond MAX_K the GEMV refuses, and the dispatch takes the GEMM at M = 1."""
+    import triton
+
+    from bitnet.kernels import custom_ops, gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module._gemv_kernel, "configs", [triton.Config({"BLOCK_R": 1, "BLOCK_U": 2048}, num_warps=8)])
+    k, p = gemv_module.MAX_K, {"2bit": 4, "1.6bit": 5, "1bit": 8}[fmt]
+    packed = torch.full((1, k), {"2bit": 0xAA, "1.6bit": 242, "1bit": 0xFF}[fmt], dtype=torch.uint8)
+    x_q = torch.full((1, k), -128, dtype=torch.int8)
+    y = gemv(x_q.to(triton_device), packed.to(triton_device), p, fmt, out_dtype=torch.int32).cpu()
+    assert torch.equal(y, torch.full((1, p), -128 * k, dtype=torch.int32))
+    with pytest.raises(ValueError, match="MAX_K"):
+        gemv(torch.zeros(1, k + 4, dtype=torch.int8, device=triton_device),
+             torch.zeros(1, k + 4, dtype=torch.uint8, device=triton_device), p, fmt, out_dtype=torch.int32)
+    # the dispatch past the GEMV's K (its bound lowered here, as a GEMM at K = 2^17 is slow to interpret)
+    monkeypatch.setattr(custom_ops, "GEMV_MAX_K", 64)
+    monkeypatch.setattr(custom_ops, "gemv", None)  # would fail if called
+    w_q = random_weights(N, 100, fmt, seed=8)
+    x_q, _ = quantize_activation(random_activations(2, 100, seed=9)[1:])  # (row 0 is all zero)
+    y = kernels.packed_matmul_int32(x_q.to(triton_device), pack(w_q, fmt).to(triton_device), N, fmt)
+    assert torch.equal(y.cpu(), exact(x_q, w_q))
+
+
 # ----------------------------------------------------------------------------- matmul: scaled output
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [37, 100])
