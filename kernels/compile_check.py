@@ -37,7 +37,7 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     integer or no key mask; one split or several (the last merges)
     _int8_linear_kernel             CONFIGS; x fp32/bf16/fp16; bias or not
       [int8_linear]
-    _int4_linear_kernel             CONFIGS; y fp32/bf16/fp16 (int8 x_q in); bias or not
+    _int4_linear_kernel             CONFIGS; y fp32/bf16/fp16 (int8 x_q in, read as words); bias or not
       [int4_linear]
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
@@ -296,7 +296,7 @@ def _int4_linear_variants() -> list[Variant]:
     for i, (cfg, f) in enumerate(_round_robin(CONFIGS, flags)):
         types = dict(xq_ptr="*i8", a_ptr="*fp32", codes_ptr="*u8", scales_ptr="*fp32", bias_ptr=TYPES[f["y"]],
                      y_ptr=TYPES[f["y"]])
-        out.append(Variant("_int4_linear_kernel", dict(HAS_BIAS=f["HAS_BIAS"], **cfg.kwargs), types, cfg.num_warps,
+        out.append(Variant("_int4_linear_kernel", dict(HAS_BIAS=f["HAS_BIAS"], ASM=True, **cfg.kwargs), types, cfg.num_warps,
                            cfg.num_stages, fp_fusion=True, aligned=i % 3 != 2))  # launched without LAUNCH
     return out
 

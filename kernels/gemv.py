@@ -68,19 +68,24 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def mac(c, x, acc, LANES: tl.constexpr, ASM: tl.constexpr):
+def mac(c, x, acc, LANES: tl.constexpr, ASM: tl.constexpr, SIGNED: tl.constexpr = False):
     """acc + c * x for units: plain int32 (LANES == 1), or the sum over four byte lanes of int32
-    words (LANES == 4), c's lanes unsigned (0 .. 255: the scaled codes and base-3 quotients below),
-    x's signed (int8 x_q): dp4a.u32.s32, by inline PTX if ASM, else in plain Triton."""
+    words (LANES == 4), c's lanes unsigned (0 .. 255: the scaled codes and base-3 quotients below;
+    signed if SIGNED), x's signed (int8 x_q): dp4a.u32.s32 (.s32.s32), by inline PTX if ASM, else
+    in plain Triton."""
     if LANES == 1:
         acc += c * x
     elif ASM:
         acc = tl.inline_asm_elementwise(
-            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [c, tl.broadcast_to(x, c.shape), acc],
-            dtype=tl.int32, is_pure=True, pack=1)
+            "dp4a.s32.s32 $0, $1, $2, $3;" if SIGNED else "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r",
+            [c, tl.broadcast_to(x, c.shape), acc], dtype=tl.int32, is_pure=True, pack=1)
     else:
         for lane in tl.static_range(4):
-            acc += ((c >> (8 * lane)) & 0xFF) * ((x << (24 - 8 * lane)) >> 24)
+            if SIGNED:
+                c_lane = (c << (24 - 8 * lane)) >> 24
+            else:
+                c_lane = (c >> (8 * lane)) & 0xFF
+            acc += c_lane * ((x << (24 - 8 * lane)) >> 24)
     return acc
 
 

@@ -46,6 +46,21 @@ def test_int4_linear_matches_float64(dtype, m, k, bias, triton_device):
     assert not y[:, 3].any() or bias  # the all-zero row
 
 
+def test_every_code_byte_in_every_word_lane_at_extreme_activations(triton_device):
+    """The GEMV reads the codes as int32 words and turns each nibble c into the int8 16 (c - 8) in
+    place (its low nibbles shifted up): every byte 0 .. 255 in every lane of a word, against
+    activations whose x_q are -127 and 127 (alternating, and one sign), with unit scales: the
+    group sums are exact integers, so the float32 result is the float64 one to a few ulps."""
+    n, k = 64, 256  # 4 blocks of 64 weights; 128 bytes a row
+    idx = (torch.arange(n)[:, None] * 37 + torch.arange(k // 2)[None, :]) % 256
+    codes = idx.to(torch.uint8)
+    scales = torch.ones(n, k // 32)
+    for x in (torch.ones(1, k), -torch.ones(1, k), torch.tensor([[(1.0, -1.0)[i % 2] for i in range(k)]])):
+        y = kernels.int4_linear(x.to(triton_device), codes.to(triton_device), scales.to(triton_device), n)
+        ref = reference_int4_linear(x, codes, scales, n)
+        torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_the_reference_is_the_modules_own_formula():
     """reference_int4_linear (the kernel's float64 yardstick) against Int4Linear's torch path."""
     h = head("cpu", k=100, bias=True)
