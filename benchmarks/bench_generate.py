@@ -53,6 +53,7 @@ class Model:
     dtype: torch.dtype
     label: str
     head_bits: int | None = None  # a quantized lm_head (model.quantize_lm_head(bits)), else the float one
+    pdl: bool = True  # False: the Triton kernels launch serialized (BITNET_PDL=0), the A/B of common.pdl
 
 
 MODELS = {m.key: m for m in [
@@ -61,6 +62,8 @@ MODELS = {m.key: m for m in [
     Model("bitnet1", "bitnet1", "1bit", torch.bfloat16, "BitNet binary (packed 1-bit)"),
     Model("bitnet-int8head", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (2-bit, int8 lm_head)", head_bits=8),
     Model("bitnet-int4head", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (2-bit, int4 lm_head)", head_bits=4),
+    Model("bitnet-serial", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (packed 2-bit, launches serialized)",
+          pdl=False),
     Model("bf16", "bf16", None, torch.bfloat16, "BF16 twin"),
     Model("fp32", "bf16", None, torch.float32, "twin in fp32"),
 ]}
@@ -116,6 +119,10 @@ def measure(args: Args, key: str) -> dict:
     spec = MODELS[key]
     linear = spec.linear
     device = torch.device(args.device)
+    if not spec.pdl:  # (a fresh process under --isolate: nothing launched yet)
+        from bitnet.kernels import common
+
+        common.PDL_ENABLED = False
     cuda = device.type == "cuda"
     # The first run of any code path pages in hundreds of MB of torch's own code and fills its
     # allocator pools; run the same path once on the tiny preset so that RSS counts the model.

@@ -14,8 +14,10 @@
 # in calls of at most 6 minutes, so that two fit the 15 minutes of device time a session has, each
 # machine start included:
 #   call 1 (issue 26, the default stages):  bash benchmarks/gpu_check.sh
-#   call 2 (issue 27, speed beside the GPU peers; the machine may be a fresh one, keep install):
-#     bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
+#   call 2 (issue 27, speed beside the GPU peers; the machine may be a fresh one, keep install; the
+#   packed model once more with its launches serialized, BITNET_PDL=0, beside the default's PDL):
+#     GENERATE_MODELS="bitnet bitnet-serial bf16" BUDGET_GENERATE=100 \
+#       bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
 #   (carry [".whl", ".peers"]; timeout_s 360) Every stage runs under
 # `timeout` (SIGINT first, so that pytest prints its summary and Python its traceback; SIGKILL 5 s
 # later); a failing stage does not stop the next. Time a stage leaves unused passes on to the
@@ -36,7 +38,7 @@
 #   gpu_peers 90  peer_gpu_kernels.py (not a default stage: call 2): ours, bitnet.cpp's W2A8 GEMV
 #                 (built here with nvcc from .peers), gemlite and bf16 cuBLAS, each checked against
 #                 the exact reference before timing -> peer_gpu_kernels_cuda.{json,md}
-#   generate  60  bench_generate.py: 2b4t, packed 2-bit vs the bf16 twin, batch 1 8, compile (CUDA
+#   generate  60  bench_generate.py: 2b4t, packed 2-bit vs the bf16 twin (GENERATE_MODELS), batch 1 8, compile (CUDA
 #                 graphs), 32 new tokens, median of 3, then 8 decode steps profiled kernel by kernel
 #                 (batch 1: each kernel's time a step, the sum against the step's time) -> generate_cuda.{json,md}
 #                 (saved model by model)
@@ -106,7 +108,7 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|setuptools
 CMD[tests]="$PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml"
 CMD[kernels]="$PY benchmarks/bench_kernels.py --device cuda --shapes 2560x6912 6912x2560 8192x8192 28672x8192 --m 1 16 2048 --formats 2bit --m1-formats 1.6bit 1bit --attention --name bench_kernels_cuda --out-dir $BENCH_OUT"
 CMD[gpu_peers]="$PY benchmarks/peer_gpu_kernels.py --budget-s \$(( \${STAGE_SECONDS:-90} - 20 )) --out-dir $BENCH_OUT"
-CMD[generate]="HF_HUB_OFFLINE=1 $PY benchmarks/bench_generate.py --device cuda --preset 2b4t --batch 1 8 --compile --new-tokens 32 --warmup 2 --iters 3 --out-dir $BENCH_OUT"
+CMD[generate]="HF_HUB_OFFLINE=1 $PY benchmarks/bench_generate.py --device cuda --preset 2b4t --models ${GENERATE_MODELS:-bitnet bf16} --batch 1 8 --compile --new-tokens 32 --warmup 2 --iters 3 --out-dir $BENCH_OUT"
 CMD[peer]="HF_HUB_OFFLINE=1 $PY benchmarks/peer_transformers.py --device cuda --preset 2b4t --new-tokens 32 --iters 2 --out-dir $BENCH_OUT"
 
 selected() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }

@@ -95,6 +95,13 @@ def environment() -> dict:
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
                    device_capability=f"{p.major}.{p.minor}")
+        try:  # how the Triton kernels launch and tune (bitnet.kernels.common)
+            from bitnet.kernels import common
+
+            env.update(bitnet_pdl=bool(common.pdl(torch.empty(0, device="cuda"))["PDL"]),
+                       bitnet_autotune=common.autotune_policy())
+        except Exception as e:  # noqa: BLE001: a stamp never fails a benchmark
+            env["bitnet_pdl"] = f"unknown ({type(e).__name__})"
     else:
         env["device"] = f"CPU: {env['cpu']}"
     return env

@@ -44,6 +44,7 @@ from .args import arg, command
 from .hub import resolve
 from .kernels import cpu as native
 from .model import attention_dtype
+from .ops import record_cuda_graph
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
 log = logging.getLogger("bitnet.generation")
@@ -131,7 +132,9 @@ def captured_step(model, tokens, input_pos, position_ids, key_mask) -> CapturedD
     key = (id(cache), tuple(tokens.shape), tuple(key_mask.shape), key_mask.dtype)
     held = getattr(model, "_captured_step", None)
     if held is None or held[0] != key:
-        model._captured_step = held = (key, CapturedDecodeStep(model, tokens, input_pos, position_ids, key_mask))
+        step = record_cuda_graph(lambda: CapturedDecodeStep(model, tokens, input_pos, position_ids, key_mask),
+                                 "the decode step")
+        model._captured_step = held = (key, step)
     return held[1]
 
 

@@ -20,8 +20,11 @@ bitnet.patch); BITNET_CPU_DISABLE=1 turns every native op off.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -275,3 +278,25 @@ def float_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if weight.dtype == torch.bfloat16 and rows <= HEAD_ROWS and native_inference(x, weight, *([bias] if bias is not None else [])):
         return native.bf16_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def record_cuda_graph(record: Callable[[], T], what: str) -> T:
+    """record() (a CUDA graph's recording of `what`). Where it fails while the Triton kernels launch
+    with programmatic dependent launch (bitnet.kernels.common.pdl; a driver that cannot record it),
+    PDL is turned off for the process, as BITNET_PDL=0 would, with a warning, and record() runs
+    once more; a second failure is the caller's (who then runs eagerly)."""
+    try:
+        return record()
+    except Exception:
+        from .kernels import common
+
+        if not common.PDL_ENABLED:
+            raise
+        log.warning("recording %s as a CUDA graph with programmatic dependent launch failed; recording it again "
+                    "without (as BITNET_PDL=0, for the rest of this process)", what, exc_info=True)
+        common.PDL_ENABLED = False
+        return record()

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from bitnet.quant import EPS, QMAX, QMIN, quantize_activation
 
-from .common import LAUNCH, autotune
+from .common import LAUNCH, autotune, pdl, pdl_start, pdl_wait
 
 # Globals a @triton.jit function reads must be constexpr.
 _QMAX = tl.constexpr(QMAX)
@@ -83,13 +83,16 @@ def _act_quant_kernel(
     # strides
     stride_xm, stride_qm,
     # constexpr
-    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per row m.
 
     x_ptr: (M, K) float (fp32/bf16/fp16), unit stride along K.
     xq_ptr: int8 (M, K); a_ptr: float32 (M,); xsum_ptr: int32 (M,) = sum_k x_q[m, k].
+    PDL: launched as a dependent (common.pdl).
     """
+    pdl_start(PDL)
+    pdl_wait(PDL)
     m = tl.program_id(0)
     x_row = x_ptr + m * stride_xm
     a = row_scale(x_row, K, BLOCK_K)
@@ -131,7 +134,7 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         raise ValueError(f"act_quant takes a float tensor, got {x.dtype}")
 
     def launch(x2, x_q, a, xsum):
-        _act_quant_kernel[(x2.shape[0],)](x2, x_q, a, xsum, x2.shape[1], x2.stride(0), x2.shape[1], **LAUNCH)
+        _act_quant_kernel[(x2.shape[0],)](x2, x_q, a, xsum, x2.shape[1], x2.stride(0), x2.shape[1], **LAUNCH, **pdl(x2))
 
     return quantize_rows(x, launch)
 

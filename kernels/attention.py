@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2
+from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2, pdl, pdl_start, pdl_wait
 from .gemm import zeroed_workspace
 
 BLOCK_S = 16 if INTERPRET else 64  # slots per step: a [64, 128] bf16 tile of K and of V (16 KB each)
@@ -66,7 +66,7 @@ def _decode_attention_kernel(
     stride_yn,
     # constexpr
     G: tl.constexpr, D: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Program (n * NKV + j, split): query n's heads j*G .. j*G + G - 1 over the slots
     [split * CHUNK, (split + 1) * CHUNK) of KV head j of its cache row.
@@ -83,6 +83,8 @@ def _decode_attention_kernel(
     IEEE: float32 dots in full precision (a float32 cache), not TF32. UPCAST: the dots' operands
     converted to float32 first (the interpreter, whose bf16 dot is not one), the same products.
     """
+    pdl_start(PDL)  # (common.pdl)
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = pid // NKV
@@ -200,7 +202,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pos.stride(0) if pos.shape[0] == N and N > 1 else 0,
         key_mask.stride(0) if key_mask is not None else 0, y.stride(0),
         G=G, D=D, HAS_ROWS=rows is not None, HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32, UPCAST=INTERPRET,
-        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS, **LAUNCH,
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS, **LAUNCH, **pdl(q),
     )
     return y
 

@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # Read once, when the kernels are decorated: triton.jit itself decides the same way at that moment.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,6 +27,48 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch options of every kernel here. Without FMA contraction each float operation rounds
 # once, as in torch: x * a + c or acc * f + bias fused into one FMA would round differently.
 LAUNCH = {"enable_fp_fusion": False}
+
+
+# Programmatic dependent launch (Hopper and later; BITNET_PDL=0 turns it off): a decode step is
+# hundreds of small dependent kernels, and each would otherwise start only once the previous one has
+# drained, then pay its launch and the latency of its first loads. Launched with it, a kernel may
+# start as soon as every program of the previous kernel has begun: it loads what no kernel writes
+# (packed weights) and waits (pdl_wait, griddepcontrol.wait) before it reads anything a previous
+# kernel wrote or writes anything at all. Every program of such a kernel passes that wait, so that
+# it completes only after its predecessor, and the chain stays ordered.
+PDL_ENV = "BITNET_PDL"
+PDL_ENABLED = os.environ.get(PDL_ENV, "1").strip() != "0"
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def pdl(t: torch.Tensor) -> dict:
+    """Launch arguments for the kernels that take PDL: {"PDL": True, "launch_pdl": True} for a CUDA
+    tensor on a device of compute capability 9.0 or later while PDL_ENABLED, else {"PDL": False}."""
+    if not (PDL_ENABLED and t.is_cuda) or INTERPRET or torch.version.hip is not None:
+        return _NO_PDL
+    index = t.get_device()
+    ok = _PDL_DEVICES.get(index)
+    if ok is None:
+        ok = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _WITH_PDL if ok else _NO_PDL
+
+
+_NO_PDL = {"PDL": False}
+_WITH_PDL = {"PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """Let the next kernel in the stream launch now (it waits in its pdl_wait for this one)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has completed and its writes are visible (no-op without PDL)."""
+    if PDL:
+        gdc_wait()
 
 
 def cdiv(a: int, b: int) -> int:

@@ -41,6 +41,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
       [int4_linear]
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
+    the decode path's kernels       PDL (PDL_KERNELS): on for sm_90 (launched as dependents,
+                                    common.pdl; griddepcontrol needs sm_90), off for sm_80
 
 A covering set, not the full product (which is thousands of compiles): for each kernel, format
 and LANES, every tile config is compiled, and every combination of the other axes is compiled,
@@ -50,6 +52,7 @@ each, is compiled. About 460 compiles for two architectures; --jobs spreads them
 
     python -m bitnet.kernels.compile_check                   # sm_90 and sm_80, every kernel
     python -m bitnet.kernels.compile_check --arch 90 --kernel _gemm_kernel --jobs 8
+    python -m bitnet.kernels.compile_check --pdl-order       # the PDL contract, read off the SASS
 
 Exit status 1 if any variant fails; each failure names the kernel, its constexprs and launch
 options, the architecture and the compiler's message. Run it without TRITON_INTERPRET (the
@@ -317,6 +320,11 @@ VARIANTS = {
 }
 
 
+# The kernels with a PDL constexpr (common.pdl): what their launchers pass, True from sm_90 on.
+PDL_KERNELS = {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel", "_rmsnorm_act_quant_kernel", "_rope_cache_kernel",
+               "_decode_attention_kernel", "_int8_linear_kernel", "_int4_linear_kernel"}
+
+
 def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:
     unknown = set(kernels or []) - set(VARIANTS)
     if unknown:
@@ -326,34 +334,43 @@ def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:
         if kernels and name not in kernels:
             continue
         for arch in archs:
-            out += [dataclasses.replace(v, arch=arch) for v in make()]
+            for v in make():
+                consts = dict(v.constexprs, PDL=arch >= 90) if name in PDL_KERNELS else v.constexprs
+                out.append(dataclasses.replace(v, arch=arch, constexprs=consts))
     return out
+
+
+def _compile(v: Variant, fn=None):
+    """triton.compile of one variant (raises what the compiler raises)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = fn or _jit_functions()[v.kernel]
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in v.constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = v.types.get(name, "i32")
+        if v.aligned and (signature[name].startswith("*") or signature[name] in ("i32", "i64")):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher's specialization gives
+    missing = set(v.constexprs) - set(fn.arg_names)
+    if missing:
+        raise TypeError(f"constexprs {sorted(missing)} are not arguments of {v.kernel}")
+    if "PDL" in fn.arg_names and "PDL" not in v.constexprs:
+        raise TypeError(f"{v.kernel} takes PDL: add it to compile_check.PDL_KERNELS")
+    source = ASTSource(fn=fn, signature=signature, constexprs=v.constexprs, attrs=attrs)
+    options = dict(num_warps=v.num_warps, num_stages=v.num_stages, enable_fp_fusion=v.fp_fusion)
+    return triton.compile(source, target=GPUTarget("cuda", v.arch, 32), options=options)
 
 
 def compile_variant(v: Variant, fn=None) -> Result:
     """Compile one variant to a cubin; a failure is a Result carrying the compiler's message.
     fn: the JITFunction to compile (default: the package's kernel named v.kernel)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     start = time.perf_counter()
     try:
-        fn = fn or _jit_functions()[v.kernel]
-        signature, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in v.constexprs:
-                signature[name] = "constexpr"
-                continue
-            signature[name] = v.types.get(name, "i32")
-            if v.aligned and (signature[name].startswith("*") or signature[name] in ("i32", "i64")):
-                attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher's specialization gives
-        missing = set(v.constexprs) - set(fn.arg_names)
-        if missing:
-            raise TypeError(f"constexprs {sorted(missing)} are not arguments of {v.kernel}")
-        source = ASTSource(fn=fn, signature=signature, constexprs=v.constexprs, attrs=attrs)
-        options = dict(num_warps=v.num_warps, num_stages=v.num_stages, enable_fp_fusion=v.fp_fusion)
-        compiled = triton.compile(source, target=GPUTarget("cuda", v.arch, 32), options=options)
+        compiled = _compile(v, fn)
         shared = int(compiled.metadata.shared)
         if not compiled.asm.get("cubin"):
             raise RuntimeError("the compiler returned no cubin")
@@ -364,6 +381,58 @@ def compile_variant(v: Variant, fn=None) -> Result:
         return Result(v, False, time.perf_counter() - start, shared,
                       f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}")
     return Result(v, True, time.perf_counter() - start, shared)
+
+
+# Kernels whose programs may load before the PDL wait: the GEMV's first tile of packed weights (no
+# kernel writes them), one 16-byte load a thread for each 16 bytes of it.
+PDL_PRELOADS = {"_gemv_kernel"}
+
+
+def pdl_order(v: Variant, fn=None) -> list[str]:
+    """What breaks programmatic dependent launch's contract (common.pdl) in the SASS of a PDL=True
+    variant (cuobjdump from Triton's wheel): no `griddepcontrol.launch_dependents` (PREEXIT) or
+    `.wait` (ACQBULK), a store or atomic before the wait, or a load before it other than the
+    GEMV's weight tile. Empty when the variant keeps it. (fn: as compile_variant's.)"""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    compiled = _compile(v, fn)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
+    problems = [f"no {name} ({ptx})" for name, ptx in (("PREEXIT", "launch_dependents"), ("ACQBULK", "wait"))
+                if name not in ops]
+    if problems:
+        return problems
+    early = [op for op in ops[:ops.index("ACQBULK")] if op.split(".")[0] in
+             ("LDG", "STG", "LD", "ST", "LDS", "STS", "ATOM", "ATOMG", "ATOMS", "RED", "REDG", "LDGSTS")]
+    loads = [op for op in early if op == "LDG.E.128"]
+    if v.kernel in PDL_PRELOADS:
+        c = v.constexprs
+        tile = c["BLOCK_R"] * c["BLOCK_U"] * (4 if c.get("LANES", 4) == 4 else 1)
+        if len(loads) != len(early) or len(loads) > max(1, tile // (16 * 32 * v.num_warps)):
+            problems.append(f"before the wait: {early} (the weight tile is {tile} bytes)")
+    elif early:
+        problems.append(f"memory instructions before the wait: {early}")
+    return problems
+
+
+def pdl_samples() -> list[Variant]:
+    """The variants --pdl-order reads: per PDL kernel its first aligned sm_90 variant, and for the
+    GEMV also its first one with int8 activations (the model's decode path)."""
+    out, seen = [], set()
+    for v in variants(archs=(90,), kernels=sorted(PDL_KERNELS)):
+        key = (v.kernel, v.constexprs.get("QUANTIZE_X"))
+        if v.aligned and key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
 
 
 def _message(e: BaseException) -> str:
@@ -439,7 +508,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", nargs="+", choices=sorted(VARIANTS), help="only these kernels (default: all)")
     p.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per CPU)")
     p.add_argument("--verbose", action="store_true", help="one line per compile")
-    args = Args(**vars(p.parse_args(argv)))
+    p.add_argument("--pdl-order", action="store_true",
+                   help="instead: read the sm_90 SASS of a sample of each PDL kernel (pdl_samples) for the wait "
+                        "before anything another kernel writes (pdl_order)")
+    ns = p.parse_args(argv)
+    if ns.pdl_order:
+        bad = 0
+        for v in pdl_samples():
+            problems = pdl_order(v)
+            bad += bool(problems)
+            print(f"{'FAIL' if problems else 'ok  '} {v.describe()}" + "".join(f"\n    {x}" for x in problems))
+        print(f"PDL order: {len(pdl_samples())} variants read, {bad} failed")
+        return int(bad > 0)
+    del ns.pdl_order
+    args = Args(**vars(ns))
     unguarded = kernel_names_in_sources() - set(VARIANTS)
     if unguarded:
         print(f"kernels the guard does not know how to launch: {sorted(unguarded)} (add them to VARIANTS)")

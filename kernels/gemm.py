@@ -41,8 +41,8 @@ import triton.language as tl
 
 from bitnet.quant import int_matmul
 
-from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, segment_starts,
-                     store_output)
+from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
+                     pdl_wait, segment_starts, store_output)
 from .gemv import by_segment, segment_of
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_triton, values_per_byte
 
@@ -117,7 +117,7 @@ def _gemm_kernel(
     stride_xm, stride_wr, stride_ym,
     # constexpr
     P: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, LANES: tl.constexpr, SPLIT_K: tl.constexpr,
-    SEGMENTS: tl.constexpr,
+    SEGMENTS: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k x_q[m, k] * code_i(w[r, k]) - xsum[m]) * s / a[m] + bias.
@@ -140,6 +140,7 @@ def _gemm_kernel(
     SC: tl.constexpr = 2 if P == 8 else 1
     BLOCK_R: tl.constexpr = BLOCK_N // PA
     BLOCK_U: tl.constexpr = BLOCK_K // LANES
+    pdl_start(PDL)  # (common.pdl; the wait is below, before the first load)
 
     pid_m, pid_r = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(R + R1 + R2, BLOCK_R), GROUP_M)
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
@@ -162,6 +163,7 @@ def _gemm_kernel(
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     if PB > 0:
         acc_b = tl.zeros([BLOCK_M, BLOCK_R], tl.int32)
+    pdl_wait(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_u = k0 // LANES + tl.arange(0, BLOCK_U)
@@ -444,7 +446,7 @@ def gemm_cat(
         m, sizes[0], k, rows[0], next_power_of_2(m), sizes[1], rows[1], sizes[2], rows[2], starts[1], starts[2],
         x_q.stride(0), w.stride(0), y.stride(0),
         P=p, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits,
-        SEGMENTS=seg, **LAUNCH,
+        SEGMENTS=seg, **LAUNCH, **pdl(x_q),
     )
     return y
 

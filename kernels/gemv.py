@@ -41,8 +41,8 @@ import triton.language as tl
 from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
-from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, segment_starts,
-                     store_output)
+from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
+                     pdl_wait, segment_starts, store_output)
 from .layout import check_packed, join_slices, values_per_byte
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
@@ -304,7 +304,7 @@ def _gemv_kernel(
     stride_xm, stride_wr, stride_ym, stride_rm,
     # constexpr
     P: tl.constexpr, QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
-    LANES: tl.constexpr, ASM: tl.constexpr, SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr,
+    LANES: tl.constexpr, ASM: tl.constexpr, SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k code_i(w[r, k]) * x_q[m, k] - sum_k x_q[m, k]) * s / a[m] + bias.
@@ -325,11 +325,14 @@ def _gemv_kernel(
     HAS_RES (SEGMENTS == 1): y = residual + y, res_ptr (M, N) of y's dtype (common.store_output).
     ASM: dp4a by inline PTX (CUDA); else its plain Triton twin (interpreter).
     BLOCK_A: activations per step of the absmax pass (few, long steps: it waits on L2 each step).
+    PDL: launched as a dependent (common.pdl): the first tile of weights is loaded before the wait
+        for the previous kernel, everything else after it.
     Grid: (cdiv(R + R1 + R2, BLOCK_R), M); program (p, m) takes packed rows p*BLOCK_R + [0, BLOCK_R).
     """
     PA: tl.constexpr = 8 if P == 8 else 4
     PB: tl.constexpr = P - PA
     SC: tl.constexpr = 2 if P == 8 else 1
+    pdl_start(PDL)
     m = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     if LANES == 4:
@@ -366,6 +369,7 @@ def _gemv_kernel(
     else:
         w_ptrs = w_ptr + w_base[:, None] + offs_r[:, None] * stride_wr + offs_u[None, :]
     w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (offs_u < K_UNITS)[None, :], other=0)
+    pdl_wait(PDL)  # the weights are no kernel's output; the activations are the previous one's
     if QUANTIZE_X:
         a = row_scale(x_row, K, BLOCK_A)
     elif not OUT_INT32:
@@ -496,7 +500,7 @@ def gemv_cat(
             P=p, QUANTIZE_X=quantize_x, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32,
             LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, SEGMENTS=seg,
             HAS_RES=residual is not None,
-            BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH,
+            BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH, **pdl(x),
         )
     return y
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_quant
-from .common import INTERPRET, autotune, cdiv, few_rows
+from .common import INTERPRET, autotune, cdiv, few_rows, pdl, pdl_start, pdl_wait
 from .gemv import mac
 
 GROUP = 32
@@ -54,7 +54,7 @@ def _int4_linear_kernel(
     # int32 words)
     stride_xm, stride_cn, stride_sn, stride_ym,
     # constexpr
-    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Program (p, m): outputs n = p*BLOCK_N .. of row m, BLOCK_B blocks of 64 weights a step.
 
@@ -63,7 +63,10 @@ def _int4_linear_kernel(
     the high ones 32 further); scales_ptr: (N, 2 NB) float32; bias_ptr: (N,) any float dtype, read
     if HAS_BIAS; y_ptr: (M, N) float32 / bf16 / fp16.
     Each group's sum is an exact int32 (of 16 (c - 8) x_q, divided back by 16).
+    PDL: launched as a dependent (common.pdl).
     """
+    pdl_start(PDL)
+    pdl_wait(PDL)
     m = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.arange(0, BLOCK_B)
@@ -131,7 +134,7 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_
     if M > 0:
         _int4_linear_kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]), M)](
             x_q, a, codes, scales, bias, y, N, nb, x_q.stride(0) // 4, codes.stride(0) // 4, scales.stride(0),
-            y.stride(0), HAS_BIAS=bias is not None, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None,
+            y.stride(0), HAS_BIAS=bias is not None, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, **pdl(x),
             # FMA contraction on: no torch result to match bit for bit here
         )
     return y.reshape(*x.shape[:-1], N)

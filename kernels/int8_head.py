@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, cdiv, few_rows
+from .common import autotune, cdiv, few_rows, pdl, pdl_start, pdl_wait
 
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
            for bn, bk, w in [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (8, 1024, 4)]]
@@ -34,13 +34,16 @@ def _int8_linear_kernel(
     # strides (unit stride along K for x and w, along N for y)
     stride_xm, stride_wn, stride_ym,
     # constexpr
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (p, m): outputs n = p*BLOCK_N .. of row m.
 
     x_ptr: (M, K) float32 / bf16 / fp16; w_ptr: (N, K) int8; scale_ptr: (N,) float32;
     bias_ptr: (N,) any float dtype, read if HAS_BIAS; y_ptr: (M, N) in x's dtype.
+    PDL: launched as a dependent (common.pdl).
     """
+    pdl_start(PDL)
+    pdl_wait(PDL)
     m = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
@@ -82,7 +85,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     if M > 0:
         _int8_linear_kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]), M)](
             x2, w, scale, bias, y, N, K, x2.stride(0), w.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None,  # FMA contraction on: no torch result to match bit for bit here
+            HAS_BIAS=bias is not None, **pdl(x2),  # FMA contraction on: no torch result to match bit for bit here
         )
     return y.reshape(*x.shape[:-1], N)
 

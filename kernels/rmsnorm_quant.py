@@ -27,7 +27,7 @@ import triton.language as tl
 from bitnet.quant import quantize_activation, rms_norm
 
 from .activations import CONFIGS, activation_scale, quantize, quantize_rows, rows_of
-from .common import LAUNCH, autotune
+from .common import LAUNCH, autotune, pdl, pdl_start, pdl_wait
 
 
 @triton.jit
@@ -65,15 +65,18 @@ def _rmsnorm_act_quant_kernel(
     # strides
     stride_xm, stride_um, stride_qm,
     # constexpr
-    GATED: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per row m.
 
     x_ptr: (M, K) float, unit stride along K; w_ptr: (K,) float, the RMSNorm weight.
     u_ptr: (M, K) of x's dtype, read if GATED: the norm's input is then relu(x)^2 * u (_input).
     xq_ptr: int8 (M, K); a_ptr: float32 (M,); xsum_ptr: int32 (M,) = sum_k x_q[m, k].
+    PDL: launched as a dependent (common.pdl).
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
+    pdl_start(PDL)
+    pdl_wait(PDL)
     m = tl.program_id(0)
     x_row = x_ptr + m * stride_xm
     u_row = u_ptr + m * stride_um if GATED else u_ptr
@@ -117,7 +120,7 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
     def launch(x2, x_q, a, xsum):
         u, stride_u = (up2, up2.stride(0)) if up2 is not None else (x2, 0)
         _rmsnorm_act_quant_kernel[(x2.shape[0],)](x2, u, weight, x_q, a, xsum, x2.shape[1], eps, x2.stride(0), stride_u,
-                                                  x2.shape[1], GATED=up2 is not None, **LAUNCH)
+                                                  x2.shape[1], GATED=up2 is not None, **LAUNCH, **pdl(x2))
 
     return quantize_rows(x, launch)
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LAUNCH, next_power_of_2
+from .common import LAUNCH, next_power_of_2, pdl, pdl_start, pdl_wait
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _rope_cache_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ct,
     # constexpr
-    HD: tl.constexpr, CACHE: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    HD: tl.constexpr, CACHE: tl.constexpr, TOKEN_ROWS: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program (b * T + t, h): query head h < NH, else key / value head h - NH, of token t of row b.
 
@@ -54,6 +54,8 @@ def _rope_cache_kernel(
     side in one row of tokens), else (B, NKV, T, HD) contiguous; their own dtype (the values
     converted to it, as index_copy does).
     """
+    pdl_start(PDL)  # (common.pdl)
+    pdl_wait(PDL)
     bt = tl.program_id(0)
     h = tl.program_id(1)
     b = bt // T
@@ -124,7 +126,7 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
             T, nh, nkv, slots,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), stride_cb, cos2.stride(1),
-            HD=hd, CACHE=cached, TOKEN_ROWS=cached and cache_rows is not None, BLOCK=next_power_of_2(hd), **LAUNCH,
+            HD=hd, CACHE=cached, TOKEN_ROWS=cached and cache_rows is not None, BLOCK=next_power_of_2(hd), **LAUNCH, **pdl(q),
         )
     return q_out, k_out, v_out
 

@@ -74,6 +74,11 @@ def test_variants_cover_every_config_format_path_and_flag():
                 ("*fp32", "*fp32", True), ("*bf16", "*bf16", False), ("*fp16", "*fp16", True), ("*i8", "*i32", False),
                 ("*i8", "*bf16", True), ("*i8", "*fp32", False)}
             assert all(v.constexprs["ASM"] for v in gemv)  # what gemv() launches on CUDA
+    # launched as dependents (common.pdl) from sm_90 on, where griddepcontrol exists
+    for v in vs:
+        assert v.constexprs.get("PDL", v.arch >= 90) == (v.arch >= 90) and (("PDL" in v.constexprs)
+                                                                             == (v.kernel in compile_check.PDL_KERNELS))
+    assert {v.kernel for v in vs if "PDL" in v.constexprs} == compile_check.PDL_KERNELS
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80():
@@ -122,6 +127,53 @@ def test_guard_fails_on_two_return_types_and_names_the_cause(tmp_path):
     out = r.stdout
     assert out.startswith("FAILED _broken_kernel sm_90 [INT8=True BLOCK=64]"), out
     assert re.search(r"return type", out, re.IGNORECASE) and "_codes" in out, out
+
+
+def test_pdl_kernels_wait_before_reading_what_another_kernel_wrote():
+    """Programmatic dependent launch (common.pdl) is correct only if each kernel reads nothing a
+    previous kernel wrote, and writes nothing, before its griddepcontrol.wait: read off the sm_90
+    SASS of a sample of every PDL kernel (the GEMV may load its weight tile first, nothing else)."""
+    r = _guard("--pdl-order", timeout=600)
+    assert r.returncode == 0, f"{r.stdout[-5000:]}\n{r.stderr[-3000:]}"
+    assert f"{len(compile_check.PDL_KERNELS) + 1} variants read, 0 failed" in r.stdout
+
+
+BROKEN_PDL = '''
+import triton
+import triton.language as tl
+from bitnet.kernels import compile_check
+from bitnet.kernels.common import pdl_start, pdl_wait
+
+
+@triton.jit
+def _early_kernel(x_ptr, y_ptr, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    pdl_start(PDL)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)  # read before the wait: maybe what the previous kernel has not written yet
+    pdl_wait(PDL)
+    tl.store(y_ptr + offs, x + 1)
+
+
+@triton.jit
+def _no_wait_kernel(x_ptr, y_ptr, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs) + 1)
+
+
+for fn in (_early_kernel, _no_wait_kernel):
+    v = compile_check.Variant(fn.__name__, dict(PDL=True, BLOCK=128), dict(x_ptr="*fp32", y_ptr="*fp32"))
+    print(fn.__name__, compile_check.pdl_order(v, fn=fn))
+'''
+
+
+def test_pdl_order_check_catches_a_read_before_the_wait(tmp_path):
+    script = tmp_path / "broken_pdl.py"
+    script.write_text(textwrap.dedent(BROKEN_PDL))
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    early, no_wait = r.stdout.splitlines()[-2:]
+    assert early.startswith("_early_kernel [") and "memory instructions before the wait: ['LDG" in early, r.stdout
+    assert "no PREEXIT" in no_wait and "no ACQBULK" in no_wait, r.stdout
 
 
 def _triton_floor() -> str:

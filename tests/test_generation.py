@@ -318,9 +318,13 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
     eager = generate(model, ids, 12, attention_mask=mask, cuda_graph=False)
     assert torch.equal(generate(model, ids, 12, attention_mask=mask, cuda_graph=True), eager)
     assert torch.equal(generate(model, ids, 12, attention_mask=mask), eager)  # the default
+    from bitnet.kernels import common
+
     with monkeypatch.context() as m:
+        m.setattr(common, "PDL_ENABLED", common.PDL_ENABLED)  # restored after: a failed recording turns PDL off
         m.setattr(generation, "CapturedDecodeStep", lambda *a: (_ for _ in ()).throw(RuntimeError("capture failed")))
         assert torch.equal(generate(model, ids, 12, attention_mask=mask), eager)
+        assert not common.PDL_ENABLED  # tried once more without PDL, then eager
     model.setup_cache(ids.shape[0], 64)
     first = generate(model, ids, 12, attention_mask=mask, cuda_graph=True)
     held = model._captured_step
@@ -329,6 +333,59 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
     assert model._captured_step is held  # replayed, not recorded again
     model.clear_cache()
     assert model._captured_step is None
+
+
+def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
+    """ops.record_cuda_graph: where recording fails with programmatic dependent launch on, PDL is
+    turned off for the process (logged) and the recording runs once more; with PDL off already, or
+    failing again, the failure is the caller's. (pdl() itself never applies off CUDA.)"""
+    from bitnet import ops
+    from bitnet.kernels import common
+
+    assert common.pdl(torch.zeros(1)) == {"PDL": False}
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    calls = []
+
+    def record():
+        calls.append(common.PDL_ENABLED)
+        if common.PDL_ENABLED:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return "graph"
+
+    with caplog.at_level("WARNING"):
+        assert ops.record_cuda_graph(record, "a step") == "graph"
+    assert calls == [True, False] and not common.PDL_ENABLED and "without (as BITNET_PDL=0" in caplog.text
+    calls.clear()
+    with pytest.raises(RuntimeError, match="always"):
+        ops.record_cuda_graph(lambda: calls.append(1) or (_ for _ in ()).throw(RuntimeError("always")), "a step")
+    assert calls == [1]  # PDL was off already: no second try
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    with pytest.raises(RuntimeError, match="always"):
+        ops.record_cuda_graph(lambda: calls.append(2) or (_ for _ in ()).throw(RuntimeError("always")), "a step")
+    assert calls == [1, 2, 2]
+
+
+@pytest.mark.cuda
+def test_pdl_launches_equal_serialized_ones(monkeypatch):
+    """The Triton kernels launched as programmatic dependents (common.pdl, the default from sm_90
+    on; each waits for its predecessor before reading what it wrote): the same tokens, eagerly and
+    replayed from a CUDA graph, as with every launch serialized (BITNET_PDL=0); and the graph records
+    with PDL on (no fallback)."""
+    from bitnet.kernels import common
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 (this GPU launches serialized)")
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    ids, mask = left_pad(PROMPTS)
+    ids, mask = ids.cuda(), mask.cuda()
+    monkeypatch.setattr(common, "PDL_ENABLED", False)
+    serialized = generate(model, ids, 16, attention_mask=mask, cuda_graph=False)
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    assert common.pdl(ids) == {"PDL": True, "launch_pdl": True}
+    assert torch.equal(generate(model, ids, 16, attention_mask=mask, cuda_graph=False), serialized)
+    model.setup_cache(ids.shape[0], 64)
+    assert torch.equal(generate(model, ids, 16, attention_mask=mask, cuda_graph=True), serialized)
+    assert model._captured_step is not None and common.PDL_ENABLED  # recorded with PDL, not after a fallback
 
 
 # ----------------------------------------------------------------------------- `bitnet generate`

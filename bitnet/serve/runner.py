@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
 from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
-from ..ops import decode_attention, native_inference, rope, rope_cache, triton_applies
+from ..ops import decode_attention, native_inference, record_cuda_graph, rope, rope_cache, triton_applies
 
 log = logging.getLogger("bitnet.serve")
 
@@ -182,7 +182,8 @@ class ModelRunner:
             if self.device.type == "cuda" and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
-                step = self._buckets[bucket] = _BucketStep(self, bucket, self._pool)
+                step = self._buckets[bucket] = record_cuda_graph(lambda: _BucketStep(self, bucket, self._pool),
+                                                                 f"the decode step of {bucket} sequences")
             except Exception:  # a step that cannot be recorded still runs: eagerly, from now on
                 log.warning("recording the decode step of %d sequences as a CUDA graph failed; decoding eagerly",
                             bucket, exc_info=True)
