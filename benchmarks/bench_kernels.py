@@ -5,7 +5,9 @@ For every weight shape N x K (nn.Linear's weight: out x in features), every M an
 format: the median time of the whole layer, y = bitlinear(x) from bf16 x to bf16 y (activation
 quantization included), and of the matmul alone from int8 x_q (from M = BITNET_UNPACK_GEMM_M on,
 the dispatch's unpack + int8 GEMM and, labelled "decode-in-loop", the GEMM that decodes the
-packed weights in its K loop, both); the L2 is flushed before every
+packed weights in its K loop, both; at M = 1, for the first format, also the layer as two
+launches, act_quant then the int8 GEMV, beside the dispatch's one GEMV that quantizes x itself);
+the L2 is flushed before every
 timed call; bf16 F.linear is timed in the same run, the same ways. Each is timed twice: its GPU
 work alone (captured in a CUDA graph and replayed: the kernels and the gaps between them, what a
 model run under CUDA graphs pays; the headline and the speedups) and as an eager call (which
@@ -129,6 +131,14 @@ def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], No
                 rows.append({**base, "format": label, "ms": ms, "eager_ms": eager_ms, "matmul_ms": matmul_ms,
                              "speedup": bf16_ms / ms, "eager_speedup": bf16_eager / eager_ms,
                              "gbps": nbytes / (ms * 1e-3) / 1e9})
+            if m == 1:  # the layer as two launches, act_quant then the int8 GEMV (PDL overlaps them from sm_90 on),
+                # beside the dispatch's one GEMV that quantizes x itself: which is faster decides the dispatch
+                for fmt, p in list(packed.items())[:1]:  # the first format (2bit by default)
+                    ms, eager_ms = timed(lambda: packed_matmul(*act_quant(x)[:2], p, scale, n, fmt, out_dtype=torch.bfloat16))
+                    rows.append({**base, "format": f"{fmt} act_quant + GEMV", "ms": ms, "eager_ms": eager_ms,
+                                 "speedup": bf16_ms / ms, "eager_speedup": bf16_eager / eager_ms,
+                                 "gbps": (packed_rows(n, fmt) * k + io_bytes) / (ms * 1e-3) / 1e9})
+                    variants.append(None)
             print(f"{shape} M={m}: " + ", ".join(f"{r['format']} {r['ms'] * 1e3:.1f} us" for r in rows[-1 - len(variants):]),
                   flush=True)
         del w16, packed, all_packed

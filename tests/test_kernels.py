@@ -707,8 +707,9 @@ def test_benchmark_measures_reports_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, warmup, iters, flush: (fn(), 1.0)[1])
     args = bench.BenchArgs(m=[1, 2], shapes=["40x64"], formats=["2bit", "1bit"], out_dir=str(tmp_path))
     result = bench.measure(args, device="cpu")
-    assert [(r["m"], r["format"]) for r in result["rows"]] == [(m, f) for m in (1, 2) for f in ("bf16", "2bit", "1bit")]
-    assert "| 40x64 | 2 | 1bit |" in bench.report(result)
+    assert [(r["m"], r["format"]) for r in result["rows"]] == [(1, f) for f in ("bf16", "2bit", "1bit", "2bit act_quant + GEMV")] + [
+        (2, f) for f in ("bf16", "2bit", "1bit")]  # (at M = 1 also the layer as two launches)
+    assert "| 40x64 | 2 | 1bit |" in bench.report(result) and "| 40x64 | 1 | 2bit act_quant + GEMV |" in bench.report(result)
     bench.plot(result, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
 
