@@ -43,18 +43,54 @@ _PDL_DEVICES: dict[int, bool] = {}
 
 def pdl(t: torch.Tensor) -> dict:
     """Launch arguments for the kernels that take PDL: {"PDL": True, "launch_pdl": True} for a CUDA
-    tensor on a device of compute capability 9.0 or later while PDL_ENABLED, else {"PDL": False}."""
+    tensor on a device of compute capability 9.0 or later while PDL_ENABLED and where pdl_probe
+    passed, else {"PDL": False}."""
     if not (PDL_ENABLED and t.is_cuda) or INTERPRET or torch.version.hip is not None:
         return _NO_PDL
     index = t.get_device()
     ok = _PDL_DEVICES.get(index)
     if ok is None:
-        ok = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+        if torch.cuda.is_current_stream_capturing():  # no probe inside a recording: launch serialized
+            return _NO_PDL
+        ok = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0) and pdl_probe(index)
     return _WITH_PDL if ok else _NO_PDL
 
 
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
+
+
+def pdl_probe(index: int) -> bool:
+    """Whether device `index` runs and records dependent launches: two dependent increments of one
+    counter, launched eagerly and then recorded in a CUDA graph and replayed, must count 4. Once a
+    device, at the first launch; False (PDL off for the device, with a warning) on any failure, so
+    that no later recording (generate's graphs, torch.compile's) meets one that cannot work."""
+    import logging
+
+    try:
+        with torch.cuda.device(index):
+            counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+            for _ in range(2):
+                _pdl_probe_kernel[(1,)](counter, **_WITH_PDL)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(2):
+                    _pdl_probe_kernel[(1,)](counter, **_WITH_PDL)
+            graph.replay()
+            if int(counter.item()) != 4:
+                raise RuntimeError(f"two dependent increments, eagerly and replayed, counted {int(counter.item())}, not 4")
+        return True
+    except Exception:  # noqa: BLE001: any failure means serialized launches, which always work
+        logging.getLogger(__name__).warning("programmatic dependent launch does not work on cuda:%d here; the Triton "
+                                            "kernels launch serialized (as BITNET_PDL=0)", index, exc_info=True)
+        return False
+
+
+@triton.jit
+def _pdl_probe_kernel(counter_ptr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    pdl_wait(PDL)
+    tl.store(counter_ptr, tl.load(counter_ptr) + 1)
 
 
 @triton.jit

@@ -112,7 +112,7 @@ def _jit_functions() -> dict:
     """name -> the JITFunction of every kernel (under autotune: the function it wraps)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile guard compiles the kernels: run it without TRITON_INTERPRET=1")
-    from . import activations, attention, gemm, gemv, int4_head, int8_head, layout, rmsnorm_quant, rope
+    from . import activations, attention, common, gemm, gemv, int4_head, int8_head, layout, rmsnorm_quant, rope
 
     kernels = {
         "_decode_attention_kernel": attention._decode_attention_kernel,
@@ -121,6 +121,7 @@ def _jit_functions() -> dict:
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
         "_unpack_kernel": layout._unpack_kernel, "_rope_cache_kernel": rope._rope_cache_kernel,
+        "_pdl_probe_kernel": common._pdl_probe_kernel,
     }
     # an autotuned kernel is an Autotuner over the JITFunction (its .fn); a plain one is the JITFunction
     return {name: k.fn if hasattr(k, "configs") else k for name, k in kernels.items()}
@@ -310,19 +311,24 @@ def _unpack_variants() -> list[Variant]:
                     fp_fusion=True) for p in FORMATS.values()]
 
 
+def _pdl_probe_variants() -> list[Variant]:
+    # common.pdl_probe launches it with Triton's default options (PDL set per architecture below)
+    return [Variant("_pdl_probe_kernel", {}, dict(counter_ptr="*i32"), fp_fusion=True)]
+
+
 VARIANTS = {
     "_gemv_kernel": _gemv_variants, "_gemm_kernel": _gemm_variants, "_gemm_int8_kernel": _gemm_int8_variants,
     "_act_quant_kernel": _act_quant_variants,
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
     "_rope_cache_kernel": _rope_variants, "_decode_attention_kernel": _attention_variants,
 "_int8_linear_kernel": _int8_linear_variants,
-    "_int4_linear_kernel": _int4_linear_variants,
+    "_int4_linear_kernel": _int4_linear_variants, "_pdl_probe_kernel": _pdl_probe_variants,
 }
 
 
 # The kernels with a PDL constexpr (common.pdl): what their launchers pass, True from sm_90 on.
 PDL_KERNELS = {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel", "_rmsnorm_act_quant_kernel", "_rope_cache_kernel",
-               "_decode_attention_kernel", "_int8_linear_kernel", "_int4_linear_kernel"}
+               "_decode_attention_kernel", "_int8_linear_kernel", "_int4_linear_kernel", "_pdl_probe_kernel"}
 
 
 def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:

@@ -370,7 +370,7 @@ def test_pdl_launches_equal_serialized_ones(monkeypatch):
     """The Triton kernels launched as programmatic dependents (common.pdl, the default from sm_90
     on; each waits for its predecessor before reading what it wrote): the same tokens, eagerly and
     replayed from a CUDA graph, as with every launch serialized (BITNET_PDL=0); and the graph records
-    with PDL on (no fallback)."""
+    with PDL on (no fallback; common.pdl_probe passes here)."""
     from bitnet.kernels import common
 
     if torch.cuda.get_device_capability() < (9, 0):
@@ -381,6 +381,7 @@ def test_pdl_launches_equal_serialized_ones(monkeypatch):
     monkeypatch.setattr(common, "PDL_ENABLED", False)
     serialized = generate(model, ids, 16, attention_mask=mask, cuda_graph=False)
     monkeypatch.setattr(common, "PDL_ENABLED", True)
+    assert common.pdl_probe(ids.get_device())  # dependent increments, eager and replayed from a graph, count right
     assert common.pdl(ids) == {"PDL": True, "launch_pdl": True}
     assert torch.equal(generate(model, ids, 16, attention_mask=mask, cuda_graph=False), serialized)
     model.setup_cache(ids.shape[0], 64)
