@@ -53,6 +53,8 @@ each, is compiled. About 460 compiles for two architectures; --jobs spreads them
     python -m bitnet.kernels.compile_check                   # sm_90 and sm_80, every kernel
     python -m bitnet.kernels.compile_check --arch 90 --kernel _gemm_kernel --jobs 8
     python -m bitnet.kernels.compile_check --pdl-order       # the PDL contract, read off the SASS
+    python -m bitnet.kernels.compile_check --sass --kernel _gemv_kernel --set P=5 BLOCK_U=2048 ...
+                                                            # instructions a loop (benchmarks/gpu_notes.md)
 
 Exit status 1 if any variant fails; each failure names the kernel, its constexprs and launch
 options, the architecture and the compiler's message. Run it without TRITON_INTERPRET (the
@@ -399,19 +401,7 @@ def pdl_order(v: Variant, fn=None) -> list[str]:
     variant (cuobjdump from Triton's wheel): no `griddepcontrol.launch_dependents` (PREEXIT) or
     `.wait` (ACQBULK), a store or atomic before the wait, or a load before it other than the
     GEMV's weight tile. Empty when the variant keeps it. (fn: as compile_variant's.)"""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-
-    compiled = _compile(v, fn)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
+    ops = [op for _, op, _ in sass_ops(_compile(v, fn))]
     problems = [f"no {name} ({ptx})" for name, ptx in (("PREEXIT", "launch_dependents"), ("ACQBULK", "wait"))
                 if name not in ops]
     if problems:
@@ -427,6 +417,43 @@ def pdl_order(v: Variant, fn=None) -> list[str]:
     elif early:
         problems.append(f"memory instructions before the wait: {early}")
     return problems
+
+
+def sass_ops(compiled) -> list[tuple[int, str, str]]:
+    """(address, opcode, line) of every instruction of a compiled kernel's cubin, disassembled by the
+    cuobjdump in Triton's wheel."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    pattern = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*)$")
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(pattern.match, sass.splitlines()) if m]
+
+
+def sass_summary(v: Variant) -> str:
+    """A variant's sm SASS in brief: instructions, registers-free counts by opcode, and each loop (a
+    backward branch) with its instructions by opcode: what gpu_notes.md quotes (per weight: a loop's
+    count over the weights a thread multiplies a step)."""
+    import collections
+    import re
+
+    compiled = _compile(v)
+    ops = sass_ops(compiled)
+    lines = [f"{v.describe()}: {len(ops)} instructions, shared memory {int(compiled.metadata.shared)} B"]
+    for addr, op, rest in ops:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o.split(".")[0] for a, o, _ in ops if int(target.group(1), 16) <= a <= addr]
+            top = ", ".join(f"{o} {n}" for o, n in collections.Counter(body).most_common(12))
+            lines.append(f"  loop {int(target.group(1), 16):#x}-{addr:#x}: {len(body)} instructions: {top}")
+    return "\n".join(lines)
 
 
 def pdl_samples() -> list[Variant]:
@@ -517,7 +544,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pdl-order", action="store_true",
                    help="instead: read the sm_90 SASS of a sample of each PDL kernel (pdl_samples) for the wait "
                         "before anything another kernel writes (pdl_order)")
+    p.add_argument("--sass", action="store_true",
+                   help="instead: the SASS in brief (instructions, loops by opcode) of the first variant of each "
+                        "--kernel for the first --arch, changed by --set")
+    p.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="with --sass: constexprs (P=4 QUANTIZE_X=False), pointer types (x_ptr=*i8), num_warps, num_stages")
     ns = p.parse_args(argv)
+    if ns.sass:
+        for name in ns.kernel or sorted(VARIANTS):
+            v = variants(archs=ns.arch[:1], kernels=[name])[0]
+            consts, types, opts = dict(v.constexprs), dict(v.types), {}
+            for item in ns.set:
+                key, _, value = item.partition("=")
+                parsed = {"True": True, "False": False}.get(value, int(value) if value.lstrip("-").isdigit() else value)
+                if key in ("num_warps", "num_stages"):
+                    opts[key] = parsed
+                elif isinstance(parsed, str) and parsed.startswith("*"):
+                    types[key] = parsed
+                else:
+                    consts[key] = parsed
+            print(sass_summary(dataclasses.replace(v, constexprs=consts, types=types, aligned=True, **opts)))
+        return 0
+    del ns.sass, ns.set
     if ns.pdl_order:
         bad = 0
         for v in pdl_samples():

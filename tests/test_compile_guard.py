@@ -138,6 +138,19 @@ def test_pdl_kernels_wait_before_reading_what_another_kernel_wrote():
     assert f"{len(compile_check.PDL_KERNELS) + 1} variants read, 0 failed" in r.stdout
 
 
+def test_sass_summary_counts_a_kernels_loop():
+    """--sass: what benchmarks/gpu_notes.md quotes, the instructions of a variant's loops by opcode
+    (here the model's decode GEMV, 2-bit, from int8 x_q: dp4a in its loop, and no shift: the
+    codes are masked in place, scaled, and shifted back once after the loop)."""
+    r = _guard("--sass", "--arch", "90", "--kernel", "_gemv_kernel", "--set", "P=4", "LANES=4", "QUANTIZE_X=False",
+               "OUT_INT32=False", "BLOCK_R=1", "BLOCK_U=2048", "num_warps=8", "x_ptr=*i8", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head, *loops = r.stdout.strip().splitlines()
+    assert head.startswith("_gemv_kernel sm_90 [P=4") and "BLOCK_U=2048" in head and "instructions" in head
+    assert len(loops) == 1 and re.search(r"loop 0x[0-9a-f]+-0x[0-9a-f]+: \d+ instructions: .*IDP \d+", loops[0]), r.stdout
+    assert not re.search(r"\bSHF \d+", loops[0]), loops[0]  # the codes are masked in place, never shifted down
+
+
 BROKEN_PDL = '''
 import triton
 import triton.language as tl
