@@ -60,6 +60,11 @@ _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 
 
+def pdl_in_use() -> bool:
+    """Whether some kernel of this process has launched, or would launch, as a dependent."""
+    return PDL_ENABLED and any(_PDL_DEVICES.values())
+
+
 def pdl_probe(index: int) -> bool:
     """Whether device `index` runs and records dependent launches: two dependent increments of one
     counter, launched eagerly and then recorded in a CUDA graph and replayed, must count 4. Once a

@@ -323,8 +323,9 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(common, "PDL_ENABLED", common.PDL_ENABLED)  # restored after: a failed recording turns PDL off
         m.setattr(generation, "CapturedDecodeStep", lambda *a: (_ for _ in ()).throw(RuntimeError("capture failed")))
+        before, in_use = common.PDL_ENABLED, common.pdl_in_use()  # (in use: a Hopper GPU, the probe passed)
         assert torch.equal(generate(model, ids, 12, attention_mask=mask), eager)
-        assert not common.PDL_ENABLED  # tried once more without PDL, then eager
+        assert common.PDL_ENABLED == (before and not in_use)  # in use: tried once more without PDL, then eager
     model.setup_cache(ids.shape[0], 64)
     first = generate(model, ids, 12, attention_mask=mask, cuda_graph=True)
     held = model._captured_step
@@ -344,6 +345,7 @@ def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
 
     assert common.pdl(torch.zeros(1)) == {"PDL": False}
     monkeypatch.setattr(common, "PDL_ENABLED", True)
+    monkeypatch.setattr(common, "_PDL_DEVICES", {0: True})  # as after a launch on a Hopper GPU
     calls = []
 
     def record():
@@ -363,6 +365,11 @@ def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="always"):
         ops.record_cuda_graph(lambda: calls.append(2) or (_ for _ in ()).throw(RuntimeError("always")), "a step")
     assert calls == [1, 2, 2]
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    monkeypatch.setattr(common, "_PDL_DEVICES", {0: False})  # no device launches dependents (or none has yet)
+    with pytest.raises(RuntimeError, match="always"):
+        ops.record_cuda_graph(lambda: calls.append(3) or (_ for _ in ()).throw(RuntimeError("always")), "a step")
+    assert calls == [1, 2, 2, 3] and common.PDL_ENABLED
 
 
 @pytest.mark.cuda
