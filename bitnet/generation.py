@@ -133,7 +133,7 @@ def captured_step(model, tokens, input_pos, position_ids, key_mask) -> CapturedD
     held = getattr(model, "_captured_step", None)
     if held is None or held[0] != key:
         step = record_cuda_graph(lambda: CapturedDecodeStep(model, tokens, input_pos, position_ids, key_mask),
-                                 "the decode step")
+                                 "the decode step", tokens.device)
         model._captured_step = held = (key, step)
     return held[1]
 

@@ -284,18 +284,18 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def record_cuda_graph(record: Callable[[], T], what: str) -> T:
+def record_cuda_graph(record: Callable[[], T], what: str, device: torch.device | str | None = None) -> T:
     """record() (a CUDA graph's recording of `what`). Where it fails while the Triton kernels launch
     with programmatic dependent launch (bitnet.kernels.common.pdl; a driver that cannot record it),
     PDL is turned off for the process, as BITNET_PDL=0 would, with a warning, and record() runs
-    once more; a second failure, or one with no dependent launches in use, is the caller's (who
-    then runs eagerly)."""
+    once more; a second failure, or one where no dependent launches are in use (on `device`, or on
+    any device if None), is the caller's (who then runs eagerly)."""
     try:
         return record()
     except Exception:
         from .kernels import common
 
-        if not common.pdl_in_use():
+        if not common.pdl_in_use(device):
             raise
         log.warning("recording %s as a CUDA graph with programmatic dependent launch failed; recording it again "
                     "without (as BITNET_PDL=0, for the rest of this process)", what, exc_info=True)

@@ -60,9 +60,17 @@ _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 
 
-def pdl_in_use() -> bool:
-    """Whether some kernel of this process has launched, or would launch, as a dependent."""
-    return PDL_ENABLED and any(_PDL_DEVICES.values())
+def pdl_in_use(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels launch as dependents on `device` (a CUDA device on which one has
+    launched since PDL was probed), or on any device when None."""
+    if not PDL_ENABLED:
+        return False
+    if device is None:
+        return any(_PDL_DEVICES.values())
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return bool(_PDL_DEVICES.get(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 def pdl_probe(index: int) -> bool:

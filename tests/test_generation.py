@@ -338,8 +338,9 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
 
 def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
     """ops.record_cuda_graph: where recording fails with programmatic dependent launch on, PDL is
-    turned off for the process (logged) and the recording runs once more; with PDL off already, or
-    failing again, the failure is the caller's. (pdl() itself never applies off CUDA.)"""
+    turned off for the process (logged) and the recording runs once more; with PDL off already, on
+    a device that launches no dependents (a CPU runner, a GPU before Hopper), or failing again, the
+    failure is the caller's. (pdl() itself never applies off CUDA.)"""
     from bitnet import ops
     from bitnet.kernels import common
 
@@ -355,9 +356,15 @@ def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
         return "graph"
 
     with caplog.at_level("WARNING"):
-        assert ops.record_cuda_graph(record, "a step") == "graph"
+        assert ops.record_cuda_graph(record, "a step", "cuda:0") == "graph"
     assert calls == [True, False] and not common.PDL_ENABLED and "without (as BITNET_PDL=0" in caplog.text
     calls.clear()
+    monkeypatch.setattr(common, "PDL_ENABLED", True)  # a CPU runner's recording: PDL is not what failed it
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        ops.record_cuda_graph(record, "a step", "cpu")
+    assert calls == [True] and common.PDL_ENABLED
+    calls.clear()
+    monkeypatch.setattr(common, "PDL_ENABLED", False)
     with pytest.raises(RuntimeError, match="always"):
         ops.record_cuda_graph(lambda: calls.append(1) or (_ for _ in ()).throw(RuntimeError("always")), "a step")
     assert calls == [1]  # PDL was off already: no second try

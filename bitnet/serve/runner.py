@@ -183,7 +183,7 @@ class ModelRunner:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
                 step = self._buckets[bucket] = record_cuda_graph(lambda: _BucketStep(self, bucket, self._pool),
-                                                                 f"the decode step of {bucket} sequences")
+                                                                 f"the decode step of {bucket} sequences", self.device)
             except Exception:  # a step that cannot be recorded still runs: eagerly, from now on
                 log.warning("recording the decode step of %d sequences as a CUDA graph failed; decoding eagerly",
                             bucket, exc_info=True)
