@@ -15,6 +15,8 @@ also counts the host's time to issue the kernels wherever that is longer: Python
 dispatch, Triton's launcher). Reported: speedup over bf16, achieved GB/s (packed weight +
 activations in + output out) and its share of the HBM bandwidth measured by a device-to-device
 copy. Writes benchmarks/results/bench_kernels.{json,md,png}.
+--heads adds the lm_head GEMVs at 2B-4T's head (128256 x 2560): bf16 F.linear, the int8 head and
+the int4 head (quantize_lm_head(8), (4)), from bf16 x, GPU time and eager call, and the bytes each reads.
 --attention adds the decode attention at 2B-4T's heads (20 query heads on 5 KV heads of 128,
 bf16): bitnet.kernels.decode_attention against the call the model made before it, torch's SDPA
 with the static cache's key mask and enable_gqa (its math path on CUDA), for batches and cache
@@ -72,6 +74,9 @@ class BenchArgs:
     attention: bool = arg(False, help="also time the decode attention (GPU) against SDPA, at 2B-4T's heads")
     attention_batch: list[int] = arg([1, 8], help="sequences per decode step, for --attention")
     attention_cache: list[int] = arg([160, 1024, 4096], help="static cache lengths (the live slots: all), for --attention")
+    heads: bool = arg(False, help="also time the lm_head GEMVs (GPU) at 2B-4T's head, 128256 x 2560: bf16 F.linear, "
+                      "the int8 head and the int4 head (quantize_lm_head(8), (4))")
+    head_rows: list[int] = arg([1, 8], help="activation rows for --heads (decode: one a sequence)")
 
 
 def parse_shape(s: str) -> tuple[int, int]:
@@ -174,6 +179,48 @@ def attention_case(batch: int, slots: int, device: str, dtype=torch.bfloat16, he
     return ours, sdpa, 2 * k.numel() * k.element_size()
 
 
+HEAD_SHAPE = (128256, 2560)  # 2B-4T's lm_head: vocabulary x hidden
+
+
+def head_cases(n: int, k: int, device: str) -> dict:
+    """One random bf16 (n, k) head three ways, name -> (head(x), bytes it reads): bf16 F.linear,
+    bitnet.Int8Linear's GEMV, bitnet.Int4Linear's GEMV (both made from that linear)."""
+    from bitnet import Int4Linear, Int8Linear
+    from bitnet.kernels import int4_linear, int8_linear
+
+    linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02)
+    h8, h4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear)
+    return {"bf16": (lambda x: F.linear(x, linear.weight), 2 * n * k),
+            "int8": (lambda x: int8_linear(x, h8.weight, h8.weight_scale), h8.weight.numel() + 4 * n),
+            "int4": (lambda x: int4_linear(x, h4.codes, h4.scales, n), h4.codes.numel() + 4 * h4.scales.numel())}
+
+
+def measure_heads(args: BenchArgs, device: str = "cuda", shape: tuple[int, int] = HEAD_SHAPE) -> list[dict]:
+    """GPU time and eager call of the lm_head three ways (head_cases), from bf16 x (the int8 and
+    int4 heads' quantization included), with the bytes each reads."""
+    n, k = shape
+    flush = L2Flusher(device=device)
+    heads = head_cases(n, k, device)
+    rows = []
+    for m in args.head_rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        for name, (head, nbytes) in heads.items():
+            ms = (time_cuda_graph(lambda: head(x), args.warmup, args.iters, flush),
+                  time_cuda(lambda: head(x), args.warmup, args.iters, flush))
+            rows.append({"shape": f"{n}x{k}", "m": m, "format": name, "us": ms[0] * 1e3, "eager_us": ms[1] * 1e3,
+                         "mb": nbytes / 1e6, "gbps": nbytes / (ms[0] * 1e-3) / 1e9})
+            rows[-1]["speedup"] = rows[-1 - list(heads).index(name)]["us"] / rows[-1]["us"]
+        print(f"lm_head M={m}: " + ", ".join(f"{r['format']} {r['us']:.1f} us" for r in rows[-len(heads):]), flush=True)
+    return rows
+
+
+HEAD_COLUMNS = [("shape", "N x K", ""), ("m", "M", ""), ("format", "head", ""), ("mb", "MB read", ".0f"),
+                ("us", "GPU time (us)", ".1f"), ("speedup", "vs bf16", ".2f"), ("gbps", "GB/s", ".0f"),
+                ("eager_us", "eager call (us)", ".1f")]
+
+
 def measure_attention(args: BenchArgs, device: str = "cuda") -> list[dict]:
     """GPU time and eager call of both attentions for every (batch, cache length)."""
     flush = L2Flusher(device=device)
@@ -215,6 +262,9 @@ def report(result: dict) -> str:
         text += ("\n\nDecode attention, 2B-4T heads (20 on 5 KV heads of 128), bf16, every cache slot live, L2 "
                  "flushed: GPU time (CUDA graph replay) and eager call\n\n"
                  + table(result["attention"], ATTENTION_COLUMNS, markdown=True))
+    if result.get("heads"):
+        text += ("\n\nlm_head GEMVs, from bf16 x (the int8 / int4 heads' quantization included), L2 flushed: GPU "
+                 "time (CUDA graph replay) and eager call\n\n" + table(result["heads"], HEAD_COLUMNS, markdown=True))
     return text
 
 
@@ -262,6 +312,8 @@ def main(args: BenchArgs) -> int:
     result = measure(args, on_shape=lambda partial: save(partial, complete=False))
     if args.attention:
         result["attention"] = measure_attention(args)
+    if args.heads:
+        result["heads"] = measure_heads(args)
     markdown = report(result)
     print(markdown)
     path = save(result, complete=True)

@@ -729,6 +729,28 @@ def test_attention_benchmark_compares_like_with_like(monkeypatch, triton_device)
     assert rows[0]["speedup"] == 1.0 and "| 1 | 40 |" in bench.report({"rows": [], "attention": rows})
 
 
+def test_head_benchmark_times_three_heads_of_one_linear(monkeypatch, triton_device):
+    """--heads: bf16 F.linear, the int8 and the int4 head made from the same nn.Linear compute the
+    same logits up to their quantization; each row has its bytes and its speed against the bf16 row
+    of its M; the table renders."""
+    bench = _bench_module()
+    cases = bench.head_cases(96, 128, triton_device)
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(triton_device)
+    ref = cases["bf16"][0](x).float().flatten()
+    for name, least in (("int8", 0.999), ("int4", 0.98)):
+        got = cases[name][0](x).float().flatten()
+        assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > least, name
+    monkeypatch.setattr(bench, "L2Flusher", lambda device: None)
+    times = iter([1.0, 2.0, 0.5, 2.0, 0.25, 2.0] * 2)  # (graph, eager) per head: bf16 1 ms, int8 0.5, int4 0.25
+    monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, warmup, iters, flush: (fn(), next(times))[1])
+    monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), next(times))[1])
+    rows = bench.measure_heads(bench.BenchArgs(head_rows=[1, 2]), device=triton_device, shape=(96, 128))
+    assert [(r["m"], r["format"]) for r in rows] == [(m, h) for m in (1, 2) for h in ("bf16", "int8", "int4")]
+    assert [r["speedup"] for r in rows[:3]] == [1.0, 2.0, 4.0]
+    assert [round(r["mb"] * 1e6) for r in rows[:3]] == [2 * 96 * 128, 96 * 128 + 4 * 96, 96 * 64 + 4 * 96 * 4]
+    assert "| 96x128 | 2 | int4 |" in bench.report({"rows": [], "heads": rows})
+
+
 # ----------------------------------------------------------------------------- GPU, real shapes
 REAL_SHAPES = [(2560, 2560), (2560, 6912), (6912, 2560), (8192, 8192), (28672, 8192)]
 REAL_M = (1, 4, 16, 64, 512, 2048)
