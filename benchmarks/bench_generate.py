@@ -115,14 +115,23 @@ def rss_bytes() -> int:
 
 
 def measure(args: Args, key: str) -> dict:
-    """Build one model and time prefill and decode at every batch size."""
+    """Build one model and time prefill and decode at every batch size (a model with pdl=False with
+    the Triton kernels' dependent launches off, as BITNET_PDL=0, and on again after)."""
+    if MODELS[key].pdl:
+        return _measure(args, key)
+    from bitnet.kernels import common
+
+    was, common.PDL_ENABLED = common.PDL_ENABLED, False
+    try:
+        return _measure(args, key)
+    finally:
+        common.PDL_ENABLED = was
+
+
+def _measure(args: Args, key: str) -> dict:
     spec = MODELS[key]
     linear = spec.linear
     device = torch.device(args.device)
-    if not spec.pdl:  # (a fresh process under --isolate: nothing launched yet)
-        from bitnet.kernels import common
-
-        common.PDL_ENABLED = False
     cuda = device.type == "cuda"
     # The first run of any code path pages in hundreds of MB of torch's own code and fills its
     # allocator pools; run the same path once on the tiny preset so that RSS counts the model.

@@ -40,3 +40,19 @@ def test_decode_step_profile_counts_what_one_step_runs(tmp_path):
                for p in prof.values())
     md = (tmp_path / "generate_cpu.md").read_text()
     assert "one decode step by op (self CPU time), from 3 profiled steps" in md and "| bitnet_cpu::decode_layer | 2.0 |" in md
+
+
+def test_the_serialized_model_measures_with_pdl_off_and_restores_it(monkeypatch):
+    """bitnet-serial, the A/B of programmatic dependent launch: measured with the Triton kernels'
+    dependent launches off (as BITNET_PDL=0), the process's setting restored after (--no-isolate
+    measures every model in one process); the other models measure with the setting as it is."""
+    from bitnet.kernels import common
+
+    bench = _bench()
+    seen = []
+    monkeypatch.setattr(bench, "_measure", lambda args, key: seen.append((key, common.PDL_ENABLED)) or {})
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    for key in ("bitnet", "bitnet-serial", "bitnet"):
+        bench.measure(None, key)
+    assert seen == [("bitnet", True), ("bitnet-serial", False), ("bitnet", True)] and common.PDL_ENABLED
+    assert bench.MODELS["bitnet-serial"].packing == bench.MODELS["bitnet"].packing == "2bit"
