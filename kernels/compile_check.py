@@ -567,12 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     del ns.sass, ns.set
     if ns.pdl_order:
-        bad = 0
-        for v in pdl_samples():
+        bad, samples = 0, pdl_samples()
+        for v in samples:
             problems = pdl_order(v)
             bad += bool(problems)
             print(f"{'FAIL' if problems else 'ok  '} {v.describe()}" + "".join(f"\n    {x}" for x in problems))
-        print(f"PDL order: {len(pdl_samples())} variants read, {bad} failed")
+        print(f"PDL order: {len(samples)} variants read, {bad} failed")
         return int(bad > 0)
     del ns.pdl_order
     args = Args(**vars(ns))

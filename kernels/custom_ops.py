@@ -104,10 +104,11 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
         raise ValueError(f"residual must be {(*x_q.shape[:-1], sum(ns))} {out_dtype}, got {tuple(residual.shape)} "
                          f"{residual.dtype}")
     r2 = None if residual is None else residual.reshape(x2.shape[0], sum(ns))
-    if _one_row(x2) and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
+    one_row = _one_row(x2)
+    if one_row and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
         r2 = None  # added in the epilogue
-    elif not _one_row(x2) and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
+    elif not one_row and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
         y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=None if xsum is None else xsum.reshape(-1),
                      out_dtype=out_dtype)  # (gemm_cat sums x_q where its kernel needs it and none is given)
     else:
@@ -117,7 +118,7 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
         xsum = xsum.reshape(-1)
         col = 0
         for p, s, b, n in zip(packed, scales, biases, ns):
-            if _one_row(x2):
+            if one_row:
                 y[:, col:col + n] = gemv(x2, p, n, fmt, scale=s, bias=b, a=a2, out_dtype=out_dtype)
             else:
                 gemm(x2, p, n, fmt, scale=s, bias=b, a=a2, xsum=xsum, out_dtype=out_dtype, out=y[:, col:col + n])

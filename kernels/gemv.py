@@ -247,28 +247,26 @@ def quarters(t):
 
 
 @triton.jit
+def mac_quarter(w, xu, acc, acc_b, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
+    """acc [A, B, PA] += slice_units of w [A, B] times xu [A, B]; acc_b [A, B] for the fifth base-3 slice."""
+    c, c_b = slice_units(w, P, LANES, ASM)
+    acc = mac(c, xu[:, :, None], acc, LANES, ASM)
+    if P == 5:
+        acc_b = mac(c_b, xu, acc_b, LANES, ASM)
+    return acc, acc_b
+
+
+@triton.jit
 def mac_tile(w, xu, acc, acc_b, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
     """acc [BR, BU / 4, PA] += slice_units of w [BR, BU] times xu [BR, BU], four units into each
     accumulator (so that a thread keeps PA accumulators per four units it loads, not per unit);
     acc_b [BR, BU / 4] likewise for the fifth base-3 slice."""
     w0, w1, w2, w3 = quarters(w)
     x0, x1, x2, x3 = quarters(xu)
-    c, c_b = slice_units(w0, P, LANES, ASM)
-    acc = mac(c, x0[:, :, None], acc, LANES, ASM)
-    if P == 5:
-        acc_b = mac(c_b, x0, acc_b, LANES, ASM)
-    c, c_b = slice_units(w1, P, LANES, ASM)
-    acc = mac(c, x1[:, :, None], acc, LANES, ASM)
-    if P == 5:
-        acc_b = mac(c_b, x1, acc_b, LANES, ASM)
-    c, c_b = slice_units(w2, P, LANES, ASM)
-    acc = mac(c, x2[:, :, None], acc, LANES, ASM)
-    if P == 5:
-        acc_b = mac(c_b, x2, acc_b, LANES, ASM)
-    c, c_b = slice_units(w3, P, LANES, ASM)
-    acc = mac(c, x3[:, :, None], acc, LANES, ASM)
-    if P == 5:
-        acc_b = mac(c_b, x3, acc_b, LANES, ASM)
+    acc, acc_b = mac_quarter(w0, x0, acc, acc_b, P, LANES, ASM)
+    acc, acc_b = mac_quarter(w1, x1, acc, acc_b, P, LANES, ASM)
+    acc, acc_b = mac_quarter(w2, x2, acc, acc_b, P, LANES, ASM)
+    acc, acc_b = mac_quarter(w3, x3, acc, acc_b, P, LANES, ASM)
     return acc, acc_b
 
 
