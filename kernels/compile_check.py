@@ -167,9 +167,11 @@ def _gemv_variants() -> list[Variant]:
     flags = [dict(f, SEGMENTS=1 + i % 3) for i, f in enumerate(flags)]  # one to three matrices (gemv_cat)
     # the residual added in the epilogue (one matrix, a float output): the decoder layer's skip connection
     flags += [dict(f, SEGMENTS=1, HAS_RES=True) for f in flags if f["y"] in ("bf16", "fp32") and not f["HAS_BIAS"]]
+    # every tile beside float x (quantized once for all the tile's rows) and beside int8 x_q
+    pairs = [pair for q in (True, False) for pair in _round_robin(CONFIGS, [f for f in flags if f["QUANTIZE_X"] == q])]
     out = []
     for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
-        for i, (cfg, f) in enumerate(_round_robin(CONFIGS, flags)):
+        for i, (cfg, f) in enumerate(pairs):
             consts = dict(P=p, QUANTIZE_X=f["QUANTIZE_X"], HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32",
                           LANES=lanes, ASM=True, SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False),
                           BLOCK_A=f["BLOCK_A"], **cfg.kwargs)

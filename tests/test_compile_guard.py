@@ -68,8 +68,10 @@ def test_variants_cover_every_config_format_path_and_flag():
             assert {v.aligned for v in gemm} == {True, False}
             gemv = [v for v in vs if v.kernel == "_gemv_kernel" and v.arch == 90 and v.constexprs["P"] == p
                     and v.constexprs["LANES"] == lanes]
-            assert {(v.constexprs["BLOCK_R"], v.constexprs["BLOCK_U"], v.num_warps) for v in gemv} == {
-                (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_U"], c.num_warps) for c in GEMV_CONFIGS}
+            # every tile from float x (quantized in the kernel) and from int8 x_q
+            assert {(v.constexprs["BLOCK_R"], v.constexprs["BLOCK_U"], v.num_warps, v.constexprs["QUANTIZE_X"])
+                    for v in gemv} == {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_U"], c.num_warps, q)
+                                       for c in GEMV_CONFIGS for q in (True, False)}
             assert {(v.types["x_ptr"], v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemv} >= {
                 ("*fp32", "*fp32", True), ("*bf16", "*bf16", False), ("*fp16", "*fp16", True), ("*i8", "*i32", False),
                 ("*i8", "*bf16", True), ("*i8", "*fp32", False)}
@@ -149,6 +151,22 @@ def test_sass_summary_counts_a_kernels_loop():
     assert head.startswith("_gemv_kernel sm_90 [P=4") and "BLOCK_U=2048" in head and "instructions" in head
     assert len(loops) == 1 and re.search(r"loop 0x[0-9a-f]+-0x[0-9a-f]+: \d+ instructions: .*IDP \d+", loops[0]), r.stdout
     assert not re.search(r"\bSHF \d+", loops[0]), loops[0]  # the codes are masked in place, never shifted down
+
+
+def test_float_x_is_quantized_once_for_all_rows_of_a_tile():
+    """The GEMV from float x (a bitlinear layer at M = 1) quantizes x as one row that the tile's 8
+    packed rows share, in registers: no barrier in the loop, and ~1.2 instructions a weight
+    (sm_90 SASS; 8 rows each quantizing x again took 3.3, as one row a program does)."""
+    r = _guard("--sass", "--arch", "90", "--kernel", "_gemv_kernel", "--set", "P=4", "LANES=4", "QUANTIZE_X=True",
+               "OUT_INT32=False", "BLOCK_R=8", "BLOCK_U=256", "num_warps=8", "x_ptr=*bf16", "y_ptr=*bf16",
+               "bias_ptr=*bf16", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head, *loops = r.stdout.strip().splitlines()
+    assert "QUANTIZE_X=True" in head and "BLOCK_R=8" in head
+    main = max(loops, key=lambda line: int(re.search(r": (\d+) instructions", line).group(1)))  # (the other: x's absmax)
+    assert "IDP" in main and not re.search(r"\bBAR \d+", main), main
+    weights = 4 * 4 * 8 * 256 // (8 * 32)  # P outputs x 4 k a word, 8 rows x 256 words over 256 threads
+    assert int(re.search(r": (\d+) instructions", main).group(1)) < 1.5 * weights, main
 
 
 BROKEN_PDL = '''
