@@ -126,8 +126,9 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
                             kernel: str | None = None, up: torch.Tensor | None = None,
                             residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """bitlinear_many(rms_norm(x, weight, eps), ...) with the RMSNorm fused into the activation
-    quantization on the Triton kernels: one rmsnorm_act_quant, then one packed_matmul_cat (the
-    normalized activations never reach memory). None on the other backends: the caller then runs
+    quantization on the Triton kernels: rmsnorm_packed_matmul_cat, one GEMV launch at decode (M = 1;
+    the norm inside it), else one rmsnorm_act_quant, then one packed_matmul_cat (the normalized
+    activations never reach memory either way). None on the other backends: the caller then runs
     the norm, then bitlinear_many. weight must have x's dtype (the outputs do too). With up (x's
     shape and dtype), the norm's input is relu(x)^2 * up, each step rounded as torch rounds it.
     residual (one matrix; the output's shape and dtype): its output is residual + y, the add in
@@ -139,10 +140,10 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
     (kernels/rmsnorm_quant.py). The unfused torch and CPU paths stay the references."""
     if choose_kernel(x, kernel) != "triton":
         return None
-    from .kernels import rmsnorm_act_quant
+    from .kernels import rmsnorm_packed_matmul_cat
 
-    return _packed_many(*rmsnorm_act_quant(x, weight, eps, with_sum=True, up=up), packed, scales, ns, fmt, biases, x.dtype,
-                        residual)
+    y = rmsnorm_packed_matmul_cat(x, weight, eps, packed, scales, ns, fmt, biases, up=up, residual=residual)
+    return [y] if len(ns) == 1 else list(y.split(ns, -1))
 
 
 def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype, residual=None) -> list[torch.Tensor]:

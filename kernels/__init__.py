@@ -11,7 +11,7 @@ Triton, one kernel strategy per file, each with its torch reference:
     layout.py         the packed layout the kernels read (the checkpoint layout, in place) and
                       its decoding; a Triton unpack
     activations.py    act_quant: per-token absmax int8 activations, bit-identical to bitnet.quant
-    rmsnorm_quant.py  RMSNorm fused with act_quant
+    rmsnorm_quant.py  RMSNorm fused with act_quant (at M = 1 the GEMV runs it itself)
     rope.py           RoPE of q and k with the KV-cache write, one launch
     attention.py      decode attention: one query per sequence over its cache row (flash-decoding)
     int8_head.py      weight-only int8 GEMV (an int8 lm_head), few rows
@@ -29,7 +29,7 @@ this package (a sibling module) does not import triton.
 """
 
 __all__ = ["act_quant", "bitlinear", "decode_attention", "int4_linear", "int8_linear", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
-           "rope_cache", "unpack_triton"]
+           "rmsnorm_packed_matmul_cat", "rope_cache", "unpack_triton"]
 
 
 def __getattr__(name: str):

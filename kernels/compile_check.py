@@ -15,9 +15,10 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
 
     _gemv_kernel [gemv.gemv]        tile: CONFIGS; format P; LANES 4 (int32 words) or 1 (bytes);
                                     input: float x quantized in the kernel (fp32/bf16/fp16, y in
-                                    x's dtype) or int8 x_q with y fp32/bf16/fp16 or int32; one to three
-                                    matrices (SEGMENTS, gemv.gemv_cat); bias or
-                                    not; a residual added in the epilogue or not;
+                                    x's dtype; after an RMSNorm, gated or not, x_q written out or
+                                    not) or int8 x_q with y fp32/bf16/fp16 or int32 (every tile
+                                    with both); one to three matrices (SEGMENTS, gemv.gemv_cat);
+                                    bias or not; a residual added in the epilogue or not;
                                     BLOCK_A 4096 (K >= 4096) or smaller
     _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
                                     counter epilogue) + LARGE_M_CONFIGS (SPLIT_K 1); format; LANES;
@@ -167,6 +168,13 @@ def _gemv_variants() -> list[Variant]:
     flags = [dict(f, SEGMENTS=1 + i % 3) for i, f in enumerate(flags)]  # one to three matrices (gemv_cat)
     # the residual added in the epilogue (one matrix, a float output): the decoder layer's skip connection
     flags += [dict(f, SEGMENTS=1, HAS_RES=True) for f in flags if f["y"] in ("bf16", "fp32") and not f["HAS_BIAS"]]
+    # the RMSNorm in the GEMV (rmsnorm_packed_matmul_cat at decode): q / k / v, o and down (the residual
+    # added; down's norm gated by up), gate / up; XQ_OUT: the tests' view of what it quantized
+    norm = dict(QUANTIZE_X=True, HAS_BIAS=False, NORM=True, BLOCK_A=4096)
+    flags += [dict(norm, x="bf16", y="bf16", SEGMENTS=3), dict(norm, x="bf16", y="bf16", SEGMENTS=1, HAS_RES=True),
+              dict(norm, x="bf16", y="bf16", SEGMENTS=1, HAS_RES=True, GATED=True),
+              dict(norm, x="fp16", y="fp16", SEGMENTS=2, HAS_BIAS=True),
+              dict(norm, x="fp32", y="fp32", SEGMENTS=2, GATED=True, XQ_OUT=True, BLOCK_A=64)]
     # every tile beside float x (quantized once for all the tile's rows) and beside int8 x_q
     pairs = [pair for q in (True, False) for pair in _round_robin(CONFIGS, [f for f in flags if f["QUANTIZE_X"] == q])]
     out = []
@@ -174,11 +182,13 @@ def _gemv_variants() -> list[Variant]:
         for i, (cfg, f) in enumerate(pairs):
             consts = dict(P=p, QUANTIZE_X=f["QUANTIZE_X"], HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32",
                           LANES=lanes, ASM=True, SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False),
-                          BLOCK_A=f["BLOCK_A"], **cfg.kwargs)
+                          NORM=f.get("NORM", False), GATED=f.get("GATED", False), XQ_OUT=f.get("XQ_OUT", False),
+                          SUM_BLOCK=f["BLOCK_A"] if f.get("NORM") else 1, BLOCK_A=f["BLOCK_A"], **cfg.kwargs)
             bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]  # (the kernel reads words through cast pointers)
             types = dict(x_ptr=TYPES[f["x"]], a_ptr="*fp32", w_ptr="*u8", scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]],
                          scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64",
-                         res_ptr=bias)
+                         res_ptr=bias, nw_ptr=TYPES[f["x"]] if f.get("NORM") else "*fp32",
+                         u_ptr=TYPES[f["x"]] if f.get("GATED") else "*fp32", xq_ptr="*i8", eps="fp32")
             out.append(Variant("_gemv_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 
@@ -240,7 +250,9 @@ def _rmsnorm_variants() -> list[Variant]:
     out = []
     for i, (cfg, (x, w, gated)) in enumerate(_round_robin(CONFIGS, dtypes)):
         types = dict(x_ptr=TYPES[x], u_ptr=TYPES[x], w_ptr=TYPES[w], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", eps="fp32")
-        out.append(Variant("_rmsnorm_act_quant_kernel", dict(GATED=gated, **cfg.kwargs), types, cfg.num_warps,
+        # SUM_BLOCK = rmsnorm_quant.sum_block(K): 4096 from K = 2048 on (every real width), smaller below
+        consts = dict(GATED=gated, SUM_BLOCK=4096 if i % 3 else 256, **cfg.kwargs)
+        out.append(Variant("_rmsnorm_act_quant_kernel", consts, types, cfg.num_warps,
                            cfg.num_stages, aligned=i % 2 == 0))
     return out
 

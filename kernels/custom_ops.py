@@ -9,6 +9,9 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
     bitnet::act_quant(x)                                         (x_q int8, a float32 (..., 1), xsum int32 (...))
     bitnet::rmsnorm_act_quant(x, weight, eps, up?)               (x_q, a, xsum) of RMSNorm(x), or of
                                                                  RMSNorm(relu(x)^2 * up)
+    bitnet::rmsnorm_packed_matmul_cat(x, weight, eps, packed[], scales[], biases[], ns, fmt, up?, residual?)
+                                                                 packed_matmul_cat of RMSNorm(x) (or of
+                                                                 RMSNorm(relu(x)^2 * up)): y (..., sum(ns))
     bitnet::rope(q, k, v, cos, sin)                              (q', k', v) as (B, heads, T, hd)
     bitnet::rope_cache_(q, k, v, cos, sin, cache_k!, cache_v!, input_pos, cache_rows?)
                                                                  q'; k', v written to the cache
@@ -19,7 +22,9 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
 
 Dispatch by the number of activation rows M (all leading dimensions of x flattened):
 - M == 1 (decode): the GEMV, with the activation quantization fused in: one launch. Several
-  matrices of one input (packed_matmul_cat: q / k / v, gate / up) share one GEMV launch.
+  matrices of one input (packed_matmul_cat: q / k / v, gate / up) share one GEMV launch, and the
+  RMSNorm in front of them runs inside it too (rmsnorm_packed_matmul_cat: every program
+  normalizes the row; a decode layer's four norms launch nothing of their own).
 - M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64);
   several matrices of one input in one launch too (gemm_cat; from M = UNPACK_M after unpacking
   them into one int8 buffer).
@@ -179,6 +184,30 @@ def _(x, weight, eps, up=None):
     return _quantized_like(x)
 
 
+def _rmsnorm_packed_matmul_cat_impl(x: Tensor, weight: Tensor, eps: float, packed: list[Tensor], scales: list[Tensor],
+                                    biases: list[Optional[Tensor]], ns: list[int], fmt: str, up: Optional[Tensor] = None,
+                                    residual: Optional[Tensor] = None) -> Tensor:
+    x2 = rows_of(x)
+    n = sum(ns)
+    r2 = None if residual is None else residual.reshape(x2.shape[0], n)
+    one_launch = len(packed) <= 3 and len({b is None for b in biases}) == 1
+    if _one_row(x2) and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1 and r2.dtype == x.dtype):
+        u2 = None if up is None else rows_of(up)
+        y = gemv_cat(x2, packed, ns, fmt, scales, biases, residual=r2, norm_weight=weight, eps=eps, up=u2)
+        return y.reshape(*x.shape[:-1], n)
+    x_q, a, xsum = _rmsnorm_act_quant_impl(x, weight, eps, up)
+    return _packed_matmul_cat_impl(x_q, a, packed, scales, biases, ns, fmt, x.dtype, xsum, residual)
+
+
+_rmsnorm_packed_matmul_cat = torch.library.custom_op("bitnet::rmsnorm_packed_matmul_cat", _rmsnorm_packed_matmul_cat_impl,
+                                                     mutates_args=())
+
+
+@_rmsnorm_packed_matmul_cat.register_fake
+def _(x, weight, eps, packed, scales, biases, ns, fmt, up=None, residual=None):
+    return _output_like(x, sum(ns), x.dtype)
+
+
 def _rope_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _rope_cache(q, k, v, cos, sin)
 
@@ -297,6 +326,19 @@ def rmsnorm_act_quant(x: Tensor, weight: Tensor, eps: float = 1e-5, with_sum: bo
     op = torch.ops.bitnet.rmsnorm_act_quant if _tracing() else _rmsnorm_act_quant_impl
     out = op(x, weight, eps, up)
     return out if with_sum else out[:2]
+
+
+def rmsnorm_packed_matmul_cat(x: Tensor, weight: Tensor, eps: float, packed: list[Tensor], scales: list[Tensor],
+                              ns: list[int], fmt: str, biases: list[Tensor | None] | None = None,
+                              up: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """packed_matmul_cat of rmsnorm_act_quant(x, weight, eps, up=up), y (..., sum(ns)) in x's dtype
+    (residual + y with a residual, one matrix). At M = 1 (up to three matrices, a bias each or none)
+    one GEMV launch does it all, each program normalizing and quantizing the row itself with the
+    norm kernel's arithmetic (its a may be an ulp off rmsnorm_act_quant's: the sums run in another
+    order); otherwise rmsnorm_act_quant, then packed_matmul_cat."""
+    biases = list(biases) if biases is not None else [None] * len(packed)
+    op = torch.ops.bitnet.rmsnorm_packed_matmul_cat if _tracing() else _rmsnorm_packed_matmul_cat_impl
+    return op(x, weight, eps, list(packed), list(scales), biases, list(ns), fmt, up, residual)
 
 
 def rope_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor | None = None,

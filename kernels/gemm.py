@@ -98,7 +98,7 @@ def segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr,
         a = tl.load(a_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
         s = by_segment(later, third, tl.load(scale_ptr), tl.load(scale1_ptr), tl.load(scale2_ptr))
         factor = tl.math.div_rn(s[None, :] + 0.0 * a, a)
-    bias = bias_ptr
+    bias = 0  # unread without HAS_BIAS (bias_ptr is None there: a None in a returned tuple does not compile)
     if HAS_BIAS:
         bias = by_segment(later, third, bias_ptr, bias1_ptr, bias2_ptr)[None, :]
     return factor, bias

@@ -44,6 +44,7 @@ from .activations import quantize, row_scale
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
                      pdl_wait, segment_starts, store_output)
 from .layout import check_packed, join_slices, values_per_byte
+from .rmsnorm_quant import norm_input, normed, normed_row_scale, row_rstd, sum_block
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
 # thread and row. Wide tiles cover a whole row in one step (no loop); narrow ones give programs
@@ -203,25 +204,39 @@ def code_sums(d, d_b, P: tl.constexpr):
 
 
 @triton.jit
-def x_units(x_row, u, mask, a, QUANTIZE_X: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
+def x_value(x_row, u_row, w_ptr, rstd, offs, mask, NORM: tl.constexpr, GATED: tl.constexpr):
+    """Float x at offs as float32: x itself, or with NORM its RMSNorm h (weight w_ptr, the row's
+    rstd; u_row: the up projection's row if GATED): rmsnorm_quant.norm_input and normed, the fused
+    norm kernel's arithmetic."""
+    if NORM:
+        v = normed(norm_input(x_row, u_row, offs, mask, GATED), w_ptr, offs, mask, rstd, x_row.dtype.element_ty)
+    else:
+        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def x_units(x_row, u, mask, a, u_row, nw_ptr, rstd, QUANTIZE_X: tl.constexpr, LANES: tl.constexpr,
+            ASM: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr):
     """The activations' units at unit offsets u (any shape): int32 words of four int8 x_q
     (little-endian, k = 4u .. 4u + 3) when LANES == 4, single x_q when LANES == 1; and the sum of
     each unit's x_q.
 
-    QUANTIZE_X: x_row points at float x, quantized here with the row's scale a; the four k of a
-    word are loaded as four vectors of u's shape, so the word is assembled in registers.
-    Else x_row points at x_q: as int32 words when LANES == 4, as int8 when LANES == 1.
+    QUANTIZE_X: x_row points at float x, quantized here with the row's scale a (after its RMSNorm
+    with NORM: x_value); the four k of a word are loaded as four vectors of u's shape, so the word
+    is assembled in registers. Else x_row points at x_q: as int32 words when LANES == 4, as int8
+    when LANES == 1.
     """
     if QUANTIZE_X:
         if LANES == 4:
-            q0 = quantize(tl.load(x_row + 4 * u, mask=mask, other=0.0).to(tl.float32), a)
-            q1 = quantize(tl.load(x_row + 4 * u + 1, mask=mask, other=0.0).to(tl.float32), a)
-            q2 = quantize(tl.load(x_row + 4 * u + 2, mask=mask, other=0.0).to(tl.float32), a)
-            q3 = quantize(tl.load(x_row + 4 * u + 3, mask=mask, other=0.0).to(tl.float32), a)
+            q0 = quantize(x_value(x_row, u_row, nw_ptr, rstd, 4 * u, mask, NORM, GATED), a)
+            q1 = quantize(x_value(x_row, u_row, nw_ptr, rstd, 4 * u + 1, mask, NORM, GATED), a)
+            q2 = quantize(x_value(x_row, u_row, nw_ptr, rstd, 4 * u + 2, mask, NORM, GATED), a)
+            q3 = quantize(x_value(x_row, u_row, nw_ptr, rstd, 4 * u + 3, mask, NORM, GATED), a)
             units = (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (q3 << 24)
             sums = (q0 + q1) + (q2 + q3)
         else:
-            units = quantize(tl.load(x_row + u, mask=mask, other=0.0).to(tl.float32), a)
+            units = quantize(x_value(x_row, u_row, nw_ptr, rstd, u, mask, NORM, GATED), a)
             sums = units
     else:
         units = tl.load(x_row + u, mask=mask, other=0).to(tl.int32)
@@ -286,21 +301,24 @@ def by_segment(later, third, v0, v1, v2):
     return tl.where(third, v2, tl.where(later, v1, v0))
 
 
-@autotune(CONFIGS, key=["N", "K", "P", "QUANTIZE_X", "SEGMENTS", "N1", "N2"], prune=_prune,
+@autotune(CONFIGS, key=["N", "K", "P", "QUANTIZE_X", "SEGMENTS", "N1", "N2", "NORM", "GATED"], prune=_prune,
           interpret_config=triton.Config({"BLOCK_R": 4, "BLOCK_U": 16}))
 @triton.jit
 def _gemv_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2;
-    # res_ptr: the residual stream, read if HAS_RES)
+    # res_ptr: the residual stream, read if HAS_RES; nw_ptr, u_ptr: the RMSNorm's weight and the
+    # gated MLP's up projection, read if NORM, GATED)
     x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr, res_ptr,
+    nw_ptr, u_ptr, xq_ptr,
     # sizes (N1, R1, N2, R2: of the second and third matrices; W1, W2: where their packed weights
     # start, from w_ptr, in units of 16 units: 64 bytes on the word path, 16 on the byte path)
-    N, K, R, N1, R1, N2, R2, W1, W2,
+    N, K, R, N1, R1, N2, R2, W1, W2, eps,
     # strides (unit stride along K and N; stride_wr, and stride_xm of x_q, in units: words or bytes)
-    stride_xm, stride_wr, stride_ym, stride_rm,
+    stride_xm, stride_wr, stride_ym, stride_rm, stride_um,
     # constexpr
     P: tl.constexpr, QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
     LANES: tl.constexpr, ASM: tl.constexpr, SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, XQ_OUT: tl.constexpr, SUM_BLOCK: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k code_i(w[r, k]) * x_q[m, k] - sum_k x_q[m, k]) * s / a[m] + bias.
@@ -319,6 +337,14 @@ def _gemv_kernel(
         numbered one after the other (R, then R1, then R2) and their outputs side by side,
         y (M, N + N1 + N2).
     HAS_RES (SEGMENTS == 1): y = residual + y, res_ptr (M, N) of y's dtype (common.store_output).
+    NORM (with QUANTIZE_X): x is the input of an RMSNorm (weight nw_ptr (K,), eps) whose output the
+        kernel quantizes, the fused norm kernel's arithmetic (rmsnorm_quant.py: row_rstd, then
+        normed_row_scale, two passes over the row from L2 before the loop); with GATED the norm's
+        input is relu(x)^2 * u, u_ptr (M, K) of x's dtype (row stride stride_um): the relu2 MLP.
+        SUM_BLOCK = rmsnorm_quant.sum_block(K): the sum of squares in the norm kernel's order, so
+        that every program, and rmsnorm_act_quant, computes the same rstd and a, bit for bit.
+    XQ_OUT (with QUANTIZE_X; for tests): the first program of each row also stores the x_q it
+        multiplied, xq_ptr int8 (M, K) contiguous, and its a at a_ptr (M,).
     ASM: dp4a by inline PTX (CUDA); else its plain Triton twin (interpreter).
     BLOCK_A: activations per step of the absmax pass (few, long steps: it waits on L2 each step).
     PDL: launched as a dependent (common.pdl): the first tile of weights is loaded before the wait
@@ -366,7 +392,12 @@ def _gemv_kernel(
         w_ptrs = w_ptr + w_base[:, None] + offs_r[:, None] * stride_wr + offs_u[None, :]
     w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (offs_u < K_UNITS)[None, :], other=0)
     pdl_wait(PDL)  # the weights are no kernel's output; the activations are the previous one's
-    if QUANTIZE_X:
+    u_row = u_ptr + m * stride_um if GATED else u_ptr
+    rstd = 1.0
+    if QUANTIZE_X and NORM:
+        rstd = row_rstd(x_row, u_row, K, eps, GATED, SUM_BLOCK)
+        a = normed_row_scale(x_row, u_row, nw_ptr, K, rstd, GATED, x_ptr.dtype.element_ty, BLOCK_A)
+    elif QUANTIZE_X:
         a = row_scale(x_row, K, BLOCK_A)
     elif not OUT_INT32:
         a = tl.load(a_ptr + m)
@@ -386,15 +417,24 @@ def _gemv_kernel(
         x_offs = offs_u[None, :]
     else:
         x_offs = offs_u[None, :] + 0 * rows[:, None]
-    x_next, s_next = x_units(x_row, x_offs, x_offs < K_UNITS, a, QUANTIZE_X, LANES, ASM)
+    x_next, s_next = x_units(x_row, x_offs, x_offs < K_UNITS, a, u_row, nw_ptr, rstd, QUANTIZE_X, LANES, ASM,
+                             NORM, GATED)
+    if XQ_OUT:
+        xq_row = xq_ptr.to(tl.pointer_type(tl.int32)) + m * K_UNITS if LANES == 4 else xq_ptr + m * K_UNITS
+        if tl.program_id(0) == 0:
+            tl.store(a_ptr + m, a)
     for u0 in range(0, K_UNITS, BLOCK_U):
         w = w_next.to(tl.int32)
         xu = x_next
+        if XQ_OUT:
+            if tl.program_id(0) == 0:
+                tl.store(xq_row + u0 + x_offs, xu.to(xq_row.dtype.element_ty), mask=u0 + x_offs < K_UNITS)
         xsum += s_next
         u1 = u0 + BLOCK_U
         if u1 < K_UNITS:
             w_next = tl.load(w_ptrs + u1, mask=row_ok[:, None] & (u1 + offs_u < K_UNITS)[None, :], other=0)
-            x_next, s_next = x_units(x_row, u1 + x_offs, u1 + x_offs < K_UNITS, a, QUANTIZE_X, LANES, ASM)
+            x_next, s_next = x_units(x_row, u1 + x_offs, u1 + x_offs < K_UNITS, a, u_row, nw_ptr, rstd, QUANTIZE_X,
+                                     LANES, ASM, NORM, GATED)
         acc, acc_b = mac_tile(w, xu, acc, acc_b, P, LANES, ASM)
 
     total = tl.sum(xsum, 1)  # (BR,): every row's is sum_k x_q[m, k]
@@ -456,13 +496,42 @@ def gemv_cat(
     a: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    up: torch.Tensor | None = None,
+    quantized_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Up to three matrices of one input in one launch: y (M, sum(ns)), matrix j's outputs in
     columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemv() of that matrix alone (the same
     integers, the same epilogue). The matrices share K and the format; biases all or none.
-    residual: one matrix only, as gemv's."""
+    residual: one matrix only, as gemv's.
+
+    norm_weight (K,): x (float) is an RMSNorm's input; its output, not x, is quantized and
+    multiplied: rmsnorm_act_quant(x, norm_weight, eps) then the GEMV, in one launch (every program
+    normalizes the row itself: two passes over it before its loop). With up (M, K) of x's dtype,
+    unit stride along K: the norm's input is relu(x)^2 * up (the relu2 MLP's gate and up). Same
+    arithmetic as rmsnorm_act_quant, the same summation order: the same x_q and a, bit for bit.
+
+    quantized_out (float x; for tests): (x_q int8 (M, K), a float32 (M,)), contiguous, filled with
+    the activations the kernel quantized and multiplied (after its norm, with norm_weight)."""
     biases = cat_biases("gemv_cat", packed, ns, scales, biases)
     quantize_x = x.is_floating_point()
+    if norm_weight is not None:
+        if not quantize_x or tuple(norm_weight.shape) != (x.shape[-1],):
+            raise ValueError(f"an RMSNorm in the GEMV needs float x and a weight of shape ({x.shape[-1]},), got x "
+                             f"{x.dtype} and weight {tuple(norm_weight.shape)}")
+        if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.stride(-1) != 1):
+            raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype} and unit stride "
+                             f"along K, got {tuple(up.shape)} {up.dtype} stride {up.stride()}")
+        norm_weight = norm_weight.contiguous()
+    elif up is not None:
+        raise ValueError("up (the gated MLP's up projection) goes with an RMSNorm: pass norm_weight")
+    xq_out = None
+    if quantized_out is not None:
+        xq_out, a_out = quantized_out
+        if not quantize_x or xq_out.dtype != torch.int8 or xq_out.shape != x.shape or not xq_out.is_contiguous() \
+                or a_out.dtype != torch.float32 or a_out.numel() != x.shape[0] or not a_out.is_contiguous():
+            raise ValueError("quantized_out must be (x_q int8 of x's shape, a float32 (M,)), contiguous, for float x")
     out_dtype = out_dtype or (x.dtype if quantize_x else None)
     m, k = x.shape
     if k > MAX_K:
@@ -473,6 +542,8 @@ def gemv_cat(
                          f"{tuple(residual.shape)} {residual.dtype} for {len(packed)}")
     scales = list(scales)
     a, scales[0] = matmul_args(x, a, scales[0], biases[0], ns[0], out_dtype, quantized_in_kernel=quantize_x)
+    if xq_out is not None:
+        a = a_out  # written, not read
     for j in range(1, len(packed)):  # the activations are checked once; the other matrices' own arguments
         scales[j] = matmul_args(x, None, scales[j], biases[j], ns[j], out_dtype, quantized_in_kernel=True)[1]
     p = values_per_byte(fmt)
@@ -482,8 +553,8 @@ def gemv_cat(
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
     starts = segment_starts(packed, lanes)
     if starts is None:
-        return torch.cat([gemv_cat(x, [w], [n], fmt, [s], [b], a, out_dtype)
-                          for w, n, s, b in zip(packed, ns, scales, biases)], 1)
+        return torch.cat([gemv_cat(x, [w], [n], fmt, [s], [b], a, out_dtype, norm_weight=norm_weight, eps=eps, up=up,
+                                   quantized_out=quantized_out) for w, n, s, b in zip(packed, ns, scales, biases)], 1)
     if lanes == 4 and not quantize_x and (x.storage_offset() % 4 or x.stride(0) % 4):
         x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty(m, sum(ns), dtype=out_dtype, device=x.device)
@@ -496,12 +567,14 @@ def gemv_cat(
     if m > 0:
         _gemv_kernel[grid](
             x, a, packed[0], scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2], residual,
-            ns[0], k, rows[0], ns[1], rows[1], ns[2], rows[2], starts[1], starts[2],
+            norm_weight, up, xq_out,
+            ns[0], k, rows[0], ns[1], rows[1], ns[2], rows[2], starts[1], starts[2], float(eps),
             x.stride(0) // (1 if quantize_x else lanes), packed[0].stride(0) // lanes, y.stride(0),
-            residual.stride(0) if residual is not None else 0,
+            residual.stride(0) if residual is not None else 0, up.stride(0) if up is not None else 0,
             P=p, QUANTIZE_X=quantize_x, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32,
             LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, SEGMENTS=seg,
-            HAS_RES=residual is not None,
+            HAS_RES=residual is not None, NORM=norm_weight is not None, GATED=up is not None, XQ_OUT=xq_out is not None,
+            SUM_BLOCK=sum_block(k) if norm_weight is not None else 1,
             BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH, **pdl(x),
         )
     return y

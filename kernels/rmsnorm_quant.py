@@ -8,7 +8,9 @@ no normalized activation written to memory.
 Three passes over the row (sum of squares; absmax of h; quantize h), the later two from L2.
 Bit-identical to torch where the sum of squares is: its summation order differs from torch's,
 so the normalized values may differ by an ulp, and x_q by one where h * a lies that close to a
-rounding boundary (the tests bound both).
+rounding boundary (the tests bound both). The order is a function of K alone (row_rstd), not of
+the launch's config: the decode GEMV, which runs this norm itself at M = 1 (gemv.py, NORM),
+gets the same bits.
 
 Wiring: on the Triton path the model calls it (bitnet::rmsnorm_act_quant) once for every RMSNorm
 in front of frozen BitLinear and hands x_q, a to their packed_matmul_cat (bitnet.model.projections
@@ -31,7 +33,7 @@ from .common import LAUNCH, autotune, pdl, pdl_start, pdl_wait
 
 
 @triton.jit
-def _input(x_row, u_row, offs, mask, GATED: tl.constexpr):
+def norm_input(x_row, u_row, offs, mask, GATED: tl.constexpr):
     """The norm's input at offs as float32 holding values of x's dtype: x itself, or with GATED
     relu(x)^2 * u (x the gate, u the up projection), rounded to x's dtype after the square and
     after the product, as torch's F.relu(gate).square() * up rounds them."""
@@ -45,7 +47,7 @@ def _input(x_row, u_row, offs, mask, GATED: tl.constexpr):
 
 
 @triton.jit
-def _normed(v, w_ptr, offs, mask, rstd, DT: tl.constexpr):
+def normed(v, w_ptr, offs, mask, rstd, DT: tl.constexpr):
     """h at offs from the norm's input v (float32 holding DT values), as float32, rounded as torch
     rounds it (DT, then the product's)."""
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
@@ -53,6 +55,49 @@ def _normed(v, w_ptr, offs, mask, rstd, DT: tl.constexpr):
     if w.dtype == DT:
         h = h.to(DT).to(tl.float32)  # torch: bf16 * bf16 is a bf16; mixed dtypes give float32
     return h
+
+
+def sum_block(k: int) -> int:
+    """The width of the sum of squares for rows of k: a function of k alone, so that every kernel
+    that normalizes a row (this one, the GEMV's fused norm) sums it in the same order."""
+    return min(4096, triton.next_power_of_2(k))
+
+
+@triton.jit
+def pairwise_sum(v, N: tl.constexpr):
+    """The sum of v [N] (N a power of 2) as a fixed tree, adjacent pairs first: the same float32
+    result however the kernel lays v out over its threads (tl.sum's order follows the layout:
+    num_warps, the block)."""
+    for i in tl.static_range(12):
+        if (N >> i) > 1:
+            v = tl.sum(tl.reshape(v, (N >> (i + 1), 2)), 1)
+    return tl.sum(v, 0)
+
+
+@triton.jit
+def row_rstd(x_row, u_row, K, eps, GATED: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    """1 / sqrt(mean_k v^2 + eps) of the norm's input v over the row (one pass; norm_input). The
+    squares are summed in an order fixed by K alone (SUM_BLOCK = sum_block(K): lane j sums k = j
+    mod SUM_BLOCK in order, then pairwise_sum), so every kernel gets the same bits (launch with fp
+    fusion off: an FMA would round v * v + sq once)."""
+    sq = tl.zeros([SUM_BLOCK], tl.float32)
+    for k0 in range(0, K, SUM_BLOCK):
+        offs = k0 + tl.arange(0, SUM_BLOCK)
+        v = norm_input(x_row, u_row, offs, offs < K, GATED)
+        sq += v * v
+    mean = tl.math.div_rn(pairwise_sum(sq, SUM_BLOCK), K.to(tl.float32))
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))  # torch.rsqrt is 1 / sqrt on CPU
+
+
+@triton.jit
+def normed_row_scale(x_row, u_row, w_ptr, K, rstd, GATED: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr):
+    """a = 127 / max_k |h_k| of the normalized row h (one more pass; activations.activation_scale)."""
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(normed(norm_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K,
+                                              rstd, DT)))
+    return activation_scale(tl.max(amax, 0))
 
 
 @autotune(CONFIGS, key=["K", "GATED"], interpret_config=triton.Config({"BLOCK_K": 64}))
@@ -65,14 +110,14 @@ def _rmsnorm_act_quant_kernel(
     # strides
     stride_xm, stride_um, stride_qm,
     # constexpr
-    GATED: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr, PDL: tl.constexpr, SUM_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per row m.
 
     x_ptr: (M, K) float, unit stride along K; w_ptr: (K,) float, the RMSNorm weight.
-    u_ptr: (M, K) of x's dtype, read if GATED: the norm's input is then relu(x)^2 * u (_input).
+    u_ptr: (M, K) of x's dtype, read if GATED: the norm's input is then relu(x)^2 * u (norm_input).
     xq_ptr: int8 (M, K); a_ptr: float32 (M,); xsum_ptr: int32 (M,) = sum_k x_q[m, k].
-    PDL: launched as a dependent (common.pdl).
+    PDL: launched as a dependent (common.pdl). SUM_BLOCK: sum_block(K) (row_rstd).
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     pdl_start(PDL)
@@ -80,25 +125,12 @@ def _rmsnorm_act_quant_kernel(
     m = tl.program_id(0)
     x_row = x_ptr + m * stride_xm
     u_row = u_ptr + m * stride_um if GATED else u_ptr
-    sq = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = _input(x_row, u_row, offs, offs < K, GATED)
-        sq += x * x
-    mean = tl.math.div_rn(tl.sum(sq, 0), K.to(tl.float32))
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))  # torch.rsqrt is 1 / sqrt on CPU
-
-    amax = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        amax = tl.maximum(amax, tl.abs(_normed(_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K,
-                                               rstd, DT)))
-    a = activation_scale(tl.max(amax, 0))
-
+    rstd = row_rstd(x_row, u_row, K, eps, GATED, SUM_BLOCK)
+    a = normed_row_scale(x_row, u_row, w_ptr, K, rstd, GATED, DT, BLOCK_K)
     xsum = tl.zeros([BLOCK_K], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        q = quantize(_normed(_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K, rstd, DT), a)
+        q = quantize(normed(norm_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K, rstd, DT), a)
         tl.store(xq_ptr + m * stride_qm + offs, q.to(tl.int8), mask=offs < K)
         xsum += q
     tl.store(a_ptr + m, a)
@@ -120,7 +152,8 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
     def launch(x2, x_q, a, xsum):
         u, stride_u = (up2, up2.stride(0)) if up2 is not None else (x2, 0)
         _rmsnorm_act_quant_kernel[(x2.shape[0],)](x2, u, weight, x_q, a, xsum, x2.shape[1], eps, x2.stride(0), stride_u,
-                                                  x2.shape[1], GATED=up2 is not None, **LAUNCH, **pdl(x2))
+                                                  x2.shape[1], GATED=up2 is not None, SUM_BLOCK=sum_block(x2.shape[1]),
+                                                  **LAUNCH, **pdl(x2))
 
     return quantize_rows(x, launch)
 

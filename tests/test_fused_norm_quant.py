@@ -38,7 +38,8 @@ from bitnet.kernels.gemm import reference_gemm
 from bitnet.quant import quantize_activation
 
 K = 64
-KERNEL_OPS = ("rmsnorm_act_quant", "act_quant", "packed_matmul", "packed_matmul_cat", "bitlinear")
+KERNEL_OPS = ("rmsnorm_act_quant", "rmsnorm_packed_matmul_cat", "act_quant", "packed_matmul", "packed_matmul_cat",
+              "bitlinear")
 
 
 def count_kernel_calls(monkeypatch) -> dict[str, int]:
@@ -86,7 +87,8 @@ def test_projections_of_one_input_quantize_it_once(fmt, m, dtype, bias, monkeypa
     calls = count_kernel_calls(monkeypatch)
     with torch.no_grad():
         shared = frozen_projections(x, layers)
-        assert calls == {"rmsnorm_act_quant": 0, "act_quant": 1, "packed_matmul": 0, "packed_matmul_cat": 1, "bitlinear": 0}
+        assert calls == {"rmsnorm_act_quant": 0, "rmsnorm_packed_matmul_cat": 0, "act_quant": 1, "packed_matmul": 0,
+                         "packed_matmul_cat": 1, "bitlinear": 0}
         alone = [layer(x) for layer in layers]  # bitnet::bitlinear each (M = 1: the GEMV quantizes x itself)
     for y, ref in zip(shared, alone):
         assert y.dtype == dtype and torch.equal(y, ref)
@@ -120,8 +122,10 @@ def test_fused_norm_differs_only_through_x_q_and_a(triton_device):
 @pytest.mark.parametrize("m", [1, 5])
 def test_a_bitlinears_own_norm_fuses_into_its_quantization(m, monkeypatch, triton_device):
     """use_rms_norm checkpoints (an RMSNorm inside every BitLinear): frozen on the Triton kernels the
-    layer runs rmsnorm_act_quant then its packed matmul, no separate norm: exactly the packed
-    matmul of the fused kernel's (x_q, a), and within the fusion's bound of norm-then-quantize."""
+    layer runs rmsnorm_packed_matmul_cat (at M = 1 one GEMV normalizing x itself; else
+    rmsnorm_act_quant, then its packed matmul), no separate norm: exactly the packed matmul of
+    rmsnorm_act_quant's (x_q, a) (the GEMV's norm sums in the same order), and within the
+    fusion's bound of norm-then-quantize."""
     torch.manual_seed(0)
     layer = BitLinear(K, 24, bias=True, rms_norm_eps=1e-6, kernel="triton").freeze().to(triton_device)
     with torch.no_grad():
@@ -130,7 +134,7 @@ def test_a_bitlinears_own_norm_fuses_into_its_quantization(m, monkeypatch, trito
     calls = count_kernel_calls(monkeypatch)
     with torch.no_grad():
         y = layer(x)
-    assert calls["rmsnorm_act_quant"] == 1 and calls["bitlinear"] == 0
+    assert calls["rmsnorm_packed_matmul_cat"] == 1 and calls["bitlinear"] == 0
     x_q, a = kernels.rmsnorm_act_quant(x, layer.rms_norm.weight, 1e-6)
     exact = reference_gemm(x_q.cpu(), layer.weight.cpu(), 24, layer.packing, layer.weight_scale.cpu(), a.cpu(),
                            layer.bias.cpu(), torch.float32)
@@ -144,7 +148,106 @@ def test_a_bitlinears_own_norm_fuses_into_its_quantization(m, monkeypatch, trito
     with torch.no_grad():
         layer(x)
     hooked.remove()
-    assert calls["rmsnorm_act_quant"] == before["rmsnorm_act_quant"] and calls["bitlinear"] == before["bitlinear"] + 1
+    assert calls["rmsnorm_packed_matmul_cat"] == before["rmsnorm_packed_matmul_cat"]
+    assert calls["bitlinear"] == before["bitlinear"] + 1
+
+
+# ----------------------------------------------------------------------------- the norm inside the decode GEMV
+def mean_square_four(k: int, seed: int) -> torch.Tensor:
+    """(1, k) integers in -4 .. 4 whose squares sum to exactly 4 k: +-2 everywhere, and groups of
+    eight turned into (3, 3, 3, 1, 1, 1, 1, 1) or (4, 4, 0, ..., 0) (32 each), shuffled, random
+    signs. With eps = 0 every summation order and every rsqrt give rstd = 1/2 exactly."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.full((k,), 2.0)
+    patterns = [torch.tensor([3.0, 3, 3, 1, 1, 1, 1, 1]), torch.tensor([4.0, 4, 0, 0, 0, 0, 0, 0])]
+    for j in range(k // 8):
+        choice = int(torch.randint(3, (1,), generator=g))
+        if choice < 2:
+            v[8 * j:8 * j + 8] = patterns[choice]
+    signs = torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0)
+    return (v * signs)[torch.randperm(k, generator=g)][None]
+
+
+def gated_pair(v: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) with relu(gate)^2 * up = v exactly: gate 1 or 2 (up v or v / 4) where v != 0, a
+    gate of 0 or below (which relu must zero) beside a nonzero up where v == 0."""
+    g = torch.Generator().manual_seed(seed)
+    two = torch.rand(v.shape, generator=g) < 0.5
+    gate = torch.where(two, 2.0, 1.0)
+    up = torch.where(two, v / 4, v)
+    off = v == 0
+    gate = torch.where(off, -torch.randint(0, 3, v.shape, generator=g).float(), gate)
+    up = torch.where(off, torch.randn(v.shape, generator=g), up)
+    return gate, up
+
+
+@pytest.mark.parametrize("fmt, gated, k", [("2bit", False, 200), ("2bit", True, 203), ("1.6bit", True, 200),
+                                           ("1.6bit", False, 203), ("1bit", False, 200), ("1bit", True, 203)])
+def test_the_decode_gemv_runs_the_norm_exactly(fmt, gated, k, triton_device):
+    """rmsnorm_packed_matmul_cat at M = 1 (one GEMV launch normalizing x itself), on rows built so
+    that RMSNorm has one exact answer (mean square 4, eps 0): equal bit for bit to torch's RMSNorm,
+    quantize_activation and the exact integer matmul on the CPU, for q / k / v in one launch and
+    for one matrix with a bias and the residual added (o_proj, down_proj); words and bytes (odd K).
+    float32: the interpreter's bfloat16 casts truncate (bf16 is checked against rmsnorm_act_quant below)."""
+    d = triton_device
+    v = mean_square_four(k, seed=k)
+    x, up = gated_pair(v, seed=k + 1) if gated else (v, None)
+    weight = 0.5 + torch.randint(0, 7, (k,), generator=torch.Generator().manual_seed(3)).float() / 4
+    h = torch.nn.functional.relu(x).square() * up if gated else x
+    x_q, a = quantize_activation(bitnet.quant.rms_norm(h, weight, 0.0))  # the reference, on the CPU
+    torch.manual_seed(k)
+    bits = "binary" if fmt == "1bit" else "ternary"
+    for ns, bias, residual in (([48, 16, 16], False, False), ([40], True, True)):
+        layers = [BitLinear(k, n, bias=bias, weight_bits=bits).freeze(fmt) for n in ns]
+        res = torch.randn(1, ns[0]) if residual else None
+        y = kernels.rmsnorm_packed_matmul_cat(
+            x.to(d), weight.to(d), 0.0, [m.weight.to(d) for m in layers], [m.weight_scale.to(d) for m in layers], ns, fmt,
+            [m.bias.to(d) if bias else None for m in layers], up=None if up is None else up.to(d),
+            residual=None if res is None else res.to(d)).cpu()
+        ref = torch.cat([reference_gemm(x_q, m.weight, n, fmt, m.weight_scale, a, m.bias if bias else None)
+                         for m, n in zip(layers, ns)], 1)
+        assert torch.equal(y, ref if res is None else res + ref), (ns, (y - ref).abs().max())
+
+
+@pytest.mark.parametrize("dtype, gated, k", [(torch.float32, False, 256), (torch.bfloat16, True, 256),
+                                             (torch.bfloat16, False, 4100), (torch.float32, True, 4100)])
+def test_the_decode_gemv_quantizes_as_the_norm_kernel(dtype, gated, k, triton_device):
+    """On any row (eps 1e-5; K past one 4096-wide step of the sum of squares) the GEMV's norm gives
+    the x_q and a of rmsnorm_act_quant bit for bit, whatever each kernel's tile and warps (both sum
+    the squares in an order fixed by K: rmsnorm_quant.row_rstd), and its output is exactly the
+    packed matmul of them."""
+    from bitnet.kernels.gemv import gemv_cat
+
+    d = triton_device
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(1, k, generator=g) * 3).to(d, dtype)
+    up = torch.randn(1, k, generator=g).to(d, dtype) if gated else None
+    weight = (torch.rand(k, generator=g) + 0.5).to(d, dtype)
+    layers = [BitLinear(k, n, bias=False).freeze("2bit").to(d) for n in (24, 8)]
+    packed, scales = [m.weight for m in layers], [m.weight_scale for m in layers]
+    x_q, a = torch.empty(1, k, dtype=torch.int8, device=d), torch.empty(1, device=d)
+    y = gemv_cat(x, packed, [24, 8], "2bit", scales, norm_weight=weight, eps=1e-5, up=up, quantized_out=(x_q, a))
+    r_q, r_a = kernels.rmsnorm_act_quant(x, weight, 1e-5, up=up)
+    assert torch.equal(x_q, r_q) and torch.equal(a, r_a.reshape(-1))
+    assert torch.equal(y, kernels.packed_matmul_cat(r_q, r_a, packed, scales, [24, 8], "2bit", out_dtype=dtype))
+
+
+def test_the_decode_gemv_refuses_a_norm_it_cannot_run(triton_device):
+    from bitnet.kernels.gemv import gemv_cat
+
+    d = triton_device
+    layer = BitLinear(64, 8, bias=False).freeze("2bit").to(d)
+    args = ([layer.weight], [8], "2bit", [layer.weight_scale])
+    x = torch.randn(1, 64, device=d)
+    with pytest.raises(ValueError, match="weight of shape \\(64,\\)"):
+        gemv_cat(x, *args, norm_weight=torch.ones(63, device=d))
+    with pytest.raises(ValueError, match="float x"):
+        gemv_cat(torch.ones(1, 64, dtype=torch.int8, device=d), *args, a=torch.ones(1, device=d),
+                 out_dtype=torch.float32, norm_weight=torch.ones(64, device=d))
+    with pytest.raises(ValueError, match="up must have the gate's shape"):
+        gemv_cat(x, *args, norm_weight=torch.ones(64, device=d), up=torch.ones(1, 32, device=d))
+    with pytest.raises(ValueError, match="pass norm_weight"):
+        gemv_cat(x, *args, up=torch.ones(1, 64, device=d))
 
 
 # ----------------------------------------------------------------------------- the skip connection in the epilogue
@@ -285,9 +388,10 @@ def test_fused_path_is_taken_on_the_triton_kernels(monkeypatch, triton_device):
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     calls = count_kernel_calls(monkeypatch)
     one_forward(model, triton_device)
-    # the four norms fused, the projections of each fed its (x_q, a) together (q / k / v, o, gate / up,
-    # down): 4 + 4 calls, no bitnet::bitlinear
-    assert calls == {"rmsnorm_act_quant": 4, "act_quant": 0, "packed_matmul": 0, "packed_matmul_cat": 4, "bitlinear": 0}
+    # the four norms fused into the GEMV of the projections they feed (q / k / v, o, gate / up, down):
+    # 4 calls, 4 launches, no bitnet::bitlinear
+    assert calls == {"rmsnorm_act_quant": 0, "rmsnorm_packed_matmul_cat": 4, "act_quant": 0, "packed_matmul": 0,
+                     "packed_matmul_cat": 0, "bitlinear": 0}
 
 
 def test_relu2_gate_is_folded_into_the_sub_norm(monkeypatch, triton_device):
@@ -297,8 +401,9 @@ def test_relu2_gate_is_folded_into_the_sub_norm(monkeypatch, triton_device):
     assert model.config.hidden_act == "relu2" and model.config.sub_norms
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     gated = []
-    real = kernels.rmsnorm_act_quant
-    monkeypatch.setattr(kernels, "rmsnorm_act_quant", lambda *a, up=None, **kw: gated.append(up is not None) or real(*a, up=up, **kw))
+    real = kernels.rmsnorm_packed_matmul_cat
+    monkeypatch.setattr(kernels, "rmsnorm_packed_matmul_cat",
+                        lambda *a, up=None, **kw: gated.append(up is not None) or real(*a, up=up, **kw))
     one_forward(model, triton_device)
     assert sorted(gated) == [False] * 6 + [True] * 2
     gated.clear()
@@ -309,11 +414,14 @@ def test_relu2_gate_is_folded_into_the_sub_norm(monkeypatch, triton_device):
 
 @pytest.mark.parametrize("hooked, expected", [
     # q / k / v each alone (a hook on one of them), their norm unfused; the other three norms fused
-    ("self_attn.q_proj", {"rmsnorm_act_quant": 3, "act_quant": 0, "packed_matmul": 0, "packed_matmul_cat": 3, "bitlinear": 3}),
+    ("self_attn.q_proj", {"rmsnorm_act_quant": 0, "rmsnorm_packed_matmul_cat": 3, "act_quant": 0, "packed_matmul": 0,
+                          "packed_matmul_cat": 0, "bitlinear": 3}),
     # the input norm runs as a module; q / k / v still share one act_quant
-    ("input_layernorm", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 0, "packed_matmul_cat": 4, "bitlinear": 0}),
+    ("input_layernorm", {"rmsnorm_act_quant": 0, "rmsnorm_packed_matmul_cat": 3, "act_quant": 1, "packed_matmul": 0,
+                         "packed_matmul_cat": 1, "bitlinear": 0}),
     # the attention block gets its input normed (the hook sees it so), then as above
-    ("self_attn", {"rmsnorm_act_quant": 3, "act_quant": 1, "packed_matmul": 0, "packed_matmul_cat": 4, "bitlinear": 0}),
+    ("self_attn", {"rmsnorm_act_quant": 0, "rmsnorm_packed_matmul_cat": 3, "act_quant": 1, "packed_matmul": 0,
+                   "packed_matmul_cat": 1, "bitlinear": 0}),
 ])
 def test_hooks_keep_the_modules_they_watch(hooked, expected, monkeypatch, triton_device):
     model = tiny(layers=1).to(triton_device)
@@ -339,7 +447,8 @@ def test_no_fusion_off_the_triton_path(monkeypatch, triton_device):
     frozen = tiny(layers=1).to(triton_device)
     frozen(torch.tensor([[7]], device=triton_device))  # autograd on (the norms' weights): the fused op has no backward
     # no norm fused; q / k / v and gate / up still share one act_quant each, o / down run alone
-    assert calls == {"rmsnorm_act_quant": 0, "act_quant": 2, "packed_matmul": 0, "packed_matmul_cat": 2, "bitlinear": 2}
+    assert calls == {"rmsnorm_act_quant": 0, "rmsnorm_packed_matmul_cat": 0, "act_quant": 2, "packed_matmul": 0,
+                     "packed_matmul_cat": 2, "bitlinear": 2}
     monkeypatch.setenv("BITNET_KERNEL", "torch")
     calls.update(dict.fromkeys(calls, 0))
     one_forward(frozen, triton_device)
@@ -395,15 +504,16 @@ def test_fused_layer_compiles_as_one_graph(triton_device):
             x = torch.randn(1, T, model.config.hidden_size, device=triton_device)
             cos, sin = model.model.rotary(torch.arange(T, device=triton_device)[None], x.dtype)
             assert torch.equal(compiled(x, cos, sin, None, None), layer(x, cos, sin, None, None))
-    ops_in_graph = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert ops_in_graph.count(torch.ops.bitnet.rmsnorm_act_quant) == 4
-    assert ops_in_graph.count(torch.ops.bitnet.packed_matmul_cat) == 4
+    for graph in graphs:  # T = 1 (one GEMV launch each at run time) and T = 3 (the norm kernel, then the GEMM)
+        ops_in_graph = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+        assert ops_in_graph.count(torch.ops.bitnet.rmsnorm_packed_matmul_cat) == 4
+        assert torch.ops.bitnet.packed_matmul_cat not in ops_in_graph
 
 
-def test_host_overhead_benchmark_counts_ten_launches_a_decode_layer(tmp_path, triton_device):
+def test_host_overhead_benchmark_counts_six_launches_a_decode_layer(tmp_path, triton_device):
     """benchmarks/host_overhead.py on the tiny preset: a decode layer on the Triton path issues four
-    rmsnorm_act_quant, four GEMVs (q/k/v, o, gate/up, down), the RoPE + cache write and the decode
-    attention (one split: a short cache), nothing else; the stubs come off."""
+    GEMVs (q/k/v, o, gate/up, down; each runs the RMSNorm in front of it), the RoPE + cache write
+    and the decode attention (one split: a short cache), nothing else; the stubs come off."""
     if triton_device != "cpu":
         pytest.skip("stubs the kernels of a CPU (interpreter) run")
     import importlib.util
@@ -418,7 +528,7 @@ def test_host_overhead_benchmark_counts_ten_launches_a_decode_layer(tmp_path, tr
     spec.loader.exec_module(bench)
     kernel = gemv._gemv_kernel
     result = bench.measure(bench.HostArgs(preset="tiny", layers=2, iters=2, dtype="float32", out_dir=str(tmp_path)))
-    assert result["triton_launches"] == 10 and result["layer_us"] > 0 and result["torch_ops"] > 0
+    assert result["triton_launches"] == 6 and result["layer_us"] > 0 and result["torch_ops"] > 0
     assert gemv._gemv_kernel is kernel
 
 
