@@ -115,7 +115,8 @@ class CapturedDecodeStep:
             decode_step(model, *self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls of other threads (a server's) do not invalidate this recording
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = decode_step(model, *self.inputs)
 
     def __call__(self, model, tokens, input_pos, position_ids, key_mask) -> torch.Tensor:

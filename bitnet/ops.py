@@ -288,9 +288,10 @@ log = logging.getLogger(__name__)
 def record_cuda_graph(record: Callable[[], T], what: str, device: torch.device | str | None = None) -> T:
     """record() (a CUDA graph's recording of `what`). Where it fails while the Triton kernels launch
     with programmatic dependent launch (bitnet.kernels.common.pdl; a driver that cannot record it),
-    PDL is turned off for the process, as BITNET_PDL=0 would, with a warning, and record() runs
-    once more; a second failure, or one where no dependent launches are in use (on `device`, or on
-    any device if None), is the caller's (who then runs eagerly)."""
+    record() runs once more with PDL off; where that succeeds PDL stays off for the process, as
+    BITNET_PDL=0 would, with a warning. A second failure (then not PDL's: PDL is turned back on),
+    or one where no dependent launches are in use (on `device`, or on any device if None), is the
+    caller's (who then runs eagerly)."""
     try:
         return record()
     except Exception:
@@ -298,7 +299,12 @@ def record_cuda_graph(record: Callable[[], T], what: str, device: torch.device |
 
         if not common.pdl_in_use(device):
             raise
-        log.warning("recording %s as a CUDA graph with programmatic dependent launch failed; recording it again "
-                    "without (as BITNET_PDL=0, for the rest of this process)", what, exc_info=True)
         common.PDL_ENABLED = False
-        return record()
+        try:
+            graph = record()
+        except Exception:
+            common.PDL_ENABLED = True  # it fails without PDL too: something else is wrong
+            raise
+        log.warning("recording %s as a CUDA graph with programmatic dependent launch failed, and without it "
+                    "succeeded: PDL is off (as BITNET_PDL=0) for the rest of this process", what, exc_info=True)
+        return graph

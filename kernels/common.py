@@ -86,7 +86,7 @@ def pdl_probe(index: int) -> bool:
             for _ in range(2):
                 _pdl_probe_kernel[(1,)](counter, **_WITH_PDL)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # (a server's other threads)
                 for _ in range(2):
                     _pdl_probe_kernel[(1,)](counter, **_WITH_PDL)
             graph.replay()

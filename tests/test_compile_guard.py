@@ -8,8 +8,13 @@ there is no GPU, and the interpreter replaces every kernel by Python).
 
 - default tier: every kernel with the Triton installed here (CI's), both architectures;
 - default tier: the guard fails, naming the kernel and the cause, on the bug it exists for;
-- slow tier: the same guard with the oldest Triton that pyproject.toml allows (the floor; 3.6 is
-  the GPU machines' version), installed once into ~/.cache/bitnet-test (CI runs it as a step).
+- default tier: every launch of a run (tests/launch_check.py: generate, the server's steps, the
+  heads, with and without biases) compiled for sm_90 with its real arguments, which the variants
+  approximate (a None argument is a constexpr there, a pointer in a variant); and a kernel that
+  compiles as a variant and not as launched, named by it;
+- slow tier: the guard and the launch check with the oldest Triton that pyproject.toml allows (the
+  floor; 3.6 is the GPU machines' version), installed once into ~/.cache/bitnet-test (CI runs it
+  as a step).
 """
 
 from __future__ import annotations
@@ -207,6 +212,73 @@ def test_pdl_order_check_catches_a_read_before_the_wait(tmp_path):
     assert "no PREEXIT" in no_wait and "no ACQBULK" in no_wait, r.stdout
 
 
+# ----------------------------------------------------------------------------- a run's launches, as a GPU compiles them
+LAUNCHED_KERNELS = {"_gemv_kernel", "_gemm_kernel", "_gemm_int8_kernel", "_unpack_kernel", "_act_quant_kernel",
+                    "_rmsnorm_act_quant_kernel", "_rope_cache_kernel", "_decode_attention_kernel", "_int8_linear_kernel",
+                    "_int4_linear_kernel"}
+
+
+def _launch_check(arch: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "launch_check.py"), arch], env=env or _env(),
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+
+
+def test_every_launch_of_a_run_compiles_for_sm90():
+    """tests/launch_check.py: generate, the server's steps, the quantized heads and the launcher
+    paths a tiny model does not take, every Triton launch compiled for sm_90 with its real
+    arguments (None specialized as on a GPU), ASM and PDL on."""
+    r = _launch_check("90")
+    assert r.returncode == 0, f"{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+    summary = next(line for line in r.stdout.splitlines() if line.startswith("compiled "))
+    assert {name for name in LAUNCHED_KERNELS if f"'{name}'" in summary} == LAUNCHED_KERNELS, summary
+
+
+NONE_IN_A_TUPLE = '''
+import torch
+import triton
+import triton.language as tl
+from bitnet.kernels import compile_check
+
+
+@triton.jit
+def pick(bias_ptr, HAS_BIAS: tl.constexpr):
+    bias = bias_ptr  # None when the launcher passes none: a None in the returned tuple does not compile
+    if HAS_BIAS:
+        bias = bias_ptr + 1
+    return 1.0, bias
+
+
+@triton.jit
+def _none_kernel(y_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    factor, bias = pick(bias_ptr, HAS_BIAS)
+    tl.store(y_ptr, factor)
+
+
+v = compile_check.Variant("_none_kernel", dict(HAS_BIAS=False), dict(y_ptr="*fp32", bias_ptr="*fp32"))
+print("variant:", compile_check.compile_variant(v, fn=_none_kernel).ok)
+with compile_check.launches_compiled(90) as log:
+    _none_kernel[(1,)](torch.zeros(1), torch.zeros(1), HAS_BIAS=True)
+    try:
+        _none_kernel[(1,)](torch.zeros(1), None, HAS_BIAS=False)
+    except Exception:
+        pass
+print("compiled:", log.compiled)
+print("failed:", [(kernel, flags) for kernel, flags, _ in log.failures])
+'''
+
+
+def test_the_launch_check_sees_what_the_variants_cannot(tmp_path):
+    """The bug the launch check exists for, in miniature: compiled as a variant (a pointer type) the
+    kernel is fine; launched with None, as the launchers pass a missing bias, it does not compile,
+    and the check names the kernel."""
+    script = tmp_path / "none_in_a_tuple.py"
+    script.write_text(textwrap.dedent(NONE_IN_A_TUPLE))
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "variant: True" in r.stdout and "compiled: {'_none_kernel': 1}" in r.stdout, r.stdout
+    assert "failed: [('_none_kernel', {'HAS_BIAS': False})]" in r.stdout, r.stdout
+
+
 def _triton_floor() -> str:
     text = (ROOT / "pyproject.toml").read_text()
     m = re.search(r'"triton>=([0-9.]+)', text)
@@ -214,10 +286,9 @@ def _triton_floor() -> str:
     return m.group(1)
 
 
-@pytest.mark.slow
-def test_every_kernel_compiles_with_the_oldest_supported_triton():
-    """The floor in pyproject.toml is the Triton checked here: it is installed (once, cached) into
-    its own folder and put first on the path of the guard's process, for sm_90 (the GPU machines')."""
+def _floor_env() -> tuple[str, dict]:
+    """The oldest Triton pyproject.toml allows, installed (once, cached) into its own folder, and an
+    environment that puts it first on a process's path."""
     floor = _triton_floor()
     version = floor if floor.count(".") == 2 else floor + ".0"
     target = Path(os.environ.get("BITNET_TEST_CACHE", Path.home() / ".cache" / "bitnet-test")) / f"triton-{version}"
@@ -225,8 +296,26 @@ def test_every_kernel_compiles_with_the_oldest_supported_triton():
         install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                                   f"triton=={version}"], capture_output=True, text=True, timeout=900)
         assert install.returncode == 0, f"could not install triton=={version}:\n{install.stderr[-3000:]}"
-    env = _env(PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    return version, _env(PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_with_the_oldest_supported_triton():
+    """The floor in pyproject.toml is the Triton checked here: it is installed (once, cached) into
+    its own folder and put first on the path of the guard's process, for sm_90 (the GPU machines')."""
+    version, env = _floor_env()
     r = _guard("--arch", "90", env=env, timeout=1800)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.stdout.startswith(f"Triton {version}:"), f"the guard did not run with Triton {version}:\n{r.stdout[:500]}"
     assert r.returncode == 0, f"the compile guard failed with Triton {version}:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+
+
+@pytest.mark.slow
+def test_every_launch_of_a_run_compiles_with_the_oldest_supported_triton():
+    """tests/launch_check.py with the floor's Triton (the GPU machines' 3.6), for sm_90."""
+    version, env = _floor_env()
+    probe = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == version, probe.stdout + probe.stderr
+    r = _launch_check("90", env=env)
+    assert r.returncode == 0, f"{r.stdout[-20000:]}\n{r.stderr[-5000:]}"

@@ -337,10 +337,11 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
 
 
 def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
-    """ops.record_cuda_graph: where recording fails with programmatic dependent launch on, PDL is
-    turned off for the process (logged) and the recording runs once more; with PDL off already, on
-    a device that launches no dependents (a CPU runner, a GPU before Hopper), or failing again, the
-    failure is the caller's. (pdl() itself never applies off CUDA.)"""
+    """ops.record_cuda_graph: where recording fails with programmatic dependent launch on, the
+    recording runs once more without it, and where that succeeds PDL stays off for the process
+    (logged); with PDL off already, on a device that launches no dependents (a CPU runner, a GPU
+    before Hopper), or failing again (PDL then turned back on: not what failed), the failure is the
+    caller's. (pdl() itself never applies off CUDA.)"""
     from bitnet import ops
     from bitnet.kernels import common
 
@@ -357,7 +358,7 @@ def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
 
     with caplog.at_level("WARNING"):
         assert ops.record_cuda_graph(record, "a step", "cuda:0") == "graph"
-    assert calls == [True, False] and not common.PDL_ENABLED and "without (as BITNET_PDL=0" in caplog.text
+    assert calls == [True, False] and not common.PDL_ENABLED and "(as BITNET_PDL=0)" in caplog.text
     calls.clear()
     monkeypatch.setattr(common, "PDL_ENABLED", True)  # a CPU runner's recording: PDL is not what failed it
     with pytest.raises(RuntimeError, match="operation not permitted"):
@@ -371,7 +372,7 @@ def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
     monkeypatch.setattr(common, "PDL_ENABLED", True)
     with pytest.raises(RuntimeError, match="always"):
         ops.record_cuda_graph(lambda: calls.append(2) or (_ for _ in ()).throw(RuntimeError("always")), "a step")
-    assert calls == [1, 2, 2]
+    assert calls == [1, 2, 2] and common.PDL_ENABLED  # failed without PDL too: PDL back on
     monkeypatch.setattr(common, "PDL_ENABLED", True)
     monkeypatch.setattr(common, "_PDL_DEVICES", {0: False})  # no device launches dependents (or none has yet)
     with pytest.raises(RuntimeError, match="always"):

@@ -319,7 +319,8 @@ class _BucketStep:
                 self._run()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
+            # thread_local: the HTTP thread's CUDA calls (a sampling request's generator) do not invalidate it
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
                 self.logits = self._run()
 
     def _run(self) -> torch.Tensor:
