@@ -36,8 +36,9 @@
 #   kernels   55  bench_kernels.py: first the decode attention against SDPA (batch 1 8, 160 1024 4096
 #                 slots) and the lm_head GEMVs (bf16, int8, int4 at 128256 x 2560, M 1 8), then
 #                 2560x6912 6912x2560 8192x8192 28672x8192, M 1 16 2048, 2bit at every M, 1.6bit and
-#                 1bit at M = 1, GPU time (CUDA graph) and eager call (each shape's autotuning compiles
-#                 ~30 configs: a stage that runs out of time loses the last shapes, not the tables)
+#                 1bit at M = 1, GPU time (CUDA graph) and eager call (each new key's configs are first
+#                 compiled side by side by BITNET_PRECOMPILE workers; a stage that runs out of time
+#                 loses the last shapes, not the tables)
 #                 -> bench_kernels_cuda.{json,md} (saved shape by shape)
 #   gpu_peers 90  peer_gpu_kernels.py (not a default stage: call 2): ours, bitnet.cpp's W2A8 GEMV
 #                 (built here with nvcc from .peers), gemlite and bf16 cuBLAS, each checked against

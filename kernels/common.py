@@ -175,16 +175,29 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
     """triton.autotune over `configs` on a GPU, pruned by `prune(configs, named_args, **kwargs)`, as
     the BITNET_AUTOTUNE policy says (above). Under the interpreter only `interpret_config` (small
     blocks, no benchmarking): autotuning there would time every config on the CPU for nothing.
-    `kernel.configs = [config]` pins one config (tests/test_configs.py)."""
+    `kernel.configs = [config]` pins one config (tests/test_configs.py). With `full`, a new key's
+    configs are first compiled side by side in worker processes (precompile.py, BITNET_PRECOMPILE=0
+    turns it off), then timed: Triton would compile them one by one."""
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=key)
 
-    def early_prune(configs, named_args, **kwargs):
-        fitting = prune(configs, named_args, **kwargs) if prune else configs
-        return fitting[:1] if autotune_policy() == "first" else fitting
+    def decorate(fn):
+        def early_prune(configs, named_args, **kwargs):
+            fitting = prune(configs, named_args, **kwargs) if prune else configs
+            if autotune_policy() == "first":
+                return fitting[:1]
+            device = next((v.device for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+            if device is not None and len(fitting) > 1:  # compile them side by side first (precompile.py)
+                from .precompile import precompile
 
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
-                           do_bench=_time_config)
+                major, minor = torch.cuda.get_device_capability(device)
+                precompile(fn, fitting, named_args, kwargs, 10 * major + minor)
+            return fitting
+
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
+                               do_bench=_time_config)(fn)
+
+    return decorate
 
 
 @triton.jit

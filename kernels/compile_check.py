@@ -66,13 +66,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import dataclasses
 import itertools
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+
+from .precompile import LaunchLog, _message, launches_compiled, precompile  # noqa: F401 (the launch check, here too)
 
 ARCHS = (90, 80)
 # The largest shared memory one program (CTA) may ask for, in bytes (CUDA's opt-in per-block limit).
@@ -471,86 +472,6 @@ def sass_summary(v: Variant) -> str:
     return "\n".join(lines)
 
 
-class _FakeDriver:
-    """What Triton's launch path asks of the active driver before it compiles (no launch follows)."""
-
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        import torch
-
-        return torch.device("cpu")
-
-
-@dataclass
-class LaunchLog:
-    """What launches_compiled saw: compiles per kernel, and each failure as (kernel, its upper-case
-    constexprs, the compiler's message)."""
-
-    compiled: dict[str, int] = field(default_factory=dict)
-    failures: list[tuple[str, dict, str]] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def launches_compiled(arch: int = 90):
-    """Within it, every Triton launch the package makes on CPU tensors is compiled for sm_<arch>
-    through Triton's own launch path instead of run: its real arguments specialized as on a GPU
-    (None, 16-byte alignment, integers of 1 become constexprs: what variants() cannot see), with
-    ASM and PDL as a CUDA launch sets them, autotuning on its first config (BITNET_AUTOTUNE=first).
-    Nothing runs: outputs are left as allocated. Yields a LaunchLog; each failure is also raised
-    in the caller. The kernels
-    must have been imported without TRITON_INTERPRET; a caller that wants the package to pick the
-    Triton path for CPU tensors sets TRITON_INTERPRET=1 after that import (bitnet.ops reads it per
-    call). Triton's driver and JITFunction.run are restored on exit."""
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
-    log = LaunchLog()
-    original = JITFunction.run
-    policy = os.environ.get("BITNET_AUTOTUNE")
-
-    def run(self, *args, grid, warmup, **kwargs):
-        if "ASM" in kwargs:
-            kwargs["ASM"] = True
-        if "PDL" in kwargs:
-            kwargs["PDL"] = arch >= 90
-            if arch >= 90:
-                kwargs["launch_pdl"] = True
-        try:
-            kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
-        except Exception as e:
-            log.failures.append((self.fn.__name__, {k: v for k, v in kwargs.items() if k.isupper()}, _message(e)))
-            raise
-        log.compiled[self.fn.__name__] = log.compiled.get(self.fn.__name__, 0) + 1
-        return kernel
-
-    previous = driver._active  # (a CPU machine has no driver to reset to)
-    driver.set_active(_FakeDriver(arch))
-    JITFunction.run = run
-    os.environ["BITNET_AUTOTUNE"] = "first"
-    try:
-        yield log
-    finally:
-        JITFunction.run = original
-        driver._active = previous
-        if policy is None:
-            os.environ.pop("BITNET_AUTOTUNE", None)
-        else:
-            os.environ["BITNET_AUTOTUNE"] = policy
-
-
 def pdl_samples() -> list[Variant]:
     """The variants --pdl-order reads: per PDL kernel its first aligned sm_90 variant, and for the
     GEMV also its first one with int8 activations (the model's decode path)."""
@@ -561,23 +482,6 @@ def pdl_samples() -> list[Variant]:
             seen.add(key)
             out.append(v)
     return out
-
-
-def _message(e: BaseException) -> str:
-    """The compiler's message: the source excerpt it points at (its last lines, where the caret
-    is), then every exception in the chain beneath it (a CompilationError's cause is the real
-    reason, e.g. the TypeError of two return types)."""
-    chain, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    lines = f"{type(chain[0]).__name__}: {chain[0]}".strip().splitlines()
-    out = lines[:1] + (["    ..."] if len(lines) > 13 else []) + lines[max(1, len(lines) - 12):]
-    for cause in chain[1:]:
-        text = " ".join(f"{cause}".split())
-        out.append(f"caused by {type(cause).__name__}: {text if cause is chain[-1] else text[:160] + ' ...'}")
-    return "\n".join(out)
 
 
 def run(archs=ARCHS, kernels: list[str] | None = None, jobs: int | None = None, progress=None) -> list[Result]:

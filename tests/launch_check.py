@@ -1,5 +1,5 @@
 """Every Triton launch of a real run, compiled for one architecture through Triton's own launch
-path, without a GPU (bitnet.kernels.compile_check.launches_compiled): a tiny model with and without
+path, without a GPU (bitnet.kernels.precompile.launches_compiled): a tiny model with and without
 biases through generate (one sequence; two, padded), the server's runner (prefill, a batched
 decode, a mixed step) and its int8 / int4 heads, and the launcher paths that model does not take
 (a layer from float x, int32 outputs, the unpacked GEMM of a long prefill) in every format.
@@ -19,7 +19,7 @@ import time
 assert os.environ.get("TRITON_INTERPRET") != "1", "import the kernels as real JITFunctions: unset TRITON_INTERPRET"
 import torch
 
-from bitnet.kernels import compile_check, custom_ops, gemm
+from bitnet.kernels import custom_ops, gemm, precompile
 
 os.environ["TRITON_INTERPRET"] = "1"  # from here on only so that bitnet.ops takes the Triton path for CPU tensors
 os.environ["BITNET_KERNEL"] = "triton"
@@ -60,7 +60,7 @@ def tiny(config, head_bits=None):
 
 def main(arch: int) -> int:
     start = time.time()
-    with compile_check.launches_compiled(arch) as log:
+    with precompile.launches_compiled(arch) as log:
         for bias in (False, True):  # the 2B-4T layout has none; Llama-style conversions may
             config = BitNetConfig.from_preset("tiny", attention_bias=bias, mlp_bias=bias)
             model = tiny(config)

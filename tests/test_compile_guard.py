@@ -237,7 +237,7 @@ NONE_IN_A_TUPLE = '''
 import torch
 import triton
 import triton.language as tl
-from bitnet.kernels import compile_check
+from bitnet.kernels import compile_check, precompile
 
 
 @triton.jit
@@ -256,7 +256,7 @@ def _none_kernel(y_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
 
 v = compile_check.Variant("_none_kernel", dict(HAS_BIAS=False), dict(y_ptr="*fp32", bias_ptr="*fp32"))
 print("variant:", compile_check.compile_variant(v, fn=_none_kernel).ok)
-with compile_check.launches_compiled(90) as log:
+with precompile.launches_compiled(90) as log:
     _none_kernel[(1,)](torch.zeros(1), torch.zeros(1), HAS_BIAS=True)
     try:
         _none_kernel[(1,)](torch.zeros(1), None, HAS_BIAS=False)
@@ -277,6 +277,55 @@ def test_the_launch_check_sees_what_the_variants_cannot(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "variant: True" in r.stdout and "compiled: {'_none_kernel': 1}" in r.stdout, r.stdout
     assert "failed: [('_none_kernel', {'HAS_BIAS': False})]" in r.stdout, r.stdout
+
+
+PRECOMPILE = '''
+import glob
+import os
+
+import torch
+
+from bitnet.kernels import gemv, precompile
+from bitnet.packing import pack
+
+cache = os.environ["TRITON_CACHE_DIR"]
+cubins = lambda: len(glob.glob(os.path.join(cache, "*", "*.cubin")))  # noqa: E731
+jit = gemv._gemv_kernel.fn
+k, n = 2048, 256  # the model's decode GEMV from int8 x_q, as gemv_cat launches it
+x, w = torch.randint(-128, 128, (1, k), dtype=torch.int8), pack(torch.randint(-1, 2, (n, k), dtype=torch.int8), "2bit")
+a, s, y = torch.rand(1), torch.tensor([0.02]), torch.empty(1, n, dtype=torch.bfloat16)
+named = dict(zip(jit.arg_names, [x, a, w, s, None, y, s, None, s, None, None, None, None, None,
+                                 n, k, n // 4, 0, 0, 0, 0, 0, 0, 1e-6, k // 4, k // 4, n, 0, 0]))
+kwargs = dict(P=4, QUANTIZE_X=False, HAS_BIAS=False, OUT_INT32=False, LANES=4, ASM=True, SEGMENTS=1, HAS_RES=False,
+              PDL=True, launch_pdl=True, NORM=False, GATED=False, XQ_OUT=False, SUM_BLOCK=1, BLOCK_A=2048,
+              enable_fp_fusion=False, grid=(1,), warmup=False)
+configs = gemv._prune(gemv.CONFIGS, named, **kwargs)
+print("precompiled", precompile.precompile(jit, configs, named, kwargs, 90, workers=2), "of", len(configs),
+      "cubins", cubins())
+before = cubins()
+launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+with precompile.launches_compiled(90, as_cuda=False) as log:
+    for c in configs:
+        jit.run(*named.values(), grid=(1,), warmup=False, **launch, **c.all_kwargs())
+print("launched", sum(log.compiled.values()), "new cubins", cubins() - before)
+print("again", precompile.precompile(jit, configs, named, kwargs, 90, workers=2))
+'''
+
+
+def test_precompile_fills_the_cache_the_launches_read(tmp_path):
+    """precompile.precompile (what autotuning with BITNET_AUTOTUNE=full does first for a new key
+    on a GPU): two worker processes compile the GEMV's fitting configs from stand-in arguments into
+    Triton's cache; the launches of those configs with the real arguments then compile nothing new
+    (their cache keys are the workers'), and a second call has nothing left to do."""
+    script = tmp_path / "precompile_gemv.py"
+    script.write_text(textwrap.dedent(PRECOMPILE))
+    r = subprocess.run([sys.executable, str(script)], env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache")),
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pre, launched, again = r.stdout.strip().splitlines()[-3:]
+    total = int(pre.split()[3])
+    assert total > 1 and pre == f"precompiled {total} of {total} cubins {total}", r.stdout
+    assert launched == f"launched {total} new cubins 0" and again == "again 0", r.stdout
 
 
 def _triton_floor() -> str:
