@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .bitlinear import BitLinear, Int4Linear, Int8Linear, RMSNorm, frozen_projections, normed_projections
 from .config import BitNetConfig, matches_any
 from .kernels import cpu as native
-from .ops import choose_kernel, decode_attention, native_inference, rope, rope_cache
+from .ops import choose_kernel, decode_attention, native_inference, rope, rope_cache, rope_decode_attention
 
 
 @dataclass
@@ -212,8 +212,14 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
         cache = self.kv_cache if input_pos is not None else None
+        packed = type(self.q_proj) is BitLinear and self.q_proj.frozen  # packed inference (the bf16 twin stays vanilla)
+        if packed and cache is not None and T == 1:  # decode: RoPE, cache write and attention in one Triton launch
+            key_mask = None if mask is ALL_KEYS else mask[:, 0, 0]  # (B, S): mask is (B, 1, 1, S)
+            y = rope_decode_attention(q, k, v, cos, sin, cache, input_pos, key_mask, self.q_proj.kernel)
+            if y is not None:  # (B, nh*hd)
+                return projections(y.to(x.dtype)[:, None], self.o_proj, norm=self.attn_sub_norm, residual=residual)[0]
         fused = None
-        if type(self.q_proj) is BitLinear and self.q_proj.frozen:  # packed inference (the bf16 twin stays vanilla)
+        if packed:
             fused = rope_cache(q, k, v, cos, sin, cache, input_pos, self.q_proj.kernel)  # one Triton launch, or None
         if fused is not None:
             q, k, v = fused  # (B, nh, T, hd); the cache (B, nkv, max_len, hd), or (B, nkv, T, hd)

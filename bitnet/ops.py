@@ -255,6 +255,28 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     return triton_rope_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos, cache_rows)
 
 
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          cache, input_pos: torch.Tensor, key_mask: torch.Tensor | None = None,
+                          kernel: str | None = None) -> torch.Tensor | None:
+    """A decode step's RoPE, KV-cache write and attention in one Triton launch
+    (bitnet.kernels.rope_decode_attention): q (B, 1, nh, hd), k / v (B, 1, nkv, hd), cos / sin (B or
+    1, 1, 1, hd), `cache` a KVCache of q's dtype, input_pos (1,) or (B,) the token's slot, key_mask
+    (B, S) -> y (B, nh * hd), k' and v written into the cache: what rope_cache then decode_attention
+    give, bit for bit. None where the Triton kernels are not the choice, autograd is recording, or
+    the dtypes differ (the CPU keeps a float32 cache for bf16 models): the caller runs those two."""
+    if choose_kernel(q, kernel) != "triton" or q.shape[1] != 1 or q.shape[-1] % 2 or q.shape[-1] > 256:
+        return None
+    if not (cos.dtype == sin.dtype == k.dtype == v.dtype == cache.k.dtype == cache.v.dtype == q.dtype):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    from .kernels import rope_decode_attention as triton_rope_decode_attention
+
+    hd = q.shape[-1]
+    return triton_rope_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos.reshape(-1, hd), sin.reshape(-1, hd), cache.k,
+                                        cache.v, input_pos, None, key_mask)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      rows: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                      kernel: str | None = None) -> torch.Tensor | None:

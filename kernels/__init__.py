@@ -29,7 +29,7 @@ this package (a sibling module) does not import triton.
 """
 
 __all__ = ["act_quant", "bitlinear", "decode_attention", "int4_linear", "int8_linear", "packed_matmul", "packed_matmul_cat", "packed_matmul_int32", "rmsnorm_act_quant",
-           "rmsnorm_packed_matmul_cat", "rope_cache", "unpack_triton"]
+           "rmsnorm_packed_matmul_cat", "rope_cache", "rope_decode_attention", "unpack_triton"]
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2, pdl, pdl_start, pdl_wait
 from .gemm import zeroed_workspace
+from .rope import _rotated
 
 BLOCK_S = 16 if INTERPRET else 64  # slots per step: a [64, 128] bf16 tile of K and of V (16 KB each)
 # Slots per split: a fixed number, so that a query's result does not depend on the batch around it
@@ -59,14 +60,18 @@ def _decode_attention_kernel(
     # pointers (part_ptr: the splits' float32 partials, m and l then acc, and count_ptr: int32 arrival
     # counters, one a program row, zero before and after; both used if SPLITS > 1)
     q_ptr, k_ptr, v_ptr, pos_ptr, row_ptr, mask_ptr, y_ptr, part_ptr, count_ptr,
+    # the new token's key and value, and its RoPE's cos / sin (read if ROPE)
+    kn_ptr, vn_ptr, cos_ptr, sin_ptr,
     # sizes (CHUNK: slots per split, a multiple of BLOCK_S)
     NKV, CHUNK, SPLITS, qk_scale,
-    # strides (q as (N, H, D), the caches as (rows, NKV, S, D), y as (N, H * D); unit along D)
+    # strides (q as (N, H, D), the caches as (rows, NKV, S, D), y as (N, H * D); unit along D; with
+    # ROPE the new key and value as (N, NKV, D), cos / sin as (N, D), stride_cn 0: one for all)
     stride_qn, stride_qh, stride_kr, stride_kh, stride_ks, stride_vr, stride_vh, stride_vs, stride_pos, stride_mn,
-    stride_yn,
+    stride_yn, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_cn,
     # constexpr
     G: tl.constexpr, D: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, PDL: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Program (n * NKV + j, split): query n's heads j*G .. j*G + G - 1 over the slots
     [split * CHUNK, (split + 1) * CHUNK) of KV head j of its cache row.
@@ -82,6 +87,10 @@ def _decode_attention_kernel(
     slot has m = -inf, l = 0), and leaves its counter zero again.
     IEEE: float32 dots in full precision (a float32 cache), not TF32. UPCAST: the dots' operands
     converted to float32 first (the interpreter, whose bf16 dot is not one), the same products.
+    ROPE: the decode step's RoPE and cache write folded in (rope.py's arithmetic, `_rotated`): q_ptr
+    holds the query before its rotation, kn_ptr / vn_ptr the new key (before it) and value of slot
+    pos; every program rotates its q, the one whose split holds slot pos rotates the key, writes
+    both into the cache and uses them for that slot from registers (no other program reads it).
     """
     pdl_start(PDL)  # (common.pdl)
     pdl_wait(PDL)
@@ -97,10 +106,27 @@ def _decode_attention_kernel(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(q_ptr + n * stride_qn + (j * G + g)[:, None] * stride_qh + d[None, :],
-                mask=(g < G)[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    q_rows = q_ptr + n * stride_qn + (j * G + g)[:, None] * stride_qh
+    q_mask = (g < G)[:, None] & d_ok[None, :]
     k_head = k_ptr + row.to(tl.int64) * stride_kr + j * stride_kh
     v_head = v_ptr + row.to(tl.int64) * stride_vr + j * stride_vh
+    if ROPE:
+        HALF: tl.constexpr = D // 2
+        first_half = d < HALF
+        rot = tl.where(first_half, d + HALF, d - HALF)
+        c = tl.load(cos_ptr + n * stride_cn + d, mask=d_ok, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + n * stride_cn + d, mask=d_ok, other=0.0).to(tl.float32)
+        q = _rotated(q_rows, d[None, :], rot[None, :], q_mask, first_half[None, :], c[None, :], sn[None, :],
+                     q_ptr.dtype.element_ty)  # (BLOCK_G, BLOCK_D)
+        holds_pos = (start <= pos) & (pos < start + CHUNK)
+        k_new = _rotated(kn_ptr + n * stride_knn + j * stride_knh, d, rot, d_ok, first_half, c, sn,
+                         kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(vn_ptr + n * stride_vnn + j * stride_vnh + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+        if holds_pos:  # this split holds slot pos: it writes the new key and value (later steps read them)
+            tl.store(k_head + pos * stride_ks + d, k_new, mask=d_ok)
+            tl.store(v_head + pos * stride_vs + d, v_new, mask=d_ok)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)  # (BLOCK_G, BLOCK_D)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -113,6 +139,8 @@ def _decode_attention_kernel(
         if tl.max(visible.to(tl.int32), 0) > 0:  # a block of masked-off slots (left padding) is not read
             kv_mask = visible[:, None] & d_ok[None, :]
             k = tl.load(k_head + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_S, BLOCK_D)
+            if ROPE:  # slot pos from registers (its store above may not be visible to this program's loads)
+                k = tl.where((s == pos)[:, None], k_new[None, :], k)
             qk = _dot(q, tl.trans(k), IEEE, UPCAST)  # (BLOCK_G, BLOCK_S) float32
             qk = tl.where(visible[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: the block has a visible slot
@@ -120,6 +148,8 @@ def _decode_attention_kernel(
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_head + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+            if ROPE:
+                v = tl.where((s == pos)[:, None], v_new[None, :], v)
             acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), IEEE, UPCAST)
             m_i = m_new
 
@@ -155,13 +185,19 @@ def _decode_attention_kernel(
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      rows: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, rope: tuple | None = None) -> torch.Tensor:
     """q (N, H, D) (unit stride along D), caches (rows, NKV, S, D) of q's dtype (H a multiple of
     NKV; unit stride along D), pos (N,) or (1,) integer slots (query n sits at pos[n] and sees
     slots 0 .. pos[n]), rows (N,) integer cache rows (default: row n), key_mask (N, >= max pos + 1)
     bool or integer (zero: a padding slot, skipped; the query's own slot never is) -> y (N, H * D)
     in q's dtype. splits: how many programs share one cache row's slots (default: one per CHUNK
-    slots, whatever N: each query's result is the same in any batch)."""
+    slots, whatever N: each query's result is the same in any batch).
+
+    rope = (k, v, cos, sin): the decode step's RoPE and cache write in the same launch (what
+    rope_cache, then this, computes): q before its rotation, k / v (N, NKV, D) the new token's key
+    (before it) and value, all of the caches' dtype, cos / sin (N or 1, D) of q's dtype (unit
+    stride along D); k' and v are written into slot pos[n] of each query's cache row (the caches
+    change in place). The query's own slot must be its cache row's alone in this call."""
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode_attention: q must be (N, H, D) and the caches (rows, NKV, S, D), got q "
                          f"{tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -181,6 +217,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                  or key_mask.is_floating_point()):
         raise ValueError(f"decode_attention: key_mask must be bool or integer ({N}, S) with unit stride along S, "
                          f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+    if rope is not None:
+        k_new, v_new, cos, sin = rope
+        if k_new.shape != (N, nkv, D) or v_new.shape != (N, nkv, D) or k_new.dtype != q.dtype or v_new.dtype != q.dtype \
+                or k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or D % 2:
+            raise ValueError(f"decode_attention: the new key and value must be ({N}, {nkv}, {D}) {q.dtype} with unit "
+                             f"stride along D (D even), got {tuple(k_new.shape)} {k_new.dtype}, {tuple(v_new.shape)} "
+                             f"{v_new.dtype}")
+        cos, sin = cos.reshape(-1, D), sin.reshape(-1, D)
+        if cos.shape[0] not in (1, N) or sin.shape != cos.shape or cos.dtype != q.dtype or sin.dtype != q.dtype:
+            raise ValueError(f"decode_attention: cos / sin must be (1 or {N}, {D}) of {q.dtype}")
+        if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+            cos, sin = cos.contiguous(), sin.contiguous()
     G = H // nkv
     y = torch.empty(N, H * D, dtype=q.dtype, device=q.device)
     if N == 0:
@@ -194,15 +242,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if splits > 1:
         part = torch.empty(N * nkv * splits * block_g * (2 + block_d), dtype=torch.float32, device=q.device)
         count = zeroed_workspace(N * nkv, q.device)
+    k_new, v_new, cos, sin = rope if rope is not None else (q, q, q, q)  # (unread without ROPE)
     _decode_attention_kernel[(N * nkv, splits)](
         q, k_cache, v_cache, pos, rows if rows is not None else pos, key_mask if key_mask is not None else pos, y, part,
-        count,
+        count, k_new, v_new, cos, sin,
         nkv, chunk, splits, _LOG2E / D ** 0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pos.stride(0) if pos.shape[0] == N and N > 1 else 0,
-        key_mask.stride(0) if key_mask is not None else 0, y.stride(0),
+        key_mask.stride(0) if key_mask is not None else 0, y.stride(0), k_new.stride(0), k_new.stride(1),
+        v_new.stride(0), v_new.stride(1), cos.stride(0) if rope is not None and cos.shape[0] == N and N > 1 else 0,
         G=G, D=D, HAS_ROWS=rows is not None, HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32, UPCAST=INTERPRET,
-        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS, **LAUNCH, **pdl(q),
+        ROPE=rope is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS, **LAUNCH, **pdl(q),
     )
     return y
 

@@ -35,7 +35,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     sequence or per token), or none; head sizes 64, 96, 128
     _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
       [decode_attention]            heads per KV head; cache rows per query or not; a bool, an
-                                    integer or no key mask; one split or several (the last merges)
+                                    integer or no key mask; one split or several (the last merges);
+                                    each with the RoPE and cache write folded in (ROPE) or not
     _int8_linear_kernel             CONFIGS; x fp32/bf16/fp16; bias or not
       [int8_linear]
     _int4_linear_kernel             CONFIGS; y fp32/bf16/fp16 (int8 x_q in, read as words); bias or not
@@ -286,13 +287,16 @@ def _attention_variants() -> list[Variant]:
     from .attention import BLOCK_S, NUM_WARPS
 
     out = []
-    for i, (dtype, hd, g, rows, mask, splits) in enumerate(_ATTENTION_CASES):
+    # every case as it is, and with the decode step's RoPE and cache write folded in (ROPE)
+    cases = [(c, rope) for rope in (False, True) for c in _ATTENTION_CASES]
+    for i, ((dtype, hd, g, rows, mask, splits), rope) in enumerate(cases):
         types = dict(q_ptr=TYPES[dtype], k_ptr=TYPES[dtype], v_ptr=TYPES[dtype], pos_ptr="*i64", row_ptr="*i64",
                      mask_ptr=f"*{mask}" if mask else "*i64", y_ptr=TYPES[dtype],
                      part_ptr="*fp32" if splits > 1 else TYPES[dtype], count_ptr="*i32" if splits > 1 else "*i64",
+                     kn_ptr=TYPES[dtype], vn_ptr=TYPES[dtype], cos_ptr=TYPES[dtype], sin_ptr=TYPES[dtype],
                      qk_scale="fp32")
         consts = dict(G=g, D=hd, HAS_ROWS=rows, HAS_MASK=mask is not None, IEEE=dtype == "fp32", UPCAST=False,
-                      BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(), BLOCK_S=BLOCK_S)
+                      ROPE=rope, BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(), BLOCK_S=BLOCK_S)
         out.append(Variant("_decode_attention_kernel", consts, types, NUM_WARPS, aligned=i % 2 == 0,
                            note=f"splits={splits}"))
     return out

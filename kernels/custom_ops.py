@@ -17,6 +17,9 @@ so that torch.compile traces models through them (fullgraph=True) and CUDA graph
                                                                  q'; k', v written to the cache
     bitnet::decode_attention(q, k_cache, v_cache, pos, rows?, key_mask?)
                                                                  y (N, H * D): one query per sequence
+    bitnet::rope_decode_attention_(q, k, v, cos, sin, k_cache!, v_cache!, pos, rows?, key_mask?)
+                                                                 the same after rope_cache_'s RoPE and
+                                                                 cache write, in one launch
     bitnet::int8_linear(x, weight, scale, bias?)                 y = (x @ W_q^T) * s: an int8 lm_head, few rows
     bitnet::int4_linear(x, codes, scales, out_features, bias?)   a 4-bit grouped lm_head (Int4Linear), few rows
 
@@ -249,6 +252,21 @@ def _(q, k_cache, v_cache, pos, rows=None, key_mask=None):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
+def _rope_decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                                v_cache: Tensor, pos: Tensor, rows: Optional[Tensor] = None,
+                                key_mask: Optional[Tensor] = None) -> Tensor:
+    return _decode_attention(q, k_cache, v_cache, pos, rows, key_mask, rope=(k, v, cos, sin))
+
+
+_rope_decode_attention_op = torch.library.custom_op("bitnet::rope_decode_attention_", _rope_decode_attention_impl,
+                                                    mutates_args=("k_cache", "v_cache"))
+
+
+@_rope_decode_attention_op.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, pos, rows=None, key_mask=None):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
 def _int8_linear_impl(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return _int8_linear(x, weight, scale, bias)
 
@@ -362,6 +380,15 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, r
     -> y (N, H * D), the heads side by side (the o_proj's input)."""
     op = torch.ops.bitnet.decode_attention if _tracing() else _decode_attention_impl
     return op(q, k_cache, v_cache, pos, rows, key_mask)
+
+
+def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          pos: Tensor, rows: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+    """A decode step's RoPE, cache write and attention in one launch: rope_cache of q (N, H, D)
+    and the new key / value k, v (N, NKV, D) (cos / sin (N or 1, D)) into slot pos of each query's
+    cache row, then decode_attention; y (N, H * D), the caches written in place."""
+    op = torch.ops.bitnet.rope_decode_attention_ if _tracing() else _rope_decode_attention_impl
+    return op(q, k, v, cos, sin, k_cache, v_cache, pos, rows, key_mask)
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:

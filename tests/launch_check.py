@@ -24,6 +24,7 @@ from bitnet.kernels import custom_ops, gemm, precompile
 os.environ["TRITON_INTERPRET"] = "1"  # from here on only so that bitnet.ops takes the Triton path for CPU tensors
 os.environ["BITNET_KERNEL"] = "triton"
 os.environ["BITNET_CPU_DISABLE"] = "1"
+import bitnet.generation as generation  # noqa: E402
 import bitnet.model as bm  # noqa: E402
 import bitnet.serve.runner as runner  # noqa: E402
 from bitnet import BitNetConfig, BitNetForCausalLM, freeze  # noqa: E402
@@ -32,7 +33,7 @@ from bitnet.packing import pack  # noqa: E402
 
 # Where the package branches on the device type, a GPU's choices: the cache in the model's dtype and
 # read whole (static shapes); no CUDA graphs (nothing runs here).
-bm.attention_dtype = runner.attention_dtype = lambda x, device=None: x.dtype
+bm.attention_dtype = runner.attention_dtype = generation.attention_dtype = lambda x, device=None: x.dtype
 bm.BitNetForCausalLM._set_cache_window = lambda self, pos: setattr(self.model.layers[0].self_attn.kv_cache.window,
                                                                     "live", None)
 failed = []

@@ -112,6 +112,46 @@ def test_the_op_traces_with_its_fake(triton_device):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, S, pos, rows_n, shared_cos", [
+    (1, 40, [17], None, True),                  # one split, generate's (1,) position
+    (2, 3 * CHUNK + 5, [3 * CHUNK + 2], None, True),  # several splits: the last holds the slot
+    (3, 2 * CHUNK, [CHUNK - 1, CHUNK, 5], 5, False),  # per-query positions, rows and cos / sin
+])
+def test_the_rope_and_cache_write_fold_into_the_attention(dtype, N, S, pos, rows_n, shared_cos, triton_device):
+    """decode_attention(..., rope=...) (the packed model's decode step: bitnet::rope_decode_attention_)
+    gives what rope_cache then decode_attention give, bit for bit: the output, and the caches, the
+    new key (rotated) and value written at each query's slot and nothing else changed; with a mask
+    and splits around the slot."""
+    from bitnet.kernels.rope import rope_cache
+
+    d = triton_device
+    g = torch.Generator().manual_seed(N)
+    H, nkv, D = 8, 2, 64
+    rows_n = rows_n or N
+    q = torch.randn(N, 1, H, D, generator=g).to(d, dtype)
+    k_new, v_new = (torch.randn(N, 1, nkv, D, generator=g).to(d, dtype) for _ in range(2))
+    cos, sin = (torch.randn(1 if shared_cos else N, 1, 1, D, generator=g).to(d, dtype) for _ in range(2))
+    k_cache, v_cache = (torch.randn(rows_n, nkv, S, D, generator=g).to(d, dtype) for _ in range(2))
+    pos_t = torch.tensor(pos, device=d)
+    rows = torch.randperm(rows_n, generator=g)[:N].to(d) if rows_n != N else None
+    mask = (torch.rand(N, S, generator=g) > 0.3).to(d)
+    # the unfused reference: rope_cache (one token per sequence, each into its row), then attention
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    q_rot = []
+    for n in range(N):
+        r = int(rows[n]) if rows is not None else n
+        p = pos_t[n if len(pos) == N else 0]
+        c, s = (t[n if not shared_cos else 0][None] for t in (cos, sin))
+        qn, _, _ = rope_cache(q[n][None], k_new[n][None], v_new[n][None], c, s, ref_k[r][None], ref_v[r][None], p[None])
+        q_rot.append(qn[0, :, 0])  # (H, D)
+    ref = attention.decode_attention(torch.stack(q_rot), ref_k, ref_v, pos_t, rows, mask)
+    got = attention.decode_attention(q[:, 0], k_cache, v_cache, pos_t, rows, mask,
+                                     rope=(k_new[:, 0], v_new[:, 0], cos.reshape(-1, D), sin.reshape(-1, D)))
+    assert torch.equal(got, ref)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
 # ----------------------------------------------------------------------------- wiring
 def tiny_model(packed: bool, dtype=torch.float32):
     torch.manual_seed(0)
@@ -150,15 +190,18 @@ def test_decode_steps_use_it_and_agree_with_sdpa(packed, monkeypatch, triton_dev
     from bitnet.kernels import custom_ops
 
     calls = []
-    real = custom_ops._decode_attention_impl
-    monkeypatch.setattr(custom_ops, "_decode_attention_impl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("_decode_attention_impl", "_rope_decode_attention_impl"):  # the packed model's has its RoPE in it
+        real = getattr(custom_ops, name)
+        monkeypatch.setattr(custom_ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     with monkeypatch.context() as m:
         m.setattr(bm, "decode_attention", lambda *a, **k: None)  # the model's fallback: SDPA
+        m.setattr(bm, "rope_decode_attention", lambda *a, **k: None)
         ref = decode_logits(model, triton_device, prompt, 3, mask)
     assert not calls
     got = decode_logits(model, triton_device, prompt, 3, mask)
-    assert len(calls) == 2 * 3  # two layers, three decode steps (the prefill runs SDPA)
+    # two layers, three decode steps (the prefill runs SDPA)
+    assert calls == ["_rope_decode_attention_impl" if packed else "_decode_attention_impl"] * (2 * 3)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 

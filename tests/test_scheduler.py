@@ -249,7 +249,8 @@ def test_batched_decode_gives_each_sequence_its_solo_logits_bit_for_bit(dtype):
 def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
     """The Triton path under the interpreter (its RoPE and cache writes in one launch, each token
     into its own cache row; the decode attention over each query's own cache row): staggered
-    sequences get their lone runs' logits bit for bit."""
+    sequences get their lone runs' logits bit for bit (the lone runs' decode steps with their RoPE
+    and cache write inside the attention's launch)."""
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     from bitnet.kernels import custom_ops
 
@@ -260,13 +261,17 @@ def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
     monkeypatch.setattr(custom_ops, "_decode_attention_impl",
                         lambda *a, **k: attended.append(k.get("rows", a[4] if len(a) > 4 else None) is not None)
                         or real_attention(*a, **k))
+    folded = []
+    real_folded = custom_ops._rope_decode_attention_impl
+    monkeypatch.setattr(custom_ops, "_rope_decode_attention_impl", lambda *a, **k: folded.append(1) or real_folded(*a, **k))
     model = tiny(num_hidden_layers=1)
     prompts = PROMPTS[:3]
     solo, got = solo_and_batched(model, prompts, 4, 2, max_seq_len=64)
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
-    assert True in writes and False in writes  # the runner's per-token rows and generate's own
-    assert True in attended and False in attended  # the runner's batched decode rows and generate's lone steps
+    assert True in writes and False in writes  # the runner's per-token rows and generate's prefill
+    assert attended and all(attended)  # the runner's batched decode, each query over its own cache row
+    assert folded  # generate's lone decode steps: RoPE, cache write and attention in one launch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run of what the cuda test checks compiled")
