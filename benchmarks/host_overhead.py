@@ -106,7 +106,7 @@ def measure(args: HostArgs) -> dict:
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.kernel = "triton"  # CPU tensors: runs because TRITON_INTERPRET=1 (cli sets it)
-    model.setup_cache(1, 64)
+    model.setup_cache(1, 64, dtype=getattr(torch, args.dtype))  # the model's dtype, as on a GPU (the CPU's is float32)
     tok, pos, pid = torch.tensor([[5]]), torch.tensor([10]), torch.tensor([[10]])
     mask = torch.ones(1, 64, dtype=torch.bool)
     bitnet.model.normed_projections = timed_fused
