@@ -112,8 +112,9 @@ def save_results(name: str, payload: dict, markdown: str | None = None, out_dir:
     out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
+    env = environment()  # before the file is opened: truncating a committed result would stamp the tree dirty
     with open(path, "w") as f:
-        json.dump({"environment": environment(), **payload}, f, indent=2)
+        json.dump({"environment": env, **payload}, f, indent=2)
         f.write("\n")
     if markdown is not None:
         with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
