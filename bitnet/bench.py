@@ -98,8 +98,12 @@ def environment() -> dict:
         try:  # how the Triton kernels launch and tune (bitnet.kernels.common)
             from bitnet.kernels import common
 
+            from bitnet.kernels import precompile
+
             env.update(bitnet_pdl=bool(common.pdl(torch.empty(0, device="cuda"))["PDL"]),
-                       bitnet_autotune=common.autotune_policy())
+                       bitnet_autotune=common.autotune_policy(),
+                       bitnet_tuning={**{k: round(v, 2) for k, v in common.TUNE_STATS.items()},
+                                      "precompiled": {k: round(v, 2) for k, v in precompile.STATS.items()}})
         except Exception as e:  # noqa: BLE001: a stamp never fails a benchmark
             env["bitnet_pdl"] = f"unknown ({type(e).__name__})"
     else:

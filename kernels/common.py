@@ -15,6 +15,7 @@ so a Triton output equals the torch path's bit for bit whenever the int8 activat
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import triton
@@ -151,13 +152,24 @@ def autotune_policy() -> str:
     return policy
 
 
+# What tuning cost in this process (the benchmarks stamp it, bitnet.bench.environment): configs timed
+# and the seconds that took, compiles included (~1 s a config compiled here, ~0.03 s one loaded
+# from the cache precompile.py filled).
+TUNE_STATS = {"configs": 0, "seconds": 0.0}
+
+
 def _time_config(kernel_call, quantiles):
     """The autotuner's benchmark of one config: a short do_bench, or one call (which compiles the
     config, as the real launch would) when the policy is `first` and nothing is compared."""
     if autotune_policy() == "first":
         kernel_call()
         return [0.0, 0.0, 0.0]
-    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+    start = time.perf_counter()
+    try:
+        return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+    finally:
+        TUNE_STATS["configs"] += 1
+        TUNE_STATS["seconds"] += time.perf_counter() - start
 
 
 def few_rows(x: torch.Tensor, k: int, name: str, max_rows: int) -> torch.Tensor:

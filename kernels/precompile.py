@@ -234,6 +234,9 @@ class _Compilers:
 
 _COMPILERS: _Compilers | None = None
 _DONE: set = set()
+# What precompile did in this process (the benchmarks stamp it): rounds (one a new autotuning key),
+# configs compiled, the seconds the caller waited, the workers.
+STATS = {"rounds": 0, "configs": 0, "seconds": 0.0, "workers": 0}
 
 
 def precompile_workers() -> int:
@@ -274,6 +277,9 @@ def precompile(fn, configs: list, named_args: dict, kwargs: dict, arch: int, wor
             jobs.append((fn.fn.__module__, fn.fn.__name__, arg_specs, {**launch, **config.all_kwargs()}, arch))
     if not jobs:
         return 0
+    import time
+
+    start = time.perf_counter()
     if _COMPILERS is None:
         try:
             _COMPILERS = _Compilers(workers)
@@ -281,6 +287,8 @@ def precompile(fn, configs: list, named_args: dict, kwargs: dict, arch: int, wor
             os.environ["BITNET_PRECOMPILE"] = "0"
             return 0
     _COMPILERS.run(jobs)
+    STATS.update(rounds=STATS["rounds"] + 1, configs=STATS["configs"] + len(jobs), workers=len(_COMPILERS.procs),
+                 seconds=STATS["seconds"] + time.perf_counter() - start)
     return len(jobs)
 
 

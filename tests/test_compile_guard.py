@@ -309,6 +309,7 @@ with precompile.launches_compiled(90, as_cuda=False) as log:
         jit.run(*named.values(), grid=(1,), warmup=False, **launch, **c.all_kwargs())
 print("launched", sum(log.compiled.values()), "new cubins", cubins() - before)
 print("again", precompile.precompile(jit, configs, named, kwargs, 90, workers=2))
+print("stats", precompile.STATS["rounds"], precompile.STATS["configs"], precompile.STATS["workers"])
 '''
 
 
@@ -322,10 +323,11 @@ def test_precompile_fills_the_cache_the_launches_read(tmp_path):
     r = subprocess.run([sys.executable, str(script)], env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache")),
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    pre, launched, again = r.stdout.strip().splitlines()[-3:]
+    pre, launched, again, stats = r.stdout.strip().splitlines()[-4:]
     total = int(pre.split()[3])
     assert total > 1 and pre == f"precompiled {total} of {total} cubins {total}", r.stdout
     assert launched == f"launched {total} new cubins 0" and again == "again 0", r.stdout
+    assert stats == f"stats 1 {total} 2", r.stdout  # what the benchmarks stamp (bitnet_tuning)
 
 
 def _triton_floor() -> str:
