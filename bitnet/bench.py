@@ -96,9 +96,7 @@ def environment() -> dict:
         env.update(device=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
                    device_capability=f"{p.major}.{p.minor}")
         try:  # how the Triton kernels launch and tune (bitnet.kernels.common)
-            from bitnet.kernels import common
-
-            from bitnet.kernels import precompile
+            from bitnet.kernels import common, precompile
 
             env.update(bitnet_pdl=bool(common.pdl(torch.empty(0, device="cuda"))["PDL"]),
                        bitnet_autotune=common.autotune_policy(),

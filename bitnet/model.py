@@ -213,8 +213,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim)
         cache = self.kv_cache if input_pos is not None else None
         packed = type(self.q_proj) is BitLinear and self.q_proj.frozen  # packed inference (the bf16 twin stays vanilla)
-        if packed and cache is not None and T == 1:  # decode: RoPE, cache write and attention in one Triton launch
-            key_mask = None if mask is ALL_KEYS else mask[:, 0, 0]  # (B, S): mask is (B, 1, 1, S)
+        decode = cache is not None and T == 1
+        key_mask = None if not decode or mask is ALL_KEYS else mask[:, 0, 0]  # (B, S): a decode mask is (B, 1, 1, S)
+        if packed and decode:  # RoPE, cache write and attention in one Triton launch
             y = rope_decode_attention(q, k, v, cos, sin, cache, input_pos, key_mask, self.q_proj.kernel)
             if y is not None:  # (B, nh*hd)
                 return projections(y.to(x.dtype)[:, None], self.o_proj, norm=self.attn_sub_norm, residual=residual)[0]
@@ -232,8 +233,7 @@ class Attention(nn.Module):
                 k, v = cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
         dtype = attention_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if cache is not None and T == 1:  # decode: one Triton launch on the GPU (torch's SDPA would take its math path)
-            key_mask = None if mask is ALL_KEYS else mask[:, 0, 0]  # (B, S): mask is (B, 1, 1, S)
+        if decode:  # one Triton launch on the GPU (torch's SDPA would take its math path)
             y = decode_attention(q[:, :, 0], k, v, input_pos, key_mask=key_mask, kernel=getattr(self.q_proj, "kernel", None))
             if y is not None:  # (B, nh*hd)
                 return projections(y.to(x.dtype)[:, None], self.o_proj, norm=self.attn_sub_norm, residual=residual)[0]

@@ -142,8 +142,7 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
         return None
     from .kernels import rmsnorm_packed_matmul_cat
 
-    y = rmsnorm_packed_matmul_cat(x, weight, eps, packed, scales, ns, fmt, biases, up=up, residual=residual)
-    return [y] if len(ns) == 1 else list(y.split(ns, -1))
+    return _split(rmsnorm_packed_matmul_cat(x, weight, eps, packed, scales, ns, fmt, biases, up=up, residual=residual), ns)
 
 
 def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype, residual=None) -> list[torch.Tensor]:
@@ -152,7 +151,11 @@ def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype, resid
     launch), its output split into one view per matrix; residual + it with a residual (one matrix)."""
     from .kernels import packed_matmul_cat
 
-    y = packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype, xsum, residual)
+    return _split(packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype, xsum, residual), ns)
+
+
+def _split(y: torch.Tensor, ns: list[int]) -> list[torch.Tensor]:
+    """The outputs of matrices side by side in y, one view each."""
     return [y] if len(ns) == 1 else list(y.split(ns, -1))
 
 
@@ -272,9 +275,8 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
         return None
     from .kernels import rope_decode_attention as triton_rope_decode_attention
 
-    hd = q.shape[-1]
-    return triton_rope_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos.reshape(-1, hd), sin.reshape(-1, hd), cache.k,
-                                        cache.v, input_pos, None, key_mask)
+    # (cos / sin as they are: the launcher views them as (B or 1, hd))
+    return triton_rope_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, input_pos, None, key_mask)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,

@@ -74,7 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .precompile import LaunchLog, _message, launches_compiled, precompile  # noqa: F401 (the launch check, here too)
+from .precompile import _message
 
 ARCHS = (90, 80)
 # The largest shared memory one program (CTA) may ask for, in bytes (CUDA's opt-in per-block limit).

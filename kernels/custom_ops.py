@@ -66,6 +66,16 @@ def _one_row(x2: Tensor) -> bool:
     return x2.shape[0] == 1 and x2.shape[1] <= GEMV_MAX_K
 
 
+def _one_launch(packed: list[Tensor], biases: list[Optional[Tensor]]) -> bool:
+    """What one gemv_cat / gemm_cat launch takes: up to three matrices, a bias each or none."""
+    return len(packed) <= 3 and len({b is None for b in biases}) == 1
+
+
+def _one_gemv(x2: Tensor, packed: list[Tensor], biases: list[Optional[Tensor]], r2: Optional[Tensor]) -> bool:
+    """One gemv_cat launch for all the matrices, a residual (one matrix, unit stride) in its epilogue."""
+    return _one_row(x2) and _one_launch(packed, biases) and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1)
+
+
 def _bitlinear_impl(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str) -> Tensor:
     x2 = rows_of(x)
     if _one_row(x2):
@@ -106,14 +116,14 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
                             biases: list[Optional[Tensor]], ns: list[int], fmt: str, out_dtype: torch.dtype,
                             xsum: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
     x2, a2 = rows_of(x_q), a.reshape(-1)
-    one_launch = len(packed) <= 3 and len({b is None for b in biases}) == 1
+    one_launch = _one_launch(packed, biases)
     if residual is not None and (residual.shape[:-1] != x_q.shape[:-1] or residual.shape[-1] != sum(ns)
                                  or residual.dtype != out_dtype):
         raise ValueError(f"residual must be {(*x_q.shape[:-1], sum(ns))} {out_dtype}, got {tuple(residual.shape)} "
                          f"{residual.dtype}")
     r2 = None if residual is None else residual.reshape(x2.shape[0], sum(ns))
     one_row = _one_row(x2)
-    if one_row and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1):
+    if _one_gemv(x2, packed, biases, r2):
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
         r2 = None  # added in the epilogue
     elif not one_row and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
@@ -193,8 +203,7 @@ def _rmsnorm_packed_matmul_cat_impl(x: Tensor, weight: Tensor, eps: float, packe
     x2 = rows_of(x)
     n = sum(ns)
     r2 = None if residual is None else residual.reshape(x2.shape[0], n)
-    one_launch = len(packed) <= 3 and len({b is None for b in biases}) == 1
-    if _one_row(x2) and one_launch and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1 and r2.dtype == x.dtype):
+    if _one_gemv(x2, packed, biases, r2):
         u2 = None if up is None else rows_of(up)
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, residual=r2, norm_weight=weight, eps=eps, up=u2)
         return y.reshape(*x.shape[:-1], n)
@@ -385,7 +394,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, r
 def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                           pos: Tensor, rows: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
     """A decode step's RoPE, cache write and attention in one launch: rope_cache of q (N, H, D)
-    and the new key / value k, v (N, NKV, D) (cos / sin (N or 1, D)) into slot pos of each query's
+    and the new key / value k, v (N, NKV, D) (cos / sin (N or 1, D) or a view of that many, e.g. the
+    rotary cache's (N or 1, 1, 1, D)) into slot pos of each query's
     cache row, then decode_attention; y (N, H * D), the caches written in place."""
     op = torch.ops.bitnet.rope_decode_attention_ if _tracing() else _rope_decode_attention_impl
     return op(q, k, v, cos, sin, k_cache, v_cache, pos, rows, key_mask)

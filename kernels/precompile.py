@@ -183,32 +183,30 @@ class _Compilers:
                       for _ in range(n)]
         atexit.register(self.close)
 
-    def run(self, jobs: list, timeout: float = 180.0) -> list:
-        """Each job's answer (None: compiled; else why not), the workers taking jobs as they finish
-        the last; after `timeout` seconds the rest is left to the autotuner (and a worker still
-        busy then is stopped: its pipe would answer the next call's jobs with this one's)."""
+    def run(self, jobs: list, timeout: float = 180.0) -> None:
+        """Compile the jobs, the workers taking them as they finish the last; what fails to compile,
+        or is left after `timeout` seconds, the autotuner compiles itself (and reports). A worker
+        still busy then is stopped: its pipe would answer the next call's jobs with this one's."""
         import json
         import queue
         import threading
         import time
 
         todo: queue.Queue = queue.Queue()
-        for i, job in enumerate(jobs):
-            todo.put((i, job))
-        results: list = [None] * len(jobs)
+        for job in jobs:
+            todo.put(job)
 
         def feed(proc):
             while True:
                 try:
-                    i, job = todo.get_nowait()
+                    job = todo.get_nowait()
                 except queue.Empty:
                     return
                 try:
                     proc.stdin.write(json.dumps(job) + "\n")
                     proc.stdin.flush()
-                    results[i] = json.loads(proc.stdout.readline())
-                except (OSError, ValueError) as e:  # a worker that died: the autotuner compiles it itself
-                    results[i] = f"compile worker failed: {e}"
+                    json.loads(proc.stdout.readline())  # its answer: done (None) or the compiler's message
+                except (OSError, ValueError):  # a worker that died
                     return
 
         threads = [threading.Thread(target=feed, args=(p,), daemon=True) for p in self.procs]
@@ -221,7 +219,6 @@ class _Compilers:
         for p in stuck:
             p.kill()
         self.procs = [p for p in self.procs if p not in stuck]
-        return results
 
     def close(self) -> None:
         for p in self.procs:

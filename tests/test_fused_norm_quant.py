@@ -230,6 +230,10 @@ def test_the_decode_gemv_quantizes_as_the_norm_kernel(dtype, gated, k, triton_de
     r_q, r_a = kernels.rmsnorm_act_quant(x, weight, 1e-5, up=up)
     assert torch.equal(x_q, r_q) and torch.equal(a, r_a.reshape(-1))
     assert torch.equal(y, kernels.packed_matmul_cat(r_q, r_a, packed, scales, [24, 8], "2bit", out_dtype=dtype))
+    if dtype == torch.float32:  # and the exact integer matmul of them (the interpreter's bf16 casts truncate)
+        ref = torch.cat([reference_gemm(x_q.cpu(), p.cpu(), n, "2bit", s.cpu(), a.cpu()) for p, s, n in
+                         zip(packed, scales, (24, 8))], 1)
+        assert torch.equal(y.cpu(), ref)
 
 
 def test_the_decode_gemv_refuses_a_norm_it_cannot_run(triton_device):
