@@ -23,14 +23,14 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
                                     counter epilogue) + LARGE_M_CONFIGS (SPLIT_K 1); format; LANES;
                                     y fp32/bf16/fp16 with bias or not, or int32; one to three
-                                    matrices (SEGMENTS, gemm.gemm_cat)
+                                    matrices (SEGMENTS, gemm.gemm_cat); a residual added or not
     _gemm_int8_kernel [gemm.gemm,   INT8_CONFIGS (the unpacked weights' GEMM, M >= UNPACK_M); y
       M >= UNPACK_M]                fp32/bf16/fp16 with bias or not, or int32; one to three
-                                    matrices (SEGMENTS, gemm.gemm_cat)
+                                    matrices (SEGMENTS, gemm.gemm_cat); a residual added or not
     _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
     _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32; the relu2
                                     gate (GATED) or not
-    _unpack_kernel [unpack_triton]  format
+    _unpack_kernel [unpack_cat]     format x one to three matrices
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
                                     sequence or per token), or none; head sizes 64, 96, 128
     _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
@@ -204,15 +204,18 @@ def _gemm_variants() -> list[Variant]:
     flags.append(dict(y="int32", HAS_BIAS=False))
     # one to three matrices (gemm_cat), every output dtype and bias beside each count
     flags = [dict(f, SEGMENTS=s) for f in flags for s in (1, 2, 3)]
+    # the residual added in the epilogue (one matrix, a float output): a batched decode's skip connection
+    flags += [dict(y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True), dict(y="fp32", HAS_BIAS=True, SEGMENTS=1, HAS_RES=True)]
     out = []
     for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
         for i, ((cfg, split), f) in enumerate(_round_robin(tiles, flags)):
             consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
-                          SEGMENTS=f["SEGMENTS"], **cfg.kwargs)
+                          SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False), **cfg.kwargs)
             bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]
             types = dict(x_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32" if lanes == 4 else "*u8",
                          scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]], ws_ptr="*i32", count_ptr="*i32",
-                         scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64")
+                         scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64",
+                         res_ptr=bias)
             out.append(Variant("_gemm_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 
@@ -224,12 +227,15 @@ def _gemm_int8_variants() -> list[Variant]:
     flags.append(dict(y="int32", HAS_BIAS=False))
     # one to three matrices (gemm_cat at a prefill), every output dtype and bias beside each count
     flags = [dict(f, SEGMENTS=s) for f in flags for s in (1, 2, 3)]
+    # the residual added in the epilogue (one matrix, a float output): a prefill's skip connection
+    flags += [dict(y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True), dict(y="fp32", HAS_BIAS=True, SEGMENTS=1, HAS_RES=True)]
     out = []
     for i, (cfg, f) in enumerate(_round_robin(INT8_CONFIGS, flags)):
-        consts = dict(HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", SEGMENTS=f["SEGMENTS"], **cfg.kwargs)
+        consts = dict(HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", SEGMENTS=f["SEGMENTS"],
+                      HAS_RES=f.get("HAS_RES", False), **cfg.kwargs)
         bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]
         types = dict(x_ptr="*i8", a_ptr="*fp32", w_ptr="*i8", scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]],
-                     scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias)
+                     scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, res_ptr=bias)
         out.append(Variant("_gemm_int8_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 
@@ -328,9 +334,13 @@ def _int4_linear_variants() -> list[Variant]:
 
 
 def _unpack_variants() -> list[Variant]:
-    # unpack_triton launches with Triton's default options (no LAUNCH): 4 warps, 3 stages, fusion on.
-    return [Variant("_unpack_kernel", dict(P=p, BLOCK_R=16, BLOCK_K=64), dict(w_ptr="*u8", out_ptr="*i8"),
-                    fp_fusion=True) for p in FORMATS.values()]
+    # unpack_cat launches with Triton's default options (no LAUNCH): 4 warps, 3 stages, fusion on; one to
+    # three matrices (a prefill's q / k / v, gate / up), each count beside each format
+    from .layout import UNPACK_BLOCK_K, UNPACK_BLOCK_R
+
+    return [Variant("_unpack_kernel", dict(P=p, SEGMENTS=seg, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K),
+                    dict(w_ptr="*u8", w1_ptr="*u8", w2_ptr="*u8", out_ptr="*i8"), fp_fusion=True)
+            for p in FORMATS.values() for seg in (1, 2, 3)]
 
 
 def _pdl_probe_variants() -> list[Variant]:

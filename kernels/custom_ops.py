@@ -71,9 +71,14 @@ def _one_launch(packed: list[Tensor], biases: list[Optional[Tensor]]) -> bool:
     return len(packed) <= 3 and len({b is None for b in biases}) == 1
 
 
+def _one_matrix_residual(packed: list[Tensor], r2: Optional[Tensor]) -> bool:
+    """A residual the GEMV's and the GEMM's epilogue add: one matrix's output, unit stride along it."""
+    return r2 is not None and len(packed) == 1 and r2.stride(-1) == 1
+
+
 def _one_gemv(x2: Tensor, packed: list[Tensor], biases: list[Optional[Tensor]], r2: Optional[Tensor]) -> bool:
     """One gemv_cat launch for all the matrices, a residual (one matrix, unit stride) in its epilogue."""
-    return _one_row(x2) and _one_launch(packed, biases) and (r2 is None or len(packed) == 1 and r2.stride(-1) == 1)
+    return _one_row(x2) and _one_launch(packed, biases) and (r2 is None or _one_matrix_residual(packed, r2))
 
 
 def _bitlinear_impl(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, fmt: str) -> Tensor:
@@ -126,9 +131,12 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
     if _one_gemv(x2, packed, biases, r2):
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, a=a2, out_dtype=out_dtype, residual=r2)
         r2 = None  # added in the epilogue
-    elif not one_row and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after their unpacks)
+    elif not one_row and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after one unpack)
+        res = r2 if _one_matrix_residual(packed, r2) else None  # o_proj, down_proj: added in the epilogue
         y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=None if xsum is None else xsum.reshape(-1),
-                     out_dtype=out_dtype)  # (gemm_cat sums x_q where its kernel needs it and none is given)
+                     out_dtype=out_dtype, residual=res)  # (gemm_cat sums x_q where its kernel needs it and none is given)
+        if res is not None:
+            r2 = None
     else:
         y = x2.new_empty((x2.shape[0], sum(ns)), dtype=out_dtype)
         if xsum is None:

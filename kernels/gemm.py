@@ -18,7 +18,7 @@ that a new prompt length does not retune) picks the configs (_prune):
   that programs sharing weight tiles run together and hit L2.
 
 From M = UNPACK_M on (BITNET_UNPACK_GEMM_M, default 512; 0: never) the weights are unpacked first
-(layout.unpack_triton: int8 (N, K), a temporary of N * K bytes) and a plain int8 GEMM runs on them
+(layout.unpack_cat: int8 (N, K), a temporary of N * K bytes) and a plain int8 GEMM runs on them
 (_gemm_int8_kernel: both operands straight from memory into Triton's pipelined shared-memory
 buffers). Why: in the kernel above the decoded tile goes from registers to shared memory every K
 step, and Triton then waits for each step's wgmma before the next decode (sm_90 SASS of the
@@ -26,8 +26,8 @@ step, and Triton then waits for each step's wgmma before the next decode (sm_90 
 decode and tensor cores never overlap); at large M the unpack's extra traffic (N * K bytes written
 and read back, ~10 us for 2560 x 6912 on an H200) is small beside the GEMM. A prediction from the
 SASS, to be checked on a GPU (benchmarks/gpu_notes.md); the threshold is the knob. gemm_cat's
-matrices (a prefill's q / k / v, gate / up) are unpacked into one buffer, rows one after the
-other, and one launch multiplies them all (SEGMENTS: each output column takes its matrix's scale
+matrices (a prefill's q / k / v, gate / up) are unpacked into one buffer by one launch, rows one
+after the other, and one launch multiplies them all (SEGMENTS: each output column takes its matrix's scale
 and bias): a lone k_proj at M = 512 has 5 x 4 tiles of 128 x 128 for 132 SMs.
 """
 
@@ -44,7 +44,7 @@ from bitnet.quant import int_matmul
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
                      pdl_wait, segment_starts, store_output)
 from .gemv import by_segment, segment_of
-from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_triton, values_per_byte
+from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_cat, values_per_byte
 
 SMALL_M = 64
 
@@ -110,14 +110,14 @@ def segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr,
 def _gemm_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
     x_ptr, a_ptr, xsum_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, scale1_ptr, bias1_ptr, scale2_ptr,
-    bias2_ptr,
+    bias2_ptr, res_ptr,
     # sizes (m_bucket: autotuning key only; N1, R1, N2, R2, W1, W2 as in gemv._gemv_kernel)
     M, N, K, R, m_bucket, N1, R1, N2, R2, W1, W2,
     # strides (unit stride along K and N; stride_wr in units of w_ptr's dtype)
-    stride_xm, stride_wr, stride_ym,
+    stride_xm, stride_wr, stride_ym, stride_rm,
     # constexpr
     P: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, LANES: tl.constexpr, SPLIT_K: tl.constexpr,
-    SEGMENTS: tl.constexpr, PDL: tl.constexpr,
+    SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k x_q[m, k] * code_i(w[r, k]) - xsum[m]) * s / a[m] + bias.
@@ -128,6 +128,8 @@ def _gemm_kernel(
     scale_ptr: float32 (1,), s = mean|W|; bias_ptr: (N,) any float dtype, read if HAS_BIAS.
     y_ptr: (M, N) in the output dtype, or int32 x_q . W_q^T itself if OUT_INT32 (a, s unused).
     ws_ptr: int32 (M, N), count_ptr: int32 (one per tile), both zero, and left zero: used if SPLIT_K > 1.
+    HAS_RES (SEGMENTS == 1): y = residual + y, res_ptr (M, N) of y's dtype with row stride stride_rm,
+        unit stride along N (common.store_output): a batched decode step's or a prefill's skip connection.
     SEGMENTS > 1: as many matrices of one input in one launch (q / k / v, gate / up at a batched
         decode step), as gemv._gemv_kernel takes them: packed rows numbered R, then R1, then R2 (a
         tile may straddle two matrices: each row and output column finds its own), the second and
@@ -219,9 +221,14 @@ def _gemm_kernel(
                 factor = 0.0
             else:
                 factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
-            store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SC, HAS_BIAS, OUT_INT32)
+            r_rows = res_ptr
+            if HAS_RES:  # store_output reads res_ptr + y's offsets: rows of the residual's own stride
+                r_rows = res_ptr + (offs_m * (stride_rm - stride_ym))[:, None]
+            store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SC, HAS_BIAS, OUT_INT32,
+                         r_rows, HAS_RES)
             if PB > 0:
-                store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32)
+                store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32,
+                             r_rows, HAS_RES)
         else:  # per column: its matrix's scale and bias
             factor_a, bias_a = segment_epilogue(later_a, third_a, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
                                                 bias_ptr, bias1_ptr, bias2_ptr, HAS_BIAS, OUT_INT32)
@@ -244,20 +251,20 @@ INT8_CONFIGS = [
 @triton.jit
 def _gemm_int8_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
-    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr,
+    x_ptr, a_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, scale1_ptr, bias1_ptr, scale2_ptr, bias2_ptr, res_ptr,
     # sizes (m_bucket: autotuning key only; N1, N2: the second and third matrices' rows)
     M, N, K, m_bucket, N1, N2,
     # strides (unit stride along K and N)
-    stride_xm, stride_wn, stride_ym,
+    stride_xm, stride_wn, stride_ym, stride_rm,
     # constexpr
-    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, SEGMENTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * s / a[m] + bias[n]: the unpacked weights' GEMM.
 
     x_ptr: int8 (M, K) x_q; a_ptr: float32 (M,); w_ptr: int8 (N + N1 + N2, K) W_q itself
     (unpack_triton), the matrices' rows one after the other; scale_ptr, bias_ptr, y_ptr as in
-    _gemm_kernel. SEGMENTS > 1: output column n belongs to the matrix whose rows hold it, and
+    _gemm_kernel, and res_ptr, stride_rm, HAS_RES (one matrix). SEGMENTS > 1: output column n belongs to the matrix whose rows hold it, and
     takes that matrix's scale and bias (q / k / v in one launch at a prefill: k and v alone fill
     a fraction of the SMs). Grid: cdiv(M, BLOCK_M) * cdiv(N + N1 + N2, BLOCK_N) programs, grouped
     by GROUP_M along M.
@@ -285,7 +292,10 @@ def _gemm_int8_kernel(
             factor = 0.0
         else:
             factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
-        store_output(y_ptr, bias_ptr, offs_y, offs_n[None, :], mask, acc, 0, factor, 1, HAS_BIAS, OUT_INT32)
+        r_rows = res_ptr
+        if HAS_RES:  # store_output reads res_ptr + y's offsets: rows of the residual's own stride
+            r_rows = res_ptr + (offs_m * (stride_rm - stride_ym))[:, None]
+        store_output(y_ptr, bias_ptr, offs_y, offs_n[None, :], mask, acc, 0, factor, 1, HAS_BIAS, OUT_INT32, r_rows, HAS_RES)
     else:  # per column: its matrix's scale and bias, the bias indexed by the column within its matrix
         later, third = segment_of(offs_n, N, N1, SEGMENTS)
         factor, bias = segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
@@ -295,25 +305,23 @@ def _gemm_int8_kernel(
 
 
 def gemm_unpacked(x_q: torch.Tensor, packed: list[torch.Tensor], ns: list[int], fmt: str, y: torch.Tensor,
-                  a: torch.Tensor | None, scales: list, biases: list) -> torch.Tensor:
-    """y = x_q @ unpack(packed)^T with gemm's epilogue, into y (M, sum(ns)) (checked by gemm_cat):
-    up to three matrices unpacked into one int8 (sum(ns), K) buffer, one GEMM launch over all."""
+                  a: torch.Tensor | None, scales: list, biases: list, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x_q @ unpack(packed)^T with gemm's epilogue (+ residual), into y (M, sum(ns)) (checked by
+    gemm_cat): up to three matrices unpacked into one int8 (sum(ns), K) buffer by one launch, one
+    GEMM launch over all."""
     m, k = x_q.shape
     total = sum(ns)
-    w = torch.empty(total, k, dtype=torch.int8, device=x_q.device)
-    row = 0
-    for p, n in zip(packed, ns):
-        unpack_triton(p, n, fmt, out=w[row:row + n])
-        row += n
+    w = unpack_cat(packed, ns, fmt)
     seg = len(packed)
     sizes = list(ns) + [0] * (3 - seg)
     scales, biases = (list(v) + [v[0]] * (3 - seg) for v in (scales, biases))  # unused segments: the first's pointers
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(total, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_int8_kernel[grid](
-        x_q, a, w, scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2],
+        x_q, a, w, scales[0], biases[0], y, scales[1], biases[1], scales[2], biases[2], residual,
         m, sizes[0], k, next_power_of_2(m), sizes[1], sizes[2],
-        x_q.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=biases[0] is not None, OUT_INT32=y.dtype == torch.int32, SEGMENTS=seg, **LAUNCH,
+        x_q.stride(0), w.stride(0), y.stride(0), 0 if residual is None else residual.stride(0),
+        HAS_BIAS=biases[0] is not None, OUT_INT32=y.dtype == torch.int32, SEGMENTS=seg, HAS_RES=residual is not None,
+        **LAUNCH,
     )
     return y
 
@@ -366,14 +374,17 @@ def gemm(
     xsum: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_q (M, K) int8 @ W^T -> y (M, n) in out_dtype; torch.int32 gives x_q . W_q^T unscaled.
 
     a (M,) float32 is needed for a scaled output; xsum (M,) int32 = x_q.sum(-1) is computed here
     when not given (act_quant gives it for free). out: where to write y, (M, n) of out_dtype with
-    unit stride along n (e.g. a column block of a wider output); a new tensor if None.
+    unit stride along n (e.g. a column block of a wider output); a new tensor if None. residual
+    (M, n) of out_dtype, unit stride along n: y = residual + y, added in the epilogue as torch adds
+    (a decoder layer's skip connection: no launch of its own).
     """
-    return gemm_cat(x_q, [packed], [n], fmt, [scale], [bias], a, xsum, out_dtype, out)
+    return gemm_cat(x_q, [packed], [n], fmt, [scale], [bias], a, xsum, out_dtype, out, residual)
 
 
 def gemm_cat(
@@ -387,12 +398,14 @@ def gemm_cat(
     xsum: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Up to three matrices of one input in one launch: y (M, sum(ns)), matrix j's outputs in
     columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemm() of that matrix alone (the same
     integers, the same epilogue). The matrices share K and the format; biases all or none. Below
     UNPACK_M, matrices whose packed weights do not sit on 16-unit grains of the first's run one
-    launch each; from UNPACK_M on they are unpacked into one buffer (gemm_unpacked) and need not."""
+    launch each; from UNPACK_M on they are unpacked into one buffer (gemm_unpacked) and need not.
+    residual (one matrix): as gemm's."""
     if x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
     biases = cat_biases("gemm_cat", packed, ns, scales, biases)
@@ -406,12 +419,20 @@ def gemm_cat(
             raise ValueError(f"out must be ({x_q.shape[0]}, {total}) {out_dtype} with unit stride along n, "
                              f"got {tuple(out.shape)} {out.dtype} {out.stride()}")
         y = out
+    if residual is not None and (len(packed) != 1 or out_dtype == torch.int32 or residual.dtype != out_dtype
+                                 or residual.shape != y.shape or (total > 1 and residual.stride(1) != 1)):
+        raise ValueError(f"residual must be ({x_q.shape[0]}, {total}) {out_dtype} with unit stride along n, one matrix "
+                         f"and a float output; got {len(packed)} matrices, {out_dtype} output, residual "
+                         f"{tuple(residual.shape)} {residual.dtype} {residual.stride()}")
+    if residual is not None and (residual.device != x_q.device or residual.data_ptr() == y.data_ptr()):
+        raise ValueError(f"residual must be on {x_q.device} and apart from the output (autotuning reruns the kernel), "
+                         f"got {residual.device}{' and the output itself' if residual.data_ptr() == y.data_ptr() else ''}")
     m, k = x_q.shape
     packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
     if m == 0:
         return y
     if 0 < UNPACK_M <= m:
-        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases)
+        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases, residual)
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
     starts = segment_starts(packed, lanes)
     if starts is None and len(packed) > 1:
@@ -442,11 +463,11 @@ def gemm_cat(
         ws, count = buf[:size], buf[size:]
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
     _gemm_kernel[grid](
-        x_q, a, xsum, w, scales[0], biases[0], y, ws, count, scales[1], biases[1], scales[2], biases[2],
+        x_q, a, xsum, w, scales[0], biases[0], y, ws, count, scales[1], biases[1], scales[2], biases[2], residual,
         m, sizes[0], k, rows[0], next_power_of_2(m), sizes[1], rows[1], sizes[2], rows[2], starts[1], starts[2],
-        x_q.stride(0), w.stride(0), y.stride(0),
+        x_q.stride(0), w.stride(0), y.stride(0), 0 if residual is None else residual.stride(0),
         P=p, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits,
-        SEGMENTS=seg, **LAUNCH, **pdl(x_q),
+        SEGMENTS=seg, HAS_RES=residual is not None, **LAUNCH, **pdl(x_q),
     )
     return y
 

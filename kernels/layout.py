@@ -171,40 +171,73 @@ def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr):
 
 @triton.jit
 def _unpack_kernel(
-    # pointers
-    w_ptr, out_ptr,
-    # sizes
-    N, K, R,
+    # pointers (w1_ptr, w2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
+    w_ptr, w1_ptr, w2_ptr, out_ptr,
+    # sizes (N1, R1, N2, R2: the second and third matrices')
+    N, R, N1, R1, N2, R2, K,
     # constexpr
-    P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[i*R + r, k] = SC * code_i(packed[r, k]) - 1 for rows < N.
+    """out[row0 + i*R + r, k] = SC * code_i(packed[r, k]) - 1 for rows < N of each matrix, row0 the
+    rows of the matrices before it (up to three in one launch: a prefill's q / k / v, gate / up).
 
-    w_ptr: uint8 (R, K) row-major, the layout above; out_ptr: int8 (N, K) row-major.
-    Grid: (cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)).
+    w_ptr, w1_ptr, w2_ptr: uint8 (R, K), (R1, K), (R2, K) row-major, the layout above; out_ptr:
+    int8 (N + N1 + N2, K) row-major. Grid: (cdiv(R, BLOCK_R) + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R),
+    cdiv(K, BLOCK_K)): the row blocks of the first matrix, then of the second, then of the third.
     """
     SC: tl.constexpr = 2 if P == 8 else 1
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid = tl.program_id(0)
+    w_seg, n_seg, r_seg, row0, block = w_ptr, N, R, 0, pid
+    if SEGMENTS > 1:  # selects, not branches: an argument of 1 is specialized to a constant
+        b0 = tl.cdiv(R, BLOCK_R)
+        later = pid >= b0
+        third = pid >= b0 + tl.cdiv(R1, BLOCK_R)  # never with two (the grid ends there)
+        w_seg = tl.where(third, w2_ptr, tl.where(later, w1_ptr, w_ptr))
+        n_seg = tl.where(third, N2, tl.where(later, N1, N))
+        r_seg = tl.where(third, R2, tl.where(later, R1, R))
+        row0 = tl.where(third, N + N1, tl.where(later, N, 0))
+        block = pid - tl.where(third, b0 + tl.cdiv(R1, BLOCK_R), tl.where(later, b0, 0))
+    offs_r = block * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_r < R)[:, None] & (offs_k < K)[None, :]
-    b = tl.load(w_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+    mask = (offs_r < r_seg)[:, None] & (offs_k < K)[None, :]
+    b = tl.load(w_seg + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.int32)
     for i in tl.static_range(P):
-        rows = i * R + offs_r
+        rows = i * r_seg + offs_r
         w = SC * decode(b, i, P, 1) - 1
-        tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], w.to(tl.int8), mask=mask & (rows < N)[:, None])
+        tl.store(out_ptr + (row0 + rows)[:, None].to(tl.int64) * K + offs_k[None, :], w.to(tl.int8),
+                 mask=mask & (rows < n_seg)[:, None])
+
+
+UNPACK_BLOCK_R, UNPACK_BLOCK_K = 16, 64
+
+
+def unpack_cat(packed: list[torch.Tensor], ns: list[int], fmt: str = "2bit", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Up to three packed matrices of one K -> int8 (sum(ns), K), their rows one after the other, in
+    one launch: each matrix's rows equal unpack_triton's (and bitnet.packing.unpack's); into `out`
+    (a contiguous int8 (sum(ns), K)) if given."""
+    if not 1 <= len(packed) <= 3 or len(ns) != len(packed):
+        raise ValueError(f"unpack_cat takes one to three matrices and as many row counts, got {len(packed)} and {len(ns)}")
+    k = packed[0].shape[1]
+    packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
+    total = sum(ns)
+    if out is None:
+        out = torch.empty(total, k, dtype=torch.int8, device=packed[0].device)
+    elif out.shape != (total, k) or out.dtype != torch.int8 or not out.is_contiguous() or out.device != packed[0].device:
+        raise ValueError(f"out must be a contiguous int8 ({total}, {k}) tensor on {packed[0].device}, got {out.dtype} "
+                         f"{tuple(out.shape)} {out.stride()} on {out.device}")
+    if total == 0 or k == 0:
+        return out
+    seg = len(packed)
+    ws = [w.contiguous() for w in packed] + [packed[0]] * (3 - seg)  # unused segments: the first's pointer
+    sizes = [(n, w.shape[0]) for n, w in zip(ns, packed)] + [(0, 0)] * (3 - seg)
+    blocks = sum(-(-r // UNPACK_BLOCK_R) for _, r in sizes)
+    grid = (blocks, -(-k // UNPACK_BLOCK_K))
+    _unpack_kernel[grid](*ws, out, *(v for nr in sizes for v in nr), k, P=values_per_byte(fmt), SEGMENTS=seg,
+                         BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K)
+    return out
 
 
 def unpack_triton(packed: torch.Tensor, n: int, fmt: str = "2bit", out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed uint8 (R, K) -> int8 (n, K): the Triton twin of bitnet.packing.unpack; into `out`
     (a contiguous int8 (n, K), e.g. rows of a larger buffer) if given."""
-    k = packed.shape[1]
-    packed = check_packed(packed, n, k, fmt)
-    if out is None:
-        out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
-    elif out.shape != (n, k) or out.dtype != torch.int8 or not out.is_contiguous() or out.device != packed.device:
-        raise ValueError(f"out must be a contiguous int8 ({n}, {k}) tensor on {packed.device}, got {out.dtype} "
-                         f"{tuple(out.shape)} {out.stride()} on {out.device}")
-    block_r, block_k = 16, 64
-    grid = (-(-packed.shape[0] // block_r), -(-k // block_k))
-    _unpack_kernel[grid](packed, out, n, k, packed.shape[0], P=values_per_byte(fmt), BLOCK_R=block_r, BLOCK_K=block_k)
-    return out
+    return unpack_cat([packed], [n], fmt, out)

@@ -259,9 +259,9 @@ def test_the_decode_gemv_refuses_a_norm_it_cannot_run(triton_device):
                                               ("1bit", torch.bfloat16, True)])
 @pytest.mark.parametrize("m", [1, 3])
 def test_the_skip_connection_adds_as_torch_adds(fmt, dtype, bias, m, triton_device):
-    """residual + o_proj(norm(x)) with the add in the GEMV's epilogue (M = 1; M > 1 adds after the
-    GEMM): bit for bit torch's add of the same output, which the fused path gives without it (in
-    bf16 under the interpreter, which truncates float32 -> bf16 where a GPU rounds: within its ulp)."""
+    """residual + o_proj(norm(x)) with the add in the GEMV's (M = 1) or the GEMM's (M > 1) epilogue:
+    bit for bit torch's add of the same output, which the fused path gives without it (in bf16
+    under the interpreter, which truncates float32 -> bf16 where a GPU rounds: within its ulp)."""
     layer = qkv(triton_device, dtype, fmt, bias)[0]
     norm = RMSNorm(K).to(triton_device, dtype)
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_the_skip_connection_adds_as_torch_adds(fmt, dtype, bias, m, triton_devi
         (fused,) = normed_projections(x, norm, [layer], residual=residual)
     assert fused.shape == residual.shape and fused.dtype == dtype
     ref = (residual + y).cpu()
-    if dtype == torch.float32 or triton_device == "cuda" or m > 1:  # (M > 1: torch's own add after the GEMM)
+    if dtype == torch.float32 or triton_device == "cuda":
         assert torch.equal(fused.cpu(), ref)
     else:
         assert ((fused.cpu().float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
@@ -291,9 +291,10 @@ def test_the_skip_connection_is_refused_where_it_cannot_fuse(triton_device):
         assert normed_projections(x, norm, layers[:1], residual=torch.zeros(1, 48, device=triton_device).double()) is None
 
 
-def test_a_decode_step_adds_no_skip_connection_in_torch(monkeypatch, triton_device):
-    """On the Triton path a decode step of the tiny model issues no torch add: both skip
-    connections of each layer ride the o_proj and down_proj GEMVs' epilogues."""
+def test_no_skip_connection_is_added_in_torch(monkeypatch, triton_device):
+    """On the Triton path the tiny model issues no torch add, at a prefill, a decode step or a
+    batched one: both skip connections of each layer ride the o_proj and down_proj GEMVs' or
+    GEMMs' epilogues."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Adds(TorchDispatchMode):
@@ -305,12 +306,13 @@ def test_a_decode_step_adds_no_skip_connection_in_torch(monkeypatch, triton_devi
 
     model = tiny().to(triton_device)
     monkeypatch.setenv("BITNET_KERNEL", "triton")
-    model.setup_cache(1, 8)
-    with torch.no_grad():
-        model(torch.tensor([[5, 77, 3]], device=triton_device), input_pos=torch.arange(3, device=triton_device))
-        with Adds():
-            model(torch.tensor([[9]], device=triton_device), input_pos=torch.tensor([3], device=triton_device))
-    model.clear_cache()
+    for batch in (1, 2):
+        model.setup_cache(batch, 8)
+        prompt = torch.tensor([[5, 77, 3]] * batch, device=triton_device)
+        with torch.no_grad(), Adds():
+            model(prompt, input_pos=torch.arange(3, device=triton_device))
+            model(torch.tensor([[9]] * batch, device=triton_device), input_pos=torch.tensor([3], device=triton_device))
+        model.clear_cache()
     assert Adds.n == 0
 
 

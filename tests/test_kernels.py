@@ -43,7 +43,7 @@ from bitnet.kernels.activations import act_quant as act_quant_launch, reference_
 from bitnet.kernels.common import INTERPRET
 from bitnet.kernels.gemm import gemm, gemm_cat, reference_gemm
 from bitnet.kernels.gemv import gemv, gemv_cat
-from bitnet.kernels.layout import unpack_triton
+from bitnet.kernels.layout import unpack_cat, unpack_triton
 from bitnet.kernels.rmsnorm_quant import reference_rmsnorm_act_quant
 from bitnet.ops import torch_bitlinear
 from bitnet.packing import pack, unpack
@@ -152,6 +152,25 @@ def test_triton_unpack_equals_torch_unpack_on_every_byte(fmt, triton_device):
     if fmt == "2bit":
         packed = packed & 0x55 | (packed & 0xAA & ~((packed & 0x55) << 1))  # codes 0..2 only
     assert torch.equal(unpack_triton(packed.to(triton_device), n, fmt).cpu(), unpack(packed, n, fmt))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_one_unpack_launch_for_several_matrices(fmt, triton_device):
+    """unpack_cat (a prefill's q / k / v, gate / up before the int8 GEMM): up to three matrices in one
+    launch, each matrix's rows equal to bitnet.packing.unpack's, one after the other; row counts that
+    leave a ragged last block of packed rows and padding rows in the last packed row."""
+    k, ns = 70, [90, 21, 7]  # packed rows: several 16-row blocks, then ragged ones
+    ws = [random_weights(n, k, fmt, seed=40 + i) for i, n in enumerate(ns)]
+    packed = [pack(w, fmt) for w in ws]
+    for count in (3, 2, 1):
+        out = unpack_cat([p.to(triton_device) for p in packed[:count]], ns[:count], fmt).cpu()
+        assert torch.equal(out, torch.cat([unpack(p, n, fmt) for p, n in zip(packed[:count], ns[:count])]))
+        assert torch.equal(out, torch.cat(ws[:count]).to(torch.int8))
+    with pytest.raises(ValueError, match="one to three matrices"):
+        unpack_cat([packed[0].to(triton_device)] * 4, ns + [1], fmt)
+    with pytest.raises(ValueError, match="out must be a contiguous int8"):
+        unpack_cat([packed[0].to(triton_device)], ns[:1], fmt, out=torch.empty(ns[0], k + 1, dtype=torch.int8,
+                                                                                  device=triton_device))
 
 
 # ----------------------------------------------------------------------------- matmul: exact integers
@@ -444,6 +463,47 @@ def test_large_m_unpacked_gemm_is_exact_and_equals_the_fused_one(fmt, monkeypatc
     assert torch.equal(gemm(x_q, packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q, w_q))
     assert torch.equal(gemm(x_q, packed, N, fmt, scale, bias, a, out_dtype=torch.float32), fused)
     assert torch.equal(gemm(x_q[:2], packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q[:2], w_q))  # below
+
+
+@pytest.mark.parametrize("fmt, m, unpacked", [("2bit", 2, False), ("1.6bit", 33, False), ("1bit", 3, False),
+                                               ("2bit", 5, True), ("1.6bit", 5, True)])
+def test_gemm_adds_the_residual_as_torch_adds(fmt, m, unpacked, monkeypatch, triton_device):
+    """residual + y in the GEMM's epilogue (a batched decode step's or a prefill's skip connection:
+    o_proj, down_proj): float32 equal to torch's add of the exact reference's output, with split-K (K =
+    512: the last program to arrive adds it) and on the unpacked path (UNPACK_M forced); a residual
+    and an output with row strides of their own (column blocks of wider tensors); bf16 equal to
+    torch's add on a GPU, within the interpreter's truncation (it truncates float32 -> bf16 where a
+    GPU rounds) on the CPU. Refused where it cannot be added: several matrices, int32 output, the
+    output itself."""
+    import bitnet.kernels.gemm as gemm_module
+
+    if unpacked:
+        monkeypatch.setattr(gemm_module, "UNPACK_M", 4)
+    k, n = 512, 40
+    w_q = random_weights(n, k, fmt, seed=11)
+    packed, scale = pack(w_q, fmt).to(triton_device), torch.tensor([0.7], device=triton_device)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(12)).to(triton_device)
+    x_q, a = quantize_activation(random_activations(m, k, seed=13))
+    x_q, a = x_q.to(triton_device), a.to(triton_device)
+    wide = torch.randn(m, n + 9, generator=torch.Generator().manual_seed(14)) * 4
+    residual = wide[:, 5:5 + n].to(triton_device)  # row stride n + 9
+    ref = reference_gemm(x_q.cpu(), packed.cpu(), n, fmt, scale.cpu(), a.cpu(), bias.cpu(), torch.float32)
+    out = torch.zeros(m, n + 3, device=triton_device)
+    y = gemm(x_q, packed, n, fmt, scale, bias, a, out_dtype=torch.float32, out=out[:, 3:], residual=residual)
+    assert torch.equal(y.cpu(), residual.cpu() + ref) and not torch.equal(y.cpu(), ref)
+    r16 = residual.to(torch.bfloat16)
+    y16 = gemm(x_q, packed, n, fmt, scale, bias.to(torch.bfloat16), a, out_dtype=torch.bfloat16, residual=r16).cpu()
+    ref16 = r16.cpu() + gemm(x_q, packed, n, fmt, scale, bias.to(torch.bfloat16), a, out_dtype=torch.bfloat16).cpu()
+    if triton_device == "cuda":
+        assert torch.equal(y16, ref16)
+    else:
+        assert ((y16.float() - ref16.float()).abs() <= ref16.float().abs() * 2**-7).all()
+    with pytest.raises(ValueError, match="residual must be"):
+        gemm(x_q, packed, n, fmt, out_dtype=torch.int32, residual=residual.int())
+    with pytest.raises(ValueError, match="residual must be"):
+        gemm_cat(x_q, [packed, packed], [n, n], fmt, [scale, scale], a=a, residual=torch.zeros(m, 2 * n, device=triton_device))
+    with pytest.raises(ValueError, match="apart from the output"):
+        gemm(x_q, packed, n, fmt, scale, a=a, out=residual, residual=residual)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
