@@ -1,19 +1,32 @@
-"""The host's share of an eager decode step on the Triton path, measured without a GPU.
+"""The host's share of an eager forward on the Triton path, measured without a GPU.
 
-Eager decode on a GPU is host-bound at batch 1: the GPU finishes a 2B-class layer's kernels in
-tens of microseconds, the host needs longer to issue them (Python, torch dispatch, the launchers).
-This measures that host time on any machine: a frozen model of the preset's layer shapes (few
-layers, small vocabulary: the per-layer figure is what matters), its BitLinear on the Triton
-backend (TRITON_INTERPRET=1, set here, lets it take CPU tensors), every Triton kernel launch replaced by a stub that
-only counts (so no kernel runs and what is timed is everything around the launches; Triton's own
-launcher, which a GPU run adds, is not in it). The torch ops around the projections (attention,
-RoPE, cache writes) run on the CPU for real; at one token and a short cache they are small.
+Eager decode on a GPU is host-bound at batch 1, and so is an eager prefill of a few hundred
+tokens: the GPU finishes a 2B-class layer's kernels in tens (decode) to about a hundred (prefill of
+512) microseconds, the host may need longer to issue them (Python, torch dispatch, the launchers,
+Triton's own launch path). This measures that host time on any machine, per decoder layer, for a
+decode step (batch 1 and a batch), and a prefill: a frozen model of the preset's layer shapes
+(small vocabulary: the per-layer figure is what matters), its BitLinear on the Triton backend,
+and no kernel running:
 
-Reported per decoder layer: host time of a decode step (median), Triton launches, torch ops
-(dispatches, views included), and the time spent in the fused norm + projections path.
+- launches "direct": as on a GPU, compiled for sm_90 (bitnet.kernels.precompile.launches_compiled:
+  each kernel compiled once, for real, at the first step): the first launch of each call
+  signature through Triton's own launch path, later ones directly (kernels/launch.py); only the
+  driver's launch call is a no-op. The closest a CPU gets to a GPU run's host time.
+- launches "triton": every launch through Triton's own launch path (binding, specialization, the
+  autotuner's key, the compiled-kernel cache), as with BITNET_FAST_LAUNCH=0.
+- launches "stub": each launch replaced by a counter (neither launch path is in it).
+The default measures "direct" and "triton" side by side.
 
-    python benchmarks/host_overhead.py                      # preset 2b4t, 4 layers
-    python benchmarks/host_overhead.py --preset 700m --layers 6
+Either way the torch ops around the projections run on the CPU for real, in the model's dtype as
+on a GPU (the CPU's own rule computes attention in float32), except the prefill's attention
+(torch's SDPA: one kernel on a GPU, a long CPU computation here), which returns an empty tensor of
+its shape. Each figure is a difference of two timings, the model's first 2L
+layers against its first L, divided by L: what the embedding, the mask and the head cost is not in
+it. Reported per decoder layer: host time (median), Triton launches, torch ops (dispatches, views
+included), and the time in the fused norm + projections path.
+
+    python benchmarks/host_overhead.py                      # preset 2b4t: decode 1 and 8, prefill 512
+    python benchmarks/host_overhead.py --preset 700m --launches stub
 
 Writes benchmarks/results/host_overhead_cpu.{json,md}.
 """
@@ -24,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import platform
 import statistics
 import sys
 import time
@@ -39,10 +53,14 @@ from bitnet.report import table
 @dataclasses.dataclass
 class HostArgs:
     preset: str = arg("2b4t", help="layer shapes of this preset")
-    layers: int = arg(4, help="decoder layers (the figures are per layer)")
+    layers: int = arg(2, help="L: the figures are timings of 2L layers minus L, per layer")
     vocab: int = arg(1024, help="vocabulary (small: the head is not what is measured)")
     dtype: str = arg("bfloat16", help="model dtype")
-    iters: int = arg(50, help="timed decode steps (median reported)")
+    batch: int = arg(8, help="sequences of the batched decode step (0: none)")
+    prefill: int = arg(512, help="tokens of the prefill (0: none)")
+    launches: str = arg("direct,triton", help="comma-separated: direct, triton (launch paths for sm_90, nothing "
+                                                "launched), stub (counters)")
+    iters: int = arg(30, help="timed forwards per case (median reported)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")
     name: str = arg("host_overhead_cpu", help="file name of the results, without extension")
 
@@ -57,10 +75,15 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+KERNELS = [("gemv", "_gemv_kernel"), ("gemm", "_gemm_kernel"), ("gemm", "_gemm_int8_kernel"),
+           ("activations", "_act_quant_kernel"), ("rmsnorm_quant", "_rmsnorm_act_quant_kernel"),
+           ("layout", "_unpack_kernel"), ("rope", "_rope_cache_kernel"), ("attention", "_decode_attention_kernel")]
+
+
 @contextlib.contextmanager
 def stubbed_launches():
     """Every Triton kernel of bitnet.kernels replaced by a launch counter (yields it), restored after."""
-    from bitnet.kernels import activations, attention, gemm, gemv, layout, rmsnorm_quant, rope
+    import importlib
 
     count = [0]
 
@@ -70,24 +93,61 @@ def stubbed_launches():
                 count[0] += 1
             return launch
 
-    kernels = [(gemv, "_gemv_kernel"), (gemm, "_gemm_kernel"), (gemm, "_gemm_int8_kernel"),
-               (activations, "_act_quant_kernel"), (rmsnorm_quant, "_rmsnorm_act_quant_kernel"), (layout, "_unpack_kernel"),
-               (rope, "_rope_cache_kernel"), (attention, "_decode_attention_kernel")]
-    saved = [getattr(module, name) for module, name in kernels]
+    modules = [(importlib.import_module(f"bitnet.kernels.{module}"), name) for module, name in KERNELS]
+    saved = [getattr(module, name) for module, name in modules]
     try:
-        for module, name in kernels:
+        for module, name in modules:
             setattr(module, name, Stub())
         yield count
     finally:
-        for (module, name), kernel in zip(kernels, saved):
+        for (module, name), kernel in zip(modules, saved):
             setattr(module, name, kernel)
 
 
-def measure(args: HostArgs) -> dict:
+@contextlib.contextmanager
+def triton_launches():
+    """Every Triton launch as on a GPU for sm_90, nothing launched (yields a counter of launches, as
+    stubbed_launches does): the first of each call signature through Triton's launch path (which
+    compiles it), later ones directly (kernels/launch.py), the driver's launch call a no-op."""
+    from bitnet.kernels.launch import Launcher
+    from bitnet.kernels.precompile import launches_compiled
+
+    count = [0]
+    launch = Launcher.launch
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return launch(self, *args, **kwargs)
+
+    Launcher.launch = counted
+    try:
+        with launches_compiled(90) as log:
+            yield count
+    finally:
+        Launcher.launch = launch
+    if log.failures:
+        raise RuntimeError(f"{len(log.failures)} launches did not compile for sm_90: {log.failures[0][:2]}")
+
+
+def _median_seconds(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
+    """One row per case: decode (batch 1), decode (args.batch), prefill (args.prefill tokens), with
+    the launches as `mode` says (direct, triton, stub: the module's docstring)."""
+    from bitnet.kernels import launch as fast
+    import torch.nn.functional as F
+
     import bitnet.bitlinear
     import bitnet.model
     from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, freeze
-    from bitnet.generation import decode_step
+    from bitnet.generation import decode_step, prefill
 
     spent = [0.0]
     fused = bitnet.bitlinear.normed_projections
@@ -100,46 +160,81 @@ def measure(args: HostArgs) -> dict:
         finally:
             spent[0] += time.perf_counter() - t0
 
-    config = BitNetConfig.from_preset(args.preset, num_hidden_layers=args.layers, vocab_size=args.vocab)
+    L = args.layers
+    dtype = getattr(torch, args.dtype)
+    config = BitNetConfig.from_preset(args.preset, num_hidden_layers=2 * L, vocab_size=args.vocab)
     torch.manual_seed(0)
-    model = freeze(BitNetForCausalLM(config).eval()).to(getattr(torch, args.dtype))
+    model = freeze(BitNetForCausalLM(config).eval()).to(dtype)
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.kernel = "triton"  # CPU tensors: runs because TRITON_INTERPRET=1 (cli sets it)
-    model.setup_cache(1, 64, dtype=getattr(torch, args.dtype))  # the model's dtype, as on a GPU (the CPU's is float32)
-    tok, pos, pid = torch.tensor([[5]]), torch.tensor([10]), torch.tensor([[10]])
-    mask = torch.ones(1, 64, dtype=torch.bool)
+    all_layers = model.model.layers
+    cases = [("decode", 1, 1)] + ([("decode", args.batch, 1)] if args.batch > 1 else []) \
+        + ([("prefill", 1, args.prefill)] if args.prefill > 0 else [])
+    rows = []
+    sdpa, attention_dtype = F.scaled_dot_product_attention, bitnet.model.attention_dtype
+    launch_mode = stubbed_launches if mode == "stub" else triton_launches
+    enabled = fast._STATE["enabled"]
+    fast._STATE["enabled"] = mode == "direct"
     bitnet.model.normed_projections = timed_fused
+    F.scaled_dot_product_attention = lambda q, k, v, **kw: torch.empty_like(q)  # a prefill's attention: see above
+    bitnet.model.attention_dtype = lambda x, device=None: x.dtype  # a GPU's: attention in the model's dtype
     try:
-        with stubbed_launches() as launches, torch.no_grad():
-            for _ in range(5):
-                decode_step(model, tok, pos, pid, mask)
-            launches[0] = 0
-            with _CountOps() as counted:
-                decode_step(model, tok, pos, pid, mask)
-            per_step_launches = launches[0]
-            times, spent[0] = [], 0.0
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                decode_step(model, tok, pos, pid, mask)
-                times.append(time.perf_counter() - t0)
+        with launch_mode() as launches, torch.no_grad():
+            for kind, batch, tokens in cases:
+                length = tokens + 64
+                mask = torch.ones(batch, length, dtype=torch.bool)
+                if kind == "decode":
+                    ids, pos = torch.full((batch, 1), 5), torch.tensor([10])
+                    pid = torch.full((batch, 1), 10)
+                    step = functools.partial(decode_step, model, ids, pos, pid, mask)
+                else:
+                    ids = torch.randint(0, args.vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
+                    pid = torch.arange(tokens).expand(batch, tokens)
+                    step = functools.partial(prefill, model, ids, mask, pid)
+                figures = {}
+                for n in (L, 2 * L):
+                    model.model.layers = all_layers[:n]
+                    # the model's dtype, as on a GPU (the CPU's rule makes it float32)
+                    model.setup_cache(batch, length, dtype=dtype)
+                    for _ in range(3):  # the first compiles every kernel (triton), then warm
+                        step()
+                    launches[0] = 0
+                    with _CountOps() as counted:
+                        step()
+                    figures[n] = {"launches": launches[0], "ops": counted.ops}
+                    spent[0] = 0.0
+                    figures[n]["seconds"] = _median_seconds(step, args.iters)
+                    figures[n]["fused"] = spent[0] / args.iters
+                    model.clear_cache()
+                per_layer = {key: (figures[2 * L][key] - figures[L][key]) / L for key in figures[L]}
+                rows.append({"launches": mode, "case": f"{kind} {batch} x {tokens}", "kind": kind, "batch": batch, "tokens": tokens,
+                             "layer_us": per_layer["seconds"] * 1e6, "norm_projections_us": per_layer["fused"] * 1e6,
+                             "triton_launches": per_layer["launches"], "torch_ops": per_layer["ops"]})
     finally:
+        model.model.layers = all_layers
         bitnet.model.normed_projections = fused
-    L = args.layers
-    return {"layer_us": statistics.median(times) / L * 1e6, "norm_projections_us": spent[0] / args.iters / L * 1e6,
-            "triton_launches": per_step_launches / L, "torch_ops": counted.ops / L, "threads": torch.get_num_threads()}
+        F.scaled_dot_product_attention, bitnet.model.attention_dtype = sdpa, attention_dtype
+        fast._STATE["enabled"] = enabled
+    return rows
 
 
-COLUMNS = [("preset", "layer shapes", ""), ("layer_us", "host us / layer", ".0f"),
+COLUMNS = [("launches", "launches", ""), ("case", "case (batch x tokens)", ""), ("layer_us", "host us / layer", ".0f"),
            ("norm_projections_us", "of which norms + projections", ".0f"), ("triton_launches", "Triton launches / layer", ".1f"),
            ("torch_ops", "torch ops / layer", ".1f")]
 
 
 def main(args: HostArgs) -> int:
-    result = {"args": dataclasses.asdict(args), **measure(args)}
-    markdown = table([{**result, "preset": args.preset}], COLUMNS, markdown=True)
-    markdown += ("\n\nOne eager decode step on the Triton path, every Triton launch stubbed (Triton's own "
-                 "launcher not included), median of the timed steps.")
+    rows = [row for mode in args.launches.split(",") for row in measure(args, mode)]
+    result = {"args": dataclasses.asdict(args), "rows": rows, "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine()}
+    markdown = table(rows, COLUMNS, markdown=True)
+    markdown += (f"\n\nPreset {args.preset}, {args.dtype}; eager forwards on the Triton path. Launches: direct = as on "
+                 "a GPU (the first of each call signature through Triton's launch path for sm_90, later ones "
+                 "directly, kernels/launch.py), triton = every launch through Triton's launch path (BITNET_FAST_LAUNCH=0), "
+                 "stub = counted only; the driver's launch call is a no-op. The torch ops run on this CPU (the "
+                 "prefill's SDPA returns an empty tensor); per layer: the first "
+                 f"{2 * args.layers} layers' median minus the first {args.layers}', over {args.layers}.")
     print(markdown)
     print(f"results in {save_results(args.name, result, markdown, args.out_dir)}")
     return 0
@@ -148,11 +243,24 @@ def main(args: HostArgs) -> int:
 def cli(argv: list[str] | None = None) -> int:
     import argparse
 
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are first imported
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dataclass_arguments(parser, HostArgs)
-    return main(HostArgs(**vars(parser.parse_args(argv))))
+    args = HostArgs(**vars(parser.parse_args(argv)))
+    modes = args.launches.split(",")
+    if not modes or any(m not in ("direct", "triton", "stub") for m in modes):
+        parser.error(f"--launches takes direct, triton and stub, comma-separated; got {args.launches!r}")
+    if modes != ["stub"]:
+        # the kernels imported as real JITFunctions (Triton's launch path compiles them); then
+        # TRITON_INTERPRET=1 only so that bitnet.ops takes the Triton path for CPU tensors
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            parser.error("--launches direct / triton import the kernels compiled: unset TRITON_INTERPRET")
+        import bitnet.kernels.custom_ops  # noqa: F401
+
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["BITNET_CPU_DISABLE"] = "1"
+    else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are first imported
+    return main(args)
 
 
 if __name__ == "__main__":

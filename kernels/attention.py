@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2, pdl, pdl_start, pdl_wait
 from .gemm import zeroed_workspace
+from .launch import fast_launch
 from .rope import _rotated
 
 BLOCK_S = 16 if INTERPRET else 64  # slots per step: a [64, 128] bf16 tile of K and of V (16 KB each)
@@ -55,6 +56,7 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b)
 
 
+@fast_launch
 @triton.jit
 def _decode_attention_kernel(
     # pointers (part_ptr: the splits' float32 partials, m and l then acc, and count_ptr: int32 arrival

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .launch import fast_launch
+
 # Read once, when the kernels are decorated: triton.jit itself decides the same way at that moment.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -189,7 +191,8 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
     blocks, no benchmarking): autotuning there would time every config on the CPU for nothing.
     `kernel.configs = [config]` pins one config (tests/test_configs.py). With `full`, a new key's
     configs are first compiled side by side in worker processes (precompile.py, BITNET_PRECOMPILE=0
-    turns it off), then timed: Triton would compile them one by one."""
+    turns it off), then timed: Triton would compile them one by one. Launched through launch.Launcher:
+    a call signature seen before skips Triton's Python launch path."""
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=key)
 
@@ -206,8 +209,8 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
                 precompile(fn, fitting, named_args, kwargs, 10 * major + minor)
             return fitting
 
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
-                               do_bench=_time_config)(fn)
+        return fast_launch(triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
+                                           do_bench=_time_config)(fn))
 
     return decorate
 

@@ -74,6 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .launch import triton_kernel
 from .precompile import _message
 
 ARCHS = (90, 80)
@@ -118,7 +119,7 @@ def _jit_functions() -> dict:
     """name -> the JITFunction of every kernel (under autotune: the function it wraps)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile guard compiles the kernels: run it without TRITON_INTERPRET=1")
-    from . import activations, attention, common, gemm, gemv, int4_head, int8_head, layout, rmsnorm_quant, rope
+    from . import activations, attention, common, gemm, gemv, int4_head, int8_head, launch, layout, rmsnorm_quant, rope
 
     kernels = {
         "_decode_attention_kernel": attention._decode_attention_kernel,
@@ -127,9 +128,10 @@ def _jit_functions() -> dict:
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
         "_unpack_kernel": layout._unpack_kernel, "_rope_cache_kernel": rope._rope_cache_kernel,
-        "_pdl_probe_kernel": common._pdl_probe_kernel,
+        "_pdl_probe_kernel": common._pdl_probe_kernel, "_launch_probe_kernel": launch._launch_probe_kernel,
     }
     # an autotuned kernel is an Autotuner over the JITFunction (its .fn); a plain one is the JITFunction
+    kernels = {name: triton_kernel(k) for name, k in kernels.items()}  # (launch.Launcher's)
     return {name: k.fn if hasattr(k, "configs") else k for name, k in kernels.items()}
 
 
@@ -343,6 +345,11 @@ def _unpack_variants() -> list[Variant]:
             for p in FORMATS.values() for seg in (1, 2, 3)]
 
 
+def _launch_probe_variants() -> list[Variant]:
+    # launch._verify launches it through a Launcher with Triton's default options
+    return [Variant("_launch_probe_kernel", dict(BLOCK=64), dict(out_ptr="*fp32", value="fp32"), fp_fusion=True)]
+
+
 def _pdl_probe_variants() -> list[Variant]:
     # common.pdl_probe launches it with Triton's default options (PDL set per architecture below)
     return [Variant("_pdl_probe_kernel", {}, dict(counter_ptr="*i32"), fp_fusion=True)]
@@ -355,6 +362,7 @@ VARIANTS = {
     "_rope_cache_kernel": _rope_variants, "_decode_attention_kernel": _attention_variants,
 "_int8_linear_kernel": _int8_linear_variants,
     "_int4_linear_kernel": _int4_linear_variants, "_pdl_probe_kernel": _pdl_probe_variants,
+    "_launch_probe_kernel": _launch_probe_variants,
 }
 
 

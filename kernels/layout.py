@@ -49,6 +49,8 @@ import triton.language as tl
 
 from bitnet.packing import FORMATS, packed_rows, unpack
 
+from .launch import fast_launch
+
 reference_unpack = unpack  # the torch reference of unpack_triton below
 
 
@@ -169,6 +171,7 @@ def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr):
     return tl.reshape(c, (c.shape[0] * c.shape[1], c.shape[2]))
 
 
+@fast_launch
 @triton.jit
 def _unpack_kernel(
     # pointers (w1_ptr, w2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)

@@ -35,13 +35,38 @@ def _message(e: BaseException) -> str:
     return "\n".join(out)
 
 
+class _FakeUtils:
+    """What a compiled kernel asks of the driver's utils when it is made launchable (nothing loads)."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448 if self.arch >= 90 else 166912, "multiprocessor_count": 132,
+                "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return "stand-in module", "stand-in function", 0, 0, 1024  # (module, function, regs, spills, max threads)
+
+
+def _no_launch(*args):
+    return None
+
+
 class _FakeDriver:
-    """What Triton's launch path asks of the active driver before it compiles (no launch follows)."""
+    """What Triton's launch path asks of the active driver before it compiles, and what a compiled
+    kernel asks to be made launchable (launch.Launcher's direct launches): its launcher launches nothing."""
+
+    stand_in = True  # (launch._verify: nothing to check)
 
     def __init__(self, arch: int):
         from triton.backends.compiler import GPUTarget
 
         self.target = GPUTarget("cuda", arch, 32)
+        self.utils = _FakeUtils(arch)
+
+    def launcher_cls(self, src, metadata):
+        return _no_launch
 
     def get_current_target(self):
         return self.target

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import LAUNCH, next_power_of_2, pdl, pdl_start, pdl_wait
+from .launch import fast_launch
 
 
 @triton.jit
@@ -34,6 +35,7 @@ def _rotated(src, d, rot, mask, first_half, c, s, OUT_TY: tl.constexpr):
     return (a + b).to(OUT_TY)
 
 
+@fast_launch
 @triton.jit
 def _rope_cache_kernel(
     # pointers

@@ -233,6 +233,20 @@ def test_every_launch_of_a_run_compiles_for_sm90():
     assert {name for name in LAUNCHED_KERNELS if f"'{name}'" in summary} == LAUNCHED_KERNELS, summary
 
 
+def _direct_launch_check(env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "direct_launch_check.py")], env=env or _env(),
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+
+
+def test_direct_launches_pass_the_launcher_what_triton_passes():
+    """tests/direct_launch_check.py: each launcher called twice with one call signature, through
+    Triton's launch path (the reference: sm_90, a stand-in driver whose launcher records) and then
+    directly (kernels/launch.py); the recorded launches are equal, a misaligned tensor goes back to
+    Triton for its own specialization, and a launch hook gets the same metadata."""
+    r = _direct_launch_check()
+    assert r.returncode == 0 and "direct launches: 0 failed" in r.stdout, f"{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+
+
 NONE_IN_A_TUPLE = '''
 import torch
 import triton
@@ -370,3 +384,5 @@ def test_every_launch_of_a_run_compiles_with_the_oldest_supported_triton():
     assert probe.stdout.strip() == version, probe.stdout + probe.stderr
     r = _launch_check("90", env=env)
     assert r.returncode == 0, f"{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+    r = _direct_launch_check(env=env)  # the launcher's arguments as Triton 3.6 passes them
+    assert r.returncode == 0 and "direct launches: 0 failed" in r.stdout, f"{r.stdout[-20000:]}\n{r.stderr[-5000:]}"

@@ -1,0 +1,186 @@
+"""Launching a compiled Triton kernel again without Triton's Python launch path.
+
+Every `kernel[grid](*args, **kwargs)` through Triton binds the arguments, specializes each one
+(dtype and 16-byte alignment of a tensor, integers of 1 and multiples of 16), builds the
+autotuner's key (a dict of all arguments, the dtype of each tensor), looks both up and reads a
+few knobs: about 45 us of host time a launch on a 2-core Xeon (benchmarks/host_overhead.py),
+against a few microseconds of GPU work for a decode GEMV and ~3-10 us for a prefill's kernels. An
+eager prefill of 2B-4T issues ~13 launches a layer, an eager decode step 5: both were bound by
+that host time, not by the GPU.
+
+`Launcher` wraps an autotuned (triton.autotune) or plain (triton.jit) kernel. The first launch
+with a given call signature goes through Triton as before (tuning, compiling, launching) and
+keeps what Triton chose: the compiled kernel and the config. Later launches with the same
+signature call that compiled kernel's launcher directly, with the arguments Triton would pass it
+(every parameter in order, the config's constexprs included). The signature is finer than
+anything Triton specializes or tunes on: each tensor's dtype and 16-byte alignment, every other
+argument's type and exact value (so the autotuner's key, which holds shapes, is in it), the
+keyword arguments (constexprs, launch options), the device, and the identity of the autotuner's
+config list (tests pin configs by replacing it). A signature never seen is never guessed: it
+takes Triton's path. Under CUDA graphs nothing changes (the same launches are recorded).
+
+The first launch that would take the fast path on a device checks it once (`_verify`: a probe
+kernel launched by Triton and then directly, both outputs compared); on any failure the process
+keeps Triton's path, with a warning. `BITNET_FAST_LAUNCH=0` turns it off. Launch hooks
+(triton.knobs.runtime.launch_enter_hook, e.g. Proton's) are passed on as Triton passes them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FAST_LAUNCH_ENV = "BITNET_FAST_LAUNCH"
+_STATE = {"enabled": os.environ.get(FAST_LAUNCH_ENV, "1").strip() != "0", "verified": set()}
+MAX_ENTRIES = 4096  # signatures kept per kernel (a server sees many prompt lengths): then it starts over
+
+
+def fast_launch_enabled() -> bool:
+    return _STATE["enabled"]
+
+
+def fast_launch(kernel):
+    """A Launcher around a compiled kernel (triton.jit or triton.autotune); the kernel itself under
+    Triton's interpreter (TRITON_INTERPRET=1 when it is decorated), where nothing is compiled."""
+    return kernel if os.environ.get("TRITON_INTERPRET") == "1" else Launcher(kernel)
+
+
+def triton_kernel(kernel):
+    """The Autotuner or JITFunction behind a Launcher (itself for anything else)."""
+    return kernel.kernel if isinstance(kernel, Launcher) else kernel
+
+
+class _Entry:
+    __slots__ = ("compiled", "tail", "meta")
+
+    def __init__(self, compiled, tail: tuple, meta: dict):
+        self.compiled, self.tail, self.meta = compiled, tail, meta
+
+
+class Launcher:
+    """kernel[grid](*args, **kwargs), as Triton launches it; attributes are the wrapped kernel's
+    (`configs`, `fn`, ...), and setting `configs` sets the autotuner's."""
+
+    def __init__(self, kernel):
+        object.__setattr__(self, "kernel", kernel)
+        jit = kernel
+        while not isinstance(jit, triton.runtime.jit.JITFunction):
+            jit = jit.fn
+        params = list(inspect.signature(jit.fn).parameters.values())
+        object.__setattr__(self, "_names", [p.name for p in params])
+        object.__setattr__(self, "_defaults", {p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+        object.__setattr__(self, "_entries", {})
+        object.__setattr__(self, "_tuned", hasattr(kernel, "configs"))
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.kernel, name, value)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def _signature(self, args: tuple, kwargs: dict, device: int) -> tuple:
+        sig = tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
+        return sig, tuple(kwargs.items()), device, id(self.kernel.configs) if self._tuned else None
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        if not _STATE["enabled"]:
+            return self.kernel[grid](*args, **kwargs)
+        driver = triton.runtime.driver.active
+        device = driver.get_current_device()
+        try:
+            key = self._signature(args, kwargs, device)
+            entry = self._entries.get(key)
+        except TypeError:  # an unhashable argument: Triton's path, always
+            return self.kernel[grid](*args, **kwargs)
+        if entry is None:
+            compiled = self.kernel[grid](*args, **kwargs)  # Triton's path: tune, compile, launch
+            self._keep(key, compiled, args, kwargs)
+            return compiled
+        if device not in _STATE["verified"] and (_capturing() or not _verify(device)):
+            return self.kernel[grid](*args, **kwargs)  # (checked at the first eager launch, not inside a recording)
+        compiled = entry.compiled
+        if callable(grid):
+            meta = dict(zip(self._names, args))
+            meta.update(entry.meta)
+            grid = grid(meta)
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        stream = driver.get_current_stream(device)
+        knobs = triton.knobs.runtime
+        enter = knobs.launch_enter_hook
+        all_args = args + entry.tail
+        # (what the hooks read; a hook chain with no hook registered reads nothing)
+        metadata = None if enter is None or getattr(enter, "calls", True) == [] else \
+            compiled.launch_metadata(grid, stream, *all_args)
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter,
+                     knobs.launch_exit_hook, *all_args)
+        return compiled
+
+    def _keep(self, key, compiled, args: tuple, kwargs: dict) -> None:
+        """Remember what Triton launched for this signature: the compiled kernel and the values of
+        the parameters after the positional ones (keyword arguments, the config's constexprs,
+        defaults), in the order Triton passes them to the kernel's launcher."""
+        if compiled is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return
+        config = getattr(self.kernel, "best_config", None)
+        given = {**kwargs, **(config.all_kwargs() if config is not None else {})}
+        names = self._names[len(args):]
+        if any(n not in given and n not in self._defaults for n in names):
+            return
+        tail = tuple(given[n] if n in given else self._defaults[n] for n in names)
+        meta = dict(zip(names, tail))
+        compiled._init_handles()  # (Triton does it at its first launch; here before any direct one)
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key] = _Entry(compiled, tail, meta)
+
+
+@triton.jit
+def _launch_probe_kernel(out_ptr, value, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.zeros([BLOCK], tl.float32) + value, mask=offs < n)
+
+
+_probe = None
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _verify(device: int) -> bool:
+    """Whether a direct launch does what Triton's does on `device`: the probe kernel launched by
+    Triton (first signature) and then directly (same signature, another output) writes the same.
+    Once a device; on failure the fast path is off for the process (warned)."""
+    global _probe
+    if getattr(triton.runtime.driver.active, "stand_in", False):  # precompile's driver: nothing runs
+        _STATE["verified"].add(device)
+        return True
+    try:
+        if _probe is None:
+            _probe = Launcher(_launch_probe_kernel)
+        with torch.cuda.device(device):
+            outs = [torch.zeros(48, device="cuda") for _ in range(2)]
+            _STATE["verified"].add(device)  # (the second probe launch takes the direct path)
+            for out in outs:
+                _probe[(1,)](out, 2.5, 40, BLOCK=64)
+            torch.cuda.synchronize(device)
+            expected = torch.zeros(48)
+            expected[:40] = 2.5
+            if not all(torch.equal(out.cpu(), expected) for out in outs):
+                raise RuntimeError(f"the direct launch wrote {outs[1].cpu().tolist()}, Triton's {outs[0].cpu().tolist()}")
+        return True
+    except Exception:  # noqa: BLE001: Triton's own path always works
+        _STATE["verified"].discard(device)
+        _STATE["enabled"] = False
+        logging.getLogger(__name__).warning("direct Triton launches do not work here (cuda:%d); the kernels launch "
+                                            "through Triton's own path (as %s=0)", device, FAST_LAUNCH_ENV, exc_info=True)
+        return False

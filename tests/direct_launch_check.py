@@ -1,0 +1,147 @@
+"""Direct launches (kernels/launch.py) pass a kernel's launcher exactly what Triton's own launch path
+passes it, checked without a GPU: a stand-in driver for sm_90 whose launcher records its arguments
+(nothing runs); each launcher of the package is called twice with one call signature, the first
+call through Triton (which compiles for sm_90 and launches), the second directly; the two recorded
+launches must be equal (grid, stream, function, metadata, hooks, every argument in order, tensors
+by dtype, shape and strides). A third call with a tensor off its 16-byte alignment must go through
+Triton again and get the other specialization's compiled kernel. With a launch hook registered, both pass
+the same launch metadata (what the hook is given).
+
+    python tests/direct_launch_check.py      (without TRITON_INTERPRET; exit status 1 on any failure)
+"""
+
+import hashlib
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "import the kernels as real JITFunctions: unset TRITON_INTERPRET"
+os.environ["BITNET_AUTOTUNE"] = "first"
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+from bitnet.kernels import activations, attention, gemm, gemv, int8_head, launch, layout, precompile, rmsnorm_quant, rope  # noqa: E402
+from bitnet.packing import pack  # noqa: E402
+
+
+class Recording(precompile._FakeDriver):
+    """sm_90's stand-in whose launcher records what it is given; each binary its own function."""
+
+    def __init__(self):
+        super().__init__(90)
+        self.calls = []
+        self.utils.load_binary = lambda name, kernel, shared, device: (
+            "module", (name, hashlib.sha1(kernel).hexdigest()), 0, 0, 1024)
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args: self.calls.append(args)
+
+
+def comparable(call):
+    """A recorded launch with tensors as (dtype, shape, strides) and launch metadata as its dict."""
+    out = []
+    for i, v in enumerate(call):
+        if isinstance(v, torch.Tensor):
+            v = ("tensor", v.dtype, tuple(v.shape), v.stride(), v.data_ptr() % 16)
+        elif i == 6 and v is not None:
+            v = {k: x for k, x in v.get().items() if k != "stream"}
+        out.append(v)
+    return out
+
+
+def weights(n, k, fmt="2bit"):
+    return pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n + k)), fmt)
+
+
+def scenarios():
+    """(name, the Launcher it launches, a call of one launch, the same call with a misaligned tensor)."""
+    s, k = torch.tensor([0.02]), 256
+    x = torch.randn(2, k + 1, dtype=torch.bfloat16)
+    x1 = x[:1, :k]
+    off = lambda t: torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)  # noqa: E731 (t, 2-4 bytes off 16)
+    xq = torch.randint(-128, 128, (3, k + 16), dtype=torch.int8)
+    xq3, xq3_off = xq[:, :k], xq[:, 1:k + 1]
+    a = torch.rand(3) + 1
+    w1, w2 = weights(64, k), weights(32, k)
+    nw = torch.rand(k, dtype=torch.bfloat16) + 0.5
+    q, kk, v = (torch.randn(1, 1, h, 64, dtype=torch.bfloat16) for h in (4, 2, 2))
+    cos, sin = torch.randn(1, 1, 64, dtype=torch.bfloat16), torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    cache_k, cache_v = torch.zeros(1, 2, 160, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 160, 64, dtype=torch.bfloat16)
+    pos = torch.tensor([7])
+    head = torch.randint(-127, 128, (96, k), dtype=torch.int8)
+    return [
+        ("gemv_cat, float x, two matrices, bias", gemv._gemv_kernel,
+         lambda: gemv.gemv_cat(x1, [w1, w2], [64, 32], "2bit", [s, s], [torch.randn(64), torch.randn(32)]),
+         lambda: gemv.gemv_cat(x1, [w1, w2], [64, 32], "2bit", [s, s], [off(torch.randn(64)), torch.randn(32)])),
+        ("gemv with the RMSNorm and the residual", gemv._gemv_kernel,
+         lambda: gemv.gemv_cat(x1, [w1], [64], "2bit", [s], [None], norm_weight=nw, eps=1e-5,
+                               residual=torch.zeros(1, 64, dtype=torch.bfloat16)),
+         lambda: gemv.gemv_cat(x1, [w1], [64], "2bit", [s], [None], norm_weight=nw, eps=1e-5,
+                               residual=off(torch.zeros(1, 64, dtype=torch.bfloat16)))),
+        ("gemm_cat, split-K, M = 3", gemm._gemm_kernel,
+         lambda: gemm.gemm_cat(xq3, [w1, w2], [64, 32], "2bit", [s, s], None, a, None, torch.bfloat16),
+         lambda: gemm.gemm_cat(xq3_off, [w1, w2], [64, 32], "2bit", [s, s], None, a, None, torch.bfloat16)),
+        ("gemm with the residual", gemm._gemm_kernel,
+         lambda: gemm.gemm(xq3, w1, 64, "2bit", s, None, a, out_dtype=torch.bfloat16,
+                           residual=torch.zeros(3, 64, dtype=torch.bfloat16)),
+         lambda: gemm.gemm(xq3_off, w1, 64, "2bit", s, None, a, out_dtype=torch.bfloat16,
+                           residual=torch.zeros(3, 64, dtype=torch.bfloat16))),
+        ("act_quant", activations._act_quant_kernel, lambda: activations.act_quant(x1),
+         lambda: activations.act_quant(off(x1))),
+        ("rmsnorm_act_quant", rmsnorm_quant._rmsnorm_act_quant_kernel,
+         lambda: rmsnorm_quant.rmsnorm_act_quant(x1, nw, 1e-5), lambda: rmsnorm_quant.rmsnorm_act_quant(off(x1), nw, 1e-5)),
+        ("unpack_cat of two", layout._unpack_kernel, lambda: layout.unpack_cat([w1, w2], [64, 32], "2bit"),
+         lambda: layout.unpack_cat([weights(64, k + 1)[:, 1:], w2], [64, 32], "2bit")),
+        ("rope_cache", rope._rope_cache_kernel,
+         lambda: rope.rope_cache(q, kk, v, cos, sin, cache_k, cache_v, pos),
+         lambda: rope.rope_cache(off(q), kk, v, cos, sin, cache_k, cache_v, pos)),
+        ("decode attention with the RoPE", attention._decode_attention_kernel,
+         lambda: attention.decode_attention(q[:, 0], cache_k, cache_v, pos, rope=(kk[:, 0], v[:, 0], cos[:, 0], sin[:, 0])),
+         lambda: attention.decode_attention(off(q[:, 0]), cache_k, cache_v, pos,
+                                            rope=(kk[:, 0], v[:, 0], cos[:, 0], sin[:, 0]))),
+        ("int8 head", int8_head._int8_linear_kernel, lambda: int8_head.int8_linear(x1, head, torch.rand(96)),
+         lambda: int8_head.int8_linear(off(x1), head, torch.rand(96))),
+    ]
+
+
+def main() -> int:
+    rec = Recording()
+    driver.set_active(rec)
+    failed = []
+    triton.knobs.runtime.launch_enter_hook.add(lambda metadata: None)  # (a launcher calls it; this one records)
+    for hooked in (True, False):
+        if not hooked:
+            triton.knobs.runtime.launch_enter_hook.calls.clear()
+        for name, kernel, call, misaligned in scenarios():
+            name = f"{name}{' (a launch hook)' if hooked else ''}"
+            try:
+                call()  # a new autotuning key: Triton 3.6 times even a lone config (one more launch)
+                kernel._entries.clear()
+                rec.calls.clear()
+                call()
+                entries = len(kernel._entries)
+                call()
+                if len(rec.calls) != 2 or entries != 1 or len(kernel._entries) != 1:
+                    raise AssertionError(f"{len(rec.calls)} launches, {entries} then {len(kernel._entries)} signatures kept")
+                first, direct = comparable(rec.calls[0]), comparable(rec.calls[1])
+                if not hooked:  # Triton makes launch metadata for an empty hook chain too; nothing reads it
+                    first[6] = direct[6] = None
+                if first != direct:
+                    diff = [i for i, (p, d) in enumerate(zip(first, direct)) if p != d]
+                    raise AssertionError(f"launcher arguments differ at {diff}: {[first[i] for i in diff]} "
+                                         f"vs {[direct[i] for i in diff]}")
+                misaligned()
+                kept = list(kernel._entries.values())
+                if len(rec.calls) != 3 or len(kept) != 2 or kept[0].compiled is kept[1].compiled:
+                    raise AssertionError(f"a misaligned tensor did not take Triton's path to its own specialization: "
+                                         f"{len(rec.calls)} launches, {len(kept)} signatures kept")
+                print(f"ok {name}")
+            except Exception as e:  # noqa: BLE001
+                failed.append(name)
+                print(f"FAIL {name}: {type(e).__name__}: {e}")
+    print(f"direct launches: {len(failed)} failed" + (f": {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
