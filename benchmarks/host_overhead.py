@@ -20,7 +20,7 @@ The default measures "direct" and "triton" side by side.
 Either way the torch ops around the projections run on the CPU for real, in the model's dtype as
 on a GPU (the CPU's own rule computes attention in float32), except the prefill's attention
 (torch's SDPA: one kernel on a GPU, a long CPU computation here), which returns an empty tensor of
-its shape. Each figure is a difference of two timings, the model's first 2L
+its shape in flash attention's layout. Each figure is a difference of two timings, the model's first 2L
 layers against its first L, divided by L: what the embedding, the mask and the head cost is not in
 it. Reported per decoder layer: host time (median), Triton launches, torch ops (dispatches, views
 included), and the time in the fused norm + projections path.
@@ -129,6 +129,13 @@ def triton_launches():
         raise RuntimeError(f"{len(log.failures)} launches did not compile for sm_90: {log.failures[0][:2]}")
 
 
+def _attention_stand_in(q, k, v, **kwargs):
+    """An uninitialized SDPA output of flash attention's layout on a GPU, (B, T, heads, hd) memory
+    seen as (B, heads, T, hd): the model's transpose back to (B, T, heads * hd) is then a view there
+    as on a GPU, not a copy that this CPU would compute."""
+    return torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1], dtype=q.dtype).transpose(1, 2)
+
+
 def _median_seconds(fn, iters: int) -> float:
     times = []
     for _ in range(iters):
@@ -177,7 +184,7 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
     enabled = fast._STATE["enabled"]
     fast._STATE["enabled"] = mode == "direct"
     bitnet.model.normed_projections = timed_fused
-    F.scaled_dot_product_attention = lambda q, k, v, **kw: torch.empty_like(q)  # a prefill's attention: see above
+    F.scaled_dot_product_attention = _attention_stand_in  # a prefill's attention: see above
     bitnet.model.attention_dtype = lambda x, device=None: x.dtype  # a GPU's: attention in the model's dtype
     try:
         with launch_mode() as launches, torch.no_grad():
