@@ -260,11 +260,12 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
 
 def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           cache, input_pos: torch.Tensor, key_mask: torch.Tensor | None = None,
-                          kernel: str | None = None) -> torch.Tensor | None:
+                          kernel: str | None = None, rows: torch.Tensor | None = None) -> torch.Tensor | None:
     """A decode step's RoPE, KV-cache write and attention in one Triton launch
     (bitnet.kernels.rope_decode_attention): q (B, 1, nh, hd), k / v (B, 1, nkv, hd), cos / sin (B or
-    1, 1, 1, hd), `cache` a KVCache of q's dtype, input_pos (1,) or (B,) the token's slot, key_mask
-    (B, S) -> y (B, nh * hd), k' and v written into the cache: what rope_cache then decode_attention
+    1, 1, 1, hd) or a view of that many rows, `cache` a KVCache of q's dtype, input_pos (1,) or (B,)
+    the token's slot, key_mask (B, S), rows (B,) each token's cache row (the server's; default: row
+    b) -> y (B, nh * hd), k' and v written into the cache: what rope_cache then decode_attention
     give, bit for bit. None where the Triton kernels are not the choice, autograd is recording, or
     the dtypes differ (the CPU keeps a float32 cache for bf16 models): the caller runs those two."""
     if choose_kernel(q, kernel) != "triton" or q.shape[1] != 1 or q.shape[-1] % 2 or q.shape[-1] > 256:
@@ -276,7 +277,7 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     from .kernels import rope_decode_attention as triton_rope_decode_attention
 
     # (cos / sin as they are: the launcher views them as (B or 1, hd))
-    return triton_rope_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, input_pos, None, key_mask)
+    return triton_rope_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, input_pos, rows, key_mask)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,

@@ -1,7 +1,7 @@
 """Every Triton launch of a real run, compiled for one architecture through Triton's own launch
 path, without a GPU (bitnet.kernels.precompile.launches_compiled): a tiny model with and without
 biases through generate (one sequence; two, padded), the server's runner (prefill, a batched
-decode, a mixed step) and its int8 / int4 heads, and the launcher paths that model does not take
+decode, a mixed step, a pure decode step padded to a bucket) and its int8 / int4 heads, and the launcher paths that model does not take
 (a layer from float x, int32 outputs, the unpacked GEMM of a long prefill) in every format.
 
     python tests/launch_check.py 90      (without TRITON_INTERPRET; exit status 1 on any failure)
@@ -74,6 +74,10 @@ def main(arch: int) -> int:
             attempt(f"serve decode of three, bias={bias}", lambda: r.decode([0, 1, 2], [5, 6, 7], [4, 4, 4]))
             attempt(f"serve mixed step, bias={bias}", lambda: r.step([runner.Segment(0, [1], 5),
                                                                      runner.Segment(1, [2, 3, 4], 0)]))
+            r.close()
+            # a pure decode step from tensors (a GPU's, padded to a bucket): RoPE, cache writes, attention in one launch
+            r = runner.ModelRunner(model, max_batch=4, max_seq_len=64, decode_graphs=True)
+            attempt(f"serve padded decode of three, bias={bias}", lambda: r.decode([0, 1, 2], [5, 6, 7], [4, 4, 4]))
             r.close()
             for bits in (8, 4):
                 head = tiny(config, bits)

@@ -263,7 +263,9 @@ def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
                         or real_attention(*a, **k))
     folded = []
     real_folded = custom_ops._rope_decode_attention_impl
-    monkeypatch.setattr(custom_ops, "_rope_decode_attention_impl", lambda *a, **k: folded.append(1) or real_folded(*a, **k))
+    monkeypatch.setattr(custom_ops, "_rope_decode_attention_impl",
+                        lambda *a, **k: folded.append(k.get("rows", a[8] if len(a) > 8 else None) is not None)
+                        or real_folded(*a, **k))
     model = tiny(num_hidden_layers=1)
     prompts = PROMPTS[:3]
     solo, got = solo_and_batched(model, prompts, 4, 2, max_seq_len=64)
@@ -271,7 +273,7 @@ def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
     assert True in writes and False in writes  # the runner's per-token rows and generate's prefill
     assert attended and all(attended)  # the runner's batched decode, each query over its own cache row
-    assert folded  # generate's lone decode steps: RoPE, cache write and attention in one launch
+    assert False in folded  # generate's lone decode steps: RoPE, cache write and attention in one launch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run of what the cuda test checks compiled")
@@ -279,9 +281,17 @@ def test_padded_decode_buckets_change_no_sequence(monkeypatch):
     """decode_graphs (on CUDA: each bucket's step a CUDA graph) run eagerly on the CPU's Triton path:
     pure decode steps padded to 1, 2, 4 sequences from input tensors alone, the padding's tokens in
     the scratch cache row; every sequence still gets its lone run's logits bit for bit, and the
-    sequences' own cache rows are all the padding never touches."""
+    sequences' own cache rows are all the padding never touches. Each layer of such a step runs
+    its RoPE, cache writes and attention in one launch (per-token cache rows), as a GPU does."""
     monkeypatch.setenv("BITNET_KERNEL", "triton")
+    from bitnet.kernels import custom_ops
     from bitnet.serve import runner as runner_module
+
+    folded = []
+    real_folded = custom_ops._rope_decode_attention_impl
+    monkeypatch.setattr(custom_ops, "_rope_decode_attention_impl",
+                        lambda *a, **k: folded.append(k.get("rows", a[8] if len(a) > 8 else None) is not None)
+                        or real_folded(*a, **k))
 
     buckets = []
     real = runner_module.ModelRunner.decode_forward
@@ -296,6 +306,7 @@ def test_padded_decode_buckets_change_no_sequence(monkeypatch):
     padded = [(b, rows) for b, rows in buckets if rows.count(4) > 0]  # row 4: the scratch row of max_batch 4
     assert padded and all(b in (1, 2, 4) for b, _ in buckets)
     assert all(rows[-1] == 4 and 4 not in rows[:rows.index(4)] for _, rows in padded)  # padding after the sequences
+    assert True in folded  # the padded steps' layers (and False: generate's lone steps)
 
 
 def test_a_decode_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog):

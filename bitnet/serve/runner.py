@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
 from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
-from ..ops import decode_attention, native_inference, record_cuda_graph, rope, rope_cache, triton_applies
+from ..ops import (decode_attention, native_inference, record_cuda_graph, rope, rope_cache, rope_decode_attention,
+                   triton_applies)
 
 log = logging.getLogger("bitnet.serve")
 
@@ -221,7 +222,14 @@ class ModelRunner:
         q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj, norm=norm)
         q, k, v = q.view(1, N, nh, hd), k.view(1, N, nkv, hd), v.view(1, N, nkv, hd)
         fused = None
-        if type(attn.q_proj) is BitLinear and attn.q_proj.frozen:  # RoPE + cache writes in one Triton launch
+        packed = type(attn.q_proj) is BitLinear and attn.q_proj.frozen
+        if segs is None and packed:  # a pure decode step: RoPE, cache writes and attention in one Triton launch
+            y_b = rope_decode_attention(q.view(N, 1, nh, hd), k.view(N, 1, nkv, hd), v.view(N, 1, nkv, hd),
+                                        cos.reshape(N, 1, 1, hd), sin.reshape(N, 1, 1, hd), cache, pos,
+                                        kernel=attn.q_proj.kernel, rows=rows)
+            if y_b is not None:  # (N, nh * hd)
+                return projections(y_b.to(x.dtype)[None], attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
+        if packed:  # RoPE + cache writes in one Triton launch
             fused = rope_cache(q, k, v, cos, sin, cache, pos, attn.q_proj.kernel, cache_rows=rows)
         if fused is not None:
             q = fused[0]  # (1, nh, N, hd)
