@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from bitnet.kernels import activations, attention, gemm, gemv, int8_head, launch, layout, precompile, rmsnorm_quant, rope  # noqa: E402
+from bitnet.kernels import activations, attention, gemm, gemv, int8_head, layout, precompile, rmsnorm_quant, rope  # noqa: E402
 from bitnet.packing import pack  # noqa: E402
 
 
