@@ -30,7 +30,7 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _act_quant_kernel               CONFIGS; x fp32/bf16/fp16
     _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32; the relu2
                                     gate (GATED) or not
-    _unpack_kernel [unpack_cat]     format x one to three matrices
+    _unpack_kernel [unpack_cat]     format x LANES (int32 words or bytes) x one to three matrices
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
                                     sequence or per token), or none; head sizes 64, 96, 128
     _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
@@ -340,9 +340,15 @@ def _unpack_variants() -> list[Variant]:
     # three matrices (a prefill's q / k / v, gate / up), each count beside each format
     from .layout import UNPACK_BLOCK_K, UNPACK_BLOCK_R
 
-    return [Variant("_unpack_kernel", dict(P=p, SEGMENTS=seg, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K),
-                    dict(w_ptr="*u8", w1_ptr="*u8", w2_ptr="*u8", out_ptr="*i8"), fp_fusion=True)
-            for p in FORMATS.values() for seg in (1, 2, 3)]
+    out = []
+    for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
+        unit = "*i32" if lanes == 4 else "*u8"
+        for seg in (1, 2, 3):
+            out.append(Variant("_unpack_kernel", dict(P=p, SEGMENTS=seg, LANES=lanes, BLOCK_R=UNPACK_BLOCK_R,
+                                                      BLOCK_K=UNPACK_BLOCK_K[lanes]),
+                               dict(w_ptr=unit, w1_ptr=unit, w2_ptr=unit, out_ptr="*i32" if lanes == 4 else "*i8"),
+                               fp_fusion=True, aligned=seg != 2))
+    return out
 
 
 def _launch_probe_variants() -> list[Variant]:

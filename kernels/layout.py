@@ -176,17 +176,20 @@ def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr):
 def _unpack_kernel(
     # pointers (w1_ptr, w2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
     w_ptr, w1_ptr, w2_ptr, out_ptr,
-    # sizes (N1, R1, N2, R2: the second and third matrices')
+    # sizes (N1, R1, N2, R2: the second and third matrices'; K in units: bytes, or words with LANES == 4)
     N, R, N1, R1, N2, R2, K,
     # constexpr
-    P: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[row0 + i*R + r, k] = SC * code_i(packed[r, k]) - 1 for rows < N of each matrix, row0 the
     rows of the matrices before it (up to three in one launch: a prefill's q / k / v, gate / up).
 
     w_ptr, w1_ptr, w2_ptr: uint8 (R, K), (R1, K), (R2, K) row-major, the layout above; out_ptr:
-    int8 (N + N1 + N2, K) row-major. Grid: (cdiv(R, BLOCK_R) + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R),
-    cdiv(K, BLOCK_K)): the row blocks of the first matrix, then of the second, then of the third.
+    int8 (N + N1 + N2, K) row-major. LANES == 4: both viewed as int32 words of four k (K of them a
+    row), four codes decoded and written a word at a time: per byte lane v = SC * code in 0 .. 2,
+    (v + 0x7F) ^ 0x80 is v - 1 as int8 without a carry into the next lane. Grid: (cdiv(R, BLOCK_R)
+    + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R), cdiv(K, BLOCK_K)): the row blocks of the first matrix,
+    then of the second, then of the third.
     """
     SC: tl.constexpr = 2 if P == 8 else 1
     pid = tl.program_id(0)
@@ -206,12 +209,16 @@ def _unpack_kernel(
     b = tl.load(w_seg + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.int32)
     for i in tl.static_range(P):
         rows = i * r_seg + offs_r
-        w = SC * decode(b, i, P, 1) - 1
-        tl.store(out_ptr + (row0 + rows)[:, None].to(tl.int64) * K + offs_k[None, :], w.to(tl.int8),
+        if LANES == 4:
+            w = (SC * decode(b, i, P, LANES) + 0x7F7F7F7F) ^ -0x7F7F7F80  # (-0x7F7F7F80: 0x80808080 as int32)
+        else:
+            w = (SC * decode(b, i, P, LANES) - 1).to(tl.int8)
+        tl.store(out_ptr + (row0 + rows)[:, None].to(tl.int64) * K + offs_k[None, :], w,
                  mask=mask & (rows < n_seg)[:, None])
 
 
-UNPACK_BLOCK_R, UNPACK_BLOCK_K = 16, 64
+UNPACK_BLOCK_R = 16
+UNPACK_BLOCK_K = {1: 64, 4: 64}  # units a program's rows cover along K: 64 bytes, or 64 words (256 bytes)
 
 
 def unpack_cat(packed: list[torch.Tensor], ns: list[int], fmt: str = "2bit", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,12 +238,19 @@ def unpack_cat(packed: list[torch.Tensor], ns: list[int], fmt: str = "2bit", out
     if total == 0 or k == 0:
         return out
     seg = len(packed)
-    ws = [w.contiguous() for w in packed] + [packed[0]] * (3 - seg)  # unused segments: the first's pointer
+    ws = [w.contiguous() for w in packed]
+    # int32 words of four k where every row starts on one (a word's codes decoded and stored at once)
+    lanes = 4 if k % 4 == 0 and all(t.storage_offset() % 4 == 0 for t in ws + [out]) else 1
+    if lanes == 4:
+        ws, dest, units = [w.view(torch.int32) for w in ws], out.view(torch.int32), k // 4
+    else:
+        dest, units = out, k
+    ws += [ws[0]] * (3 - seg)  # unused segments: the first's pointer
     sizes = [(n, w.shape[0]) for n, w in zip(ns, packed)] + [(0, 0)] * (3 - seg)
     blocks = sum(-(-r // UNPACK_BLOCK_R) for _, r in sizes)
-    grid = (blocks, -(-k // UNPACK_BLOCK_K))
-    _unpack_kernel[grid](*ws, out, *(v for nr in sizes for v in nr), k, P=values_per_byte(fmt), SEGMENTS=seg,
-                         BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K)
+    grid = (blocks, -(-units // UNPACK_BLOCK_K[lanes]))
+    _unpack_kernel[grid](*ws, dest, *(v for nr in sizes for v in nr), units, P=values_per_byte(fmt), SEGMENTS=seg,
+                         LANES=lanes, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K[lanes])
     return out
 
 

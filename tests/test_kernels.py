@@ -152,14 +152,24 @@ def test_triton_unpack_equals_torch_unpack_on_every_byte(fmt, triton_device):
     if fmt == "2bit":
         packed = packed & 0x55 | (packed & 0xAA & ~((packed & 0x55) << 1))  # codes 0..2 only
     assert torch.equal(unpack_triton(packed.to(triton_device), n, fmt).cpu(), unpack(packed, n, fmt))
+    # K a multiple of 4: int32 words of four codes at a time; every valid byte in every lane of a word
+    packed = every_byte_matrix(fmt, 8)
+    n = packed.shape[0] * {"2bit": 4, "1.6bit": 5, "1bit": 8}[fmt] - 3
+    assert torch.equal(unpack_triton(packed.to(triton_device), n, fmt).cpu(), unpack(packed, n, fmt))
+    buf = torch.zeros(packed.numel() + 1, dtype=torch.uint8, device=triton_device)
+    shifted = buf[1:].view(packed.shape)  # one byte into its storage: not on a word, the byte path
+    shifted.copy_(packed.to(triton_device))
+    assert torch.equal(unpack_triton(shifted, n, fmt).cpu(), unpack(packed, n, fmt))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_one_unpack_launch_for_several_matrices(fmt, triton_device):
+@pytest.mark.parametrize("k", [70, 72])
+def test_one_unpack_launch_for_several_matrices(fmt, k, triton_device):
     """unpack_cat (a prefill's q / k / v, gate / up before the int8 GEMM): up to three matrices in one
     launch, each matrix's rows equal to bitnet.packing.unpack's, one after the other; row counts that
-    leave a ragged last block of packed rows and padding rows in the last packed row."""
-    k, ns = 70, [90, 21, 7]  # packed rows: several 16-row blocks, then ragged ones
+    leave a ragged last block of packed rows and padding rows in the last packed row; bytes (K = 70)
+    and int32 words of four codes (K = 72)."""
+    ns = [90, 21, 7]  # packed rows: several 16-row blocks, then ragged ones
     ws = [random_weights(n, k, fmt, seed=40 + i) for i, n in enumerate(ns)]
     packed = [pack(w, fmt) for w in ws]
     for count in (3, 2, 1):
