@@ -128,14 +128,23 @@ class Launcher:
         """Remember what Triton launched for this signature: the compiled kernel and the values of
         the parameters after the positional ones (keyword arguments, the config's constexprs,
         defaults), in the order Triton passes them to the kernel's launcher."""
-        if compiled is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        constants = getattr(getattr(compiled, "src", None), "constants", None)  # {(index,): value} of its constexprs
+        if constants is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             return
-        config = getattr(self.kernel, "best_config", None)
-        given = {**kwargs, **(config.all_kwargs() if config is not None else {})}
+        # (the config's constexprs from the compiled kernel itself, not from the autotuner's best_config,
+        # which another thread's launch may have changed since)
         names = self._names[len(args):]
-        if any(n not in given and n not in self._defaults for n in names):
-            return
-        tail = tuple(given[n] if n in given else self._defaults[n] for n in names)
+        tail = []
+        for i, n in enumerate(names, start=len(args)):
+            if n in kwargs:
+                tail.append(kwargs[n])
+            elif (i,) in constants:
+                tail.append(constants[(i,)])
+            elif n in self._defaults:
+                tail.append(self._defaults[n])
+            else:
+                return
+        tail = tuple(tail)
         meta = dict(zip(names, tail))
         compiled._init_handles()  # (Triton does it at its first launch; here before any direct one)
         if len(self._entries) >= MAX_ENTRIES:
