@@ -5,7 +5,8 @@ call through Triton (which compiles for sm_90 and launches), the second directly
 launches must be equal (grid, stream, function, metadata, hooks, every argument in order, tensors
 by dtype, shape and strides). A third call with a tensor off its 16-byte alignment must go through
 Triton again and get the other specialization's compiled kernel. With a launch hook registered, both pass
-the same launch metadata (what the hook is given).
+the same launch metadata (what the hook is given). A pinned config (`kernel.configs = [config]`, as
+tests/test_configs.py pins them) is a signature of its own, launched with that config.
 
     python tests/direct_launch_check.py      (without TRITON_INTERPRET; exit status 1 on any failure)
 """
@@ -139,6 +140,24 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001
                 failed.append(name)
                 print(f"FAIL {name}: {type(e).__name__}: {e}")
+    try:  # a pinned config (tests/test_configs.py: kernel.configs = [config]) is a new signature, launched as pinned
+        name, kernel, call, _ = scenarios()[0]
+        saved, pinned = kernel.configs, gemv.CONFIGS[-1]
+        names = kernel.fn.arg_names
+        kernel.configs = [pinned]
+        kernel._entries.clear()
+        rec.calls.clear()
+        call()
+        call()
+        kernel.configs = saved
+        call()
+        launched = [{k: c[9 + names.index(k)] for k in pinned.kwargs} for c in rec.calls]
+        if launched[:2] != [pinned.kwargs] * 2 or len(kernel._entries) != 2:
+            raise AssertionError(f"pinned {pinned.kwargs}, launched {launched}, {len(kernel._entries)} signatures kept")
+        print("ok a pinned config")
+    except Exception as e:  # noqa: BLE001
+        failed.append("a pinned config")
+        print(f"FAIL a pinned config: {type(e).__name__}: {e}")
     print(f"direct launches: {len(failed)} failed" + (f": {failed}" if failed else ""))
     return 1 if failed else 0
 
