@@ -342,12 +342,11 @@ def _unpack_variants() -> list[Variant]:
 
     out = []
     for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
-        unit = "*i32" if lanes == 4 else "*u8"
-        for seg in (1, 2, 3):
+        for seg in (1, 2, 3):  # (words through int32 pointers cast in the kernel)
             out.append(Variant("_unpack_kernel", dict(P=p, SEGMENTS=seg, LANES=lanes, BLOCK_R=UNPACK_BLOCK_R,
                                                       BLOCK_K=UNPACK_BLOCK_K[lanes]),
-                               dict(w_ptr=unit, w1_ptr=unit, w2_ptr=unit, out_ptr="*i32" if lanes == 4 else "*i8"),
-                               fp_fusion=True, aligned=seg != 2))
+                               dict(w_ptr="*u8", w1_ptr="*u8", w2_ptr="*u8", out_ptr="*i8"), fp_fusion=True,
+                               aligned=seg != 2))
     return out
 
 

@@ -185,8 +185,8 @@ def _unpack_kernel(
     rows of the matrices before it (up to three in one launch: a prefill's q / k / v, gate / up).
 
     w_ptr, w1_ptr, w2_ptr: uint8 (R, K), (R1, K), (R2, K) row-major, the layout above; out_ptr:
-    int8 (N + N1 + N2, K) row-major. LANES == 4: both viewed as int32 words of four k (K of them a
-    row), four codes decoded and written a word at a time: per byte lane v = SC * code in 0 .. 2,
+    int8 (N + N1 + N2, K) row-major. LANES == 4: both read and written through int32 pointers, words
+    of four k (K of them a row), four codes decoded and written a word at a time: per byte lane v = SC * code in 0 .. 2,
     (v + 0x7F) ^ 0x80 is v - 1 as int8 without a carry into the next lane. Grid: (cdiv(R, BLOCK_R)
     + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R), cdiv(K, BLOCK_K)): the row blocks of the first matrix,
     then of the second, then of the third.
@@ -203,6 +203,9 @@ def _unpack_kernel(
         r_seg = tl.where(third, R2, tl.where(later, R1, R))
         row0 = tl.where(third, N + N1, tl.where(later, N, 0))
         block = pid - tl.where(third, b0 + tl.cdiv(R1, BLOCK_R), tl.where(later, b0, 0))
+    if LANES == 4:
+        w_seg = w_seg.to(tl.pointer_type(tl.int32))
+        out_ptr = out_ptr.to(tl.pointer_type(tl.int32))
     offs_r = block * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_r < r_seg)[:, None] & (offs_k < K)[None, :]
@@ -238,18 +241,15 @@ def unpack_cat(packed: list[torch.Tensor], ns: list[int], fmt: str = "2bit", out
     if total == 0 or k == 0:
         return out
     seg = len(packed)
-    ws = [w.contiguous() for w in packed]
+    ws = [w if w.is_contiguous() else w.contiguous() for w in packed]
     # int32 words of four k where every row starts on one (a word's codes decoded and stored at once)
     lanes = 4 if k % 4 == 0 and all(t.storage_offset() % 4 == 0 for t in ws + [out]) else 1
-    if lanes == 4:
-        ws, dest, units = [w.view(torch.int32) for w in ws], out.view(torch.int32), k // 4
-    else:
-        dest, units = out, k
+    units = k // lanes  # (the kernel reads and writes words through int32 pointers)
     ws += [ws[0]] * (3 - seg)  # unused segments: the first's pointer
     sizes = [(n, w.shape[0]) for n, w in zip(ns, packed)] + [(0, 0)] * (3 - seg)
     blocks = sum(-(-r // UNPACK_BLOCK_R) for _, r in sizes)
     grid = (blocks, -(-units // UNPACK_BLOCK_K[lanes]))
-    _unpack_kernel[grid](*ws, dest, *(v for nr in sizes for v in nr), units, P=values_per_byte(fmt), SEGMENTS=seg,
+    _unpack_kernel[grid](*ws, out, *(v for nr in sizes for v in nr), units, P=values_per_byte(fmt), SEGMENTS=seg,
                          LANES=lanes, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K[lanes])
     return out
 
