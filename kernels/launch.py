@@ -15,14 +15,21 @@ signature call that compiled kernel's launcher directly, with the arguments Trit
 (every parameter in order, the config's constexprs included). The signature is finer than
 anything Triton specializes or tunes on: each tensor's dtype and 16-byte alignment, every other
 argument's type and exact value (so the autotuner's key, which holds shapes, is in it), the
-keyword arguments (constexprs, launch options), the device, and the identity of the autotuner's
-config list (tests pin configs by replacing it). A signature never seen is never guessed: it
-takes Triton's path. Under CUDA graphs nothing changes (the same launches are recorded).
+keyword arguments (constexprs, launch options), the device, the identity of the autotuner's
+config list (tests pin configs by replacing it; an entry keeps its list alive, so no later list
+gets its address) and the knobs Triton reads at every launch and compiles for (debug,
+instrumentation). A signature never seen is never guessed: it takes Triton's path, as does every
+launch while Triton has pre-run hooks or a stage-inspection hook, a call passing a runtime
+parameter by keyword or in a tuple, and everything on ROCm (whose backend specializes tensors on
+more). Under CUDA graphs nothing changes (the same launches are recorded). Not re-checked on a
+direct launch: Triton's test that the globals a kernel read have not changed since it compiled.
 
 The first launch that would take the fast path on a device checks it once (`_verify`: a probe
 kernel launched by Triton and then directly, both outputs compared); on any failure the process
-keeps Triton's path, with a warning. `BITNET_FAST_LAUNCH=0` turns it off. Launch hooks
-(triton.knobs.runtime.launch_enter_hook, e.g. Proton's) are passed on as Triton passes them.
+keeps Triton's path, with a warning (the check synchronizes the device once; a CUDA graph being
+recorded in another thread's global capture mode at that moment would fail, as with common.pdl_probe).
+`BITNET_FAST_LAUNCH=0` turns it off. Launch hooks (triton.knobs.runtime.launch_enter_hook and
+launch_exit_hook, e.g. Proton's) get the launch metadata Triton would make.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ import triton
 import triton.language as tl
 
 FAST_LAUNCH_ENV = "BITNET_FAST_LAUNCH"
-_STATE = {"enabled": os.environ.get(FAST_LAUNCH_ENV, "1").strip() != "0", "verified": set()}
+# (off on ROCm: its backend specializes tensors on more than dtype and alignment)
+_STATE = {"enabled": os.environ.get(FAST_LAUNCH_ENV, "1").strip() != "0" and torch.version.hip is None,
+          "verified": set()}
 MAX_ENTRIES = 4096  # signatures kept per kernel (a server sees many prompt lengths): then it starts over
 
 
@@ -56,10 +65,12 @@ def triton_kernel(kernel):
 
 
 class _Entry:
-    __slots__ = ("compiled", "tail", "meta")
+    # configs: the autotuner's config list the signature names by id, kept alive so that no other
+    # list (a test's next pinned config) can be given its address
+    __slots__ = ("compiled", "tail", "meta", "configs")
 
-    def __init__(self, compiled, tail: tuple, meta: dict):
-        self.compiled, self.tail, self.meta = compiled, tail, meta
+    def __init__(self, compiled, tail: tuple, meta: dict, configs):
+        self.compiled, self.tail, self.meta, self.configs = compiled, tail, meta, configs
 
 
 class Launcher:
@@ -72,12 +83,17 @@ class Launcher:
         while not isinstance(jit, triton.runtime.jit.JITFunction):
             jit = jit.fn
         params = list(inspect.signature(jit.fn).parameters.values())
+        object.__setattr__(self, "_jit", jit)
         object.__setattr__(self, "_names", [p.name for p in params])
-        object.__setattr__(self, "_defaults", {p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+        # parameters that are not constexpr: a call passing one by keyword is not kept (its type and
+        # value would have to be in the signature), nor one that leaves one to its default
+        object.__setattr__(self, "_runtime", {p.name for p in jit.params if not p.is_constexpr})
         object.__setattr__(self, "_entries", {})
         object.__setattr__(self, "_tuned", hasattr(kernel, "configs"))
 
     def __getattr__(self, name):
+        if name == "kernel" or name.startswith("__"):  # (copy / pickle probe these before __init__ ran)
+            raise AttributeError(name)
         return getattr(self.kernel, name)
 
     def __setattr__(self, name, value):
@@ -88,11 +104,16 @@ class Launcher:
 
     def _signature(self, args: tuple, kwargs: dict, device: int) -> tuple:
         sig = tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
-        return sig, tuple(kwargs.items()), device, id(self.kernel.configs) if self._tuned else None
+        # what JITFunction.run reads on every launch and compiles for (debug, instrumentation)
+        compilation = triton.knobs.compilation
+        knobs = (triton.knobs.runtime.debug, compilation.instrumentation_mode,
+                 getattr(compilation, "fpsan_homomorphic_casts", None))
+        return sig, tuple(kwargs.items()), device, id(self.kernel.configs) if self._tuned else None, knobs
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        if not _STATE["enabled"]:
-            return self.kernel[grid](*args, **kwargs)
+        if not _STATE["enabled"] or self._jit.pre_run_hooks or getattr(triton.knobs.runtime,
+                                                                       "add_stages_inspection_hook", None):
+            return self.kernel[grid](*args, **kwargs)  # (hooks Triton runs or compiles for at every launch)
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
         try:
@@ -115,13 +136,13 @@ class Launcher:
         g2 = grid[2] if len(grid) > 2 else 1
         stream = driver.get_current_stream(device)
         knobs = triton.knobs.runtime
-        enter = knobs.launch_enter_hook
+        enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
         all_args = args + entry.tail
-        # (what the hooks read; a hook chain with no hook registered reads nothing)
-        metadata = None if enter is None or getattr(enter, "calls", True) == [] else \
-            compiled.launch_metadata(grid, stream, *all_args)
-        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter,
-                     knobs.launch_exit_hook, *all_args)
+        # (what the hooks read, made where Triton makes it; hook chains with no hook registered read nothing)
+        unread = getattr(enter, "calls", True) == [] and getattr(leave, "calls", True) == []
+        metadata = None if enter is None or unread else compiled.launch_metadata(grid, stream, *all_args)
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
+                     *all_args)
         return compiled
 
     def _keep(self, key, compiled, args: tuple, kwargs: dict) -> None:
@@ -129,7 +150,8 @@ class Launcher:
         the parameters after the positional ones (keyword arguments, the config's constexprs,
         defaults), in the order Triton passes them to the kernel's launcher."""
         constants = getattr(getattr(compiled, "src", None), "constants", None)  # {(index,): value} of its constexprs
-        if constants is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        if constants is None or any(n in self._runtime for n in kwargs) or \
+                any(isinstance(a, (tuple, list)) for a in args):  # (tensors in a tuple would be kept alive)
             return
         # (the config's constexprs from the compiled kernel itself, not from the autotuner's best_config,
         # which another thread's launch may have changed since)
@@ -140,16 +162,14 @@ class Launcher:
                 tail.append(kwargs[n])
             elif (i,) in constants:
                 tail.append(constants[(i,)])
-            elif n in self._defaults:
-                tail.append(self._defaults[n])
-            else:
+            else:  # a runtime parameter left to its default (or set by a config): Triton's path, always
                 return
         tail = tuple(tail)
         meta = dict(zip(names, tail))
         compiled._init_handles()  # (Triton does it at its first launch; here before any direct one)
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key] = _Entry(compiled, tail, meta)
+        self._entries[key] = _Entry(compiled, tail, meta, self.kernel.configs if self._tuned else None)
 
 
 @triton.jit

@@ -4,9 +4,10 @@ passes it, checked without a GPU: a stand-in driver for sm_90 whose launcher rec
 call through Triton (which compiles for sm_90 and launches), the second directly; the two recorded
 launches must be equal (grid, stream, function, metadata, hooks, every argument in order, tensors
 by dtype, shape and strides). A third call with a tensor off its 16-byte alignment must go through
-Triton again and get the other specialization's compiled kernel. With a launch hook registered, both pass
-the same launch metadata (what the hook is given). A pinned config (`kernel.configs = [config]`, as
-tests/test_configs.py pins them) is a signature of its own, launched with that config.
+Triton again and get the other specialization's compiled kernel. With a launch hook registered (an
+enter or an exit hook), both pass the same launch metadata (what the hooks are given). A pinned config (`kernel.configs = [config]`, as
+tests/test_configs.py pins them, one after another) is a signature of its own, launched with that
+config. A debug knob set between two calls is a signature of its own.
 
     python tests/direct_launch_check.py      (without TRITON_INTERPRET; exit status 1 on any failure)
 """
@@ -109,12 +110,15 @@ def main() -> int:
     rec = Recording()
     driver.set_active(rec)
     failed = []
-    triton.knobs.runtime.launch_enter_hook.add(lambda metadata: None)  # (a launcher calls it; this one records)
-    for hooked in (True, False):
-        if not hooked:
-            triton.knobs.runtime.launch_enter_hook.calls.clear()
+    runtime = triton.knobs.runtime
+    for hooks in ("enter", "exit", None):  # (a launcher calls them; this one records what it is given)
+        runtime.launch_enter_hook.calls.clear()
+        runtime.launch_exit_hook.calls.clear()
+        if hooks:
+            getattr(runtime, f"launch_{hooks}_hook").add(lambda metadata: None)
+        hooked = hooks is not None
         for name, kernel, call, misaligned in scenarios():
-            name = f"{name}{' (a launch hook)' if hooked else ''}"
+            name = f"{name}{f' ({hooks} hook)' if hooked else ''}"
             try:
                 call()  # a new autotuning key: Triton 3.6 times even a lone config (one more launch)
                 kernel._entries.clear()
@@ -142,22 +146,41 @@ def main() -> int:
                 print(f"FAIL {name}: {type(e).__name__}: {e}")
     try:  # a pinned config (tests/test_configs.py: kernel.configs = [config]) is a new signature, launched as pinned
         name, kernel, call, _ = scenarios()[0]
-        saved, pinned = kernel.configs, gemv.CONFIGS[-1]
+        saved = kernel.configs
         names = kernel.fn.arg_names
-        kernel.configs = [pinned]
         kernel._entries.clear()
-        rec.calls.clear()
+        for pinned in gemv.CONFIGS[-3:]:  # one after another, each list dropped after use, as test_configs does
+            kernel.configs = [pinned]
+            rec.calls.clear()
+            call()
+            call()
+            launched = [{k: c[9 + names.index(k)] for k in pinned.kwargs} for c in rec.calls]
+            if launched != [pinned.kwargs] * 2:
+                raise AssertionError(f"pinned {pinned.kwargs}, launched {launched}")
+            kernel.configs = saved  # (the pin's list freed just before the next is made: CPython may reuse its address)
         call()
-        call()
-        kernel.configs = saved
-        call()
-        launched = [{k: c[9 + names.index(k)] for k in pinned.kwargs} for c in rec.calls]
-        if launched[:2] != [pinned.kwargs] * 2 or len(kernel._entries) != 2:
-            raise AssertionError(f"pinned {pinned.kwargs}, launched {launched}, {len(kernel._entries)} signatures kept")
-        print("ok a pinned config")
+        if len(kernel._entries) != 4:
+            raise AssertionError(f"{len(kernel._entries)} signatures kept for three pins and the full list")
+        print("ok pinned configs")
     except Exception as e:  # noqa: BLE001
-        failed.append("a pinned config")
-        print(f"FAIL a pinned config: {type(e).__name__}: {e}")
+        failed.append("pinned configs")
+        print(f"FAIL pinned configs: {type(e).__name__}: {e}")
+    try:  # a knob Triton reads at every launch and compiles for (debug) is part of the signature
+        name, kernel, call, _ = scenarios()[4]
+        kernel._entries.clear()
+        call()
+        runtime.debug = True
+        try:
+            call()
+        finally:
+            runtime.debug = False
+        call()
+        if len(kernel._entries) != 2 or len(set(id(e.compiled) for e in kernel._entries.values())) != 2:
+            raise AssertionError(f"{len(kernel._entries)} signatures kept with debug off and on")
+        print("ok the debug knob")
+    except Exception as e:  # noqa: BLE001
+        failed.append("the debug knob")
+        print(f"FAIL the debug knob: {type(e).__name__}: {e}")
     print(f"direct launches: {len(failed)} failed" + (f": {failed}" if failed else ""))
     return 1 if failed else 0
 
