@@ -147,8 +147,9 @@ class Launcher:
 
     def _keep(self, key, compiled, args: tuple, kwargs: dict) -> None:
         """Remember what Triton launched for this signature: the compiled kernel and the values of
-        the parameters after the positional ones (keyword arguments, the config's constexprs,
-        defaults), in the order Triton passes them to the kernel's launcher."""
+        the parameters after the positional ones (keyword constexprs, the config's, those left to
+        their defaults: all in the compiled kernel's constants), in the order Triton passes them
+        to the kernel's launcher. Nothing is kept where that cannot be told for certain."""
         constants = getattr(getattr(compiled, "src", None), "constants", None)  # {(index,): value} of its constexprs
         if constants is None or any(n in self._runtime for n in kwargs) or \
                 any(isinstance(a, (tuple, list)) for a in args):  # (tensors in a tuple would be kept alive)
