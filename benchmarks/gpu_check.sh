@@ -54,7 +54,8 @@
 #
 # The results folder (argument, else $OUT, else benchmarks/results/gpu_check/<UTC date-time>)
 # holds at most 8 files at every moment (what the device tool brings back from $OUT):
-#   summary.md                               stamp, stage table, test summary line, failed tests
+#   summary.md                               stamp, stage table, test summary line, failed tests, the
+#                                            fallbacks logged (PDL or direct launches off, graphs not recorded)
 #   logs.tar.gz                              every stage's log, tests.xml, the stamp, the kernel plot
 #   results.tar.gz                           this run's result files (JSON and markdown), to commit
 #   bench_kernels_cuda.md  generate_cuda.md  peer_transformers_cuda.md  peer_gpu_kernels_cuda.md
@@ -173,6 +174,17 @@ write_summary() {
             echo "Tests: $(test_summary)"
             echo
             grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 40 | sed 's/^/- /'
+        fi
+        # the package's fallbacks, each logged once a process: PDL or direct launches off, graphs not recorded
+        local fallbacks
+        fallbacks=$(grep -h -o -E "(programmatic dependent launch|direct Triton launches) do(es)? not work[^;(]*|recording [^;]* (failed|succeeded)[^:;]*" \
+            "$LOGS"/*.log 2>/dev/null | sort | uniq -c | head -n 8)
+        if [ -n "$fallbacks" ]; then
+            echo
+            echo "Fallbacks logged (count, message):"
+            echo '```'
+            echo "$fallbacks"
+            echo '```'
         fi
     } > "$RESULTS/summary.md"
 }

@@ -61,7 +61,8 @@ def test_dry_run_prints_every_stage_within_six_minutes(tmp_path):
 
 STUB = """#!/usr/bin/env bash
 case "$*" in
-  "-m pytest "*) echo "FAILED tests/test_x.py::test_y - AssertionError: boom"; echo "1 failed, 2 passed in 0.50s"; exit 1 ;;
+  "-m pytest "*) for w in 1 2; do echo "WARNING bitnet.kernels.launch: direct Triton launches do not work here (cuda:0); the kernels launch through Triton's own path"; done
+                echo "FAILED tests/test_x.py::test_y - AssertionError: boom"; echo "1 failed, 2 passed in 0.50s"; exit 1 ;;
   *bench_kernels*) echo "autotuning forever"; sleep 30 ;;
   *bench_generate*) echo '{"complete": true}' > "$BENCH_OUT/generate_cuda.json"; echo '# generate table' > "$BENCH_OUT/generate_cuda.md" ;;
   *peer_transformers*) echo "DISAGREE"; exit 1 ;;
@@ -105,7 +106,7 @@ def test_stages_time_out_fail_and_go_on_into_at_most_eight_files(tmp_path):
     assert "| kernels | TIMEOUT |" in summary and "| peer | FAIL (rc 1) |" in summary
 
 
-def test_test_stage_summary_and_failures_are_extracted(tmp_path):
+def test_test_stage_summary_failures_and_fallbacks_are_extracted(tmp_path):
     env = stub_env(tmp_path, TOTAL=8, BUDGET_TESTS=6)
     results = tmp_path / "results"
     r = run_script(str(results), "--stages", "tests", env=env)
@@ -114,6 +115,7 @@ def test_test_stage_summary_and_failures_are_extracted(tmp_path):
     assert "FAILED tests/test_x.py::test_y - AssertionError: boom" in r.stdout
     summary = (results / "summary.md").read_text()
     assert "Tests: 1 failed, 2 passed in 0.50s" in summary and "- FAILED tests/test_x.py::test_y" in summary
+    assert re.search(r"Fallbacks logged.*\n```\n\s+2 direct Triton launches do not work here", summary, re.S), summary
     assert sorted(os.listdir(results)) == ["logs.tar.gz", "summary.md"]
 
 
