@@ -344,7 +344,7 @@ def _unpack_variants() -> list[Variant]:
     for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
         for seg in (1, 2, 3):  # (words through int32 pointers cast in the kernel)
             out.append(Variant("_unpack_kernel", dict(P=p, SEGMENTS=seg, LANES=lanes, BLOCK_R=UNPACK_BLOCK_R,
-                                                      BLOCK_K=UNPACK_BLOCK_K[lanes]),
+                                                      BLOCK_K=UNPACK_BLOCK_K),
                                dict(w_ptr="*u8", w1_ptr="*u8", w2_ptr="*u8", out_ptr="*i8"), fp_fusion=True,
                                aligned=seg != 2))
     return out

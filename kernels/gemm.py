@@ -263,10 +263,10 @@ def _gemm_int8_kernel(
     """y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * s / a[m] + bias[n]: the unpacked weights' GEMM.
 
     x_ptr: int8 (M, K) x_q; a_ptr: float32 (M,); w_ptr: int8 (N + N1 + N2, K) W_q itself
-    (unpack_triton), the matrices' rows one after the other; scale_ptr, bias_ptr, y_ptr as in
-    _gemm_kernel, and res_ptr, stride_rm, HAS_RES (one matrix). SEGMENTS > 1: output column n belongs to the matrix whose rows hold it, and
-    takes that matrix's scale and bias (q / k / v in one launch at a prefill: k and v alone fill
-    a fraction of the SMs). Grid: cdiv(M, BLOCK_M) * cdiv(N + N1 + N2, BLOCK_N) programs, grouped
+    (layout.unpack_cat), the matrices' rows one after the other; scale_ptr, bias_ptr, y_ptr, and
+    res_ptr, stride_rm, HAS_RES (one matrix) as in _gemm_kernel. SEGMENTS > 1: output column n
+    belongs to the matrix whose rows hold it, and takes that matrix's scale and bias (q / k / v in
+    one launch at a prefill: k and v alone fill a fraction of the SMs). Grid: cdiv(M, BLOCK_M) * cdiv(N + N1 + N2, BLOCK_N) programs, grouped
     by GROUP_M along M.
     """
     NT = N + N1 + N2

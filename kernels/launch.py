@@ -34,7 +34,6 @@ launch_exit_hook, e.g. Proton's) get the launch metadata Triton would make.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 
@@ -82,9 +81,8 @@ class Launcher:
         jit = kernel
         while not isinstance(jit, triton.runtime.jit.JITFunction):
             jit = jit.fn
-        params = list(inspect.signature(jit.fn).parameters.values())
         object.__setattr__(self, "_jit", jit)
-        object.__setattr__(self, "_names", [p.name for p in params])
+        object.__setattr__(self, "_names", list(jit.arg_names))
         # parameters that are not constexpr: a call passing one by keyword is not kept (its type and
         # value would have to be in the signature), nor one that leaves one to its default
         object.__setattr__(self, "_runtime", {p.name for p in jit.params if not p.is_constexpr})

@@ -186,8 +186,8 @@ def _unpack_kernel(
 
     w_ptr, w1_ptr, w2_ptr: uint8 (R, K), (R1, K), (R2, K) row-major, the layout above; out_ptr:
     int8 (N + N1 + N2, K) row-major. LANES == 4: both read and written through int32 pointers, words
-    of four k (K of them a row), four codes decoded and written a word at a time: per byte lane v = SC * code in 0 .. 2,
-    (v + 0x7F) ^ 0x80 is v - 1 as int8 without a carry into the next lane. Grid: (cdiv(R, BLOCK_R)
+    of four k (K of them a row), four codes decoded and written a word at a time: per byte lane
+    v = SC * code in 0 .. 2, (v + 0x7F) ^ 0x80 is v - 1 as int8 without a carry into the next lane. Grid: (cdiv(R, BLOCK_R)
     + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R), cdiv(K, BLOCK_K)): the row blocks of the first matrix,
     then of the second, then of the third.
     """
@@ -221,7 +221,7 @@ def _unpack_kernel(
 
 
 UNPACK_BLOCK_R = 16
-UNPACK_BLOCK_K = {1: 64, 4: 64}  # units a program's rows cover along K: 64 bytes, or 64 words (256 bytes)
+UNPACK_BLOCK_K = 64  # units a program's rows cover along K: 64 bytes, or 64 words (256 bytes)
 
 
 def unpack_cat(packed: list[torch.Tensor], ns: list[int], fmt: str = "2bit", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,9 +248,9 @@ def unpack_cat(packed: list[torch.Tensor], ns: list[int], fmt: str = "2bit", out
     ws += [ws[0]] * (3 - seg)  # unused segments: the first's pointer
     sizes = [(n, w.shape[0]) for n, w in zip(ns, packed)] + [(0, 0)] * (3 - seg)
     blocks = sum(-(-r // UNPACK_BLOCK_R) for _, r in sizes)
-    grid = (blocks, -(-units // UNPACK_BLOCK_K[lanes]))
+    grid = (blocks, -(-units // UNPACK_BLOCK_K))
     _unpack_kernel[grid](*ws, out, *(v for nr in sizes for v in nr), units, P=values_per_byte(fmt), SEGMENTS=seg,
-                         LANES=lanes, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K[lanes])
+                         LANES=lanes, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K)
     return out
 
 
