@@ -15,7 +15,13 @@ and no kernel running:
 - launches "triton": every launch through Triton's own launch path (binding, specialization, the
   autotuner's key, the compiled-kernel cache), as with BITNET_FAST_LAUNCH=0.
 - launches "stub": each launch replaced by a counter (neither launch path is in it).
-The default measures "direct" and "triton" side by side.
+- "twin": the bf16 twin of the same shapes (nn.Linear), for the ratio of the two host times
+  where both are host-bound: its F.linear returns an empty tensor of its output's shape (one
+  dispatch, where a GPU's F.linear is a transpose view and a cuBLAS call: the twin's figure is
+  low), its other ops run on this CPU. Those compute for real, negligible at decode but not over a
+  prompt, so its prefill is timed over `twin_prefill` tokens: the same ops as any prompt length
+  (the op counts say so), hence the same host time on a GPU.
+The default measures "direct", "triton" and "twin" side by side.
 
 Either way the torch ops around the projections run on the CPU for real, in the model's dtype as
 on a GPU (the CPU's own rule computes attention in float32), except the prefill's attention
@@ -57,8 +63,9 @@ class HostArgs:
     dtype: str = arg("bfloat16", help="model dtype")
     batch: int = arg(8, help="sequences of the batched decode step (0: none)")
     prefill: int = arg(512, help="tokens of the prefill (0: none)")
-    launches: str = arg("direct,triton", help="comma-separated: direct, triton (launch paths for sm_90, nothing "
-                                                "launched), stub (counters)")
+    launches: str = arg("direct,triton,twin", help="comma-separated: direct, triton (launch paths for sm_90, nothing "
+                                                     "launched), stub (counters), twin (the bf16 twin's layer)")
+    twin_prefill: int = arg(2, help="tokens of the twin's prefill (its ops run on this CPU: see the docstring)")
     iters: int = arg(30, help="timed forwards per case (the fastest counts)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")
     name: str = arg("host_overhead_cpu", help="file name of the results, without extension")
@@ -135,6 +142,11 @@ def _attention_stand_in(q, k, v, **kwargs):
     return torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1], dtype=q.dtype).transpose(1, 2)
 
 
+def _linear_stand_in(x, weight, bias=None):
+    """The twin's F.linear: an uninitialized output of its shape (one dispatch)."""
+    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+
+
 def _fastest(fn, iters: int, spent: list) -> tuple[float, float]:
     """(seconds, seconds in the fused path) of the fastest of `iters` calls: host time is what is
     measured, and other work on the cores only ever adds to it (as timeit reports)."""
@@ -171,22 +183,28 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
 
     L = args.layers
     dtype = getattr(torch, args.dtype)
-    config = BitNetConfig.from_preset(args.preset, num_hidden_layers=2 * L, vocab_size=args.vocab)
+    twin = mode == "twin"
+    config = BitNetConfig.from_preset(args.preset, num_hidden_layers=2 * L, vocab_size=args.vocab,
+                                      **({"linear": "bf16"} if twin else {}))
     torch.manual_seed(0)
-    model = freeze(BitNetForCausalLM(config).eval()).to(dtype)
+    model = BitNetForCausalLM(config).eval()
+    model = (model if twin else freeze(model)).to(dtype)
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.kernel = "triton"  # CPU tensors: runs because TRITON_INTERPRET=1 (cli sets it)
     all_layers = model.model.layers
+    prefill_tokens = min(args.prefill, args.twin_prefill) if twin else args.prefill
     cases = [("decode", 1, 1)] + ([("decode", args.batch, 1)] if args.batch > 1 else []) \
-        + ([("prefill", 1, args.prefill)] if args.prefill > 0 else [])
+        + ([("prefill", 1, prefill_tokens)] if args.prefill > 0 else [])
     rows = []
-    sdpa, attention_dtype = F.scaled_dot_product_attention, bitnet.model.attention_dtype
-    launch_mode = stubbed_launches if mode == "stub" else triton_launches
+    sdpa, attention_dtype, linear = F.scaled_dot_product_attention, bitnet.model.attention_dtype, F.linear
+    launch_mode = stubbed_launches if mode in ("stub", "twin") else triton_launches
     enabled = fast._STATE["enabled"]
     fast._STATE["enabled"] = mode == "direct"
     bitnet.model.normed_projections = timed_fused
     F.scaled_dot_product_attention = _attention_stand_in  # a prefill's attention: see above
+    if twin:
+        F.linear = _linear_stand_in
     bitnet.model.attention_dtype = lambda x, device=None: x.dtype  # a GPU's: attention in the model's dtype
     try:
         with launch_mode() as launches, torch.no_grad():
@@ -215,13 +233,13 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
                     figures[n]["seconds"], figures[n]["fused"] = _fastest(step, args.iters, spent)
                     model.clear_cache()
                 per_layer = {key: (figures[2 * L][key] - figures[L][key]) / L for key in figures[L]}
-                rows.append({"launches": mode, "case": f"{kind} {batch} x {tokens}", "kind": kind, "batch": batch, "tokens": tokens,
+                rows.append({"launches": "twin (bf16)" if twin else mode, "case": f"{kind} {batch} x {tokens}", "kind": kind, "batch": batch, "tokens": tokens,
                              "layer_us": per_layer["seconds"] * 1e6, "norm_projections_us": per_layer["fused"] * 1e6,
                              "triton_launches": per_layer["launches"], "torch_ops": per_layer["ops"]})
     finally:
         model.model.layers = all_layers
         bitnet.model.normed_projections = fused
-        F.scaled_dot_product_attention, bitnet.model.attention_dtype = sdpa, attention_dtype
+        F.scaled_dot_product_attention, bitnet.model.attention_dtype, F.linear = sdpa, attention_dtype, linear
         fast._STATE["enabled"] = enabled
     return rows
 
@@ -229,6 +247,15 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
 COLUMNS = [("launches", "launches", ""), ("case", "case (batch x tokens)", ""), ("layer_us", "host us / layer", ".0f"),
            ("norm_projections_us", "of which norms + projections", ".0f"), ("triton_launches", "Triton launches / layer", ".1f"),
            ("torch_ops", "torch ops / layer", ".1f")]
+
+
+def host_ratios(rows: list[dict]) -> dict:
+    """{case: the twin's host us a layer / ours with direct launches}, for the cases both measured
+    (a prefill matched by kind: the twin's is timed over fewer tokens, the same ops)."""
+    def keyed(mode):
+        return {(r["kind"], r["batch"]): r for r in rows if r["launches"] == mode}
+    ours, twin = keyed("direct"), keyed("twin (bf16)")
+    return {ours[k]["case"]: twin[k]["layer_us"] / ours[k]["layer_us"] for k in ours if k in twin}
 
 
 def main(args: HostArgs) -> int:
@@ -239,9 +266,15 @@ def main(args: HostArgs) -> int:
     markdown += (f"\n\nPreset {args.preset}, {args.dtype}; eager forwards on the Triton path. Launches: direct = as on "
                  "a GPU (the first of each call signature through Triton's launch path for sm_90, later ones "
                  "directly, kernels/launch.py), triton = every launch through Triton's launch path (BITNET_FAST_LAUNCH=0), "
-                 "stub = counted only; the driver's launch call is a no-op. The torch ops run on this CPU (the "
-                 "prefill's SDPA returns an empty tensor); per layer: the first "
+                 "stub = counted only; the driver's launch call is a no-op; twin = the bf16 twin's layer, its F.linear "
+                 f"an empty tensor, its prefill over {args.twin_prefill} tokens (the same ops as any prompt). The torch "
+                 "ops run on this CPU (the prefill's SDPA returns an empty tensor); per layer: the first "
                  f"{2 * args.layers} layers' fastest forward minus the first {args.layers}', over {args.layers}.")
+    ratios = host_ratios(rows)
+    if ratios:
+        result["twin_over_direct"] = ratios
+        markdown += ("\n\nWhere both are host-bound (eager, a GPU faster than the host), the ratio of speeds is that of "
+                     "host times, twin / direct: " + ", ".join(f"{case} {r:.2f}" for case, r in ratios.items()) + ".")
     print(markdown)
     print(f"results in {save_results(args.name, result, markdown, args.out_dir)}")
     return 0
@@ -254,9 +287,9 @@ def cli(argv: list[str] | None = None) -> int:
     add_dataclass_arguments(parser, HostArgs)
     args = HostArgs(**vars(parser.parse_args(argv)))
     modes = args.launches.split(",")
-    if not modes or any(m not in ("direct", "triton", "stub") for m in modes):
-        parser.error(f"--launches takes direct, triton and stub, comma-separated; got {args.launches!r}")
-    if modes != ["stub"]:
+    if not modes or any(m not in ("direct", "triton", "stub", "twin") for m in modes):
+        parser.error(f"--launches takes direct, triton, stub and twin, comma-separated; got {args.launches!r}")
+    if set(modes) - {"stub", "twin"}:
         # the kernels imported as real JITFunctions (Triton's launch path compiles them); then
         # TRITON_INTERPRET=1 only so that bitnet.ops takes the Triton path for CPU tensors
         if os.environ.get("TRITON_INTERPRET") == "1":
@@ -264,9 +297,9 @@ def cli(argv: list[str] | None = None) -> int:
         import bitnet.kernels.custom_ops  # noqa: F401
 
         os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["BITNET_CPU_DISABLE"] = "1"
     else:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are first imported
+    os.environ["BITNET_CPU_DISABLE"] = "1"  # no native CPU op (RMSNorm, RoPE, attention): the ops a GPU runs
     return main(args)
 
 

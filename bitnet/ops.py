@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import torch
 
+from . import kernels as triton_kernels  # (its Triton names load on first use: kernels/__init__.py)
 from .kernels import cpu as native
 from .packing import packed_linear_reference
 from .quant import rms_norm as torch_rms_norm
@@ -98,9 +99,7 @@ def bitlinear(
     if choice == "cpu":
         return native.linear(x, packed, scale, n, fmt, bias)
     if choice == "triton":
-        from .kernels import bitlinear as triton_bitlinear
-
-        return triton_bitlinear(x, packed, scale, n, fmt, bias)
+        return triton_kernels.bitlinear(x, packed, scale, n, fmt, bias)
     return torch_bitlinear(x, packed, scale, n, fmt, bias)
 
 
@@ -115,9 +114,7 @@ def bitlinear_many(x: torch.Tensor, packed: list[torch.Tensor], scales: list[tor
     if choice == "cpu":
         return native.linear_many(x, packed, scales, ns, fmt, biases)
     if choice == "triton":
-        from .kernels import act_quant
-
-        return _packed_many(*act_quant(x, with_sum=True), packed, scales, ns, fmt, biases, x.dtype)
+        return _packed_many(*triton_kernels.act_quant(x, with_sum=True), packed, scales, ns, fmt, biases, x.dtype)
     return None
 
 
@@ -140,23 +137,19 @@ def rms_norm_bitlinear_many(x: torch.Tensor, weight: torch.Tensor, eps: float, p
     (kernels/rmsnorm_quant.py). The unfused torch and CPU paths stay the references."""
     if choose_kernel(x, kernel) != "triton":
         return None
-    from .kernels import rmsnorm_packed_matmul_cat
-
-    return _split(rmsnorm_packed_matmul_cat(x, weight, eps, packed, scales, ns, fmt, biases, up=up, residual=residual), ns)
+    return _split(triton_kernels.rmsnorm_packed_matmul_cat(x, weight, eps, packed, scales, ns, fmt, biases, up=up, residual=residual), ns)
 
 
 def _packed_many(x_q, a, xsum, packed, scales, ns, fmt, biases, out_dtype, residual=None) -> list[torch.Tensor]:
     """The Triton packed_matmul of each matrix from one quantized input x_q (..., K), a (..., 1) and
     its row sums xsum (...): one packed_matmul_cat (at decode, q / k / v or gate / up in one GEMV
     launch), its output split into one view per matrix; residual + it with a residual (one matrix)."""
-    from .kernels import packed_matmul_cat
-
-    return _split(packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype, xsum, residual), ns)
+    return _split(triton_kernels.packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases, out_dtype, xsum, residual), ns)
 
 
 def _split(y: torch.Tensor, ns: list[int]) -> list[torch.Tensor]:
     """The outputs of matrices side by side in y, one view each."""
-    return [y] if len(ns) == 1 else list(y.split(ns, -1))
+    return [y] if len(ns) == 1 else list(y.split_with_sizes(ns, -1))
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,9 +163,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
         return native.int8_linear(x, weight, scale, bias)
     if rows <= 16 and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_applies(x) \
             and not (torch.is_grad_enabled() and x.requires_grad):
-        from .kernels import int8_linear as triton_int8_linear
-
-        return triton_int8_linear(x, weight, scale, bias)
+        return triton_kernels.int8_linear(x, weight, scale, bias)
     w = (weight.float() * scale.float()[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -190,9 +181,7 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_
         return native.int4_linear(x, codes, scales, out_features, bias)
     if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_applies(x) \
             and not (torch.is_grad_enabled() and x.requires_grad):
-        from .kernels import int4_linear as triton_int4_linear
-
-        return triton_int4_linear(x, codes, scales, out_features, bias)
+        return triton_kernels.int4_linear(x, codes, scales, out_features, bias)
     return None
 
 
@@ -251,11 +240,9 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    from .kernels import rope_cache as triton_rope_cache
-
     if cache is None:
-        return triton_rope_cache(q, k, v, cos, sin)
-    return triton_rope_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos, cache_rows)
+        return triton_kernels.rope_cache(q, k, v, cos, sin)
+    return triton_kernels.rope_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos, cache_rows)
 
 
 def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -274,10 +261,8 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    from .kernels import rope_decode_attention as triton_rope_decode_attention
-
     # (cos / sin as they are: the launcher views them as (B or 1, hd))
-    return triton_rope_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, input_pos, rows, key_mask)
+    return triton_kernels.rope_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, input_pos, rows, key_mask)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -292,9 +277,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
         return None
-    from .kernels import decode_attention as triton_decode_attention
-
-    return triton_decode_attention(q, k_cache, v_cache, pos, rows, key_mask)
+    return triton_kernels.decode_attention(q, k_cache, v_cache, pos, rows, key_mask)
 
 
 def float_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,7 +44,7 @@ from bitnet.quant import int_matmul
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
                      pdl_wait, segment_starts, store_output)
 from .gemv import by_segment, segment_of
-from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_cat, values_per_byte
+from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_checked, values_per_byte
 
 SMALL_M = 64
 
@@ -311,7 +311,7 @@ def gemm_unpacked(x_q: torch.Tensor, packed: list[torch.Tensor], ns: list[int], 
     GEMM launch over all."""
     m, k = x_q.shape
     total = sum(ns)
-    w = unpack_cat(packed, ns, fmt)
+    w = unpack_checked(packed, ns, fmt)  # (gemm_cat checked them)
     seg = len(packed)
     sizes = list(ns) + [0] * (3 - seg)
     scales, biases = (list(v) + [v[0]] * (3 - seg) for v in (scales, biases))  # unused segments: the first's pointers

@@ -35,7 +35,9 @@ launch_exit_hook, e.g. Proton's) get the launch metadata Triton would make.
 from __future__ import annotations
 
 import logging
+import operator
 import os
+from collections.abc import Mapping
 
 import torch
 import triton
@@ -63,6 +65,48 @@ def triton_kernel(kernel):
     return kernel.kernel if isinstance(kernel, Launcher) else kernel
 
 
+def _picker(positions: list[int]):
+    """args -> the tuple of args at `positions` (operator.itemgetter, which returns a lone item bare)."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
+
+
+def _split_of(types: tuple) -> tuple:
+    """(picker of the tensors, picker of the other arguments) for arguments of these types."""
+    tensor = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
+    return _picker(tensor), _picker([i for i in range(len(types)) if i not in tensor])
+
+
+_SPLITS: dict = {}  # argument types -> _split_of(them) (a few per kernel: which optional pointers are None)
+
+
+class _Meta(Mapping):
+    """What a grid callable is given: every argument by name, the config's constexprs over them (a
+    dict of them, as Triton's, made only for the names the grid reads)."""
+    __slots__ = ("_index", "_args", "_meta")
+
+    def __init__(self, index: dict, args: tuple, meta: dict):
+        self._index, self._args, self._meta = index, args, meta
+
+    def __getitem__(self, name):
+        if name in self._meta:
+            return self._meta[name]
+        i = self._index[name]
+        if i >= len(self._args):
+            raise KeyError(name)
+        return self._args[i]
+
+    def __iter__(self):
+        return iter({**dict(zip(self._index, self._args)), **self._meta})
+
+    def __len__(self):
+        return len({**dict(zip(self._index, self._args)), **self._meta})
+
+
 class _Entry:
     # configs: the autotuner's config list the signature names by id, kept alive so that no other
     # list (a test's next pinned config) can be given its address
@@ -83,6 +127,7 @@ class Launcher:
             jit = jit.fn
         object.__setattr__(self, "_jit", jit)
         object.__setattr__(self, "_names", list(jit.arg_names))
+        object.__setattr__(self, "_index", {n: i for i, n in enumerate(jit.arg_names)})
         # parameters that are not constexpr: a call passing one by keyword is not kept (its type and
         # value would have to be in the signature), nor one that leaves one to its default
         object.__setattr__(self, "_runtime", {p.name for p in jit.params if not p.is_constexpr})
@@ -101,12 +146,19 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def _signature(self, args: tuple, kwargs: dict, device: int) -> tuple:
-        sig = tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
+        # The arguments' types, then each tensor's dtype and 16-byte alignment and every other
+        # argument's value (its type is in the first part: 1, 1.0 and True hash alike), each part
+        # picked out at C speed by the split its types call for.
+        types = tuple(map(type, args))
+        split = _SPLITS.get(types)
+        if split is None:
+            split = _SPLITS[types] = _split_of(types)
+        sig = (types, split[1](args), tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in split[0](args)]))
         # what JITFunction.run reads on every launch and compiles for (debug, instrumentation)
-        compilation = triton.knobs.compilation
-        knobs = (triton.knobs.runtime.debug, compilation.instrumentation_mode,
-                 getattr(compilation, "fpsan_homomorphic_casts", None))
-        return sig, tuple(kwargs.items()), device, id(self.kernel.configs) if self._tuned else None, knobs
+        knobs = triton.knobs
+        compilation = knobs.compilation
+        flags = (knobs.runtime.debug, compilation.instrumentation_mode, getattr(compilation, "fpsan_homomorphic_casts", None))
+        return sig, tuple(kwargs.items()), device, id(self.kernel.configs) if self._tuned else None, flags
 
     def launch(self, grid, args: tuple, kwargs: dict):
         if not _STATE["enabled"] or self._jit.pre_run_hooks or getattr(triton.knobs.runtime,
@@ -127,9 +179,7 @@ class Launcher:
             return self.kernel[grid](*args, **kwargs)  # (checked at the first eager launch, not inside a recording)
         compiled = entry.compiled
         if callable(grid):
-            meta = dict(zip(self._names, args))
-            meta.update(entry.meta)
-            grid = grid(meta)
+            grid = grid(_Meta(self._index, args, entry.meta))
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         stream = driver.get_current_stream(device)

@@ -233,11 +233,20 @@ def unpack_cat(packed: list[torch.Tensor], ns: list[int], fmt: str = "2bit", out
     k = packed[0].shape[1]
     packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
     total = sum(ns)
-    if out is None:
-        out = torch.empty(total, k, dtype=torch.int8, device=packed[0].device)
-    elif out.shape != (total, k) or out.dtype != torch.int8 or not out.is_contiguous() or out.device != packed[0].device:
+    if out is not None and (out.shape != (total, k) or out.dtype != torch.int8 or not out.is_contiguous()
+                            or out.device != packed[0].device):
         raise ValueError(f"out must be a contiguous int8 ({total}, {k}) tensor on {packed[0].device}, got {out.dtype} "
                          f"{tuple(out.shape)} {out.stride()} on {out.device}")
+    return unpack_checked(packed, ns, fmt, out)
+
+
+def unpack_checked(packed: list[torch.Tensor], ns: list[int], fmt: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """unpack_cat of matrices its caller has checked as it does (check_packed's, one K; `out` as it
+    takes it): gemm_cat's prefill, which checked them already."""
+    k = packed[0].shape[1]
+    total = sum(ns)
+    if out is None:
+        out = torch.empty(total, k, dtype=torch.int8, device=packed[0].device)
     if total == 0 or k == 0:
         return out
     seg = len(packed)

@@ -542,6 +542,16 @@ def test_host_overhead_benchmark_counts_a_layers_launches(tmp_path, triton_devic
                                                                 ("prefill 1 x 16", 9)]
     assert all(r["torch_ops"] > 0 for r in rows)
     assert gemv._gemv_kernel is kernel
+    # the bf16 twin's layer beside it: no Triton launch, its prefill over twin_prefill tokens, its
+    # F.linear back as it was (and a ratio only where both sides were measured)
+    linear = torch.nn.functional.linear
+    twin = bench.measure(bench.HostArgs(preset="tiny", layers=1, iters=2, dtype="float32", batch=3, prefill=16,
+                                        launches="twin", twin_prefill=2, out_dir=str(tmp_path)), "twin")
+    assert [(r["launches"], r["case"], r["triton_launches"]) for r in twin] == [
+        ("twin (bf16)", "decode 1 x 1", 0), ("twin (bf16)", "decode 3 x 1", 0), ("twin (bf16)", "prefill 1 x 2", 0)]
+    assert all(r["torch_ops"] > 0 for r in twin) and torch.nn.functional.linear is linear
+    assert bench.host_ratios(rows + twin) == {} and set(bench.host_ratios(
+        [dict(r, launches="direct") for r in rows] + twin)) == {"decode 1 x 1", "decode 3 x 1", "prefill 1 x 16"}
 
 
 def test_compiled_decode_step_on_the_triton_path_equals_eager(monkeypatch, triton_device):
