@@ -241,8 +241,10 @@ def _gemm_kernel(
 
 UNPACK_M = int(os.environ.get("BITNET_UNPACK_GEMM_M", "512"))  # read at import, like INTERPRET
 
+# BLOCK_K 256 in two stages: twice the tensor-core work per loop step for the same loop overhead
+# (_gemm_int8_kernel's loop comment), 128 KB of shared memory (sm_80 allows 163 KB).
 INT8_CONFIGS = [
-    _config(128, 128, 128, 8, 3), _config(128, 256, 128, 8, 3), _config(256, 128, 128, 8, 3),
+    _config(128, 128, 128, 8, 3), _config(128, 256, 128, 8, 3), _config(128, 128, 256, 8, 2), _config(256, 128, 128, 8, 3),
     _config(128, 128, 64, 4, 4), _config(128, 256, 64, 8, 4), _config(64, 128, 128, 4, 4),
 ]
 
@@ -274,13 +276,25 @@ def _gemm_int8_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn
+    # Unmasked loads in the loop: a tile's rows past M (columns past NT) read row m % M (n % NT),
+    # whose products are never stored, and the loop runs over whole K tiles, the rest after it.
+    # Triton waits for each step's int32-accumulating wgmma before the next (only float32
+    # accumulators are left in flight), so the loop's own instructions are tensor-core idle time:
+    # the masks' selects and compares were a third of them (sm_90 SASS, benchmarks/gpu_notes.md).
+    rows_m = offs_m % M
+    rows_n = offs_n % NT
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    k_whole = K - K % BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptrs + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0)
-        w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n < NT)[:, None] & (offs_k < K)[None, :], other=0)
+    for _ in range(0, k_whole, BLOCK_K):
+        acc = tl.dot(tl.load(x_ptrs), tl.trans(tl.load(w_ptrs)), acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if k_whole < K:  # the last, partial K tile (pointers made afresh: the loop's, kept live, would spill)
+        offs_k = k_whole + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
+        w = tl.load(w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
 
     mask_m = offs_m < M

@@ -166,6 +166,11 @@ def test_every_unpacked_gemm_config_is_exact(config, monkeypatch, triton_device)
         cat = [pack(w, "1.6bit").to(d) for w in w_qs]
         y = gemm_cat(x_q.to(d), cat, ns, "1.6bit", [None] * 3, out_dtype=torch.int32).cpu()
         assert torch.equal(y, torch.cat([exact(x_q, w) for w in w_qs], 1))
+        # K a whole number of tiles (every BLOCK_K divides 512): the loop alone, no partial tile after it
+        x_q = x_q[:, :512].contiguous()
+        w_q = random_weights(N_GEMM, 512, "2bit", seed=13)
+        y = gemm(x_q.to(d), pack(w_q, "2bit").to(d), N_GEMM, "2bit", out_dtype=torch.int32).cpu()
+        assert torch.equal(y, exact(x_q, w_q))
 
 
 # ----------------------------------------------------------------------------- quantization, head
