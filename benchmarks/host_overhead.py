@@ -71,13 +71,22 @@ class HostArgs:
     name: str = arg("host_overhead_cpu", help="file name of the results, without extension")
 
 
+# ops that launch no GPU kernel besides views: allocations, and a view torch does not tag as one
+_NO_KERNEL = {"aten::empty.memory_format", "aten::empty_strided", "aten::_unsafe_view"}
+
+
 class _CountOps(TorchDispatchMode):
+    """Counts the torch ops dispatched, and those of them that launch a kernel on a GPU (neither a
+    view nor an allocation): each of those costs a CUDA launch of host time there, which this CPU
+    run does not."""
+
     def __init__(self):
         super().__init__()
-        self.ops = 0
+        self.ops = self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.kernels += not func.is_view and func.name() not in _NO_KERNEL
         return func(*args, **(kwargs or {}))
 
 
@@ -135,15 +144,20 @@ def triton_launches():
         raise RuntimeError(f"{len(log.failures)} launches did not compile for sm_90: {log.failures[0][:2]}")
 
 
+_STAND_INS = [0]  # calls of the two stand-ins below: each a kernel (SDPA's, cuBLAS's) on a GPU
+
+
 def _attention_stand_in(q, k, v, **kwargs):
     """An uninitialized SDPA output of flash attention's layout on a GPU, (B, T, heads, hd) memory
     seen as (B, heads, T, hd): the model's transpose back to (B, T, heads * hd) is then a view there
     as on a GPU, not a copy that this CPU would compute."""
+    _STAND_INS[0] += 1
     return torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1], dtype=q.dtype).transpose(1, 2)
 
 
 def _linear_stand_in(x, weight, bias=None):
     """The twin's F.linear: an uninitialized output of its shape (one dispatch)."""
+    _STAND_INS[0] += 1
     return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
 
 
@@ -226,16 +240,18 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
                     model.setup_cache(batch, length, dtype=dtype)
                     for _ in range(3):  # the first compiles every kernel (triton), then warm
                         step()
-                    launches[0] = 0
+                    launches[0] = _STAND_INS[0] = 0
                     with _CountOps() as counted:
                         step()
-                    figures[n] = {"launches": launches[0], "ops": counted.ops}
+                    figures[n] = {"launches": launches[0], "ops": counted.ops,
+                                  "kernels": launches[0] + counted.kernels + _STAND_INS[0]}
                     figures[n]["seconds"], figures[n]["fused"] = _fastest(step, args.iters, spent)
                     model.clear_cache()
                 per_layer = {key: (figures[2 * L][key] - figures[L][key]) / L for key in figures[L]}
                 rows.append({"launches": "twin (bf16)" if twin else mode, "case": f"{kind} {batch} x {tokens}", "kind": kind, "batch": batch, "tokens": tokens,
                              "layer_us": per_layer["seconds"] * 1e6, "norm_projections_us": per_layer["fused"] * 1e6,
-                             "triton_launches": per_layer["launches"], "torch_ops": per_layer["ops"]})
+                             "triton_launches": per_layer["launches"], "torch_ops": per_layer["ops"],
+                             "gpu_kernels": per_layer["kernels"]})
     finally:
         model.model.layers = all_layers
         bitnet.model.normed_projections = fused
@@ -246,7 +262,7 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
 
 COLUMNS = [("launches", "launches", ""), ("case", "case (batch x tokens)", ""), ("layer_us", "host us / layer", ".0f"),
            ("norm_projections_us", "of which norms + projections", ".0f"), ("triton_launches", "Triton launches / layer", ".1f"),
-           ("torch_ops", "torch ops / layer", ".1f")]
+           ("torch_ops", "torch ops / layer", ".1f"), ("gpu_kernels", "GPU kernels / layer", ".1f")]
 
 
 def host_ratios(rows: list[dict]) -> dict:
@@ -268,7 +284,9 @@ def main(args: HostArgs) -> int:
                  "directly, kernels/launch.py), triton = every launch through Triton's launch path (BITNET_FAST_LAUNCH=0), "
                  "stub = counted only; the driver's launch call is a no-op; twin = the bf16 twin's layer, its F.linear "
                  f"an empty tensor, its prefill over {args.twin_prefill} tokens (the same ops as any prompt). The torch "
-                 "ops run on this CPU (the prefill's SDPA returns an empty tensor); per layer: the first "
+                 "ops run on this CPU (the prefill's SDPA returns an empty tensor); GPU kernels: the Triton launches "
+                 "and the torch ops that launch one on a GPU (SDPA's and F.linear's included), each a CUDA launch of "
+                 "host time there that is not in these figures; per layer: the first "
                  f"{2 * args.layers} layers' fastest forward minus the first {args.layers}', over {args.layers}.")
     ratios = host_ratios(rows)
     if ratios:

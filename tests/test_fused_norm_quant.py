@@ -541,6 +541,8 @@ def test_host_overhead_benchmark_counts_a_layers_launches(tmp_path, triton_devic
     assert [(r["case"], r["triton_launches"]) for r in rows] == [("decode 1 x 1", 5), ("decode 3 x 1", 9),
                                                                 ("prefill 1 x 16", 9)]
     assert all(r["torch_ops"] > 0 for r in rows)
+    # no torch op of a layer launches a GPU kernel but the prefill's SDPA (the rest are views and allocations)
+    assert [r["gpu_kernels"] for r in rows] == [5, 9, 10]
     assert gemv._gemv_kernel is kernel
     # the bf16 twin's layer beside it: no Triton launch, its prefill over twin_prefill tokens, its
     # F.linear back as it was (and a ratio only where both sides were measured)
@@ -549,7 +551,8 @@ def test_host_overhead_benchmark_counts_a_layers_launches(tmp_path, triton_devic
                                         launches="twin", twin_prefill=2, out_dir=str(tmp_path)), "twin")
     assert [(r["launches"], r["case"], r["triton_launches"]) for r in twin] == [
         ("twin (bf16)", "decode 1 x 1", 0), ("twin (bf16)", "decode 3 x 1", 0), ("twin (bf16)", "prefill 1 x 2", 0)]
-    assert all(r["torch_ops"] > 0 for r in twin) and torch.nn.functional.linear is linear
+    assert all(r["torch_ops"] > 0 and r["gpu_kernels"] >= 7 for r in twin)  # its seven F.linear at least
+    assert torch.nn.functional.linear is linear
     assert bench.host_ratios(rows + twin) == {} and set(bench.host_ratios(
         [dict(r, launches="direct") for r in rows] + twin)) == {"decode 1 x 1", "decode 3 x 1", "prefill 1 x 16"}
 
