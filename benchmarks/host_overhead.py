@@ -92,6 +92,7 @@ class _CountOps(TorchDispatchMode):
 
 KERNELS = [("gemv", "_gemv_kernel"), ("gemm", "_gemm_kernel"), ("gemm", "_gemm_int8_kernel"),
            ("activations", "_act_quant_kernel"), ("rmsnorm_quant", "_rmsnorm_act_quant_kernel"),
+           ("rmsnorm_quant", "_rmsnorm_quant_unpack_kernel"),
            ("layout", "_unpack_kernel"), ("rope", "_rope_cache_kernel"), ("attention", "_decode_attention_kernel")]
 
 

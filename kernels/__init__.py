@@ -11,7 +11,8 @@ Triton, one kernel strategy per file, each with its torch reference:
     layout.py         the packed layout the kernels read (the checkpoint layout, in place) and
                       its decoding; a Triton unpack
     activations.py    act_quant: per-token absmax int8 activations, bit-identical to bitnet.quant
-    rmsnorm_quant.py  RMSNorm fused with act_quant (at M = 1 the GEMV runs it itself)
+    rmsnorm_quant.py  RMSNorm fused with act_quant (at M = 1 the GEMV runs it itself; at a
+                      prefill one launch also unpacks the weights for the int8 GEMM)
     rope.py           RoPE of q and k with the KV-cache write, one launch
     attention.py      decode attention: one query per sequence over its cache row (flash-decoding)
     int8_head.py      weight-only int8 GEMV (an int8 lm_head), few rows

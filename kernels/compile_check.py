@@ -31,6 +31,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _rmsnorm_act_quant_kernel       CONFIGS; x fp32/bf16/fp16; weight of x's dtype or fp32; the relu2
                                     gate (GATED) or not
     _unpack_kernel [unpack_cat]     format x LANES (int32 words or bytes) x one to three matrices
+    _rmsnorm_quant_unpack_kernel    the two above in one launch (a prefill): CONFIGS; x and weight
+      [rmsnorm_act_quant_unpack]    dtypes, GATED as the norm's; format x LANES x matrices as the unpack's
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
                                     sequence or per token), or none; head sizes 64, 96, 128
     _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
@@ -128,6 +130,7 @@ def _jit_functions() -> dict:
         "_act_quant_kernel": activations._act_quant_kernel,
         "_rmsnorm_act_quant_kernel": rmsnorm_quant._rmsnorm_act_quant_kernel,
         "_unpack_kernel": layout._unpack_kernel, "_rope_cache_kernel": rope._rope_cache_kernel,
+        "_rmsnorm_quant_unpack_kernel": rmsnorm_quant._rmsnorm_quant_unpack_kernel,
         "_pdl_probe_kernel": common._pdl_probe_kernel, "_launch_probe_kernel": launch._launch_probe_kernel,
     }
     # an autotuned kernel is an Autotuner over the JITFunction (its .fn); a plain one is the JITFunction
@@ -268,6 +271,27 @@ def _rmsnorm_variants() -> list[Variant]:
     return out
 
 
+def _rmsnorm_unpack_variants() -> list[Variant]:
+    # the norm's dtypes and GATED beside the unpack's format, LANES and matrix count (a prefill's
+    # q / k / v, gate / up, o_proj, down_proj), each config of CONFIGS at least once
+    from .activations import CONFIGS
+    from .layout import UNPACK_BLOCK_K, UNPACK_BLOCK_R
+
+    norms = [("bf16", "bf16", False), ("bf16", "bf16", True), ("fp32", "fp32", False), ("fp16", "fp32", True)]
+    unpacks = [(p, lanes, seg) for p in FORMATS.values() for lanes in (4, 1) for seg in (1, 2, 3)]
+    out = []
+    for i, (x, w, gated) in enumerate(norms * 2):
+        for j, (p, lanes, seg) in enumerate(unpacks[i::8][:3]):
+            cfg = CONFIGS[(i + j) % len(CONFIGS)]
+            types = dict(x_ptr=TYPES[x], u_ptr=TYPES[x], w_ptr=TYPES[w], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32",
+                         pw_ptr="*u8", pw1_ptr="*u8", pw2_ptr="*u8", out_ptr="*i8", eps="fp32")
+            consts = dict(GATED=gated, SUM_BLOCK=4096 if (i + j) % 3 else 256, P=p, SEGMENTS=seg, LANES=lanes,
+                          UNPACK_R=UNPACK_BLOCK_R, UNPACK_K=UNPACK_BLOCK_K, **cfg.kwargs)
+            out.append(Variant("_rmsnorm_quant_unpack_kernel", consts, types, cfg.num_warps, cfg.num_stages,
+                               aligned=(i + j) % 2 == 0))
+    return out
+
+
 def _rope_variants() -> list[Variant]:
     # rope.rope_cache launches with LAUNCH (4 warps); the cache may hold another dtype than q / k / v
     out = []
@@ -364,6 +388,7 @@ VARIANTS = {
     "_gemv_kernel": _gemv_variants, "_gemm_kernel": _gemm_variants, "_gemm_int8_kernel": _gemm_int8_variants,
     "_act_quant_kernel": _act_quant_variants,
     "_rmsnorm_act_quant_kernel": _rmsnorm_variants, "_unpack_kernel": _unpack_variants,
+    "_rmsnorm_quant_unpack_kernel": _rmsnorm_unpack_variants,
     "_rope_cache_kernel": _rope_variants, "_decode_attention_kernel": _attention_variants,
 "_int8_linear_kernel": _int8_linear_variants,
     "_int4_linear_kernel": _int4_linear_variants, "_pdl_probe_kernel": _pdl_probe_variants,
@@ -373,7 +398,8 @@ VARIANTS = {
 
 # The kernels with a PDL constexpr (common.pdl): what their launchers pass, True from sm_90 on.
 PDL_KERNELS = {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel", "_rmsnorm_act_quant_kernel", "_rope_cache_kernel",
-               "_decode_attention_kernel", "_int8_linear_kernel", "_int4_linear_kernel", "_pdl_probe_kernel"}
+               "_decode_attention_kernel", "_int8_linear_kernel", "_int4_linear_kernel", "_pdl_probe_kernel",
+               "_rmsnorm_quant_unpack_kernel"}
 
 
 def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:

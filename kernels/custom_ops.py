@@ -30,7 +30,7 @@ Dispatch by the number of activation rows M (all leading dimensions of x flatten
   normalizes the row; a decode layer's four norms launch nothing of their own).
 - M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64);
   several matrices of one input in one launch too (gemm_cat; from M = UNPACK_M after unpacking
-  them into one int8 buffer).
+  them into one int8 buffer, in rmsnorm_packed_matmul_cat by the launch that quantizes x).
 Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
 
 The public functions at the bottom call the ops where torch.compile (or torch.export) traces, and
@@ -47,11 +47,12 @@ import torch
 
 from .activations import act_quant as _act_quant, rows_of
 from .attention import decode_attention as _decode_attention
+from . import gemm as _gemm
 from .gemm import gemm, gemm_cat
 from .gemv import MAX_K as GEMV_MAX_K, gemv, gemv_cat
 from .int4_head import int4_linear as _int4_linear
 from .int8_head import int8_linear as _int8_linear
-from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant
+from .rmsnorm_quant import rmsnorm_act_quant as _rmsnorm_act_quant, rmsnorm_act_quant_unpack as _rmsnorm_act_quant_unpack
 from .rope import rope_cache as _rope_cache
 
 Tensor = torch.Tensor
@@ -120,6 +121,13 @@ def _(x_q, a, packed, scale, bias, n, fmt, out_dtype):
 def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor],
                             biases: list[Optional[Tensor]], ns: list[int], fmt: str, out_dtype: torch.dtype,
                             xsum: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+    return _matmul_cat(x_q, a, packed, scales, biases, ns, fmt, out_dtype, xsum, residual)
+
+
+def _matmul_cat(x_q: Tensor, a: Tensor, packed: list[Tensor], scales: list[Tensor], biases: list[Optional[Tensor]],
+                ns: list[int], fmt: str, out_dtype: torch.dtype, xsum: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None, unpacked: Optional[Tensor] = None) -> Tensor:
+    """packed_matmul_cat; unpacked: the matrices' int8 weights made already (gemm_cat's)."""
     x2, a2 = rows_of(x_q), a.reshape(-1)
     one_launch = _one_launch(packed, biases)
     if residual is not None and (residual.shape[:-1] != x_q.shape[:-1] or residual.shape[-1] != sum(ns)
@@ -134,7 +142,7 @@ def _packed_matmul_cat_impl(x_q: Tensor, a: Tensor, packed: list[Tensor], scales
     elif not one_row and one_launch:  # one GEMM launch for all of them (from UNPACK_M on: after one unpack)
         res = r2 if _one_matrix_residual(packed, r2) else None  # o_proj, down_proj: added in the epilogue
         y = gemm_cat(x2, packed, ns, fmt, scales, biases, a=a2, xsum=None if xsum is None else xsum.reshape(-1),
-                     out_dtype=out_dtype, residual=res)  # (gemm_cat sums x_q where its kernel needs it and none is given)
+                     out_dtype=out_dtype, residual=res, unpacked=unpacked)  # (gemm_cat sums x_q where its kernel needs it and none is given)
         if res is not None:
             r2 = None
     else:
@@ -215,8 +223,12 @@ def _rmsnorm_packed_matmul_cat_impl(x: Tensor, weight: Tensor, eps: float, packe
         u2 = None if up is None else rows_of(up)
         y = gemv_cat(x2, packed, ns, fmt, scales, biases, residual=r2, norm_weight=weight, eps=eps, up=u2)
         return y.reshape(*x.shape[:-1], n)
+    if 0 < _gemm.UNPACK_M <= x2.shape[0] and not _one_row(x2) and _one_launch(packed, biases):
+        # a prefill: the norm and the weights' unpack for the int8 GEMM in one launch
+        x_q, a, xsum, w = _rmsnorm_act_quant_unpack(x, weight, eps, packed, ns, fmt, up)
+        return _matmul_cat(x_q, a, packed, scales, biases, ns, fmt, x.dtype, xsum, residual, unpacked=w)
     x_q, a, xsum = _rmsnorm_act_quant_impl(x, weight, eps, up)
-    return _packed_matmul_cat_impl(x_q, a, packed, scales, biases, ns, fmt, x.dtype, xsum, residual)
+    return _matmul_cat(x_q, a, packed, scales, biases, ns, fmt, x.dtype, xsum, residual)
 
 
 _rmsnorm_packed_matmul_cat = torch.library.custom_op("bitnet::rmsnorm_packed_matmul_cat", _rmsnorm_packed_matmul_cat_impl,

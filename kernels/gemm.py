@@ -319,13 +319,14 @@ def _gemm_int8_kernel(
 
 
 def gemm_unpacked(x_q: torch.Tensor, packed: list[torch.Tensor], ns: list[int], fmt: str, y: torch.Tensor,
-                  a: torch.Tensor | None, scales: list, biases: list, residual: torch.Tensor | None = None) -> torch.Tensor:
+                  a: torch.Tensor | None, scales: list, biases: list, residual: torch.Tensor | None = None,
+                  unpacked: torch.Tensor | None = None) -> torch.Tensor:
     """y = x_q @ unpack(packed)^T with gemm's epilogue (+ residual), into y (M, sum(ns)) (checked by
     gemm_cat): up to three matrices unpacked into one int8 (sum(ns), K) buffer by one launch, one
-    GEMM launch over all."""
+    GEMM launch over all (unpacked: the buffer unpack_cat would give, made by the caller)."""
     m, k = x_q.shape
     total = sum(ns)
-    w = unpack_checked(packed, ns, fmt)  # (gemm_cat checked them)
+    w = unpack_checked(packed, ns, fmt) if unpacked is None else unpacked  # (gemm_cat checked them)
     seg = len(packed)
     sizes = list(ns) + [0] * (3 - seg)
     scales, biases = (list(v) + [v[0]] * (3 - seg) for v in (scales, biases))  # unused segments: the first's pointers
@@ -413,13 +414,16 @@ def gemm_cat(
     out_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    unpacked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Up to three matrices of one input in one launch: y (M, sum(ns)), matrix j's outputs in
     columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemm() of that matrix alone (the same
     integers, the same epilogue). The matrices share K and the format; biases all or none. Below
     UNPACK_M, matrices whose packed weights do not sit on 16-unit grains of the first's run one
     launch each; from UNPACK_M on they are unpacked into one buffer (gemm_unpacked) and need not.
-    residual (one matrix): as gemm's."""
+    residual (one matrix): as gemm's. unpacked (from UNPACK_M on): that buffer, int8 (sum(ns), K)
+    as unpack_cat gives it, already made (rmsnorm_quant.rmsnorm_act_quant_unpack: in the launch that
+    quantized x_q); ignored below UNPACK_M."""
     if x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
     biases = cat_biases("gemm_cat", packed, ns, scales, biases)
@@ -446,7 +450,11 @@ def gemm_cat(
     if m == 0:
         return y
     if 0 < UNPACK_M <= m:
-        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases, residual)
+        if unpacked is not None and (unpacked.shape != (total, k) or unpacked.dtype != torch.int8
+                                     or not unpacked.is_contiguous()):
+            raise ValueError(f"unpacked must be the contiguous int8 ({total}, {k}) weights, got {unpacked.dtype} "
+                             f"{tuple(unpacked.shape)} {unpacked.stride()}")
+        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases, residual, unpacked)
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
     starts = segment_starts(packed, lanes)
     if starts is None and len(packed) > 1:

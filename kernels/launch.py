@@ -5,7 +5,7 @@ Every `kernel[grid](*args, **kwargs)` through Triton binds the arguments, specia
 autotuner's key (a dict of all arguments, the dtype of each tensor), looks both up and reads a
 few knobs: about 45 us of host time a launch on a 2-core Xeon (benchmarks/host_overhead.py),
 against a few microseconds of GPU work for a decode GEMV and ~3-10 us for a prefill's kernels. An
-eager prefill of 2B-4T issues ~13 launches a layer, an eager decode step 5: both were bound by
+eager prefill of 2B-4T issues 9 launches a layer, an eager decode step 5: both were bound by
 that host time, not by the GPU.
 
 `Launcher` wraps an autotuned (triton.autotune) or plain (triton.jit) kernel. The first launch

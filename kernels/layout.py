@@ -191,8 +191,17 @@ def _unpack_kernel(
     + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R), cdiv(K, BLOCK_K)): the row blocks of the first matrix,
     then of the second, then of the third.
     """
+    unpack_tile(w_ptr, w1_ptr, w2_ptr, out_ptr, N, R, N1, R1, N2, R2, K, tl.program_id(0), tl.program_id(1),
+                P, SEGMENTS, LANES, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
+def unpack_tile(w_ptr, w1_ptr, w2_ptr, out_ptr, N, R, N1, R1, N2, R2, K, pid, pid_k,
+                P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """_unpack_kernel's program (pid, pid_k): row block pid of the matrices' blocks in order, units
+    pid_k * BLOCK_K ... of K (also rmsnorm_quant's fused launch)."""
     SC: tl.constexpr = 2 if P == 8 else 1
-    pid = tl.program_id(0)
     w_seg, n_seg, r_seg, row0, block = w_ptr, N, R, 0, pid
     if SEGMENTS > 1:  # selects, not branches: an argument of 1 is specialized to a constant
         b0 = tl.cdiv(R, BLOCK_R)
@@ -207,7 +216,7 @@ def _unpack_kernel(
         w_seg = w_seg.to(tl.pointer_type(tl.int32))
         out_ptr = out_ptr.to(tl.pointer_type(tl.int32))
     offs_r = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_r < r_seg)[:, None] & (offs_k < K)[None, :]
     b = tl.load(w_seg + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.int32)
     for i in tl.static_range(P):
@@ -249,6 +258,15 @@ def unpack_checked(packed: list[torch.Tensor], ns: list[int], fmt: str, out: tor
         out = torch.empty(total, k, dtype=torch.int8, device=packed[0].device)
     if total == 0 or k == 0:
         return out
+    args, grid, constexprs = unpack_arguments(packed, ns, fmt, out)
+    _unpack_kernel[grid](*args, **constexprs)
+    return out
+
+
+def unpack_arguments(packed: list[torch.Tensor], ns: list[int], fmt: str, out: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """What an unpack of checked matrices (K > 0) into `out` launches: (_unpack_kernel's arguments
+    in order, its grid (row blocks, K blocks), its constexprs); rmsnorm_quant's fused launch too."""
+    k = packed[0].shape[1]
     seg = len(packed)
     ws = [w if w.is_contiguous() else w.contiguous() for w in packed]
     # int32 words of four k where every row starts on one (a word's codes decoded and stored at once)
@@ -257,10 +275,9 @@ def unpack_checked(packed: list[torch.Tensor], ns: list[int], fmt: str, out: tor
     ws += [ws[0]] * (3 - seg)  # unused segments: the first's pointer
     sizes = [(n, w.shape[0]) for n, w in zip(ns, packed)] + [(0, 0)] * (3 - seg)
     blocks = sum(-(-r // UNPACK_BLOCK_R) for _, r in sizes)
-    grid = (blocks, -(-units // UNPACK_BLOCK_K))
-    _unpack_kernel[grid](*ws, out, *(v for nr in sizes for v in nr), units, P=values_per_byte(fmt), SEGMENTS=seg,
-                         LANES=lanes, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K)
-    return out
+    args = (*ws, out, *(v for nr in sizes for v in nr), units)
+    constexprs = dict(P=values_per_byte(fmt), SEGMENTS=seg, LANES=lanes, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K)
+    return args, (blocks, -(-units // UNPACK_BLOCK_K)), constexprs
 
 
 def unpack_triton(packed: torch.Tensor, n: int, fmt: str = "2bit", out: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from bitnet.quant import quantize_activation, rms_norm
 
 from .activations import CONFIGS, activation_scale, quantize, quantize_rows, rows_of
 from .common import LAUNCH, autotune, next_power_of_2, pdl, pdl_start, pdl_wait
+from .layout import check_packed, unpack_arguments, unpack_tile
 
 
 @triton.jit
@@ -119,10 +120,17 @@ def _rmsnorm_act_quant_kernel(
     xq_ptr: int8 (M, K); a_ptr: float32 (M,); xsum_ptr: int32 (M,) = sum_k x_q[m, k].
     PDL: launched as a dependent (common.pdl). SUM_BLOCK: sum_block(K) (row_rstd).
     """
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     pdl_start(PDL)
     pdl_wait(PDL)
-    m = tl.program_id(0)
+    rmsnorm_quant_row(tl.program_id(0), x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, K, eps, stride_xm, stride_um,
+                      stride_qm, GATED, SUM_BLOCK, BLOCK_K)
+
+
+@triton.jit
+def rmsnorm_quant_row(m, x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, K, eps, stride_xm, stride_um, stride_qm,
+                      GATED: tl.constexpr, SUM_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_rmsnorm_act_quant_kernel's program m: row m normalized, quantized, stored with a and xsum."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     x_row = x_ptr + m * stride_xm
     u_row = u_ptr + m * stride_um if GATED else u_ptr
     rstd = row_rstd(x_row, u_row, K, eps, GATED, SUM_BLOCK)
@@ -135,6 +143,36 @@ def _rmsnorm_act_quant_kernel(
         xsum += q
     tl.store(a_ptr + m, a)
     tl.store(xsum_ptr + m, tl.sum(xsum, 0))
+
+
+@autotune(CONFIGS, key=["K", "GATED", "P", "SEGMENTS"], interpret_config=triton.Config({"BLOCK_K": 64}))
+@triton.jit
+def _rmsnorm_quant_unpack_kernel(
+    # pointers: the norm's (as _rmsnorm_act_quant_kernel's), then the unpack's (as layout._unpack_kernel's)
+    x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, pw_ptr, pw1_ptr, pw2_ptr, out_ptr,
+    # sizes (M rows to normalize; N .. R2, KU as _unpack_kernel's N .. K; KB: its K blocks)
+    M, K, eps, N, R, N1, R1, N2, R2, KU, KB,
+    # strides
+    stride_xm, stride_um, stride_qm,
+    # constexpr (P .. UNPACK_K: _unpack_kernel's P, SEGMENTS, LANES, BLOCK_R, BLOCK_K)
+    GATED: tl.constexpr, PDL: tl.constexpr, SUM_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, UNPACK_R: tl.constexpr, UNPACK_K: tl.constexpr,
+):
+    """A prefill's two independent steps before its int8 GEMM in one launch: programs 0 .. M - 1
+    normalize and quantize a row each (_rmsnorm_act_quant_kernel's), the rest unpack the weights
+    (layout._unpack_kernel's, its 2-D grid in rows of KB). One launch fewer a projection group.
+    Every program waits for the kernel before it (PDL) before it writes: the unpacked weights'
+    buffer may be memory that kernel still reads."""
+    pdl_start(PDL)
+    pdl_wait(PDL)
+    pid = tl.program_id(0)
+    if pid < M:
+        rmsnorm_quant_row(pid, x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, K, eps, stride_xm, stride_um, stride_qm,
+                          GATED, SUM_BLOCK, BLOCK_K)
+    else:
+        b = pid - M
+        unpack_tile(pw_ptr, pw1_ptr, pw2_ptr, out_ptr, N, R, N1, R1, N2, R2, KU, b // KB, b % KB,
+                    P, SEGMENTS, LANES, UNPACK_R, UNPACK_K)
 
 
 def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -156,6 +194,37 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
                                                   **LAUNCH, **pdl(x2))
 
     return quantize_rows(x, launch)
+
+
+def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor, eps: float, packed: list[torch.Tensor],
+                             ns: list[int], fmt: str, up: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(x_q, a, xsum) of rmsnorm_act_quant(x, weight, eps, up) and the int8 weights of
+    layout.unpack_cat(packed, ns, fmt) in one launch (a prefill's projection group before its int8
+    GEMM): the same bits as the two launches (packed: up to three matrices of x's K)."""
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
+        raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype}, got {tuple(up.shape)} {up.dtype}")
+    k = x.shape[-1]
+    packed = [check_packed(p, n, k, fmt) for p, n in zip(packed, ns)]
+    w = torch.empty(sum(ns), k, dtype=torch.int8, device=packed[0].device)
+    if k == 0 or not w.numel():  # (nothing to unpack)
+        return (*rmsnorm_act_quant(x, weight, eps, up), w)
+    weight = weight.contiguous()
+    up2 = rows_of(up) if up is not None else None
+    unpack, (row_blocks, k_blocks), constexprs = unpack_arguments(packed, ns, fmt, w)
+
+    def launch(x2, x_q, a, xsum):
+        u, stride_u = (up2, up2.stride(0)) if up2 is not None else (x2, 0)
+        m = x2.shape[0]
+        _rmsnorm_quant_unpack_kernel[(m + row_blocks * k_blocks,)](
+            x2, u, weight, x_q, a, xsum, *unpack[:4], m, x2.shape[1], eps, *unpack[4:], k_blocks,
+            x2.stride(0), stride_u, x2.shape[1], GATED=up2 is not None, SUM_BLOCK=sum_block(x2.shape[1]),
+            P=constexprs["P"], SEGMENTS=constexprs["SEGMENTS"], LANES=constexprs["LANES"],
+            UNPACK_R=constexprs["BLOCK_R"], UNPACK_K=constexprs["BLOCK_K"], **LAUNCH, **pdl(x2))
+
+    x_q, a, xsum = quantize_rows(x, launch)
+    return x_q, a, xsum, w
 
 
 def reference_rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,

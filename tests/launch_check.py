@@ -97,6 +97,15 @@ def main(arch: int) -> int:
                 attempt(f"unpacked GEMM of two matrices, bias={b is not None} {fmt}", lambda: gemm.gemm_cat(
                     x_q, [weights(64, 256, fmt), weights(32, 256, fmt)], [64, 32], fmt, [s, s], b, a, None,
                     torch.bfloat16))
+            # a prefill's groups: the norm and the unpack in one launch, then the int8 GEMM (gate / up; down_proj
+            # with the relu2 gate folded in and the skip connection added)
+            xf, up = (torch.randn(m, 256, dtype=torch.bfloat16) for _ in range(2))
+            nw = torch.rand(256, dtype=torch.bfloat16) + 0.5
+            attempt(f"prefill norm and unpack of two, then the GEMM {fmt}", lambda: custom_ops.rmsnorm_packed_matmul_cat(
+                xf, nw, 1e-5, [weights(64, 256, fmt), weights(32, 256, fmt)], [s, s], [64, 32], fmt))
+            attempt(f"prefill gated norm and unpack, the GEMM with the residual {fmt}",
+                    lambda: custom_ops.rmsnorm_packed_matmul_cat(xf, nw, 1e-5, [weights(40, 256, fmt)], [s], [40], fmt,
+                                                                 up=up, residual=torch.randn(m, 40, dtype=torch.bfloat16)))
     print(f"compiled {sum(log.compiled.values())} launches of {len(log.compiled)} kernels for sm_{arch} in "
           f"{time.time() - start:.0f} s: {dict(sorted(log.compiled.items()))}")
     for kernel, flags, message in log.failures:

@@ -205,6 +205,28 @@ def test_every_rmsnorm_act_quant_config_matches_torch(config, triton_device):
             assert torch.equal(xsum, x_q.int().sum(-1))
 
 
+@pytest.mark.parametrize("config", activations.CONFIGS, ids=ids(activations.CONFIGS))
+def test_every_norm_and_unpack_config_is_the_two_kernels(config, triton_device):
+    """The prefill's norm-and-unpack launch (rmsnorm_quant.rmsnorm_act_quant_unpack) pinned to each
+    config: its weights equal bitnet.packing.unpack's (words, K = 5000; bytes, K = 4999), its x_q, a
+    and xsum those of rmsnorm_act_quant pinned alike (held to torch above), plain and gated."""
+    d = triton_device
+    for k in (K_ROW, K_ROW - 1):
+        x, up = random_activations(3, k, seed=16), random_activations(3, k, seed=17)
+        weight = torch.rand(k) + 0.5
+        ns = [40, 24]
+        w_qs = [random_weights(n, k, "1.6bit", seed=18 + n) for n in ns]
+        packed = [pack(w, "1.6bit").to(d) for w in w_qs]
+        for gate_up in (None, up.to(d)):
+            with pinned(rmsnorm_quant._rmsnorm_quant_unpack_kernel, config):
+                x_q, a, xsum, w = rmsnorm_quant.rmsnorm_act_quant_unpack(x.to(d), weight.to(d), 1e-5, packed, ns,
+                                                                         "1.6bit", gate_up)
+            with pinned(rmsnorm_quant._rmsnorm_act_quant_kernel, config):
+                r = rmsnorm_act_quant(x.to(d), weight.to(d), 1e-5, gate_up)
+            assert torch.equal(w.cpu(), torch.cat(w_qs))
+            assert all(torch.equal(g, e) for g, e in zip((x_q, a, xsum), r))
+
+
 @pytest.mark.parametrize("config", int8_head.CONFIGS, ids=ids(int8_head.CONFIGS))
 def test_every_int8_head_config_matches_float64(config, triton_device):
     n, k = 300, 1100  # ragged along both N and K for every (BLOCK_N, BLOCK_K)

@@ -209,6 +209,54 @@ def test_the_decode_gemv_runs_the_norm_exactly(fmt, gated, k, triton_device):
         assert torch.equal(y, ref if res is None else res + ref), (ns, (y - ref).abs().max())
 
 
+@pytest.mark.parametrize("fmt, gated, k", [("2bit", False, 200), ("1.6bit", True, 203), ("1bit", True, 200),
+                                           ("2bit", True, 203)])
+def test_a_prefill_normalizes_and_unpacks_in_one_launch(fmt, gated, k, monkeypatch, triton_device):
+    """From UNPACK_M rows on (forced to 1 here) rmsnorm_packed_matmul_cat normalizes and quantizes the
+    rows and unpacks the weights in one launch (rmsnorm_quant.rmsnorm_act_quant_unpack), then runs one
+    int8 GEMM on them: on rows where RMSNorm has one exact answer, equal bit for bit to torch's
+    RMSNorm, quantize_activation and the exact integer matmul on the CPU, for q / k / v and for one
+    matrix with a bias and the residual; the weights unpacked equal to bitnet.packing.unpack's, the
+    launcher's x_q, a and xsum to rmsnorm_act_quant's; words and bytes (odd K); no unpack launch of
+    its own."""
+    from bitnet.kernels import gemm as gemm_module, layout
+    from bitnet.kernels.rmsnorm_quant import rmsnorm_act_quant_unpack
+    from bitnet.packing import unpack
+
+    monkeypatch.setattr(gemm_module, "UNPACK_M", 1)
+    d = triton_device
+    rows = [mean_square_four(k, seed=k + j) for j in range(3)]
+    pairs = [gated_pair(v, seed=j) for j, v in enumerate(rows)] if gated else None
+    x = torch.cat([p[0] for p in pairs] if gated else rows)
+    up = torch.cat([p[1] for p in pairs]) if gated else None
+    weight = 0.5 + torch.randint(0, 7, (k,), generator=torch.Generator().manual_seed(3)).float() / 4
+    x_q, a = quantize_activation(bitnet.quant.rms_norm(torch.cat(rows), weight, 0.0))  # the reference, on the CPU
+    torch.manual_seed(k)
+    bits = "binary" if fmt == "1bit" else "ternary"
+    unpack_launches = []
+    real_unpack = layout._unpack_kernel
+    monkeypatch.setattr(layout, "_unpack_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        unpack_launches.append(grid), real_unpack[grid])[1]})())
+    for ns, bias, residual in (([48, 16, 16], False, False), ([40], True, True)):
+        layers = [BitLinear(k, n, bias=bias, weight_bits=bits).freeze(fmt) for n in ns]
+        packed = [m.weight.to(d) for m in layers]
+        res = torch.randn(3, ns[0]) if residual else None
+        y = kernels.rmsnorm_packed_matmul_cat(
+            x.to(d), weight.to(d), 0.0, packed, [m.weight_scale.to(d) for m in layers], ns, fmt,
+            [m.bias.to(d) if bias else None for m in layers], up=None if up is None else up.to(d),
+            residual=None if res is None else res.to(d)).cpu()
+        ref = torch.cat([reference_gemm(x_q, m.weight, n, fmt, m.weight_scale, a, m.bias if bias else None)
+                         for m, n in zip(layers, ns)], 1)
+        assert torch.equal(y, ref if res is None else res + ref), (ns, (y - ref).abs().max())
+        q, qa, qsum, w = rmsnorm_act_quant_unpack(x.to(d), weight.to(d), 0.0, packed, ns, fmt,
+                                                  None if up is None else up.to(d))
+        assert torch.equal(w.cpu(), torch.cat([unpack(m.weight, n, fmt) for m, n in zip(layers, ns)]))
+        r_q, r_a, r_sum = kernels.rmsnorm_act_quant(x.to(d), weight.to(d), 0.0, with_sum=True,
+                                                    up=None if up is None else up.to(d))
+        assert torch.equal(q, r_q) and torch.equal(qa, r_a) and torch.equal(qsum, r_sum) and torch.equal(q.cpu(), x_q)
+    assert unpack_launches == []
+
+
 @pytest.mark.parametrize("dtype, gated, k", [(torch.float32, False, 256), (torch.bfloat16, True, 256),
                                              (torch.bfloat16, False, 4100), (torch.float32, True, 4100)])
 def test_the_decode_gemv_quantizes_as_the_norm_kernel(dtype, gated, k, triton_device):
