@@ -180,10 +180,7 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """x (..., K) -> (x_q int8 (..., K), a float32 (..., 1), xsum int32 (...)) of RMSNorm(x), or with
     `up` (x's shape and dtype) of RMSNorm(relu(x)^2 * up): the gated MLP's activation folded in
     (x the gate projection's output; BitNet b1.58's relu2 MLP before its ffn_sub_norm)."""
-    if tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
-        raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype}, got {tuple(up.shape)} {up.dtype}")
+    _check_norm(x, weight, up)
     weight = weight.contiguous()
     up2 = rows_of(up) if up is not None else None
 
@@ -201,10 +198,7 @@ def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor, eps: float, 
     """(x_q, a, xsum) of rmsnorm_act_quant(x, weight, eps, up) and the int8 weights of
     layout.unpack_cat(packed, ns, fmt) in one launch (a prefill's projection group before its int8
     GEMM): the same bits as the two launches (packed: up to three matrices of x's K)."""
-    if tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
-        raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype}, got {tuple(up.shape)} {up.dtype}")
+    _check_norm(x, weight, up)
     k = x.shape[-1]
     packed = [check_packed(p, n, k, fmt) for p, n in zip(packed, ns)]
     w = torch.empty(sum(ns), k, dtype=torch.int8, device=packed[0].device)
@@ -225,6 +219,13 @@ def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor, eps: float, 
 
     x_q, a, xsum = quantize_rows(x, launch)
     return x_q, a, xsum, w
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None) -> None:
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"RMSNorm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
+        raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype}, got {tuple(up.shape)} {up.dtype}")
 
 
 def reference_rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
