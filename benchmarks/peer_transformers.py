@@ -192,9 +192,14 @@ def top2_margin(logits_fn, seq: torch.Tensor) -> float:
 
 
 def decode_speed(run, n: int, timer) -> dict:
-    """Prefill and decode from generate(1) and generate(n) timings (ms)."""
+    """Prefill and decode from generate(1) and generate(n) timings (ms). A generate(n) timed no
+    longer than generate(1) (a first, cold call; too few iterations for this machine's noise) is an
+    error, not a negative speed."""
     first_ms, total_ms = timer(lambda: run(1)), timer(lambda: run(n))
     step_ms = (total_ms - first_ms) / (n - 1)
+    if step_ms <= 0:
+        raise RuntimeError(f"generate({n}) took {total_ms:.2f} ms, generate(1) {first_ms:.2f} ms: the decode steps are "
+                           "below this timing's noise; raise --warmup, --iters or --new-tokens")
     return {"prefill_ms": first_ms, "generate_ms": total_ms, "decode_ms_per_step": step_ms, "decode_tok_s": 1e3 / step_ms}
 
 
