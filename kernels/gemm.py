@@ -446,15 +446,16 @@ def gemm_cat(
         raise ValueError(f"residual must be on {x_q.device} and apart from the output (autotuning reruns the kernel), "
                          f"got {residual.device}{' and the output itself' if residual.data_ptr() == y.data_ptr() else ''}")
     m, k = x_q.shape
+    if 0 < UNPACK_M <= m and unpacked is not None:  # (the packed weights are not read: checked by whoever unpacked them)
+        if unpacked.shape != (total, k) or unpacked.dtype != torch.int8 or not unpacked.is_contiguous():
+            raise ValueError(f"unpacked must be the contiguous int8 ({total}, {k}) weights, got {unpacked.dtype} "
+                             f"{tuple(unpacked.shape)} {unpacked.stride()}")
+        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases, residual, unpacked)
     packed = [check_packed(w, n, k, fmt) for w, n in zip(packed, ns)]
     if m == 0:
         return y
     if 0 < UNPACK_M <= m:
-        if unpacked is not None and (unpacked.shape != (total, k) or unpacked.dtype != torch.int8
-                                     or not unpacked.is_contiguous()):
-            raise ValueError(f"unpacked must be the contiguous int8 ({total}, {k}) weights, got {unpacked.dtype} "
-                             f"{tuple(unpacked.shape)} {unpacked.stride()}")
-        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases, residual, unpacked)
+        return gemm_unpacked(x_q, packed, ns, fmt, y, a, scales, biases, residual)
     lanes = 4 if k % 4 == 0 and all(w.storage_offset() % 4 == 0 for w in packed) else 1
     starts = segment_starts(packed, lanes)
     if starts is None and len(packed) > 1:

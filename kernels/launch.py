@@ -126,8 +126,7 @@ class Launcher:
         while not isinstance(jit, triton.runtime.jit.JITFunction):
             jit = jit.fn
         object.__setattr__(self, "_jit", jit)
-        object.__setattr__(self, "_names", list(jit.arg_names))
-        object.__setattr__(self, "_index", {n: i for i, n in enumerate(jit.arg_names)})
+        object.__setattr__(self, "_index", {n: i for i, n in enumerate(jit.arg_names)})  # argument name -> position
         # parameters that are not constexpr: a call passing one by keyword is not kept (its type and
         # value would have to be in the signature), nor one that leaves one to its default
         object.__setattr__(self, "_runtime", {p.name for p in jit.params if not p.is_constexpr})
@@ -204,7 +203,7 @@ class Launcher:
             return
         # (the config's constexprs from the compiled kernel itself, not from the autotuner's best_config,
         # which another thread's launch may have changed since)
-        names = self._names[len(args):]
+        names = list(self._index)[len(args):]
         tail = []
         for i, n in enumerate(names, start=len(args)):
             if n in kwargs:
