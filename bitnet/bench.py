@@ -218,7 +218,8 @@ def step_profile(run: Callable[[int], object], steps: int, device: torch.device 
 
     Returns {"steps", "busy_us" (the kernels' summed time a step: the floor a CUDA graph can
     approach; on a CPU the ops' self time), "launches" (kernels or ops a step), "rows": the `top`
-    costliest, each {name, calls (a step), us (a step), share}}."""
+    costliest, each {name, calls (a step), us (a step), share}, "calls": {name: calls a step} of
+    every kernel or op (what ran does not depend on the timings' ranking)}."""
     run(steps + 1)  # warm: both lengths compiled and tuned
     base, full = profile_ops(lambda: run(1), device), profile_ops(lambda: run(steps + 1), device)
     rows = []
@@ -231,7 +232,8 @@ def step_profile(run: Callable[[int], object], steps: int, device: torch.device 
     rows.sort(key=lambda r: -r["us"])
     for r in rows:
         r["share"] = r["us"] / busy if busy else 0.0
-    return {"steps": steps, "busy_us": busy, "launches": sum(r["calls"] for r in rows), "rows": rows[:top]}
+    return {"steps": steps, "busy_us": busy, "launches": sum(r["calls"] for r in rows), "rows": rows[:top],
+            "calls": {r["name"]: r["calls"] for r in rows}}
 
 
 def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:

@@ -32,7 +32,7 @@ def test_decode_step_profile_counts_what_one_step_runs(tmp_path):
                           "--out-dir", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "generate_cpu.json").read_text())
     prof = {k: saved["results"][k]["rows"][0]["profile"] for k in ("bitnet", "bf16")}
-    calls = {k: {r["name"]: r["calls"] for r in p["rows"]} for k, p in prof.items()}
+    calls = {k: p["calls"] for k, p in prof.items()}  # (every op: the rows are only the costliest few)
     assert calls["bitnet"]["bitnet_cpu::decode_layer"] == layers and calls["bitnet"]["bitnet_cpu::bf16_linear"] == 1
     assert calls["bf16"]["aten::mm"] == 7 * layers + 1
     # (the rows are the costliest by time, which varies; ops seen once a run count a third a step)
