@@ -8,6 +8,10 @@ binary 1-bit packings and the twin in fp32 (CPU users run either; ratios are tak
 faster of the two). Float parts (embeddings, norms, lm_head) are bf16 in the packed models too.
 For each model, each batch size:
 - prefill tokens/s: `generate(prompt, 1)` (one forward over B x T prompt tokens into the cache),
+  eager as generate runs it; for the longer prefill also (GPU, `--prefill-graph`) the same forward
+  recorded once as a CUDA graph and replayed (CUDA graphs on both sides: the kernels' time without
+  the host's), and the kernels' summed time of one eager prefill ("busy", from the profiler: well
+  under the eager time, the eager prefill waits on the host),
 - decode tokens/s: B * (N - 1) / (time of `generate(prompt, N)` - time of `generate(prompt, 1)`),
   the real generate loop (sampling, cache writes, `compile` on GPU: CUDA graphs) minus prefill,
 - weights streamed per decode step / step time (GB/s): the projections and lm_head,
@@ -29,19 +33,22 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import multiprocessing
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from bitnet import BitNetConfig, weight_bytes
-from bitnet.bench import (RESULTS_DIR, L2Flusher, environment, random_model, save_results, step_profile, time_cpu,
-                          time_cuda)
+from bitnet.bench import (RESULTS_DIR, L2Flusher, environment, profile_ops, random_model, save_results, step_profile,
+                          time_cpu, time_cuda)
 from bitnet.cli import add_dataclass_arguments, arg
-from bitnet.generation import generate
+from bitnet.generation import CapturedForward, generate, prefill
+from bitnet.ops import record_cuda_graph
 from bitnet.ops import default_kernel
 from bitnet.report import human_bytes, table
 
@@ -83,6 +90,8 @@ class Args:
     prefill_len: int | None = arg(None, help="tokens of a separate, longer prefill timing (default: 512 on a GPU, 128 on a CPU)")
     new_tokens: int | None = arg(None, help="tokens generated per sequence (default: 128 on a GPU, 32 on a CPU)")
     compile: bool | None = arg(None, help="compile the decode step (default: on a GPU only)")
+    prefill_graph: bool | None = arg(None, help="GPU: also time the longer prefill recorded as a CUDA graph and replayed, "
+                                     "and its kernels' busy time (default: on a GPU)")
     cuda_graph: bool = arg(False, help="GPU: record the eager decode step as a CUDA graph and replay it (no compiler; "
                            "instead of --compile)")
     warmup: int = arg(2, help="untimed runs first (compiling happens here)")
@@ -103,6 +112,7 @@ class Args:
             models=self.models or (GPU_MODELS if gpu else CPU_MODELS), batch=self.batch or ([1, 8] if gpu else [1]),
             prompt_len=self.prompt_len or (128 if gpu else 16), new_tokens=self.new_tokens or (128 if gpu else 32),
             prefill_len=self.prefill_len or (512 if gpu else 128),
+            prefill_graph=gpu if self.prefill_graph is None else self.prefill_graph,
             compile=(gpu and not self.cuda_graph) if self.compile is None else self.compile,
             name=self.name or f"generate_{'cuda' if gpu else 'cpu'}",
             rounds=self.rounds or (1 if gpu else 3),
@@ -179,10 +189,11 @@ def _measure(args: Args, key: str) -> dict:
         long_prompt = torch.randint(0, config.vocab_size, (B, TL), device=device, generator=torch.Generator(device).manual_seed(B))
         model.setup_cache(B, TL + 1)
         long_ms = timed(lambda: generate(model, long_prompt, 1, compile=args.compile, cuda_graph=args.cuda_graph))
+        graphed = recorded_prefill(model, long_prompt, timed) if args.prefill_graph else {}
         rows.append({
             "model": key, "linear": linear, "batch": B, "prompt_len": T, "new_tokens": N,
             "prefill_long_len": TL, "prefill_long_ms": long_ms, "prefill_long_tok_s": B * TL / long_ms * 1e3,
-            "prefill_ms": prefill_ms, "prefill_tok_s": B * T / prefill_ms * 1e3,
+            **graphed, "prefill_ms": prefill_ms, "prefill_tok_s": B * T / prefill_ms * 1e3,
             "generate_ms": total_ms, "decode_ms_per_step": step_ms, "decode_tok_s": B / step_ms * 1e3,
             "decode_weight_gb_s": streamed / (step_ms * 1e-3) / 1e9,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -195,6 +206,30 @@ def _measure(args: Args, key: str) -> dict:
             "peak_rss_over_start_bytes": peak_rss - rss_before, "rows": rows}
 
 
+def recorded_prefill(model, prompt: torch.Tensor, timed: Callable) -> dict:
+    """The prefill of `prompt` (B, T) into the model's cache: recorded as a CUDA graph and replayed
+    (bitnet.generation.CapturedForward, with causal_prefix: the prompt has no padding), timed; and
+    one eager prefill's kernels summed from the profiler (busy). Each part that fails says why in
+    the row instead of a figure (the eager timings stand)."""
+    B, T = prompt.shape
+    key_mask = torch.ones(B, model.model.layers[0].self_attn.kv_cache.k.shape[2], dtype=torch.bool, device=prompt.device)
+    pos = torch.arange(T, device=prompt.device).expand(B, T)
+    out = {}
+    try:
+        ops = profile_ops(lambda: prefill(model, prompt, key_mask, pos), prompt.device)
+        out["prefill_long_busy_ms"] = sum(us for _, us in ops.values()) / 1e3
+    except Exception as e:
+        out["prefill_long_busy_error"] = f"{type(e).__name__}: {e}"
+    try:
+        forward = functools.partial(prefill, causal_prefix=True)
+        graph = record_cuda_graph(lambda: CapturedForward(forward, model, prompt, key_mask, pos), "the prefill", prompt.device)
+        ms = timed(lambda: graph(model, prompt, key_mask, pos))
+        out.update(prefill_long_graph_ms=ms, prefill_long_graph_tok_s=B * T / ms * 1e3)
+    except Exception as e:
+        out["prefill_long_graph_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def measure_isolated(args: Args, key: str) -> dict:
     if not args.isolate:
         return measure(args, key)
@@ -204,16 +239,26 @@ def measure_isolated(args: Args, key: str) -> dict:
 
 
 TIMINGS = ("prefill_ms", "prefill_tok_s", "generate_ms", "decode_ms_per_step", "decode_tok_s", "decode_weight_gb_s",
-           "prefill_long_ms", "prefill_long_tok_s")
+           "prefill_long_ms", "prefill_long_tok_s", "prefill_long_graph_ms", "prefill_long_graph_tok_s",
+           "prefill_long_busy_ms")
+SPEEDUPS = ("decode_speedup", "prefill_speedup", "prefill_long_speedup", "prefill_long_graph_speedup")
+
+
+def median_or_none(values: list) -> float | None:
+    """The median, or None where a round has no figure (not measured, or failed: the row says why)."""
+    return None if any(v is None for v in values) else statistics.median(values)
 
 
 def merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
-    """One result per model: each timing the median over rounds, peak memory the largest."""
+    """One result per model: each timing the median over rounds (None where a round has none), peak
+    memory the largest, what failed in any round said."""
     merged = {}
     for key, first in rounds[0].items():
         res = {**first, "rows": [], "peak_rss_over_start_bytes": max(r[key]["peak_rss_over_start_bytes"] for r in rounds)}
         for i, row in enumerate(first["rows"]):
-            res["rows"].append({**row, **{f: statistics.median(r[key]["rows"][i][f] for r in rounds) for f in TIMINGS}})
+            rows = [r[key]["rows"][i] for r in rounds]
+            errors = {f: v for later in rows[::-1] for f, v in later.items() if f.endswith("_error")}  # any round's
+            res["rows"].append({**row, **errors, **{f: median_or_none([r.get(f) for r in rows]) for f in TIMINGS}})
         merged[key] = res
     return merged
 
@@ -228,12 +273,17 @@ def speedups(args: Args, results: dict[str, dict]) -> list[dict]:
             break
         best = max(twins, key=lambda k: results[k]["rows"][i]["decode_tok_s"])
         t = results[best]["rows"][i]
+        def over_twins(r, f):  # r's figure over the faster twin's (None where either side has none)
+            theirs = [results[w]["rows"][i].get(f) for w in twins]
+            return None if r.get(f) is None or None in theirs else r[f] / max(theirs)
+
         for k in packed:
             r = results[k]["rows"][i]
             ratios.append({"batch": B, "model": results[k]["label"], "twin": results[best]["label"],
                            "decode_speedup": r["decode_tok_s"] / t["decode_tok_s"],
-                           "prefill_speedup": r["prefill_tok_s"] / max(results[w]["rows"][i]["prefill_tok_s"] for w in twins),
-                           "prefill_long_speedup": r["prefill_long_tok_s"] / max(results[w]["rows"][i]["prefill_long_tok_s"] for w in twins)})
+                           "prefill_speedup": over_twins(r, "prefill_tok_s"),
+                           "prefill_long_speedup": over_twins(r, "prefill_long_tok_s"),
+                           "prefill_long_graph_speedup": over_twins(r, "prefill_long_graph_tok_s")})
     return ratios
 
 
@@ -251,10 +301,10 @@ def report(args: Args, results: dict[str, dict], rounds: list[dict[str, dict]] |
     ratios = []
     for j, first in enumerate(per_round[0]):
         row = dict(first)
-        for f in ("decode_speedup", "prefill_speedup", "prefill_long_speedup"):
+        for f in SPEEDUPS:
             values = [r[j][f] for r in per_round]
-            row[f] = statistics.median(values)
-            row[f + "_range"] = f"{min(values):.2f}-{max(values):.2f}"
+            row[f] = median_or_none(values)
+            row[f + "_range"] = None if row[f] is None else f"{min(values):.2f}-{max(values):.2f}"
         ratios.append(row)
     summary = {"by_batch": ratios, "rounds": len(per_round)}
     if "bitnet" in results and twins:
@@ -279,11 +329,20 @@ def report(args: Args, results: dict[str, dict], rounds: list[dict[str, dict]] |
         "",
         table(rows, [("label", "model", ""), ("batch", "batch", ""), ("prefill_tok_s", f"prefill tok/s ({args.prompt_len})", ".0f"),
                      ("prefill_long_tok_s", f"prefill tok/s ({args.prefill_len})", ".0f"),
+                     *([("prefill_long_graph_tok_s", f"prefill tok/s ({args.prefill_len}, CUDA graph)", ".0f"),
+                        ("prefill_long_ms", f"prefill ms ({args.prefill_len})", ".2f"),
+                        ("prefill_long_busy_ms", "of which kernels busy", ".2f")] if args.prefill_graph else []),
                      ("decode_tok_s", "decode tok/s", ".1f"), ("decode_ms_per_step", "ms/step", ".2f"),
                      ("decode_weight_gb_s", "weights GB/s", ".2f"), ("memory", "peak memory", ""),
                      ("weights", "weight bytes", "")], markdown=True),
         "",
     ]
+    for res in results.values():
+        for r in res["rows"]:
+            for f, what in (("prefill_long_graph_error", "recording the prefill as a CUDA graph"),
+                            ("prefill_long_busy_error", "profiling the prefill")):
+                if f in r:
+                    md += [f"**{res['label']}**, batch {r['batch']}: {what} failed: {r[f]}", ""]
     if "weights_smaller_total" in summary:
         md += [f"Packed 2-bit weights {summary['weights_smaller_total']:.2f}x smaller in total than the bf16 twin, "
                f"{summary['weights_smaller_linear']:.2f}x on the projections.", ""]
@@ -292,7 +351,9 @@ def report(args: Args, results: dict[str, dict], rounds: list[dict[str, dict]] |
                               ("decode_speedup", "decode speed / twin", ".2f"), ("decode_speedup_range", "(min-max)", ""),
                               ("prefill_speedup", f"prefill ({args.prompt_len}) / faster twin", ".2f"),
                               ("prefill_long_speedup", f"prefill ({args.prefill_len}) / faster twin", ".2f"),
-                              ("prefill_long_speedup_range", "(min-max)", "")], markdown=True)]
+                              ("prefill_long_speedup_range", "(min-max)", ""),
+                              *([("prefill_long_graph_speedup", f"prefill ({args.prefill_len}, CUDA graphs) / faster twin",
+                                  ".2f")] if args.prefill_graph else [])], markdown=True)]
     for k in ("bitnet-1.6bit", "bitnet1"):
         if f"{k}_step_time_over_2bit" in summary:
             md += ["", f"{MODELS[k].label}: decode step time / 2-bit's = "
@@ -335,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     args = Args(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(Args)}).resolved()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (decode is timed as N tokens minus the first)")
+    if args.prefill_graph and not args.device.startswith("cuda"):
+        parser.error("--prefill-graph records CUDA graphs: it needs --device cuda")
     unknown = [k for k in args.models if k not in MODELS]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")

@@ -80,11 +80,14 @@ def sample(
 
 
 # ----------------------------------------------------------------------------- the two forwards
-def prefill(model, input_ids: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor,
+            causal_prefix: bool = False) -> torch.Tensor:
     """Run the prompt (B, T) through the model into cache slots 0..T-1; logits (B, vocab) of its
-    last position. key_mask (B, S) marks the cache slots that hold real tokens."""
+    last position. key_mask (B, S) marks the cache slots that hold real tokens. causal_prefix: the
+    caller knows the prompt has no padding (BitNetForCausalLM.forward: no host sync, recordable)."""
     input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-    out = model(input_ids, attention_mask=key_mask, position_ids=position_ids, input_pos=input_pos, logits_to_keep=1)
+    out = model(input_ids, attention_mask=key_mask, position_ids=position_ids, input_pos=input_pos, logits_to_keep=1,
+                causal_prefix=causal_prefix)
     return out.logits[:, -1]
 
 
@@ -97,43 +100,44 @@ def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, position_i
     return out.logits[:, -1]
 
 
-class CapturedDecodeStep:
-    """decode_step recorded once as a CUDA graph and replayed for every token: the whole step (every
-    layer's kernels) issued by one call, without torch.compile. Each call copies its arguments into
-    the graph's input tensors and returns the graph's logits tensor (overwritten by the next call).
+class CapturedForward:
+    """forward(model, *inputs) recorded once as a CUDA graph and replayed: every kernel of it
+    issued by one call, without torch.compile. Each call copies its tensor arguments into the
+    graph's input tensors and returns the graph's output tensor (overwritten by the next call).
+    forward must not sync with the host (decode_step; prefill with causal_prefix).
 
-    Kept on the model for its KV cache (`captured_step`): the graph reads and writes that cache's
-    memory, so a new cache (setup_cache, clear_cache) means a new recording. Recording runs one
-    step eagerly first (on a side stream, as torch.cuda.graphs advises; the Triton kernels tune
-    there): it writes the first token's key and value at their slot, as the first replay then does."""
+    The graph reads and writes the memory of the model's KV cache as it was when recorded, so a
+    new cache (setup_cache, clear_cache) means a new recording. Recording runs forward eagerly
+    first (on a side stream, as torch.cuda.graphs advises; the Triton kernels tune there): it
+    writes the cache slots of its inputs, as the first replay then does."""
 
-    def __init__(self, model, tokens, input_pos, position_ids, key_mask):
-        self.inputs = [t.clone() for t in (tokens, input_pos, position_ids, key_mask)]
+    def __init__(self, forward: Callable, model, *inputs: torch.Tensor):
+        self.forward, self.inputs = forward, [t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            decode_step(model, *self.inputs)
+            forward(model, *self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a server's) do not invalidate this recording
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.logits = decode_step(model, *self.inputs)
+            self.output = forward(model, *self.inputs)
 
-    def __call__(self, model, tokens, input_pos, position_ids, key_mask) -> torch.Tensor:
-        for static, value in zip(self.inputs, (tokens, input_pos, position_ids, key_mask)):
+    def __call__(self, model, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, value in zip(self.inputs, inputs, strict=True):
             static.copy_(value)
         self.graph.replay()
-        return self.logits
+        return self.output
 
 
-def captured_step(model, tokens, input_pos, position_ids, key_mask) -> CapturedDecodeStep:
+def captured_step(model, tokens, input_pos, position_ids, key_mask) -> CapturedForward:
     """The model's recorded decode step for its current cache and these shapes, recorded now if
     there is none (bitnet.model's setup_cache / clear_cache drop the old one)."""
     cache = model.model.layers[0].self_attn.kv_cache
     key = (id(cache), tuple(tokens.shape), tuple(key_mask.shape), key_mask.dtype)
     held = getattr(model, "_captured_step", None)
     if held is None or held[0] != key:
-        step = record_cuda_graph(lambda: CapturedDecodeStep(model, tokens, input_pos, position_ids, key_mask),
+        step = record_cuda_graph(lambda: CapturedForward(decode_step, model, tokens, input_pos, position_ids, key_mask),
                                  "the decode step", tokens.device)
         model._captured_step = held = (key, step)
     return held[1]
@@ -256,7 +260,7 @@ def generate(
     config.pad_token_id, else the first EOS id); generation stops when every sequence has ended.
     compile: run the decode step under torch.compile (CUDA graphs on CUDA). cuda_graph (CUDA
     only; default: on CUDA unless compile): record the eager decode step as a CUDA graph once
-    (CapturedDecodeStep: no compiler, the recording costs about one step) and replay it for every
+    (CapturedForward: no compiler, the recording costs about one step) and replay it for every
     token; False decodes eagerly (the host issuing every kernel of every step). A step that cannot
     be recorded is logged and decoded eagerly. on_token(ids (B,)) is called
     with each step's tokens (reading them syncs, fine for streaming).

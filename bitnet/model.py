@@ -375,6 +375,7 @@ class BitNetForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        causal_prefix: bool = False,
     ) -> CausalLMOutput:
         """input_ids (B, T) -> logits (B, T, vocab); loss when labels (B, T) are given.
 
@@ -383,6 +384,10 @@ class BitNetForCausalLM(nn.Module):
         up). position_ids (B, T): RoPE positions; default input_pos, else 0..T-1.
         logits_to_keep: if > 0, logits of the last that many positions only (B, logits_to_keep,
         vocab), as in transformers: a prefill needs one row, not a (B, T, vocab) tensor.
+        causal_prefix: the caller vouches that input_pos is 0..T-1 and that attention_mask has no
+        padding over those slots: plain causal attention over them (flash attention on a GPU),
+        without the host sync that checks it otherwise, so that a prefill can be recorded as a
+        CUDA graph (bitnet.generation.CapturedForward). Not checked: a wrong claim attends wrongly.
         """
         B, T = input_ids.shape
         if logits_to_keep and labels is not None:
@@ -393,7 +398,13 @@ class BitNetForCausalLM(nn.Module):
             position_ids = base.unsqueeze(0).expand(B, T)
         if use_cache:
             self._set_cache_window(input_pos)
-        mask = self._mask(B, T, attention_mask, input_pos if use_cache else None, input_ids.device)
+        if causal_prefix and T > 1:  # (one token: the mask below, built without a sync)
+            slots = self.model.layers[0].self_attn.kv_cache.k.shape[2] if use_cache else T
+            if T > slots:
+                raise ValueError(f"causal_prefix: a prompt of {T} tokens does not fit the cache's {slots} slots")
+            mask = CAUSAL_PREFIX if use_cache else None
+        else:
+            mask = self._mask(B, T, attention_mask, input_pos if use_cache else None, input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary(position_ids, x.dtype)
         pos = input_pos if use_cache else None

@@ -56,3 +56,43 @@ def test_the_serialized_model_measures_with_pdl_off_and_restores_it(monkeypatch)
         bench.measure(None, key)
     assert seen == [("bitnet", True), ("bitnet-serial", False), ("bitnet", True)] and common.PDL_ENABLED
     assert bench.MODELS["bitnet-serial"].packing == bench.MODELS["bitnet"].packing == "2bit"
+
+
+def test_the_recorded_prefill_columns_and_their_failures():
+    """The GPU's recorded-prefill figures (bench_generate.recorded_prefill, CUDA only) through the
+    rounds' medians, the ratios over the faster twin and the tables, from results built here: a
+    round where a side has no figure (its recording failed) gives no ratio rather than a wrong one,
+    and the table says what failed. On a CPU the option is refused with the reason."""
+    import pytest
+
+    bench = _bench()
+    args = bench.Args(device="cuda", models=["bitnet", "bf16"], batch=[1], prompt_len=8, new_tokens=4,
+                      prefill_len=512, prefill_graph=True, compile=True, rounds=2).resolved()
+
+    def result(key, graph_ms, busy_ms, **extra):
+        row = {"model": key, "batch": 1, "prefill_ms": 2.0, "prefill_tok_s": 4e3, "generate_ms": 8.0,
+               "decode_ms_per_step": 2.0, "decode_tok_s": 500.0 if key == "bitnet" else 250.0,
+               "decode_weight_gb_s": 1.0, "prefill_long_ms": 4.0, "prefill_long_tok_s": 128e3,
+               "prefill_long_busy_ms": busy_ms, "peak_memory_bytes": 1 << 20, **extra}
+        if graph_ms is not None:
+            row.update(prefill_long_graph_ms=graph_ms, prefill_long_graph_tok_s=512 / graph_ms * 1e3)
+        return {"model": key, "label": key, "weight_bytes": {"total": 1 << 20, "linear": 1 << 19},
+                "peak_rss_over_start_bytes": 0, "rows": [row]}
+
+    rounds = [{"bitnet": result("bitnet", 1.0, 0.9), "bf16": result("bf16", 2.0, 1.9)},
+              {"bitnet": result("bitnet", 1.0, 0.9), "bf16": result("bf16", 3.0, 2.9)}]
+    merged = bench.merge_rounds(rounds)
+    assert merged["bf16"]["rows"][0]["prefill_long_graph_ms"] == 2.5
+    md, summary = bench.report(args, merged, rounds)
+    ratio = summary["by_batch"][0]
+    assert ratio["prefill_long_graph_speedup"] == 2.5 and ratio["prefill_long_graph_speedup_range"] == "2.00-3.00"
+    assert "prefill tok/s (512, CUDA graph)" in md and "| 2.50 |" in md
+    error = "RuntimeError: operation not permitted when stream is capturing"
+    rounds[1]["bf16"] = result("bf16", None, 2.9, prefill_long_graph_error=error)
+    merged = bench.merge_rounds(rounds)
+    assert merged["bf16"]["rows"][0]["prefill_long_graph_ms"] is None
+    md, summary = bench.report(args, merged, rounds)
+    assert summary["by_batch"][0]["prefill_long_graph_speedup"] is None
+    assert f"**bf16**, batch 1: recording the prefill as a CUDA graph failed: {error}" in md
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--prefill-graph"])

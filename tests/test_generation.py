@@ -1,6 +1,7 @@
 """Generation: cached decode = full forward, greedy = transformers' generate, sampling, EOS,
 padding, bad input, packed bytes in memory, torch.compile, and `bitnet generate`."""
 
+import functools
 import io
 
 import pytest
@@ -126,6 +127,51 @@ def assert_same_greedy_tokens(ours, theirs, model, ids, mask, tie_tol):
         assert rel_err(our_logits, their_logits) < tie_tol, f"row {b} diverges at step {j} where the models disagree"
         a, c = int(theirs.sequences[b, T + j]), int(ours[b, T + j])
         assert abs(their_logits[a] - their_logits[c]) / their_logits.abs().max() < 2 * tie_tol
+
+
+@pytest.mark.parametrize("linear,dtype,tol", [("bitnet", torch.float64, 1e-12), ("bf16", torch.float32, 1e-5)])
+def test_causal_prefix_prefill_equals_the_masked_one(linear, dtype, tol, monkeypatch):
+    """forward(causal_prefix=True), the host-sync-free prefill a CUDA graph records: plain causal
+    attention over the prompt's T slots (SDPA's is_causal, spied on), against the default path's
+    explicit mask over the cache's slots; the logits of the prefill and of the decode steps after it
+    agree (tolerances as in test_cached_decode_logits_equal_full_forward), and so without a cache
+    (is_causal over the prompt). A prompt longer than the cache is a clear error."""
+    import torch.nn.functional as F
+
+    model = tiny(linear, dtype)
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    B, T = ids.shape
+    seq = generate(model, ids, 6)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((k.shape[2], kw.get("is_causal", False))) or sdpa(q, k, v, **kw))
+
+    def run(causal_prefix):
+        model.setup_cache(B, seq.shape[1] + 8)
+        key_mask = torch.ones(B, seq.shape[1] + 8, dtype=torch.bool)
+        pos = torch.arange(T).expand(B, T)
+        with torch.no_grad():
+            steps = [prefill(model, ids, key_mask, pos, causal_prefix=causal_prefix)]
+            for i in range(seq.shape[1] - T - 1):
+                steps.append(decode_step(model, seq[:, T + i:T + i + 1], torch.tensor([T + i]),
+                                         torch.full((B, 1), T + i), key_mask))
+        model.clear_cache()
+        return torch.stack(steps, dim=1)
+
+    masked = run(False)
+    assert calls and all(not causal for _, causal in calls)
+    calls.clear()
+    prefix = run(True)
+    layers = model.config.num_hidden_layers
+    assert calls[:layers] == [(T, True)] * layers  # the prefill's: causal over the prompt's slots
+    assert rel_err(prefix, masked) < tol
+    with torch.no_grad():
+        assert rel_err(model(ids, causal_prefix=True).logits, model(ids).logits) < tol
+        model.setup_cache(B, T - 1)
+        with pytest.raises(ValueError, match=f"a prompt of {T} tokens does not fit the cache's {T - 1} slots"):
+            prefill(model, ids, torch.ones(B, T - 1, dtype=torch.bool), torch.arange(T).expand(B, T), causal_prefix=True)
+    model.clear_cache()
 
 
 @pytest.mark.parametrize("mode,tie_tol", [("offline", 5e-3), (None, 1e-4)])
@@ -322,7 +368,7 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(common, "PDL_ENABLED", common.PDL_ENABLED)  # restored after: a failed recording turns PDL off
-        m.setattr(generation, "CapturedDecodeStep", lambda *a: (_ for _ in ()).throw(RuntimeError("capture failed")))
+        m.setattr(generation, "CapturedForward", lambda *a: (_ for _ in ()).throw(RuntimeError("capture failed")))
         before, in_use = common.PDL_ENABLED, common.pdl_in_use()  # (in use: a Hopper GPU, the probe passed)
         assert torch.equal(generate(model, ids, 12, attention_mask=mask), eager)
         assert common.PDL_ENABLED == (before and not in_use)  # in use: tried once more without PDL, then eager
@@ -334,6 +380,36 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
     assert model._captured_step is held  # replayed, not recorded again
     model.clear_cache()
     assert model._captured_step is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("linear", ["bitnet", "bf16"])
+def test_recorded_prefill_equals_eager(linear):
+    """A prefill recorded as a CUDA graph (CapturedForward over prefill with causal_prefix, what
+    bench_generate times beside the eager prefill) and replayed on another prompt of the same
+    length: its logits and the KV cache it wrote equal an eager prefill's of that prompt bit for bit
+    (the eager one takes the same causal path after its host sync)."""
+    from bitnet.generation import CapturedForward
+
+    model = tiny(linear, torch.bfloat16).to("cuda")
+    B, T = 2, 48
+    prompts = [torch.randint(0, model.config.vocab_size, (B, T), device="cuda", generator=torch.Generator("cuda").manual_seed(s))
+               for s in (1, 2)]
+    key_mask = torch.ones(B, T + 16, dtype=torch.bool, device="cuda")
+    pos = torch.arange(T, device="cuda").expand(B, T)
+    model.setup_cache(B, T + 16)
+    attn = [layer.self_attn for layer in model.model.layers]
+    with torch.no_grad():
+        eager = prefill(model, prompts[1], key_mask, pos).clone()
+        caches = [(a.kv_cache.k[:, :, :T].clone(), a.kv_cache.v[:, :, :T].clone()) for a in attn]
+        recorded = CapturedForward(functools.partial(prefill, causal_prefix=True), model, prompts[0], key_mask, pos)
+        replayed = recorded(model, prompts[1], key_mask, pos)
+        torch.cuda.synchronize()
+    assert not torch.equal(prompts[0], prompts[1])
+    assert torch.equal(replayed, eager)
+    for a, (k, v) in zip(attn, caches):
+        assert torch.equal(a.kv_cache.k[:, :, :T], k) and torch.equal(a.kv_cache.v[:, :, :T], v)
+    model.clear_cache()
 
 
 def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
@@ -435,8 +511,8 @@ def test_cli_generate_on_cuda(tmp_path, tokenizer, capsys, monkeypatch):
     import bitnet.generation as generation
 
     recorded = []
-    real = generation.CapturedDecodeStep
-    monkeypatch.setattr(generation, "CapturedDecodeStep", lambda *a: recorded.append(1) or real(*a))
+    real = generation.CapturedForward
+    monkeypatch.setattr(generation, "CapturedForward", lambda *a: recorded.append(1) or real(*a))
     checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
     cmd = ["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12"]
     assert main(cmd) == 0
