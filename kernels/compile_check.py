@@ -45,7 +45,7 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
       [int4_linear]
     every kernel                    arguments 16-byte aligned (what real shapes give: Triton then
                                     vectorizes) or not (K = 37 and the like)
-    the decode path's kernels       PDL (PDL_KERNELS): on for sm_90 (launched as dependents,
+    kernels launched as dependents  PDL (PDL_KERNELS): on for sm_90 (launched as dependents,
                                     common.pdl; griddepcontrol needs sm_90), off for sm_80
 
 A covering set, not the full product (which is thousands of compiles): for each kernel, format
@@ -399,7 +399,7 @@ VARIANTS = {
 # The kernels with a PDL constexpr (common.pdl): what their launchers pass, True from sm_90 on.
 PDL_KERNELS = {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel", "_rmsnorm_act_quant_kernel", "_rope_cache_kernel",
                "_decode_attention_kernel", "_int8_linear_kernel", "_int4_linear_kernel", "_pdl_probe_kernel",
-               "_rmsnorm_quant_unpack_kernel"}
+               "_rmsnorm_quant_unpack_kernel", "_gemm_int8_kernel"}
 
 
 def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:

@@ -259,7 +259,7 @@ def _gemm_int8_kernel(
     # strides (unit stride along K and N)
     stride_xm, stride_wn, stride_ym, stride_rm,
     # constexpr
-    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * s / a[m] + bias[n]: the unpacked weights' GEMM.
@@ -269,8 +269,10 @@ def _gemm_int8_kernel(
     res_ptr, stride_rm, HAS_RES (one matrix) as in _gemm_kernel. SEGMENTS > 1: output column n
     belongs to the matrix whose rows hold it, and takes that matrix's scale and bias (q / k / v in
     one launch at a prefill: k and v alone fill a fraction of the SMs). Grid: cdiv(M, BLOCK_M) * cdiv(N + N1 + N2, BLOCK_N) programs, grouped
-    by GROUP_M along M.
+    by GROUP_M along M. PDL: launched as a dependent (common.pdl), it reads nothing before the wait:
+    x_q and the unpacked weights are the kernel before's output.
     """
+    pdl_start(PDL)
     NT = N + N1 + N2
     pid_m, pid_n = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(NT, BLOCK_N), GROUP_M)
 
@@ -287,6 +289,7 @@ def _gemm_int8_kernel(
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
     k_whole = K - K % BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    pdl_wait(PDL)
     for _ in range(0, k_whole, BLOCK_K):
         acc = tl.dot(tl.load(x_ptrs), tl.trans(tl.load(w_ptrs)), acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
@@ -336,7 +339,7 @@ def gemm_unpacked(x_q: torch.Tensor, packed: list[torch.Tensor], ns: list[int], 
         m, sizes[0], k, next_power_of_2(m), sizes[1], sizes[2],
         x_q.stride(0), w.stride(0), y.stride(0), 0 if residual is None else residual.stride(0),
         HAS_BIAS=biases[0] is not None, OUT_INT32=y.dtype == torch.int32, SEGMENTS=seg, HAS_RES=residual is not None,
-        **LAUNCH,
+        **LAUNCH, **pdl(x_q),
     )
     return y
 

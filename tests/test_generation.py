@@ -457,15 +457,21 @@ def test_a_failed_recording_is_retried_without_pdl(monkeypatch, caplog):
 
 
 @pytest.mark.cuda
-def test_pdl_launches_equal_serialized_ones(monkeypatch):
+@pytest.mark.parametrize("unpack_m", [None, 2])
+def test_pdl_launches_equal_serialized_ones(monkeypatch, unpack_m):
     """The Triton kernels launched as programmatic dependents (common.pdl, the default from sm_90
     on; each waits for its predecessor before reading what it wrote): the same tokens, eagerly and
     replayed from a CUDA graph, as with every launch serialized (BITNET_PDL=0); and the graph records
-    with PDL on (no fallback; common.pdl_probe passes here)."""
+    with PDL on (no fallback; common.pdl_probe passes here). unpack_m 2: the prefill's and the batched
+    decode's projections take the long-prefill path (the norm and the unpack in one launch, then the
+    int8 GEMM, both dependents)."""
     from bitnet.kernels import common
+    from bitnet.kernels import gemm as gemm_module
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 (this GPU launches serialized)")
+    if unpack_m is not None:
+        monkeypatch.setattr(gemm_module, "UNPACK_M", unpack_m)
     model = tiny(dtype=torch.bfloat16).to("cuda")
     ids, mask = left_pad(PROMPTS)
     ids, mask = ids.cuda(), mask.cuda()
