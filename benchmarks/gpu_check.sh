@@ -15,8 +15,9 @@
 # machine start included:
 #   call 1 (issue 26, the default stages):  bash benchmarks/gpu_check.sh
 #   call 2 (issue 27, speed beside the GPU peers; the machine may be a fresh one, keep install; the
-#   packed model once more with its launches serialized, BITNET_PDL=0, beside the default's PDL):
-#     GENERATE_MODELS="bitnet bitnet-serial bf16" BUDGET_GENERATE=100 \
+#   packed model once more with its launches serialized, BITNET_PDL=0, beside the default's PDL;
+#   last, so that a stage cut short still has the twin for the ratios):
+#     GENERATE_MODELS="bitnet bf16 bitnet-serial" BUDGET_GENERATE=100 \
 #       bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
 #   (carry [".whl", ".peers"]; timeout_s 360) Every stage runs under
 # `timeout` (SIGINT first, so that pytest prints its summary and Python its traceback; SIGKILL 5 s
@@ -45,7 +46,9 @@
 #                 the exact reference before timing -> peer_gpu_kernels_cuda.{json,md}
 #   generate  60  bench_generate.py: 2b4t, packed 2-bit vs the bf16 twin (GENERATE_MODELS), batch 1 8, compile (CUDA
 #                 graphs), 32 new tokens, median of 3, then 8 decode steps profiled kernel by kernel
-#                 (batch 1: each kernel's time a step, the sum against the step's time) -> generate_cuda.{json,md}
+#                 (batch 1: each kernel's time a step, the sum against the step's time); the 512-token
+#                 prefill eager, recorded as a CUDA graph (both sides) and profiled (its kernels' busy
+#                 time): a few seconds a model -> generate_cuda.{json,md}
 #                 (saved model by model)
 #   peer      45  peer_transformers.py: 2b4t, 32 new tokens, median of 2: ours vs transformers' BitNet
 #                 -> peer_transformers_cuda.{json,md} (saved before its compiled timing)
