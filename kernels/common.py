@@ -27,6 +27,39 @@ from .launch import fast_launch
 # Read once, when the kernels are decorated: triton.jit itself decides the same way at that moment.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+
+def _interpreter_scalars_compat() -> None:
+    """Triton's interpreter turns a scalar (a one-element array) into a Python int for range() and
+    indexing with int() of the array; NumPy 2.4 refuses that for an array of one dimension ("only
+    0-dimensional arrays can be converted to Python scalars"), so with Triton 3.6's interpreter
+    every loop over a runtime bound failed (3.9's squeezes the array first). Where NumPy refuses it,
+    the interpreter's patched tensors get 3.9's conversion: the same int, on any Triton."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:  # (no NumPy: no interpreter either)
+        return
+    try:
+        int(np.ones(1))
+        return  # this NumPy converts: nothing to mend
+    except TypeError:
+        pass
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "bitnet_compat", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.bitnet_compat = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _interpreter_scalars_compat()
+
 # Launch options of every kernel here. Without FMA contraction each float operation rounds
 # once, as in torch: x * a + c or acc * f + bias fused into one FMA would round differently.
 LAUNCH = {"enable_fp_fusion": False}

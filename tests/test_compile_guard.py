@@ -375,6 +375,74 @@ def test_every_kernel_compiles_with_the_oldest_supported_triton():
     assert r.returncode == 0, f"the compile guard failed with Triton {version}:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
 
 
+INTERPRETED = """
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_sum(x_ptr, y_ptr, K, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):  # a loop over a runtime bound
+        offs = k0 + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < K, other=0.0)
+    tl.store(y_ptr, tl.sum(acc, 0))
+
+
+x, y = torch.arange(100, dtype=torch.float32), torch.zeros(1)
+try:
+    int(np.ones(1))
+    print("numpy converts")
+except TypeError:
+    print("numpy refuses")
+try:
+    row_sum[(1,)](x, y, 100, BLOCK=32)
+    print("plain", "ran" if y.item() == 4950 else f"wrong {y.item()}")
+except Exception as e:
+    print("plain failed:", repr(e)[:200])
+
+from bitnet.kernels.activations import act_quant  # (imports common: its mend for this interpreter)
+from bitnet.kernels.gemm import gemm
+from bitnet.packing import pack
+from bitnet.quant import int_matmul, quantize_activation
+
+row_sum[(1,)](x, y, 100, BLOCK=32)
+print("mended", "ran" if y.item() == 4950 else f"wrong {y.item()}")
+torch.manual_seed(0)
+a = torch.randn(3, 96)
+x_q, scale, _ = act_quant(a)
+ref_q, ref_scale = quantize_activation(a)
+w = torch.randint(-1, 2, (40, 96), dtype=torch.int8)
+exact = torch.equal(x_q, ref_q) and torch.equal(scale, ref_scale) and torch.equal(
+    gemm(x_q, pack(w, "2bit"), 40, "2bit", out_dtype=torch.int32), int_matmul(x_q, w))
+print("kernels", "exact" if exact else "differ")
+"""
+
+
+@pytest.mark.slow
+def test_the_interpreter_runs_the_kernels_with_the_oldest_supported_triton(tmp_path):
+    """TRITON_INTERPRET=1 with the floor's Triton (3.6, what the GPU machines rerun the interpreter
+    tier with): its interpreter converts a loop bound with int() of a one-element array, which NumPy
+    2.4 refuses, so every kernel with a runtime-bounded loop failed there; bitnet.kernels mends
+    that interpreter on import (common._interpreter_scalars_compat). Shown on a plain kernel before
+    and after the import (where this NumPy refuses, the plain one fails first), then act_quant and
+    the GEMM against the torch reference and the exact integer matmul."""
+    version, env = _floor_env()
+    script = tmp_path / "interpreted.py"
+    script.write_text(INTERPRETED)
+    r = subprocess.run([sys.executable, str(script)], env={**env, "TRITON_INTERPRET": "1"}, capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    numpy, plain, mended, kernels = r.stdout.strip().splitlines()[-4:]
+    if numpy == "numpy refuses":
+        assert plain.startswith("plain failed:") and "0-dimensional" in plain, r.stdout
+    else:
+        assert plain == "plain ran", r.stdout
+    assert (mended, kernels) == ("mended ran", "kernels exact"), r.stdout
+
+
 @pytest.mark.slow
 def test_every_launch_of_a_run_compiles_with_the_oldest_supported_triton():
     """tests/launch_check.py with the floor's Triton (the GPU machines' 3.6), for sm_90."""
