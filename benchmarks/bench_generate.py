@@ -48,8 +48,7 @@ from bitnet.bench import (RESULTS_DIR, L2Flusher, environment, profile_ops, rand
                           time_cpu, time_cuda)
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.generation import CapturedForward, generate, prefill
-from bitnet.ops import record_cuda_graph
-from bitnet.ops import default_kernel
+from bitnet.ops import default_kernel, record_cuda_graph
 from bitnet.report import human_bytes, table
 
 @dataclass(frozen=True)
@@ -273,6 +272,7 @@ def speedups(args: Args, results: dict[str, dict]) -> list[dict]:
             break
         best = max(twins, key=lambda k: results[k]["rows"][i]["decode_tok_s"])
         t = results[best]["rows"][i]
+
         def over_twins(r, f):  # r's figure over the faster twin's (None where either side has none)
             theirs = [results[w]["rows"][i].get(f) for w in twins]
             return None if r.get(f) is None or None in theirs else r[f] / max(theirs)

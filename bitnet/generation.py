@@ -112,7 +112,7 @@ class CapturedForward:
     writes the cache slots of its inputs, as the first replay then does."""
 
     def __init__(self, forward: Callable, model, *inputs: torch.Tensor):
-        self.forward, self.inputs = forward, [t.clone() for t in inputs]
+        self.inputs = [t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -274,7 +274,7 @@ def generate(
     input_ids, mask = check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                                    eos_check_every)
     B, T = input_ids.shape
-    device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+    device = model.model.embed_tokens.weight.device
     input_ids, mask = input_ids.to(device), mask.to(device)
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and not compile

@@ -28,7 +28,6 @@ from .launch import fast_launch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-
 def _interpreter_scalars_compat() -> None:
     """Triton's interpreter turns a scalar (a one-element array) into a Python int for range() and
     indexing with int() of the array; NumPy 2.4 refuses that for an array of one dimension ("only
