@@ -113,7 +113,7 @@ CMD[stamp]="nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.s
 $PY -c 'import platform, torch, triton, transformers; print(\"python\", platform.python_version(), \"| torch\", torch.__version__, \"cuda\", torch.version.cuda, \"| triton\", triton.__version__, \"| transformers\", transformers.__version__); print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, torch.cuda.get_device_capability(0) if torch.cuda.is_available() else \"\")'
 echo \"commit \$(git rev-parse HEAD 2>/dev/null || echo \${GIT_COMMIT:-unknown: no .git here, pass GIT_COMMIT=<hash>})\"
 echo \"cpus $NPROC; \$(grep -m1 'model name' /proc/cpuinfo)\"; free -g | head -n 2; df -h /tmp | tail -n 1
-$PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '"
+$PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|numpy|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '"
 TESTS_DESELECT=${TESTS_DESELECT-"--deselect tests/test_compile_guard.py::test_every_kernel_compiles_for_sm90_and_sm80 --deselect tests/test_compile_guard.py::test_every_launch_of_a_run_compiles_for_sm90"}
 CMD[tests]="$PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml $TESTS_DESELECT"
 CMD[kernels]="$PY benchmarks/bench_kernels.py --device cuda --shapes 2560x6912 6912x2560 8192x8192 28672x8192 --m 1 16 2048 --formats 2bit --m1-formats 1.6bit 1bit --attention --heads --name bench_kernels_cuda --out-dir $BENCH_OUT"
