@@ -60,7 +60,11 @@
 #   summary.md                               stamp, stage table, test summary line, failed tests, the
 #                                            fallbacks logged (PDL or direct launches off, graphs not recorded)
 #   logs.tar.gz                              every stage's log, tests.xml, the stamp, the kernel plot
-#   results.tar.gz                           this run's result files (JSON and markdown), to commit
+#   results.tar.gz                           this run's result files (JSON and markdown), to commit, and
+#                                            results/tuning/<GPU>.json: the autotuning choices this run
+#                                            made (kernels/tuning.py; BITNET_TUNING_DIR is a fresh
+#                                            folder), to commit as kernels/tuned/<GPU>.json: the
+#                                            package's table for that GPU model (a next call reads it)
 #   bench_kernels_cuda.md  generate_cuda.md  peer_transformers_cuda.md  peer_gpu_kernels_cuda.md
 # The benchmarks also write these into benchmarks/results/ (only files written by this run are
 # copied). The output ends with the result tables, the failed tests and the stage table.
@@ -115,7 +119,7 @@ echo \"commit \$(git rev-parse HEAD 2>/dev/null || echo \${GIT_COMMIT:-unknown: 
 echo \"cpus $NPROC; \$(grep -m1 'model name' /proc/cpuinfo)\"; free -g | head -n 2; df -h /tmp | tail -n 1
 $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|numpy|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '"
 TESTS_DESELECT=${TESTS_DESELECT-"--deselect tests/test_compile_guard.py::test_every_kernel_compiles_for_sm90_and_sm80 --deselect tests/test_compile_guard.py::test_every_launch_of_a_run_compiles_for_sm90"}
-CMD[tests]="$PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml $TESTS_DESELECT"
+CMD[tests]="BITNET_TUNING_DIR=off $PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml $TESTS_DESELECT"
 CMD[kernels]="$PY benchmarks/bench_kernels.py --device cuda --shapes 2560x6912 6912x2560 8192x8192 28672x8192 --m 1 16 2048 --formats 2bit --m1-formats 1.6bit 1bit --attention --heads --name bench_kernels_cuda --out-dir $BENCH_OUT"
 CMD[gpu_peers]="$PY benchmarks/peer_gpu_kernels.py --budget-s \$(( \${STAGE_SECONDS:-90} - 20 )) --out-dir $BENCH_OUT"
 CMD[generate]="HF_HUB_OFFLINE=1 $PY benchmarks/bench_generate.py --device cuda --preset 2b4t --models ${GENERATE_MODELS:-bitnet bf16} --batch 1 8 --compile --new-tokens 32 --warmup 2 --iters 3 --out-dir $BENCH_OUT"
@@ -149,6 +153,7 @@ WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT  # the logs live on in logs.tar.gz
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
+export BITNET_TUNING_DIR=$WORK/tuning  # this run's autotuning choices, and only this run's (pack: results/tuning)
 MARK=$WORK/start-mark
 touch "$MARK"
 T0=$(now)
@@ -205,6 +210,9 @@ pack() {  # the results folder: summary.md, logs.tar.gz, results.tar.gz and this
             esac
         fi
     done
+    if ls "$BITNET_TUNING_DIR"/*.json >/dev/null 2>&1; then
+        mkdir -p "$WORK/results/tuning" && cp "$BITNET_TUNING_DIR"/*.json "$WORK/results/tuning/" && fresh=1
+    fi
     [ "$fresh" = 1 ] && tar -czf "$RESULTS/results.tar.gz" -C "$WORK" results
     src=$BENCH_OUT/bench_kernels_cuda.png
     [ -f "$src" ] && [ "$src" -nt "$MARK" ] && cp "$src" "$LOGS/"

@@ -96,13 +96,14 @@ def environment() -> dict:
         env.update(device=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
                    device_capability=f"{p.major}.{p.minor}")
         try:  # how the Triton kernels launch and tune (bitnet.kernels.common)
-            from bitnet.kernels import common, launch, precompile
+            from bitnet.kernels import common, launch, precompile, tuning
 
             env.update(bitnet_pdl=bool(common.pdl(torch.empty(0, device="cuda"))["PDL"]),
                        bitnet_fast_launch=launch.fast_launch_enabled(),  # (False if the first direct launch failed)
                        bitnet_autotune=common.autotune_policy(),
                        bitnet_tuning={**{k: round(v, 2) for k, v in common.TUNE_STATS.items()},
-                                      "precompiled": {k: round(v, 2) for k, v in precompile.STATS.items()}})
+                                      "precompiled": {k: round(v, 2) for k, v in precompile.STATS.items()},
+                                      "tables": {**tuning.STATS, "dir": str(tuning.user_dir())}})
         except Exception as e:  # noqa: BLE001: a stamp never fails a benchmark
             env["bitnet_pdl"] = f"unknown ({type(e).__name__})"
     else:

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from . import tuning
 from .launch import fast_launch
 
 # Read once, when the kernels are decorated: triton.jit itself decides the same way at that moment.
@@ -167,12 +168,16 @@ def next_power_of_2(n: int) -> int:
 
 
 # How a kernel picks its config for a new key (shape, format, flags), read at that moment:
-#   full   time every config that fits (after the kernel's pruning) and keep the fastest (default)
-#   first  no timing: the first config that fits (the lists are ordered by expected speed); what the
-#          test suite uses on a GPU, where hundreds of small shapes would each be tuned, while
-#          tests/test_configs.py runs every config of every kernel against the exact references
+#   full    the config kept for that key on this GPU model (tuning.py: this machine's table, then
+#           the package's), else time every config that fits (after the kernel's pruning), keep
+#           the fastest and record it in this machine's table (default)
+#   retune  time every config that fits and record the fastest, whatever the tables hold
+#   first   no timing, no table: the first config that fits (the lists are ordered by expected
+#           speed); what the test suite uses on a GPU, where hundreds of small shapes would each
+#           be tuned, while tests/test_configs.py runs every config of every kernel against the
+#           exact references
 AUTOTUNE_ENV = "BITNET_AUTOTUNE"
-AUTOTUNE_POLICIES = ("full", "first")
+AUTOTUNE_POLICIES = ("full", "retune", "first")
 # Timing budget of one config (ms): Triton's default is 25 ms of warm-up and 100 of repetitions, a
 # second and a half a key for 11 configs; a few hundred repetitions of microsecond kernels rank
 # them as well (the L2 is flushed between repetitions either way).
@@ -221,28 +226,39 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
     """triton.autotune over `configs` on a GPU, pruned by `prune(configs, named_args, **kwargs)`, as
     the BITNET_AUTOTUNE policy says (above). Under the interpreter only `interpret_config` (small
     blocks, no benchmarking): autotuning there would time every config on the CPU for nothing.
-    `kernel.configs = [config]` pins one config (tests/test_configs.py). With `full`, a new key's
-    configs are first compiled side by side in worker processes (precompile.py, BITNET_PRECOMPILE=0
-    turns it off), then timed: Triton would compile them one by one. Launched through launch.Launcher:
-    a call signature seen before skips Triton's Python launch path."""
+    `kernel.configs = [config]` pins one config (tests/test_configs.py). A new key's config comes
+    from the tuning tables where they hold it (tuning.py); otherwise its configs are first compiled
+    side by side in worker processes (precompile.py, BITNET_PRECOMPILE=0 turns it off), then timed:
+    Triton would compile them one by one. Launched through launch.Launcher: a call signature seen
+    before skips Triton's Python launch path."""
     if INTERPRET:
         return triton.autotune(configs=[interpret_config], key=key)
 
     def decorate(fn):
+        pending = {}  # the launch being tuned: its arguments, for precompile (early_prune, then before_choice)
+
         def early_prune(configs, named_args, **kwargs):
             fitting = prune(configs, named_args, **kwargs) if prune else configs
             if autotune_policy() == "first":
                 return fitting[:1]
-            device = next((v.device for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
-            if device is not None and len(fitting) > 1:  # compile them side by side first (precompile.py)
+            if len(fitting) > 1:
+                pending["args"] = (named_args, kwargs)
+            return fitting
+
+        def before_choice(fitting, timed):
+            named_args, kwargs = pending.pop("args", (None, None))  # (not kept: it holds the launch's tensors)
+            device = next((v.device for v in (named_args or {}).values() if isinstance(v, torch.Tensor) and v.is_cuda),
+                          None)
+            if timed and device is not None and len(fitting) > 1:  # compile them side by side first (precompile.py)
                 from .precompile import precompile
 
                 major, minor = torch.cuda.get_device_capability(device)
                 precompile(fn, fitting, named_args, kwargs, 10 * major + minor)
-            return fitting
 
-        return fast_launch(triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
-                                           do_bench=_time_config)(fn))
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
+                                do_bench=_time_config)(fn)
+        tuning.attach(tuner, autotune_policy, before_choice)
+        return fast_launch(tuner)
 
     return decorate
 

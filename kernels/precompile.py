@@ -64,6 +64,7 @@ class _FakeDriver:
 
         self.target = GPUTarget("cuda", arch, 32)
         self.utils = _FakeUtils(arch)
+        self.device_name = f"stand-in sm_{arch}"  # (the GPU model of tuning.py's tables)
 
     def launcher_cls(self, src, metadata):
         return _no_launch

@@ -28,6 +28,8 @@ NO_TRITON = "no GPU and TRITON_INTERPRET=0: the Triton kernels can run nowhere i
 # every config against the references. An explicit BITNET_AUTOTUNE is kept.
 if TRITON_DEVICE == "cuda":
     os.environ.setdefault("BITNET_AUTOTUNE", "first")
+# Autotuning choices are kept in this machine's tables (kernels/tuning.py) only where a test says so.
+os.environ.setdefault("BITNET_TUNING_DIR", "off")
 
 
 @pytest.fixture

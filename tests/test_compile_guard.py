@@ -344,6 +344,21 @@ def test_precompile_fills_the_cache_the_launches_read(tmp_path):
     assert stats == f"stats 1 {total} 2", r.stdout  # what the benchmarks stamp (bitnet_tuning)
 
 
+def _tuning_check(tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "tuning_check.py"), str(tmp_path)], env=env or _env(),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_tuning_tables_through_tritons_own_autotuner(tmp_path):
+    """tests/tuning_check.py: act_quant launched as on a GPU (a stand-in driver and a stand-in
+    timer) through Triton's Autotuner.run: a new key timed and its fastest config kept in this
+    machine's table; the next process's launch takes it from there with nothing timed; retune,
+    another kernel source, the package's table (any source; a config no longer in the list
+    ignored), BITNET_TUNING_DIR=off, an unreadable table, and `first` each as tuning.py says."""
+    r = _tuning_check(tmp_path)
+    assert r.returncode == 0 and "tuning tables: 0 failed" in r.stdout, f"{r.stdout[-5000:]}\n{r.stderr[-5000:]}"
+
+
 def _triton_floor() -> str:
     text = (ROOT / "pyproject.toml").read_text()
     m = re.search(r'"triton>=([0-9.]+)', text)
@@ -454,3 +469,12 @@ def test_every_launch_of_a_run_compiles_with_the_oldest_supported_triton():
     assert r.returncode == 0, f"{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
     r = _direct_launch_check(env=env)  # the launcher's arguments as Triton 3.6 passes them
     assert r.returncode == 0 and "direct launches: 0 failed" in r.stdout, f"{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+
+
+@pytest.mark.slow
+def test_tuning_tables_through_the_oldest_supported_tritons_autotuner(tmp_path):
+    """tests/tuning_check.py with the floor's Triton (the GPU machines' 3.6: its autotuner times
+    even a lone config, and calls the tables' hook for it)."""
+    version, env = _floor_env()
+    r = _tuning_check(tmp_path, env=env)
+    assert r.returncode == 0 and "tuning tables: 0 failed" in r.stdout, f"{r.stdout[-5000:]}\n{r.stderr[-5000:]}"

@@ -15,6 +15,7 @@ times) leaves the result exact.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -260,8 +261,10 @@ def test_autotune_policy_is_read_and_checked(monkeypatch):
     assert autotune_policy() == "full"
     monkeypatch.setenv(AUTOTUNE_ENV, " First ")
     assert autotune_policy() == "first"
+    monkeypatch.setenv(AUTOTUNE_ENV, "retune")
+    assert autotune_policy() == "retune"
     monkeypatch.setenv(AUTOTUNE_ENV, "fast")
-    with pytest.raises(ValueError, match="BITNET_AUTOTUNE='fast': expected one of full, first"):
+    with pytest.raises(ValueError, match="BITNET_AUTOTUNE='fast': expected one of full, retune, first"):
         autotune_policy()
 
 
@@ -295,10 +298,14 @@ def test_the_gpu_autotuner_follows_the_policy(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_full_autotuning_leaves_results_exact(monkeypatch):
+def test_cuda_full_autotuning_leaves_results_exact(monkeypatch, tmp_path):
     """Full tuning on fresh keys (shapes no other test uses): every config timed, the GEMM's split-K
-    among them, each rerun hundreds of times on one workspace; then the chosen one's output."""
-    monkeypatch.setenv(AUTOTUNE_ENV, "full")
+    among them, each rerun hundreds of times on one workspace; then the chosen one's output; and
+    each choice kept in this GPU model's table (kernels/tuning.py)."""
+    from bitnet.kernels import tuning
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "retune")
+    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
     n, k = 2560 + 48, 2560 + 64
     for fmt in FORMATS:
         w_q = random_weights(n, k, fmt, seed=17)
@@ -309,3 +316,6 @@ def test_cuda_full_autotuning_leaves_results_exact(monkeypatch):
                 gemv(x_q.cuda(), packed, n, fmt, out_dtype=torch.int32)
             assert torch.equal(y.cpu(), exact(x_q, w_q)), (fmt, m)
     assert len(gemm_module._gemm_kernel.cache) >= 6 and len(gemv_module._gemv_kernel.cache) >= 3
+    table = json.loads((tmp_path / tuning.table_name(torch.cuda.get_device_name())).read_text())
+    kept = {key.split()[0] for key in table["entries"]}
+    assert {"_gemm_kernel", "_gemv_kernel"} <= kept, sorted(table["entries"])

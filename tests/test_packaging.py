@@ -74,6 +74,7 @@ def test_wheel_builds_offline_with_the_oldest_setuptools(tmp_path):
     assert r.returncode == 0, f"setuptools {floor} could not build the package:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     wheel = next(out.glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
+    shipped = [f"bitnet/kernels/tuned/{f.name}" for f in (ROOT / "kernels" / "tuned").glob("*.json")]  # (tuning.py)
     for member in ("bitnet/kernels/gemm.py", "bitnet/kernels/csrc/bitnet_cpu.cpp", "bitnet/kernels/compile_check.py",
-                   "bitnet/train/trainer.py", "bitnet/serve/server.py"):
+                   "bitnet/kernels/tuning.py", "bitnet/train/trainer.py", "bitnet/serve/server.py", *shipped):
         assert member in names, f"{member} missing from {wheel.name}"
