@@ -60,6 +60,7 @@ class Model:
     label: str
     head_bits: int | None = None  # a quantized lm_head (model.quantize_lm_head(bits)), else the float one
     pdl: bool = True  # False: the Triton kernels launch serialized (BITNET_PDL=0), the A/B of common.pdl
+    norm_in_gemm: bool = True  # False: a batched decode's norms launch apart (BITNET_GEMM_NORM_M=0), the A/B of gemm's NORM
 
 
 MODELS = {m.key: m for m in [
@@ -70,6 +71,8 @@ MODELS = {m.key: m for m in [
     Model("bitnet-int4head", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (2-bit, int4 lm_head)", head_bits=4),
     Model("bitnet-serial", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (packed 2-bit, launches serialized)",
           pdl=False),
+    Model("bitnet-norm-apart", "bitnet", "2bit", torch.bfloat16, "BitNet b1.58 (packed 2-bit, batched norms apart)",
+          norm_in_gemm=False),
     Model("bf16", "bf16", None, torch.bfloat16, "BF16 twin"),
     Model("fp32", "bf16", None, torch.float32, "twin in fp32"),
 ]}
@@ -125,16 +128,20 @@ def rss_bytes() -> int:
 
 def measure(args: Args, key: str) -> dict:
     """Build one model and time prefill and decode at every batch size (a model with pdl=False with
-    the Triton kernels' dependent launches off, as BITNET_PDL=0, and on again after)."""
-    if MODELS[key].pdl:
-        return _measure(args, key)
-    from bitnet.kernels import common
+    the Triton kernels' dependent launches off, as BITNET_PDL=0; with norm_in_gemm=False with a
+    batched decode's norms launched apart, as BITNET_GEMM_NORM_M=0; each as it was again after)."""
+    from bitnet.kernels import common, gemm
 
-    was, common.PDL_ENABLED = common.PDL_ENABLED, False
+    spec = MODELS[key]
+    knobs = [(common, "PDL_ENABLED", False)] * (not spec.pdl) + [(gemm, "GEMM_NORM_M", 0)] * (not spec.norm_in_gemm)
+    saved = [(module, name, getattr(module, name)) for module, name, _ in knobs]
+    for module, name, value in knobs:
+        setattr(module, name, value)
     try:
         return _measure(args, key)
     finally:
-        common.PDL_ENABLED = was
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _measure(args: Args, key: str) -> dict:

@@ -19,8 +19,9 @@ otherwise about 700 eager ops, 5 of its 23 ms on a 2-core Xeon.
 
 On the Triton kernels (GPUs) every RMSNorm in front of frozen BitLinear (input_layernorm -> q/k/v,
 attn_sub_norm -> o_proj, post_attention_layernorm -> gate/up, ffn_sub_norm -> down_proj) is fused
-into the quantization of their input: one rmsnorm_act_quant, then a packed matmul per projection
-(`projections`, `prenormed`). Its sum of squares runs in another order than the norm's, so a
+into the quantization of their input (`projections`, `prenormed`: bitnet::rmsnorm_packed_matmul_cat,
+one launch at a decode step, the GEMV's or the GEMM's programs normalizing their rows; else one
+rmsnorm_act_quant, then one packed matmul for the projections of that input). Its sum of squares runs in another order than the norm's, so a
 scale a may be an ulp off and an x_q one step off the unfused path's; the torch and native CPU
 paths are the references.
 """

@@ -23,7 +23,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     _gemm_kernel [gemm.gemm]        tile: SMALL_M_CONFIGS x SPLIT_K (1, or > 1: the workspace and
                                     counter epilogue) + LARGE_M_CONFIGS (SPLIT_K 1); format; LANES;
                                     y fp32/bf16/fp16 with bias or not, or int32; one to three
-                                    matrices (SEGMENTS, gemm.gemm_cat); a residual added or not
+                                    matrices (SEGMENTS, gemm.gemm_cat); a residual added or not;
+                                    the RMSNorm inside (small-M tiles, gated or not; float x)
     _gemm_int8_kernel [gemm.gemm,   INT8_CONFIGS (the unpacked weights' GEMM, M >= UNPACK_M); y
       M >= UNPACK_M]                fp32/bf16/fp16 with bias or not, or int32; one to three
                                     matrices (SEGMENTS, gemm.gemm_cat); a residual added or not
@@ -202,7 +203,7 @@ def _gemv_variants() -> list[Variant]:
 
 
 def _gemm_variants() -> list[Variant]:
-    from .gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
+    from .gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS, norm_fits
 
     tiles = [(c, s) for c in SMALL_M_CONFIGS for s in (1, 2)] + [(c, 1) for c in LARGE_M_CONFIGS]
     flags = [dict(y=y, HAS_BIAS=b) for y, b in itertools.product(["bf16", "fp32", "fp16"], [True, False])]
@@ -211,16 +212,38 @@ def _gemm_variants() -> list[Variant]:
     flags = [dict(f, SEGMENTS=s) for f in flags for s in (1, 2, 3)]
     # the residual added in the epilogue (one matrix, a float output): a batched decode's skip connection
     flags += [dict(y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True), dict(y="fp32", HAS_BIAS=True, SEGMENTS=1, HAS_RES=True)]
+    pairs = _round_robin(tiles, flags)
+    # the RMSNorm in the GEMM (rmsnorm_packed_matmul_cat at a batched decode step, small-M tiles
+    # only): q / k / v, o and down (the residual added; down's norm gated by up), gate / up; each
+    # small-M tile beside one of them, with and without split-K, across the formats and paths
+    norm = [dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=3), dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1,
+                                                                      HAS_RES=True),
+            dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True, GATED=True),
+            dict(x="fp16", y="fp16", HAS_BIAS=True, SEGMENTS=2), dict(x="fp32", y="fp32", HAS_BIAS=False, SEGMENTS=2,
+                                                                     GATED=True, SUM_BLOCK=256)]
+    size = {"bf16": 2, "fp16": 2, "fp32": 4}
+    normed = []  # every small-M config that _prune keeps for bf16 x, split and not, beside a flag set it fits
+    for j, (c, split) in enumerate((c, split) for split in (1, 2) for c in SMALL_M_CONFIGS if norm_fits(c, 2)):
+        fits = [f for f in norm if norm_fits(c, size[f["x"]])]
+        normed.append(((c, split), dict(fits[j % len(fits)], NORM=True)))
+    for f in norm:  # and every flag set at least once
+        if not any(g == dict(f, NORM=True) for _, g in normed):
+            normed.append(((next(c for c in SMALL_M_CONFIGS if norm_fits(c, size[f["x"]])), 2), dict(f, NORM=True)))
     out = []
-    for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
-        for i, ((cfg, split), f) in enumerate(_round_robin(tiles, flags)):
+    for q, (p, lanes) in enumerate(itertools.product(FORMATS.values(), (4, 1))):
+        share = normed[q::6]  # (every small-M tile twice, once a split: spread over the six format / path pairs)
+        for i, ((cfg, split), f) in enumerate(pairs + share):
             consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
-                          SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False), **cfg.kwargs)
+                          SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False), NORM=f.get("NORM", False),
+                          GATED=f.get("GATED", False), SUM_BLOCK=f.get("SUM_BLOCK", 4096) if f.get("NORM") else 1,
+                          **cfg.kwargs)
             bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]
-            types = dict(x_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32" if lanes == 4 else "*u8",
+            x = TYPES[f["x"]] if f.get("NORM") else "*i8"
+            types = dict(x_ptr=x, a_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32" if lanes == 4 else "*u8",
                          scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]], ws_ptr="*i32", count_ptr="*i32",
                          scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64",
-                         res_ptr=bias)
+                         res_ptr=bias, nw_ptr=x if f.get("NORM") else "*fp32", u_ptr=x if f.get("GATED") else "*fp32",
+                         eps="fp32")
             out.append(Variant("_gemm_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 

@@ -30,7 +30,9 @@ Dispatch by the number of activation rows M (all leading dimensions of x flatten
   normalizes the row; a decode layer's four norms launch nothing of their own).
 - M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64);
   several matrices of one input in one launch too (gemm_cat; from M = UNPACK_M after unpacking
-  them into one int8 buffer, in rmsnorm_packed_matmul_cat by the launch that quantizes x).
+  them into one int8 buffer, in rmsnorm_packed_matmul_cat by the launch that quantizes x). Up to
+  M = 64 (a batched decode step) rmsnorm_packed_matmul_cat's norm runs inside the GEMM, as in the
+  GEMV: every program normalizes and quantizes its rows.
 Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
 
 The public functions at the bottom call the ops where torch.compile (or torch.export) traces, and
@@ -227,6 +229,13 @@ def _rmsnorm_packed_matmul_cat_impl(x: Tensor, weight: Tensor, eps: float, packe
         # a prefill: the norm and the weights' unpack for the int8 GEMM in one launch
         x_q, a, xsum, w = _rmsnorm_act_quant_unpack(x, weight, eps, packed, ns, fmt, up)
         return _matmul_cat(x_q, a, packed, scales, biases, ns, fmt, x.dtype, xsum, residual, unpacked=w)
+    if x2.shape[0] <= _gemm.GEMM_NORM_M and not 0 < _gemm.UNPACK_M <= x2.shape[0] and not _one_row(x2) \
+            and _one_launch(packed, biases) and (r2 is None or _one_matrix_residual(packed, r2)):
+        # a batched decode step: the norm inside the GEMM, every program normalizing its rows itself
+        u2 = None if up is None else rows_of(up)
+        y = gemm_cat(x2, packed, ns, fmt, scales, biases, out_dtype=x.dtype, residual=r2, norm_weight=weight, eps=eps,
+                     up=u2)
+        return y.reshape(*x.shape[:-1], n)
     x_q, a, xsum = _rmsnorm_act_quant_impl(x, weight, eps, up)
     return _matmul_cat(x_q, a, packed, scales, biases, ns, fmt, x.dtype, xsum, residual)
 
@@ -381,8 +390,9 @@ def rmsnorm_packed_matmul_cat(x: Tensor, weight: Tensor, eps: float, packed: lis
     """packed_matmul_cat of rmsnorm_act_quant(x, weight, eps, up=up), y (..., sum(ns)) in x's dtype
     (residual + y with a residual, one matrix). At M = 1 (up to three matrices, a bias each or none)
     one GEMV launch does it all, each program normalizing and quantizing the row itself with the
-    norm kernel's arithmetic (its a may be an ulp off rmsnorm_act_quant's: the sums run in another
-    order); otherwise rmsnorm_act_quant, then packed_matmul_cat."""
+    norm kernel's arithmetic and summation order (rmsnorm_act_quant's x_q and a, bit for bit); up
+    to M = 64 one GEMM launch does the same; from there on rmsnorm_act_quant, then
+    packed_matmul_cat (from UNPACK_M on, the norm and the weights' unpack in one launch)."""
     biases = list(biases) if biases is not None else [None] * len(packed)
     op = torch.ops.bitnet.rmsnorm_packed_matmul_cat if _tracing() else _rmsnorm_packed_matmul_cat_impl
     return op(x, weight, eps, list(packed), list(scales), biases, list(ns), fmt, up, residual)

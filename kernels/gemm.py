@@ -44,7 +44,9 @@ from bitnet.quant import int_matmul
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
                      pdl_wait, segment_starts, store_output)
 from .gemv import by_segment, segment_of
+from .activations import quantize
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_checked, values_per_byte
+from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rows_rstd, sum_block
 
 SMALL_M = 64
 
@@ -67,13 +69,25 @@ LARGE_M_CONFIGS = [
 INTERPRET_CONFIG = _config(16, 32, 32, 4, 1, group=2)
 
 
+# With the RMSNorm inside (NORM), the loop's x tiles are float (and GATED's up tiles too), staged in
+# shared memory by Triton's pipeliner: tiles of at most this many bytes (sm_90 SASS: 64 x 256 fp32
+# gated in three stages wanted 448 KB of sm_90's 227, 32 x 128 in four stages 170 KB of sm_80's 163).
+NORM_MAX_TILE_BYTES = 8192
+
+
+def norm_fits(config: triton.Config, x_size: int) -> bool:
+    """Whether a small-M config takes float x tiles of x_size-byte elements with NORM."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] * x_size <= NORM_MAX_TILE_BYTES
+
+
 def _prune(configs, named_args, **kwargs):
     """The configs of M's regime; at least 16-wide dots (1.6bit's fifth slice is BLOCK_N / 4)."""
     if len(configs) == 1:
         return configs
     small = named_args["m_bucket"] <= SMALL_M
     pool = SMALL_M_CONFIGS if small else LARGE_M_CONFIGS
-    return [c for c in pool if not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
+    return [c for c in pool if (not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"]))
+            and (not kwargs.get("NORM") or norm_fits(c, named_args["x_ptr"].element_size()))]
 
 
 @triton.jit
@@ -88,14 +102,15 @@ def grouped_tile(num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr, bias_ptr, bias1_ptr,
+def segment_epilogue(later, third, a_rows, scale_ptr, scale1_ptr, scale2_ptr, bias_ptr, bias1_ptr,
                      bias2_ptr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
     """(factor, bias) of store_output for output columns of several matrices (later, third: each
-    column's matrix, (BLOCK,)): s / a[m] of the column's matrix, rounded as that matrix alone rounds
-    it ([BLOCK_M, BLOCK] float32; 0.0 if OUT_INT32), and its bias pointers ([1, BLOCK])."""
+    column's matrix, (BLOCK,)): s / a[m] of the column's matrix (a_rows: the tile's a, (BLOCK_M,)),
+    rounded as that matrix alone rounds it ([BLOCK_M, BLOCK] float32; 0.0 if OUT_INT32), and its
+    bias pointers ([1, BLOCK])."""
     factor = 0.0
     if not OUT_INT32:
-        a = tl.load(a_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
+        a = a_rows[:, None]
         s = by_segment(later, third, tl.load(scale_ptr), tl.load(scale1_ptr), tl.load(scale2_ptr))
         factor = tl.math.div_rn(s[None, :] + 0.0 * a, a)
     bias = 0  # unread without HAS_BIAS (bias_ptr is None there: a None in a returned tuple does not compile)
@@ -104,20 +119,21 @@ def segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr,
     return factor, bias
 
 
-@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2"],
+@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2", "NORM", "GATED"],
           prune=_prune, interpret_config=INTERPRET_CONFIG)
 @triton.jit
 def _gemm_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
     x_ptr, a_ptr, xsum_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, scale1_ptr, bias1_ptr, scale2_ptr,
-    bias2_ptr, res_ptr,
+    bias2_ptr, res_ptr, nw_ptr, u_ptr,
     # sizes (m_bucket: autotuning key only; N1, R1, N2, R2, W1, W2 as in gemv._gemv_kernel)
-    M, N, K, R, m_bucket, N1, R1, N2, R2, W1, W2,
+    M, N, K, R, m_bucket, N1, R1, N2, R2, W1, W2, eps,
     # strides (unit stride along K and N; stride_wr in units of w_ptr's dtype)
-    stride_xm, stride_wr, stride_ym, stride_rm,
+    stride_xm, stride_wr, stride_ym, stride_rm, stride_um,
     # constexpr
     P: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, LANES: tl.constexpr, SPLIT_K: tl.constexpr,
-    SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
+    SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k x_q[m, k] * code_i(w[r, k]) - xsum[m]) * s / a[m] + bias.
@@ -134,6 +150,13 @@ def _gemm_kernel(
         decode step), as gemv._gemv_kernel takes them: packed rows numbered R, then R1, then R2 (a
         tile may straddle two matrices: each row and output column finds its own), the second and
         third weights at w_ptr + 16 * W1 and + 16 * W2 units, outputs side by side in y (M, N + N1 + N2).
+    NORM (a batched decode step, M <= SMALL_M): x_ptr is the float (M, K) input of an RMSNorm
+        (weight nw_ptr (K,), eps; with GATED of relu(x)^2 * u, u_ptr (M, K) of x's dtype, row stride
+        stride_um) whose output is quantized here, as gemv._gemv_kernel's NORM does at M = 1: every
+        program first takes its rows' rstd and a (rmsnorm_quant.rows_rstd, normed_rows_scale: the
+        norm kernel's arithmetic and summation order, SUM_BLOCK = sum_block(K)), then quantizes
+        each x tile in its loop; a_ptr and xsum_ptr are unused (the row sums of x_q are taken
+        in the loop and folded into the accumulator before the split-K sums).
     Grid: (cdiv(M, BLOCK_M) * cdiv(R + R1 + R2, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M
     along M; program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
     """
@@ -166,10 +189,24 @@ def _gemm_kernel(
     if PB > 0:
         acc_b = tl.zeros([BLOCK_M, BLOCK_R], tl.int32)
     pdl_wait(PDL)
+    if NORM:  # the rows' RMSNorm: rstd, then the normalized rows' scale a (two passes over them from L2)
+        u_rows = u_ptr + offs_m[:, None] * stride_um if GATED else u_ptr
+        rows_ok = (offs_m < M)[:, None]
+        rstd = rows_rstd(x_ptrs, u_rows, rows_ok, K, eps, GATED, SUM_BLOCK)[:, None]
+        a = normed_rows_scale(x_ptrs, u_rows, nw_ptr, rows_ok, K, rstd, GATED, x_ptr.dtype.element_ty, 256)
+        xs = tl.zeros([BLOCK_M], tl.int32)  # sum_k x_q[m, k] over this program's k
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_u = k0 // LANES + tl.arange(0, BLOCK_U)
-        x = tl.load(x_ptrs + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < k_hi)[None, :], other=0)
+        x_mask = (offs_m < M)[:, None] & (offs_k < k_hi)[None, :]
+        if NORM:
+            h = normed(norm_input(x_ptrs, u_rows, offs_k[None, :], x_mask, GATED), nw_ptr, offs_k[None, :], x_mask, rstd,
+                       x_ptr.dtype.element_ty)
+            q = quantize(h, a[:, None])
+            xs += tl.sum(q, 1)
+            x = q.to(tl.int8)
+        else:
+            x = tl.load(x_ptrs + offs_k[None, :], mask=x_mask, other=0)
         w_mask = row_ok[:, None] & (offs_u < k_hi // LANES)[None, :]
         w = tl.load(w_ptrs + offs_u[None, :], mask=w_mask, other=0).to(tl.int32)
         acc_a = tl.dot(x, tl.trans(decode_stacked(w, P, LANES)), acc_a, out_dtype=tl.int32)
@@ -197,6 +234,11 @@ def _gemm_kernel(
         n_b = PA * by_segment(later, third, R, R1, R2) + local
         mask_b = mask_m[:, None] & (row_ok & (n_b < by_segment(later, third, N, N1, N2)))[None, :]
         offs_b = offs_m[:, None] * stride_ym + (n_b + by_segment(later, third, 0, N, N + N1))[None, :]
+    SCO: tl.constexpr = 1 if NORM else SC  # (store_output's: with NORM, the row sums are in the accumulators)
+    if NORM:  # this program's share of SC * sum codes * x_q - sum x_q: its k's (exact, added up like the rest)
+        acc_a = SC * acc_a - xs[:, None]
+        if PB > 0:
+            acc_b = SC * acc_b - xs[:, None]
     last = True
     if SPLIT_K > 1:
         # Partial sums into the workspace; the program that arrives last at this tile finishes it.
@@ -215,31 +257,44 @@ def _gemm_kernel(
                 acc_b = tl.load(ws_ptr + offs_b, mask=mask_b, other=0, cache_modifier=".cg")
                 tl.store(ws_ptr + offs_b, tl.zeros_like(acc_b), mask=mask_b)
             tl.store(count_ptr + tl.program_id(0), 0)
-        xsum = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0)[:, None]
+        xsum = 0
+        a_rows = 1.0  # (unread with OUT_INT32, where a_ptr is None)
+        if NORM:
+            a_rows = a
+        else:
+            xsum = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0)[:, None]
+            if not OUT_INT32:
+                a_rows = tl.load(a_ptr + offs_m, mask=mask_m, other=1.0)
         if SEGMENTS == 1:
             if OUT_INT32:
                 factor = 0.0
             else:
-                factor = tl.math.div_rn(tl.load(scale_ptr), tl.load(a_ptr + offs_m, mask=mask_m, other=1.0))[:, None]
+                factor = tl.math.div_rn(tl.load(scale_ptr), a_rows)[:, None]
             r_rows = res_ptr
             if HAS_RES:  # store_output reads res_ptr + y's offsets: rows of the residual's own stride
                 r_rows = res_ptr + (offs_m * (stride_rm - stride_ym))[:, None]
-            store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SC, HAS_BIAS, OUT_INT32,
+            store_output(y_ptr, bias_ptr, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor, SCO, HAS_BIAS, OUT_INT32,
                          r_rows, HAS_RES)
             if PB > 0:
-                store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SC, HAS_BIAS, OUT_INT32,
+                store_output(y_ptr, bias_ptr, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor, SCO, HAS_BIAS, OUT_INT32,
                              r_rows, HAS_RES)
         else:  # per column: its matrix's scale and bias
-            factor_a, bias_a = segment_epilogue(later_a, third_a, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
+            factor_a, bias_a = segment_epilogue(later_a, third_a, a_rows, scale_ptr, scale1_ptr, scale2_ptr,
                                                 bias_ptr, bias1_ptr, bias2_ptr, HAS_BIAS, OUT_INT32)
-            store_output(y_ptr, bias_a, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor_a, SC, HAS_BIAS, OUT_INT32)
+            store_output(y_ptr, bias_a, offs_a, n_a[None, :], mask_a, acc_a, xsum, factor_a, SCO, HAS_BIAS, OUT_INT32)
             if PB > 0:
-                factor_b, bias_b = segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
+                factor_b, bias_b = segment_epilogue(later, third, a_rows, scale_ptr, scale1_ptr, scale2_ptr,
                                                     bias_ptr, bias1_ptr, bias2_ptr, HAS_BIAS, OUT_INT32)
-                store_output(y_ptr, bias_b, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor_b, SC, HAS_BIAS, OUT_INT32)
+                store_output(y_ptr, bias_b, offs_b, n_b[None, :], mask_b, acc_b, xsum, factor_b, SCO, HAS_BIAS, OUT_INT32)
 
 
 UNPACK_M = int(os.environ.get("BITNET_UNPACK_GEMM_M", "512"))  # read at import, like INTERPRET
+# Up to this M, rmsnorm_packed_matmul_cat runs the RMSNorm inside the GEMM (NORM; at most SMALL_M;
+# 0: never, one rmsnorm_act_quant launch first). The trade, from the sm_90 SASS at 16 x 128 x 128:
+# the loop quantizes its float x tiles (564 instructions a step against 180), once per column tile
+# of the launch, and each program reads its rows twice from L2 before it, against a norm launch of
+# its own (three passes over the rows) and its boundary; BITNET_GEMM_NORM_M=0 is the A/B on a GPU.
+GEMM_NORM_M = min(SMALL_M, int(os.environ.get("BITNET_GEMM_NORM_M", str(SMALL_M))))
 
 # BLOCK_K 256 in two stages: twice the tensor-core work per loop step for the same loop overhead
 # (_gemm_int8_kernel's loop comment), 128 KB of shared memory (sm_80 allows 163 KB).
@@ -315,7 +370,10 @@ def _gemm_int8_kernel(
         store_output(y_ptr, bias_ptr, offs_y, offs_n[None, :], mask, acc, 0, factor, 1, HAS_BIAS, OUT_INT32, r_rows, HAS_RES)
     else:  # per column: its matrix's scale and bias, the bias indexed by the column within its matrix
         later, third = segment_of(offs_n, N, N1, SEGMENTS)
-        factor, bias = segment_epilogue(later, third, a_ptr, offs_m, mask_m, scale_ptr, scale1_ptr, scale2_ptr,
+        a_rows = 1.0  # (unread with OUT_INT32, where a_ptr is None)
+        if not OUT_INT32:
+            a_rows = tl.load(a_ptr + offs_m, mask=mask_m, other=1.0)
+        factor, bias = segment_epilogue(later, third, a_rows, scale_ptr, scale1_ptr, scale2_ptr,
                                         bias_ptr, bias1_ptr, bias2_ptr, HAS_BIAS, OUT_INT32)
         local = offs_n - by_segment(later, third, 0, N, N + N1)
         store_output(y_ptr, bias, offs_y, local[None, :], mask, acc, 0, factor, 1, HAS_BIAS, OUT_INT32)
@@ -418,6 +476,9 @@ def gemm_cat(
     out: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     unpacked: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Up to three matrices of one input in one launch: y (M, sum(ns)), matrix j's outputs in
     columns sum(ns[:j]) .. sum(ns[:j+1]) - 1, each equal to gemm() of that matrix alone (the same
@@ -426,13 +487,35 @@ def gemm_cat(
     launch each; from UNPACK_M on they are unpacked into one buffer (gemm_unpacked) and need not.
     residual (one matrix): as gemm's. unpacked (from UNPACK_M on): that buffer, int8 (sum(ns), K)
     as unpack_cat gives it, already made (rmsnorm_quant.rmsnorm_act_quant_unpack: in the launch that
-    quantized x_q); ignored below UNPACK_M."""
-    if x_q.dtype != torch.int8:
+    quantized x_q); ignored below UNPACK_M.
+
+    norm_weight (K,) (a batched decode step, M <= SMALL_M): x_q is then the float input of an
+    RMSNorm (eps; with up (M, K) of its dtype, unit stride along K, of relu(x)^2 * up) whose
+    output is quantized and multiplied, as gemv_cat's norm_weight does at M = 1: every program
+    normalizes and quantizes its rows itself (the norm kernel's arithmetic and summation order:
+    rmsnorm_act_quant's x_q and a, bit for bit), a and xsum unused."""
+    norm = norm_weight is not None
+    m, k = x_q.shape
+    if norm:
+        if not x_q.is_floating_point() or tuple(norm_weight.shape) != (k,) or out_dtype == torch.int32:
+            raise ValueError(f"an RMSNorm in the GEMM needs float x, a weight of shape ({k},) and a float output, got x "
+                             f"{x_q.dtype}, weight {tuple(norm_weight.shape)}, output {out_dtype}")
+        if m > SMALL_M or 0 < UNPACK_M <= m:
+            raise ValueError(f"an RMSNorm in the GEMM is for M <= {SMALL_M} (and below BITNET_UNPACK_GEMM_M = "
+                             f"{UNPACK_M}), got M = {m}: rmsnorm_act_quant, then the GEMM")
+        if up is not None and (up.shape != x_q.shape or up.dtype != x_q.dtype or up.stride(-1) != 1):
+            raise ValueError(f"up must have the gate's shape and dtype {tuple(x_q.shape)} {x_q.dtype} and unit stride "
+                             f"along K, got {tuple(up.shape)} {up.dtype} stride {up.stride()}")
+        norm_weight = norm_weight.contiguous()
+    elif up is not None:
+        raise ValueError("up (the gated MLP's up projection) goes with an RMSNorm: pass norm_weight")
+    elif x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
     biases = cat_biases("gemm_cat", packed, ns, scales, biases)
     total = sum(ns)
-    a, scale0 = matmul_args(x_q, a, scales[0], biases[0], ns[0], out_dtype)
-    scales = [scale0] + [matmul_args(x_q, a, s, b, n, out_dtype)[1] for s, b, n in zip(scales[1:], biases[1:], ns[1:])]
+    a, scale0 = matmul_args(x_q, a, scales[0], biases[0], ns[0], out_dtype, quantized_in_kernel=norm)
+    scales = [scale0] + [matmul_args(x_q, a, s, b, n, out_dtype, quantized_in_kernel=norm)[1]
+                         for s, b, n in zip(scales[1:], biases[1:], ns[1:])]
     if out is None:
         y = torch.empty(x_q.shape[0], total, dtype=out_dtype, device=x_q.device)
     else:
@@ -448,7 +531,6 @@ def gemm_cat(
     if residual is not None and (residual.device != x_q.device or residual.data_ptr() == y.data_ptr()):
         raise ValueError(f"residual must be on {x_q.device} and apart from the output (autotuning reruns the kernel), "
                          f"got {residual.device}{' and the output itself' if residual.data_ptr() == y.data_ptr() else ''}")
-    m, k = x_q.shape
     if 0 < UNPACK_M <= m and unpacked is not None:  # (the packed weights are not read: checked by whoever unpacked them)
         if unpacked.shape != (total, k) or unpacked.dtype != torch.int8 or not unpacked.is_contiguous():
             raise ValueError(f"unpacked must be the contiguous int8 ({total}, {k}) weights, got {unpacked.dtype} "
@@ -464,10 +546,11 @@ def gemm_cat(
     if starts is None and len(packed) > 1:
         col = 0  # one launch a matrix, into its columns of y
         for w, n, s, b in zip(packed, ns, scales, biases):
-            gemm_cat(x_q, [w], [n], fmt, [s], [b], a, xsum, out_dtype, y[:, col:col + n])
+            gemm_cat(x_q, [w], [n], fmt, [s], [b], a, xsum, out_dtype, y[:, col:col + n], norm_weight=norm_weight, eps=eps,
+                     up=up)
             col += n
         return y
-    if xsum is None:
+    if xsum is None and not norm:
         xsum = x_q.sum(-1, dtype=torch.int32)
     p = values_per_byte(fmt)
     pa = 8 if p == 8 else 4
@@ -490,10 +573,13 @@ def gemm_cat(
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(r, meta["BLOCK_N"] // pa), splits)  # noqa: E731
     _gemm_kernel[grid](
         x_q, a, xsum, w, scales[0], biases[0], y, ws, count, scales[1], biases[1], scales[2], biases[2], residual,
-        m, sizes[0], k, rows[0], next_power_of_2(m), sizes[1], rows[1], sizes[2], rows[2], starts[1], starts[2],
+        norm_weight, up,
+        m, sizes[0], k, rows[0], next_power_of_2(m), sizes[1], rows[1], sizes[2], rows[2], starts[1], starts[2], float(eps),
         x_q.stride(0), w.stride(0), y.stride(0), 0 if residual is None else residual.stride(0),
+        0 if up is None else up.stride(0),
         P=p, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits,
-        SEGMENTS=seg, HAS_RES=residual is not None, **LAUNCH, **pdl(x_q),
+        SEGMENTS=seg, HAS_RES=residual is not None, NORM=norm, GATED=up is not None,
+        SUM_BLOCK=sum_block(k) if norm else 1, **LAUNCH, **pdl(x_q),
     )
     return y
 

@@ -76,6 +76,15 @@ def pairwise_sum(v, N: tl.constexpr):
 
 
 @triton.jit
+def pairwise_rows(v, N: tl.constexpr):
+    """pairwise_sum of each row of v [BM, N]: (BM,)."""
+    for i in tl.static_range(12):
+        if (N >> i) > 1:
+            v = tl.sum(tl.reshape(v, (v.shape[0], N >> (i + 1), 2)), 2)
+    return tl.sum(v, 1)
+
+
+@triton.jit
 def row_rstd(x_row, u_row, K, eps, GATED: tl.constexpr, SUM_BLOCK: tl.constexpr):
     """1 / sqrt(mean_k v^2 + eps) of the norm's input v over the row (one pass; norm_input). The
     squares are summed in an order fixed by K alone (SUM_BLOCK = sum_block(K): lane j sums k = j
@@ -99,6 +108,41 @@ def normed_row_scale(x_row, u_row, w_ptr, K, rstd, GATED: tl.constexpr, DT: tl.c
         amax = tl.maximum(amax, tl.abs(normed(norm_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K,
                                               rstd, DT)))
     return activation_scale(tl.max(amax, 0))
+
+
+@triton.jit
+def rows_rstd(x_rows, u_rows, rows_ok, K, eps, GATED: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    """row_rstd of a tile of rows (x_rows, u_rows: [BM, 1] row pointers; rows_ok [BM, 1]): (BM,),
+    the same bits. The SUM_BLOCK lanes are taken CHUNK at a time (a [BM, SUM_BLOCK] tile would not
+    fit in registers): lane j still sums k = j mod SUM_BLOCK in order, each chunk's lanes are a
+    whole subtree of pairwise_sum's tree (CHUNK a power of 2, chunks aligned), and the chunks' sums
+    are added up by the rest of that tree."""
+    CHUNK: tl.constexpr = 256 if SUM_BLOCK > 256 else SUM_BLOCK
+    NC: tl.constexpr = SUM_BLOCK // CHUNK
+    lanes = tl.arange(0, CHUNK)[None, :]
+    chunk = tl.arange(0, NC)[None, :]
+    parts = tl.zeros([x_rows.shape[0], NC], tl.float32)
+    for c in range(0, NC):
+        sq = tl.zeros([x_rows.shape[0], CHUNK], tl.float32)
+        for k0 in range(c * CHUNK, K, SUM_BLOCK):
+            offs = k0 + lanes
+            v = norm_input(x_rows, u_rows, offs, rows_ok & (offs < K), GATED)
+            sq += v * v
+        parts = tl.where(chunk == c, pairwise_rows(sq, CHUNK)[:, None], parts)
+    mean = tl.math.div_rn(pairwise_rows(parts, NC), K.to(tl.float32))
+    return tl.math.div_rn(tl.full(mean.shape, 1.0, tl.float32), tl.math.sqrt_rn(mean + eps))
+
+
+@triton.jit
+def normed_rows_scale(x_rows, u_rows, w_ptr, rows_ok, K, rstd, GATED: tl.constexpr, DT: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """normed_row_scale of a tile of rows (as rows_rstd's; rstd [BM, 1]): a, (BM,)."""
+    amax = tl.zeros([x_rows.shape[0], BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)[None, :]
+        mask = rows_ok & (offs < K)
+        amax = tl.maximum(amax, tl.abs(normed(norm_input(x_rows, u_rows, offs, mask, GATED), w_ptr, offs, mask, rstd, DT)))
+    return activation_scale(tl.max(amax, 1))
 
 
 @autotune(CONFIGS, key=["K", "GATED"], interpret_config=triton.Config({"BLOCK_K": 64}))

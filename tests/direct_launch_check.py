@@ -66,6 +66,7 @@ def scenarios():
     a = torch.rand(3) + 1
     w1, w2 = weights(64, k), weights(32, k)
     nw = torch.rand(k, dtype=torch.bfloat16) + 0.5
+    xf3 = torch.randn(3, k, dtype=torch.bfloat16)
     q, kk, v = (torch.randn(1, 1, h, 64, dtype=torch.bfloat16) for h in (4, 2, 2))
     cos, sin = torch.randn(1, 1, 64, dtype=torch.bfloat16), torch.randn(1, 1, 64, dtype=torch.bfloat16)
     cache_k, cache_v = torch.zeros(1, 2, 160, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 160, 64, dtype=torch.bfloat16)
@@ -83,6 +84,11 @@ def scenarios():
         ("gemm_cat, split-K, M = 3", gemm._gemm_kernel,
          lambda: gemm.gemm_cat(xq3, [w1, w2], [64, 32], "2bit", [s, s], None, a, None, torch.bfloat16),
          lambda: gemm.gemm_cat(xq3_off, [w1, w2], [64, 32], "2bit", [s, s], None, a, None, torch.bfloat16)),
+        ("gemm_cat with the gated RMSNorm, M = 3", gemm._gemm_kernel,
+         lambda: gemm.gemm_cat(xf3, [w1, w2], [64, 32], "2bit", [s, s], out_dtype=torch.bfloat16, norm_weight=nw,
+                               eps=1e-5, up=xf3),
+         lambda: gemm.gemm_cat(off(xf3), [w1, w2], [64, 32], "2bit", [s, s], out_dtype=torch.bfloat16, norm_weight=nw,
+                               eps=1e-5, up=xf3)),
         ("gemm with the residual", gemm._gemm_kernel,
          lambda: gemm.gemm(xq3, w1, 64, "2bit", s, None, a, out_dtype=torch.bfloat16,
                            residual=torch.zeros(3, 64, dtype=torch.bfloat16)),

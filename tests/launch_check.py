@@ -2,7 +2,8 @@
 path, without a GPU (bitnet.kernels.precompile.launches_compiled): a tiny model with and without
 biases through generate (one sequence; two, padded), the server's runner (prefill, a batched
 decode, a mixed step, a pure decode step padded to a bucket) and its int8 / int4 heads, and the launcher paths that model does not take
-(a layer from float x, int32 outputs, the unpacked GEMM of a long prefill) in every format.
+(a layer from float x, int32 outputs, the unpacked GEMM of a long prefill, the norm kernel before
+a GEMM of more rows than a batched decode's) in every format.
 
     python tests/launch_check.py 90      (without TRITON_INTERPRET; exit status 1 on any failure)
 
@@ -104,6 +105,13 @@ def main(arch: int) -> int:
             attempt(f"prefill norm and unpack of two, then the GEMM {fmt}", lambda: custom_ops.rmsnorm_packed_matmul_cat(
                 xf, nw, 1e-5, [weights(64, 256, fmt), weights(32, 256, fmt)], [s, s], [64, 32], fmt))
             attempt(f"prefill gated norm and unpack, the GEMM with the residual {fmt}",
+                    lambda: custom_ops.rmsnorm_packed_matmul_cat(xf, nw, 1e-5, [weights(40, 256, fmt)], [s], [40], fmt,
+                                                                 up=up, residual=torch.randn(m, 40, dtype=torch.bfloat16)))
+            # between the batched GEMM's norm (M <= GEMM_NORM_M) and a prefill's (M >= UNPACK_M): the norm
+            # kernel, then the GEMM from int8
+            m = gemm.GEMM_NORM_M + 1
+            xf, up = (torch.randn(m, 256, dtype=torch.bfloat16) for _ in range(2))
+            attempt(f"gated norm, then the GEMM with the residual, M={m} {fmt}",
                     lambda: custom_ops.rmsnorm_packed_matmul_cat(xf, nw, 1e-5, [weights(40, 256, fmt)], [s], [40], fmt,
                                                                  up=up, residual=torch.randn(m, 40, dtype=torch.bfloat16)))
     print(f"compiled {sum(log.compiled.values())} launches of {len(log.compiled)} kernels for sm_{arch} in "

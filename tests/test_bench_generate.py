@@ -42,20 +42,24 @@ def test_decode_step_profile_counts_what_one_step_runs(tmp_path):
     assert "one decode step by op (self CPU time), from 3 profiled steps" in md and "| bitnet_cpu::decode_layer | 2.0 |" in md
 
 
-def test_the_serialized_model_measures_with_pdl_off_and_restores_it(monkeypatch):
+def test_the_ab_models_measure_with_their_knob_off_and_restore_it(monkeypatch):
     """bitnet-serial, the A/B of programmatic dependent launch: measured with the Triton kernels'
-    dependent launches off (as BITNET_PDL=0), the process's setting restored after (--no-isolate
-    measures every model in one process); the other models measure with the setting as it is."""
-    from bitnet.kernels import common
+    dependent launches off (as BITNET_PDL=0); bitnet-norm-apart, the A/B of the norm inside the
+    batched GEMM: with the norms launched apart (as BITNET_GEMM_NORM_M=0); the process's settings
+    restored after each (--no-isolate measures every model in one process); the other models
+    measure with the settings as they are."""
+    from bitnet.kernels import common, gemm
 
     bench = _bench()
     seen = []
-    monkeypatch.setattr(bench, "_measure", lambda args, key: seen.append((key, common.PDL_ENABLED)) or {})
+    monkeypatch.setattr(bench, "_measure", lambda args, key: seen.append((key, common.PDL_ENABLED, gemm.GEMM_NORM_M)) or {})
     monkeypatch.setattr(common, "PDL_ENABLED", True)
-    for key in ("bitnet", "bitnet-serial", "bitnet"):
+    monkeypatch.setattr(gemm, "GEMM_NORM_M", 64)
+    for key in ("bitnet", "bitnet-serial", "bitnet-norm-apart", "bitnet"):
         bench.measure(None, key)
-    assert seen == [("bitnet", True), ("bitnet-serial", False), ("bitnet", True)] and common.PDL_ENABLED
-    assert bench.MODELS["bitnet-serial"].packing == bench.MODELS["bitnet"].packing == "2bit"
+    assert seen == [("bitnet", True, 64), ("bitnet-serial", False, 64), ("bitnet-norm-apart", True, 0),
+                    ("bitnet", True, 64)] and common.PDL_ENABLED and gemm.GEMM_NORM_M == 64
+    assert bench.MODELS["bitnet-serial"].packing == bench.MODELS["bitnet-norm-apart"].packing == "2bit"
 
 
 def test_the_recorded_prefill_columns_and_their_failures():

@@ -181,32 +181,44 @@ def gated_pair(v: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return gate, up
 
 
+@pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("fmt, gated, k", [("2bit", False, 200), ("2bit", True, 203), ("1.6bit", True, 200),
                                            ("1.6bit", False, 203), ("1bit", False, 200), ("1bit", True, 203)])
-def test_the_decode_gemv_runs_the_norm_exactly(fmt, gated, k, triton_device):
-    """rmsnorm_packed_matmul_cat at M = 1 (one GEMV launch normalizing x itself), on rows built so
-    that RMSNorm has one exact answer (mean square 4, eps 0): equal bit for bit to torch's RMSNorm,
+def test_the_decode_step_runs_the_norm_exactly(fmt, gated, k, m, monkeypatch, triton_device):
+    """rmsnorm_packed_matmul_cat at a decode step (M = 1: one GEMV launch normalizing x itself; a
+    batch, M = 3: one GEMM launch whose programs normalize their rows), on rows built so that
+    RMSNorm has one exact answer (mean square 4, eps 0): equal bit for bit to torch's RMSNorm,
     quantize_activation and the exact integer matmul on the CPU, for q / k / v in one launch and
-    for one matrix with a bias and the residual added (o_proj, down_proj); words and bytes (odd K).
-    float32: the interpreter's bfloat16 casts truncate (bf16 is checked against rmsnorm_act_quant below)."""
+    for one matrix with a bias and the residual added (o_proj, down_proj); words and bytes (odd K);
+    no norm kernel launched. float32: the interpreter's bfloat16 casts truncate (bf16 is checked
+    against rmsnorm_act_quant below)."""
+    from bitnet.kernels import rmsnorm_quant
+
     d = triton_device
-    v = mean_square_four(k, seed=k)
-    x, up = gated_pair(v, seed=k + 1) if gated else (v, None)
+    rows = [mean_square_four(k, seed=k + j) for j in range(m)]
+    pairs = [gated_pair(v, seed=k + 1 + j) for j, v in enumerate(rows)] if gated else None
+    x = torch.cat([p[0] for p in pairs]) if gated else torch.cat(rows)
+    up = torch.cat([p[1] for p in pairs]) if gated else None
     weight = 0.5 + torch.randint(0, 7, (k,), generator=torch.Generator().manual_seed(3)).float() / 4
-    h = torch.nn.functional.relu(x).square() * up if gated else x
-    x_q, a = quantize_activation(bitnet.quant.rms_norm(h, weight, 0.0))  # the reference, on the CPU
+    x_q, a = quantize_activation(bitnet.quant.rms_norm(torch.cat(rows), weight, 0.0))  # the reference, on the CPU
     torch.manual_seed(k)
     bits = "binary" if fmt == "1bit" else "ternary"
+    norm_launches = []
+    real_norm = rmsnorm_quant._rmsnorm_act_quant_kernel
+    monkeypatch.setattr(rmsnorm_quant, "_rmsnorm_act_quant_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        norm_launches.append(grid), real_norm[grid])[1]})())
     for ns, bias, residual in (([48, 16, 16], False, False), ([40], True, True)):
         layers = [BitLinear(k, n, bias=bias, weight_bits=bits).freeze(fmt) for n in ns]
-        res = torch.randn(1, ns[0]) if residual else None
+        res = torch.randn(m, ns[0]) if residual else None
         y = kernels.rmsnorm_packed_matmul_cat(
-            x.to(d), weight.to(d), 0.0, [m.weight.to(d) for m in layers], [m.weight_scale.to(d) for m in layers], ns, fmt,
-            [m.bias.to(d) if bias else None for m in layers], up=None if up is None else up.to(d),
+            x.to(d), weight.to(d), 0.0, [layer.weight.to(d) for layer in layers],
+            [layer.weight_scale.to(d) for layer in layers], ns, fmt,
+            [layer.bias.to(d) if bias else None for layer in layers], up=None if up is None else up.to(d),
             residual=None if res is None else res.to(d)).cpu()
-        ref = torch.cat([reference_gemm(x_q, m.weight, n, fmt, m.weight_scale, a, m.bias if bias else None)
-                         for m, n in zip(layers, ns)], 1)
+        ref = torch.cat([reference_gemm(x_q, layer.weight, n, fmt, layer.weight_scale, a, layer.bias if bias else None)
+                         for layer, n in zip(layers, ns)], 1)
         assert torch.equal(y, ref if res is None else res + ref), (ns, (y - ref).abs().max())
+    assert norm_launches == []
 
 
 @pytest.mark.parametrize("fmt, gated, k", [("2bit", False, 200), ("1.6bit", True, 203), ("1bit", True, 200),
@@ -282,6 +294,74 @@ def test_the_decode_gemv_quantizes_as_the_norm_kernel(dtype, gated, k, triton_de
         ref = torch.cat([reference_gemm(x_q.cpu(), p.cpu(), n, "2bit", s.cpu(), a.cpu()) for p, s, n in
                          zip(packed, scales, (24, 8))], 1)
         assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.parametrize("fmt, dtype, gated, k, m", [("2bit", torch.bfloat16, True, 4100, 2),
+                                                     ("1.6bit", torch.float32, False, 200, 5),
+                                                     ("1bit", torch.float16, True, 256, 17)])
+def test_the_batched_gemm_quantizes_as_the_norm_kernel(fmt, dtype, gated, k, m, triton_device):
+    """On any rows (eps 1e-5; K past one 4096-wide step of the sum of squares; several row tiles at
+    M = 17) the GEMM's norm (gemm_cat with norm_weight, split-K here as on a GPU's small shapes)
+    gives exactly rmsnorm_act_quant, then the GEMM of its x_q and a (gemm_cat from int8, itself held
+    to the exact integer matmul in test_kernels.py and its epilogue to torch's in the skip
+    connection's tests), for q / k / v in one launch and for one matrix with the residual added:
+    the programs' rstd and a are the norm kernel's bit for bit."""
+    from bitnet.kernels.gemm import gemm_cat
+
+    d = triton_device
+    g = torch.Generator().manual_seed(k + m)
+    x = (torch.randn(m, k, generator=g) * 3).to(d, dtype)
+    up = torch.randn(m, k, generator=g).to(d, dtype) if gated else None
+    weight = (torch.rand(k, generator=g) + 0.5).to(d, dtype)
+    r_q, r_a = kernels.rmsnorm_act_quant(x, weight, 1e-5, up=up)
+    bits = "binary" if fmt == "1bit" else "ternary"
+    torch.manual_seed(k)
+    for ns, residual in (([48, 16, 16], False), ([40], True)):
+        layers = [BitLinear(k, n, bias=False, weight_bits=bits).freeze(fmt).to(d) for n in ns]
+        packed, scales = [layer.weight for layer in layers], [layer.weight_scale for layer in layers]
+        res = torch.randn(m, ns[0], generator=g).to(d, dtype) if residual else None
+        y = gemm_cat(x, packed, ns, fmt, scales, out_dtype=dtype, residual=res, norm_weight=weight, eps=1e-5, up=up)
+        ref = gemm_cat(r_q, packed, ns, fmt, scales, a=r_a.reshape(-1), out_dtype=dtype, residual=res)
+        assert torch.equal(y, ref), (ns, (y - ref).abs().max())
+
+
+def test_the_batched_norms_launch_apart_with_the_knob_off(monkeypatch, triton_device):
+    """BITNET_GEMM_NORM_M=0 (gemm.GEMM_NORM_M, the GPU's A/B): a batched decode step's norm is one
+    rmsnorm_act_quant launch before the GEMM again, and the output is the same, bit for bit."""
+    from bitnet.kernels import gemm, rmsnorm_quant
+
+    d = triton_device
+    x, weight = activations(3, device=d), torch.rand(K, device=d) + 0.5
+    layers = [layer.to(d) for layer in qkv(d, bias=False)]
+    args = (x, weight, 1e-5, [m.weight for m in layers], [m.weight_scale for m in layers], [48, 16, 16], "2bit")
+    fused = kernels.rmsnorm_packed_matmul_cat(*args)
+    launches = []
+    real_norm = rmsnorm_quant._rmsnorm_act_quant_kernel
+    monkeypatch.setattr(rmsnorm_quant, "_rmsnorm_act_quant_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        launches.append(grid), real_norm[grid])[1]})())
+    monkeypatch.setattr(gemm, "GEMM_NORM_M", 0)
+    assert torch.equal(kernels.rmsnorm_packed_matmul_cat(*args), fused) and len(launches) == 1
+
+
+def test_the_batched_gemm_refuses_a_norm_it_cannot_run(triton_device):
+    from bitnet.kernels.gemm import gemm_cat
+
+    d = triton_device
+    layer = BitLinear(64, 8, bias=False).freeze("2bit").to(d)
+    args = ([layer.weight], [8], "2bit", [layer.weight_scale])
+    x, w = torch.randn(3, 64, device=d), torch.ones(64, device=d)
+    with pytest.raises(ValueError, match="weight of shape \\(64,\\)"):
+        gemm_cat(x, *args, norm_weight=torch.ones(63, device=d))
+    with pytest.raises(ValueError, match="a float output"):
+        gemm_cat(x, *args, out_dtype=torch.int32, norm_weight=w)
+    with pytest.raises(ValueError, match="is for M <= 64"):
+        gemm_cat(torch.randn(65, 64, device=d), *args, norm_weight=w)
+    with pytest.raises(ValueError, match="up must have the gate's shape"):
+        gemm_cat(x, *args, norm_weight=w, up=torch.ones(3, 32, device=d))
+    with pytest.raises(ValueError, match="pass norm_weight"):
+        gemm_cat(x, *args, up=torch.ones(3, 64, device=d))
+    with pytest.raises(ValueError, match="int8 activations"):
+        gemm_cat(x, *args, a=torch.ones(3, device=d))
 
 
 def test_the_decode_gemv_refuses_a_norm_it_cannot_run(triton_device):
@@ -586,7 +666,7 @@ def test_host_overhead_benchmark_counts_a_layers_launches(tmp_path, triton_devic
     kernel = gemv._gemv_kernel
     rows = bench.measure(bench.HostArgs(preset="tiny", layers=1, iters=2, dtype="float32", batch=3, prefill=16,
                                         launches="stub", out_dir=str(tmp_path)))
-    assert [(r["case"], r["triton_launches"]) for r in rows] == [("decode 1 x 1", 5), ("decode 3 x 1", 9),
+    assert [(r["case"], r["triton_launches"]) for r in rows] == [("decode 1 x 1", 5), ("decode 3 x 1", 5),
                                                                 ("prefill 1 x 16", 9)]
     assert all(r["torch_ops"] > 0 for r in rows)
     # no torch op of a layer launches a GPU kernel but the prefill's SDPA (the rest are views and allocations)
