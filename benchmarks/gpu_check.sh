@@ -15,10 +15,13 @@
 # machine start included:
 #   call 1 (issue 26, the default stages):  bash benchmarks/gpu_check.sh
 #   call 2 (issue 27, speed beside the GPU peers; the machine may be a fresh one, keep install; the
-#   packed model once more with its launches serialized, BITNET_PDL=0, beside the default's PDL;
-#   last, so that a stage cut short still has the twin for the ratios):
-#     GENERATE_MODELS="bitnet bf16 bitnet-serial" BUDGET_GENERATE=100 \
+#   packed model once more with its launches serialized, BITNET_PDL=0, and once with a batched
+#   decode's norms launched apart, BITNET_GEMM_NORM_M=0: the A/Bs of PDL and of the norm inside
+#   the GEMM; last, so that a stage cut short still has the twin for the ratios):
+#     GENERATE_MODELS="bitnet bf16 bitnet-serial bitnet-norm-apart" BUDGET_GENERATE=130 \
 #       bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
+#   Between the calls, call 1's autotuning table (results.tar.gz: results/tuning/<GPU>.json) copied
+#   to kernels/tuned/ is the package's table in call 2: its keys are not tuned again.
 #   (carry [".whl", ".peers"]; timeout_s 360) Every stage runs under
 # `timeout` (SIGINT first, so that pytest prints its summary and Python its traceback; SIGKILL 5 s
 # later); a failing stage does not stop the next. Time a stage leaves unused passes on to the
