@@ -93,7 +93,12 @@ def _act_quant_kernel(
     """
     pdl_start(PDL)
     pdl_wait(PDL)
-    m = tl.program_id(0)
+    act_quant_row(tl.program_id(0), x_ptr, xq_ptr, a_ptr, xsum_ptr, K, stride_xm, stride_qm, BLOCK_K)
+
+
+@triton.jit
+def act_quant_row(m, x_ptr, xq_ptr, a_ptr, xsum_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    """_act_quant_kernel's program m: row m quantized, stored with a and xsum."""
     x_row = x_ptr + m * stride_xm
     a = row_scale(x_row, K, BLOCK_K)
     xsum = tl.zeros([BLOCK_K], tl.int32)

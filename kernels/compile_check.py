@@ -33,7 +33,8 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     gate (GATED) or not
     _unpack_kernel [unpack_cat]     format x LANES (int32 words or bytes) x one to three matrices
     _rmsnorm_quant_unpack_kernel    the two above in one launch (a prefill): CONFIGS; x and weight
-      [rmsnorm_act_quant_unpack]    dtypes, GATED as the norm's; format x LANES x matrices as the unpack's
+      [rmsnorm_act_quant_unpack]    dtypes, GATED as the norm's, or no norm (act_quant's rows: a
+                                    bitlinear layer at large M); format x LANES x matrices as the unpack's
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
                                     sequence or per token), or none; head sizes 64, 96, 128
     _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
@@ -300,18 +301,20 @@ def _rmsnorm_unpack_variants() -> list[Variant]:
     from .activations import CONFIGS
     from .layout import UNPACK_BLOCK_K, UNPACK_BLOCK_R
 
-    norms = [("bf16", "bf16", False), ("bf16", "bf16", True), ("fp32", "fp32", False), ("fp16", "fp32", True)]
+    # (w None: no norm, a bitlinear layer's act_quant from float x at large M; its w_ptr is x, unread)
+    norms = [("bf16", "bf16", False), ("bf16", "bf16", True), ("fp32", "fp32", False), ("fp16", "fp32", True),
+             ("bf16", None, False), ("fp16", None, False)]
     unpacks = [(p, lanes, seg) for p in FORMATS.values() for lanes in (4, 1) for seg in (1, 2, 3)]
+    # every unpack beside a norm (each norm thrice), and the unnormed rows on the word path too
+    pairs = _round_robin(unpacks, norms) + [(unpacks[1], norms[4]), (unpacks[14], norms[5])]
     out = []
-    for i, (x, w, gated) in enumerate(norms * 2):
-        for j, (p, lanes, seg) in enumerate(unpacks[i::8][:3]):
-            cfg = CONFIGS[(i + j) % len(CONFIGS)]
-            types = dict(x_ptr=TYPES[x], u_ptr=TYPES[x], w_ptr=TYPES[w], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32",
-                         pw_ptr="*u8", pw1_ptr="*u8", pw2_ptr="*u8", out_ptr="*i8", eps="fp32")
-            consts = dict(GATED=gated, SUM_BLOCK=4096 if (i + j) % 3 else 256, P=p, SEGMENTS=seg, LANES=lanes,
-                          UNPACK_R=UNPACK_BLOCK_R, UNPACK_K=UNPACK_BLOCK_K, **cfg.kwargs)
-            out.append(Variant("_rmsnorm_quant_unpack_kernel", consts, types, cfg.num_warps, cfg.num_stages,
-                               aligned=(i + j) % 2 == 0))
+    for i, ((p, lanes, seg), (x, w, gated)) in enumerate(pairs):
+        cfg = CONFIGS[i % len(CONFIGS)]
+        types = dict(x_ptr=TYPES[x], u_ptr=TYPES[x], w_ptr=TYPES[w or x], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32",
+                     pw_ptr="*u8", pw1_ptr="*u8", pw2_ptr="*u8", out_ptr="*i8", eps="fp32")
+        consts = dict(NORM=w is not None, GATED=gated, SUM_BLOCK=4096 if i % 3 else 256, P=p, SEGMENTS=seg, LANES=lanes,
+                      UNPACK_R=UNPACK_BLOCK_R, UNPACK_K=UNPACK_BLOCK_K, **cfg.kwargs)
+        out.append(Variant("_rmsnorm_quant_unpack_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 2 == 0))
     return out
 
 

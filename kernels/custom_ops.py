@@ -30,7 +30,8 @@ Dispatch by the number of activation rows M (all leading dimensions of x flatten
   normalizes the row; a decode layer's four norms launch nothing of their own).
 - M > 1: act_quant, then the tensor-core GEMM (its small-M configs and split-K up to M = 64);
   several matrices of one input in one launch too (gemm_cat; from M = UNPACK_M after unpacking
-  them into one int8 buffer, in rmsnorm_packed_matmul_cat by the launch that quantizes x). Up to
+  them into one int8 buffer, by the launch that quantizes x: rmsnorm_packed_matmul_cat's norm,
+  bitlinear's act_quant). Up to
   M = 64 (a batched decode step) rmsnorm_packed_matmul_cat's norm runs inside the GEMM, as in the
   GEMV: every program normalizes and quantizes its rows.
 Autotuning runs at the first call of each shape; run one eager call before capturing a CUDA graph.
@@ -88,6 +89,9 @@ def _bitlinear_impl(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | Non
     x2 = rows_of(x)
     if _one_row(x2):
         y = gemv(x2, packed, n, fmt, scale=scale, bias=bias)
+    elif 0 < _gemm.UNPACK_M <= x2.shape[0]:  # the quantization of x and the weights' unpack in one launch
+        x_q, a, xsum, w = _rmsnorm_act_quant_unpack(x2, None, 0.0, [packed], [n], fmt)
+        y = gemm_cat(x_q, [packed], [n], fmt, [scale], [bias], a.reshape(-1), xsum, x.dtype, unpacked=w)
     else:
         x_q, a, xsum = _act_quant(x2)
         y = gemm(x_q, packed, n, fmt, scale=scale, bias=bias, a=a, xsum=xsum, out_dtype=x.dtype)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from bitnet.quant import quantize_activation, rms_norm
 
-from .activations import CONFIGS, activation_scale, quantize, quantize_rows, rows_of
+from .activations import CONFIGS, act_quant, act_quant_row, activation_scale, quantize, quantize_rows, rows_of
 from .common import LAUNCH, autotune, next_power_of_2, pdl, pdl_start, pdl_wait
 from .layout import check_packed, unpack_arguments, unpack_tile
 
@@ -189,7 +189,7 @@ def rmsnorm_quant_row(m, x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, K, eps, s
     tl.store(xsum_ptr + m, tl.sum(xsum, 0))
 
 
-@autotune(CONFIGS, key=["K", "GATED", "P", "SEGMENTS"], interpret_config=triton.Config({"BLOCK_K": 64}))
+@autotune(CONFIGS, key=["K", "NORM", "GATED", "P", "SEGMENTS"], interpret_config=triton.Config({"BLOCK_K": 64}))
 @triton.jit
 def _rmsnorm_quant_unpack_kernel(
     # pointers: the norm's (as _rmsnorm_act_quant_kernel's), then the unpack's (as layout._unpack_kernel's)
@@ -199,20 +199,24 @@ def _rmsnorm_quant_unpack_kernel(
     # strides
     stride_xm, stride_um, stride_qm,
     # constexpr (P .. UNPACK_K: _unpack_kernel's P, SEGMENTS, LANES, BLOCK_R, BLOCK_K)
-    GATED: tl.constexpr, PDL: tl.constexpr, SUM_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr, SUM_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, UNPACK_R: tl.constexpr, UNPACK_K: tl.constexpr,
 ):
     """A prefill's two independent steps before its int8 GEMM in one launch: programs 0 .. M - 1
-    normalize and quantize a row each (_rmsnorm_act_quant_kernel's), the rest unpack the weights
-    (layout._unpack_kernel's, its 2-D grid in rows of KB). One launch fewer a projection group.
-    Every program waits for the kernel before it (PDL) before it writes: the unpacked weights'
-    buffer may be memory that kernel still reads."""
+    normalize and quantize a row each (_rmsnorm_act_quant_kernel's; without NORM quantize it as it
+    is, _act_quant_kernel's: a bitlinear layer from float x, u_ptr and w_ptr unread), the rest
+    unpack the weights (layout._unpack_kernel's, its 2-D grid in rows of KB). One launch fewer a
+    projection group. Every program waits for the kernel before it (PDL) before it writes: the
+    unpacked weights' buffer may be memory that kernel still reads."""
     pdl_start(PDL)
     pdl_wait(PDL)
     pid = tl.program_id(0)
     if pid < M:
-        rmsnorm_quant_row(pid, x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, K, eps, stride_xm, stride_um, stride_qm,
-                          GATED, SUM_BLOCK, BLOCK_K)
+        if NORM:
+            rmsnorm_quant_row(pid, x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, K, eps, stride_xm, stride_um, stride_qm,
+                              GATED, SUM_BLOCK, BLOCK_K)
+        else:
+            act_quant_row(pid, x_ptr, xq_ptr, a_ptr, xsum_ptr, K, stride_xm, stride_qm, BLOCK_K)
     else:
         b = pid - M
         unpack_tile(pw_ptr, pw1_ptr, pw2_ptr, out_ptr, N, R, N1, R1, N2, R2, KU, b // KB, b % KB,
@@ -237,18 +241,25 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return quantize_rows(x, launch)
 
 
-def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor, eps: float, packed: list[torch.Tensor],
+def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor | None, eps: float, packed: list[torch.Tensor],
                              ns: list[int], fmt: str, up: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(x_q, a, xsum) of rmsnorm_act_quant(x, weight, eps, up) and the int8 weights of
     layout.unpack_cat(packed, ns, fmt) in one launch (a prefill's projection group before its int8
-    GEMM): the same bits as the two launches (packed: up to three matrices of x's K)."""
-    _check_norm(x, weight, up)
+    GEMM): the same bits as the two launches (packed: up to three matrices of x's K). weight None:
+    no norm, (x_q, a, xsum) of act_quant(x) (a bitlinear layer from float x at large M)."""
+    if weight is not None:
+        _check_norm(x, weight, up)
+    elif up is not None:
+        raise ValueError("up (the gated MLP's up projection) goes with an RMSNorm: pass its weight")
+    elif not x.is_floating_point():
+        raise ValueError(f"act_quant takes a float tensor, got {x.dtype}")
     k = x.shape[-1]
     packed = [check_packed(p, n, k, fmt) for p, n in zip(packed, ns)]
     w = torch.empty(sum(ns), k, dtype=torch.int8, device=packed[0].device)
     if k == 0 or not w.numel():  # (nothing to unpack)
-        return (*rmsnorm_act_quant(x, weight, eps, up), w)
-    weight = weight.contiguous()
+        return (*(rmsnorm_act_quant(x, weight, eps, up) if weight is not None else act_quant(x)), w)
+    norm = weight is not None
+    weight = weight.contiguous() if norm else None
     up2 = rows_of(up) if up is not None else None
     unpack, (row_blocks, k_blocks), constexprs = unpack_arguments(packed, ns, fmt, w)
 
@@ -256,9 +267,9 @@ def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor, eps: float, 
         u, stride_u = (up2, up2.stride(0)) if up2 is not None else (x2, 0)
         m = x2.shape[0]
         _rmsnorm_quant_unpack_kernel[(m + row_blocks * k_blocks,)](
-            x2, u, weight, x_q, a, xsum, *unpack[:4], m, x2.shape[1], eps, *unpack[4:], k_blocks,
-            x2.stride(0), stride_u, x2.shape[1], GATED=up2 is not None, SUM_BLOCK=sum_block(x2.shape[1]),
-            P=constexprs["P"], SEGMENTS=constexprs["SEGMENTS"], LANES=constexprs["LANES"],
+            x2, u, weight if norm else x2, x_q, a, xsum, *unpack[:4], m, x2.shape[1], eps, *unpack[4:], k_blocks,
+            x2.stride(0), stride_u, x2.shape[1], NORM=norm, GATED=up2 is not None,
+            SUM_BLOCK=sum_block(x2.shape[1]), P=constexprs["P"], SEGMENTS=constexprs["SEGMENTS"], LANES=constexprs["LANES"],
             UNPACK_R=constexprs["BLOCK_R"], UNPACK_K=constexprs["BLOCK_K"], **LAUNCH, **pdl(x2))
 
     x_q, a, xsum = quantize_rows(x, launch)

@@ -475,6 +475,40 @@ def test_large_m_unpacked_gemm_is_exact_and_equals_the_fused_one(fmt, monkeypatc
     assert torch.equal(gemm(x_q[:2], packed, N, fmt, out_dtype=torch.int32).cpu(), exact(x_q[:2], w_q))  # below
 
 
+@pytest.mark.parametrize("fmt, k", [("2bit", 100), ("1.6bit", 203), ("1bit", 128)])
+def test_a_large_m_layer_quantizes_and_unpacks_in_one_launch(fmt, k, monkeypatch, triton_device):
+    """bitlinear from float x from M = UNPACK_M on (forced here): x's quantization and the weights'
+    unpack in one launch (rmsnorm_quant.rmsnorm_act_quant_unpack without a norm), then the int8
+    GEMM: no act_quant or unpack launch of its own; x_q, a and xsum those of act_quant, the weights
+    those of bitnet.packing.unpack; the output exactly the torch reference's integers (int32 via
+    the same launches) and, in float32, equal to the path below UNPACK_M bit for bit."""
+    import bitnet.kernels.gemm as gemm_module
+    from bitnet.kernels import activations, layout
+    from bitnet.kernels.rmsnorm_quant import rmsnorm_act_quant_unpack
+
+    d = triton_device
+    w_q = random_weights(N, k, fmt, seed=k)
+    packed, scale = pack(w_q, fmt).to(d), torch.tensor([0.3], device=d)
+    bias = torch.randn(N).to(d)
+    x = random_activations(6, k, seed=k + 1).to(d)
+    below = kernels.bitlinear(x, packed, scale, N, fmt, bias)
+    launches = []
+    for module, name in ((activations, "_act_quant_kernel"), (layout, "_unpack_kernel")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, type("Spy", (), {"__getitem__": lambda self, grid, _r=real, _n=name: (
+            launches.append(_n), _r[grid])[1]})())
+    monkeypatch.setattr(gemm_module, "UNPACK_M", 4)
+    assert torch.equal(kernels.bitlinear(x, packed, scale, N, fmt, bias), below) and launches == []
+    x_q, a, xsum, w = rmsnorm_act_quant_unpack(x, None, 0.0, [packed], [N], fmt)
+    r_q, r_a = quantize_activation(x.cpu())
+    assert torch.equal(x_q.cpu(), r_q) and torch.equal(a.cpu(), r_a) and torch.equal(xsum.cpu(), r_q.sum(-1, dtype=torch.int32))
+    assert torch.equal(w.cpu(), unpack(pack(w_q, fmt), N, fmt))
+    y = gemm_module.gemm_cat(x_q, [packed], [N], fmt, [None], None, out_dtype=torch.int32, unpacked=w)
+    assert torch.equal(y.cpu(), exact(r_q, w_q))
+    with pytest.raises(ValueError, match="goes with an RMSNorm"):
+        rmsnorm_act_quant_unpack(x, None, 0.0, [packed], [N], fmt, up=x)
+
+
 @pytest.mark.parametrize("fmt, m, unpacked", [("2bit", 2, False), ("1.6bit", 33, False), ("1bit", 3, False),
                                                ("2bit", 5, True), ("1.6bit", 5, True)])
 def test_gemm_adds_the_residual_as_torch_adds(fmt, m, unpacked, monkeypatch, triton_device):
