@@ -326,6 +326,24 @@ def matmul_args(
     return a, scale
 
 
+def norm_args(name: str, x: torch.Tensor, norm_weight: torch.Tensor | None,
+              up: torch.Tensor | None) -> torch.Tensor | None:
+    """Check the RMSNorm a matmul launcher (`name`: GEMV, GEMM) runs inside it: float x (M, K), a
+    weight (K,) (returned contiguous; None: no norm), up (the relu2 MLP's) of x's shape and dtype
+    with unit stride along K, only with a norm."""
+    if norm_weight is None:
+        if up is not None:
+            raise ValueError("up (the gated MLP's up projection) goes with an RMSNorm: pass norm_weight")
+        return None
+    if not x.is_floating_point() or tuple(norm_weight.shape) != (x.shape[-1],):
+        raise ValueError(f"an RMSNorm in the {name} needs float x and a weight of shape ({x.shape[-1]},), got x "
+                         f"{x.dtype} and weight {tuple(norm_weight.shape)}")
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.stride(-1) != 1):
+        raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype} and unit stride "
+                         f"along K, got {tuple(up.shape)} {up.dtype} stride {up.stride()}")
+    return norm_weight.contiguous()
+
+
 def cat_biases(name: str, packed: list, ns: list, scales: list, biases: list | None) -> list:
     """The checks of gemv_cat / gemm_cat (`name`) on their matrices; the biases as a list (None
     for each matrix where none are given)."""

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from bitnet.quant import int_matmul
 
-from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
-                     pdl_wait, segment_starts, store_output)
+from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
+                     pdl_start, pdl_wait, segment_starts, store_output)
 from .gemv import by_segment, segment_of
 from .activations import quantize
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_checked, values_per_byte
@@ -494,22 +494,13 @@ def gemm_cat(
     output is quantized and multiplied, as gemv_cat's norm_weight does at M = 1: every program
     normalizes and quantizes its rows itself (the norm kernel's arithmetic and summation order:
     rmsnorm_act_quant's x_q and a, bit for bit), a and xsum unused."""
+    norm_weight = norm_args("GEMM", x_q, norm_weight, up)
     norm = norm_weight is not None
     m, k = x_q.shape
-    if norm:
-        if not x_q.is_floating_point() or tuple(norm_weight.shape) != (k,) or out_dtype == torch.int32:
-            raise ValueError(f"an RMSNorm in the GEMM needs float x, a weight of shape ({k},) and a float output, got x "
-                             f"{x_q.dtype}, weight {tuple(norm_weight.shape)}, output {out_dtype}")
-        if m > SMALL_M or 0 < UNPACK_M <= m:
-            raise ValueError(f"an RMSNorm in the GEMM is for M <= {SMALL_M} (and below BITNET_UNPACK_GEMM_M = "
-                             f"{UNPACK_M}), got M = {m}: rmsnorm_act_quant, then the GEMM")
-        if up is not None and (up.shape != x_q.shape or up.dtype != x_q.dtype or up.stride(-1) != 1):
-            raise ValueError(f"up must have the gate's shape and dtype {tuple(x_q.shape)} {x_q.dtype} and unit stride "
-                             f"along K, got {tuple(up.shape)} {up.dtype} stride {up.stride()}")
-        norm_weight = norm_weight.contiguous()
-    elif up is not None:
-        raise ValueError("up (the gated MLP's up projection) goes with an RMSNorm: pass norm_weight")
-    elif x_q.dtype != torch.int8:
+    if norm and (out_dtype == torch.int32 or m > SMALL_M or 0 < UNPACK_M <= m):
+        raise ValueError(f"an RMSNorm in the GEMM is for a float output and M <= {SMALL_M} (below "
+                         f"BITNET_UNPACK_GEMM_M = {UNPACK_M}), got {out_dtype} and M = {m}: rmsnorm_act_quant, then the GEMM")
+    if not norm and x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
     biases = cat_biases("gemm_cat", packed, ns, scales, biases)
     total = sum(ns)

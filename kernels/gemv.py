@@ -41,8 +41,8 @@ import triton.language as tl
 from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
-from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, pdl, pdl_start,
-                     pdl_wait, segment_starts, store_output)
+from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
+                     pdl_start, pdl_wait, segment_starts, store_output)
 from .layout import check_packed, join_slices, values_per_byte
 from .rmsnorm_quant import norm_input, normed, normed_row_scale, row_rstd, sum_block
 
@@ -516,16 +516,7 @@ def gemv_cat(
     the activations the kernel quantized and multiplied (after its norm, with norm_weight)."""
     biases = cat_biases("gemv_cat", packed, ns, scales, biases)
     quantize_x = x.is_floating_point()
-    if norm_weight is not None:
-        if not quantize_x or tuple(norm_weight.shape) != (x.shape[-1],):
-            raise ValueError(f"an RMSNorm in the GEMV needs float x and a weight of shape ({x.shape[-1]},), got x "
-                             f"{x.dtype} and weight {tuple(norm_weight.shape)}")
-        if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.stride(-1) != 1):
-            raise ValueError(f"up must have the gate's shape and dtype {tuple(x.shape)} {x.dtype} and unit stride "
-                             f"along K, got {tuple(up.shape)} {up.dtype} stride {up.stride()}")
-        norm_weight = norm_weight.contiguous()
-    elif up is not None:
-        raise ValueError("up (the gated MLP's up projection) goes with an RMSNorm: pass norm_weight")
+    norm_weight = norm_args("GEMV", x, norm_weight, up)
     xq_out = None
     if quantized_out is not None:
         xq_out, a_out = quantized_out

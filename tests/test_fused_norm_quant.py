@@ -352,9 +352,9 @@ def test_the_batched_gemm_refuses_a_norm_it_cannot_run(triton_device):
     x, w = torch.randn(3, 64, device=d), torch.ones(64, device=d)
     with pytest.raises(ValueError, match="weight of shape \\(64,\\)"):
         gemm_cat(x, *args, norm_weight=torch.ones(63, device=d))
-    with pytest.raises(ValueError, match="a float output"):
+    with pytest.raises(ValueError, match="is for a float output"):
         gemm_cat(x, *args, out_dtype=torch.int32, norm_weight=w)
-    with pytest.raises(ValueError, match="is for M <= 64"):
+    with pytest.raises(ValueError, match="M <= 64"):
         gemm_cat(torch.randn(65, 64, device=d), *args, norm_weight=w)
     with pytest.raises(ValueError, match="up must have the gate's shape"):
         gemm_cat(x, *args, norm_weight=w, up=torch.ones(3, 32, device=d))
