@@ -44,7 +44,7 @@ from .activations import quantize, row_scale
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
                      pdl_start, pdl_wait, segment_starts, store_output)
 from .layout import check_packed, join_slices, values_per_byte
-from .rmsnorm_quant import norm_input, normed, normed_row_scale, row_rstd, sum_block
+from .rmsnorm_quant import norm_input, normed, row_norm_scale, sum_block
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
 # thread and row. Wide tiles cover a whole row in one step (no loop); narrow ones give programs
@@ -338,8 +338,8 @@ def _gemv_kernel(
         y (M, N + N1 + N2).
     HAS_RES (SEGMENTS == 1): y = residual + y, res_ptr (M, N) of y's dtype (common.store_output).
     NORM (with QUANTIZE_X): x is the input of an RMSNorm (weight nw_ptr (K,), eps) whose output the
-        kernel quantizes, the fused norm kernel's arithmetic (rmsnorm_quant.py: row_rstd, then
-        normed_row_scale, two passes over the row from L2 before the loop); with GATED the norm's
+        kernel quantizes, the fused norm kernel's arithmetic (rmsnorm_quant.row_norm_scale: one pass
+        over the row from L2 before the loop up to K = 4096, two beyond); with GATED the norm's
         input is relu(x)^2 * u, u_ptr (M, K) of x's dtype (row stride stride_um): the relu2 MLP.
         SUM_BLOCK = rmsnorm_quant.sum_block(K): the sum of squares in the norm kernel's order, so
         that every program, and rmsnorm_act_quant, computes the same rstd and a, bit for bit.
@@ -395,8 +395,7 @@ def _gemv_kernel(
     u_row = u_ptr + m * stride_um if GATED else u_ptr
     rstd = 1.0
     if QUANTIZE_X and NORM:
-        rstd = row_rstd(x_row, u_row, K, eps, GATED, SUM_BLOCK)
-        a = normed_row_scale(x_row, u_row, nw_ptr, K, rstd, GATED, x_ptr.dtype.element_ty, BLOCK_A)
+        rstd, a = row_norm_scale(x_row, u_row, nw_ptr, K, eps, GATED, x_ptr.dtype.element_ty, SUM_BLOCK, BLOCK_A)
     elif QUANTIZE_X:
         a = row_scale(x_row, K, BLOCK_A)
     elif not OUT_INT32:

@@ -5,7 +5,8 @@ no normalized activation written to memory.
                                                                in float32, scale in the input dtype)
     x_q, a = act_quant(h)                                      (activations.py, same arithmetic)
 
-Three passes over the row (sum of squares; absmax of h; quantize h), the later two from L2.
+One read of a row of up to 4096 (kept in registers for the sum of squares, the absmax of h and
+the quantization; block_norm); a longer row three passes (the later two from L2).
 Bit-identical to torch where the sum of squares is: its summation order differs from torch's,
 so the normalized values may differ by an ulp, and x_q by one where h * a lies that close to a
 rounding boundary (the tests bound both). The order is a function of K alone (row_rstd), not of
@@ -51,7 +52,12 @@ def norm_input(x_row, u_row, offs, mask, GATED: tl.constexpr):
 def normed(v, w_ptr, offs, mask, rstd, DT: tl.constexpr):
     """h at offs from the norm's input v (float32 holding DT values), as float32, rounded as torch
     rounds it (DT, then the product's)."""
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    return normed_by(v, tl.load(w_ptr + offs, mask=mask, other=0.0), rstd, DT)
+
+
+@triton.jit
+def normed_by(v, w, rstd, DT: tl.constexpr):
+    """normed, with the norm's weights w at v's offsets already loaded."""
     h = w.to(tl.float32) * (v * rstd).to(DT).to(tl.float32)  # exact in float32
     if w.dtype == DT:
         h = h.to(DT).to(tl.float32)  # torch: bf16 * bf16 is a bf16; mixed dtypes give float32
@@ -95,8 +101,41 @@ def row_rstd(x_row, u_row, K, eps, GATED: tl.constexpr, SUM_BLOCK: tl.constexpr)
         offs = k0 + tl.arange(0, SUM_BLOCK)
         v = norm_input(x_row, u_row, offs, offs < K, GATED)
         sq += v * v
-    mean = tl.math.div_rn(pairwise_sum(sq, SUM_BLOCK), K.to(tl.float32))
-    return tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))  # torch.rsqrt is 1 / sqrt on CPU
+    return rstd_of(pairwise_sum(sq, SUM_BLOCK), K, eps)
+
+
+@triton.jit
+def rstd_of(sum_sq, K, eps):
+    """1 / sqrt(sum_sq / K + eps), as torch.rsqrt(mean + eps) on a CPU (1 / sqrt)."""
+    mean = tl.math.div_rn(sum_sq, K.to(tl.float32))
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))
+
+
+@triton.jit
+def block_norm(x_row, u_row, w_ptr, K, eps, GATED: tl.constexpr, DT: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    """A row of K <= SUM_BLOCK read once, the norm's weights loaded beside it: (h (SUM_BLOCK,) the
+    normalized row, 0 past K; rstd; a), row_rstd's and normed_row_scale's bits (row_rstd's
+    0 + v * v is v * v; a max in any order)."""
+    offs = tl.arange(0, SUM_BLOCK)
+    mask = offs < K
+    v = norm_input(x_row, u_row, offs, mask, GATED)
+    rstd = rstd_of(pairwise_sum(v * v, SUM_BLOCK), K, eps)
+    h = normed_by(v, tl.load(w_ptr + offs, mask=mask, other=0.0), rstd, DT)
+    return h, rstd, activation_scale(tl.max(tl.abs(h), 0))
+
+
+@triton.jit
+def row_norm_scale(x_row, u_row, w_ptr, K, eps, GATED: tl.constexpr, DT: tl.constexpr, SUM_BLOCK: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """(rstd, a) of the row: row_rstd, then normed_row_scale (BLOCK wide), the same bits. A row of
+    at most SUM_BLOCK (every width up to 4096) is read once (block_norm), where the two passes wait
+    on L2 twice (the weights the second time)."""
+    if K <= SUM_BLOCK:
+        _, rstd, a = block_norm(x_row, u_row, w_ptr, K, eps, GATED, DT, SUM_BLOCK)
+    else:
+        rstd = row_rstd(x_row, u_row, K, eps, GATED, SUM_BLOCK)
+        a = normed_row_scale(x_row, u_row, w_ptr, K, rstd, GATED, DT, BLOCK)
+    return rstd, a
 
 
 @triton.jit
@@ -129,8 +168,7 @@ def rows_rstd(x_rows, u_rows, rows_ok, K, eps, GATED: tl.constexpr, SUM_BLOCK: t
             v = norm_input(x_rows, u_rows, offs, rows_ok & (offs < K), GATED)
             sq += v * v
         parts = tl.where(chunk == c, pairwise_rows(sq, CHUNK)[:, None], parts)
-    mean = tl.math.div_rn(pairwise_rows(parts, NC), K.to(tl.float32))
-    return tl.math.div_rn(tl.full(mean.shape, 1.0, tl.float32), tl.math.sqrt_rn(mean + eps))
+    return rstd_of(pairwise_rows(parts, NC), K, eps)
 
 
 @triton.jit
@@ -173,20 +211,29 @@ def _rmsnorm_act_quant_kernel(
 @triton.jit
 def rmsnorm_quant_row(m, x_ptr, u_ptr, w_ptr, xq_ptr, a_ptr, xsum_ptr, K, eps, stride_xm, stride_um, stride_qm,
                       GATED: tl.constexpr, SUM_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_rmsnorm_act_quant_kernel's program m: row m normalized, quantized, stored with a and xsum."""
+    """_rmsnorm_act_quant_kernel's program m: row m normalized, quantized, stored with a and xsum
+    (a row of at most SUM_BLOCK read once: block_norm; a longer one three times, BLOCK_K at a time)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     x_row = x_ptr + m * stride_xm
     u_row = u_ptr + m * stride_um if GATED else u_ptr
-    rstd = row_rstd(x_row, u_row, K, eps, GATED, SUM_BLOCK)
-    a = normed_row_scale(x_row, u_row, w_ptr, K, rstd, GATED, DT, BLOCK_K)
-    xsum = tl.zeros([BLOCK_K], tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        q = quantize(normed(norm_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K, rstd, DT), a)
+    if K <= SUM_BLOCK:
+        h, _, a = block_norm(x_row, u_row, w_ptr, K, eps, GATED, DT, SUM_BLOCK)
+        offs = tl.arange(0, SUM_BLOCK)
+        q = quantize(h, a)
         tl.store(xq_ptr + m * stride_qm + offs, q.to(tl.int8), mask=offs < K)
-        xsum += q
+        total = tl.sum(q, 0)  # (0 past K)
+    else:
+        rstd = row_rstd(x_row, u_row, K, eps, GATED, SUM_BLOCK)
+        a = normed_row_scale(x_row, u_row, w_ptr, K, rstd, GATED, DT, BLOCK_K)
+        xsum = tl.zeros([BLOCK_K], tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            q = quantize(normed(norm_input(x_row, u_row, offs, offs < K, GATED), w_ptr, offs, offs < K, rstd, DT), a)
+            tl.store(xq_ptr + m * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+            xsum += q
+        total = tl.sum(xsum, 0)
     tl.store(a_ptr + m, a)
-    tl.store(xsum_ptr + m, tl.sum(xsum, 0))
+    tl.store(xsum_ptr + m, total)
 
 
 @autotune(CONFIGS, key=["K", "NORM", "GATED", "P", "SEGMENTS"], interpret_config=triton.Config({"BLOCK_K": 64}))
