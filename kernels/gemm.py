@@ -293,7 +293,8 @@ UNPACK_M = int(os.environ.get("BITNET_UNPACK_GEMM_M", "512"))  # read at import,
 # 0: never, one rmsnorm_act_quant launch first). The trade, from the sm_90 SASS at 16 x 128 x 128:
 # the loop quantizes its float x tiles (564 instructions a step against 180), once per column tile
 # of the launch, and each program reads its rows twice from L2 before it, against a norm launch of
-# its own (three passes over the rows) and its boundary; BITNET_GEMM_NORM_M=0 is the A/B on a GPU.
+# its own (one read of each row up to K = 4096, three passes beyond) and its boundary;
+# BITNET_GEMM_NORM_M=0 is the A/B on a GPU.
 GEMM_NORM_M = min(SMALL_M, int(os.environ.get("BITNET_GEMM_NORM_M", str(SMALL_M))))
 
 # BLOCK_K 256 in two stages: twice the tensor-core work per loop step for the same loop overhead

@@ -507,7 +507,7 @@ def gemv_cat(
 
     norm_weight (K,): x (float) is an RMSNorm's input; its output, not x, is quantized and
     multiplied: rmsnorm_act_quant(x, norm_weight, eps) then the GEMV, in one launch (every program
-    normalizes the row itself: two passes over it before its loop). With up (M, K) of x's dtype,
+    normalizes the row itself before its loop: rmsnorm_quant.row_norm_scale). With up (M, K) of x's dtype,
     unit stride along K: the norm's input is relu(x)^2 * up (the relu2 MLP's gate and up). Same
     arithmetic as rmsnorm_act_quant, the same summation order: the same x_q and a, bit for bit.
 
