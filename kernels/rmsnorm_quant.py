@@ -168,7 +168,9 @@ def rows_rstd(x_rows, u_rows, rows_ok, K, eps, GATED: tl.constexpr, SUM_BLOCK: t
             v = norm_input(x_rows, u_rows, offs, rows_ok & (offs < K), GATED)
             sq += v * v
         parts = tl.where(chunk == c, pairwise_rows(sq, CHUNK)[:, None], parts)
-    return rstd_of(pairwise_rows(parts, NC), K, eps)
+    # (rows not ok, a tile's rows past M, as if of mean square 1: not 1 / sqrt(eps), inf with eps 0)
+    sums = tl.where(tl.reshape(rows_ok, (x_rows.shape[0],)), pairwise_rows(parts, NC), K.to(tl.float32))
+    return rstd_of(sums, K, eps)
 
 
 @triton.jit
