@@ -60,7 +60,7 @@ class Model:
     label: str
     head_bits: int | None = None  # a quantized lm_head (model.quantize_lm_head(bits)), else the float one
     pdl: bool = True  # False: the Triton kernels launch serialized (BITNET_PDL=0), the A/B of common.pdl
-    norm_in_gemm: bool = True  # False: a batched decode's norms launch apart (BITNET_GEMM_NORM_M=0), the A/B of gemm's NORM
+    norm_in_gemm: bool = True  # False: a batched step's norms launch apart (BITNET_GEMM_NORM_M=0), the A/B of NORM
 
 
 MODELS = {m.key: m for m in [

@@ -314,7 +314,8 @@ def _rmsnorm_unpack_variants() -> list[Variant]:
                      pw_ptr="*u8", pw1_ptr="*u8", pw2_ptr="*u8", out_ptr="*i8", eps="fp32")
         consts = dict(NORM=w is not None, GATED=gated, SUM_BLOCK=4096 if i % 3 else 256, P=p, SEGMENTS=seg, LANES=lanes,
                       UNPACK_R=UNPACK_BLOCK_R, UNPACK_K=UNPACK_BLOCK_K, **cfg.kwargs)
-        out.append(Variant("_rmsnorm_quant_unpack_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 2 == 0))
+        out.append(Variant("_rmsnorm_quant_unpack_kernel", consts, types, cfg.num_warps, cfg.num_stages,
+                           aligned=i % 2 == 0))
     return out
 
 

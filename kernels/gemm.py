@@ -41,10 +41,10 @@ import triton.language as tl
 
 from bitnet.quant import int_matmul
 
+from .activations import quantize
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
                      pdl_start, pdl_wait, segment_starts, store_output)
 from .gemv import by_segment, segment_of
-from .activations import quantize
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_checked, values_per_byte
 from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rows_rstd, sum_block
 
@@ -119,8 +119,9 @@ def segment_epilogue(later, third, a_rows, scale_ptr, scale1_ptr, scale2_ptr, bi
     return factor, bias
 
 
-@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS, key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2", "NORM", "GATED"],
-          prune=_prune, interpret_config=INTERPRET_CONFIG)
+@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS,
+          key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2", "NORM", "GATED"], prune=_prune,
+          interpret_config=INTERPRET_CONFIG)
 @triton.jit
 def _gemm_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
@@ -500,7 +501,8 @@ def gemm_cat(
     m, k = x_q.shape
     if norm and (out_dtype == torch.int32 or m > SMALL_M or 0 < UNPACK_M <= m):
         raise ValueError(f"an RMSNorm in the GEMM is for a float output and M <= {SMALL_M} (below "
-                         f"BITNET_UNPACK_GEMM_M = {UNPACK_M}), got {out_dtype} and M = {m}: rmsnorm_act_quant, then the GEMM")
+                         f"BITNET_UNPACK_GEMM_M = {UNPACK_M}), got {out_dtype} and M = {m}: "
+                         f"rmsnorm_act_quant, then the GEMM")
     if not norm and x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
     biases = cat_biases("gemm_cat", packed, ns, scales, biases)

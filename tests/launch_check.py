@@ -108,7 +108,8 @@ def main(arch: int) -> int:
                     lambda: custom_ops.rmsnorm_packed_matmul_cat(xf, nw, 1e-5, [weights(40, 256, fmt)], [s], [40], fmt,
                                                                  up=up, residual=torch.randn(m, 40, dtype=torch.bfloat16)))
             attempt(f"bitlinear M={m}: the quantization and the unpack in one launch, then the GEMM {fmt}",
-                    lambda: custom_ops.bitlinear(xf, weights(40, 256, fmt), s, 40, fmt, torch.randn(40, dtype=torch.bfloat16)))
+                    lambda: custom_ops.bitlinear(xf, weights(40, 256, fmt), s, 40, fmt,
+                                                 torch.randn(40, dtype=torch.bfloat16)))
             # between the batched GEMM's norm (M <= GEMM_NORM_M) and a prefill's (M >= UNPACK_M): the norm
             # kernel, then the GEMM from int8
             m = gemm.GEMM_NORM_M + 1

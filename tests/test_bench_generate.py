@@ -52,7 +52,8 @@ def test_the_ab_models_measure_with_their_knob_off_and_restore_it(monkeypatch):
 
     bench = _bench()
     seen = []
-    monkeypatch.setattr(bench, "_measure", lambda args, key: seen.append((key, common.PDL_ENABLED, gemm.GEMM_NORM_M)) or {})
+    monkeypatch.setattr(bench, "_measure",
+                        lambda args, key: seen.append((key, common.PDL_ENABLED, gemm.GEMM_NORM_M)) or {})
     monkeypatch.setattr(common, "PDL_ENABLED", True)
     monkeypatch.setattr(gemm, "GEMM_NORM_M", 64)
     for key in ("bitnet", "bitnet-serial", "bitnet-norm-apart", "bitnet"):

@@ -501,7 +501,8 @@ def test_a_large_m_layer_quantizes_and_unpacks_in_one_launch(fmt, k, monkeypatch
     assert torch.equal(kernels.bitlinear(x, packed, scale, N, fmt, bias), below) and launches == []
     x_q, a, xsum, w = rmsnorm_act_quant_unpack(x, None, 0.0, [packed], [N], fmt)
     r_q, r_a = quantize_activation(x.cpu())
-    assert torch.equal(x_q.cpu(), r_q) and torch.equal(a.cpu(), r_a) and torch.equal(xsum.cpu(), r_q.sum(-1, dtype=torch.int32))
+    assert torch.equal(x_q.cpu(), r_q) and torch.equal(a.cpu(), r_a)
+    assert torch.equal(xsum.cpu(), r_q.sum(-1, dtype=torch.int32))
     assert torch.equal(w.cpu(), unpack(pack(w_q, fmt), N, fmt))
     y = gemm_module.gemm_cat(x_q, [packed], [N], fmt, [None], None, out_dtype=torch.int32, unpacked=w)
     assert torch.equal(y.cpu(), exact(r_q, w_q))
