@@ -132,8 +132,11 @@ def measure(args: Args, key: str) -> dict:
     batched decode's norms launched apart, as BITNET_GEMM_NORM_M=0; each as it was again after)."""
     from bitnet.kernels import common, gemm
 
-    spec = MODELS[key]
-    knobs = [(common, "PDL_ENABLED", False)] * (not spec.pdl) + [(gemm, "GEMM_NORM_M", 0)] * (not spec.norm_in_gemm)
+    spec, knobs = MODELS[key], []
+    if not spec.pdl:
+        knobs.append((common, "PDL_ENABLED", False))
+    if not spec.norm_in_gemm:
+        knobs.append((gemm, "GEMM_NORM_M", 0))
     saved = [(module, name, getattr(module, name)) for module, name, _ in knobs]
     for module, name, value in knobs:
         setattr(module, name, value)

@@ -233,9 +233,10 @@ def _rmsnorm_packed_matmul_cat_impl(x: Tensor, weight: Tensor, eps: float, packe
         # a prefill: the norm and the weights' unpack for the int8 GEMM in one launch
         x_q, a, xsum, w = _rmsnorm_act_quant_unpack(x, weight, eps, packed, ns, fmt, up)
         return _matmul_cat(x_q, a, packed, scales, biases, ns, fmt, x.dtype, xsum, residual, unpacked=w)
-    if x2.shape[0] <= _gemm.GEMM_NORM_M and not 0 < _gemm.UNPACK_M <= x2.shape[0] and not _one_row(x2) \
-            and _one_launch(packed, biases) and (r2 is None or _one_matrix_residual(packed, r2)):
-        # a batched decode step: the norm inside the GEMM, every program normalizing its rows itself
+    if x2.shape[0] <= _gemm.GEMM_NORM_M and _one_launch(packed, biases) and (r2 is None
+                                                                            or _one_matrix_residual(packed, r2)):
+        # a batched decode step (one row and a prefill took the branches above): the norm inside the
+        # GEMM, every program normalizing its rows itself
         u2 = None if up is None else rows_of(up)
         y = gemm_cat(x2, packed, ns, fmt, scales, biases, out_dtype=x.dtype, residual=r2, norm_weight=weight, eps=eps,
                      up=u2)

@@ -308,7 +308,8 @@ def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor | None, eps: 
     if k == 0 or not w.numel():  # (nothing to unpack)
         return (*(rmsnorm_act_quant(x, weight, eps, up) if weight is not None else act_quant(x)), w)
     norm = weight is not None
-    weight = weight.contiguous() if norm else None
+    if norm:
+        weight = weight.contiguous()
     up2 = rows_of(up) if up is not None else None
     unpack, (row_blocks, k_blocks), constexprs = unpack_arguments(packed, ns, fmt, w)
 
