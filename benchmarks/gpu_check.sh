@@ -69,8 +69,13 @@
 #                                            folder), to commit as kernels/tuned/<GPU>.json: the
 #                                            package's table for that GPU model (a next call reads it)
 #   bench_kernels_cuda.md  generate_cuda.md  peer_transformers_cuda.md  peer_gpu_kernels_cuda.md
+#   gpu_goals_cuda.md                        issues 26 and 27's goals held against this call's results
+#                                            (benchmarks/gpu_goals.py, after the last stage): met,
+#                                            missed or not measured, a row a goal
 # The benchmarks also write these into benchmarks/results/ (only files written by this run are
-# copied). The output ends with the result tables, the failed tests and the stage table.
+# copied). The output ends with the result tables, the goals, the failed tests and the stage table.
+# With both calls' results committed to benchmarks/results/, `python benchmarks/gpu_goals.py
+# --junit <call 1's tests.xml>` makes the scorecard of the two together.
 # --dry-run prints the folder, the budgets and every stage's command, and runs nothing.
 #
 # A second call, to give one stage the time the first did not (the machine may be a fresh one:
@@ -111,7 +116,7 @@ NPROC=$(nproc 2>/dev/null || echo 2)
 WORKERS=$(( NPROC >= 8 ? NPROC - 4 : (NPROC >= 2 ? NPROC : 1) ))
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 PY=${PYTHON:-python3}
-RESULT_FILES="bench_kernels_cuda.json bench_kernels_cuda.md generate_cuda.json generate_cuda.md peer_transformers_cuda.json peer_transformers_cuda.md peer_gpu_kernels_cuda.json peer_gpu_kernels_cuda.md"
+RESULT_FILES="bench_kernels_cuda.json bench_kernels_cuda.md generate_cuda.json generate_cuda.md peer_transformers_cuda.json peer_transformers_cuda.md peer_gpu_kernels_cuda.json peer_gpu_kernels_cuda.md gpu_goals_cuda.json gpu_goals_cuda.md"
 
 declare -A CMD
 CMD[install]="if ls .whl/*.whl >/dev/null 2>&1; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; else echo 'no .whl/*.whl carried'; fi
@@ -264,9 +269,15 @@ for s in $ALL_STAGES; do
     selected "$s" && run_stage "$s"
 done
 pack
+# the goals against this call's results (those pack just gathered), and the tests' verdict where they ran
+JUNIT=""
+[ -f "$LOGS/tests.xml" ] && JUNIT="--junit $LOGS/tests.xml"
+timeout -k 2 30 $PY benchmarks/gpu_goals.py --results "$WORK/results" $JUNIT --out-dir "$BENCH_OUT" > "$LOGS/goals.log" 2>&1 \
+    || echo "gpu_goals failed (rc $?): see logs/goals.log"
+pack
 
 # The tail of the output is what the device tool returns: result tables first, the stage table last.
-for f in bench_kernels_cuda.md peer_gpu_kernels_cuda.md generate_cuda.md peer_transformers_cuda.md; do
+for f in bench_kernels_cuda.md peer_gpu_kernels_cuda.md generate_cuda.md peer_transformers_cuda.md gpu_goals_cuda.md; do
     [ -f "$RESULTS/$f" ] && { echo; echo "----- $f"; cat "$RESULTS/$f"; }
 done
 if [ -f "$LOGS/tests.log" ]; then

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .atomic import atomic_write_bytes
 from .bitlinear import BitLinear, RMSNorm
 from .config import BitNetConfig
 from .convert import freeze
@@ -111,18 +112,17 @@ def environment() -> dict:
     return env
 
 
-def save_results(name: str, payload: dict, markdown: str | None = None, out_dir: str | None = None) -> str:
-    """Write {environment, **payload} to out_dir/name.json (and name.md); returns the JSON path."""
+def save_results(name: str, payload: dict, markdown: str | None = None, out_dir: str | None = None,
+                 env: dict | None = None) -> str:
+    """Write {environment, **payload} to out_dir/name.json (and name.md); returns the JSON path.
+    env: the stamp, where not this process's environment() (a report made from other results)."""
     out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    env = environment()  # before the file is opened: truncating a committed result would stamp the tree dirty
-    with open(path, "w") as f:
-        json.dump({"environment": env, **payload}, f, indent=2)
-        f.write("\n")
-    if markdown is not None:
-        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-            f.write(markdown.rstrip() + "\n")
+    env = environment() if env is None else env  # before the file is replaced: a changed committed result would stamp the tree dirty
+    atomic_write_bytes(path, (json.dumps({"environment": env, **payload}, indent=2) + "\n").encode())
+    if markdown is not None:  # (atomic: a run stopped mid-write leaves the last complete results, not half a file)
+        atomic_write_bytes(os.path.join(out_dir, f"{name}.md"), (markdown.rstrip() + "\n").encode())
     return path
 
 

@@ -8,13 +8,15 @@ import json
 import os
 import sys
 
+import pytest
+
 from bitnet import BitNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(ROOT, "benchmarks", "bench_generate.py"))
+def _bench(name: str = "bench_generate"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -40,6 +42,15 @@ def test_decode_step_profile_counts_what_one_step_runs(tmp_path):
                for p in prof.values())
     md = (tmp_path / "generate_cpu.md").read_text()
     assert "one decode step by op (self CPU time), from 3 profiled steps" in md and "| bitnet_cpu::decode_layer | 2.0 |" in md
+    # the goals' scorecard reads this file's fields (held to the goal's conditions: 2B-4T, CUDA graphs)
+    goals = _bench("gpu_goals")
+    rows = goals.generate_goals(saved, decode=[(1, 0.0)], prefill=(16, 0.0))
+    assert rows[0]["note"] == "not the goal's conditions: preset tiny, not 2b4t"
+    rows = goals.generate_goals({**saved, "args": {**saved["args"], "preset": "2b4t", "compile": True}},
+                                decode=[(1, 0.0)], prefill=(16, 0.0))
+    r = {k: saved["results"][k]["rows"][0] for k in ("bitnet", "bf16")}
+    assert rows[0]["value"] == pytest.approx(r["bitnet"]["decode_tok_s"] / r["bf16"]["decode_tok_s"])
+    assert rows[1]["note"] == "packed: not recorded; twin: not recorded"  # (no CUDA graph on a CPU)
 
 
 def test_the_ab_models_measure_with_their_knob_off_and_restore_it(monkeypatch):

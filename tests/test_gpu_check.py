@@ -61,12 +61,15 @@ def test_dry_run_prints_every_stage_within_six_minutes(tmp_path):
 
 STUB = """#!/usr/bin/env bash
 case "$*" in
-  "-m pytest "*) for w in 1 2; do echo "WARNING bitnet.kernels.launch: direct Triton launches do not work here (cuda:0); the kernels launch through Triton's own path"; done
+  "-m pytest "*) for a in "$@"; do case $a in --junitxml=*) echo '<testsuites/>' > "${a#--junitxml=}" ;; esac; done
+                for w in 1 2; do echo "WARNING bitnet.kernels.launch: direct Triton launches do not work here (cuda:0); the kernels launch through Triton's own path"; done
                 echo "FAILED tests/test_x.py::test_y - AssertionError: boom"; echo "1 failed, 2 passed in 0.50s"; exit 1 ;;
   *bench_kernels*) echo "autotuning forever"; sleep 30 ;;
   *bench_generate*) echo '{"complete": true}' > "$BENCH_OUT/generate_cuda.json"; echo '# generate table' > "$BENCH_OUT/generate_cuda.md"
                     mkdir -p "$BITNET_TUNING_DIR" && echo '{"format": 1}' > "$BITNET_TUNING_DIR/Stub_GPU.json" ;;
   *peer_transformers*) echo "DISAGREE"; exit 1 ;;
+  *gpu_goals*) echo "$*" > "$BENCH_OUT/goals_args"; echo '# the goals' > "$BENCH_OUT/gpu_goals_cuda.md"
+               echo '{}' > "$BENCH_OUT/gpu_goals_cuda.json" ;;
 esac
 """
 
@@ -94,12 +97,18 @@ def test_stages_time_out_fail_and_go_on_into_at_most_eight_files(tmp_path):
     assert re.search(r"^kernels\s+TIMEOUT", table, re.M), table
     assert re.search(r"^generate\s+ok", table, re.M), table
     assert re.search(r"^peer\s+FAIL \(rc 1\)", table, re.M), table
-    assert "# generate table" in r.stdout  # result tables are printed before the stage table
+    # result tables, then the goals, are printed before the stage table
+    assert r.stdout.index("# generate table") < r.stdout.index("# the goals") < r.stdout.index("stage     status")
     files = sorted(os.listdir(results))
-    assert files == ["generate_cuda.md", "logs.tar.gz", "results.tar.gz", "summary.md"]
+    assert files == ["generate_cuda.md", "gpu_goals_cuda.md", "logs.tar.gz", "results.tar.gz", "summary.md"]
     with tarfile.open(results / "results.tar.gz") as tar:  # this run's results only (not the stale JSON)
         assert sorted(tar.getnames()) == ["results", "results/generate_cuda.json", "results/generate_cuda.md",
+                                          "results/gpu_goals_cuda.json", "results/gpu_goals_cuda.md",
                                           "results/tuning", "results/tuning/Stub_GPU.json"]  # (its autotuning table)
+    # the goals read the results this call gathered (no tests stage: no --junit)
+    goals_args = (tmp_path / "bench_out" / "goals_args").read_text().split()
+    assert goals_args[:2] == ["benchmarks/gpu_goals.py", "--results"] and goals_args[2].endswith("/results")
+    assert "--junit" not in goals_args
     with tarfile.open(results / "logs.tar.gz") as tar:
         names = set(tar.getnames())
         assert {"logs/kernels.log", "logs/generate.log", "logs/peer.log", "logs/summary.md"} <= names
@@ -118,7 +127,9 @@ def test_test_stage_summary_failures_and_fallbacks_are_extracted(tmp_path):
     summary = (results / "summary.md").read_text()
     assert "Tests: 1 failed, 2 passed in 0.50s" in summary and "- FAILED tests/test_x.py::test_y" in summary
     assert re.search(r"Fallbacks logged.*\n```\n\s+2 direct Triton launches do not work here", summary, re.S), summary
-    assert sorted(os.listdir(results)) == ["logs.tar.gz", "summary.md"]
+    assert sorted(os.listdir(results)) == ["gpu_goals_cuda.md", "logs.tar.gz", "results.tar.gz", "summary.md"]
+    goals_args = (tmp_path / "bench_out" / "goals_args").read_text().split()
+    assert goals_args[goals_args.index("--junit") + 1].endswith("/logs/tests.xml")  # the tests' verdict goes in
 
 
 def test_peer_transformers_agrees_on_a_tiny_preset(tmp_path):
@@ -142,6 +153,10 @@ def test_peer_transformers_agrees_on_a_tiny_preset(tmp_path):
     assert all(s["decode_tok_s"] > 0 for s in res["speed"].values())
     md = (tmp_path / "peer_smoke.md").read_text()
     assert "| ours bf16 vs transformers bf16 |" in md and "Within: yes" in md and "| bf16: ours vs transformers | yes |" in md
+    # the goals' scorecard reads this file's fields (its preset aside: the goal is 2B-4T's)
+    rows = bench_module("gpu_goals").peer_transformers_goals({**res, "args": {**res["args"], "preset": "2b4t"}})
+    assert rows[0]["value"] == pytest.approx(res["speed"]["ours"]["decode_tok_s"] / res["speed"]["transformers"]["decode_tok_s"])
+    assert rows[1]["status"] == "met" and rows[1]["measured"] == "equal (6 tokens)"
 
 
 def test_peer_first_difference():
@@ -152,7 +167,9 @@ def test_peer_first_difference():
     assert peer.first_difference(a, torch.tensor([[5, 6, 1]]), 2) == 1  # one side stopped early
 
 
-def test_kernel_benchmark_times_m1_formats_at_m1_only_and_saves_shape_by_shape(tmp_path, monkeypatch, triton_device):
+def kernel_bench(monkeypatch, triton_device):
+    """bench_kernels with its timers stubbed (GPU time 0.01 ms, eager call 0.02 ms) and a copy
+    bandwidth of 1000 GB/s: the kernels run through Triton's interpreter."""
     if triton_device != "cpu":
         pytest.skip("drives the benchmark's CPU measuring code through Triton's interpreter (rerun beside a GPU)")
     bench = bench_module("bench_kernels")
@@ -160,6 +177,11 @@ def test_kernel_benchmark_times_m1_formats_at_m1_only_and_saves_shape_by_shape(t
     monkeypatch.setattr(bench, "measured_hbm_bandwidth", lambda: 1000.0)
     monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), 0.02)[1])
     monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, warmup, iters, flush: (fn(), 0.01)[1])
+    return bench
+
+
+def test_kernel_benchmark_times_m1_formats_at_m1_only_and_saves_shape_by_shape(tmp_path, monkeypatch, triton_device):
+    bench = kernel_bench(monkeypatch, triton_device)
     args = bench.BenchArgs(m=[1, 3], shapes=["40x64", "8x32"], formats=["2bit"], m1_formats=["1bit", "2bit"],
                            warmup=1, iters=1)
     seen = []
@@ -173,3 +195,121 @@ def test_kernel_benchmark_times_m1_formats_at_m1_only_and_saves_shape_by_shape(t
     assert all(r["hbm_share"] > 0 for r in result["rows"])
     assert "| 40x64 | 1 | 1bit |" in bench.report(result)
     assert all(r["ms"] == 0.01 and r["eager_ms"] == 0.02 for r in result["rows"])  # GPU time and eager call, apart
+
+
+# ----------------------------------------------------------------------------- the goals' scorecard
+def test_goals_take_the_kernel_rows_ratios_from_their_times(monkeypatch, triton_device):
+    """The kernel benchmark's own rows (its timers stubbed), their GPU times then set by hand: each
+    goal's ratio is recomputed from the times and held to its target, the boundary counting as met."""
+    bench, goals = kernel_bench(monkeypatch, triton_device), bench_module("gpu_goals")
+    args = bench.BenchArgs(m=[1, 3], shapes=["40x64"], formats=["2bit"], m1_formats=["1.6bit", "1bit"], warmup=1, iters=1)
+    result = {**bench.measure(args, device="cpu"), "complete": True}
+    ms = {(1, "bf16"): 0.05, (1, "2bit"): 0.0125, (1, "1.6bit"): 0.0175, (1, "1bit"): 0.0125, (3, "bf16"): 0.03,
+          (3, "2bit"): 0.02}
+    for r in result["rows"]:
+        r["ms"] = ms.get((r["m"], r["format"]), r["ms"])
+        r["speedup"] = 99.0  # a file's own ratio column is not what the goals read
+    rows = goals.kernel_goals(result, speedups=[("40x64", 1, 4.0), ("40x64", 3, 2.0), ("8x32", 1, 1.0)],
+                              bandwidth=[("40x64", 5e-5)], formats=[("40x64", "1.6bit", 1.3), ("40x64", "1bit", 1.0)])
+    got = [(r["goal"].split(": ", 1)[0], r["status"], r["value"]) for r in rows]
+    # 40 rows of 64 weights at 2 bits: 10 packed rows of 64 bytes, read in 12.5 us, of 1000 GB/s
+    share = 640 / 12.5e-6 / 1e9 / 1000.0
+    assert got == [("40x64, M = 1", "met", pytest.approx(4.0)), ("40x64, M = 3", "MISSED", pytest.approx(1.5)),
+                   ("8x32, M = 1", "not measured", None), ("40x64, M = 1", "met", pytest.approx(share)),
+                   ("40x64, M = 1", "MISSED", pytest.approx(1.4)), ("40x64, M = 1", "met", pytest.approx(1.0))]
+    assert rows[2]["note"] == "no row for 8x32 M = 1 bf16, 8x32 M = 1 2bit"
+    assert rows[0]["measured"] == "4.00x (12.5 vs 50.0 us)"
+    result["complete"] = False  # a stage cut short: what is there counts, what is not says why
+    assert goals.kernel_goals(result, speedups=[("8x32", 1, 1.0)], bandwidth=[], formats=[])[0]["note"].endswith(
+        "(a run cut short)")
+    assert goals.kernel_goals(None, "no bench_kernels_cuda.json")[0]["note"] == "no bench_kernels_cuda.json"
+
+
+def generate_result(bitnet: dict, bf16: dict, **args) -> dict:
+    """A bench_generate JSON of two models, batch 1 and 8 (the fields the goals read)."""
+    def rows(model):
+        return [{"batch": b, "prefill_long_len": 512, **model[b]} for b in (1, 8)]
+    return {"complete": True, "args": {"preset": "2b4t", "compile": True, **args},
+            "results": {"bitnet": {"rows": rows(bitnet)}, "bf16": {"rows": rows(bf16)}}}
+
+
+def test_goals_hold_generate_and_the_transformers_peer_to_their_targets():
+    goals = bench_module("gpu_goals")
+    ours = {1: {"decode_tok_s": 1400.0, "prefill_long_tok_s": 45000.0, "prefill_long_graph_tok_s": 90000.0},
+            8: {"decode_tok_s": 4800.0, "prefill_long_tok_s": 1.0}}
+    twin = {1: {"decode_tok_s": 400.0, "prefill_long_tok_s": 50000.0, "prefill_long_graph_tok_s": 60000.0},
+            8: {"decode_tok_s": 2000.0, "prefill_long_tok_s": 1.0}}
+    rows = goals.generate_goals(generate_result(ours, twin))
+    assert [(r["status"], r["value"]) for r in rows] == [("met", pytest.approx(3.5)), ("MISSED", pytest.approx(2.4)),
+                                                         ("met", pytest.approx(1.5))]
+    assert rows[2]["note"] == "eager: 0.90x"
+    # a partial run (rounds only, the latest figure of each model), an eager-only one, another preset
+    partial = {"complete": False, "args": {"preset": "2b4t", "compile": True},
+               "rounds": [{"bitnet": generate_result(ours, twin)["results"]["bitnet"]}]}
+    assert [r["note"] for r in goals.generate_goals(partial)][:2] == ["no bf16 row at batch 1 (a run cut short)",
+                                                                      "no bf16 row at batch 8 (a run cut short)"]
+    assert goals.generate_goals(generate_result(ours, twin, compile=False))[0]["note"] == (
+        "not the goal's conditions: decode timed without CUDA graphs (--compile off)")
+    assert {r["status"] for r in goals.generate_goals(generate_result(ours, twin, preset="small"))} == {"not measured"}
+    del ours[1]["prefill_long_graph_tok_s"]
+    ours[1]["prefill_long_graph_error"] = "RuntimeError: a host sync"
+    assert goals.generate_goals(generate_result(ours, twin))[2]["note"] == "packed: RuntimeError: a host sync"
+
+    peer = {"args": {"preset": "2b4t"}, "speed": {"ours": {"decode_tok_s": 30.0}, "transformers": {"decode_tok_s": 40.0}},
+            "greedy": {"bf16": {"identical": False, "first_difference": 5, "near_tie": True, "ours": [1] * 32}}}
+    rows = goals.peer_transformers_goals(peer)
+    assert [(r["status"], r["measured"]) for r in rows] == [("MISSED", "0.75x (30.0 vs 40.0 tok/s)"),
+                                                            ("MISSED", "differ (32 tokens)")]
+    assert rows[1]["note"] == "first difference at new token 5 (a near-tie)"
+
+
+def test_goals_read_the_suite_from_pytests_own_junit(tmp_path):
+    """A JUnit file written by pytest itself: a pass, a failure, a skip, and the exactness test's
+    cases; the suite is red, the exactness goal met, and every case skipped is not a pass."""
+    goals = bench_module("gpu_goals")
+    (tmp_path / "test_fake.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert False\n"
+        "@pytest.mark.skip(reason='no GPU')\n"
+        "def test_skipped(): pass\n"
+        "@pytest.mark.parametrize('n', [1, 2])\n"
+        "def test_cuda_real_shapes_exact_and_equal_to_torch(n): pass\n"
+        "@pytest.mark.parametrize('n', [1, 2])\n"
+        "@pytest.mark.skip(reason='no GPU')\n"
+        "def test_exact_elsewhere(n): pass\n")
+    xml = tmp_path / "tests.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "test_fake.py"],
+                   cwd=tmp_path, capture_output=True, timeout=120)
+    rows = goals.test_goals(str(xml))
+    assert [(r["issue"], r["status"], r["measured"]) for r in rows] == [
+        (26, "MISSED", "3 passed, 1 failed, 3 skipped"), (26, "met", f"{rows[1]['value']:.0f} s"), (27, "met", "2 of 2 passed")]
+    assert goals.test_goals(str(xml), exact_test="test_exact_elsewhere")[2]["note"] == (
+        "test_exact_elsewhere: every case skipped (no GPU?)")
+    assert goals.test_goals(str(xml), suite_seconds=0)[1]["status"] == "MISSED"
+    assert {r["status"] for r in goals.test_goals(None)} == {"not measured"}
+    (tmp_path / "broken.xml").write_text("<testsuites")
+    assert "unreadable (ParseError" in goals.test_goals(str(tmp_path / "broken.xml"))[0]["note"]
+
+
+def test_goals_scorecard_names_its_sources_and_saves(tmp_path, capsys):
+    goals = bench_module("gpu_goals")
+    results = tmp_path / "results"
+    results.mkdir()
+    stamp = {"device": "NVIDIA H100 80GB HBM3", "commit": "0123456789abcdef", "dirty": False, "date": "2026-12-05"}
+    ours = {b: {"decode_tok_s": 1000.0, "prefill_long_tok_s": 1.0, "prefill_long_graph_tok_s": 2.0} for b in (1, 8)}
+    twin = {b: {"decode_tok_s": 200.0, "prefill_long_tok_s": 1.0, "prefill_long_graph_tok_s": 1.0} for b in (1, 8)}
+    (results / "generate_cuda.json").write_text(json.dumps({"environment": stamp, **generate_result(ours, twin)}))
+    (results / "peer_transformers_cuda.json").write_text("{not json")
+    assert goals.cli(["--results", str(results), "--out-dir", str(tmp_path / "out")]) == 0
+    card = json.loads((tmp_path / "out" / "gpu_goals_cuda.json").read_text())
+    assert card["counts"] == {"met": 3, "MISSED": 0, "not measured": len(card["goals"]) - 3}
+    assert card["sources"]["generate_cuda"]["device"] == "NVIDIA H100 80GB HBM3"
+    assert card["sources"]["bench_kernels_cuda"] == {"absent": "no bench_kernels_cuda.json"}
+    assert card["sources"]["peer_transformers_cuda"]["absent"].startswith("peer_transformers_cuda.json unreadable")
+    assert set(card["environment"]) == {"date"}  # not this machine's: the figures were taken elsewhere
+    md = (tmp_path / "out" / "gpu_goals_cuda.md").read_text()
+    assert md.startswith("# Issue 26 / 27 goals against the GPU results: 3 met, 0 missed,")
+    assert "- generate_cuda: NVIDIA H100 80GB HBM3, commit 0123456789, 2026-12-05" in md
+    assert "| 27 | 2B-4T decode, batch 1: packed over the bf16 twin (CUDA graphs) | >= 3.5x | 5.00x (1000 vs 200 tok/s) | met |" in md
+    assert md in capsys.readouterr().out

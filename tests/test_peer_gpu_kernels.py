@@ -283,6 +283,20 @@ def test_the_loop_checks_times_and_reports_every_system(tmp_path, monkeypatch, t
     assert rows[("64x256", 1, "gemlite A8W158_INT_dynamic")]["status"].startswith("failed: import gemlite")
     md = peer.report(result)
     assert "| 64x256 | 2 | bitnet.cpp W2A8 |" in md and "not supported" in md and "instantiated here" in md
+    # the goals' scorecard pairs each peer with ours doing the same work (quantization timed, or not)
+    spec = importlib.util.spec_from_file_location("gpu_goals", os.path.join(ROOT, "benchmarks", "gpu_goals.py"))
+    goals = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = goals  # (its dataclass looks its module up there)
+    spec.loader.exec_module(goals)
+    card = {r["goal"]: r for r in goals.peer_kernel_goals(result)}
+    for shape, ours, theirs in (("64x256", "ours packed_matmul (int8 x given)", "bitnet.cpp W2A8 (int8 x given)"),
+                                ("64x256", "ours bitlinear 2bit", "bitnet.cpp W2A8 + act_quant"),
+                                ("32x128", "ours bitlinear 2bit", "bitnet.cpp W2A8 (instantiated here) + act_quant")):
+        got = card.pop(f"{shape}, M = 1: ahead of {theirs}")
+        assert got["value"] == pytest.approx(rows[(shape, 1, theirs)]["ms"] / rows[(shape, 1, ours)]["ms"]), got
+    gemlite = card.pop("64x256, M = 1: ahead of gemlite A8W158_INT_dynamic")
+    assert gemlite["status"] == "not measured" and gemlite["note"].startswith("failed: import gemlite")
+    assert all("gemlite" in g or "instantiated" in g for g in card), card  # (not supported at M = 2: no goal)
 
     monkeypatch.setattr(peer, "BitnetCppBuild", emulated_kernel(zero=1))  # a peer that reads every weight + 1
     args = peer.PeerArgs(shapes=["64x256"], m1_shapes=[], m=[1], peers=["bitnet.cpp"], instantiate=False,
