@@ -9,7 +9,9 @@ H200). This module runs the compiler itself, with no GPU and no driver:
 
 through every stage (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin), for sm_90 (H100/H200) and
 sm_80 (A100), and checks the shared memory each variant asks for against the architecture's
-per-block limit (a launch would fail with "out of resources" on the GPU).
+per-block limit (a launch would fail with "out of resources" on the GPU). Each variant's registers
+and spills (bytes of local memory a thread) are read off its cubin and reported per kernel
+(--verbose: per variant), so that a tile that spills is seen before a GPU times it.
 
 Variants: what each launcher can produce. Axes per kernel (launcher in brackets):
 
@@ -54,7 +56,7 @@ A covering set, not the full product (which is thousands of compiles): for each 
 and LANES, every tile config is compiled, and every combination of the other axes is compiled,
 walked round-robin beside the configs, so that each config meets a flag combination and each
 flag combination a config. Every value of every axis, and every pair of a format and a path with
-each, is compiled. About 460 compiles for two architectures; --jobs spreads them over processes.
+each, is compiled. About 810 compiles for two architectures; --jobs spreads them over processes.
 
     python -m bitnet.kernels.compile_check                   # sm_90 and sm_80, every kernel
     python -m bitnet.kernels.compile_check --arch 90 --kernel _gemm_kernel --jobs 8
@@ -117,6 +119,8 @@ class Result:
     seconds: float
     shared: int = 0
     error: str = ""
+    registers: int = 0  # a thread's, from the cubin (cuobjdump -res-usage)
+    spill: int = 0  # bytes of local memory a thread (stack and local: register spills), from the cubin
 
 
 def _jit_functions() -> dict:
@@ -478,13 +482,41 @@ def compile_variant(v: Variant, fn=None) -> Result:
         shared = int(compiled.metadata.shared)
         if not compiled.asm.get("cubin"):
             raise RuntimeError("the compiler returned no cubin")
+        registers, spill = resources(compiled)
     except Exception as e:  # noqa: BLE001: every compiler failure is reported, with its type
         return Result(v, False, time.perf_counter() - start, error=_message(e))
     limit = SHARED_LIMIT.get(v.arch)
     if limit is not None and shared > limit:
         return Result(v, False, time.perf_counter() - start, shared,
-                      f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}")
-    return Result(v, True, time.perf_counter() - start, shared)
+                      f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}", registers, spill)
+    return Result(v, True, time.perf_counter() - start, shared, registers=registers, spill=spill)
+
+
+def resources(compiled) -> tuple[int, int]:
+    """(registers a thread, bytes of local memory a thread) of a compiled kernel's cubin, as the
+    cuobjdump in Triton's wheel reads them (-res-usage: REG, and STACK + LOCAL, where ptxas puts
+    the registers it spills)."""
+    import re
+
+    usage = _cuobjdump("-res-usage", compiled)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if m is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[-300:]!r}")
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+
+
+def _cuobjdump(flag: str, compiled) -> str:
+    """cuobjdump `flag` of a compiled kernel's cubin (the cuobjdump in Triton's wheel)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
 # Kernels whose programs may load before the PDL wait: the GEMV's first tile of packed weights (no
@@ -519,16 +551,8 @@ def sass_ops(compiled) -> list[tuple[int, str, str]]:
     """(address, opcode, line) of every instruction of a compiled kernel's cubin, disassembled by the
     cuobjdump in Triton's wheel."""
     import re
-    import subprocess
-    import tempfile
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    sass = _cuobjdump("-sass", compiled)
     pattern = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*)$")
     return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(pattern.match, sass.splitlines()) if m]
 
@@ -594,13 +618,17 @@ def report(results: list[Result], seconds: float) -> str:
     fails = [r for r in results if not r.ok]
     by_kernel = {}
     for r in results:
-        k = by_kernel.setdefault((r.variant.kernel, r.variant.arch), [0, 0, 0])
+        k = by_kernel.setdefault((r.variant.kernel, r.variant.arch), [0, 0, 0, 0, 0, 0])
         k[0] += 1
         k[1] += not r.ok
         k[2] = max(k[2], r.shared)
+        k[3] = max(k[3], r.registers)
+        k[4] += r.spill > 0 and r.variant.aligned
+        k[5] = max(k[5], r.spill if r.variant.aligned else 0)
     lines = [f"{len(results)} compiles with Triton {triton.__version__}, {len(fails)} failed, {seconds:.0f} s"]
-    lines += [f"  {name} sm_{arch}: {n} variants, {bad} failed, largest shared memory {shared} B"
-              for (name, arch), (n, bad, shared) in sorted(by_kernel.items())]
+    lines += [f"  {name} sm_{arch}: {n} variants, {bad} failed, largest shared memory {shared} B, registers up to "
+              f"{regs}, {spills} aligned spill{f' (up to {most} B a thread)' if spills else ''}"
+              for (name, arch), (n, bad, shared, regs, spills, most) in sorted(by_kernel.items())]
     for r in fails:
         lines += ["", f"FAILED {r.variant.describe()}", *("    " + line for line in r.error.splitlines())]
     return "\n".join(lines)
@@ -668,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(r: Result):
         if args.verbose or not r.ok:
-            print(f"{'ok  ' if r.ok else 'FAIL'} {r.seconds:5.1f}s {r.variant.describe()}", flush=True)
+            usage = f" ({r.registers} registers, {r.spill} B spilled)" if r.ok else ""
+            print(f"{'ok  ' if r.ok else 'FAIL'} {r.seconds:5.1f}s {r.variant.describe()}{usage}", flush=True)
 
     results = run(args.arch, args.kernel, args.jobs, progress)
     print(report(results, time.perf_counter() - start))

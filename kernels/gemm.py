@@ -71,13 +71,18 @@ INTERPRET_CONFIG = _config(16, 32, 32, 4, 1, group=2)
 
 # With the RMSNorm inside (NORM), the loop's x tiles are float (and GATED's up tiles too), staged in
 # shared memory by Triton's pipeliner: tiles of at most this many bytes (sm_90 SASS: 64 x 256 fp32
-# gated in three stages wanted 448 KB of sm_90's 227, 32 x 128 in four stages 170 KB of sm_80's 163).
+# gated in three stages wanted 448 KB of sm_90's 227, 32 x 128 in four stages 170 KB of sm_80's 163),
+# and of 16 rows: every 32-row tile spilled 400-650 bytes a thread on sm_90 (255 registers; the
+# 16-row ones 195-224 registers, none spilled) in each of a 2B-4T layer's four flag sets, split or
+# not (the compile guard's registers and spills).
 NORM_MAX_TILE_BYTES = 8192
+NORM_BLOCK_M = 16
 
 
 def norm_fits(config: triton.Config, x_size: int) -> bool:
     """Whether a small-M config takes float x tiles of x_size-byte elements with NORM."""
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] * x_size <= NORM_MAX_TILE_BYTES
+    rows = config.kwargs["BLOCK_M"]
+    return rows == NORM_BLOCK_M and rows * config.kwargs["BLOCK_K"] * x_size <= NORM_MAX_TILE_BYTES
 
 
 def _prune(configs, named_args, **kwargs):

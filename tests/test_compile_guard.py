@@ -174,6 +174,47 @@ def test_float_x_is_quantized_once_for_all_rows_of_a_tile():
     assert int(re.search(r": (\d+) instructions", main).group(1)) < 1.5 * weights, main
 
 
+NORM_TILES = '''
+import dataclasses
+import torch
+from bitnet.kernels import compile_check
+from bitnet.kernels.gemm import SMALL_M_CONFIGS, _prune
+
+base = next(v for v in compile_check.variants(archs=(90,), kernels=["_gemm_kernel"]) if v.constexprs["NORM"])
+kept = _prune(SMALL_M_CONFIGS, dict(m_bucket=64, x_ptr=torch.empty(0, dtype=torch.bfloat16)), NORM=True)
+wide = [c for c in SMALL_M_CONFIGS if c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_K"] == 128][:1]
+bf16 = dict(x_ptr="*bf16", nw_ptr="*bf16", y_ptr="*bf16", bias_ptr="*bf16", bias1_ptr="*bf16", bias2_ptr="*bf16",
+            res_ptr="*bf16")
+layer = {"q/k/v": dict(SEGMENTS=3, HAS_RES=False, GATED=False), "down": dict(SEGMENTS=1, HAS_RES=True, GATED=True)}
+for which, configs in (("kept", kept), ("wide", wide)):
+    for cfg in configs:
+        for name, flags in layer.items():
+            v = dataclasses.replace(base, constexprs=dict(base.constexprs, P=4, LANES=4, SPLIT_K=2, HAS_BIAS=False,
+                                                          OUT_INT32=False, SUM_BLOCK=4096, **flags, **cfg.kwargs),
+                                    types=dict(base.types, **bf16, u_ptr="*bf16" if flags["GATED"] else "*fp32"),
+                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=True)
+            r = compile_check.compile_variant(v)
+            print(which, name, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], r.ok, r.registers, r.spill)
+'''
+
+
+def test_a_batched_steps_norm_tiles_do_not_spill(tmp_path):
+    """The batched decode's GEMM with the RMSNorm inside (2B-4T's heaviest flag sets: q/k/v, and
+    down with its gate and residual; bf16, 2-bit words, split-K): every tile the autotuner keeps
+    compiles for sm_90 without spilling a register, read off the cubin; a 32-row tile, which it
+    drops, spills hundreds of bytes a thread (what the check exists to see)."""
+    script = tmp_path / "norm_tiles.py"
+    script.write_text(NORM_TILES)
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines()]
+    kept = [row for row in rows if row[0] == "kept"]
+    assert len(kept) >= 4 and {row[2] for row in kept} == {"16"}, r.stdout
+    assert all(row[5] == "True" and int(row[6]) <= 255 and row[7] == "0" for row in kept), r.stdout
+    wide = [row for row in rows if row[0] == "wide"]
+    assert wide and all(row[5] == "True" and int(row[7]) >= 128 for row in wide), r.stdout
+
+
 BROKEN_PDL = '''
 import triton
 import triton.language as tl
