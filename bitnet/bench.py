@@ -119,9 +119,11 @@ def save_results(name: str, payload: dict, markdown: str | None = None, out_dir:
     out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    env = environment() if env is None else env  # before the file is replaced: a changed committed result would stamp the tree dirty
+    # (the stamp before the file is replaced: a changed committed result would stamp the tree dirty;
+    # atomic writes: a run stopped mid-write leaves the last complete results, not half a file)
+    env = environment() if env is None else env
     atomic_write_bytes(path, (json.dumps({"environment": env, **payload}, indent=2) + "\n").encode())
-    if markdown is not None:  # (atomic: a run stopped mid-write leaves the last complete results, not half a file)
+    if markdown is not None:
         atomic_write_bytes(os.path.join(out_dir, f"{name}.md"), (markdown.rstrip() + "\n").encode())
     return path
 

@@ -616,19 +616,15 @@ def report(results: list[Result], seconds: float) -> str:
     import triton
 
     fails = [r for r in results if not r.ok]
-    by_kernel = {}
+    by_kernel: dict[tuple[str, int], list[Result]] = {}
     for r in results:
-        k = by_kernel.setdefault((r.variant.kernel, r.variant.arch), [0, 0, 0, 0, 0, 0])
-        k[0] += 1
-        k[1] += not r.ok
-        k[2] = max(k[2], r.shared)
-        k[3] = max(k[3], r.registers)
-        k[4] += r.spill > 0 and r.variant.aligned
-        k[5] = max(k[5], r.spill if r.variant.aligned else 0)
+        by_kernel.setdefault((r.variant.kernel, r.variant.arch), []).append(r)
     lines = [f"{len(results)} compiles with Triton {triton.__version__}, {len(fails)} failed, {seconds:.0f} s"]
-    lines += [f"  {name} sm_{arch}: {n} variants, {bad} failed, largest shared memory {shared} B, registers up to "
-              f"{regs}, {spills} aligned spill{f' (up to {most} B a thread)' if spills else ''}"
-              for (name, arch), (n, bad, shared, regs, spills, most) in sorted(by_kernel.items())]
+    for (name, arch), rs in sorted(by_kernel.items()):
+        spills = [r.spill for r in rs if r.spill and r.variant.aligned]  # (unaligned variants: K = 37 and the like)
+        lines.append(f"  {name} sm_{arch}: {len(rs)} variants, {sum(not r.ok for r in rs)} failed, largest shared memory "
+                     f"{max(r.shared for r in rs)} B, registers up to {max(r.registers for r in rs)}, {len(spills)} "
+                     f"aligned spill{f' (up to {max(spills)} B a thread)' if spills else ''}")
     for r in fails:
         lines += ["", f"FAILED {r.variant.describe()}", *("    " + line for line in r.error.splitlines())]
     return "\n".join(lines)
