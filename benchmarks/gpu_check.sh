@@ -150,6 +150,7 @@ if [ "$DRY" = 1 ]; then
         fi
     done
     echo "sum of the selected budgets (with ${PACK_RESERVE}s for packing): ${sum}s of ${TOTAL}s"
+    echo "then, at most 10s: $PY benchmarks/gpu_goals.py over this call's results (and the tests' tests.xml)"
     exit 0
 fi
 
