@@ -218,22 +218,16 @@ def _gemm_variants() -> list[Variant]:
     # the residual added in the epilogue (one matrix, a float output): a batched decode's skip connection
     flags += [dict(y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True), dict(y="fp32", HAS_BIAS=True, SEGMENTS=1, HAS_RES=True)]
     pairs = _round_robin(tiles, flags)
-    # the RMSNorm in the GEMM (rmsnorm_packed_matmul_cat at a batched decode step, small-M tiles
-    # only): q / k / v, o and down (the residual added; down's norm gated by up), gate / up; each
-    # small-M tile beside one of them, with and without split-K, across the formats and paths
+    # the RMSNorm in the GEMM (rmsnorm_packed_matmul_cat at a batched decode step, its one tile,
+    # gemm.NORM_TILE): q / k / v, o and down (the residual added; down's norm gated by up), gate / up;
+    # each with and without split-K, spread over the formats and paths
     norm = [dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=3), dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1,
                                                                       HAS_RES=True),
             dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True, GATED=True),
             dict(x="fp16", y="fp16", HAS_BIAS=True, SEGMENTS=2), dict(x="fp32", y="fp32", HAS_BIAS=False, SEGMENTS=2,
                                                                      GATED=True, SUM_BLOCK=256)]
-    size = {"bf16": 2, "fp16": 2, "fp32": 4}
-    normed = []  # every small-M config that _prune keeps for bf16 x, split and not, beside a flag set it fits
-    for j, (c, split) in enumerate((c, split) for split in (1, 2) for c in SMALL_M_CONFIGS if norm_fits(c, 2)):
-        fits = [f for f in norm if norm_fits(c, size[f["x"]])]
-        normed.append(((c, split), dict(fits[j % len(fits)], NORM=True)))
-    for f in norm:  # and every flag set at least once
-        if not any(g == dict(f, NORM=True) for _, g in normed):
-            normed.append(((next(c for c in SMALL_M_CONFIGS if norm_fits(c, size[f["x"]])), 2), dict(f, NORM=True)))
+    tile = next(c for c in SMALL_M_CONFIGS if norm_fits(c))
+    normed = [((tile, split), dict(f, NORM=True)) for f in norm for split in (1, 2)]
     out = []
     for q, (p, lanes) in enumerate(itertools.product(FORMATS.values(), (4, 1))):
         share = normed[q::6]  # (every small-M tile twice, once a split: spread over the six format / path pairs)

@@ -69,20 +69,19 @@ LARGE_M_CONFIGS = [
 INTERPRET_CONFIG = _config(16, 32, 32, 4, 1, group=2)
 
 
-# With the RMSNorm inside (NORM), the loop's x tiles are float (and GATED's up tiles too), staged in
-# shared memory by Triton's pipeliner: tiles of at most this many bytes (sm_90 SASS: 64 x 256 fp32
-# gated in three stages wanted 448 KB of sm_90's 227, 32 x 128 in four stages 170 KB of sm_80's 163),
-# and of 16 rows: every 32-row tile spilled 400-650 bytes a thread on sm_90 (255 registers; the
-# 16-row ones 195-224 registers, none spilled) in each of a 2B-4T layer's four flag sets, split or
-# not (the compile guard's registers and spills).
-NORM_MAX_TILE_BYTES = 8192
-NORM_BLOCK_M = 16
+# With the RMSNorm inside (NORM), the loop's x tiles are float (and GATED's up tiles too): one tile,
+# 16 x 128 x 256, the only small-M tile whose loop both supported Tritons keep short and free of
+# spills (sm_90, 2B-4T's q/k/v and gated down flag sets, bf16): Triton 3.9 694-782 instructions a
+# 256-deep step, 197-222 registers; Triton 3.6 (the GPU machines') 809-964, 197-229. With K steps
+# of 128 Triton 3.6 spills inside the loop (2946-7595 instructions a step, up to 1654 spill
+# loads and stores); 32-row tiles spill 400-22000 bytes a thread under both. fp32 x takes the same
+# tile (119 KB of shared memory gated, within sm_80's 163; 168-400 bytes spilled outside the loop).
+NORM_TILE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256}
 
 
-def norm_fits(config: triton.Config, x_size: int) -> bool:
-    """Whether a small-M config takes float x tiles of x_size-byte elements with NORM."""
-    rows = config.kwargs["BLOCK_M"]
-    return rows == NORM_BLOCK_M and rows * config.kwargs["BLOCK_K"] * x_size <= NORM_MAX_TILE_BYTES
+def norm_fits(config: triton.Config) -> bool:
+    """Whether a small-M config is the norm-fused GEMM's tile (NORM_TILE)."""
+    return all(config.kwargs[k] == v for k, v in NORM_TILE.items())
 
 
 def _prune(configs, named_args, **kwargs):
@@ -92,7 +91,7 @@ def _prune(configs, named_args, **kwargs):
     small = named_args["m_bucket"] <= SMALL_M
     pool = SMALL_M_CONFIGS if small else LARGE_M_CONFIGS
     return [c for c in pool if (not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"]))
-            and (not kwargs.get("NORM") or norm_fits(c, named_args["x_ptr"].element_size()))]
+            and (not kwargs.get("NORM") or norm_fits(c))]
 
 
 @triton.jit
