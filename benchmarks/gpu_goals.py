@@ -15,7 +15,9 @@ Reads what the device script's benchmarks write, from --results (default benchma
 and, with --junit (the tests stage's tests.xml, in logs.tar.gz), the suite's verdict on the GPU,
 its duration and the exactness test at issue 27's shapes. Every ratio is recomputed here from the
 times in those files (never taken from a file's own ratio column); a goal whose figure is absent
-(a stage not run, cut short, or failed) says so and why. Prints one table, a row a goal, and saves
+(a stage not run, cut short, or failed) says so and why. Below the goals, the A/Bs the device
+script times beside their defaults (PDL, a batch's norms in the GEMM, the M = 1 dispatch, the
+large-M path), each with which way was faster and the knob that would switch. Prints one table, a row a goal, and saves
 gpu_goals_cuda.{json,md} beside the sources' stamps (GPU, commit, date). Exit status 0 whatever
 the verdicts: this is a report.
 """
@@ -237,6 +239,51 @@ def peer_kernel_goals(result: dict | None, why: str = "") -> list[dict]:
                          "no peer rows in the file")]
 
 
+# ----------------------------------------------------------------------------- the A/Bs
+# (what the default does, the other way, where measured, the knob that would switch): each timed in
+# the same run as its default; a default slower than its alternative is the next thing to change.
+GENERATE_ABS = [("bitnet-serial", (1, 8), "kernels launched as programmatic dependents (PDL)", "serialized",
+                 "BITNET_PDL=0"),
+                ("bitnet-norm-apart", (8,), "a batched step's norms inside its GEMMs", "norms launched apart",
+                 "BITNET_GEMM_NORM_M=0")]
+KERNEL_ABS = [(1, "2bit act_quant + GEMV", "the GEMV quantizing x itself", "act_quant, then the int8 GEMV",
+               "bitlinear's M = 1 dispatch"),
+              (2048, "2bit decode-in-loop", "weights unpacked, then the int8 GEMM", "the GEMM decoding in its loop",
+               "BITNET_UNPACK_GEMM_M")]
+
+
+def decision(what: str, default_ms: float | None, other_ms: float | None, knob: str, src: str, why: str = "") -> dict:
+    """One A/B: the default's time and the other way's, in ms, and which is faster."""
+    ratio = other_ms / default_ms if default_ms and other_ms else None
+    verdict = (why or "not measured") if ratio is None else "the default is faster" if ratio >= 1 else \
+        f"the other way is {1 / ratio - 1:.0%} faster: {knob}"
+    return {"what": what, "default_ms": default_ms, "other_ms": other_ms, "other_over_default": ratio,
+            "verdict": verdict, "source": src}
+
+
+def decisions(kernels: dict | None, generate: dict | None) -> list[dict]:
+    """The A/Bs the device script times beside their defaults: PDL on or off and a batch's norms in
+    or apart (generate, ms a decode step), the M = 1 dispatch and the large-M path (bench_kernels)."""
+    rows = []
+    models = generate_models(generate)
+
+    def step_ms(key: str, batch: int) -> float | None:
+        row = next((r for r in models.get(key, {}).get("rows", []) if r["batch"] == batch), None)
+        return row.get("decode_ms_per_step") if row else None
+
+    for key, batches, default, other, knob in GENERATE_ABS:
+        for batch in batches:
+            why = "no generate_cuda.json" if not generate else "" if key in models else f"no {key} in the run"
+            rows.append(decision(f"2B-4T decode, batch {batch}: {default} / {other}", step_ms("bitnet", batch),
+                                 step_ms(key, batch), knob, "generate_cuda", why))
+    ms = {(r["shape"], r["m"], r["format"]): r.get("ms") for r in (kernels or {}).get("rows", [])}
+    for m, label, default, other, knob in KERNEL_ABS:
+        for shape in dict.fromkeys(s for s, mm, _ in ms if mm == m):
+            rows.append(decision(f"{shape}, M = {m}: {default} / {other}", ms.get((shape, m, "2bit")),
+                                 ms.get((shape, m, label)), knob, "bench_kernels_cuda"))
+    return rows
+
+
 # ----------------------------------------------------------------------------- the tests
 def junit_cases(path: str) -> tuple[list[tuple[str, str]], float | None]:
     """[(test name, outcome: passed / failed / skipped)], and the suite's seconds."""
@@ -291,7 +338,9 @@ def scorecard(folder: str, junit: str | None = None) -> dict:
         sources[name] = ({"device": env.get("device"), "commit": env.get("commit"), "dirty": env.get("dirty"),
                           "date": env.get("date"), "complete": data.get("complete", True)} if data else {"absent": why})
     counts = {s: sum(1 for g in goals if g["status"] == s) for s in ("met", "MISSED", "not measured")}
-    return {"results": os.path.abspath(folder), "junit": junit, "counts": counts, "sources": sources, "goals": goals}
+    ab_rows = decisions(loaded["bench_kernels_cuda"][0], loaded["generate_cuda"][0])
+    return {"results": os.path.abspath(folder), "junit": junit, "counts": counts, "sources": sources, "goals": goals,
+            "decisions": ab_rows}
 
 
 def report(card: dict) -> str:
@@ -305,6 +354,13 @@ def report(card: dict) -> str:
     lines += ["", table(card["goals"], [("issue", "issue", ""), ("goal", "goal", ""), ("target", "target", ""),
                                         ("measured", "measured", ""), ("status", "status", ""), ("note", "note", "")],
                         markdown=True)]
+    if card["decisions"]:
+        lines += ["", "The defaults against their alternatives, timed in the same run (a layer's GPU time, or a "
+                      "decode step's time):",
+                  "", table([{**d, "default_us": d["default_ms"] and d["default_ms"] * 1e3,
+                              "other_us": d["other_ms"] and d["other_ms"] * 1e3} for d in card["decisions"]],
+                            [("what", "default / other", ""), ("default_us", "default (us)", ".1f"),
+                             ("other_us", "other (us)", ".1f"), ("verdict", "verdict", "")], markdown=True)]
     return "\n".join(lines)
 
 

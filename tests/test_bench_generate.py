@@ -51,6 +51,9 @@ def test_decode_step_profile_counts_what_one_step_runs(tmp_path):
     r = {k: saved["results"][k]["rows"][0] for k in ("bitnet", "bf16")}
     assert rows[0]["value"] == pytest.approx(r["bitnet"]["decode_tok_s"] / r["bf16"]["decode_tok_s"])
     assert rows[1]["note"] == "packed: not recorded; twin: not recorded"  # (no CUDA graph on a CPU)
+    # and its A/Bs read the decode step's time (here the twin standing in for the serialized run)
+    ab = goals.decisions(None, {**saved, "results": {**saved["results"], "bitnet-serial": saved["results"]["bf16"]}})
+    assert ab[0]["other_over_default"] == pytest.approx(r["bf16"]["decode_ms_per_step"] / r["bitnet"]["decode_ms_per_step"])
 
 
 def test_the_ab_models_measure_with_their_knob_off_and_restore_it(monkeypatch):

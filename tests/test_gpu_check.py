@@ -219,6 +219,11 @@ def test_goals_take_the_kernel_rows_ratios_from_their_times(monkeypatch, triton_
                    ("40x64, M = 1", "MISSED", pytest.approx(1.4)), ("40x64, M = 1", "met", pytest.approx(1.0))]
     assert rows[2]["note"] == "no row for 8x32 M = 1 bf16, 8x32 M = 1 2bit"
     assert rows[0]["measured"] == "4.00x (12.5 vs 50.0 us)"
+    # the M = 1 dispatch's A/B from the same rows: the two launches timed at 0.01 ms (the stub's), the
+    # GEMV that quantizes x itself at 0.0125: the other way faster, and the knob named
+    ab = [d for d in goals.decisions(result, None) if d["source"] == "bench_kernels_cuda"]
+    assert [(d["what"].split(":")[0], d["other_over_default"]) for d in ab] == [("40x64, M = 1", pytest.approx(0.8))]
+    assert ab[0]["verdict"] == "the other way is 25% faster: bitlinear's M = 1 dispatch"
     result["complete"] = False  # a stage cut short: what is there counts, what is not says why
     assert goals.kernel_goals(result, speedups=[("8x32", 1, 1.0)], bandwidth=[], formats=[])[0]["note"].endswith(
         "(a run cut short)")
@@ -243,6 +248,22 @@ def test_goals_hold_generate_and_the_transformers_peer_to_their_targets():
     assert [(r["status"], r["value"]) for r in rows] == [("met", pytest.approx(3.5)), ("MISSED", pytest.approx(2.4)),
                                                          ("met", pytest.approx(1.5))]
     assert rows[2]["note"] == "eager: 0.90x"
+    # the A/Bs: PDL off slower at batch 1 (the default right), the norms apart faster at batch 8
+    run = generate_result(ours, twin)
+    run["results"]["bitnet"]["rows"][0]["decode_ms_per_step"] = 2.0
+    run["results"]["bitnet"]["rows"][1]["decode_ms_per_step"] = 3.0
+    run["results"]["bitnet-norm-apart"] = {"rows": [{"batch": 1, "decode_ms_per_step": 2.0},
+                                                    {"batch": 8, "decode_ms_per_step": 2.4}]}
+    run["results"]["bitnet-serial"] = {"rows": [{"batch": 1, "decode_ms_per_step": 2.5},
+                                                {"batch": 8, "decode_ms_per_step": 3.0}]}
+    ab = {d["what"]: d for d in goals.decisions(None, run)}
+    assert len(ab) == 3 and all(d["source"] == "generate_cuda" for d in ab.values())
+    pdl1, pdl8, norm8 = ab.values()
+    assert pdl1["other_over_default"] == pytest.approx(1.25) and pdl1["verdict"] == "the default is faster"
+    assert pdl8["verdict"] == "the default is faster"  # (a tie keeps the default)
+    assert norm8["verdict"] == "the other way is 25% faster: BITNET_GEMM_NORM_M=0"
+    assert [d["verdict"] for d in goals.decisions(None, generate_result(ours, twin))] == [
+        "no bitnet-serial in the run", "no bitnet-serial in the run", "no bitnet-norm-apart in the run"]
     # a partial run (rounds only, the latest figure of each model), an eager-only one, another preset
     partial = {"complete": False, "args": {"preset": "2b4t", "compile": True},
                "rounds": [{"bitnet": generate_result(ours, twin)["results"]["bitnet"]}]}
@@ -312,4 +333,5 @@ def test_goals_scorecard_names_its_sources_and_saves(tmp_path, capsys):
     assert md.startswith("# Issue 26 / 27 goals against the GPU results: 3 met, 0 missed,")
     assert "- generate_cuda: NVIDIA H100 80GB HBM3, commit 0123456789, 2026-12-05" in md
     assert "| 27 | 2B-4T decode, batch 1: packed over the bf16 twin (CUDA graphs) | >= 3.5x | 5.00x (1000 vs 200 tok/s) | met |" in md
+    assert "| 2B-4T decode, batch 8: a batched step's norms inside its GEMMs / norms launched apart |  |  | no " in md
     assert md in capsys.readouterr().out
