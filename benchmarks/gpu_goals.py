@@ -91,12 +91,15 @@ def load(folder: str, name: str) -> tuple[dict | None, str]:
 
 
 # ----------------------------------------------------------------------------- the kernels
+def kernel_times(result: dict | None) -> dict[tuple[str, int, str], float | None]:
+    """bench_kernels' GPU times (ms) by (shape, M, format label)."""
+    return {(r["shape"], r["m"], r["format"]): r.get("ms") for r in (result or {}).get("rows", [])}
+
+
 def kernel_goals(result: dict | None, why: str = "", speedups=SPEEDUPS, bandwidth=BANDWIDTH, formats=FORMATS) -> list[dict]:
     """bench_kernels' rows: each goal's ratio from the rows' GPU times (ms)."""
     src = "bench_kernels_cuda"
-    ms = {}
-    for r in (result or {}).get("rows", []):
-        ms[(r["shape"], r["m"], r["format"])] = r.get("ms")
+    ms = kernel_times(result)
     partial = "" if result is None or result.get("complete") else " (a run cut short)"
 
     def missing(*keys) -> str:
@@ -140,6 +143,11 @@ def generate_models(result: dict | None) -> dict[str, dict]:
     return models
 
 
+def model_row(models: dict[str, dict], key: str, batch: int) -> dict | None:
+    """The row of model `key` at `batch` in bench_generate's results (generate_models), or None."""
+    return next((r for r in models.get(key, {}).get("rows", []) if r["batch"] == batch), None)
+
+
 def generate_goals(result: dict | None, why: str = "", decode=DECODE, prefill=PREFILL) -> list[dict]:
     """bench_generate: the packed model ('bitnet') over the bf16 twin ('bf16'), batch by batch."""
     src = "generate_cuda"
@@ -148,18 +156,15 @@ def generate_goals(result: dict | None, why: str = "", decode=DECODE, prefill=PR
     preset = "" if args.get("preset", "2b4t") == "2b4t" else f"preset {args['preset']}, not 2b4t"
     graphs = "" if args.get("compile") or args.get("cuda_graph") else "decode timed without CUDA graphs (--compile off)"
 
-    def row_of(key: str, batch: int) -> dict | None:
-        return next((r for r in models.get(key, {}).get("rows", []) if r["batch"] == batch), None)
-
     def absent(batch: int) -> str:
         if why:
             return why
-        gone = [k for k in ("bitnet", "bf16") if row_of(k, batch) is None]
+        gone = [k for k in ("bitnet", "bf16") if model_row(models, k, batch) is None]
         return f"no {' and no '.join(gone)} row at batch {batch}" + ("" if result.get("complete") else " (a run cut short)")
 
     rows = []
     for batch, least in decode:
-        ours, twin = row_of("bitnet", batch), row_of("bf16", batch)
+        ours, twin = model_row(models, "bitnet", batch), model_row(models, "bf16", batch)
         value = ours["decode_tok_s"] / twin["decode_tok_s"] if ours and twin else None
         note = "" if value else absent(batch)
         if value and (preset or graphs):
@@ -168,7 +173,7 @@ def generate_goals(result: dict | None, why: str = "", decode=DECODE, prefill=PR
                          value, at_least(value, least), src, note, shown=None if value is None else
                          f"{value:.2f}x ({ours['decode_tok_s']:.0f} vs {twin['decode_tok_s']:.0f} tok/s)"))
     tokens, least = prefill
-    ours, twin = row_of("bitnet", 1), row_of("bf16", 1)
+    ours, twin = model_row(models, "bitnet", 1), model_row(models, "bf16", 1)
     value, note, shown = None, "" if ours and twin else absent(1), None
     if ours and twin:
         if preset:
@@ -268,7 +273,7 @@ def decisions(kernels: dict | None, generate: dict | None) -> list[dict]:
     models = generate_models(generate)
 
     def step_ms(key: str, batch: int) -> float | None:
-        row = next((r for r in models.get(key, {}).get("rows", []) if r["batch"] == batch), None)
+        row = model_row(models, key, batch)
         return row.get("decode_ms_per_step") if row else None
 
     for key, batches, default, other, knob in GENERATE_ABS:
@@ -276,7 +281,7 @@ def decisions(kernels: dict | None, generate: dict | None) -> list[dict]:
             why = "no generate_cuda.json" if not generate else "" if key in models else f"no {key} in the run"
             rows.append(decision(f"2B-4T decode, batch {batch}: {default} / {other}", step_ms("bitnet", batch),
                                  step_ms(key, batch), knob, "generate_cuda", why))
-    ms = {(r["shape"], r["m"], r["format"]): r.get("ms") for r in (kernels or {}).get("rows", [])}
+    ms = kernel_times(kernels)
     for m, label, default, other, knob in KERNEL_ABS:
         for shape in dict.fromkeys(s for s, mm, _ in ms if mm == m):
             rows.append(decision(f"{shape}, M = {m}: {default} / {other}", ms.get((shape, m, "2bit")),

@@ -230,7 +230,7 @@ def _gemm_variants() -> list[Variant]:
     normed = [((tile, split), dict(f, NORM=True)) for f in norm for split in (1, 2)]
     out = []
     for q, (p, lanes) in enumerate(itertools.product(FORMATS.values(), (4, 1))):
-        share = normed[q::6]  # (every small-M tile twice, once a split: spread over the six format / path pairs)
+        share = normed[q::6]  # (the norm tile with each flag set, split and not: spread over the six pairs)
         for i, ((cfg, split), f) in enumerate(pairs + share):
             consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
                           SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False), NORM=f.get("NORM", False),
