@@ -9,9 +9,12 @@ H200). This module runs the compiler itself, with no GPU and no driver:
 
 through every stage (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin), for sm_90 (H100/H200) and
 sm_80 (A100), and checks the shared memory each variant asks for against the architecture's
-per-block limit (a launch would fail with "out of resources" on the GPU). Each variant's registers
-and spills (bytes of local memory a thread) are read off its cubin and reported per kernel
-(--verbose: per variant), so that a tile that spills is seen before a GPU times it.
+per-block limit (a launch would fail with "out of resources" on the GPU), and the memory
+operations with acquire or release semantics in its PTX against ORDERED_LIMIT (each one a
+MEMBAR.ALL.GPU: a split-K epilogue that waited on L2 sixteen times a thread compiled, ran and was
+exact). Each variant's registers and spills (bytes of local memory a thread) are read off its cubin
+and reported per kernel (--verbose: per variant), so that a tile that spills is seen before a GPU
+times it.
 
 Variants: what each launcher can produce. Axes per kernel (launcher in brackets):
 
@@ -121,6 +124,7 @@ class Result:
     error: str = ""
     registers: int = 0  # a thread's, from the cubin (cuobjdump -res-usage)
     spill: int = 0  # bytes of local memory a thread (stack and local: register spills), from the cubin
+    ordered: int = 0  # memory operations with acquire / release semantics and fences in the PTX (ordered_ops)
 
 
 def _jit_functions() -> dict:
@@ -477,13 +481,37 @@ def compile_variant(v: Variant, fn=None) -> Result:
         if not compiled.asm.get("cubin"):
             raise RuntimeError("the compiler returned no cubin")
         registers, spill = resources(compiled)
+        ordered = ordered_ops(compiled.asm["ptx"])
     except Exception as e:  # noqa: BLE001: every compiler failure is reported, with its type
         return Result(v, False, time.perf_counter() - start, error=_message(e))
     limit = SHARED_LIMIT.get(v.arch)
+    error = ""
     if limit is not None and shared > limit:
-        return Result(v, False, time.perf_counter() - start, shared,
-                      f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}", registers, spill)
-    return Result(v, True, time.perf_counter() - start, shared, registers=registers, spill=spill)
+        error = f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}"
+    elif ordered > ORDERED_LIMIT:
+        error = (f"{ordered} memory operations with acquire or release semantics (each a MEMBAR.ALL.GPU in the SASS, "
+                 f"an acquire also drops the SM's L1: the thread waits on L2 for each); at most {ORDERED_LIMIT} a "
+                 f"program (a split's arrival counter): pass sem=\"relaxed\" to atomics that order nothing")
+    return Result(v, not error, time.perf_counter() - start, shared, error, registers, spill, ordered)
+
+
+# Triton's atomics are acq_rel unless told otherwise (sem=): on sm_90 each compiles to MEMBAR.ALL.GPU,
+# the atomic returning, then CCTL.IVALL, so a split-K tile's 16 partial adds a thread were 16 round
+# trips to L2 one after another. A program needs one ordered operation at most: the counter by which
+# the last split to arrive at a tile knows it is last (after a barrier, its release covers every
+# thread's relaxed adds: the PTX memory model's cumulativity, CUTLASS's split-K semaphore).
+ORDERED_LIMIT = 1
+
+
+def ordered_ops(ptx: str) -> int:
+    """How many instructions of a kernel's PTX order memory: fences (not proxy fences: shared memory
+    handed to TMA or wgmma), and atomics, reductions, loads and stores with acquire, release, acq_rel
+    or sc semantics (a relaxed red is fire and forget)."""
+    import re
+
+    pattern = (r"^\s*(?:@!?%p\w+\s+)?(?:membar\.|fence\.(?:sc|acq_rel|acquire|release)\b"
+               r"|(?:atom|red|ld|st)\.\S*\.(?:acquire|release|acq_rel|sc)\b)")
+    return len(re.findall(pattern, ptx, re.MULTILINE))
 
 
 def resources(compiled) -> tuple[int, int]:

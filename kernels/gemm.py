@@ -12,8 +12,10 @@ that a new prompt length does not retune) picks the configs (_prune):
 - small M (<= 64), memory-bound like the GEMV: BLOCK_M 16-64, long K steps, and split-K when the
   output tiles alone cannot fill the GPU (M = 16, N = 8192: 64 tiles of 128 features for 132
   SMs). Split programs add their int32 partial sums atomically into a zeroed workspace (exact and
-  order-independent: integer addition); the last to arrive at a tile, counted by an atomic
-  counter, applies the epilogue. Each weight is decoded once per program, for all its M rows.
+  order-independent: integer addition; relaxed adds, fire and forget: Triton's default acq_rel
+  fenced each, 16-64 round trips to L2 a thread one after another); the last to arrive at a tile,
+  counted by an acq_rel counter after a barrier, applies the epilogue. Each weight is decoded once
+  per program, for all its M rows.
 - large M, compute-bound: 128 x 128/256 tiles, 3-4 pipeline stages, grouped program order so
   that programs sharing weight tiles run together and hit L2.
 
@@ -247,11 +249,14 @@ def _gemm_kernel(
     last = True
     if SPLIT_K > 1:
         # Partial sums into the workspace; the program that arrives last at this tile finishes it.
-        tl.atomic_add(ws_ptr + offs_a, acc_a, mask=mask_a)
+        # The adds order nothing (relaxed: REDs in flight together); the counter's release, after
+        # the barrier, publishes every thread's adds, and its acquire orders the last program's
+        # reads (the PTX memory model's cumulativity; compile_check.ORDERED_LIMIT holds it to one).
+        tl.atomic_add(ws_ptr + offs_a, acc_a, mask=mask_a, sem="relaxed")
         if PB > 0:
-            tl.atomic_add(ws_ptr + offs_b, acc_b, mask=mask_b)
+            tl.atomic_add(ws_ptr + offs_b, acc_b, mask=mask_b, sem="relaxed")
         tl.debug_barrier()  # every thread's adds are issued before the tile counts as arrived
-        last = tl.atomic_add(count_ptr + tl.program_id(0), 1) == SPLIT_K - 1
+        last = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel") == SPLIT_K - 1
     if last:
         if SPLIT_K > 1:
             # Read the sums and leave the workspace and counter zero again: the autotuner reruns

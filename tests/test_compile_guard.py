@@ -7,7 +7,8 @@ first GPU. These tests run the compiler in a subprocess (this process has TRITON
 there is no GPU, and the interpreter replaces every kernel by Python).
 
 - default tier: every kernel with the Triton installed here (CI's), both architectures;
-- default tier: the guard fails, naming the kernel and the cause, on the bug it exists for;
+- default tier: the guard fails, naming the kernel and the cause, on the bug it exists for, and on
+  a split-K epilogue that fences every partial sum;
 - default tier: every launch of a run (tests/launch_check.py: generate, the server's steps, the
   heads, with and without biases) compiled for sm_90 with its real arguments, which the variants
   approximate (a None argument is a constexpr there, a pointer in a variant); and a kernel that
@@ -225,6 +226,49 @@ def test_a_batched_steps_norm_tile_does_not_spill(tmp_path):
     register on either flag set, read off the cubin; a 32-row tile, which the autotuner never gets,
     spills hundreds of bytes a thread (the check can fail)."""
     _check_norm_tiles(_norm_tiles(tmp_path, _env())[1])
+
+
+FENCED = '''
+import triton
+import triton.language as tl
+from bitnet.kernels import compile_check
+
+
+@triton.jit
+def _split_kernel(p_ptr, ws_ptr, count_ptr, y_ptr, RELAXED: tl.constexpr, BLOCK: tl.constexpr):
+    # a split-K epilogue: partial sums added into a workspace, the last program to arrive reads them
+    offs = tl.arange(0, BLOCK)
+    part = tl.load(p_ptr + tl.program_id(0) * BLOCK + offs)
+    if RELAXED:
+        tl.atomic_add(ws_ptr + offs, part, sem="relaxed")
+    else:
+        tl.atomic_add(ws_ptr + offs, part)  # Triton's default: acq_rel, a fence for every add
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr, 1) == tl.num_programs(0) - 1:
+        tl.store(y_ptr + offs, tl.load(ws_ptr + offs, cache_modifier=".cg"))
+
+
+for relaxed in (False, True):
+    v = compile_check.Variant("_split_kernel", dict(RELAXED=relaxed, BLOCK=1024),
+                              dict(p_ptr="*i32", ws_ptr="*i32", count_ptr="*i32", y_ptr="*i32"))
+    r = compile_check.compile_variant(v, fn=_split_kernel)
+    sass = compile_check._cuobjdump("-sass", compile_check._compile(v, fn=_split_kernel))
+    print(relaxed, r.ok, r.ordered, sass.count("MEMBAR"), r.error)
+'''
+
+
+def test_guard_fails_on_an_acquire_or_release_per_partial_sum(tmp_path):
+    """A split-K epilogue with Triton's default atomics (acq_rel) fences every add (MEMBAR.ALL.GPU
+    in the SASS: 8 a thread here, one after another); the guard fails it, naming the count and the
+    fix, and passes the relaxed adds, whose one ordered operation is the arrival counter."""
+    script = tmp_path / "fenced.py"
+    script.write_text(textwrap.dedent(FENCED))
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fenced, relaxed = (line.split(maxsplit=4) for line in r.stdout.splitlines())
+    assert fenced[:4] == ["False", "False", "9", "9"], r.stdout  # 1024 adds over 128 threads, and the counter
+    assert "9 memory operations with acquire or release semantics" in fenced[4] and 'sem="relaxed"' in fenced[4]
+    assert relaxed[:4] == ["True", "True", "1", "1"], r.stdout
 
 
 BROKEN_PDL = '''
