@@ -301,8 +301,10 @@ def by_segment(later, third, v0, v1, v2):
     return tl.where(third, v2, tl.where(later, v1, v0))
 
 
+# The interpreter's tile: 16 rows a program, as the tallest real tile (the interpreter's time goes by
+# programs: 4 rows took a CPU test suite's decode steps 2.4x as long); 16 units, so that K > 64 loops.
 @autotune(CONFIGS, key=["N", "K", "P", "QUANTIZE_X", "SEGMENTS", "N1", "N2", "NORM", "GATED"], prune=_prune,
-          interpret_config=triton.Config({"BLOCK_R": 4, "BLOCK_U": 16}))
+          interpret_config=triton.Config({"BLOCK_R": 16, "BLOCK_U": 16}))
 @triton.jit
 def _gemv_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2;
