@@ -6,7 +6,8 @@ format: the median time of the whole layer, y = bitlinear(x) from bf16 x to bf16
 quantization included), and of the matmul alone from int8 x_q (from M = BITNET_UNPACK_GEMM_M on,
 the dispatch's unpack + int8 GEMM and, labelled "decode-in-loop", the GEMM that decodes the
 packed weights in its K loop, both; at M = 1, for the first format, also the layer as two
-launches, act_quant then the int8 GEMV, beside the dispatch's one GEMV that quantizes x itself);
+launches, act_quant then the int8 GEMV, beside the dispatch's one GEMV that quantizes x itself;
+where the GEMM splits K, for the first format, also "one split", as BITNET_GEMM_SPLIT_K=1 would run it);
 the L2 is flushed before every
 timed call; bf16 F.linear is timed in the same run, the same ways. Each is timed twice: its GPU
 work alone (captured in a CUDA graph and replayed: the kernels and the gaps between them, what a
@@ -122,17 +123,23 @@ def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], No
             rows.append({**base, "format": "bf16", "ms": bf16_ms, "eager_ms": bf16_eager, "speedup": 1.0,
                          "gbps": (2 * n * k + io_bytes) / (bf16_ms * 1e-3) / 1e9})
             x_q, a = act_quant(x)
-            variants = [(fmt, p, fmt) for fmt, p in packed.items()]
+            # (format, packed, label, the gemm module's settings while timed): the dispatch's path, then A/Bs
+            variants = [(fmt, p, fmt, {}) for fmt, p in packed.items()]
             if 0 < gemm_module.UNPACK_M <= m:  # the decode-in-the-loop GEMM beside the dispatch's unpacked one
-                variants += [(fmt, p, f"{fmt} decode-in-loop") for fmt, p in packed.items()]
-            for fmt, p, label in variants:
-                unpack_m = gemm_module.UNPACK_M
-                gemm_module.UNPACK_M = unpack_m if label == fmt else 0
+                variants += [(fmt, p, f"{fmt} decode-in-loop", {"UNPACK_M": 0}) for fmt, p in packed.items()]
+            fmt, p = next(iter(packed.items()))
+            if m > 1 and gemm_module.splits(m, n, k, fmt, x.device) > 1:  # (M = 1 runs the GEMV)
+                variants.append((fmt, p, f"{fmt} one split", {"SPLIT_K_MAX": 1}))  # split_k's rule against none
+            for fmt, p, label, settings in variants:
+                saved = {name: getattr(gemm_module, name) for name in settings}
+                for name, value in settings.items():
+                    setattr(gemm_module, name, value)
                 try:
                     ms, eager_ms = timed(lambda: bitlinear(x, p, scale, n, fmt))
                     matmul_ms, _ = timed(lambda: packed_matmul(x_q, a, p, scale, n, fmt, out_dtype=torch.bfloat16))
                 finally:
-                    gemm_module.UNPACK_M = unpack_m
+                    for name, value in saved.items():
+                        setattr(gemm_module, name, value)
                 nbytes = packed_rows(n, fmt) * k + io_bytes
                 rows.append({**base, "format": label, "ms": ms, "eager_ms": eager_ms, "matmul_ms": matmul_ms,
                              "speedup": bf16_ms / ms, "eager_speedup": bf16_eager / eager_ms,

@@ -16,8 +16,9 @@ and, with --junit (the tests stage's tests.xml, in logs.tar.gz), the suite's ver
 its duration and the exactness test at issue 27's shapes. Every ratio is recomputed here from the
 times in those files (never taken from a file's own ratio column); a goal whose figure is absent
 (a stage not run, cut short, or failed) says so and why. Below the goals, the A/Bs the device
-script times beside their defaults (PDL, a batch's norms in the GEMM, the M = 1 dispatch, the
-large-M path), each with which way was faster and the knob that would switch. Prints one table, a row a goal, and saves
+script times beside their defaults (PDL, a batch's norms in the GEMM, the M = 1 dispatch, split-K
+at small M, the large-M path), each with which way was faster and the knob that would switch.
+Prints one table, a row a goal, and saves
 gpu_goals_cuda.{json,md} beside the sources' stamps (GPU, commit, date). Exit status 0 whatever
 the verdicts: this is a report.
 """
@@ -251,9 +252,11 @@ GENERATE_ABS = [("bitnet-serial", (1, 8), "kernels launched as programmatic depe
                  "BITNET_PDL=0"),
                 ("bitnet-norm-apart", (8,), "a batched step's norms inside its GEMMs", "norms launched apart",
                  "BITNET_GEMM_NORM_M=0")]
-KERNEL_ABS = [(1, "2bit act_quant + GEMV", "the GEMV quantizing x itself", "act_quant, then the int8 GEMV",
+# (bench_kernels' label of the other way, the default, the other way, the knob): at every (shape, M) timed both ways
+KERNEL_ABS = [("2bit act_quant + GEMV", "the GEMV quantizing x itself", "act_quant, then the int8 GEMV",
                "bitlinear's M = 1 dispatch"),
-              (2048, "2bit decode-in-loop", "weights unpacked, then the int8 GEMM", "the GEMM decoding in its loop",
+              ("2bit one split", "K split as gemm.split_k says", "one split", "BITNET_GEMM_SPLIT_K=1"),
+              ("2bit decode-in-loop", "weights unpacked, then the int8 GEMM", "the GEMM decoding in its loop",
                "BITNET_UNPACK_GEMM_M")]
 
 
@@ -268,7 +271,8 @@ def decision(what: str, default_ms: float | None, other_ms: float | None, knob: 
 
 def decisions(kernels: dict | None, generate: dict | None) -> list[dict]:
     """The A/Bs the device script times beside their defaults: PDL on or off and a batch's norms in
-    or apart (generate, ms a decode step), the M = 1 dispatch and the large-M path (bench_kernels)."""
+    or apart (generate, ms a decode step), the M = 1 dispatch, split-K and the large-M path
+    (bench_kernels: wherever both ways were timed)."""
     rows = []
     models = generate_models(generate)
 
@@ -282,8 +286,8 @@ def decisions(kernels: dict | None, generate: dict | None) -> list[dict]:
             rows.append(decision(f"2B-4T decode, batch {batch}: {default} / {other}", step_ms("bitnet", batch),
                                  step_ms(key, batch), knob, "generate_cuda", why))
     ms = kernel_times(kernels)
-    for m, label, default, other, knob in KERNEL_ABS:
-        for shape in dict.fromkeys(s for s, mm, _ in ms if mm == m):
+    for label, default, other, knob in KERNEL_ABS:
+        for shape, m in dict.fromkeys((s, m) for s, m, f in ms if f == label):
             rows.append(decision(f"{shape}, M = {m}: {default} / {other}", ms.get((shape, m, "2bit")),
                                  ms.get((shape, m, label)), knob, "bench_kernels_cuda"))
     return rows

@@ -435,19 +435,36 @@ def zeroed_workspace(size: int, device: torch.device) -> torch.Tensor:
     return buf[:size]
 
 
+# At most this many splits along K (BITNET_GEMM_SPLIT_K, read at import; 1: never split): the knob of
+# bench_kernels' "one split" rows, the GPU's A/B of split_k's rule.
+SPLIT_K_MAX = int(os.environ.get("BITNET_GEMM_SPLIT_K", "64"))
+
+
 def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
-    """How many programs share each output tile along K (a power of two): enough for one program
-    per SM with the smallest small-M tile (16 x 128), each with at least 512 of K. The
-    interpreter plays a 4-SM device with splits of 32, so that CI's small shapes split too."""
+    """How many programs share each output tile along K (a power of two, at most SPLIT_K_MAX):
+    enough for one program per SM with the smallest small-M tile (16 x 128), each with at least
+    512 of K. The interpreter plays a 4-SM device with splits of 32, so that CI's small shapes
+    split too."""
     if m > SMALL_M:
         return 1
     sms = 4 if INTERPRET or device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
     min_k = 32 if INTERPRET else 512
     tiles = cdiv(m, 16) * cdiv(r * pa, 128)
     split = 1
-    while tiles * split < sms and k // (split * 2) >= min_k:
+    while tiles * split < sms and split * 2 <= SPLIT_K_MAX and k // (split * 2) >= min_k:
         split *= 2
     return split
+
+
+def row_block(p: int) -> int:
+    """PA: the codes of a packed byte that one row block holds (layout.py), for P codes a byte."""
+    return 8 if p == 8 else 4
+
+
+def splits(m: int, n: int, k: int, fmt: str, device: torch.device) -> int:
+    """The splits along K that gemm launches one n x k matrix in fmt with at M = m."""
+    p = values_per_byte(fmt)
+    return split_k(m, cdiv(n, p), k, row_block(p), device)
 
 
 def gemm(
@@ -556,7 +573,7 @@ def gemm_cat(
     if xsum is None and not norm:
         xsum = x_q.sum(-1, dtype=torch.int32)
     p = values_per_byte(fmt)
-    pa = 8 if p == 8 else 4
+    pa = row_block(p)
     seg = len(packed)
     rows = [w.shape[0] for w in packed] + [0] * (3 - seg)
     sizes = list(ns) + [0] * (3 - seg)

@@ -188,10 +188,11 @@ def test_kernel_benchmark_times_m1_formats_at_m1_only_and_saves_shape_by_shape(t
     result = bench.measure(args, device="cpu", on_shape=lambda partial: seen.append(len(partial["rows"])))
     got = [(r["shape"], r["m"], r["format"]) for r in result["rows"]]
     two = "2bit act_quant + GEMV"  # at M = 1 also the layer as two launches, for the first format
+    one = "2bit one split"  # where the GEMM splits K (the interpreter's 4 SMs: K = 64 in two, K = 32 not), also unsplit
     assert got == [("40x64", 1, "bf16"), ("40x64", 1, "2bit"), ("40x64", 1, "1bit"), ("40x64", 1, two), ("40x64", 3, "bf16"),
-                   ("40x64", 3, "2bit"), ("8x32", 1, "bf16"), ("8x32", 1, "2bit"), ("8x32", 1, "1bit"), ("8x32", 1, two),
-                   ("8x32", 3, "bf16"), ("8x32", 3, "2bit")]
-    assert seen == [6, 12]
+                   ("40x64", 3, "2bit"), ("40x64", 3, one), ("8x32", 1, "bf16"), ("8x32", 1, "2bit"), ("8x32", 1, "1bit"),
+                   ("8x32", 1, two), ("8x32", 3, "bf16"), ("8x32", 3, "2bit")]
+    assert seen == [7, 13]
     assert all(r["hbm_share"] > 0 for r in result["rows"])
     assert "| 40x64 | 1 | 1bit |" in bench.report(result)
     assert all(r["ms"] == 0.01 and r["eager_ms"] == 0.02 for r in result["rows"])  # GPU time and eager call, apart
@@ -221,9 +222,12 @@ def test_goals_take_the_kernel_rows_ratios_from_their_times(monkeypatch, triton_
     assert rows[0]["measured"] == "4.00x (12.5 vs 50.0 us)"
     # the M = 1 dispatch's A/B from the same rows: the two launches timed at 0.01 ms (the stub's), the
     # GEMV that quantizes x itself at 0.0125: the other way faster, and the knob named
+    # and split-K's at M = 3 (one split at the stub's 0.01 ms against 0.02 set for the split GEMM)
     ab = [d for d in goals.decisions(result, None) if d["source"] == "bench_kernels_cuda"]
-    assert [(d["what"].split(":")[0], d["other_over_default"]) for d in ab] == [("40x64, M = 1", pytest.approx(0.8))]
+    assert [(d["what"].split(":")[0], d["other_over_default"]) for d in ab] == [("40x64, M = 1", pytest.approx(0.8)),
+                                                                             ("40x64, M = 3", pytest.approx(0.5))]
     assert ab[0]["verdict"] == "the other way is 25% faster: bitlinear's M = 1 dispatch"
+    assert ab[1]["verdict"] == "the other way is 100% faster: BITNET_GEMM_SPLIT_K=1"
     result["complete"] = False  # a stage cut short: what is there counts, what is not says why
     assert goals.kernel_goals(result, speedups=[("8x32", 1, 1.0)], bandwidth=[], formats=[])[0]["note"].endswith(
         "(a run cut short)")

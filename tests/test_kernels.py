@@ -216,6 +216,26 @@ def test_int32_split_k_long_rows(fmt, triton_device):
     assert _WORKSPACES and all(not buf.any() for buf in _WORKSPACES.values())  # left zero for the next call
 
 
+def test_split_k_is_capped_by_its_knob_and_stays_exact(monkeypatch, triton_device):
+    """gemm.splits (what bench_kernels' "one split" A/B asks) is what the launch uses, and
+    SPLIT_K_MAX (BITNET_GEMM_SPLIT_K) caps it: at 2 and at 1 the same product, exact. K = 2048 at
+    M = 2 splits in four on a GPU (>= 512 of K each) and in the interpreter (its 4 SMs)."""
+    from bitnet.kernels import gemm as gemm_module
+
+    w_q = random_weights(40, 2048, "2bit", seed=2)
+    packed = pack(w_q, "2bit").to(triton_device)
+    x_q, _ = quantize_activation(random_activations(2, 2048, seed=3))
+    launched = []
+    real = gemm_module.split_k
+    monkeypatch.setattr(gemm_module, "split_k", lambda *a: launched.append(real(*a)) or launched[-1])
+    asked = []
+    for cap in (64, 2, 1):
+        monkeypatch.setattr(gemm_module, "SPLIT_K_MAX", cap)
+        asked.append(gemm_module.splits(2, 40, 2048, "2bit", torch.device(triton_device)))
+        assert torch.equal(gemm(x_q.to(triton_device), packed, 40, "2bit", out_dtype=torch.int32).cpu(), exact(x_q, w_q))
+    assert asked == [4, 2, 1] and launched == [4, 4, 2, 2, 1, 1]  # each: splits' call, then the launch's
+
+
 def every_byte_matrix(fmt: str, k: int) -> torch.Tensor:
     """Packed (R, k) uint8 in which every valid byte of `fmt` (0 .. 242 for base 3; 2-bit bytes
     of codes 0 .. 2) sits in every byte lane of a word (column k % 4) of some row."""
@@ -813,7 +833,7 @@ def test_benchmark_measures_reports_and_plots(tmp_path, monkeypatch):
     args = bench.BenchArgs(m=[1, 2], shapes=["40x64"], formats=["2bit", "1bit"], out_dir=str(tmp_path))
     result = bench.measure(args, device="cpu")
     assert [(r["m"], r["format"]) for r in result["rows"]] == [(1, f) for f in ("bf16", "2bit", "1bit", "2bit act_quant + GEMV")] + [
-        (2, f) for f in ("bf16", "2bit", "1bit")]  # (at M = 1 also the layer as two launches)
+        (2, f) for f in ("bf16", "2bit", "1bit", "2bit one split")]  # (M = 1: also two launches; M = 2 splits K in two)
     assert "| 40x64 | 2 | 1bit |" in bench.report(result) and "| 40x64 | 1 | 2bit act_quant + GEMV |" in bench.report(result)
     bench.plot(result, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
