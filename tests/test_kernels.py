@@ -900,6 +900,27 @@ def test_cuda_real_shapes_exact_and_equal_to_torch(n, k, fmt):
 
 
 @pytest.mark.cuda
+def test_cuda_split_k_sums_are_exact_launch_after_launch():
+    """The split-K epilogue's ordering (relaxed partial adds, then one acq_rel arrival counter after
+    a barrier: gemm._gemm_kernel) is a claim about the GPU's memory model that the interpreter, which
+    runs programs one after another, cannot test. Here a tile's split programs race at 2560 x 6912,
+    M = 16 (8 splits on 132 SMs), 200 launches back to back (each reusing the workspace the last
+    left zero, the next one's programs started early by PDL), every int32 result equal to the exact
+    product: a partial sum read before it landed would show as a wrong element."""
+    from bitnet.kernels import gemm as gemm_module
+
+    n, k, m = 2560, 6912, 16
+    w_q = random_weights(n, k, "2bit", device="cuda")
+    packed = pack(w_q, "2bit")
+    x_q, _ = quantize_activation(random_activations(m, k, dtype=torch.bfloat16, device="cuda"))
+    assert gemm_module.splits(m, n, k, "2bit", x_q.device) > 1
+    want = exact(x_q, w_q, device="cuda")
+    outs = [kernels.packed_matmul_int32(x_q, packed, n, "2bit") for _ in range(200)]
+    bad = [i for i, y in enumerate(outs) if not torch.equal(y, want)]
+    assert not bad, f"{len(bad)} of 200 launches wrong, first {bad[0]}: {int((outs[bad[0]] != want).sum())} elements"
+
+
+@pytest.mark.cuda
 def test_cuda_graph_replays_the_decode_and_prefill_ops():
     packed, scale = pack(random_weights(2560, 2560, "2bit", device="cuda"), "2bit"), torch.tensor([0.02], device="cuda")
     for m in (1, 16):
