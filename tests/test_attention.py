@@ -234,6 +234,21 @@ def test_decode_attention_at_2b4t_shapes_on_a_gpu(N, S):
 
 
 @pytest.mark.cuda
+def test_the_split_merge_is_the_same_launch_after_launch_on_a_gpu():
+    """The last split to arrive merges the others' parts after one acq_rel counter (plain stores, a
+    barrier, then the counter: the split-K GEMM's pattern): an ordering on the GPU's memory model
+    that the interpreter, running programs one by one, cannot test. 32 splits of a 4096-slot cache,
+    200 launches back to back: the merge runs in split order, so every result is the same bits,
+    the first within the float64 reference's bound; a part read before it landed would differ."""
+    q, k, v, pos, mask = case("cuda", torch.bfloat16, 1, 20, 5, 128, 4096)
+    ys = [kernels.decode_attention(q, k, v, pos, key_mask=mask) for _ in range(200)]
+    ref = reference_decode_attention(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), key_mask=mask.cpu())
+    assert ((ys[0].cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
+    differ = [i for i, y in enumerate(ys) if not torch.equal(y, ys[0])]
+    assert not differ, f"{len(differ)} of 200 launches differ from the first, first at {differ[0]}"
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_prompt_from_slot_zero_runs_causal_on_a_gpu(packed, monkeypatch):
     """A prompt into cache slots 0..T-1 without padding takes plain causal attention over its slots
