@@ -646,7 +646,8 @@ def report(results: list[Result], seconds: float) -> str:
         spills = [r.spill for r in rs if r.spill and r.variant.aligned]  # (unaligned variants: K = 37 and the like)
         lines.append(f"  {name} sm_{arch}: {len(rs)} variants, {sum(not r.ok for r in rs)} failed, largest shared memory "
                      f"{max(r.shared for r in rs)} B, registers up to {max(r.registers for r in rs)}, {len(spills)} "
-                     f"aligned spill{f' (up to {max(spills)} B a thread)' if spills else ''}")
+                     f"aligned spill{f' (up to {max(spills)} B a thread)' if spills else ''}, ordered memory "
+                     f"operations up to {max(r.ordered for r in rs)}")
     for r in fails:
         lines += ["", f"FAILED {r.variant.describe()}", *("    " + line for line in r.error.splitlines())]
     return "\n".join(lines)
@@ -714,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(r: Result):
         if args.verbose or not r.ok:
-            usage = f" ({r.registers} registers, {r.spill} B spilled)" if r.ok else ""
+            usage = f" ({r.registers} registers, {r.spill} B spilled, {r.ordered} ordered)" if r.ok else ""
             print(f"{'ok  ' if r.ok else 'FAIL'} {r.seconds:5.1f}s {r.variant.describe()}{usage}", flush=True)
 
     results = run(args.arch, args.kernel, args.jobs, progress)
