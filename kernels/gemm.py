@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bitnet.packing import packed_rows
 from bitnet.quant import int_matmul
 
 from .activations import quantize
@@ -463,8 +464,7 @@ def row_block(p: int) -> int:
 
 def splits(m: int, n: int, k: int, fmt: str, device: torch.device) -> int:
     """The splits along K that gemm launches one n x k matrix in fmt with at M = m."""
-    p = values_per_byte(fmt)
-    return split_k(m, cdiv(n, p), k, row_block(p), device)
+    return split_k(m, packed_rows(n, fmt), k, row_block(values_per_byte(fmt)), device)
 
 
 def gemm(
