@@ -14,13 +14,16 @@ KV heads). Here one program reads one KV head's slots once for all G query heads
 float32, P kept in float32 against V (a TF32 dot: 10 bits of P's mantissa where flash attention's
 bf16 P keeps 7), float32 accumulators; y within an ulp of its dtype of the float64 reference.
 
-Slots past pos[n] are not read (the loop stops there) and a block with no visible slot is not
-loaded: the work follows the live length, not the static cache's. A cache longer than CHUNK slots
-is split over programs (CHUNK slots each), each writing its partial softmax; the program that
-finishes last for a (query, KV head), counted by an atomic counter (as the split-K GEMM's tiles
-are), merges them in split order and writes y: one launch however long the cache, where a merge
-kernel of its own was one more a layer (the merge reads a few KB per head). One split writes y
-directly.
+Slots past pos[n] are not read (the loop stops there): the work follows the live length, not the
+static cache's. A block's K, V and key mask load together, K and V staged ahead by Triton's
+software pipelining (cp.async), so a split waits on memory about once, not once for the mask, once
+for K and once for V a block; masked-off slots (left padding) are read and their values zeroed. A
+cache longer than CHUNK slots is split over programs (CHUNK slots each); the live ones (holding a
+slot <= pos) each write their partial softmax, the program that finishes last for a (query, KV
+head), counted by an atomic counter (as the split-K GEMM's tiles are), merges them in split order
+and writes y: one launch however long the cache, where a merge kernel of its own was one more a
+layer. A query whose slots fit one split writes y directly, however long its cache row (a server's
+rows are the model's context): the splits past pos store nothing and are not merged.
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ BLOCK_S = 16 if INTERPRET else 64  # slots per step: a [64, 128] bf16 tile of K 
 CHUNK = 2 * BLOCK_S
 NUM_WARPS = 4
 _LOG2E = 1.4426950408889634
+
+
+def tile(dtype: torch.dtype) -> tuple[int, int]:
+    """(slots a step, software-pipelining stages) for a cache of dtype. With stages, Triton loads the
+    next blocks' K and V (cp.async into shared memory) while this block's dots run: a split's two
+    blocks wait on memory about once. A float32 cache's [64, 128] tiles would not fit sm_80's shared
+    memory staged, nor its registers both at once (they load together): 32 slots a step, unstaged."""
+    if dtype == torch.float32 and not INTERPRET:
+        return BLOCK_S // 2, 1
+    return BLOCK_S, 3
 
 
 @triton.jit
@@ -84,9 +97,10 @@ def _decode_attention_kernel(
     HAS_MASK (nonzero: visible). qk_scale: log2(e) / sqrt(D) (exp2 below).
     y_ptr: (N, H * D) in q's dtype. SPLITS > 1: part_ptr holds, per (program, split), BLOCK_G
     running maxima m (log2 units), BLOCK_G sums l, then BLOCK_G x BLOCK_D accumulators; the last
-    split program of a row to arrive (count_ptr) merges them: y = sum_k 2^(m_k - M) acc_k /
-    sum_k 2^(m_k - M) l_k over the splits k in order, M the largest m_k (a split with no visible
-    slot has m = -inf, l = 0), and leaves its counter zero again.
+    live split program of a row to arrive (count_ptr) merges them: y = sum_k 2^(m_k - M) acc_k /
+    sum_k 2^(m_k - M) l_k over the live splits k (those starting at or before pos) in order, M the
+    largest m_k (a split whose slots are all masked off has m = -inf, l = 0), and leaves its counter
+    zero again.
     IEEE: float32 dots in full precision (a float32 cache), not TF32. UPCAST: the dots' operands
     converted to float32 first (the interpreter, whose bf16 dot is not one), the same products.
     ROPE: the decode step's RoPE and cache write folded in (rope.py's arithmetic, `_rotated`): q_ptr
@@ -133,30 +147,40 @@ def _decode_attention_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for s0 in range(start, stop, BLOCK_S):
+        # K, V and the mask of a block load together: nothing decides whether to read them, so one
+        # memory latency a step (a load waiting on the mask's, then V's on the scores, were three)
         s = s0 + tl.arange(0, BLOCK_S)
         visible = s < stop
+        kv_mask = visible[:, None] & d_ok[None, :]
+        k = tl.load(k_head + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_S, BLOCK_D)
+        v = tl.load(v_head + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         if HAS_MASK:
             keep = tl.load(mask_ptr + n * stride_mn + s, mask=visible, other=0) != 0
             visible = visible & (keep | (s == pos))
-        if tl.max(visible.to(tl.int32), 0) > 0:  # a block of masked-off slots (left padding) is not read
-            kv_mask = visible[:, None] & d_ok[None, :]
-            k = tl.load(k_head + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_S, BLOCK_D)
-            if ROPE:  # slot pos from registers (its store above may not be visible to this program's loads)
-                k = tl.where((s == pos)[:, None], k_new[None, :], k)
-            qk = _dot(q, tl.trans(k), IEEE, UPCAST)  # (BLOCK_G, BLOCK_S) float32
-            qk = tl.where(visible[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: the block has a visible slot
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_head + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
-            if ROPE:
-                v = tl.where((s == pos)[:, None], v_new[None, :], v)
-            acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), IEEE, UPCAST)
-            m_i = m_new
+            v = tl.where(visible[:, None], v, 0.0)  # a masked-off slot may hold anything (never written)
+        if ROPE:  # slot pos from registers (its store above may not be visible to this program's loads)
+            k = tl.where((s == pos)[:, None], k_new[None, :], k)
+            v = tl.where((s == pos)[:, None], v_new[None, :], v)
+        qk = _dot(q, tl.trans(k), IEEE, UPCAST)  # (BLOCK_G, BLOCK_S) float32
+        qk = tl.where(visible[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # -inf while no slot so far was visible (left padding): then p = 0 and alpha = 0, where
+        # m_new itself would make them NaN; a block with no visible slot changes nothing
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.math.exp2(qk - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), IEEE, UPCAST)
+        m_i = m_new
 
-    last = pid >= 0  # a scalar boolean tensor, as the atomic's test below (SPLITS is not constexpr)
-    if SPLITS > 1:
+    # The live splits: those holding a slot <= pos. A split past pos has nothing to give (m = -inf,
+    # l = 0: its weight in the merge is exactly 0), so it stores nothing and does not count; the
+    # merge reads the live splits only, and a query whose slots fit one split writes y directly:
+    # the same bits as merging every split, at any cache length (a server's cache row is the
+    # model's context; its live length is the conversation's).
+    live = tl.minimum((pos + CHUNK) // CHUNK, SPLITS)
+    last = split < live
+    if (live > 1) & last:
         PART: tl.constexpr = BLOCK_G * (2 + BLOCK_D)
         row_parts = part_ptr + pid.to(tl.int64) * SPLITS * PART
         base = row_parts + split * PART
@@ -164,16 +188,16 @@ def _decode_attention_kernel(
         tl.store(base + BLOCK_G + g, l_i)
         tl.store(base + 2 * BLOCK_G + g[:, None] * BLOCK_D + d[None, :], acc)
         tl.debug_barrier()  # every thread's stores are issued before this split counts as arrived
-        last = tl.atomic_add(count_ptr + pid, 1) == SPLITS - 1
+        last = tl.atomic_add(count_ptr + pid, 1) == live - 1
         if last:
             tl.store(count_ptr + pid, 0)  # zero again for the next call (and the next CUDA-graph replay)
             top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            for k in range(0, SPLITS):
+            for k in range(0, live):
                 top = tl.maximum(top, tl.load(row_parts + k * PART + g, cache_modifier=".cg"))
             top = tl.where(top > float("-inf"), top, 0.0)
             l_i = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for k in range(0, SPLITS):
+            for k in range(0, live):
                 part = row_parts + k * PART
                 m_k = tl.load(part + g, cache_modifier=".cg")
                 w = tl.where(m_k > float("-inf"), tl.math.exp2(m_k - top), 0.0)
@@ -240,6 +264,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     chunk = cdiv(blocks, splits) * BLOCK_S
     splits = cdiv(S, chunk)
     block_g, block_d = max(16, next_power_of_2(G)), max(16, next_power_of_2(D))
+    block_s, stages = tile(q.dtype)
     part, count = y, pos  # unused with one split
     if splits > 1:
         part = torch.empty(N * nkv * splits * block_g * (2 + block_d), dtype=torch.float32, device=q.device)
@@ -254,7 +279,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         key_mask.stride(0) if key_mask is not None else 0, y.stride(0), k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1), cos.stride(0) if rope is not None and cos.shape[0] == N and N > 1 else 0,
         G=G, D=D, HAS_ROWS=rows is not None, HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32, UPCAST=INTERPRET,
-        ROPE=rope is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS, **LAUNCH, **pdl(q),
+        ROPE=rope is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=NUM_WARPS, num_stages=stages, **LAUNCH, **pdl(q),
     )
     return y
 

@@ -345,7 +345,9 @@ _ATTENTION_CASES = [("bf16", 128, 4, False, "i1", 1), ("bf16", 128, 4, False, "i
 
 
 def _attention_variants() -> list[Variant]:
-    from .attention import BLOCK_S, NUM_WARPS
+    import torch
+
+    from .attention import NUM_WARPS, tile
 
     out = []
     # every case as it is, and with the decode step's RoPE and cache write folded in (ROPE)
@@ -356,9 +358,10 @@ def _attention_variants() -> list[Variant]:
                      part_ptr="*fp32" if splits > 1 else TYPES[dtype], count_ptr="*i32" if splits > 1 else "*i64",
                      kn_ptr=TYPES[dtype], vn_ptr=TYPES[dtype], cos_ptr=TYPES[dtype], sin_ptr=TYPES[dtype],
                      qk_scale="fp32")
+        block_s, stages = tile({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
         consts = dict(G=g, D=hd, HAS_ROWS=rows, HAS_MASK=mask is not None, IEEE=dtype == "fp32", UPCAST=False,
-                      ROPE=rope, BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(), BLOCK_S=BLOCK_S)
-        out.append(Variant("_decode_attention_kernel", consts, types, NUM_WARPS, aligned=i % 2 == 0,
+                      ROPE=rope, BLOCK_G=max(16, g), BLOCK_D=1 << (hd - 1).bit_length(), BLOCK_S=block_s)
+        out.append(Variant("_decode_attention_kernel", consts, types, NUM_WARPS, stages, aligned=i % 2 == 0,
                            note=f"splits={splits}"))
     return out
 

@@ -79,6 +79,32 @@ def test_a_query_sees_its_own_slot_whatever_the_mask(triton_device):
     torch.testing.assert_close(y, own[:, :, None].expand_as(y), rtol=0, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN scores
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_off_slots_may_hold_anything(dtype, triton_device):
+    """Slots the key mask hides (left padding, another sequence's leftovers) are read with the rest
+    of their block and may hold NaN or inf: y is what it is with any finite values there, within the
+    float64 bound, with the RoPE folded in too; whole masked-off blocks and splits included."""
+    q, k, v, _, mask = case(triton_device, dtype, 2, 8, 2, 64, 3 * CHUNK)
+    pos = torch.tensor([3 * CHUNK - 2, 2 * CHUNK + 5], device=triton_device)
+    mask[0, : CHUNK + 3] = False  # a whole split and a few slots of the next hidden
+    ref = reference_decode_attention(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), key_mask=mask.cpu())
+    hidden = ~mask.cpu()
+    hidden[torch.arange(2), pos.cpu()] = False  # the query's own slot is always seen
+    for poison in (float("nan"), float("inf")):
+        kp, vp = k.clone(), v.clone()
+        for n in range(2):  # cache row n, every KV head, the slots hidden from query n
+            kp[n, :, hidden[n].to(triton_device)] = poison
+            vp[n, :, hidden[n].to(triton_device)] = -poison
+        y = kernels.decode_attention(q, kp, vp, pos, key_mask=mask)
+        assert torch.isfinite(y).all() and ((y.cpu().double() - ref).abs() <= bound(ref, dtype)).all()
+    # the RoPE and cache write folded in: the same as with clean slots, bit for bit
+    k_new, v_new = torch.randn(2, 2, 2, 64, generator=torch.Generator().manual_seed(1)).to(dtype).to(triton_device)
+    cos, sin = torch.rand(2, 2, 64, generator=torch.Generator().manual_seed(2)).to(dtype).to(triton_device)
+    clean = kernels.rope_decode_attention(q, k_new, v_new, cos, sin, k.clone(), v.clone(), pos, None, mask)
+    assert torch.equal(kernels.rope_decode_attention(q, k_new, v_new, cos, sin, kp, vp, pos, None, mask), clean)
+
+
 def test_the_batch_does_not_change_a_query(triton_device):
     """Splits are fixed slot ranges, not a function of the batch: a query's y is the same bits alone
     or among others (a server's batched decode equals each lone decode step)."""
@@ -322,3 +348,36 @@ def test_the_last_split_merges_in_the_same_launch(monkeypatch, triton_device):
     assert torch.equal(kernels.decode_attention(q, k, v, pos, key_mask=mask), first)
     ref = reference_decode_attention(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), key_mask=mask.cpu())
     assert ((first.cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
+
+
+def test_splits_past_the_query_store_nothing_and_change_no_bit(monkeypatch, triton_device):
+    """A cache row longer than a query's live slots (a server's rows hold the model's context): the
+    splits past pos store no partial and take no part in the merge (their parts of the workspace are
+    left as they were: NaN here), a query whose slots fit one split writes y with no partial at all,
+    and y is the same bits as over the cache cut to the live splits, within the float64 bound."""
+    q, k, v, _, mask = case(triton_device, torch.bfloat16, 3, 8, 2, 64, 6 * CHUNK)
+    pos = torch.tensor([CHUNK - 7, 2 * CHUNK + 1, 3 * CHUNK - 1], device=triton_device)
+    live = [1, 3, 3]
+    made, empty = [], torch.empty
+
+    def poisoned(*args, **kwargs):  # every float32 buffer the launcher makes starts as NaN
+        t = empty(*args, **kwargs)
+        if t.dtype == torch.float32:
+            made.append(t.fill_(float("nan")))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    y = kernels.decode_attention(q, k, v, pos, key_mask=mask)
+    monkeypatch.undo()
+    assert len(made) == 1
+    parts = made[0].view(3, 2, 6, -1).cpu()  # (query, KV head, split, one split's m, l and acc)
+    for n, n_live in enumerate(live):
+        written = ~parts[n].isnan().all(dim=-1)  # (KV head, split)
+        expect = torch.zeros(2, 6, dtype=torch.bool)
+        if n_live > 1:
+            expect[:, :n_live] = True
+        assert torch.equal(written, expect), f"query {n} (pos {pos[n].item()}): splits written {written.tolist()}"
+    cut = 3 * CHUNK
+    assert torch.equal(kernels.decode_attention(q, k[:, :, :cut], v[:, :, :cut], pos, key_mask=mask), y)
+    ref = reference_decode_attention(q.cpu(), k.cpu(), v.cpu(), pos.cpu(), key_mask=mask.cpu())
+    assert ((y.cpu().double() - ref).abs() <= bound(ref, torch.bfloat16)).all()
