@@ -197,7 +197,11 @@ def _decode_attention_kernel(
             top = tl.where(top > float("-inf"), top, 0.0)
             l_i = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for k in range(0, live):
+            # staged (cp.async): the parts of the next two splits load while this one adds up, where
+            # each split waited on L2 in turn (16 splits at 2048 slots). The acquire above orders
+            # these loads and drops the SM's L1 (CCTL.IVALL), so the 4-byte ones' .cg, which
+            # cp.async cannot keep, is not needed for them to see the other splits' parts.
+            for k in tl.range(0, live, num_stages=3):
                 part = row_parts + k * PART
                 m_k = tl.load(part + g, cache_modifier=".cg")
                 w = tl.where(m_k > float("-inf"), tl.math.exp2(m_k - top), 0.0)
