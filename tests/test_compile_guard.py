@@ -228,6 +228,73 @@ def test_a_batched_steps_norm_tile_does_not_spill(tmp_path):
     _check_norm_tiles(_norm_tiles(tmp_path, _env())[1])
 
 
+ATTENTION = '''
+import dataclasses
+import re
+import triton
+from bitnet.kernels import compile_check
+
+
+def loops(ops):
+    """(first, last) address of each loop (a backward branch), longest first."""
+    found = []
+    for addr, op, rest in ops:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            found.append((int(target.group(1), 16), addr))
+    return sorted(found, key=lambda span: span[0] - span[1])
+
+
+def ops_in(ops, span):
+    return [op for addr, op, _ in ops if span[0] <= addr <= span[1]]
+
+
+print("triton", triton.__version__)
+variants = compile_check.variants(archs=(90, 80), kernels=["_decode_attention_kernel"])
+for v in variants:
+    r = compile_check.compile_variant(v)
+    print("variant", v.arch, v.types["q_ptr"], v.constexprs["D"], v.constexprs["ROPE"], r.ok, r.registers, r.spill)
+base = next(v for v in variants if v.arch == 90 and v.types["q_ptr"] == "*bf16" and v.constexprs["D"] == 128)
+for stages in (base.num_stages, 1):  # as launched, and unstaged (what the check must see)
+    for rope in (False, True):
+        v = dataclasses.replace(base, constexprs=dict(base.constexprs, ROPE=rope, HAS_MASK=True), num_stages=stages,
+                                types=dict(base.types, mask_ptr="*i1", part_ptr="*fp32", count_ptr="*i32"))
+        ops = compile_check.sass_ops(compile_check._compile(v))
+        spans = loops(ops)
+        main, merge = ops_in(ops, spans[0]), ops_in(ops, max(spans, key=lambda span: span[0]))
+        print("loops", stages, rope, sum(op == "LDG.E.128" for op in main), sum(op.startswith("LDGSTS") for op in main),
+              sum(op.startswith("LDGSTS") for op in merge))
+'''
+
+
+def _attention(tmp_path: Path, env: dict) -> tuple[str, list[list[str]], list[list[str]]]:
+    script = tmp_path / "attention.py"
+    script.write_text(ATTENTION)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head, *rows = [line.split() for line in r.stdout.splitlines()]
+    return head[1], [row[1:] for row in rows if row[0] == "variant"], [row[1:] for row in rows if row[0] == "loops"]
+
+
+def _check_attention(variants: list[list[str]], loops: list[list[str]]) -> None:
+    assert len(variants) == 2 * len(compile_check._attention_variants()), variants
+    assert all(row[4] == "True" and row[6] == "0" for row in variants), variants  # compiled, no register spilled
+    staged = [row for row in loops if row[0] != "1"]
+    assert len(staged) == 2 and all(row[2] == "0" and int(row[3]) >= 8 and int(row[4]) > 0 for row in staged), loops
+    unstaged = [row for row in loops if row[0] == "1"]
+    assert unstaged and all(int(row[2]) >= 8 and row[3] == "0" for row in unstaged), loops  # what the check sees
+
+
+def test_the_decode_attention_stages_its_loads_and_spills_nothing(tmp_path):
+    """The decode attention (sm_90 SASS, 2B-4T's heads, bf16, key mask, with and without the RoPE):
+    its slot loop takes K and V by cp.async only (LDGSTS, loads staged ahead by Triton's pipelining;
+    no plain 16-byte load left to wait on in the loop), and its merge loop too; unstaged, the same
+    loop loads K and V plainly (the check can fail). Every variant, sm_90 and sm_80, spills nothing
+    (8 warps: at 4, 10 of the 28 spilled, up to 288 bytes a thread)."""
+    _, variants, loops = _attention(tmp_path, _env())
+    _check_attention(variants, loops)
+
+
 FENCED = '''
 import triton
 import triton.language as tl
@@ -485,6 +552,16 @@ def test_the_norm_tile_does_not_spill_with_the_oldest_supported_triton(tmp_path)
     got, rows = _norm_tiles(tmp_path, env)
     assert got == version, f"ran with Triton {got}, not {version}"
     _check_norm_tiles(rows)
+
+
+@pytest.mark.slow
+def test_the_decode_attention_stages_its_loads_with_the_oldest_supported_triton(tmp_path):
+    """As test_the_decode_attention_stages_its_loads_and_spills_nothing, with the GPU machines'
+    Triton (3.6)."""
+    version, env = _floor_env()
+    got, variants, loops = _attention(tmp_path, env)
+    assert got == version, f"ran with Triton {got}, not {version}"
+    _check_attention(variants, loops)
 
 
 @pytest.mark.slow
