@@ -21,7 +21,8 @@ the int4 head (quantize_lm_head(8), (4)), from bf16 x, GPU time and eager call, 
 --attention adds the decode attention at 2B-4T's heads (20 query heads on 5 KV heads of 128,
 bf16): bitnet.kernels.decode_attention against the call the model made before it, torch's SDPA
 with the static cache's key mask and enable_gqa (its math path on CUDA), for batches and cache
-lengths (--attention-cache), GPU time and eager call as above, and the KV bytes it reads.
+lengths (--attention-cache), full and with 160 live slots (--attention-live: a server's rows hold
+the model's context), GPU time and eager call as above, and the live K and V bytes.
 
 On a CPU (the native C++ kernels, bitnet.kernels.cpu), for every shape, M and format: the
 median time of one whole layer call (int8 activation quantization included) from bf16 x to bf16
@@ -74,7 +75,9 @@ class BenchArgs:
     name: str | None = arg(None, help="file name of the results, without extension (default bench_kernels[_cpu])")
     attention: bool = arg(False, help="also time the decode attention (GPU) against SDPA, at 2B-4T's heads")
     attention_batch: list[int] = arg([1, 8], help="sequences per decode step, for --attention")
-    attention_cache: list[int] = arg([160, 1024, 4096], help="static cache lengths (the live slots: all), for --attention")
+    attention_cache: list[int] = arg([160, 1024, 4096], help="static cache lengths (every slot live), for --attention")
+    attention_live: list[int] = arg([160], help="also: this many live slots in each longer cache (a server's rows "
+                                                "hold the model's context), for --attention")
     heads: bool = arg(False, help="also time the lm_head GEMVs (GPU) at 2B-4T's head, 128256 x 2560: bf16 F.linear, "
                       "the int8 head and the int4 head (quantize_lm_head(8), (4))")
     head_rows: list[int] = arg([1, 8], help="activation rows for --heads (decode: one a sequence)")
@@ -161,19 +164,22 @@ def measure(args: BenchArgs, device: str = "cuda", on_shape: Callable[[dict], No
 ATTENTION_HEADS = (20, 5, 128)  # 2B-4T: query heads, KV heads, head size
 
 
-def attention_case(batch: int, slots: int, device: str, dtype=torch.bfloat16, heads=ATTENTION_HEADS):
-    """One decode step's attention over a full static cache, both ways: (ours, sdpa, kv_bytes).
-    ours: bitnet.kernels.decode_attention -> (B, H * D); sdpa: the model's former call, SDPA over
-    the whole cache with the (B, 1, 1, S) key mask and enable_gqa -> (B, H * D)."""
+def attention_case(batch: int, slots: int, device: str, dtype=torch.bfloat16, heads=ATTENTION_HEADS,
+                   live: int | None = None):
+    """One decode step's attention over a static cache of `slots`, the query at slot live - 1
+    (default: the last), both ways: (ours, sdpa, the live K and V bytes). ours:
+    bitnet.kernels.decode_attention -> (B, H * D); sdpa: the model's former call, SDPA over the
+    whole cache with the (B, 1, 1, S) key mask (the live slots) and enable_gqa -> (B, H * D)."""
     from bitnet.kernels import decode_attention
 
     H, G, D = heads
+    live = slots if live is None else live
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(batch, H, D, generator=g, device=device).to(dtype)
     k = torch.randn(batch, G, slots, D, generator=g, device=device).to(dtype)
     v = torch.randn(batch, G, slots, D, generator=g, device=device).to(dtype)
-    pos = torch.tensor([slots - 1], device=device)
-    mask = torch.ones(batch, 1, 1, slots, dtype=torch.bool, device=device)
+    pos = torch.tensor([live - 1], device=device)
+    mask = (torch.arange(slots, device=device) < live).expand(batch, 1, 1, slots)
 
     def ours():
         return decode_attention(q, k, v, pos, key_mask=mask[:, 0, 0])
@@ -182,7 +188,7 @@ def attention_case(batch: int, slots: int, device: str, dtype=torch.bfloat16, he
         y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
         return y.transpose(1, 2).reshape(batch, H * D)
 
-    return ours, sdpa, 2 * k.numel() * k.element_size()
+    return ours, sdpa, 2 * batch * G * live * D * k.element_size()
 
 
 HEAD_SHAPE = (128256, 2560)  # 2B-4T's lm_head: vocabulary x hidden
@@ -229,24 +235,27 @@ HEAD_COLUMNS = [("shape", "N x K", ""), ("m", "M", ""), ("format", "head", ""), 
 
 
 def measure_attention(args: BenchArgs, device: str = "cuda") -> list[dict]:
-    """GPU time and eager call of both attentions for every (batch, cache length)."""
+    """GPU time and eager call of both attentions for every (batch, cache length, live slots)."""
     flush = L2Flusher(device=device)
     rows = []
+    cases = [(slots, live) for slots in args.attention_cache
+             for live in [slots] + sorted(n for n in set(args.attention_live) if 0 < n < slots)]
     for batch in args.attention_batch:
-        for slots in args.attention_cache:
-            ours, sdpa, kv_bytes = attention_case(batch, slots, device)
+        for slots, live in cases:
+            ours, sdpa, kv_bytes = attention_case(batch, slots, device, live=live)
             sdpa_ms = (time_cuda_graph(sdpa, args.warmup, args.iters, flush), time_cuda(sdpa, args.warmup, args.iters, flush))
             ours_ms = (time_cuda_graph(ours, args.warmup, args.iters, flush), time_cuda(ours, args.warmup, args.iters, flush))
-            rows.append({"batch": batch, "slots": slots, "kv_mb": kv_bytes / 1e6, "sdpa_us": sdpa_ms[0] * 1e3,
+            rows.append({"batch": batch, "slots": slots, "live": live, "kv_mb": kv_bytes / 1e6, "sdpa_us": sdpa_ms[0] * 1e3,
                          "ours_us": ours_ms[0] * 1e3, "speedup": sdpa_ms[0] / ours_ms[0],
                          "sdpa_eager_us": sdpa_ms[1] * 1e3, "ours_eager_us": ours_ms[1] * 1e3,
                          "gbps": kv_bytes / (ours_ms[0] * 1e-3) / 1e9})
-            print(f"attention B={batch} S={slots}: SDPA {rows[-1]['sdpa_us']:.1f} us, ours {rows[-1]['ours_us']:.1f} us",
+            print(f"attention B={batch} S={slots} live {live}: SDPA {rows[-1]['sdpa_us']:.1f} us, ours {rows[-1]['ours_us']:.1f} us",
                   flush=True)
     return rows
 
 
-ATTENTION_COLUMNS = [("batch", "batch", ""), ("slots", "cache slots", ""), ("kv_mb", "K+V MB", ".1f"),
+ATTENTION_COLUMNS = [("batch", "batch", ""), ("slots", "cache slots", ""), ("live", "live slots", ""),
+                     ("kv_mb", "live K+V MB", ".1f"),
                      ("sdpa_us", "SDPA (us)", ".1f"), ("ours_us", "decode_attention (us)", ".1f"),
                      ("speedup", "vs SDPA", ".2f"), ("gbps", "GB/s", ".0f"), ("sdpa_eager_us", "SDPA eager (us)", ".1f"),
                      ("ours_eager_us", "ours eager (us)", ".1f")]

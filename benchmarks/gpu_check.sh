@@ -38,7 +38,7 @@
 #                 interpreter tier rerun beside the GPU ~60-100 s; conftest.py sets
 #                 BITNET_AUTOTUNE=first: no config timing, tests/test_configs.py runs each)
 #   kernels   55  bench_kernels.py: first the decode attention against SDPA (batch 1 8, 160 1024 4096
-#                 slots) and the lm_head GEMVs (bf16, int8, int4 at 128256 x 2560, M 1 8), then
+#                 slots, full and with 160 live: a server's row) and the lm_head GEMVs (bf16, int8, int4 at 128256 x 2560, M 1 8), then
 #                 2560x6912 6912x2560 8192x8192 28672x8192, M 1 16 2048, 2bit at every M, 1.6bit and
 #                 1bit at M = 1, 2bit also unsplit where M = 16 splits K (three shapes: the A/B of
 #                 split_k), GPU time (CUDA graph) and eager call (each new key's configs are first

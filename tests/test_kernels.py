@@ -841,17 +841,23 @@ def test_benchmark_measures_reports_and_plots(tmp_path, monkeypatch):
 
 def test_attention_benchmark_compares_like_with_like(monkeypatch, triton_device):
     """--attention: both callables compute the same attention (the kernel and the SDPA call the
-    model made before it), so the table compares like with like; the table renders."""
+    model made before it), over a full cache and over a few live slots of a long one (a server's
+    row), so the table compares like with like; each cache length gets its rows; the table renders."""
     bench = _bench_module()
     ours, sdpa, kv_bytes = bench.attention_case(2, 40, triton_device, dtype=torch.float32, heads=(4, 2, 16))
     assert kv_bytes == 2 * 2 * 2 * 40 * 16 * 4
     torch.testing.assert_close(ours(), sdpa(), rtol=1e-5, atol=1e-5)
+    ours, sdpa, kv_bytes = bench.attention_case(2, 100, triton_device, dtype=torch.float32, heads=(4, 2, 16), live=7)
+    assert kv_bytes == 2 * 2 * 2 * 7 * 16 * 4
+    torch.testing.assert_close(ours(), sdpa(), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(bench, "L2Flusher", lambda device: None)
     monkeypatch.setattr(bench, "time_cuda", lambda fn, warmup, iters, flush: (fn(), 2.0)[1])
     monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, warmup, iters, flush: (fn(), 1.0)[1])
-    monkeypatch.setattr(bench, "attention_case", lambda b, s, d: (ours, sdpa, kv_bytes))
-    rows = bench.measure_attention(bench.BenchArgs(attention_batch=[1], attention_cache=[40]), device=triton_device)
-    assert rows[0]["speedup"] == 1.0 and "| 1 | 40 |" in bench.report({"rows": [], "attention": rows})
+    monkeypatch.setattr(bench, "attention_case", lambda b, s, d, live: (ours, sdpa, kv_bytes))
+    rows = bench.measure_attention(bench.BenchArgs(attention_batch=[1], attention_cache=[40, 200], attention_live=[60]),
+                                   device=triton_device)
+    assert [(r["slots"], r["live"]) for r in rows] == [(40, 40), (200, 200), (200, 60)]
+    assert rows[0]["speedup"] == 1.0 and "| 1 | 200 | 60 |" in bench.report({"rows": [], "attention": rows})
 
 
 def test_head_benchmark_times_three_heads_of_one_linear(monkeypatch, triton_device):
