@@ -42,8 +42,8 @@ BLOCK_S = 16 if INTERPRET else 64  # slots per step: a [64, 128] bf16 tile of K 
 # (a server's batched decode equals each sequence's lone decode bit for bit). At 2B-4T (5 KV heads)
 # a 2048-slot cache is 16 splits: 80 programs for one sequence, 640 for eight.
 CHUNK = 2 * BLOCK_S
-# 8 warps: half the instructions a warp a block (622 for 2B-4T's step with the RoPE, sm_90) where 4
-# warps each issued 1188 alone on their scheduler, and no variant spills (at 4, 10 of 28 did)
+# 8 warps: half the instructions a warp a block (2B-4T with the RoPE, sm_90: ~500, ~730 in the block
+# holding pos) where 4 warps each issued 1188 alone on their scheduler; no aligned variant spills
 NUM_WARPS = 8
 _LOG2E = 1.4426950408889634
 
@@ -161,8 +161,9 @@ def _decode_attention_kernel(
             visible = visible & (keep | (s == pos))
             v = tl.where(visible[:, None], v, 0.0)  # a masked-off slot may hold anything (never written)
         if ROPE:  # slot pos from registers (its store above may not be visible to this program's loads)
-            k = tl.where((s == pos)[:, None], k_new[None, :], k)
-            v = tl.where((s == pos)[:, None], v_new[None, :], v)
+            if (s0 <= pos) & (pos < s0 + BLOCK_S):  # (one block of the split holding pos: others skip the selects)
+                k = tl.where((s == pos)[:, None], k_new[None, :], k)
+                v = tl.where((s == pos)[:, None], v_new[None, :], v)
         qk = _dot(q, tl.trans(k), IEEE, UPCAST)  # (BLOCK_G, BLOCK_S) float32
         qk = tl.where(visible[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))

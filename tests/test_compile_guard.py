@@ -253,7 +253,8 @@ print("triton", triton.__version__)
 variants = compile_check.variants(archs=(90, 80), kernels=["_decode_attention_kernel"])
 for v in variants:
     r = compile_check.compile_variant(v)
-    print("variant", v.arch, v.types["q_ptr"], v.constexprs["D"], v.constexprs["ROPE"], r.ok, r.registers, r.spill)
+    print("variant", v.arch, v.types["q_ptr"], v.constexprs["D"], v.constexprs["ROPE"], v.aligned, r.ok, r.registers,
+          r.spill)
 base = next(v for v in variants if v.arch == 90 and v.types["q_ptr"] == "*bf16" and v.constexprs["D"] == 128)
 for stages in (base.num_stages, 1):  # as launched, and unstaged (what the check must see)
     for rope in (False, True):
@@ -278,7 +279,9 @@ def _attention(tmp_path: Path, env: dict) -> tuple[str, list[list[str]], list[li
 
 def _check_attention(variants: list[list[str]], loops: list[list[str]]) -> None:
     assert len(variants) == 2 * len(compile_check._attention_variants()), variants
-    assert all(row[4] == "True" and row[6] == "0" for row in variants), variants  # compiled, no register spilled
+    assert all(row[5] == "True" for row in variants), variants  # compiled
+    aligned = [row for row in variants if row[4] == "True"]  # (16-byte aligned: a cache torch allocated)
+    assert aligned and all(row[7] == "0" for row in aligned), aligned  # no register spilled
     staged = [row for row in loops if row[0] != "1"]
     assert len(staged) == 2 and all(row[2] == "0" and int(row[3]) >= 8 and int(row[4]) > 0 for row in staged), loops
     unstaged = [row for row in loops if row[0] == "1"]
@@ -289,8 +292,9 @@ def test_the_decode_attention_stages_its_loads_and_spills_nothing(tmp_path):
     """The decode attention (sm_90 SASS, 2B-4T's heads, bf16, key mask, with and without the RoPE):
     its slot loop takes K and V by cp.async only (LDGSTS, loads staged ahead by Triton's pipelining;
     no plain 16-byte load left to wait on in the loop), and its merge loop too; unstaged, the same
-    loop loads K and V plainly (the check can fail). Every variant, sm_90 and sm_80, spills nothing
-    (8 warps: at 4, 10 of the 28 spilled, up to 288 bytes a thread)."""
+    loop loads K and V plainly (the check can fail). Every variant compiles for sm_90 and sm_80, and
+    every aligned one (a cache torch allocated) spills nothing (8 warps: at 4, 3 of the 14 did, up
+    to 288 bytes a thread)."""
     _, variants, loops = _attention(tmp_path, _env())
     _check_attention(variants, loops)
 
