@@ -229,7 +229,7 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
                 if kind == "decode":
                     ids, pos = torch.full((batch, 1), 5), torch.tensor([10])
                     pid = torch.full((batch, 1), 10)
-                    step = functools.partial(decode_step, model, ids, pos, pid, mask)
+                    step = functools.partial(decode_step, model, ids, pos, pid, None)  # generate's: no padding
                 else:
                     ids = torch.randint(0, args.vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
                     pid = torch.arange(tokens).expand(batch, tokens)

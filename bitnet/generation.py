@@ -92,9 +92,10 @@ def prefill(model, input_ids: torch.Tensor, key_mask: torch.Tensor, position_ids
 
 
 def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
-                key_mask: torch.Tensor) -> torch.Tensor:
+                key_mask: torch.Tensor | None) -> torch.Tensor:
     """One token per sequence: tokens (B, 1) at cache slot input_pos (1,), RoPE position_ids
-    (B, 1) -> logits (B, vocab). Same shapes at every step and no host sync: the function
+    (B, 1), key_mask (B, S) the cache slots that hold real tokens (None: all up to input_pos, no
+    padding) -> logits (B, vocab). Same shapes at every step and no host sync: the function
     torch.compile traces (and CUDA graphs replay)."""
     out = model(tokens, attention_mask=key_mask, position_ids=position_ids, input_pos=input_pos)
     return out.logits[:, -1]
@@ -111,8 +112,8 @@ class CapturedForward:
     first (on a side stream, as torch.cuda.graphs advises; the Triton kernels tune there): it
     writes the cache slots of its inputs, as the first replay then does."""
 
-    def __init__(self, forward: Callable, model, *inputs: torch.Tensor):
-        self.inputs = [t.clone() for t in inputs]
+    def __init__(self, forward: Callable, model, *inputs: torch.Tensor | None):
+        self.inputs = [None if t is None else t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -123,9 +124,12 @@ class CapturedForward:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = forward(model, *self.inputs)
 
-    def __call__(self, model, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model, *inputs: torch.Tensor | None) -> torch.Tensor:
         for static, value in zip(self.inputs, inputs, strict=True):
-            static.copy_(value)
+            if (static is None) != (value is None):
+                raise ValueError("CapturedForward: an input recorded as None must stay None, and the other way round")
+            if static is not None:
+                static.copy_(value)
         self.graph.replay()
         return self.output
 
@@ -134,7 +138,7 @@ def captured_step(model, tokens, input_pos, position_ids, key_mask) -> CapturedF
     """The model's recorded decode step for its current cache and these shapes, recorded now if
     there is none (bitnet.model's setup_cache / clear_cache drop the old one)."""
     cache = model.model.layers[0].self_attn.kv_cache
-    key = (id(cache), tuple(tokens.shape), tuple(key_mask.shape), key_mask.dtype)
+    key = (id(cache), tuple(tokens.shape), None if key_mask is None else (tuple(key_mask.shape), key_mask.dtype))
     held = getattr(model, "_captured_step", None)
     if held is None or held[0] != key:
         step = record_cuda_graph(lambda: CapturedForward(decode_step, model, tokens, input_pos, position_ids, key_mask),
@@ -308,6 +312,8 @@ def generate(
         next_position = position_ids[:, -1:] + 1  # (B, 1)
 
         logits = prefill(model, input_ids, key_mask, position_ids)  # (B, vocab)
+        if bool(mask.all()):  # no padding: each step sees slots 0 .. input_pos, no key mask (bitnet.model.LIVE_SLOTS)
+            key_mask = None
         generated = max_new_tokens
         for i in range(max_new_tokens):
             tokens = sample(logits, temperature, top_k, top_p, generator)  # (B,)

@@ -190,6 +190,10 @@ ALL_KEYS = object()
 # The attention mask of a prompt written to cache slots 0..T-1 with no padding (bitnet.model's
 # _mask, on a GPU): plain causal attention over those T slots.
 CAUSAL_PREFIX = object()
+# The attention mask of a decode step without attention_mask (no padding) over the static cache:
+# each query sees the slots up to its own, input_pos, which the decode kernels do with no key mask
+# at all (no mask built each step, nor loaded and applied in every attention's loop).
+LIVE_SLOTS = object()
 
 
 class Attention(nn.Module):
@@ -215,7 +219,7 @@ class Attention(nn.Module):
         cache = self.kv_cache if input_pos is not None else None
         packed = type(self.q_proj) is BitLinear and self.q_proj.frozen  # packed inference (the bf16 twin stays vanilla)
         decode = cache is not None and T == 1
-        key_mask = None if not decode or mask is ALL_KEYS else mask[:, 0, 0]  # (B, S): a decode mask is (B, 1, 1, S)
+        key_mask = None if not decode or mask is ALL_KEYS or mask is LIVE_SLOTS else mask[:, 0, 0]  # (B, 1, 1, S) -> (B, S)
         if packed and decode:  # RoPE, cache write and attention in one Triton launch
             y = rope_decode_attention(q, k, v, cos, sin, cache, input_pos, key_mask, self.q_proj.kernel)
             if y is not None:  # (B, nh*hd)
@@ -245,6 +249,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         elif mask is CAUSAL_PREFIX:  # square and causal: flash attention takes it (a mask and GQA it would not)
             y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa)
+        elif mask is LIVE_SLOTS:  # (where no decode kernel ran) slots 0 .. input_pos
+            live = input_pos[:, None] >= torch.arange(k.shape[2], device=k.device)[None, :]  # (1, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=live, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
@@ -452,7 +459,8 @@ class BitNetForCausalLM(nn.Module):
 
     def _mask(self, B, T, attention_mask, input_pos, device):
         """Boolean (B, 1, T, S) mask, None for the plain causal case (SDPA's is_causal), ALL_KEYS
-        for a decode step that sees every key of the live cache window (eager CPU, no padding), or
+        for a decode step that sees every key of the live cache window (eager CPU, no padding),
+        LIVE_SLOTS for one without attention_mask over the static cache (slots 0 .. input_pos), or
         CAUSAL_PREFIX for a prompt into slots 0..T-1 with no padding on a GPU (eager: one host sync
         decides it): causal attention over those slots, which SDPA runs as flash attention, where
         the masked call over the static cache takes its math path (a mask with grouped heads)."""
@@ -469,6 +477,8 @@ class BitNetForCausalLM(nn.Module):
                 attention_mask = attention_mask[:, :S]
             if cache.window.live is not None and T == 1 and (attention_mask is None or bool(attention_mask.all())):
                 return ALL_KEYS  # one query at the last live slot, no padding: no mask to build or apply
+            if T == 1 and attention_mask is None:
+                return LIVE_SLOTS  # one query a sequence, no padding: slots 0 .. input_pos, no mask to build
             if T > 1 and input_pos.device.type == "cuda" and not torch.compiler.is_compiling() and T <= S:
                 prefix = (input_pos == torch.arange(T, device=device)).all()
                 if attention_mask is not None:

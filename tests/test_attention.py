@@ -232,6 +232,48 @@ def test_decode_steps_use_it_and_agree_with_sdpa(packed, monkeypatch, triton_dev
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_an_unpadded_decode_step_takes_no_key_mask(packed, monkeypatch, triton_device):
+    """Over the static cache (as on a GPU, where no live window is cut), a decode step without an
+    attention_mask (generate's, for a batch with no padding) sees slots 0 .. input_pos with no key
+    mask (bitnet.model.LIVE_SLOTS): the kernel gets none (no mask built each step, none loaded in
+    its loop), with the same logits, bit for bit, as the same steps under an all-ones mask; where no
+    kernel runs, SDPA gets those slots (the twin). generate decodes an unpadded batch so, a padded
+    one with its mask (the twin)."""
+    from bitnet.generation import generate
+    from bitnet.kernels import custom_ops
+
+    model = tiny_model(packed).to(triton_device)
+    monkeypatch.setattr(BitNetForCausalLM, "_set_cache_window",
+                        lambda self, pos: setattr(self.model.layers[0].self_attn.kv_cache.window, "live", None))
+    monkeypatch.setenv("BITNET_KERNEL", "triton")
+    masks = []
+    real = custom_ops._decode_attention
+    monkeypatch.setattr(custom_ops, "_decode_attention", lambda *a, **k: masks.append(a[5]) or real(*a, **k))
+    prompt = torch.tensor([[5, 77, 3, 120, 45], [8, 2, 9, 31, 7]])
+    ones = torch.ones(2, 5, dtype=torch.long)
+    bare = decode_logits(model, triton_device, prompt, 2)
+    assert len(masks) == 2 * 2 and all(m is None for m in masks)
+    masks.clear()
+    masked = decode_logits(model, triton_device, prompt, 2, ones)
+    assert len(masks) == 2 * 2 and all(torch.is_tensor(m) for m in masks)
+    assert torch.equal(bare, masked)
+    if packed:  # (the rest does not depend on the linear layers: the twin's run shows it)
+        return
+    with monkeypatch.context() as m:  # the model's fallback where no kernel runs: SDPA
+        m.setattr(bm, "decode_attention", lambda *a, **k: None)
+        m.setattr(bm, "rope_decode_attention", lambda *a, **k: None)
+        sdpa_bare = decode_logits(model, triton_device, prompt, 2)
+        sdpa_masked = decode_logits(model, triton_device, prompt, 2, ones)
+    assert torch.equal(sdpa_bare, sdpa_masked)
+    torch.testing.assert_close(bare, sdpa_bare, rtol=1e-4, atol=1e-4)
+    for ids, attention_mask, none in ((prompt, None, True), (prompt, torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]), False)):
+        masks.clear()
+        generate(model, ids.to(triton_device), 3, attention_mask=None if attention_mask is None else
+                 attention_mask.to(triton_device))
+        assert len(masks) == 2 * 2 and all((m is None) == none for m in masks), masks
+
+
 def test_sdpa_agrees_with_the_reference_where_the_kernel_does(triton_device):
     """The yardstick: torch's SDPA (enable_gqa, a key mask) on the same bf16 inputs is within the
     same bound of the float64 reference as the kernel."""
