@@ -286,7 +286,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         key_mask.stride(0) if key_mask is not None else 0, y.stride(0), k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1), cos.stride(0) if rope is not None and cos.shape[0] == N and N > 1 else 0,
         G=G, D=D, HAS_ROWS=rows is not None, HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32, UPCAST=INTERPRET,
-        ROPE=rope is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=NUM_WARPS, num_stages=stages, **LAUNCH, **pdl(q),
+        ROPE=rope is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=NUM_WARPS,
+        num_stages=stages, **LAUNCH, **pdl(q),
     )
     return y
 
