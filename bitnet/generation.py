@@ -277,6 +277,9 @@ def generate(
     config = model.config
     input_ids, mask = check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                                    eos_check_every)
+    # no padding: the decode steps see slots 0 .. input_pos with no key mask (bitnet.model.LIVE_SLOTS);
+    # known without a sync when no mask was given, else read here, where check_inputs read it already
+    padded = attention_mask is not None and not bool(mask.all())
     B, T = input_ids.shape
     device = model.model.embed_tokens.weight.device
     input_ids, mask = input_ids.to(device), mask.to(device)
@@ -312,8 +315,7 @@ def generate(
         next_position = position_ids[:, -1:] + 1  # (B, 1)
 
         logits = prefill(model, input_ids, key_mask, position_ids)  # (B, vocab)
-        if bool(mask.all()):  # no padding: each step sees slots 0 .. input_pos, no key mask (bitnet.model.LIVE_SLOTS)
-            key_mask = None
+        key_mask = key_mask if padded else None  # (the prefill's slots are the prompt's: it keeps the mask)
         generated = max_new_tokens
         for i in range(max_new_tokens):
             tokens = sample(logits, temperature, top_k, top_p, generator)  # (B,)

@@ -48,7 +48,7 @@ from .activations import quantize
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
                      pdl_start, pdl_wait, segment_starts, store_output)
 from .gemv import by_segment, segment_of
-from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, unpack_checked, values_per_byte
+from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, row_block, unpack_checked, values_per_byte
 from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rows_rstd, sum_block
 
 SMALL_M = 64
@@ -455,11 +455,6 @@ def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
     while tiles * split < sms and split * 2 <= SPLIT_K_MAX and k // (split * 2) >= min_k:
         split *= 2
     return split
-
-
-def row_block(p: int) -> int:
-    """PA: the codes of a packed byte that one row block holds (layout.py), for P codes a byte."""
-    return 8 if p == 8 else 4
 
 
 def splits(m: int, n: int, k: int, fmt: str, device: torch.device) -> int:

@@ -60,6 +60,12 @@ def values_per_byte(fmt: str) -> int:
     return FORMATS[fmt]
 
 
+def row_block(p: int) -> int:
+    """PA: the codes of a packed byte that one row block holds, for P codes a byte (the host's
+    copy of what every kernel derives from its constexpr P)."""
+    return 8 if p == 8 else 4
+
+
 def check_packed(packed: torch.Tensor, n: int, k: int, fmt: str) -> torch.Tensor:
     """The packed weight of an (n, k) matrix in `fmt`, row-major (copied only if it is not)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
