@@ -101,50 +101,137 @@ def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, position_i
     return out.logits[:, -1]
 
 
+def _record(fn: Callable[[], torch.Tensor], undo: Callable[[], None] | None = None):
+    """(CUDA graph, output) of fn() recorded once: fn runs eagerly first on a side stream (as
+    torch.cuda.graphs advises; the Triton kernels tune there), then undo() (also when fn fails),
+    then fn is recorded."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            fn()
+    finally:
+        torch.cuda.current_stream().wait_stream(side)
+        if undo is not None:
+            undo()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: CUDA calls of other threads (a server's) do not invalidate this recording
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = fn()
+    return graph, output
+
+
 class CapturedForward:
     """forward(model, *inputs) recorded once as a CUDA graph and replayed: every kernel of it
     issued by one call, without torch.compile. Each call copies its tensor arguments into the
     graph's input tensors and returns the graph's output tensor (overwritten by the next call).
-    forward must not sync with the host (decode_step; prefill with causal_prefix).
+    forward must not sync with the host (prefill with causal_prefix: what bench_generate times).
 
     The graph reads and writes the memory of the model's KV cache as it was when recorded, so a
-    new cache (setup_cache, clear_cache) means a new recording. Recording runs forward eagerly
-    first (on a side stream, as torch.cuda.graphs advises; the Triton kernels tune there): it
-    writes the cache slots of its inputs, as the first replay then does."""
+    new cache (setup_cache, clear_cache) means a new recording. The recording's eager run writes
+    the cache slots of its inputs, as the first replay then does."""
 
-    def __init__(self, forward: Callable, model, *inputs: torch.Tensor | None):
-        self.inputs = [None if t is None else t.clone() for t in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward(model, *self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (a server's) do not invalidate this recording
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = forward(model, *self.inputs)
+    def __init__(self, forward: Callable, model, *inputs: torch.Tensor):
+        self.inputs = [t.clone() for t in inputs]
+        self.graph, self.output = _record(lambda: forward(model, *self.inputs))
 
-    def __call__(self, model, *inputs: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, model, *inputs: torch.Tensor) -> torch.Tensor:
         for static, value in zip(self.inputs, inputs, strict=True):
-            if (static is None) != (value is None):
-                raise ValueError("CapturedForward: an input recorded as None must stay None, and the other way round")
-            if static is not None:
-                static.copy_(value)
+            static.copy_(value)
         self.graph.replay()
         return self.output
 
 
-def captured_step(model, tokens, input_pos, position_ids, key_mask) -> CapturedForward:
-    """The model's recorded decode step for its current cache and these shapes, recorded now if
-    there is none (bitnet.model's setup_cache / clear_cache drop the old one)."""
+@dataclass(eq=False)
+class Decoding:
+    """The device state of a generate call between steps, updated in place (so that a recorded
+    step reads and writes the same tensors at every replay):
+
+    tokens (B, 1) the last token of each sequence, to be fed at cache slot `input_pos` (1,), RoPE
+    position `position` (B, 1); `out` (B, S) every token by its cache slot (the prompt, then the
+    generated ones); `finished` (B,) has ended (emits `pad` from then on); `ended` (B,) the slot of
+    each sequence's EOS; `key_mask` (B, S) the slots that hold real tokens, None without padding."""
+
+    tokens: torch.Tensor
+    input_pos: torch.Tensor
+    position: torch.Tensor
+    out: torch.Tensor
+    finished: torch.Tensor
+    ended: torch.Tensor
+    key_mask: torch.Tensor | None
+    pad: int
+    eos: tuple[int, ...]  # EOS ids (none: no stopping)
+    eos_ids: torch.Tensor  # the same, (E,) long on the device
+
+    def take(self, tokens: torch.Tensor) -> None:
+        """The next token of each sequence (B,), at slot input_pos: kept, stored, checked for EOS."""
+        tokens = torch.where(self.finished, self.pad, tokens)
+        if self.eos:
+            new = (tokens[:, None] == self.eos_ids).any(dim=-1) & ~self.finished
+            self.ended.copy_(torch.where(new, self.input_pos, self.ended))
+            self.finished |= new
+        self.out.index_copy_(1, self.input_pos, tokens[:, None])
+        self.tokens.copy_(tokens[:, None])
+
+    def tensors(self, names: Sequence[str] = ("tokens", "input_pos", "position", "finished", "ended", "out",
+                                              "key_mask")) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            getattr(self, name).copy_(value)
+
+
+def advance(model, state: Decoding, greedy: bool, forward: Callable = decode_step) -> torch.Tensor:
+    """One decode step in place: feed state.tokens, move to the next slot and, when greedy, take
+    the argmax as the next tokens. Returns the step's logits (B, vocab) (sampled decoding takes
+    its tokens from them). No host sync: what CapturedStep records."""
+    logits = forward(model, state.tokens, state.input_pos, state.position, state.key_mask)
+    state.input_pos += 1
+    state.position += 1
+    if greedy:
+        state.take(logits.argmax(dim=-1))
+    return logits
+
+
+class CapturedStep:
+    """advance(model, state, greedy) recorded once as a CUDA graph over the tensors of `state`, and
+    replayed: one call per token issues the decode step's kernels, the move to the next slot and,
+    when greedy, the argmax, the EOS bookkeeping and the token's store, with nothing done by the
+    host between steps. The recording's eager run is undone (the state put back; the cache slot
+    and the `out` column it wrote are written again, the same, by the first replay), also when it
+    fails: the caller then decodes eagerly from the state as it was.
+
+    The graph holds the model's KV cache as it was when recorded, and `state`'s tensors: a new
+    cache (setup_cache, clear_cache) means a new recording; a new generate call on the same cache
+    refills `state` (captured_step) and replays."""
+
+    def __init__(self, model, state: Decoding, greedy: bool):
+        # what a step changes but the column of `out` and the cache slot it writes (the first replay writes them again)
+        saved = {name: t.clone() for name, t in state.tensors(("tokens", "input_pos", "position", "finished", "ended")).items()}
+        self.state = state
+        self.graph, self.logits = _record(lambda: advance(model, state, greedy), undo=lambda: state.load(saved))
+
+    def __call__(self) -> torch.Tensor:
+        """Replay: the state moves one step; the step's logits (overwritten by the next replay)."""
+        self.graph.replay()
+        return self.logits
+
+
+def captured_step(model, state: Decoding, greedy: bool) -> CapturedStep:
+    """The model's recorded decode step for its current cache and this kind of state, recorded now
+    if there is none (bitnet.model's setup_cache / clear_cache drop the old one). Its state's
+    tensors are `state`'s values from now on (the recording's own tensors are kept: copied into)."""
     cache = model.model.layers[0].self_attn.kv_cache
-    key = (id(cache), tuple(tokens.shape), None if key_mask is None else (tuple(key_mask.shape), key_mask.dtype))
+    key = (id(cache), tuple(state.out.shape), state.key_mask is not None, greedy, state.pad, state.eos)
     held = getattr(model, "_captured_step", None)
-    if held is None or held[0] != key:
-        step = record_cuda_graph(lambda: CapturedForward(decode_step, model, tokens, input_pos, position_ids, key_mask),
-                                 "the decode step", tokens.device)
-        model._captured_step = held = (key, step)
-    return held[1]
+    if held is not None and held[0] == key:
+        held[1].state.load(state.tensors())
+        return held[1]
+    model._captured_step = None  # the old recording (another cache or state) goes first
+    step = record_cuda_graph(lambda: CapturedStep(model, state, greedy), "the decode step", state.tokens.device)
+    model._captured_step = (key, step)
+    return step
 
 
 @functools.cache
@@ -264,9 +351,10 @@ def generate(
     config.pad_token_id, else the first EOS id); generation stops when every sequence has ended.
     compile: run the decode step under torch.compile (CUDA graphs on CUDA). cuda_graph (CUDA
     only; default: on CUDA unless compile): record the eager decode step as a CUDA graph once
-    (CapturedForward: no compiler, the recording costs about one step) and replay it for every
-    token; False decodes eagerly (the host issuing every kernel of every step). A step that cannot
-    be recorded is logged and decoded eagerly. on_token(ids (B,)) is called
+    (CapturedStep: no compiler, the recording costs about one step; greedy, the argmax and the
+    EOS bookkeeping are in it too, so the host only replays it) and replay it for every token;
+    False decodes eagerly (the host issuing every kernel of every step). A step that cannot be
+    recorded is logged and decoded eagerly. on_token(ids (B,)) is called
     with each step's tokens (reading them syncs, fine for streaming).
 
     The KV cache: if the caller has set one up (model.setup_cache) that fits this batch and
@@ -291,7 +379,6 @@ def generate(
     eos = _token_ids(eos_token_id, "eos_token_id") if eos_token_id is not None else []
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
 
     held = _cache_length(model)
     cache_dtype = attention_dtype(model.model.embed_tokens.weight)  # float32 on the CPU (bitnet.model)
@@ -304,49 +391,47 @@ def generate(
         key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # slots after the prompt hold generated tokens
         key_mask[:, :T] = mask
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
-        step = compiled_decode_step(device.type) if compile else captured_step if cuda_graph else decode_step
+        forward = compiled_decode_step(device.type) if compile else decode_step
         cuda_graphs = compile and device.type == "cuda"
+        greedy = temperature == 0
 
-        out = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        out[:, :T] = input_ids
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        ended_at = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # step of each EOS
-        input_pos = torch.tensor([T], device=device)  # (1,) cache slot of the next token
-        next_position = position_ids[:, -1:] + 1  # (B, 1)
-
+        state = Decoding(
+            tokens=torch.zeros(B, 1, dtype=torch.long, device=device),
+            input_pos=torch.tensor([T], device=device),
+            position=position_ids[:, -1:] + 1,
+            out=torch.full((B, S), pad_token_id, dtype=torch.long, device=device),
+            finished=torch.zeros(B, dtype=torch.bool, device=device),
+            ended=torch.full((B,), S, dtype=torch.long, device=device),
+            key_mask=key_mask if padded else None,  # (the prefill's slots are the prompt's: it takes the mask)
+            pad=pad_token_id, eos=tuple(eos), eos_ids=torch.tensor(eos, dtype=torch.long, device=device))
+        state.out[:, :T] = input_ids
         logits = prefill(model, input_ids, key_mask, position_ids)  # (B, vocab)
-        key_mask = key_mask if padded else None  # (the prefill's slots are the prompt's: it keeps the mask)
+        state.take(sample(logits, temperature, top_k, top_p, generator))
+        step = None
+        if cuda_graph:
+            try:
+                step = captured_step(model, state, greedy)
+                state = step.state
+            except Exception:  # decode eagerly: the recording's warm-up left the state as it was
+                log.warning("recording the decode step as a CUDA graph failed; decoding eagerly", exc_info=True)
+                model._captured_step = None
         generated = max_new_tokens
-        for i in range(max_new_tokens):
-            tokens = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            tokens = torch.where(finished, pad_token_id, tokens)
-            out[:, T + i] = tokens
+        for i in range(max_new_tokens):  # state.tokens: the i-th new token of each sequence
             if on_token is not None:
-                on_token(tokens)
-            if eos:
-                ended = torch.isin(tokens, eos_ids) & ~finished
-                ended_at = torch.where(ended, i, ended_at)
-                finished |= ended
-                if (i + 1) % eos_check_every == 0 and bool(finished.all()):  # the host sync
-                    generated = i + 1
-                    break
+                on_token(state.tokens[:, 0].clone())
+            if eos and (i + 1) % eos_check_every == 0 and bool(state.finished.all()):  # the host sync
+                generated = i + 1
+                break
             if i + 1 == max_new_tokens:
                 break
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
-            if cuda_graph:
-                try:
-                    step = captured_step(model, tokens[:, None], input_pos, next_position, key_mask)
-                except Exception:  # decode eagerly: the recording's warm-up wrote only this step's own slot
-                    log.warning("recording the decode step as a CUDA graph failed; decoding eagerly", exc_info=True)
-                    model._captured_step = None
-                    cuda_graph, step = False, decode_step
-            logits = step(model, tokens[:, None], input_pos, next_position, key_mask)
-            input_pos = input_pos + 1
-            next_position = next_position + 1
-        if eos and bool(finished.all()):
-            generated = int(ended_at.max()) + 1  # drop the columns decoded after the last EOS
-        return out[:, :T + generated]
+            logits = step() if step is not None else advance(model, state, greedy, forward)
+            if not greedy:
+                state.take(sample(logits, temperature, top_k, top_p, generator))
+        if eos and bool(state.finished.all()):
+            generated = int(state.ended.max()) - T + 1  # drop the columns decoded after the last EOS
+        return state.out[:, :T + generated].clone()
     finally:
         if owns_cache:
             model.clear_cache()

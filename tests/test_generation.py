@@ -368,10 +368,12 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(common, "PDL_ENABLED", common.PDL_ENABLED)  # restored after: a failed recording turns PDL off
-        m.setattr(generation, "CapturedForward", lambda *a: (_ for _ in ()).throw(RuntimeError("capture failed")))
+        tries = []
+        m.setattr(generation, "CapturedStep", lambda *a: tries.append(1) or (_ for _ in ()).throw(RuntimeError("capture failed")))
         before, in_use = common.PDL_ENABLED, common.pdl_in_use()  # (in use: a Hopper GPU, the probe passed)
         assert torch.equal(generate(model, ids, 12, attention_mask=mask), eager)
-        assert common.PDL_ENABLED == (before and not in_use)  # in use: tried once more without PDL, then eager
+        # in use: tried once more without PDL, which failed too, so PDL is back on (not what failed); then eager
+        assert len(tries) == 1 + in_use and common.PDL_ENABLED == before
     model.setup_cache(ids.shape[0], 64)
     first = generate(model, ids, 12, attention_mask=mask, cuda_graph=True)
     held = model._captured_step
@@ -380,6 +382,33 @@ def test_cuda_graph_generate_equals_eager(dtype, monkeypatch):
     assert model._captured_step is held  # replayed, not recorded again
     model.clear_cache()
     assert model._captured_step is None
+
+
+@pytest.mark.cuda
+def test_the_recorded_step_carries_no_call_of_its_own():
+    """The recorded greedy step (CapturedStep: the decode step, the argmax, the EOS bookkeeping and
+    the token's store in one graph) holds no value of the call that recorded it: replayed for
+    prompts of other lengths and other batches on the same cache, with EOS ending rows at
+    different steps, the same tokens as eager decoding; sampled decoding (the graph gives logits,
+    the host draws) the same tokens as eager with the same generator seed."""
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    model.setup_cache(len(PROMPTS), 64)
+    batches = [left_pad(PROMPTS), left_pad([p[-2:] for p in PROMPTS]), left_pad([PROMPTS[1], PROMPTS[0], [1, 2]])]
+    free = generate(model, batches[0][0].cuda(), 24, attention_mask=batches[0][1].cuda(), cuda_graph=False)
+    T = batches[0][0].shape[1]
+    eos = [int(free[0, T + 3]), int(free[2, T + 9])]
+    for kw in ({}, {"eos_token_id": eos, "eos_check_every": 1}, {"eos_token_id": eos}):
+        for ids, mask in batches:
+            ids, mask = ids.cuda(), mask.cuda()
+            eager = generate(model, ids, 24, attention_mask=mask, cuda_graph=False, **kw)
+            replayed = generate(model, ids, 24, attention_mask=mask, cuda_graph=True, **kw)
+            assert torch.equal(replayed, eager), (kw, ids.shape)
+        assert model._captured_step is not None
+    ids = batches[0][0].cuda()
+    draws = [generate(model, ids, 16, temperature=0.9, top_k=40, cuda_graph=graph,
+                      generator=torch.Generator("cuda").manual_seed(3)) for graph in (False, True)]
+    assert torch.equal(draws[0], draws[1])
+    model.clear_cache()
 
 
 @pytest.mark.cuda
@@ -517,8 +546,8 @@ def test_cli_generate_on_cuda(tmp_path, tokenizer, capsys, monkeypatch):
     import bitnet.generation as generation
 
     recorded = []
-    real = generation.CapturedForward
-    monkeypatch.setattr(generation, "CapturedForward", lambda *a: recorded.append(1) or real(*a))
+    real = generation.CapturedStep
+    monkeypatch.setattr(generation, "CapturedStep", lambda *a: recorded.append(1) or real(*a))
     checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
     cmd = ["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "12"]
     assert main(cmd) == 0
