@@ -18,8 +18,9 @@ padded prompt generates what it would alone.
 EOS: a sequence that has produced an EOS token emits `pad_token_id` from then on; generation stops
 once every sequence has. Finding that out reads a flag from the device, a host sync, so it is done
 every `eos_check_every` steps (default 8) rather than at every step: at most that many steps
-minus one run after the last EOS, and their columns (all padding) are cut off at the end, so the
-output does not depend on `eos_check_every`. Without `eos_token_id`, exactly `max_new_tokens`
+minus one run after the last EOS (on a GPU one more: the next step is queued before the flag is
+read, `runs_ahead`), and their columns (all padding) are cut off at the end, so the output does not
+depend on `eos_check_every`. Without `eos_token_id`, exactly `max_new_tokens`
 tokens are generated and no step syncs.
 
 Context: the prompt (padded length T) plus max_new_tokens must fit in max_position_embeddings,
@@ -216,6 +217,14 @@ class CapturedStep:
         """Replay: the state moves one step; the step's logits (overwritten by the next replay)."""
         self.graph.replay()
         return self.logits
+
+
+def runs_ahead(device: torch.device) -> bool:
+    """Whether generate queues the next decode step before the host reads the last one's token
+    (on_token) or all-ended flag: on a GPU the step then runs while the host waits for and handles
+    them (`bitnet generate` reads every token), at the cost of one step decoded in vain after the
+    last EOS (its column is dropped). On the CPU the step would only delay the host: not there."""
+    return device.type == "cuda"
 
 
 def captured_step(model, state: Decoding, greedy: bool) -> CapturedStep:
@@ -415,20 +424,27 @@ def generate(
             except Exception:  # decode eagerly: the recording's warm-up left the state as it was
                 log.warning("recording the decode step as a CUDA graph failed; decoding eagerly", exc_info=True)
                 model._captured_step = None
-        generated = max_new_tokens
-        for i in range(max_new_tokens):  # state.tokens: the i-th new token of each sequence
-            if on_token is not None:
-                on_token(state.tokens[:, 0].clone())
-            if eos and (i + 1) % eos_check_every == 0 and bool(state.finished.all()):  # the host sync
-                generated = i + 1
-                break
-            if i + 1 == max_new_tokens:
-                break
+        def run():
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
             logits = step() if step is not None else advance(model, state, greedy, forward)
             if not greedy:
                 state.take(sample(logits, temperature, top_k, top_p, generator))
+
+        ahead = runs_ahead(device)
+        for i in range(max_new_tokens):  # state.tokens: the i-th new token of each sequence
+            token = state.tokens[:, 0].clone() if on_token is not None else None
+            done = state.finished.all() if eos and (i + 1) % eos_check_every == 0 else None
+            last = i + 1 == max_new_tokens
+            if ahead and not last:
+                run()  # queued before the host reads this step's token and flag: the GPU runs it meanwhile
+            if token is not None:
+                on_token(token)
+            if last or (done is not None and bool(done)):  # the host sync
+                break
+            if not ahead:
+                run()
+        generated = max_new_tokens
         if eos and bool(state.finished.all()):
             generated = int(state.ended.max()) - T + 1  # drop the columns decoded after the last EOS
         return state.out[:, :T + generated].clone()

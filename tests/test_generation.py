@@ -216,6 +216,38 @@ def test_eos_stops_and_output_does_not_depend_on_the_check_interval():
     assert out.shape[1] == T + max(ended) + 1 < T + 24  # stopped after the last EOS
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_running_ahead_changes_no_token(monkeypatch, temperature):
+    """On a GPU generate queues the next step before the host reads a step's token (on_token) or
+    the all-ended flag (generation.runs_ahead). Forced here on the CPU: the same output and the
+    same streamed tokens as stepping after the host, greedy and sampled, with EOS at every check
+    interval, and at most one step more (decoded in vain after the last EOS)."""
+    import bitnet.generation as generation
+
+    model = tiny()
+    ids, mask = left_pad(PROMPTS)
+    T = ids.shape[1]
+    free = generate(model, ids, 24, attention_mask=mask)
+    eos = [int(free[0, T + 3]), int(free[1, T + 5]), int(free[2, T + 5])]
+    steps = []
+    real = generation.decode_step
+    monkeypatch.setattr(generation, "decode_step", lambda *a: steps.append(1) or real(*a))
+
+    def run(ahead, **kw):
+        monkeypatch.setattr(generation, "runs_ahead", lambda device: ahead)
+        streamed, steps[:] = [], []
+        out = generate(model, ids, 24, temperature, attention_mask=mask, pad_token_id=7, on_token=streamed.append,
+                       generator=torch.Generator().manual_seed(5), **kw)
+        return out, torch.stack(streamed, dim=1), len(steps)
+
+    for kw in ({}, *({"eos_token_id": eos, "eos_check_every": k} for k in (1, 3, 8, 100))):
+        (out, streamed, n), (out_ahead, streamed_ahead, n_ahead) = run(False, **kw), run(True, **kw)
+        assert torch.equal(out_ahead, out) and torch.equal(streamed_ahead, streamed), kw
+        kept = out.shape[1] - T  # streamed past the last EOS: padding, cut from the output
+        assert torch.equal(streamed[:, :kept], out[:, T:]) and (streamed[:, kept:] == 7).all()
+        assert n_ahead == n + (streamed.shape[1] < 24), kw  # a step in vain where an all-ended check stopped it
+
+
 def test_sample_distribution_top_k_top_p():
     probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
     logits = probs.log().expand(40000, 5)
