@@ -24,6 +24,7 @@ from .bitlinear import BitLinear, RMSNorm
 from .config import BitNetConfig
 from .convert import freeze
 from .model import BitNetForCausalLM
+from .ops import capture_cuda_graph, record_cuda_graph
 from .packing import pack
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
@@ -158,14 +159,8 @@ def time_cuda_graph(fn: Callable[[], object], warmup: int = 10, iters: int = 50,
     model captured in CUDA graphs (torch.compile's "reduce-overhead") pays per call."""
     for _ in range(warmup):
         fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # a warm call on a side stream, as torch.cuda.graphs advises
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    # (where the driver cannot record the kernels' dependent launches, recorded again without PDL)
+    graph, _ = record_cuda_graph(lambda: capture_cuda_graph(fn), "a timed call")
     torch.cuda.synchronize()
     return _median_between_events(graph.replay, iters, flush)
 

@@ -45,7 +45,7 @@ from .args import arg, command
 from .hub import resolve
 from .kernels import cpu as native
 from .model import attention_dtype
-from .ops import record_cuda_graph
+from .ops import capture_cuda_graph, record_cuda_graph
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
 log = logging.getLogger("bitnet.generation")
@@ -102,26 +102,6 @@ def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, position_i
     return out.logits[:, -1]
 
 
-def _record(fn: Callable[[], torch.Tensor], undo: Callable[[], None] | None = None):
-    """(CUDA graph, output) of fn() recorded once: fn runs eagerly first on a side stream (as
-    torch.cuda.graphs advises; the Triton kernels tune there), then undo() (also when fn fails),
-    then fn is recorded."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(side):
-            fn()
-    finally:
-        torch.cuda.current_stream().wait_stream(side)
-        if undo is not None:
-            undo()
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: CUDA calls of other threads (a server's) do not invalidate this recording
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        output = fn()
-    return graph, output
-
-
 class CapturedForward:
     """forward(model, *inputs) recorded once as a CUDA graph and replayed: every kernel of it
     issued by one call, without torch.compile. Each call copies its tensor arguments into the
@@ -134,7 +114,7 @@ class CapturedForward:
 
     def __init__(self, forward: Callable, model, *inputs: torch.Tensor):
         self.inputs = [t.clone() for t in inputs]
-        self.graph, self.output = _record(lambda: forward(model, *self.inputs))
+        self.graph, self.output = capture_cuda_graph(lambda: forward(model, *self.inputs))
 
     def __call__(self, model, *inputs: torch.Tensor) -> torch.Tensor:
         for static, value in zip(self.inputs, inputs, strict=True):
@@ -211,7 +191,7 @@ class CapturedStep:
         # what a step changes but the column of `out` and the cache slot it writes (the first replay writes them again)
         saved = {name: t.clone() for name, t in state.tensors(("tokens", "input_pos", "position", "finished", "ended")).items()}
         self.state = state
-        self.graph, self.logits = _record(lambda: advance(model, state, greedy), undo=lambda: state.load(saved))
+        self.graph, self.logits = capture_cuda_graph(lambda: advance(model, state, greedy), undo=lambda: state.load(saved))
 
     def __call__(self) -> torch.Tensor:
         """Replay: the state moves one step; the step's logits (overwritten by the next replay)."""

@@ -293,6 +293,27 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+def capture_cuda_graph(fn: Callable[[], T], undo: Callable[[], None] | None = None, pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """(graph, output) of fn() recorded as a CUDA graph once: fn runs eagerly first on a side
+    stream (as torch.cuda.graphs advises: lazy initialization, and the Triton kernels tune there),
+    then undo() if given (also when fn fails: what the eager run changed, put back), then fn is
+    recorded (into `pool`, a graph_pool_handle, if given). capture_error_mode "thread_local": CUDA
+    calls of other threads (a server's) do not invalidate the recording."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            fn()
+    finally:
+        torch.cuda.current_stream().wait_stream(side)
+        if undo is not None:
+            undo()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = fn()
+    return graph, output
+
+
 def record_cuda_graph(record: Callable[[], T], what: str, device: torch.device | str | None = None) -> T:
     """record() (a CUDA graph's recording of `what`). Where it fails while the Triton kernels launch
     with programmatic dependent launch (bitnet.kernels.common.pdl; a driver that cannot record it),

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
 from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
-from ..ops import (decode_attention, native_inference, record_cuda_graph, rope, rope_cache, rope_decode_attention,
-                   triton_applies)
+from ..ops import (capture_cuda_graph, decode_attention, native_inference, record_cuda_graph, rope, rope_cache,
+                   rope_decode_attention, triton_applies)
 
 log = logging.getLogger("bitnet.serve")
 
@@ -321,15 +321,8 @@ class _BucketStep:
         self.inputs[2].fill_(runner.scratch)
         self.graph = None
         if runner.device.type == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                self._run()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the HTTP thread's CUDA calls (a sampling request's generator) do not invalidate it
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
-                self.logits = self._run()
+            with torch.no_grad():
+                self.graph, self.logits = capture_cuda_graph(self._run, pool=pool)
 
     def _run(self) -> torch.Tensor:
         return self.runner.decode_forward(self.inputs[0], self.inputs[1], self.inputs[2])
