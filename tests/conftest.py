@@ -42,6 +42,11 @@ def triton_device() -> str:
 
 def pytest_collection_modifyitems(config, items):
     if TRITON_DEVICE == "cuda":
+        # the longest items first, so that pytest-xdist does not start one near the end: the
+        # interpreter tier's rerun (tests/test_kernels.py: a subprocess with workers of its own),
+        # then the cuda tier (real shapes, tuning, recordings, compiles), then the rest
+        items.sort(key=lambda item: (getattr(item, "originalname", None) != "test_interpreter_tier_reruns_beside_a_gpu",
+                                     "cuda" not in item.keywords))
         return
     if not torch.cuda.is_available():
         reason = "needs an NVIDIA GPU"

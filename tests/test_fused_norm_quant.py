@@ -422,16 +422,27 @@ def test_the_skip_connection_is_refused_where_it_cannot_fuse(triton_device):
 def test_no_skip_connection_is_added_in_torch(monkeypatch, triton_device):
     """On the Triton path the tiny model issues no torch add, at a prefill, a decode step or a
     batched one: both skip connections of each layer ride the o_proj and down_proj GEMVs' or
-    GEMMs' epilogues."""
+    GEMMs' epilogues. (The prefill's SDPA is not counted: where no fused backend takes its inputs,
+    float32 with grouped heads on a GPU, torch's math backend adds the causal mask.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Adds(TorchDispatchMode):
-        n = 0
+        n = inside_sdpa = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Adds.n += func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+            Adds.n += not Adds.inside_sdpa and func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
             return func(*args, **(kwargs or {}))
 
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        Adds.inside_sdpa += 1
+        try:
+            return real_sdpa(*args, **kwargs)
+        finally:
+            Adds.inside_sdpa -= 1
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
     model = tiny().to(triton_device)
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     for batch in (1, 2):
@@ -451,13 +462,16 @@ def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton
     T, steps = prompt.shape[1], 3
 
     fused = []  # the inputs of each fused call
+    codes = []  # the torch path's int8 codes, norm by norm
     real = ops.rms_norm_bitlinear_many
 
     def spy(x, weight, eps, *args, **kw):
         out = real(x, weight, eps, *args, **kw)
-        if out is not None:  # None: not the Triton path, the norm runs unfused
-            up = args[6] if len(args) > 6 else kw.get("up")  # the relu2 MLP's up (its norm's input: relu(x)^2 * up)
+        up = args[6] if len(args) > 6 else kw.get("up")  # the relu2 MLP's up (its norm's input: relu(x)^2 * up)
+        if out is not None:
             fused.append((x.detach().clone(), weight, eps, None if up is None else up.detach().clone()))
+        elif up is None:  # not the Triton path: the norm runs unfused, then the quantization (with up: asked again)
+            codes.append(quantize_activation(ops.rms_norm(x, weight, eps))[0].cpu())
         return out
 
     monkeypatch.setattr(ops, "rms_norm_bitlinear_many", spy)
@@ -479,7 +493,7 @@ def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton
     ref, ref_tokens = run("torch")  # the reference: each norm, then the projections, in torch
     assert not fused
     got, tokens = run("triton")
-    assert len(fused) == 4 * 2 * (1 + steps)  # 4 norms x 2 layers, each forward
+    assert len(fused) == len(codes) == 4 * 2 * (1 + steps)  # 4 norms x 2 layers, each forward
     assert tokens == ref_tokens
 
     # The wiring, bit for bit: the torch path fed the fused kernel's (x_q, a) gives the same logits.
@@ -498,16 +512,15 @@ def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton
     wired, _ = run("torch")
     assert torch.equal(got, wired)
 
-    # Against the torch path: what the fusion changed in (x_q, a) sets the tolerance.
-    flips = changed_scales = 0
-    for x, weight, eps, up in fused:
-        x_q, a = (t.cpu() for t in kernels.rmsnorm_act_quant(x, weight, eps, up=up))
-        h = x if up is None else torch.nn.functional.relu(x).square() * up
-        r_q, r_a = (t.cpu() for t in quantize_activation(ops.rms_norm(h, weight, eps)))
-        flips += int((x_q != r_q).sum())
-        changed_scales += int((a != r_a).sum())
-    tol = 1e-5 if flips == 0 else 1e-2 * float(ref.abs().max())
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"{flips} x_q flips, {changed_scales} scales: {m}")
+    # Against the torch path: the codes the two runs fed their matmuls, norm by norm, set the
+    # tolerance. The norms differ in their last bit (the sums' order; a GPU's torch.rsqrt), which
+    # moves a code across a rounding tie now and then, in that norm's output or, through the
+    # scales' last bit, in a later one's; a moved code moves the codes after it, and the logits ~1e-3.
+    differ = [int((kernels.rmsnorm_act_quant(x, weight, eps, up=up)[0].cpu() != r_q).sum())
+              for (x, weight, eps, up), r_q in zip(fused, codes)]
+    assert next((n for n in differ if n), 0) <= 2, f"int8 codes differ norm by norm: {differ}"  # a tie, not more
+    tol = 1e-5 if not any(differ) else 1e-2 * float(ref.abs().max())
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"int8 codes differ norm by norm {differ}: {m}")
 
 
 # ----------------------------------------------------------------------------- where it applies, where not

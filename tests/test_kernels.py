@@ -203,17 +203,20 @@ def test_int32_accumulator_is_exact(fmt, m, k, triton_device):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_int32_split_k_long_rows(fmt, triton_device):
-    """K = 512: several K steps per program and 8-way split-K at small M in the interpreter (a GPU
-    splits only from K = 1024 on, gemm.split_k: there the cuda tier's shapes split)."""
-    w_q = random_weights(40, 512, fmt, seed=2)
+    """Several K steps per program and split-K at small M: K = 512 in the interpreter (8-way), 2048
+    on a GPU (4-way: a GPU splits only from K = 1024 on, gemm.split_k)."""
+    from bitnet.kernels import gemm as gemm_module
+
+    K = 2048 if triton_device == "cuda" else 512
+    w_q = random_weights(40, K, fmt, seed=2)
     packed = pack(w_q, fmt).to(triton_device)
     for m in (2, 33):
-        x_q, _ = quantize_activation(random_activations(m, 512, seed=3))
+        assert gemm_module.splits(m, 40, K, fmt, torch.device(triton_device)) > 1
+        x_q, _ = quantize_activation(random_activations(m, K, seed=3))
         for _ in range(2):  # the second call reuses the split-K workspace the first left
             assert torch.equal(gemm(x_q.to(triton_device), packed, 40, fmt, out_dtype=torch.int32).cpu(), exact(x_q, w_q))
-    from bitnet.kernels.gemm import _WORKSPACES
-
-    assert _WORKSPACES and all(not buf.any() for buf in _WORKSPACES.values())  # left zero for the next call
+    workspaces = gemm_module._WORKSPACES
+    assert workspaces and all(not buf.any() for buf in workspaces.values())  # left zero for the next call
 
 
 def test_split_k_is_capped_by_its_knob_and_stays_exact(monkeypatch, triton_device):
@@ -681,18 +684,45 @@ def _frozen_tiny(linear: str, packing: str | None) -> bitnet.BitNetForCausalLM:
 
 @pytest.mark.parametrize("linear, packing", [("bitnet", "2bit"), ("bitnet", "1.6bit"), ("bitnet1", None)])
 def test_frozen_model_logits_equal_through_both_paths(linear, packing, monkeypatch, triton_device):
-    # Both paths on the kernels' device: the float parts around the projections (attention,
-    # norms) then run the same ops on the same inputs, and only the packed matmul differs.
+    """Both paths on the kernels' device: the float parts around the projections (attention) run
+    the same ops; the packed matmuls differ, and the norms before them (fused with the activations'
+    quantization on the Triton path). Equal to 1e-5 where both runs fed their matmuls the same int8
+    codes. The norms differ in their last bit (the sums' order; a GPU's torch.rsqrt), which moves a
+    code across a rounding tie now and then, in that norm's output or, through the scales' last
+    bit, in a later layer's (a 1-ulp change of the torch norm's scale does it at this seed); one
+    flip moves the logits ~1e-3. So each run's codes are kept, norm by norm, and where any differs
+    the tolerance is 1% of the logits' scale."""
+    from bitnet import ops
+
     model = _frozen_tiny(linear, packing).to(triton_device)
     ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     ids = ids.to(triton_device)
+    real = ops.rms_norm_bitlinear_many
+    codes = {"torch": [], "triton": []}
+
+    def fused(x, weight, eps, *args, **kw):  # each norm before projections: the codes its run feeds them
+        out = real(x, weight, eps, *args, **kw)
+        up = args[6] if len(args) > 6 else kw.get("up")
+        if out is not None:
+            codes["triton"].append(kernels.rmsnorm_act_quant(x, weight, eps, up=up)[0])
+        elif up is None:  # the torch path runs the norm, then quantizes (bitnet.ops.torch_bitlinear);
+            # (with up it asks again with relu(x)^2 * up as x)
+            codes["torch"].append(quantize_activation(ops.rms_norm(x, weight, eps))[0])
+        return out
+
+    monkeypatch.setattr(ops, "rms_norm_bitlinear_many", fused)
     logits = {}
     for kernel in ("torch", "triton"):
         monkeypatch.setenv("BITNET_KERNEL", kernel)
         with torch.no_grad():
             logits[kernel] = (model(ids).logits, model(ids[:1, :1]).logits)  # prefill; one decode token
+    assert len(codes["torch"]) == len(codes["triton"]) == 2 * 4 * len(model.model.layers)
+    differ = [int((a != b).sum()) for a, b in zip(codes["torch"], codes["triton"])]
+    # a tie moves a code or two where the runs first part; the codes after follow from them
+    assert next((n for n in differ if n), 0) <= 2, f"int8 codes differ norm by norm: {differ}"
     for got, ref in zip(logits["triton"], logits["torch"]):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        tol = 1e-5 if not any(differ) else 1e-2 * float(ref.abs().max())
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"int8 codes differ norm by norm {differ}: {m}")
 
 
 def test_kernel_choice_argument_over_environment(monkeypatch, triton_device):
