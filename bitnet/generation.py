@@ -397,13 +397,14 @@ def generate(
         logits = prefill(model, input_ids, key_mask, position_ids)  # (B, vocab)
         state.take(sample(logits, temperature, top_k, top_p, generator))
         step = None
-        if cuda_graph:
+        if cuda_graph and max_new_tokens > 1:  # (a call of one token runs no decode step)
             try:
                 step = captured_step(model, state, greedy)
                 state = step.state
             except Exception:  # decode eagerly: the recording's warm-up left the state as it was
                 log.warning("recording the decode step as a CUDA graph failed; decoding eagerly", exc_info=True)
                 model._captured_step = None
+
         def run():
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
