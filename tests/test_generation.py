@@ -8,7 +8,7 @@ import pytest
 import torch
 from reference import hf_config, hf_model, no_compile, rel_err, write_checkpoint
 
-from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, RMSNorm, freeze, weight_bytes
+from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, freeze, weight_bytes
 from bitnet.cli import main
 from bitnet.generation import TextStream, decode_step, generate, left_pad, prefill, sample
 
@@ -425,17 +425,20 @@ def test_the_recorded_step_carries_no_call_of_its_own():
     the host draws) the same tokens as eager with the same generator seed."""
     model = tiny(dtype=torch.bfloat16).to("cuda")
     model.setup_cache(len(PROMPTS), 64)
-    batches = [left_pad(PROMPTS), left_pad([p[-2:] for p in PROMPTS]), left_pad([PROMPTS[1], PROMPTS[0], [1, 2]])]
+    # two padded batches (prompt lengths 7 and 4: one recording), then an unpadded one (no key mask)
+    batches = [left_pad(PROMPTS), left_pad([PROMPTS[1], [1, 2], [5, 6, 7, 8]]), left_pad([p[-2:] for p in PROMPTS])]
     free = generate(model, batches[0][0].cuda(), 24, attention_mask=batches[0][1].cuda(), cuda_graph=False)
     T = batches[0][0].shape[1]
     eos = [int(free[0, T + 3]), int(free[2, T + 9])]
     for kw in ({}, {"eos_token_id": eos, "eos_check_every": 1}, {"eos_token_id": eos}):
+        recordings = []
         for ids, mask in batches:
             ids, mask = ids.cuda(), mask.cuda()
             eager = generate(model, ids, 24, attention_mask=mask, cuda_graph=False, **kw)
             replayed = generate(model, ids, 24, attention_mask=mask, cuda_graph=True, **kw)
             assert torch.equal(replayed, eager), (kw, ids.shape)
-        assert model._captured_step is not None
+            recordings.append(model._captured_step[1])
+        assert recordings[0] is recordings[1] is not recordings[2]  # the second batch replayed the first's
     ids = batches[0][0].cuda()
     draws = [generate(model, ids, 16, temperature=0.9, top_k=40, cuda_graph=graph,
                       generator=torch.Generator("cuda").manual_seed(3)) for graph in (False, True)]
