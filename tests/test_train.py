@@ -218,21 +218,27 @@ def single_process_runs(tmp_path_factory, corpus):
 
 
 @needs_corpus
-@pytest.mark.parametrize("engine,linear,rel", [("ddp", "bf16", 1e-5), ("ddp", "bitnet", 1e-3), ("fsdp", "bitnet", 1e-3)])
+@pytest.mark.parametrize("engine,linear,rel", [("ddp", "bf16", 1e-5), ("ddp", "bitnet", 5e-3), ("fsdp", "bitnet", 5e-3)])
 def test_two_processes_match_one(tmp_path, corpus, single_process_runs, engine, linear, rel):
     """gloo, 2 ranks x micro-batch 4 against 1 rank x micro-batch 8: the same global batch.
 
     The two runs sum the gradients in a different order (an all-reduce of two halves), so their
     weights differ by float rounding: the twin's losses then agree to ~1e-7 (tolerance 1e-5).
     BitNet rounds every latent weight to {-1, 0, 1} and every activation to int8 at each step, and
-    a rounding difference that lands on a tie flips a weight or an activation code; its losses agree
-    to ~1e-4 after 6 steps on this machine (tolerance 1e-3)."""
+    a rounding difference that lands on a tie flips a weight or an activation code (Adam's first
+    update is ~lr * sign(g): a gradient near 0 whose sign the order flips moves a weight by 2 lr).
+    The first loss (the same weights) agrees to ~1e-7; later ones drift by flips: measured up to
+    2.6e-4 (DDP) and 1.45e-3 (FSDP, step 3) on a 2-core AMD EPYC (AVX2), the final validation loss
+    to 6e-5. So: step 1 at 1e-5, later steps at `rel`, validation at 1e-3. A rank that trained on
+    its half of the batch alone (the gradients not synchronized; one process at micro-batch 4)
+    misses by 0.7% at step 2, 4-6% at steps 4-6 and 3% in validation."""
     one = single_process_runs(linear)
     two = _torchrun(tmp_path, corpus, "two", 2, "--micro-batch", 4, "--linear", linear,
                     *(["--fsdp"] if engine == "fsdp" else []))
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 7))
+    assert two[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=1e-5)
     for a, b in zip(one, two):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=rel)
-    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=rel)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=rel), f"step {a['step']}"
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=min(rel, 1e-3))
     model = BitNetForCausalLM.from_pretrained(tmp_path / "two")  # rank 0 wrote a full, loadable checkpoint
     assert model.config.linear == linear and model.num_parameters() == 125_728
