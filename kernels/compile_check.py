@@ -55,11 +55,15 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
     kernels launched as dependents  PDL (PDL_KERNELS): on for sm_90 (launched as dependents,
                                     common.pdl; griddepcontrol needs sm_90), off for sm_80
 
-A covering set, not the full product (which is thousands of compiles): for each kernel, format
-and LANES, every tile config is compiled, and every combination of the other axes is compiled,
-walked round-robin beside the configs, so that each config meets a flag combination and each
-flag combination a config. Every value of every axis, and every pair of a format and a path with
-each, is compiled. About 810 compiles for two architectures; --jobs spreads them over processes.
+A covering set, not the full product (which is thousands of compiles): for each kernel, every
+tile config is compiled, and every combination of the other axes, walked round-robin beside the
+configs, so that each config meets a flag combination and each flag combination a config; each
+such pair of a packed kernel is compiled in every format, on one path or the other in turn (int32
+words, bytes), so that every config and every flag combination is compiled in every format and on
+each path, and every format on each path (every value of every axis is compiled, and every pair
+of a format or a path with a config, a flag combination, or each other). 532 compiles for two
+architectures (the full product of formats and paths was 814: a CPU CI's 2 cores took 7.5
+minutes for them); --jobs spreads them over processes.
 
     python -m bitnet.kernels.compile_check                   # sm_90 and sm_80, every kernel
     python -m bitnet.kernels.compile_check --arch 90 --kernel _gemm_kernel --jobs 8
@@ -173,6 +177,15 @@ def _round_robin(configs: list, flags: list) -> list[tuple]:
     return [(configs[i % len(configs)], flags[i % len(flags)]) for i in range(n)]
 
 
+def _formats_and_paths(i: int) -> list[tuple[int, int]]:
+    """(P, LANES) for the i-th (config, flags) pair of a packed kernel: every format, and both paths
+    (int32 words, bytes) in turn, starting with the other one at the next pair, so that every
+    config and flag combination is compiled in every format and on each path, and every format on
+    each path."""
+    paths = (4, 1) if i % 2 == 0 else (1, 4)
+    return [(p, paths[j % 2]) for j, p in enumerate(FORMATS.values())]
+
+
 def _gemv_variants() -> list[Variant]:
     from .gemv import CONFIGS
 
@@ -196,8 +209,8 @@ def _gemv_variants() -> list[Variant]:
     # every tile beside float x (quantized once for all the tile's rows) and beside int8 x_q
     pairs = [pair for q in (True, False) for pair in _round_robin(CONFIGS, [f for f in flags if f["QUANTIZE_X"] == q])]
     out = []
-    for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
-        for i, (cfg, f) in enumerate(pairs):
+    for i, (cfg, f) in enumerate(pairs):
+        for p, lanes in _formats_and_paths(i):
             consts = dict(P=p, QUANTIZE_X=f["QUANTIZE_X"], HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32",
                           LANES=lanes, ASM=True, SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False),
                           NORM=f.get("NORM", False), GATED=f.get("GATED", False), XQ_OUT=f.get("XQ_OUT", False),
@@ -232,22 +245,24 @@ def _gemm_variants() -> list[Variant]:
                                                                      GATED=True, SUM_BLOCK=256)]
     tile = next(c for c in SMALL_M_CONFIGS if norm_fits(c))
     normed = [((tile, split), dict(f, NORM=True)) for f in norm for split in (1, 2)]
+    # (the norm tile with each flag set, split and not: spread over the six pairs of a format and a path)
+    combos = list(itertools.product(FORMATS.values(), (4, 1)))
+    rows = [(i, p, lanes, pair) for i, pair in enumerate(pairs) for p, lanes in _formats_and_paths(i)]
+    rows += [(len(pairs) + k, *combos[k % len(combos)], pair) for k, pair in enumerate(normed)]
     out = []
-    for q, (p, lanes) in enumerate(itertools.product(FORMATS.values(), (4, 1))):
-        share = normed[q::6]  # (the norm tile with each flag set, split and not: spread over the six pairs)
-        for i, ((cfg, split), f) in enumerate(pairs + share):
-            consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
-                          SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False), NORM=f.get("NORM", False),
-                          GATED=f.get("GATED", False), SUM_BLOCK=f.get("SUM_BLOCK", 4096) if f.get("NORM") else 1,
-                          **cfg.kwargs)
-            bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]
-            x = TYPES[f["x"]] if f.get("NORM") else "*i8"
-            types = dict(x_ptr=x, a_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32" if lanes == 4 else "*u8",
-                         scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]], ws_ptr="*i32", count_ptr="*i32",
-                         scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64",
-                         res_ptr=bias, nw_ptr=x if f.get("NORM") else "*fp32", u_ptr=x if f.get("GATED") else "*fp32",
-                         eps="fp32")
-            out.append(Variant("_gemm_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
+    for i, p, lanes, ((cfg, split), f) in rows:
+        consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
+                      SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False), NORM=f.get("NORM", False),
+                      GATED=f.get("GATED", False), SUM_BLOCK=f.get("SUM_BLOCK", 4096) if f.get("NORM") else 1,
+                      **cfg.kwargs)
+        bias = TYPES["bf16" if f["y"] == "int32" else f["y"]]
+        x = TYPES[f["x"]] if f.get("NORM") else "*i8"
+        types = dict(x_ptr=x, a_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32" if lanes == 4 else "*u8",
+                     scale_ptr="*fp32", bias_ptr=bias, y_ptr=TYPES[f["y"]], ws_ptr="*i32", count_ptr="*i32",
+                     scale1_ptr="*fp32", bias1_ptr=bias, scale2_ptr="*fp32", bias2_ptr=bias, W1="i64", W2="i64",
+                     res_ptr=bias, nw_ptr=x if f.get("NORM") else "*fp32", u_ptr=x if f.get("GATED") else "*fp32",
+                     eps="fp32")
+        out.append(Variant("_gemm_kernel", consts, types, cfg.num_warps, cfg.num_stages, aligned=i % 3 != 2))
     return out
 
 
@@ -549,6 +564,21 @@ def _cuobjdump(flag: str, compiled) -> str:
 PDL_PRELOADS = {"_gemv_kernel"}
 
 
+_LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}  # an LDG.E's suffix -> bytes (none: 4)
+
+
+def weight_tile_loads_only(early: list[str], tile: int, threads: int) -> bool:
+    """The memory instructions a GEMV program issues before its PDL wait are the loads of its
+    weight tile: plain global loads (LDG.E) of one width (16 bytes a thread on the word path, 8 on
+    the byte path for 2048 bytes over 256 threads), no more of them than the tile needs (one a
+    thread at least). A load of x (written by the kernel before) would come on top."""
+    widths = {_LOAD_BYTES.get(op.split(".")[-1], 4) if op.split(".")[:2] == ["LDG", "E"] else 0 for op in early}
+    if not widths:
+        return True
+    width = widths.pop()
+    return not widths and width > 0 and len(early) * width * threads <= max(tile, width * threads)
+
+
 def pdl_order(v: Variant, fn=None) -> list[str]:
     """What breaks programmatic dependent launch's contract (common.pdl) in the SASS of a PDL=True
     variant (cuobjdump from Triton's wheel): no `griddepcontrol.launch_dependents` (PREEXIT) or
@@ -561,11 +591,10 @@ def pdl_order(v: Variant, fn=None) -> list[str]:
         return problems
     early = [op for op in ops[:ops.index("ACQBULK")] if op.split(".")[0] in
              ("LDG", "STG", "LD", "ST", "LDS", "STS", "ATOM", "ATOMG", "ATOMS", "RED", "REDG", "LDGSTS")]
-    loads = [op for op in early if op == "LDG.E.128"]
     if v.kernel in PDL_PRELOADS:
         c = v.constexprs
         tile = c["BLOCK_R"] * c["BLOCK_U"] * (4 if c.get("LANES", 4) == 4 else 1)
-        if len(loads) != len(early) or len(loads) > max(1, tile // (16 * 32 * v.num_warps)):
+        if not weight_tile_loads_only(early, tile, 32 * v.num_warps):
             problems.append(f"before the wait: {early} (the weight tile is {tile} bytes)")
     elif early:
         problems.append(f"memory instructions before the wait: {early}")

@@ -9,7 +9,67 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+def _interpreter_patches_once_a_launch() -> None:
+    """Triton's interpreter patches triton.language (inspect.getmembers over tl, tl.core, tl.math
+    and tl.tensor) when a launch starts and restores it when the launch ends, but patches it again,
+    never to be restored, at every call of a @triton.jit helper inside the kernel: ~0.3 ms a call,
+    a third of an interpreted model test's time (tests/test_scheduler.py's padded buckets: 40,731
+    helper calls). Inside a launch whose patch covers the helper's modules (tl and tl.core, found
+    in the helper's globals as Triton finds them; Triton's own helpers reach tl.core), the
+    helper's call now finds them patched and patches nothing: the same interpreted code runs."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original, scope_type = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if original is None or scope_type is None or executor is None or getattr(original, "bitnet_once", False):
+        return  # another interpreter than the one this knows (3.6 to 3.9): left as it is
+    import threading
+
+    launch = threading.local()  # .langs: what the running launch patched (None: no launch yet)
+
+    found: dict = {}
+
+    def langs(fn) -> frozenset:
+        if fn not in found:
+            found[fn] = frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        return found[fn]
+
+    def patch_lang(fn):
+        need, patched = langs(fn), getattr(launch, "langs", None)
+        if patched is not None and need <= patched:
+            return scope_type()  # a helper inside the launch: its modules are patched already
+        scope = original(fn)  # the launch's own patch, a helper's first reach into tl.core, or no launch
+        if patched is not None:
+            launch.langs = patched | need
+        elif getattr(launch, "starting", False):
+            launch.starting, launch.langs = False, need
+        return scope
+
+    run = executor.__call__
+
+    def call(self, *args, **kwargs):
+        launch.starting, launch.langs = True, None
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            launch.starting, launch.langs = False, None
+
+    patch_lang.bitnet_once = True
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_patches_once_a_launch()
+
+# Two threads a process; under pytest-xdist the workers share the cores (more threads than cores
+# make libgomp stop spinning between parallel regions, and every region then waits for its threads)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 # Where the Triton kernels run in this session, the one place that says so: "cpu" under the
 # interpreter (TRITON_INTERPRET=1: the default tier on a CPU, and the interpreter rerun that

@@ -52,36 +52,47 @@ def test_guard_knows_every_kernel_in_the_sources():
 
 
 def test_variants_cover_every_config_format_path_and_flag():
-    """The covering set's promise: per kernel, format and path, every tile config and every flag
-    combination is compiled (read off the variants, not recomputed the same way)."""
+    """The covering set's promise: per kernel, every tile config and every flag combination is
+    compiled in every format and on each path (int32 words, bytes), and every format on each path
+    (read off the variants, not recomputed the same way)."""
     from bitnet.kernels.gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
     from bitnet.kernels.gemv import CONFIGS as GEMV_CONFIGS
 
     vs = compile_check.variants(archs=(90, 80))
     assert {v.arch for v in vs} == {90, 80}
     tiles = lambda v: tuple(v.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (v.num_warps, v.num_stages)  # noqa: E731
-    for p in (4, 5, 8):
-        for lanes in (4, 1):
-            gemm = [v for v in vs if v.kernel == "_gemm_kernel" and v.arch == 90 and v.constexprs["P"] == p
-                    and v.constexprs["LANES"] == lanes]
-            want = {tiles(type("V", (), {"constexprs": c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}))
-                    for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
-            assert {tiles(v) for v in gemm} == want
-            assert {(v.constexprs["SPLIT_K"] > 1) for v in gemm} == {False, True}
-            assert {(v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemm} == {
-                ("*bf16", True), ("*bf16", False), ("*fp32", True), ("*fp32", False), ("*fp16", True), ("*fp16", False),
-                ("*i32", False)}
-            assert {v.aligned for v in gemm} == {True, False}
-            gemv = [v for v in vs if v.kernel == "_gemv_kernel" and v.arch == 90 and v.constexprs["P"] == p
-                    and v.constexprs["LANES"] == lanes]
-            # every tile from float x (quantized in the kernel) and from int8 x_q
-            assert {(v.constexprs["BLOCK_R"], v.constexprs["BLOCK_U"], v.num_warps, v.constexprs["QUANTIZE_X"])
-                    for v in gemv} == {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_U"], c.num_warps, q)
-                                       for c in GEMV_CONFIGS for q in (True, False)}
-            assert {(v.types["x_ptr"], v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemv} >= {
-                ("*fp32", "*fp32", True), ("*bf16", "*bf16", False), ("*fp16", "*fp16", True), ("*i8", "*i32", False),
-                ("*i8", "*bf16", True), ("*i8", "*fp32", False)}
-            assert all(v.constexprs["ASM"] for v in gemv)  # what gemv() launches on CUDA
+    want = {tiles(type("V", (), {"constexprs": c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}))
+            for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
+    outputs = {("*bf16", True), ("*bf16", False), ("*fp32", True), ("*fp32", False), ("*fp16", True), ("*fp16", False),
+               ("*i32", False)}
+    for arch in (90, 80):
+        gemm_all = [v for v in vs if v.kernel == "_gemm_kernel" and v.arch == arch]
+        gemv_all = [v for v in vs if v.kernel == "_gemv_kernel" and v.arch == arch]
+        for axis, values in (("P", (4, 5, 8)), ("LANES", (4, 1))):  # each format, each path
+            for value in values:
+                gemm = [v for v in gemm_all if v.constexprs[axis] == value]
+                assert {tiles(v) for v in gemm} == want, (arch, axis, value)
+                assert {(v.constexprs["SPLIT_K"] > 1) for v in gemm} == {False, True}
+                assert {(v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemm} == outputs
+                assert {(v.constexprs["SEGMENTS"], v.constexprs["HAS_RES"], v.constexprs["NORM"]) for v in gemm} >= {
+                    (1, False, False), (2, False, False), (3, False, False), (1, True, False)}
+                gemv = [v for v in gemv_all if v.constexprs[axis] == value]
+                # every tile from float x (quantized in the kernel) and from int8 x_q
+                assert {(v.constexprs["BLOCK_R"], v.constexprs["BLOCK_U"], v.num_warps, v.constexprs["QUANTIZE_X"])
+                        for v in gemv} == {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_U"], c.num_warps, q)
+                                           for c in GEMV_CONFIGS for q in (True, False)}
+                assert {(v.types["x_ptr"], v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemv} >= {
+                    ("*fp32", "*fp32", True), ("*bf16", "*bf16", False), ("*fp16", "*fp16", True),
+                    ("*i8", "*i32", False), ("*i8", "*bf16", True), ("*i8", "*fp32", False)}
+        # every format on each path, aligned and not; the norm inside the GEMM somewhere on each
+        for p in (4, 5, 8):
+            for lanes in (4, 1):
+                for kernel in (gemm_all, gemv_all):
+                    both = [v for v in kernel if v.constexprs["P"] == p and v.constexprs["LANES"] == lanes]
+                    assert {v.aligned for v in both} == {True, False}, (arch, p, lanes)
+        assert {(v.constexprs["P"], v.constexprs["LANES"]) for v in gemm_all if v.constexprs["NORM"]} == {
+            (p, lanes) for p in (4, 5, 8) for lanes in (4, 1)}
+        assert all(v.constexprs["ASM"] for v in gemv_all)  # what gemv() launches on CUDA
     # launched as dependents (common.pdl) from sm_90 on, where griddepcontrol exists
     for v in vs:
         assert v.constexprs.get("PDL", v.arch >= 90) == (v.arch >= 90) and (("PDL" in v.constexprs)
@@ -378,6 +389,19 @@ def test_pdl_order_check_catches_a_read_before_the_wait(tmp_path):
     early, no_wait = r.stdout.splitlines()[-2:]
     assert early.startswith("_early_kernel [") and "memory instructions before the wait: ['LDG" in early, r.stdout
     assert "no PREEXIT" in no_wait and "no ACQBULK" in no_wait, r.stdout
+
+
+def test_a_gemv_loads_nothing_but_its_weight_tile_before_the_wait():
+    """The rule --pdl-order holds the GEMV's SASS to (its early weight loads): 16-byte loads of a
+    word-path tile and 8-byte loads of a byte-path one pass; a load more (x, an int8 byte), a store,
+    or more bytes than the tile holds fail."""
+    ok = compile_check.weight_tile_loads_only
+    assert ok(["LDG.E.128"], 8192, 256) and ok(["LDG.E.128", "LDG.E.128"], 8192, 256)
+    assert ok(["LDG.E.64"], 2048, 256) and ok([], 2048, 256)
+    assert not ok(["LDG.E.64", "LDG.E.S8"], 2048, 256)
+    assert not ok(["LDG.E.128", "LDG.E.128", "LDG.E.128"], 8192, 256)
+    assert not ok(["LDG.E.64"] * 3, 1024, 64) and not ok(["LDG.E.128", "STG.E"], 8192, 256)
+    assert not ok(["LDGSTS.E.128"], 8192, 256)
 
 
 # ----------------------------------------------------------------------------- a run's launches, as a GPU compiles them

@@ -72,7 +72,9 @@ def test_the_pages_exist_and_the_readme_is_short():
     assert set(PAGES) <= names, f"missing docs pages: {set(PAGES) - names}"
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
-    assert "python -m pytest -q" in commands(readme)  # .ci/run runs the README's test command
+    test = "python -m pytest -q -n auto"
+    assert test in commands(readme)  # .ci/run runs the README's test command
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
     assert "bitnet-b158" in readme  # the distribution's name, not PyPI's unrelated `bitnet`
     for page in DOCS[1:]:  # each page opens with a runnable example: a code block before its first section
         text = page.read_text()

@@ -20,6 +20,7 @@ from bitnet.cli import main
 from bitnet.train.memory import estimate
 from bitnet.train.parallel import ParallelError, check_layout, slab_order
 from bitnet.train.trainer import Dist, TrainConfig, Trainer, TrainingError, train
+from reference import free_port
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 needs_corpus = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is not beside the checkout")
@@ -28,7 +29,7 @@ STEPS = 20
 
 def _torchrun(nproc: int, *args, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(29700 + os.getpid() % 200 + nproc), *map(str, args)]
+           "--master-port", str(free_port()), *map(str, args)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]

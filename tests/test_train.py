@@ -17,6 +17,7 @@ import bitnet.atomic as atomic
 from bitnet import BitNetForCausalLM
 from bitnet.train.recipes import default_recipe
 from bitnet.train.trainer import TrainConfig, TrainingError, train
+from reference import free_port
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 needs_corpus = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is not beside the checkout")
@@ -194,7 +195,7 @@ def test_init_from_a_llama_folder_with_quantization_warmup(tmp_path, corpus):
 
 
 def _torchrun(tmp_path, corpus, name, nproc, *extra):
-    args = ["-m", "torch.distributed.run", "--nproc-per-node", nproc, "--master-port", str(29500 + os.getpid() % 1000),
+    args = ["-m", "torch.distributed.run", "--nproc-per-node", nproc, "--master-port", str(free_port()),
             "-m", "bitnet", "train", "--data", corpus, "--out", tmp_path / name, "--preset", "tiny", "--seq-len", 64,
             "--threads", 1, "--max-steps", 6, "--eval-every", 3, "--eval-windows", 8, "--no-progress",
             "--cache-dir", tmp_path / "cache", *extra]
