@@ -74,7 +74,7 @@ def test_the_pages_exist_and_the_readme_is_short():
     assert len(readme.splitlines()) <= 250
     test = "python -m pytest -q -n auto"
     assert test in commands(readme)  # .ci/run runs the README's test command
-    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert any(line.split(" ||")[0] == test for line in (ROOT / ".ci" / "run").read_text().splitlines())
     assert "bitnet-b158" in readme  # the distribution's name, not PyPI's unrelated `bitnet`
     for page in DOCS[1:]:  # each page opens with a runnable example: a code block before its first section
         text = page.read_text()
