@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from bitnet import BitNetConfig, BitNetForCausalLM, freeze  # noqa: E402
 from bitnet.generation import generate  # noqa: E402
 from bitnet.serve.server import ServeArgs, load  # noqa: E402
+from reference import free_port  # noqa: E402
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -469,9 +470,7 @@ def test_decode_graphs_need_a_gpu(folder):
 def test_sigterm_drains_a_running_stream(folder):
     """`bitnet serve` as a process: a stream is running when SIGTERM comes; it still gets all its
     tokens, the process exits, and then nothing listens on the port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "BITNET_API_KEY": ""}
     proc = subprocess.Popen([sys.executable, "-m", "bitnet", "serve", folder, "--port", str(port), "--dtype", "float32",
                              "--device", "cpu", "--max-batch", "2", "--log-level", "warning"], env=env,
