@@ -207,6 +207,37 @@ def runs_ahead(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+class HostCopy:
+    """Tensors copied to the host as they are now, without waiting for what is queued after them.
+
+    `int(t)`, `bool(t)`, `t.tolist()` of a CUDA tensor copy it on the current stream and wait for
+    the stream to drain: for a step queued after `t` was computed too, so a host that queues the
+    next step and then reads the last one's token waits for the next step as well, and the GPU sits
+    idle while the host handles the token. Here each copy is queued (into pinned memory) where the
+    stream stands now, an event marks its end, and `get()` waits for that event alone. On the CPU
+    the copies are made at once. None stays None.
+
+        read = HostCopy(tokens, done)     # before the next step is queued
+        queue_the_next_step()
+        tokens, done = read.get()         # this step's values, while the GPU runs the next
+    """
+
+    def __init__(self, *tensors: torch.Tensor | None):
+        self.event = None
+        if any(t is not None and t.is_cuda for t in tensors):
+            self.host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in tensors]
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = [None if t is None else t.detach().clone() for t in tensors]
+
+    def get(self) -> list[torch.Tensor | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
 def captured_step(model, state: Decoding, greedy: bool) -> CapturedStep:
     """The model's recorded decode step for its current cache and this kind of state, recorded now
     if there is none (bitnet.model's setup_cache / clear_cache drop the old one). Its state's
@@ -343,8 +374,8 @@ def generate(
     (CapturedStep: no compiler, the recording costs about one step; greedy, the argmax and the
     EOS bookkeeping are in it too, so the host only replays it) and replay it for every token;
     False decodes eagerly (the host issuing every kernel of every step). A step that cannot be
-    recorded is logged and decoded eagerly. on_token(ids (B,)) is called
-    with each step's tokens (reading them syncs, fine for streaming).
+    recorded is logged and decoded eagerly. on_token(ids (B,), on the host) is called
+    with each step's tokens; on a GPU the next step is queued before (`runs_ahead`, `HostCopy`).
 
     The KV cache: if the caller has set one up (model.setup_cache) that fits this batch and
     length, it is used and kept (repeated calls reuse its memory, and CUDA graphs their
@@ -414,14 +445,16 @@ def generate(
 
         ahead = runs_ahead(device)
         for i in range(max_new_tokens):  # state.tokens: the i-th new token of each sequence
-            token = state.tokens[:, 0].clone() if on_token is not None else None
-            done = state.finished.all() if eos and (i + 1) % eos_check_every == 0 else None
+            check = eos and (i + 1) % eos_check_every == 0
             last = i + 1 == max_new_tokens
+            read = HostCopy(state.tokens[:, 0] if on_token is not None else None,
+                            state.finished.all() if check else None)
             if ahead and not last:
                 run()  # queued before the host reads this step's token and flag: the GPU runs it meanwhile
+            token, done = read.get()  # waits for this step's copies, not for the step queued since
             if token is not None:
                 on_token(token)
-            if last or (done is not None and bool(done)):  # the host sync
+            if last or (done is not None and bool(done)):
                 break
             if not ahead:
                 run()
@@ -581,7 +614,7 @@ def generate_cmd(args: GenerateArgs) -> None:
 
     def on_token(tokens: torch.Tensor) -> None:
         nonlocal ended
-        token = int(tokens[0])  # a host sync: the time below is when the token exists
+        token = int(tokens[0])  # on the host already (HostCopy): the time below is when the host has it
         token_times.append(time.perf_counter())
         ended = ended or token in eos
         if not ended:

@@ -10,7 +10,7 @@ from reference import hf_config, hf_model, no_compile, rel_err, write_checkpoint
 
 from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, freeze, weight_bytes
 from bitnet.cli import main
-from bitnet.generation import TextStream, decode_step, generate, left_pad, prefill, sample
+from bitnet.generation import HostCopy, TextStream, decode_step, generate, left_pad, prefill, sample
 
 PROMPTS = [[1, 5, 77, 3, 9, 120, 45], [1, 99, 12], [1, 64, 64, 8, 30]]
 
@@ -246,6 +246,62 @@ def test_running_ahead_changes_no_token(monkeypatch, temperature):
         kept = out.shape[1] - T  # streamed past the last EOS: padding, cut from the output
         assert torch.equal(streamed[:, :kept], out[:, T:]) and (streamed[:, kept:] == 7).all()
         assert n_ahead == n + (streamed.shape[1] < 24), kw  # a step in vain where an all-ended check stopped it
+
+
+def test_a_host_copy_holds_the_values_it_was_made_from():
+    """HostCopy on the CPU: copies made at once (the source changed in place afterwards, the copy
+    keeps its values), None passed through."""
+    t, flag = torch.arange(5), torch.tensor(False)
+    read = HostCopy(t, None, flag)
+    t.add_(10)
+    flag.fill_(True)
+    got, none, done = read.get()
+    assert got.tolist() == [0, 1, 2, 3, 4] and none is None and not bool(done)
+
+
+@pytest.mark.cuda
+def test_a_host_copy_does_not_wait_for_later_work():
+    """On a GPU, HostCopy.get() returns the values as they were when the copy was made, while work
+    queued after it still runs: torch.cuda._sleep (about 0.5 s) and an in-place change of the
+    source are queued after the copy; get() returns before the stream is idle, with the old values.
+    (`t.tolist()` here would wait for the sleep.)"""
+    t = torch.arange(8, device="cuda")
+    torch.cuda.synchronize()
+    read = HostCopy(t, t.sum() > 100)
+    torch.cuda._sleep(1_000_000_000)
+    t.add_(1)
+    got, flag = read.get()
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy, "get() waited for the work queued after the copy"
+    assert got.device.type == "cpu" and got.tolist() == list(range(8)) and not bool(flag)
+    assert t.tolist() == list(range(1, 9))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_streamed_token_is_read_while_the_next_step_runs(cuda_graph):
+    """generate on a GPU queues step i + 1 before on_token gets step i's token (runs_ahead), and the
+    token comes to the host without waiting for step i + 1 (HostCopy): each step here starts with
+    torch.cuda._sleep (~25 ms, a forward pre-hook, recorded into the graph too), and on_token, having
+    read its token, finds the stream still busy for every token but the last (no step follows it).
+    The tokens are those of a run without the sleeps."""
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    ids = torch.tensor([PROMPTS[0]], device="cuda")
+    free = generate(model, ids, 8, cuda_graph=cuda_graph)
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(50_000_000))
+    busy, streamed = [], []
+
+    def on_token(tokens):
+        streamed.append(tokens.tolist())
+        busy.append(not torch.cuda.current_stream().query())
+
+    try:
+        out = generate(model, ids, 8, cuda_graph=cuda_graph, on_token=on_token)
+    finally:
+        hook.remove()
+    assert torch.equal(out, free) and [s[0] for s in streamed] == free[0, ids.shape[1]:].tolist()
+    assert busy[:-1] == [True] * 7, busy
 
 
 def test_sample_distribution_top_k_top_p():
