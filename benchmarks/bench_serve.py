@@ -3,6 +3,7 @@ latency at 1, 4 and 16 concurrent streaming clients, on loopback, with the offic
 
     python benchmarks/bench_serve.py                                  # 700m, packed 2-bit, on the CPU
     python benchmarks/bench_serve.py --clients 1 4 --requests-per-client 2 --max-tokens 16
+    python benchmarks/bench_serve.py --device cuda --preset 2b4t [--no-run-ahead]   # serve_cuda[_no_run_ahead]
 
 Protocol (the issue's for the peers: 2 threads, 32 tokens per request, streamed, the openai client):
 - the model: the preset with random weights (ternary codes drawn uniformly, N(0, 0.02) embeddings
@@ -72,7 +73,10 @@ class Args:
     prefill_chunk: int = arg(256, help="the server's --prefill-chunk")
     time_limit: float = arg(900.0, help="seconds per level at most: no request starts after it")
     seed: int = arg(0, help="weights and prompts")
-    name: str = arg("serve_cpu", help="results file name")
+    device: str = arg("cpu", help="the server's --device", choices=["cpu", "cuda"])
+    run_ahead: bool | None = arg(None, help="the server's --run-ahead / --no-run-ahead (cuda: a greedy decode step "
+                                 "queued before the last one's tokens are read; default: the server's, on there)")
+    name: str | None = arg(None, help="results file name (default: serve_<device>, _no_run_ahead with --no-run-ahead)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")
 
 
@@ -105,7 +109,9 @@ def free_port() -> int:
 def start_server(args: Args, folder: str, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bitnet", "serve", folder, "--port", str(port), "--max-batch",
            str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--prefill-chunk", str(args.prefill_chunk),
-           "--max-queue", str(4 * args.max_batch), "--device", "cpu", "--log-level", "warning"]
+           "--max-queue", str(4 * args.max_batch), "--device", args.device, "--log-level", "warning"]
+    if args.run_ahead is not None:
+        cmd.append("--run-ahead" if args.run_ahead else "--no-run-ahead")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BITNET_API_KEY": ""})
     import httpx
 
@@ -232,7 +238,9 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
         f"{', kernels/ changed' if env.get('kernels_dirty') else ''}{')' if env['dirty'] else ''}. Requests: prompt "
         f"{args.prompt_len} tokens, {args.max_tokens} tokens generated, greedy, streamed, the openai client on loopback; "
         f"{args.requests_per_client} requests per client back to back; server --max-batch {args.max_batch}, "
-        f"--max-seq-len {args.max_seq_len}. Protocol: benchmarks/bench_serve.py.",
+        f"--max-seq-len {args.max_seq_len}"
+        f"{'' if args.run_ahead is None else ' --run-ahead' if args.run_ahead else ' --no-run-ahead'}. "
+        "Protocol: benchmarks/bench_serve.py.",
         "",
         "## Ours (measured by this script)",
         "",
@@ -252,7 +260,8 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
     ]
     top = max(rows, key=lambda r: r["clients"])
     if one and top is not one:
-        peer = next((p for p in PEERS if p["clients"] == top["clients"] and p["system"].startswith("ik_llama")), None)
+        peer = next((p for p in PEERS if p["clients"] == top["clients"] and p["system"].startswith("ik_llama")
+                     and args.device == "cpu"), None)
         md += [
             f"At {top['clients']} clients: {top['vs_one']:.2f}x the aggregate of one client (the issue's target: >= 5x); "
             + (f"a decode step of {top['clients']} sequences takes {top['decode_step_ms'] / one['decode_step_ms']:.2f}x "
@@ -262,6 +271,8 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
                f"({top['tok_s']:.1f} vs {peer['tok_s']} tok/s, theirs measured elsewhere)." if peer else ""),
             "",
         ]
+    if args.device != "cpu":  # the peers below are CPU servers
+        return "\n".join(md)
     measured = measured_peer()
     if measured:
         env = measured["environment"]
@@ -309,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_arguments(parser, Args)
     ns = parser.parse_args(argv)
     args = Args(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(Args)})
-    args = dataclasses.replace(args, max_batch=args.max_batch or max(args.clients))
+    args = dataclasses.replace(args, max_batch=args.max_batch or max(args.clients),
+                               name=args.name or f"serve_{args.device}" + ("_no_run_ahead" if args.run_ahead is False else ""))
+    if args.run_ahead is not None and args.device != "cuda":
+        parser.error("--run-ahead / --no-run-ahead choose how a GPU server decodes: they need --device cuda")
     if args.prompt_len + args.max_tokens > args.max_seq_len:
         parser.error("--prompt-len + --max-tokens must fit --max-seq-len")
     rows, raw = [], {}

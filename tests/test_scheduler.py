@@ -399,29 +399,98 @@ def alone(model, prompt, n, **kw):
     return generate(model, torch.tensor([prompt]), n, **kw)[0, len(prompt):].tolist()
 
 
-def test_engine_streams_get_their_solo_greedy_tokens():
+def upto_eos(tokens, eos):
+    """A stream's tokens up to and with its first EOS id."""
+    ended = next((j for j, t in enumerate(tokens) if t in eos), None)
+    return tokens if ended is None else tokens[:ended + 1]
+
+
+AHEAD = pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "run-ahead"])
+
+
+def engine_args(monkeypatch, ahead):
+    """Engine keywords, and a list that counts the steps run ahead. ahead: run_ahead (a GPU's
+    default: each greedy decode step queued before the last one's tokens are read) forced on the
+    CPU, with the padded decode steps it chains (decode_graphs, eager here) on the path that takes
+    them (BITNET_KERNEL=torch: the native decode layers take a pure decode step otherwise)."""
+    chained = []
+    if not ahead:
+        return {}, chained
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    real = ModelRunner.decode_next
+    monkeypatch.setattr(ModelRunner, "decode_next", lambda self, t: chained.append(1) or real(self, t))
+    return {"decode_graphs": True, "run_ahead": True}, chained
+
+
+@AHEAD
+def test_engine_streams_get_their_solo_greedy_tokens(monkeypatch, ahead):
     """More requests than slots (so some wait), different lengths, one chunked prompt (39 tokens,
-    chunk 16): each gets exactly the tokens of generate() on its prompt alone."""
+    chunk 16): each gets exactly the tokens of generate() on its prompt alone; run ahead or not."""
+    kw, chained = engine_args(monkeypatch, ahead)
     model = tiny()
     n = 14
     solo = [alone(model, p, n) for p in PROMPTS]
-    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16).start()
+    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, **kw).start()
+    reported = []
+    engine.on_step = lambda seconds, prefilled, decoded: reported.append((prefilled, decoded))
     outs = run(engine, PROMPTS, SamplingParams(max_tokens=n))
     engine.stop()
     for i, c in enumerate(outs):
         assert c.finish == "length" and c.tokens == solo[i], f"prompt {i}"
     assert engine.steps > n  # batched: fewer steps than requests x tokens
+    assert len(reported) == engine.steps  # each step reported once (a step run ahead: when its tokens are read)
+    assert sum(p for p, _ in reported) == sum(map(len, PROMPTS))
+    assert (len(chained) > n) == ahead
 
 
-def test_engine_sampling_with_a_seed_is_generate_with_that_generator():
+@AHEAD
+def test_running_ahead_ends_each_stream_where_it_ends_alone(monkeypatch, ahead):
+    """EOS ids that end streams at different steps, max_tokens from 1 to 12, a stream cancelled
+    mid-way and a newcomer taking its slot (whose row holds a column decoded in vain for the
+    cancelled stream, when run ahead): each stream's tokens are its solo run's up to its own end,
+    none after it, and the step run ahead past an end is never emitted."""
+    kw, chained = engine_args(monkeypatch, ahead)
     model = tiny()
-    engine = Engine(model, max_batch=2, max_seq_len=128).start()
+    free = [alone(model, p, 12) for p in PROMPTS]
+    eos = [free[0][3], free[2][6]]  # ends stream 0 and 2 early (and any stream that makes one of them)
+    engine = Engine(model, max_batch=3, max_seq_len=128, eos_token_ids=eos, **kw).start()
+    limits = [12, 12, 12, 1, 7, 12]
+    outs = run(engine, PROMPTS, [SamplingParams(max_tokens=m) for m in limits])
+    for i, (c, m) in enumerate(zip(outs, limits)):
+        want = upto_eos(free[i][:m], eos)
+        assert c.tokens == want and c.finish == ("stop" if want[-1] in eos else "length"), f"prompt {i}"
+    first, waiting = Collector(), Collector()
+    rid = engine.submit(PROMPTS[1], SamplingParams(max_tokens=100), first)
+    until(lambda: len(first.tokens) >= 3)
+    engine.submit(PROMPTS[4], SamplingParams(max_tokens=9), waiting)
+    engine.submit(PROMPTS[5], SamplingParams(max_tokens=9), Collector())
+    engine.submit(PROMPTS[0], SamplingParams(max_tokens=9), Collector())  # the slots are full: it waits
+    assert engine.cancel(rid)
+    assert waiting.wait().tokens == alone(model, PROMPTS[4], 9)
+    engine.stop()
+    assert first.finish == "cancelled" and first.tokens == alone(model, PROMPTS[1], len(first.tokens))
+    assert bool(chained) == ahead
+
+
+def test_running_ahead_needs_the_padded_decode_steps():
+    with pytest.raises(ValueError, match="run_ahead .* needs decode_graphs"):
+        Engine(tiny(), max_batch=2, max_seq_len=64, run_ahead=True)
+
+
+@AHEAD
+def test_engine_sampling_with_a_seed_is_generate_with_that_generator(monkeypatch, ahead):
+    """Seeded sampled streams beside a greedy one (no step of theirs runs ahead): each gets the
+    tokens of generate with its generator, the greedy one its solo tokens."""
+    kw, _ = engine_args(monkeypatch, ahead)
+    model = tiny()
+    engine = Engine(model, max_batch=2, max_seq_len=128, **kw).start()
     params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.95, seed=s) for s in (1, 2, 3)]
-    outs = run(engine, PROMPTS[:3], params)
+    outs = run(engine, PROMPTS[:4], params + [SamplingParams(max_tokens=10)])
     engine.stop()
     for p, prm, c in zip(PROMPTS, params, outs):
         assert c.tokens == alone(model, p, 10, temperature=0.9, top_k=40, top_p=0.95,
                                  generator=torch.Generator().manual_seed(prm.seed))
+    assert outs[3].tokens == alone(model, PROMPTS[3], 10)
 
 
 def test_engine_stops_at_eos_and_frees_the_slot():
@@ -451,10 +520,13 @@ def test_cancel_frees_the_slot_for_the_next_request():
     engine.stop()
 
 
-def test_a_request_that_fails_in_the_model_fails_alone():
+@AHEAD
+def test_a_request_that_fails_in_the_model_fails_alone(monkeypatch, ahead):
     """A poison token makes the model raise: in a prompt (prefill), and as a token one request
-    generates (a batched decode step, retried row by row): only that request fails, the others get
-    their solo tokens, and the engine keeps serving."""
+    generates (a batched decode step, retried row by row; run ahead, the step queued ahead fails
+    first and is dropped): only that request fails, the others get their solo tokens, and the
+    engine keeps serving."""
+    kw, chained = engine_args(monkeypatch, ahead)
     model = tiny()
     n = 10
     prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[4]]  # continuations that do not repeat one token
@@ -469,7 +541,7 @@ def test_a_request_that_fails_in_the_model_fails_alone():
             raise RuntimeError("poisoned")
 
     model.model.embed_tokens.register_forward_pre_hook(hook)
-    engine = Engine(model, max_batch=3, max_seq_len=128).start()
+    engine = Engine(model, max_batch=3, max_seq_len=128, **kw).start()
     outs = run(engine, prompts + [[poison, 5]], SamplingParams(max_tokens=n))
     # request 1 emits the poison, then the decode step that feeds it fails
     assert outs[1].finish == "error" and "poisoned" in outs[1].error and outs[1].tokens == solo[1][:j + 1]
@@ -477,6 +549,7 @@ def test_a_request_that_fails_in_the_model_fails_alone():
     assert outs[0].tokens == solo[0] and outs[2].tokens == solo[2]
     assert run(engine, [PROMPTS[0]], SamplingParams(max_tokens=n))[0].tokens == solo[0]  # still serving
     engine.stop()
+    assert bool(chained) == ahead
 
 
 def test_engine_refuses_what_it_cannot_hold():
@@ -536,3 +609,28 @@ def test_batched_decode_on_cuda_gives_each_sequence_its_solo_logits(dtype):
     solo, got = solo_and_batched(model, prompts, 10, 3, device="cuda")
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
+
+
+@pytest.mark.cuda
+def test_engine_on_cuda_runs_ahead_and_gives_each_stream_its_solo_tokens(monkeypatch):
+    """The engine on a GPU (decode graphs and run_ahead, both its defaults): staggered requests,
+    more than the slots, EOS ending some mid-way, different max_tokens, a sampled one beside them:
+    each greedy stream gets its lone generate's tokens up to its own end, the sampled one its seeded
+    generate's; steps were run ahead."""
+    chained = []
+    real = ModelRunner.decode_next
+    monkeypatch.setattr(ModelRunner, "decode_next", lambda self, t: chained.append(1) or real(self, t))
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    free = [alone(model, p, 12) for p in PROMPTS]
+    eos = [free[0][3], free[2][6]]
+    engine = Engine(model, max_batch=3, max_seq_len=128, eos_token_ids=eos).start()
+    assert engine.run_ahead and engine.runner.decode_graphs
+    limits = [12, 12, 12, 1, 7, 12]
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_k=40, seed=4)
+    outs = run(engine, PROMPTS + [PROMPTS[1]], [SamplingParams(max_tokens=m) for m in limits] + [sampled])
+    engine.stop()
+    for i, (c, m) in enumerate(zip(outs, limits)):
+        assert c.tokens == upto_eos(free[i][:m], eos), f"prompt {i}"
+    assert outs[-1].tokens == upto_eos(alone(model, PROMPTS[1], 10, temperature=0.9, top_k=40,
+                                             generator=torch.Generator("cuda").manual_seed(4)), eos)
+    assert chained

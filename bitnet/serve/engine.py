@@ -15,6 +15,9 @@ step) and one token of every running sequence, samples each row with its own par
 the tokens. A sequence ends at an EOS token (finish_reason "stop"), at max_tokens ("length"),
 when cancelled, or when the model fails on it ("error"); its slot is free for the next step.
 
+On a GPU a pure greedy decode step runs ahead (run_ahead): the step after it is queued on the
+device before its tokens are read, so the GPU decodes while the host emits (see _can_run_ahead).
+
 Faults stay with their request: a step that raises is retried sequence by sequence, and only the
 sequences that fail alone are failed (the others' cache columns are simply written again). The
 loop survives anything a step raises.
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import sample
+from ..generation import HostCopy, sample
 from .runner import ModelRunner, Segment
 from .scheduler import QueueFull, Scheduler
 from .scheduler import Sequence as Seq
@@ -86,6 +89,21 @@ class Output:
     time: float = field(default_factory=time.perf_counter)
 
 
+class _Flight:
+    """A greedy decode step queued on the device: rows (its sequences, in its order), tokens (their
+    argmax, on the device, what the step after it is fed) and their copy to the host, not waited for
+    until read()."""
+
+    def __init__(self, rows: list[Seq], logits: torch.Tensor):
+        self.rows = rows
+        self.tokens = logits.argmax(dim=-1)
+        self._copy = HostCopy(self.tokens)
+        self.launched = time.perf_counter()
+
+    def read(self) -> list[int]:
+        return self._copy.get()[0].tolist()
+
+
 @dataclass(eq=False)
 class _Request:
     id: int
@@ -100,13 +118,22 @@ class _Request:
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 4, max_seq_len: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = 256, eos_token_ids: Sequence[int] = (), decode_graphs: bool | None = None):
+                 prefill_chunk: int = 256, eos_token_ids: Sequence[int] = (), decode_graphs: bool | None = None,
+                 run_ahead: bool | None = None):
         context = model.config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch, self.vocab_size = max_batch, model.config.vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         # decode_graphs: ModelRunner's (each bucket's pure decode step a CUDA graph; default on CUDA)
         self.runner = ModelRunner(model, max_batch, self.max_seq_len, decode_graphs=decode_graphs)
+        if run_ahead and not self.runner.decode_graphs:
+            raise ValueError("run_ahead queues the next padded decode step from the last one's tokens on the device: "
+                             "it needs decode_graphs")
+        # run_ahead: queue a greedy decode step before the host reads the last one's tokens (see _land)
+        self.run_ahead = self.runner.decode_graphs and self.runner.device.type == "cuda" if run_ahead is None \
+            else run_ahead
+        self._flight: _Flight | None = None  # a greedy decode step queued on the device, its tokens not read yet
+        self._landed = 0.0  # when the last flight's tokens were read (its step's time, for on_step)
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
         self._cond = threading.Condition()
         self._seqs: dict[int, Seq] = {}
@@ -229,15 +256,25 @@ class Engine:
             self._running = False
 
     def _once(self, until, poll) -> bool:
-        """Wait for work and run one step; False once closing (or until()) and drained."""
+        """Wait for work and run one step; False once closing (or until()) and drained. With a
+        greedy decode step in flight (run_ahead): queue the next one where nothing else is due,
+        then read and emit the flight's tokens."""
+        flight = self._flight
         with self._cond:
-            while not self.scheduler.has_work() and not self._closing:
-                if until is not None and until():
-                    return False
-                self._cond.wait(poll if until is not None else None)
-            if not self.scheduler.has_work():
-                return False  # closing and drained
-            step = self.scheduler.schedule()
+            if flight is not None:
+                ahead = self._can_run_ahead(flight)
+            else:
+                while not self.scheduler.has_work() and not self._closing:
+                    if until is not None and until():
+                        return False
+                    self._cond.wait(poll if until is not None else None)
+                if not self.scheduler.has_work():
+                    return False  # closing and drained
+                step = self.scheduler.schedule()
+        if flight is not None:
+            self._flight = self._launch_next(flight) if ahead else None
+            self._land(flight)
+            return True
         t0 = time.perf_counter()
         try:
             self._step(step)
@@ -246,11 +283,10 @@ class Engine:
             for seq in [s for s, _, _ in step.prefill] + step.decode:
                 self._fail(seq, e)
         self.steps += 1
-        if self.on_step is not None:
-            try:
-                self.on_step(time.perf_counter() - t0, sum(hi - lo for _, lo, hi in step.prefill), len(step.decode))
-            except Exception:
-                log.debug("on_step failed", exc_info=True)
+        if self._flight is not None:  # reported when its tokens are read
+            self._flight.launched = t0
+        else:
+            self._report(time.perf_counter() - t0, sum(hi - lo for _, lo, hi in step.prefill), len(step.decode))
         return True
 
     def _step(self, step) -> None:
@@ -265,6 +301,9 @@ class Engine:
         try:
             logits = self.runner.step([seg for _, seg in work])
             rows = [seq for seq, seg in work if seg.logits]
+            if self.run_ahead and not step.prefill and all(s.payload.params.temperature == 0 for s in rows):
+                self._flight = _Flight(rows, logits)  # its tokens are read at the next turn of the loop, after
+                return                                # the step that follows it is queued (where one does)
         except Exception:  # find who: each segment alone; the others go on
             rows, parts = [], []
             for seq, seg in work:
@@ -280,6 +319,58 @@ class Engine:
         if rows:
             self._emit_tokens(rows, logits)
 
+    # ----------------------------------------------------------------------------- running ahead
+    # On a GPU a decode step is one graph replay; between two, the host read the tokens (a sync),
+    # emitted them, scheduled and built the next step while the GPU waited. With run_ahead a pure
+    # greedy decode step is a _Flight: its tokens are argmaxed on the device and copied to the host
+    # without a sync (HostCopy); at the next turn of the loop the step after it (the same rows, one
+    # column further, fed those tokens on the device: runner.decode_next) is queued first, and only
+    # then are the flight's tokens read and emitted, while the GPU runs the next step. That step is
+    # queued only where the scheduler would run the same one: no row has ended or been cancelled
+    # since, nobody waits for a free slot, and some row has a token left to make. A row that ends
+    # (EOS) in the flight being read has one token decoded in vain in the next (dropped; its slot is
+    # free after that step, and a newcomer's prefill in that row is queued after it).
+    def _can_run_ahead(self, flight: "_Flight") -> bool:
+        """Under the lock: whether the step after the flight is the one the scheduler would run."""
+        return (not any(s.finished for s in flight.rows)
+                and not (self.scheduler.waiting and self.scheduler.free_slots)
+                and any(s.generated + 1 < s.max_new_tokens for s in flight.rows))
+
+    def _launch_next(self, flight: "_Flight") -> "_Flight | None":
+        try:
+            logits = self.runner.decode_next(flight.tokens)
+        except Exception:  # the scheduled step runs it again, and finds who fails
+            log.debug("running ahead failed", exc_info=True)
+            return None
+        if logits is None:
+            return None
+        self.steps += 1
+        self.last_batch = len(flight.rows)
+        return _Flight(flight.rows, logits)
+
+    def _land(self, flight: "_Flight") -> None:
+        """Read the flight's tokens (waiting for its step alone) and emit them."""
+        try:
+            tokens = flight.read()
+        except Exception as e:  # the device failed: the step's requests fail, the loop lives
+            log.exception("engine step failed")
+            self._flight = None
+            for seq in flight.rows:
+                self._fail(seq, e)
+            return
+        now = time.perf_counter()
+        seconds, self._landed = now - max(flight.launched, self._landed), now
+        self._emit_rows(flight.rows, tokens)
+        self._report(seconds, 0, len(flight.rows))
+
+    def _report(self, seconds: float, prefilled: int, decoded: int) -> None:
+        if self.on_step is not None:
+            try:
+                self.on_step(seconds, prefilled, decoded)
+            except Exception:
+                log.debug("on_step failed", exc_info=True)
+
+    # ----------------------------------------------------------------------------- tokens out
     def _emit_tokens(self, rows: list[Seq], logits: torch.Tensor) -> None:
         """Sample one token per row (logits (B, vocab)), emit it, end the rows that are done."""
         tokens = logits.argmax(dim=-1).tolist()  # greedy rows (one host sync for all)
@@ -287,6 +378,10 @@ class Engine:
             p = seq.payload.params
             if p.temperature > 0:
                 tokens[i] = int(sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, seq.payload.generator)[0])
+        self._emit_rows(rows, tokens)
+
+    def _emit_rows(self, rows: list[Seq], tokens: list[int]) -> None:
+        """Emit each row's token and end the rows that are done (a row ended meanwhile: skipped)."""
         now = time.perf_counter()
         for seq, token in zip(rows, tokens):
             req = seq.payload

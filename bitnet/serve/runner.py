@@ -94,6 +94,7 @@ class ModelRunner:
         self.caches: list[KVCache] = [layer.self_attn.kv_cache for layer in model.model.layers]
         self._buckets: dict[int, _BucketStep] = {}
         self._pool = None  # the CUDA graphs' shared memory pool
+        self._last_decode = None  # (bucket step, positions, rows) of the last step, where it was a padded decode step
 
     def cache_bytes(self) -> int:
         return sum(c.k.numel() * c.k.element_size() * 2 for c in self.caches)
@@ -120,6 +121,7 @@ class ModelRunner:
         """One forward over every segment's tokens; logits (number of segments with logits, vocab),
         in segment order."""
         segs = list(segments)
+        self._last_decode = None
         if not segs or any(not s.tokens for s in segs):
             raise ValueError("a step needs at least one segment, each with at least one token")
         if len({s.slot for s in segs}) != len(segs) or not all(0 <= s.slot < self.max_batch for s in segs):
@@ -194,7 +196,33 @@ class ModelRunner:
         pad = bucket - n  # the padding: token 0 at slot 0 of the scratch row
         inputs = torch.tensor([tokens + [0] * pad, pos + [0] * pad, rows + [self.scratch] * pad], dtype=torch.long)
         step.inputs.copy_(inputs, non_blocking=False)
-        return step()[:n].clone()  # the graph's output is overwritten by its next replay
+        logits = step()[:n].clone()  # the graph's output is overwritten by its next replay
+        self._last_decode = (step, pos, rows)
+        return logits
+
+    @torch.no_grad()
+    def decode_next(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The pure decode step after the last step, where that was a padded one (decode_graphs):
+        the same sequences in the same slots, each one column further, fed `tokens` (n,), a tensor
+        on the device: the last step's greedy tokens before the host has read them, so that this
+        step is queued while the host reads and handles them (bitnet.serve.engine's run_ahead).
+        Logits (n, vocab), as step() gives them; None where the last step was another kind."""
+        last, self._last_decode = self._last_decode, None
+        if last is None:
+            return None
+        step, pos, rows = last
+        pos = [p + 1 for p in pos]
+        if tokens.shape != (len(pos),):
+            raise ValueError(f"decode_next needs one token per sequence of the last step ({len(pos)}), got shape "
+                             f"{tuple(tokens.shape)}")
+        if max(pos) >= self.max_seq_len:
+            raise ValueError(f"tokens beyond a cache row of {self.max_seq_len}: positions {pos}")
+        n = len(pos)
+        step.inputs[0, :n].copy_(tokens)  # on the device, after the last step's replay: no host sync
+        step.inputs[1, :n].add_(1)
+        logits = step()[:n].clone()
+        self._last_decode = (step, pos, rows)
+        return logits
 
     def decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A pure decode step from device tensors alone, tokens, pos, rows (B,) -> logits (B, vocab):

@@ -42,6 +42,9 @@ class ServeArgs:
     device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
     decode_graphs: bool | None = arg(None, help="record each batch size's decode step as a CUDA graph and replay it "
                                      "(default: on cuda; --no-decode-graphs: eager steps)")
+    run_ahead: bool | None = arg(None, help="queue each greedy decode step before the host reads the last one's tokens, "
+                                 "so the GPU runs it while the host emits them (default: on with the decode graphs; "
+                                 "--no-run-ahead: read, emit, then queue)")
     drain_timeout: float = arg(30.0, help="on SIGTERM / Ctrl-C: seconds to let running requests finish")
     log_level: str = arg("info", help="uvicorn's log level", choices=["critical", "error", "warning", "info", "debug"])
     revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
@@ -81,6 +84,9 @@ def load(args: ServeArgs, manage_engine: bool = True):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.decode_graphs and device.type != "cuda":
         raise ValueError(f"--decode-graphs records CUDA graphs: it needs a CUDA device, not {device}")
+    if args.run_ahead and (device.type != "cuda" or args.decode_graphs is False):
+        raise ValueError("--run-ahead chains the decode steps recorded as CUDA graphs: it needs a CUDA device and the "
+                         f"decode graphs (device {device}, --decode-graphs {args.decode_graphs})")
     dtype = DTYPES[args.dtype or "bfloat16"]
     if device.type == "cpu":
         build_cpu_kernels()  # a first build says so on stderr, before the model
@@ -91,7 +97,8 @@ def load(args: ServeArgs, manage_engine: bool = True):
     if not 2 <= max_seq_len <= context:
         raise ValueError(f"--max-seq-len must be in [2, {context}] (the model's context), got {max_seq_len}")
     engine = Engine(model, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk, eos_token_ids=eos_token_ids(model), decode_graphs=args.decode_graphs)
+                    prefill_chunk=args.prefill_chunk, eos_token_ids=eos_token_ids(model), decode_graphs=args.decode_graphs,
+                    run_ahead=args.run_ahead)
     name = args.served_model_name or args.model
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_API_KEY") or None
     app = build_app(engine, tokenizer, name, api_key=api_key, drain_timeout=args.drain_timeout,
