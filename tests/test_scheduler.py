@@ -409,16 +409,24 @@ AHEAD = pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "run-ahe
 
 
 def engine_args(monkeypatch, ahead):
-    """Engine keywords, and a list that counts the steps run ahead. ahead: run_ahead (a GPU's
-    default: each greedy decode step queued before the last one's tokens are read) forced on the
-    CPU, with the padded decode steps it chains (decode_graphs, eager here) on the path that takes
-    them (BITNET_KERNEL=torch: the native decode layers take a pure decode step otherwise)."""
+    """Engine keywords, and a list with an entry per step run ahead: how many of its rows had
+    ended. ahead: run_ahead (a GPU's default: each greedy decode step queued before the last one's
+    tokens are read) forced on the CPU, with the padded decode steps it chains (decode_graphs, eager
+    here) on the path that takes them (BITNET_KERNEL=torch: the native decode layers take a pure
+    decode step otherwise)."""
     chained = []
     if not ahead:
         return {}, chained
     monkeypatch.setenv("BITNET_KERNEL", "torch")
-    real = ModelRunner.decode_next
-    monkeypatch.setattr(ModelRunner, "decode_next", lambda self, t: chained.append(1) or real(self, t))
+    real = Engine._launch_next
+
+    def launch_next(self, flight):
+        nxt = real(self, flight)
+        if nxt is not None:
+            chained.append(sum(s.finished for s in flight.rows))
+        return nxt
+
+    monkeypatch.setattr(Engine, "_launch_next", launch_next)
     return {"decode_graphs": True, "run_ahead": True}, chained
 
 
@@ -469,7 +477,27 @@ def test_running_ahead_ends_each_stream_where_it_ends_alone(monkeypatch, ahead):
     assert waiting.wait().tokens == alone(model, PROMPTS[4], 9)
     engine.stop()
     assert first.finish == "cancelled" and first.tokens == alone(model, PROMPTS[1], len(first.tokens))
-    assert bool(chained) == ahead
+    assert bool(chained) == ahead and any(chained) == ahead  # run ahead with ended rows riding along
+
+
+@AHEAD
+def test_an_ended_stream_rides_along_to_the_end_of_its_cache_row(monkeypatch, caplog, ahead):
+    """Four streams in 32-column cache rows, the first ending first, 3 columns short of its row's
+    end, the others filling theirs: run ahead, the ended one rides along (three running still fill
+    the bucket of four) until its next column would pass its row's end, where the step run ahead is
+    refused and the scheduler's runs instead. Each gets its solo tokens."""
+    kw, chained = engine_args(monkeypatch, ahead)
+    model = tiny()
+    engine = Engine(model, max_batch=4, max_seq_len=32, **kw).start()
+    prompts = PROMPTS[:4]
+    limits = [22, 29, 27, 31]  # prompts of 7, 3, 5, 1 tokens
+    with caplog.at_level("DEBUG", logger="bitnet.serve"):
+        outs = run(engine, prompts, [SamplingParams(max_tokens=m) for m in limits])
+        engine.stop()
+    for i, (p, m) in enumerate(zip(prompts, limits)):
+        assert outs[i].tokens == alone(model, p, m), f"prompt {i}"
+    assert (1 in chained) == ahead
+    assert ("running ahead failed" in caplog.text and "beyond a cache row of 32" in caplog.text) == ahead
 
 
 def test_running_ahead_needs_the_padded_decode_steps():

@@ -326,15 +326,17 @@ class Engine:
     # without a sync (HostCopy); at the next turn of the loop the step after it (the same rows, one
     # column further, fed those tokens on the device: runner.decode_next) is queued first, and only
     # then are the flight's tokens read and emitted, while the GPU runs the next step. That step is
-    # queued only where the scheduler would run the same one: no row has ended or been cancelled
-    # since, nobody waits for a free slot, and some row has a token left to make. A row that ends
-    # (EOS) in the flight being read has one token decoded in vain in the next (dropped; its slot is
-    # free after that step, and a newcomer's prefill in that row is queued after it).
+    # queued where it serves as well as the scheduler's would: nobody waits for a free slot (a
+    # newcomer's prefill goes in the scheduler's next step), some row has a token left to make, and
+    # the rows still running fill the same padded bucket. Rows that have ended (EOS, max_tokens,
+    # cancelled) ride along in vain: their tokens are dropped, and their cache rows' extra columns
+    # are never read (a later owner of the slot prefills from column 0, in a step queued after).
     def _can_run_ahead(self, flight: "_Flight") -> bool:
-        """Under the lock: whether the step after the flight is the one the scheduler would run."""
-        return (not any(s.finished for s in flight.rows)
-                and not (self.scheduler.waiting and self.scheduler.free_slots)
-                and any(s.generated + 1 < s.max_new_tokens for s in flight.rows))
+        """Under the lock: whether the step after the flight is worth queueing before reading it."""
+        live = [s for s in flight.rows if not s.finished]
+        return (bool(live) and not (self.scheduler.waiting and self.scheduler.free_slots)
+                and any(s.generated + 1 < s.max_new_tokens for s in live)
+                and self.runner.bucket(len(live)) == self.runner.bucket(len(flight.rows)))
 
     def _launch_next(self, flight: "_Flight") -> "_Flight | None":
         try:

@@ -179,7 +179,7 @@ class ModelRunner:
             return self.decode_forward(torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev),
                                        torch.tensor(rows, device=dev))
         n = len(segs)
-        bucket = min(1 << (n - 1).bit_length(), self.max_batch)
+        bucket = self.bucket(n)
         step = self._buckets.get(bucket)
         if step is None:
             if self.device.type == "cuda" and self._pool is None:
@@ -199,6 +199,10 @@ class ModelRunner:
         logits = step()[:n].clone()  # the graph's output is overwritten by its next replay
         self._last_decode = (step, pos, rows)
         return logits
+
+    def bucket(self, n: int) -> int:
+        """The padded size of a pure decode step of n sequences (decode_graphs): a power of two, at most max_batch."""
+        return min(1 << (n - 1).bit_length(), self.max_batch)
 
     @torch.no_grad()
     def decode_next(self, tokens: torch.Tensor) -> torch.Tensor | None:
