@@ -520,28 +520,59 @@ def eos_token_ids(model) -> list[int]:
 
 
 class TextStream:
-    """Prints a growing token sequence as text: decodes all of it at each token and prints what
-    is new, so that a character split over several byte-level BPE tokens prints whole (a decode
-    ending in U+FFFD is an unfinished character: wait for the next token)."""
+    """Prints a growing token sequence as text, a token at a time, each token costing a decode of a
+    few tokens, not of the whole text (tokenizers' DecodeStream: it decodes a short window and
+    prints what is new once the window does not end in an unfinished character, U+FFFD, so that a
+    character split over several byte-level BPE tokens prints whole). The stream starts with the
+    prompt's last CONTEXT tokens, not printed: a decoder that strips the leading space of the first
+    token it decodes (SentencePiece's Metaspace) keeps the space of the first generated one. Should
+    DecodeStream refuse a window, the rest is printed by decoding the whole text at each token."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], out=None):
-        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out or sys.stdout
-        self.printed = len(tokenizer.decode(self.ids, skip_special_tokens=True))
+    CONTEXT = 4  # prompt tokens decoded along with the generated ones
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], out=None):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.context = list(prompt_ids)[-self.CONTEXT:]
+        self.ids: list[int] = []  # the generated tokens
+        self.done = 0  # how many of them are printed
+        self.written = 0  # characters printed
+        self.stream = DecodeStream(skip_special_tokens=True)
+        for t in self.context:
+            self.stream.step(tokenizer, t)  # the context's own text is not printed
 
     def put(self, token: int) -> None:
         self.ids.append(token)
-        self._print(final=False)
+        if self.stream is not None:
+            try:
+                text = self.stream.step(self.tokenizer, token)
+            except Exception:  # a window DecodeStream cannot follow: whole decodes from here on
+                log.debug("DecodeStream failed; decoding the whole text at each token", exc_info=True)
+                self.stream = None
+            else:
+                if text:
+                    self._write(text)
+                    self.done = len(self.ids)
+                return
+        self._print_whole(final=False)
 
     def end(self) -> None:
         """Print what is left, an unfinished character included."""
-        self._print(final=True)
+        if self.done < len(self.ids):
+            self._print_whole(final=True)
 
-    def _print(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if (final or not text.endswith("\ufffd")) and len(text) > self.printed:
-            self.out.write(text[self.printed:])
-            self.out.flush()
-            self.printed = len(text)
+    def _print_whole(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.context + self.ids, skip_special_tokens=True)
+        text = text[len(self.tokenizer.decode(self.context, skip_special_tokens=True)):]
+        if (final or not text.endswith("\ufffd")) and len(text) > self.written:
+            self._write(text[self.written:])
+            self.done = len(self.ids)
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+        self.written += len(text)
 
 
 def speed_report(prompt_tokens: int, start: float, token_times: Sequence[float]) -> str:

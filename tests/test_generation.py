@@ -663,6 +663,81 @@ def test_text_stream_prints_multibyte_characters_whole(tokenizer):
     assert buf.getvalue() == text
 
 
+def other_tokenizers():
+    """A SentencePiece-style BPE (Metaspace: the decoder strips the first token's leading space)
+    and a WordPiece one (its decoder joins "##" pieces and cleans spaces before punctuation)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ["hello world, a tiny corpus for a tiny tokenizer.", "naïve café, 😀 grüße! it's (nested) text"] * 20
+    meta = Tokenizer(models.BPE(unk_token="<unk>"))
+    meta.pre_tokenizer, meta.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    meta.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>"]))
+    piece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    piece.pre_tokenizer, piece.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece(cleanup=True)
+    piece.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]", "[CLS]"]))
+    return {"metaspace": meta, "wordpiece": piece}
+
+
+def streamed(tokenizer, prompt, ids):
+    """The pieces TextStream prints for ids after prompt, its end's included."""
+    pieces = []
+
+    class Out:
+        def write(self, text):
+            pieces.append(text)
+
+        def flush(self):
+            pass
+
+    stream = TextStream(tokenizer, prompt, out=Out())
+    for i in ids:
+        stream.put(i)
+    stream.end()
+    return pieces
+
+
+def test_text_stream_prints_what_the_whole_decode_adds(tokenizer, monkeypatch):
+    """For byte-level BPE, Metaspace and WordPiece tokenizers, on real text and on random token ids
+    (split and broken characters included), with special tokens among them: what TextStream prints,
+    a token at a time, adds up to the tokenizer's decode of prompt tail + generated ids less that of
+    the prompt tail; with valid text no piece holds U+FFFD. Likewise where DecodeStream fails mid-way
+    and the stream goes on with whole decodes."""
+    from tokenizers.decoders import DecodeStream
+
+    text = "naïve café, 😀 grüße! hello world, it's (nested) text"
+    g = torch.Generator().manual_seed(0)
+    for name, tok in {"byte-level": tokenizer, **other_tokenizers()}.items():
+        prompt = tok.encode("hello world, a tiny").ids
+        real = tok.encode(text).ids
+        special = tok.token_to_id("<s>") if tok.token_to_id("<s>") is not None else tok.token_to_id("[CLS]")
+        noise = torch.randint(0, tok.get_vocab_size(), (300,), generator=g).tolist()
+        for ids in (real, real[:5] + [special] + real[5:], noise):
+            context = prompt[-TextStream.CONTEXT:]
+            whole = tok.decode(context + ids, skip_special_tokens=True)
+            want = whole[len(tok.decode(context, skip_special_tokens=True)):]
+            pieces = streamed(tok, prompt, ids)
+            assert "".join(pieces) == want, (name, ids[:8])
+            if ids is not noise:
+                assert not any("\ufffd" in p for p in pieces), name
+    ids = tokenizer.encode(text).ids
+    context = tokenizer.encode("hello world, a tiny").ids[-TextStream.CONTEXT:]
+    calls = []
+
+    class Failing:  # DecodeStream that refuses the 7th generated token's window
+        def __init__(self, **kw):
+            self.inner = DecodeStream(**kw)
+
+        def step(self, tok, token):
+            calls.append(token)
+            if len(calls) == len(context) + 7:
+                raise Exception("invalid prefix")
+            return self.inner.step(tok, token)
+
+    monkeypatch.setattr("tokenizers.decoders.DecodeStream", Failing)
+    want = tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
+    assert "".join(streamed(tokenizer, context, ids)) == want and len(calls) == len(context) + 7
+
+
 def test_cli_generate_bad_input(tmp_path, tokenizer, capsys):
     checkpoint_with_tokenizer(tmp_path / "m", tokenizer, max_position_embeddings=8)
     cmd = ["generate", str(tmp_path / "m"), "--device", "cpu", "--prompt"]  # the CPU tier, GPU or not

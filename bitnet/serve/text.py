@@ -108,16 +108,15 @@ class ServeTokenizer:
 
 
 class Detokenizer:
-    """Generated tokens -> text increments, whole characters only (bitnet.generation.TextStream:
-    a character split over several byte-level tokens comes out once complete). The last prompt
-    tokens are decoded along as context, so that a decoder which strips the leading space of the
-    first token (SentencePiece's Metaspace) keeps the space of the first generated one."""
-
-    CONTEXT = 4  # prompt tokens kept as context
+    """Generated tokens -> text increments, whole characters only, a few tokens decoded a token
+    (bitnet.generation.TextStream: a character split over several byte-level tokens comes out once
+    complete; the prompt's last tokens are decoded along as context, so that a decoder which strips
+    the leading space of the first token, SentencePiece's Metaspace, keeps the space of the first
+    generated one)."""
 
     def __init__(self, tokenizer, prompt_ids: list[int]):
         self._chunks: list[str] = []
-        self._stream = TextStream(tokenizer, list(prompt_ids)[-self.CONTEXT:], out=self)
+        self._stream = TextStream(tokenizer, prompt_ids, out=self)
 
     def write(self, text: str) -> None:  # TextStream's `out`
         self._chunks.append(text)
