@@ -347,7 +347,7 @@ class Engine:
         if logits is None:
             return None
         self.steps += 1
-        self.last_batch = len(flight.rows)
+        self.last_batch = sum(not s.finished for s in flight.rows)  # (the ended ones ride along in vain)
         return _Flight(flight.rows, logits)
 
     def _land(self, flight: "_Flight") -> None:
