@@ -225,8 +225,8 @@ class HostCopy:
     def __init__(self, *tensors: torch.Tensor | None):
         self.event = None
         if any(t is not None and t.is_cuda for t in tensors):
-            self.host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                         for t in tensors]
+            self.host = [None if t is None else
+                         torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
             self.event = torch.cuda.Event()
             self.event.record()
         else:
