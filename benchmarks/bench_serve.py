@@ -74,7 +74,7 @@ class Args:
     time_limit: float = arg(900.0, help="seconds per level at most: no request starts after it")
     seed: int = arg(0, help="weights and prompts")
     device: str = arg("cpu", help="the server's --device", choices=["cpu", "cuda"])
-    run_ahead: bool | None = arg(None, help="the server's --run-ahead / --no-run-ahead (cuda: a greedy decode step "
+    run_ahead: bool | None = arg(None, help="the server's --run-ahead / --no-run-ahead (cuda: a decode step "
                                  "queued before the last one's tokens are read; default: the server's, on there)")
     name: str | None = arg(None, help="results file name (default: serve_<device>, _no_run_ahead with --no-run-ahead)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")

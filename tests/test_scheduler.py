@@ -507,9 +507,10 @@ def test_running_ahead_needs_the_padded_decode_steps():
 
 @AHEAD
 def test_engine_sampling_with_a_seed_is_generate_with_that_generator(monkeypatch, ahead):
-    """Seeded sampled streams beside a greedy one (no step of theirs runs ahead): each gets the
-    tokens of generate with its generator, the greedy one its solo tokens."""
-    kw, _ = engine_args(monkeypatch, ahead)
+    """Seeded sampled streams beside a greedy one: each gets the tokens of generate with its
+    generator, the greedy one its solo tokens; run ahead too (the draws made on the device, a step
+    before the host reads them)."""
+    kw, chained = engine_args(monkeypatch, ahead)
     model = tiny()
     engine = Engine(model, max_batch=2, max_seq_len=128, **kw).start()
     params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.95, seed=s) for s in (1, 2, 3)]
@@ -519,6 +520,7 @@ def test_engine_sampling_with_a_seed_is_generate_with_that_generator(monkeypatch
         assert c.tokens == alone(model, p, 10, temperature=0.9, top_k=40, top_p=0.95,
                                  generator=torch.Generator().manual_seed(prm.seed))
     assert outs[3].tokens == alone(model, PROMPTS[3], 10)
+    assert bool(chained) == ahead
 
 
 def test_engine_stops_at_eos_and_frees_the_slot():

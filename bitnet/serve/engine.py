@@ -15,8 +15,9 @@ step) and one token of every running sequence, samples each row with its own par
 the tokens. A sequence ends at an EOS token (finish_reason "stop"), at max_tokens ("length"),
 when cancelled, or when the model fails on it ("error"); its slot is free for the next step.
 
-On a GPU a pure greedy decode step runs ahead (run_ahead): the step after it is queued on the
-device before its tokens are read, so the GPU decodes while the host emits (see _can_run_ahead).
+On a GPU a pure decode step runs ahead (run_ahead): the step after it is queued on the device,
+fed the tokens chosen there, before they are read, so the GPU decodes while the host emits (see
+_can_run_ahead).
 
 Faults stay with their request: a step that raises is retried sequence by sequence, and only the
 sequences that fail alone are failed (the others' cache columns are simply written again). The
@@ -89,14 +90,24 @@ class Output:
     time: float = field(default_factory=time.perf_counter)
 
 
+def choose(rows: list[Seq], logits: torch.Tensor) -> torch.Tensor:
+    """Each row's next token from logits (B, vocab), on their device: the argmax, or a draw with the
+    request's parameters and generator (bitnet.generation.sample: no host sync)."""
+    tokens = logits.argmax(dim=-1)
+    for i, seq in enumerate(rows):
+        p = seq.payload.params
+        if p.temperature > 0:
+            tokens[i:i + 1] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, seq.payload.generator)
+    return tokens
+
+
 class _Flight:
-    """A greedy decode step queued on the device: rows (its sequences, in its order), tokens (their
-    argmax, on the device, what the step after it is fed) and their copy to the host, not waited for
-    until read()."""
+    """A decode step queued on the device: rows (its sequences, in its order), tokens (chosen on the
+    device, what the step after it is fed) and their copy to the host, not waited for until read()."""
 
     def __init__(self, rows: list[Seq], logits: torch.Tensor):
         self.rows = rows
-        self.tokens = logits.argmax(dim=-1)
+        self.tokens = choose(rows, logits)
         self._copy = HostCopy(self.tokens)
         self.launched = time.perf_counter()
 
@@ -129,10 +140,10 @@ class Engine:
         if run_ahead and not self.runner.decode_graphs:
             raise ValueError("run_ahead queues the next padded decode step from the last one's tokens on the device: "
                              "it needs decode_graphs")
-        # run_ahead: queue a greedy decode step before the host reads the last one's tokens (see _land)
+        # run_ahead: queue a decode step before the host reads the last one's tokens (see _land)
         self.run_ahead = self.runner.decode_graphs and self.runner.device.type == "cuda" if run_ahead is None \
             else run_ahead
-        self._flight: _Flight | None = None  # a greedy decode step queued on the device, its tokens not read yet
+        self._flight: _Flight | None = None  # a decode step queued on the device, its tokens not read yet
         self._landed = 0.0  # when the last flight's tokens were read (its step's time, for on_step)
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
         self._cond = threading.Condition()
@@ -257,7 +268,7 @@ class Engine:
 
     def _once(self, until, poll) -> bool:
         """Wait for work and run one step; False once closing (or until()) and drained. With a
-        greedy decode step in flight (run_ahead): queue the next one where nothing else is due,
+        decode step in flight (run_ahead): queue the next one where nothing else is due,
         then read and emit the flight's tokens."""
         flight = self._flight
         with self._cond:
@@ -301,7 +312,7 @@ class Engine:
         try:
             logits = self.runner.step([seg for _, seg in work])
             rows = [seq for seq, seg in work if seg.logits]
-            if self.run_ahead and not step.prefill and all(s.payload.params.temperature == 0 for s in rows):
+            if self.run_ahead and not step.prefill:
                 self._flight = _Flight(rows, logits)  # its tokens are read at the next turn of the loop, after
                 return                                # the step that follows it is queued (where one does)
         except Exception:  # find who: each segment alone; the others go on
@@ -322,15 +333,16 @@ class Engine:
     # ----------------------------------------------------------------------------- running ahead
     # On a GPU a decode step is one graph replay; between two, the host read the tokens (a sync),
     # emitted them, scheduled and built the next step while the GPU waited. With run_ahead a pure
-    # greedy decode step is a _Flight: its tokens are argmaxed on the device and copied to the host
-    # without a sync (HostCopy); at the next turn of the loop the step after it (the same rows, one
+    # decode step is a _Flight: its tokens are chosen on the device (argmax, or a draw with the
+    # request's generator) and copied to the host without a sync (HostCopy); at the next turn of the loop the step after it (the same rows, one
     # column further, fed those tokens on the device: runner.decode_next) is queued first, and only
     # then are the flight's tokens read and emitted, while the GPU runs the next step. That step is
     # queued where it serves as well as the scheduler's would: nobody waits for a free slot (a
     # newcomer's prefill goes in the scheduler's next step), some row has a token left to make, and
     # the rows still running fill the same padded bucket. Rows that have ended (EOS, max_tokens,
-    # cancelled) ride along in vain: their tokens are dropped, and their cache rows' extra columns
-    # are never read (a later owner of the slot prefills from column 0, in a step queued after).
+    # cancelled) ride along in vain: their tokens are dropped (a sampled one's generator draws once
+    # more, unseen), and their cache rows' extra columns are never read (a later owner of the slot
+    # prefills from column 0, in a step queued after).
     def _can_run_ahead(self, flight: "_Flight") -> bool:
         """Under the lock: whether the step after the flight is worth queueing before reading it."""
         live = [s for s in flight.rows if not s.finished]
@@ -374,13 +386,8 @@ class Engine:
 
     # ----------------------------------------------------------------------------- tokens out
     def _emit_tokens(self, rows: list[Seq], logits: torch.Tensor) -> None:
-        """Sample one token per row (logits (B, vocab)), emit it, end the rows that are done."""
-        tokens = logits.argmax(dim=-1).tolist()  # greedy rows (one host sync for all)
-        for i, seq in enumerate(rows):
-            p = seq.payload.params
-            if p.temperature > 0:
-                tokens[i] = int(sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, seq.payload.generator)[0])
-        self._emit_rows(rows, tokens)
+        """Choose one token per row (logits (B, vocab)), emit it, end the rows that are done."""
+        self._emit_rows(rows, choose(rows, logits).tolist())  # one host sync for all
 
     def _emit_rows(self, rows: list[Seq], tokens: list[int]) -> None:
         """Emit each row's token and end the rows that are done (a row ended meanwhile: skipped)."""

@@ -208,7 +208,7 @@ class ModelRunner:
     def decode_next(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The pure decode step after the last step, where that was a padded one (decode_graphs):
         the same sequences in the same slots, each one column further, fed `tokens` (n,), a tensor
-        on the device: the last step's greedy tokens before the host has read them, so that this
+        on the device: the tokens chosen from the last step's logits before the host has read them, so that this
         step is queued while the host reads and handles them (bitnet.serve.engine's run_ahead).
         Logits (n, vocab), as step() gives them; None where the last step was another kind."""
         last, self._last_decode = self._last_decode, None

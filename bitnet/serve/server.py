@@ -42,7 +42,7 @@ class ServeArgs:
     device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
     decode_graphs: bool | None = arg(None, help="record each batch size's decode step as a CUDA graph and replay it "
                                      "(default: on cuda; --no-decode-graphs: eager steps)")
-    run_ahead: bool | None = arg(None, help="queue each greedy decode step before the host reads the last one's tokens, "
+    run_ahead: bool | None = arg(None, help="queue each decode step before the host reads the last one's tokens, "
                                  "so the GPU runs it while the host emits them (default: on with the decode graphs; "
                                  "--no-run-ahead: read, emit, then queue)")
     drain_timeout: float = arg(30.0, help="on SIGTERM / Ctrl-C: seconds to let running requests finish")
