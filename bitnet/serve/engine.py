@@ -334,15 +334,16 @@ class Engine:
     # On a GPU a decode step is one graph replay; between two, the host read the tokens (a sync),
     # emitted them, scheduled and built the next step while the GPU waited. With run_ahead a pure
     # decode step is a _Flight: its tokens are chosen on the device (argmax, or a draw with the
-    # request's generator) and copied to the host without a sync (HostCopy); at the next turn of the loop the step after it (the same rows, one
-    # column further, fed those tokens on the device: runner.decode_next) is queued first, and only
-    # then are the flight's tokens read and emitted, while the GPU runs the next step. That step is
-    # queued where it serves as well as the scheduler's would: nobody waits for a free slot (a
-    # newcomer's prefill goes in the scheduler's next step), some row has a token left to make, and
-    # the rows still running fill the same padded bucket. Rows that have ended (EOS, max_tokens,
-    # cancelled) ride along in vain: their tokens are dropped (a sampled one's generator draws once
-    # more, unseen), and their cache rows' extra columns are never read (a later owner of the slot
-    # prefills from column 0, in a step queued after).
+    # request's generator) and copied to the host without a sync (HostCopy); at the next turn of
+    # the loop the step after it (the same rows, one column further, fed those tokens on the
+    # device: runner.decode_next) is queued first, and only then are the flight's tokens read and
+    # emitted, while the GPU runs the next step. That step is queued where it serves as well as
+    # the scheduler's would: nobody waits for a free slot (a newcomer's prefill goes in the
+    # scheduler's next step), some row has a token left to make, and the rows still running fill
+    # the same padded bucket. Rows that have ended (EOS, max_tokens, cancelled) ride along in vain:
+    # their tokens are dropped (a sampled one's generator draws once more, unseen), and their cache
+    # rows' extra columns are never read (a later owner of the slot prefills from column 0, in a
+    # step queued after).
     def _can_run_ahead(self, flight: "_Flight") -> bool:
         """Under the lock: whether the step after the flight is worth queueing before reading it."""
         live = [s for s in flight.rows if not s.finished]
