@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from bitnet import BitNetConfig
-from bitnet.bench import RESULTS_DIR, environment, random_model, save_results
+from bitnet.bench import RESULTS_DIR, environment, free_port, random_model, save_results
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.report import table
 
@@ -100,12 +99,6 @@ def write_folder(args: Args, path: str) -> BitNetConfig:
 
 
 # ----------------------------------------------------------------------------- the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: Args, folder: str, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bitnet", "serve", folder, "--port", str(port), "--max-batch",
            str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--prefill-chunk", str(args.prefill_chunk),

@@ -72,7 +72,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -611,12 +610,6 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(bin_dir: str, model: str, port: int, args: argparse.Namespace) -> list[str]:
     return [os.path.join(bin_dir, "llama-server"), "-m", model, "-t", str(args.server_threads),
             "-np", str(args.server_slots), "-cb", "-c", str(args.server_ctx), "--host", "127.0.0.1",
@@ -647,7 +640,7 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
     import random
 
     bs = load_bench_serve()
-    port = free_port()
+    port = bs.free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = server_command(build_info["bin"], model_path, port, args)
     log_path = os.path.join(os.path.dirname(model_path), f"llama-server-{args.isa}.log")

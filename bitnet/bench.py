@@ -74,6 +74,16 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nothing listens on now (the OS's pick): a benchmark's server, or a
+    test's server or torchrun rendezvous beside another test's (pytest-xdist)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def environment() -> dict:
     """Where and with what a measurement was taken."""
     env = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 
 import torch
 from safetensors.torch import save_file
@@ -29,14 +28,6 @@ def no_compile():
         yield
     finally:
         torch._dynamo.config.disable = old
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 nothing listens on now (the OS's pick): a torchrun's rendezvous in a
-    test, which may run beside another test's (pytest-xdist)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hf_config(model_type: str = "bitnet", tied: bool = True, **overrides):

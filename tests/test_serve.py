@@ -28,9 +28,9 @@ import uvicorn  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bitnet import BitNetConfig, BitNetForCausalLM, freeze  # noqa: E402
+from bitnet.bench import free_port  # noqa: E402
 from bitnet.generation import generate  # noqa: E402
 from bitnet.serve.server import ServeArgs, load  # noqa: E402
-from reference import free_port  # noqa: E402
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")

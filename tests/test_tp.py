@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from bitnet import BitNetConfig, BitNetForCausalLM
+from bitnet.bench import free_port
 from bitnet.cli import main
 from bitnet.train.memory import estimate
 from bitnet.train.parallel import ParallelError, check_layout, slab_order
 from bitnet.train.trainer import Dist, TrainConfig, Trainer, TrainingError, train
-from reference import free_port
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 needs_corpus = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is not beside the checkout")

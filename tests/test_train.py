@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 import bitnet.atomic as atomic
 from bitnet import BitNetForCausalLM
+from bitnet.bench import free_port
 from bitnet.train.recipes import default_recipe
 from bitnet.train.trainer import TrainConfig, TrainingError, train
-from reference import free_port
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 needs_corpus = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is not beside the checkout")

@@ -94,7 +94,7 @@ class ModelRunner:
         self.caches: list[KVCache] = [layer.self_attn.kv_cache for layer in model.model.layers]
         self._buckets: dict[int, _BucketStep] = {}
         self._pool = None  # the CUDA graphs' shared memory pool
-        self._last_decode = None  # (bucket step, positions, rows) of the last step, where it was a padded decode step
+        self._last_decode = None  # (bucket step, positions) of the last step, where it was a padded decode step
 
     def cache_bytes(self) -> int:
         return sum(c.k.numel() * c.k.element_size() * 2 for c in self.caches)
@@ -197,7 +197,7 @@ class ModelRunner:
         inputs = torch.tensor([tokens + [0] * pad, pos + [0] * pad, rows + [self.scratch] * pad], dtype=torch.long)
         step.inputs.copy_(inputs, non_blocking=False)
         logits = step()[:n].clone()  # the graph's output is overwritten by its next replay
-        self._last_decode = (step, pos, rows)
+        self._last_decode = (step, pos)
         return logits
 
     def bucket(self, n: int) -> int:
@@ -214,7 +214,7 @@ class ModelRunner:
         last, self._last_decode = self._last_decode, None
         if last is None:
             return None
-        step, pos, rows = last
+        step, pos = last
         pos = [p + 1 for p in pos]
         if tokens.shape != (len(pos),):
             raise ValueError(f"decode_next needs one token per sequence of the last step ({len(pos)}), got shape "
@@ -225,7 +225,7 @@ class ModelRunner:
         step.inputs[0, :n].copy_(tokens)  # on the device, after the last step's replay: no host sync
         step.inputs[1, :n].add_(1)
         logits = step()[:n].clone()
-        self._last_decode = (step, pos, rows)
+        self._last_decode = (step, pos)
         return logits
 
     def decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
