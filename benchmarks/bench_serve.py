@@ -3,7 +3,8 @@ latency at 1, 4 and 16 concurrent streaming clients, on loopback, with the offic
 
     python benchmarks/bench_serve.py                                  # 700m, packed 2-bit, on the CPU
     python benchmarks/bench_serve.py --clients 1 4 --requests-per-client 2 --max-tokens 16
-    python benchmarks/bench_serve.py --device cuda --preset 2b4t [--no-run-ahead]   # serve_cuda[_no_run_ahead]
+    python benchmarks/bench_serve.py --device cuda --preset 2b4t [--no-run-ahead] [--no-prompt-graphs]
+                                                         # serve_cuda[_no_run_ahead][_no_prompt_graphs]
 
 Protocol (the issue's for the peers: 2 threads, 32 tokens per request, streamed, the openai client):
 - the model: the preset with random weights (ternary codes drawn uniformly, N(0, 0.02) embeddings
@@ -75,7 +76,10 @@ class Args:
     device: str = arg("cpu", help="the server's --device", choices=["cpu", "cuda"])
     run_ahead: bool | None = arg(None, help="the server's --run-ahead / --no-run-ahead (cuda: a decode step "
                                  "queued before the last one's tokens are read; default: the server's, on there)")
-    name: str | None = arg(None, help="results file name (default: serve_<device>, _no_run_ahead with --no-run-ahead)")
+    prompt_graphs: bool | None = arg(None, help="the server's --prompt-graphs / --no-prompt-graphs (cuda: the steps "
+                                     "with a prompt in pieces of CUDA graphs; default: the server's, on there)")
+    name: str | None = arg(None, help="results file name (default: serve_<device>, _no_run_ahead with --no-run-ahead, "
+                           "_no_prompt_graphs with --no-prompt-graphs)")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")
 
 
@@ -105,6 +109,8 @@ def start_server(args: Args, folder: str, port: int, log) -> subprocess.Popen:
            "--max-queue", str(4 * args.max_batch), "--device", args.device, "--log-level", "warning"]
     if args.run_ahead is not None:
         cmd.append("--run-ahead" if args.run_ahead else "--no-run-ahead")
+    if args.prompt_graphs is not None:
+        cmd.append("--prompt-graphs" if args.prompt_graphs else "--no-prompt-graphs")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BITNET_API_KEY": ""})
     import httpx
 
@@ -232,7 +238,8 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
         f"{args.prompt_len} tokens, {args.max_tokens} tokens generated, greedy, streamed, the openai client on loopback; "
         f"{args.requests_per_client} requests per client back to back; server --max-batch {args.max_batch}, "
         f"--max-seq-len {args.max_seq_len}"
-        f"{'' if args.run_ahead is None else ' --run-ahead' if args.run_ahead else ' --no-run-ahead'}. "
+        f"{'' if args.run_ahead is None else ' --run-ahead' if args.run_ahead else ' --no-run-ahead'}"
+        f"{'' if args.prompt_graphs is None else ' --prompt-graphs' if args.prompt_graphs else ' --no-prompt-graphs'}. "
         "Protocol: benchmarks/bench_serve.py.",
         "",
         "## Ours (measured by this script)",
@@ -314,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     args = Args(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(Args)})
     args = dataclasses.replace(args, max_batch=args.max_batch or max(args.clients),
-                               name=args.name or f"serve_{args.device}" + ("_no_run_ahead" if args.run_ahead is False else ""))
-    if args.run_ahead is not None and args.device != "cuda":
-        parser.error("--run-ahead / --no-run-ahead choose how a GPU server decodes: they need --device cuda")
+                               name=args.name or f"serve_{args.device}" + ("_no_run_ahead" if args.run_ahead is False else "")
+                               + ("_no_prompt_graphs" if args.prompt_graphs is False else ""))
+    if (args.run_ahead is not None or args.prompt_graphs is not None) and args.device != "cuda":
+        parser.error("--run-ahead / --no-run-ahead and --prompt-graphs / --no-prompt-graphs choose how a GPU server "
+                     "steps: they need --device cuda")
     if args.prompt_len + args.max_tokens > args.max_seq_len:
         parser.error("--prompt-len + --max-tokens must fit --max-seq-len")
     rows, raw = [], {}

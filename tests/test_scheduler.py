@@ -332,6 +332,65 @@ def test_a_decode_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog)
     assert tries == [1] and "decoding eagerly" in caplog.text
 
 
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the interpreter's run of what the cuda test checks compiled"))])
+def test_prompt_steps_in_padded_pieces_change_no_sequence(monkeypatch, kernel):
+    """prompt_graphs (on CUDA: a step with a prompt in it padded to a bucket of tokens, all but the
+    attention recorded, one piece between two layers' attention) run eagerly on the CPU: newcomers'
+    prompts amid the others' decode tokens, a 39-token one among them, each step padded to 16, 32
+    or 64 tokens in the scratch cache row, the layers' attention between the pieces; every sequence
+    still gets its lone run's logits bit for bit (the torch path, and the Triton path under the
+    interpreter: its RoPE and cache writes in one launch, the decode attention for the one-token
+    segments)."""
+    monkeypatch.setenv("BITNET_KERNEL", kernel)
+    from bitnet.serve import runner as runner_module
+
+    loaded = []
+    real = runner_module._PromptPieces.load
+    monkeypatch.setattr(runner_module._PromptPieces, "load",
+                        lambda self, plan: real(self, plan) or loaded.append((plan.n, self.inputs.clone())))
+    if kernel == "torch":
+        model, prompts, n, kw = tiny(num_hidden_layers=2), PROMPTS, 5, {}
+    else:  # the interpreter's GEMMs are slow: the prompt steps alone in pieces, the decode steps in their buckets
+        model, prompts, n, kw = tiny(num_hidden_layers=1), [PROMPTS[0], PROMPTS[4], PROMPTS[1]], 3, {"decode_graphs": True}
+    solo, got = solo_and_batched(model, prompts, n, 3, max_seq_len=64, prompt_graphs=True, **kw)
+    for i in range(len(prompts)):
+        assert torch.equal(got[i], solo[i]), f"prompt {i}"
+    assert {inputs.shape[1] for _, inputs in loaded} == {16, 64}  # 64: the 39-token prompt and 2 decode tokens
+    for n, inputs in loaded:  # the padding after the step's tokens, in the scratch row (3 with max_batch 3)
+        assert inputs[2, :n].lt(3).all() and inputs[2, n:].eq(3).all() and inputs[:2, n:].eq(0).all()
+
+
+def test_token_buckets():
+    runner = ModelRunner(tiny(num_hidden_layers=1), max_batch=2, max_seq_len=64, prompt_graphs=True)
+    assert [runner.token_bucket(n) for n in (1, 16, 17, 33, 64, 65, 130, 1024, 1025, 2000)] == \
+        [16, 16, 32, 64, 64, 128, 192, 1024, 1280, 2048]
+    assert runner.caches[0].k.shape[0] == 3  # a scratch row for the padding
+    runner.close()
+
+
+def test_a_prompt_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog):
+    """If recording a bucket's pieces fails, the runner says so once and runs the steps with a
+    prompt eagerly from then on, with the same logits (the eager step is exact here too)."""
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    from bitnet.serve import runner as runner_module
+
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner_module, "_PromptPieces", broken)
+    model = tiny(num_hidden_layers=1)
+    prompts = PROMPTS[:3]
+    with caplog.at_level("WARNING", logger="bitnet.serve"):
+        solo, got = solo_and_batched(model, prompts, 4, 2, max_seq_len=64, prompt_graphs=True)
+    for i in range(len(prompts)):
+        assert torch.equal(got[i], solo[i]), f"prompt {i}"
+    assert tries == [1] and "running prompt steps eagerly" in caplog.text
+
+
 def test_a_float_twin_batches_within_a_stated_tolerance():
     """What is true for a model whose projections are float GEMMs: BLAS sums M = 1 and M = B rows
     in different orders, so the batched logits differ from a lone run's in the last bits (1e-5 of
@@ -405,16 +464,24 @@ def upto_eos(tokens, eos):
     return tokens if ended is None else tokens[:ended + 1]
 
 
-AHEAD = pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "run-ahead"])
+AHEAD = pytest.mark.parametrize("ahead", [False, True, "pieces"], ids=["in-step", "run-ahead", "gpu-steps"])
+
+
+class Spy(list):
+    """An entry per step run ahead: how many of its rows had ended; `pieced`: the token counts of
+    the steps run in pieces (prompt_graphs)."""
+
+    pieced: list
 
 
 def engine_args(monkeypatch, ahead):
-    """Engine keywords, and a list with an entry per step run ahead: how many of its rows had
-    ended. ahead: run_ahead (a GPU's default: each greedy decode step queued before the last one's
-    tokens are read) forced on the CPU, with the padded decode steps it chains (decode_graphs, eager
-    here) on the path that takes them (BITNET_KERNEL=torch: the native decode layers take a pure
-    decode step otherwise)."""
-    chained = []
+    """Engine keywords, and a Spy. ahead: run_ahead (a GPU's default: each greedy decode step
+    queued before the last one's tokens are read) forced on the CPU, with the padded decode steps it
+    chains (decode_graphs, eager here) on the path that takes them (BITNET_KERNEL=torch: the native
+    decode layers take a pure decode step otherwise); "pieces": also every other step padded and in
+    pieces (prompt_graphs, eager here): all that a GPU's engine does by default."""
+    chained = Spy()
+    chained.pieced = []
     if not ahead:
         return {}, chained
     monkeypatch.setenv("BITNET_KERNEL", "torch")
@@ -427,7 +494,12 @@ def engine_args(monkeypatch, ahead):
         return nxt
 
     monkeypatch.setattr(Engine, "_launch_next", launch_next)
-    return {"decode_graphs": True, "run_ahead": True}, chained
+    if ahead != "pieces":
+        return {"decode_graphs": True, "run_ahead": True}, chained
+    real_pieces = ModelRunner._piecewise
+    monkeypatch.setattr(ModelRunner, "_piecewise",
+                        lambda self, segs: chained.pieced.append(sum(len(s.tokens) for s in segs)) or real_pieces(self, segs))
+    return {"decode_graphs": True, "run_ahead": True, "prompt_graphs": True}, chained
 
 
 @AHEAD
@@ -448,7 +520,8 @@ def test_engine_streams_get_their_solo_greedy_tokens(monkeypatch, ahead):
     assert engine.steps > n  # batched: fewer steps than requests x tokens
     assert len(reported) == engine.steps  # each step reported once (a step run ahead: when its tokens are read)
     assert sum(p for p, _ in reported) == sum(map(len, PROMPTS))
-    assert (len(chained) > n) == ahead
+    assert (len(chained) > n) == bool(ahead)
+    assert bool(chained.pieced) == (ahead == "pieces")
 
 
 @AHEAD
@@ -477,7 +550,7 @@ def test_running_ahead_ends_each_stream_where_it_ends_alone(monkeypatch, ahead):
     assert waiting.wait().tokens == alone(model, PROMPTS[4], 9)
     engine.stop()
     assert first.finish == "cancelled" and first.tokens == alone(model, PROMPTS[1], len(first.tokens))
-    assert bool(chained) == ahead
+    assert bool(chained) == bool(ahead)
 
 
 @AHEAD
@@ -496,8 +569,8 @@ def test_an_ended_stream_rides_along_to_the_end_of_its_cache_row(monkeypatch, ca
         engine.stop()
     for i, (p, m) in enumerate(zip(prompts, limits)):
         assert outs[i].tokens == alone(model, p, m), f"prompt {i}"
-    assert (1 in chained) == ahead
-    assert ("running ahead failed" in caplog.text and "beyond a cache row of 32" in caplog.text) == ahead
+    assert (1 in chained) == bool(ahead)
+    assert ("running ahead failed" in caplog.text and "beyond a cache row of 32" in caplog.text) == bool(ahead)
 
 
 def test_running_ahead_needs_the_padded_decode_steps():
@@ -520,7 +593,7 @@ def test_engine_sampling_with_a_seed_is_generate_with_that_generator(monkeypatch
         assert c.tokens == alone(model, p, 10, temperature=0.9, top_k=40, top_p=0.95,
                                  generator=torch.Generator().manual_seed(prm.seed))
     assert outs[3].tokens == alone(model, PROMPTS[3], 10)
-    assert bool(chained) == ahead
+    assert bool(chained) == bool(ahead)
 
 
 def test_engine_stops_at_eos_and_frees_the_slot():
@@ -579,7 +652,8 @@ def test_a_request_that_fails_in_the_model_fails_alone(monkeypatch, ahead):
     assert outs[0].tokens == solo[0] and outs[2].tokens == solo[2]
     assert run(engine, [PROMPTS[0]], SamplingParams(max_tokens=n))[0].tokens == solo[0]  # still serving
     engine.stop()
-    assert bool(chained) == ahead
+    assert bool(chained) == bool(ahead)
+    assert bool(chained.pieced) == (ahead == "pieces")
 
 
 def test_engine_refuses_what_it_cannot_hold():
@@ -626,6 +700,29 @@ def test_decode_graphs_on_cuda_equal_the_eager_steps():
         runner.close()
     for i in range(len(prompts)):
         assert torch.equal(got[True][i], got[False][i]), f"prompt {i}"
+
+
+@pytest.mark.cuda
+def test_prompt_graphs_on_cuda_give_each_sequence_its_solo_logits():
+    """Steps with a prompt in them padded and recorded in pieces (the default on CUDA), the prompt's
+    flash attention and the decode attention run between the pieces: each sequence's logits equal
+    its lone run's and the eager steps', bit for bit, and pieces were recorded for the buckets used
+    (16 and 64 tokens)."""
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    prompts = PROMPTS[:5]
+    got = {}
+    for graphs in (True, False):
+        runner = ModelRunner(model, max_batch=3, max_seq_len=128, prompt_graphs=graphs)
+        got[graphs] = staggered(runner, prompts, 8, 3)
+        if graphs:
+            assert {b for b, p in runner._pieces.items() if p.graphs} == {16, 64}
+        else:
+            assert not runner._pieces
+        runner.close()
+    solo = [solo_logits(model, p, 8, device="cuda") for p in prompts]
+    for i in range(len(prompts)):
+        assert torch.equal(got[True][i], got[False][i]), f"prompt {i}"
+        assert torch.equal(got[True][i], solo[i]), f"prompt {i}"
 
 
 @pytest.mark.cuda

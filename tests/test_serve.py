@@ -460,7 +460,8 @@ def test_a_request_dropped_at_shutdown_is_a_503(folder):
 def test_decode_graphs_need_a_gpu(folder):
     """--decode-graphs (each batch size's decode step a CUDA graph; the default on CUDA) is refused
     on a CPU with a clear error, before any weight is loaded; the runner's own default there is off.
-    So is --run-ahead (it chains those graphs), on a CPU and beside --no-decode-graphs."""
+    So is --run-ahead (it chains those graphs), on a CPU and beside --no-decode-graphs, and
+    --prompt-graphs on a CPU."""
     from bitnet.serve.server import ServeArgs, load
 
     with pytest.raises(ValueError, match="--decode-graphs records CUDA graphs: it needs a CUDA device, not cpu"):
@@ -469,6 +470,8 @@ def test_decode_graphs_need_a_gpu(folder):
         load(ServeArgs(model=folder, device="cpu", run_ahead=True))
     with pytest.raises(ValueError, match="--run-ahead .* --decode-graphs False"):
         load(ServeArgs(model=folder, device="cuda", decode_graphs=False, run_ahead=True))
+    with pytest.raises(ValueError, match="--prompt-graphs records CUDA graphs: it needs a CUDA device, not cpu"):
+        load(ServeArgs(model=folder, device="cpu", prompt_graphs=True))
 
 
 # ----------------------------------------------------------------------------- the command, SIGTERM

@@ -130,13 +130,15 @@ class _Request:
 class Engine:
     def __init__(self, model, *, max_batch: int = 4, max_seq_len: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, eos_token_ids: Sequence[int] = (), decode_graphs: bool | None = None,
-                 run_ahead: bool | None = None):
+                 run_ahead: bool | None = None, prompt_graphs: bool | None = None):
         context = model.config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch, self.vocab_size = max_batch, model.config.vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
-        # decode_graphs: ModelRunner's (each bucket's pure decode step a CUDA graph; default on CUDA)
-        self.runner = ModelRunner(model, max_batch, self.max_seq_len, decode_graphs=decode_graphs)
+        # decode_graphs: ModelRunner's (each bucket's pure decode step a CUDA graph; default on CUDA);
+        # prompt_graphs: its steps with prompt tokens in pieces of CUDA graphs (default: with decode_graphs)
+        self.runner = ModelRunner(model, max_batch, self.max_seq_len, decode_graphs=decode_graphs,
+                                  prompt_graphs=prompt_graphs)
         if run_ahead and not self.runner.decode_graphs:
             raise ValueError("run_ahead queues the next padded decode step from the last one's tokens on the device: "
                              "it needs decode_graphs")

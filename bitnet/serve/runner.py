@@ -78,9 +78,16 @@ class ModelRunner:
     padding in a scratch cache row of its own, with each bucket's step recorded as a CUDA graph once
     and replayed (default: on CUDA, where an eager step is the host issuing every kernel: a 2B-4T
     16-sequence step took 113 ms on an H200 of which 10 ms on the GPU). Elsewhere, True runs the
-    padded steps eagerly (what the tests check on a CPU: padding changes no sequence's logits)."""
+    padded steps eagerly (what the tests check on a CPU: padding changes no sequence's logits).
 
-    def __init__(self, model, max_batch: int, max_seq_len: int, decode_graphs: bool | None = None):
+    prompt_graphs: run every other step (one with prompt tokens in it) padded to a bucket of tokens,
+    all but its attention recorded as CUDA graphs, one piece between two layers' attention, the
+    attention run eagerly as the eager step runs it (_piecewise; default: on CUDA with
+    decode_graphs). Elsewhere True runs the padded pieces eagerly (the CPU's native kernels aside:
+    their own path stays)."""
+
+    def __init__(self, model, max_batch: int, max_seq_len: int, decode_graphs: bool | None = None,
+                 prompt_graphs: bool | None = None):
         context = model.config.max_position_embeddings
         if max_seq_len > context:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of {context} tokens "
@@ -89,10 +96,14 @@ class ModelRunner:
         ref = model.model.embed_tokens.weight
         self.device = ref.device
         self.decode_graphs = self.device.type == "cuda" if decode_graphs is None else decode_graphs
-        self.scratch = max_batch  # the padding's cache row (decode_graphs only)
-        model.setup_cache(max_batch + int(self.decode_graphs), max_seq_len, dtype=attention_dtype(ref), device=ref.device)
+        self.prompt_graphs = self.decode_graphs and self.device.type == "cuda" if prompt_graphs is None \
+            else prompt_graphs
+        self.scratch = max_batch  # the padding's cache row (decode_graphs, prompt_graphs)
+        padded = self.decode_graphs or self.prompt_graphs
+        model.setup_cache(max_batch + int(padded), max_seq_len, dtype=attention_dtype(ref), device=ref.device)
         self.caches: list[KVCache] = [layer.self_attn.kv_cache for layer in model.model.layers]
         self._buckets: dict[int, _BucketStep] = {}
+        self._pieces: dict[int, _PromptPieces] = {}  # prompt_graphs: the recorded pieces of each bucket of tokens
         self._pool = None  # the CUDA graphs' shared memory pool
         self._last_decode = None  # (bucket step, positions) of the last step, where it was a padded decode step
 
@@ -101,6 +112,7 @@ class ModelRunner:
 
     def close(self) -> None:
         self._buckets.clear()  # the graphs point into the cache
+        self._pieces.clear()
         self.model.clear_cache()
 
     # ----------------------------------------------------------------------------- the two kinds
@@ -134,15 +146,18 @@ class ModelRunner:
         wants_all = all(s.logits for s in segs)
         if pure_decode and wants_all and dev.type != "cpu":  # off the CPU no native layer: from tensors alone
             return self._decode(segs)
-        ids = torch.tensor([t for s in segs for t in s.tokens], dtype=torch.long, device=dev)[None]  # (1, N)
-        pos = torch.tensor([s.start + i for s in segs for i in range(len(s.tokens))], device=dev)  # (N,)
-        rows = torch.tensor([s.slot for s in segs for _ in s.tokens], dtype=torch.long, device=dev)  # (N,)
+        if self.prompt_graphs and dev.type != "cpu":
+            return self._piecewise(segs)
+        plan = _Plan(segs, dev)
+        ids, pos, rows = plan.ids[None], plan.pos, plan.rows  # (1, N), (N,), (N,)
         x = m.embed_tokens(ids)  # (1, N, C)
         memo: dict = {}
         args = [native_decode_args(layer, x, self.model.config.hidden_act, memo) for layer in m.layers]
         native_decode = bool(args) and all(a is not None for a in args)  # what a lone decode step runs
         if pure_decode and not native_decode and wants_all and self.decode_graphs:  # padded steps asked for on a CPU
             return self._decode(segs)  # (the CPU's own path reads each row's live window instead)
+        if self.prompt_graphs and not native_decode:  # asked for on a CPU: the pieces run eagerly, padded
+            return self._piecewise(segs)
         cos, sin = m.rotary(pos[None], x.dtype)  # (1, 1, N, hd)
         if native_decode and pure_decode:  # each layer in one native call
             N = len(segs)
@@ -151,23 +166,32 @@ class ModelRunner:
                 h = native.decode_layer(h, *a[:10], rows, pos, cos2, sin2, None, *a[10:])
             x = h[None]
         else:
-            _, nkv, S, hd = self.caches[0].k.shape
-            # where each token's key / value goes, as rows of the cache seen as (max_batch * nkv * S, hd)
-            heads = torch.arange(nkv, device=dev)
-            at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (N * nkv,)
+            at = self._cache_rows(rows, pos)
             for layer, cache in zip(m.layers, self.caches):
-                x = self._attention(layer.self_attn, x, cos, sin, cache, at, rows, pos, segs, native_decode,
+                x = self._attention(layer.self_attn, x, cos, sin, cache, at, rows, pos, plan, native_decode,
                                     layer.input_layernorm)  # x + attention
                 x = prenormed(layer.mlp, layer.post_attention_layernorm, x, skip=True)
+        return self._head(x, segs)
+
+    def _head(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """The logits after the last token of each segment that wants them, x (1, N, C) the last
+        layer's output over the segments' tokens side by side -> (K, vocab)."""
         ends, offset = [], 0
         for s in segs:
             offset += len(s.tokens)
             if s.logits:
                 ends.append(offset - 1)
         if not ends:
-            return torch.empty(0, self.model.config.vocab_size, device=dev)
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
         last = x[0, ends][:, None]  # (K, 1, C): the last token of each segment that wants logits
-        return head_rows(self.model.lm_head, m.norm(last))  # (K, vocab)
+        return head_rows(self.model.lm_head, self.model.model.norm(last))  # (K, vocab)
+
+    def _cache_rows(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Where each token's key / value goes, as rows of the cache seen as (max_batch * nkv * S, hd):
+        token n, head h at column pos[n] of row rows[n] -> (N * nkv,)."""
+        _, nkv, S, _ = self.caches[0].k.shape
+        heads = torch.arange(nkv, device=rows.device)
+        return ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()
 
     # ----------------------------------------------------------------------------- pure decode
     def _decode(self, segs: list[Segment]) -> torch.Tensor:
@@ -235,93 +259,141 @@ class ModelRunner:
         m = self.model.model
         x = m.embed_tokens(tokens[None])  # (1, B, C)
         cos, sin = m.rotary(pos[None], x.dtype)  # (1, 1, B, hd)
-        _, nkv, S, _ = self.caches[0].k.shape
-        heads = torch.arange(nkv, device=x.device)
-        at = ((rows[:, None] * nkv + heads[None, :]) * S + pos[:, None]).flatten()  # (B * nkv,)
+        at = self._cache_rows(rows, pos)
         for layer, cache in zip(m.layers, self.caches):
             x = self._attention(layer.self_attn, x, cos, sin, cache, at, rows, pos, None, False, layer.input_layernorm)
             x = prenormed(layer.mlp, layer.post_attention_layernorm, x, skip=True)
         return head_rows(self.model.lm_head, m.norm(x[0][:, None]))  # (B, vocab)
 
+    # ----------------------------------------------------------------------------- steps with a prompt
+    def token_bucket(self, n: int) -> int:
+        """The padded token count of a step with a prompt in it (prompt_graphs): 16, 32 or 64, then
+        a multiple of 64 (of 256 past 1024), so that few recordings serve every step."""
+        if n <= 64:
+            return max(16, 1 << (n - 1).bit_length())
+        unit = 64 if n <= 1024 else 256
+        return -(-n // unit) * unit
+
+    def _piecewise(self, segs: list[Segment]) -> torch.Tensor:
+        """A step with a prompt in it (prompt_graphs), padded to a bucket of tokens: everything but
+        the attention recorded as CUDA graphs, one piece from each layer's attention to the next
+        (the output projection, the MLP, the next layer's norm, q/k/v, RoPE and cache writes), and
+        each layer's attention run eagerly between two pieces exactly as the eager step runs it
+        (the prompt's causal flash attention, the one-token segments' decode attention): the same
+        kernels on the same rows, so each sequence keeps its lone run's logits, with ~5 launches a
+        layer from the host where the eager step makes ~25. The padding's tokens sit in the scratch
+        cache row."""
+        plan = _Plan(segs, self.device)
+        nb = self.token_bucket(plan.n)
+        pieces = self._pieces.get(nb)
+        if pieces is None:
+            if self.device.type == "cuda" and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                pieces = self._pieces[nb] = record_cuda_graph(lambda: _PromptPieces(self, nb, self._pool),
+                                                              f"the prompt step of {nb} tokens", self.device)
+            except Exception:  # a step that cannot be recorded still runs: eagerly, from now on
+                log.warning("recording the prompt step of %d tokens as CUDA graphs failed; running prompt steps "
+                            "eagerly", nb, exc_info=True)
+                self.prompt_graphs = False
+                self._pieces.clear()
+                return self.step(segs)
+        pieces.load(plan)
+        N = plan.n
+        pieces.run(0)
+        for i, (layer, cache) in enumerate(zip(self.model.model.layers, self.caches)):
+            self._attend(layer.self_attn, pieces.q[:, :, :N], cache, plan, False, pieces.y.dtype, out=pieces.y[:, :N])
+            pieces.run(i + 1)
+        return self._head(pieces.x[:, :N], segs)
+
     def _attention(self, attn, x, cos, sin, cache: KVCache, at: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-                   segs: list[Segment] | None, native_decode: bool, norm=None) -> torch.Tensor:
+                   plan: "_Plan | None", native_decode: bool, norm=None) -> torch.Tensor:
         """x + bitnet.model.Attention.forward over the segments side by side, x (1, N, C) (the skip
         connection added as the layer adds it); the one-token segments through the native or
-        Triton decode attention where a lone decode step runs it. segs None: a pure decode step,
+        Triton decode attention where a lone decode step runs it. plan None: a pure decode step,
         token n a one-token segment at column pos[n] of row rows[n] (decode_forward: tensors only)."""
         N = x.shape[1]
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
         q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj, norm=norm)
-        q, k, v = q.view(1, N, nh, hd), k.view(1, N, nkv, hd), v.view(1, N, nkv, hd)
-        fused = None
-        packed = type(attn.q_proj) is BitLinear and attn.q_proj.frozen
-        if segs is None and packed:  # a pure decode step: RoPE, cache writes and attention in one Triton launch
+        if plan is None and type(attn.q_proj) is BitLinear and attn.q_proj.frozen:
+            # a pure decode step: RoPE, cache writes and attention in one Triton launch
             y_b = rope_decode_attention(q.view(N, 1, nh, hd), k.view(N, 1, nkv, hd), v.view(N, 1, nkv, hd),
                                         cos.reshape(N, 1, 1, hd), sin.reshape(N, 1, 1, hd), cache, pos,
                                         kernel=attn.q_proj.kernel, rows=rows)
             if y_b is not None:  # (N, nh * hd)
                 return projections(y_b.to(x.dtype)[None], attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
-        if packed:  # RoPE + cache writes in one Triton launch
+        q = self._rope_write(attn, q, k, v, cos, sin, cache, at, rows, pos)
+        if plan is None:  # every token a one-token segment at column pos[n] of row rows[n]: from tensors alone
+            y = self._singles_attention(q[0].transpose(0, 1), cache, pos, rows, getattr(attn.q_proj, "kernel", None),
+                                        nh != nkv, q.dtype).to(x.dtype)[None]
+        else:
+            y = self._attend(attn, q, cache, plan, native_decode, x.dtype)
+        return projections(y, attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
+
+    @staticmethod
+    def _rope_write(attn, q, k, v, cos, sin, cache: KVCache, at: torch.Tensor, rows: torch.Tensor,
+                    pos: torch.Tensor) -> torch.Tensor:
+        """RoPE on the projections q, k, v (1, N, heads * hd), token n's key and value written into
+        column pos[n] of cache row rows[n] -> q (1, nh, N, hd) in the attention's dtype."""
+        N = q.shape[1]
+        nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
+        q, k, v = q.view(1, N, nh, hd), k.view(1, N, nkv, hd), v.view(1, N, nkv, hd)
+        fused = None
+        if type(attn.q_proj) is BitLinear and attn.q_proj.frozen:  # RoPE + cache writes in one Triton launch
             fused = rope_cache(q, k, v, cos, sin, cache, pos, attn.q_proj.kernel, cache_rows=rows)
         if fused is not None:
             q = fused[0]  # (1, nh, N, hd)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, heads, N, hd)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            # token n's key / value (all heads) into column pos[n] of row rows[n]
             cache.k.view(-1, hd).index_copy_(0, at, k[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.k.dtype))
             cache.v.view(-1, hd).index_copy_(0, at, v[0].transpose(0, 1).reshape(N * nkv, hd).to(cache.v.dtype))
-        dtype = attention_dtype(q)
-        q = q.to(dtype)
-        gqa = nh != nkv
-        cpu = x.device.type == "cpu"
+        return q.to(attention_dtype(q))
+
+    def _attend(self, attn, q: torch.Tensor, cache: KVCache, plan: "_Plan | None", native_decode: bool,
+                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q (1, nh, N, hd) (RoPE applied, the step's keys and values in the cache) ->
+        y (1, N, nh * hd) in `dtype`, written into `out` where given, each segment as a lone forward
+        runs it. On the CPU: a prompt (chunk) over the live window [0, end) of its row with a causal
+        mask; the one-token segments all in one call of the native decode attention (native_decode)
+        or the Triton one, else each over its window without a mask. On a GPU: a whole prompt causal
+        over its own slots (flash attention, as a lone prefill runs it), a later chunk over the whole
+        static row with the keys after each query masked, the one-token segments in one call of the
+        Triton decode attention, else of SDPA over the static rows."""
+        N = q.shape[2]
+        nh, hd = attn.n_head, attn.head_dim
+        gqa = nh != attn.n_kv
+        cpu = q.device.type == "cpu"
         kernel = getattr(attn.q_proj, "kernel", None)
+        y = out if out is not None else torch.empty(1, N, nh * hd, dtype=dtype, device=q.device)
         triton = triton_applies(q, kernel)  # the one-token segments through the Triton decode attention
-        if segs is None:  # every token a one-token segment (decode_forward): from tensors alone
-            y_b = self._singles_attention(q[0].transpose(0, 1), cache, pos, rows, kernel, gqa, dtype)
-            return projections(y_b.to(x.dtype)[None], attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
-        ys: list[torch.Tensor | None] = []
         singles = []  # the one-token segments, attended in one call (native or Triton decode attention; SDPA on a GPU)
-        offset = 0
-        for i, s in enumerate(segs):
-            T, end = len(s.tokens), s.start + len(s.tokens)
-            q_s = q[:, :, offset:offset + T]  # (1, nh, T, hd)
-            offset += T
+        for i, s in enumerate(plan.segs):
+            T, off, end = len(s.tokens), plan.offsets[i], s.start + len(s.tokens)
             if T == 1 and (native_decode or not cpu or triton):
                 singles.append(i)
-                ys.append(None)
                 continue
+            q_s = q[:, :, off:off + T]  # (1, nh, T, hd)
             S = end if cpu else cache.k.shape[2]  # the CPU reads the live window, a GPU the static row
-            k_s = cache.k[s.slot:s.slot + 1, :, :S].to(dtype)  # (1, nkv, S, hd)
-            v_s = cache.v[s.slot:s.slot + 1, :, :S].to(dtype)
+            k_s = cache.k[s.slot:s.slot + 1, :, :S].to(q.dtype)  # (1, nkv, S, hd)
+            v_s = cache.v[s.slot:s.slot + 1, :, :S].to(q.dtype)
             if not cpu and T > 1 and s.start == 0:  # a whole prompt on a GPU: causal over its slots, as generate runs it
-                ys.append(F.scaled_dot_product_attention(q_s, k_s[:, :, :T], v_s[:, :, :T], is_causal=True, enable_gqa=gqa))
-                continue
-            mask = None
-            if T > 1 or not cpu:  # a lone CPU step of one token sees its whole window: no mask
-                columns = torch.arange(S, device=x.device)
-                mask = (torch.arange(s.start, end, device=x.device)[:, None] >= columns[None, :])[None, None]  # (1, 1, T, S)
-            ys.append(F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=gqa))  # (1, nh, T, hd)
-        if singles and native_decode:
-            offsets = torch.tensor([sum(len(s.tokens) for s in segs[:i]) for i in singles], device=x.device)
+                y_s = F.scaled_dot_product_attention(q_s, k_s[:, :, :T], v_s[:, :, :T], is_causal=True, enable_gqa=gqa)
+            else:  # a lone CPU step of one token sees its whole window: no mask
+                mask = plan.mask(i, S) if T > 1 or not cpu else None
+                y_s = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=gqa)  # (1, nh, T, hd)
+            y[0, off:off + T].view(T, nh, hd).copy_(y_s[0].transpose(0, 1))
+        if singles:
+            offsets, starts, slots = plan.singles(singles)
             q_b = q[0].index_select(1, offsets).transpose(0, 1)  # (B, nh, hd)
-            y_b = native.decode_attention(q_b.contiguous(), cache.k, cache.v,
-                                          torch.tensor([segs[i].slot for i in singles], device=x.device),
-                                          torch.tensor([segs[i].start for i in singles], device=x.device))
-            for j, i in enumerate(singles):
-                ys[i] = y_b[j][None, :, None]  # (1, nh, 1, hd)
-        elif singles:
-            offsets = torch.tensor([sum(len(s.tokens) for s in segs[:i]) for i in singles], device=x.device)
-            q_b = q[0].index_select(1, offsets).transpose(0, 1)  # (B, nh, hd)
-            y_b = self._singles_attention(q_b, cache, torch.tensor([segs[i].start for i in singles], device=x.device),
-                                          torch.tensor([segs[i].slot for i in singles], device=x.device), kernel, gqa, dtype)
-            if len(singles) == N:  # a pure decode step: the heads already side by side
-                return projections(y_b.to(x.dtype)[None], attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
-            for j, i in enumerate(singles):
-                ys[i] = y_b[j].view(nh, 1, hd)[None]  # (1, nh, 1, hd)
-        y = torch.cat(ys, dim=2).to(x.dtype).transpose(1, 2).reshape(1, N, nh * hd)  # (1, N, nh*hd)
-        return projections(y, attn.o_proj, norm=attn.attn_sub_norm, residual=x)[0]
-
+            if native_decode:
+                y_b = native.decode_attention(q_b.contiguous(), cache.k, cache.v, slots, starts).reshape(len(singles), -1)
+            else:
+                y_b = self._singles_attention(q_b, cache, starts, slots, kernel, gqa, q.dtype)  # (B, nh * hd)
+            if len(singles) == N and out is None:  # every token a one-token segment, in order
+                return y_b.to(dtype)[None]
+            y[0].index_copy_(0, offsets, y_b.to(dtype))
+        return y
 
     @staticmethod
     def _singles_attention(q_b, cache: KVCache, starts: torch.Tensor, slots: torch.Tensor, kernel, gqa: bool,
@@ -339,6 +411,135 @@ class ModelRunner:
         y_b = F.scaled_dot_product_attention(q_b[:, :, None], k_b.to(dtype), v_b.to(dtype),
                                              attn_mask=mask[:, None, None, :], enable_gqa=gqa)  # (B, nh, 1, hd)
         return y_b.reshape(B, nh * hd)
+
+
+class _Plan:
+    """A step's segments as its layers need them, made once a step rather than once a layer (a
+    tensor made from Python values on a GPU is a copy that waits for the stream): every token's
+    id, position and cache row side by side (one copy), each segment's first token, and on demand
+    the one-token segments' index tensors and a chunk's causal mask."""
+
+    def __init__(self, segs: list[Segment], device: torch.device):
+        self.segs, self.device = segs, device
+        lengths = [len(s.tokens) for s in segs]
+        self.offsets = [sum(lengths[:i]) for i in range(len(segs))]
+        self.n = sum(lengths)
+        self.host = torch.tensor([[t for s in segs for t in s.tokens],
+                                  [s.start + i for s in segs for i in range(len(s.tokens))],
+                                  [s.slot for s in segs for _ in s.tokens]], dtype=torch.long)  # (3, N)
+        self._table = None
+        self._singles: dict[tuple, tuple] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def table(self) -> torch.Tensor:
+        """(3, N) on the device: ids, positions, cache rows."""
+        if self._table is None:
+            self._table = to_device(self.host, self.device)
+        return self._table
+
+    ids = property(lambda self: self.table[0])
+    pos = property(lambda self: self.table[1])
+    rows = property(lambda self: self.table[2])
+
+    def singles(self, which: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token offsets, starts, slots), each (B,) on the device, of segments `which` (one token each)."""
+        key = tuple(which)
+        if key not in self._singles:
+            host = torch.tensor([[self.offsets[i] for i in which], [self.segs[i].start for i in which],
+                                 [self.segs[i].slot for i in which]], dtype=torch.long)
+            self._singles[key] = tuple(to_device(host, self.device))
+        return self._singles[key]
+
+    def mask(self, i: int, S: int) -> torch.Tensor:
+        """(1, 1, T, S): segment i's query t (column start + t) sees columns 0 .. start + t."""
+        if (i, S) not in self._masks:
+            s = self.segs[i]
+            columns = torch.arange(S, device=self.device)
+            queries = torch.arange(s.start, s.start + len(s.tokens), device=self.device)
+            self._masks[i, S] = (queries[:, None] >= columns[None, :])[None, None]
+        return self._masks[i, S]
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU from pinned memory, without waiting for the stream."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class _PromptPieces:
+    """A step of `bucket` tokens with prompts in it, cut at the attention (ModelRunner._piecewise):
+    piece 0 the embedding, the RoPE tables, layer 0's norm, q/k/v, RoPE and cache writes; piece i
+    (1 .. layers) layer i - 1's output projection (its sub-norm in front, the skip connection
+    added) and MLP, then layer i's q/k/v (the last piece: the MLP only). The pieces meet in fixed
+    tensors: `inputs` (3, bucket) ids, positions and cache rows; `x` the residual stream, `q` the
+    layer's queries (RoPE applied), `y` the attention's output, written between two pieces. Each
+    piece is recorded as a CUDA graph on CUDA (after an eager run on a side stream, where the
+    Triton kernels tune for this M), run eagerly elsewhere. The recording puts every token in the
+    scratch cache row: no sequence's cache is written."""
+
+    def __init__(self, runner: ModelRunner, bucket: int, pool):
+        self.runner, self.bucket = runner, bucket
+        m = runner.model.model
+        dev, attn = runner.device, m.layers[0].self_attn
+        dtype = m.embed_tokens.weight.dtype
+        nh, hd = attn.n_head, attn.head_dim
+        self.inputs = torch.zeros(3, bucket, dtype=torch.long, device=dev)
+        self.inputs[2].fill_(runner.scratch)
+        self.x = torch.zeros(1, bucket, m.embed_tokens.weight.shape[1], dtype=dtype, device=dev)
+        self.y = torch.zeros(1, bucket, nh * hd, dtype=dtype, device=dev)
+        self.q = torch.zeros(1, nh, bucket, hd, dtype=attention_dtype(self.x), device=dev)
+        self.rotary = None  # (cos, sin, at): piece 0's, read by the others
+        self.graphs: list = []
+        if dev.type == "cuda":
+            with torch.no_grad():
+                for i in range(len(m.layers) + 1):
+                    graph, out = capture_cuda_graph(lambda: self._piece(i), pool=pool)
+                    if i == 0:
+                        self.rotary = out
+                    self.graphs.append(graph)
+
+    def load(self, plan: _Plan) -> None:
+        """The step's ids, positions and cache rows into `inputs`, the padding after them (token 0 at
+        column 0 of the scratch row)."""
+        pad = self.bucket - plan.n
+        host = plan.host
+        if pad:
+            host = torch.cat([host, torch.tensor([[0] * pad, [0] * pad, [self.runner.scratch] * pad])], dim=1)
+        if self.inputs.is_cuda:
+            host = host.pin_memory()
+        self.inputs.copy_(host, non_blocking=True)
+
+    def _piece(self, i: int):
+        runner = self.runner
+        m = runner.model.model
+        ids, pos, rows = self.inputs
+        if i == 0:
+            x = m.embed_tokens(ids[None])  # (1, bucket, C)
+            cos, sin = m.rotary(pos[None], x.dtype)
+            rotary = (cos, sin, runner._cache_rows(rows, pos))
+        else:
+            rotary = self.rotary
+            layer = m.layers[i - 1]
+            attn = layer.self_attn
+            x = projections(self.y, attn.o_proj, norm=attn.attn_sub_norm, residual=self.x)[0]
+            x = prenormed(layer.mlp, layer.post_attention_layernorm, x, skip=True)
+        if i < len(m.layers):
+            layer = m.layers[i]
+            attn = layer.self_attn
+            q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj, norm=layer.input_layernorm)
+            self.q.copy_(runner._rope_write(attn, q, k, v, rotary[0], rotary[1], runner.caches[i], rotary[2], rows, pos))
+        self.x.copy_(x)
+        return rotary if i == 0 else None
+
+    def run(self, i: int) -> None:
+        if not self.graphs:
+            out = self._piece(i)
+            if i == 0:
+                self.rotary = out
+        else:
+            self.graphs[i].replay()
 
 
 class _BucketStep:

@@ -42,6 +42,9 @@ class ServeArgs:
     device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
     decode_graphs: bool | None = arg(None, help="record each batch size's decode step as a CUDA graph and replay it "
                                      "(default: on cuda; --no-decode-graphs: eager steps)")
+    prompt_graphs: bool | None = arg(None, help="run the steps with prompt tokens padded to a bucket of tokens, all but "
+                                     "their attention replayed as CUDA graphs (default: on with the decode graphs; "
+                                     "--no-prompt-graphs: eager)")
     run_ahead: bool | None = arg(None, help="queue each decode step before the host reads the last one's tokens, "
                                  "so the GPU runs it while the host emits them (default: on with the decode graphs; "
                                  "--no-run-ahead: read, emit, then queue)")
@@ -84,6 +87,8 @@ def load(args: ServeArgs, manage_engine: bool = True):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.decode_graphs and device.type != "cuda":
         raise ValueError(f"--decode-graphs records CUDA graphs: it needs a CUDA device, not {device}")
+    if args.prompt_graphs and device.type != "cuda":
+        raise ValueError(f"--prompt-graphs records CUDA graphs: it needs a CUDA device, not {device}")
     if args.run_ahead and (device.type != "cuda" or args.decode_graphs is False):
         raise ValueError("--run-ahead chains the decode steps recorded as CUDA graphs: it needs a CUDA device and the "
                          f"decode graphs (device {device}, --decode-graphs {args.decode_graphs})")
@@ -98,7 +103,7 @@ def load(args: ServeArgs, manage_engine: bool = True):
         raise ValueError(f"--max-seq-len must be in [2, {context}] (the model's context), got {max_seq_len}")
     engine = Engine(model, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, eos_token_ids=eos_token_ids(model), decode_graphs=args.decode_graphs,
-                    run_ahead=args.run_ahead)
+                    run_ahead=args.run_ahead, prompt_graphs=args.prompt_graphs)
     name = args.served_model_name or args.model
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_API_KEY") or None
     app = build_app(engine, tokenizer, name, api_key=api_key, drain_timeout=args.drain_timeout,
