@@ -23,6 +23,11 @@ and no kernel running:
   (the op counts say so), hence the same host time on a GPU.
 The default measures "direct", "triton" and "twin" side by side.
 
+A server step (bitnet.serve.runner, ours only) is measured too: a newcomer's prompt beside the
+running sequences' decode tokens, run eagerly, and in pieces as prompt_graphs runs it on a GPU
+(each piece a CUDA graph there: its host time is one replay, not in these figures; here the pieces
+run eagerly and their time, ops and launches are left out).
+
 Either way the torch ops around the projections run on the CPU for real, in the model's dtype as
 on a GPU (the CPU's own rule computes attention in float32), except the prefill's attention
 (torch's SDPA: one kernel on a GPU, a long CPU computation here), which returns an empty tensor of
@@ -63,6 +68,10 @@ class HostArgs:
     dtype: str = arg("bfloat16", help="model dtype")
     batch: int = arg(8, help="sequences of the batched decode step (0: none)")
     prefill: int = arg(512, help="tokens of the prefill (0: none)")
+    serve_batch: int = arg(16, help="a server step (bitnet.serve.runner) of this many sequences, one a newcomer's "
+                           "prompt, the others a decode token each: eager, and in pieces as prompt_graphs runs it on a "
+                           "GPU (0: none)")
+    serve_prompt: int = arg(16, help="the newcomer's prompt tokens in that step (bench_serve's --prompt-len)")
     launches: str = arg("direct,triton,twin", help="comma-separated: direct, triton (launch paths for sm_90, nothing "
                                                      "launched), stub (counters), twin (the bf16 twin's layer)")
     twin_prefill: int = arg(2, help="tokens of the twin's prefill (its ops run on this CPU: see the docstring)")
@@ -75,6 +84,9 @@ class HostArgs:
 _NO_KERNEL = {"aten::empty.memory_format", "aten::empty_strided", "aten::_unsafe_view"}
 
 
+_IN_PIECE = [False]  # inside a recorded piece of a server step (a graph replay on a GPU): not counted
+
+
 class _CountOps(TorchDispatchMode):
     """Counts the torch ops dispatched, and those of them that launch a kernel on a GPU (neither a
     view nor an allocation): each of those costs a CUDA launch of host time there, which this CPU
@@ -85,8 +97,9 @@ class _CountOps(TorchDispatchMode):
         self.ops = self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        self.kernels += not func.is_view and func.name() not in _NO_KERNEL
+        if not _IN_PIECE[0]:
+            self.ops += 1
+            self.kernels += not func.is_view and func.name() not in _NO_KERNEL
         return func(*args, **(kwargs or {}))
 
 
@@ -163,15 +176,42 @@ def _linear_stand_in(x, weight, bias=None):
 
 
 def _fastest(fn, iters: int, spent: list) -> tuple[float, float]:
-    """(seconds, seconds in the fused path) of the fastest of `iters` calls: host time is what is
-    measured, and other work on the cores only ever adds to it (as timeit reports)."""
+    """(seconds, seconds in the fused path) of the fastest of `iters` calls, the seconds inside
+    recorded pieces (spent[1]) left out: host time is what is measured, and other work on the cores
+    only ever adds to it (as timeit reports)."""
     best = (float("inf"), 0.0)
     for _ in range(iters):
-        spent[0] = 0.0
+        spent[0] = spent[1] = 0.0
         t0 = time.perf_counter()
         fn()
-        best = min(best, (time.perf_counter() - t0, spent[0]))
+        best = min(best, (time.perf_counter() - t0 - spent[1], spent[0]))
     return best
+
+
+@contextlib.contextmanager
+def pieces_replayed(spent: list, launches: list):
+    """A server step's recorded pieces (bitnet.serve.runner._PromptPieces) as a GPU replays them:
+    one graph replay each, whose host time is not in these figures (it runs them eagerly here, and
+    their time, torch ops and launches are left out: spent[1] collects the time)."""
+    from bitnet.serve import runner
+
+    piece = runner._PromptPieces._piece
+
+    def replayed(self, i):
+        t0, before, stand_ins = time.perf_counter(), launches[0], _STAND_INS[0]
+        _IN_PIECE[0] = True
+        try:
+            return piece(self, i)
+        finally:
+            _IN_PIECE[0] = False
+            launches[0], _STAND_INS[0] = before, stand_ins
+            spent[1] += time.perf_counter() - t0
+
+    runner._PromptPieces._piece = replayed
+    try:
+        yield
+    finally:
+        runner._PromptPieces._piece = piece
 
 
 def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
@@ -185,7 +225,9 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
     from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, freeze
     from bitnet.generation import decode_step, prefill
 
-    spent = [0.0]
+    from bitnet.serve.runner import ModelRunner, Segment
+
+    spent = [0.0, 0.0]  # seconds in the fused norms + projections, seconds in recorded pieces
     fused = bitnet.bitlinear.normed_projections
 
     @functools.wraps(fused)
@@ -194,7 +236,8 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
         try:
             return fused(*a, **k)
         finally:
-            spent[0] += time.perf_counter() - t0
+            if not _IN_PIECE[0]:
+                spent[0] += time.perf_counter() - t0
 
     L = args.layers
     dtype = getattr(torch, args.dtype)
@@ -210,7 +253,9 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
     all_layers = model.model.layers
     prefill_tokens = min(args.prefill, args.twin_prefill) if twin else args.prefill
     cases = [("decode", 1, 1)] + ([("decode", args.batch, 1)] if args.batch > 1 else []) \
-        + ([("prefill", 1, prefill_tokens)] if args.prefill > 0 else [])
+        + ([("prefill", 1, prefill_tokens)] if args.prefill > 0 else []) \
+        + ([("serve", args.serve_batch, args.serve_prompt), ("serve pieces", args.serve_batch, args.serve_prompt)]
+           if args.serve_batch > 1 and not twin else [])  # (a CPU's twin would attend row by row: not a GPU's way)
     rows = []
     sdpa, attention_dtype, linear = F.scaled_dot_product_attention, bitnet.model.attention_dtype, F.linear
     launch_mode = stubbed_launches if mode in ("stub", "twin") else triton_launches
@@ -226,7 +271,9 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
             for kind, batch, tokens in cases:
                 length = tokens + 64
                 mask = torch.ones(batch, length, dtype=torch.bool)
-                if kind == "decode":
+                if kind.startswith("serve"):  # a newcomer's prompt in slot 0, the others a decode token each
+                    segs = [Segment(0, list(range(1, tokens + 1)), 0)] + [Segment(r, [5], 10) for r in range(1, batch)]
+                elif kind == "decode":
                     ids, pos = torch.full((batch, 1), 5), torch.tensor([10])
                     pid = torch.full((batch, 1), 10)
                     step = functools.partial(decode_step, model, ids, pos, pid, None)  # generate's: no padding
@@ -237,22 +284,31 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
                 figures = {}
                 for n in (L, 2 * L):
                     model.model.layers = all_layers[:n]
-                    # the model's dtype, as on a GPU (the CPU's rule makes it float32)
-                    model.setup_cache(batch, length, dtype=dtype)
-                    for _ in range(3):  # the first compiles every kernel (triton), then warm
-                        step()
-                    launches[0] = _STAND_INS[0] = 0
-                    with _CountOps() as counted:
-                        step()
-                    figures[n] = {"launches": launches[0], "ops": counted.ops,
-                                  "kernels": launches[0] + counted.kernels + _STAND_INS[0]}
-                    figures[n]["seconds"], figures[n]["fused"] = _fastest(step, args.iters, spent)
-                    model.clear_cache()
+                    runner = None
+                    if kind.startswith("serve"):  # its cache in the model's dtype (attention_dtype, patched)
+                        runner = ModelRunner(model, max_batch=batch, max_seq_len=length, decode_graphs=False,
+                                             prompt_graphs=kind == "serve pieces")
+                        step = functools.partial(runner.step, segs)
+                    else:  # the model's dtype, as on a GPU (the CPU's rule makes it float32)
+                        model.setup_cache(batch, length, dtype=dtype)
+                    with pieces_replayed(spent, launches):
+                        for _ in range(3):  # the first compiles every kernel (triton), then warm
+                            step()
+                        launches[0] = _STAND_INS[0] = 0
+                        with _CountOps() as counted:
+                            step()
+                        figures[n] = {"launches": launches[0], "ops": counted.ops,
+                                      "kernels": launches[0] + counted.kernels + _STAND_INS[0]}
+                        figures[n]["seconds"], figures[n]["fused"] = _fastest(step, args.iters, spent)
+                    if runner is not None:
+                        runner.close()
+                    else:
+                        model.clear_cache()
                 per_layer = {key: (figures[2 * L][key] - figures[L][key]) / L for key in figures[L]}
                 rows.append({"launches": "twin (bf16)" if twin else mode, "case": f"{kind} {batch} x {tokens}", "kind": kind, "batch": batch, "tokens": tokens,
                              "layer_us": per_layer["seconds"] * 1e6, "norm_projections_us": per_layer["fused"] * 1e6,
                              "triton_launches": per_layer["launches"], "torch_ops": per_layer["ops"],
-                             "gpu_kernels": per_layer["kernels"]})
+                             "gpu_kernels": per_layer["kernels"], "replays": float(kind == "serve pieces")})
     finally:
         model.model.layers = all_layers
         bitnet.model.normed_projections = fused
@@ -263,7 +319,8 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
 
 COLUMNS = [("launches", "launches", ""), ("case", "case (batch x tokens)", ""), ("layer_us", "host us / layer", ".0f"),
            ("norm_projections_us", "of which norms + projections", ".0f"), ("triton_launches", "Triton launches / layer", ".1f"),
-           ("torch_ops", "torch ops / layer", ".1f"), ("gpu_kernels", "GPU kernels / layer", ".1f")]
+           ("torch_ops", "torch ops / layer", ".1f"), ("gpu_kernels", "GPU kernels / layer", ".1f"),
+           ("replays", "graph replays / layer", ".0f")]
 
 
 def host_ratios(rows: list[dict]) -> dict:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -422,7 +423,7 @@ class _Plan:
     def __init__(self, segs: list[Segment], device: torch.device):
         self.segs, self.device = segs, device
         lengths = [len(s.tokens) for s in segs]
-        self.offsets = [sum(lengths[:i]) for i in range(len(segs))]
+        self.offsets = [0, *accumulate(lengths)][:-1]  # each segment's first token
         self.n = sum(lengths)
         self.host = torch.tensor([[t for s in segs for t in s.tokens],
                                   [s.start + i for s in segs for i in range(len(s.tokens))],
