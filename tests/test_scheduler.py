@@ -340,8 +340,8 @@ def test_prompt_steps_in_padded_pieces_change_no_sequence(monkeypatch, kernel):
     prompts amid the others' decode tokens, a 39-token one among them, each step padded to 16, 32
     or 64 tokens in the scratch cache row, the layers' attention between the pieces; every sequence
     still gets its lone run's logits bit for bit (the torch path, and the Triton path under the
-    interpreter: its RoPE and cache writes in one launch, the decode attention for the one-token
-    segments)."""
+    interpreter: its RoPE and cache writes in one launch, the one-token segments' decode attention
+    inside the pieces, padded to the bucket)."""
     monkeypatch.setenv("BITNET_KERNEL", kernel)
     from bitnet.serve import runner as runner_module
 
@@ -353,12 +353,18 @@ def test_prompt_steps_in_padded_pieces_change_no_sequence(monkeypatch, kernel):
         model, prompts, n, kw = tiny(num_hidden_layers=2), PROMPTS, 5, {}
     else:  # the interpreter's GEMMs are slow: the prompt steps alone in pieces, the decode steps in their buckets
         model, prompts, n, kw = tiny(num_hidden_layers=1), [PROMPTS[0], PROMPTS[4], PROMPTS[1]], 3, {"decode_graphs": True}
-    solo, got = solo_and_batched(model, prompts, n, 3, max_seq_len=64, prompt_graphs=True, **kw)
+    singles = []
+    real_load = runner_module._PromptPieces.load
+    monkeypatch.setattr(runner_module._PromptPieces, "load", lambda self, plan: singles.append(
+        self.in_graph_singles * sum(len(s.tokens) == 1 for s in plan.segs)) or real_load(self, plan))
+    solo, got = solo_and_batched(model, prompts, n, 3, max_seq_len=64, join_every=1, prompt_graphs=True, **kw)
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
-    assert {inputs.shape[1] for _, inputs in loaded} == {16, 64}  # 64: the 39-token prompt and 2 decode tokens
+    assert {inputs.shape[1] for _, inputs in loaded} == {16, 64}  # 64: the 39-token prompt and decode tokens
     for n, inputs in loaded:  # the padding after the step's tokens, in the scratch row (3 with max_batch 3)
         assert inputs[2, :n].lt(3).all() and inputs[2, n:].eq(3).all() and inputs[:2, n:].eq(0).all()
+    # the Triton path takes the one-token segments' attention into the pieces (1 and 2 of them beside a prompt)
+    assert (max(singles) >= 2) == (kernel == "triton")
 
 
 def test_token_buckets():

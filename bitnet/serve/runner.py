@@ -277,13 +277,13 @@ class ModelRunner:
 
     def _piecewise(self, segs: list[Segment]) -> torch.Tensor:
         """A step with a prompt in it (prompt_graphs), padded to a bucket of tokens: everything but
-        the attention recorded as CUDA graphs, one piece from each layer's attention to the next
-        (the output projection, the MLP, the next layer's norm, q/k/v, RoPE and cache writes), and
-        each layer's attention run eagerly between two pieces exactly as the eager step runs it
-        (the prompt's causal flash attention, the one-token segments' decode attention): the same
-        kernels on the same rows, so each sequence keeps its lone run's logits, with ~5 launches a
-        layer from the host where the eager step makes ~25. The padding's tokens sit in the scratch
-        cache row."""
+        the prompts' attention recorded as CUDA graphs, one piece from each layer's attention to the
+        next (the output projection, the MLP, the next layer's norm, q/k/v, RoPE and cache writes, the
+        one-token segments' decode attention), and each layer's prompt attention run eagerly between
+        two pieces exactly as the eager step runs it (flash attention over the prompt's own length):
+        the same kernels on the same rows, so each sequence keeps its lone run's logits, with a
+        replay and ~2 launches a layer from the host where the eager step makes ~12 (and ~50 torch
+        ops). The padding's tokens sit in the scratch cache row."""
         plan = _Plan(segs, self.device)
         nb = self.token_bucket(plan.n)
         pieces = self._pieces.get(nb)
@@ -303,7 +303,8 @@ class ModelRunner:
         N = plan.n
         pieces.run(0)
         for i, (layer, cache) in enumerate(zip(self.model.model.layers, self.caches)):
-            self._attend(layer.self_attn, pieces.q[:, :, :N], cache, plan, False, pieces.y.dtype, out=pieces.y[:, :N])
+            self._attend(layer.self_attn, pieces.q[:, :, :N], cache, plan, False, pieces.y.dtype, out=pieces.y[:, :N],
+                         singles_done=pieces.in_graph_singles)
             pieces.run(i + 1)
         return self._head(pieces.x[:, :N], segs)
 
@@ -352,7 +353,7 @@ class ModelRunner:
         return q.to(attention_dtype(q))
 
     def _attend(self, attn, q: torch.Tensor, cache: KVCache, plan: "_Plan | None", native_decode: bool,
-                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+                dtype: torch.dtype, out: torch.Tensor | None = None, singles_done: bool = False) -> torch.Tensor:
         """Attention of q (1, nh, N, hd) (RoPE applied, the step's keys and values in the cache) ->
         y (1, N, nh * hd) in `dtype`, written into `out` where given, each segment as a lone forward
         runs it. On the CPU: a prompt (chunk) over the live window [0, end) of its row with a causal
@@ -360,7 +361,8 @@ class ModelRunner:
         or the Triton one, else each over its window without a mask. On a GPU: a whole prompt causal
         over its own slots (flash attention, as a lone prefill runs it), a later chunk over the whole
         static row with the keys after each query masked, the one-token segments in one call of the
-        Triton decode attention, else of SDPA over the static rows."""
+        Triton decode attention, else of SDPA over the static rows. singles_done: those are in `out`
+        already (a recorded piece ran them)."""
         N = q.shape[2]
         nh, hd = attn.n_head, attn.head_dim
         gqa = nh != attn.n_kv
@@ -384,7 +386,7 @@ class ModelRunner:
                 mask = plan.mask(i, S) if T > 1 or not cpu else None
                 y_s = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=gqa)  # (1, nh, T, hd)
             y[0, off:off + T].view(T, nh, hd).copy_(y_s[0].transpose(0, 1))
-        if singles:
+        if singles and not singles_done:
             offsets, starts, slots = plan.singles(singles)
             q_b = q[0].index_select(1, offsets).transpose(0, 1)  # (B, nh, hd)
             if native_decode:
@@ -473,12 +475,16 @@ class _PromptPieces:
     """A step of `bucket` tokens with prompts in it, cut at the attention (ModelRunner._piecewise):
     piece 0 the embedding, the RoPE tables, layer 0's norm, q/k/v, RoPE and cache writes; piece i
     (1 .. layers) layer i - 1's output projection (its sub-norm in front, the skip connection
-    added) and MLP, then layer i's q/k/v (the last piece: the MLP only). The pieces meet in fixed
-    tensors: `inputs` (3, bucket) ids, positions and cache rows; `x` the residual stream, `q` the
-    layer's queries (RoPE applied), `y` the attention's output, written between two pieces. Each
-    piece is recorded as a CUDA graph on CUDA (after an eager run on a side stream, where the
-    Triton kernels tune for this M), run eagerly elsewhere. The recording puts every token in the
-    scratch cache row: no sequence's cache is written."""
+    added) and MLP, then layer i's q/k/v and, where the decode attention takes them (a GPU; the
+    Triton path: `in_graph_singles`), the one-token segments' attention (the rows padded to the
+    bucket, each row's result the same in any batch); the last piece: the MLP only. The pieces meet
+    in fixed tensors: `inputs` (7, bucket): ids, positions and cache rows of the tokens, then the
+    one-token segments' token offsets, columns, cache rows and rows of `y` (the padding's rows
+    attend in the scratch row and land past the bucket); `x` the residual stream, `q` the layer's
+    queries (RoPE applied), `y` the attention's output (the prompts' rows written between two
+    pieces). Each piece is recorded as a CUDA graph on CUDA (after an eager run on a side stream,
+    where the Triton kernels tune for this M), run eagerly elsewhere. The recording puts every
+    token in the scratch cache row: no sequence's cache is written."""
 
     def __init__(self, runner: ModelRunner, bucket: int, pool):
         self.runner, self.bucket = runner, bucket
@@ -486,11 +492,14 @@ class _PromptPieces:
         dev, attn = runner.device, m.layers[0].self_attn
         dtype = m.embed_tokens.weight.dtype
         nh, hd = attn.n_head, attn.head_dim
-        self.inputs = torch.zeros(3, bucket, dtype=torch.long, device=dev)
-        self.inputs[2].fill_(runner.scratch)
+        self.inputs = torch.zeros(7, bucket, dtype=torch.long, device=dev)
+        self.inputs[[2, 5]] = runner.scratch
+        self.inputs[6] = torch.arange(bucket, 2 * bucket)
         self.x = torch.zeros(1, bucket, m.embed_tokens.weight.shape[1], dtype=dtype, device=dev)
-        self.y = torch.zeros(1, bucket, nh * hd, dtype=dtype, device=dev)
+        self.y = torch.zeros(1, 2 * bucket, nh * hd, dtype=dtype, device=dev)  # rows past the bucket: the padding's
         self.q = torch.zeros(1, nh, bucket, hd, dtype=attention_dtype(self.x), device=dev)
+        # the one-token segments in the pieces where a step's attention takes them in one batched call
+        self.in_graph_singles = dev.type != "cpu" or triton_applies(self.q, getattr(attn.q_proj, "kernel", None))
         self.rotary = None  # (cos, sin, at): piece 0's, read by the others
         self.graphs: list = []
         if dev.type == "cuda":
@@ -502,12 +511,21 @@ class _PromptPieces:
                     self.graphs.append(graph)
 
     def load(self, plan: _Plan) -> None:
-        """The step's ids, positions and cache rows into `inputs`, the padding after them (token 0 at
-        column 0 of the scratch row)."""
-        pad = self.bucket - plan.n
-        host = plan.host
+        """The step's tokens and one-token segments into `inputs`, each padded to the bucket (a
+        token 0 at column 0 of the scratch row; a one-token row that attends there from q's row 0
+        and lands in a row of y past the bucket)."""
+        nb, scratch = self.bucket, self.runner.scratch
+        pad = nb - plan.n
+        singles = [i for i, s in enumerate(plan.segs) if len(s.tokens) == 1] if self.in_graph_singles else []
+        ones = len(singles)
+        host = torch.tensor([[plan.offsets[i] for i in singles] + [0] * (nb - ones),
+                             [plan.segs[i].start for i in singles] + [0] * (nb - ones),
+                             [plan.segs[i].slot for i in singles] + [scratch] * (nb - ones),
+                             [plan.offsets[i] for i in singles] + list(range(nb + ones, 2 * nb))])
+        tokens = plan.host
         if pad:
-            host = torch.cat([host, torch.tensor([[0] * pad, [0] * pad, [self.runner.scratch] * pad])], dim=1)
+            tokens = torch.cat([tokens, torch.tensor([[0] * pad, [0] * pad, [scratch] * pad])], dim=1)
+        host = torch.cat([tokens, host])
         if self.inputs.is_cuda:
             host = host.pin_memory()
         self.inputs.copy_(host, non_blocking=True)
@@ -515,7 +533,7 @@ class _PromptPieces:
     def _piece(self, i: int):
         runner = self.runner
         m = runner.model.model
-        ids, pos, rows = self.inputs
+        ids, pos, rows = self.inputs[:3]
         if i == 0:
             x = m.embed_tokens(ids[None])  # (1, bucket, C)
             cos, sin = m.rotary(pos[None], x.dtype)
@@ -524,13 +542,20 @@ class _PromptPieces:
             rotary = self.rotary
             layer = m.layers[i - 1]
             attn = layer.self_attn
-            x = projections(self.y, attn.o_proj, norm=attn.attn_sub_norm, residual=self.x)[0]
+            x = projections(self.y[:, :self.bucket], attn.o_proj, norm=attn.attn_sub_norm, residual=self.x)[0]
             x = prenormed(layer.mlp, layer.post_attention_layernorm, x, skip=True)
         if i < len(m.layers):
             layer = m.layers[i]
             attn = layer.self_attn
             q, k, v = projections(x, attn.q_proj, attn.k_proj, attn.v_proj, norm=layer.input_layernorm)
-            self.q.copy_(runner._rope_write(attn, q, k, v, rotary[0], rotary[1], runner.caches[i], rotary[2], rows, pos))
+            q = runner._rope_write(attn, q, k, v, rotary[0], rotary[1], runner.caches[i], rotary[2], rows, pos)
+            self.q.copy_(q)
+            if self.in_graph_singles:  # the one-token segments' attention, padded: every row its own
+                offsets, starts, slots, out = self.inputs[3:]
+                y_b = runner._singles_attention(q[0].index_select(1, offsets).transpose(0, 1), runner.caches[i], starts,
+                                                slots, getattr(attn.q_proj, "kernel", None), attn.n_head != attn.n_kv,
+                                                q.dtype)
+                self.y[0].index_copy_(0, out, y_b.to(self.y.dtype))
         self.x.copy_(x)
         return rotary if i == 0 else None
 
