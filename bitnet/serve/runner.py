@@ -82,8 +82,8 @@ class ModelRunner:
     padded steps eagerly (what the tests check on a CPU: padding changes no sequence's logits).
 
     prompt_graphs: run every other step (one with prompt tokens in it) padded to a bucket of tokens,
-    all but its attention recorded as CUDA graphs, one piece between two layers' attention, the
-    attention run eagerly as the eager step runs it (_piecewise; default: on CUDA with
+    all but its prompts' attention recorded as CUDA graphs, one piece between two layers' attention,
+    the prompts' attention run eagerly as the eager step runs it (_piecewise; default: on CUDA with
     decode_graphs). Elsewhere True runs the padded pieces eagerly (the CPU's native kernels aside:
     their own path stays)."""
 
@@ -475,8 +475,8 @@ class _PromptPieces:
     """A step of `bucket` tokens with prompts in it, cut at the attention (ModelRunner._piecewise):
     piece 0 the embedding, the RoPE tables, layer 0's norm, q/k/v, RoPE and cache writes; piece i
     (1 .. layers) layer i - 1's output projection (its sub-norm in front, the skip connection
-    added) and MLP, then layer i's q/k/v and, where the decode attention takes them (a GPU; the
-    Triton path: `in_graph_singles`), the one-token segments' attention (the rows padded to the
+    added) and MLP, then layer i's q/k/v and, where the Triton decode attention takes them
+    (`in_graph_singles`), the one-token segments' attention (the rows padded to the
     bucket, each row's result the same in any batch); the last piece: the MLP only. The pieces meet
     in fixed tensors: `inputs` (7, bucket): ids, positions and cache rows of the tokens, then the
     one-token segments' token offsets, columns, cache rows and rows of `y` (the padding's rows
@@ -498,8 +498,9 @@ class _PromptPieces:
         self.x = torch.zeros(1, bucket, m.embed_tokens.weight.shape[1], dtype=dtype, device=dev)
         self.y = torch.zeros(1, 2 * bucket, nh * hd, dtype=dtype, device=dev)  # rows past the bucket: the padding's
         self.q = torch.zeros(1, nh, bucket, hd, dtype=attention_dtype(self.x), device=dev)
-        # the one-token segments in the pieces where a step's attention takes them in one batched call
-        self.in_graph_singles = dev.type != "cpu" or triton_applies(self.q, getattr(attn.q_proj, "kernel", None))
+        # the one-token segments' attention in the pieces where the Triton decode attention takes them (its
+        # SDPA fallback gathers each row's whole cache row: not for rows padded to the bucket)
+        self.in_graph_singles = triton_applies(self.q, getattr(attn.q_proj, "kernel", None))
         self.rotary = None  # (cos, sin, at): piece 0's, read by the others
         self.graphs: list = []
         if dev.type == "cuda":
