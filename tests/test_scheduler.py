@@ -309,10 +309,14 @@ def test_padded_decode_buckets_change_no_sequence(monkeypatch):
     assert True in folded  # the padded steps' layers (and False: generate's lone steps)
 
 
-def test_a_decode_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog):
-    """If recording a bucket's CUDA graph fails, the runner says so once and decodes eagerly from
-    then on: the step still returns the sequences' logits (here within float32 rounding of the
-    lone runs': the torch path, SDPA over the static rows instead of the live window)."""
+@pytest.mark.parametrize("recorder, option, said", [("_BucketStep", "decode_graphs", "decoding eagerly"),
+                                                     ("_PromptPieces", "prompt_graphs", "running prompt steps eagerly")],
+                         ids=["decode", "prompt"])
+def test_a_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog, recorder, option, said):
+    """If recording a bucket's CUDA graph (a decode step's, a prompt step's pieces) fails, the runner
+    says so once and runs those steps eagerly from then on: the step still returns the sequences'
+    logits (a prompt step's bit for bit; a decode step's within float32 rounding of the lone runs':
+    the torch path, SDPA over the static rows instead of the live window)."""
     monkeypatch.setenv("BITNET_KERNEL", "torch")
     from bitnet.serve import runner as runner_module
 
@@ -322,14 +326,15 @@ def test_a_decode_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog)
         tries.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(runner_module, "_BucketStep", broken)
+    monkeypatch.setattr(runner_module, recorder, broken)
     model = tiny(num_hidden_layers=1)
-    prompts = PROMPTS[:2]
+    prompts = PROMPTS[:3]
     with caplog.at_level("WARNING", logger="bitnet.serve"):
-        solo, got = solo_and_batched(model, prompts, 6, 2, max_seq_len=64, decode_graphs=True)
+        solo, got = solo_and_batched(model, prompts, 6, 2, max_seq_len=64, **{option: True})
     for i in range(len(prompts)):
         torch.testing.assert_close(got[i], solo[i], rtol=1e-5, atol=1e-5)
-    assert tries == [1] and "decoding eagerly" in caplog.text
+        assert option == "decode_graphs" or torch.equal(got[i], solo[i]), f"prompt {i}"
+    assert tries == [1] and said in caplog.text
 
 
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
@@ -373,28 +378,6 @@ def test_token_buckets():
         [16, 16, 32, 64, 64, 128, 192, 1024, 1280, 2048]
     assert runner.caches[0].k.shape[0] == 3  # a scratch row for the padding
     runner.close()
-
-
-def test_a_prompt_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog):
-    """If recording a bucket's pieces fails, the runner says so once and runs the steps with a
-    prompt eagerly from then on, with the same logits (the eager step is exact here too)."""
-    monkeypatch.setenv("BITNET_KERNEL", "torch")
-    from bitnet.serve import runner as runner_module
-
-    tries = []
-
-    def broken(*args):
-        tries.append(1)
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(runner_module, "_PromptPieces", broken)
-    model = tiny(num_hidden_layers=1)
-    prompts = PROMPTS[:3]
-    with caplog.at_level("WARNING", logger="bitnet.serve"):
-        solo, got = solo_and_batched(model, prompts, 4, 2, max_seq_len=64, prompt_graphs=True)
-    for i in range(len(prompts)):
-        assert torch.equal(got[i], solo[i]), f"prompt {i}"
-    assert tries == [1] and "running prompt steps eagerly" in caplog.text
 
 
 def test_a_float_twin_batches_within_a_stated_tolerance():

@@ -205,25 +205,32 @@ class ModelRunner:
                                        torch.tensor(rows, device=dev))
         n = len(segs)
         bucket = self.bucket(n)
-        step = self._buckets.get(bucket)
+        step = self._recorded(self._buckets, bucket, _BucketStep, f"the decode step of {bucket} sequences",
+                              "decoding eagerly")
         if step is None:
-            if self.device.type == "cuda" and self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            try:
-                step = self._buckets[bucket] = record_cuda_graph(lambda: _BucketStep(self, bucket, self._pool),
-                                                                 f"the decode step of {bucket} sequences", self.device)
-            except Exception:  # a step that cannot be recorded still runs: eagerly, from now on
-                log.warning("recording the decode step of %d sequences as a CUDA graph failed; decoding eagerly",
-                            bucket, exc_info=True)
-                self.decode_graphs = False
-                self._buckets.clear()
-                return self._decode(segs)
+            self.decode_graphs = False
+            return self._decode(segs)
         pad = bucket - n  # the padding: token 0 at slot 0 of the scratch row
         inputs = torch.tensor([tokens + [0] * pad, pos + [0] * pad, rows + [self.scratch] * pad], dtype=torch.long)
         step.inputs.copy_(inputs, non_blocking=False)
         logits = step()[:n].clone()  # the graph's output is overwritten by its next replay
         self._last_decode = (step, pos)
         return logits
+
+    def _recorded(self, table: dict, size: int, make, what: str, then: str):
+        """table[size], made by make(runner, size, pool) on first use (recording its CUDA graphs on
+        CUDA, into the runner's one pool); None where that fails, the table emptied and the failure
+        logged: a step that cannot be recorded still runs, eagerly, from then on."""
+        if size not in table:
+            if self.device.type == "cuda" and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                table[size] = record_cuda_graph(lambda: make(self, size, self._pool), what, self.device)
+            except Exception:
+                log.warning("recording %s as CUDA graphs failed; %s from now on", what, then, exc_info=True)
+                table.clear()
+                return None
+        return table[size]
 
     def bucket(self, n: int) -> int:
         """The padded size of a pure decode step of n sequences (decode_graphs): a power of two, at most max_batch."""
@@ -286,19 +293,11 @@ class ModelRunner:
         ops). The padding's tokens sit in the scratch cache row."""
         plan = _Plan(segs, self.device)
         nb = self.token_bucket(plan.n)
-        pieces = self._pieces.get(nb)
+        pieces = self._recorded(self._pieces, nb, _PromptPieces, f"the prompt step of {nb} tokens",
+                                "running prompt steps eagerly")
         if pieces is None:
-            if self.device.type == "cuda" and self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            try:
-                pieces = self._pieces[nb] = record_cuda_graph(lambda: _PromptPieces(self, nb, self._pool),
-                                                              f"the prompt step of {nb} tokens", self.device)
-            except Exception:  # a step that cannot be recorded still runs: eagerly, from now on
-                log.warning("recording the prompt step of %d tokens as CUDA graphs failed; running prompt steps "
-                            "eagerly", nb, exc_info=True)
-                self.prompt_graphs = False
-                self._pieces.clear()
-                return self.step(segs)
+            self.prompt_graphs = False
+            return self.step(segs)
         pieces.load(plan)
         N = plan.n
         pieces.run(0)

@@ -43,7 +43,7 @@ class ServeArgs:
     decode_graphs: bool | None = arg(None, help="record each batch size's decode step as a CUDA graph and replay it "
                                      "(default: on cuda; --no-decode-graphs: eager steps)")
     prompt_graphs: bool | None = arg(None, help="run the steps with prompt tokens padded to a bucket of tokens, all but "
-                                     "their attention replayed as CUDA graphs (default: on with the decode graphs; "
+                                     "the prompts' attention replayed as CUDA graphs (default: on with the decode graphs; "
                                      "--no-prompt-graphs: eager)")
     run_ahead: bool | None = arg(None, help="queue each decode step before the host reads the last one's tokens, "
                                  "so the GPU runs it while the host emits them (default: on with the decode graphs; "
