@@ -3,6 +3,7 @@
 greedy outputs under staggered arrivals, chunked prefill, seeded sampling, EOS, cancel, faults
 that stay with their request, the queue bound, draining). The HTTP server: tests/test_serve.py."""
 
+import os
 import threading
 import time
 
@@ -370,6 +371,40 @@ def test_prompt_steps_in_padded_pieces_change_no_sequence(monkeypatch, kernel):
         assert inputs[2, :n].lt(3).all() and inputs[2, n:].eq(3).all() and inputs[:2, n:].eq(0).all()
     # the Triton path takes the one-token segments' attention into the pieces (1 and 2 of them beside a prompt)
     assert (max(singles) >= 2) == (kernel == "triton")
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["eager", "pieces"])
+def test_a_step_makes_its_index_tensors_once_not_once_a_layer(monkeypatch, pieces):
+    """On a GPU a tensor made from Python values is a copy that waits for the stream, so a step
+    makes them before its layers: its tokens, positions and cache rows, and the one-token
+    segments' indices, however many layers it runs (eager: the native kernels, whose decode
+    attention takes the one-token segments as a lone decode step does, as the Triton one does on
+    a GPU; 3 tensors a layer before; in pieces: the torch path)."""
+    import sys
+
+    if pieces:
+        monkeypatch.setenv("BITNET_KERNEL", "torch")
+    elif not native.load():
+        pytest.skip("the native CPU kernels could not be built here")
+    made = []
+    real = torch.tensor
+
+    def tensor(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("serve", "runner.py")):
+            made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    counts = []
+    for layers in (1, 3):
+        runner = ModelRunner(tiny(num_hidden_layers=layers), max_batch=3, max_seq_len=32, prompt_graphs=pieces)
+        runner.step([Segment(0, PROMPTS[0], 0)])
+        runner.step([Segment(1, [5], 7)])
+        made.clear()
+        runner.step([Segment(0, [4], 7), Segment(2, PROMPTS[1], 0), Segment(1, [6], 8)])
+        counts.append(len(made))
+        runner.close()
+    assert counts[0] == counts[1] > 0, counts
 
 
 def test_token_buckets():
