@@ -16,10 +16,8 @@ Protocol (the issue's for the peers: 2 threads, 32 tokens per request, streamed,
   prompt different (drawn from a seeded generator);
 - per level of concurrency c: c clients (asyncio tasks, one AsyncOpenAI each) send requests back
   to back, --requests-per-client each (so the batch refills as streams end), within --time-limit;
-  two untimed requests warm the server up first (the first forward pages weights in), and on a
-  GPU an untimed round at the largest concurrency, two requests a client (the server records a
-  CUDA graph for each batch size's decode step and each token bucket's prompt step as it first
-  meets one);
+  two untimed requests warm the server up first (the first forward pages weights in; on a GPU
+  the server has recorded the CUDA graphs of every step size before it listens);
 - reported per level: aggregate tokens/s = completion tokens of the level / its wall time (first
   request sent to last stream ended); per-request TTFT (sent -> first token chunk) and ITL (gaps
   between token chunks), p50 and p99; per-stream decode tokens/s (median); and whether every request
@@ -348,9 +346,6 @@ def main(argv: list[str] | None = None) -> int:
                     return [" ".join(f"t{i}" for i in p) for p in ids]
 
                 asyncio.run(level(args, url, folder, 1, prompts(2)))  # warm-up, untimed
-                if args.device == "cuda":  # the CUDA graphs of the batch sizes and token buckets the levels meet
-                    top = max(args.clients)
-                    asyncio.run(level(args, url, folder, top, prompts(2 * top)))
                 for c in args.clients:
                     print(f"{c} client(s) ...", file=sys.stderr, flush=True)
                     before = step_stats(url)

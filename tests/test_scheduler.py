@@ -407,6 +407,31 @@ def test_a_step_makes_its_index_tensors_once_not_once_a_layer(monkeypatch, piece
     assert counts[0] == counts[1] > 0, counts
 
 
+def test_graphs_recorded_before_the_first_request_serve_every_step(monkeypatch):
+    """Engine.record_graphs (what `bitnet serve` does on a GPU before it listens): every decode
+    bucket (1, 2, 4 of max_batch 4) and every token bucket up to a step's most tokens
+    (prefill_chunk 40 + 4: 16, 32, 64) recorded at once (eager here); the requests that follow,
+    staggered, a 39-token prompt among them, record nothing more and get their solo tokens."""
+    from bitnet.serve import runner as runner_module
+
+    monkeypatch.setenv("BITNET_KERNEL", "torch")
+    model = tiny()
+    solo = [alone(model, p, 6) for p in PROMPTS]
+    engine = Engine(model, max_batch=4, max_seq_len=64, prefill_chunk=40, decode_graphs=True, prompt_graphs=True)
+    assert engine.record_graphs() == 6
+    assert sorted(engine.runner._buckets) == [1, 2, 4] and sorted(engine.runner._pieces) == [16, 32, 64]
+
+    def late(*args):
+        raise AssertionError("recorded at a request")
+
+    monkeypatch.setattr(runner_module, "_BucketStep", late)
+    monkeypatch.setattr(runner_module, "_PromptPieces", late)
+    outs = run(engine.start(), PROMPTS, SamplingParams(max_tokens=6))
+    engine.stop()
+    assert [c.tokens for c in outs] == solo
+    assert engine.runner.decode_graphs and engine.runner.prompt_graphs
+
+
 def test_token_buckets():
     runner = ModelRunner(tiny(num_hidden_layers=1), max_batch=2, max_seq_len=64, prompt_graphs=True)
     assert [runner.token_bucket(n) for n in (1, 16, 17, 33, 64, 65, 130, 1024, 1025, 2000)] == \

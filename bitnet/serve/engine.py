@@ -174,6 +174,12 @@ class Engine:
         """The loop is running (in its thread or in the caller of run())."""
         return self._running
 
+    def record_graphs(self) -> int:
+        """Record the CUDA graphs of every step size now (ModelRunner.record: each decode bucket,
+        each token bucket up to a step's most tokens, prefill_chunk + max_batch), not as the first
+        requests meet them; the number of step sizes recorded. Call it before the loop runs."""
+        return self.runner.record(self.scheduler.prefill_chunk + self.max_batch)
+
     def start(self) -> "Engine":
         """Run the loop in a thread of its own (tests, in-process servers). `bitnet serve` calls
         run() in its main thread instead: see run()."""

@@ -205,10 +205,8 @@ class ModelRunner:
                                        torch.tensor(rows, device=dev))
         n = len(segs)
         bucket = self.bucket(n)
-        step = self._recorded(self._buckets, bucket, _BucketStep, f"the decode step of {bucket} sequences",
-                              "decoding eagerly")
+        step = self._decode_bucket(bucket)
         if step is None:
-            self.decode_graphs = False
             return self._decode(segs)
         pad = bucket - n  # the padding: token 0 at slot 0 of the scratch row
         inputs = torch.tensor([tokens + [0] * pad, pos + [0] * pad, rows + [self.scratch] * pad], dtype=torch.long)
@@ -216,6 +214,37 @@ class ModelRunner:
         logits = step()[:n].clone()  # the graph's output is overwritten by its next replay
         self._last_decode = (step, pos)
         return logits
+
+    def record(self, max_tokens: int) -> int:
+        """Record now what the first steps of each size would record as they come (each a one-off of
+        up to a few seconds on a GPU: a server's first requests would wait for it): every decode
+        bucket (decode_graphs) and every token bucket of a step of up to max_tokens tokens
+        (prompt_graphs). The number of step sizes recorded."""
+        done, n = 0, 1
+        while self.decode_graphs and self._decode_bucket(self.bucket(n)) is not None:
+            done += 1
+            if self.bucket(n) >= self.max_batch:
+                break
+            n = self.bucket(n) + 1
+        n = 1
+        while self.prompt_graphs and n <= max_tokens and self._prompt_bucket(self.token_bucket(n)) is not None:
+            done += 1
+            n = self.token_bucket(n) + 1
+        return done
+
+    def _decode_bucket(self, bucket: int) -> "_BucketStep | None":
+        step = self._recorded(self._buckets, bucket, _BucketStep, f"the decode step of {bucket} sequences",
+                              "decoding eagerly")
+        if step is None:
+            self.decode_graphs = False
+        return step
+
+    def _prompt_bucket(self, bucket: int) -> "_PromptPieces | None":
+        pieces = self._recorded(self._pieces, bucket, _PromptPieces, f"the prompt step of {bucket} tokens",
+                                "running prompt steps eagerly")
+        if pieces is None:
+            self.prompt_graphs = False
+        return pieces
 
     def _recorded(self, table: dict, size: int, make, what: str, then: str):
         """table[size], made by make(runner, size, pool) on first use (recording its CUDA graphs on
@@ -293,10 +322,8 @@ class ModelRunner:
         ops). The padding's tokens sit in the scratch cache row."""
         plan = _Plan(segs, self.device)
         nb = self.token_bucket(plan.n)
-        pieces = self._recorded(self._pieces, nb, _PromptPieces, f"the prompt step of {nb} tokens",
-                                "running prompt steps eagerly")
+        pieces = self._prompt_bucket(nb)
         if pieces is None:
-            self.prompt_graphs = False
             return self.step(segs)
         pieces.load(plan)
         N = plan.n

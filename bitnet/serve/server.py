@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 from ..args import arg, command
@@ -130,6 +131,11 @@ def serve_cmd(args: ServeArgs) -> None:
 
     app, engine, description = load(args, manage_engine=False)
     print(f"bitnet serve: {description}", file=sys.stderr)
+    if engine.runner.decode_graphs or engine.runner.prompt_graphs:  # before the first request, not at it
+        t0 = time.perf_counter()
+        sizes = engine.record_graphs()
+        print(f"bitnet serve: the CUDA graphs of {sizes} step sizes recorded in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
     print(f"bitnet serve: http://{args.host}:{args.port}/v1 (GET /health, /metrics)", file=sys.stderr, flush=True)
     logging.getLogger("bitnet.serve").setLevel(args.log_level.upper())
     # uvicorn in a thread, the engine in this one: the main thread made torch's OpenMP threads
