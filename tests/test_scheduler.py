@@ -733,41 +733,42 @@ def test_engine_refuses_what_it_cannot_hold():
         engine.submit([1, 2], SamplingParams(), Collector())
 
 
+def recorded_and_eager(model, option, prompts, n, max_batch):
+    """The staggered logits with the runner's `option` (decode_graphs, prompt_graphs) on (True) and
+    off (False), and the step sizes that had CUDA graphs recorded with it on."""
+    got, recorded = {}, set()
+    for graphs in (True, False):
+        runner = ModelRunner(model, max_batch=max_batch, max_seq_len=128, **{option: graphs})
+        got[graphs] = staggered(runner, prompts, n, max_batch)
+        if graphs:
+            recorded = {b for b, s in runner._buckets.items() if s.graph is not None} if option == "decode_graphs" \
+                else {b for b, p in runner._pieces.items() if p.graphs}
+        runner.close()
+    return got, recorded
+
+
 @pytest.mark.cuda
 def test_decode_graphs_on_cuda_equal_the_eager_steps():
     """Each bucket's pure decode step recorded as a CUDA graph (the default on CUDA) and replayed,
     padded (3 sequences in a bucket of 4): the same logits as the eager steps, bit for bit, and
     graphs were recorded and replayed for the buckets used."""
-    model = tiny(dtype=torch.bfloat16).to("cuda")
     prompts = PROMPTS[:3]
-    got = {}
-    for graphs in (True, False):
-        runner = ModelRunner(model, max_batch=4, max_seq_len=128, decode_graphs=graphs)
-        got[graphs] = staggered(runner, prompts, 10, 4)
-        if graphs:
-            assert {b for b, step in runner._buckets.items() if step.graph is not None} >= {1, 2, 4}
-        runner.close()
+    got, recorded = recorded_and_eager(tiny(dtype=torch.bfloat16).to("cuda"), "decode_graphs", prompts, 10, 4)
+    assert recorded >= {1, 2, 4}
     for i in range(len(prompts)):
         assert torch.equal(got[True][i], got[False][i]), f"prompt {i}"
 
 
 @pytest.mark.cuda
 def test_prompt_graphs_on_cuda_give_each_sequence_its_solo_logits():
-    """Steps with a prompt in them padded and recorded in pieces (the default on CUDA), the prompt's
-    flash attention and the decode attention run between the pieces: each sequence's logits equal
-    its lone run's and the eager steps', bit for bit, and pieces were recorded for the buckets used
-    (16 and 64 tokens)."""
+    """Steps with a prompt in them padded and recorded in pieces (the default on CUDA), the
+    one-token rows' decode attention inside the pieces, the prompt's flash attention between them:
+    each sequence's logits equal its lone run's and the eager steps', bit for bit, and pieces were
+    recorded for the buckets used (16 and 64 tokens)."""
     model = tiny(dtype=torch.bfloat16).to("cuda")
     prompts = PROMPTS[:5]
-    got = {}
-    for graphs in (True, False):
-        runner = ModelRunner(model, max_batch=3, max_seq_len=128, prompt_graphs=graphs)
-        got[graphs] = staggered(runner, prompts, 8, 3)
-        if graphs:
-            assert {b for b, p in runner._pieces.items() if p.graphs} == {16, 64}
-        else:
-            assert not runner._pieces
-        runner.close()
+    got, recorded = recorded_and_eager(model, "prompt_graphs", prompts, 8, 3)
+    assert recorded == {16, 64}
     solo = [solo_logits(model, p, 8, device="cuda") for p in prompts]
     for i in range(len(prompts)):
         assert torch.equal(got[True][i], got[False][i]), f"prompt {i}"

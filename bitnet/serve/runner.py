@@ -233,23 +233,18 @@ class ModelRunner:
         return done
 
     def _decode_bucket(self, bucket: int) -> "_BucketStep | None":
-        step = self._recorded(self._buckets, bucket, _BucketStep, f"the decode step of {bucket} sequences",
-                              "decoding eagerly")
-        if step is None:
-            self.decode_graphs = False
-        return step
+        return self._recorded(self._buckets, bucket, _BucketStep, f"the decode step of {bucket} sequences",
+                              "decoding eagerly", "decode_graphs")
 
     def _prompt_bucket(self, bucket: int) -> "_PromptPieces | None":
-        pieces = self._recorded(self._pieces, bucket, _PromptPieces, f"the prompt step of {bucket} tokens",
-                                "running prompt steps eagerly")
-        if pieces is None:
-            self.prompt_graphs = False
-        return pieces
+        return self._recorded(self._pieces, bucket, _PromptPieces, f"the prompt step of {bucket} tokens",
+                              "running prompt steps eagerly", "prompt_graphs")
 
-    def _recorded(self, table: dict, size: int, make, what: str, then: str):
+    def _recorded(self, table: dict, size: int, make, what: str, then: str, option: str):
         """table[size], made by make(runner, size, pool) on first use (recording its CUDA graphs on
-        CUDA, into the runner's one pool); None where that fails, the table emptied and the failure
-        logged: a step that cannot be recorded still runs, eagerly, from then on."""
+        CUDA, into the runner's one pool); None where that fails, the failure logged, the table
+        emptied and `option` turned off: a step that cannot be recorded still runs, eagerly, from
+        then on."""
         if size not in table:
             if self.device.type == "cuda" and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -258,6 +253,7 @@ class ModelRunner:
             except Exception:
                 log.warning("recording %s as CUDA graphs failed; %s from now on", what, then, exc_info=True)
                 table.clear()
+                setattr(self, option, False)
                 return None
         return table[size]
 
