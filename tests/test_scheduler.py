@@ -342,35 +342,35 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly(monkeypatch, caplog, record
     torch.cuda.is_available(), reason="the interpreter's run of what the cuda test checks compiled"))])
 def test_prompt_steps_in_padded_pieces_change_no_sequence(monkeypatch, kernel):
     """prompt_graphs (on CUDA: a step with a prompt in it padded to a bucket of tokens, all but the
-    attention recorded, one piece between two layers' attention) run eagerly on the CPU: newcomers'
-    prompts amid the others' decode tokens, a 39-token one among them, each step padded to 16, 32
-    or 64 tokens in the scratch cache row, the layers' attention between the pieces; every sequence
+    prompts' attention recorded, one piece between two layers' attention) run eagerly on the CPU:
+    newcomers' prompts amid the others' decode tokens, a 39-token one among them, each step padded
+    to 16, 32 or 64 tokens in the scratch cache row, the prompts' attention between the pieces; every sequence
     still gets its lone run's logits bit for bit (the torch path, and the Triton path under the
     interpreter: its RoPE and cache writes in one launch, the one-token segments' decode attention
     inside the pieces, padded to the bucket)."""
     monkeypatch.setenv("BITNET_KERNEL", kernel)
     from bitnet.serve import runner as runner_module
 
-    loaded = []
+    loaded = []  # (the step's tokens, the pieces' inputs, its one-token segments attended inside the pieces)
     real = runner_module._PromptPieces.load
-    monkeypatch.setattr(runner_module._PromptPieces, "load",
-                        lambda self, plan: real(self, plan) or loaded.append((plan.n, self.inputs.clone())))
+
+    def load(self, plan):
+        real(self, plan)
+        loaded.append((plan.n, self.inputs.clone(), self.in_graph_singles * sum(len(s.tokens) == 1 for s in plan.segs)))
+
+    monkeypatch.setattr(runner_module._PromptPieces, "load", load)
     if kernel == "torch":
         model, prompts, n, kw = tiny(num_hidden_layers=2), PROMPTS, 5, {}
     else:  # the interpreter's GEMMs are slow: the prompt steps alone in pieces, the decode steps in their buckets
         model, prompts, n, kw = tiny(num_hidden_layers=1), [PROMPTS[0], PROMPTS[4], PROMPTS[1]], 3, {"decode_graphs": True}
-    singles = []
-    real_load = runner_module._PromptPieces.load
-    monkeypatch.setattr(runner_module._PromptPieces, "load", lambda self, plan: singles.append(
-        self.in_graph_singles * sum(len(s.tokens) == 1 for s in plan.segs)) or real_load(self, plan))
     solo, got = solo_and_batched(model, prompts, n, 3, max_seq_len=64, join_every=1, prompt_graphs=True, **kw)
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
-    assert {inputs.shape[1] for _, inputs in loaded} == {16, 64}  # 64: the 39-token prompt and decode tokens
-    for n, inputs in loaded:  # the padding after the step's tokens, in the scratch row (3 with max_batch 3)
-        assert inputs[2, :n].lt(3).all() and inputs[2, n:].eq(3).all() and inputs[:2, n:].eq(0).all()
+    assert {inputs.shape[1] for _, inputs, _ in loaded} == {16, 64}  # 64: the 39-token prompt and decode tokens
+    for tokens, inputs, _ in loaded:  # the padding after the step's tokens, in the scratch row (3 with max_batch 3)
+        assert inputs[2, :tokens].lt(3).all() and inputs[2, tokens:].eq(3).all() and inputs[:2, tokens:].eq(0).all()
     # the Triton path takes the one-token segments' attention into the pieces (1 and 2 of them beside a prompt)
-    assert (max(singles) >= 2) == (kernel == "triton")
+    assert (max(singles for _, _, singles in loaded) >= 2) == (kernel == "triton")
 
 
 @pytest.mark.parametrize("pieces", [False, True], ids=["eager", "pieces"])
