@@ -547,7 +547,8 @@ def engine_args(monkeypatch, ahead):
         return {"decode_graphs": True, "run_ahead": True}, chained
     real_pieces = ModelRunner._piecewise
     monkeypatch.setattr(ModelRunner, "_piecewise",
-                        lambda self, segs: chained.pieced.append(sum(len(s.tokens) for s in segs)) or real_pieces(self, segs))
+                        lambda self, segs, *rest: chained.pieced.append(sum(len(s.tokens) for s in segs))
+                        or real_pieces(self, segs, *rest))
     return {"decode_graphs": True, "run_ahead": True, "prompt_graphs": True}, chained
 
 

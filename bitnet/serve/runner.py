@@ -158,7 +158,7 @@ class ModelRunner:
         if pure_decode and not native_decode and wants_all and self.decode_graphs:  # padded steps asked for on a CPU
             return self._decode(segs)  # (the CPU's own path reads each row's live window instead)
         if self.prompt_graphs and not native_decode:  # asked for on a CPU: the pieces run eagerly, padded
-            return self._piecewise(segs)
+            return self._piecewise(segs, plan)
         cos, sin = m.rotary(pos[None], x.dtype)  # (1, 1, N, hd)
         if native_decode and pure_decode:  # each layer in one native call
             N = len(segs)
@@ -200,9 +200,7 @@ class ModelRunner:
         a CUDA graph where decode_graphs says so."""
         tokens, pos, rows = [s.tokens[0] for s in segs], [s.start for s in segs], [s.slot for s in segs]
         if not self.decode_graphs:
-            dev = self.device
-            return self.decode_forward(torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev),
-                                       torch.tensor(rows, device=dev))
+            return self.decode_forward(*to_device(torch.tensor([tokens, pos, rows]), self.device))
         n = len(segs)
         bucket = self.bucket(n)
         step = self._decode_bucket(bucket)
@@ -210,7 +208,7 @@ class ModelRunner:
             return self._decode(segs)
         pad = bucket - n  # the padding: token 0 at slot 0 of the scratch row
         inputs = torch.tensor([tokens + [0] * pad, pos + [0] * pad, rows + [self.scratch] * pad], dtype=torch.long)
-        step.inputs.copy_(inputs, non_blocking=False)
+        to_device(inputs, self.device, out=step.inputs)
         logits = step()[:n].clone()  # the graph's output is overwritten by its next replay
         self._last_decode = (step, pos)
         return logits
@@ -307,7 +305,7 @@ class ModelRunner:
         unit = 64 if n <= 1024 else 256
         return -(-n // unit) * unit
 
-    def _piecewise(self, segs: list[Segment]) -> torch.Tensor:
+    def _piecewise(self, segs: list[Segment], plan: "_Plan | None" = None) -> torch.Tensor:
         """A step with a prompt in it (prompt_graphs), padded to a bucket of tokens: everything but
         the prompts' attention recorded as CUDA graphs, one piece from each layer's attention to the
         next (the output projection, the MLP, the next layer's norm, q/k/v, RoPE and cache writes, the
@@ -316,7 +314,7 @@ class ModelRunner:
         the same kernels on the same rows, so each sequence keeps its lone run's logits, with a
         replay and ~2 launches a layer from the host where the eager step makes ~12 (and ~50 torch
         ops). The padding's tokens sit in the scratch cache row."""
-        plan = _Plan(segs, self.device)
+        plan = plan or _Plan(segs, self.device)
         nb = self.token_bucket(plan.n)
         pieces = self._prompt_bucket(nb)
         if pieces is None:
@@ -486,11 +484,14 @@ class _Plan:
         return self._masks[i, S]
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`; to a GPU from pinned memory, without waiting for the stream."""
+def to_device(host: torch.Tensor, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A CPU tensor on `device` (copied into `out` where given); to a GPU from pinned memory, without
+    waiting for the stream (a pageable copy would wait for it to drain)."""
     if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        host = host.pin_memory()
+    if out is None:
+        return host.to(device, non_blocking=True)
+    return out.copy_(host, non_blocking=True)
 
 
 class _PromptPieces:
@@ -548,10 +549,7 @@ class _PromptPieces:
         tokens = plan.host
         if pad:
             tokens = torch.cat([tokens, torch.tensor([[0] * pad, [0] * pad, [scratch] * pad])], dim=1)
-        host = torch.cat([tokens, host])
-        if self.inputs.is_cuda:
-            host = host.pin_memory()
-        self.inputs.copy_(host, non_blocking=True)
+        to_device(torch.cat([tokens, host]), self.inputs.device, out=self.inputs)
 
     def _piece(self, i: int):
         runner = self.runner
