@@ -20,9 +20,13 @@
 #   the GEMM; last, so that a stage cut short still has the twin for the ratios):
 #     GENERATE_MODELS="bitnet bf16 bitnet-serial bitnet-norm-apart" BUDGET_GENERATE=130 \
 #       bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
-#   Between the calls, call 1's autotuning table (results.tar.gz: results/tuning/<GPU>.json) copied
-#   to kernels/tuned/ is the package's table in call 2: its keys are not tuned again.
-#   (carry [".whl", ".peers"]; timeout_s 360) Every stage runs under
+#   (carry [".whl", ".peers"]; timeout_s 360) Make call 2 as soon as call 1 has returned, with
+#   nothing in between: a machine stays warm for 30 s after a call, a fresh start costs a minute or
+#   two of the 15. On the warm machine call 2 finds call 1's autotuning choices (kept in
+#   GPU_CHECK_KEEP, default ~/.cache/bitnet/gpu_check_tuning, `off`: none) and times none of its
+#   keys again; on a fresh one it tunes them afresh, inside its stages' budgets. Its results.tar.gz
+#   then holds both calls' choices (results/tuning/<GPU>.json): committed as kernels/tuned/<GPU>.json,
+#   the package's table for that GPU model. Every stage runs under
 # `timeout` (SIGINT first, so that pytest prints its summary and Python its traceback; SIGKILL 5 s
 # later); a failing stage does not stop the next. Time a stage leaves unused passes on to the
 # later ones; the stages together never run past TOTAL.
@@ -65,10 +69,12 @@
 #                                            fallbacks logged (PDL or direct launches off, graphs not recorded)
 #   logs.tar.gz                              every stage's log, tests.xml, the stamp, the kernel plot
 #   results.tar.gz                           this run's result files (JSON and markdown), to commit, and
-#                                            results/tuning/<GPU>.json: the autotuning choices this run
-#                                            made (kernels/tuning.py; BITNET_TUNING_DIR is a fresh
-#                                            folder), to commit as kernels/tuned/<GPU>.json: the
-#                                            package's table for that GPU model (a next call reads it)
+#                                            results/tuning/<GPU>.json: the autotuning choices this call
+#                                            made and those of earlier calls on this machine
+#                                            (kernels/tuning.py; BITNET_TUNING_DIR is a fresh folder,
+#                                            seeded from GPU_CHECK_KEEP), to commit as
+#                                            kernels/tuned/<GPU>.json: the package's table for that
+#                                            GPU model (a call on a fresh machine reads it)
 #   bench_kernels_cuda.md  generate_cuda.md  peer_transformers_cuda.md  peer_gpu_kernels_cuda.md
 #   gpu_goals_cuda.md                        issues 26 and 27's goals held against this call's results
 #                                            (benchmarks/gpu_goals.py, after the last stage): met,
@@ -163,7 +169,14 @@ WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT  # the logs live on in logs.tar.gz
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
-export BITNET_TUNING_DIR=$WORK/tuning  # this run's autotuning choices, and only this run's (pack: results/tuning)
+export BITNET_TUNING_DIR=$WORK/tuning  # this call's autotuning choices, and an earlier call's on this machine (pack: results/tuning)
+KEEP=${GPU_CHECK_KEEP-$HOME/.cache/bitnet/gpu_check_tuning}  # where a later call on this machine finds them
+case ${KEEP,,} in off|0|none) KEEP="" ;; esac
+mkdir -p "$BITNET_TUNING_DIR"
+if [ -n "$KEEP" ] && ls "$KEEP"/*.json >/dev/null 2>&1; then
+    cp "$KEEP"/*.json "$BITNET_TUNING_DIR/"
+    echo "gpu_check: autotuning choices of an earlier call on this machine: $(cd "$KEEP" && echo *.json) (from $KEEP)"
+fi
 MARK=$WORK/start-mark
 touch "$MARK"
 T0=$(now)
@@ -222,6 +235,7 @@ pack() {  # the results folder: summary.md, logs.tar.gz, results.tar.gz and this
     done
     if ls "$BITNET_TUNING_DIR"/*.json >/dev/null 2>&1; then
         mkdir -p "$WORK/results/tuning" && cp "$BITNET_TUNING_DIR"/*.json "$WORK/results/tuning/" && fresh=1
+        [ -n "$KEEP" ] && mkdir -p "$KEEP" && cp "$BITNET_TUNING_DIR"/*.json "$KEEP/"
     fi
     [ "$fresh" = 1 ] && tar -czf "$RESULTS/results.tar.gz" -C "$WORK" results
     src=$BENCH_OUT/bench_kernels_cuda.png

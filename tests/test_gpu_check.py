@@ -31,7 +31,7 @@ def bench_module(name: str):
 
 
 def run_script(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    knobs = {"OUT", "TOTAL", "GRACE", "PACK_RESERVE", "BENCH_OUT", "PYTHON", "TEST_TIMEOUT", "GIT_COMMIT"}
+    knobs = {"OUT", "TOTAL", "GRACE", "PACK_RESERVE", "BENCH_OUT", "PYTHON", "TEST_TIMEOUT", "GIT_COMMIT", "GPU_CHECK_KEEP"}
     full = {k: v for k, v in os.environ.items() if k not in knobs and not k.startswith("BUDGET_")}
     full.update(env or {})
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
@@ -80,7 +80,8 @@ def stub_env(tmp_path: Path, **budgets: int) -> dict:
     stub.chmod(0o755)
     bench_out = tmp_path / "bench_out"
     bench_out.mkdir(exist_ok=True)
-    env = {"PYTHON": str(stub), "BENCH_OUT": str(bench_out), "GRACE": "1", "PACK_RESERVE": "1"}
+    env = {"PYTHON": str(stub), "BENCH_OUT": str(bench_out), "GRACE": "1", "PACK_RESERVE": "1",
+           "GPU_CHECK_KEEP": str(tmp_path / "keep")}
     env.update({k: str(v) for k, v in budgets.items()})
     return env
 
@@ -115,6 +116,33 @@ def test_stages_time_out_fail_and_go_on_into_at_most_eight_files(tmp_path):
         assert b"autotuning forever" in tar.extractfile("logs/kernels.log").read()
     summary = (results / "summary.md").read_text()
     assert "| kernels | TIMEOUT |" in summary and "| peer | FAIL (rc 1) |" in summary
+
+
+def test_a_later_call_on_the_machine_starts_from_the_earlier_calls_tuning(tmp_path):
+    """Call 2 on the warm machine finds call 1's autotuning choices (GPU_CHECK_KEEP) in its fresh
+    tuning folder before its first stage, and packs them with its own; `off` keeps none."""
+    env = stub_env(tmp_path, TOTAL=8, BUDGET_GENERATE=3, BUDGET_PEER=2)
+    stub = Path(env["PYTHON"])  # the stub says what its first run in a call (the stage's) finds in the tuning folder
+    seen_file = Path(env["BENCH_OUT"]) / "seen"
+    stub.write_text(STUB.replace('case "$*" in', f'[ -e {seen_file} ] || ls "$BITNET_TUNING_DIR" > {seen_file}\ncase "$*" in', 1))
+
+    def call(results, stages, **extra):
+        seen_file.unlink(missing_ok=True)
+        r = run_script(str(tmp_path / results), "--stages", stages, env={**env, **extra})
+        assert r.returncode == 0, r.stderr
+        seen = seen_file.read_text().split()
+        with tarfile.open(tmp_path / results / "results.tar.gz") as tar:
+            packed = sorted(n for n in tar.getnames() if n.startswith("results/tuning/"))
+        return r.stdout, seen, packed
+
+    out, seen, packed = call("one", "generate")  # the stub's generate tunes: Stub_GPU.json
+    assert seen == [] and "earlier call" not in out and packed == ["results/tuning/Stub_GPU.json"]
+    assert (tmp_path / "keep" / "Stub_GPU.json").exists()
+    out, seen, packed = call("two", "peer")  # tunes nothing itself
+    assert seen == ["Stub_GPU.json"] and "autotuning choices of an earlier call on this machine: Stub_GPU.json" in out
+    assert packed == ["results/tuning/Stub_GPU.json"]
+    out, seen, _ = call("three", "peer", GPU_CHECK_KEEP="off")
+    assert seen == [] and "earlier call" not in out
 
 
 def test_test_stage_summary_failures_and_fallbacks_are_extracted(tmp_path):
