@@ -72,6 +72,8 @@ class CompareArgs:
                       "the grid's own step) past that end, up to this many per (size, system); 0: off")
     jobs: int = arg(1, help="runs trained in parallel (processes)")
     threads: int | None = arg(None, help="torch threads per run (default: cores / jobs)")
+    device: str | None = arg(None, help="where each run trains and the chosen ones are evaluated: cuda, cpu, ... "
+                             "(default: bitnet train's, CUDA when torch sees a GPU)")
     out: str = arg("runs/compare", help="output folder (runs are reused when complete, resumed when not)")
 
 
@@ -168,7 +170,8 @@ def train_command(args: CompareArgs, train_txt: str, tok: str, preset: str, line
             "--warmup-steps", str(warmup_steps(args, preset, linear)), "--max-steps", str(args.max_steps),
             "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--val-fraction",
             str(args.dev_fraction), "--eval-every", str(args.eval_every), "--eval-windows", "0", "--seed",
-            str(args.seed), "--threads", str(threads), "--no-progress"]
+            str(args.seed), "--threads", str(threads), "--no-progress",
+            *(["--device", args.device] if args.device else [])]
 
 
 def _train(args: CompareArgs, train_txt: str, tok: str, preset: str, linear: str, lr: float, threads: int) -> dict:
@@ -272,7 +275,8 @@ def run_comparison(args: CompareArgs, progress=print) -> dict:
         row = {"preset": preset, "tokens": tokens_per_run}
         for linear in args.linears:
             best = min((r for r in runs if r["preset"] == preset and r["linear"] == linear), key=lambda r: r["dev_loss"])
-            result = evaluate_folder(os.path.join(best["path"], "export"), test_txt, args.seq_len, args.seq_len // 2)
+            result = evaluate_folder(os.path.join(best["path"], "export"), test_txt, args.seq_len, args.seq_len // 2,
+                                     device=args.device)
             best.update(test_ppl=result.ppl, test_tokens=result.tokens)
             chosen[(preset, linear)] = best
             row[f"lr_{linear}"] = best["lr"]

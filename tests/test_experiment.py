@@ -1,5 +1,6 @@
 """bitnet compare: the three systems on the same tokens, LR chosen on dev, ppl on test."""
 
+import dataclasses
 import json
 
 import pytest
@@ -24,7 +25,8 @@ def corpus(tmp_path_factory):
 
 
 def test_compare_end_to_end(tmp_path, corpus):
-    args = CompareArgs(data=str(corpus), presets=["tiny"], lr_bitnet=[1e-3, 3e-3], lr_bitnet1=[3e-3], lr_bf16=[1e-3], max_steps=6, seq_len=32,
+    args = CompareArgs(data=str(corpus), device="cpu", presets=["tiny"], lr_bitnet=[1e-3, 3e-3], lr_bitnet1=[3e-3],
+                       lr_bf16=[1e-3], max_steps=6, seq_len=32,
                        micro_batch=4, vocab_size=300, eval_every=3, threads=1, out=str(tmp_path / "cmp"),
                        extend=0)  # the grids only; the edge extension has its own test below
     result = run_comparison(args, progress=lambda s: None)
@@ -66,7 +68,7 @@ def test_sweeps_extend_past_the_edge_until_the_best_is_inside(tmp_path, corpus, 
                 "train_seconds": 0.0}
 
     monkeypatch.setattr(E, "_train", fake_train)
-    args = E.CompareArgs(data=str(corpus), presets=["tiny"], linears=["bitnet", "bf16"], lr_bitnet=[2e-3, 4e-3, 8e-3],
+    args = E.CompareArgs(data=str(corpus), device="cpu", presets=["tiny"], linears=["bitnet", "bf16"], lr_bitnet=[2e-3, 4e-3, 8e-3],
                          lr_bf16=[4e-3, 8e-3], vocab_size=300, out=str(tmp_path / "cmp"), extend=3)
     runs = E.train_runs(E.planned_runs(args), progress=lambda s: None)
     said = []
@@ -110,6 +112,9 @@ def test_default_sweeps_are_the_recipes_rate_times_half_one_two(tmp_path):
     assert warmup_steps(args, "tiny", "bf16") == 120  # the recipe's 40% of 300 steps
     cmd = train_command(args, "train.txt", "tok.json", "tiny", "bitnet", 0.032, 1)
     assert cmd[cmd.index("--lr") + 1] == "0.032" and cmd[cmd.index("--warmup-steps") + 1] == "120"
+    assert "--device" not in cmd  # bitnet train's default device, unless --device is given
+    cmd = train_command(dataclasses.replace(args, device="cuda:1"), "train.txt", "tok.json", "tiny", "bitnet", 0.032, 1)
+    assert cmd[cmd.index("--device") + 1] == "cuda:1"
     assert describe_sweeps(args)[0] == "tiny bitnet: lr 0.016 0.032 0.064 (recipe x 1/2, 1, 2), warm-up 120 steps (recipe)"
 
     given = CompareArgs(lr_bf16=[1e-3, 2e-3], warmup_steps=7, out=str(tmp_path / "cmp2"))
@@ -129,7 +134,7 @@ def test_default_sweep_extends_by_its_own_factor_2(tmp_path, corpus, monkeypatch
                 "train_seconds": 0.0}
 
     monkeypatch.setattr(E, "_train", fake_train)
-    args = E.CompareArgs(data=str(corpus), presets=["tiny"], linears=["bitnet"], vocab_size=300,
+    args = E.CompareArgs(data=str(corpus), device="cpu", presets=["tiny"], linears=["bitnet"], vocab_size=300,
                          out=str(tmp_path / "cmp"))
     runs = E.train_runs(E.planned_runs(args), progress=lambda s: None)
     runs, limited = E.extend_sweeps(args, runs, progress=lambda s: None)

@@ -335,7 +335,7 @@ def test_train_init_from_a_hub_id(tmp_path):
     add_commit(tmp_path / "hub", "org/seed", C1, folder_files(model, tmp_path / "src"))
     cfg = TrainConfig(data=str(corpus), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "tokens"), init="org/seed",
                       hub_cache_dir=str(tmp_path / "hub"), local_files_only=True, max_steps=2, eval_every=2,
-                      preset="tiny", seq_len=64, micro_batch=4, threads=1, progress=False, eval_windows=4)
+                      preset="tiny", seq_len=64, micro_batch=4, threads=1, progress=False, eval_windows=4, device="cpu")
     train(cfg)
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == tok.to_str().encode()
     assert BitNetForCausalLM.from_pretrained(str(tmp_path / "run")).config.vocab_size == tok.get_vocab_size()

@@ -23,7 +23,7 @@ from bitnet.train.trainer import TrainConfig, TrainingError, train
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 needs_corpus = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is not beside the checkout")
 FAST = dict(preset="tiny", seq_len=64, micro_batch=4, threads=1, progress=False, eval_windows=4,
-            max_steps=15, eval_every=5, save_every=5)
+            max_steps=15, eval_every=5, save_every=5, device="cpu")  # exact resumes: the CPU, GPU or not
 ENOSPC = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
 
 

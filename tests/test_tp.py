@@ -168,7 +168,7 @@ LR = 3e-3
 
 
 def _args(corpus, out, cache, *extra):
-    return ["-m", "bitnet", "train", "--data", corpus, "--out", out, "--preset", "tiny", "--seq-len", 64,
+    return ["-m", "bitnet", "train", "--data", corpus, "--device", "cpu", "--out", out, "--preset", "tiny", "--seq-len", 64,
             "--threads", 1, "--max-steps", STEPS, "--eval-every", 10, "--eval-windows", 8, "--no-progress",
             "--cache-dir", cache, "--lr", LR, *extra]
 
@@ -180,9 +180,9 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("tp-one")
-    cfg = TrainConfig(data=str(corpus), out=str(tmp / "one"), preset="tiny", seq_len=64, threads=1, max_steps=STEPS,
-                      eval_every=10, eval_windows=8, progress=False, micro_batch=8, cache_dir=str(tmp / "cache"),
-                      lr=LR)
+    cfg = TrainConfig(data=str(corpus), out=str(tmp / "one"), device="cpu", preset="tiny", seq_len=64, threads=1,
+                      max_steps=STEPS, eval_every=10, eval_windows=8, progress=False, micro_batch=8,
+                      cache_dir=str(tmp / "cache"), lr=LR)
     train(cfg)
     return _metrics(tmp / "one"), tmp / "one", tmp / "cache"
 

@@ -167,16 +167,45 @@ class Dist:
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world == 1:
-        return Dist(tp=cfg.tp), torch.device(want)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = want.startswith("cuda")
+    want = _training_device(cfg.device, world, local)
+    if world == 1:
+        return Dist(tp=cfg.tp), want
+    cuda = want.type == "cuda"
     if cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(want)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local, cfg.tp), torch.device(f"cuda:{local}" if cuda else "cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local, cfg.tp), want
+
+
+def _training_device(name: str | None, world: int, local: int) -> torch.device:
+    """The device a (rank's) run trains on: --device (default: CUDA where torch sees a GPU); under
+    torchrun a CUDA run puts local rank i on GPU i. A device that is not there is a clear error at
+    the start, not a CUDA error at the first tensor."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"--device {name!r} is not a device (cuda, cuda:1, cpu, ...)") from None
+    if device.type != "cuda":
+        if world > 1 and device.type != "cpu":
+            raise TrainingError(f"--device {name}: under torchrun a run trains on CUDA (nccl) or the CPU (gloo)")
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise TrainingError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                            f"{torch.version.cuda}); train on the CPU with --device cpu")
+    if world > 1:
+        if local >= count:
+            raise TrainingError(f"torchrun started local rank {local} but this node has {count} CUDA device(s): a "
+                                f"CUDA run takes one GPU a process (--nproc-per-node {count} or fewer), or train on "
+                                "the CPU with --device cpu (gloo)")
+        return torch.device("cuda", local)
+    if device.index is not None and device.index >= count:
+        raise TrainingError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    return device
 
 
 def train(cfg: TrainConfig) -> dict:
