@@ -101,6 +101,21 @@ def test_sliding_scores_each_token_at_most_once(n, length, stride):
         assert scored == list(range(1, n))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["packed", "latent"])
+def test_perplexity_on_a_gpu_equals_the_transformers_reference_loop(tmp_path, text_and_tokenizer, kind):
+    """bitnet eval on CUDA (the Triton kernels for a packed model, torch's for a latent one) against
+    the reference loop above (transformers' model, on the CPU): the same tokens scored and the
+    same perplexity, at the CPU tier's tolerance."""
+    text, tok = text_and_tokenizer
+    path = folder(tmp_path, kind, tok)
+    ids = torch.tensor(tok.encode(text.read_text(), add_special_tokens=False).ids)
+    ref_ppl, ref_count = reference_ppl(path, ids, 64, 32)
+    ours = evaluate_folder(str(path), str(text), 64, 32, batch_size=3, device="cuda")
+    assert ours.tokens == ref_count
+    assert ours.ppl == pytest.approx(ref_ppl, rel=1e-4)
+
+
 def test_chunks_score_every_token():
     spans = windows(100, 16, 0, "chunks", True)
     assert [p for b, e, first in spans for p in range(first, e)] == list(range(100))

@@ -77,7 +77,7 @@ class Server:
     """`bitnet serve`'s app in uvicorn, in a thread, on a socket bound to a free port of 127.0.0.1."""
 
     def __init__(self, folder, **kw):
-        args = ServeArgs(folder, dtype="float32", device="cpu", max_seq_len=CONTEXT, **kw)
+        args = ServeArgs(folder, **{"dtype": "float32", "device": "cpu", "max_seq_len": CONTEXT, **kw})
         self.app, self.engine, _ = load(args)
         self.name = args.served_model_name or folder
         sock = socket.socket()
@@ -192,6 +192,44 @@ def test_concurrent_clients_each_get_their_solo_output(server, reference, tokeni
         want, want_finish, _ = solo(reference, tokenizer, ids, n)
         assert (got, finish) == (want, want_finish)
     assert server.metrics()["bitnet_requests_running"] == 0
+
+
+@pytest.mark.cuda
+def test_the_server_on_a_gpu_gives_concurrent_clients_their_solo_outputs(folder, tokenizer):
+    """The app on CUDA with its GPU defaults (decode steps recorded as CUDA graphs and run ahead,
+    prompt steps in recorded pieces): 8 clients at once on 3 slots, streamed and not, each gets its
+    prompt's solo greedy output of the same checkpoint on the same GPU, and graphs of both kinds
+    were recorded and used."""
+    reference = BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32, device="cuda")
+    server = Server(folder, max_batch=3, max_queue=32, device="cuda")
+    runner = server.engine.runner
+    assert runner.decode_graphs and runner.prompt_graphs and server.engine.run_ahead
+    n = 20
+
+    async def one(i):
+        client = server.async_client()
+        text, stream = TEXTS[i], i % 2 == 0
+        r = await client.completions.create(model=server.name, prompt=text, max_tokens=n, temperature=0, stream=stream)
+        if stream:
+            got = ""
+            async for chunk in r:
+                got += chunk.choices[0].text
+        else:
+            got = r.choices[0].text
+        await client.close()
+        return got
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(len(TEXTS))))
+
+    try:
+        results = asyncio.run(all_of_them())
+        for text, got in zip(TEXTS, results):
+            assert got == solo(reference, tokenizer, tokenizer.encode(text).ids, n)[0], text
+        assert any(step.graph is not None for step in runner._buckets.values())
+        assert any(pieces.graphs for pieces in runner._pieces.values())
+    finally:
+        server.close()
 
 
 def test_chat_renders_the_template_and_streams_chunks(server, reference, tokenizer):
