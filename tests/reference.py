@@ -143,7 +143,7 @@ def logits_on_transformers_branch(ours, theirs, input_ids: torch.Tensor, tol: fl
 
     def pre_hook(mod, args, name):
         nonlocal ties
-        x, xt = args[0], recorded[name]
+        x, xt = args[0], recorded[name].to(args[0].device)  # (ours may run on another device)
         assert rel_err(x, xt) < tol, f"{name}: input differs from transformers' by {rel_err(x, xt):.2e}"
         c, xa = int8_codes(x)
         ct, _ = int8_codes(xt)
@@ -160,7 +160,7 @@ def logits_on_transformers_branch(ours, theirs, input_ids: torch.Tensor, tol: fl
     hooks = [ours.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: pre_hook(mod, args, n)) for n in names]
     try:
         with torch.no_grad():
-            out = ours(input_ids).logits
+            out = ours(input_ids.to(next(ours.parameters()).device)).logits
     finally:
         for h in hooks:
             h.remove()

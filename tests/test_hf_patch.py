@@ -37,7 +37,7 @@ def held_bytes(model) -> int:
 
 def greedy(model, n=8):
     with no_compile(), torch.no_grad():
-        return model.generate(IDS, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return model.generate(IDS.to(model.device), max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("model_type,mode,linear_class", CASES)
@@ -69,6 +69,26 @@ def test_patch_keeps_the_function_and_greedy_tokens(tmp_path, model_type, mode, 
     out, ref, ties = logits_on_transformers_branch(model, load(tmp_path), IDS)
     assert rel_err(out, ref) < 1e-4, f"{rel_err(out, ref):.2e} ({ties} ties)"
     assert model.config.quantization_config.linear_class == "autobitlinear"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type,mode,linear_class", CASES)
+def test_patch_on_a_gpu_keeps_the_function_and_greedy_tokens(tmp_path, model_type, mode, linear_class):
+    """transformers' model on CUDA, patched: its projections become our packed layers on the GPU
+    (Triton kernels under transformers' own forward and generate), its greedy tokens are those
+    transformers gives on the GPU, and its logits are transformers' own on the CPU, on its branch at
+    rounding ties, at the CPU test's tolerance."""
+    write_checkpoint(hf_model(hf_config(model_type, tied=model_type == "bitnet", vocab_size=128)), tmp_path, mode,
+                     linear_class)
+    model = load(tmp_path).to("cuda")
+    before_tokens = greedy(model)
+    patch(model)
+    swapped = [m for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS]
+    assert swapped and all(type(m) is BitLinear and m.weight.is_cuda and m.weight.dtype == torch.uint8 for m in swapped)
+    assert {bitnet.ops.default_kernel(m.weight.device) for m in swapped} == {"triton"}
+    assert torch.equal(greedy(model), before_tokens)
+    out, ref, ties = logits_on_transformers_branch(model, load(tmp_path), IDS)
+    assert out.is_cuda and rel_err(out.cpu(), ref) < 1e-4, f"{rel_err(out.cpu(), ref):.2e} ({ties} ties)"
 
 
 def test_patched_layers_run_through_bitnet_ops(tmp_path, monkeypatch):
