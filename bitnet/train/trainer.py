@@ -195,8 +195,9 @@ def _training_device(name: str | None, world: int, local: int) -> torch.device:
         return device
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise TrainingError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
-                            f"{torch.version.cuda}); train on the CPU with --device cpu")
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise TrainingError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, {build}); train "
+                            "on the CPU with --device cpu")
     if world > 1:
         if local >= count:
             raise TrainingError(f"torchrun started local rank {local} but this node has {count} CUDA device(s): a "
