@@ -196,12 +196,12 @@ def test_concurrent_clients_each_get_their_solo_output(server, reference, tokeni
 
 @pytest.mark.cuda
 def test_the_server_on_a_gpu_gives_concurrent_clients_their_solo_outputs(folder, tokenizer):
-    """The app on CUDA with its GPU defaults (decode steps recorded as CUDA graphs and run ahead,
-    prompt steps in recorded pieces): 8 clients at once on 3 slots, streamed and not, each gets its
-    prompt's solo greedy output of the same checkpoint on the same GPU, and graphs of both kinds
-    were recorded and used."""
-    reference = BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32, device="cuda")
-    server = Server(folder, max_batch=3, max_queue=32, device="cuda")
+    """The app on CUDA with its GPU defaults (bf16, decode steps recorded as CUDA graphs and run
+    ahead, prompt steps in recorded pieces): 8 clients at once on 3 slots, streamed and not, each
+    gets its prompt's solo greedy output of the same checkpoint on the same GPU, and graphs of both
+    kinds were recorded and used."""
+    reference = BitNetForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device="cuda")
+    server = Server(folder, max_batch=3, max_queue=32, device="cuda", dtype="bfloat16")
     runner = server.engine.runner
     assert runner.decode_graphs and runner.prompt_graphs and server.engine.run_ahead
     n = 20
