@@ -164,9 +164,10 @@ def test_peer_transformers_agrees_on_a_tiny_preset(tmp_path):
     """The peer end to end on the CPU: one random tiny checkpoint, ours and transformers' logits
     within the stated tolerance, the same greedy tokens in bf16 and in float32."""
     peer = bench_module("peer_transformers")
-    # (warm and a median of three: a first call's costs or one noisy timing could make generate(6)
-    # time shorter than generate(1), which the peer refuses)
-    args = peer.PeerArgs(preset="tiny", device="cpu", new_tokens=6, prompt_len=12, warmup=1, iters=3,
+    # (warm, a median of three, and 32 tokens: the tiny model's decode steps take ~0.6 ms here, so
+    # that 5 of them were within the noise of a ~2-7 ms generate(1) on a loaded machine, and the peer
+    # refuses a generate(n) timed no longer than generate(1): seen once under xdist with torch 2.11)
+    args = peer.PeerArgs(preset="tiny", device="cpu", new_tokens=32, prompt_len=12, warmup=1, iters=3,
                          out_dir=str(tmp_path), name="peer_smoke")
     assert peer.main(args) == 0
     res = json.loads((tmp_path / "peer_smoke.json").read_text())
@@ -176,7 +177,7 @@ def test_peer_transformers_agrees_on_a_tiny_preset(tmp_path):
     assert 0 < d["bf16"]["max"] <= tol["max"] and d["bf16"]["mean"] <= tol["mean"]
     assert d["fp32"]["max"] < 1e-4 * d["fp32"]["ref_max_abs"]  # float32: the same function (no int8 tie at this seed)
     assert res["greedy"]["bf16"]["identical"] and res["greedy"]["fp32"]["identical"]
-    assert len(res["greedy"]["bf16"]["ours"]) == 6
+    assert len(res["greedy"]["bf16"]["ours"]) == 32
     assert set(res["speed"]) == {"transformers", "ours"}  # no compiled run on a CPU by default
     assert all(s["decode_tok_s"] > 0 for s in res["speed"].values())
     md = (tmp_path / "peer_smoke.md").read_text()
@@ -184,7 +185,7 @@ def test_peer_transformers_agrees_on_a_tiny_preset(tmp_path):
     # the goals' scorecard reads this file's fields (its preset aside: the goal is 2B-4T's)
     rows = bench_module("gpu_goals").peer_transformers_goals({**res, "args": {**res["args"], "preset": "2b4t"}})
     assert rows[0]["value"] == pytest.approx(res["speed"]["ours"]["decode_tok_s"] / res["speed"]["transformers"]["decode_tok_s"])
-    assert rows[1]["status"] == "met" and rows[1]["measured"] == "equal (6 tokens)"
+    assert rows[1]["status"] == "met" and rows[1]["measured"] == "equal (32 tokens)"
 
 
 def test_peer_first_difference():
