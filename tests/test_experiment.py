@@ -68,8 +68,9 @@ def test_sweeps_extend_past_the_edge_until_the_best_is_inside(tmp_path, corpus, 
                 "train_seconds": 0.0}
 
     monkeypatch.setattr(E, "_train", fake_train)
-    args = E.CompareArgs(data=str(corpus), device="cpu", presets=["tiny"], linears=["bitnet", "bf16"], lr_bitnet=[2e-3, 4e-3, 8e-3],
-                         lr_bf16=[4e-3, 8e-3], vocab_size=300, out=str(tmp_path / "cmp"), extend=3)
+    args = E.CompareArgs(data=str(corpus), device="cpu", presets=["tiny"], linears=["bitnet", "bf16"],
+                         lr_bitnet=[2e-3, 4e-3, 8e-3], lr_bf16=[4e-3, 8e-3], vocab_size=300, out=str(tmp_path / "cmp"),
+                         extend=3)
     runs = E.train_runs(E.planned_runs(args), progress=lambda s: None)
     said = []
     runs, limited = E.extend_sweeps(args, runs, progress=said.append)
