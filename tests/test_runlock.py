@@ -55,8 +55,8 @@ def test_two_trains_racing_on_one_folder(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:60_000])
     args = [sys.executable, "-m", "bitnet", "train", "--data", corpus, "--device", "cpu", "--preset", "tiny",
-            "--seq-len", 64, "--micro-batch", 4, "--threads", 1, "--max-steps", 20, "--eval-every", 10, "--eval-windows", 2,
-            "--no-progress", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"]
+            "--seq-len", 64, "--micro-batch", 4, "--threads", 1, "--max-steps", 20, "--eval-every", 10,
+            "--eval-windows", 2, "--no-progress", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"]
     args = list(map(str, args))
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]

@@ -169,8 +169,8 @@ LR = 3e-3
 
 def _args(corpus, out, cache, *extra):
     return ["-m", "bitnet", "train", "--data", corpus, "--device", "cpu", "--out", out, "--preset", "tiny",
-            "--seq-len", 64, "--threads", 1, "--max-steps", STEPS, "--eval-every", 10, "--eval-windows", 8, "--no-progress",
-            "--cache-dir", cache, "--lr", LR, *extra]
+            "--seq-len", 64, "--threads", 1, "--max-steps", STEPS, "--eval-every", 10, "--eval-windows", 8,
+            "--no-progress", "--cache-dir", cache, "--lr", LR, *extra]
 
 
 def _metrics(out):
