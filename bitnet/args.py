@@ -1,6 +1,7 @@
 """Arguments as dataclasses: `arg` declares a field with its command-line description, `command`
 registers a function taking such a dataclass as a subcommand of `bitnet` (bitnet.cli builds the
-parser and runs it), and `add_dataclass_arguments` turns the fields into argparse arguments.
+parser and runs it), and `add_dataclass_arguments` turns the fields into argparse arguments;
+`device` reads the commands' --device.
 
 A ground-floor module: the modules that define subcommands (bitnet.generation, bitnet.commands,
 ...) and the benchmarks import it, and it imports nothing of the package.
@@ -25,6 +26,30 @@ def arg(default=dataclasses.MISSING, help: str = "", positional: bool = False, c
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def device(name: str | None):
+    """The torch.device a --device argument names (None: CUDA where torch sees a GPU, else the CPU),
+    checked before anything is loaded: a name torch does not know, CUDA where torch sees no GPU and
+    cuda:N past the last GPU are a ValueError saying so (the commands print it, exit 2), not a CUDA
+    error in the middle of loading a model."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cuda, cuda:1, cpu, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+            raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, {build}); use "
+                             "--device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    return dev
 
 
 def command(name: str, args_cls: type, help: str = ""):

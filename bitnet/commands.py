@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .args import arg, command
+from .args import arg, command, device as named_device
 from .config import PRESETS, BitNetConfig
 from .experiment import CompareArgs
 from .runlock import RunLock
@@ -182,11 +182,9 @@ class EvalArgs:
 @command("eval", EvalArgs)
 def eval_cmd(args: EvalArgs) -> None:
     """Perplexity of a checkpoint folder on a text file (sliding-window or BOS-chunk protocol)."""
-    import torch
-
     from .evaluate import evaluate_folder, result_json
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = named_device(args.device)
     r = evaluate_folder(args.model, args.data, args.max_length, args.stride, args.protocol, args.batch_size, device,
                         progress=args.progress and not args.json, revision=args.revision, cache_dir=args.cache_dir,
                         local_files_only=args.local_files_only)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .args import arg, command
+from .args import arg, command, device as named_device
 from .hub import resolve
 from .kernels import cpu as native
 from .model import attention_dtype
@@ -611,7 +611,7 @@ def generate_cmd(args: GenerateArgs) -> None:
         raise ValueError("empty prompt: pass some text with --prompt")
     folder = resolve(args.model, args.revision, args.cache_dir, args.local_files_only)
     tokenizer = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = named_device(args.device)
     dtype = DTYPES[args.dtype or "bfloat16"]
     if device.type == "cpu":
         build_cpu_kernels()  # the one-time build, if any, before the model and the clock

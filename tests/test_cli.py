@@ -1,4 +1,4 @@
-"""The `bitnet` command line: info and convert."""
+"""The `bitnet` command line: info and convert, and every command's --device."""
 
 import json
 
@@ -51,6 +51,42 @@ def test_convert_llama_to_latent_then_packed(tmp_path):
 def test_convert_missing_source(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_command_checks_its_device_before_loading_anything(tmp_path, tokenizer, capsys, monkeypatch):
+    """`--device` of generate, eval, serve and train, each on a checkpoint it could run: a device
+    torch does not know, CUDA where torch sees none, cuda:N past a one-GPU machine's last; exit 2 and
+    one line naming the device and what to do (not a CUDA traceback from inside a model's load)."""
+    import importlib.util
+
+    from bitnet import BitNetConfig, freeze
+
+    model = freeze(BitNetForCausalLM(BitNetConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size())))
+    model.tokenizer_files["tokenizer.json"] = tokenizer.to_str().encode()
+    model.save_pretrained(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text("hello world, a tiny corpus for a tiny tokenizer\n" * 40)
+    commands = {"generate": ["generate", str(tmp_path / "m"), "--prompt", "hello"],
+                "eval": ["eval", "ppl", str(tmp_path / "m"), "--data", str(text)],
+                "train": ["train", "--data", str(text), "--out", str(tmp_path / "run"), "--preset", "tiny"]}
+    if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")):
+        commands["serve"] = ["serve", str(tmp_path / "m")]  # (its extra installed: the check comes after it)
+
+    def said(cmd):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
+    for name, cmd in commands.items():
+        assert f"bitnet {name}: error: --device 'gpu0' is not a device (cuda, cuda:1, cpu" in said([*cmd, "--device", "gpu0"])
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert "--device cuda: torch sees no CUDA device" in said([*cmd, "--device", "cuda"])
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        assert "--device cuda:1: this machine has 1 CUDA device(s) (cuda:0 .. cuda:0)" in said([*cmd, "--device", "cuda:1"])
+        monkeypatch.undo()
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_choice_exits_with_usage():

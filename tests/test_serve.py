@@ -495,7 +495,7 @@ def test_a_request_dropped_at_shutdown_is_a_503(folder):
         s.close()
 
 
-def test_decode_graphs_need_a_gpu(folder):
+def test_decode_graphs_need_a_gpu(folder, monkeypatch):
     """--decode-graphs (each batch size's decode step a CUDA graph; the default on CUDA) is refused
     on a CPU with a clear error, before any weight is loaded; the runner's own default there is off.
     So is --run-ahead (it chains those graphs), on a CPU and beside --no-decode-graphs, and
@@ -506,8 +506,11 @@ def test_decode_graphs_need_a_gpu(folder):
         load(ServeArgs(model=folder, device="cpu", decode_graphs=True))
     with pytest.raises(ValueError, match="--run-ahead chains the decode steps recorded as CUDA graphs.*device cpu"):
         load(ServeArgs(model=folder, device="cpu", run_ahead=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (a GPU machine: --device cuda passes its check)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="--run-ahead .* --decode-graphs False"):
         load(ServeArgs(model=folder, device="cuda", decode_graphs=False, run_ahead=True))
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="--prompt-graphs records CUDA graphs: it needs a CUDA device, not cpu"):
         load(ServeArgs(model=folder, device="cpu", prompt_graphs=True))
 

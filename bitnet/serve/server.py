@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..args import arg, command
+from ..args import arg, command, device as named_device
 
 EXTRA_HINT = "bitnet serve needs the serve extra: pip install 'bitnet-b158[serve]' (fastapi, uvicorn, sse-starlette, " \
              "prometheus-client)"
@@ -71,8 +71,6 @@ def load(args: ServeArgs, manage_engine: bool = True):
     """(app, engine, description) for these arguments: the model loaded, the engine built, not
     started (manage_engine: the app's startup starts it in a thread, else the caller runs it)."""
     check_extra()
-    import torch
-
     from ..generation import DTYPES, build_cpu_kernels, eos_token_ids
     from ..hub import resolve
     from ..model import BitNetForCausalLM
@@ -85,7 +83,7 @@ def load(args: ServeArgs, manage_engine: bool = True):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be at least {0 if name == 'max_queue' else 1}")
     folder = resolve(args.model, args.revision, args.cache_dir, args.local_files_only)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = named_device(args.device)
     if args.decode_graphs and device.type != "cuda":
         raise ValueError(f"--decode-graphs records CUDA graphs: it needs a CUDA device, not {device}")
     if args.prompt_graphs and device.type != "cuda":

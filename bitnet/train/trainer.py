@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..args import arg
+from ..args import arg, device as named_device
 from ..atomic import SaveError, atomic_save_safetensors, atomic_write_bytes, free_bytes, human
 from ..config import PRESETS, BitNetConfig
 from ..convert import bitlinears, convert, freeze, set_quant_strength, unfreeze
@@ -180,33 +180,25 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
 
 
 def _training_device(name: str | None, world: int, local: int) -> torch.device:
-    """The device a (rank's) run trains on: --device (default: CUDA where torch sees a GPU); under
-    torchrun a CUDA run puts local rank i on GPU i. A device that is not there is a clear error at
-    the start, not a CUDA error at the first tensor."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    """The device a (rank's) run trains on: --device, checked (bitnet.args.device: default CUDA where
+    torch sees a GPU); under torchrun a CUDA run puts local rank i on GPU i, and a node with fewer
+    GPUs than ranks is a clear error at the start, not a CUDA error at the first tensor."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"--device {name!r} is not a device (cuda, cuda:1, cpu, ...)") from None
-    if device.type != "cuda":
-        if world > 1 and device.type != "cpu":
-            raise TrainingError(f"--device {name}: under torchrun a run trains on CUDA (nccl) or the CPU (gloo)")
+        device = named_device(name)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if world == 1:
         return device
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
-        raise TrainingError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, {build}); train "
-                            "on the CPU with --device cpu")
-    if world > 1:
-        if local >= count:
-            raise TrainingError(f"torchrun started local rank {local} but this node has {count} CUDA device(s): a "
-                                f"CUDA run takes one GPU a process (--nproc-per-node {count} or fewer), or train on "
-                                "the CPU with --device cpu (gloo)")
-        return torch.device("cuda", local)
-    if device.index is not None and device.index >= count:
-        raise TrainingError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
-    return device
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise TrainingError(f"--device {name}: under torchrun a run trains on CUDA (nccl) or the CPU (gloo)")
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise TrainingError(f"torchrun started local rank {local} but this node has {count} CUDA device(s): a CUDA "
+                            f"run takes one GPU a process (--nproc-per-node {count} or fewer), or train on the CPU "
+                            "with --device cpu (gloo)")
+    return torch.device("cuda", local)
 
 
 def train(cfg: TrainConfig) -> dict:
