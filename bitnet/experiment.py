@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .args import arg
+from .args import arg, device as named_device
 from .config import PRESETS, BitNetConfig
 from .convert import count_parameters
 from .model import BitNetForCausalLM
@@ -73,7 +73,7 @@ class CompareArgs:
     jobs: int = arg(1, help="runs trained in parallel (processes)")
     threads: int | None = arg(None, help="torch threads per run (default: cores / jobs)")
     device: str | None = arg(None, help="where each run trains and the chosen ones are evaluated: cuda, cpu, ... "
-                             "(default: bitnet train's, CUDA when torch sees a GPU)")
+                             "(default: CUDA where torch sees a GPU, else the CPU)")
     out: str = arg("runs/compare", help="output folder (runs are reused when complete, resumed when not)")
 
 
@@ -266,6 +266,7 @@ def run_comparison(args: CompareArgs, progress=print) -> dict:
     {"setup", "runs", "table"} and writes compare.{json,md,png} under args.out."""
     from .evaluate import evaluate_folder
 
+    device = named_device(args.device)  # checked before any run starts; the runs' default is the same
     _, test_txt, tok = _corpus(args)
     runs = train_runs(planned_runs(args), args.jobs, args.threads, progress)
     runs, limited = extend_sweeps(args, runs, progress)
@@ -276,7 +277,7 @@ def run_comparison(args: CompareArgs, progress=print) -> dict:
         for linear in args.linears:
             best = min((r for r in runs if r["preset"] == preset and r["linear"] == linear), key=lambda r: r["dev_loss"])
             result = evaluate_folder(os.path.join(best["path"], "export"), test_txt, args.seq_len, args.seq_len // 2,
-                                     device=args.device)
+                                     device=device)
             best.update(test_ppl=result.ppl, test_tokens=result.tokens)
             chosen[(preset, linear)] = best
             row[f"lr_{linear}"] = best["lr"]

@@ -54,7 +54,7 @@ def test_convert_missing_source(tmp_path, capsys):
 
 
 def test_every_command_checks_its_device_before_loading_anything(tmp_path, tokenizer, capsys, monkeypatch):
-    """`--device` of generate, eval, serve and train, each on a checkpoint it could run: a device
+    """`--device` of generate, eval, serve, train and compare, each on input it could run: a device
     torch does not know, CUDA where torch sees none, cuda:N past a one-GPU machine's last; exit 2 and
     one line naming the device and what to do (not a CUDA traceback from inside a model's load)."""
     import importlib.util
@@ -68,7 +68,8 @@ def test_every_command_checks_its_device_before_loading_anything(tmp_path, token
     text.write_text("hello world, a tiny corpus for a tiny tokenizer\n" * 40)
     commands = {"generate": ["generate", str(tmp_path / "m"), "--prompt", "hello"],
                 "eval": ["eval", "ppl", str(tmp_path / "m"), "--data", str(text)],
-                "train": ["train", "--data", str(text), "--out", str(tmp_path / "run"), "--preset", "tiny"]}
+                "train": ["train", "--data", str(text), "--out", str(tmp_path / "run"), "--preset", "tiny"],
+                "compare": ["compare", "--data", str(text), "--out", str(tmp_path / "cmp")]}
     if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")):
         commands["serve"] = ["serve", str(tmp_path / "m")]  # (its extra installed: the check comes after it)
 
@@ -86,7 +87,7 @@ def test_every_command_checks_its_device_before_loading_anything(tmp_path, token
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         assert "--device cuda:1: this machine has 1 CUDA device(s) (cuda:0 .. cuda:0)" in said([*cmd, "--device", "cuda:1"])
         monkeypatch.undo()
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cmp" / "runs").exists()
 
 
 def test_unknown_choice_exits_with_usage():
