@@ -2,9 +2,10 @@
 exact torch path.
 
 Choice, most specific first: the module's `kernel` argument, then the environment variable
-BITNET_KERNEL ("triton", "cpu" or "torch"), then automatic: Triton for CUDA tensors, the native
-CPU kernels (bitnet.kernels.cpu) for CPU tensors when they could be built, torch otherwise. All
-three compute the same integers and apply the scales with the same float32 operations, so their
+BITNET_KERNEL ("triton", "cpu" or "torch"), then automatic: Triton for CUDA tensors (on a GPU of
+compute capability 8.0 or later, TRITON_MIN_CAPABILITY; torch on a V100 or T4), the native CPU
+kernels (bitnet.kernels.cpu) for CPU tensors when they could be built, torch otherwise. All three
+compute the same integers and apply the scales with the same float32 operations, so their
 outputs are equal. Under TRITON_INTERPRET=1, BITNET_KERNEL=triton runs the Triton kernels on CPU
 tensors (that is how CI proves them correct).
 
@@ -35,6 +36,23 @@ from .quant import rms_norm as torch_rms_norm
 
 KERNELS = ("triton", "cpu", "torch")
 
+# The Triton kernels' floor on NVIDIA GPUs: int8 tensor-core dots (and bf16), compute capability 8.0
+# (A100, A10, L4, L40S, H100, RTX 30xx and later). Triton does not compile an int8 dot for an older
+# GPU (sm_75, a T4: "'arith.extf' op operand #0 must be floating-point-like"), so a packed layer on
+# a V100 or T4 takes the exact torch path unless asked otherwise, and BITNET_KERNEL=triton says why
+# it cannot be.
+TRITON_MIN_CAPABILITY = (8, 0)
+_TRITON_GPUS: dict[int, tuple[int, int] | None] = {}  # device index -> its capability if below the floor
+
+
+def _old_gpu(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of an NVIDIA GPU below TRITON_MIN_CAPABILITY, else None."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TRITON_GPUS:
+        capability = tuple(torch.cuda.get_device_capability(index))
+        _TRITON_GPUS[index] = capability if torch.version.hip is None and capability < TRITON_MIN_CAPABILITY else None
+    return _TRITON_GPUS[index]
+
 
 def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
     choice = kernel or os.environ.get("BITNET_KERNEL") or default_kernel(x.device)
@@ -42,6 +60,11 @@ def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
         raise ValueError(f"kernel must be one of {KERNELS} (argument or BITNET_KERNEL), got {choice!r}")
     if choice == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 to run on the CPU")
+    if choice == "triton" and x.is_cuda and (old := _old_gpu(x.device)) is not None:
+        raise RuntimeError(f"the Triton kernels need an NVIDIA GPU of compute capability "
+                           f"{'.'.join(map(str, TRITON_MIN_CAPABILITY))} or later (int8 tensor-core dots); "
+                           f"{torch.cuda.get_device_name(x.device)} is {old[0]}.{old[1]}: kernel='torch' "
+                           f"(BITNET_KERNEL=torch) runs the exact torch path on it")
     if choice == "cpu" and x.device.type != "cpu":
         raise RuntimeError(f"the native CPU kernels need a CPU tensor, got one on {x.device}")
     if choice == "cpu" and not native.available():
@@ -55,14 +78,16 @@ def triton_applies(x: torch.Tensor, kernel: str | None = None) -> bool:
     head), which follow the choice where it can be honoured and fall back where it cannot (say
     BITNET_KERNEL=cpu with a float model on a GPU)."""
     choice = kernel or os.environ.get("BITNET_KERNEL") or default_kernel(x.device)
-    return choice == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if choice != "triton":
+        return False
+    return (x.is_cuda and _old_gpu(x.device) is None) or (not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def default_kernel(device: torch.device | str) -> str:
     """The backend a packed layer uses on `device` when nothing is asked for."""
     device = torch.device(device)
     if device.type == "cuda":
-        return "triton"
+        return "triton" if _old_gpu(device) is None else "torch"
     if device.type == "cpu" and native.available():
         return "cpu"
     return "torch"

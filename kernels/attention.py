@@ -28,11 +28,13 @@ rows are the model's context): the splits past pos store nothing and are not mer
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2, pdl, pdl_start, pdl_wait
+from .common import INTERPRET, LAUNCH, cdiv, next_power_of_2, pdl, pdl_start, pdl_wait, shared_limit
 from .gemm import zeroed_workspace
 from .launch import fast_launch
 from .rope import _rotated
@@ -48,14 +50,28 @@ NUM_WARPS = 8
 _LOG2E = 1.4426950408889634
 
 
-def tile(dtype: torch.dtype) -> tuple[int, int]:
+def shared_bytes(block_s: int, block_d: int, block_g: int, itemsize: int, stages: int) -> int:
+    """An upper bound of the shared memory (bytes) a program asks for: each stage's K and V tiles
+    [block_s, block_d], and the queries' [block_g, block_d] float32 tile (the compile guard holds
+    every variant it compiles to this bound, for sm_80, sm_86 and sm_90)."""
+    return stages * 2 * block_s * block_d * itemsize + block_g * block_d * 4
+
+
+@functools.cache
+def tile(dtype: torch.dtype, block_d: int = 128, block_g: int = 16, limit: int | None = None) -> tuple[int, int]:
     """(slots a step, software-pipelining stages) for a cache of dtype. With stages, Triton loads the
     next blocks' K and V (cp.async into shared memory) while this block's dots run: a split's two
     blocks wait on memory about once. A float32 cache's [64, 128] tiles would not fit sm_80's shared
-    memory staged, nor its registers both at once (they load together): 32 slots a step, unstaged."""
+    memory staged, nor its registers both at once (they load together): 32 slots a step, unstaged.
+    limit (common.shared_limit of the device): fewer stages where three would ask for more shared
+    memory than a program may have: at head size 128 three 16-bit stages are 104 KB, over the 99 KB
+    of an A10, L4, L40S or RTX 30xx-50xx (two: 72 KB)."""
     if dtype == torch.float32 and not INTERPRET:
         return BLOCK_S // 2, 1
-    return BLOCK_S, 3
+    stages = 3
+    while limit is not None and stages > 1 and shared_bytes(BLOCK_S, block_d, block_g, dtype.itemsize, stages) > limit:
+        stages -= 1
+    return BLOCK_S, stages
 
 
 @triton.jit
@@ -271,7 +287,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     chunk = cdiv(blocks, splits) * BLOCK_S
     splits = cdiv(S, chunk)
     block_g, block_d = max(16, next_power_of_2(G)), max(16, next_power_of_2(D))
-    block_s, stages = tile(q.dtype)
+    block_s, stages = tile(q.dtype, block_d, block_g, shared_limit(q.device))
     part, count = y, pos  # unused with one split
     if splits > 1:
         part = torch.empty(N * nkv * splits * block_g * (2 + block_d), dtype=torch.float32, device=q.device)

@@ -95,6 +95,35 @@ def pdl(t: torch.Tensor) -> dict:
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 
+# The most shared memory one program (CTA) may ask for, in bytes: CUDA's opt-in per-block limit by
+# compute capability, what torch reports as shared_memory_per_block_optin (read from the device
+# where torch has it). The data-center parts (A100 8.0, Orin 8.7, H100 / H200 9.0, B200 10.0) allow
+# 163-227 KB; the workstation and inference parts (A10 / A10G / A40 / RTX 30xx 8.6, L4 / L40S /
+# RTX 40xx 8.9, RTX 50xx 12.0) 99 KB. A launch asking for more fails ("out of resources").
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+_SHARED_LIMITS: dict[int, int] = {}
+
+
+def shared_limit(device: torch.device | str) -> int | None:
+    """The shared memory (bytes) one program may ask for on `device`; None where nothing limits it
+    (a CPU device, the interpreter). Launchers whose one tile would ask for more on a GPU (decode
+    attention's pipelined stages, the norm-fused GEMM tile) pick a smaller one by this; autotuned
+    configs that do not fit are dropped by Triton's autotuner when it times them."""
+    if INTERPRET:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = _SHARED_LIMITS.get(index)
+    if limit is None:
+        props = torch.cuda.get_device_properties(index)
+        limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+        if limit <= 0:  # (a torch without the field: by compute capability, else the smallest listed)
+            limit = SHARED_LIMIT.get(10 * props.major + props.minor, min(SHARED_LIMIT.values()))
+        _SHARED_LIMITS[index] = limit
+    return limit
+
 
 def pdl_in_use(device: torch.device | str | None = None) -> bool:
     """Whether the Triton kernels launch as dependents on `device` (a CUDA device on which one has

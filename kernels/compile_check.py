@@ -87,12 +87,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .common import SHARED_LIMIT  # the largest shared memory one program may ask for, by architecture
 from .launch import triton_kernel
 from .precompile import _message
 
 ARCHS = (90, 80)
-# The largest shared memory one program (CTA) may ask for, in bytes (CUDA's opt-in per-block limit).
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 FORMATS = {"2bit": 4, "1.6bit": 5, "1bit": 8}  # format -> P (bitnet.packing.FORMATS)
 TYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "int8": "*i8", "int32": "*i32", "uint8": "*u8"}
 
@@ -129,6 +128,7 @@ class Result:
     registers: int = 0  # a thread's, from the cubin (cuobjdump -res-usage)
     spill: int = 0  # bytes of local memory a thread (stack and local: register spills), from the cubin
     ordered: int = 0  # memory operations with acquire / release semantics and fences in the PTX (ordered_ops)
+    dropped: bool = False  # an autotuned config over a smaller GPU's shared memory: timed, it fails and is passed over
 
 
 def _jit_functions() -> dict:
@@ -460,8 +460,29 @@ def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:
         for arch in archs:
             for v in make():
                 consts = dict(v.constexprs, PDL=arch >= 90) if name in PDL_KERNELS else v.constexprs
-                out.append(dataclasses.replace(v, arch=arch, constexprs=consts))
+                v = as_launched(dataclasses.replace(v, arch=arch, constexprs=consts))
+                if v is not None:
+                    out.append(v)
     return out
+
+
+def as_launched(v: Variant) -> Variant | None:
+    """v as its launcher launches it on a GPU of v.arch with that architecture's shared memory
+    (SHARED_LIMIT): the decode attention with the stages attention.tile gives there; a norm-fused
+    GEMM tile that gemm.norm_tile_fits turns down is not launched there (None: the norm runs apart)."""
+    import torch
+
+    limit = SHARED_LIMIT.get(v.arch)
+    if v.kernel == "_decode_attention_kernel":
+        from .attention import tile
+
+        c = v.constexprs
+        dtype = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}[v.types["k_ptr"]]
+        return dataclasses.replace(v, num_stages=tile(dtype, c["BLOCK_D"], c["BLOCK_G"], limit)[1])
+    if v.kernel == "_gemm_kernel" and v.constexprs.get("NORM"):
+        bound = _norm_tile_bound(v)
+        return v if limit is None or bound is None or bound <= limit else None
+    return v
 
 
 def _compile(v: Variant, fn=None):
@@ -503,14 +524,69 @@ def compile_variant(v: Variant, fn=None) -> Result:
     except Exception as e:  # noqa: BLE001: every compiler failure is reported, with its type
         return Result(v, False, time.perf_counter() - start, error=_message(e))
     limit = SHARED_LIMIT.get(v.arch)
+    bound = shared_bound(v)
     error = ""
+    if limit is not None and shared > limit and v.arch not in ARCHS and droppable(v):
+        return Result(v, True, time.perf_counter() - start, shared, "", registers, spill, ordered, dropped=True)
     if limit is not None and shared > limit:
         error = f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}"
+    elif bound is not None and shared > bound:
+        error = (f"needs {shared} bytes of shared memory per program, more than its launcher's bound of {bound} "
+                 f"(what decides whether the tile fits a GPU with less: {SHARED_BOUNDS[v.kernel][0]}); raise the bound")
     elif ordered > ORDERED_LIMIT:
         error = (f"{ordered} memory operations with acquire or release semantics (each a MEMBAR.ALL.GPU in the SASS, "
                  f"an acquire also drops the SM's L1: the thread waits on L2 for each); at most {ORDERED_LIMIT} a "
                  f"program (a split's arrival counter): pass sem=\"relaxed\" to atomics that order nothing")
     return Result(v, not error, time.perf_counter() - start, shared, error, registers, spill, ordered)
+
+
+def droppable(v: Variant) -> bool:
+    """Whether a variant that asks a GPU for more shared memory than it has is passed over rather
+    than launched there: a config of an autotuned kernel (Triton's autotuner times every fitting
+    config, and one that fails with "out of resources" is not chosen), but not the config that
+    BITNET_AUTOTUNE=first launches untimed (each regime's first). The target architectures (ARCHS)
+    drop nothing: every config there must fit."""
+    from . import activations, gemm, gemv, int4_head, int8_head
+
+    untimed = {"_gemm_kernel": [gemm.SMALL_M_CONFIGS[0], gemm.LARGE_M_CONFIGS[0]], "_gemm_int8_kernel": [gemm.INT8_CONFIGS[0]],
+               "_gemv_kernel": [gemv.CONFIGS[0]], "_act_quant_kernel": [activations.CONFIGS[0]],
+               "_rmsnorm_act_quant_kernel": [activations.CONFIGS[0]], "_rmsnorm_quant_unpack_kernel": [activations.CONFIGS[0]],
+               "_int8_linear_kernel": [int8_head.CONFIGS[0]], "_int4_linear_kernel": [int4_head.CONFIGS[0]]}
+    if v.kernel not in untimed:
+        return False
+    return not any(all(v.constexprs.get(k) == value for k, value in c.kwargs.items()) and v.num_warps == c.num_warps
+                   and v.num_stages == c.num_stages for c in untimed[v.kernel])
+
+
+def _attention_bound(v: Variant) -> int:
+    from .attention import shared_bytes
+
+    c = v.constexprs
+    itemsize = {"*fp32": 4, "*bf16": 2, "*fp16": 2}[v.types["k_ptr"]]
+    return shared_bytes(c["BLOCK_S"], c["BLOCK_D"], c["BLOCK_G"], itemsize, v.num_stages)
+
+
+def _norm_tile_bound(v: Variant) -> int | None:
+    from .gemm import NORM_TILE, norm_tile_shared
+
+    c = v.constexprs
+    if not c.get("NORM") or any(c[k] != size for k, size in NORM_TILE.items()):
+        return None  # (off the one tile: no launcher launches it; a test compiles one to see it spill)
+    return norm_tile_shared({"*fp32": 4, "*bf16": 2, "*fp16": 2}[v.types["x_ptr"]], c["GATED"])
+
+
+# The kernels whose launchers choose a tile by the device's shared memory (common.shared_limit)
+# from a bound of what it asks for: the compiled size must not pass the bound, on any architecture.
+# (The autotuned kernels need none: Triton's autotuner drops a config that does not fit when it
+# times it.)
+SHARED_BOUNDS = {"_decode_attention_kernel": ("attention.shared_bytes", _attention_bound),
+                 "_gemm_kernel": ("gemm.norm_tile_shared", _norm_tile_bound)}
+
+
+def shared_bound(v: Variant) -> int | None:
+    """The launcher's bound of the shared memory v asks for, None where its launcher has none."""
+    entry = SHARED_BOUNDS.get(v.kernel)
+    return entry[1](v) if entry else None
 
 
 # Triton's atomics are acq_rel unless told otherwise (sem=): on sm_90 each compiles to MEMBAR.ALL.GPU,
@@ -676,10 +752,13 @@ def report(results: list[Result], seconds: float) -> str:
     lines = [f"{len(results)} compiles with Triton {triton.__version__}, {len(fails)} failed, {seconds:.0f} s"]
     for (name, arch), rs in sorted(by_kernel.items()):
         spills = [r.spill for r in rs if r.spill and r.variant.aligned]  # (unaligned variants: K = 37 and the like)
+        dropped = sum(r.dropped for r in rs)
+        kept = [r for r in rs if not r.dropped] or rs
         lines.append(f"  {name} sm_{arch}: {len(rs)} variants, {sum(not r.ok for r in rs)} failed, largest shared memory "
-                     f"{max(r.shared for r in rs)} B, registers up to {max(r.registers for r in rs)}, {len(spills)} "
+                     f"{max(r.shared for r in kept)} B, registers up to {max(r.registers for r in rs)}, {len(spills)} "
                      f"aligned spill{f' (up to {max(spills)} B a thread)' if spills else ''}, ordered memory "
-                     f"operations up to {max(r.ordered for r in rs)}")
+                     f"operations up to {max(r.ordered for r in rs)}"
+                     + (f"; {dropped} over sm_{arch}'s shared memory, passed over by the autotuner" if dropped else ""))
     for r in fails:
         lines += ["", f"FAILED {r.variant.describe()}", *("    " + line for line in r.error.splitlines())]
     return "\n".join(lines)
@@ -748,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     def progress(r: Result):
         if args.verbose or not r.ok:
             usage = f" ({r.registers} registers, {r.spill} B spilled, {r.ordered} ordered)" if r.ok else ""
-            print(f"{'ok  ' if r.ok else 'FAIL'} {r.seconds:5.1f}s {r.variant.describe()}{usage}", flush=True)
+            mark = "drop" if r.dropped else "ok  " if r.ok else "FAIL"
+            print(f"{mark} {r.seconds:5.1f}s {r.variant.describe()}{usage}", flush=True)
 
     results = run(args.arch, args.kernel, args.jobs, progress)
     print(report(results, time.perf_counter() - start))

@@ -35,6 +35,7 @@ and bias): a lone k_proj at M = 512 has 5 x 4 tiles of 128 x 128 for 132 SMs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -46,10 +47,10 @@ from bitnet.quant import int_matmul
 
 from .activations import quantize
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
-                     pdl_start, pdl_wait, segment_starts, store_output)
+                     pdl_start, pdl_wait, segment_starts, shared_limit, store_output)
 from .gemv import by_segment, segment_of
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, row_block, unpack_checked, values_per_byte
-from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rows_rstd, sum_block
+from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rmsnorm_act_quant, rows_rstd, sum_block
 
 SMALL_M = 64
 
@@ -85,6 +86,27 @@ NORM_TILE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256}
 def norm_fits(config: triton.Config) -> bool:
     """Whether a small-M config is the norm-fused GEMM's tile (NORM_TILE)."""
     return all(config.kwargs[k] == v for k, v in NORM_TILE.items())
+
+
+@functools.cache
+def norm_tile_shared(itemsize: int, gated: bool) -> int:
+    """An upper bound of the shared memory (bytes) the norm-fused tile asks for with float x of
+    `itemsize` bytes (and the gate's up tile): each stage's float x tiles and packed weights (at most
+    a byte per 4 codes), the float tiles once more and the int8 x_q tile for the dot. The compile
+    guard holds every variant it compiles to this bound. 16-bit x: 60 KB, gated 92 KB (compiled: 52
+    and 92); float32 x 92 KB, gated 156 KB (compiled: 116), past the 99 KB of an A10, L4, L40S or
+    RTX 30xx-50xx."""
+    config = next(c for c in SMALL_M_CONFIGS if norm_fits(c))
+    bm, bn, bk = NORM_TILE["BLOCK_M"], NORM_TILE["BLOCK_N"], NORM_TILE["BLOCK_K"]
+    x = bm * bk * itemsize * (2 if gated else 1)
+    return config.num_stages * (x + bn * bk // 4) + x + bm * bk
+
+
+def norm_tile_fits(x: torch.Tensor, gated: bool) -> bool:
+    """Whether the norm-fused tile fits the shared memory of x's device (common.shared_limit); where
+    it does not, gemm_cat runs rmsnorm_act_quant first (the same bits)."""
+    limit = shared_limit(x.device)
+    return limit is None or norm_tile_shared(x.dtype.itemsize, gated) <= limit
 
 
 def _prune(configs, named_args, **kwargs):
@@ -524,6 +546,9 @@ def gemm_cat(
         raise ValueError(f"an RMSNorm in the GEMM is for a float output and M <= {SMALL_M} (below "
                          f"BITNET_UNPACK_GEMM_M = {UNPACK_M}), got {out_dtype} and M = {m}: "
                          f"rmsnorm_act_quant, then the GEMM")
+    if norm and not norm_tile_fits(x_q, up is not None):  # (a GPU with less shared memory: norm apart)
+        x_q, a, xsum = rmsnorm_act_quant(x_q, norm_weight, eps, up)
+        xsum, norm_weight, up, norm = xsum.reshape(-1), None, None, False
     if not norm and x_q.dtype != torch.int8:
         raise ValueError(f"gemm takes int8 activations, got {x_q.dtype}")
     biases = cat_biases("gemm_cat", packed, ns, scales, biases)

@@ -42,8 +42,10 @@ class _FakeUtils:
         self.arch = arch
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": 232448 if self.arch >= 90 else 166912, "multiprocessor_count": 132,
-                "max_num_regs": 65536, "warpSize": 32}
+        from .common import SHARED_LIMIT
+
+        return {"max_shared_mem": SHARED_LIMIT.get(self.arch, 232448 if self.arch >= 90 else 166912),
+                "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
         return "stand-in module", "stand-in function", 0, 0, 1024  # (module, function, regs, spills, max threads)

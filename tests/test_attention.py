@@ -56,6 +56,31 @@ def test_decode_attention_matches_float64(dtype, N, H, nkv, D, S, rows_n, triton
     assert ((y - unmasked).abs() > bound(unmasked, dtype)).any()
 
 
+def test_a_gpu_with_less_shared_memory_stages_fewer_tiles(monkeypatch, triton_device):
+    """The launcher stages as many K / V tiles as the device lets a program have shared memory for
+    (common.shared_limit: at head size 128 three bf16 stages ask 104 KB, over the 99 KB of an A10,
+    L4, L40S or RTX 30xx-50xx); the result is the same bits with any number of stages (staging moves
+    when a tile loads, not what is computed: on a GPU the stages really differ). The compile guard
+    holds the compiled sizes to attention.shared_bytes (tests/test_compile_guard.py)."""
+    q, k, v, pos, mask = case(triton_device, torch.bfloat16, 2, 20, 5, 128, 3 * CHUNK + 5)
+    want = attention.decode_attention(q, k, v, pos, None, mask)
+    stages, real = [], attention._decode_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                stages.append(kwargs["num_stages"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention, "_decode_attention_kernel", Spy())
+    three, two = (attention.shared_bytes(attention.BLOCK_S, 128, 16, 2, n) for n in (3, 2))
+    for limit, expected in ((None, 3), (three, 3), (three - 1, 2), (two - 1, 1)):
+        monkeypatch.setattr(attention, "shared_limit", lambda device, limit=limit: limit)
+        assert torch.equal(attention.decode_attention(q, k, v, pos, None, mask), want)
+        assert stages[-1] == expected, (limit, stages)
+
+
 def test_one_position_for_every_query_and_an_unwritten_tail(triton_device):
     """pos (1,) broadcasts (a decode step's input_pos); slots after pos hold garbage that must not
     be read (a static cache's unwritten tail): NaN there changes nothing."""

@@ -120,3 +120,30 @@ def test_learns():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_a_gpu_below_the_triton_floor_takes_the_torch_path(monkeypatch):
+    """Triton compiles no int8 tensor-core dot for an NVIDIA GPU below compute capability 8.0 (a
+    V100, a T4): a packed layer there defaults to the exact torch path, and kernel='triton' says why
+    it cannot be; from 8.0 (A100, A10, L4, H100, RTX 30xx) the default is Triton. torch.cuda's
+    answers are monkeypatched (no GPU here); the layer's tensors stand in as their device."""
+    from types import SimpleNamespace
+
+    from bitnet import ops
+
+    monkeypatch.delenv("BITNET_KERNEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda:0"))
+    for capability, expected in (((7, 0), "torch"), ((7, 5), "torch"), ((8, 0), "triton"), ((8, 9), "triton"),
+                                 ((9, 0), "triton"), ((12, 0), "triton")):
+        monkeypatch.setattr(ops, "_TRITON_GPUS", {})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        assert ops.default_kernel("cuda:0") == expected == ops.choose_kernel(x), capability
+        assert ops.triton_applies(x) == (expected == "triton")
+        assert ops.choose_kernel(x, "torch") == "torch"
+        if expected == "torch":
+            with pytest.raises(RuntimeError, match=rf"capability 8\.0 or later \(int8 tensor-core dots\); Tesla T4 is "
+                                                   rf"{capability[0]}\.{capability[1]}: kernel='torch'"):
+                ops.choose_kernel(x, "triton")
+        else:
+            assert ops.choose_kernel(x, "triton") == "triton"

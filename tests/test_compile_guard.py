@@ -310,6 +310,68 @@ def test_the_decode_attention_stages_its_loads_and_spills_nothing(tmp_path):
     _check_attention(variants, loops)
 
 
+SMALL_SHARED = """
+import dataclasses
+import torch
+from bitnet.kernels import attention, compile_check as cc, gemm
+
+limit = cc.SHARED_LIMIT[86]
+print("tiles", attention.tile(torch.bfloat16, 128, 16, limit), attention.tile(torch.bfloat16, 128, 16, None),
+      attention.tile(torch.float16, 64, 16, limit), attention.tile(torch.float32, 128, 16, limit))
+# the tiles chosen by the launchers, and the autotuned configs BITNET_AUTOTUNE=first launches untimed
+vs = [v for v in cc.variants([86], ["_decode_attention_kernel", "_gemm_kernel", "_gemm_int8_kernel"])
+      if v.kernel == "_decode_attention_kernel" or v.constexprs.get("NORM") or not cc.droppable(v)]
+print("norm tiles", sorted({(v.types["x_ptr"], v.constexprs["GATED"]) for v in vs if v.constexprs.get("NORM")}))
+results = [cc.compile_variant(v) for v in vs]
+print("compiled", len(results), "failed", sum(not r.ok for r in results), "dropped", sum(r.dropped for r in results),
+      "largest", max(r.shared for r in results))
+for r in results:
+    if not r.ok:
+        print("FAILED", r.variant.describe(), r.error)
+big = next(v for v in cc.variants([86], ["_gemm_kernel"]) if v.constexprs["BLOCK_N"] == 256 and v.constexprs["BLOCK_M"] == 128
+           and v.constexprs["BLOCK_K"] == 128 and v.constexprs["P"] == 5 and v.constexprs["LANES"] == 1)
+r = cc.compile_variant(big)
+print("large tile", r.ok, r.dropped, r.shared, cc.compile_variant(dataclasses.replace(big, arch=80)).ok)
+v = next(v for v in vs if v.kernel == "_decode_attention_kernel" and v.constexprs["D"] == 128 and v.aligned
+         and v.types["k_ptr"] == "*bf16" and v.constexprs["G"] == 4)
+print("chosen", v.num_stages, cc.compile_variant(v).shared)
+r = cc.compile_variant(dataclasses.replace(v, num_stages=3))  # what the launcher gave every GPU before
+print("three stages", r.ok, r.error)
+cc.SHARED_BOUNDS["_decode_attention_kernel"] = ("a test's bound", lambda v: 1024)
+r = cc.compile_variant(v)
+print("bound", r.ok, r.error)
+"""
+
+
+def test_a_gpu_with_99_kb_of_shared_memory_is_given_tiles_that_fit(tmp_path):
+    """An A10 / A40 / RTX 30xx (sm_86), L4 / L40S / RTX 40xx (sm_89) or RTX 50xx (sm_120) lets a
+    program have 99 KB of shared memory, against 163 KB on an A100 and 227 KB on an H100. The two
+    launchers that pick one tile for every GPU pick it by the device's limit (common.shared_limit):
+    the decode attention stages two K / V tiles where three would not fit (head size 128 in bf16:
+    104 KB, which failed every decode step there), and the norm-fused GEMM tile with float32 gated
+    input (~116 KB) gives way to the norm kernel first. Compiled for sm_86 as launched there, every
+    variant fits and stays within its launcher's bound (which the guard checks on every
+    architecture), and so does each autotuned regime's first config (BITNET_AUTOTUNE=first launches
+    it untimed); the large-M 128 x 256 x 128 tile does not (128 KB in 1.6-bit bytes): Triton's
+    autotuner passes over it when it times it, and the guard counts it so. The three-stage attention
+    does not fit (the check can fail), nor does a variant past its launcher's bound.
+    `python -m bitnet.kernels.compile_check --arch 86` sweeps every variant (CI sweeps 90 and 80)."""
+    script = tmp_path / "small_shared.py"
+    script.write_text(SMALL_SHARED)
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "tiles (64, 2) (64, 3) (64, 3) (32, 1)" in out, out
+    assert "norm tiles [('*bf16', False), ('*bf16', True), ('*fp16', False)]" in out, out  # float32 gated: apart
+    assert re.search(r"compiled \d+ failed 0 dropped 0 largest (\d+)", out), out
+    assert "large tile True True 131072 True" in out, out  # passed over by the autotuner on sm_86; fits sm_80
+    assert int(re.search(r"largest (\d+)", out).group(1)) <= compile_check.SHARED_LIMIT[86]
+    assert re.search(r"chosen 2 \d+", out), out
+    assert "three stages False needs 106496 bytes of shared memory per program; sm_86 allows 101376" in out, out
+    assert "bound False needs" in out and "more than its launcher's bound of 1024 (what decides whether the tile " \
+                                           "fits a GPU with less: a test's bound)" in out, out
+
+
 FENCED = '''
 import triton
 import triton.language as tl
@@ -546,7 +608,9 @@ def test_tuning_tables_through_tritons_own_autotuner(tmp_path):
     timer) through Triton's Autotuner.run: a new key timed and its fastest config kept in this
     machine's table; the next process's launch takes it from there with nothing timed; retune,
     another kernel source, the package's table (any source; a config no longer in the list
-    ignored), BITNET_TUNING_DIR=off, an unreadable table, and `first` each as tuning.py says."""
+    ignored), BITNET_TUNING_DIR=off, an unreadable table, and `first` each as tuning.py says; and
+    on a stand-in sm_86 (99 KB of shared memory a program), a config that asks for more is passed
+    over when timed (Triton's "out of resources" at its launch) and kept in the table as not run."""
     r = _tuning_check(tmp_path)
     assert r.returncode == 0 and "tuning tables: 0 failed" in r.stdout, f"{r.stdout[-5000:]}\n{r.stderr[-5000:]}"
 

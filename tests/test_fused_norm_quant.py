@@ -344,6 +344,33 @@ def test_the_batched_norms_launch_apart_with_the_knob_off(monkeypatch, triton_de
     assert torch.equal(kernels.rmsnorm_packed_matmul_cat(*args), fused) and len(launches) == 1
 
 
+@pytest.mark.parametrize("dtype, gated, fused", [(torch.float32, True, False), (torch.bfloat16, True, True),
+                                                  (torch.float32, False, True)])
+def test_a_gpu_with_less_shared_memory_runs_the_norm_apart_where_the_tile_does_not_fit(dtype, gated, fused, monkeypatch,
+                                                                                        triton_device):
+    """On a GPU that lets a program have 99 KB of shared memory (an A10, L4, L40S or RTX 30xx-50xx:
+    common.shared_limit) the norm-fused tile with float32 gated input (~116 KB compiled, bound 156
+    KB: gemm.norm_tile_shared) would not launch: gemm_cat runs rmsnorm_act_quant first, the same
+    bits; 16-bit gated input (92 KB) and float32 without the gate (92 KB) stay in the one launch."""
+    from bitnet.kernels import gemm, rmsnorm_quant
+
+    d = triton_device
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(3, K, generator=g) * 3).to(d, dtype)
+    up = torch.randn(3, K, generator=g).to(d, dtype) if gated else None
+    weight = (torch.rand(K, generator=g) + 0.5).to(d, dtype)
+    layers = [layer.to(d) for layer in qkv(d, bias=False)]
+    args = (x, [m.weight for m in layers], [48, 16, 16], "2bit", [m.weight_scale for m in layers])
+    want = gemm.gemm_cat(*args, out_dtype=dtype, norm_weight=weight, eps=1e-5, up=up)
+    launches, real_norm = [], rmsnorm_quant._rmsnorm_act_quant_kernel
+    monkeypatch.setattr(rmsnorm_quant, "_rmsnorm_act_quant_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        launches.append(grid), real_norm[grid])[1]})())
+    monkeypatch.setattr(gemm, "shared_limit", lambda device: 101376)
+    assert gemm.norm_tile_fits(x, gated) == fused
+    assert torch.equal(gemm.gemm_cat(*args, out_dtype=dtype, norm_weight=weight, eps=1e-5, up=up), want)
+    assert len(launches) == (0 if fused else 1)
+
+
 def test_the_batched_gemm_refuses_a_norm_it_cannot_run(triton_device):
     from bitnet.kernels.gemm import gemm_cat
 

@@ -4,7 +4,8 @@ A stand-in driver for sm_90 (precompile's: Triton compiles for it and launches n
 model it reports is "stand-in sm_90") and a stand-in timer (Triton's do_bench: each config timed
 is reported 1 ms faster than the one before, so the last config that fits wins) take the place of
 the GPU; the rest is the package's act_quant launched as on a GPU: its autotuner, the hook, the
-tables on disk, the config the launch compiles.
+tables on disk, the config the launch compiles. Last, on a stand-in sm_86 (99 KB of shared memory
+a program), a kernel under the package's autotuner whose larger config does not fit it.
 
     python tests/tuning_check.py DIR      (without TRITON_INTERPRET; DIR: an empty folder; exit 1 on a failure)
 """
@@ -143,8 +144,58 @@ def main() -> int:
     n, compiled = launch()
     check("first: the first config, nothing timed or written", n == 0 and compiled == first
           and (MINE / TABLE).read_text() == before, (n, compiled))
+    os.environ["BITNET_AUTOTUNE"] = "full"
+    too_big()
     print(f"tuning tables: {len(failed)} failed")
     return 1 if failed else 0
+
+
+def too_big():
+    """On a GPU with 99 KB of shared memory a program (sm_86: an A10, RTX 30xx; L4 and L40S are
+    sm_89 with the same), a config that asks for more fails to launch ("out of resources"): timed
+    through the package's autotuner (common.autotune, the tables), Triton passes over it and the
+    table keeps it as not run. The stand-in timer runs each config's launch (compiled for sm_86;
+    the stand-in driver reports that architecture's limit and launches nothing) and reports each
+    config 1 ms faster than the one before, so the config over the limit, last, would win."""
+    import triton.language as tl
+
+    from bitnet.kernels.common import SHARED_LIMIT, autotune
+
+    configs = [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK": 128}, num_warps=4, num_stages=4)]  # 3 x 64 KB staged: over 99 KB
+
+    @autotune(configs, key=["K"], interpret_config=configs[0])
+    @triton.jit
+    def _staged_dot_kernel(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+        for k in range(0, K, BLOCK):
+            a = tl.load(a_ptr + offs[:, None] * K + k + offs[None, :])
+            b = tl.load(b_ptr + (k + offs[:, None]) * BLOCK + offs[None, :])
+            acc += tl.dot(a, b)
+        tl.store(c_ptr + offs[:, None] * BLOCK + offs[None, :], acc)
+
+    def run_each(kernel_call, warmup, rep, quantiles):
+        kernel_call()
+        timed.append(1)
+        return [100.0 - len(timed)] * 3
+
+    triton.testing.do_bench = run_each
+    driver.set_active(precompile._FakeDriver(86))
+    limit = triton.compiler.compiler.max_shared_mem  # (Triton keeps the first driver's answer: sm_90's, above)
+    getattr(limit, "cache_clear", lambda: None)()
+    timed.clear()
+    a, b = torch.empty(128, 512, dtype=torch.float16), torch.empty(512, 128, dtype=torch.float16)
+    _staged_dot_kernel[(1,)](a, b, torch.empty(128, 128), 512)
+    tuner = triton_kernel(_staged_dot_kernel)
+    chosen = tuner.cache[(512,)] if (512,) in tuner.cache else next(iter(tuner.cache.values()))
+    table = json.loads((MINE / tuning.table_name("stand-in sm_86")).read_text())["entries"]
+    (entry,) = [e for key, e in table.items() if key.startswith("_staged_dot_kernel")]
+    times = {c["BLOCK"]: ms for c, ms in entry["ms"]}
+    check("a config over sm_86's shared memory is passed over when timed",
+          SHARED_LIMIT[86] == 101376 and chosen.kwargs["BLOCK"] == 64 and len(timed) == 1, (chosen, len(timed)))
+    check("and the table keeps it as not run", entry["config"]["BLOCK"] == 64 and times[128] is None
+          and times[64] is not None, entry)
 
 
 if __name__ == "__main__":
