@@ -45,7 +45,7 @@ from .args import arg, command, device as named_device
 from .hub import resolve
 from .kernels import cpu as native
 from .model import attention_dtype
-from .ops import capture_cuda_graph, record_cuda_graph
+from .ops import capture_cuda_graph, on_device, record_cuda_graph
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
 log = logging.getLogger("bitnet.generation")
@@ -406,6 +406,8 @@ def generate(
     if owns_cache:
         length = -(-(T + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
         model.setup_cache(B, min(length, config.max_position_embeddings), dtype=cache_dtype, device=device)
+    current = on_device(device)  # (the model's GPU current: graphs record and replay there, Triton launches there)
+    current.__enter__()
     try:
         S = _cache_length(model)[1]
         key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # slots after the prompt hold generated tokens
@@ -465,6 +467,7 @@ def generate(
     finally:
         if owns_cache:
             model.clear_cache()
+        current.__exit__(None, None, None)
 
 
 # ----------------------------------------------------------------------------- `bitnet generate`

@@ -21,6 +21,7 @@ bitnet.patch); BITNET_CPU_DISABLE=1 turns every native op off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -316,6 +317,16 @@ def float_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def on_device(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """torch.cuda.device(device) for a CUDA device, else a context that does nothing. What runs on a
+    model's GPU but not through torch's ops runs on the current device: Triton's launches (the
+    package's follow their tensors: kernels/launch.py), a CUDA graph's recording and replay (the
+    current device's stream). generate and the serving engine run within it: a model on cuda:1 while
+    cuda:0 is current records and replays its graphs on cuda:1."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def capture_cuda_graph(fn: Callable[[], T], undo: Callable[[], None] | None = None, pool=None) -> tuple[torch.cuda.CUDAGraph, T]:

@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import tuning
-from .launch import fast_launch
+from .launch import SHARED_LIMIT, fast_launch
 
 # Read once, when the kernels are decorated: triton.jit itself decides the same way at that moment.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -95,12 +95,6 @@ def pdl(t: torch.Tensor) -> dict:
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 
-# The most shared memory one program (CTA) may ask for, in bytes: CUDA's opt-in per-block limit by
-# compute capability, what torch reports as shared_memory_per_block_optin (read from the device
-# where torch has it). The data-center parts (A100 8.0, Orin 8.7, H100 / H200 9.0, B200 10.0) allow
-# 163-227 KB; the workstation and inference parts (A10 / A10G / A40 / RTX 30xx 8.6, L4 / L40S /
-# RTX 40xx 8.9, RTX 50xx 12.0) 99 KB. A launch asking for more fails ("out of resources").
-SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 _SHARED_LIMITS: dict[int, int] = {}
 
 

@@ -9,10 +9,14 @@ H200). This module runs the compiler itself, with no GPU and no driver:
 
 through every stage (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin), for sm_90 (H100/H200) and
 sm_80 (A100), and checks the shared memory each variant asks for against the architecture's
-per-block limit (a launch would fail with "out of resources" on the GPU), and the memory
-operations with acquire or release semantics in its PTX against ORDERED_LIMIT (each one a
-MEMBAR.ALL.GPU: a split-K epilogue that waited on L2 sixteen times a thread compiled, ran and was
-exact). Each variant's registers and spills (bytes of local memory a thread) are read off its cubin
+per-block limit (a launch would fail with "out of resources" on the GPU) and, for the launchers
+that choose a tile by the device's shared memory (the decode attention's stages, the norm-fused GEMM
+tile: SHARED_BOUNDS), against the bound they choose by. `--arch 86` (or 89, 120: 99 KB a program)
+compiles what such a GPU is given (as_launched); an autotuned config over its limit is counted as
+passed over (Triton's autotuner does, when it times it), unless BITNET_AUTOTUNE=first launches it
+untimed (droppable). And it checks the memory operations with acquire or release semantics in its
+PTX against ORDERED_LIMIT (each one a MEMBAR.ALL.GPU: a split-K epilogue that waited on L2 sixteen
+times a thread compiled, ran and was exact). Each variant's registers and spills (bytes of local memory a thread) are read off its cubin
 and reported per kernel (--verbose: per variant), so that a tile that spills is seen before a GPU
 times it.
 
@@ -87,8 +91,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .common import SHARED_LIMIT  # the largest shared memory one program may ask for, by architecture
-from .launch import triton_kernel
+from .launch import SHARED_LIMIT, triton_kernel  # (SHARED_LIMIT: the most shared memory a program may ask for)
 from .precompile import _message
 
 ARCHS = (90, 80)

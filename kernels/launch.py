@@ -23,6 +23,8 @@ launch while Triton has pre-run hooks or a stage-inspection hook, a call passing
 parameter by keyword or in a tuple, and everything on ROCm (whose backend specializes tensors on
 more). Under CUDA graphs nothing changes (the same launches are recorded). Not re-checked on a
 direct launch: Triton's test that the globals a kernel read have not changed since it compiled.
+Every launch, either path, runs on its tensors' device (other_device), as torch's ops do: Triton's
+own launches on the current device.
 
 The first launch that would take the fast path on a device checks it once (`_verify`: a probe
 kernel launched by Triton and then directly, both outputs compared); on any failure the process
@@ -48,6 +50,13 @@ FAST_LAUNCH_ENV = "BITNET_FAST_LAUNCH"
 _STATE = {"enabled": os.environ.get(FAST_LAUNCH_ENV, "1").strip() != "0" and torch.version.hip is None,
           "verified": set()}
 MAX_ENTRIES = 4096  # signatures kept per kernel (a server sees many prompt lengths): then it starts over
+
+# The most shared memory one program (CTA) may ask for, in bytes: CUDA's opt-in per-block limit by
+# compute capability, what torch reports as shared_memory_per_block_optin (read from the device
+# where torch has it). The data-center parts (A100 8.0, Orin 8.7, H100 / H200 9.0, B200 10.0) allow
+# 163-227 KB; the workstation and inference parts (A10 / A10G / A40 / RTX 30xx 8.6, L4 / L40S /
+# RTX 40xx 8.9, RTX 50xx 12.0) 99 KB. A launch asking for more fails ("out of resources").
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def fast_launch_enabled() -> bool:
@@ -160,6 +169,13 @@ class Launcher:
         return sig, tuple(kwargs.items()), device, id(self.kernel.configs) if self._tuned else None, flags
 
     def launch(self, grid, args: tuple, kwargs: dict):
+        other = other_device(args)
+        if other is not None:  # (Triton launches on the current device, torch's ops on their tensors')
+            with torch.cuda.device(other):
+                return self._launch(grid, args, kwargs)
+        return self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args: tuple, kwargs: dict):
         if not _STATE["enabled"] or self._jit.pre_run_hooks or getattr(triton.knobs.runtime,
                                                                        "add_stages_inspection_hook", None):
             return self.kernel[grid](*args, **kwargs)  # (hooks Triton runs or compiles for at every launch)
@@ -218,6 +234,19 @@ class Launcher:
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
         self._entries[key] = _Entry(compiled, tail, meta, self.kernel.configs if self._tuned else None)
+
+
+def other_device(args: tuple) -> int | None:
+    """The CUDA device of a launch's first tensor argument where it is not the current device, else
+    None. Triton launches on the current device's stream, whatever device the tensors are on (a
+    model on cuda:1 while cuda:0 is current would be launched on cuda:0 with cuda:1's pointers);
+    torch's own ops follow their tensors, and so does every launch here: like them, it runs with
+    its tensors' device made current for the launch."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            index = a.get_device()  # (-1 on the CPU)
+            return index if index >= 0 and index != torch.cuda.current_device() else None
+    return None
 
 
 @triton.jit

@@ -42,7 +42,7 @@ class _FakeUtils:
         self.arch = arch
 
     def get_device_properties(self, device):
-        from .common import SHARED_LIMIT
+        from .launch import SHARED_LIMIT
 
         return {"max_shared_mem": SHARED_LIMIT.get(self.arch, 232448 if self.arch >= 90 else 166912),
                 "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}

@@ -7,7 +7,8 @@ by dtype, shape and strides). A third call with a tensor off its 16-byte alignme
 Triton again and get the other specialization's compiled kernel. With a launch hook registered (an
 enter or an exit hook), both pass the same launch metadata (what the hooks are given). A pinned config (`kernel.configs = [config]`, as
 tests/test_configs.py pins them, one after another) is a signature of its own, launched with that
-config. A debug knob set between two calls is a signature of its own.
+config. A debug knob set between two calls is a signature of its own. A launch whose tensors are
+on another GPU than the current one runs with theirs made current, on either path.
 
     python tests/direct_launch_check.py      (without TRITON_INTERPRET; exit status 1 on any failure)
 """
@@ -193,8 +194,68 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001
         failed.append("the debug knob")
         print(f"FAIL the debug knob: {type(e).__name__}: {e}")
+    try:  # tensors on another GPU than the current one: the launch runs with theirs current, either path
+        launched = other_gpu()
+        if launched != [1, 1, 0, 0]:
+            raise AssertionError(f"current device at each launch: {launched}, not [1, 1, 0, 0]")
+        print("ok tensors on another GPU")
+    except Exception as e:  # noqa: BLE001
+        failed.append("tensors on another GPU")
+        print(f"FAIL tensors on another GPU: {type(e).__name__}: {e}")
     print(f"direct launches: {len(failed)} failed" + (f": {failed}" if failed else ""))
     return 1 if failed else 0
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: triton.language.constexpr):
+    offs = triton.language.arange(0, BLOCK)
+    triton.language.store(y_ptr + offs, triton.language.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+class OnGpu(torch.Tensor):
+    """A CPU tensor that says it is on cuda:<index> (what the launcher asks a tensor: get_device)."""
+
+    index = 1
+
+    def get_device(self):
+        return OnGpu.index
+
+
+def other_gpu() -> list[int]:
+    """The device current at each of four launches of one kernel: twice (Triton's path, then the
+    direct one) with tensors on cuda:1 while cuda:0 is current, twice with cuda:0's. torch.cuda's
+    current device and its device() context are stood in for (no GPU here)."""
+    import contextlib
+
+    from bitnet.kernels.launch import Launcher
+
+    state, launched = {"current": 0}, []
+
+    @contextlib.contextmanager
+    def device(index):
+        before, state["current"] = state["current"], index
+        try:
+            yield
+        finally:
+            state["current"] = before
+
+    saved = torch.cuda.current_device, torch.cuda.device
+    torch.cuda.current_device, torch.cuda.device = (lambda: state["current"]), device
+    rec = Recording()
+    rec.launcher_cls = lambda src, metadata: (lambda *args: launched.append(state["current"]))
+    driver.set_active(rec)
+    try:
+        kernel = Launcher(_copy_kernel)
+        x, y = torch.ones(64).as_subclass(OnGpu), torch.zeros(64).as_subclass(OnGpu)
+        for index in (1, 1, 0, 0):  # (one call signature: only the tensors' device differs)
+            OnGpu.index = index
+            kernel[(1,)](x, y, 64, BLOCK=64)
+    finally:
+        torch.cuda.current_device, torch.cuda.device = saved
+        OnGpu.index = 1
+    if len(kernel._entries) != 1:
+        raise AssertionError(f"{len(kernel._entries)} signatures kept: the direct path was not taken")
+    return launched
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Generation: cached decode = full forward, greedy = transformers' generate, sampling, EOS,
 padding, bad input, packed bytes in memory, torch.compile, and `bitnet generate`."""
 
+import copy
 import functools
 import io
 
@@ -399,6 +400,30 @@ def test_offline_checkpoint_stays_packed_in_memory(tmp_path):
     generate(model, torch.tensor([PROMPTS[0]]), 4)
     model.to(torch.float32)
     assert all(m.weight.dtype == torch.uint8 for m in linears)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_runs_as_on_the_first():
+    """Triton launches on the current device, and a CUDA graph records and replays on the current
+    device's stream, whatever device the tensors are on: a model on cuda:1 while cuda:0 is current
+    (every launch switches to its tensors' device, kernels/launch.py; generate runs with the model's
+    GPU current, bitnet.ops.on_device) gives the logits and the tokens it gives on cuda:0, eager and
+    recorded; and cuda:0 is current again afterwards. (The lent GPU machines have one GPU: this
+    runs on a machine with two.)"""
+    base = freeze(tiny(dtype=torch.bfloat16))
+    ids = torch.tensor([PROMPTS[0]])
+    runs = {}
+    for index in (0, 1):
+        model = copy.deepcopy(base).to(f"cuda:{index}")
+        x = ids.to(f"cuda:{index}")
+        torch.cuda.set_device(0)
+        with torch.no_grad():
+            logits = model(x).logits.cpu()
+        runs[index] = (logits, *(generate(model, x, 8, cuda_graph=g).cpu() for g in (False, True)))
+        assert torch.cuda.current_device() == 0
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2]) and torch.equal(runs[0][1], runs[0][2])
 
 
 @pytest.mark.cuda

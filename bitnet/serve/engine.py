@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import HostCopy, sample
+from ..ops import on_device
 from .runner import ModelRunner, Segment
 from .scheduler import QueueFull, Scheduler
 from .scheduler import Sequence as Seq
@@ -178,7 +179,8 @@ class Engine:
         """Record the CUDA graphs of every step size now (ModelRunner.record: each decode bucket,
         each token bucket up to a step's most tokens, prefill_chunk + max_batch), not as the first
         requests meet them; the number of step sizes recorded. Call it before the loop runs."""
-        return self.runner.record(self.scheduler.prefill_chunk + self.max_batch)
+        with on_device(self.runner.device):
+            return self.runner.record(self.scheduler.prefill_chunk + self.max_batch)
 
     def start(self) -> "Engine":
         """Run the loop in a thread of its own (tests, in-process servers). `bitnet serve` calls
@@ -269,8 +271,9 @@ class Engine:
     def _loop(self, until: Callable[[], bool] | None = None, poll: float = 0.2) -> None:
         self._running = True
         try:
-            while self._once(until, poll):
-                pass
+            with on_device(self.runner.device):  # (the model's GPU current in this thread: its graphs replay there)
+                while self._once(until, poll):
+                    pass
         finally:
             self._running = False
 
