@@ -16,9 +16,9 @@ compiles what such a GPU is given (as_launched); an autotuned config over its li
 passed over (Triton's autotuner does, when it times it), unless BITNET_AUTOTUNE=first launches it
 untimed (droppable). And it checks the memory operations with acquire or release semantics in its
 PTX against ORDERED_LIMIT (each one a MEMBAR.ALL.GPU: a split-K epilogue that waited on L2 sixteen
-times a thread compiled, ran and was exact). Each variant's registers and spills (bytes of local memory a thread) are read off its cubin
-and reported per kernel (--verbose: per variant), so that a tile that spills is seen before a GPU
-times it.
+times a thread compiled, ran and was exact). Each variant's registers and spills (bytes of local
+memory a thread) are read off its cubin and reported per kernel (--verbose: per variant), so that a
+tile that spills is seen before a GPU times it.
 
 Variants: what each launcher can produce. Axes per kernel (launcher in brackets):
 
@@ -555,7 +555,7 @@ def droppable(v: Variant) -> bool:
                "_gemv_kernel": [gemv.CONFIGS[0]], "_act_quant_kernel": [activations.CONFIGS[0]],
                "_rmsnorm_act_quant_kernel": [activations.CONFIGS[0]], "_rmsnorm_quant_unpack_kernel": [activations.CONFIGS[0]],
                "_int8_linear_kernel": [int8_head.CONFIGS[0]], "_int4_linear_kernel": [int4_head.CONFIGS[0]]}
-    if v.kernel not in untimed:
+    if v.kernel not in untimed or v.constexprs.get("NORM"):  # (the norm-fused tile is the launcher's one choice)
         return False
     return not any(all(v.constexprs.get(k) == value for k, value in c.kwargs.items()) and v.num_warps == c.num_warps
                    and v.num_stages == c.num_stages for c in untimed[v.kernel])

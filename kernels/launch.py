@@ -23,8 +23,8 @@ launch while Triton has pre-run hooks or a stage-inspection hook, a call passing
 parameter by keyword or in a tuple, and everything on ROCm (whose backend specializes tensors on
 more). Under CUDA graphs nothing changes (the same launches are recorded). Not re-checked on a
 direct launch: Triton's test that the globals a kernel read have not changed since it compiled.
-Every launch, either path, runs on its tensors' device (other_device), as torch's ops do: Triton's
-own launches on the current device.
+Every launch, by either path, runs on its tensors' GPU (other_device), as torch's ops do; Triton's
+own path launches on the current device.
 
 The first launch that would take the fast path on a device checks it once (`_verify`: a probe
 kernel launched by Triton and then directly, both outputs compared); on any failure the process
