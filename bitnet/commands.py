@@ -52,9 +52,13 @@ def info(args: InfoArgs) -> None:
     print(table(rows, [("format", "weights", ""), ("linear_h", "projections", ""), ("linear_vs_bf16", "x smaller", ".2f"),
                        ("other_h", "embeddings+norms", ""), ("total_h", "total", ""), ("total_vs_bf16", "x smaller", ".2f")]))
     print("(float tensors counted as bf16; projections = the 7 linear layers of every block, scales included)")
-    from .ops import describe_cpu_backend
+    import torch
+
+    from .ops import describe_cpu_backend, describe_gpu_backend
 
     print(f"packed layers on this CPU: {describe_cpu_backend()}")
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        print(f"packed layers on {describe_gpu_backend(torch.device('cuda', index))}")
 
 
 @dataclass

@@ -106,6 +106,30 @@ def describe_cpu_backend() -> str:
     return line
 
 
+def describe_gpu_backend(device: torch.device | str) -> str:
+    """One line for `bitnet info` and `bitnet serve`: a GPU (its name, compute capability, SMs, the
+    shared memory a program may have) and what a packed layer on it runs on: the Triton kernels
+    (launched as programmatic dependents from sm_90 on, BITNET_PDL=0 aside; the package's autotuning
+    table for this GPU model, if it ships one), or the torch path below compute capability 8.0."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    p = torch.cuda.get_device_properties(index)
+    line = f"cuda:{index} {p.name} (compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs"
+    if _old_gpu(torch.device("cuda", index)) is not None:
+        line += f"): torch path (the Triton kernels need compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} or later)"
+    else:
+        import triton
+
+        from .kernels import common, tuning
+
+        table = tuning.SHIPPED_DIR / tuning.table_name(p.name)
+        line += (f", {common.gpu_shared_limit(index) // 1024} KB of shared memory a program): Triton {triton.__version__} "
+                 f"kernels, {'programmatic dependent launches' if common.PDL_ENABLED and (p.major, p.minor) >= (9, 0) else 'serialized launches'}, "
+                 f"autotuning {'from the package table ' + table.name if table.is_file() else 'on first use (no package table for this GPU model)'}")
+    forced = os.environ.get("BITNET_KERNEL")
+    return line + (f"; BITNET_KERNEL={forced} overrides it" if forced else "")
+
+
 # The torch path: unpack (the weights stay packed in memory between calls), exact int matmul.
 # It lives on the ground floor (bitnet.packing), where the kernels' references can reach it too.
 torch_bitlinear = packed_linear_reference

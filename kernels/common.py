@@ -108,7 +108,11 @@ def shared_limit(device: torch.device | str) -> int | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return gpu_shared_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def gpu_shared_limit(index: int) -> int:
+    """The shared memory (bytes) one program may ask for on CUDA device `index` (read once)."""
     limit = _SHARED_LIMITS.get(index)
     if limit is None:
         props = torch.cuda.get_device_properties(index)

@@ -27,6 +27,42 @@ def test_info_folder_and_bad_name(tmp_path, capsys):
     assert "neither a preset" in capsys.readouterr().err
 
 
+def test_info_names_each_gpu_and_what_its_packed_layers_run_on(monkeypatch, capsys):
+    """`bitnet info` lists every GPU torch sees: its name, compute capability, SMs and the shared
+    memory a program may have (what the kernels size their tiles by), and what a packed layer runs
+    on there: the Triton kernels (dependent launches from sm_90 on; the package's tuning table for
+    that GPU model if one ships), or the torch path below compute capability 8.0. torch.cuda's
+    answers are monkeypatched for an H100, an L4 and a T4 (no GPU here)."""
+    from types import SimpleNamespace
+
+    from bitnet import ops
+    from bitnet.kernels import common, tuning
+
+    gpus = [SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                            shared_memory_per_block_optin=232448),
+            SimpleNamespace(name="NVIDIA L4", major=8, minor=9, multi_processor_count=58, shared_memory_per_block_optin=101376),
+            SimpleNamespace(name="Tesla T4", major=7, minor=5, multi_processor_count=40, shared_memory_per_block_optin=65536)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (gpus[i].major, gpus[i].minor))
+    monkeypatch.setattr(ops, "_TRITON_GPUS", {})
+    monkeypatch.setattr(common, "_SHARED_LIMITS", {})
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tuning.SHIPPED_DIR.parent / "no tables here")
+    monkeypatch.delenv("BITNET_KERNEL", raising=False)
+    assert main(["info", "2b4t"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("packed layers on cuda")]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("packed layers on cuda:0 NVIDIA H100 80GB HBM3 (compute capability 9.0, 132 SMs, 227 KB "
+                               "of shared memory a program): Triton ") and "programmatic dependent launches" in lines[0]
+    assert "autotuning on first use (no package table for this GPU model)" in lines[0]
+    assert lines[1].startswith("packed layers on cuda:1 NVIDIA L4 (compute capability 8.9, 58 SMs, 99 KB of shared "
+                               "memory a program): Triton ") and "serialized launches" in lines[1]
+    assert lines[2] == ("packed layers on cuda:2 Tesla T4 (compute capability 7.5, 40 SMs): torch path (the Triton "
+                        "kernels need compute capability 8.0 or later)")
+
+
 def test_convert_llama_to_latent_then_packed(tmp_path):
     """A float Llama folder -> BitLinear latent (QAT start) -> packed; transformers reads both."""
     from transformers import AutoModelForCausalLM

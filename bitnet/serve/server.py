@@ -107,9 +107,10 @@ def load(args: ServeArgs, manage_engine: bool = True):
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_API_KEY") or None
     app = build_app(engine, tokenizer, name, api_key=api_key, drain_timeout=args.drain_timeout,
                     manage_engine=manage_engine)
-    from ..ops import describe_cpu_backend
+    from ..ops import describe_cpu_backend, describe_gpu_backend
 
-    kernels = f"packed layers: {describe_cpu_backend()}" if device.type == "cpu" else f"device {device}"
+    kernels = (f"packed layers: {describe_cpu_backend()}" if device.type == "cpu" else
+               f"packed layers on {describe_gpu_backend(device)}" if device.type == "cuda" else f"device {device}")
     description = (f"{name}: {args.max_batch} slots x {max_seq_len} tokens (KV cache "
                    f"{human_bytes(engine.runner.cache_bytes())}), queue {args.max_queue}, prefill chunk "
                    f"{args.prefill_chunk}, {dtype}, {kernels}; chat template: "
