@@ -46,7 +46,7 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
                                     bitlinear layer at large M); format x LANES x matrices as the unpack's
     _rope_cache_kernel [rope_cache] q/k/v fp32/bf16/fp16, a cache of their dtype or fp32 (rows per
                                     sequence or per token), or none; head sizes 64, 96, 128
-    _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64, 96, 128; 1-8 query
+    _decode_attention_kernel        q and cache fp32/bf16/fp16; head sizes 64-256; 1-8 query
       [decode_attention]            heads per KV head; cache rows per query or not; a bool, an
                                     integer or no key mask; one split or several (the last merges);
                                     each with the RoPE and cache write folded in (ROPE) or not
@@ -355,11 +355,13 @@ def _rope_variants() -> list[Variant]:
 
 
 # attention.decode_attention: q and the caches of one dtype (a float32 one: IEEE dots), head sizes
-# 64 / 96 / 128, grouped heads 1 / 2 / 4 / 8 (BLOCK_G 16), per-query cache rows, a key mask (bool, or
-# the integer attention_mask), one split (y written by the kernel) or several (partials, merged)
+# 64 / 96 / 128 / 256 (the most ops.decode_attention sends: fewer stages below sm_90's shared memory),
+# grouped heads 1 / 2 / 4 / 8 (BLOCK_G 16), per-query cache rows, a key mask (bool, or the integer
+# attention_mask), one split (y written by the kernel) or several (partials, merged); an odd number
+# of cases, so that each meets both alignments (with the RoPE folded in and without)
 _ATTENTION_CASES = [("bf16", 128, 4, False, "i1", 1), ("bf16", 128, 4, False, "i1", 4), ("fp16", 64, 1, True, None, 2),
                     ("fp32", 64, 8, True, "i64", 1), ("bf16", 96, 8, False, None, 3), ("fp32", 128, 4, False, "i1", 2),
-                    ("fp16", 128, 2, True, "i1", 1)]
+                    ("fp16", 128, 2, True, "i1", 1), ("bf16", 256, 2, False, "i1", 2), ("fp16", 256, 1, True, None, 1)]
 
 
 def _attention_variants() -> list[Variant]:

@@ -38,6 +38,7 @@ def case(device, dtype, N, H, nkv, D, S, rows_n=None, seed=0):
     (3, 8, 2, 64, 40, 5),                   # per-query cache rows
     (2, 6, 6, 32, 33, None),                # no grouping
     (2, 6, 2, 96, 50, None),                # three query heads per KV head, a head size not a power of two
+    (1, 4, 2, 256, 40, None),               # the largest head size sent to the kernel (ops.decode_attention)
 ])
 def test_decode_attention_matches_float64(dtype, N, H, nkv, D, S, rows_n, triton_device):
     q, k, v, pos, mask = case(triton_device, dtype, N, H, nkv, D, S, rows_n)
