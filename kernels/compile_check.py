@@ -65,7 +65,7 @@ configs, so that each config meets a flag combination and each flag combination 
 such pair of a packed kernel is compiled in every format, on one path or the other in turn (int32
 words, bytes), so that every config and every flag combination is compiled in every format and on
 each path, and every format on each path (every value of every axis is compiled, and every pair
-of a format or a path with a config, a flag combination, or each other). 532 compiles for two
+of a format or a path with a config, a flag combination, or each other). 540 compiles for two
 architectures (the full product of formats and paths was 814: a CPU CI's 2 cores took 7.5
 minutes for them); --jobs spreads them over processes.
 
