@@ -97,6 +97,7 @@ from .precompile import _message
 ARCHS = (90, 80)
 FORMATS = {"2bit": 4, "1.6bit": 5, "1bit": 8}  # format -> P (bitnet.packing.FORMATS)
 TYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "int8": "*i8", "int32": "*i32", "uint8": "*u8"}
+FLOAT_BYTES = {"*fp32": 4, "*bf16": 2, "*fp16": 2}  # a float pointer's element size
 
 
 @dataclass
@@ -567,8 +568,7 @@ def _attention_bound(v: Variant) -> int:
     from .attention import shared_bytes
 
     c = v.constexprs
-    itemsize = {"*fp32": 4, "*bf16": 2, "*fp16": 2}[v.types["k_ptr"]]
-    return shared_bytes(c["BLOCK_S"], c["BLOCK_D"], c["BLOCK_G"], itemsize, v.num_stages)
+    return shared_bytes(c["BLOCK_S"], c["BLOCK_D"], c["BLOCK_G"], FLOAT_BYTES[v.types["k_ptr"]], v.num_stages)
 
 
 def _norm_tile_bound(v: Variant) -> int | None:
@@ -577,7 +577,7 @@ def _norm_tile_bound(v: Variant) -> int | None:
     c = v.constexprs
     if not c.get("NORM") or any(c[k] != size for k, size in NORM_TILE.items()):
         return None  # (off the one tile: no launcher launches it; a test compiles one to see it spill)
-    return norm_tile_shared({"*fp32": 4, "*bf16": 2, "*fp16": 2}[v.types["x_ptr"]], c["GATED"])
+    return norm_tile_shared(FLOAT_BYTES[v.types["x_ptr"]], c["GATED"])
 
 
 # The kernels whose launchers choose a tile by the device's shared memory (common.shared_limit)

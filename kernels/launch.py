@@ -23,7 +23,7 @@ launch while Triton has pre-run hooks or a stage-inspection hook, a call passing
 parameter by keyword or in a tuple, and everything on ROCm (whose backend specializes tensors on
 more). Under CUDA graphs nothing changes (the same launches are recorded). Not re-checked on a
 direct launch: Triton's test that the globals a kernel read have not changed since it compiled.
-Every launch, by either path, runs on its tensors' GPU (other_device), as torch's ops do; Triton's
+Every launch, by either path, runs on its tensors' GPU (tensor_device), as torch's ops do; Triton's
 own path launches on the current device.
 
 The first launch that would take the fast path on a device checks it once (`_verify`: a probe
@@ -169,18 +169,18 @@ class Launcher:
         return sig, tuple(kwargs.items()), device, id(self.kernel.configs) if self._tuned else None, flags
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        other = other_device(args)
-        if other is not None:  # (Triton launches on the current device, torch's ops on their tensors')
-            with torch.cuda.device(other):
-                return self._launch(grid, args, kwargs)
-        return self._launch(grid, args, kwargs)
+        driver = triton.runtime.driver.active
+        device = driver.get_current_device()
+        index = tensor_device(args)
+        if index >= 0 and index != device:  # (Triton launches on the current device, torch's ops on their tensors')
+            with torch.cuda.device(index):
+                return self._launch(grid, args, kwargs, driver, index)
+        return self._launch(grid, args, kwargs, driver, device)
 
-    def _launch(self, grid, args: tuple, kwargs: dict):
+    def _launch(self, grid, args: tuple, kwargs: dict, driver, device: int):
         if not _STATE["enabled"] or self._jit.pre_run_hooks or getattr(triton.knobs.runtime,
                                                                        "add_stages_inspection_hook", None):
             return self.kernel[grid](*args, **kwargs)  # (hooks Triton runs or compiles for at every launch)
-        driver = triton.runtime.driver.active
-        device = driver.get_current_device()
         try:
             key = self._signature(args, kwargs, device)
             entry = self._entries.get(key)
@@ -236,17 +236,16 @@ class Launcher:
         self._entries[key] = _Entry(compiled, tail, meta, self.kernel.configs if self._tuned else None)
 
 
-def other_device(args: tuple) -> int | None:
-    """The CUDA device of a launch's first tensor argument where it is not the current device, else
-    None. Triton launches on the current device's stream, whatever device the tensors are on (a
-    model on cuda:1 while cuda:0 is current would be launched on cuda:0 with cuda:1's pointers);
-    torch's own ops follow their tensors, and so does every launch here: like them, it runs with
-    its tensors' device made current for the launch."""
+def tensor_device(args: tuple) -> int:
+    """The CUDA device of a launch's first tensor argument (-1: a CPU tensor, or none). Triton
+    launches on the current device's stream, whatever device the tensors are on (a model on cuda:1
+    while cuda:0 is current would be launched on cuda:0 with cuda:1's pointers); torch's own ops
+    follow their tensors, and so does every launch here: where this device is not the current one,
+    it is made current for the launch."""
     for a in args:
         if isinstance(a, torch.Tensor):
-            index = a.get_device()  # (-1 on the CPU)
-            return index if index >= 0 and index != torch.cuda.current_device() else None
-    return None
+            return a.get_device()
+    return -1
 
 
 @triton.jit

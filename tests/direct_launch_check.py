@@ -223,8 +223,8 @@ class OnGpu(torch.Tensor):
 
 def other_gpu() -> list[int]:
     """The device current at each of four launches of one kernel: twice (Triton's path, then the
-    direct one) with tensors on cuda:1 while cuda:0 is current, twice with cuda:0's. torch.cuda's
-    current device and its device() context are stood in for (no GPU here)."""
+    direct one) with tensors on cuda:1 while cuda:0 is current, twice with cuda:0's. The driver's
+    current device and torch.cuda's device() context are stood in for (no GPU here)."""
     import contextlib
 
     from bitnet.kernels.launch import Launcher
@@ -239,9 +239,11 @@ def other_gpu() -> list[int]:
         finally:
             state["current"] = before
 
-    saved = torch.cuda.current_device, torch.cuda.device
-    torch.cuda.current_device, torch.cuda.device = (lambda: state["current"]), device
+    saved, run, through_triton = torch.cuda.device, triton.runtime.jit.JITFunction.run, []
+    torch.cuda.device = device
+    triton.runtime.jit.JITFunction.run = lambda self, *a, **k: (through_triton.append(1), run(self, *a, **k))[1]
     rec = Recording()
+    rec.get_current_device = lambda: state["current"]
     rec.launcher_cls = lambda src, metadata: (lambda *args: launched.append(state["current"]))
     driver.set_active(rec)
     try:
@@ -251,10 +253,11 @@ def other_gpu() -> list[int]:
             OnGpu.index = index
             kernel[(1,)](x, y, 64, BLOCK=64)
     finally:
-        torch.cuda.current_device, torch.cuda.device = saved
+        torch.cuda.device, triton.runtime.jit.JITFunction.run = saved, run
         OnGpu.index = 1
-    if len(kernel._entries) != 1:
-        raise AssertionError(f"{len(kernel._entries)} signatures kept: the direct path was not taken")
+    if len(through_triton) != 2 or len(kernel._entries) != 2:  # (the second launch on each device: direct)
+        raise AssertionError(f"{len(through_triton)} launches through Triton's path, {len(kernel._entries)} signatures "
+                             f"kept: not one each a device")
     return launched
 
 
