@@ -156,14 +156,45 @@ def record(device: str, key: str, source: str, chosen: triton.Config, timings: d
     STATS["recorded"] += 1
 
 
+class PerGPU(dict):
+    """Triton's in-memory choices (an Autotuner's `cache`), kept per GPU model. Triton keys them by
+    the launch's shapes, flags and dtypes only: on a machine with two GPU models (an H100 beside an
+    L4) the second would launch the first's choice untimed, a config that may not be its fastest or
+    not fit it at all (227 KB of shared memory a program against 99). Each key here is (the GPU
+    model of the launch being tuned, Triton's key); read while Triton runs the autotuner, which
+    holds the launch's arguments (`nargs`) then."""
+
+    __slots__ = ("_tuner",)
+
+    def __init__(self, tuner):
+        super().__init__()
+        self._tuner = tuner
+
+    def _key(self, key):
+        return device_name(self._tuner.nargs or {}), key
+
+    def __contains__(self, key):
+        return dict.__contains__(self, self._key(key))
+
+    def __getitem__(self, key):
+        return dict.__getitem__(self, self._key(key))
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, self._key(key), value)
+
+    def get(self, key, default=None):
+        return dict.get(self, self._key(key), default)
+
+
 def attach(autotuner, policy, before_choice) -> None:
     """Route `autotuner`'s choice of a config for a new key through the tables: Triton calls
     check_disk_cache(key, configs, bench_fn) with the configs that fit; `policy()` is the
     BITNET_AUTOTUNE policy; `before_choice(configs, timed)` runs first, timed True where the
-    configs are about to be timed (precompile)."""
+    configs are about to be timed (precompile). Its choices in memory are kept per GPU model (PerGPU)."""
     jit = autotuner.fn
     while not isinstance(jit, triton.runtime.jit.JITFunction) and hasattr(jit, "fn"):
         jit = jit.fn  # (decorators over the kernel; under the interpreter, down to the Python function)
+    autotuner.cache = PerGPU(autotuner)
     autotuner.cache_results = True
     autotuner.check_disk_cache = functools.partial(_choose, autotuner, jit, policy, before_choice)
 

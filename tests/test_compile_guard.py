@@ -611,7 +611,9 @@ def test_tuning_tables_through_tritons_own_autotuner(tmp_path):
     another kernel source, the package's table (any source; a config no longer in the list
     ignored), BITNET_TUNING_DIR=off, an unreadable table, and `first` each as tuning.py says; and
     on a stand-in sm_86 (99 KB of shared memory a program), a config that asks for more is passed
-    over when timed (Triton's "out of resources" at its launch) and kept in the table as not run."""
+    over when timed (Triton's "out of resources" at its launch) and kept in the table as not run;
+    the same key on a second GPU of another model (a stand-in sm_90) is timed there, not given the
+    sm_86's choice from Triton's memory, which the sm_86 keeps."""
     r = _tuning_check(tmp_path)
     assert r.returncode == 0 and "tuning tables: 0 failed" in r.stdout, f"{r.stdout[-5000:]}\n{r.stderr[-5000:]}"
 

@@ -5,7 +5,8 @@ model it reports is "stand-in sm_90") and a stand-in timer (Triton's do_bench: e
 is reported 1 ms faster than the one before, so the last config that fits wins) take the place of
 the GPU; the rest is the package's act_quant launched as on a GPU: its autotuner, the hook, the
 tables on disk, the config the launch compiles. Last, on a stand-in sm_86 (99 KB of shared memory
-a program), a kernel under the package's autotuner whose larger config does not fit it.
+a program), a kernel under the package's autotuner whose larger config does not fit it; then the
+same key on a second GPU of another model (a stand-in sm_90 as cuda:1), where it does.
 
     python tests/tuning_check.py DIR      (without TRITON_INTERPRET; DIR: an empty folder; exit 1 on a failure)
 """
@@ -162,7 +163,7 @@ def too_big():
     from bitnet.kernels.common import SHARED_LIMIT, autotune
 
     configs = [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=2),
-               triton.Config({"BLOCK": 128}, num_warps=4, num_stages=4)]  # 3 x 64 KB staged: over 99 KB
+               triton.Config({"BLOCK": 128}, num_warps=4, num_stages=3)]  # 2 x 64 KB staged: over 99 KB, within 227
 
     @autotune(configs, key=["K"], interpret_config=configs[0])
     @triton.jit
@@ -196,6 +197,35 @@ def too_big():
           SHARED_LIMIT[86] == 101376 and chosen.kwargs["BLOCK"] == 64 and len(timed) == 1, (chosen, len(timed)))
     check("and the table keeps it as not run", entry["config"]["BLOCK"] == 64 and times[128] is None
           and times[64] is not None, entry)
+    another_gpu(_staged_dot_kernel, a, b)
+
+
+class _SecondGPU(precompile._FakeDriver):
+    """A stand-in for the machine's second GPU (cuda:1), another model."""
+
+    def get_current_device(self):
+        return 1
+
+
+def another_gpu(kernel, a, b):
+    """A machine with two GPU models: the same key launched on the second (a stand-in sm_90, where
+    both configs fit) is timed there, not given the sm_86's choice from Triton's memory; back on the
+    sm_86 its own choice is still in memory (nothing timed, nothing read from a table)."""
+    tuner = triton_kernel(kernel)
+    c = torch.empty(128, 128)
+    timed.clear()
+    driver.set_active(_SecondGPU(90))
+    kernel[(1,)](a, b, c, 512)
+    check("the same key on another GPU model is timed there, and its own choice taken",
+          len(timed) == 2 and tuner.best_config.kwargs["BLOCK"] == 128, (len(timed), tuner.best_config))
+    driver.set_active(precompile._FakeDriver(86))
+    kernel._entries.clear()  # (Triton's path again, as a new signature would take)
+    os.environ["BITNET_TUNING_DIR"] = "off"
+    timed.clear()
+    kernel[(1,)](a, b, c, 512)
+    os.environ["BITNET_TUNING_DIR"] = str(MINE)
+    check("and the first GPU's choice stays its own", len(timed) == 0 and tuner.best_config.kwargs["BLOCK"] == 64,
+          (len(timed), tuner.best_config))
 
 
 if __name__ == "__main__":
