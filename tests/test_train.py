@@ -312,18 +312,45 @@ def test_two_processes_match_one(tmp_path, corpus, single_process_runs, engine, 
 
 
 # ----------------------------------------------------------------------------- on a GPU
+def branch_at(monkeypatch, tmp_path, step: int) -> Path:
+    """A copy of a run's folder as its checkpoint of `step` left it (the run goes on in memory):
+    resumed, it continues from the very state the uninterrupted run continues from, so the two
+    differ only by the device's own nondeterminism over the steps compared, and by what a resume
+    loses."""
+    import shutil
+
+    from bitnet.train.trainer import Trainer
+
+    branch, real = tmp_path / f"branch{step}", Trainer.save
+
+    def save(self):
+        real(self)
+        if self.step == step:
+            shutil.copytree(self.cfg.out, branch)
+
+    monkeypatch.setattr(Trainer, "save", save)
+    return branch
+
+
+# On a GPU the backward's sums come in no fixed order (atomics in the attention's backward, split
+# reductions), and at its peak rate the tiny model amplifies a last-bit difference into percents
+# within 10-20 steps (on the CPU, a compiled run against the eager one: 1e-5 at step 1, 1% by step 9,
+# up to 7% at a step): two GPU runs from scratch are not comparable step by step after that. A
+# resumed run is compared with the run it branched from instead, over the first steps after the
+# branch: there a resume that lost the optimizer's state misses by 0.8% and 1.6% (steps 2 and 3
+# after it, measured on the CPU at step 30 of the tiny model: Adam restarted), the data order by a
+# batch's spread, the weights by more; the device's drift over 3 steps from one state is ~1e-4.
+RESUME_REL = 5e-3
+
+
 @pytest.mark.cuda
-def test_training_on_cuda_learns_resumes_and_leaves_checkpoints_the_cpu_loads(tmp_path):
+def test_training_on_cuda_learns_resumes_and_leaves_checkpoints_the_cpu_loads(tmp_path, monkeypatch):
     """bitnet train on the GPU (bf16 autocast over float32 master weights, the default there), on the
     embedded corpus (../shared does not travel to a GPU machine): the loss falls by
-    test_loss_falls_on_shakespeare's bar; a run stopped at step 30 and resumed goes on
-    from step 31 with the uninterrupted run's schedule, exactly, and its losses. Not float for float
-    (the CPU test above is): the GPU's backward sums in no fixed order (atomics in the attention's
-    backward), and BitNet turns a last-bit difference into a flipped code now and then; on the CPU
-    such differences (the gradients' order under DDP / FSDP) drift by up to 1.5e-3 in 6 steps (test
-    above) and 1e-3 in 20 (test_tp): 2% here over 60 steps. A resume that lost the optimizer's state,
-    the data order or the weights misses by more (an Adam restart moves every weight by ~lr at
-    once). The run folder and its packed export load on the CPU."""
+    test_loss_falls_on_shakespeare's bar; its checkpoint of step 30, resumed, goes on from step 31
+    with the uninterrupted run's schedule exactly and its losses within RESUME_REL over steps 31-33
+    (not float for float: the CPU tests above are). The run folder and its packed export load on
+    the CPU."""
     from bitnet.corpus import stdlib_docstrings
 
     corpus = tmp_path / "docs.txt"
@@ -331,17 +358,17 @@ def test_training_on_cuda_learns_resumes_and_leaves_checkpoints_the_cpu_loads(tm
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()  # (what earlier tests of this worker hold)
     kw = dict(device="cuda", max_steps=60, eval_every=30, save_every=30)
+    branch = branch_at(monkeypatch, tmp_path, 30)
     last, full = run(tmp_path, corpus, "full", **kw)
     assert torch.cuda.max_memory_allocated() - before > 500_000  # it trained on the GPU (the tiny model: 0.5 MB)
-    run(tmp_path, corpus, "resumed", stop_at=30, **kw)
-    assert [r["step"] for r in metrics(tmp_path / "resumed")] == list(range(1, 31))
-    run(tmp_path, corpus, "resumed", resume=True, **kw)
-    a, b = metrics(full), metrics(tmp_path / "resumed")
+    assert [r["step"] for r in metrics(branch)] == list(range(1, 31))
+    train(TrainConfig(data=str(corpus), out=str(branch), cache_dir=str(tmp_path / "cache"), resume=True, **{**FAST, **kw}))
+    a, b = metrics(full), metrics(branch)
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 61))
     assert [(r["lr"], r["wd"]) for r in b] == [(r["lr"], r["wd"]) for r in a]
-    for x, y in zip(a, b):
-        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=2e-2), f"step {x['step']}"
-    assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-2)
+    for x, y in zip(a[30:33], b[30:33]):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=RESUME_REL), \
+            (x["step"], [(x["train_loss"], y["train_loss"]) for x, y in zip(a[30:], b[30:])])
     assert a[0]["train_loss"] > 6.0 and last["val_loss"] < a[0]["train_loss"] - 0.8, (a[0], last)
     model = BitNetForCausalLM.from_pretrained(full)  # on the CPU
     export = BitNetForCausalLM.from_pretrained(full / "export")
@@ -351,33 +378,33 @@ def test_training_on_cuda_learns_resumes_and_leaves_checkpoints_the_cpu_loads(tm
 
 
 @pytest.mark.cuda
-def test_compiled_training_on_cuda_follows_the_eager_run(tmp_path):
+def test_compiled_training_on_cuda_follows_the_eager_run(tmp_path, monkeypatch):
     """--compile on the GPU (inductor's Triton kernels, bf16 autocast): the compiled run follows the
     eager one on the GPU over the first 5 steps within 2% (bf16 sums fused in another order; a step
-    without the straight-through gradient misses by the step's own change from step 2 on), and
-    learns as much by step 20 (the tiny model at its peak rate amplifies any difference after
-    that: CPU test above); stopped at step 10 and resumed compiled, the next step is the
-    uninterrupted compiled run's within 2% (a lost optimizer state moves every weight by ~lr at
-    once) and the schedule the same exactly; its checkpoint holds the model's own names and loads
-    on the CPU."""
+    without the straight-through gradient misses by the step's own change from step 2 on) and
+    learns by step 20; its checkpoint of step 10, resumed compiled, keeps the schedule exactly and
+    its losses within RESUME_REL over steps 11-13; the checkpoint holds the model's own names and
+    loads on the CPU."""
     from bitnet.corpus import stdlib_docstrings
 
     corpus = tmp_path / "docs.txt"
     corpus.write_text(stdlib_docstrings(max_chars=120_000))
     kw = dict(device="cuda", max_steps=20, eval_every=10, save_every=10)
     _, eager = run(tmp_path, corpus, "eager", **kw)
+    branch = branch_at(monkeypatch, tmp_path, 10)
     _, full = run(tmp_path, corpus, "compiled", compile=True, **kw)
-    run(tmp_path, corpus, "resumed", compile=True, stop_at=10, **kw)
-    _, resumed = run(tmp_path, corpus, "resumed", compile=True, resume=True, **kw)
-    a, b, c = metrics(eager), metrics(full), metrics(resumed)
+    train(TrainConfig(data=str(corpus), out=str(branch), cache_dir=str(tmp_path / "cache"), resume=True, compile=True,
+                      **{**FAST, **kw}))
+    a, b, c = metrics(eager), metrics(full), metrics(branch)
     assert [r["step"] for r in c] == [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 21))
     assert [(r["lr"], r["wd"]) for r in c] == [(r["lr"], r["wd"]) for r in b] == [(r["lr"], r["wd"]) for r in a]
     for x, y in zip(a[:5], b[:5]):
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=2e-2), f"step {x['step']}"
-    assert b[-1]["val_loss"] < b[0]["train_loss"] - 0.5 and b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=5e-2)
-    assert c[10]["train_loss"] == pytest.approx(b[10]["train_loss"], rel=2e-2), (b[10], c[10])
-    with safe_open(resumed / "model.safetensors", "pt") as f:
+    assert b[-1]["val_loss"] < b[0]["train_loss"] - 0.5, (b[0], b[-1])
+    for x, y in zip(b[10:13], c[10:13]):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=RESUME_REL), (x, y)
+    with safe_open(branch / "model.safetensors", "pt") as f:
         assert not [k for k in f.keys() if "_orig_mod" in k]
-    model = BitNetForCausalLM.from_pretrained(resumed)  # on the CPU
+    model = BitNetForCausalLM.from_pretrained(branch)  # on the CPU
     ids = torch.randint(3, model.config.vocab_size, (1, 16))
     assert torch.isfinite(model(ids).logits).all()
