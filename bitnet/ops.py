@@ -3,11 +3,11 @@ exact torch path.
 
 Choice, most specific first: the module's `kernel` argument, then the environment variable
 BITNET_KERNEL ("triton", "cpu" or "torch"), then automatic: Triton for CUDA tensors (on a GPU of
-compute capability 8.0 or later, TRITON_MIN_CAPABILITY; torch on a V100 or T4), the native CPU
-kernels (bitnet.kernels.cpu) for CPU tensors when they could be built, torch otherwise. All three
-compute the same integers and apply the scales with the same float32 operations, so their
-outputs are equal. Under TRITON_INTERPRET=1, BITNET_KERNEL=triton runs the Triton kernels on CPU
-tensors (that is how CI proves them correct).
+compute capability 8.0 or later, TRITON_MIN_CAPABILITY, with Triton 3.6 or later; torch on a V100
+or T4, or with an older Triton), the native CPU kernels (bitnet.kernels.cpu) for CPU tensors when
+they could be built, torch otherwise. All three compute the same integers and apply the scales
+with the same float32 operations, so their outputs are equal. Under TRITON_INTERPRET=1,
+BITNET_KERNEL=triton runs the Triton kernels on CPU tensors (that is how CI proves them correct).
 
 The float parts of inference on the CPU (RMSNorm, rotary embeddings, a bf16 lm_head of a packed
 model) have native one-pass versions too (`rms_norm`, `rope`, `float_head`): each op of eager torch
@@ -44,6 +44,13 @@ KERNELS = ("triton", "cpu", "torch")
 # it cannot be.
 TRITON_MIN_CAPABILITY = (8, 0)
 _TRITON_GPUS: dict[int, tuple[int, int] | None] = {}  # device index -> its capability if below the floor
+# The oldest Triton the kernels are checked with (pyproject.toml's floor; CI compiles every kernel
+# with it). torch's CUDA wheels pin their Triton (torch 2.8: 3.4, 2.9: 3.5, 2.10 and 2.11: 3.6);
+# an older one installed anyway (pip --no-deps, a conda environment) compiles the kernels, but the
+# launch path reads Triton internals it lacks, so the packed layers on a GPU take the exact torch
+# path there, saying why once.
+TRITON_MIN_VERSION = (3, 6)
+_TRITON_VERSION: list = []  # [the installed Triton's version where it is below the floor, else None]
 
 
 def _old_gpu(device: torch.device) -> tuple[int, int] | None:
@@ -53,6 +60,32 @@ def _old_gpu(device: torch.device) -> tuple[int, int] | None:
         capability = tuple(torch.cuda.get_device_capability(index))
         _TRITON_GPUS[index] = capability if torch.version.hip is None and capability < TRITON_MIN_CAPABILITY else None
     return _TRITON_GPUS[index]
+
+
+def _old_triton() -> str | None:
+    """The installed Triton's version where it is older than TRITON_MIN_VERSION, else None."""
+    if not _TRITON_VERSION:
+        import re
+
+        import triton
+
+        m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+        old = m is not None and (int(m[1]), int(m[2])) < TRITON_MIN_VERSION
+        _TRITON_VERSION.append(triton.__version__ if old else None)
+        if old:
+            logging.getLogger(__name__).warning("%s: packed layers on a GPU run the exact torch path", _old_triton_says())
+    return _TRITON_VERSION[0]
+
+
+def _old_triton_says() -> str:
+    floor = ".".join(map(str, TRITON_MIN_VERSION))
+    return (f"the Triton kernels need Triton {floor} or later (torch 2.10 and later install it); this environment "
+            f"has Triton {_TRITON_VERSION[0]} with torch {torch.__version__}: a torch of 2.10 or later brings it")
+
+
+def _no_triton_on(device: torch.device) -> bool:
+    """Whether the Triton kernels cannot run on this CUDA device (its GPU, or this Triton)."""
+    return _old_gpu(device) is not None or (torch.version.hip is None and _old_triton() is not None)
 
 
 def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
@@ -66,6 +99,8 @@ def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
                            f"{'.'.join(map(str, TRITON_MIN_CAPABILITY))} or later (int8 tensor-core dots); "
                            f"{torch.cuda.get_device_name(x.device)} is {old[0]}.{old[1]}: kernel='torch' "
                            f"(BITNET_KERNEL=torch) runs the exact torch path on it")
+    if choice == "triton" and x.is_cuda and torch.version.hip is None and _old_triton() is not None:
+        raise RuntimeError(f"{_old_triton_says()}; kernel='torch' (BITNET_KERNEL=torch) runs the exact torch path")
     if choice == "cpu" and x.device.type != "cpu":
         raise RuntimeError(f"the native CPU kernels need a CPU tensor, got one on {x.device}")
     if choice == "cpu" and not native.available():
@@ -81,14 +116,14 @@ def triton_applies(x: torch.Tensor, kernel: str | None = None) -> bool:
     choice = kernel or os.environ.get("BITNET_KERNEL") or default_kernel(x.device)
     if choice != "triton":
         return False
-    return (x.is_cuda and _old_gpu(x.device) is None) or (not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1")
+    return (x.is_cuda and not _no_triton_on(x.device)) or (not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def default_kernel(device: torch.device | str) -> str:
     """The backend a packed layer uses on `device` when nothing is asked for."""
     device = torch.device(device)
     if device.type == "cuda":
-        return "triton" if _old_gpu(device) is None else "torch"
+        return "torch" if _no_triton_on(device) else "triton"
     if device.type == "cpu" and native.available():
         return "cpu"
     return "torch"
@@ -117,6 +152,8 @@ def describe_gpu_backend(device: torch.device | str) -> str:
     line = f"cuda:{index} {p.name} (compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs"
     if _old_gpu(torch.device("cuda", index)) is not None:
         line += f"): torch path (the Triton kernels need compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} or later)"
+    elif torch.version.hip is None and _old_triton() is not None:
+        line += f"): torch path ({_old_triton_says()})"
     else:
         import triton
 

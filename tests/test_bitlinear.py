@@ -1,5 +1,7 @@
 """BitLinear: drop-in for nn.Linear, training (STE) and frozen (packed) states."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +149,50 @@ def test_a_gpu_below_the_triton_floor_takes_the_torch_path(monkeypatch):
                 ops.choose_kernel(x, "triton")
         else:
             assert ops.choose_kernel(x, "triton") == "triton"
+
+
+def test_a_triton_older_than_the_floor_takes_the_torch_path_on_a_gpu(monkeypatch, caplog):
+    """A Triton older than TRITON_MIN_VERSION (pyproject.toml's floor, what CI compiles the kernels
+    with), installed anyway (torch 2.9's 3.5 under pip --no-deps, a conda environment): the launch
+    path reads Triton internals it lacks, so packed layers on a GPU default to the exact torch path,
+    saying why once, and kernel='triton' says why it cannot be; the CPU's choice is unchanged.
+    torch.cuda's answers and Triton's version are stood in for."""
+    import re
+    from types import SimpleNamespace
+
+    import triton
+
+    from bitnet import ops
+
+    floor = re.search(r'"triton>=([0-9.]+)', (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[1]
+    assert ".".join(map(str, ops.TRITON_MIN_VERSION)) == floor  # (the floor the compile guard checks)
+    monkeypatch.delenv("BITNET_KERNEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(ops, "_TRITON_GPUS", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132))
+    on_cpu = ops.default_kernel("cpu")
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda:0"))
+    for version, expected in (("3.5.0", "torch"), ("3.4.1", "torch"), ("2.3.0", "torch"), (floor + ".0", "triton"),
+                              ("3.9.0+git1234", "triton"), ("4.0.0", "triton")):
+        monkeypatch.setattr(triton, "__version__", version)
+        monkeypatch.setattr(ops, "_TRITON_VERSION", [])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bitnet.ops"):
+            assert ops.default_kernel("cuda:0") == expected == ops.choose_kernel(x), version
+            assert ops.triton_applies(x) == (expected == "triton")
+            ops.default_kernel("cuda:0")
+        said = [r.getMessage() for r in caplog.records]
+        if expected == "torch":
+            assert said == [f"the Triton kernels need Triton {floor} or later (torch 2.10 and later install it); this "
+                            f"environment has Triton {version} with torch {torch.__version__}: a torch of 2.10 or later "
+                            f"brings it: packed layers on a GPU run the exact torch path"], said  # once
+            with pytest.raises(RuntimeError, match=rf"has Triton {re.escape(version)} .*kernel='torch'"):
+                ops.choose_kernel(x, "triton")
+            assert ops.describe_gpu_backend("cuda:0") == (
+                f"cuda:0 NVIDIA H100 80GB HBM3 (compute capability 9.0, 132 SMs): torch path (the Triton kernels need "
+                f"Triton {floor} or later (torch 2.10 and later install it); this environment has Triton {version} "
+                f"with torch {torch.__version__}: a torch of 2.10 or later brings it)")
+        else:
+            assert not said and ops.choose_kernel(x, "triton") == "triton"
+        assert ops.choose_kernel(x, "torch") == "torch" and ops.default_kernel("cpu") == on_cpu
