@@ -110,9 +110,9 @@ def test_compiled_training_follows_the_eager_run_and_resumes(tmp_path, corpus, m
     """--compile (torch.compile of the model: inductor here, Triton kernels on a GPU) trains as the
     eager run does, within what reordered float sums make of it: inductor fuses the norms and the
     quantization, so now and then an activation lands on the other side of a rounding step (the
-    first step's loss differs by ~1e-5), and at the schedule's peak rate the tiny model amplifies
-    such differences (here and on the Python docstrings: 1e-4 to 2e-3 over the first 6 steps, up to
-    1% by step 9). A compiled step without the straight-through gradient, or with the weights not
+    first step's loss differs by up to ~1e-5), and at the schedule's peak rate the tiny model
+    amplifies such differences (measured: 1e-7 to 5e-6 over these 8 steps; on the Python docstrings
+    with another schedule, 1e-4 to 2e-3 over the first 6 steps, 1% by step 9). A compiled step without the straight-through gradient, or with the weights not
     updated, misses the eager loss by the step's own change (~1%) from step 2 on. A compiled run
     stopped at step 4 and resumed compiled is the uninterrupted compiled run float for float (the
     CPU's kernels sum in a fixed order); its checkpoint holds the model's own names (no
