@@ -112,15 +112,17 @@ def test_compiled_training_follows_the_eager_run_and_resumes(tmp_path, corpus, m
     quantization, so now and then an activation lands on the other side of a rounding step (the
     first step's loss differs by up to ~1e-5), and at the schedule's peak rate the tiny model
     amplifies such differences (measured: 1e-7 to 5e-6 over these 8 steps; on the Python docstrings
-    with another schedule, 1e-4 to 2e-3 over the first 6 steps, 1% by step 9). A compiled step without the straight-through gradient, or with the weights not
-    updated, misses the eager loss by the step's own change (~1%) from step 2 on. A compiled run
-    stopped at step 4 and resumed compiled is the uninterrupted compiled run float for float (the
-    CPU's kernels sum in a fixed order); its checkpoint holds the model's own names (no
-    `_orig_mod.`) and loads, as does its packed export."""
+    with another schedule, 1e-4 to 2e-3 over the first 6 steps, 1% by step 9). A compiled step
+    without the straight-through gradient, or with the weights not updated, misses the eager loss
+    by the step's own change (~1%) from step 2 on. A compiled run stopped at step 4 and resumed
+    compiled is the uninterrupted compiled run float for float (the CPU's kernels sum in a fixed
+    order); its checkpoint holds the model's own names (no `_orig_mod.`) and loads, as does its
+    packed export."""
     kw = dict(max_steps=8, eval_every=4, save_every=4)
     _, eager = run(tmp_path, corpus, "eager", **kw)
     compiled, real = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: compiled.append(type(model).__name__) or real(model, *a, **k))
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, *a, **k: compiled.append(type(model).__name__) or real(model, *a, **k))
     _, full = run(tmp_path, corpus, "compiled", compile=True, **kw)
     assert compiled == ["BitNetForCausalLM"]
     run(tmp_path, corpus, "resumed", compile=True, stop_at=4, **kw)
@@ -334,12 +336,14 @@ def branch_at(monkeypatch, tmp_path, step: int) -> Path:
 
 # On a GPU the backward's sums come in no fixed order (atomics in the attention's backward, split
 # reductions), and at its peak rate the tiny model amplifies a last-bit difference into percents
-# within 10-20 steps (on the CPU, a compiled run against the eager one: 1e-5 at step 1, 1% by step 9,
-# up to 7% at a step): two GPU runs from scratch are not comparable step by step after that. A
+# within 10-20 steps (on the CPU and the Python docstrings, a compiled run against the eager one: 1e-5
+# at step 1, 1% by step 9, up to 7% at a step): two GPU runs from scratch are not comparable step by
+# step after that. A
 # resumed run is compared with the run it branched from instead, over the first steps after the
 # branch: there a resume that lost the optimizer's state misses by 0.8% and 1.6% (steps 2 and 3
 # after it, measured on the CPU at step 30 of the tiny model: Adam restarted), the data order by a
-# batch's spread, the weights by more; the device's drift over 3 steps from one state is ~1e-4.
+# batch's spread, the weights by more; the device's drift over 3 steps from one state is predicted
+# at ~1e-4 (not yet measured on a GPU).
 RESUME_REL = 5e-3
 
 
