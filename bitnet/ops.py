@@ -73,14 +73,15 @@ def _old_triton() -> str | None:
         old = m is not None and (int(m[1]), int(m[2])) < TRITON_MIN_VERSION
         _TRITON_VERSION.append(triton.__version__ if old else None)
         if old:
-            logging.getLogger(__name__).warning("%s: packed layers on a GPU run the exact torch path", _old_triton_says())
+            logging.getLogger(__name__).warning("%s; until then packed layers on a GPU run the exact torch path",
+                                                _old_triton_says())
     return _TRITON_VERSION[0]
 
 
 def _old_triton_says() -> str:
     floor = ".".join(map(str, TRITON_MIN_VERSION))
-    return (f"the Triton kernels need Triton {floor} or later (torch 2.10 and later install it); this environment "
-            f"has Triton {_TRITON_VERSION[0]} with torch {torch.__version__}: a torch of 2.10 or later brings it")
+    return (f"the Triton kernels need Triton {floor} or later, which torch 2.10 and later install; this environment "
+            f"has Triton {_TRITON_VERSION[0]} with torch {torch.__version__}")
 
 
 def _no_triton_on(device: torch.device) -> bool:

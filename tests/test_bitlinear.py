@@ -184,15 +184,15 @@ def test_a_triton_older_than_the_floor_takes_the_torch_path_on_a_gpu(monkeypatch
             ops.default_kernel("cuda:0")
         said = [r.getMessage() for r in caplog.records]
         if expected == "torch":
-            assert said == [f"the Triton kernels need Triton {floor} or later (torch 2.10 and later install it); this "
-                            f"environment has Triton {version} with torch {torch.__version__}: a torch of 2.10 or later "
-                            f"brings it: packed layers on a GPU run the exact torch path"], said  # once
+            assert said == [f"the Triton kernels need Triton {floor} or later, which torch 2.10 and later install; "
+                            f"this environment has Triton {version} with torch {torch.__version__}; until then packed "
+                            f"layers on a GPU run the exact torch path"], said  # once
             with pytest.raises(RuntimeError, match=rf"has Triton {re.escape(version)} .*kernel='torch'"):
                 ops.choose_kernel(x, "triton")
             assert ops.describe_gpu_backend("cuda:0") == (
                 f"cuda:0 NVIDIA H100 80GB HBM3 (compute capability 9.0, 132 SMs): torch path (the Triton kernels need "
-                f"Triton {floor} or later (torch 2.10 and later install it); this environment has Triton {version} "
-                f"with torch {torch.__version__}: a torch of 2.10 or later brings it)")
+                f"Triton {floor} or later, which torch 2.10 and later install; this environment has Triton {version} "
+                f"with torch {torch.__version__})")
         else:
             assert not said and ops.choose_kernel(x, "triton") == "triton"
         assert ops.choose_kernel(x, "torch") == "torch" and ops.default_kernel("cpu") == on_cpu
