@@ -465,9 +465,11 @@ def generate(
             generated = int(state.ended.max()) - T + 1  # drop the columns decoded after the last EOS
         return state.out[:, :T + generated].clone()
     finally:
-        if owns_cache:
-            model.clear_cache()
-        current.__exit__(None, None, None)
+        try:
+            if owns_cache:
+                model.clear_cache()
+        finally:
+            current.__exit__(None, None, None)
 
 
 # ----------------------------------------------------------------------------- `bitnet generate`

@@ -63,14 +63,15 @@ def _old_gpu(device: torch.device) -> tuple[int, int] | None:
 
 
 def _old_triton() -> str | None:
-    """The installed Triton's version where it is older than TRITON_MIN_VERSION, else None."""
+    """The installed Triton's version where it is older than TRITON_MIN_VERSION on an NVIDIA build
+    of torch, else None."""
     if not _TRITON_VERSION:
         import re
 
         import triton
 
         m = re.match(r"(\d+)\.(\d+)", triton.__version__)
-        old = m is not None and (int(m[1]), int(m[2])) < TRITON_MIN_VERSION
+        old = torch.version.hip is None and m is not None and (int(m[1]), int(m[2])) < TRITON_MIN_VERSION
         _TRITON_VERSION.append(triton.__version__ if old else None)
         if old:
             logging.getLogger(__name__).warning("%s; until then packed layers on a GPU run the exact torch path",
@@ -86,7 +87,7 @@ def _old_triton_says() -> str:
 
 def _no_triton_on(device: torch.device) -> bool:
     """Whether the Triton kernels cannot run on this CUDA device (its GPU, or this Triton)."""
-    return _old_gpu(device) is not None or (torch.version.hip is None and _old_triton() is not None)
+    return _old_gpu(device) is not None or _old_triton() is not None
 
 
 def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
@@ -100,7 +101,7 @@ def choose_kernel(x: torch.Tensor, kernel: str | None = None) -> str:
                            f"{'.'.join(map(str, TRITON_MIN_CAPABILITY))} or later (int8 tensor-core dots); "
                            f"{torch.cuda.get_device_name(x.device)} is {old[0]}.{old[1]}: kernel='torch' "
                            f"(BITNET_KERNEL=torch) runs the exact torch path on it")
-    if choice == "triton" and x.is_cuda and torch.version.hip is None and _old_triton() is not None:
+    if choice == "triton" and x.is_cuda and _old_triton() is not None:
         raise RuntimeError(f"{_old_triton_says()}; kernel='torch' (BITNET_KERNEL=torch) runs the exact torch path")
     if choice == "cpu" and x.device.type != "cpu":
         raise RuntimeError(f"the native CPU kernels need a CPU tensor, got one on {x.device}")
@@ -146,14 +147,15 @@ def describe_gpu_backend(device: torch.device | str) -> str:
     """One line for `bitnet info` and `bitnet serve`: a GPU (its name, compute capability, SMs, the
     shared memory a program may have) and what a packed layer on it runs on: the Triton kernels
     (launched as programmatic dependents from sm_90 on, BITNET_PDL=0 aside; the package's autotuning
-    table for this GPU model, if it ships one), or the torch path below compute capability 8.0."""
+    table for this GPU model, if it ships one), or the torch path below compute capability 8.0 or
+    with a Triton older than TRITON_MIN_VERSION."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     p = torch.cuda.get_device_properties(index)
     line = f"cuda:{index} {p.name} (compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs"
     if _old_gpu(torch.device("cuda", index)) is not None:
         line += f"): torch path (the Triton kernels need compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} or later)"
-    elif torch.version.hip is None and _old_triton() is not None:
+    elif _old_triton() is not None:
         line += f"): torch path ({_old_triton_says()})"
     else:
         import triton

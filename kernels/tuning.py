@@ -162,7 +162,7 @@ class PerGPU(dict):
     L4) the second would launch the first's choice untimed, a config that may not be its fastest or
     not fit it at all (227 KB of shared memory a program against 99). Each key here is (the GPU
     model of the launch being tuned, Triton's key); read while Triton runs the autotuner, which
-    holds the launch's arguments (`nargs`) then."""
+    holds the launch's arguments (`nargs`) then: `in`, `[]` and `[] =` are all Triton's run uses."""
 
     __slots__ = ("_tuner",)
 
@@ -181,9 +181,6 @@ class PerGPU(dict):
 
     def __setitem__(self, key, value):
         dict.__setitem__(self, self._key(key), value)
-
-    def get(self, key, default=None):
-        return dict.get(self, self._key(key), default)
 
 
 def attach(autotuner, policy, before_choice) -> None:
