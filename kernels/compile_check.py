@@ -61,15 +61,19 @@ Variants: what each launcher can produce. Axes per kernel (launcher in brackets)
 
 A covering set, not the full product (which is thousands of compiles): for each kernel, every
 tile config is compiled, and every combination of the other axes, walked round-robin beside the
-configs, so that each config meets a flag combination and each flag combination a config; each
-such pair of a packed kernel is compiled in every format, on one path or the other in turn (int32
-words, bytes), so that every config and every flag combination is compiled in every format and on
-each path, and every format on each path (every value of every axis is compiled, and every pair
-of a format or a path with a config, a flag combination, or each other). 540 compiles for two
-architectures (the full product of formats and paths was 814: a CPU CI's 2 cores took 7.5
-minutes for them); --jobs spreads them over processes.
+configs, so that each config meets a flag combination and each flag combination a config. For
+sm_90 (EVERY_FORMAT) each such pair of the GEMV and the GEMM is compiled in every format, on one
+path or the other in turn (int32 words, bytes), so that every config and every flag combination
+is compiled in every format and on each path, and every format on each path (every value of every
+axis is compiled, and every pair of a format or a path with a config, a flag combination, or each
+other); for sm_80 each pair in one format and path, the six in turn (every value of every axis,
+and every format on each path: what differs from sm_90 is a tile's lowering, its MMA and shared
+memory, which each config's compile shows). 446 compiles for the two (--every-format 90 80: 540,
+a CPU CI's 2 cores took 5 minutes for them; the full product of formats and paths 814);
+--jobs spreads them over processes.
 
     python -m bitnet.kernels.compile_check                   # sm_90 and sm_80, every kernel
+    python -m bitnet.kernels.compile_check --arch 90 --every-format    # sm_90, each config in one format
     python -m bitnet.kernels.compile_check --arch 90 --kernel _gemm_kernel --jobs 8
     python -m bitnet.kernels.compile_check --pdl-order       # the PDL contract, read off the SASS
     python -m bitnet.kernels.compile_check --sass --kernel _gemv_kernel --set P=5 BLOCK_U=2048 ...
@@ -181,16 +185,23 @@ def _round_robin(configs: list, flags: list) -> list[tuple]:
     return [(configs[i % len(configs)], flags[i % len(flags)]) for i in range(n)]
 
 
-def _formats_and_paths(i: int) -> list[tuple[int, int]]:
-    """(P, LANES) for the i-th (config, flags) pair of a packed kernel: every format, and both paths
-    (int32 words, bytes) in turn, starting with the other one at the next pair, so that every
-    config and flag combination is compiled in every format and on each path, and every format on
-    each path."""
+# (P, LANES): every format on each path (int32 words, bytes)
+FORMAT_PATHS = [(p, lanes) for p in FORMATS.values() for lanes in (4, 1)]
+
+
+def _formats_and_paths(i: int, every_format: bool) -> list[tuple[int, int]]:
+    """(P, LANES) for the i-th (config, flags) pair of a packed kernel. every_format: every format,
+    and both paths in turn, starting with the other one at the next pair, so that every config and
+    flag combination is compiled in every format and on each path, and every format on each path.
+    Otherwise one format and path, the six in turn, shifted by one every six pairs (the pair's
+    alignment follows i % 3: each format and path meets both alignments from the 13th pair on)."""
+    if not every_format:
+        return [FORMAT_PATHS[(i + i // len(FORMAT_PATHS)) % len(FORMAT_PATHS)]]
     paths = (4, 1) if i % 2 == 0 else (1, 4)
     return [(p, paths[j % 2]) for j, p in enumerate(FORMATS.values())]
 
 
-def _gemv_variants() -> list[Variant]:
+def _gemv_variants(every_format: bool = True) -> list[Variant]:
     from .gemv import CONFIGS
 
     flags = []
@@ -214,7 +225,7 @@ def _gemv_variants() -> list[Variant]:
     pairs = [pair for q in (True, False) for pair in _round_robin(CONFIGS, [f for f in flags if f["QUANTIZE_X"] == q])]
     out = []
     for i, (cfg, f) in enumerate(pairs):
-        for p, lanes in _formats_and_paths(i):
+        for p, lanes in _formats_and_paths(i, every_format):
             consts = dict(P=p, QUANTIZE_X=f["QUANTIZE_X"], HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32",
                           LANES=lanes, ASM=True, SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False),
                           NORM=f.get("NORM", False), GATED=f.get("GATED", False), XQ_OUT=f.get("XQ_OUT", False),
@@ -228,7 +239,7 @@ def _gemv_variants() -> list[Variant]:
     return out
 
 
-def _gemm_variants() -> list[Variant]:
+def _gemm_variants(every_format: bool = True) -> list[Variant]:
     from .gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS, norm_fits
 
     tiles = [(c, s) for c in SMALL_M_CONFIGS for s in (1, 2)] + [(c, 1) for c in LARGE_M_CONFIGS]
@@ -250,9 +261,8 @@ def _gemm_variants() -> list[Variant]:
     tile = next(c for c in SMALL_M_CONFIGS if norm_fits(c))
     normed = [((tile, split), dict(f, NORM=True)) for f in norm for split in (1, 2)]
     # (the norm tile with each flag set, split and not: spread over the six pairs of a format and a path)
-    combos = list(itertools.product(FORMATS.values(), (4, 1)))
-    rows = [(i, p, lanes, pair) for i, pair in enumerate(pairs) for p, lanes in _formats_and_paths(i)]
-    rows += [(len(pairs) + k, *combos[k % len(combos)], pair) for k, pair in enumerate(normed)]
+    rows = [(i, p, lanes, pair) for i, pair in enumerate(pairs) for p, lanes in _formats_and_paths(i, every_format)]
+    rows += [(len(pairs) + k, *FORMAT_PATHS[k % len(FORMAT_PATHS)], pair) for k, pair in enumerate(normed)]
     out = []
     for i, p, lanes, ((cfg, split), f) in rows:
         consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
@@ -455,7 +465,18 @@ PDL_KERNELS = {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel", "_rmsnorm_ac
                "_rmsnorm_quant_unpack_kernel", "_gemm_int8_kernel"}
 
 
-def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:
+# The architectures whose GEMV and GEMM pairs (a config beside a flag combination) are compiled in
+# every format (sm_90: the GPU machines', and where the kernels were tuned); elsewhere each pair in
+# one format and path, in turn (every config, flag combination, format and path still compiled, and
+# every format on each path): what differs between architectures is the lowering of a tile (its MMA,
+# its shared memory), which each config's compile there shows.
+EVERY_FORMAT = (90,)
+_PER_FORMAT = {"_gemv_kernel", "_gemm_kernel"}  # (the makers that take every_format)
+
+
+def variants(archs=ARCHS, kernels: list[str] | None = None, every_format=EVERY_FORMAT) -> list[Variant]:
+    """The variants of `kernels` (default: all) for `archs`, as each architecture launches them;
+    the packed kernels' pairs in every format for the architectures in `every_format`."""
     unknown = set(kernels or []) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown kernel(s) {sorted(unknown)}; the guard knows {sorted(VARIANTS)}")
@@ -464,7 +485,7 @@ def variants(archs=ARCHS, kernels: list[str] | None = None) -> list[Variant]:
         if kernels and name not in kernels:
             continue
         for arch in archs:
-            for v in make():
+            for v in (make(arch in every_format) if name in _PER_FORMAT else make()):
                 consts = dict(v.constexprs, PDL=arch >= 90) if name in PDL_KERNELS else v.constexprs
                 v = as_launched(dataclasses.replace(v, arch=arch, constexprs=consts))
                 if v is not None:
@@ -723,9 +744,10 @@ def pdl_samples() -> list[Variant]:
     return out
 
 
-def run(archs=ARCHS, kernels: list[str] | None = None, jobs: int | None = None, progress=None) -> list[Result]:
+def run(archs=ARCHS, kernels: list[str] | None = None, jobs: int | None = None, progress=None,
+        every_format=EVERY_FORMAT) -> list[Result]:
     """Compile every variant, `jobs` processes at a time (default: one per CPU)."""
-    todo = variants(archs, kernels)
+    todo = variants(archs, kernels, every_format)
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
         results = []
@@ -775,6 +797,7 @@ class Args:
     kernel: list[str] | None = None
     jobs: int | None = None
     verbose: bool = False
+    every_format: list[int] = field(default_factory=lambda: list(EVERY_FORMAT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -783,6 +806,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", nargs="+", choices=sorted(VARIANTS), help="only these kernels (default: all)")
     p.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per CPU)")
     p.add_argument("--verbose", action="store_true", help="one line per compile")
+    p.add_argument("--every-format", type=int, nargs="*", default=list(EVERY_FORMAT), metavar="ARCH",
+                   help="the architectures whose GEMV and GEMM configs and flag combinations are each compiled in "
+                        "every format (default: 90; none: each in one format, in turn)")
     p.add_argument("--pdl-order", action="store_true",
                    help="instead: read the sm_90 SASS of a sample of each PDL kernel (pdl_samples) for the wait "
                         "before anything another kernel writes (pdl_order)")
@@ -824,8 +850,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import triton
 
-    todo = len(variants(args.arch, args.kernel))
-    print(f"Triton {triton.__version__}: compiling {todo} variants for {', '.join(f'sm_{a}' for a in args.arch)}, "
+    todo = len(variants(args.arch, args.kernel, args.every_format))
+    print(f"Triton {triton.__version__}: compiling {todo} variants for "
+          f"{', '.join(f'sm_{a}' + (' (every format)' if a in args.every_format else '') for a in args.arch)}, "
           f"{args.jobs or os.cpu_count()} processes", flush=True)
     start = time.perf_counter()
 
@@ -835,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
             mark = "drop" if r.dropped else "ok  " if r.ok else "FAIL"
             print(f"{mark} {r.seconds:5.1f}s {r.variant.describe()}{usage}", flush=True)
 
-    results = run(args.arch, args.kernel, args.jobs, progress)
+    results = run(args.arch, args.kernel, args.jobs, progress, args.every_format)
     print(report(results, time.perf_counter() - start))
     return 0 if results and all(r.ok for r in results) else 1
 

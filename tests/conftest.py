@@ -100,6 +100,32 @@ def triton_device() -> str:
     return TRITON_DEVICE
 
 
+@pytest.fixture
+def gpu_gemm_tile():
+    """Under the interpreter, the packed and int8 GEMMs in the first tile a GPU is given (16 x 128 x
+    128, gemm.SMALL_M_CONFIGS[0]: what BITNET_AUTOTUNE=first launches) instead of the interpreter's
+    small one (gemm.INTERPRET_CONFIG, 16 x 32 x 32: several tiles and K steps at the kernel tests'
+    small shapes). For the tests of a whole model, which run each layer's GEMM at the tiny preset's
+    widths (64 to 352): the same results (exact integers, then the same float epilogue) in about a
+    sixth of the interpreted programs and K steps; the kernels' own tests keep the small tile.
+    Nothing changes on a GPU."""
+    if TRITON_DEVICE != "cpu":
+        yield
+        return
+    from bitnet.kernels import gemm
+    from bitnet.kernels.launch import triton_kernel
+
+    kernels = [triton_kernel(gemm._gemm_kernel), triton_kernel(gemm._gemm_int8_kernel)]
+    saved = [k.configs for k in kernels]
+    for k in kernels:
+        k.configs = [gemm.SMALL_M_CONFIGS[0]]
+    try:
+        yield
+    finally:
+        for k, configs in zip(kernels, saved):
+            k.configs = configs
+
+
 def pytest_collection_modifyitems(config, items):
     if TRITON_DEVICE == "cuda":
         # the longest items first, so that pytest-xdist does not start one near the end: the

@@ -12,6 +12,8 @@ from bitnet import BitNetConfig, BitNetForCausalLM, freeze, kernels
 from bitnet.kernels import attention
 from bitnet.kernels.attention import CHUNK, reference_decode_attention
 
+pytestmark = pytest.mark.usefixtures("gpu_gemm_tile")  # whole models: the GEMMs in a GPU's tile (conftest.py)
+
 
 def bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What the kernel may be off the float64 reference: an ulp of the output dtype at |y| + 1

@@ -51,48 +51,68 @@ def test_guard_knows_every_kernel_in_the_sources():
     assert found <= set(compile_check.VARIANTS), f"kernels without compile variants: {found - set(compile_check.VARIANTS)}"
 
 
-def test_variants_cover_every_config_format_path_and_flag():
-    """The covering set's promise: per kernel, every tile config and every flag combination is
-    compiled in every format and on each path (int32 words, bytes), and every format on each path
-    (read off the variants, not recomputed the same way)."""
+def _tile(c) -> tuple:
+    return tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (c.num_warps, c.num_stages)
+
+
+def _check_cover(vs: list, arch: int, every_format: bool) -> None:
+    """The covering set's promise for one architecture (read off the variants, not recomputed the
+    same way): every tile config and every flag combination of the GEMV and the GEMM compiled, in
+    every format and on each path where every_format, and every format on each path, aligned and
+    not, with the norm inside the GEMM in each."""
     from bitnet.kernels.gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
     from bitnet.kernels.gemv import CONFIGS as GEMV_CONFIGS
 
-    vs = compile_check.variants(archs=(90, 80))
-    assert {v.arch for v in vs} == {90, 80}
     tiles = lambda v: tuple(v.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (v.num_warps, v.num_stages)  # noqa: E731
-    want = {tiles(type("V", (), {"constexprs": c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}))
-            for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
+    want = {_tile(c) for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
     outputs = {("*bf16", True), ("*bf16", False), ("*fp32", True), ("*fp32", False), ("*fp16", True), ("*fp16", False),
                ("*i32", False)}
-    for arch in (90, 80):
-        gemm_all = [v for v in vs if v.kernel == "_gemm_kernel" and v.arch == arch]
-        gemv_all = [v for v in vs if v.kernel == "_gemv_kernel" and v.arch == arch]
-        for axis, values in (("P", (4, 5, 8)), ("LANES", (4, 1))):  # each format, each path
-            for value in values:
-                gemm = [v for v in gemm_all if v.constexprs[axis] == value]
-                assert {tiles(v) for v in gemm} == want, (arch, axis, value)
-                assert {(v.constexprs["SPLIT_K"] > 1) for v in gemm} == {False, True}
-                assert {(v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemm} == outputs
-                assert {(v.constexprs["SEGMENTS"], v.constexprs["HAS_RES"], v.constexprs["NORM"]) for v in gemm} >= {
-                    (1, False, False), (2, False, False), (3, False, False), (1, True, False)}
-                gemv = [v for v in gemv_all if v.constexprs[axis] == value]
-                # every tile from float x (quantized in the kernel) and from int8 x_q
-                assert {(v.constexprs["BLOCK_R"], v.constexprs["BLOCK_U"], v.num_warps, v.constexprs["QUANTIZE_X"])
-                        for v in gemv} == {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_U"], c.num_warps, q)
-                                           for c in GEMV_CONFIGS for q in (True, False)}
-                assert {(v.types["x_ptr"], v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemv} >= {
-                    ("*fp32", "*fp32", True), ("*bf16", "*bf16", False), ("*fp16", "*fp16", True),
-                    ("*i8", "*i32", False), ("*i8", "*bf16", True), ("*i8", "*fp32", False)}
-        # every format on each path, aligned and not; the norm inside the GEMM somewhere on each
-        for p in (4, 5, 8):
-            for lanes in (4, 1):
-                for kernel in (gemm_all, gemv_all):
-                    both = [v for v in kernel if v.constexprs["P"] == p and v.constexprs["LANES"] == lanes]
-                    assert {v.aligned for v in both} == {True, False}, (arch, p, lanes)
-        assert {(v.constexprs["P"], v.constexprs["LANES"]) for v in gemm_all if v.constexprs["NORM"]} == {
-            (p, lanes) for p in (4, 5, 8) for lanes in (4, 1)}
-        assert all(v.constexprs["ASM"] for v in gemv_all)  # what gemv() launches on CUDA
+    gemm_all = [v for v in vs if v.kernel == "_gemm_kernel" and v.arch == arch]
+    gemv_all = [v for v in vs if v.kernel == "_gemv_kernel" and v.arch == arch]
+    # each format and each path (where every_format), or all of them together
+    groups = [(axis, value) for axis, values in (("P", (4, 5, 8)), ("LANES", (4, 1))) for value in values]
+    for axis, value in groups if every_format else [("P", None)]:
+        gemm = [v for v in gemm_all if value is None or v.constexprs[axis] == value]
+        assert {tiles(v) for v in gemm} == want, (arch, axis, value)
+        assert {(v.constexprs["SPLIT_K"] > 1) for v in gemm} == {False, True}
+        assert {(v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemm} == outputs
+        assert {(v.constexprs["SEGMENTS"], v.constexprs["HAS_RES"], v.constexprs["NORM"]) for v in gemm} >= {
+            (1, False, False), (2, False, False), (3, False, False), (1, True, False)}
+        gemv = [v for v in gemv_all if value is None or v.constexprs[axis] == value]
+        # every tile from float x (quantized in the kernel) and from int8 x_q
+        assert {(v.constexprs["BLOCK_R"], v.constexprs["BLOCK_U"], v.num_warps, v.constexprs["QUANTIZE_X"])
+                for v in gemv} == {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_U"], c.num_warps, q)
+                                   for c in GEMV_CONFIGS for q in (True, False)}
+        assert {(v.types["x_ptr"], v.types["y_ptr"], v.constexprs["HAS_BIAS"]) for v in gemv} >= {
+            ("*fp32", "*fp32", True), ("*bf16", "*bf16", False), ("*fp16", "*fp16", True),
+            ("*i8", "*i32", False), ("*i8", "*bf16", True), ("*i8", "*fp32", False)}
+    # every format on each path, aligned and not; the norm inside the GEMM somewhere on each
+    for p in (4, 5, 8):
+        for lanes in (4, 1):
+            for kernel in (gemm_all, gemv_all):
+                both = [v for v in kernel if v.constexprs["P"] == p and v.constexprs["LANES"] == lanes]
+                assert {v.aligned for v in both} == {True, False}, (arch, p, lanes)
+    assert {(v.constexprs["P"], v.constexprs["LANES"]) for v in gemm_all if v.constexprs["NORM"]} == {
+        (p, lanes) for p in (4, 5, 8) for lanes in (4, 1)}
+    assert all(v.constexprs["ASM"] for v in gemv_all)  # what gemv() launches on CUDA
+
+
+def test_variants_cover_every_config_format_path_and_flag():
+    """sm_90's GEMV and GEMM: every tile config and every flag combination compiled in every format
+    and on each path (int32 words, bytes); sm_80's: each of them in one format, and every format on
+    each path; either in every format when asked."""
+    vs = compile_check.variants(archs=(90, 80))
+    assert {v.arch for v in vs} == {90, 80} and compile_check.EVERY_FORMAT == (90,)
+    _check_cover(vs, 90, every_format=True)
+    _check_cover(vs, 80, every_format=False)
+    packed = lambda vs, arch: [v for v in vs if v.kernel in ("_gemm_kernel", "_gemv_kernel") and v.arch == arch]  # noqa: E731
+    assert len(packed(vs, 80)) < len(packed(vs, 90)) / 2  # (what makes the other architectures cheaper)
+    with pytest.raises(AssertionError):  # where every format is not compiled, the stronger promise fails
+        _check_cover(vs, 80, every_format=True)
+    everywhere = compile_check.variants(archs=(90, 80), every_format=(90, 80))
+    _check_cover(everywhere, 80, every_format=True)
+    nowhere = compile_check.variants(archs=(90,), every_format=())
+    _check_cover(nowhere, 90, every_format=False)
     # launched as dependents (common.pdl) from sm_90 on, where griddepcontrol exists
     for v in vs:
         assert v.constexprs.get("PDL", v.arch >= 90) == (v.arch >= 90) and (("PDL" in v.constexprs)
@@ -242,6 +262,7 @@ def test_a_batched_steps_norm_tile_does_not_spill(tmp_path):
 ATTENTION = '''
 import dataclasses
 import re
+import sys
 import triton
 from bitnet.kernels import compile_check
 
@@ -261,7 +282,7 @@ def ops_in(ops, span):
 
 
 print("triton", triton.__version__)
-variants = compile_check.variants(archs=(90, 80), kernels=["_decode_attention_kernel"])
+variants = compile_check.variants(archs=[int(a) for a in sys.argv[1:]], kernels=["_decode_attention_kernel"])
 for v in variants:
     r = compile_check.compile_variant(v)
     print("variant", v.arch, v.types["q_ptr"], v.constexprs["D"], v.constexprs["ROPE"], v.aligned, r.ok, r.registers,
@@ -279,17 +300,18 @@ for stages in (base.num_stages, 1):  # as launched, and unstaged (what the check
 '''
 
 
-def _attention(tmp_path: Path, env: dict) -> tuple[str, list[list[str]], list[list[str]]]:
+def _attention(tmp_path: Path, env: dict, archs=(90, 80)) -> tuple[str, list[list[str]], list[list[str]]]:
     script = tmp_path / "attention.py"
     script.write_text(ATTENTION)
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    r = subprocess.run([sys.executable, str(script), *map(str, archs)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     head, *rows = [line.split() for line in r.stdout.splitlines()]
     return head[1], [row[1:] for row in rows if row[0] == "variant"], [row[1:] for row in rows if row[0] == "loops"]
 
 
-def _check_attention(variants: list[list[str]], loops: list[list[str]]) -> None:
-    assert len(variants) == 2 * len(compile_check._attention_variants()), variants
+def _check_attention(variants: list[list[str]], loops: list[list[str]], archs=(90, 80)) -> None:
+    assert len(variants) == len(archs) * len(compile_check._attention_variants()), variants
+    assert {int(row[0]) for row in variants} == set(archs), variants
     assert all(row[5] == "True" for row in variants), variants  # compiled
     aligned = [row for row in variants if row[4] == "True"]  # (16-byte aligned: a cache torch allocated)
     assert aligned and all(row[7] == "0" for row in aligned if int(row[2]) <= 128), aligned  # no register spilled
@@ -320,7 +342,7 @@ limit = cc.SHARED_LIMIT[86]
 print("tiles", attention.tile(torch.bfloat16, 128, 16, limit), attention.tile(torch.bfloat16, 128, 16, None),
       attention.tile(torch.float16, 64, 16, limit), attention.tile(torch.float32, 128, 16, limit))
 # the tiles chosen by the launchers, and the autotuned configs BITNET_AUTOTUNE=first launches untimed
-vs = [v for v in cc.variants([86], ["_decode_attention_kernel", "_gemm_kernel", "_gemm_int8_kernel"])
+vs = [v for v in cc.variants([86], ["_decode_attention_kernel", "_gemm_kernel", "_gemm_int8_kernel"], every_format=[86])
       if v.kernel == "_decode_attention_kernel" or v.constexprs.get("NORM") or not cc.droppable(v)]
 print("norm tiles", sorted({(v.types["x_ptr"], v.constexprs["GATED"]) for v in vs if v.constexprs.get("NORM")}))
 results = [cc.compile_variant(v) for v in vs]
@@ -329,7 +351,7 @@ print("compiled", len(results), "failed", sum(not r.ok for r in results), "dropp
 for r in results:
     if not r.ok:
         print("FAILED", r.variant.describe(), r.error)
-big = next(v for v in cc.variants([86], ["_gemm_kernel"]) if v.constexprs["BLOCK_N"] == 256 and v.constexprs["BLOCK_M"] == 128
+big = next(v for v in cc.variants([86], ["_gemm_kernel"], every_format=[86]) if v.constexprs["BLOCK_N"] == 256 and v.constexprs["BLOCK_M"] == 128
            and v.constexprs["BLOCK_K"] == 128 and v.constexprs["P"] == 5 and v.constexprs["LANES"] == 1)
 r = cc.compile_variant(big)
 print("large tile", r.ok, r.dropped, r.shared, cc.compile_variant(dataclasses.replace(big, arch=80)).ok)
@@ -652,21 +674,27 @@ def test_the_norm_tile_does_not_spill_with_the_oldest_supported_triton(tmp_path)
 @pytest.mark.slow
 def test_the_decode_attention_stages_its_loads_with_the_oldest_supported_triton(tmp_path):
     """As test_the_decode_attention_stages_its_loads_and_spills_nothing, with the GPU machines'
-    Triton (3.6)."""
+    Triton (3.6), for their architecture (sm_90)."""
     version, env = _floor_env()
-    got, variants, loops = _attention(tmp_path, env)
+    got, variants, loops = _attention(tmp_path, env, archs=(90,))
     assert got == version, f"ran with Triton {got}, not {version}"
-    _check_attention(variants, loops)
+    _check_attention(variants, loops, archs=(90,))
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_with_the_oldest_supported_triton():
+@pytest.mark.parametrize("every_format", [False, True], ids=["each-config", "every-format"])
+def test_every_kernel_compiles_with_the_oldest_supported_triton(every_format):
     """The floor in pyproject.toml is the Triton checked here: it is installed (once, cached) into
-    its own folder and put first on the path of the guard's process, for sm_90 (the GPU machines')."""
+    its own folder and put first on the path of the guard's process, for sm_90 (the GPU machines').
+    each-config (what CI runs beside the suite): every config and flag combination of the GEMV and
+    the GEMM in one format, in turn, every format on each path; every-format: each of them in every
+    format, as the default tier with CI's Triton does (and the whole suite on a GPU machine, whose
+    Triton is this one)."""
     version, env = _floor_env()
-    r = _guard("--arch", "90", env=env, timeout=1800)
+    r = _guard("--arch", "90", "--every-format", *(["90"] if every_format else []), env=env, timeout=1800)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.stdout.startswith(f"Triton {version}:"), f"the guard did not run with Triton {version}:\n{r.stdout[:500]}"
+    assert ("(every format)" in r.stdout.splitlines()[0]) == every_format, r.stdout[:500]
     assert r.returncode == 0, f"the compile guard failed with Triton {version}:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
 
 

@@ -14,6 +14,8 @@ from bitnet.cli import main
 from bitnet.evaluate import evaluate_folder, windows
 from bitnet.train.data import train_tokenizer
 
+pytestmark = pytest.mark.usefixtures("gpu_gemm_tile")  # whole models: the GEMMs in a GPU's tile (conftest.py)
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TEXT = (SHAKESPEARE.read_text()[:40_000] if SHAKESPEARE.is_file()
         else "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(800)))

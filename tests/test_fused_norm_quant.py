@@ -447,6 +447,7 @@ def test_the_skip_connection_is_refused_where_it_cannot_fuse(triton_device):
         assert normed_projections(x, norm, layers[:1], residual=torch.zeros(1, 48, device=triton_device).double()) is None
 
 
+@pytest.mark.usefixtures("gpu_gemm_tile")  # a whole model (conftest.py)
 def test_no_skip_connection_is_added_in_torch(monkeypatch, triton_device):
     """On the Triton path the tiny model issues no torch add, at a prefill, a decode step or a
     batched one: both skip connections of each layer ride the o_proj and down_proj GEMVs' or
@@ -484,6 +485,7 @@ def test_no_skip_connection_is_added_in_torch(monkeypatch, triton_device):
 
 
 # ----------------------------------------------------------------------------- the model on the fused path
+@pytest.mark.usefixtures("gpu_gemm_tile")  # a whole model (conftest.py)
 def test_tiny_model_on_the_fused_path_matches_the_torch_path(monkeypatch, triton_device):
     model = tiny().to(triton_device)
     prompt = torch.tensor([[5, 77, 3, 120, 45]], device=triton_device)
@@ -563,6 +565,7 @@ def test_fused_path_is_taken_on_the_triton_kernels(monkeypatch, triton_device):
                      "packed_matmul_cat": 0, "bitlinear": 0}
 
 
+@pytest.mark.usefixtures("gpu_gemm_tile")  # a whole model (conftest.py)
 def test_relu2_gate_is_folded_into_the_sub_norm(monkeypatch, triton_device):
     """The MLP's relu(gate)^2 * up goes into ffn_sub_norm's kernel (up passed), once a layer; with a
     hook on down_proj it runs in torch and the norm is not fused at all."""
@@ -653,6 +656,7 @@ def test_native_cpu_path_is_the_unfused_one(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.usefixtures("gpu_gemm_tile")  # a whole model (conftest.py)
 def test_fused_layer_compiles_as_one_graph(triton_device):
     native.available()  # load the native extension first: its one-time load (a lock) cannot be traced
     torch._dynamo.reset()
@@ -729,6 +733,7 @@ def test_host_overhead_benchmark_counts_a_layers_launches(tmp_path, triton_devic
         [dict(r, launches="direct") for r in rows] + twin)) == {"decode 1 x 1", "decode 3 x 1", "prefill 1 x 80"}
 
 
+@pytest.mark.usefixtures("gpu_gemm_tile")  # a whole model (conftest.py)
 def test_compiled_decode_step_on_the_triton_path_equals_eager(monkeypatch, triton_device):
     """torch.compile (aot_eager: functionalized, as inductor sees it) of a whole decode step on the
     Triton path, the cache-writing RoPE op (bitnet::rope_cache_, which mutates the cache) included:

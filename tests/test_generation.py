@@ -13,6 +13,8 @@ from bitnet import BitLinear, BitNetConfig, BitNetForCausalLM, freeze, weight_by
 from bitnet.cli import main
 from bitnet.generation import HostCopy, TextStream, decode_step, generate, left_pad, prefill, sample
 
+pytestmark = pytest.mark.usefixtures("gpu_gemm_tile")  # whole models: the GEMMs in a GPU's tile (conftest.py)
+
 PROMPTS = [[1, 5, 77, 3, 9, 120, 45], [1, 99, 12], [1, 64, 64, 8, 30]]
 
 

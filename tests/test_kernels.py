@@ -683,6 +683,7 @@ def _frozen_tiny(linear: str, packing: str | None) -> bitnet.BitNetForCausalLM:
     return bitnet.freeze(model, packing).eval()
 
 
+@pytest.mark.usefixtures("gpu_gemm_tile")  # a whole model (conftest.py)
 @pytest.mark.parametrize("linear, packing", [("bitnet", "2bit"), ("bitnet", "1.6bit"), ("bitnet1", None)])
 def test_frozen_model_logits_equal_through_both_paths(linear, packing, monkeypatch, triton_device):
     """Both paths on the kernels' device: the float parts around the projections (attention) run

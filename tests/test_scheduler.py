@@ -19,6 +19,8 @@ from bitnet.serve.engine import ContextOverflow, Engine, EngineClosed, SamplingP
 from bitnet.serve.runner import ModelRunner, Segment
 from bitnet.serve.scheduler import QueueFull, Scheduler, Sequence
 
+pytestmark = pytest.mark.usefixtures("gpu_gemm_tile")  # whole models: the GEMMs in a GPU's tile (conftest.py)
+
 PROMPTS = [[1, 5, 77, 3, 9, 120, 45], [1, 99, 12], [1, 64, 64, 8, 30], [7], list(range(1, 40)), [3, 3, 3, 3]]
 
 

@@ -32,6 +32,8 @@ from bitnet.bench import free_port  # noqa: E402
 from bitnet.generation import generate  # noqa: E402
 from bitnet.serve.server import ServeArgs, load  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("gpu_gemm_tile")  # whole models: the GEMMs in a GPU's tile (conftest.py)
+
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 TEXTS = ["hello world", "a tiny corpus", "naïve café", "grüße", "tokenizer for a tiny", "world, hello", "😀", "h"]
