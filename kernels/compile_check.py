@@ -194,7 +194,7 @@ def _formats_and_paths(i: int, every_format: bool) -> list[tuple[int, int]]:
     and both paths in turn, starting with the other one at the next pair, so that every config and
     flag combination is compiled in every format and on each path, and every format on each path.
     Otherwise one format and path, the six in turn, shifted by one every six pairs (the pair's
-    alignment follows i % 3: each format and path meets both alignments from the 13th pair on)."""
+    alignment follows i % 3: within 18 pairs each format and path meets both alignments)."""
     if not every_format:
         return [FORMAT_PATHS[(i + i // len(FORMAT_PATHS)) % len(FORMAT_PATHS)]]
     paths = (4, 1) if i % 2 == 0 else (1, 4)
