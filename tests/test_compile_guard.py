@@ -51,8 +51,9 @@ def test_guard_knows_every_kernel_in_the_sources():
     assert found <= set(compile_check.VARIANTS), f"kernels without compile variants: {found - set(compile_check.VARIANTS)}"
 
 
-def _tile(c) -> tuple:
-    return tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (c.num_warps, c.num_stages)
+def _tile(blocks: dict, num_warps: int, num_stages: int) -> tuple:
+    """A GEMM tile as a config or a variant gives it: block sizes, warps, stages."""
+    return tuple(blocks[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (num_warps, num_stages)
 
 
 def _check_cover(vs: list, arch: int, every_format: bool) -> None:
@@ -63,8 +64,8 @@ def _check_cover(vs: list, arch: int, every_format: bool) -> None:
     from bitnet.kernels.gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
     from bitnet.kernels.gemv import CONFIGS as GEMV_CONFIGS
 
-    tiles = lambda v: tuple(v.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (v.num_warps, v.num_stages)  # noqa: E731
-    want = {_tile(c) for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
+    tiles = lambda v: _tile(v.constexprs, v.num_warps, v.num_stages)  # noqa: E731
+    want = {_tile(c.kwargs, c.num_warps, c.num_stages) for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
     outputs = {("*bf16", True), ("*bf16", False), ("*fp32", True), ("*fp32", False), ("*fp16", True), ("*fp16", False),
                ("*i32", False)}
     gemm_all = [v for v in vs if v.kernel == "_gemm_kernel" and v.arch == arch]
@@ -105,8 +106,8 @@ def test_variants_cover_every_config_format_path_and_flag():
     assert {v.arch for v in vs} == {90, 80} and compile_check.EVERY_FORMAT == (90,)
     _check_cover(vs, 90, every_format=True)
     _check_cover(vs, 80, every_format=False)
-    packed = lambda vs, arch: [v for v in vs if v.kernel in ("_gemm_kernel", "_gemv_kernel") and v.arch == arch]  # noqa: E731
-    assert len(packed(vs, 80)) < len(packed(vs, 90)) / 2  # (what makes the other architectures cheaper)
+    packed = {arch: [v for v in vs if v.kernel in ("_gemm_kernel", "_gemv_kernel") and v.arch == arch] for arch in (90, 80)}
+    assert len(packed[80]) < len(packed[90]) / 2  # (what makes the other architectures cheaper)
     with pytest.raises(AssertionError):  # where every format is not compiled, the stronger promise fails
         _check_cover(vs, 80, every_format=True)
     everywhere = compile_check.variants(archs=(90, 80), every_format=(90, 80))
@@ -303,7 +304,8 @@ for stages in (base.num_stages, 1):  # as launched, and unstaged (what the check
 def _attention(tmp_path: Path, env: dict, archs=(90, 80)) -> tuple[str, list[list[str]], list[list[str]]]:
     script = tmp_path / "attention.py"
     script.write_text(ATTENTION)
-    r = subprocess.run([sys.executable, str(script), *map(str, archs)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    r = subprocess.run([sys.executable, str(script), *map(str, archs)], env=env, capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     head, *rows = [line.split() for line in r.stdout.splitlines()]
     return head[1], [row[1:] for row in rows if row[0] == "variant"], [row[1:] for row in rows if row[0] == "loops"]
@@ -351,8 +353,8 @@ print("compiled", len(results), "failed", sum(not r.ok for r in results), "dropp
 for r in results:
     if not r.ok:
         print("FAILED", r.variant.describe(), r.error)
-big = next(v for v in cc.variants([86], ["_gemm_kernel"], every_format=[86]) if v.constexprs["BLOCK_N"] == 256 and v.constexprs["BLOCK_M"] == 128
-           and v.constexprs["BLOCK_K"] == 128 and v.constexprs["P"] == 5 and v.constexprs["LANES"] == 1)
+big = next(v for v in cc.variants([86], ["_gemm_kernel"], every_format=[86])
+           if v.constexprs["BLOCK_N"] == 256 and v.constexprs["BLOCK_M"] == 128 and v.constexprs["BLOCK_K"] == 128 and v.constexprs["P"] == 5 and v.constexprs["LANES"] == 1)
 r = cc.compile_variant(big)
 print("large tile", r.ok, r.dropped, r.shared, cc.compile_variant(dataclasses.replace(big, arch=80)).ok)
 v = next(v for v in vs if v.kernel == "_decode_attention_kernel" and v.constexprs["D"] == 128 and v.aligned
