@@ -18,7 +18,8 @@ untimed (droppable). And it checks the memory operations with acquire or release
 PTX against ORDERED_LIMIT (each one a MEMBAR.ALL.GPU: a split-K epilogue that waited on L2 sixteen
 times a thread compiled, ran and was exact). Each variant's registers and spills (bytes of local
 memory a thread) are read off its cubin and reported per kernel (--verbose: per variant), so that a
-tile that spills is seen before a GPU times it.
+tile that spills is seen before a GPU times it; weight_tile_copies reads off a GEMM variant's TTGIR
+how many warps decode each packed weight (tests/test_compile_guard.py holds the mma.sync tiles to one).
 
 Variants: what each launcher can produce. Axes per kernel (launcher in brackets):
 
@@ -645,6 +646,36 @@ def resources(compiled) -> tuple[int, int]:
     if m is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[-300:]!r}")
     return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+
+
+def weight_tile_copies(compiled) -> int:
+    """How many warps of a GEMM program hold each word of its packed weight tile as the loop decodes
+    it (the int32 tile it reads from shared memory: LANES == 4 variants): 2 ** the zero warp bases
+    of the tile's layout in the TTGIR (a linear layout), or the warps' coverage over the tile's
+    shape (a blocked one). 1: each weight is decoded once a program; more: every copy decodes it
+    (gemm.py's order of the two dots of "1.6bit")."""
+    import re
+
+    ttgir = compiled.asm["ttgir"]
+    layouts = dict(re.findall(r"^(#[\w]+) = (#ttg\.\w+<.*>)$", ttgir, re.M))
+    copies = []
+    for shape, layout in re.findall(r"ttg\.local_load .*memdesc<(\d+x\d+)xi32.*-> tensor<\d+x\d+xi32, (#\w+)>", ttgir):
+        rows, cols = map(int, shape.split("x"))
+        text = layouts[layout]
+        if text.startswith("#ttg.linear"):
+            warp = re.search(r"warp = \[(.*?)\]\], block", text) or re.search(r"warp = \[\]", text)
+            bases = re.findall(r"\[(-?\d+), (-?\d+)\]", warp.group(0))
+            copies.append(2 ** sum(b == ("0", "0") for b in bases))
+        elif text.startswith("#ttg.blocked"):
+            field = {k: list(map(int, v.split(","))) for k, v in re.findall(r"(\w+) = \[([\d, ]+)\]", text)}
+            per_warp = [s * t for s, t in zip(field["sizePerThread"], field["threadsPerWarp"])]
+            copies.append(max(1, field["warpsPerCTA"][0] * per_warp[0] // max(rows, per_warp[0]))
+                          * max(1, field["warpsPerCTA"][1] * per_warp[1] // max(cols, per_warp[1])))
+        else:
+            raise ValueError(f"weight tile layout {layout} = {text[:80]}: neither linear nor blocked")
+    if not copies:
+        raise ValueError("no int32 tile read from shared memory in the TTGIR (a LANES == 4 GEMM variant?)")
+    return max(copies)
 
 
 def _cuobjdump(flag: str, compiled) -> str:

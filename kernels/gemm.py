@@ -195,6 +195,19 @@ def _gemm_kernel(
     SC: tl.constexpr = 2 if P == 8 else 1
     BLOCK_R: tl.constexpr = BLOCK_N // PA
     BLOCK_U: tl.constexpr = BLOCK_K // LANES
+    # "1.6bit"'s fifth slice has a dot of its own, and the order of the two dots in the loop decides
+    # how often each weight is decoded. Under 64 rows the dots run on mma.sync (every GPU; sm_90's
+    # wgmma takes 64 rows a warp group), whose operands Triton decodes in registers in the dot
+    # operand's layout, and with two dots in a loop it lays the warps out by the first one it
+    # lowers, the last in the loop: the fifth slice's [BLOCK_M, BLOCK_R] dot last put every warp on
+    # M, and each warp decoded the whole tile (4 copies at 32 x 128 x 128: 2453 instructions a K
+    # step on sm_90 with Triton 3.9, 2749 with 3.6; one copy: 681 and 815). The stacked dot last
+    # puts the warps on N, one copy of each weight (compile_check.weight_tile_copies). From 64 rows
+    # sm_90 runs wgmma from shared memory, one copy in either order; this one kept its registers
+    # (97 against 167 at 64 x 128 x 256). mma.sync GPUs (sm_80, 86, 89) still decode those tiles 4-8
+    # times over (sm_80's 64-row tiles spill 5.7 KB a thread with 3.9); their autotuner times them
+    # beside the 32-row tiles, which now decode once.
+    FIFTH_FIRST: tl.constexpr = BLOCK_M < 64
     pdl_start(PDL)  # (common.pdl; the wait is below, before the first load)
 
     pid_m, pid_r = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(R + R1 + R2, BLOCK_R), GROUP_M)
@@ -239,8 +252,10 @@ def _gemm_kernel(
             x = tl.load(x_ptrs + offs_k[None, :], mask=x_mask, other=0)
         w_mask = row_ok[:, None] & (offs_u < k_hi // LANES)[None, :]
         w = tl.load(w_ptrs + offs_u[None, :], mask=w_mask, other=0).to(tl.int32)
+        if PB > 0 and FIFTH_FIRST:
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES)), acc_b, out_dtype=tl.int32)
         acc_a = tl.dot(x, tl.trans(decode_stacked(w, P, LANES)), acc_a, out_dtype=tl.int32)
-        if PB > 0:
+        if PB > 0 and not FIFTH_FIRST:
             acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES)), acc_b, out_dtype=tl.int32)
 
     # Epilogue: accumulator column j of acc_a is feature (j // BLOCK_R) * R + pid_r * BLOCK_R + j % BLOCK_R

@@ -260,6 +260,41 @@ def test_a_batched_steps_norm_tile_does_not_spill(tmp_path):
     _check_norm_tiles(_norm_tiles(tmp_path, _env())[1])
 
 
+COPIES = """
+import dataclasses
+from bitnet.kernels import compile_check
+from bitnet.kernels.gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
+
+base = next(v for v in compile_check.variants(archs=(90,), kernels=["_gemm_kernel"])
+            if v.aligned and v.constexprs["LANES"] == 4 and not v.constexprs["NORM"])
+cases = [(90, p, c) for c in SMALL_M_CONFIGS if c.kwargs["BLOCK_M"] == 32 for p in (4, 5, 8)]
+# (a control: an sm_80 tile of 128 x 128 rows and features, 4 warps, keeps the old order)
+cases.append((80, 5, next(c for c in LARGE_M_CONFIGS if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] and c.num_warps == 4)))
+for arch, p, c in cases:
+    v = dataclasses.replace(base, arch=arch, constexprs=dict(base.constexprs, P=p, SPLIT_K=1, PDL=arch >= 90, **c.kwargs),
+                            num_warps=c.num_warps, num_stages=c.num_stages)
+    print(arch, p, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], compile_check.weight_tile_copies(compile_check._compile(v)))
+"""
+
+
+def test_the_gemm_decodes_each_weight_once_on_its_mma_sync_tiles(tmp_path):
+    """The small-M GEMM's 32-row tiles run on mma.sync on every GPU (sm_90's wgmma takes 64 rows),
+    whose weight operand Triton decodes in registers: one warp a weight in every format (the TTGIR's
+    layout of the packed tile, compile_check.weight_tile_copies). "1.6bit" has two dots in its loop;
+    in the other order each of the 4 warps decoded the whole tile (2453 instructions a K step
+    against 681). The control, sm_80's 128 x 128 x 64 tile (4 warps, the other order: every warp
+    on M), reads 4 (the check can fail)."""
+    script = tmp_path / "copies.py"
+    script.write_text(COPIES)
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [tuple(map(int, line.split())) for line in r.stdout.splitlines()]
+    small = [row for row in rows if row[0] == 90]
+    assert len(small) == 6 and {row[1] for row in small} == {4, 5, 8}, rows
+    assert all(row[4] == 1 for row in small), rows
+    assert [row for row in rows if row[0] == 80] == [(80, 5, 128, 128, 4)], rows
+
+
 ATTENTION = '''
 import dataclasses
 import re
