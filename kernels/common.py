@@ -95,6 +95,31 @@ def pdl(t: torch.Tensor) -> dict:
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 
+def mma_sync_arch(arch: int) -> bool:
+    """Whether Triton runs every tile's tensor-core dots on mma.sync for compute capability `arch`
+    (major * 10 + minor): below 9.0 (A100, A10, L4, RTX 30xx / 40xx) and 12.x (RTX 50xx). sm_90
+    runs tiles of 64 rows and more on wgmma, sm_100 on tcgen05. The GEMM orders its two dots of
+    "1.6bit" by it (gemm.py, FIFTH_FIRST)."""
+    return arch < 90 or arch // 10 == 12
+
+
+_MMA_SYNC: dict[int, dict] = {}
+_NO_MMA_SYNC = {"MMA_SYNC": False}
+
+
+def mma_sync(t: torch.Tensor) -> dict:
+    """The GEMM's launch argument {"MMA_SYNC": mma_sync_arch(the capability of t's GPU)}; False off
+    CUDA (the interpreter, ROCm)."""
+    if not t.is_cuda or INTERPRET or torch.version.hip is not None:
+        return _NO_MMA_SYNC
+    index = t.get_device()
+    found = _MMA_SYNC.get(index)
+    if found is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        found = _MMA_SYNC[index] = {"MMA_SYNC": mma_sync_arch(10 * major + minor)}
+    return found
+
+
 _SHARED_LIMITS: dict[int, int] = {}
 
 

@@ -96,6 +96,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .common import mma_sync_arch
 from .launch import SHARED_LIMIT, triton_kernel  # (SHARED_LIMIT: the most shared memory a program may ask for)
 from .precompile import _message
 
@@ -488,6 +489,8 @@ def variants(archs=ARCHS, kernels: list[str] | None = None, every_format=EVERY_F
         for arch in archs:
             for v in (make(arch in every_format) if name in _PER_FORMAT else make()):
                 consts = dict(v.constexprs, PDL=arch >= 90) if name in PDL_KERNELS else v.constexprs
+                if name == "_gemm_kernel":  # (what common.mma_sync passes on that architecture)
+                    consts = dict(consts, MMA_SYNC=mma_sync_arch(arch))
                 v = as_launched(dataclasses.replace(v, arch=arch, constexprs=consts))
                 if v is not None:
                     out.append(v)

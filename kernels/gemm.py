@@ -46,8 +46,8 @@ from bitnet.packing import packed_rows
 from bitnet.quant import int_matmul
 
 from .activations import quantize
-from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
-                     pdl_start, pdl_wait, segment_starts, shared_limit, store_output)
+from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, mma_sync, next_power_of_2, norm_args,
+                     pdl, pdl_start, pdl_wait, segment_starts, shared_limit, store_output)
 from .gemv import by_segment, segment_of
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, row_block, unpack_checked, values_per_byte
 from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rmsnorm_act_quant, rows_rstd, sum_block
@@ -163,7 +163,7 @@ def _gemm_kernel(
     # constexpr
     P: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, LANES: tl.constexpr, SPLIT_K: tl.constexpr,
     SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-    SUM_BLOCK: tl.constexpr,
+    SUM_BLOCK: tl.constexpr, MMA_SYNC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k x_q[m, k] * code_i(w[r, k]) - xsum[m]) * s / a[m] + bias.
@@ -187,6 +187,8 @@ def _gemm_kernel(
         norm kernel's arithmetic and summation order, SUM_BLOCK = sum_block(K)), then quantizes
         each x tile in its loop; a_ptr and xsum_ptr are unused (the row sums of x_q are taken
         in the loop and folded into the accumulator before the split-K sums).
+    MMA_SYNC: the GPU runs every tile's dots on mma.sync (common.mma_sync): the order of "1.6bit"'s
+        two dots (FIFTH_FIRST below); any value computes the same.
     Grid: (cdiv(M, BLOCK_M) * cdiv(R + R1 + R2, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M
     along M; program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
     """
@@ -203,11 +205,12 @@ def _gemm_kernel(
     # M, and each warp decoded the whole tile (4 copies at 32 x 128 x 128: 2453 instructions a K
     # step on sm_90 with Triton 3.9, 2749 with 3.6; one copy: 681 and 815). The stacked dot last
     # puts the warps on N, one copy of each weight (compile_check.weight_tile_copies). From 64 rows
-    # sm_90 runs wgmma from shared memory, one copy in either order; this one kept its registers
-    # (97 against 167 at 64 x 128 x 256). mma.sync GPUs (sm_80, 86, 89) still decode those tiles 4-8
-    # times over (sm_80's 64-row tiles spill 5.7 KB a thread with 3.9); their autotuner times them
-    # beside the 32-row tiles, which now decode once.
-    FIFTH_FIRST: tl.constexpr = BLOCK_M < 64
+    # sm_90 runs wgmma from shared memory, one copy in either order; the old one kept its registers
+    # (97 against 167 at 64 x 128 x 256). GPUs that run every tile on mma.sync (MMA_SYNC: sm_80, 86,
+    # 89, 120) take the fifth slice first wherever the stacked dot is wider than it is tall (sm_80,
+    # 64 x 128 x 256: 9653 instructions a step and 5.7 KB spilled a thread, against 1585 and none);
+    # tiles as tall as wide (128 x 128, 256 x 128) put every warp on M in either order.
+    FIFTH_FIRST: tl.constexpr = BLOCK_M < 64 or (MMA_SYNC and BLOCK_M < BLOCK_N)
     pdl_start(PDL)  # (common.pdl; the wait is below, before the first load)
 
     pid_m, pid_r = grouped_tile(tl.cdiv(M, BLOCK_M), tl.cdiv(R + R1 + R2, BLOCK_R), GROUP_M)
@@ -634,7 +637,7 @@ def gemm_cat(
         0 if up is None else up.stride(0),
         P=p, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits,
         SEGMENTS=seg, HAS_RES=residual is not None, NORM=norm, GATED=up is not None,
-        SUM_BLOCK=sum_block(k) if norm else 1, **LAUNCH, **pdl(x_q),
+        SUM_BLOCK=sum_block(k) if norm else 1, **LAUNCH, **pdl(x_q), **mma_sync(x_q),
     )
     return y
 

@@ -268,22 +268,24 @@ from bitnet.kernels.gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
 base = next(v for v in compile_check.variants(archs=(90,), kernels=["_gemm_kernel"])
             if v.aligned and v.constexprs["LANES"] == 4 and not v.constexprs["NORM"])
 cases = [(90, p, c) for c in SMALL_M_CONFIGS if c.kwargs["BLOCK_M"] == 32 for p in (4, 5, 8)]
-# (a control: an sm_80 tile of 128 x 128 rows and features, 4 warps, keeps the old order)
-cases.append((80, 5, next(c for c in LARGE_M_CONFIGS if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] and c.num_warps == 4)))
+tile = lambda m, n, warps: next(c for c in LARGE_M_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (m, n, warps))
+cases += [(80, 5, tile(64, 256, 8)), (80, 5, tile(128, 128, 4))]  # (the second: as tall as wide, the control)
 for arch, p, c in cases:
-    v = dataclasses.replace(base, arch=arch, constexprs=dict(base.constexprs, P=p, SPLIT_K=1, PDL=arch >= 90, **c.kwargs),
-                            num_warps=c.num_warps, num_stages=c.num_stages)
+    consts = dict(base.constexprs, P=p, SPLIT_K=1, PDL=arch >= 90, MMA_SYNC=arch < 90, **c.kwargs)
+    v = dataclasses.replace(base, arch=arch, constexprs=consts, num_warps=c.num_warps, num_stages=c.num_stages)
     print(arch, p, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], compile_check.weight_tile_copies(compile_check._compile(v)))
 """
 
 
 def test_the_gemm_decodes_each_weight_once_on_its_mma_sync_tiles(tmp_path):
-    """The small-M GEMM's 32-row tiles run on mma.sync on every GPU (sm_90's wgmma takes 64 rows),
-    whose weight operand Triton decodes in registers: one warp a weight in every format (the TTGIR's
-    layout of the packed tile, compile_check.weight_tile_copies). "1.6bit" has two dots in its loop;
-    in the other order each of the 4 warps decoded the whole tile (2453 instructions a K step
-    against 681). The control, sm_80's 128 x 128 x 64 tile (4 warps, the other order: every warp
-    on M), reads 4 (the check can fail)."""
+    """Tiles under 64 rows run on mma.sync on every GPU (sm_90's wgmma takes 64 rows), and every
+    tile on sm_80 / 86 / 89 / 120; Triton decodes their weight operand in registers. The 32-row
+    tiles on sm_90 decode each weight in one warp in every format, and sm_80's 64 x 256 tile in
+    1.6-bit (the layout of the packed tile in the TTGIR, compile_check.weight_tile_copies):
+    1.6-bit's two dots in the other order put every warp on M, each decoding the whole tile (sm_90,
+    32 x 128 x 128: 4 copies, 2453 instructions a K step against 681; sm_80's 64-row tiles: 8,
+    spilling 5.6 KB a thread). The control, sm_80's 128 x 128 x 64 tile (as tall as wide: every warp
+    on M in either order), reads 4 (the check can fail)."""
     script = tmp_path / "copies.py"
     script.write_text(COPIES)
     r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -292,7 +294,7 @@ def test_the_gemm_decodes_each_weight_once_on_its_mma_sync_tiles(tmp_path):
     small = [row for row in rows if row[0] == 90]
     assert len(small) == 6 and {row[1] for row in small} == {4, 5, 8}, rows
     assert all(row[4] == 1 for row in small), rows
-    assert [row for row in rows if row[0] == 80] == [(80, 5, 128, 128, 4)], rows
+    assert [row for row in rows if row[0] == 80] == [(80, 5, 64, 256, 1), (80, 5, 128, 128, 4)], rows
 
 
 ATTENTION = '''
@@ -391,7 +393,11 @@ for r in results:
 big = next(v for v in cc.variants([86], ["_gemm_kernel"], every_format=[86])
            if v.constexprs["BLOCK_N"] == 256 and v.constexprs["BLOCK_M"] == 128 and v.constexprs["BLOCK_K"] == 128 and v.constexprs["P"] == 5 and v.constexprs["LANES"] == 1)
 r = cc.compile_variant(big)
-print("large tile", r.ok, r.dropped, r.shared, cc.compile_variant(dataclasses.replace(big, arch=80)).ok)
+print("large tile", r.ok, r.dropped, r.shared)
+# the same tile with its dots in sm_90's order (MMA_SYNC off): over the limit, as an autotuned config may be
+over = dataclasses.replace(big, constexprs=dict(big.constexprs, MMA_SYNC=False))
+r = cc.compile_variant(over)
+print("over the limit", r.ok, r.dropped, r.shared, cc.compile_variant(dataclasses.replace(over, arch=80)).ok)
 v = next(v for v in vs if v.kernel == "_decode_attention_kernel" and v.constexprs["D"] == 128 and v.aligned
          and v.types["k_ptr"] == "*bf16" and v.constexprs["G"] == 4)
 print("chosen", v.num_stages, cc.compile_variant(v).shared)
@@ -412,9 +418,11 @@ def test_a_gpu_with_99_kb_of_shared_memory_is_given_tiles_that_fit(tmp_path):
     input (~116 KB) gives way to the norm kernel first. Compiled for sm_86 as launched there, every
     variant fits and stays within its launcher's bound (which the guard checks on every
     architecture), and so does each autotuned regime's first config (BITNET_AUTOTUNE=first launches
-    it untimed); the large-M 128 x 256 x 128 tile does not (128 KB in 1.6-bit bytes): Triton's
-    autotuner passes over it when it times it, and the guard counts it so. The three-stage attention
-    does not fit (the check can fail), nor does a variant past its launcher's bound.
+    it untimed), and every other GEMM config (the large-M 128 x 256 x 128 tile in 1.6-bit bytes
+    too: 48 KB with its dots in mma.sync's order). A config over the limit (that tile with its dots
+    in sm_90's order: 128 KB) compiles, and the guard counts it as passed over, as Triton's autotuner
+    does when it times it. The three-stage attention does not fit (the check can fail), nor does a
+    variant past its launcher's bound.
     `python -m bitnet.kernels.compile_check --arch 86` sweeps every variant (CI sweeps 90 and 80)."""
     script = tmp_path / "small_shared.py"
     script.write_text(SMALL_SHARED)
@@ -424,7 +432,8 @@ def test_a_gpu_with_99_kb_of_shared_memory_is_given_tiles_that_fit(tmp_path):
     assert "tiles (64, 2) (64, 3) (64, 3) (32, 1)" in out, out
     assert "norm tiles [('*bf16', False), ('*bf16', True), ('*fp16', False)]" in out, out  # float32 gated: apart
     assert re.search(r"compiled \d+ failed 0 dropped 0 largest (\d+)", out), out
-    assert "large tile True True 131072 True" in out, out  # passed over by the autotuner on sm_86; fits sm_80
+    assert re.search(r"large tile True False \d+", out), out  # 1.6-bit bytes, 128 x 256 x 128: fits
+    assert "over the limit True True 131072 True" in out, out  # passed over by the autotuner on sm_86; fits sm_80
     assert int(re.search(r"largest (\d+)", out).group(1)) <= compile_check.SHARED_LIMIT[86]
     assert re.search(r"chosen 2 \d+", out), out
     assert "three stages False needs 106496 bytes of shared memory per program; sm_86 allows 101376" in out, out
