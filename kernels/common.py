@@ -95,6 +95,7 @@ def pdl(t: torch.Tensor) -> dict:
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 
+
 def mma_sync_arch(arch: int) -> bool:
     """Whether Triton runs every tile's tensor-core dots on mma.sync for compute capability `arch`
     (major * 10 + minor): below 9.0 (A100, A10, L4, RTX 30xx / 40xx) and 12.x (RTX 50xx). sm_90

@@ -70,8 +70,9 @@ axis is compiled, and every pair of a format or a path with a config, a flag com
 other); for sm_80 each pair in one format and path, the six in turn (every value of every axis,
 and every format on each path: what differs from sm_90 is a tile's lowering, its MMA and shared
 memory, which each config's compile shows). 446 compiles for the two (--every-format 90 80: 540,
-a CPU CI's 2 cores took 5 minutes for them; the full product of formats and paths 814);
---jobs spreads them over processes.
+a CPU CI's 2 cores took 5 minutes for them; the full product of formats and paths 814; CPU CI
+compiles both as sm_80, `--every-format` with no architecture: 352); --jobs spreads them over
+processes.
 
     python -m bitnet.kernels.compile_check                   # sm_90 and sm_80, every kernel
     python -m bitnet.kernels.compile_check --arch 90 --every-format    # sm_90, each config in one format
