@@ -18,8 +18,9 @@ untimed (droppable). And it checks the memory operations with acquire or release
 PTX against ORDERED_LIMIT (each one a MEMBAR.ALL.GPU: a split-K epilogue that waited on L2 sixteen
 times a thread compiled, ran and was exact). Each variant's registers and spills (bytes of local
 memory a thread) are read off its cubin and reported per kernel (--verbose: per variant), so that a
-tile that spills is seen before a GPU times it; weight_tile_copies reads off a GEMM variant's TTGIR
-how many warps decode each packed weight (tests/test_compile_guard.py holds the mma.sync tiles to one).
+tile that spills is seen before a GPU times it. A GEMM variant on the word path under 64 rows (its
+dots on mma.sync on every GPU) fails if more than one warp decodes each packed weight
+(weight_tile_copies, read off its TTGIR: 1.6-bit's two dots in the other order had 4 decode it).
 
 Variants: what each launcher can produce. Axes per kernel (launcher in brackets):
 
@@ -139,6 +140,7 @@ class Result:
     registers: int = 0  # a thread's, from the cubin (cuobjdump -res-usage)
     spill: int = 0  # bytes of local memory a thread (stack and local: register spills), from the cubin
     ordered: int = 0  # memory operations with acquire / release semantics and fences in the PTX (ordered_ops)
+    copies: int | None = None  # warps that decode each packed weight (weight_tile_copies; GEMM word-path variants)
     dropped: bool = False  # an autotuned config over a smaller GPU's shared memory: timed, it fails and is passed over
 
 
@@ -553,13 +555,14 @@ def compile_variant(v: Variant, fn=None) -> Result:
             raise RuntimeError("the compiler returned no cubin")
         registers, spill = resources(compiled)
         ordered = ordered_ops(compiled.asm["ptx"])
+        copies = weight_tile_copies(compiled) if v.kernel == "_gemm_kernel" and v.constexprs["LANES"] == 4 else None
     except Exception as e:  # noqa: BLE001: every compiler failure is reported, with its type
         return Result(v, False, time.perf_counter() - start, error=_message(e))
     limit = SHARED_LIMIT.get(v.arch)
     bound = shared_bound(v)
     error = ""
     if limit is not None and shared > limit and v.arch not in ARCHS and droppable(v):
-        return Result(v, True, time.perf_counter() - start, shared, "", registers, spill, ordered, dropped=True)
+        return Result(v, True, time.perf_counter() - start, shared, "", registers, spill, ordered, copies, dropped=True)
     if limit is not None and shared > limit:
         error = f"needs {shared} bytes of shared memory per program; sm_{v.arch} allows {limit}"
     elif bound is not None and shared > bound:
@@ -569,7 +572,11 @@ def compile_variant(v: Variant, fn=None) -> Result:
         error = (f"{ordered} memory operations with acquire or release semantics (each a MEMBAR.ALL.GPU in the SASS, "
                  f"an acquire also drops the SM's L1: the thread waits on L2 for each); at most {ORDERED_LIMIT} a "
                  f"program (a split's arrival counter): pass sem=\"relaxed\" to atomics that order nothing")
-    return Result(v, not error, time.perf_counter() - start, shared, error, registers, spill, ordered)
+    elif copies and copies > 1 and v.constexprs["BLOCK_M"] < 64:
+        error = (f"each packed weight is decoded by {copies} warps (weight_tile_copies: the TTGIR's layout of the "
+                 f"loop's weight tile); a tile under 64 rows runs on mma.sync on every GPU, where one warp a weight "
+                 f"is possible (gemm.py, FIFTH_FIRST)")
+    return Result(v, not error, time.perf_counter() - start, shared, error, registers, spill, ordered, copies)
 
 
 def droppable(v: Variant) -> bool:
@@ -652,7 +659,7 @@ def resources(compiled) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2)) + int(m.group(3))
 
 
-def weight_tile_copies(compiled) -> int:
+def weight_tile_copies(compiled) -> int | None:
     """How many warps of a GEMM program hold each word of its packed weight tile as the loop decodes
     it (the int32 tile it reads from shared memory: LANES == 4 variants): 2 ** the zero warp bases
     of the tile's layout in the TTGIR (a linear layout), or the warps' coverage over the tile's
@@ -677,9 +684,7 @@ def weight_tile_copies(compiled) -> int:
                           * max(1, field["warpsPerCTA"][1] * per_warp[1] // max(cols, per_warp[1])))
         else:
             raise ValueError(f"weight tile layout {layout} = {text[:80]}: neither linear nor blocked")
-    if not copies:
-        raise ValueError("no int32 tile read from shared memory in the TTGIR (a LANES == 4 GEMM variant?)")
-    return max(copies)
+    return max(copies) if copies else None  # (None: no int32 tile read from shared memory, e.g. one stage)
 
 
 def _cuobjdump(flag: str, compiled) -> str:
@@ -820,6 +825,8 @@ def report(results: list[Result], seconds: float) -> str:
                      f"{max(r.shared for r in kept)} B, registers up to {max(r.registers for r in rs)}, {len(spills)} "
                      f"aligned spill{f' (up to {max(spills)} B a thread)' if spills else ''}, ordered memory "
                      f"operations up to {max(r.ordered for r in rs)}"
+                     + (f", each weight decoded by at most {max(copies)} warp{'s' if max(copies) > 1 else ''}"
+                        if (copies := [r.copies for r in rs if r.copies]) else "")
                      + (f"; {dropped} over sm_{arch}'s shared memory, passed over by the autotuner" if dropped else ""))
     for r in fails:
         lines += ["", f"FAILED {r.variant.describe()}", *("    " + line for line in r.error.splitlines())]
@@ -893,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(r: Result):
         if args.verbose or not r.ok:
-            usage = f" ({r.registers} registers, {r.spill} B spilled, {r.ordered} ordered)" if r.ok else ""
+            usage = (f" ({r.registers} registers, {r.spill} B spilled, {r.ordered} ordered"
+                     f"{f', decoded by {r.copies} warps' if r.copies else ''})" if r.ok else "")
             mark = "drop" if r.dropped else "ok  " if r.ok else "FAIL"
             print(f"{mark} {r.seconds:5.1f}s {r.variant.describe()}{usage}", flush=True)
 

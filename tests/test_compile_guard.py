@@ -495,6 +495,57 @@ def test_guard_fails_on_an_acquire_or_release_per_partial_sum(tmp_path):
     assert relaxed[:4] == ["True", "True", "1", "1"], r.stdout
 
 
+TWO_DOTS = """
+import triton
+import triton.language as tl
+from bitnet.kernels import compile_check
+from bitnet.kernels.layout import decode_stacked, int8_codes
+
+
+@triton.jit
+def _two_dots(x_ptr, w_ptr, y_ptr, z_ptr, K, FIRST: tl.constexpr, LANES: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # 1.6-bit's loop in brief: int8 x against the codes of int32 words, four slices stacked in one
+    # dot and the fifth in a narrow one, the narrow one first or last
+    R: tl.constexpr = BLOCK_N // 4
+    offs_m, offs_r = tl.arange(0, BLOCK_M), tl.arange(0, R)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    acc_b = tl.zeros([BLOCK_M, R], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + offs_m[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :])
+        w = tl.load(w_ptr + offs_r[:, None] * (K // 4) + k0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :])
+        if FIRST:
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, 4, 5, LANES)), acc_b, out_dtype=tl.int32)
+        acc_a = tl.dot(x, tl.trans(decode_stacked(w, 5, LANES)), acc_a, out_dtype=tl.int32)
+        if not FIRST:
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, 4, 5, LANES)), acc_b, out_dtype=tl.int32)
+    tl.store(y_ptr + offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], acc_a)
+    tl.store(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc_b)
+
+
+for first in (False, True):
+    v = compile_check.Variant("_gemm_kernel", dict(FIRST=first, LANES=4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128),
+                              dict(x_ptr="*i8", w_ptr="*i32", y_ptr="*i32", z_ptr="*i32", K="i32"), num_warps=4,
+                              num_stages=3)
+    r = compile_check.compile_variant(v, fn=_two_dots)
+    print(first, r.ok, r.copies, r.error)
+"""
+
+
+def test_guard_fails_a_gemm_tile_under_64_rows_that_decodes_a_weight_in_several_warps(tmp_path):
+    """The guard's check of every GEMM variant on the word path under 64 rows, on a stand-in of
+    1.6-bit's loop (sm_90, 32 x 128 x 128, 4 warps): the narrow dot last, each weight decoded by
+    the 4 warps, fails, naming the count and where the order is set; first, one warp, passes."""
+    script = tmp_path / "two_dots.py"
+    script.write_text(TWO_DOTS)
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last, first = (line.split(maxsplit=3) for line in r.stdout.splitlines())
+    assert last[:3] == ["False", "False", "4"], r.stdout
+    assert "each packed weight is decoded by 4 warps" in last[3] and "FIRST" in last[3], r.stdout
+    assert first == ["True", "True", "1", ""] or first == ["True", "True", "1"], r.stdout
+
+
 BROKEN_PDL = '''
 import triton
 import triton.language as tl
