@@ -112,18 +112,14 @@ def gpu_gemm_tile():
     if TRITON_DEVICE != "cpu":
         yield
         return
+    from reference import pinned
+
     from bitnet.kernels import gemm
     from bitnet.kernels.launch import triton_kernel
 
-    kernels = [triton_kernel(gemm._gemm_kernel), triton_kernel(gemm._gemm_int8_kernel)]
-    saved = [k.configs for k in kernels]
-    for k in kernels:
-        k.configs = [gemm.SMALL_M_CONFIGS[0]]
-    try:
+    tile = gemm.SMALL_M_CONFIGS[0]
+    with pinned(triton_kernel(gemm._gemm_kernel), tile), pinned(triton_kernel(gemm._gemm_int8_kernel), tile):
         yield
-    finally:
-        for k, configs in zip(kernels, saved):
-            k.configs = configs
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,6 +30,17 @@ def no_compile():
         torch._dynamo.config.disable = old
 
 
+@contextlib.contextmanager
+def pinned(kernel, config):
+    """Run `kernel` (an autotuned one) with `config` alone while inside."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+
+
 def hf_config(model_type: str = "bitnet", tied: bool = True, **overrides):
     from transformers import BitNetConfig, LlamaConfig
 

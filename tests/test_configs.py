@@ -14,7 +14,6 @@ times) leaves the result exact.
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -33,18 +32,8 @@ from bitnet.kernels.rmsnorm_quant import reference_rmsnorm_act_quant, rmsnorm_ac
 from bitnet.ops import torch_bitlinear
 from bitnet.packing import pack
 from bitnet.quant import quantize_activation
+from reference import pinned
 from test_kernels import exact, random_activations, random_weights
-
-
-@contextlib.contextmanager
-def pinned(kernel, config):
-    """Run `kernel` (an autotuned one) with `config` alone while inside."""
-    saved = kernel.configs
-    kernel.configs = [config]
-    try:
-        yield
-    finally:
-        kernel.configs = saved
 
 
 def config_id(config) -> str:
