@@ -104,6 +104,12 @@ def mma_sync_arch(arch: int) -> bool:
     return arch < 90 or arch // 10 == 12
 
 
+def ptx(t: torch.Tensor) -> bool:
+    """Whether a kernel reading t may use inline PTX (its ASM constexpr: dp4a, prmt): a CUDA tensor
+    off the interpreter and off ROCm; elsewhere the kernels compute the same in plain Triton."""
+    return t.is_cuda and not INTERPRET and torch.version.hip is None
+
+
 _MMA_SYNC: dict[int, dict] = {}
 _NO_MMA_SYNC = {"MMA_SYNC": False}
 

@@ -270,7 +270,7 @@ def _gemm_variants(every_format: bool = True) -> list[Variant]:
     rows += [(len(pairs) + k, *FORMAT_PATHS[k % len(FORMAT_PATHS)], pair) for k, pair in enumerate(normed)]
     out = []
     for i, p, lanes, ((cfg, split), f) in rows:
-        consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, SPLIT_K=split,
+        consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, ASM=True, SPLIT_K=split,
                       SEGMENTS=f["SEGMENTS"], HAS_RES=f.get("HAS_RES", False), NORM=f.get("NORM", False),
                       GATED=f.get("GATED", False), SUM_BLOCK=f.get("SUM_BLOCK", 4096) if f.get("NORM") else 1,
                       **cfg.kwargs)
@@ -349,7 +349,7 @@ def _rmsnorm_unpack_variants() -> list[Variant]:
         types = dict(x_ptr=TYPES[x], u_ptr=TYPES[x], w_ptr=TYPES[w or x], xq_ptr="*i8", a_ptr="*fp32", xsum_ptr="*i32",
                      pw_ptr="*u8", pw1_ptr="*u8", pw2_ptr="*u8", out_ptr="*i8", eps="fp32")
         consts = dict(NORM=w is not None, GATED=gated, SUM_BLOCK=4096 if i % 3 else 256, P=p, SEGMENTS=seg, LANES=lanes,
-                      UNPACK_R=UNPACK_BLOCK_R, UNPACK_K=UNPACK_BLOCK_K, **cfg.kwargs)
+                      ASM=True, UNPACK_R=UNPACK_BLOCK_R, UNPACK_K=UNPACK_BLOCK_K, **cfg.kwargs)
         out.append(Variant("_rmsnorm_quant_unpack_kernel", consts, types, cfg.num_warps, cfg.num_stages,
                            aligned=i % 2 == 0))
     return out
@@ -435,8 +435,8 @@ def _unpack_variants() -> list[Variant]:
     out = []
     for p, lanes in itertools.product(FORMATS.values(), (4, 1)):
         for seg in (1, 2, 3):  # (words through int32 pointers cast in the kernel)
-            out.append(Variant("_unpack_kernel", dict(P=p, SEGMENTS=seg, LANES=lanes, BLOCK_R=UNPACK_BLOCK_R,
-                                                      BLOCK_K=UNPACK_BLOCK_K),
+            out.append(Variant("_unpack_kernel", dict(P=p, SEGMENTS=seg, LANES=lanes, ASM=True,
+                                                      BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K),
                                dict(w_ptr="*u8", w1_ptr="*u8", w2_ptr="*u8", out_ptr="*i8"), fp_fusion=True,
                                aligned=seg != 2))
     return out

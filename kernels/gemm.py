@@ -47,7 +47,7 @@ from bitnet.quant import int_matmul
 
 from .activations import quantize
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, mma_sync, next_power_of_2, norm_args,
-                     pdl, pdl_start, pdl_wait, segment_starts, shared_limit, store_output)
+                     pdl, pdl_start, pdl_wait, ptx, segment_starts, shared_limit, store_output)
 from .gemv import by_segment, segment_of
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, row_block, unpack_checked, values_per_byte
 from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rmsnorm_act_quant, rows_rstd, sum_block
@@ -163,7 +163,7 @@ def _gemm_kernel(
     # constexpr
     P: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr, LANES: tl.constexpr, SPLIT_K: tl.constexpr,
     SEGMENTS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-    SUM_BLOCK: tl.constexpr, MMA_SYNC: tl.constexpr,
+    SUM_BLOCK: tl.constexpr, MMA_SYNC: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, i*R + r] = (SC * sum_k x_q[m, k] * code_i(w[r, k]) - xsum[m]) * s / a[m] + bias.
@@ -189,6 +189,7 @@ def _gemm_kernel(
         in the loop and folded into the accumulator before the split-K sums).
     MMA_SYNC: the GPU runs every tile's dots on mma.sync (common.mma_sync): the order of "1.6bit"'s
         two dots (FIFTH_FIRST below); any value computes the same.
+    ASM: the base-3 decode's byte permutes by inline PTX (common.ptx; layout.decode).
     Grid: (cdiv(M, BLOCK_M) * cdiv(R + R1 + R2, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M
     along M; program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
     """
@@ -256,10 +257,10 @@ def _gemm_kernel(
         w_mask = row_ok[:, None] & (offs_u < k_hi // LANES)[None, :]
         w = tl.load(w_ptrs + offs_u[None, :], mask=w_mask, other=0).to(tl.int32)
         if PB > 0 and FIFTH_FIRST:
-            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES)), acc_b, out_dtype=tl.int32)
-        acc_a = tl.dot(x, tl.trans(decode_stacked(w, P, LANES)), acc_a, out_dtype=tl.int32)
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES, ASM)), acc_b, out_dtype=tl.int32)
+        acc_a = tl.dot(x, tl.trans(decode_stacked(w, P, LANES, ASM)), acc_a, out_dtype=tl.int32)
         if PB > 0 and not FIFTH_FIRST:
-            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES)), acc_b, out_dtype=tl.int32)
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES, ASM)), acc_b, out_dtype=tl.int32)
 
     # Epilogue: accumulator column j of acc_a is feature (j // BLOCK_R) * R + pid_r * BLOCK_R + j % BLOCK_R
     # (with segments: of the matrix of that packed row, R its rows, its outputs from column col0 on).
@@ -637,7 +638,7 @@ def gemm_cat(
         0 if up is None else up.stride(0),
         P=p, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32, LANES=lanes, SPLIT_K=splits,
         SEGMENTS=seg, HAS_RES=residual is not None, NORM=norm, GATED=up is not None,
-        SUM_BLOCK=sum_block(k) if norm else 1, **LAUNCH, **pdl(x_q), **mma_sync(x_q),
+        SUM_BLOCK=sum_block(k) if norm else 1, ASM=ptx(x_q), **LAUNCH, **pdl(x_q), **mma_sync(x_q),
     )
     return y
 

@@ -29,7 +29,7 @@ gets there. Hence:
 - The P slices are tl.join-ed into a trailing dimension held in each thread's registers and
   reduced over K once, after the loop: no split-K partial sums, exact int32 throughout.
 The dp4a and the byte permutes (prmt) are PTX inline assembly on CUDA; the interpreter, which
-cannot run assembly, computes the same in plain Triton (mac, high_bytes, interleave_high below).
+cannot run assembly, computes the same in plain Triton (mac below; layout.high_bytes, interleave_high).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
-                     pdl_start, pdl_wait, segment_starts, store_output)
-from .layout import check_packed, join_slices, values_per_byte
+                     pdl_start, pdl_wait, ptx, segment_starts, store_output)
+from .layout import base3_quotients, check_packed, join_slices, values_per_byte
 from .rmsnorm_quant import norm_input, normed, row_norm_scale, sum_block
 
 # (BLOCK_R, BLOCK_U, num_warps): packed rows and units per tile, 4-8 units (1-2 16-byte loads) a
@@ -88,70 +88,10 @@ def mac(c, x, acc, LANES: tl.constexpr, ASM: tl.constexpr, SIGNED: tl.constexpr 
     return acc
 
 
-# PTX `prmt.b32 d, a, b, sel`: byte i of d is byte (sel >> 4i) & 7 of the eight bytes a.0 .. a.3,
-# b.0 .. b.3 (b = 0 here for zeros). tests/test_kernels.py checks these against that definition.
-HIGH_BYTES = 0x4341  # (a.1, 0, a.3, 0): (a >> 8) & 0x00FF00FF
-INTERLEAVE_HIGH = 0x7351  # (a.1, b.1, a.3, b.3)
-_HIGH_BYTES_ASM = tl.constexpr(f"prmt.b32 $0, $1, 0, {HIGH_BYTES:#x};")
-_INTERLEAVE_HIGH_ASM = tl.constexpr(f"prmt.b32 $0, $1, $2, {INTERLEAVE_HIGH:#x};")
 # The largest K whose sums stay exact in int32: the top slice's scaled codes (128) times x_q (-128)
 # reach -2^31 there, and a shift back is exact only without wrap-around. (Base 3 needs no bound: its
 # quotient sums may wrap, being used only in differences, the code sums, that fit; int32 wraps.)
 MAX_K = 131072
-
-
-@triton.jit
-def high_bytes(t, ASM: tl.constexpr):
-    """(t >> 8) & 0x00FF00FF: bytes 1 and 3 of each word moved to bytes 0 and 2, the others zero
-    (one PRMT by inline PTX if ASM; a shift and a mask otherwise)."""
-    if ASM:
-        r = tl.inline_asm_elementwise(_HIGH_BYTES_ASM, "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        r = (t >> 8) & 0x00FF00FF
-    return r
-
-
-@triton.jit
-def interleave_high(te, to, ASM: tl.constexpr):
-    """Bytes (te.1, to.1, te.3, to.3) from bytes 0 .. 3: the high bytes of the 16-bit lanes of two
-    words, interleaved (one PRMT if ASM)."""
-    if ASM:
-        r = tl.inline_asm_elementwise(_INTERLEAVE_HIGH_ASM, "=r,r,r", [te, to], dtype=tl.int32, is_pure=True,
-                                      pack=1)
-    else:
-        r = high_bytes(te, ASM) | (high_bytes(to, ASM) << 8)
-    return r
-
-
-@triton.jit
-def third(e, o, ASM: tl.constexpr):
-    """One base-3 step on the four bytes of words split into 16-bit lanes (e: bytes 0 and 2, o:
-    bytes 1 and 3, values < 243): (v + 1) * 85 >> 8 = floor(v / 3) for every v < 243, and without
-    the shift the quotient is already the high byte of v's lane (the low byte a fraction, dropped).
-    Returns the quotients of all four bytes in byte lanes, and split into 16-bit lanes again."""
-    te = e * 85 + 0x00550055
-    to = o * 85 + 0x00550055
-    return interleave_high(te, to, ASM), high_bytes(te, ASM), high_bytes(to, ASM)
-
-
-@triton.jit
-def base3_quotients(w, LANES: tl.constexpr, ASM: tl.constexpr):
-    """q_i = floor(v / 3^i), i = 1 .. 4, of every packed byte v < 243 (its five base-3 codes are
-    c_i = q_i - 3 q_(i+1), c_4 = q_4): in the byte lanes of words (LANES == 4: two IMAD and one
-    PRMT a step for four bytes, and two PRMT to split them for the next step), or per byte."""
-    if LANES == 4:
-        e = w & 0x00FF00FF
-        o = high_bytes(w, ASM)
-        q1, e, o = third(e, o, ASM)
-        q2, e, o = third(e, o, ASM)
-        q3, e, o = third(e, o, ASM)
-        q4, e, o = third(e, o, ASM)
-    else:
-        q1 = (w * 171) >> 9
-        q2 = (q1 * 171) >> 9
-        q3 = (q2 * 171) >> 9
-        q4 = (q3 * 171) >> 9
-    return q1, q2, q3, q4
 
 
 @triton.jit
@@ -564,7 +504,7 @@ def gemv_cat(
             x.stride(0) // (1 if quantize_x else lanes), packed[0].stride(0) // lanes, y.stride(0),
             residual.stride(0) if residual is not None else 0, up.stride(0) if up is not None else 0,
             P=p, QUANTIZE_X=quantize_x, HAS_BIAS=biases[0] is not None, OUT_INT32=out_dtype == torch.int32,
-            LANES=lanes, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, SEGMENTS=seg,
+            LANES=lanes, ASM=ptx(x), SEGMENTS=seg,
             HAS_RES=residual is not None, NORM=norm_weight is not None, GATED=up is not None, XQ_OUT=xq_out is not None,
             SUM_BLOCK=sum_block(k) if norm_weight is not None else 1,
             BLOCK_A=min(next_power_of_2(k), 64 if INTERPRET else 4096), **LAUNCH, **pdl(x),

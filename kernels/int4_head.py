@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_quant
-from .common import INTERPRET, autotune, cdiv, few_rows, pdl, pdl_start, pdl_wait
+from .common import autotune, cdiv, few_rows, pdl, pdl_start, pdl_wait, ptx
 from .gemv import mac
 
 GROUP = 32
@@ -134,7 +134,7 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_
     if M > 0:
         _int4_linear_kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]), M)](
             x_q, a, codes, scales, bias, y, N, nb, x_q.stride(0) // 4, codes.stride(0) // 4, scales.stride(0),
-            y.stride(0), HAS_BIAS=bias is not None, ASM=not INTERPRET and x.is_cuda and torch.version.hip is None, **pdl(x),
+            y.stride(0), HAS_BIAS=bias is not None, ASM=ptx(x), **pdl(x),
             # FMA contraction on: no torch result to match bit for bit here
         )
     return y.reshape(*x.shape[:-1], N)

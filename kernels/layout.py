@@ -31,9 +31,12 @@ and the inner loop saves a subtraction per weight; the row sums come with the ac
 
 Triton blocks are powers of two, and P = 5 is not: "1.6bit" decodes slices 0-3 as the stacked
 block (PA = 4) and slice 4 as a block of its own (PB = 1) with its own accumulator. Base-3 digits
-come without division: floor(v / 3) = (v * 171) >> 9 for every v < 243, so
-    c_i = q_i - 3 * q_(i+1),  q_0 = b,  q_(i+1) = floor(q_i / 3),
-two bytes at a time in the 16-bit lanes of an int32 word (the GEMM's decode here). The GEMV
+come without division, from the quotients q_i = floor(v / 3^i) (base3_quotients):
+    c_i = q_i - 3 * q_(i+1),  q_0 = b,  q_(i+1) = floor(q_i / 3) = ((q_i + 1) * 85) >> 8,
+the quotients of two bytes at a time in the 16-bit lanes of an int32 word and put back into byte
+lanes by byte permutes (PTX prmt), each digit one multiply-add for the word's four bytes (the
+GEMM's and the unpack's decode here: sm_90's 1.6-bit GEMM loop at 16 x 128 x 128 takes 269
+instructions a K step, 2-bit's 180; with a division chain per byte pair it took 654). The GEMV
 multiplies the quotients q_i themselves and takes the differences after the loop (gemv.py), at
 1.6 times the instructions a weight of "2bit" there: 20% fewer bytes, ~60% more integer work.
 
@@ -49,6 +52,7 @@ import triton.language as tl
 
 from bitnet.packing import FORMATS, packed_rows, unpack
 
+from .common import ptx
 from .launch import fast_launch
 
 reference_unpack = unpack  # the torch reference of unpack_triton below
@@ -76,52 +80,105 @@ def check_packed(packed: torch.Tensor, n: int, k: int, fmt: str) -> torch.Tensor
     return packed if packed.stride(1) == 1 else packed.contiguous()
 
 
-@triton.jit
-def _div3(v, LANES: tl.constexpr):
-    """floor(v / 3) for v < 243 in each lane: (v * 171) >> 9 is exact there, and with two 16-bit
-    lanes (LANES == 4: v = b0 | b2 << 16) the product stays in its lane; the mask drops what the
-    shift brings down from the upper lane."""
-    q = (v * 171) >> 9
-    if LANES == 4:
-        q = q & 0x007F007F
-    return q
+# PTX `prmt.b32 d, a, b, sel`: byte i of d is byte (sel >> 4i) & 7 of the eight bytes a.0 .. a.3,
+# b.0 .. b.3 (b = 0 here for zeros). tests/test_kernels.py checks these against that definition.
+HIGH_BYTES = 0x4341  # (a.1, 0, a.3, 0): (a >> 8) & 0x00FF00FF
+INTERLEAVE_HIGH = 0x7351  # (a.1, b.1, a.3, b.3)
+_HIGH_BYTES_ASM = tl.constexpr(f"prmt.b32 $0, $1, 0, {HIGH_BYTES:#x};")
+_INTERLEAVE_HIGH_ASM = tl.constexpr(f"prmt.b32 $0, $1, $2, {INTERLEAVE_HIGH:#x};")
+# The top bit slice of a word in its four byte lanes, (w >> 6) & 0x03030303 and (w >> 7) & 0x01010101
+_TOP_SLICE_2BIT_ASM = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, 6; and.b32 $0, t, 0x03030303; }")
+_TOP_SLICE_1BIT_ASM = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, 7; and.b32 $0, t, 0x01010101; }")
 
 
 @triton.jit
-def _base3_digit(v, i: tl.constexpr, LANES: tl.constexpr):
-    """Digit i of v in base 3, in each lane: floor(v / 3^i) - 3 * floor(v / 3^(i+1)); the top digit
-    (i = 4) is floor(v / 81) itself, since a packed byte is below 3^5 (one division and one
-    multiply-add fewer per lane pair)."""
-    q = v
-    for _ in tl.static_range(i):
-        q = _div3(q, LANES)
-    if i == 4:
-        c = q
+def high_bytes(t, ASM: tl.constexpr):
+    """(t >> 8) & 0x00FF00FF: bytes 1 and 3 of each word moved to bytes 0 and 2, the others zero
+    (one PRMT by inline PTX if ASM; a shift and a mask otherwise)."""
+    if ASM:
+        r = tl.inline_asm_elementwise(_HIGH_BYTES_ASM, "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        c = q - 3 * _div3(q, LANES)
-    return c
+        r = (t >> 8) & 0x00FF00FF
+    return r
 
 
 @triton.jit
-def decode(b, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
+def interleave_high(te, to, ASM: tl.constexpr):
+    """Bytes (te.1, to.1, te.3, to.3) from bytes 0 .. 3: the high bytes of the 16-bit lanes of two
+    words, interleaved (one PRMT if ASM)."""
+    if ASM:
+        r = tl.inline_asm_elementwise(_INTERLEAVE_HIGH_ASM, "=r,r,r", [te, to], dtype=tl.int32, is_pure=True,
+                                      pack=1)
+    else:
+        r = high_bytes(te, ASM) | (high_bytes(to, ASM) << 8)
+    return r
+
+
+@triton.jit
+def third(e, o, ASM: tl.constexpr):
+    """One base-3 step on the four bytes of words split into 16-bit lanes (e: bytes 0 and 2, o:
+    bytes 1 and 3, values < 243): (v + 1) * 85 >> 8 = floor(v / 3) for every v < 243, and without
+    the shift the quotient is already the high byte of v's lane (the low byte a fraction, dropped).
+    Returns the quotients of all four bytes in byte lanes, and split into 16-bit lanes again."""
+    te = e * 85 + 0x00550055
+    to = o * 85 + 0x00550055
+    return interleave_high(te, to, ASM), high_bytes(te, ASM), high_bytes(to, ASM)
+
+
+@triton.jit
+def base3_quotients(w, LANES: tl.constexpr, ASM: tl.constexpr):
+    """q_i = floor(v / 3^i), i = 1 .. 4, of every packed byte v < 243 (its five base-3 codes are
+    c_i = q_i - 3 q_(i+1), c_4 = q_4): in the byte lanes of words (LANES == 4: two IMAD and one
+    PRMT a step for four bytes, and two PRMT to split them for the next step), or per byte."""
+    if LANES == 4:
+        e = w & 0x00FF00FF
+        o = high_bytes(w, ASM)
+        q1, e, o = third(e, o, ASM)
+        q2, e, o = third(e, o, ASM)
+        q3, e, o = third(e, o, ASM)
+        q4, e, o = third(e, o, ASM)
+    else:
+        q1 = (w * 171) >> 9
+        q2 = (q1 * 171) >> 9
+        q3 = (q2 * 171) >> 9
+        q4 = (q3 * 171) >> 9
+    return q1, q2, q3, q4
+
+
+@triton.jit
+def decode(b, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
     """Code of slice i (rows i*R + r) of the packed units b (int32, any shape).
 
     LANES == 1: each unit is one byte. LANES == 4: each unit is an int32 word of four bytes
     (four consecutive k), and the codes come out in the same four byte lanes: one shift and one
-    mask for bits, two 16-bit-lane halves for base 3 (the common subexpressions of the digit
-    chains are shared by the compiler across the five calls).
+    mask for bits; for base 3, c_i = q_i - 3 q_(i+1) from the quotients (base3_quotients, PRMT by
+    inline PTX if ASM), one IMAD for the four bytes of a word: each byte's digit is 0 .. 2 and
+    3 q_(i+1) <= q_i < 243 in each byte, so nothing carries or borrows across bytes (the quotients
+    are shared by the compiler across the five calls).
     """
     if P == 5:
-        if LANES == 4:
-            even = b & 0x00FF00FF
-            odd = (b >> 8) & 0x00FF00FF
-            c = _base3_digit(even, i, LANES) | (_base3_digit(odd, i, LANES) << 8)
+        q1, q2, q3, q4 = base3_quotients(b, LANES, ASM)
+        if i == 0:
+            c = b - 3 * q1
+        elif i == 1:
+            c = q1 - 3 * q2
+        elif i == 2:
+            c = q2 - 3 * q3
+        elif i == 3:
+            c = q3 - 3 * q4
         else:
-            c = _base3_digit(b, i, LANES)
+            c = q4
     else:
         BITS: tl.constexpr = 8 // P
         MASK: tl.constexpr = ((1 << BITS) - 1) * (0x01010101 if LANES == 4 else 1)
-        c = (b >> (BITS * i)) & MASK
+        if ASM and LANES == 4 and i == P - 1:
+            # The top slice's byte lanes are also w >> (32 - BITS) and friends: LLVM takes them
+            # apart that way and packs them back with byte permutes for the int8 operand (13
+            # instructions a word for "2bit"'s four slices on sm_90, not 7). Opaque, it stays two.
+            c = tl.inline_asm_elementwise(_TOP_SLICE_2BIT_ASM if P == 4 else _TOP_SLICE_1BIT_ASM, "=r,r", [b],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            c = (b >> (BITS * i)) & MASK
     return c
 
 
@@ -134,9 +191,9 @@ def join_slices(c0, c1, c2, c3):
 
 
 @triton.jit
-def int8_codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
+def int8_codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
     """int8 codes [BR, BU * LANES] of slice i from units w [BR, BU]: k = LANES * unit + lane."""
-    c = decode(w, i, P, LANES)
+    c = decode(w, i, P, LANES, ASM)
     if LANES == 4:
         c = join_slices(c, c >> 8, c >> 16, c >> 24)  # byte lanes, little-endian
         c = tl.reshape(c, (w.shape[0], 4 * w.shape[1]))
@@ -144,36 +201,36 @@ def int8_codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr):
 
 
 @triton.jit
-def _codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr):
+def _codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr, ASM: tl.constexpr):
     # One return: Triton's compiler (not the interpreter) rejects returns of different types,
     # even in branches of a constexpr condition.
     if INT8:
-        c = int8_codes(w, i, P, LANES)
+        c = int8_codes(w, i, P, LANES, ASM)
     else:
-        c = decode(w, i, P, LANES)
+        c = decode(w, i, P, LANES, ASM)
     return c
 
 
 @triton.jit
-def joined_codes(w, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr):
+def joined_codes(w, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr, ASM: tl.constexpr):
     """Codes of slices 0..PA-1 of the units w [BR, BU], slice i at [..., i] of a trailing
     dimension held in registers: [BR, BU * LANES, PA] int8 codes if INT8, else [BR, BU, PA]
     units of codes (four byte lanes when LANES == 4)."""
-    c = join_slices(_codes(w, 0, P, LANES, INT8), _codes(w, 1, P, LANES, INT8),
-                    _codes(w, 2, P, LANES, INT8), _codes(w, 3, P, LANES, INT8))
+    c = join_slices(_codes(w, 0, P, LANES, INT8, ASM), _codes(w, 1, P, LANES, INT8, ASM),
+                    _codes(w, 2, P, LANES, INT8, ASM), _codes(w, 3, P, LANES, INT8, ASM))
     if P == 8:
-        hi = join_slices(_codes(w, 4, P, LANES, INT8), _codes(w, 5, P, LANES, INT8),
-                         _codes(w, 6, P, LANES, INT8), _codes(w, 7, P, LANES, INT8))
+        hi = join_slices(_codes(w, 4, P, LANES, INT8, ASM), _codes(w, 5, P, LANES, INT8, ASM),
+                         _codes(w, 6, P, LANES, INT8, ASM), _codes(w, 7, P, LANES, INT8, ASM))
         c = tl.permute(tl.join(c, hi), (0, 1, 3, 2))  # [..., j, h] -> [..., h, j]: slice 4h + j
         c = tl.reshape(c, (c.shape[0], c.shape[1], 8))
     return c
 
 
 @triton.jit
-def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr):
+def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
     """Units w [BR, BU] -> int8 codes [PA * BR, BU * LANES] of slices 0..PA-1, stacked: row j
     holds slice j // BR, packed row j % BR (the order of the output features i*R + r)."""
-    c = tl.permute(joined_codes(w, P, LANES, True), (2, 0, 1))  # (PA, BR, BK)
+    c = tl.permute(joined_codes(w, P, LANES, True, ASM), (2, 0, 1))  # (PA, BR, BK)
     return tl.reshape(c, (c.shape[0] * c.shape[1], c.shape[2]))
 
 
@@ -185,7 +242,8 @@ def _unpack_kernel(
     # sizes (N1, R1, N2, R2: the second and third matrices'; K in units: bytes, or words with LANES == 4)
     N, R, N1, R1, N2, R2, K,
     # constexpr
-    P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[row0 + i*R + r, k] = SC * code_i(packed[r, k]) - 1 for rows < N of each matrix, row0 the
     rows of the matrices before it (up to three in one launch: a prefill's q / k / v, gate / up).
@@ -195,15 +253,16 @@ def _unpack_kernel(
     of four k (K of them a row), four codes decoded and written a word at a time: per byte lane
     v = SC * code in 0 .. 2, (v + 0x7F) ^ 0x80 is v - 1 as int8 without a carry into the next lane. Grid: (cdiv(R, BLOCK_R)
     + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R), cdiv(K, BLOCK_K)): the row blocks of the first matrix,
-    then of the second, then of the third.
+    then of the second, then of the third. ASM: the base-3 decode's byte permutes by inline PTX
+    (common.ptx).
     """
     unpack_tile(w_ptr, w1_ptr, w2_ptr, out_ptr, N, R, N1, R1, N2, R2, K, tl.program_id(0), tl.program_id(1),
-                P, SEGMENTS, LANES, BLOCK_R, BLOCK_K)
+                P, SEGMENTS, LANES, ASM, BLOCK_R, BLOCK_K)
 
 
 @triton.jit
 def unpack_tile(w_ptr, w1_ptr, w2_ptr, out_ptr, N, R, N1, R1, N2, R2, K, pid, pid_k,
-                P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, BLOCK_R: tl.constexpr,
+                P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """_unpack_kernel's program (pid, pid_k): row block pid of the matrices' blocks in order, units
     pid_k * BLOCK_K ... of K (also rmsnorm_quant's fused launch)."""
@@ -228,9 +287,9 @@ def unpack_tile(w_ptr, w1_ptr, w2_ptr, out_ptr, N, R, N1, R1, N2, R2, K, pid, pi
     for i in tl.static_range(P):
         rows = i * r_seg + offs_r
         if LANES == 4:
-            w = (SC * decode(b, i, P, LANES) + 0x7F7F7F7F) ^ -0x7F7F7F80  # (-0x7F7F7F80: 0x80808080 as int32)
+            w = (SC * decode(b, i, P, LANES, ASM) + 0x7F7F7F7F) ^ -0x7F7F7F80  # (-0x7F7F7F80: 0x80808080 as int32)
         else:
-            w = (SC * decode(b, i, P, LANES) - 1).to(tl.int8)
+            w = (SC * decode(b, i, P, LANES, ASM) - 1).to(tl.int8)
         tl.store(out_ptr + (row0 + rows)[:, None].to(tl.int64) * K + offs_k[None, :], w,
                  mask=mask & (rows < n_seg)[:, None])
 
@@ -282,7 +341,8 @@ def unpack_arguments(packed: list[torch.Tensor], ns: list[int], fmt: str, out: t
     sizes = [(n, w.shape[0]) for n, w in zip(ns, packed)] + [(0, 0)] * (3 - seg)
     blocks = sum(-(-r // UNPACK_BLOCK_R) for _, r in sizes)
     args = (*ws, out, *(v for nr in sizes for v in nr), units)
-    constexprs = dict(P=values_per_byte(fmt), SEGMENTS=seg, LANES=lanes, BLOCK_R=UNPACK_BLOCK_R, BLOCK_K=UNPACK_BLOCK_K)
+    constexprs = dict(P=values_per_byte(fmt), SEGMENTS=seg, LANES=lanes, ASM=ptx(out), BLOCK_R=UNPACK_BLOCK_R,
+                      BLOCK_K=UNPACK_BLOCK_K)
     return args, (blocks, -(-units // UNPACK_BLOCK_K)), constexprs
 
 

@@ -247,9 +247,10 @@ def _rmsnorm_quant_unpack_kernel(
     M, K, eps, N, R, N1, R1, N2, R2, KU, KB,
     # strides
     stride_xm, stride_um, stride_qm,
-    # constexpr (P .. UNPACK_K: _unpack_kernel's P, SEGMENTS, LANES, BLOCK_R, BLOCK_K)
+    # constexpr (P .. UNPACK_K: _unpack_kernel's P, SEGMENTS, LANES, ASM, BLOCK_R, BLOCK_K)
     NORM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr, SUM_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-    P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, UNPACK_R: tl.constexpr, UNPACK_K: tl.constexpr,
+    P: tl.constexpr, SEGMENTS: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr, UNPACK_R: tl.constexpr,
+    UNPACK_K: tl.constexpr,
 ):
     """A prefill's two independent steps before its int8 GEMM in one launch: programs 0 .. M - 1
     normalize and quantize a row each (_rmsnorm_act_quant_kernel's; without NORM quantize it as it
@@ -269,7 +270,7 @@ def _rmsnorm_quant_unpack_kernel(
     else:
         b = pid - M
         unpack_tile(pw_ptr, pw1_ptr, pw2_ptr, out_ptr, N, R, N1, R1, N2, R2, KU, b // KB, b % KB,
-                    P, SEGMENTS, LANES, UNPACK_R, UNPACK_K)
+                    P, SEGMENTS, LANES, ASM, UNPACK_R, UNPACK_K)
 
 
 def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -320,7 +321,7 @@ def rmsnorm_act_quant_unpack(x: torch.Tensor, weight: torch.Tensor | None, eps: 
             x2, u, weight if norm else x2, x_q, a, xsum, *unpack[:4], m, x2.shape[1], eps, *unpack[4:], k_blocks,
             x2.stride(0), stride_u, x2.shape[1], NORM=norm, GATED=up2 is not None,
             SUM_BLOCK=sum_block(x2.shape[1]), P=constexprs["P"], SEGMENTS=constexprs["SEGMENTS"], LANES=constexprs["LANES"],
-            UNPACK_R=constexprs["BLOCK_R"], UNPACK_K=constexprs["BLOCK_K"], **LAUNCH, **pdl(x2))
+            ASM=constexprs["ASM"], UNPACK_R=constexprs["BLOCK_R"], UNPACK_K=constexprs["BLOCK_K"], **LAUNCH, **pdl(x2))
 
     x_q, a, xsum = quantize_rows(x, launch)
     return x_q, a, xsum, w

@@ -515,10 +515,10 @@ def _two_dots(x_ptr, w_ptr, y_ptr, z_ptr, K, FIRST: tl.constexpr, LANES: tl.cons
         x = tl.load(x_ptr + offs_m[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :])
         w = tl.load(w_ptr + offs_r[:, None] * (K // 4) + k0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :])
         if FIRST:
-            acc_b = tl.dot(x, tl.trans(int8_codes(w, 4, 5, LANES)), acc_b, out_dtype=tl.int32)
-        acc_a = tl.dot(x, tl.trans(decode_stacked(w, 5, LANES)), acc_a, out_dtype=tl.int32)
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, 4, 5, LANES, True)), acc_b, out_dtype=tl.int32)
+        acc_a = tl.dot(x, tl.trans(decode_stacked(w, 5, LANES, True)), acc_a, out_dtype=tl.int32)
         if not FIRST:
-            acc_b = tl.dot(x, tl.trans(int8_codes(w, 4, 5, LANES)), acc_b, out_dtype=tl.int32)
+            acc_b = tl.dot(x, tl.trans(int8_codes(w, 4, 5, LANES, True)), acc_b, out_dtype=tl.int32)
     tl.store(y_ptr + offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], acc_a)
     tl.store(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc_b)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -269,6 +270,21 @@ def test_gemv_every_byte_in_every_lane_at_extreme_activations(fmt, triton_device
         assert torch.equal(y.cpu(), exact(row[None], w_q))
 
 
+@pytest.mark.parametrize("k", [128, 126])  # int32 words, bytes
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_every_byte_in_every_lane_at_extreme_activations(fmt, k, triton_device):
+    """The GEMM's decode in its loop (base-3 digits from the quotients, one multiply-add for the
+    four bytes of a word: no carry or borrow across bytes may reach a neighbour) on every valid
+    byte in every lane of a word, and on the byte path, against x_q rows of the int8 extremes, exact."""
+    packed = every_byte_matrix(fmt, k)
+    n = packed.shape[0] * {"2bit": 4, "1.6bit": 5, "1bit": 8}[fmt]
+    w_q = unpack(packed, n, fmt)
+    x_q = torch.tensor([[-128] * k, [127] * k, [(-128, 127)[i % 2] for i in range(k)],
+                        [(127, -128, 5, -1)[i % 4] for i in range(k)]], dtype=torch.int8)
+    y = gemm(x_q.to(triton_device), packed.to(triton_device), n, fmt, out_dtype=torch.int32)
+    assert torch.equal(y.cpu(), exact(x_q, w_q))
+
+
 def prmt(a: int, b: int, selector: int) -> int:
     """PTX `prmt.b32 d, a, b, c` (default mode), from the ISA's definition: byte i of d is byte
     c[4i + 2 : 4i] of {b, a} (bytes 0-3 a's, 4-7 b's), or that byte's sign replicated if c[4i + 3]."""
@@ -283,12 +299,13 @@ def prmt(a: int, b: int, selector: int) -> int:
     return d
 
 
-def test_gemv_byte_permutes_and_base3_step_are_what_the_plain_path_computes():
-    """On a GPU the GEMV moves bytes with PTX `prmt` (inline assembly the interpreter cannot run;
-    its plain-Triton twin is what CPU CI checks for exactness): its selectors, by the ISA's
-    definition, against the twin's shifts and masks; and the base-3 step (v + 1) * 85 >> 8 =
-    floor(v / 3) for every byte value v < 243, its product inside a 16-bit lane."""
-    from bitnet.kernels import gemv as g
+def test_base3_byte_permutes_and_step_are_what_the_plain_path_computes():
+    """On a GPU the base-3 decode (the GEMV's, the GEMM's, the unpack's: layout.base3_quotients)
+    moves bytes with PTX `prmt` (inline assembly the interpreter cannot run; its plain-Triton twin
+    is what CPU CI checks for exactness): its selectors, by the ISA's definition, against the twin's
+    shifts and masks; the base-3 step (v + 1) * 85 >> 8 = floor(v / 3) for every byte value
+    v < 243, its product inside a 16-bit lane; and the top bit slice's shift and mask in PTX."""
+    from bitnet.kernels import layout as g
 
     rng = torch.Generator().manual_seed(0)
     words = torch.randint(0, 2 ** 32, (2000, 2), generator=rng, dtype=torch.int64).tolist()
@@ -299,6 +316,13 @@ def test_gemv_byte_permutes_and_base3_step_are_what_the_plain_path_computes():
     assert f"{g.HIGH_BYTES:#x}" in g._HIGH_BYTES_ASM.value and f"{g.INTERLEAVE_HIGH:#x}" in g._INTERLEAVE_HIGH_ASM.value
     for v in range(243):
         assert (v + 1) * 85 >> 8 == v // 3 and (v + 1) * 85 < 2 ** 15
+    # the top bit slice in byte lanes (layout.decode on words with ASM): its shift and mask, read
+    # off the PTX, are those of the slice's bits in every byte
+    for asm, bits in ((g._TOP_SLICE_2BIT_ASM, 2), (g._TOP_SLICE_1BIT_ASM, 1)):
+        shift, mask = re.fullmatch(r"\{ \.reg \.b32 t; shr\.u32 t, \$1, (\d+); and\.b32 \$0, t, (0x[0-9a-f]+); \}",
+                                   asm.value).groups()
+        top = 8 // bits - 1
+        assert int(shift) == bits * top and int(mask, 16) == sum(((1 << bits) - 1) << 8 * j for j in range(4))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
