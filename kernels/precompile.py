@@ -100,15 +100,17 @@ def launches_compiled(arch: int = 90, as_cuda: bool = True):
     """Within it, every Triton launch the package makes on CPU tensors is compiled for sm_<arch>
     through Triton's own launch path instead of run: its real arguments specialized as on a GPU
     (None, 16-byte alignment, integers of 1 become constexprs: what variants() cannot see), with
-    ASM and PDL as a CUDA launch sets them, autotuning on its first config (BITNET_AUTOTUNE=first).
-    Nothing runs: outputs are left as allocated. Yields a LaunchLog; each failure is also raised
-    in the caller. as_cuda=False leaves ASM and PDL as the launch passes them (precompile's jobs,
-    taken from real CUDA launches). The kernels must have been imported without TRITON_INTERPRET;
+    ASM, PDL and MMA_SYNC as a CUDA launch on sm_<arch> sets them, autotuning on its first config
+    (BITNET_AUTOTUNE=first). Nothing runs: outputs are left as allocated. Yields a LaunchLog; each
+    failure is also raised in the caller. as_cuda=False leaves ASM, PDL and MMA_SYNC as the launch
+    passes them (precompile's jobs, taken from real CUDA launches). The kernels must have been imported without TRITON_INTERPRET;
     a caller that wants the package to pick the Triton path for CPU tensors sets TRITON_INTERPRET=1
     after that import (bitnet.ops reads it per call). Triton's driver and JITFunction.run are
     restored on exit."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
+
+    from .common import mma_sync_arch
 
     log = LaunchLog()
     original = JITFunction.run
@@ -117,6 +119,8 @@ def launches_compiled(arch: int = 90, as_cuda: bool = True):
     def run(self, *args, grid, warmup, **kwargs):
         if "ASM" in kwargs and as_cuda:
             kwargs["ASM"] = True
+        if "MMA_SYNC" in kwargs and as_cuda:
+            kwargs["MMA_SYNC"] = mma_sync_arch(arch)
         if "PDL" in kwargs and as_cuda:
             kwargs["PDL"] = arch >= 90
             if arch >= 90:
