@@ -189,7 +189,7 @@ def _gemm_kernel(
         in the loop and folded into the accumulator before the split-K sums).
     MMA_SYNC: the GPU runs every tile's dots on mma.sync (common.mma_sync): the order of "1.6bit"'s
         two dots (FIFTH_FIRST below); any value computes the same.
-    ASM: the base-3 decode's byte permutes by inline PTX (common.ptx; layout.decode).
+    ASM: the decode's byte permutes (base 3) and top bit slice by inline PTX (common.ptx; layout.decode).
     Grid: (cdiv(M, BLOCK_M) * cdiv(R + R1 + R2, BLOCK_N // PA), SPLIT_K), tiles grouped by GROUP_M
     along M; program (t, s) sums K steps [s * steps / SPLIT_K, (s + 1) * steps / SPLIT_K).
     """

@@ -36,7 +36,7 @@ come without division, from the quotients q_i = floor(v / 3^i) (base3_quotients)
 the quotients of two bytes at a time in the 16-bit lanes of an int32 word and put back into byte
 lanes by byte permutes (PTX prmt), each digit one multiply-add for the word's four bytes (the
 GEMM's and the unpack's decode here: sm_90's 1.6-bit GEMM loop at 16 x 128 x 128 takes 269
-instructions a K step, 2-bit's 180; with a division chain per byte pair it took 654). The GEMV
+instructions a K step, 2-bit's 132; with a division chain per byte pair it took 654). The GEMV
 multiplies the quotients q_i themselves and takes the differences after the loop (gemv.py), at
 1.6 times the instructions a weight of "2bit" there: 20% fewer bytes, ~60% more integer work.
 
@@ -151,7 +151,7 @@ def decode(b, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.con
 
     LANES == 1: each unit is one byte. LANES == 4: each unit is an int32 word of four bytes
     (four consecutive k), and the codes come out in the same four byte lanes: one shift and one
-    mask for bits; for base 3, c_i = q_i - 3 q_(i+1) from the quotients (base3_quotients, PRMT by
+    mask for bits (the top slice's by inline PTX if ASM); for base 3, c_i = q_i - 3 q_(i+1) from the quotients (base3_quotients, PRMT by
     inline PTX if ASM), one IMAD for the four bytes of a word: each byte's digit is 0 .. 2 and
     3 q_(i+1) <= q_i < 243 in each byte, so nothing carries or borrows across bytes (the quotients
     are shared by the compiler across the five calls).
@@ -172,9 +172,10 @@ def decode(b, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.con
         BITS: tl.constexpr = 8 // P
         MASK: tl.constexpr = ((1 << BITS) - 1) * (0x01010101 if LANES == 4 else 1)
         if ASM and LANES == 4 and i == P - 1:
-            # The top slice's byte lanes are also w >> (32 - BITS) and friends: LLVM takes them
-            # apart that way and packs them back with byte permutes for the int8 operand (13
-            # instructions a word for "2bit"'s four slices on sm_90, not 7). Opaque, it stays two.
+            # The top slice's top byte is also w >> (32 - BITS), unmasked: LLVM takes the slice
+            # apart byte by byte that way and packs it back with byte permutes for the GEMM's int8
+            # operand (13 instructions a word for "2bit"'s four slices on sm_90, not 7). Opaque
+            # to LLVM, the shift and the mask stay two instructions.
             c = tl.inline_asm_elementwise(_TOP_SLICE_2BIT_ASM if P == 4 else _TOP_SLICE_1BIT_ASM, "=r,r", [b],
                                           dtype=tl.int32, is_pure=True, pack=1)
         else:
@@ -253,8 +254,7 @@ def _unpack_kernel(
     of four k (K of them a row), four codes decoded and written a word at a time: per byte lane
     v = SC * code in 0 .. 2, (v + 0x7F) ^ 0x80 is v - 1 as int8 without a carry into the next lane. Grid: (cdiv(R, BLOCK_R)
     + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R), cdiv(K, BLOCK_K)): the row blocks of the first matrix,
-    then of the second, then of the third. ASM: the base-3 decode's byte permutes by inline PTX
-    (common.ptx).
+    then of the second, then of the third. ASM: decode's inline PTX (common.ptx).
     """
     unpack_tile(w_ptr, w1_ptr, w2_ptr, out_ptr, N, R, N1, R1, N2, R2, K, tl.program_id(0), tl.program_id(1),
                 P, SEGMENTS, LANES, ASM, BLOCK_R, BLOCK_K)
