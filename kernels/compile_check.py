@@ -245,7 +245,7 @@ def _gemv_variants(every_format: bool = True) -> list[Variant]:
 
 
 def _gemm_variants(every_format: bool = True) -> list[Variant]:
-    from .gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS, norm_fits
+    from .gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS, norm_configs
 
     tiles = [(c, s) for c in SMALL_M_CONFIGS for s in (1, 2)] + [(c, 1) for c in LARGE_M_CONFIGS]
     flags = [dict(y=y, HAS_BIAS=b) for y, b in itertools.product(["bf16", "fp32", "fp16"], [True, False])]
@@ -255,17 +255,19 @@ def _gemm_variants(every_format: bool = True) -> list[Variant]:
     # the residual added in the epilogue (one matrix, a float output): a batched decode's skip connection
     flags += [dict(y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True), dict(y="fp32", HAS_BIAS=True, SEGMENTS=1, HAS_RES=True)]
     pairs = _round_robin(tiles, flags)
-    # the RMSNorm in the GEMM (rmsnorm_packed_matmul_cat at a batched decode step, its one tile,
-    # gemm.NORM_TILE): q / k / v, o and down (the residual added; down's norm gated by up), gate / up;
-    # each with and without split-K, spread over the formats and paths
+    # the RMSNorm in the GEMM (rmsnorm_packed_matmul_cat at a batched decode step, its two tiles,
+    # gemm.NORM_TILE and NORM_WIDE): q / k / v, o and down (the residual added; down's norm gated by
+    # up), gate / up; each with and without split-K in NORM_TILE, in turn in NORM_WIDE, spread over
+    # the formats and paths
     norm = [dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=3), dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1,
                                                                       HAS_RES=True),
             dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True, GATED=True),
             dict(x="fp16", y="fp16", HAS_BIAS=True, SEGMENTS=2), dict(x="fp32", y="fp32", HAS_BIAS=False, SEGMENTS=2,
                                                                      GATED=True, SUM_BLOCK=256)]
-    tile = next(c for c in SMALL_M_CONFIGS if norm_fits(c))
+    tile, wide = norm_configs()
     normed = [((tile, split), dict(f, NORM=True)) for f in norm for split in (1, 2)]
-    # (the norm tile with each flag set, split and not: spread over the six pairs of a format and a path)
+    normed += [((wide, 1 + i % 2), dict(f, NORM=True)) for i, f in enumerate(norm)]  # (the wide tile: split or not, in turn)
+    # (spread over the six pairs of a format and a path)
     rows = [(i, p, lanes, pair) for i, pair in enumerate(pairs) for p, lanes in _formats_and_paths(i, every_format)]
     rows += [(len(pairs) + k, *FORMAT_PATHS[k % len(FORMAT_PATHS)], pair) for k, pair in enumerate(normed)]
     out = []
@@ -605,12 +607,13 @@ def _attention_bound(v: Variant) -> int:
 
 
 def _norm_tile_bound(v: Variant) -> int | None:
-    from .gemm import NORM_TILE, norm_tile_shared
+    from .gemm import norm_configs, norm_tile_shared
 
     c = v.constexprs
-    if not c.get("NORM") or any(c[k] != size for k, size in NORM_TILE.items()):
-        return None  # (off the one tile: no launcher launches it; a test compiles one to see it spill)
-    return norm_tile_shared(FLOAT_BYTES[v.types["x_ptr"]], c["GATED"])
+    tiles = [i for i, t in enumerate(norm_configs()) if all(c[k] == t.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))]
+    if not c.get("NORM") or not tiles:
+        return None  # (off the norm tiles: no launcher launches it; a test compiles one to see it spill)
+    return norm_tile_shared(FLOAT_BYTES[v.types["x_ptr"]], c["GATED"], tiles[0] == 1)
 
 
 # The kernels whose launchers choose a tile by the device's shared memory (common.shared_limit)

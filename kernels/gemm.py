@@ -73,50 +73,70 @@ LARGE_M_CONFIGS = [
 INTERPRET_CONFIG = _config(16, 32, 32, 4, 1, group=2)
 
 
-# With the RMSNorm inside (NORM), the loop's x tiles are float (and GATED's up tiles too): one tile,
-# 16 x 128 x 256, the only small-M tile whose loop both supported Tritons keep short and free of
-# spills (sm_90, 2B-4T's q/k/v and gated down flag sets, bf16): Triton 3.9 694-782 instructions a
-# 256-deep step, 197-222 registers; Triton 3.6 (the GPU machines') 809-964, 197-229. With K steps
-# of 128 Triton 3.6 spills inside the loop (2946-7595 instructions a step, up to 1654 spill
-# loads and stores); 32-row tiles spill 400-22000 bytes a thread under both. fp32 x takes the same
-# tile (119 KB of shared memory gated, within sm_80's 163; 168-400 bytes spilled outside the loop).
+# With the RMSNorm inside (NORM), the loop's x tiles are float (and GATED's up tiles too): two
+# tiles, 16 rows and 256-deep K steps, the only small-M tiles whose loop both supported Tritons keep
+# short and free of spills (sm_90, 2B-4T's q/k/v and gated down flag sets, bf16). With K steps of
+# 128 Triton 3.6 (the GPU machines') spills inside the loop (2946-7595 instructions a step, up to
+# 1654 spill loads and stores); 32-row tiles spill 400-22000 bytes a thread under both.
+# - NORM_TILE, 16 x 128 x 256 (3 stages): 2-bit q/k/v and down, 598-688 instructions a step with
+#   Triton 3.9, 684-862 with 3.6, 195-227 registers; the tile every GPU fits (fp32 x gated: 119 KB
+#   of shared memory, within sm_80's 163) and the one a lone config runs (BITNET_AUTOTUNE=first).
+# - NORM_WIDE, 16 x 256 x 256 (2 stages): the x tile's normalization and quantization serve twice
+#   the weights: 781-875 / 931-1081 instructions a step, 32-37% fewer a weight in 2-bit, 20-23% in
+#   1.6-bit, ~4x fewer in 1-bit (whose 128-wide tiles hold 16 packed rows, too few for Triton to
+#   decode in registers: it stages the operand through shared memory); 198-249 registers, no spill
+#   but with fp32 x gated in 1.6-bit on Triton 3.6 (208 B a thread, 42 of 1730 instructions a step).
+#   Half the tiles along N, so half the programs where split-K is already at its cap (short K,
+#   small N: 2B-4T's q/k/v and o): the autotuner times both.
 NORM_TILE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256}
+NORM_WIDE = _config(16, 256, 256, 4, 2)
+NORM_ONLY_CONFIGS = [NORM_WIDE]  # (small-M tiles for the norm-fused GEMM alone)
+_NORM_CONFIGS = [next(c for c in SMALL_M_CONFIGS if all(c.kwargs[k] == v for k, v in NORM_TILE.items())), NORM_WIDE]
 
 
 def norm_fits(config: triton.Config) -> bool:
-    """Whether a small-M config is the norm-fused GEMM's tile (NORM_TILE)."""
-    return all(config.kwargs[k] == v for k, v in NORM_TILE.items())
+    """Whether a small-M config is one of the norm-fused GEMM's tiles (NORM_TILE, NORM_WIDE)."""
+    return any(all(config.kwargs[k] == t.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for t in _NORM_CONFIGS)
+
+
+def norm_configs() -> list[triton.Config]:
+    """The norm-fused GEMM's configs, NORM_TILE's first."""
+    return list(_NORM_CONFIGS)
 
 
 @functools.cache
-def norm_tile_shared(itemsize: int, gated: bool) -> int:
-    """An upper bound of the shared memory (bytes) the norm-fused tile asks for with float x of
-    `itemsize` bytes (and the gate's up tile): each stage's float x tiles and packed weights (at most
-    a byte per 4 codes), the float tiles once more and the int8 x_q tile for the dot. The compile
-    guard holds every variant it compiles to this bound. 16-bit x: 60 KB, gated 92 KB (compiled: 52
-    and 92); float32 x 92 KB, gated 156 KB (compiled: 116), past the 99 KB of an A10, L4, L40S or
-    RTX 30xx-50xx."""
-    config = next(c for c in SMALL_M_CONFIGS if norm_fits(c))
-    bm, bn, bk = NORM_TILE["BLOCK_M"], NORM_TILE["BLOCK_N"], NORM_TILE["BLOCK_K"]
+def norm_tile_shared(itemsize: int, gated: bool, wide: bool = False) -> int:
+    """An upper bound of the shared memory (bytes) a norm-fused tile (NORM_TILE, or NORM_WIDE if
+    `wide`) asks for with float x of `itemsize` bytes (and the gate's up tile): each stage's float x
+    tiles and packed weights (at most a byte per 4 codes), the float tiles once more and the int8
+    x_q tile for the dot. The compile guard holds every variant it compiles to this bound.
+    NORM_TILE: 16-bit x 60 KB, gated 92 KB (compiled: 52 and 92); float32 x 92 KB, gated 156 KB
+    (compiled: 116), past the 99 KB of an A10, L4, L40S or RTX 30xx-50xx."""
+    config = norm_configs()[1 if wide else 0]
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     x = bm * bk * itemsize * (2 if gated else 1)
     return config.num_stages * (x + bn * bk // 4) + x + bm * bk
 
 
-def norm_tile_fits(x: torch.Tensor, gated: bool) -> bool:
-    """Whether the norm-fused tile fits the shared memory of x's device (common.shared_limit); where
-    it does not, gemm_cat runs rmsnorm_act_quant first (the same bits)."""
+def norm_tile_fits(x: torch.Tensor, gated: bool, wide: bool = False) -> bool:
+    """Whether a norm-fused tile (NORM_TILE; NORM_WIDE if `wide`) fits the shared memory of x's
+    device (common.shared_limit); where NORM_TILE does not, gemm_cat runs rmsnorm_act_quant first
+    (the same bits), and where NORM_WIDE does not, the autotuner gets NORM_TILE alone."""
     limit = shared_limit(x.device)
-    return limit is None or norm_tile_shared(x.dtype.itemsize, gated) <= limit
+    return limit is None or norm_tile_shared(x.dtype.itemsize, gated, wide) <= limit
 
 
 def _prune(configs, named_args, **kwargs):
-    """The configs of M's regime; at least 16-wide dots (1.6bit's fifth slice is BLOCK_N / 4)."""
+    """The configs of M's regime; at least 16-wide dots (1.6bit's fifth slice is BLOCK_N / 4); with
+    the norm inside, its tiles that fit the device's shared memory (NORM_TILE first)."""
     if len(configs) == 1:
         return configs
+    if kwargs.get("NORM"):
+        x = named_args["x_ptr"]
+        return [c for c in _NORM_CONFIGS if c is not NORM_WIDE or norm_tile_fits(x, kwargs.get("GATED", False), True)]
     small = named_args["m_bucket"] <= SMALL_M
     pool = SMALL_M_CONFIGS if small else LARGE_M_CONFIGS
-    return [c for c in pool if (not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"]))
-            and (not kwargs.get("NORM") or norm_fits(c))]
+    return [c for c in pool if not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
 
 
 @triton.jit
@@ -148,7 +168,7 @@ def segment_epilogue(later, third, a_rows, scale_ptr, scale1_ptr, scale2_ptr, bi
     return factor, bias
 
 
-@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS,
+@autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS + NORM_ONLY_CONFIGS,
           key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2", "NORM", "GATED"], prune=_prune,
           interpret_config=INTERPRET_CONFIG)
 @triton.jit

@@ -225,12 +225,12 @@ from bitnet.kernels.gemm import SMALL_M_CONFIGS, _prune
 
 base = next(v for v in compile_check.variants(archs=(90,), kernels=["_gemm_kernel"]) if v.constexprs["NORM"])
 kept = _prune(SMALL_M_CONFIGS, dict(m_bucket=64, x_ptr=torch.empty(0, dtype=torch.bfloat16)), NORM=True)
-wide = [c for c in SMALL_M_CONFIGS if c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_K"] == 128][:1]
+tall = [c for c in SMALL_M_CONFIGS if c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_K"] == 128][:1]
 bf16 = dict(x_ptr="*bf16", nw_ptr="*bf16", y_ptr="*bf16", bias_ptr="*bf16", bias1_ptr="*bf16", bias2_ptr="*bf16",
             res_ptr="*bf16")
 layer = {"q/k/v": dict(SEGMENTS=3, HAS_RES=False, GATED=False), "down": dict(SEGMENTS=1, HAS_RES=True, GATED=True)}
 print("triton", triton.__version__)
-for which, configs in (("kept", kept), ("wide", wide)):
+for which, configs in (("kept", kept), ("tall", tall)):
     for cfg in configs:
         for name, flags in layer.items():
             v = dataclasses.replace(base, constexprs=dict(base.constexprs, P=4, LANES=4, SPLIT_K=2, HAS_BIAS=False,
@@ -244,8 +244,8 @@ for which, configs in (("kept", kept), ("wide", wide)):
 
 def _norm_tiles(tmp_path: Path, env: dict) -> tuple[str, list[list[str]]]:
     """The batched decode's norm-fused GEMM (2B-4T's heaviest flag sets: q/k/v, and down with its
-    gate and residual; bf16, 2-bit words, split-K) compiled for sm_90 in the tile the autotuner keeps
-    and a 32-row one: (Triton's version, rows of which / flags / tile / ok / registers / spill)."""
+    gate and residual; bf16, 2-bit words, split-K) compiled for sm_90 in the tiles the autotuner
+    keeps and a 32-row one: (Triton's version, rows of which / flags / tile / ok / registers / spill)."""
     script = tmp_path / "norm_tiles.py"
     script.write_text(NORM_TILES)
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -256,16 +256,17 @@ def _norm_tiles(tmp_path: Path, env: dict) -> tuple[str, list[list[str]]]:
 
 def _check_norm_tiles(rows: list[list[str]]) -> None:
     kept = [row for row in rows if row[0] == "kept"]
-    assert [row[1:5] for row in kept] == [["q/k/v", "16", "128", "256"], ["down", "16", "128", "256"]], rows
+    assert [row[1:5] for row in kept] == [["q/k/v", "16", "128", "256"], ["down", "16", "128", "256"],
+                                          ["q/k/v", "16", "256", "256"], ["down", "16", "256", "256"]], rows
     assert all(row[5] == "True" and int(row[6]) <= 255 and row[7] == "0" for row in kept), rows  # no spill
-    wide = [row for row in rows if row[0] == "wide"]
-    assert wide and all(row[5] == "True" and int(row[7]) >= 128 for row in wide), rows  # what the check sees
+    tall = [row for row in rows if row[0] == "tall"]
+    assert tall and all(row[5] == "True" and int(row[7]) >= 128 for row in tall), rows  # what the check sees
 
 
 def test_a_batched_steps_norm_tile_does_not_spill(tmp_path):
-    """The norm-fused GEMM's one tile (gemm.NORM_TILE) compiles for sm_90 without spilling a
-    register on either flag set, read off the cubin; a 32-row tile, which the autotuner never gets,
-    spills hundreds of bytes a thread (the check can fail)."""
+    """The norm-fused GEMM's two tiles (gemm.NORM_TILE, NORM_WIDE) compile for sm_90 without
+    spilling a register on either flag set, read off the cubin; a 32-row tile, which the autotuner
+    never gets, spills hundreds of bytes a thread (the check can fail)."""
     _check_norm_tiles(_norm_tiles(tmp_path, _env())[1])
 
 
@@ -772,7 +773,7 @@ def _floor_env() -> tuple[str, dict]:
 def test_the_norm_tile_does_not_spill_with_the_oldest_supported_triton(tmp_path):
     """As test_a_batched_steps_norm_tile_does_not_spill, with the GPU machines' Triton (3.6), which
     spills inside the loop of every other small-M tile with the norm (K steps of 128: up to 1654
-    spill loads and stores a step): the reason NORM_TILE is the one tile."""
+    spill loads and stores a step): the reason the norm tiles are 16 x 256 deep."""
     version, env = _floor_env()
     got, rows = _norm_tiles(tmp_path, env)
     assert got == version, f"ran with Triton {got}, not {version}"

@@ -174,17 +174,15 @@ def test_every_unpacked_gemm_config_is_exact(config, monkeypatch, triton_device)
         assert torch.equal(y, exact(x_q, w_q))
 
 
-NORM_CONFIG = next(c for c in gemm_module.SMALL_M_CONFIGS if gemm_module.norm_fits(c))
-
-
+@pytest.mark.parametrize("config", gemm_module.norm_configs(), ids=config_id)
 @pytest.mark.parametrize("fmt, dtype, gated, k, m", [("2bit", torch.bfloat16, True, 612, 9),
                                                      ("1.6bit", torch.float32, False, 517, 17)])
-def test_the_norm_tile_quantizes_as_the_norm_kernel(fmt, dtype, gated, k, m, triton_device):
-    """The norm-fused GEMM's one tile (gemm.NORM_TILE: what a GPU runs at a batched decode step),
-    pinned: two and a half K steps of 256 on the word path (bf16, gated) and the byte path (odd K,
-    fp32, two row tiles), q / k / v-like matrices in one launch and one with the residual, each
-    equal bit for bit to rmsnorm_act_quant then the GEMM from its x_q and a (both held to torch and
-    to the exact integers elsewhere)."""
+def test_the_norm_tile_quantizes_as_the_norm_kernel(fmt, dtype, gated, k, m, config, triton_device):
+    """The norm-fused GEMM's tiles (gemm.NORM_TILE and NORM_WIDE: what a GPU runs at a batched
+    decode step), each pinned: two and a half K steps of 256 on the word path (bf16, gated) and the
+    byte path (odd K, fp32, two row tiles), q / k / v-like matrices in one launch and one with the
+    residual, each equal bit for bit to rmsnorm_act_quant then the GEMM from its x_q and a (both held
+    to torch and to the exact integers elsewhere)."""
     d = triton_device
     g = torch.Generator().manual_seed(k)
     x = (torch.randn(m, k, generator=g) * 3).to(d, dtype)
@@ -196,7 +194,7 @@ def test_the_norm_tile_quantizes_as_the_norm_kernel(fmt, dtype, gated, k, m, tri
         packed = [pack(w, fmt).to(d) for w in w_qs]
         scales = [torch.tensor([0.02 + 0.001 * j], device=d) for j in range(len(ns))]
         res = torch.randn(m, ns[0], generator=g).to(d, dtype) if residual else None
-        with pinned(gemm_module._gemm_kernel, NORM_CONFIG):
+        with pinned(gemm_module._gemm_kernel, config):
             y = gemm_cat(x, packed, ns, fmt, scales, out_dtype=dtype, residual=res, norm_weight=weight, eps=1e-5, up=up)
             ref = gemm_cat(r_q, packed, ns, fmt, scales, a=r_a.reshape(-1), out_dtype=dtype, residual=res)
         assert torch.equal(y, ref), (ns, (y - ref).abs().max())
