@@ -61,11 +61,11 @@ def _check_cover(vs: list, arch: int, every_format: bool) -> None:
     same way): every tile config and every flag combination of the GEMV and the GEMM compiled, in
     every format and on each path where every_format, and every format on each path, aligned and
     not, with the norm inside the GEMM in each."""
-    from bitnet.kernels.gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS
+    from bitnet.kernels.gemm import LARGE_M_CONFIGS, NORM_ONLY_CONFIGS, SMALL_M_CONFIGS
     from bitnet.kernels.gemv import CONFIGS as GEMV_CONFIGS
 
     tiles = lambda v: _tile(v.constexprs, v.num_warps, v.num_stages)  # noqa: E731
-    want = {_tile(c.kwargs, c.num_warps, c.num_stages) for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS}
+    want = {_tile(c.kwargs, c.num_warps, c.num_stages) for c in SMALL_M_CONFIGS + LARGE_M_CONFIGS + NORM_ONLY_CONFIGS}
     outputs = {("*bf16", True), ("*bf16", False), ("*fp32", True), ("*fp32", False), ("*fp16", True), ("*fp16", False),
                ("*i32", False)}
     gemm_all = [v for v in vs if v.kernel == "_gemm_kernel" and v.arch == arch]
