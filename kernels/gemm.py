@@ -111,7 +111,8 @@ def norm_tile_shared(itemsize: int, gated: bool, wide: bool = False) -> int:
     tiles and packed weights (at most a byte per 4 codes), the float tiles once more and the int8
     x_q tile for the dot. The compile guard holds every variant it compiles to this bound.
     NORM_TILE: 16-bit x 60 KB, gated 92 KB (compiled: 52 and 92); float32 x 92 KB, gated 156 KB
-    (compiled: 116), past the 99 KB of an A10, L4, L40S or RTX 30xx-50xx."""
+    (compiled: 116), past the 99 KB of an A10, L4, L40S or RTX 30xx-50xx. NORM_WIDE (two stages):
+    16-bit x 60 KB, gated 84 KB; float32 x 84 KB, gated 132 KB."""
     config = norm_configs()[1 if wide else 0]
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     x = bm * bk * itemsize * (2 if gated else 1)
