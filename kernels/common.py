@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import tuning
-from .launch import SHARED_LIMIT, fast_launch
+from .launch import SHARED_LIMIT, fast_launch, mma_sync_arch
 
 # Read once, when the kernels are decorated: triton.jit itself decides the same way at that moment.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -94,14 +94,6 @@ def pdl(t: torch.Tensor) -> dict:
 
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
-
-
-def mma_sync_arch(arch: int) -> bool:
-    """Whether Triton runs every tile's tensor-core dots on mma.sync for compute capability `arch`
-    (major * 10 + minor): below 9.0 (A100, A10, L4, RTX 30xx / 40xx) and 12.x (RTX 50xx). sm_90
-    runs tiles of 64 rows and more on wgmma, sm_100 on tcgen05. The GEMM orders its two dots of
-    "1.6bit" by it (gemm.py, FIFTH_FIRST)."""
-    return arch < 90 or arch // 10 == 12
 
 
 def ptx(t: torch.Tensor) -> bool:

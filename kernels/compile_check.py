@@ -257,19 +257,17 @@ def _gemm_variants(every_format: bool = True) -> list[Variant]:
     pairs = _round_robin(tiles, flags)
     # the RMSNorm in the GEMM (rmsnorm_packed_matmul_cat at a batched decode step, its two tiles,
     # gemm.NORM_TILE and NORM_WIDE): q / k / v, o and down (the residual added; down's norm gated by
-    # up), gate / up; each with and without split-K in NORM_TILE, in turn in NORM_WIDE, spread over
-    # the formats and paths
+    # up), gate / up: each tile in every format on each path, the flag sets in turn over them, each
+    # flag set and each tile split along K and not
     norm = [dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=3), dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1,
                                                                       HAS_RES=True),
             dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True, GATED=True),
             dict(x="fp16", y="fp16", HAS_BIAS=True, SEGMENTS=2), dict(x="fp32", y="fp32", HAS_BIAS=False, SEGMENTS=2,
                                                                      GATED=True, SUM_BLOCK=256)]
-    tile, wide = norm_configs()
-    normed = [((tile, split), dict(f, NORM=True)) for f in norm for split in (1, 2)]
-    normed += [((wide, 1 + i % 2), dict(f, NORM=True)) for i, f in enumerate(norm)]  # (the wide tile: split or not, in turn)
-    # (spread over the six pairs of a format and a path)
+    normed = [(t, p, lanes) for t in norm_configs() for p, lanes in FORMAT_PATHS]
     rows = [(i, p, lanes, pair) for i, pair in enumerate(pairs) for p, lanes in _formats_and_paths(i, every_format)]
-    rows += [(len(pairs) + k, *FORMAT_PATHS[k % len(FORMAT_PATHS)], pair) for k, pair in enumerate(normed)]
+    rows += [(len(pairs) + k, p, lanes, ((t, 1 + k % 2), dict(norm[k % len(norm)], NORM=True)))
+             for k, (t, p, lanes) in enumerate(normed)]
     out = []
     for i, p, lanes, ((cfg, split), f) in rows:
         consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, ASM=True, SPLIT_K=split,
@@ -610,10 +608,11 @@ def _norm_tile_bound(v: Variant) -> int | None:
     from .gemm import norm_configs, norm_tile_shared
 
     c = v.constexprs
-    tiles = [i for i, t in enumerate(norm_configs()) if all(c[k] == t.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))]
+    blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    tiles = [i for i, t in enumerate(norm_configs()) if all(c[k] == t.kwargs[k] for k in blocks)]
     if not c.get("NORM") or not tiles:
         return None  # (off the norm tiles: no launcher launches it; a test compiles one to see it spill)
-    return norm_tile_shared(FLOAT_BYTES[v.types["x_ptr"]], c["GATED"], tiles[0] == 1)
+    return norm_tile_shared(FLOAT_BYTES[v.types["x_ptr"]], c["GATED"], c["P"], tiles[0] == 1)
 
 
 # The kernels whose launchers choose a tile by the device's shared memory (common.shared_limit)

@@ -62,8 +62,9 @@ def _config(bm, bn, bk, warps, stages, group=8):
 # Tile shapes whose sm_90 code decodes in the fewest instructions per weight (1.2-1.5 for "2bit"),
 # read off the SASS of the main loop, without register spills (also with split-K): narrower
 # BLOCK_N spends more on layout shuffles than it saves.
+NORM_TILE = _config(16, 128, 256, 4, 3)  # (also the norm-fused GEMM's first tile: below)
 SMALL_M_CONFIGS = [
-    _config(16, 128, 128, 4, 4), _config(16, 128, 256, 4, 3), _config(16, 256, 128, 4, 3), _config(16, 256, 64, 4, 4),
+    _config(16, 128, 128, 4, 4), NORM_TILE, _config(16, 256, 128, 4, 3), _config(16, 256, 64, 4, 4),
     _config(32, 128, 128, 4, 4), _config(32, 256, 128, 4, 3), _config(64, 128, 256, 8, 3), _config(64, 256, 128, 8, 3),
 ]
 LARGE_M_CONFIGS = [
@@ -88,43 +89,41 @@ INTERPRET_CONFIG = _config(16, 32, 32, 4, 1, group=2)
 #   but with fp32 x gated in 1.6-bit on Triton 3.6 (208 B a thread, 42 of 1730 instructions a step).
 #   Half the tiles along N, so half the programs where split-K is already at its cap (short K,
 #   small N: 2B-4T's q/k/v and o): the autotuner times both.
-NORM_TILE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256}
 NORM_WIDE = _config(16, 256, 256, 4, 2)
 NORM_ONLY_CONFIGS = [NORM_WIDE]  # (small-M tiles for the norm-fused GEMM alone)
-_NORM_CONFIGS = [next(c for c in SMALL_M_CONFIGS if all(c.kwargs[k] == v for k, v in NORM_TILE.items())), NORM_WIDE]
-
-
-def norm_fits(config: triton.Config) -> bool:
-    """Whether a small-M config is one of the norm-fused GEMM's tiles (NORM_TILE, NORM_WIDE)."""
-    return any(all(config.kwargs[k] == t.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for t in _NORM_CONFIGS)
 
 
 def norm_configs() -> list[triton.Config]:
-    """The norm-fused GEMM's configs, NORM_TILE's first."""
-    return list(_NORM_CONFIGS)
+    """The norm-fused GEMM's configs, NORM_TILE first."""
+    return [NORM_TILE, NORM_WIDE]
 
 
 @functools.cache
-def norm_tile_shared(itemsize: int, gated: bool, wide: bool = False) -> int:
+def norm_tile_shared(itemsize: int, gated: bool, p: int, wide: bool = False) -> int:
     """An upper bound of the shared memory (bytes) a norm-fused tile (NORM_TILE, or NORM_WIDE if
-    `wide`) asks for with float x of `itemsize` bytes (and the gate's up tile): each stage's float x
-    tiles and packed weights (at most a byte per 4 codes), the float tiles once more and the int8
-    x_q tile for the dot. The compile guard holds every variant it compiles to this bound.
-    NORM_TILE: 16-bit x 60 KB, gated 92 KB (compiled: 52 and 92); float32 x 92 KB, gated 156 KB
-    (compiled: 116), past the 99 KB of an A10, L4, L40S or RTX 30xx-50xx. NORM_WIDE (two stages):
-    16-bit x 60 KB, gated 84 KB; float32 x 84 KB, gated 132 KB."""
-    config = norm_configs()[1 if wide else 0]
+    `wide`) asks for with float x of `itemsize` bytes (and the gate's up tile) and P = `p` codes a
+    byte: each stage's float x tiles and packed weights (at most a byte per 4 codes), the float
+    tiles once more and the int8 x_q tile for the dot; where a tile holds 16 packed rows ("1bit" in
+    NORM_TILE), Triton stages the decoded operand through shared memory too: its int8 codes once
+    more (measured: up to 24 KB more than the other formats). The compile guard holds every variant
+    it compiles to this bound. NORM_TILE: 16-bit x 60 KB, gated 92 KB (compiled: 52 and 92); float32
+    x 92 KB, gated 156 KB (compiled: 116), past the 99 KB of an A10, L4, L40S or RTX 30xx-50xx;
+    "1bit" 32 KB more. NORM_WIDE (two stages): 16-bit x 60 KB, gated 84 KB; float32 x 84 KB, gated
+    132 KB."""
+    config = NORM_WIDE if wide else NORM_TILE
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     x = bm * bk * itemsize * (2 if gated else 1)
-    return config.num_stages * (x + bn * bk // 4) + x + bm * bk
+    staged = bn * bk if bn // row_block(p) < 32 else 0
+    return config.num_stages * (x + bn * bk // 4) + x + bm * bk + staged
 
 
-def norm_tile_fits(x: torch.Tensor, gated: bool, wide: bool = False) -> bool:
+def norm_tile_fits(x: torch.Tensor, gated: bool, p: int, wide: bool = False) -> bool:
     """Whether a norm-fused tile (NORM_TILE; NORM_WIDE if `wide`) fits the shared memory of x's
-    device (common.shared_limit); where NORM_TILE does not, gemm_cat runs rmsnorm_act_quant first
-    (the same bits), and where NORM_WIDE does not, the autotuner gets NORM_TILE alone."""
+    device (common.shared_limit) for P = `p`; where NORM_TILE does not, gemm_cat runs
+    rmsnorm_act_quant first (the same bits), and where NORM_WIDE does not, the autotuner gets
+    NORM_TILE alone."""
     limit = shared_limit(x.device)
-    return limit is None or norm_tile_shared(x.dtype.itemsize, gated, wide) <= limit
+    return limit is None or norm_tile_shared(x.dtype.itemsize, gated, p, wide) <= limit
 
 
 def _prune(configs, named_args, **kwargs):
@@ -134,7 +133,7 @@ def _prune(configs, named_args, **kwargs):
         return configs
     if kwargs.get("NORM"):
         x = named_args["x_ptr"]
-        return [c for c in _NORM_CONFIGS if c is not NORM_WIDE or norm_tile_fits(x, kwargs.get("GATED", False), True)]
+        return [c for c in norm_configs() if c is NORM_TILE or norm_tile_fits(x, kwargs.get("GATED", False), kwargs["P"], True)]
     small = named_args["m_bucket"] <= SMALL_M
     pool = SMALL_M_CONFIGS if small else LARGE_M_CONFIGS
     return [c for c in pool if not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
@@ -586,7 +585,7 @@ def gemm_cat(
         raise ValueError(f"an RMSNorm in the GEMM is for a float output and M <= {SMALL_M} (below "
                          f"BITNET_UNPACK_GEMM_M = {UNPACK_M}), got {out_dtype} and M = {m}: "
                          f"rmsnorm_act_quant, then the GEMM")
-    if norm and not norm_tile_fits(x_q, up is not None):  # (a GPU with less shared memory: norm apart)
+    if norm and not norm_tile_fits(x_q, up is not None, values_per_byte(fmt)):  # (less shared memory: norm apart)
         x_q, a, xsum = rmsnorm_act_quant(x_q, norm_weight, eps, up)
         xsum, norm_weight, up, norm = xsum.reshape(-1), None, None, False
     if not norm and x_q.dtype != torch.int8:

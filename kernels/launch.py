@@ -59,6 +59,14 @@ MAX_ENTRIES = 4096  # signatures kept per kernel (a server sees many prompt leng
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
+def mma_sync_arch(arch: int) -> bool:
+    """Whether Triton runs every tile's tensor-core dots on mma.sync for compute capability `arch`
+    (major * 10 + minor): below 9.0 (A100, A10, L4, RTX 30xx / 40xx) and 12.x (RTX 50xx). sm_90
+    runs tiles of 64 rows and more on wgmma, sm_100 on tcgen05. The GEMM orders its two dots of
+    "1.6bit" by it (gemm.py, FIFTH_FIRST)."""
+    return arch < 90 or arch // 10 == 12
+
+
 def fast_launch_enabled() -> bool:
     return _STATE["enabled"]
 

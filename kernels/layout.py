@@ -151,10 +151,10 @@ def decode(b, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.con
 
     LANES == 1: each unit is one byte. LANES == 4: each unit is an int32 word of four bytes
     (four consecutive k), and the codes come out in the same four byte lanes: one shift and one
-    mask for bits (the top slice's by inline PTX if ASM); for base 3, c_i = q_i - 3 q_(i+1) from the quotients (base3_quotients, PRMT by
-    inline PTX if ASM), one IMAD for the four bytes of a word: each byte's digit is 0 .. 2 and
-    3 q_(i+1) <= q_i < 243 in each byte, so nothing carries or borrows across bytes (the quotients
-    are shared by the compiler across the five calls).
+    mask for bits (the top slice's by inline PTX if ASM); for base 3, c_i = q_i - 3 q_(i+1) from
+    the quotients (base3_quotients, PRMT by inline PTX if ASM), one IMAD for the four bytes of a
+    word: each byte's digit is 0 .. 2 and 3 q_(i+1) <= q_i < 243 in each byte, so nothing carries
+    or borrows across bytes (the quotients are shared by the compiler across the five calls).
     """
     if P == 5:
         q1, q2, q3, q4 = base3_quotients(b, LANES, ASM)

@@ -103,14 +103,14 @@ def launches_compiled(arch: int = 90, as_cuda: bool = True):
     ASM, PDL and MMA_SYNC as a CUDA launch on sm_<arch> sets them, autotuning on its first config
     (BITNET_AUTOTUNE=first). Nothing runs: outputs are left as allocated. Yields a LaunchLog; each
     failure is also raised in the caller. as_cuda=False leaves ASM, PDL and MMA_SYNC as the launch
-    passes them (precompile's jobs, taken from real CUDA launches). The kernels must have been imported without TRITON_INTERPRET;
-    a caller that wants the package to pick the Triton path for CPU tensors sets TRITON_INTERPRET=1
-    after that import (bitnet.ops reads it per call). Triton's driver and JITFunction.run are
-    restored on exit."""
+    passes them (precompile's jobs, taken from real CUDA launches). The kernels must have been
+    imported without TRITON_INTERPRET; a caller that wants the package to pick the Triton path for
+    CPU tensors sets TRITON_INTERPRET=1 after that import (bitnet.ops reads it per call). Triton's
+    driver and JITFunction.run are restored on exit."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from .common import mma_sync_arch
+    from .launch import mma_sync_arch
 
     log = LaunchLog()
     original = JITFunction.run
