@@ -224,7 +224,7 @@ from bitnet.kernels import compile_check
 from bitnet.kernels.gemm import SMALL_M_CONFIGS, _prune
 
 base = next(v for v in compile_check.variants(archs=(90,), kernels=["_gemm_kernel"]) if v.constexprs["NORM"])
-kept = _prune(SMALL_M_CONFIGS, dict(m_bucket=64, x_ptr=torch.empty(0, dtype=torch.bfloat16)), NORM=True)
+kept = _prune(SMALL_M_CONFIGS, dict(m_bucket=64, x_ptr=torch.empty(0, dtype=torch.bfloat16)), NORM=True, P=4)
 tall = [c for c in SMALL_M_CONFIGS if c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_K"] == 128][:1]
 bf16 = dict(x_ptr="*bf16", nw_ptr="*bf16", y_ptr="*bf16", bias_ptr="*bf16", bias1_ptr="*bf16", bias2_ptr="*bf16",
             res_ptr="*bf16")
