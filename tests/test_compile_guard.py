@@ -232,7 +232,7 @@ layer = {"q/k/v": dict(SEGMENTS=3, HAS_RES=False, GATED=False), "down": dict(SEG
 print("triton", triton.__version__)
 for which, configs in (("kept", kept), ("tall", tall)):
     for cfg in configs:
-        for name, flags in layer.items():
+        for name, flags in layer.items() if which == "kept" else [("q/k/v", layer["q/k/v"])]:  # (a control: one)
             v = dataclasses.replace(base, constexprs=dict(base.constexprs, P=4, LANES=4, SPLIT_K=2, HAS_BIAS=False,
                                                           OUT_INT32=False, SUM_BLOCK=4096, **flags, **cfg.kwargs),
                                     types=dict(base.types, **bf16, u_ptr="*bf16" if flags["GATED"] else "*fp32"),
