@@ -257,17 +257,21 @@ def _gemm_variants(every_format: bool = True) -> list[Variant]:
     pairs = _round_robin(tiles, flags)
     # the RMSNorm in the GEMM (rmsnorm_packed_matmul_cat at a batched decode step, its two tiles,
     # gemm.NORM_TILE and NORM_WIDE): q / k / v, o and down (the residual added; down's norm gated by
-    # up), gate / up: each tile in every format on each path, the flag sets in turn over them, each
-    # flag set and each tile split along K and not
+    # up), gate / up: NORM_TILE with each flag set, NORM_WIDE with three (its own code is the width),
+    # between them every format on each path and each tile in every format and on each path, split
+    # along K and not; 1-bit NORM_TILE (16 packed rows: its decoded operand staged in shared memory)
+    # with the gate, its largest shared memory
     norm = [dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=3), dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1,
                                                                       HAS_RES=True),
             dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True, GATED=True),
             dict(x="fp16", y="fp16", HAS_BIAS=True, SEGMENTS=2), dict(x="fp32", y="fp32", HAS_BIAS=False, SEGMENTS=2,
                                                                      GATED=True, SUM_BLOCK=256)]
-    normed = [(t, p, lanes) for t in norm_configs() for p, lanes in FORMAT_PATHS]
+    tile, wide = norm_configs()
+    normed = [(tile, 0, 4, 4, 1), (tile, 1, 8, 1, 2), (tile, 2, 8, 4, 1), (tile, 3, 5, 1, 2), (tile, 4, 5, 4, 2),
+              (wide, 0, 8, 4, 2), (wide, 1, 5, 4, 1), (wide, 2, 4, 1, 1)]  # (tile, flag set, P, LANES, SPLIT_K)
     rows = [(i, p, lanes, pair) for i, pair in enumerate(pairs) for p, lanes in _formats_and_paths(i, every_format)]
-    rows += [(len(pairs) + k, p, lanes, ((t, 1 + k % 2), dict(norm[k % len(norm)], NORM=True)))
-             for k, (t, p, lanes) in enumerate(normed)]
+    rows += [(len(pairs) + k, p, lanes, ((t, split), dict(norm[f], NORM=True)))
+             for k, (t, f, p, lanes, split) in enumerate(normed)]
     out = []
     for i, p, lanes, ((cfg, split), f) in rows:
         consts = dict(P=p, HAS_BIAS=f["HAS_BIAS"], OUT_INT32=f["y"] == "int32", LANES=lanes, ASM=True, SPLIT_K=split,
