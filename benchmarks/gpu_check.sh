@@ -11,6 +11,9 @@
 #       --platform manylinux_2_28_x86_64 --platform any -d .whl gguf==0.19.0
 #   python benchmarks/peer_gpu_kernels.py --prepare --bitnet-git <git dir of microsoft/BitNet>
 #       (the `fetch` tool's github:microsoft/BitNet gives one under /work/.mirror/)
+#   python benchmarks/warm_triton_cache.py      (in a Python 3.12 venv of torch==2.11.0, triton==3.6.0: the
+#       GPU machine's; ~N minutes on 2 cores) -> .tcache/triton-cache-sm90.tar.xz, the kernels the kernel
+#       and generate stages compile, compiled beforehand for sm_90 (git-ignored too: `/.tcache/`)
 # in calls of at most 6 minutes, so that two fit the 15 minutes of device time a session has, each
 # machine start included:
 #   call 1 (issue 26, the default stages):  bash benchmarks/gpu_check.sh
@@ -20,7 +23,7 @@
 #   the GEMM; last, so that a stage cut short still has the twin for the ratios):
 #     GENERATE_MODELS="bitnet bf16 bitnet-serial bitnet-norm-apart" BUDGET_GENERATE=130 \
 #       bash benchmarks/gpu_check.sh --stages install,stamp,kernels,gpu_peers,generate
-#   (carry [".whl", ".peers"]; timeout_s 360) Make call 2 as soon as call 1 has returned, with
+#   (carry [".whl", ".peers", ".tcache"]; timeout_s 360) Make call 2 as soon as call 1 has returned, with
 #   nothing in between: a machine stays warm for 30 s after a call, a fresh start costs a minute or
 #   two of the 15. On the warm machine call 2 finds call 1's autotuning choices (kept in
 #   GPU_CHECK_KEEP, default ~/.cache/bitnet/gpu_check_tuning, `off`: none) and times none of its
@@ -33,7 +36,11 @@
 #
 # Stages and their budgets in seconds (override any: BUDGET_TESTS=150 ..., TOTAL=500):
 #   install   20  the carried wheels (.whl/*.whl) into /tmp/site (on PYTHONPATH), then the package:
-#                 pip install --no-index --no-deps --no-build-isolation -e .
+#                 pip install --no-index --no-deps --no-build-isolation -e .; a carried Triton cache
+#                 (.tcache/triton-cache-sm90.tar.xz) unpacked into TCACHE, /tmp/bitnet-triton-cache, the
+#                 TRITON_CACHE_DIR of every stage (where it was built: Triton's group files hold paths);
+#                 the stamp says whether this machine's Triton is the one that built it, the summary how
+#                 many kernels the call compiled all the same
 #   stamp     10  nvidia-smi (GPU, driver), python/torch/triton/transformers versions, commit, CPUs
 #   tests    150  the whole suite: pytest -q -n N -p no:cacheprovider --timeout 150 -rf --durations=20
 #                 but the compile guard's sweeps (every variant for sm_90 and sm_80, every launch of a
@@ -126,14 +133,18 @@ PY=${PYTHON:-python3}
 RESULT_FILES="bench_kernels_cuda.json bench_kernels_cuda.md generate_cuda.json generate_cuda.md peer_transformers_cuda.json peer_transformers_cuda.md peer_gpu_kernels_cuda.json peer_gpu_kernels_cuda.md gpu_goals_cuda.json gpu_goals_cuda.md"
 
 declare -A CMD
+TCACHE=${GPU_CHECK_TCACHE:-/tmp/bitnet-triton-cache}  # (benchmarks/warm_triton_cache.py's CACHE_DIR, where it was built)
+TCACHE_ARCHIVE=${GPU_CHECK_TCACHE_ARCHIVE:-.tcache/triton-cache-sm90.tar.xz}
 CMD[install]="if ls .whl/*.whl >/dev/null 2>&1; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; else echo 'no .whl/*.whl carried'; fi
+if [ -f $TCACHE_ARCHIVE ]; then mkdir -p $TCACHE && tar -xJf $TCACHE_ARCHIVE -C $TCACHE && echo \"Triton cache carried: \$(ls -d $TCACHE/*/ | wc -l) entries into $TCACHE\"; else echo 'no Triton cache carried ($TCACHE_ARCHIVE)'; fi
 $PY -m pip install --no-index --no-deps --no-build-isolation -e . && $PY -c 'import bitnet, bitnet.kernels, gguf; print(\"bitnet\", bitnet.__file__, \"gguf\", gguf.__file__)'"
 CMD[stamp]="nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvidia-smi | head -n 12
 $PY -c 'import platform, torch, triton, transformers; print(\"python\", platform.python_version(), \"| torch\", torch.__version__, \"cuda\", torch.version.cuda, \"| triton\", triton.__version__, \"| transformers\", transformers.__version__); print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, torch.cuda.get_device_capability(0) if torch.cuda.is_available() else \"\"); p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; print(\"SMs\", p and p.multi_processor_count, \"| shared memory a program\", p and getattr(p, \"shared_memory_per_block_optin\", None), \"| L2\", p and getattr(p, \"L2_cache_size\", None))'
 $PY -c 'import torch; from bitnet.ops import describe_gpu_backend; print(\"packed layers on\", describe_gpu_backend(\"cuda\") if torch.cuda.is_available() else None)'
 echo \"commit \$(git rev-parse HEAD 2>/dev/null || echo \${GIT_COMMIT:-unknown: no .git here, pass GIT_COMMIT=<hash>})\"
 echo \"cpus $NPROC; \$(grep -m1 'model name' /proc/cpuinfo)\"; free -g | head -n 2; df -h /tmp | tail -n 1
-$PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|numpy|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '"
+$PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|numpy|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '
+[ -f $TCACHE/manifest.json ] && $PY -c 'import json, sys, triton; from triton.runtime.cache import triton_key; m = json.load(open(sys.argv[1])); print(\"Triton cache carried:\", m[\"entries\"], \"kernels built with Triton\", m[\"triton\"], \"Python\", m[\"python\"], \"for\", m[\"sms\"], \"SMs; this Triton\", \"is the one that built it\" if m[\"triton_key\"] == triton_key() else \"is NOT the one that built it (no entry will be found)\")' $TCACHE/manifest.json"
 TESTS_DESELECT=${TESTS_DESELECT-"--deselect tests/test_compile_guard.py::test_every_kernel_compiles_for_sm90_and_sm80 --deselect tests/test_compile_guard.py::test_every_launch_of_a_run_compiles_for_sm90 --deselect tests/test_compile_guard.py::test_a_gpu_with_99_kb_of_shared_memory_is_given_tiles_that_fit"}
 CMD[tests]="BITNET_TUNING_DIR=off $PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml $TESTS_DESELECT"
 CMD[kernels]="$PY benchmarks/bench_kernels.py --device cuda --shapes 2560x6912 6912x2560 8192x8192 28672x8192 --m 1 16 2048 --formats 2bit --m1-formats 1.6bit 1bit --attention --heads --name bench_kernels_cuda --out-dir $BENCH_OUT"
@@ -163,6 +174,7 @@ if [ "$DRY" = 1 ]; then
 fi
 
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+[ -f "$TCACHE_ARCHIVE" ] && export TRITON_CACHE_DIR=$TCACHE  # (unpacked by the install stage; a warm machine's next call finds this one's compiles there too)
 [ -d .whl ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RESULTS" || exit 2
 RESULTS=$(cd "$RESULTS" && pwd)
@@ -202,6 +214,11 @@ write_summary() {
             selected "$s" && echo "| $s | ${STATUS[$s]:-not run} | ${SECS[$s]:-} | ${ALLOT[$s]:-} | ${NOTE[$s]:-} |"
         done
         echo
+        if [ -f "$TCACHE/manifest.json" ] && [ "${TRITON_CACHE_DIR:-}" = "$TCACHE" ]; then
+            echo "Triton cache (kernels): $(grep -o '"entries": [0-9]*' "$TCACHE/manifest.json" | grep -o '[0-9]*') carried," \
+                "$(find "$TCACHE" -mindepth 2 -maxdepth 2 -name '*.cubin' -newer "$MARK" | wc -l) compiled by this call"
+            echo
+        fi
         if [ -f "$LOGS/tests.log" ]; then
             echo "Tests: $(test_summary)"
             echo

@@ -227,8 +227,12 @@ def next_power_of_2(n: int) -> int:
 #           speed); what the test suite uses on a GPU, where hundreds of small shapes would each
 #           be tuned, while tests/test_configs.py runs every config of every kernel against the
 #           exact references
+#   compile every config that fits compiled (and run once), none timed, no table, the first kept:
+#           what fills a Triton cache with every config a GPU run would tune (a stand-in driver's
+#           compiles, precompile.launches_compiled(every_config=True): benchmarks/warm_triton_cache.py)
 AUTOTUNE_ENV = "BITNET_AUTOTUNE"
-AUTOTUNE_POLICIES = ("full", "retune", "first")
+AUTOTUNE_POLICIES = ("full", "retune", "first", "compile")
+UNTIMED_POLICIES = ("first", "compile")  # (nothing timed, no table read or written)
 # Timing budget of one config (ms): Triton's default is 25 ms of warm-up and 100 of repetitions, a
 # second and a half a key for 11 configs; a few hundred repetitions of microsecond kernels rank
 # them as well (the L2 is flushed between repetitions either way).
@@ -250,8 +254,8 @@ TUNE_STATS = {"configs": 0, "seconds": 0.0}
 
 def _time_config(kernel_call, quantiles):
     """The autotuner's benchmark of one config: a short do_bench, or one call (which compiles the
-    config, as the real launch would) when the policy is `first` and nothing is compared."""
-    if autotune_policy() == "first":
+    config, as the real launch would) when the policy times nothing (`first`, `compile`)."""
+    if autotune_policy() in UNTIMED_POLICIES:
         kernel_call()
         return [0.0, 0.0, 0.0]
     start = time.perf_counter()

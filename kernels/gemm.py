@@ -502,6 +502,12 @@ def zeroed_workspace(size: int, device: torch.device) -> torch.Tensor:
 SPLIT_K_MAX = int(os.environ.get("BITNET_GEMM_SPLIT_K", "64"))
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The SMs split_k fills on `device`: the GPU's; 4 on a CPU and under the interpreter (a stand-in
+    driver's compiles put a GPU's count here: benchmarks/warm_triton_cache.py)."""
+    return 4 if INTERPRET or device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
     """How many programs share each output tile along K (a power of two, at most SPLIT_K_MAX):
     enough for one program per SM with the smallest small-M tile (16 x 128), each with at least
@@ -509,7 +515,7 @@ def split_k(m: int, r: int, k: int, pa: int, device: torch.device) -> int:
     split too."""
     if m > SMALL_M:
         return 1
-    sms = 4 if INTERPRET or device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessors(device)
     min_k = 32 if INTERPRET else 512
     tiles = cdiv(m, 16) * cdiv(r * pa, 128)
     split = 1

@@ -96,17 +96,19 @@ class LaunchLog:
 
 
 @contextlib.contextmanager
-def launches_compiled(arch: int = 90, as_cuda: bool = True):
+def launches_compiled(arch: int = 90, as_cuda: bool = True, every_config: bool = False, pdl: bool | None = None):
     """Within it, every Triton launch the package makes on CPU tensors is compiled for sm_<arch>
     through Triton's own launch path instead of run: its real arguments specialized as on a GPU
     (None, 16-byte alignment, integers of 1 become constexprs: what variants() cannot see), with
-    ASM, PDL and MMA_SYNC as a CUDA launch on sm_<arch> sets them, autotuning on its first config
-    (BITNET_AUTOTUNE=first). Nothing runs: outputs are left as allocated. Yields a LaunchLog; each
-    failure is also raised in the caller. as_cuda=False leaves ASM, PDL and MMA_SYNC as the launch
-    passes them (precompile's jobs, taken from real CUDA launches). The kernels must have been
-    imported without TRITON_INTERPRET; a caller that wants the package to pick the Triton path for
-    CPU tensors sets TRITON_INTERPRET=1 after that import (bitnet.ops reads it per call). Triton's
-    driver and JITFunction.run are restored on exit."""
+    ASM, PDL and MMA_SYNC as a CUDA launch on sm_<arch> sets them (pdl: PDL's value instead, False
+    as with BITNET_PDL=0), autotuning on its first config (BITNET_AUTOTUNE=first), or with
+    every_config on every config that fits, as a GPU's autotuner compiles them for a new key
+    (BITNET_AUTOTUNE=compile: the cache a GPU run would fill). Nothing runs: outputs are left as
+    allocated. Yields a LaunchLog; each failure is also raised in the caller. as_cuda=False leaves
+    ASM, PDL and MMA_SYNC as the launch passes them (precompile's jobs, taken from real CUDA
+    launches). The kernels must have been imported without TRITON_INTERPRET; a caller that wants
+    the package to pick the Triton path for CPU tensors sets TRITON_INTERPRET=1 after that import
+    (bitnet.ops reads it per call). Triton's driver and JITFunction.run are restored on exit."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -122,8 +124,8 @@ def launches_compiled(arch: int = 90, as_cuda: bool = True):
         if "MMA_SYNC" in kwargs and as_cuda:
             kwargs["MMA_SYNC"] = mma_sync_arch(arch)
         if "PDL" in kwargs and as_cuda:
-            kwargs["PDL"] = arch >= 90
-            if arch >= 90:
+            kwargs["PDL"] = arch >= 90 if pdl is None else pdl and arch >= 90
+            if kwargs["PDL"]:
                 kwargs["launch_pdl"] = True
         try:
             kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
@@ -136,7 +138,7 @@ def launches_compiled(arch: int = 90, as_cuda: bool = True):
     previous = driver._active  # (a CPU machine has no driver to reset to)
     driver.set_active(_FakeDriver(arch))
     JITFunction.run = run
-    os.environ["BITNET_AUTOTUNE"] = "first"
+    os.environ["BITNET_AUTOTUNE"] = "compile" if every_config else "first"
     try:
         yield log
     finally:

@@ -16,7 +16,7 @@ An entry whose config is not among the configs that fit now is ignored (a config
 since). A key found in either table (this machine's first) is launched with its config: nothing
 timed, one config compiled. Policy (BITNET_AUTOTUNE, common.py): `full` reads and writes the
 tables, `retune` times every key afresh and writes this machine's table (after a driver or
-Triton update, or to time what the package's table chose), `first` reads and writes neither.
+Triton update, or to time what the package's table chose), `first` and `compile` read and write neither.
 
 The hook is Triton's own (`Autotuner.check_disk_cache`, which Triton's TRITON_CACHE_AUTOTUNING
 uses): Triton keys its file by its own and the compiler's build (no table could ship) and not by
@@ -199,7 +199,7 @@ def attach(autotuner, policy, before_choice) -> None:
 def _choose(autotuner, jit, policy, before_choice, tuning_key, configs, bench_fn) -> bool:
     """Triton's check_disk_cache: True if the config came from a table (nothing timed)."""
     mode = policy()
-    device = device_name(autotuner.nargs) if mode != "first" else None
+    device = device_name(autotuner.nargs) if mode not in ("first", "compile") else None
     if device is None:
         before_choice(configs, True)
         bench_fn()

@@ -289,8 +289,10 @@ def test_autotune_policy_is_read_and_checked(monkeypatch):
     assert autotune_policy() == "first"
     monkeypatch.setenv(AUTOTUNE_ENV, "retune")
     assert autotune_policy() == "retune"
+    monkeypatch.setenv(AUTOTUNE_ENV, "compile")
+    assert autotune_policy() == "compile"
     monkeypatch.setenv(AUTOTUNE_ENV, "fast")
-    with pytest.raises(ValueError, match="BITNET_AUTOTUNE='fast': expected one of full, retune, first"):
+    with pytest.raises(ValueError, match="BITNET_AUTOTUNE='fast': expected one of full, retune, first, compile"):
         autotune_policy()
 
 

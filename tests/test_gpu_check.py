@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -31,7 +32,8 @@ def bench_module(name: str):
 
 
 def run_script(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    knobs = {"OUT", "TOTAL", "GRACE", "PACK_RESERVE", "BENCH_OUT", "PYTHON", "TEST_TIMEOUT", "GIT_COMMIT", "GPU_CHECK_KEEP"}
+    knobs = {"OUT", "TOTAL", "GRACE", "PACK_RESERVE", "BENCH_OUT", "PYTHON", "TEST_TIMEOUT", "GIT_COMMIT", "GPU_CHECK_KEEP",
+             "GPU_CHECK_TCACHE", "GPU_CHECK_TCACHE_ARCHIVE", "TRITON_CACHE_DIR"}
     full = {k: v for k, v in os.environ.items() if k not in knobs and not k.startswith("BUDGET_")}
     full.update(env or {})
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
@@ -143,6 +145,83 @@ def test_a_later_call_on_the_machine_starts_from_the_earlier_calls_tuning(tmp_pa
     assert packed == ["results/tuning/Stub_GPU.json"]
     out, seen, _ = call("three", "peer", GPU_CHECK_KEEP="off")
     assert seen == [] and "earlier call" not in out
+
+
+def test_the_install_stage_unpacks_a_carried_triton_cache_that_every_stage_then_uses(tmp_path):
+    """A carried Triton cache (benchmarks/warm_triton_cache.py's archive) is unpacked by the install
+    stage where it was built, every later stage gets it as TRITON_CACHE_DIR, and the summary counts
+    the kernels the call compiled all the same (the stub's generate stage compiles one)."""
+    tcache, built = tmp_path / "tcache", tmp_path / "built"
+    entry = built / "ENTRYKEY"
+    entry.mkdir(parents=True)
+    (entry / "k.cubin").write_bytes(b"\x7fELF")
+    (entry / "k.json").write_text("{}")
+    (entry / "__grp__k.json").write_text(json.dumps({"child_paths": {n: str(tcache / "ENTRYKEY" / n) for n in ("k.json", "k.cubin")}}))
+    (built / "manifest.json").write_text(json.dumps({"entries": 1}))
+    archive = tmp_path / "triton-cache-sm90.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        for p in built.iterdir():
+            tar.add(p, arcname=p.name)
+    env = stub_env(tmp_path, TOTAL=12, BUDGET_INSTALL=4, BUDGET_GENERATE=3)
+    stub = Path(env["PYTHON"])
+    stub.write_text(STUB.replace('  *bench_generate*) ', '  *bench_generate*) mkdir -p "$TRITON_CACHE_DIR/NEW" && '
+                                 'touch "$TRITON_CACHE_DIR/NEW/x.cubin"; ', 1))
+    r = run_script(str(tmp_path / "results"), "--stages", "install,generate",
+                   env={**env, "GPU_CHECK_TCACHE": str(tcache), "GPU_CHECK_TCACHE_ARCHIVE": str(archive)})
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tcache)) == ["ENTRYKEY", "NEW", "manifest.json"]
+    assert (tcache / "ENTRYKEY" / "k.cubin").read_bytes() == b"\x7fELF"
+    with tarfile.open(tmp_path / "results" / "logs.tar.gz") as tar:
+        assert f"Triton cache carried: 1 entries into {tcache}" in tar.extractfile("logs/install.log").read().decode()
+    assert "Triton cache (kernels): 1 carried, 1 compiled by this call" in (tmp_path / "results" / "summary.md").read_text()
+    r = run_script(str(tmp_path / "results2"), "--stages", "generate", env={**env, "GPU_CHECK_TCACHE": str(tcache)})
+    assert r.returncode == 0 and "Triton cache" not in (tmp_path / "results2" / "summary.md").read_text()  # none carried
+
+
+def test_warm_triton_cache_compiles_what_the_same_launches_then_find_in_it(tmp_path):
+    """benchmarks/warm_triton_cache.py compiles the kernel stage's launches (here one small shape,
+    M = 1 and 16: the GEMV's and the split-K GEMM's configs, act_quant) for sm_90 into a Triton
+    cache and packs each entry's metadata and binary with a manifest. Unpacked into a fresh
+    directory at the same path, the same launches in another process find every kernel there and
+    compile none; with one entry taken out, exactly that one is compiled again."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "warm_triton_cache.py"), "--any-version", "--parts", "kernels",
+           "--shapes", "256x1024", "--m", "1", "16", "--m1-formats", "--no-heads", "--no-attention",
+           "--cache-dir", str(cache), "--out", str(out)]
+
+    def run(*extra):
+        r = subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        found, compiled = re.search(r": (\d+) found in the cache, (\d+) compiled", r.stdout).groups()
+        return int(found), int(compiled)
+
+    assert run()[0] == 0
+    archive = out / "triton-cache-sm90.tar.xz"
+    with tarfile.open(archive) as tar:
+        files = [m.name for m in tar.getmembers() if m.isfile()]
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    from triton.runtime.cache import triton_key
+
+    assert manifest["triton_key"] == triton_key() and manifest["sms"] == 132 and manifest["failures"] == []
+    assert {"_gemv_kernel", "_gemm_kernel", "_act_quant_kernel"} <= set(manifest["launches"])
+    # every config that fits, as a GPU's autotuner compiles them (not the first alone): at M = 16 the
+    # GEMM's 16-row tiles, for the key split along K for 132 SMs and for its "one split" row
+    from bitnet.kernels import gemm
+
+    tiles = [c for c in gemm.SMALL_M_CONFIGS if c.kwargs["BLOCK_M"] <= 16]
+    assert len(list(cache.glob("*/_gemm_kernel.cubin"))) == 2 * len(tiles) >= 8
+    n = manifest["entries"]
+    assert n >= 4 and sum(f.endswith(".cubin") for f in files) == n
+    assert all(f.endswith((".json", ".cubin")) for f in files)  # (the IR files left out)
+    for grp in (p for p in cache.rglob("__grp__*.json")):  # each group names only what was kept
+        assert all(Path(v).exists() and Path(v).parent == grp.parent for v in json.loads(grp.read_text())["child_paths"].values())
+    shutil.rmtree(cache)
+    cache.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    assert run("--reuse") == (n, 0)
+    shutil.rmtree(next(p for p in cache.iterdir() if p.is_dir()))
+    assert run("--reuse") == (n - 1, 1)
 
 
 def test_test_stage_summary_failures_and_fallbacks_are_extracted(tmp_path):
