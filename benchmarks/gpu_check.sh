@@ -37,7 +37,7 @@
 # Stages and their budgets in seconds (override any: BUDGET_TESTS=150 ..., TOTAL=500):
 #   install   20  the carried wheels (.whl/*.whl) into /tmp/site (on PYTHONPATH), then the package:
 #                 pip install --no-index --no-deps --no-build-isolation -e .; a carried Triton cache
-#                 (.tcache/triton-cache-sm90.tar.xz) unpacked into TCACHE, /tmp/bitnet-triton-cache, the
+#                 (.tcache/triton-cache-sm90.tar.xz, by Python: no xz binary needed) unpacked into TCACHE, /tmp/bitnet-triton-cache, the
 #                 TRITON_CACHE_DIR of every stage (where it was built: Triton's group files hold paths);
 #                 the stamp says whether this machine's Triton is the one that built it, the summary how
 #                 many kernels the call compiled all the same
@@ -136,7 +136,7 @@ declare -A CMD
 TCACHE=${GPU_CHECK_TCACHE:-/tmp/bitnet-triton-cache}  # (benchmarks/warm_triton_cache.py's CACHE_DIR, where it was built)
 TCACHE_ARCHIVE=${GPU_CHECK_TCACHE_ARCHIVE:-.tcache/triton-cache-sm90.tar.xz}
 CMD[install]="if ls .whl/*.whl >/dev/null 2>&1; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; else echo 'no .whl/*.whl carried'; fi
-if [ -f $TCACHE_ARCHIVE ]; then mkdir -p $TCACHE && tar -xJf $TCACHE_ARCHIVE -C $TCACHE && echo \"Triton cache carried: \$(ls -d $TCACHE/*/ | wc -l) entries into $TCACHE\"; else echo 'no Triton cache carried ($TCACHE_ARCHIVE)'; fi
+if [ -f $TCACHE_ARCHIVE ]; then mkdir -p $TCACHE && $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter=\"data\")' $TCACHE_ARCHIVE $TCACHE && echo \"Triton cache carried: \$(ls -d $TCACHE/*/ | wc -l) entries into $TCACHE\"; else echo 'no Triton cache carried ($TCACHE_ARCHIVE)'; fi
 $PY -m pip install --no-index --no-deps --no-build-isolation -e . && $PY -c 'import bitnet, bitnet.kernels, gguf; print(\"bitnet\", bitnet.__file__, \"gguf\", gguf.__file__)'"
 CMD[stamp]="nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvidia-smi | head -n 12
 $PY -c 'import platform, torch, triton, transformers; print(\"python\", platform.python_version(), \"| torch\", torch.__version__, \"cuda\", torch.version.cuda, \"| triton\", triton.__version__, \"| transformers\", transformers.__version__); print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, torch.cuda.get_device_capability(0) if torch.cuda.is_available() else \"\"); p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; print(\"SMs\", p and p.multi_processor_count, \"| shared memory a program\", p and getattr(p, \"shared_memory_per_block_optin\", None), \"| L2\", p and getattr(p, \"L2_cache_size\", None))'

@@ -164,8 +164,9 @@ def test_the_install_stage_unpacks_a_carried_triton_cache_that_every_stage_then_
             tar.add(p, arcname=p.name)
     env = stub_env(tmp_path, TOTAL=12, BUDGET_INSTALL=4, BUDGET_GENERATE=3)
     stub = Path(env["PYTHON"])
-    stub.write_text(STUB.replace('  *bench_generate*) ', '  *bench_generate*) mkdir -p "$TRITON_CACHE_DIR/NEW" && '
-                                 'touch "$TRITON_CACHE_DIR/NEW/x.cubin"; ', 1))
+    stub.write_text(STUB.replace('  *bench_generate*) ', '  *tarfile*) exec ' + sys.executable + ' "$@" ;;\n'
+                                 '  *bench_generate*) mkdir -p "$TRITON_CACHE_DIR/NEW" && touch "$TRITON_CACHE_DIR/NEW/x.cubin"; ',
+                                 1))
     r = run_script(str(tmp_path / "results"), "--stages", "install,generate",
                    env={**env, "GPU_CHECK_TCACHE": str(tcache), "GPU_CHECK_TCACHE_ARCHIVE": str(archive)})
     assert r.returncode == 0, r.stderr
