@@ -14,8 +14,10 @@ kernel stage's bench_kernels rows (the shapes, M, formats, attention and heads o
 command; bf16 F.linear and the timings left out) and the generate stage's packed models
 (bench_generate's own measure: the tiny warm-up model, then 2B-4T at batch 1 and 8, the prompt,
 decode steps and the 512-token prefill; the serial model with PDL off, the norm-apart one with
-BITNET_GEMM_NORM_M=0), with split-K sized for the GPU's SMs. The bf16 twin's kernels are
-torch.compile's (Inductor needs the GPU) and the test suite's are not made here.
+BITNET_GEMM_NORM_M=0) and the peer stage's side of this package (peer_transformers: 2B-4T in bf16
+and float32, a 32-token prompt's logits and greedy decoding), with split-K sized for the GPU's SMs.
+The bf16 twin's kernels are torch.compile's (Inductor needs the GPU), and the test suite's are not
+made here.
 
 A cache entry is valid only for the Triton build that made it (Triton hashes its own files into
 every key) and the libtriton of one Python version: run this with the GPU machine's Python and
@@ -33,6 +35,7 @@ Carry `.tcache` with `.whl` and `.peers` (git-ignored: `/.tcache/` in .git/info/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -54,7 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".tcache", help="folder of the archive (default .tcache, carried to the GPU machine)")
     p.add_argument("--cache-dir", default=CACHE_DIR, help=f"the cache built (and its path on the GPU machine; default {CACHE_DIR})")
-    p.add_argument("--parts", nargs="+", default=["kernels", "generate"], choices=["kernels", "generate"])
+    p.add_argument("--parts", nargs="+", default=["kernels", "generate", "peer"], choices=["kernels", "generate", "peer"])
     p.add_argument("--models", nargs="+", default=GENERATE_MODELS, help="bench_generate's packed models to run")
     p.add_argument("--arch", type=int, default=90, help="compute capability as one number (default 90: H100, H200)")
     p.add_argument("--sms", type=int, default=132, help="the GPU's SMs, for split-K's splits (default 132: H100 SXM, H200)")
@@ -145,7 +148,8 @@ def generate_stage(args: argparse.Namespace, model: str) -> None:
     """bench_generate's measure of one packed model as the generate stage runs it (eager here: the
     compiled decode step launches the same kernels), nothing timed."""
     bg = sibling("bench_generate")
-    bg.time_cpu = lambda fn, warmup, iters: (fn(), 1.0)[1]
+    clock = itertools.count(1)  # (a "timing" per run: one call, which compiles; later runs "take longer": no 0 ms step)
+    bg.time_cpu = lambda fn, warmup, iters: (fn(), float(next(clock)))[1]
     run = bg.Args(device="cpu", preset=args.preset, models=[model], batch=[1, 8], prompt_len=128, prefill_len=512,
                   new_tokens=args.new_tokens, compile=False, prefill_graph=False, warmup=0, iters=1, rounds=1,
                   profile_steps=0, isolate=False)
@@ -155,6 +159,27 @@ def generate_stage(args: argparse.Namespace, model: str) -> None:
 def entries(cache: Path) -> list[str]:
     """The cache's compiled kernels: its entries holding a binary."""
     return [p.name for p in cache.iterdir() if p.is_dir() and any(p.glob("*.cubin"))]
+
+
+def peer_stage(args: argparse.Namespace) -> None:
+    """peer_transformers' side of this package as the peer stage runs it: 2B-4T in bf16 and in
+    float32, the logits over a 32-token prompt (batch 1) and a greedy generate of 32 tokens."""
+    import torch
+
+    from bitnet import BitNetConfig
+    from bitnet.bench import random_model
+
+    peer = sibling("peer_transformers")
+    run = peer.PeerArgs(device="cpu", preset=args.preset).resolved()
+    config = BitNetConfig.from_preset(args.preset)
+    ids = torch.randint(3, config.vocab_size, (1, run.prompt_len), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.bfloat16, torch.float32):
+        model = random_model(config, dtype, "cpu")
+        peer.logits_ours(model, ids)
+        peer.greedy_ours(model, ids, args.new_tokens)
+        model.setup_cache(1, run.prompt_len + args.new_tokens)
+        peer.greedy_ours(model, ids, args.new_tokens)
+        del model
 
 
 def pack_cache(cache: Path, out: Path, arch: int, manifest: dict) -> Path:
@@ -207,13 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     compiled: dict[str, int] = {}
     failures: list = []
-    parts = [("kernels", None)] * ("kernels" in args.parts) + [("generate", m) for m in args.models] * ("generate" in args.parts)
+    parts = [("kernels", None)] * ("kernels" in args.parts) + [("generate", m) for m in args.models] * (
+        "generate" in args.parts) + [("peer", None)] * ("peer" in args.parts)
     for part, model in parts:
         pdl = False if model is not None and not sibling("bench_generate").MODELS[model].pdl else None
         t0 = time.perf_counter()
         with precompile.launches_compiled(args.arch, every_config=True, pdl=pdl) as log:
             try:
-                kernel_stage(args) if part == "kernels" else generate_stage(args, model)
+                {"kernels": lambda: kernel_stage(args), "generate": lambda: generate_stage(args, model),
+                 "peer": lambda: peer_stage(args)}[part]()
             except Exception as e:  # noqa: BLE001 (the compiles so far stay in the cache)
                 failures.append(f"{part} {model or ''}: {type(e).__name__}: {e}")
         for name, n in log.compiled.items():
@@ -226,13 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     from triton.runtime.cache import triton_key
 
     new = len(set(entries(cache)) - before)
+    run = {"parts": args.parts, "models": args.models if "generate" in args.parts else [], "launches": compiled,
+           "failures": failures, "compiled": new, "seconds": round(time.perf_counter() - start)}
+    earlier = cache / MANIFEST
+    runs = json.loads(earlier.read_text())["runs"] if args.reuse and earlier.exists() else []
     manifest = {"triton": triton.__version__, "triton_key": triton_key(), "python": ".".join(map(str, sys.version_info[:2])),
-                "arch": args.arch, "sms": args.sms, "cache_dir": str(cache), "parts": args.parts,
-                "models": args.models if "generate" in args.parts else [], "launches": compiled,
-                "failures": failures, "seconds": round(time.perf_counter() - start)}
+                "arch": args.arch, "sms": args.sms, "cache_dir": str(cache), "runs": runs + [run]}
     path = pack_cache(cache, Path(args.out), args.arch, manifest)
     print(f"{manifest['entries']} kernels for sm_{args.arch} with Triton {triton.__version__} (Python {manifest['python']}): "
-          f"{len(before)} found in the cache, {new} compiled, in {manifest['seconds']} s -> {path} "
+          f"{len(before)} found in the cache, {new} compiled, in {run['seconds']} s -> {path} "
           f"({path.stat().st_size / 1e6:.1f} MB)")
     for f in failures:
         print("FAILED", f)
