@@ -156,6 +156,22 @@ def generate_stage(args: argparse.Namespace, model: str) -> None:
     bg.measure(run, model)
 
 
+def source_commit() -> str | None:
+    """The checkout's commit (with "+changes" where its kernels differ from it): a kernel changed
+    since leaves its old entries unused."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "kernels"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def entries(cache: Path) -> list[str]:
     """The cache's compiled kernels: its entries holding a binary."""
     return [p.name for p in cache.iterdir() if p.is_dir() and any(p.glob("*.cubin"))]
@@ -256,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     run = {"parts": args.parts, "models": args.models if "generate" in args.parts else [], "launches": compiled,
            "failures": failures, "compiled": new, "seconds": round(time.perf_counter() - start)}
     earlier = cache / MANIFEST
-    runs = json.loads(earlier.read_text())["runs"] if args.reuse and earlier.exists() else []
+    runs = json.loads(earlier.read_text()).get("runs", []) if args.reuse and earlier.exists() else []
     manifest = {"triton": triton.__version__, "triton_key": triton_key(), "python": ".".join(map(str, sys.version_info[:2])),
-                "arch": args.arch, "sms": args.sms, "cache_dir": str(cache), "runs": runs + [run]}
+                "arch": args.arch, "sms": args.sms, "cache_dir": str(cache), "commit": source_commit(), "runs": runs + [run]}
     path = pack_cache(cache, Path(args.out), args.arch, manifest)
     print(f"{manifest['entries']} kernels for sm_{args.arch} with Triton {triton.__version__} (Python {manifest['python']}): "
           f"{len(before)} found in the cache, {new} compiled, in {run['seconds']} s -> {path} "
