@@ -51,28 +51,35 @@ GPU_MACHINE = {"python": (3, 12), "triton": "3.6.0"}  # the device tool's KINDS.
 KERNEL_STAGE = dict(shapes=["2560x6912", "6912x2560", "8192x8192", "28672x8192"], m=[1, 16, 2048], formats=["2bit"],
                     m1_formats=["1.6bit", "1bit"], attention=True, heads=True)  # (gpu_check.sh's kernels stage)
 GENERATE_MODELS = ["bitnet", "bitnet-serial", "bitnet-norm-apart"]  # (call 2's packed models; call 1 runs "bitnet")
+PARTS = ["kernels", "generate", "peer"]  # (gpu_check's stages whose launches are made here)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=".tcache", help="folder of the archive (default .tcache, carried to the GPU machine)")
-    p.add_argument("--cache-dir", default=CACHE_DIR, help=f"the cache built (and its path on the GPU machine; default {CACHE_DIR})")
-    p.add_argument("--parts", nargs="+", default=["kernels", "generate", "peer"], choices=["kernels", "generate", "peer"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=".tcache",
+                   help="folder of the archive (default .tcache, carried to the GPU machine)")
+    p.add_argument("--cache-dir", default=CACHE_DIR,
+                   help=f"the cache built (and its path on the GPU machine; default {CACHE_DIR})")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     p.add_argument("--models", nargs="+", default=GENERATE_MODELS, help="bench_generate's packed models to run")
     p.add_argument("--arch", type=int, default=90, help="compute capability as one number (default 90: H100, H200)")
-    p.add_argument("--sms", type=int, default=132, help="the GPU's SMs, for split-K's splits (default 132: H100 SXM, H200)")
+    p.add_argument("--sms", type=int, default=132,
+                   help="the GPU's SMs, for split-K's splits (default 132: H100 SXM, H200)")
     p.add_argument("--preset", default="2b4t", help="the generate stage's model (default 2b4t)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps a generate run (the stage's 32)")
     p.add_argument("--shapes", nargs="+", default=KERNEL_STAGE["shapes"], help="the kernel stage's N x K shapes")
     p.add_argument("--m", nargs="+", type=int, default=KERNEL_STAGE["m"], help="the kernel stage's rows")
-    p.add_argument("--m1-formats", nargs="*", default=KERNEL_STAGE["m1_formats"], help="the kernel stage's M = 1-only formats")
+    p.add_argument("--m1-formats", nargs="*", default=KERNEL_STAGE["m1_formats"],
+                   help="the kernel stage's M = 1-only formats")
     p.add_argument("--no-heads", action="store_true", help="leave out the lm_head GEMVs (128256 x 2560)")
     p.add_argument("--no-attention", action="store_true", help="leave out the decode attention's cases")
     p.add_argument("--reuse", action="store_true",
-                   help="keep what the cache already holds (e.g. an archive unpacked into it) and say how many kernels this "
-                        "run still compiled: 0 where every launch found its entry")
+                   help="keep what the cache already holds (e.g. an archive unpacked into it) and say how many "
+                        "kernels this run still compiled: 0 where every launch found its entry")
     p.add_argument("--any-version", action="store_true",
-                   help="build with this Python and Triton although they are not the GPU machine's (a cache for this machine)")
+                   help="build with this Python and Triton although they are not the GPU machine's "
+                        "(a cache for this machine)")
     return p.parse_args(argv)
 
 
@@ -81,9 +88,10 @@ def check_versions(args: argparse.Namespace) -> None:
 
     here = {"python": sys.version_info[:2], "triton": triton.__version__}
     if here != GPU_MACHINE and not args.any_version:
-        sys.exit(f"warm_triton_cache: this is Python {'.'.join(map(str, here['python']))} with Triton {here['triton']}; "
-                 f"the GPU machine runs Python {'.'.join(map(str, GPU_MACHINE['python']))} with Triton "
-                 f"{GPU_MACHINE['triton']}, and a Triton cache serves only the Triton (and libtriton) that made it: "
+        sys.exit(f"warm_triton_cache: this is Python {'.'.join(map(str, here['python']))} with Triton "
+                 f"{here['triton']}; the GPU machine runs Python {'.'.join(map(str, GPU_MACHINE['python']))} with "
+                 f"Triton {GPU_MACHINE['triton']}, and a Triton cache serves only the Triton (and libtriton) that "
+                 f"made it: "
                  f"run this in such an environment (e.g. a Python 3.12 venv with torch==2.11.0), or pass --any-version")
 
 
@@ -163,8 +171,8 @@ def source_commit() -> str | None:
 
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "kernels"], capture_output=True,
                                text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -225,13 +233,13 @@ def pack_cache(cache: Path, out: Path, arch: int, manifest: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     cache = Path(args.cache_dir)
+    os.environ["TRITON_CACHE_DIR"] = str(cache)  # (before Triton reads it)
+    os.environ.pop("TRITON_INTERPRET", None)
+    check_versions(args)
     if cache.exists() and not args.reuse:
         shutil.rmtree(cache)  # only this run's compiles go in the archive
     cache.mkdir(parents=True, exist_ok=True)
     before = set(entries(cache))
-    os.environ["TRITON_CACHE_DIR"] = str(cache)  # (before Triton reads it)
-    os.environ.pop("TRITON_INTERPRET", None)
-    check_versions(args)
 
     import importlib
     import pkgutil
@@ -239,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     import bitnet.kernels
     from bitnet.kernels import precompile
 
-    for module in pkgutil.iter_modules(bitnet.kernels.__path__):  # every kernel a real JITFunction (not the interpreter's)
+    # every kernel a real JITFunction (not the interpreter's): imported before TRITON_INTERPRET is set
+    for module in pkgutil.iter_modules(bitnet.kernels.__path__):
         if module.name not in ("compile_check", "cpu"):
             importlib.import_module(f"bitnet.kernels.{module.name}")
 
-    os.environ.update(TRITON_INTERPRET="1", BITNET_KERNEL="triton", BITNET_CPU_DISABLE="1")  # the Triton path for CPU tensors
+    # from here on only so that bitnet.ops takes the Triton path for CPU tensors
+    os.environ.update(TRITON_INTERPRET="1", BITNET_KERNEL="triton", BITNET_CPU_DISABLE="1")
     stand_in_gpu(args.sms)
     start = time.perf_counter()
     compiled: dict[str, int] = {}
@@ -273,12 +283,13 @@ def main(argv: list[str] | None = None) -> int:
            "failures": failures, "compiled": new, "seconds": round(time.perf_counter() - start)}
     earlier = cache / MANIFEST
     runs = json.loads(earlier.read_text()).get("runs", []) if args.reuse and earlier.exists() else []
-    manifest = {"triton": triton.__version__, "triton_key": triton_key(), "python": ".".join(map(str, sys.version_info[:2])),
-                "arch": args.arch, "sms": args.sms, "cache_dir": str(cache), "commit": source_commit(), "runs": runs + [run]}
+    manifest = {"triton": triton.__version__, "triton_key": triton_key(),
+                "python": ".".join(map(str, sys.version_info[:2])), "arch": args.arch, "sms": args.sms,
+                "cache_dir": str(cache), "commit": source_commit(), "runs": runs + [run]}
     path = pack_cache(cache, Path(args.out), args.arch, manifest)
-    print(f"{manifest['entries']} kernels for sm_{args.arch} with Triton {triton.__version__} (Python {manifest['python']}): "
-          f"{len(before)} found in the cache, {new} compiled, in {run['seconds']} s -> {path} "
-          f"({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"{manifest['entries']} kernels for sm_{args.arch} with Triton {triton.__version__} "
+          f"(Python {manifest['python']}): {len(before)} found in the cache, {new} compiled, in {run['seconds']} s "
+          f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
     for f in failures:
         print("FAILED", f)
     return 1 if failures else 0

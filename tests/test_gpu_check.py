@@ -32,8 +32,8 @@ def bench_module(name: str):
 
 
 def run_script(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    knobs = {"OUT", "TOTAL", "GRACE", "PACK_RESERVE", "BENCH_OUT", "PYTHON", "TEST_TIMEOUT", "GIT_COMMIT", "GPU_CHECK_KEEP",
-             "GPU_CHECK_TCACHE", "GPU_CHECK_TCACHE_ARCHIVE", "TRITON_CACHE_DIR"}
+    knobs = {"OUT", "TOTAL", "GRACE", "PACK_RESERVE", "BENCH_OUT", "PYTHON", "TEST_TIMEOUT", "GIT_COMMIT",
+             "GPU_CHECK_KEEP", "GPU_CHECK_TCACHE", "GPU_CHECK_TCACHE_ARCHIVE", "TRITON_CACHE_DIR"}
     full = {k: v for k, v in os.environ.items() if k not in knobs and not k.startswith("BUDGET_")}
     full.update(env or {})
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
@@ -157,7 +157,8 @@ def test_the_install_stage_unpacks_a_carried_triton_cache_that_every_stage_then_
     entry.mkdir(parents=True)
     (entry / "k.cubin").write_bytes(b"\x7fELF")
     (entry / "k.json").write_text("{}")
-    (entry / "__grp__k.json").write_text(json.dumps({"child_paths": {n: str(tcache / "ENTRYKEY" / n) for n in ("k.json", "k.cubin")}}))
+    group = {n: str(tcache / "ENTRYKEY" / n) for n in ("k.json", "k.cubin")}  # (where it is unpacked)
+    (entry / "__grp__k.json").write_text(json.dumps({"child_paths": group}))
     (built / "manifest.json").write_text(json.dumps({"entries": 1}))
     archive = tmp_path / "triton-cache-sm90.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
@@ -166,8 +167,8 @@ def test_the_install_stage_unpacks_a_carried_triton_cache_that_every_stage_then_
     env = stub_env(tmp_path, TOTAL=12, BUDGET_INSTALL=4, BUDGET_GENERATE=3)
     stub = Path(env["PYTHON"])
     stub.write_text(STUB.replace('  *bench_generate*) ', '  *tarfile*) exec ' + sys.executable + ' "$@" ;;\n'
-                                 '  *bench_generate*) mkdir -p "$TRITON_CACHE_DIR/NEW" && touch "$TRITON_CACHE_DIR/NEW/x.cubin"; ',
-                                 1))
+                                 '  *bench_generate*) mkdir -p "$TRITON_CACHE_DIR/NEW" && '
+                                 'touch "$TRITON_CACHE_DIR/NEW/x.cubin"; ', 1))
     r = run_script(str(tmp_path / "results"), "--stages", "install,generate",
                    env={**env, "GPU_CHECK_TCACHE": str(tcache), "GPU_CHECK_TCACHE_ARCHIVE": str(archive)})
     assert r.returncode == 0, r.stderr
@@ -175,9 +176,10 @@ def test_the_install_stage_unpacks_a_carried_triton_cache_that_every_stage_then_
     assert (tcache / "ENTRYKEY" / "k.cubin").read_bytes() == b"\x7fELF"
     with tarfile.open(tmp_path / "results" / "logs.tar.gz") as tar:
         assert f"Triton cache carried: 1 entries into {tcache}" in tar.extractfile("logs/install.log").read().decode()
-    assert "Triton cache (kernels): 1 carried, 1 compiled by this call" in (tmp_path / "results" / "summary.md").read_text()
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert "Triton cache (kernels): 1 carried, 1 compiled by this call" in summary
     r = run_script(str(tmp_path / "results2"), "--stages", "generate", env={**env, "GPU_CHECK_TCACHE": str(tcache)})
-    assert r.returncode == 0 and "Triton cache" not in (tmp_path / "results2" / "summary.md").read_text()  # none carried
+    assert r.returncode == 0 and "Triton cache" not in (tmp_path / "results2" / "summary.md").read_text()  # none
 
 
 def test_warm_triton_cache_compiles_what_the_same_launches_then_find_in_it(tmp_path):
@@ -217,7 +219,8 @@ def test_warm_triton_cache_compiles_what_the_same_launches_then_find_in_it(tmp_p
     assert n >= 4 and sum(f.endswith(".cubin") for f in files) == n
     assert all(f.endswith((".json", ".cubin")) for f in files)  # (the IR files left out)
     for grp in (p for p in cache.rglob("__grp__*.json")):  # each group names only what was kept
-        assert all(Path(v).exists() and Path(v).parent == grp.parent for v in json.loads(grp.read_text())["child_paths"].values())
+        paths = [Path(v) for v in json.loads(grp.read_text())["child_paths"].values()]
+        assert paths and all(p.exists() and p.parent == grp.parent for p in paths)
     shutil.rmtree(cache)
     cache.mkdir()
     with tarfile.open(archive) as tar:
@@ -225,6 +228,27 @@ def test_warm_triton_cache_compiles_what_the_same_launches_then_find_in_it(tmp_p
     assert run("--reuse") == (n, 0)
     shutil.rmtree(next(p for p in cache.iterdir() if p.is_dir()))
     assert run("--reuse") == (n - 1, 1)
+
+
+def test_warm_triton_cache_refuses_another_triton_before_it_touches_the_cache(tmp_path):
+    """A cache made by another Triton (or Python) than the GPU machine's would never be found
+    there: without --any-version the script says which versions it has and which it needs, and
+    leaves the cache folder as it was."""
+    cache = tmp_path / "cache"
+    (cache / "kept").mkdir(parents=True)
+    script = ROOT / "benchmarks" / "warm_triton_cache.py"
+    spec = importlib.util.spec_from_file_location("warm_triton_cache", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import triton
+
+    if (sys.version_info[:2], triton.__version__) == (module.GPU_MACHINE["python"], module.GPU_MACHINE["triton"]):
+        pytest.skip("this is the GPU machine's Python and Triton: nothing to refuse")
+    r = subprocess.run([sys.executable, str(script), "--cache-dir", str(cache), "--out", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert f"with Triton {triton.__version__}" in r.stderr and "runs Python 3.12 with Triton 3.6.0" in r.stderr
+    assert sorted(os.listdir(cache)) == ["kept"] and not (tmp_path / "out").exists()
 
 
 def test_test_stage_summary_failures_and_fallbacks_are_extracted(tmp_path):
