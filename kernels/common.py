@@ -411,6 +411,13 @@ def cat_biases(name: str, packed: list, ns: list, scales: list, biases: list | N
     return biases
 
 
+# W1 / W2 come from where the weights were allocated: specialized on (divisible by 16, equal to 1)
+# they would make a kernel's cache key depend on the allocator (a run in another process compiling
+# variants a carried cache lacks) for no gain in the code (the kernels scale them by 16 units). The
+# segmented kernels take them unspecialized.
+SEGMENT_STARTS = ("W1", "W2")
+
+
 def segment_starts(packed: list[torch.Tensor], lanes: int) -> list[int] | None:
     """Where each matrix's packed weight starts, from the first's, in grains of 16 units (int32 words
     when lanes == 4, bytes else): the W1 / W2 of a segmented launch, padded to three. None where one

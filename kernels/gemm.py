@@ -47,7 +47,7 @@ from bitnet.quant import int_matmul
 
 from .activations import quantize
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, mma_sync, next_power_of_2, norm_args,
-                     pdl, pdl_start, pdl_wait, ptx, segment_starts, shared_limit, store_output)
+                     pdl, pdl_start, pdl_wait, ptx, SEGMENT_STARTS, segment_starts, shared_limit, store_output)
 from .gemv import by_segment, segment_of
 from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, row_block, unpack_checked, values_per_byte
 from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rmsnorm_act_quant, rows_rstd, sum_block
@@ -171,7 +171,7 @@ def segment_epilogue(later, third, a_rows, scale_ptr, scale1_ptr, scale2_ptr, bi
 @autotune(SMALL_M_CONFIGS + LARGE_M_CONFIGS + NORM_ONLY_CONFIGS,
           key=["m_bucket", "N", "K", "P", "SPLIT_K", "SEGMENTS", "N1", "N2", "NORM", "GATED"], prune=_prune,
           interpret_config=INTERPRET_CONFIG)
-@triton.jit
+@triton.jit(do_not_specialize=SEGMENT_STARTS)
 def _gemm_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2)
     x_ptr, a_ptr, xsum_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, scale1_ptr, bias1_ptr, scale2_ptr,

@@ -42,7 +42,7 @@ from bitnet.packing import packed_linear_reference
 
 from .activations import quantize, row_scale
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, next_power_of_2, norm_args, pdl,
-                     pdl_start, pdl_wait, ptx, segment_starts, store_output)
+                     pdl_start, pdl_wait, ptx, SEGMENT_STARTS, segment_starts, store_output)
 from .layout import base3_quotients, check_packed, join_slices, values_per_byte
 from .rmsnorm_quant import norm_input, normed, row_norm_scale, sum_block
 
@@ -245,7 +245,7 @@ def by_segment(later, third, v0, v1, v2):
 # programs: 4 rows took a CPU test suite's decode steps 2.4x as long); 16 units, so that K > 64 loops.
 @autotune(CONFIGS, key=["N", "K", "P", "QUANTIZE_X", "SEGMENTS", "N1", "N2", "NORM", "GATED"], prune=_prune,
           interpret_config=triton.Config({"BLOCK_R": 16, "BLOCK_U": 16}))
-@triton.jit
+@triton.jit(do_not_specialize=SEGMENT_STARTS)
 def _gemv_kernel(
     # pointers (scale1_ptr .. bias2_ptr: the second and third matrices', read if SEGMENTS > 1, > 2;
     # res_ptr: the residual stream, read if HAS_RES; nw_ptr, u_ptr: the RMSNorm's weight and the

@@ -713,6 +713,60 @@ print("stats", precompile.STATS["rounds"], precompile.STATS["configs"], precompi
 '''
 
 
+SEGMENT_STARTS = '''
+import glob
+import os
+
+import torch
+
+os.environ.pop("TRITON_INTERPRET", None)
+from bitnet.kernels import gemm, gemv, precompile
+from bitnet.packing import pack
+
+os.environ["TRITON_INTERPRET"] = "1"  # (the Triton path for CPU tensors; the kernels are real JITFunctions)
+cache = os.environ["TRITON_CACHE_DIR"]
+cubins = lambda: len(glob.glob(os.path.join(cache, "*", "*.cubin")))  # noqa: E731
+k, ns = 256, [128, 64]  # two matrices of one input, packed 2-bit: (32, 256) and (16, 256) bytes
+buf = torch.zeros(1 << 16, dtype=torch.uint8)
+packed = [pack(torch.randint(-1, 2, (n, k), dtype=torch.int8), "2bit") for n in ns]
+
+
+def placed(grains):  # the second matrix `grains` 64-byte grains after the first: W1 = grains
+    second = buf[64 * grains:64 * grains + packed[1].numel()]
+    views = [buf[:packed[0].numel()].view(packed[0].shape), second.view(packed[1].shape)]
+    for v, p in zip(views, packed):
+        v.copy_(p)
+    return views
+
+
+scales = [torch.tensor([0.02]), torch.tensor([0.03])]
+seen = []
+with precompile.launches_compiled(90) as log:
+    for grains in (16, 17, 1):  # divisible by 16, not, and one (which Triton would make a constant)
+        w = placed(grains)
+        gemv.gemv_cat(torch.randn(1, k, dtype=torch.bfloat16), w, ns, "2bit", scales)
+        gemm.gemm_cat(torch.randint(-127, 128, (16, k), dtype=torch.int8), w, ns, "2bit", scales,
+                      a=torch.rand(16) + 0.5, out_dtype=torch.bfloat16)
+        seen.append(cubins())
+print("cubins", seen, "launches", log.compiled)
+'''
+
+
+def test_segmented_kernels_compile_once_wherever_the_weights_sit(tmp_path):
+    """W1 / W2 (where the second and third matrices of a segmented GEMV or GEMM start, from the
+    allocator) are not specialized on: matrices 16, 17 and 1 grains apart launch the kernels
+    compiled for the first placement (no new cubin), so that a cache made in one process (a carried
+    one: benchmarks/warm_triton_cache.py) serves another whose allocator put the weights elsewhere.
+    Specialized, 17 (not divisible by 16) and 1 (a constant) would each compile anew."""
+    script = tmp_path / "segment_starts.py"
+    script.write_text(textwrap.dedent(SEGMENT_STARTS))
+    r = subprocess.run([sys.executable, str(script)], env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache")),
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = re.search(r"cubins \[(\d+), (\d+), (\d+)\]", r.stdout).groups()
+    assert int(seen[0]) == 2 and len(set(seen)) == 1, r.stdout  # (the GEMV quantizing x itself, the GEMM)
+
+
 def test_precompile_fills_the_cache_the_launches_read(tmp_path):
     """precompile.precompile (what autotuning with BITNET_AUTOTUNE=full does first for a new key
     on a GPU): two worker processes compile the GEMV's fitting configs from stand-in arguments into
