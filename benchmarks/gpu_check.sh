@@ -12,8 +12,9 @@
 #   python benchmarks/peer_gpu_kernels.py --prepare --bitnet-git <git dir of microsoft/BitNet>
 #       (the `fetch` tool's github:microsoft/BitNet gives one under /work/.mirror/)
 #   python benchmarks/warm_triton_cache.py      (in a Python 3.12 venv of torch==2.11.0, triton==3.6.0: the
-#       GPU machine's; ~N minutes on 2 cores) -> .tcache/triton-cache-sm90.tar.xz, the kernels the kernel
-#       and generate stages compile, compiled beforehand for sm_90 (git-ignored too: `/.tcache/`)
+#       GPU machine's; ~15 minutes on one core; from the commit sent) -> .tcache/triton-cache-sm90.tar.xz,
+#       what the kernel, generate and peer stages compile, compiled beforehand for sm_90 (git-ignored
+#       too: `/.tcache/`)
 # in calls of at most 6 minutes, so that two fit the 15 minutes of device time a session has, each
 # machine start included:
 #   call 1 (issue 26, the default stages):  bash benchmarks/gpu_check.sh
