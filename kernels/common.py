@@ -232,7 +232,7 @@ def next_power_of_2(n: int) -> int:
 #           compiles, precompile.launches_compiled(every_config=True): benchmarks/warm_triton_cache.py)
 AUTOTUNE_ENV = "BITNET_AUTOTUNE"
 AUTOTUNE_POLICIES = ("full", "retune", "first", "compile")
-UNTIMED_POLICIES = ("first", "compile")  # (nothing timed, no table read or written)
+UNTIMED_POLICIES = tuning.UNTIMED_POLICIES  # (nothing timed, no table read or written)
 # Timing budget of one config (ms): Triton's default is 25 ms of warm-up and 100 of repetitions, a
 # second and a half a key for 11 configs; a few hundred repetitions of microsecond kernels rank
 # them as well (the L2 is flushed between repetitions either way).

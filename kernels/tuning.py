@@ -47,6 +47,7 @@ _LOCK = threading.Lock()
 _TABLES: dict[Path, tuple[tuple, dict]] = {}  # path -> ((mtime_ns, size), entries): reread when the file changes
 _WARNED: set[str] = set()
 STATS = {"from_table": 0, "recorded": 0}  # keys this process took from a table, and tuned and kept
+UNTIMED_POLICIES = ("first", "compile")  # the BITNET_AUTOTUNE policies that time nothing and use no table
 
 
 def user_dir() -> Path | None:
@@ -199,7 +200,7 @@ def attach(autotuner, policy, before_choice) -> None:
 def _choose(autotuner, jit, policy, before_choice, tuning_key, configs, bench_fn) -> bool:
     """Triton's check_disk_cache: True if the config came from a table (nothing timed)."""
     mode = policy()
-    device = device_name(autotuner.nargs) if mode not in ("first", "compile") else None
+    device = device_name(autotuner.nargs) if mode not in UNTIMED_POLICIES else None
     if device is None:
         before_choice(configs, True)
         bench_fn()
