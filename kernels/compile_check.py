@@ -90,6 +90,7 @@ interpreter replaces the kernels by Python functions that cannot be compiled).
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -259,8 +260,8 @@ def _gemm_variants(every_format: bool = True) -> list[Variant]:
     # gemm.NORM_TILE and NORM_WIDE): q / k / v, o and down (the residual added; down's norm gated by
     # up), gate / up: NORM_TILE with each flag set, NORM_WIDE with three (its own code is the width),
     # between them every format on each path and each tile in every format and on each path, split
-    # along K and not; 1-bit NORM_TILE (16 packed rows: its decoded operand staged in shared memory)
-    # with the gate, its largest shared memory
+    # along K and not; 1-bit NORM_TILE (16 packed rows: its operand was staged in shared memory
+    # before layout.weight_operand) with the gate
     norm = [dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=3), dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1,
                                                                       HAS_RES=True),
             dict(x="bf16", y="bf16", HAS_BIAS=False, SEGMENTS=1, HAS_RES=True, GATED=True),
@@ -616,7 +617,7 @@ def _norm_tile_bound(v: Variant) -> int | None:
     tiles = [i for i, t in enumerate(norm_configs()) if all(c[k] == t.kwargs[k] for k in blocks)]
     if not c.get("NORM") or not tiles:
         return None  # (off the norm tiles: no launcher launches it; a test compiles one to see it spill)
-    return norm_tile_shared(FLOAT_BYTES[v.types["x_ptr"]], c["GATED"], c["P"], tiles[0] == 1)
+    return norm_tile_shared(FLOAT_BYTES[v.types["x_ptr"]], c["GATED"], tiles[0] == 1)
 
 
 # The kernels whose launchers choose a tile by the device's shared memory (common.shared_limit)
@@ -759,22 +760,36 @@ def sass_ops(compiled) -> list[tuple[int, str, str]]:
     return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(pattern.match, sass.splitlines()) if m]
 
 
+def sass_loops(ops: list[tuple[int, str, str]]) -> list[tuple[int, int, collections.Counter]]:
+    """Each loop of a kernel's SASS (sass_ops), a backward branch: its first and last address and its
+    instructions by opcode (without modifiers)."""
+    import re
+
+    loops = []
+    for addr, op, rest in ops:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            loops.append((start, addr, collections.Counter(o.split(".")[0] for a, o, _ in ops if start <= a <= addr)))
+    return loops
+
+
+def main_loop(compiled) -> collections.Counter:
+    """The instructions by opcode of a compiled kernel's longest loop (a GEMM's K loop), empty if none."""
+    loops = sass_loops(sass_ops(compiled))
+    return max((body for _, _, body in loops), key=lambda body: sum(body.values()), default=collections.Counter())
+
+
 def sass_summary(v: Variant) -> str:
     """A variant's sm SASS in brief: instructions, registers-free counts by opcode, and each loop (a
     backward branch) with its instructions by opcode: what gpu_notes.md quotes (per weight: a loop's
     count over the weights a thread multiplies a step)."""
-    import collections
-    import re
-
     compiled = _compile(v)
     ops = sass_ops(compiled)
     lines = [f"{v.describe()}: {len(ops)} instructions, shared memory {int(compiled.metadata.shared)} B"]
-    for addr, op, rest in ops:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if target and int(target.group(1), 16) < addr:
-            body = [o.split(".")[0] for a, o, _ in ops if int(target.group(1), 16) <= a <= addr]
-            top = ", ".join(f"{o} {n}" for o, n in collections.Counter(body).most_common(12))
-            lines.append(f"  loop {int(target.group(1), 16):#x}-{addr:#x}: {len(body)} instructions: {top}")
+    for start, end, body in sass_loops(ops):
+        top = ", ".join(f"{o} {n}" for o, n in body.most_common(12))
+        lines.append(f"  loop {start:#x}-{end:#x}: {sum(body.values())} instructions: {top}")
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ from .activations import quantize
 from .common import (INTERPRET, LAUNCH, autotune, cat_biases, cdiv, matmul_args, mma_sync, next_power_of_2, norm_args,
                      pdl, pdl_start, pdl_wait, ptx, SEGMENT_STARTS, segment_starts, shared_limit, store_output)
 from .gemv import by_segment, segment_of
-from .layout import check_packed, decode_stacked, int8_codes, reference_unpack, row_block, unpack_checked, values_per_byte
+from .layout import check_packed, reference_unpack, row_block, unpack_checked, values_per_byte, weight_operand
 from .rmsnorm_quant import norm_input, normed, normed_rows_scale, rmsnorm_act_quant, rows_rstd, sum_block
 
 SMALL_M = 64
@@ -79,14 +79,13 @@ INTERPRET_CONFIG = _config(16, 32, 32, 4, 1, group=2)
 # short and free of spills (sm_90, 2B-4T's q/k/v and gated down flag sets, bf16). With K steps of
 # 128 Triton 3.6 (the GPU machines') spills inside the loop (2946-7595 instructions a step, up to
 # 1654 spill loads and stores); 32-row tiles spill 400-22000 bytes a thread under both.
-# - NORM_TILE, 16 x 128 x 256 (3 stages): 2-bit q/k/v and down, 598-688 instructions a step with
-#   Triton 3.9, 684-862 with 3.6, 195-227 registers; the tile every GPU fits (fp32 x gated: 119 KB
+# - NORM_TILE, 16 x 128 x 256 (3 stages): 2-bit q/k/v and down, 612-680 instructions a step with
+#   Triton 3.9, 609-779 with 3.6, 195-228 registers; the tile every GPU fits (fp32 x gated: 116 KB
 #   of shared memory, within sm_80's 163) and the one a lone config runs (BITNET_AUTOTUNE=first).
 # - NORM_WIDE, 16 x 256 x 256 (2 stages): the x tile's normalization and quantization serve twice
-#   the weights: 781-875 / 931-1081 instructions a step, 32-37% fewer a weight in 2-bit, 20-23% in
-#   1.6-bit, ~4x fewer in 1-bit (whose 128-wide tiles hold 16 packed rows, too few for Triton to
-#   decode in registers: it stages the operand through shared memory); 198-249 registers, no spill
-#   but with fp32 x gated in 1.6-bit on Triton 3.6 (208 B a thread, 42 of 1730 instructions a step).
+#   the weights: 776-868 / 773-965 instructions a step, 37% fewer a weight in 2-bit, 22% in
+#   1.6-bit, 3.2x fewer in 1-bit; 197-249 registers, no spill with 16-bit x (float32 x spills
+#   150-450 B a thread on either tile).
 #   Half the tiles along N, so half the programs where split-K is already at its cap (short K,
 #   small N: 2B-4T's q/k/v and o): the autotuner times both.
 NORM_WIDE = _config(16, 256, 256, 4, 2)
@@ -99,31 +98,27 @@ def norm_configs() -> list[triton.Config]:
 
 
 @functools.cache
-def norm_tile_shared(itemsize: int, gated: bool, p: int, wide: bool = False) -> int:
+def norm_tile_shared(itemsize: int, gated: bool, wide: bool = False) -> int:
     """An upper bound of the shared memory (bytes) a norm-fused tile (NORM_TILE, or NORM_WIDE if
-    `wide`) asks for with float x of `itemsize` bytes (and the gate's up tile) and P = `p` codes a
-    byte: each stage's float x tiles and packed weights (at most a byte per 4 codes), the float
-    tiles once more and the int8 x_q tile for the dot; where a tile holds 16 packed rows ("1bit" in
-    NORM_TILE), Triton stages the decoded operand through shared memory too: its int8 codes once
-    more (measured: up to 24 KB more than the other formats). The compile guard holds every variant
-    it compiles to this bound. NORM_TILE: 16-bit x 60 KB, gated 92 KB (compiled: 52 and 92); float32
-    x 92 KB, gated 156 KB (compiled: 116), past the 99 KB of an A10, L4, L40S or RTX 30xx-50xx;
-    "1bit" 32 KB more. NORM_WIDE (two stages): 16-bit x 60 KB, gated 84 KB; float32 x 84 KB, gated
-    132 KB."""
+    `wide`) asks for with float x of `itemsize` bytes (and the gate's up tile), in any format: each
+    stage's float x tiles and packed weights (at most a byte per 4 codes), the float tiles once more
+    and the int8 x_q tile for the dot (the decoded weights stay in registers: layout.weight_operand).
+    The compile guard holds every variant it compiles to this bound. NORM_TILE: 16-bit x 60 KB,
+    gated 92 KB (compiled: 52 and 68); float32 x 92 KB, gated 156 KB (compiled: 84 and 116), past
+    the 99 KB of an A10, L4, L40S or RTX 30xx-50xx. NORM_WIDE (two stages): 16-bit x 60 KB, gated
+    84 KB (compiled: 36 and 44); float32 x 84 KB, gated 132 KB (compiled: 52 and 68)."""
     config = NORM_WIDE if wide else NORM_TILE
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     x = bm * bk * itemsize * (2 if gated else 1)
-    staged = bn * bk if bn // row_block(p) < 32 else 0
-    return config.num_stages * (x + bn * bk // 4) + x + bm * bk + staged
+    return config.num_stages * (x + bn * bk // 4) + x + bm * bk
 
 
-def norm_tile_fits(x: torch.Tensor, gated: bool, p: int, wide: bool = False) -> bool:
+def norm_tile_fits(x: torch.Tensor, gated: bool, wide: bool = False) -> bool:
     """Whether a norm-fused tile (NORM_TILE; NORM_WIDE if `wide`) fits the shared memory of x's
-    device (common.shared_limit) for P = `p`; where NORM_TILE does not, gemm_cat runs
-    rmsnorm_act_quant first (the same bits), and where NORM_WIDE does not, the autotuner gets
-    NORM_TILE alone."""
+    device (common.shared_limit); where NORM_TILE does not, gemm_cat runs rmsnorm_act_quant first
+    (the same bits), and where NORM_WIDE does not, the autotuner gets NORM_TILE alone."""
     limit = shared_limit(x.device)
-    return limit is None or norm_tile_shared(x.dtype.itemsize, gated, p, wide) <= limit
+    return limit is None or norm_tile_shared(x.dtype.itemsize, gated, wide) <= limit
 
 
 def _prune(configs, named_args, **kwargs):
@@ -133,7 +128,7 @@ def _prune(configs, named_args, **kwargs):
         return configs
     if kwargs.get("NORM"):
         x = named_args["x_ptr"]
-        return [c for c in norm_configs() if c is NORM_TILE or norm_tile_fits(x, kwargs.get("GATED", False), kwargs["P"], True)]
+        return [c for c in norm_configs() if c is NORM_TILE or norm_tile_fits(x, kwargs.get("GATED", False), True)]
     small = named_args["m_bucket"] <= SMALL_M
     pool = SMALL_M_CONFIGS if small else LARGE_M_CONFIGS
     return [c for c in pool if not small or c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
@@ -277,10 +272,10 @@ def _gemm_kernel(
         w_mask = row_ok[:, None] & (offs_u < k_hi // LANES)[None, :]
         w = tl.load(w_ptrs + offs_u[None, :], mask=w_mask, other=0).to(tl.int32)
         if PB > 0 and FIFTH_FIRST:
-            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES, ASM)), acc_b, out_dtype=tl.int32)
-        acc_a = tl.dot(x, tl.trans(decode_stacked(w, P, LANES, ASM)), acc_a, out_dtype=tl.int32)
+            acc_b = tl.dot(x, tl.trans(weight_operand(w, k0, True, P, LANES, ASM)), acc_b, out_dtype=tl.int32)
+        acc_a = tl.dot(x, tl.trans(weight_operand(w, k0, False, P, LANES, ASM)), acc_a, out_dtype=tl.int32)
         if PB > 0 and not FIFTH_FIRST:
-            acc_b = tl.dot(x, tl.trans(int8_codes(w, PA, P, LANES, ASM)), acc_b, out_dtype=tl.int32)
+            acc_b = tl.dot(x, tl.trans(weight_operand(w, k0, True, P, LANES, ASM)), acc_b, out_dtype=tl.int32)
 
     # Epilogue: accumulator column j of acc_a is feature (j // BLOCK_R) * R + pid_r * BLOCK_R + j % BLOCK_R
     # (with segments: of the matrix of that packed row, R its rows, its outputs from column col0 on).
@@ -591,7 +586,7 @@ def gemm_cat(
         raise ValueError(f"an RMSNorm in the GEMM is for a float output and M <= {SMALL_M} (below "
                          f"BITNET_UNPACK_GEMM_M = {UNPACK_M}), got {out_dtype} and M = {m}: "
                          f"rmsnorm_act_quant, then the GEMM")
-    if norm and not norm_tile_fits(x_q, up is not None, values_per_byte(fmt)):  # (less shared memory: norm apart)
+    if norm and not norm_tile_fits(x_q, up is not None):  # (less shared memory: norm apart)
         x_q, a, xsum = rmsnorm_act_quant(x_q, norm_weight, eps, up)
         xsum, norm_weight, up, norm = xsum.reshape(-1), None, None, False
     if not norm and x_q.dtype != torch.int8:

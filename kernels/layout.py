@@ -235,6 +235,31 @@ def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
     return tl.reshape(c, (c.shape[0] * c.shape[1], c.shape[2]))
 
 
+@triton.jit
+def weight_operand(w, live, FIFTH: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
+    """The GEMM's int8 weight operand from the units w [BR, BU]: decode_stacked's [PA * BR, BK]
+    (slices 0 .. PA-1), or with FIFTH the fifth base-3 slice's [BR, BK] ("1.6bit").
+
+    Decoded behind a branch that is always taken ((live | 1) != 0 for any integer live), for Triton's
+    choice of the dot's operand layout: it reads the narrowest load on each operand's way back from
+    the dot (here x's int8 and the weights' int32: 8 bits, kWidth 4) and halves it when a tl.join is
+    on that way (the codes' byte lanes and stacked slices are joins), as if the join split a wider
+    load: with Triton 3.6 the operands got kWidth 8, x was read from shared memory 8 bytes at a
+    time in an order mma.sync cannot take, and ptxas moved registers before every IMMA (2-bit 16 x
+    128 x 128: 183 instructions a K step instead of 132; Triton 3.9 looks past joins). The search
+    stops at the branch (scf.if), which LLVM removes (the condition is always true by its known
+    bits), so the decode stays interleaved with the IMMAs as before."""
+    if (live | 1) != 0:
+        if FIFTH:
+            c = int8_codes(w, 4, P, LANES, ASM)
+        else:
+            c = decode_stacked(w, P, LANES, ASM)
+    else:
+        PA: tl.constexpr = 1 if FIFTH else (8 if P == 8 else 4)
+        c = tl.zeros([PA * w.shape[0], w.shape[1] * LANES], tl.int8)
+    return c
+
+
 @fast_launch
 @triton.jit
 def _unpack_kernel(

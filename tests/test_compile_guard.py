@@ -309,6 +309,80 @@ def test_the_gemm_decodes_each_weight_once_on_its_mma_sync_tiles(tmp_path):
     assert [row for row in rows if row[0] == 80] == [(80, 5, 64, 256, 1), (80, 5, 128, 128, 4)], rows
 
 
+
+OPERAND = """
+import dataclasses
+import re
+import sys
+import triton
+import triton.language as tl
+from bitnet.kernels import compile_check, gemm
+from bitnet.kernels.layout import decode_stacked, int8_codes
+
+
+@triton.jit
+def uncut(w, live, FIFTH: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
+    # layout.weight_operand without its branch: the joins of the decode in the dot operand's slice
+    if FIFTH:
+        c = int8_codes(w, 4, P, LANES, ASM)
+    else:
+        c = decode_stacked(w, P, LANES, ASM)
+    return c
+
+
+if sys.argv[1] == "uncut":
+    gemm.weight_operand = uncut  # (Triton reads the kernel's globals when it compiles)
+base = next(v for v in compile_check.variants(archs=(90,), kernels=["_gemm_kernel"])
+            if v.aligned and v.constexprs["LANES"] == 4 and not v.constexprs["NORM"])
+for p in map(int, sys.argv[2:]):
+    consts = dict(base.constexprs, P=p, SPLIT_K=1, SEGMENTS=1, HAS_RES=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128)
+    compiled = compile_check._compile(dataclasses.replace(base, constexprs=consts, num_warps=4, num_stages=4))
+    widths = sorted(set(re.findall(r"kWidth = (\\d+)", compiled.asm["ttgir"])))
+    loop = compile_check.main_loop(compiled)
+    print(triton.__version__, sys.argv[1], p, ",".join(widths), sum(loop.values()), loop["IMAD"], loop["STS"])
+"""
+
+
+def _operands(tmp_path, env: dict) -> tuple[str, dict]:
+    """(Triton's version, {(cut or uncut, P): (kWidths, loop instructions, IMAD, STS)}) of the 16 x 128 x
+    128 GEMM tile for sm_90, with layout.weight_operand and with the decode straight into the dot."""
+    script = tmp_path / "operand.py"
+    script.write_text(OPERAND)
+    rows, version = {}, None
+    for which, formats in (("cut", ("4", "5", "8")), ("uncut", ("4", "8"))):
+        r = subprocess.run([sys.executable, str(script), which, *formats], env=env, capture_output=True, text=True,
+                           timeout=900, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        for line in r.stdout.splitlines():
+            version, kind, p, widths, *counts = line.split()
+            rows[kind, int(p)] = (widths, *map(int, counts))
+    return version, rows
+
+
+def _check_operands(rows: dict, version: str):
+    """Every dot operand of the tile kWidth 4 (x read by ldmatrix in mma.sync's order); the uncut
+    decode worse in 2-bit or 1-bit, by its operand width or its loop's length, or Triton no longer
+    needs the branch (the check can fail)."""
+    cut = {p: rows["cut", p] for p in (4, 5, 8)}
+    assert all(widths == "4" for widths, *_ in cut.values()), cut
+    assert any(rows["uncut", p][0] != "4" or rows["uncut", p][1] > cut[p][1] for p in (4, 8)), \
+        f"Triton {version} compiles the uncut decode as well: layout.weight_operand's branch may go ({rows})"
+
+
+def test_the_gemm_operands_are_read_four_bytes_a_lane(tmp_path):
+    """layout.weight_operand: the decode behind a branch always taken. Without it, the joins that put
+    the codes in byte lanes and stack the slices sit between the dot and the loads, and Triton
+    (AccelerateMatmul's computeOrigBitWidth) halves the operands' bit width for them: Triton 3.6
+    gives kWidth 8 (x read 8 bytes at a time, registers moved before every IMMA: 2-bit 183
+    instructions a K step instead of 132), and Triton 3.9 stages 1-bit's 16-packed-row operand
+    through shared memory a byte at a time (128 STS and 132 LDS, 606 instructions a K step; with
+    the branch 8 STS.128 and 8 ldmatrix, 440). With the Triton installed here; the slow tier with
+    the GPU machines'."""
+    version, rows = _operands(tmp_path, _env())
+    _check_operands(rows, version)
+    if version.startswith("3.9"):
+        assert rows["uncut", 8][3] > 8 * rows["cut", 8][3] and rows["uncut", 8][1] > rows["cut", 8][1], rows
+
 ATTENTION = '''
 import dataclasses
 import re
@@ -832,6 +906,18 @@ def test_the_norm_tile_does_not_spill_with_the_oldest_supported_triton(tmp_path)
     got, rows = _norm_tiles(tmp_path, env)
     assert got == version, f"ran with Triton {got}, not {version}"
     _check_norm_tiles(rows)
+
+
+@pytest.mark.slow
+def test_the_gemm_operands_are_read_four_bytes_a_lane_with_the_oldest_supported_triton(tmp_path):
+    """As test_the_gemm_operands_are_read_four_bytes_a_lane, with the GPU machines' Triton (3.6):
+    without the branch its 2-bit operands are kWidth 8 (measured: 183 instructions a K step, 50 of
+    them IMAD register moves; with it 132 and 6)."""
+    version, env = _floor_env()
+    got, rows = _operands(tmp_path, env)
+    assert got == version, f"ran with Triton {got}, not {version}"
+    _check_operands(rows, got)
+    assert rows["uncut", 4][0] == "8" and rows["cut", 4][2] < rows["uncut", 4][2], rows
 
 
 @pytest.mark.slow

@@ -366,7 +366,7 @@ def test_a_gpu_with_less_shared_memory_runs_the_norm_apart_where_the_tile_does_n
     monkeypatch.setattr(rmsnorm_quant, "_rmsnorm_act_quant_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
         launches.append(grid), real_norm[grid])[1]})())
     monkeypatch.setattr(gemm, "shared_limit", lambda device: 101376)
-    assert gemm.norm_tile_fits(x, gated, 4) == fused
+    assert gemm.norm_tile_fits(x, gated) == fused
     assert torch.equal(gemm.gemm_cat(*args, out_dtype=dtype, norm_weight=weight, eps=1e-5, up=up), want)
     assert len(launches) == (0 if fused else 1)
 
