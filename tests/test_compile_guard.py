@@ -385,7 +385,6 @@ def test_the_gemm_operands_are_read_four_bytes_a_lane(tmp_path):
 
 ATTENTION = '''
 import dataclasses
-import re
 import sys
 import triton
 from bitnet.kernels import compile_check
@@ -393,12 +392,7 @@ from bitnet.kernels import compile_check
 
 def loops(ops):
     """(first, last) address of each loop (a backward branch), longest first."""
-    found = []
-    for addr, op, rest in ops:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if target and int(target.group(1), 16) < addr:
-            found.append((int(target.group(1), 16), addr))
-    return sorted(found, key=lambda span: span[0] - span[1])
+    return sorted(((first, last) for first, last, _ in compile_check.sass_loops(ops)), key=lambda span: span[0] - span[1])
 
 
 def ops_in(ops, span):
