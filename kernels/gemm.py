@@ -102,7 +102,7 @@ def norm_tile_shared(itemsize: int, gated: bool, wide: bool = False) -> int:
     """An upper bound of the shared memory (bytes) a norm-fused tile (NORM_TILE, or NORM_WIDE if
     `wide`) asks for with float x of `itemsize` bytes (and the gate's up tile), in any format: each
     stage's float x tiles and packed weights (at most a byte per 4 codes), the float tiles once more
-    and the int8 x_q tile for the dot (the decoded weights stay in registers: layout.weight_operand).
+    and the int8 x_q tile for the dot (measured: the same in every format since layout.weight_operand).
     The compile guard holds every variant it compiles to this bound. NORM_TILE: 16-bit x 60 KB,
     gated 92 KB (compiled: 52 and 68); float32 x 92 KB, gated 156 KB (compiled: 84 and 116), past
     the 99 KB of an A10, L4, L40S or RTX 30xx-50xx. NORM_WIDE (two stages): 16-bit x 60 KB, gated

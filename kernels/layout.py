@@ -246,9 +246,10 @@ def weight_operand(w, live, FIFTH: tl.constexpr, P: tl.constexpr, LANES: tl.cons
     on that way (the codes' byte lanes and stacked slices are joins), as if the join split a wider
     load: with Triton 3.6 the operands got kWidth 8, x was read from shared memory 8 bytes at a
     time in an order mma.sync cannot take, and ptxas moved registers before every IMMA (2-bit 16 x
-    128 x 128: 183 instructions a K step instead of 132; Triton 3.9 looks past joins). The search
-    stops at the branch (scf.if), which LLVM removes (the condition is always true by its known
-    bits), so the decode stays interleaved with the IMMAs as before."""
+    128 x 128: 183 instructions a K step instead of 132); Triton 3.9 kept kWidth 4 there but staged
+    1-bit's 16-packed-row operand through shared memory a byte at a time (606 instead of 440). The
+    search stops at the branch (scf.if), which LLVM removes (the condition is always true by its
+    known bits), so the decode stays interleaved with the IMMAs as before."""
     if (live | 1) != 0:
         if FIFTH:
             c = int8_codes(w, 4, P, LANES, ASM)

@@ -309,7 +309,6 @@ def test_the_gemm_decodes_each_weight_once_on_its_mma_sync_tiles(tmp_path):
     assert [row for row in rows if row[0] == 80] == [(80, 5, 64, 256, 1), (80, 5, 128, 128, 4)], rows
 
 
-
 OPERAND = """
 import dataclasses
 import re
@@ -382,6 +381,7 @@ def test_the_gemm_operands_are_read_four_bytes_a_lane(tmp_path):
     _check_operands(rows, version)
     if version.startswith("3.9"):
         assert rows["uncut", 8][3] > 8 * rows["cut", 8][3] and rows["uncut", 8][1] > rows["cut", 8][1], rows
+
 
 ATTENTION = '''
 import dataclasses
