@@ -12,7 +12,7 @@
 #   python benchmarks/peer_gpu_kernels.py --prepare --bitnet-git <git dir of microsoft/BitNet>
 #       (the `fetch` tool's github:microsoft/BitNet gives one under /work/.mirror/)
 #   python benchmarks/warm_triton_cache.py      (in a Python 3.12 venv of torch==2.11.0, triton==3.6.0: the
-#       GPU machine's; ~15 minutes on one core; from the commit sent) -> .tcache/triton-cache-sm90.tar.xz,
+#       GPU machine's; 6-14 minutes on a 2-core CPU; from the commit sent) -> .tcache/triton-cache-sm90.tar.xz,
 #       what the kernel, generate and peer stages compile, compiled beforehand for sm_90 (git-ignored
 #       too: `/.tcache/`)
 # in calls of at most 6 minutes, so that two fit the 15 minutes of device time a session has, each
@@ -30,7 +30,8 @@
 #   GPU_CHECK_KEEP, default ~/.cache/bitnet/gpu_check_tuning, `off`: none) and times none of its
 #   keys again; on a fresh one it tunes them afresh, inside its stages' budgets. Its results.tar.gz
 #   then holds both calls' choices (results/tuning/<GPU>.json): committed as kernels/tuned/<GPU>.json,
-#   the package's table for that GPU model. Every stage runs under
+#   the package's table for that GPU model. What to read in each call's output, in order, and what
+#   each figure was predicted to be: the checklist at the top of benchmarks/gpu_notes.md. Every stage runs under
 # `timeout` (SIGINT first, so that pytest prints its summary and Python its traceback; SIGKILL 5 s
 # later); a failing stage does not stop the next. Time a stage leaves unused passes on to the
 # later ones; the stages together never run past TOTAL.
