@@ -5,10 +5,11 @@
 #   GIT_COMMIT=<hash> bash benchmarks/gpu_check.sh       # the copy sent to the machine has no .git
 #
 # For the bare machine a session is lent (README of the device tool): run in the repository root
-# with `.whl` (the gguf and gemlite wheels) and `.peers` (bitnet.cpp's gpu/ sources) carried, both
-# git-ignored (`/.whl/` and `/.peers/` in .git/info/exclude) and made on the session's machine first:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform any -d .whl gguf==0.19.0
+# with `.whl` (wheels) and `.peers` (bitnet.cpp's gpu/ sources) carried, both git-ignored (`/.whl/`
+# and `/.peers/` in .git/info/exclude) and made on the session's machine first:
+#   python benchmarks/gpu_wheels.py      (what the machine's image lacks of the package's requirements
+#       and its dev extra, at the versions CI tests: gguf, and the server's stack, without which
+#       tests/test_serve.py skips whole; the stamp's "optional modules" line says what still fails there)
 #   python benchmarks/peer_gpu_kernels.py --prepare --bitnet-git <git dir of microsoft/BitNet>
 #       (the `fetch` tool's github:microsoft/BitNet gives one under /work/.mirror/)
 #   python benchmarks/warm_triton_cache.py      (in a Python 3.12 venv of torch==2.11.0, triton==3.6.0: the
@@ -43,8 +44,9 @@
 #                 TRITON_CACHE_DIR of every stage (where it was built: Triton's group files hold paths);
 #                 the stamp says whether this machine's Triton is the one that built it, the summary how
 #                 many kernels the call compiled all the same
-#   stamp     10  nvidia-smi (GPU, driver), python/torch/triton/transformers versions, commit, CPUs
-#   tests    150  the whole suite: pytest -q -n N -p no:cacheprovider --timeout 150 -rf --durations=20
+#   stamp     10  nvidia-smi (GPU, driver), python/torch/triton/transformers versions, commit, CPUs, the requirements
+#                 not met and the suite's optional modules that do not import (gpu_wheels.py --check)
+#   tests    150  the whole suite: pytest -q -n N -p no:cacheprovider --timeout 150 -rfs --durations=20
 #                 but the compile guard's sweeps (every variant for sm_90 and sm_80, every launch of a
 #                 run for sm_90, sm_86's tiles: ~790 CPU-only compiles, what CI runs on every change;
 #                 TESTS_DESELECT="" keeps them) (its longest tests here: compare end to end ~100 s on a CPU core, the
@@ -146,9 +148,10 @@ $PY -c 'import torch; from bitnet.ops import describe_gpu_backend; print(\"packe
 echo \"commit \$(git rev-parse HEAD 2>/dev/null || echo \${GIT_COMMIT:-unknown: no .git here, pass GIT_COMMIT=<hash>})\"
 echo \"cpus $NPROC; \$(grep -m1 'model name' /proc/cpuinfo)\"; free -g | head -n 2; df -h /tmp | tail -n 1
 $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|numpy|setuptools|pytest|pytest-xdist|pytest-timeout|gguf|bitnet.*|accelerate|safetensors) '
+$PY benchmarks/gpu_wheels.py --check
 if [ -f $TCACHE/manifest.json ]; then $PY -c 'import json, sys, triton; from triton.runtime.cache import triton_key; m = json.load(open(sys.argv[1])); print(\"Triton cache carried:\", m[\"entries\"], \"kernels built with Triton\", m[\"triton\"], \"Python\", m[\"python\"], \"for\", m[\"sms\"], \"SMs, commit\", m.get(\"commit\"), \"| this Triton\", \"is the one that built it\" if m[\"triton_key\"] == triton_key() else \"is NOT the one that built it (no entry will be found)\")' $TCACHE/manifest.json; fi"
 TESTS_DESELECT=${TESTS_DESELECT-"--deselect tests/test_compile_guard.py::test_every_kernel_compiles_for_sm90_and_sm80 --deselect tests/test_compile_guard.py::test_every_launch_of_a_run_compiles_for_sm90 --deselect tests/test_compile_guard.py::test_a_gpu_with_99_kb_of_shared_memory_is_given_tiles_that_fit"}
-CMD[tests]="BITNET_TUNING_DIR=off $PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rf --durations=20 --junitxml=@LOGS@/tests.xml $TESTS_DESELECT"
+CMD[tests]="BITNET_TUNING_DIR=off $PY -m pytest -q -n $WORKERS -p no:cacheprovider --timeout $TEST_TIMEOUT -rfs --durations=20 --junitxml=@LOGS@/tests.xml $TESTS_DESELECT"
 CMD[kernels]="$PY benchmarks/bench_kernels.py --device cuda --shapes 2560x6912 6912x2560 8192x8192 28672x8192 --m 1 16 2048 --formats 2bit --m1-formats 1.6bit 1bit --attention --heads --name bench_kernels_cuda --out-dir $BENCH_OUT"
 CMD[gpu_peers]="$PY benchmarks/peer_gpu_kernels.py --budget-s \$(( \${STAGE_SECONDS:-90} - 20 )) --out-dir $BENCH_OUT"
 CMD[generate]="HF_HUB_OFFLINE=1 $PY benchmarks/bench_generate.py --device cuda --preset 2b4t --models ${GENERATE_MODELS:-bitnet bf16} --batch 1 8 --compile --new-tokens 32 --warmup 2 --iters 3 --out-dir $BENCH_OUT"
@@ -225,6 +228,12 @@ write_summary() {
             echo "Tests: $(test_summary)"
             echo
             grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 40 | sed 's/^/- /'
+            # why tests skipped (pytest -rs groups them: "SKIPPED [count] file:line: reason")
+            if grep -q -E '^SKIPPED ' "$LOGS/tests.log"; then
+                echo
+                echo "Skipped, by reason:"
+                grep -E '^SKIPPED ' "$LOGS/tests.log" | head -n 25 | sed 's/^/- /'
+            fi
         fi
         # the package's fallbacks, each logged once a process: PDL or direct launches off, graphs not recorded
         local fallbacks

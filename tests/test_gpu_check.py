@@ -52,6 +52,7 @@ def test_dry_run_prints_every_stage_within_six_minutes(tmp_path):
     total = int(re.search(r"sum of the selected budgets .*: (\d+)s of (\d+)s", r.stdout).group(2))
     assert sum(budgets.values()) <= total <= 360  # one call of at most 6 minutes
     assert "pytest -q -n" in r.stdout and "--timeout" in r.stdout
+    assert "-rfs" in r.stdout and "benchmarks/gpu_wheels.py --check" in r.stdout  # skip reasons; what fails to import
     for script in ("bench_kernels.py", "bench_generate.py", "peer_transformers.py"):
         assert f"benchmarks/{script} --device cuda" in r.stdout
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
@@ -65,7 +66,9 @@ STUB = """#!/usr/bin/env bash
 case "$*" in
   "-m pytest "*) for a in "$@"; do case $a in --junitxml=*) echo '<testsuites/>' > "${a#--junitxml=}" ;; esac; done
                 for w in 1 2; do echo "WARNING bitnet.kernels.launch: direct Triton launches do not work here (cuda:0); the kernels launch through Triton's own path"; done
-                echo "FAILED tests/test_x.py::test_y - AssertionError: boom"; echo "1 failed, 2 passed in 0.50s"; exit 1 ;;
+                echo "FAILED tests/test_x.py::test_y - AssertionError: boom"
+                echo "SKIPPED [3] tests/test_serve.py:23: needs the serve extra and its test clients"
+                echo "1 failed, 2 passed, 3 skipped in 0.50s"; exit 1 ;;
   *bench_kernels*) echo "autotuning forever"; sleep 30 ;;
   *bench_generate*) echo '{"complete": true}' > "$BENCH_OUT/generate_cuda.json"; echo '# generate table' > "$BENCH_OUT/generate_cuda.md"
                     mkdir -p "$BITNET_TUNING_DIR" && echo '{"format": 1}' > "$BITNET_TUNING_DIR/Stub_GPU.json" ;;
@@ -258,10 +261,12 @@ def test_test_stage_summary_failures_and_fallbacks_are_extracted(tmp_path):
     results = tmp_path / "results"
     r = run_script(str(results), "--stages", "tests", env=env)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"^tests\s+FAIL \(rc 1\)\s+\S+\s+\S+\s+1 failed, 2 passed in 0.50s", r.stdout, re.M), r.stdout
+    assert re.search(r"^tests\s+FAIL \(rc 1\)\s+\S+\s+\S+\s+1 failed, 2 passed, 3 skipped in 0.50s", r.stdout, re.M), r.stdout
     assert "FAILED tests/test_x.py::test_y - AssertionError: boom" in r.stdout
     summary = (results / "summary.md").read_text()
-    assert "Tests: 1 failed, 2 passed in 0.50s" in summary and "- FAILED tests/test_x.py::test_y" in summary
+    assert "Tests: 1 failed, 2 passed, 3 skipped in 0.50s" in summary and "- FAILED tests/test_x.py::test_y" in summary
+    # why tests skipped, as pytest -rs grouped them (a module of the suite missing there skips whole)
+    assert "Skipped, by reason:\n- SKIPPED [3] tests/test_serve.py:23: needs the serve extra" in summary, summary
     assert re.search(r"Fallbacks logged.*\n```\n\s+2 direct Triton launches do not work here", summary, re.S), summary
     assert sorted(os.listdir(results)) == ["gpu_goals_cuda.md", "logs.tar.gz", "results.tar.gz", "summary.md"]
     goals_args = (tmp_path / "bench_out" / "goals_args").read_text().split()
@@ -476,3 +481,82 @@ def test_goals_scorecard_names_its_sources_and_saves(tmp_path, capsys):
     assert "| 27 | 2B-4T decode, batch 1: packed over the bf16 twin (CUDA graphs) | >= 3.5x | 5.00x (1000 vs 200 tok/s) | met |" in md
     assert "| 2B-4T decode, batch 8: a batched step's norms inside its GEMMs / norms launched apart |  |  | no " in md
     assert md in capsys.readouterr().out
+
+
+class FakeDist:
+    """importlib.metadata's view of an installed distribution: its version and Requires-Dist."""
+
+    def __init__(self, version: str, requires: list[str]):
+        self.version, self.requires = version, requires
+
+
+FAKE_DISTS = {  # a requirement graph of its own, independent of what this environment installs
+    "bitnet-b158": FakeDist("0.1.0", ["a>=1", "b; extra == 'dev'", "c; extra == 'other'", "w; python_version < '3.0'",
+                                      "torch>=2", "zz>=1; extra == 'serve'", "q[extra1]; extra == 'serve'"]),
+    "a": FakeDist("1.5", ["d"]),
+    "b": FakeDist("0.3", ["e>=2"]),
+    "c": FakeDist("1", []),
+    "d": FakeDist("2", []),
+    "e": FakeDist("1.0", []),
+    "q": FakeDist("4", ["r; extra == 'extra1'", "s; extra == 'extra2'"]),
+    "r": FakeDist("5", []),
+    "s": FakeDist("6", []),
+    "torch": FakeDist("2.11.0", ["nvidia-x; platform_system == 'Linux'"]),
+    "nvidia-x": FakeDist("13", []),
+}
+
+
+def fake_distribution(name):
+    from importlib import metadata
+
+    try:
+        return FAKE_DISTS[name.lower().replace("_", "-")]
+    except KeyError:
+        raise metadata.PackageNotFoundError(name) from None
+
+
+def test_gpu_wheels_reads_the_image_list_from_kinds_md_or_pip(tmp_path):
+    gw = bench_module("gpu_wheels")
+    kinds = tmp_path / "KINDS.md"
+    kinds.write_text("# kinds\n\n## Python packages already there\n\nnvidia-h200: their image holds these. Packages: "
+                     "absl-py, Accelerate, typing_extensions, zope.interface, zipp.\n")
+    assert gw.image_packages(str(kinds)) == {"absl-py", "accelerate", "typing-extensions", "zope-interface", "zipp"}
+    listing = tmp_path / "pip.txt"
+    listing.write_text("Package        Version\n-------------- -------\ntorch          2.11.0\nSSE_Starlette  3.7.1\n")
+    assert gw.image_packages(str(listing)) == {"torch", "sse-starlette"}
+    listing.write_text("fastapi==0.165.0\npydantic_core==2.46.4\n")
+    assert gw.image_packages(str(listing)) == {"fastapi", "pydantic-core"}
+    assert gw.image_packages(str(tmp_path / "absent.md")) is None and gw.image_packages(None) is None
+
+
+def test_gpu_wheels_carries_what_the_image_lacks_at_the_versions_installed_here(monkeypatch):
+    gw = bench_module("gpu_wheels")
+    monkeypatch.setattr(gw.metadata, "distribution", fake_distribution)
+    found, unmet = gw.closure()
+    # the dev and serve extras' requirements, transitively, with the extras a requirement names (q[extra1]
+    # brings r, not s); not another extra's (c) nor one whose marker the GPU machine fails (w)
+    assert found == {"a": "1.5", "b": "0.3", "d": "2", "e": "1.0", "q": "4", "r": "5", "torch": "2.11.0", "nvidia-x": "13"}
+    assert unmet == ["e 1.0 (wanted e>=2)", "zz (not installed; zz>=1 wanted)"]
+    # the image's torch and NVIDIA libraries are never carried; what the image has is not carried either
+    assert gw.plan(found, None) == [("a", "1.5"), ("b", "0.3"), ("d", "2"), ("e", "1.0"), ("q", "4"), ("r", "5")]
+    assert gw.plan(found, {"a", "q", "r"}) == [("b", "0.3"), ("d", "2"), ("e", "1.0")]
+    # a package the image holds is not walked: its requirements are the image's own (d goes with a)
+    found, _ = gw.closure(have={"a"})
+    assert "a" in found and "d" not in found
+    assert gw.plan(found, {"a"}) == [("b", "0.3"), ("e", "1.0"), ("q", "4"), ("r", "5")]
+
+
+def test_gpu_wheels_check_names_what_does_not_import_and_what_is_not_met(monkeypatch, capsys):
+    gw = bench_module("gpu_wheels")
+    monkeypatch.setattr(gw.metadata, "distribution", fake_distribution)
+    monkeypatch.setattr(gw, "OPTIONAL_MODULES", ("json", "bitnet_no_such_module"))
+    assert gw.check() == 1
+    out = capsys.readouterr().out
+    assert "NOT met: e 1.0 (wanted e>=2); zz (not installed; zz>=1 wanted)" in out
+    assert "NOT importable, their tests skip: bitnet_no_such_module (ModuleNotFoundError" in out and "json" not in out
+    monkeypatch.setitem(FAKE_DISTS, "e", FakeDist("2.1", []))
+    monkeypatch.setitem(FAKE_DISTS, "zz", FakeDist("1", []))
+    monkeypatch.setattr(gw, "OPTIONAL_MODULES", ("json",))
+    assert gw.check() == 0
+    assert capsys.readouterr().out.splitlines() == ["requirements of bitnet-b158[dev,serve]: all met",
+                                                    "the suite's optional modules: all import"]
