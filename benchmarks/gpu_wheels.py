@@ -18,7 +18,7 @@ the suite's optional modules still fail to import.
 
 Run it where pip reaches the package index, in the environment the tests pass in (`pip install -e
 ".[dev]"`). The image's list is read from --have (KINDS.md, or any file of `pip list` / `pip freeze`
-lines); without one, every requirement is downloaded but torch, Triton and NVIDIA's libraries.
+lines); `--have none` downloads every requirement but torch, Triton and NVIDIA's libraries.
 """
 
 from __future__ import annotations
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check()
     have = None if args.have.lower() == "none" else image_packages(args.have)
+    if have is None and args.have.lower() != "none":
+        p.error(f"no list of the GPU image's packages in {args.have!r}: pass --have FILE (the device tool's KINDS.md, "
+                "or `pip list` output from that machine), or --have none to carry every requirement but the CUDA "
+                "stack (it then shadows the image's own versions, and may not fit the 64 MiB a call carries)")
     found, missing = closure(have)
     wanted = plan(found, have)
     print(f"{len(found)} requirements of {DISTRIBUTION}[{','.join(EXTRAS)}] under CPython 3.12 on x86-64 Linux; "
@@ -172,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         print(f"pip download failed (exit status {rc}); the wheels it did fetch are in {out}", file=sys.stderr)
         return rc
-    print(f"-> {out}: {len(list(out.glob('*.whl')))} wheels; carry it with .peers and .tcache")
+    wheels = list(out.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels) / 2**20
+    print(f"-> {out}: {len(wheels)} wheels, {size:.1f} MiB; carry it with .peers and .tcache (64 MiB a call in all, "
+          "the working tree included)")
     return 0
 
 

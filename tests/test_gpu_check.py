@@ -527,6 +527,10 @@ def test_gpu_wheels_reads_the_image_list_from_kinds_md_or_pip(tmp_path):
     listing.write_text("fastapi==0.165.0\npydantic_core==2.46.4\n")
     assert gw.image_packages(str(listing)) == {"fastapi", "pydantic-core"}
     assert gw.image_packages(str(tmp_path / "absent.md")) is None and gw.image_packages(None) is None
+    # without the image's list it refuses (carrying everything would shadow the image's own versions)
+    with pytest.raises(SystemExit) as e:
+        gw.main(["--dry-run", "--have", str(tmp_path / "absent.md")])
+    assert e.value.code == 2
 
 
 def test_gpu_wheels_carries_what_the_image_lacks_at_the_versions_installed_here(monkeypatch):
