@@ -553,11 +553,13 @@ def test_gpu_wheels_carries_what_the_image_lacks_at_the_versions_installed_here(
 def test_gpu_wheels_check_names_what_does_not_import_and_what_is_not_met(monkeypatch, capsys):
     gw = bench_module("gpu_wheels")
     monkeypatch.setattr(gw.metadata, "distribution", fake_distribution)
-    monkeypatch.setattr(gw, "OPTIONAL_MODULES", ("json", "bitnet_no_such_module"))
+    monkeypatch.setattr(gw, "OPTIONAL_MODULES", ("json", "bitnet_no_such_module", "csv", "bitnet_no_such_package"))
+    monkeypatch.setattr(gw, "LOCATED", ("csv", "bitnet_no_such_package"))  # located, not imported
     assert gw.check() == 1
     out = capsys.readouterr().out
     assert "NOT met: e 1.0 (wanted e>=2); zz (not installed; zz>=1 wanted)" in out
     assert "NOT importable, their tests skip: bitnet_no_such_module (ModuleNotFoundError" in out and "json" not in out
+    assert "bitnet_no_such_package (ModuleNotFoundError" in out and "csv" not in out
     monkeypatch.setitem(FAKE_DISTS, "e", FakeDist("2.1", []))
     monkeypatch.setitem(FAKE_DISTS, "zz", FakeDist("1", []))
     monkeypatch.setattr(gw, "OPTIONAL_MODULES", ("json",))
