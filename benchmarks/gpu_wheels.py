@@ -104,8 +104,8 @@ def closure(have: set[str] | None = None, root: str = DISTRIBUTION, extras=EXTRA
         seen.add(key)
         if normalize(name) != normalize(root):
             found[normalize(name)] = dist.version
-            if have is not None and normalize(name) in have:
-                continue
+            if (have is not None and normalize(name) in have) or NEVER.match(normalize(name)):
+                continue  # (the image's CUDA stack: its requirements are the image's too)
         for spec in dist.requires or []:
             r = Requirement(spec)
             if r.marker is not None and not any(r.marker.evaluate({**env, "extra": e}) for e in (want or ("",))):
