@@ -105,7 +105,7 @@ def closure(have: set[str] | None = None, root: str = DISTRIBUTION, extras=EXTRA
         if normalize(name) != normalize(root):
             found[normalize(name)] = dist.version
             if (have is not None and normalize(name) in have) or NEVER.match(normalize(name)):
-                continue  # (the image's CUDA stack: its requirements are the image's too)
+                continue  # (the image's, or its CUDA stack: their requirements are the image's too)
         for spec in dist.requires or []:
             r = Requirement(spec)
             if r.marker is not None and not any(r.marker.evaluate({**env, "extra": e}) for e in (want or ("",))):
@@ -138,6 +138,18 @@ def check() -> int:
     print("the suite's optional modules: " + ("all import" if not bad else
           "NOT importable, their tests skip: " + "; ".join(bad) + " (carry wheels: benchmarks/gpu_wheels.py)"))
     return int(bool(unmet or bad))
+
+
+def other_versions(folder: Path, wanted: list[tuple[str, str]]) -> list[Path]:
+    """The wheels in `folder` of a package the plan downloads, at another version (a wheel's file
+    name starts `{name}-{version}-`, the name with underscores)."""
+    versions = dict(wanted)
+    stale = []
+    for wheel in sorted(folder.glob("*.whl")):
+        name, version = wheel.name.split("-")[:2]
+        if normalize(name) in versions and version != versions[normalize(name)]:
+            stale.append(wheel)
+    return stale
 
 
 def download(wanted: list[tuple[str, str]], out: Path) -> int:
@@ -180,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in other_versions(out, wanted):  # two versions of one package stop the install stage's pip
+        print(f"removing {stale.name} (another version of a wheel this plan downloads)")
+        stale.unlink()
     rc = download(wanted, out)
     if rc:
         print(f"pip download failed (exit status {rc}); the wheels it did fetch are in {out}", file=sys.stderr)

@@ -552,6 +552,15 @@ def test_gpu_wheels_carries_what_the_image_lacks_at_the_versions_installed_here(
     assert gw.plan(found, {"a"}) == [("b", "0.3"), ("e", "1.0"), ("q", "4"), ("r", "5")]
 
 
+def test_gpu_wheels_finds_other_versions_of_what_it_downloads(tmp_path):
+    gw = bench_module("gpu_wheels")
+    for name in ("pydantic_core-2.40.0-cp312-cp312-manylinux_2_17_x86_64.whl", "pydantic_core-2.46.4-cp312-cp312-"
+                 "manylinux_2_17_x86_64.whl", "fastapi-0.165.0-py3-none-any.whl", "gemlite-0.6.0.post2-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    stale = gw.other_versions(tmp_path, [("pydantic-core", "2.46.4"), ("fastapi", "0.165.0")])
+    assert [p.name for p in stale] == ["pydantic_core-2.40.0-cp312-cp312-manylinux_2_17_x86_64.whl"]
+
+
 def test_gpu_wheels_check_names_what_does_not_import_and_what_is_not_met(monkeypatch, capsys):
     gw = bench_module("gpu_wheels")
     monkeypatch.setattr(gw.metadata, "distribution", fake_distribution)
