@@ -24,7 +24,6 @@ lines); `--have none` downloads every requirement but torch, Triton and NVIDIA's
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import re
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTION = "bitnet-b158"
@@ -54,11 +54,6 @@ LOCATED = ("accelerate",)
 NEVER = re.compile(r"^(torch|triton|nvidia-.*|pytorch-triton.*)$")  # the image's own CUDA stack, never carried
 
 
-def normalize(name: str) -> str:
-    """PEP 503: a distribution's name as pip compares it."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def image_packages(path: str | None) -> set[str] | None:
     """The names the GPU machine's image holds: KINDS.md's "Packages: a, b, ..." list, or a file of
     `pip list` / `pip freeze` lines; None when there is no such file."""
@@ -67,12 +62,12 @@ def image_packages(path: str | None) -> set[str] | None:
     text = Path(path).read_text()
     listed = re.search(r"\bPackages: ([^\n]+)", text)
     if listed:
-        return {normalize(n.strip().rstrip(".")) for n in listed.group(1).split(",") if n.strip()}
+        return {canonicalize_name(n.strip().rstrip(".")) for n in listed.group(1).split(",") if n.strip()}
     names = set()
     for line in text.splitlines():
         m = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(==|\s)\s*\S", line)
-        if m and m.group(1).lower() not in ("package", "---"):
-            names.add(normalize(m.group(1)))
+        if m and m.group(1).lower() != "package":  # (pip list's header)
+            names.add(canonicalize_name(m.group(1)))
     return names or None
 
 
@@ -98,13 +93,13 @@ def closure(have: set[str] | None = None, root: str = DISTRIBUTION, extras=EXTRA
             continue
         if req is not None and req.specifier and not req.specifier.contains(dist.version, prereleases=True):
             unmet.add(f"{name} {dist.version} (wanted {req.name}{req.specifier})")
-        key = (normalize(name), want)
-        if key in seen:
+        canonical = canonicalize_name(name)
+        if (canonical, want) in seen:
             continue
-        seen.add(key)
-        if normalize(name) != normalize(root):
-            found[normalize(name)] = dist.version
-            if (have is not None and normalize(name) in have) or NEVER.match(normalize(name)):
+        seen.add((canonical, want))
+        if canonical != canonicalize_name(root):
+            found[canonical] = dist.version
+            if (have is not None and canonical in have) or NEVER.match(canonical):
                 continue  # (the image's, or its CUDA stack: their requirements are the image's too)
         for spec in dist.requires or []:
             r = Requirement(spec)
@@ -147,7 +142,7 @@ def other_versions(folder: Path, wanted: list[tuple[str, str]]) -> list[Path]:
     stale = []
     for wheel in sorted(folder.glob("*.whl")):
         name, version = wheel.name.split("-")[:2]
-        if normalize(name) in versions and version != versions[normalize(name)]:
+        if versions.get(canonicalize_name(name), version) != version:
             stale.append(wheel)
     return stale
 
@@ -180,13 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no list of the GPU image's packages in {args.have!r}: pass --have FILE (the device tool's KINDS.md, "
                 "or `pip list` output from that machine), or --have none to carry every requirement but the CUDA "
                 "stack (it then shadows the image's own versions, and may not fit the 64 MiB a call carries)")
-    found, missing = closure(have)
+    found, unmet = closure(have)
     wanted = plan(found, have)
     print(f"{len(found)} requirements of {DISTRIBUTION}[{','.join(EXTRAS)}] under CPython 3.12 on x86-64 Linux; "
           + (f"the image holds {len(found) - len(wanted)} of them ({args.have})" if have is not None
              else f"no image list read ({args.have}): every one but the CUDA stack is carried"))
-    if missing:
-        print(f"not met in this environment (pip install -e '.[dev]', then run again): {'; '.join(missing)}")
+    if unmet:
+        print(f"not met in this environment (pip install -e '.[dev]', then run again): {'; '.join(unmet)}")
     print(f"to carry ({len(wanted)}): " + (", ".join(f"{n}=={v}" for n, v in wanted) or "nothing"))
     if args.dry_run or not wanted:
         return 0
