@@ -6,6 +6,7 @@ it. The trainer is run by `bitnet train --tp` under torchrun: tp=2 and a 2x2 (dp
 FSDP2 against one process, checkpoints, resume on the same and on another mesh, bad layouts.
 """
 
+import gc
 import json
 import os
 import subprocess
@@ -380,3 +381,4 @@ def _worker(out: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    gc.collect()  # what a reference cycle holds of the mesh and its process group goes now, not in the interpreter's teardown

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -214,6 +215,13 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         lock.release()
         if d.world > 1 and dist.is_initialized():
+            # A run's model outlives it in a reference cycle (torch.distributed.checkpoint's
+            # state-dict walk leaves one), and under FSDP2 its parameters hold the device mesh and
+            # with it the process group: collected now, while the group is registered and the
+            # interpreter whole, not in the interpreter's teardown (where a process group or a
+            # tensor freed late can abort the process; a rank of a DDP run still did so once after
+            # the barrier below, "terminate called without an active exception").
+            gc.collect()
             if finished:
                 # Every rank reaches the teardown together: a rank that tore gloo down while rank 0
                 # was still writing the export aborted now and then ("terminate called without an
