@@ -4,6 +4,7 @@ padding, bad input, packed bytes in memory, torch.compile, and `bitnet generate`
 import copy
 import functools
 import io
+import re
 
 import pytest
 import torch
@@ -652,6 +653,35 @@ def test_cli_generate_streams_the_greedy_continuation(tmp_path, tokenizer, capsy
     ids = generate(model, torch.tensor([prompt_ids]), 12)[0].tolist()
     assert out.out == tokenizer.decode(ids) + "\n"
     assert "12 tokens in" in out.err
+
+
+def test_cli_generate_stops_at_an_eos_id_of_generation_config(tmp_path, tokenizer, capsys):
+    """A folder's generation_config.json may name end tokens config.json does not (checkpoints of the
+    Llama 3 vocabulary list e.g. [128001, 128008, 128009] there, <|eot_id|> ending a chat turn,
+    beside config.json's 128001): the CLI stops at any of them, and prints none. Here config.json names a token greedy decoding never reaches, generation_config
+    a list holding a token of the continuation that first comes fourth or later: the text is the
+    tokens before it, and the rates count those and the end token. A malformed list is refused,
+    naming the file's key."""
+    import json
+
+    model = checkpoint_with_tokenizer(tmp_path, tokenizer, eos_token_id=None)
+    prompt_ids = tokenizer.encode("hello world").ids
+    free = generate(model, torch.tensor([prompt_ids]), 12)[0, len(prompt_ids):].tolist()
+    first = next(j for j in range(3, len(free)) if free[j] not in free[:j])
+    stop = free[first]
+    never = next(t for t in range(tokenizer.get_vocab_size()) if t not in free)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": never}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [never, stop]}))
+    cmd = ["generate", str(tmp_path), "--device", "cpu", "--prompt", "hello world", "--max-new-tokens", "12"]
+    assert main(cmd) == 0
+    out = capsys.readouterr()
+    assert out.out == tokenizer.decode(prompt_ids + free[:first]) + "\n"
+    assert f"{first + 1} tokens in" in out.err
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, "2"]}))
+    assert main(cmd) == 2
+    assert re.search(r"generation_config eos_token_id must be an int or a list of ints, got \[\d+, '2'\]",
+                     capsys.readouterr().err)
 
 
 @pytest.mark.cuda
