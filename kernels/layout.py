@@ -202,26 +202,14 @@ def int8_codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, ASM: tl
 
 
 @triton.jit
-def _codes(w, i: tl.constexpr, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr, ASM: tl.constexpr):
-    # One return: Triton's compiler (not the interpreter) rejects returns of different types,
-    # even in branches of a constexpr condition.
-    if INT8:
-        c = int8_codes(w, i, P, LANES, ASM)
-    else:
-        c = decode(w, i, P, LANES, ASM)
-    return c
-
-
-@triton.jit
-def joined_codes(w, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr, ASM: tl.constexpr):
-    """Codes of slices 0..PA-1 of the units w [BR, BU], slice i at [..., i] of a trailing
-    dimension held in registers: [BR, BU * LANES, PA] int8 codes if INT8, else [BR, BU, PA]
-    units of codes (four byte lanes when LANES == 4)."""
-    c = join_slices(_codes(w, 0, P, LANES, INT8, ASM), _codes(w, 1, P, LANES, INT8, ASM),
-                    _codes(w, 2, P, LANES, INT8, ASM), _codes(w, 3, P, LANES, INT8, ASM))
+def joined_codes(w, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
+    """int8 codes of slices 0..PA-1 of the units w [BR, BU]: [BR, BU * LANES, PA], slice i at
+    [..., i] of a trailing dimension held in registers."""
+    c = join_slices(int8_codes(w, 0, P, LANES, ASM), int8_codes(w, 1, P, LANES, ASM),
+                    int8_codes(w, 2, P, LANES, ASM), int8_codes(w, 3, P, LANES, ASM))
     if P == 8:
-        hi = join_slices(_codes(w, 4, P, LANES, INT8, ASM), _codes(w, 5, P, LANES, INT8, ASM),
-                         _codes(w, 6, P, LANES, INT8, ASM), _codes(w, 7, P, LANES, INT8, ASM))
+        hi = join_slices(int8_codes(w, 4, P, LANES, ASM), int8_codes(w, 5, P, LANES, ASM),
+                         int8_codes(w, 6, P, LANES, ASM), int8_codes(w, 7, P, LANES, ASM))
         c = tl.permute(tl.join(c, hi), (0, 1, 3, 2))  # [..., j, h] -> [..., h, j]: slice 4h + j
         c = tl.reshape(c, (c.shape[0], c.shape[1], 8))
     return c
@@ -231,7 +219,7 @@ def joined_codes(w, P: tl.constexpr, LANES: tl.constexpr, INT8: tl.constexpr, AS
 def decode_stacked(w, P: tl.constexpr, LANES: tl.constexpr, ASM: tl.constexpr):
     """Units w [BR, BU] -> int8 codes [PA * BR, BU * LANES] of slices 0..PA-1, stacked: row j
     holds slice j // BR, packed row j % BR (the order of the output features i*R + r)."""
-    c = tl.permute(joined_codes(w, P, LANES, True, ASM), (2, 0, 1))  # (PA, BR, BK)
+    c = tl.permute(joined_codes(w, P, LANES, ASM), (2, 0, 1))  # (PA, BR, BK)
     return tl.reshape(c, (c.shape[0] * c.shape[1], c.shape[2]))
 
 
