@@ -599,6 +599,36 @@ def test_gemm_adds_the_residual_as_torch_adds(fmt, m, unpacked, monkeypatch, tri
         gemm(x_q, packed, n, fmt, scale, a=a, out=residual, residual=residual)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_packed_matmul_cat_adds_a_residual_no_epilogue_takes(m, triton_device):
+    """bitnet.kernels.packed_matmul_cat's residual where no kernel's epilogue adds it (several
+    matrices in one launch; matrices launched one by one, their biases mixed; one matrix with a
+    residual of non-unit stride along N): one add after, float32 equal to torch's add of the exact
+    reference's outputs side by side, at M = 1 (GEMVs) and M = 3 (GEMMs)."""
+    fmt, k, ns = "2bit", 256, [40, 24]
+    g = torch.Generator().manual_seed(21)
+    packed = [pack(random_weights(n, k, fmt, seed=22 + i), fmt).to(triton_device) for i, n in enumerate(ns)]
+    scales = [torch.tensor([0.7], device=triton_device), torch.tensor([1.3], device=triton_device)]
+    bias = torch.randn(ns[0], generator=g).to(triton_device)
+    x_q, a = quantize_activation(random_activations(m, k, seed=23))
+    x_q, a = x_q.to(triton_device), a.to(triton_device)
+    wide = torch.randn(m, 2 * sum(ns) + 7, generator=g) * 4
+
+    def ref(mats, biases):  # the exact reference of each matrix, side by side
+        return torch.cat([reference_gemm(x_q.cpu(), packed[j].cpu(), ns[j], fmt, scales[j].cpu(), a.cpu(),
+                                         None if biases[j] is None else biases[j].cpu()) for j in mats], dim=1)
+
+    cases = [([0, 1], [None, None]), ([0, 1], [bias, None])]  # one launch for both; one launch each
+    for mats, biases in cases:
+        residual = wide[:, :sum(ns)].to(triton_device)  # a row stride of its own
+        y = kernels.packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases=biases, residual=residual)
+        want = residual.cpu() + ref(mats, biases)
+        assert torch.equal(y.cpu(), want) and not torch.equal(y.cpu(), ref(mats, biases)), (mats, biases)
+    strided = wide.to(triton_device)[:, 0:2 * ns[0]:2]  # every other column: stride 2 along N
+    y = kernels.packed_matmul_cat(x_q, a, packed[:1], scales[:1], ns[:1], fmt, biases=[bias], residual=strided)
+    assert torch.equal(y.cpu(), strided.cpu() + ref([0], [bias]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hd, per_row_cos", [(16, False), (24, True)])
 def test_rope_cache_equals_rope_and_index_copy(dtype, hd, per_row_cos, triton_device):
