@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -475,10 +474,9 @@ def child_main(spec_json: str) -> int:
 
 # ----------------------------------------------------------------------------- the sitting
 def load_peer():
-    spec = importlib.util.spec_from_file_location("peer_ik_llamacpp", os.path.join(HERE, "peer_ik_llamacpp.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from bitnet.bench import load_script
+
+    return load_script(os.path.join(HERE, "peer_ik_llamacpp.py"))
 
 
 def git(*a: str) -> str | None:

@@ -63,7 +63,6 @@ import ctypes
 import dataclasses
 import glob
 import hashlib
-import importlib.util
 import io
 import os
 import re
@@ -79,7 +78,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bitnet.bench import RESULTS_DIR, L2Flusher, measured_hbm_bandwidth, save_results, time_cpu, time_cuda, time_cuda_graph
+from bitnet.bench import (RESULTS_DIR, L2Flusher, load_script, measured_hbm_bandwidth, save_results, time_cpu, time_cuda,
+                          time_cuda_graph)
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.packing import pack, packed_rows
 from bitnet.quant import int_matmul, quantize_activation
@@ -302,10 +302,7 @@ def _nvcc_version(nvcc: str) -> str | None:
 def bitnetcpp_pack(src: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """Its own converter: gpu/pack_weight.py convert_weight_int8_to_int2, W_q (N, K) int8 in {-1, 0, 1}
     on the CPU -> (N, K / 4) int8 in its kernel's layout."""
-    spec = importlib.util.spec_from_file_location("bitnetcpp_pack_weight", os.path.join(src, "pack_weight.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.convert_weight_int8_to_int2
+    return load_script(os.path.join(src, "pack_weight.py"), "bitnetcpp_pack_weight").convert_weight_int8_to_int2
 
 
 def decode_bitnetcpp(b: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -596,11 +595,9 @@ def load_previous(path: str) -> dict:
 
 # ----------------------------------------------------------------------------- the server
 def load_bench_serve():
-    spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(HERE, "bench_serve.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_serve", mod)  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    from bitnet.bench import load_script
+
+    return load_script(os.path.join(HERE, "bench_serve.py"))
 
 
 def process_cpu_seconds(pid: int) -> float:

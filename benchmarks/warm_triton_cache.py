@@ -97,14 +97,9 @@ def check_versions(args: argparse.Namespace) -> None:
 
 def sibling(name: str):
     """The benchmark script benchmarks/<name>.py as a module (loaded once): its own launch sequences."""
-    if name not in sys.modules:
-        import importlib.util
+    from bitnet.bench import load_script
 
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # (its dataclasses look their module up there)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(str(Path(__file__).resolve().parent / f"{name}.py"))
 
 
 def stand_in_gpu(sms: int) -> None:

@@ -84,6 +84,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def load_script(path: str, name: str | None = None):
+    """The Python file at `path` as a module, loaded once a process: how one benchmark script uses
+    another (benchmarks/ is no package) or a peer's own Python file. Registered in sys.modules under
+    `name` (default: the file's stem) before it runs, as dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
 def environment() -> dict:
     """Where and with what a measurement was taken."""
     env = {
