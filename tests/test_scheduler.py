@@ -708,6 +708,55 @@ def test_a_request_that_fails_in_the_model_fails_alone(monkeypatch, ahead):
     assert bool(chained.pieced) == (ahead == "pieces")
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "run-ahead"])
+def test_a_step_failing_outside_the_model_fails_its_requests_and_the_engine_serves_on(monkeypatch, caplog, ahead):
+    """What fails after the model has run (in-step: choosing the step's tokens, as a host sync
+    would; run ahead: reading a step's tokens back from the device) fails that step's requests, each
+    told why, and nothing else: the engine goes on to serve the next request its solo tokens. Nor
+    does a consumer that raises (its client gone) or an on_step hook that raises stop it."""
+    import bitnet.serve.engine as engine_module
+
+    kw, chained = engine_args(monkeypatch, ahead)
+    model = tiny()
+    n = 8
+    solo = [alone(model, p, n) for p in PROMPTS[:3]]
+    broken = {"left": 1}
+
+    def once(real):
+        def fail_once(*args, **kwargs):
+            if broken["left"]:
+                broken["left"] -= 1
+                raise RuntimeError("device lost")
+            return real(*args, **kwargs)
+        return fail_once
+
+    if ahead:
+        monkeypatch.setattr(engine_module._Flight, "read", once(engine_module._Flight.read))
+    else:
+        monkeypatch.setattr(engine_module, "choose", once(engine_module.choose))
+    engine = Engine(model, max_batch=2, max_seq_len=128, **kw).start()
+    engine.on_step = lambda *a: 1 / 0
+    with caplog.at_level("ERROR", logger="bitnet.serve"):
+        failed = run(engine, PROMPTS[:2], SamplingParams(max_tokens=n))
+    assert broken["left"] == 0 and "engine step failed" in caplog.text
+    for c, want in zip(failed, solo):
+        # ended by the failure (before any token, or, run ahead, after the steps already read)
+        assert c.finish == "error" and "RuntimeError: device lost" in c.error and c.tokens == want[:len(c.tokens)]
+
+    class Gone(Collector):  # its first token's emit raises, as a closed event loop's would
+        def __call__(self, out):
+            super().__call__(out)
+            if len(self.tokens) == 1 and out.finish_reason is None:
+                raise RuntimeError("event loop is closed")
+
+    gone, fine = Gone(), Collector()
+    engine.submit(PROMPTS[0], SamplingParams(max_tokens=n), gone)
+    engine.submit(PROMPTS[2], SamplingParams(max_tokens=n), fine)
+    assert fine.wait().tokens == solo[2] and gone.wait().tokens == solo[0]
+    engine.stop()
+    assert bool(chained) == bool(ahead)
+
+
 def test_engine_refuses_what_it_cannot_hold():
     model = tiny(max_position_embeddings=64)
     gate = threading.Event()
