@@ -393,6 +393,39 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         slow.remove()
 
 
+def test_a_client_that_leaves_a_request_it_did_not_stream_frees_the_slot(server):
+    """Not streamed, the server writes nothing until the end, so it polls the connection
+    (DISCONNECT_POLL_S): a client that times out and closes it has its request cancelled within a
+    poll and a step, long before its 100 tokens, and the server answers the next one."""
+    slow = hook(server.model, lambda ids: time.sleep(0.01))  # >= 10 ms a step: 100 tokens take > 1 s
+    try:
+        before = server.metrics()["bitnet_generation_tokens_total"]
+        body = {"model": server.name, "prompt": "hello", "max_tokens": 100, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+        until(lambda: server.metrics()["bitnet_requests_running"] == 0, timeout=5)
+        time.sleep(0.1)
+        assert server.metrics()["bitnet_generation_tokens_total"] - before < 60
+        assert server.metrics()["bitnet_requests_total{endpoint=completions,status=499}"] >= 1
+    finally:
+        slow.remove()
+    assert server.client().completions.create(model=server.name, prompt="hello", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_an_oversized_body_and_a_wrong_method_are_openai_errors(server):
+    """A body over MAX_BODY_BYTES is refused from its Content-Length (413) before it is read, and a
+    route asked with a method it does not take is a 405; both OpenAI error bodies, the server up."""
+    from bitnet.serve.api import MAX_BODY_BYTES
+
+    big = b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    r = httpx.post(f"{server.url}/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert f"{len(big)} bytes is over the limit" in r.json()["error"]["message"]
+    r = httpx.get(f"{server.url}/v1/completions")
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert server.client().completions.create(model=server.name, prompt="hello", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_metrics_parse_and_count(server, tokenizer):
     client = server.client()
     before = server.metrics()

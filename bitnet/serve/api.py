@@ -356,18 +356,27 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
                                                           finish_reason=finish)]).model_dump()
 
     async def collect(gen: Generation, request: Request) -> tuple[str, str | None]:
-        """The whole text of a non-streamed request; cancels it if its client goes away."""
+        """The whole text of a non-streamed request; cancels it if its client goes away (its
+        connection checked every DISCONNECT_POLL_S, whether or not pieces keep arriving)."""
         parts, finish = [], None
         pieces = gen.pieces()
+        clock = asyncio.get_running_loop().time
+        checked = clock()
         try:
             while True:
                 nxt = asyncio.ensure_future(pieces.__anext__())
-                while not nxt.done():
-                    await asyncio.wait([nxt], timeout=DISCONNECT_POLL_S)
-                    if not nxt.done() and await request.is_disconnected():
-                        nxt.cancel()
-                        gen.cancel()
-                        raise APIError(499, "client closed the request")
+                while True:
+                    left = checked + DISCONNECT_POLL_S - clock()
+                    if left > 0 and not nxt.done():
+                        await asyncio.wait([nxt], timeout=left)
+                    if clock() >= checked + DISCONNECT_POLL_S:
+                        checked = clock()
+                        if await request.is_disconnected():
+                            nxt.cancel()
+                            gen.cancel()
+                            raise APIError(499, "client closed the request")
+                    if nxt.done():
+                        break
                 try:
                     text, finish = nxt.result()
                 except StopAsyncIteration:
