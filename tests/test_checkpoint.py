@@ -167,3 +167,42 @@ def test_crash_while_saving_leaves_the_old_checkpoint(saved, monkeypatch):
         other.save_pretrained(saved)
     assert {f: (saved / f).read_bytes() for f in os.listdir(saved)} == before  # nothing changed, no temp left
     BitNetForCausalLM.from_pretrained(saved)
+
+
+def test_a_model_packed_in_1_6_bits_saves_the_2_bit_format(tmp_path):
+    """The checkpoint format is 2 bits a weight; a model frozen at 1.6 bits (5 trits a byte) is
+    written as 2-bit bytes of the same codes: what transformers reads. Loaded back: 2-bit layers
+    with every ternary value and scale equal, and the same logits (the same integer sums)."""
+    from bitnet.packing import pack, unpack
+
+    torch.manual_seed(0)
+    model = freeze(BitNetForCausalLM(BitNetConfig.from_preset("tiny")), packing="1.6bit").eval()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    back = BitNetForCausalLM.from_pretrained(tmp_path).eval()
+    layers = dict(model.named_modules())
+    checked = 0
+    for name, m in back.named_modules():
+        if getattr(m, "packing", None) is None:
+            continue
+        ours = layers[name]
+        assert ours.packing == "1.6bit" and m.packing == "2bit"
+        w_q = unpack(ours.weight, ours.out_features, "1.6bit")
+        assert torch.equal(tensors[f"{name}.weight"], pack(w_q, "2bit"))  # the file: the 2-bit layout
+        assert torch.equal(unpack(m.weight, m.out_features, "2bit"), w_q) and torch.equal(m.weight_scale, ours.weight_scale)
+        checked += 1
+    assert checked == 7 * model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_a_tied_checkpoint_that_also_stores_lm_head(saved):
+    """Some exports write lm_head.weight although config.json ties it to embed_tokens: equal, it is
+    read as the tie it is; different, the checkpoint contradicts itself and is refused."""
+    rewrite(saved, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
+    m = BitNetForCausalLM.from_pretrained(saved)
+    assert m.config.tie_word_embeddings and m.lm_head.weight is m.model.embed_tokens.weight
+    rewrite(saved, lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"] + 1))
+    with pytest.raises(CheckpointError, match="ties lm_head to embed_tokens, but lm_head.weight differs from it"):
+        BitNetForCausalLM.from_pretrained(saved)
