@@ -136,3 +136,26 @@ def test_cli_json_and_errors(tmp_path, text_and_tokenizer, capsys):
     empty.write_text("")
     assert main(["eval", "ppl", str(path), "--data", str(empty)]) == 2
     assert "empty.txt is empty" in capsys.readouterr().err
+
+
+def test_bad_protocol_arguments_are_refused_by_name(tmp_path, text_and_tokenizer, capsys):
+    """bitnet eval ppl (and bitnet.evaluate.perplexity) refuse, naming what is wrong: an unknown
+    protocol, a window under 2 tokens, a stride outside (0, max_length], the chunks protocol for a
+    model without BOS, a text of fewer than two tokens."""
+    from bitnet.evaluate import perplexity
+
+    text, tok = text_and_tokenizer
+    path = folder(tmp_path, "packed", tok)
+    cmd = ["eval", "ppl", str(path), "--data", str(text)]
+    for extra, said in ((["--max-length", "1"], "max_length must be at least 2, got 1"),
+                        (["--max-length", "64", "--stride", "65"], "stride must be in (0, max_length], got 65")):
+        assert main([*cmd, *extra]) == 2
+        assert said in capsys.readouterr().err, extra
+    model = BitNetForCausalLM.from_pretrained(path)
+    ids = torch.arange(3, 40)
+    with pytest.raises(ValueError, match=r"protocol must be one of \('sliding', 'chunks'\), got 'windows'"):
+        perplexity(model, ids, 16, protocol="windows")
+    with pytest.raises(ValueError, match="the chunks protocol prefixes every chunk with BOS, but the model has no bos_token_id"):
+        perplexity(model, ids, 16, protocol="chunks", bos_token_id=None)
+    with pytest.raises(ValueError, match="fewer than two tokens"):
+        perplexity(model, ids[:1], 16)
