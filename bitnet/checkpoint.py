@@ -34,11 +34,11 @@ from .atomic import atomic_save_safetensors, atomic_write, atomic_write_bytes  #
 from .bitlinear import BitLinear
 from .config import BitNetConfig, ConfigError
 from .convert import bitlinears, freeze, quantization_mode
-from .hub import INDEX, SINGLE, resolve
+from .hub import CARRIED, INDEX, SINGLE, resolve
 from .model import BitNetForCausalLM
 from .packing import pack, repack, unpack
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = CARRIED  # (read into model.tokenizer_files, written back by save_pretrained)
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
 
 

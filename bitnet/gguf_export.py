@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .bitlinear import BitLinear
+from .hub import chat_template
 from .model import BitNetForCausalLM
 
 GGUF_TYPES = ("tq2_0", "tq1_0", "f16")
@@ -180,7 +181,7 @@ def tokenizer_metadata(files: dict[str, bytes], vocab_size: int, bos, eos, pad) 
         add_bos = bool(single) and "SpecialToken" in single[0] and bos is not None
     first = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
     return dict(tokens=tokens, types=types, merges=merges, pre=pre, bos=first(bos), eos=first(eos), pad=first(pad),
-                add_bos=bool(add_bos), chat_template=config.get("chat_template"))
+                add_bos=bool(add_bos), chat_template=chat_template(files))
 
 
 def _pre_tokenizer(pt: dict | None) -> str:

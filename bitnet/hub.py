@@ -27,12 +27,25 @@ import re
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# Files that travel with a model (bitnet.checkpoint keeps the first four with the model it loads);
-# the others are what transformers' slow tokenizers read when a repo has no tokenizer.json.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# Files that travel with a model: bitnet.checkpoint keeps CARRIED with the model it loads and
+# save_pretrained writes them back; a download also fetches what transformers' slow tokenizers read
+# when a repo has no tokenizer.json.
+CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+           "chat_template.jinja")
+TOKENIZER_FILES = CARRIED + ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 PICKLED = re.compile(r".*\.(bin|pt|pth|ckpt|pkl)$")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def chat_template(files: dict[str, bytes]) -> str | list | None:
+    """The chat template among a model's files (its tokenizer_files): chat_template.jinja, where
+    transformers writes it when it saves a tokenizer, else tokenizer_config.json's "chat_template" (a
+    string, or a list of named templates); None where neither holds one."""
+    if files.get("chat_template.jinja") is not None:
+        return files["chat_template.jinja"].decode("utf-8")
+    raw = files.get("tokenizer_config.json")
+    template = json.loads(raw).get("chat_template") if raw else None
+    return template if isinstance(template, (str, list)) else None
 
 
 class HubError(FileNotFoundError):

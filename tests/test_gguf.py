@@ -190,6 +190,9 @@ def test_llama3_tokenizer_and_rope_scaling(tmp_path):
     tensors, fields = read(tmp_path / "l3.gguf")
     assert fields["tokenizer.ggml.pre"] == "llama-bpe" and fields["tokenizer.ggml.add_bos_token"] is True
     assert fields["tokenizer.chat_template"] == "{{ messages }}"
+    model.tokenizer_files["chat_template.jinja"] = b"{{ bos_token }}{{ messages }}"  # where transformers writes it: it wins
+    export_gguf(model, tmp_path / "l3j.gguf")
+    assert read(tmp_path / "l3j.gguf")[1]["tokenizer.chat_template"] == "{{ bos_token }}{{ messages }}"
     assert fields["tokenizer.ggml.merges"][0] == " ".join(json.loads(tok.to_str())["model"]["merges"][0])
     factors = dequantized(tensors["rope_freqs.weight"]).reshape(-1)
     assert factors.shape == (model.config.dim_head // 2,) and factors[0] == 1.0 and factors[-1] == 8.0

@@ -208,6 +208,7 @@ def hub(tmp_path):
 def test_download_fetches_only_what_loading_needs(hub, tmp_path):
     model = tiny_model(2)
     model.tokenizer_files["tokenizer.json"] = b'{"fake": "tokenizer"}'
+    model.tokenizer_files["chat_template.jinja"] = b"{{ messages }}"  # (where transformers saves a chat template)
     files = folder_files(model, tmp_path / "src", max_shard_size=20_000)
     shards = sorted(n for n in files if n.startswith("model-"))
     extra = {"pytorch_model.bin": b"pickle", "model.pt": b"pickle", "README.md": b"# card",
@@ -216,7 +217,8 @@ def test_download_fetches_only_what_loading_needs(hub, tmp_path):
     cache = tmp_path / "cache"
 
     folder = _resolve_online(hub, "org/sharded", cache_dir=cache)
-    assert sorted(hub.fetched()) == sorted(["config.json", "model.safetensors.index.json", *shards, "tokenizer.json"])
+    assert sorted(hub.fetched()) == sorted(["config.json", "model.safetensors.index.json", *shards, "tokenizer.json",
+                                            "chat_template.jinja"])
     # the real cache layout: refs/main -> the commit, the snapshot's files symlinks into blobs
     storage = cache / "models--org--sharded"
     assert (storage / "refs" / "main").read_text() == "a" * 40
@@ -229,6 +231,7 @@ def test_download_fetches_only_what_loading_needs(hub, tmp_path):
     offline = BitNetForCausalLM.from_pretrained("org/sharded", cache_dir=cache, local_files_only=True)
     assert torch.equal(logits(offline), expected) and len(hub.requests) == n
     assert offline.tokenizer_files["tokenizer.json"] == b'{"fake": "tokenizer"}'
+    assert offline.tokenizer_files["chat_template.jinja"] == b"{{ messages }}"  # carried, and saved again with it
     # a second online resolve asks for the commit and downloads nothing again
     _resolve_online(hub, "org/sharded", cache_dir=cache)
     assert len([r for r in hub.requests[n:] if r[0] == "GET" and "/resolve/" in r[1]]) == 0

@@ -340,6 +340,33 @@ def bad_cases(name):
     ]
 
 
+def test_the_chat_template_comes_from_where_transformers_writes_it(tmp_path, tokenizer):
+    """tokenizer_config.json's "chat_template" (a list of named templates: the default one; special
+    tokens as objects, {"content": ...}); chat_template.jinja beside it wins, and travels with the
+    model (from_pretrained carries it, save_pretrained writes it); --chat-template wins over both."""
+    from bitnet.serve.text import ServeTokenizer
+
+    body = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = {"bos_token": {"content": "<s>", "lstrip": False, "special": True},
+              "chat_template": [{"name": "tool_use", "template": "T:" + body}, {"name": "default", "template": "{{ bos_token }}D:" + body}]}
+    model = freeze(BitNetForCausalLM(BitNetConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size())))
+    model.tokenizer_files["tokenizer.json"] = tokenizer.to_str().encode()
+    model.tokenizer_files["tokenizer_config.json"] = json.dumps(config).encode()
+    model.save_pretrained(tmp_path / "named")
+    said = [{"role": "user", "content": "hi"}]
+    assert ServeTokenizer.from_folder(str(tmp_path / "named")).render_chat(said) == "<s>D:hi"
+    model.tokenizer_files["chat_template.jinja"] = ("{{ bos_token }}J:" + body).encode()
+    model.save_pretrained(tmp_path / "jinja")
+    assert (tmp_path / "jinja" / "chat_template.jinja").read_text() == "{{ bos_token }}J:" + body
+    loaded = BitNetForCausalLM.from_pretrained(tmp_path / "jinja")
+    assert ServeTokenizer.from_folder(str(tmp_path / "named"), loaded.tokenizer_files).render_chat(said) == "<s>J:hi"
+    own = tmp_path / "own.jinja"
+    own.write_text("X{{ messages | length }}")
+    assert ServeTokenizer.from_folder(str(tmp_path / "jinja"), loaded.tokenizer_files, str(own)).render_chat(said) == "X1"
+    with pytest.raises(FileNotFoundError, match="--chat-template .*nope.jinja: no such file"):
+        ServeTokenizer.from_folder(str(tmp_path / "jinja"), loaded.tokenizer_files, str(tmp_path / "nope.jinja"))
+
+
 def test_bad_input_is_an_openai_error_and_the_server_stays_up(server):
     for endpoint, body, status, param, code in bad_cases(server.name):
         kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}

@@ -20,6 +20,7 @@ import os
 from datetime import datetime
 
 from ..generation import TextStream, load_tokenizer
+from ..hub import chat_template
 
 
 class NoChatTemplate(ValueError):
@@ -38,25 +39,23 @@ class ServeTokenizer:
                     chat_template_file: str | None = None) -> "ServeTokenizer":
         """tokenizer.json (FileNotFoundError if missing) and the chat template of a checkpoint folder;
         `files`: the model's tokenizer_files, read first."""
-        files = files or {}
+        files = dict(files or {})
         tokenizer = load_tokenizer(folder, files)
-        config = {}
-        raw = files.get("tokenizer_config.json")
-        if raw is None and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-            with open(os.path.join(folder, "tokenizer_config.json"), "rb") as f:
-                raw = f.read()
-        if raw:
-            config = json.loads(raw)
-        template = config.get("chat_template")
+        for name in ("tokenizer_config.json", "chat_template.jinja"):  # the folder's, where the model carries none
+            path = os.path.join(folder, name)
+            if name not in files and os.path.isfile(path):
+                with open(path, "rb") as f:
+                    files[name] = f.read()
+        if chat_template_file:
+            if not os.path.isfile(chat_template_file):
+                raise FileNotFoundError(f"--chat-template {chat_template_file}: no such file")
+            with open(chat_template_file, "rb") as f:
+                files["chat_template.jinja"] = f.read()
+        config = json.loads(files["tokenizer_config.json"]) if files.get("tokenizer_config.json") else {}
+        template = chat_template(files)
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
-        jinja_file = chat_template_file or os.path.join(folder, "chat_template.jinja")
-        if chat_template_file and not os.path.isfile(chat_template_file):
-            raise FileNotFoundError(f"--chat-template {chat_template_file}: no such file")
-        if os.path.isfile(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                template = f.read()
         special = {}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             value = config.get(name)
