@@ -125,6 +125,29 @@ def test_every_tensor_comes_back_exactly(tmp_path, tokenizer, model_type, gguf_t
     assert bits / weights == {"tq2_0": 66 * 8 / 256, "tq1_0": 54 * 8 / 256, "f16": 16}[gguf_type]
 
 
+def test_projections_kept_in_float_and_a_head_dim_of_its_own(tmp_path, tokenizer):
+    """modules_to_not_convert: those projections are plain float layers and go to the GGUF as
+    float_type tensors (q and k in llama.cpp's rotary order, as the packed ones are), the others
+    ternary; a head_dim with num_attention_heads * head_dim != hidden_size is written as the
+    attention key and value lengths llama.cpp reads."""
+    keep = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    model = model_for(tokenizer, "llama", head_dim=32, modules_to_not_convert=keep)
+    assert not isinstance(model.get_submodule(keep[0]), BitLinear)
+    export_gguf(model, tmp_path / "m.gguf", "tq2_0", float_type="f32")
+    tensors, fields = read(tmp_path / "m.gguf")
+    assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == 32
+    c = model.config
+    q = llama_permute(model.get_submodule(keep[0]).weight.detach().float(), c.num_attention_heads)
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert np.array_equal(dequantized(tensors["blk.0.attn_q.weight"]), q.numpy())
+    assert np.array_equal(dequantized(tensors["blk.1.ffn_down.weight"]), model.get_submodule(keep[1]).weight.detach().numpy())
+    assert {"blk.0.attn_q.scale", "blk.1.ffn_down.scale"}.isdisjoint(tensors) and "blk.0.ffn_down.scale" in tensors
+    w_k, s_k = model.get_submodule("model.layers.0.self_attn.k_proj").quantized_weight()
+    assert tensors["blk.0.attn_k.weight"].tensor_type == gguf.GGMLQuantizationType.TQ2_0
+    assert np.array_equal(dequantized(tensors["blk.0.attn_k.weight"]),
+                          llama_permute(w_k, c.num_key_value_heads).float().numpy())
+
+
 def test_folded_scales_and_latent_and_binary_models(tmp_path, tokenizer):
     """scale='fold': d = fp16(s) in every block; a latent (training) model and a binary one export too."""
     for model in (model_for(tokenizer), model_for(tokenizer, packed=False), model_for(tokenizer, linear="bitnet1")):
