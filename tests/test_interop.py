@@ -144,3 +144,34 @@ def test_tokenizer_travels_and_loads_with_autotokenizer(tmp_path):
     loaded.save_pretrained(tmp_path / "b")  # travels on
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "b")
     assert hf_tok("hello world")["input_ids"] == tok.encode("hello world").ids
+
+
+def test_llama3_scaled_rope_in_either_config_form(tmp_path):
+    """A Llama 3.1-style model (llama3 RoPE scaling, theta 500000) from transformers: config.json as
+    transformers 5 writes it ("rope_parameters") and as 4.x wrote it ("rope_scaling" beside
+    "rope_theta", no hidden_act: silu by default) load to transformers' function; saved here, it
+    reads back to the same function, in transformers too. Positions run past the original context
+    (32 of 128 here), where the scaling changes the low frequencies."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    hf = hf_model(hf_config("llama", tied=False, rope_parameters={**scaling, "rope_theta": 500000.0}))
+    write_checkpoint(hf, tmp_path / "v5", None)
+    cfg = json.loads((tmp_path / "v5" / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "llama3"
+    ids = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        plain = BitNetForCausalLM.from_pretrained(tmp_path / "v5", dtype=torch.float32)
+        assert plain.config.rope_scaling["rope_type"] == "llama3" and plain.config.rope_theta == 500000.0
+        assert rel_err(plain(ids).logits, ref) < TOL
+        legacy = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "hidden_act")}
+        legacy.update(rope_theta=500000.0, rope_scaling=dict(scaling))
+        os.makedirs(tmp_path / "v4")
+        (tmp_path / "v4" / "config.json").write_text(json.dumps(legacy))
+        os.link(tmp_path / "v5" / "model.safetensors", tmp_path / "v4" / "model.safetensors")
+        old = BitNetForCausalLM.from_pretrained(tmp_path / "v4", dtype=torch.float32)
+        assert old.config.hidden_act == "silu" and rel_err(old(ids).logits, ref) < TOL
+        old.save_pretrained(tmp_path / "again")
+        back = BitNetForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32)
+        assert back.config.rope_scaling == plain.config.rope_scaling and torch.equal(back(ids).logits, old(ids).logits)
+    assert rel_err(hf_logits(tmp_path / "again", ids), ref) < TOL
