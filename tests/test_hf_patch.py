@@ -150,3 +150,20 @@ def test_patch_refuses_weights_that_are_not_ternary(tmp_path):
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = 0.5
     with pytest.raises(ValueError, match=r"q_proj: offline AutoBitLinear weight holds values outside"):
         patch(model)
+
+
+def test_patch_refuses_a_packed_code_3_and_a_scale_that_is_not_positive(tmp_path):
+    """transformers' BitLinear (packed, our layout): a byte holding the 2-bit code 3 is no ternary
+    weight, and a weight_scale of 0 (or infinity) gives no scale; both refused by layer name."""
+    write_checkpoint(hf_model(hf_config("bitnet", vocab_size=128)), tmp_path, "offline", "bitlinear")
+    model = load(tmp_path)
+    q = model.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        q.weight.view(torch.uint8)[0, 0] = 0b11_00_01_10  # codes 2, 1, 0 and 3
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj: packed weight holds the 2-bit code 3"):
+        patch(model)
+    model = load(tmp_path)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight_scale.fill_(float("inf"))  # stored as 1 / mean|W|: a scale of 0
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.o_proj: weight_scale gives the scale 0\.0, not a positive"):
+        patch(model)
