@@ -179,6 +179,44 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus):
     assert [r["step"] for r in metrics(tmp_path / "nan")] == [1]
 
 
+@needs_corpus
+def test_a_corpus_folder_of_several_files(tmp_path):
+    """--data a folder: its text files (any depth, sorted; other files left out) are the documents;
+    the held-out tail is cut across them at a line end, nothing lost or repeated; the tokens are
+    each document's own with EOS between them; a run trains on it. A folder with no text file and
+    a held-out fraction outside (0, 1) are refused."""
+    from bitnet.train import data as D
+
+    text = SHAKESPEARE.read_text()[:60_000]
+    parts = [text[:25_000], text[25_000:41_000], text[41_000:]]
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "c.md").write_text(parts[2])  # sorted by path: a.txt, b.txt, sub/c.md
+    (folder / "b.txt").write_text(parts[1])
+    (folder / "a.txt").write_text(parts[0])
+    (folder / "notes.json").write_text("{}")
+    docs = D.read_corpus(str(folder))
+    assert docs == parts
+    train_docs, val_docs = D.split_tail(docs, 0.5)  # the cut falls inside the second document
+    assert train_docs[0] == docs[0] and val_docs[-1] == docs[2] and len(train_docs) == len(val_docs) == 2
+    assert train_docs[1] + val_docs[0] == docs[1] and train_docs[1].endswith("\n")
+    assert abs(sum(map(len, val_docs)) / len(text) - 0.5) < 0.01
+    tok = D.train_tokenizer(train_docs, 300)
+    eos = tok.token_to_id("</s>")
+    want = []
+    for i, d in enumerate(docs):
+        want += tok.encode(d).ids + ([eos] if i < len(docs) - 1 else [])
+    assert D.encode(docs, tok, eos, None).tolist() == want
+    last, out = run(tmp_path, folder, "folder", max_steps=2, eval_every=2)
+    assert last["step"] == 2 and (out / "export" / "model.safetensors").is_file()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.json").write_text("{}")
+    with pytest.raises(D.DataError, match=r"corpus folder .*empty holds no text files \(\.txt, \.raw, \.md, \.text\)"):
+        D.read_corpus(str(tmp_path / "empty"))
+    with pytest.raises(D.DataError, match=r"val_fraction must be in \(0, 1\), got 1\.0"):
+        D.split_tail(docs, 1.0)
+
+
 def test_bad_corpora(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
