@@ -423,8 +423,8 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 def test_a_client_that_leaves_a_request_it_did_not_stream_frees_the_slot(server):
     """Not streamed, the server writes nothing until the end, so it polls the connection
     (DISCONNECT_POLL_S): a client that times out and closes it has its request cancelled within a
-    poll and a step, long before its 100 tokens, and the server answers the next one."""
-    slow = hook(server.model, lambda ids: time.sleep(0.01))  # >= 10 ms a step: 100 tokens take > 1 s
+    poll and a step (~0.6 s: at most ~30 tokens), long before its 100, and the server answers the next one."""
+    slow = hook(server.model, lambda ids: time.sleep(0.02))  # >= 20 ms a step: 100 tokens take > 2 s
     try:
         before = server.metrics()["bitnet_generation_tokens_total"]
         body = {"model": server.name, "prompt": "hello", "max_tokens": 100, "temperature": 0}
