@@ -618,7 +618,7 @@ def test_packed_matmul_cat_adds_a_residual_no_epilogue_takes(m, triton_device):
         return torch.cat([reference_gemm(x_q.cpu(), packed[j].cpu(), ns[j], fmt, scales[j].cpu(), a.cpu(),
                                          None if biases[j] is None else biases[j].cpu()) for j in mats], dim=1)
 
-    cases = [([0, 1], [None, None]), ([0, 1], [bias, None])]  # one launch for both; one launch each
+    cases = [([0, 1], [None, None]), ([0, 1], [bias, None])]  # (M = 3) one launch for both; one launch each
     for mats, biases in cases:
         residual = wide[:, :sum(ns)].to(triton_device)  # a row stride of its own
         y = kernels.packed_matmul_cat(x_q, a, packed, scales, ns, fmt, biases=biases, residual=residual)

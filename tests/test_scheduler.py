@@ -734,10 +734,14 @@ def test_a_step_failing_outside_the_model_fails_its_requests_and_the_engine_serv
         monkeypatch.setattr(engine_module._Flight, "read", once(engine_module._Flight.read))
     else:
         monkeypatch.setattr(engine_module, "choose", once(engine_module.choose))
-    engine = Engine(model, max_batch=2, max_seq_len=128, **kw).start()
+    engine = Engine(model, max_batch=2, max_seq_len=128, **kw)
     engine.on_step = lambda *a: 1 / 0
+    failed = [Collector(), Collector()]
+    for p, c in zip(PROMPTS[:2], failed):  # queued before the loop starts: both in its first step
+        engine.submit(p, SamplingParams(max_tokens=n), c)
     with caplog.at_level("ERROR", logger="bitnet.serve"):
-        failed = run(engine, PROMPTS[:2], SamplingParams(max_tokens=n))
+        engine.start()
+        failed = [c.wait() for c in failed]
     assert broken["left"] == 0 and "engine step failed" in caplog.text
     for c, want in zip(failed, solo):
         # ended by the failure (before any token, or, run ahead, after the steps already read)
