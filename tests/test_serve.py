@@ -337,6 +337,16 @@ def bad_cases(name):
          "messages", "unsupported"),
         ("chat/completions", {**chat, "max_tokens": 10**6}, 400, "messages", "context_length_exceeded"),
         ("chat/completions", {**chat, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
+        ("completions", {**ok, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported"),
+        ("completions", {**ok, "frequency_penalty": -1}, 400, "frequency_penalty", "unsupported"),
+        ("completions", {**ok, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported"),
+        ("completions", {**ok, "echo": True}, 400, "echo", "unsupported"),
+        ("completions", {**ok, "best_of": 2}, 400, "best_of", "unsupported"),
+        ("completions", {**ok, "suffix": "end"}, 400, "suffix", "unsupported"),
+        ("chat/completions", {**chat, "logprobs": True}, 400, "logprobs", "unsupported"),
+        ("chat/completions", {**chat, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported"),
+        ("chat/completions", {**chat, "tool_choice": "required"}, 400, "tool_choice", "unsupported"),
+        ("chat/completions", {**chat, "max_tokens": 4, "max_completion_tokens": 5}, 400, None, None),
     ]
 
 
