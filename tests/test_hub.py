@@ -131,6 +131,8 @@ class FakeHub:
     def __init__(self):
         self.repos: dict[str, dict[str, tuple[str, dict[str, bytes]]]] = {}  # repo -> revision -> (commit, files)
         self.requests: list[tuple[str, str]] = []
+        self.gated: set[str] = set()  # repos whose every request is refused as gated (403, GatedRepo)
+        self.unserved: set[str] = set()  # files listed by model_info that a download does not find
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -159,6 +161,8 @@ class FakeHub:
 
         path = unquote(urlsplit(req.path).path)
         self.requests.append((req.command, path))
+        if any(path.startswith(f"/api/models/{r}") or path.startswith(f"/{r}/resolve/") for r in self.gated):
+            return self.error(req, 403, "GatedRepo")
         if path.startswith("/api/models/"):
             repo, _, revision = path[len("/api/models/"):].partition("/revision/")
             revision = revision or "main"
@@ -179,7 +183,7 @@ class FakeHub:
         if revision not in self.repos[repo]:
             return self.error(req, 404, "RevisionNotFound")
         commit, files = self.repos[repo][revision]
-        if fname not in files:
+        if fname not in files or fname in self.unserved:
             return self.error(req, 404, "EntryNotFound", {"X-Repo-Commit": commit})
         data = files[fname]
         etag = hashlib.sha256(data).hexdigest()
@@ -266,6 +270,19 @@ def test_download_errors_say_what_is_wrong(hub, tmp_path):
         _resolve_online(hub, "org/pickled", cache_dir=cache)
     with pytest.raises(HubError, match="the repo has no config.json"):
         _resolve_online(hub, "org/noconfig", cache_dir=cache)
+    hub.add("org/gated", "main", "f" * 40, {"config.json": config})
+    hub.gated.add("org/gated")
+    with pytest.raises(HubError, match=r"org/gated is a gated repo: accept its terms on its hub page, then log in"):
+        _resolve_online(hub, "org/gated", cache_dir=cache)
+    sharded = folder_files(tiny_model(5), tmp_path / "sharded", max_shard_size=20_000)
+    shards = sorted(n for n in sharded if n.startswith("model-"))
+    hub.add("org/lost-shard", "main", "1" * 40, {n: b for n, b in sharded.items() if n != shards[-1]})
+    with pytest.raises(HubError, match=rf"model.safetensors.index.json names {shards[-1]}, which is not in the repo"):
+        _resolve_online(hub, "org/lost-shard", cache_dir=cache)
+    hub.add("org/unserved", "main", "2" * 40, sharded)
+    hub.unserved.add(shards[0])
+    with pytest.raises(HubError, match=rf"the repo lists {shards[0]} but the hub does not serve it"):
+        _resolve_online(hub, "org/unserved", cache_dir=cache)
     assert "pytorch_model.bin" not in hub.fetched() and "model.safetensors" not in hub.fetched()
 
 
