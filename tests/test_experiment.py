@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -141,3 +142,24 @@ def test_default_sweep_extends_by_its_own_factor_2(tmp_path, corpus, monkeypatch
     runs, limited = E.extend_sweeps(args, runs, progress=lambda s: None)
     assert sorted(r["lr"] for r in runs) == pytest.approx([0.016, 0.032, 0.064, 0.128, 0.256])
     assert limited == []
+
+
+def test_the_texts_of_a_comparison(tmp_path, corpus):
+    """Its corpus: --data whole for training and --test-data for the test text when given; else the
+    tail of --data, or of the embedded default (the README's `bitnet compare`), the last
+    test_fraction of it cut at a line end with nothing lost. Written once under --out/data and
+    reused (a second call reads, not retrains, the tokenizer)."""
+    from bitnet.experiment import _corpus
+
+    held = tmp_path / "held.txt"
+    held.write_text("Held-out text, never trained on.\n" * 300)
+    given = CompareArgs(data=str(corpus), test_data=str(held), vocab_size=300, out=str(tmp_path / "given"))
+    train_txt, test_txt, tok = _corpus(given)
+    assert open(train_txt).read() == corpus.read_text() and open(test_txt).read() == held.read_text()
+    embedded = CompareArgs(vocab_size=300, out=str(tmp_path / "embedded"))
+    train_txt, test_txt, tok = _corpus(embedded)
+    text, train, test = stdlib_docstrings(), open(train_txt).read(), open(test_txt).read()
+    assert train + test == text and train.endswith("\n") and abs(len(test) / len(text) - 0.1) < 0.01
+    stamp = [os.stat(p).st_mtime_ns for p in (train_txt, test_txt, tok)]
+    assert _corpus(embedded) == (train_txt, test_txt, tok)
+    assert [os.stat(p).st_mtime_ns for p in (train_txt, test_txt, tok)] == stamp
