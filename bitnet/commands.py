@@ -75,14 +75,20 @@ class ConvertArgs:
     weight_bits: str = arg("ternary", help="for a float model: the BitLinear kind it converts to",
                            choices=["ternary", "binary"])
     gguf_type: str = arg("tq2_0", help="--to gguf: type of the projections: ternary blocks TQ2_0 (2.06 bits/weight) or "
-                         "TQ1_0 (1.69), or F16 W_q (for runtimes that quantize with their own tools)",
-                         choices=["tq2_0", "tq1_0", "f16"])
+                         "TQ1_0 (1.69) for llama.cpp, IQ2_BN (2 bits + a float32 scale a row) for ik_llama.cpp, "
+                         "or F16 W_q (for runtimes that quantize with their own tools)",
+                         choices=["tq2_0", "tq1_0", "iq2_bn", "f16"])
+    gguf_arch: str | None = arg(None, help="--to gguf: GGUF architecture (default: llama or bitnet by model_type; "
+                                "bitnet-b1.58, ik_llama.cpp's graph of the 2B-4T block, with iq2_bn)",
+                                choices=["llama", "bitnet", "bitnet-b1.58"])
     gguf_fallback: str = arg("q4_0", help="--to gguf: type of projections whose input width is not a multiple of 256 "
                              "(q4_0 and q8_0 hold ternary values exactly; error: refuse)",
                              choices=["q4_0", "q8_0", "f16", "error"])
     gguf_float: str = arg("f16", help="--to gguf: type of the embeddings and lm_head", choices=["f16", "f32"])
-    gguf_scale: str = arg("tensor", help="--to gguf: per-matrix scale as an F32 .scale tensor (exact) or folded into "
-                          "the fp16 block scales (for runtimes without .scale tensors)", choices=["tensor", "fold"])
+    gguf_scale: str | None = arg(None, help="--to gguf: per-matrix scale as an F32 .scale tensor (exact; the default "
+                                 "for llama.cpp) or folded into the block scales (fp16; IQ2_BN's float32 row scale: "
+                                 "exact; the default for ik_llama.cpp, which reads no .scale tensors)",
+                                 choices=["tensor", "fold"])
     revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
     cache_dir: str | None = arg(None, help="hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
     local_files_only: bool = arg(False, help="hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
@@ -102,7 +108,8 @@ def convert_cmd(args: ConvertArgs) -> None:
     if args.to == "gguf":
         from .gguf_export import export_gguf
 
-        report = export_gguf(model, args.dst, args.gguf_type, args.gguf_fallback, args.gguf_float, args.gguf_scale)
+        report = export_gguf(model, args.dst, args.gguf_type, args.gguf_fallback, args.gguf_float, args.gguf_scale,
+                             architecture=args.gguf_arch)
         print(f"{args.src} ({before}) -> {report.summary()}")
         return
     if args.to == "latent":

@@ -1,10 +1,12 @@
 """GGUF export for llama.cpp (and the runtimes built on it): `export_gguf(model, "out.gguf")`.
 
-    bitnet convert runs/small/export model.gguf --to gguf [--gguf-type tq2_0|tq1_0]
+    bitnet convert runs/small/export model.gguf --to gguf [--gguf-type tq2_0|tq1_0|iq2_bn|f16]
 
 What is written (the `gguf` package writes the container):
 - architecture `llama` for model_type "llama" (the HF1BitLLM / onebitllms layout: a Llama block),
-  `bitnet` for model_type "bitnet" (the 2B-4T layout, with attn_sub_norm / ffn_sub_norm);
+  `bitnet` for model_type "bitnet" (the 2B-4T layout, with attn_sub_norm / ffn_sub_norm), or
+  `bitnet-b1.58` for it (ik_llama.cpp's graph of that block: relu^2 and an untied head computed
+  right; the default with gguf_type "iq2_bn");
 - hyper-parameters under llama.cpp's keys; the tokenizer (byte-level BPE, as tokenizer.json holds
   it: tokens, token types, merges, special ids, chat template); llama3 RoPE scaling as the
   `rope_freqs` tensor llama.cpp's own converter writes;
@@ -13,15 +15,20 @@ What is written (the `gguf` package writes the container):
   the per-matrix scale s = mean|W| as the F32 tensor `blk.N.<name>.scale` that llama.cpp multiplies
   after the matmul (scale="tensor": the dequantized weights are exactly W_q * s), or s folded into
   every block's fp16 d (scale="fold": for runtimes that do not read .scale tensors; s rounds to fp16);
+- or, gguf_type "iq2_bn", ik_llama.cpp's own ternary type (IQ2_BN: per row one float32 scale, then
+  blocks of 64 at 2 bits a weight; 2.0 bits/weight plus 4 bytes a row): the row scale is s itself,
+  so the dequantized weights are exactly W_q * s and no .scale tensor is written; ik_llama.cpp runs it
+  as it is (llama-quantize's own IQ2_BN of W_q * s holds the same codes);
 - or, gguf_type "f16", every projection as F16 values W_q (exact; with scale="fold", W_q * fp16(s)):
   the input of runtimes that quantize with their own tools (ik_llama.cpp's llama-quantize), and a
   float reference: llama.cpp then multiplies float activations, without int8 quantization;
 - a projection whose input width K is not a multiple of 256 cannot be held in TQ blocks: it is
   written as `fallback` (Q4_0 by default: blocks of 32, exact for ternary values, 4.5 bits/weight;
-  or Q8_0, or F16; "error" refuses), and the report says which tensors;
+  or Q8_0, or F16; "error" refuses), and the report says which tensors (IQ2_BN: K a multiple of 64
+  and at least 512, as ik_llama.cpp quantizes its activations in rows of 8 blocks or more);
 - q_proj / k_proj rows permuted for the `llama` architecture as llama.cpp's converter does (its
-  llama RoPE rotates consecutive pairs, transformers' rotate_half rotates halves); the `bitnet`
-  architecture uses NeoX RoPE in llama.cpp, so its rows stay as they are;
+  llama RoPE rotates consecutive pairs, transformers' rotate_half rotates halves); the `bitnet` and
+  `bitnet-b1.58` architectures use NeoX RoPE, so their rows stay as they are;
 - embeddings and lm_head as `float_type` (f16 or f32), norms as F32.
 
 Which runtime computes which layout right (FORMAT.md):
@@ -30,9 +37,12 @@ Which runtime computes which layout right (FORMAT.md):
 - `bitnet` (model_type "bitnet", relu^2 MLP): stock llama.cpp loads it but its graph hard-codes a
   SiLU gate, and bitnet.cpp's llama.cpp too, so a relu^2 model computes wrong there (a 2B-4T
   export gives garbage-level perplexity); the layout itself is right (a model_type "bitnet" model
-  trained with hidden_act "silu" runs right). ik_llama.cpp's BitNet graphs do compute relu^2, but
-  with ternary types of their own (IQ1_BN / IQ2_BN, made by its llama-quantize from an F16 GGUF),
-  not TQ1_0 / TQ2_0. The head must be tied (llama.cpp's bitnet graph always reads it from token_embd).
+  trained with hidden_act "silu" runs right). The head must be tied (llama.cpp's bitnet graph always
+  reads it from token_embd).
+- `bitnet-b1.58` (model_type "bitnet"): ik_llama.cpp's graph of the 2B-4T block (relu^2 gate,
+  sub-norms, NeoX RoPE, output.weight when the head is untied) computes it right; it reads IQ2_BN
+  (or F16, with scale="fold": it reads no .scale tensors), not TQ1_0 / TQ2_0 (types it does not
+  have). Stock llama.cpp does not know the architecture and refuses the file.
 """
 
 from __future__ import annotations
@@ -49,12 +59,18 @@ from .bitlinear import BitLinear
 from .hub import chat_template
 from .model import BitNetForCausalLM
 
-GGUF_TYPES = ("tq2_0", "tq1_0", "f16")
+GGUF_TYPES = ("tq2_0", "tq1_0", "iq2_bn", "f16")
+ARCHITECTURES = ("llama", "bitnet", "bitnet-b1.58")
 FALLBACKS = ("q4_0", "q8_0", "f16", "error")
 FLOAT_TYPES = ("f16", "f32")
 SCALES = ("tensor", "fold")
 QK_K = 256  # TQ block
 QK = 32  # Q4_0 / Q8_0 block
+QK_IQ2_BN = 64  # IQ2_BN block
+IQ2_BN = 135  # ik_llama.cpp's GGML_TYPE_IQ2_BN (mainline llama.cpp and gguf-py have no such type)
+IQ2_BN_MIN_K = 512  # ik_llama.cpp quantizes IQ2_BN's activations (Q8_K64) in rows of at least 8 blocks
+FTYPE_IQ2_BN = 137  # ik_llama.cpp's LLAMA_FTYPE_MOSTLY_IQ2_BN
+IK_ARCH = "bitnet-b1.58"
 PROJECTION_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                     "mlp.down_proj": "ffn_down"}
@@ -120,6 +136,19 @@ def tq1_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     b = torch.cat([qs0, qs1, qh], -1)
     b = ((b * 256 + 242) // 243).to(torch.uint8)
     return _with_d(b, d, k // QK_K)
+
+
+def iq2_bn_rows(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
+    """IQ2_BN (ik_llama.cpp) of ternary q (N, K) int8, K % 64 == 0, with row scale s (N, 1) float:
+    uint8 (N, 4 + K/4).
+
+    Each row: its scale as float32 (little-endian), then per block of 64, byte j holds values j,
+    j+16, j+32, j+48 of the block in bits 0-1, 2-3, 4-5, 6-7, as the codes q + 1."""
+    n, k = q.shape
+    c = (q.to(torch.int16) + 1).to(torch.uint8).reshape(n, k // QK_IQ2_BN, 4, QK_IQ2_BN // 4)  # (N, blocks, 4, 16)
+    qs = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)  # (N, blocks, 16)
+    d = s.to(torch.float32).reshape(n, 1).contiguous().view(torch.uint8)  # (N, 4), little-endian as torch is here
+    return torch.cat([d, qs.reshape(n, k // 4)], -1).numpy()
 
 
 def q8_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
@@ -223,26 +252,41 @@ def llama3_rope_factors(config) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def check_exportable(model: BitNetForCausalLM) -> str:
-    """The GGUF architecture of `model`, or GGUFError saying why llama.cpp could not hold it."""
+def check_exportable(model: BitNetForCausalLM, architecture: str | None = None, gguf_type: str = "tq2_0") -> str:
+    """The GGUF architecture of `model` (`architecture`, or by default the one its model_type and
+    gguf_type call for), or GGUFError saying why that runtime could not hold it."""
     c = model.config
-    arch = {"llama": "llama", "bitnet": "bitnet"}[c.model_type]
+    if architecture is None:
+        architecture = "llama" if c.model_type == "llama" else IK_ARCH if gguf_type == "iq2_bn" else "bitnet"
+    if architecture not in ARCHITECTURES:
+        raise GGUFError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    fits = ("llama",) if c.model_type == "llama" else ("bitnet", IK_ARCH)
+    if architecture not in fits:
+        raise GGUFError(f"model_type {c.model_type} (with{'out' if c.model_type == 'llama' else ''} sub-norms) is "
+                        f"written as architecture {' or '.join(fits)}, not {architecture}")
     if c.attention_bias or c.mlp_bias:
         raise GGUFError("biases in the projections (attention_bias / mlp_bias) are not exported to GGUF")
     if c.use_rms_norm:
         raise GGUFError("quantization_config use_rms_norm (an RMSNorm inside every BitLinear) has no place in "
                         "llama.cpp's graphs")
-    if arch == "llama" and c.hidden_act != "silu":
+    if architecture == "llama" and c.hidden_act != "silu":
         raise GGUFError(f"model_type llama with hidden_act {c.hidden_act!r}: llama.cpp's llama graph computes SiLU")
-    if arch == "bitnet":
-        if not c.tie_word_embeddings:
+    if architecture in ("bitnet", IK_ARCH):
+        if architecture == "bitnet" and not c.tie_word_embeddings:
             raise GGUFError("llama.cpp's bitnet architecture always reads the head from token_embd; this model's "
-                            "lm_head is not tied to its embeddings")
+                            f"lm_head is not tied to its embeddings (ik_llama.cpp's {IK_ARCH} reads an untied "
+                            "one: --gguf-type iq2_bn)")
         if c.dim_head * c.num_attention_heads != c.hidden_size:
-            raise GGUFError("llama.cpp's bitnet architecture needs num_attention_heads * head_dim == hidden_size")
-        if c.rope_scaling:
+            raise GGUFError(f"llama.cpp's {architecture} architecture needs num_attention_heads * head_dim == hidden_size")
+        if c.rope_scaling and architecture == "bitnet":
             raise GGUFError("rope scaling is not exported for the bitnet architecture")
-    return arch
+    if architecture == IK_ARCH and gguf_type in ("tq2_0", "tq1_0"):
+        raise GGUFError(f"architecture {IK_ARCH} is ik_llama.cpp's, which has no {gguf_type.upper()} (mainline "
+                        "llama.cpp's type ids name nothing there): use gguf_type iq2_bn, or f16 for its llama-quantize")
+    if gguf_type == "iq2_bn" and architecture == "bitnet" and c.hidden_act != "silu":
+        raise GGUFError(f"IQ2_BN is read by ik_llama.cpp only, whose bitnet graph computes SiLU: this model's "
+                        f"{c.hidden_act} runs right under architecture {IK_ARCH} (the default for iq2_bn)")
+    return architecture
 
 
 def export_gguf(
@@ -251,19 +295,29 @@ def export_gguf(
     gguf_type: str = "tq2_0",
     fallback: str = "q4_0",
     float_type: str = "f16",
-    scale: str = "tensor",
+    scale: str | None = None,
     name: str | None = None,
+    architecture: str | None = None,
 ) -> GGUFReport:
     """Write `model` (any state: packed, latent or binary; binary weights are ternary without zeros)
-    as a GGUF file at `path` (written under a temporary name, then renamed). See the module's docstring."""
+    as a GGUF file at `path` (written under a temporary name, then renamed). See the module's docstring.
+    scale None: "fold" where the runtime reads no .scale tensors (IQ2_BN, architecture bitnet-b1.58),
+    "tensor" elsewhere; architecture None: llama / bitnet by model_type, bitnet-b1.58 for iq2_bn."""
     for value, allowed, what in ((gguf_type, GGUF_TYPES, "gguf_type"), (fallback, FALLBACKS, "fallback"),
-                                 (float_type, FLOAT_TYPES, "float_type"), (scale, SCALES, "scale")):
+                                 (float_type, FLOAT_TYPES, "float_type"), (scale, (None, *SCALES), "scale")):
         if value not in allowed:
             raise GGUFError(f"{what} must be one of {allowed}, got {value!r}")
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     c = model.config
-    arch = check_exportable(model)
+    arch = check_exportable(model, architecture, gguf_type)
+    ik = gguf_type == "iq2_bn" or arch == IK_ARCH
+    if scale is None:
+        scale = "fold" if ik else "tensor"
+    elif scale == "tensor" and ik:
+        raise GGUFError(f"scale 'tensor': ik_llama.cpp's {arch} graph reads no .scale tensors"
+                        if arch == IK_ARCH else "scale 'tensor' with IQ2_BN: its float32 row scale holds the "
+                        "per-matrix scale exactly, and ik_llama.cpp reads no .scale tensors beside it: use 'fold'")
     report = GGUFReport(path=path, architecture=arch)
     tok = tokenizer_metadata(model.tokenizer_files, c.vocab_size, c.bos_token_id, c.eos_token_id, c.pad_token_id)
 
@@ -271,7 +325,7 @@ def export_gguf(
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(name or f"bitnet-{c.model_type}-{c.num_hidden_layers}x{c.hidden_size}")
     w.add_file_type({"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
-                     "f16": gguf.LlamaFileType.MOSTLY_F16}[gguf_type])
+                     "iq2_bn": FTYPE_IQ2_BN, "f16": gguf.LlamaFileType.MOSTLY_F16}[gguf_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -332,15 +386,19 @@ def export_gguf(
             s = s.float().reshape(1).cpu()
             d = (s if scale == "fold" else torch.ones(1)).expand(n, 1)
             kind = gguf_type
-            if kind != "f16" and k % QK_K:
+            block = QK_IQ2_BN if kind == "iq2_bn" else QK_K
+            if kind != "f16" and (k % block or (kind == "iq2_bn" and k < IQ2_BN_MIN_K)):
                 if fallback == "error":
-                    raise GGUFError(f"{gname}: input width {k} is not a multiple of {QK_K}, which {gguf_type.upper()} "
-                                    "blocks need; choose a fallback type (q4_0, q8_0 or f16)")
+                    raise GGUFError(f"{gname}: input width {k} is not a multiple of {block}"
+                                    + (f" of at least {IQ2_BN_MIN_K}" if kind == "iq2_bn" else "")
+                                    + f", which {gguf_type.upper()} blocks need; choose a fallback type (q4_0, q8_0 or f16)")
                 kind = fallback if k % QK == 0 else "f16"
                 fell_back.append(f"{gname} (K={k}) as {kind.upper()}")
             if kind == "f16":
                 blocks = (q.float() * d).numpy().astype(np.float16)
                 w.add_tensor(f"{gname}.weight", blocks)
+            elif kind == "iq2_bn":  # a type gguf-py does not know: its bytes as int8, the shape given
+                w.add_tensor(f"{gname}.weight", iq2_bn_rows(q, d).view(np.int8), raw_shape=(n, k), raw_dtype=IQ2_BN)
             else:
                 encode = {"tq2_0": tq2_0_blocks, "tq1_0": tq1_0_blocks, "q8_0": q8_0_blocks, "q4_0": q4_0_blocks}[kind]
                 w.add_tensor(f"{gname}.weight", encode(q, d), raw_dtype=getattr(Q, kind.upper()))
@@ -349,17 +407,21 @@ def export_gguf(
                 w.add_tensor(f"{gname}.scale", s.numpy())
                 report.tensors.append((f"{gname}.scale", "F32", (1,)))
     add_float("output_norm.weight", sd["model.norm.weight"], "f32")
-    if arch == "llama" and not c.tie_word_embeddings:
+    if arch in ("llama", IK_ARCH) and not c.tie_word_embeddings:
         add_float("output.weight", sd["lm_head.weight"], float_type)
     if fell_back:
-        report.notes.append(f"{len(fell_back)} projections have an input width that is not a multiple of {QK_K} and "
+        report.notes.append(f"{len(fell_back)} projections have an input width that is not a multiple of "
+                            + (f"{QK_IQ2_BN} of at least {IQ2_BN_MIN_K}" if gguf_type == "iq2_bn" else f"{QK_K}") + " and "
                             f"were written in another type: {', '.join(fell_back[:4])}"
                             + (f" and {len(fell_back) - 4} more" if len(fell_back) > 4 else ""))
     if arch == "bitnet" and c.hidden_act != "silu":
         report.notes.append(f"architecture bitnet with hidden_act {c.hidden_act}: stock llama.cpp (and bitnet.cpp) "
                             "compute a SiLU gate there, so this file loads but computes another function; "
-                            "ik_llama.cpp's BitNet graphs compute relu^2 but read their own ternary types (IQ1_BN / "
-                            "IQ2_BN from its llama-quantize), not TQ1_0 / TQ2_0")
+                            f"ik_llama.cpp's {IK_ARCH} graph computes it right: --gguf-type iq2_bn")
+    if ik:
+        report.notes.append(f"for ik_llama.cpp ({'architecture ' + arch + ', ' if arch == IK_ARCH else ''}"
+                            f"{'IQ2_BN' if gguf_type == 'iq2_bn' else 'F16, scales folded'}): stock llama.cpp "
+                            "does not read this file")
 
     try:
         w.write_header_to_file()

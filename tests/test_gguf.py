@@ -233,6 +233,181 @@ def test_convert_command_writes_gguf(tmp_path, tokenizer, capsys):
         assert np.array_equal(dequantized(tensors[f"{name}.weight"]), q.float().numpy())
 
 
+# ----------------------------------------------------------------------------- IQ2_BN for ik_llama.cpp
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+ELEMENT_BYTES = {0: 4, 1: 2}  # F32, F16
+BLOCKS = {2: (32, 18), 8: (32, 34)}  # Q4_0, Q8_0: (values, bytes) a block
+IQ2_BN_TYPE = 135  # ik_llama.cpp's GGML_TYPE_IQ2_BN: per row a float32, then 64 values in 16 bytes
+
+
+def read_raw(path) -> tuple[dict, dict]:
+    """GGUF read by hand, from the format's specification (gguf-py cannot read ik_llama.cpp's types):
+    ({key: value}, {tensor name: (ggml type, shape in torch order, bytes)}), each tensor's bytes cut
+    at its offset by its type's size (so a size or offset the writer got wrong shows)."""
+    import struct
+
+    data = open(path, "rb").read()
+    off = 4
+    assert data[:4] == b"GGUF"
+
+    def take(fmt):
+        nonlocal off
+        (v,) = struct.unpack_from("<" + fmt, data, off)
+        off += struct.calcsize("<" + fmt)
+        return v
+
+    def string():
+        nonlocal off
+        n = take("Q")
+        off += n
+        return data[off - n:off].decode()
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            sub, n = take("I"), take("Q")
+            return [value(sub) for _ in range(n)]
+        return take(GGUF_SCALARS[t])
+
+    assert take("I") == 3  # version
+    n_tensors, n_kv = take("Q"), take("Q")
+    fields = {}
+    for _ in range(n_kv):
+        key = string()
+        fields[key] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        infos.append((name, take("I"), tuple(reversed(dims)), take("Q")))
+    align = fields.get("general.alignment", 32)
+    start = -(-off // align) * align
+    tensors = {}
+    for name, kind, shape, offset in infos:
+        rows, k = int(np.prod(shape[:-1])), shape[-1]
+        if kind == IQ2_BN_TYPE:
+            size = rows * (4 + k // 4)
+        elif kind in BLOCKS:
+            size = rows * k // BLOCKS[kind][0] * BLOCKS[kind][1]
+        else:
+            size = rows * k * ELEMENT_BYTES[kind]
+        tensors[name] = (kind, shape, data[start + offset:start + offset + size])
+        assert start + offset + size <= len(data), name
+    return fields, tensors
+
+
+def iq2_bn_values(raw: bytes, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(row scales float32 (N,), values (N, K) in {-1, 0, 1}) of an IQ2_BN tensor, as ik_llama.cpp's
+    dequantize_row_iq2_bn reads a row: byte j of a block of 64 holds values j, j+16, j+32, j+48 in
+    bits 0-1, 2-3, 4-5, 6-7, each the code minus 1."""
+    n, k = shape
+    rows = np.frombuffer(raw, np.uint8).reshape(n, 4 + k // 4)
+    d = rows[:, :4].copy().view("<f4").reshape(n)
+    qs = rows[:, 4:].reshape(n, k // 64, 16)
+    vals = np.stack([(qs >> (2 * slot)) & 3 for slot in range(4)], axis=2)  # (N, blocks, slot, 16)
+    return d, vals.reshape(n, k).astype(np.int8) - 1
+
+
+@pytest.mark.parametrize("model_type,tied", [("bitnet", False), ("bitnet", True), ("llama", False)])
+def test_iq2_bn_rows_come_back_exactly(tmp_path, tokenizer, model_type, tied):
+    """--gguf-type iq2_bn: every projection's rows hold the float32 scale s exactly and the codes W_q
+    (q / k in llama.cpp's rotary order for llama), no .scale tensors; a relu^2 bitnet model goes to
+    ik_llama.cpp's architecture bitnet-b1.58, with its own output.weight when the head is untied."""
+    model = model_for(tokenizer, model_type, hidden=512, intermediate=1024, tie_word_embeddings=tied)
+    report = export_gguf(model, tmp_path / "ik.gguf", "iq2_bn")
+    assert not any("fallback" in n or "not a multiple" in n for n in report.notes)
+    fields, tensors = read_raw(tmp_path / "ik.gguf")
+    arch = "bitnet-b1.58" if model_type == "bitnet" else "llama"
+    assert fields["general.architecture"] == report.architecture == arch
+    assert fields["general.file_type"] == 137  # ik_llama.cpp's LLAMA_FTYPE_MOSTLY_IQ2_BN
+    c = model.config
+    assert fields[f"{arch}.block_count"] == c.num_hidden_layers and fields[f"{arch}.feed_forward_length"] == c.intermediate_size
+    assert fields[f"{arch}.attention.layer_norm_rms_epsilon"] == np.float32(c.rms_norm_eps)
+    assert sorted(tensors) == sorted(name for name, _, _ in report.tensors)
+    assert not any(n.endswith(".scale") for n in tensors)
+    bits = weights = 0
+    for name, (q, s) in ours_by_gguf_name(model).items():
+        kind, shape, raw = tensors[f"{name}.weight"]
+        assert kind == IQ2_BN_TYPE and shape == tuple(q.shape), name
+        d, vals = iq2_bn_values(raw, shape)
+        assert (d == np.float32(s)).all(), name
+        assert np.array_equal(vals, q.numpy()), name
+        bits, weights = bits + 8 * len(raw), weights + q.numel()
+    assert bits / weights == 2 + 32 / (weights / sum(q.shape[0] for q, _ in ours_by_gguf_name(model).values()))
+    sd = model.state_dict()
+    assert ("output.weight" in tensors) == (not tied)
+    if not tied:
+        kind, shape, raw = tensors["output.weight"]
+        assert kind == 1 and np.array_equal(np.frombuffer(raw, np.float16).reshape(shape),
+                                            sd["lm_head.weight"].half().numpy())
+    if model_type == "bitnet":
+        kind, shape, raw = tensors["blk.1.ffn_sub_norm.weight"]
+        assert np.array_equal(np.frombuffer(raw, np.float32), sd["model.layers.1.mlp.ffn_sub_norm.weight"].numpy())
+    assert any("stock llama.cpp does not read this file" in n for n in report.notes)
+
+
+def test_f16_for_ik_llama_cpp_and_widths_iq2_bn_cannot_hold(tmp_path, tokenizer):
+    """Architecture bitnet-b1.58 with F16 projections (the input of ik's llama-quantize): scales folded
+    (W_q * fp16(s)), untied head written. IQ2_BN needs K % 64 == 0 and K >= 512 (ik_llama.cpp's
+    activation rows): hidden 512 with intermediate 288 puts down_proj (K 288) into the fallback, its
+    fp16 block scale the folded s; the 512-wide projections stay IQ2_BN."""
+    model = model_for(tokenizer, "bitnet", tie_word_embeddings=False)
+    report = export_gguf(model, tmp_path / "f.gguf", "f16", architecture="bitnet-b1.58")
+    fields, tensors = read_raw(tmp_path / "f.gguf")
+    assert fields["general.architecture"] == "bitnet-b1.58" and "output.weight" in tensors
+    for name, (q, s) in ours_by_gguf_name(model).items():
+        kind, shape, raw = tensors[f"{name}.weight"]
+        assert kind == 1 and not f"{name}.scale" in tensors
+        assert np.array_equal(np.frombuffer(raw, np.float16).reshape(shape), (q.numpy() * np.float16(s)).astype(np.float16))
+    assert report.architecture == "bitnet-b1.58"
+
+    model = model_for(tokenizer, "bitnet", hidden=512, intermediate=288)
+    report = export_gguf(model, tmp_path / "w.gguf", "iq2_bn")
+    assert "multiple of 64 of at least 512" in report.notes[0] and "blk.0.ffn_down (K=288) as Q4_0" in report.notes[0]
+    assert "2 projections" in report.notes[0]  # down_proj of both layers, nothing else
+    _, tensors = read_raw(tmp_path / "w.gguf")
+    for name, (q, s) in ours_by_gguf_name(model).items():
+        kind, shape, raw = tensors[f"{name}.weight"]
+        if name.endswith("ffn_down"):
+            assert kind == 2
+            t = np.frombuffer(raw, np.uint8).reshape(-1, 18)
+            assert (t[:, :2].copy().view(np.float16) == np.float16(s)).all(), name
+            assert np.array_equal(gguf.quants.dequantize(t.reshape(shape[0], -1), gguf.GGMLQuantizationType.Q4_0),
+                                  q.float().numpy() * np.float32(np.float16(s))), name
+        else:
+            assert kind == IQ2_BN_TYPE and np.array_equal(iq2_bn_values(raw, shape)[1], q.numpy()), name
+
+
+def test_what_ik_llama_cpp_cannot_hold_is_refused(tmp_path, tokenizer):
+    relu2 = model_for(tokenizer, "bitnet")
+    with pytest.raises(GGUFError, match="ik_llama.cpp's, which has no TQ2_0"):
+        export_gguf(relu2, tmp_path / "x.gguf", "tq2_0", architecture="bitnet-b1.58")
+    with pytest.raises(GGUFError, match="reads no .scale tensors"):
+        export_gguf(relu2, tmp_path / "x.gguf", "iq2_bn", scale="tensor")
+    with pytest.raises(GGUFError, match="reads no .scale tensors"):
+        export_gguf(relu2, tmp_path / "x.gguf", "f16", scale="tensor", architecture="bitnet-b1.58")
+    with pytest.raises(GGUFError, match="whose bitnet graph computes SiLU"):
+        export_gguf(relu2, tmp_path / "x.gguf", "iq2_bn", architecture="bitnet")
+    with pytest.raises(GGUFError, match="model_type bitnet .* is written as architecture bitnet or bitnet-b1.58, not llama"):
+        export_gguf(relu2, tmp_path / "x.gguf", architecture="llama")
+    with pytest.raises(GGUFError, match="architecture must be one of"):
+        export_gguf(relu2, tmp_path / "x.gguf", architecture="bitnet25")
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
+def test_convert_command_writes_iq2_bn(tmp_path, tokenizer, capsys):
+    model = model_for(tokenizer, "bitnet", hidden=512, intermediate=1024, tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "m")
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type", "iq2_bn"]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF architecture bitnet-b1.58" in out and "14 IQ2_BN" in out and "for ik_llama.cpp" in out
+    _, tensors = read_raw(tmp_path / "m.gguf")
+    for name, (q, s) in ours_by_gguf_name(BitNetForCausalLM.from_pretrained(tmp_path / "m")).items():
+        d, vals = iq2_bn_values(tensors[f"{name}.weight"][2], tuple(q.shape))
+        assert (d == np.float32(s)).all() and np.array_equal(vals, q.numpy()), name
+
+
 # ----------------------------------------------------------------------------- llama.cpp itself (slow)
 def llama_cpp_run(path, prompt: list[int], steps: int):
     """(logits of the prompt (T, vocab), greedy continuation) from llama.cpp through llama-cpp-python."""
