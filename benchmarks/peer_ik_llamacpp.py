@@ -27,17 +27,16 @@ the tree is an export without .git).
    IQ2_BN keeps one float scale per row and codes |x| > max/2 as +-1: each row of W_q * s comes
    back exactly.
    The architecture: the 700m preset is model_type "bitnet" (the 2B-4T block: relu^2 MLP, sub-norms
-   before o_proj and down_proj, NeoX RoPE) with an untied head. Our exporter writes GGUF
-   architecture "bitnet" and refuses an untied head for it, because llama.cpp's (and ik's) "bitnet"
-   graph is the older 1bitLLM one: SiLU gate and the head read from token_embd, whose tensor list has
-   no output.weight. ik's "bitnet-b1.58" architecture (LLM_ARCH_BITNET_B158, the graph of
-   microsoft/bitnet-b1.58-2B-4T) is this block exactly: relu^2 gate (LLM_FFN_RELU_SQR, parallel),
-   attn_sub_norm before wo, ffn_sub_norm before ffn_down, NeoX RoPE, and an optional output.weight.
-   So the file is our exporter's output for the model with its head declared tied (only so that the
-   exporter's check passes: every other tensor and key is the exporter's), then rewritten with the
-   gguf package under architecture "bitnet-b1.58" (keys renamed from "bitnet.*"), with output.weight
-   = the model's own untied lm_head (F16) added. With scale="fold" there are no .scale tensors (ik's
-   bitnet-b1.58 loader would count them as unexpected). The tokenizer: a byte-level BPE of the
+   before o_proj and down_proj, NeoX RoPE) with an untied head. llama.cpp's (and ik's) "bitnet"
+   graph is the older 1bitLLM one (SiLU gate, the head read from token_embd); ik's "bitnet-b1.58"
+   architecture (LLM_ARCH_BITNET_B158, the graph of microsoft/bitnet-b1.58-2B-4T) is this block
+   exactly: relu^2 gate (LLM_FFN_RELU_SQR, parallel), attn_sub_norm before wo, ffn_sub_norm before
+   ffn_down, NeoX RoPE, and an optional output.weight. The exporter writes it so
+   (`architecture="bitnet-b1.58"`; until 2026-12-07 this script renamed an export of architecture
+   "bitnet" by hand, the same tensors and keys). With scale="fold" there are no .scale tensors (ik's
+   bitnet-b1.58 loader would count them as unexpected). (`bitnet convert --to gguf --gguf-type
+   iq2_bn` writes IQ2_BN itself, the same codes as ik's llama-quantize makes here: tests/test_gguf.py.)
+   The tokenizer: a byte-level BPE of the
    model's 32000 ids (3 specials, the 256 byte symbols, then words " a", " b", ..., " aa", ... each
    one token, merges included), so that every id is a normal token with text.
 3. llama-bench -m FILE -t T -p 128 -n 64 -r REPS -o json, per file and thread count (ik's defaults
@@ -66,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import re
@@ -342,67 +340,17 @@ def make_model(preset: str, seed: int):
 
 
 def write_ik_gguf(model, path: str, name: str | None = None) -> dict:
-    """Our exporter's F16 GGUF of `model` (scale folded), retargeted to ik's architecture
-    "bitnet-b1.58" with the model's own output.weight (see the module docstring, step 2)."""
-    import numpy as np
-
+    """Our exporter's F16 GGUF of `model` for ik's architecture "bitnet-b1.58" (scales folded, the
+    model's own output.weight when its head is untied; see the module docstring, step 2)."""
     from bitnet.gguf_export import export_gguf
 
     c = model.config
     if c.model_type != "bitnet":
         raise ValueError(f"model_type {c.model_type!r}: this peer writes the bitnet (2B-4T) block only")
-    tmp = f"{path}.exporter.{os.getpid()}.gguf"
-    try:
-        tied = c.tie_word_embeddings
-        # the exporter writes architecture "bitnet", whose llama.cpp graph reads the head from token_embd,
-        # and so refuses an untied head: declare it tied for the export only, add the real head below
-        model.config = dataclasses.replace(c, tie_word_embeddings=True)
-        try:
-            report = export_gguf(model, tmp, gguf_type="f16", scale="fold", float_type="f16",
-                                 name=name or f"bitnet-random-{c.num_hidden_layers}x{c.hidden_size}")
-        finally:
-            model.config = c
-        head = None if tied else model.lm_head.weight.detach().float().numpy().astype(np.float16)
-        retarget(tmp, path, IK_ARCH, head)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    first = report.summary().splitlines()[0].split(": ", 1)[1]
-    return {"path": path, "bytes": os.path.getsize(path), "exporter_file_before_retargeting": first,
-            "architecture": IK_ARCH, "head": "untied (output.weight F16)" if not tied else "tied"}
-
-
-def retarget(src: str, dst: str, arch: str, output_weight=None) -> None:
-    """Copy GGUF `src` to `dst` under architecture `arch` (keys "<old arch>.*" renamed), adding
-    output.weight (numpy, torch layout (vocab, hidden)) after output_norm.weight when given."""
-    import gguf
-
-    reader = gguf.GGUFReader(src)
-    old = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(dst + ".tmp", arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        key = arch + field.name[len(old):] if field.name.startswith(old + ".") else field.name
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-    tensors = []
-    for t in reader.tensors:
-        tensors.append((t.name, t.data, t.tensor_type))
-        if t.name == "output_norm.weight" and output_weight is not None:
-            tensors.append(("output.weight", output_weight, gguf.GGMLQuantizationType.F16))
-    if output_weight is not None and not any(n == "output.weight" for n, _, _ in tensors):
-        tensors.append(("output.weight", output_weight, gguf.GGMLQuantizationType.F16))
-    for n, data, qt in tensors:
-        writer.add_tensor_info(n, data.shape, data.dtype, data.nbytes, qt)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for _, data, _ in tensors:
-        writer.write_tensor_data(data)
-    writer.close()
-    os.replace(dst + ".tmp", dst)
+    report = export_gguf(model, path, gguf_type="f16", scale="fold", float_type="f16", architecture=IK_ARCH,
+                         name=name or f"bitnet-random-{c.num_hidden_layers}x{c.hidden_size}")
+    return {"path": path, "bytes": os.path.getsize(path), "exporter": report.summary().splitlines()[0].split(": ", 1)[1],
+            "architecture": IK_ARCH, "head": "untied (output.weight F16)" if not c.tie_word_embeddings else "tied"}
 
 
 QUANT_LINE = re.compile(r"\]\s+([\w.]+)\s+-\s+\[[^\]]*\],\s+type =\s+(\w+),\s+(?:converting to (\w+)|size)")

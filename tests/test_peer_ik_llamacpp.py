@@ -166,9 +166,8 @@ def test_gguf_for_ik(tmp_path):
     model.tokenizer_files["tokenizer.json"] = peer.ik_tokenizer_json(config.vocab_size)
     path = str(tmp_path / "m.gguf")
     info = peer.write_ik_gguf(model, path)
-    assert model.config.tie_word_embeddings is False  # restored after the export
     assert info["architecture"] == "bitnet-b1.58" and info["bytes"] == os.path.getsize(path)
-    assert not [p for p in os.listdir(tmp_path) if p != "m.gguf"]  # the exporter's file is gone
+    assert not [p for p in os.listdir(tmp_path) if p != "m.gguf"]  # nothing else left behind
 
     r = gguf.GGUFReader(path)
     assert r.fields["general.architecture"].contents() == "bitnet-b1.58"
