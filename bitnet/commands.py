@@ -75,11 +75,11 @@ class ConvertArgs:
     weight_bits: str = arg("ternary", help="for a float model: the BitLinear kind it converts to",
                            choices=["ternary", "binary"])
     gguf_type: str = arg("tq2_0", help="--to gguf: type of the projections: ternary blocks TQ2_0 (2.06 bits/weight) or "
-                         "TQ1_0 (1.69) for llama.cpp, IQ2_BN (2 bits + a float32 scale a row) for ik_llama.cpp, "
-                         "or F16 W_q (for runtimes that quantize with their own tools)",
-                         choices=["tq2_0", "tq1_0", "iq2_bn", "f16"])
+                         "TQ1_0 (1.69) for llama.cpp, IQ2_BN (2 bits + a float32 scale a row) or IQ1_BN (1.625 + "
+                         "an fp16 scale a row) for ik_llama.cpp, or F16 W_q (for runtimes that quantize with their "
+                         "own tools)", choices=["tq2_0", "tq1_0", "iq2_bn", "iq1_bn", "f16"])
     gguf_arch: str | None = arg(None, help="--to gguf: GGUF architecture (default: llama or bitnet by model_type; "
-                                "bitnet-b1.58, ik_llama.cpp's graph of the 2B-4T block, with iq2_bn)",
+                                "bitnet-b1.58, ik_llama.cpp's graph of the 2B-4T block, with iq2_bn / iq1_bn)",
                                 choices=["llama", "bitnet", "bitnet-b1.58"])
     gguf_fallback: str = arg("q4_0", help="--to gguf: type of projections whose input width is not a multiple of 256 "
                              "(q4_0 and q8_0 hold ternary values exactly; error: refuse)",

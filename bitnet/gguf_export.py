@@ -18,7 +18,9 @@ What is written (the `gguf` package writes the container):
 - or, gguf_type "iq2_bn", ik_llama.cpp's own ternary type (IQ2_BN: per row one float32 scale, then
   blocks of 64 at 2 bits a weight; 2.0 bits/weight plus 4 bytes a row): the row scale is s itself,
   so the dequantized weights are exactly W_q * s and no .scale tensor is written; ik_llama.cpp runs it
-  as it is (llama-quantize's own IQ2_BN of W_q * s holds the same codes);
+  as it is (llama-quantize's own IQ2_BN of W_q * s holds the same codes); or "iq1_bn", its base-3
+  type (IQ1_BN: an fp16 row scale, s rounded to fp16 as scale="fold" does, then 13 bytes per 64
+  weights: 1.625 bits/weight);
 - or, gguf_type "f16", every projection as F16 values W_q (exact; with scale="fold", W_q * fp16(s)):
   the input of runtimes that quantize with their own tools (ik_llama.cpp's llama-quantize), and a
   float reference: llama.cpp then multiplies float activations, without int8 quantization;
@@ -59,17 +61,19 @@ from .bitlinear import BitLinear
 from .hub import chat_template
 from .model import BitNetForCausalLM
 
-GGUF_TYPES = ("tq2_0", "tq1_0", "iq2_bn", "f16")
+GGUF_TYPES = ("tq2_0", "tq1_0", "iq2_bn", "iq1_bn", "f16")
 ARCHITECTURES = ("llama", "bitnet", "bitnet-b1.58")
 FALLBACKS = ("q4_0", "q8_0", "f16", "error")
 FLOAT_TYPES = ("f16", "f32")
 SCALES = ("tensor", "fold")
 QK_K = 256  # TQ block
 QK = 32  # Q4_0 / Q8_0 block
-QK_IQ2_BN = 64  # IQ2_BN block
-IQ2_BN = 135  # ik_llama.cpp's GGML_TYPE_IQ2_BN (mainline llama.cpp and gguf-py have no such type)
-IQ2_BN_MIN_K = 512  # ik_llama.cpp quantizes IQ2_BN's activations (Q8_K64) in rows of at least 8 blocks
-FTYPE_IQ2_BN = 137  # ik_llama.cpp's LLAMA_FTYPE_MOSTLY_IQ2_BN
+QK_IQ2_BN = 64  # IQ2_BN / IQ1_BN block
+# ik_llama.cpp's own ternary types (mainline llama.cpp and gguf-py have neither): GGML_TYPE_IQ1_BN /
+# IQ2_BN and the file types LLAMA_FTYPE_MOSTLY_IQ1_BN / IQ2_BN
+IK_TYPE_IDS = {"iq2_bn": 135, "iq1_bn": 134}
+IK_FTYPES = {"iq2_bn": 137, "iq1_bn": 136}
+IQ2_BN_MIN_K = 512  # ik_llama.cpp quantizes their activations (Q8_K64) in rows of at least 8 blocks
 IK_ARCH = "bitnet-b1.58"
 PROJECTION_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -149,6 +153,25 @@ def iq2_bn_rows(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
     qs = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)  # (N, blocks, 16)
     d = s.to(torch.float32).reshape(n, 1).contiguous().view(torch.uint8)  # (N, 4), little-endian as torch is here
     return torch.cat([d, qs.reshape(n, k // 4)], -1).numpy()
+
+
+def iq1_bn_rows(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
+    """IQ1_BN (ik_llama.cpp) of ternary q (N, K) int8, K % 64 == 0, with row scale s (N, 1) float:
+    uint8 (N, 2 + 13 K/64), 1.625 bits a weight.
+
+    Each row: its scale as fp16, then per block of 64, four groups of 16: codes c = q + 1 of values
+    5k..5k+4 of group g in byte 3g + k (k < 3), least significant trit first (sum of c_j 3^j), and
+    value 15 of every group in byte 12 (sum of c_g 3^g); each byte b stored as ceil(b * 256 / 243),
+    so that ik's decoder reads the trits out by multiplication."""
+    n, k = q.shape
+    c = (q.to(torch.int32) + 1).reshape(n, k // QK_IQ2_BN, 4, 16)  # (N, blocks, group, 16)
+    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+    fives = (c[..., :15].reshape(n, k // QK_IQ2_BN, 4, 3, 5) * pow3).sum(-1)  # (N, blocks, 4, 3)
+    extra = (c[..., 15] * pow3[:4]).sum(-1, keepdim=True)  # (N, blocks, 1)
+    b = torch.cat([fives.reshape(n, k // QK_IQ2_BN, 12), extra], -1)
+    b = ((b * 256 + 242) // 243).to(torch.uint8)
+    d = s.to(torch.float16).reshape(n, 1).contiguous().view(torch.uint8)  # (N, 2)
+    return torch.cat([d, b.reshape(n, -1)], -1).numpy()
 
 
 def q8_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
@@ -257,7 +280,7 @@ def check_exportable(model: BitNetForCausalLM, architecture: str | None = None, 
     gguf_type call for), or GGUFError saying why that runtime could not hold it."""
     c = model.config
     if architecture is None:
-        architecture = "llama" if c.model_type == "llama" else IK_ARCH if gguf_type == "iq2_bn" else "bitnet"
+        architecture = "llama" if c.model_type == "llama" else IK_ARCH if gguf_type in IK_TYPE_IDS else "bitnet"
     if architecture not in ARCHITECTURES:
         raise GGUFError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     fits = ("llama",) if c.model_type == "llama" else ("bitnet", IK_ARCH)
@@ -283,9 +306,9 @@ def check_exportable(model: BitNetForCausalLM, architecture: str | None = None, 
     if architecture == IK_ARCH and gguf_type in ("tq2_0", "tq1_0"):
         raise GGUFError(f"architecture {IK_ARCH} is ik_llama.cpp's, which has no {gguf_type.upper()} (mainline "
                         "llama.cpp's type ids name nothing there): use gguf_type iq2_bn, or f16 for its llama-quantize")
-    if gguf_type == "iq2_bn" and architecture == "bitnet" and c.hidden_act != "silu":
-        raise GGUFError(f"IQ2_BN is read by ik_llama.cpp only, whose bitnet graph computes SiLU: this model's "
-                        f"{c.hidden_act} runs right under architecture {IK_ARCH} (the default for iq2_bn)")
+    if gguf_type in IK_TYPE_IDS and architecture == "bitnet" and c.hidden_act != "silu":
+        raise GGUFError(f"{gguf_type.upper()} is read by ik_llama.cpp only, whose bitnet graph computes SiLU: this "
+                        f"model's {c.hidden_act} runs right under architecture {IK_ARCH} (the default for {gguf_type})")
     return architecture
 
 
@@ -301,8 +324,9 @@ def export_gguf(
 ) -> GGUFReport:
     """Write `model` (any state: packed, latent or binary; binary weights are ternary without zeros)
     as a GGUF file at `path` (written under a temporary name, then renamed). See the module's docstring.
-    scale None: "fold" where the runtime reads no .scale tensors (IQ2_BN, architecture bitnet-b1.58),
-    "tensor" elsewhere; architecture None: llama / bitnet by model_type, bitnet-b1.58 for iq2_bn."""
+    scale None: "fold" where the runtime reads no .scale tensors (IQ2_BN / IQ1_BN, architecture
+    bitnet-b1.58), "tensor" elsewhere; architecture None: llama / bitnet by model_type, bitnet-b1.58
+    for iq2_bn / iq1_bn."""
     for value, allowed, what in ((gguf_type, GGUF_TYPES, "gguf_type"), (fallback, FALLBACKS, "fallback"),
                                  (float_type, FLOAT_TYPES, "float_type"), (scale, (None, *SCALES), "scale")):
         if value not in allowed:
@@ -311,13 +335,13 @@ def export_gguf(
     Q = gguf.GGMLQuantizationType
     c = model.config
     arch = check_exportable(model, architecture, gguf_type)
-    ik = gguf_type == "iq2_bn" or arch == IK_ARCH
+    ik = gguf_type in IK_TYPE_IDS or arch == IK_ARCH
     if scale is None:
         scale = "fold" if ik else "tensor"
     elif scale == "tensor" and ik:
         raise GGUFError(f"scale 'tensor': ik_llama.cpp's {arch} graph reads no .scale tensors"
-                        if arch == IK_ARCH else "scale 'tensor' with IQ2_BN: its float32 row scale holds the "
-                        "per-matrix scale exactly, and ik_llama.cpp reads no .scale tensors beside it: use 'fold'")
+                        if arch == IK_ARCH else f"scale 'tensor' with {gguf_type.upper()}: ik_llama.cpp reads the "
+                        "scale from each row of it, and no .scale tensors beside it: use 'fold'")
     report = GGUFReport(path=path, architecture=arch)
     tok = tokenizer_metadata(model.tokenizer_files, c.vocab_size, c.bos_token_id, c.eos_token_id, c.pad_token_id)
 
@@ -325,7 +349,7 @@ def export_gguf(
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(name or f"bitnet-{c.model_type}-{c.num_hidden_layers}x{c.hidden_size}")
     w.add_file_type({"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
-                     "iq2_bn": FTYPE_IQ2_BN, "f16": gguf.LlamaFileType.MOSTLY_F16}[gguf_type])
+                     "f16": gguf.LlamaFileType.MOSTLY_F16, **IK_FTYPES}[gguf_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -386,19 +410,20 @@ def export_gguf(
             s = s.float().reshape(1).cpu()
             d = (s if scale == "fold" else torch.ones(1)).expand(n, 1)
             kind = gguf_type
-            block = QK_IQ2_BN if kind == "iq2_bn" else QK_K
-            if kind != "f16" and (k % block or (kind == "iq2_bn" and k < IQ2_BN_MIN_K)):
+            block = QK_IQ2_BN if kind in IK_TYPE_IDS else QK_K
+            if kind != "f16" and (k % block or (kind in IK_TYPE_IDS and k < IQ2_BN_MIN_K)):
                 if fallback == "error":
                     raise GGUFError(f"{gname}: input width {k} is not a multiple of {block}"
-                                    + (f" of at least {IQ2_BN_MIN_K}" if kind == "iq2_bn" else "")
+                                    + (f" of at least {IQ2_BN_MIN_K}" if kind in IK_TYPE_IDS else "")
                                     + f", which {gguf_type.upper()} blocks need; choose a fallback type (q4_0, q8_0 or f16)")
                 kind = fallback if k % QK == 0 else "f16"
                 fell_back.append(f"{gname} (K={k}) as {kind.upper()}")
             if kind == "f16":
                 blocks = (q.float() * d).numpy().astype(np.float16)
                 w.add_tensor(f"{gname}.weight", blocks)
-            elif kind == "iq2_bn":  # a type gguf-py does not know: its bytes as int8, the shape given
-                w.add_tensor(f"{gname}.weight", iq2_bn_rows(q, d).view(np.int8), raw_shape=(n, k), raw_dtype=IQ2_BN)
+            elif kind in IK_TYPE_IDS:  # a type gguf-py does not know: its bytes as int8, the shape given
+                rows = (iq2_bn_rows if kind == "iq2_bn" else iq1_bn_rows)(q, d)
+                w.add_tensor(f"{gname}.weight", rows.view(np.int8), raw_shape=(n, k), raw_dtype=IK_TYPE_IDS[kind])
             else:
                 encode = {"tq2_0": tq2_0_blocks, "tq1_0": tq1_0_blocks, "q8_0": q8_0_blocks, "q4_0": q4_0_blocks}[kind]
                 w.add_tensor(f"{gname}.weight", encode(q, d), raw_dtype=getattr(Q, kind.upper()))
@@ -411,16 +436,16 @@ def export_gguf(
         add_float("output.weight", sd["lm_head.weight"], float_type)
     if fell_back:
         report.notes.append(f"{len(fell_back)} projections have an input width that is not a multiple of "
-                            + (f"{QK_IQ2_BN} of at least {IQ2_BN_MIN_K}" if gguf_type == "iq2_bn" else f"{QK_K}") + " and "
+                            + (f"{QK_IQ2_BN} of at least {IQ2_BN_MIN_K}" if gguf_type in IK_TYPE_IDS else f"{QK_K}") + " and "
                             f"were written in another type: {', '.join(fell_back[:4])}"
                             + (f" and {len(fell_back) - 4} more" if len(fell_back) > 4 else ""))
     if arch == "bitnet" and c.hidden_act != "silu":
         report.notes.append(f"architecture bitnet with hidden_act {c.hidden_act}: stock llama.cpp (and bitnet.cpp) "
                             "compute a SiLU gate there, so this file loads but computes another function; "
-                            f"ik_llama.cpp's {IK_ARCH} graph computes it right: --gguf-type iq2_bn")
+                            f"ik_llama.cpp's {IK_ARCH} graph computes it right: --gguf-type iq2_bn (or iq1_bn)")
     if ik:
         report.notes.append(f"for ik_llama.cpp ({'architecture ' + arch + ', ' if arch == IK_ARCH else ''}"
-                            f"{'IQ2_BN' if gguf_type == 'iq2_bn' else 'F16, scales folded'}): stock llama.cpp "
+                            f"{gguf_type.upper() if gguf_type in IK_TYPE_IDS else 'F16, scales folded'}): stock llama.cpp "
                             "does not read this file")
 
     try:
