@@ -69,7 +69,8 @@ class ConvertArgs:
     to: str = arg("packed", help="packed: offline packed weights for inference (2 bits; 1 bit for binary models, "
                   "which load here only); unpacked: offline W_q values as floats + weight_scale, which transformers "
                   "loads (the export of binary models for transformers); latent: online latent weights for (QAT) "
-                  "training; gguf: one GGUF file for llama.cpp", choices=["packed", "unpacked", "latent", "gguf"])
+                  "training; gguf: one GGUF file for llama.cpp (or ik_llama.cpp: --gguf-type iq2_bn)",
+                  choices=["packed", "unpacked", "latent", "gguf"])
     linear_class: str = arg("autobitlinear", help="weight_scale convention of packed weights",
                             choices=["autobitlinear", "bitlinear"])
     weight_bits: str = arg("ternary", help="for a float model: the BitLinear kind it converts to",
