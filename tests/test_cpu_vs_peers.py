@@ -38,7 +38,7 @@ SAMPLES = [
 
 def test_arguments_defaults_and_quick():
     a = cvp.parse_args([])
-    assert (a.shapes, a.threads, a.isas, a.rounds, a.systems) == (["700m"], [1, 2], ["native", "avx2"], 2, list(cvp.SYSTEMS))
+    assert (a.shapes, a.threads, a.isas, a.rounds, a.systems) == (["700m"], [1, 2], ["native", "avx2"], 2, list(cvp.DEFAULT_SYSTEMS))
     assert a.shape_threads == {"2b4t": [2]} and a.shape_isas == {"2b4t": ["native"]}
     assert (a.reps, a.twin_reps, a.ik_reps, a.prompt, a.gen, a.lock) == (5, 3, 5, 128, 64, "/tmp/bench.lock")
     q = cvp.parse_args(["--quick", "--lock", ""])
@@ -66,7 +66,7 @@ def test_plan_and_round_order():
     assert {(c["isa"], c["threads"]) for c in big} == {("native", 2)}
     assert not any(c["system"] == "twin" and c["isa"] == "avx2" for c in plan)
     # a group's systems back to back
-    assert [c["system"] for c in plan[:4]] == list(cvp.SYSTEMS) and plan[0]["threads"] == 1
+    assert [c["system"] for c in plan[:4]] == list(cvp.DEFAULT_SYSTEMS) and plan[0]["threads"] == 1
     assert cvp.round_order(plan, 0) == plan and cvp.round_order(plan, 1) == plan[::-1]
     # avx2-kernels: ours-only cells, ik measured under "avx2"
     a = cvp.parse_args(["--isas", "avx2-kernels", "--threads", "2", "--twin-isas", "avx2-kernels"])
@@ -90,6 +90,9 @@ def test_summarize_and_ratios_from_samples():
     partial = [x for x in SAMPLES if not (x["round"] == 2 and x["system"] == "twin")]
     (r,) = cvp.ratios(partial)
     assert r["decode_vs_twin"]["per_round"] == [50 / 6] and len(r["decode_vs_ik_f16"]["per_round"]) == 2
+    assert r["decode_int8_vs_ik_default"] is None  # ours-int8 not measured (not in the default systems)
+    (r,) = cvp.ratios(SAMPLES + [m(1, "ours-int8", 54.0, 290.0), m(2, "ours-int8", 45.0, 250.0)])
+    assert r["decode_int8_vs_ik_default"]["per_round"] == [54 / 45, 45 / 36]
 
 
 def test_markdown_from_samples():
