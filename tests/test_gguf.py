@@ -609,8 +609,9 @@ IK_NEAR_TIE = 0.35  # ik's logits differ from ours by up to ~0.32 here (its acti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gguf_type,tied,seed", [("iq2_bn", False, 5), ("iq2_bn", True, 14), ("iq1_bn", False, 5)])
-def test_ik_llama_cpp_computes_our_relu2_model(tmp_path, tokenizer, ik_llama, gguf_type, tied, seed):
+@pytest.mark.parametrize("model_type,gguf_type,tied,seed", [("bitnet", "iq2_bn", False, 5), ("bitnet", "iq2_bn", True, 14),
+                                                             ("bitnet", "iq1_bn", False, 5), ("llama", "iq2_bn", False, 28)])
+def test_ik_llama_cpp_computes_our_model(tmp_path, tokenizer, ik_llama, model_type, gguf_type, tied, seed):
     """ik_llama.cpp on our IQ2_BN / IQ1_BN export of a 2B-4T-layout model (relu^2, sub-norms;
     architecture bitnet-b1.58): its logits for a prompt and 8 greedy steps against ours on the same
     tokens (IQ1_BN: ours with the scales rounded to fp16, as its rows hold them).
@@ -622,8 +623,10 @@ def test_ik_llama_cpp_computes_our_relu2_model(tmp_path, tokenizer, ik_llama, gg
     its logits move by up to ~0.32 here; the F16 test below holds the layout itself to 6 digits.
     (Stock llama.cpp's SiLU graph on such a model: cosine ~0.9,
     test_llama_cpp_bitnet_relu2_is_not_computed_right.) Seeds 5 (untied) and 14 (tied): random models
-    whose 8 greedy margins all reach IK_NEAR_TIE (of seeds 0-39 at this shape, 1 untied and 4 tied do)."""
-    model = model_for(tokenizer, "bitnet", hidden=512, intermediate=1024, tie_word_embeddings=tied, seed=seed)
+    whose 8 greedy margins all reach IK_NEAR_TIE (of seeds 0-39 at this shape, 1 untied and 4 tied do).
+    And a Llama-layout (HF1BitLLM) model in IQ2_BN, architecture llama, q / k rows permuted for ik's
+    llama RoPE: seed 28, the first 6 margins of 8 above IK_NEAR_TIE (the most of seeds 0-29)."""
+    model = model_for(tokenizer, model_type, hidden=512, intermediate=1024, tie_word_embeddings=tied, seed=seed)
     export_gguf(model, tmp_path / "m.gguf", gguf_type)
     prompt = tokenizer.encode(IK_PROMPT).ids
     theirs, their_tokens = ik_run(ik_llama, tmp_path / "m.gguf", prompt, 8, model.config.vocab_size, tmp_path)
@@ -635,7 +638,8 @@ def test_ik_llama_cpp_computes_our_relu2_model(tmp_path, tokenizer, ik_llama, gg
                 layer.weight_scale.copy_(layer.weight_scale.half().float())
         with torch.no_grad():
             ours = model(torch.tensor([prompt + their_tokens])).logits[0].float().numpy()
-    hold_to_ours(f"ik_llama.cpp {gguf_type.upper()} bitnet-b1.58 ({'tied' if tied else 'untied'} head)", theirs, ours, their_tokens,
+    arch = "bitnet-b1.58" if model_type == "bitnet" else "llama"
+    hold_to_ours(f"ik_llama.cpp {gguf_type.upper()} {arch} ({'tied' if tied else 'untied'} head)", theirs, ours, their_tokens,
                  *our_greedy(model, prompt, 8), min_cosine=0.997, near_tie=IK_NEAR_TIE)
 
 
