@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .args import arg, command, device as named_device
+from .args import LM_HEADS, arg, command, device as named_device, lm_head_arg
 from .config import PRESETS, BitNetConfig
 from .experiment import CompareArgs
 from .runlock import RunLock
@@ -183,6 +183,7 @@ class EvalArgs:
     protocol: str = arg("sliding", help="sliding (transformers' guide) or chunks (BOS-prefixed, non-overlapping)",
                         choices=["sliding", "chunks"])
     batch_size: int = arg(4, help="windows per forward pass")
+    lm_head: str = lm_head_arg()
     device: str | None = arg(None, help="cpu, cuda, ... (default: cuda if available)")
     json: bool = arg(False, help="print one JSON object instead of text")
     progress: bool = arg(True, help="progress bar (stderr)")
@@ -199,7 +200,7 @@ def eval_cmd(args: EvalArgs) -> None:
     device = named_device(args.device)
     r = evaluate_folder(args.model, args.data, args.max_length, args.stride, args.protocol, args.batch_size, device,
                         progress=args.progress and not args.json, revision=args.revision, cache_dir=args.cache_dir,
-                        local_files_only=args.local_files_only)
+                        local_files_only=args.local_files_only, lm_head_bits=LM_HEADS[args.lm_head])
     print(result_json(r) if args.json else f"{args.model} on {args.data}: {r.summary()}")
 
 

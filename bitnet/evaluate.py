@@ -161,10 +161,17 @@ def bos_id(model) -> int | None:
 
 def evaluate_folder(path: str, data: str, max_length: int | None = None, stride: int | None = None, protocol: str = "sliding",
                     batch_size: int = 4, device=None, progress: bool = False, revision: str | None = None,
-                    cache_dir: str | None = None, local_files_only: bool = False) -> Perplexity:
-    """Perplexity of the model at `path` (a folder or a hub id, bitnet.hub) on the text file `data`."""
+                    cache_dir: str | None = None, local_files_only: bool = False,
+                    lm_head_bits: int | None = None) -> Perplexity:
+    """Perplexity of the model at `path` (a folder or a hub id, bitnet.hub) on the text file `data`;
+    lm_head_bits 8 or 4: with its lm_head quantized so (model.quantize_lm_head), as it would be served."""
     name, path = path, resolve(path, revision, cache_dir, local_files_only)
     model = load_model(path, device=device)
+    if lm_head_bits:
+        if not hasattr(model, "quantize_lm_head"):  # a transformers model, not BitNetForCausalLM
+            raise ValueError(f"--lm-head int{lm_head_bits} quantizes the head of this package's models; {name} loaded "
+                             f"as transformers' {type(model).__name__}")
+        model.quantize_lm_head(lm_head_bits)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     max_length = max_length or min(1024, max_pos or 1024)
     if max_pos is not None and max_length > max_pos:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .args import arg, command, device as named_device
+from .args import LM_HEADS, arg, command, device as named_device, lm_head_arg
 from .hub import resolve
 from .kernels import cpu as native
 from .model import attention_dtype
@@ -494,6 +494,7 @@ class GenerateArgs:
     cuda_graph: bool | None = arg(None, help="record the eager decode step as a CUDA graph once and replay it for every "
                                   "token (default: on cuda unless --compile; --no-cuda-graph: eager, the host issuing "
                                   "every kernel of every step)")
+    lm_head: str = lm_head_arg()
     revision: str | None = arg(None, help="hub id: branch, tag or commit (default: main)")
     cache_dir: str | None = arg(None, help="hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
     local_files_only: bool = arg(False, help="hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
@@ -621,6 +622,8 @@ def generate_cmd(args: GenerateArgs) -> None:
     if device.type == "cpu":
         build_cpu_kernels()  # the one-time build, if any, before the model and the clock
     model = BitNetForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
+    if LM_HEADS[args.lm_head]:
+        model.quantize_lm_head(LM_HEADS[args.lm_head])
 
     prompt_ids = tokenizer.encode(args.prompt).ids
     context = model.config.max_position_embeddings

@@ -46,12 +46,15 @@ def folder(tmp, kind, tok):
     return path
 
 
-def reference_ppl(path, ids, max_length, stride=None, protocol="sliding", bos=1):
-    """The loop of transformers' perplexity guide, with transformers' model, summing token NLLs."""
+def reference_ppl(path, ids, max_length, stride=None, protocol="sliding", bos=1, lm_head_weight=None):
+    """The loop of transformers' perplexity guide, with transformers' model, summing token NLLs
+    (lm_head_weight: that model's head replaced by these weights, its embedding left as it is)."""
     from transformers import AutoModelForCausalLM
 
     with no_compile():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if lm_head_weight is not None:
+        model.lm_head.weight = torch.nn.Parameter(lm_head_weight.float())
     nll, count = 0.0, 0
 
     def score(input_ids, target_ids):
@@ -136,6 +139,32 @@ def test_cli_json_and_errors(tmp_path, text_and_tokenizer, capsys):
     empty.write_text("")
     assert main(["eval", "ppl", str(path), "--data", str(empty)]) == 2
     assert "empty.txt is empty" in capsys.readouterr().err
+
+
+def test_cli_lm_head_quantized_as_served(tmp_path, text_and_tokenizer, capsys):
+    """bitnet eval ppl --lm-head int8: the perplexity of the model with the int8 head it would be
+    served with, against transformers' loop on the same checkpoint with its head replaced by those
+    int8 rows times their scales (Int8Linear keeps activations float: the same function). --lm-head
+    int4 runs too (its int8 activations have no float twin), and a transformers model is refused."""
+    from bitnet import Int8Linear
+
+    text, tok = text_and_tokenizer
+    path = folder(tmp_path, "packed", tok)
+    ids = torch.tensor(tok.encode(text.read_text(), add_special_tokens=False).ids)
+    head = Int8Linear.from_linear(BitNetForCausalLM.from_pretrained(path).lm_head)
+    ref_ppl, ref_count = reference_ppl(path, ids, 64, 32, lm_head_weight=head.weight.float() * head.weight_scale.view(-1, 1))
+    float_ppl, _ = reference_ppl(path, ids, 64, 32)
+    for kind in ("int8", "int4", "float"):
+        assert main(["eval", "ppl", str(path), "--data", str(text), "--max-length", "64", "--json", "--lm-head", kind]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["tokens"] == ref_count
+        if kind == "int8":
+            assert out["ppl"] == pytest.approx(ref_ppl, rel=1e-4) and out["ppl"] != pytest.approx(float_ppl, rel=1e-6)
+        else:
+            assert out["ppl"] == pytest.approx(float_ppl, rel=2e-2 if kind == "int4" else 1e-4), kind
+    gpt2 = folder(tmp_path, "gpt2", tok)
+    assert main(["eval", "ppl", str(gpt2), "--data", str(text), "--lm-head", "int8"]) == 2
+    assert "--lm-head int8 quantizes the head of this package's models" in capsys.readouterr().err
 
 
 def test_bad_protocol_arguments_are_refused_by_name(tmp_path, text_and_tokenizer, capsys):

@@ -90,6 +90,28 @@ def test_generate_warms_up_where_the_first_call_compiles(folder, monkeypatch, ca
     assert "[warm-up: kernels compiled for this prompt in" in err and "4 tokens in" in err
 
 
+def test_generate_lm_head_quantized_at_load(folder, monkeypatch, capsys):
+    """--lm-head int8 / int4: the model generates with the head quantize_lm_head makes, and the same
+    tokens as that model generates through the API (float: the head as loaded)."""
+    from bitnet import BitNetForCausalLM, Int4Linear, Int8Linear
+    from bitnet.bitlinear import StreamedLinear
+
+    gen = generation.generate
+    for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear), ("float", StreamedLinear)):
+        seen = []
+        monkeypatch.setattr(generation, "generate", lambda m, ids, n, *a, **kw: seen.append(m) or gen(m, ids, n, *a, **kw))
+        assert main(["generate", str(folder), "--prompt", "hello world", "--max-new-tokens", "6", "--device", "cpu",
+                     "--lm-head", kind]) == 0
+        assert type(seen[0].lm_head) is cls, kind
+        model = BitNetForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        if kind != "float":
+            model.quantize_lm_head(int(kind[3:]))
+        tokenizer = generation.load_tokenizer(str(folder))
+        prompt = tokenizer.encode("hello world").ids
+        want = gen(model, torch.tensor([prompt]), 6)[0, len(prompt):].tolist()
+        assert capsys.readouterr().out == "hello world" + tokenizer.decode(want) + "\n", kind
+
+
 @pytest.mark.slow
 def test_first_generate_after_install_announces_its_build(folder, tmp_path):
     """A fresh TORCH_EXTENSIONS_DIR, as after an install: the build is announced before the text, and

@@ -152,6 +152,29 @@ def test_completion_is_the_solo_greedy_output(server, reference, tokenizer):
     assert r.choices[0].text == solo(reference, tokenizer, ids, 12)[0]
 
 
+def test_lm_head_quantized_at_load_serves_its_own_solo_outputs(folder, tokenizer):
+    """--lm-head int4: the server's model has the head quantize_lm_head makes, and 3 concurrent
+    requests each get that model's solo greedy output (the reference quantized through the API)."""
+    from bitnet import Int4Linear
+
+    s = Server(folder, max_batch=2, lm_head="int4")
+    try:
+        assert isinstance(s.model.lm_head, Int4Linear)
+        ref = BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32).quantize_lm_head(4)
+
+        async def one(text):
+            r = await s.async_client().completions.create(model=s.name, prompt=text, max_tokens=10, temperature=0)
+            return r.choices[0].text
+
+        async def all_of():
+            return await asyncio.gather(*(one(t) for t in TEXTS[:3]))
+
+        for text, got in zip(TEXTS[:3], asyncio.run(all_of())):
+            assert got == solo(ref, tokenizer, tokenizer.encode(text).ids, 10)[0], text
+    finally:
+        s.close()
+
+
 def test_concurrent_clients_each_get_their_solo_output(server, reference, tokenizer):
     """8 clients at once on 3 slots (the rest queue, and join the running batch as slots free),
     streamed and not, completions and chat: each gets exactly its prompt's solo greedy output."""

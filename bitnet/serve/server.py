@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..args import arg, command, device as named_device
+from ..args import LM_HEADS, arg, command, device as named_device, lm_head_arg
 
 EXTRA_HINT = "bitnet serve needs the serve extra: pip install 'bitnet-b158[serve]' (fastapi, uvicorn, sse-starlette, " \
              "prometheus-client)"
@@ -40,6 +40,7 @@ class ServeArgs:
     chat_template: str | None = arg(None, help="a Jinja chat template file (default: the folder's)")
     dtype: str | None = arg(None, help="activation and float-weight dtype (default: bfloat16)",
                             choices=["bfloat16", "float16", "float32"])
+    lm_head: str = lm_head_arg()
     device: str | None = arg(None, help="cuda or cpu (default: cuda when available)")
     decode_graphs: bool | None = arg(None, help="record each batch size's decode step as a CUDA graph and replay it "
                                      "(default: on cuda; --no-decode-graphs: eager steps)")
@@ -95,6 +96,8 @@ def load(args: ServeArgs, manage_engine: bool = True):
     if device.type == "cpu":
         build_cpu_kernels()  # a first build says so on stderr, before the model
     model = BitNetForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
+    if LM_HEADS[args.lm_head]:
+        model.quantize_lm_head(LM_HEADS[args.lm_head])
     tokenizer = ServeTokenizer.from_folder(folder, model.tokenizer_files, args.chat_template)
     context = model.config.max_position_embeddings
     max_seq_len = args.max_seq_len or min(context, 2048)
@@ -113,7 +116,7 @@ def load(args: ServeArgs, manage_engine: bool = True):
                f"packed layers on {describe_gpu_backend(device)}" if device.type == "cuda" else f"device {device}")
     description = (f"{name}: {args.max_batch} slots x {max_seq_len} tokens (KV cache "
                    f"{human_bytes(engine.runner.cache_bytes())}), queue {args.max_queue}, prefill chunk "
-                   f"{args.prefill_chunk}, {dtype}, {kernels}; chat template: "
+                   f"{args.prefill_chunk}, {dtype}, lm_head {args.lm_head}, {kernels}; chat template: "
                    f"{'yes' if tokenizer.chat_template else 'none (/v1/chat/completions answers 400)'}"
                    f"{'; API key required' if api_key else ''}")
     return app, engine, description
