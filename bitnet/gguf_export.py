@@ -1,12 +1,12 @@
 """GGUF export for llama.cpp (and the runtimes built on it): `export_gguf(model, "out.gguf")`.
 
-    bitnet convert runs/small/export model.gguf --to gguf [--gguf-type tq2_0|tq1_0|iq2_bn|f16]
+    bitnet convert runs/small/export model.gguf --to gguf [--gguf-type tq2_0|tq1_0|iq2_bn|iq1_bn|f16]
 
 What is written (the `gguf` package writes the container):
 - architecture `llama` for model_type "llama" (the HF1BitLLM / onebitllms layout: a Llama block),
   `bitnet` for model_type "bitnet" (the 2B-4T layout, with attn_sub_norm / ffn_sub_norm), or
   `bitnet-b1.58` for it (ik_llama.cpp's graph of that block: relu^2 and an untied head computed
-  right; the default with gguf_type "iq2_bn");
+  right; the default with gguf_type "iq2_bn" or "iq1_bn");
 - hyper-parameters under llama.cpp's keys; the tokenizer (byte-level BPE, as tokenizer.json holds
   it: tokens, token types, merges, special ids, chat template); llama3 RoPE scaling as the
   `rope_freqs` tensor llama.cpp's own converter writes;
@@ -26,8 +26,9 @@ What is written (the `gguf` package writes the container):
   float reference: llama.cpp then multiplies float activations, without int8 quantization;
 - a projection whose input width K is not a multiple of 256 cannot be held in TQ blocks: it is
   written as `fallback` (Q4_0 by default: blocks of 32, exact for ternary values, 4.5 bits/weight;
-  or Q8_0, or F16; "error" refuses), and the report says which tensors (IQ2_BN: K a multiple of 64
-  and at least 512, as ik_llama.cpp quantizes its activations in rows of 8 blocks or more);
+  or Q8_0, or F16; "error" refuses), and the report says which tensors (IQ2_BN / IQ1_BN: K a
+  multiple of 64 and at least 512, as ik_llama.cpp quantizes their activations in rows of 8 blocks or
+  more);
 - q_proj / k_proj rows permuted for the `llama` architecture as llama.cpp's converter does (its
   llama RoPE rotates consecutive pairs, transformers' rotate_half rotates halves); the `bitnet` and
   `bitnet-b1.58` architectures use NeoX RoPE, so their rows stay as they are;
@@ -42,9 +43,9 @@ Which runtime computes which layout right (FORMAT.md):
   trained with hidden_act "silu" runs right). The head must be tied (llama.cpp's bitnet graph always
   reads it from token_embd).
 - `bitnet-b1.58` (model_type "bitnet"): ik_llama.cpp's graph of the 2B-4T block (relu^2 gate,
-  sub-norms, NeoX RoPE, output.weight when the head is untied) computes it right; it reads IQ2_BN
-  (or F16, with scale="fold": it reads no .scale tensors), not TQ1_0 / TQ2_0 (types it does not
-  have). Stock llama.cpp does not know the architecture and refuses the file.
+  sub-norms, NeoX RoPE, output.weight when the head is untied) computes it right; it reads IQ2_BN /
+  IQ1_BN (or F16, with scale="fold": it reads no .scale tensors), not TQ1_0 / TQ2_0 (types it does
+  not have). Stock llama.cpp does not know the architecture and refuses the file.
 """
 
 from __future__ import annotations
@@ -298,14 +299,15 @@ def check_exportable(model: BitNetForCausalLM, architecture: str | None = None, 
         if architecture == "bitnet" and not c.tie_word_embeddings:
             raise GGUFError("llama.cpp's bitnet architecture always reads the head from token_embd; this model's "
                             f"lm_head is not tied to its embeddings (ik_llama.cpp's {IK_ARCH} reads an untied "
-                            "one: --gguf-type iq2_bn)")
+                            "one: --gguf-type iq2_bn or iq1_bn)")
         if c.dim_head * c.num_attention_heads != c.hidden_size:
             raise GGUFError(f"llama.cpp's {architecture} architecture needs num_attention_heads * head_dim == hidden_size")
         if c.rope_scaling and architecture == "bitnet":
             raise GGUFError("rope scaling is not exported for the bitnet architecture")
     if architecture == IK_ARCH and gguf_type in ("tq2_0", "tq1_0"):
         raise GGUFError(f"architecture {IK_ARCH} is ik_llama.cpp's, which has no {gguf_type.upper()} (mainline "
-                        "llama.cpp's type ids name nothing there): use gguf_type iq2_bn, or f16 for its llama-quantize")
+                        "llama.cpp's type ids name nothing there): use gguf_type iq2_bn / iq1_bn, or f16 for its "
+                        "llama-quantize")
     if gguf_type in IK_TYPE_IDS and architecture == "bitnet" and c.hidden_act != "silu":
         raise GGUFError(f"{gguf_type.upper()} is read by ik_llama.cpp only, whose bitnet graph computes SiLU: this "
                         f"model's {c.hidden_act} runs right under architecture {IK_ARCH} (the default for {gguf_type})")
