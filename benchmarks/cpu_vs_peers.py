@@ -14,9 +14,10 @@ Systems, per (shape, ISA, threads):
 - ours: bench_generate's `bitnet` model: `random_model(BitNetConfig.from_preset(shape), bfloat16,
   seed=0, packing="2bit")`: packed 2-bit projections on the native kernels, embeddings, norms and
   the lm_head bf16 (the head on the bf16 kernel);
-- ours-int8 (`--systems` names it; not in the default): the same with the lm_head quantized to int8
-  (`model.quantize_lm_head(8)`, bench_generate's `bitnet-int8head`; test perplexity +0.02%,
-  lm_head_ppl.md), beside ik's default head, which quantizes the head to Q6_K;
+- ours-int8 / ours-int4 (`--systems` names them; not in the default): the same with the lm_head
+  quantized to int8 rows / 4-bit groups of 32 (`model.quantize_lm_head(bits)`, bench_generate's
+  `bitnet-int8head` / `bitnet-int4head`; test perplexity +0.02% / +0.39%, lm_head_ppl.md), beside
+  ik's default head, which quantizes the head to Q6_K (6.56 bits a weight);
 - twin: bench_generate's `bf16` model, the same shape with nn.Linear bf16 projections (F.linear);
 - ik-f16 / ik-default: ik_llama.cpp's llama-bench on the GGUF that benchmarks/peer_ik_llamacpp.py
   writes from the same random_model weights (seed 0), quantized to IQ2_BN with the head and
@@ -79,9 +80,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SYSTEMS = ("ours", "twin", "ik-f16", "ik-default", "ours-int8")
+SYSTEMS = ("ours", "twin", "ik-f16", "ik-default", "ours-int8", "ours-int4")
 DEFAULT_SYSTEMS = SYSTEMS[:4]
+HEAD_BITS = {"ours-int8": 8, "ours-int4": 4}  # ours with model.quantize_lm_head(bits)
 LABELS = {"ours": "ours: packed 2-bit, bf16 head", "ours-int8": "ours: packed 2-bit, int8 head",
+          "ours-int4": "ours: packed 2-bit, int4 head",
           "twin": "bf16 twin (nn.Linear)",
           "ik-f16": "ik_llama.cpp IQ2_BN, F16 head", "ik-default": "ik_llama.cpp IQ2_BN, default head"}
 IK_HEAD = {"ik-f16": "f16", "ik-default": "default"}
@@ -97,6 +100,7 @@ RATIOS = [  # (key, numerator system, denominator system, metric, column title)
     ("prefill_vs_ik_f16", "ours", "ik-f16", "prefill", "prefill ours / ik F16 head"),
     ("prefill_vs_ik_default", "ours", "ik-default", "prefill", "prefill ours / ik default head"),
     ("decode_int8_vs_ik_default", "ours-int8", "ik-default", "decode", "decode ours int8 head / ik default head"),
+    ("decode_int4_vs_ik_default", "ours-int4", "ik-default", "decode", "decode ours int4 head / ik default head"),
     ("decode_vs_twin", "ours", "twin", "decode", "decode ours / twin"),
     ("prefill_vs_twin", "ours", "twin", "prefill", "prefill ours / twin"),
 ]
@@ -131,8 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape-threads", default="2b4t=2", help="per-shape thread counts: SHAPE=T[/T...],...")
     ap.add_argument("--shape-isas", default="2b4t=native", help="per-shape ISAs: SHAPE=ISA[/ISA...],...")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
-                    help=f"of {','.join(SYSTEMS)} (ours-int8: ours with the lm_head quantized to int8, beside ik's "
-                    "default head, which quantizes it to Q6_K)")
+                    help=f"of {','.join(SYSTEMS)} (ours-int8 / ours-int4: ours with the lm_head quantized to int8 / "
+                    "int4, beside ik's default head, which quantizes it to Q6_K)")
     ap.add_argument("--twin-isas", default="native",
                     help="ISAs the twin is measured at (its 64 decode steps take ~10-40 s a call; avx2 adds ~5 min a round)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -434,8 +438,8 @@ def child_measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     config = BitNetConfig.from_preset(spec["shape"], linear=linear)
     model = random_model(config, torch.bfloat16, "cpu", seed=spec["seed"], packing=packing)
-    if spec["system"] == "ours-int8":
-        model.quantize_lm_head(8)
+    if spec["system"] in HEAD_BITS:
+        model.quantize_lm_head(HEAD_BITS[spec["system"]])
     build_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(spec["seed"])
     P, N = spec["prompt"], spec["gen"]
