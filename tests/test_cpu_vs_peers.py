@@ -91,8 +91,9 @@ def test_summarize_and_ratios_from_samples():
     (r,) = cvp.ratios(partial)
     assert r["decode_vs_twin"]["per_round"] == [50 / 6] and len(r["decode_vs_ik_f16"]["per_round"]) == 2
     assert r["decode_int8_vs_ik_default"] is None  # ours-int8 not measured (not in the default systems)
-    (r,) = cvp.ratios(SAMPLES + [m(1, "ours-int8", 54.0, 290.0), m(2, "ours-int8", 45.0, 250.0)])
+    (r,) = cvp.ratios(SAMPLES + [m(1, "ours-int8", 54.0, 290.0), m(2, "ours-int8", 45.0, 250.0), m(2, "ours-int4", 40.0, 250.0)])
     assert r["decode_int8_vs_ik_default"]["per_round"] == [54 / 45, 45 / 36]
+    assert r["decode_int4_vs_ik_default"]["per_round"] == [40 / 36]
 
 
 def test_markdown_from_samples():
