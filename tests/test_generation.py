@@ -308,6 +308,22 @@ def test_a_streamed_token_is_read_while_the_next_step_runs(cuda_graph):
     assert busy[:-1] == [True] * 7, busy
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_is_argmax_ties_and_nan_included(dtype):
+    """generation.greedy_tokens (max(dim).indices, faster than argmax on bf16 CPU logits) picks what
+    torch.argmax picks: the first of equal maxima (bf16 logits rounded to integers: many ties), a
+    NaN where there is one, index 0 of a row all -inf."""
+    from bitnet.generation import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = (torch.randn(4, 5000, generator=g) * 3).round().to(dtype)
+        x[0, 1234] = float("nan")
+        x[1] = float("-inf")
+        assert torch.equal(greedy_tokens(x), x.argmax(dim=-1))
+        assert greedy_tokens(x)[1] == 0 and greedy_tokens(x)[0] == 1234
+
+
 def test_sample_distribution_top_k_top_p():
     probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
     logits = probs.log().expand(40000, 5)

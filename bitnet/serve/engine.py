@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import HostCopy, sample
+from ..generation import HostCopy, greedy_tokens, sample
 from ..ops import on_device
 from .runner import ModelRunner, Segment
 from .scheduler import QueueFull, Scheduler
@@ -94,7 +94,7 @@ class Output:
 def choose(rows: list[Seq], logits: torch.Tensor) -> torch.Tensor:
     """Each row's next token from logits (B, vocab), on their device: the argmax, or a draw with the
     request's parameters and generator (bitnet.generation.sample: no host sync)."""
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy_tokens(logits)
     for i, seq in enumerate(rows):
         p = seq.payload.params
         if p.temperature > 0:
