@@ -690,6 +690,21 @@ def test_ik_llama_cpp_f16_and_its_own_quantization_of_it(tmp_path, tokenizer, ik
     assert cos.min() >= 0.99999 and (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
+@pytest.mark.slow
+def test_llama_cpp_refuses_the_files_for_ik_llama_cpp(tmp_path, tokenizer):
+    """What formats.md's runtime table says of stock llama.cpp (llama-cpp-python): it refuses our
+    IQ2_BN / IQ1_BN files (types it does not have) and an F16 file of architecture bitnet-b1.58 (an
+    architecture it does not know) with an error, instead of computing something else. If this
+    starts failing, llama.cpp reads them now: update the table."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = model_for(tokenizer, "bitnet", hidden=512, intermediate=1024)
+    for gguf_type in ("iq2_bn", "iq1_bn", "f16"):
+        path = tmp_path / f"{gguf_type}.gguf"
+        export_gguf(model, path, gguf_type, architecture="bitnet-b1.58")
+        with pytest.raises(ValueError, match="Failed to load model"):
+            llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+
+
 def test_no_bitlinear_left_unexported(tokenizer):
     model = model_for(tokenizer)
     assert sum(isinstance(m, BitLinear) for m in model.modules()) == len(ours_by_gguf_name(model))
