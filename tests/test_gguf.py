@@ -289,7 +289,7 @@ def read_raw(path) -> tuple[dict, dict]:
         infos.append((name, take("I"), tuple(reversed(dims)), take("Q")))
     align = fields.get("general.alignment", 32)
     start = -(-off // align) * align
-    tensors = {}
+    tensors, spans = {}, []
     for name, kind, shape, offset in infos:
         rows, k = int(np.prod(shape[:-1])), shape[-1]
         if kind == IQ2_BN_TYPE:
@@ -301,7 +301,11 @@ def read_raw(path) -> tuple[dict, dict]:
         else:
             size = rows * k * ELEMENT_BYTES[kind]
         tensors[name] = (kind, shape, data[start + offset:start + offset + size])
-        assert start + offset + size <= len(data), name
+        spans.append((offset, offset + size, name))
+    spans.sort()
+    for (_, end, name), (begin, _, after) in zip(spans, spans[1:]):
+        assert end <= begin, f"{name} runs into {after}"  # each tensor ends before the next begins
+    assert start + spans[-1][1] <= len(data), spans[-1][2]
     return fields, tensors
 
 
