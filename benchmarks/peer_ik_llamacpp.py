@@ -73,10 +73,11 @@ import subprocess
 import sys
 import time
 
+from bitnet.gguf_export import IK_ARCH  # ik's architecture of the 2B-4T block
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "bitnet-peers")
-IK_ARCH = "bitnet-b1.58"
 HEADS = {  # head type label -> llama-quantize arguments
     "f16": ["--token-embedding-type", "f16", "--output-tensor-type", "f16"],
     "default": [],

@@ -69,12 +69,12 @@ FLOAT_TYPES = ("f16", "f32")
 SCALES = ("tensor", "fold")
 QK_K = 256  # TQ block
 QK = 32  # Q4_0 / Q8_0 block
-QK_IQ2_BN = 64  # IQ2_BN / IQ1_BN block
+QK_BN = 64  # IQ2_BN / IQ1_BN block
 # ik_llama.cpp's own ternary types (mainline llama.cpp and gguf-py have neither): GGML_TYPE_IQ1_BN /
 # IQ2_BN and the file types LLAMA_FTYPE_MOSTLY_IQ1_BN / IQ2_BN
 IK_TYPE_IDS = {"iq2_bn": 135, "iq1_bn": 134}
 IK_FTYPES = {"iq2_bn": 137, "iq1_bn": 136}
-IQ2_BN_MIN_K = 512  # ik_llama.cpp quantizes their activations (Q8_K64) in rows of at least 8 blocks
+BN_MIN_K = 512  # ik_llama.cpp quantizes their activations (Q8_K64) in rows of at least 8 blocks
 IK_ARCH = "bitnet-b1.58"
 PROJECTION_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -114,14 +114,24 @@ def _gguf():
 
 
 # ----------------------------------------------------------------------------- blocks
+def _two_bit(c: torch.Tensor) -> torch.Tensor:
+    """Codes c (..., 4, W) uint8 in [0, 3] -> bytes (..., W): code i of each byte in bits 2i, 2i+1."""
+    return c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)
+
+
+def _trit_bytes(b: torch.Tensor) -> torch.Tensor:
+    """Base-3 numbers b < 243 -> uint8 ceil(b * 256 / 243), whose trits a decoder reads out by
+    multiplication (TQ1_0, IQ1_BN)."""
+    return ((b * 256 + 242) // 243).to(torch.uint8)
+
+
 def tq2_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     """TQ2_0 of ternary q (N, K) int8, K % 256 == 0, with block scale d (N, 1) float: uint8 (N, K/256 * 66).
 
     Per block of 256: 64 bytes, then d as fp16; in each half of 128 values, byte j holds values
     j, j+32, j+64, j+96 of that half in bits 0-1, 2-3, 4-5, 6-7, as the codes q + 1."""
     n, k = q.shape
-    c = (q.to(torch.int16) + 1).to(torch.uint8).reshape(n, k // QK_K, 2, 4, 32)  # (N, blocks, half, 4, 32)
-    qs = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)  # (N, blocks, 2, 32)
+    qs = _two_bit((q.to(torch.int16) + 1).to(torch.uint8).reshape(n, k // QK_K, 2, 4, 32))  # (N, blocks, 2, 32)
     return _with_d(qs.reshape(n, k // QK_K, 64), d, k // QK_K)
 
 
@@ -138,9 +148,7 @@ def tq1_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     qs0 = (c[..., :160].reshape(n, -1, 5, 32) * pow5.view(5, 1)).sum(-2)  # (N, blocks, 32)
     qs1 = (c[..., 160:240].reshape(n, -1, 5, 16) * pow5.view(5, 1)).sum(-2)  # (N, blocks, 16)
     qh = (c[..., 240:].reshape(n, -1, 4, 4) * pow5[:4].view(4, 1)).sum(-2)  # (N, blocks, 4)
-    b = torch.cat([qs0, qs1, qh], -1)
-    b = ((b * 256 + 242) // 243).to(torch.uint8)
-    return _with_d(b, d, k // QK_K)
+    return _with_d(_trit_bytes(torch.cat([qs0, qs1, qh], -1)), d, k // QK_K)
 
 
 def iq2_bn_rows(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
@@ -150,8 +158,7 @@ def iq2_bn_rows(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
     Each row: its scale as float32 (little-endian), then per block of 64, byte j holds values j,
     j+16, j+32, j+48 of the block in bits 0-1, 2-3, 4-5, 6-7, as the codes q + 1."""
     n, k = q.shape
-    c = (q.to(torch.int16) + 1).to(torch.uint8).reshape(n, k // QK_IQ2_BN, 4, QK_IQ2_BN // 4)  # (N, blocks, 4, 16)
-    qs = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)  # (N, blocks, 16)
+    qs = _two_bit((q.to(torch.int16) + 1).to(torch.uint8).reshape(n, k // QK_BN, 4, QK_BN // 4))  # (N, blocks, 16)
     d = s.to(torch.float32).reshape(n, 1).contiguous().view(torch.uint8)  # (N, 4), little-endian as torch is here
     return torch.cat([d, qs.reshape(n, k // 4)], -1).numpy()
 
@@ -165,12 +172,11 @@ def iq1_bn_rows(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
     value 15 of every group in byte 12 (sum of c_g 3^g); each byte b stored as ceil(b * 256 / 243),
     so that ik's decoder reads the trits out by multiplication."""
     n, k = q.shape
-    c = (q.to(torch.int32) + 1).reshape(n, k // QK_IQ2_BN, 4, 16)  # (N, blocks, group, 16)
+    c = (q.to(torch.int32) + 1).reshape(n, k // QK_BN, 4, 16)  # (N, blocks, group, 16)
     pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
-    fives = (c[..., :15].reshape(n, k // QK_IQ2_BN, 4, 3, 5) * pow3).sum(-1)  # (N, blocks, 4, 3)
+    fives = (c[..., :15].reshape(n, k // QK_BN, 4, 3, 5) * pow3).sum(-1)  # (N, blocks, 4, 3)
     extra = (c[..., 15] * pow3[:4]).sum(-1, keepdim=True)  # (N, blocks, 1)
-    b = torch.cat([fives.reshape(n, k // QK_IQ2_BN, 12), extra], -1)
-    b = ((b * 256 + 242) // 243).to(torch.uint8)
+    b = _trit_bytes(torch.cat([fives.reshape(n, k // QK_BN, 12), extra], -1))
     d = s.to(torch.float16).reshape(n, 1).contiguous().view(torch.uint8)  # (N, 2)
     return torch.cat([d, b.reshape(n, -1)], -1).numpy()
 
@@ -412,11 +418,11 @@ def export_gguf(
             s = s.float().reshape(1).cpu()
             d = (s if scale == "fold" else torch.ones(1)).expand(n, 1)
             kind = gguf_type
-            block = QK_IQ2_BN if kind in IK_TYPE_IDS else QK_K
-            if kind != "f16" and (k % block or (kind in IK_TYPE_IDS and k < IQ2_BN_MIN_K)):
+            block = QK_BN if kind in IK_TYPE_IDS else QK_K
+            if kind != "f16" and (k % block or (kind in IK_TYPE_IDS and k < BN_MIN_K)):
                 if fallback == "error":
                     raise GGUFError(f"{gname}: input width {k} is not a multiple of {block}"
-                                    + (f" of at least {IQ2_BN_MIN_K}" if kind in IK_TYPE_IDS else "")
+                                    + (f" of at least {BN_MIN_K}" if kind in IK_TYPE_IDS else "")
                                     + f", which {gguf_type.upper()} blocks need; choose a fallback type (q4_0, q8_0 or f16)")
                 kind = fallback if k % QK == 0 else "f16"
                 fell_back.append(f"{gname} (K={k}) as {kind.upper()}")
@@ -438,7 +444,7 @@ def export_gguf(
         add_float("output.weight", sd["lm_head.weight"], float_type)
     if fell_back:
         report.notes.append(f"{len(fell_back)} projections have an input width that is not a multiple of "
-                            + (f"{QK_IQ2_BN} of at least {IQ2_BN_MIN_K}" if gguf_type in IK_TYPE_IDS else f"{QK_K}") + " and "
+                            + (f"{QK_BN} of at least {BN_MIN_K}" if gguf_type in IK_TYPE_IDS else f"{QK_K}") + " and "
                             f"were written in another type: {', '.join(fell_back[:4])}"
                             + (f" and {len(fell_back) - 4} more" if len(fell_back) > 4 else ""))
     if arch == "bitnet" and c.hidden_act != "silu":
