@@ -223,8 +223,17 @@ static void codes_dot_simd(RowDot1Fn row_dot1, DecodeRowFn decode_row, TileFn ti
 // Decode streams every weight from memory (a model is larger than the caches): the SIMD kernels
 // prefetch kPrefetch bytes ahead of the row they read (into the rows after it, which follow in
 // memory), which keeps more lines in flight than the hardware prefetcher alone (numbers at
-// row_dot1_avx512).
-constexpr int64_t kPrefetch = 1024;
+// row_dot1_avx512). The distance must cover the memory latency at the rate one core reads, with
+// the decode's instructions between the loads: at 1 KB (chosen on the 2-core Xeon against none)
+// one core of the 2-core AMD EPYC (Zen 5, family 26; AVX-512) ran 2b4t's seven projections, cycling
+// through 30 layers' weights, at 24-29 GB/s where a bare read loop reaches 40, the compute and the
+// misses nearly in series (the same weights hot in cache: 63 GB/s). 8 KB, 2026-12-07, alternating
+// builds, 3-5 rounds: us a layer, 1 thread 700 -> 535 (AVX2 cap: 785 -> 636), 2 threads 430 -> 330
+// (17.4 MB at 50 GB/s, the bare read's rate); the int8 / int4 heads at 1 thread 29 / 26 -> 37 / 37
+// GB/s; the bf16 head (already near the read rate) unchanged. 4 KB gave about half the gain, 16 KB
+// no more. Ahead of a row's end the prefetches run into the next matrix or past the last one: a
+// prefetch never faults, and 8 KB a matrix is nothing beside its megabytes.
+constexpr int64_t kPrefetch = 8192;
 
 #ifdef BITNET_X86
 // ------------------------------------------------------------------------------------ AVX2
@@ -708,7 +717,8 @@ static void unpack_avx512(const uint8_t* W, int64_t R, int64_t K, int64_t N, int
   }
 }
 // The float rows of a head (64 weights an iteration, one or two cache lines) are prefetched
-// kPrefetch bytes ahead, as the packed rows are: 32000x1536 bf16, 2 threads, 19.7 -> 23.3 GB/s.
+// kPrefetch bytes ahead, as the packed rows are: 32000x1536 bf16, 2 threads, 19.7 -> 23.3 GB/s
+// (the Xeon, 1 KB; 8 KB on the EPYC: the bf16 head the same, int8 29 -> 37 GB/s on one thread).
 template <typename T>
 static inline void prefetch_ahead(const T* w) {
   const char* p = reinterpret_cast<const char*>(w) + kPrefetch;
