@@ -30,6 +30,7 @@ itself and says so).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -453,20 +454,22 @@ def generate(
                 state.take(sample(logits, temperature, top_k, top_p, generator))
 
         ahead = runs_ahead(device)
-        for i in range(max_new_tokens):  # state.tokens: the i-th new token of each sequence
-            check = eos and (i + 1) % eos_check_every == 0
-            last = i + 1 == max_new_tokens
-            read = HostCopy(state.tokens[:, 0] if on_token is not None else None,
-                            state.finished.all() if check else None)
-            if ahead and not last:
-                run()  # queued before the host reads this step's token and flag: the GPU runs it meanwhile
-            token, done = read.get()  # waits for this step's copies, not for the step queued since
-            if token is not None:
-                on_token(token)
-            if last or (done is not None and bool(done)):
-                break
-            if not ahead:
-                run()
+        keep = getattr(model, "keep_decode_args", None)  # the CPU's native layers: their arguments read once
+        with keep() if keep is not None else contextlib.nullcontext():
+            for i in range(max_new_tokens):  # state.tokens: the i-th new token of each sequence
+                check = eos and (i + 1) % eos_check_every == 0
+                last = i + 1 == max_new_tokens
+                read = HostCopy(state.tokens[:, 0] if on_token is not None else None,
+                                state.finished.all() if check else None)
+                if ahead and not last:
+                    run()  # queued before the host reads this step's token and flag: the GPU runs it meanwhile
+                token, done = read.get()  # waits for this step's copies, not for the step queued since
+                if token is not None:
+                    on_token(token)
+                if last or (done is not None and bool(done)):
+                    break
+                if not ahead:
+                    run()
         generated = max_new_tokens
         if eos and bool(state.finished.all()):
             generated = int(state.ended.max()) - T + 1  # drop the columns decoded after the last EOS

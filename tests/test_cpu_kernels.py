@@ -692,6 +692,41 @@ def test_decode_layer_equals_the_eager_layers(variant, monkeypatch):
     assert (fused - eager).abs().max() <= tol * eager.abs().max(), (fused - eager).abs().max()
 
 
+def test_generate_reads_the_layers_arguments_once_a_call(monkeypatch):
+    """generate() reads each layer's native arguments (native_decode_args) at its first decode step
+    and keeps them for the call (BitNetForCausalLM.keep_decode_args): once a layer a call, not once
+    a layer a step, with the same tokens as a run that reads them at every step; nothing is kept
+    after the call, so a projection swapped between calls is the one the next call's native layer
+    is handed."""
+    import contextlib
+
+    import bitnet.model as bm
+    from bitnet.generation import generate
+
+    model = decode_model(torch.float32)
+    L = model.config.num_hidden_layers
+    reads, handed = [], []
+    real_args, real_layer = bm.native_decode_args, cpu.decode_layer
+    monkeypatch.setattr(bm, "native_decode_args", lambda *a: reads.append(1) or real_args(*a))
+    monkeypatch.setattr(cpu, "decode_layer", lambda *a: handed.append(a[3]) or real_layer(*a))  # a[3]: the 7 packed
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    kept = generate(model, prompt, 7)  # the prefill's token, then 6 decode steps
+    assert len(handed) == 6 * L and len(reads) == L
+    assert model.__dict__.get("_kept_decode_args") is None
+    with monkeypatch.context() as m:  # read at every step, as outside generate
+        m.setattr(bm.BitNetForCausalLM, "keep_decode_args", lambda self: contextlib.nullcontext())
+        reads.clear()
+        every = generate(model, prompt, 7)
+    assert len(reads) == 6 * L and torch.equal(kept, every)
+    mlp0 = model.model.layers[0].mlp
+    old = mlp0.down_proj.weight
+    mlp0.down_proj = model.model.layers[1].mlp.down_proj  # another layer's packed matrix, same shape
+    handed.clear()
+    generate(model, prompt, 3)
+    assert handed[0][6] is model.model.layers[1].mlp.down_proj.weight and handed[0][6] is not old
+    assert all(h[6] is handed[0][6] for h in handed[::L])  # every step of that call: layer 0's new down_proj
+
+
 def test_decode_layer_with_left_padding(monkeypatch):
     """A left-padded batch: the padded slots are masked in the native attention as in the eager
     mask; a decode step's logits agree with the eager layers'."""

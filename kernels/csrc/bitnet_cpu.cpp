@@ -179,7 +179,11 @@ static Projection projection(const at::Tensor& x_in, const at::Tensor& packed_in
   check_packed(packed_in, n, fmt, x_in.size(-1));
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   out_shape.back() = n;
-  Projection p{packed_in.contiguous(), n, scale.to(at::kFloat).reshape({}).item<float>(), {},
+  // read without dispatching where they are as BitLinear holds them (a decode step makes ~200 of
+  // these: contiguous uint8 weights, a float32 CPU scale)
+  const float s = scale.device().is_cpu() && scale.scalar_type() == at::kFloat ? *scale.data_ptr<float>()
+                                                                                : scale.to(at::kFloat).reshape({}).item<float>();
+  Projection p{packed_in.is_contiguous() ? packed_in : packed_in.contiguous(), n, s, {},
                at::empty(out_shape, x_in.options().memory_format(at::MemoryFormat::Contiguous))};
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == n, "bitnet_cpu: bias has ", bias->numel(), " values for ", n, " outputs");
@@ -592,7 +596,11 @@ static at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k
   const int64_t* pp = pos.data_ptr<int64_t>();
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
+  // threads only where each has work worth the fork: (query, head) pairs of at least ~64K key and
+  // value elements a chunk (a decode step at a short context runs its 20 heads on one thread)
+  int64_t live = 1;
+  for (int64_t n = 0; n < N; ++n) live = std::max(live, pp[n] + 1);
+  at::parallel_for(0, N * H, std::max<int64_t>(1, 65536 / (live * D)), [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(static_cast<size_t>(S));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / H, h = i % H, g = h / rep;
