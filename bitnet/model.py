@@ -300,8 +300,8 @@ class DecoderLayer(nn.Module):
 def _attr(module: nn.Module, name: str):
     """module.<name> for the exact module types native_decode_args admits, read from the instance
     dict and the registered parameters, buffers and submodules in nn.Module.__getattr__'s order,
-    without the failed lookup that reaches __getattr__ (~40 reads a layer a step: 660 -> ~200 us
-    a decode step at 700m)."""
+    without the failed lookup that reaches __getattr__ (~40 reads a layer: the 24 layers of 700m
+    660 -> 300 us on the 2-core EPYC)."""
     d = module.__dict__
     if name in d:
         return d[name]
