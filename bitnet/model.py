@@ -340,7 +340,7 @@ def native_decode_args(layer, x: torch.Tensor, hidden_act: str, memo: dict | Non
         tuple(_attr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
     fmt = lins[0].packing if type(lins[0]) is BitLinear else None
     for m in lins:
-        if type(m) is not BitLinear or m.packing is None or m.packing != fmt or _attr(m, "rms_norm") is not None \
+        if type(m) is not BitLinear or not m.frozen or m.packing != fmt or _attr(m, "rms_norm") is not None \
                 or m._forward_hooks or m._forward_pre_hooks:
             return None
         if ("kernel", m.kernel) not in memo:
@@ -349,12 +349,11 @@ def native_decode_args(layer, x: torch.Tensor, hidden_act: str, memo: dict | Non
             return None
     norms = (_attr(layer, "input_layernorm"), _attr(a, "attn_sub_norm"), _attr(layer, "post_attention_layernorm"),
              _attr(mlp, "ffn_sub_norm"))
-    weights = []
-    for n in norms:
-        w = None if n is None or type(n) is not RMSNorm else _attr(n, "weight")
-        if n is not None and (w is None or w.dtype != x.dtype or n._forward_hooks or n._forward_pre_hooks):
-            return None
-        weights.append(w)
+    if any(n is not None and (type(n) is not RMSNorm or n._forward_hooks or n._forward_pre_hooks) for n in norms):
+        return None
+    weights = [None if n is None else _attr(n, "weight") for n in norms]
+    if any(w is not None and w.dtype != x.dtype for w in weights):
+        return None
     for m in (layer, a, mlp):
         if m._forward_hooks or m._forward_pre_hooks:
             return None

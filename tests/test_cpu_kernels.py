@@ -695,7 +695,8 @@ def test_decode_layer_equals_the_eager_layers(variant, monkeypatch):
 def test_generate_reads_the_layers_arguments_once_a_call(monkeypatch):
     """generate() reads each layer's native arguments (native_decode_args) at its first decode step
     and keeps them for the call (BitNetForCausalLM.keep_decode_args): once a layer a call, not once
-    a layer a step, with the same tokens as a run that reads them at every step; nothing is kept
+    a layer a step, with the same tokens as a run that reads them at every step and as the eager
+    modules (no native layer); nothing is kept
     after the call, so a projection swapped between calls is the one the next call's native layer
     is handed."""
     import contextlib
@@ -718,6 +719,11 @@ def test_generate_reads_the_layers_arguments_once_a_call(monkeypatch):
         reads.clear()
         every = generate(model, prompt, 7)
     assert len(reads) == 6 * L and torch.equal(kept, every)
+    with monkeypatch.context() as m:  # the reference: the eager modules (no native layer)
+        m.setattr(bm.BitNetForCausalLM, "_native_decode", lambda self, x, *rest: x)
+        handed.clear()
+        eager = generate(model, prompt, 7)
+    assert not handed and torch.equal(kept, eager)
     mlp0 = model.model.layers[0].mlp
     old = mlp0.down_proj.weight
     mlp0.down_proj = model.model.layers[1].mlp.down_proj  # another layer's packed matrix, same shape
