@@ -8,7 +8,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
+#include <cstring>
 
 #include "bitnet_attention.h"
 #include "bitnet_kernels.h"
@@ -131,24 +133,28 @@ static void finish_range(int64_t isa, const int32_t* acc, int64_t n, int32_t mul
 // reference: exact for bf16 / fp16), in rows zero-padded to a multiple of 64 bytes (full-width
 // loads everywhere), with each row's scale a and sum of x_q.
 struct QuantizedRows {
-  int64_t M, K, xs;
+  int64_t M = 0, K = 0, xs = 64;
   std::vector<int8_t> q;
   std::vector<float> a;
   std::vector<int32_t> sum;
 };
 
-static QuantizedRows quantize_rows(const at::Tensor& x2, int64_t isa) {
-  const int64_t M = x2.size(0), K = x2.size(1);
-  QuantizedRows r{M, K, std::max<int64_t>(64, (K + 63) / 64 * 64), {}, {}, {}};
+// Into r, reusing its vectors' capacity (a decode layer quantizes four times a call): the M rows of
+// K values at xp, of dtype.
+static void quantize_rows_into(const void* xp_in, at::ScalarType dtype, int64_t M, int64_t K, int64_t isa, QuantizedRows& r) {
+  r.M = M;
+  r.K = K;
+  r.xs = std::max<int64_t>(64, (K + 63) / 64 * 64);
   r.q.assign(static_cast<size_t>(M * r.xs), 0);
   r.a.resize(static_cast<size_t>(M));
   r.sum.resize(static_cast<size_t>(M));
   const QuantFn qf = quant_fn(isa);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "bitnet_cpu_quantize", [&] {
-    const scalar_t* xp = x2.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_quantize", [&] {
+    const scalar_t* xp = static_cast<const scalar_t*>(xp_in);
     // a few rows a chunk: 16 decode rows of 4096 features are two chunks (one was 39 us on one thread)
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-      std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(K));
+      thread_local std::vector<float> row;  // a float32 copy of a row (kept: no allocation a call)
+      if constexpr (!std::is_same_v<scalar_t, float>) row.resize(static_cast<size_t>(K));
       for (int64_t m = m0; m < m1; ++m) {
         const float* xf;
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -161,55 +167,69 @@ static QuantizedRows quantize_rows(const at::Tensor& x2, int64_t isa) {
       }
     });
   });
+}
+
+static QuantizedRows quantize_rows(const at::Tensor& x2, int64_t isa) {
+  QuantizedRows r;
+  quantize_rows_into(x2.data_ptr(), x2.scalar_type(), x2.size(0), x2.size(1), isa, r);
   return r;
 }
 
-// One packed matrix of a call: its weights, scale, outputs (n), bias and result.
+// One packed matrix of a call: its weights, scale, outputs (n), bias, and where its result goes.
 struct Projection {
   at::Tensor packed;  // contiguous (R, K) uint8
   int64_t n;
   float s;
   at::Tensor bias;  // in the output dtype, or undefined
-  at::Tensor y;     // (..., n) in the output dtype
+  void* y;          // (M, n) contiguous in the output dtype
 };
 
-static Projection projection(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale, int64_t n, int fmt,
-                             const std::optional<at::Tensor>& bias) {
+// A projection of inputs of K features and the given dtype; its output y set by the caller.
+static Projection projection(int64_t K, at::ScalarType dtype, const at::Tensor& packed_in, const at::Tensor& scale, int64_t n,
+                             int fmt, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(scale.numel() == 1, "bitnet_cpu: weight_scale must hold one value, got shape ", scale.sizes());
-  check_packed(packed_in, n, fmt, x_in.size(-1));
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = n;
+  check_packed(packed_in, n, fmt, K);
   // read without dispatching where they are as BitLinear holds them (a decode step makes ~200 of
   // these: contiguous uint8 weights, a float32 CPU scale)
   const float s = scale.device().is_cpu() && scale.scalar_type() == at::kFloat ? *scale.data_ptr<float>()
                                                                                 : scale.to(at::kFloat).reshape({}).item<float>();
-  Projection p{packed_in.is_contiguous() ? packed_in : packed_in.contiguous(), n, s, {},
-               at::empty(out_shape, x_in.options().memory_format(at::MemoryFormat::Contiguous))};
+  Projection p{packed_in.is_contiguous() ? packed_in : packed_in.contiguous(), n, s, {}, nullptr};
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == n, "bitnet_cpu: bias has ", bias->numel(), " values for ", n, " outputs");
-    p.bias = bias->to(x_in.scalar_type()).contiguous();
+    p.bias = bias->scalar_type() == dtype && bias->is_contiguous() ? *bias : bias->to(dtype).contiguous();
   }
   return p;
 }
 
-// y = (x_q @ W_q^T) * s / a (+ bias) for each projection; M >= large_m: decoded int8 GEMM per
-// projection; else one parallel pass over the packed rows of all of them (one fork-join, shared
-// activations), each thread finishing its own outputs.
-static void run_projections(std::vector<Projection>& ps, const QuantizedRows& xq, int fmt, int64_t isa) {
+// Each projection's output as a tensor of x's leading shape, y pointed at it.
+static std::vector<at::Tensor> output_tensors(std::vector<Projection>& ps, const at::Tensor& x_in) {
+  std::vector<at::Tensor> out;
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  for (auto& p : ps) {
+    shape.back() = p.n;
+    out.push_back(at::empty(shape, x_in.options().memory_format(at::MemoryFormat::Contiguous)));
+    p.y = out.back().data_ptr();
+  }
+  return out;
+}
+
+// y = (x_q @ W_q^T) * s / a (+ bias) for each projection, outputs of dtype; M >= large_m: decoded
+// int8 GEMM per projection; else one parallel pass over the packed rows of all of them (one
+// fork-join, shared activations), each thread finishing its own outputs.
+static void run_projections(at::ArrayRef<Projection> ps, const QuantizedRows& xq, int fmt, int64_t isa, at::ScalarType dtype) {
   const int64_t M = xq.M, K = xq.K, xs = xq.xs;
   const int32_t mult = fmt == F1 ? 2 : 1;  // x.w = x.c - sum(x) (ternary), 2 x.c - sum(x) (binary)
-  const auto dtype = ps[0].y.scalar_type();
   if (M == 0) return;
   if (use_gemm(M, K, isa)) {
     const at::Tensor xt = at::from_blob(const_cast<int8_t*>(xq.q.data()), {M, K}, {xs, 1},
                                         at::TensorOptions().dtype(at::kChar)).contiguous();
-    for (auto& p : ps) {
+    for (const Projection& p : ps) {
       if (p.n == 0) continue;
       const at::Tensor acc = decoded_int_mm(xt, p.packed, p.n, fmt, isa);
       const int32_t* ap = acc.data_ptr<int32_t>();
       const int64_t n = p.n;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
-        scalar_t* yp = p.y.data_ptr<scalar_t>();
+        scalar_t* yp = static_cast<scalar_t*>(p.y);
         const scalar_t* bp = p.bias.defined() ? p.bias.data_ptr<scalar_t>() : nullptr;
         at::parallel_for(0, M, std::max<int64_t>(1, 65536 / n), [&](int64_t m0, int64_t m1) {
           for (int64_t m = m0; m < m1; ++m)  // as the reference: acc.float() * (scale / a)
@@ -219,12 +239,15 @@ static void run_projections(std::vector<Projection>& ps, const QuantizedRows& xq
     }
     return;
   }
-  std::vector<int64_t> start(ps.size() + 1, 0);  // packed rows of all projections, end to end
-  std::vector<std::unique_ptr<int32_t[]>> accs;
+  // packed rows of all projections end to end; their int32 sums in one buffer kept by the thread
+  c10::SmallVector<int64_t, 8> start(ps.size() + 1, 0), at_(ps.size() + 1, 0);
   for (size_t i = 0; i < ps.size(); ++i) {
     start[i + 1] = start[i] + (ps[i].n ? ps[i].packed.size(0) : 0);
-    accs.emplace_back(new int32_t[static_cast<size_t>(M * ps[i].n)]);
+    at_[i + 1] = at_[i] + M * ps[i].n;
   }
+  thread_local std::vector<int32_t> sums;
+  if (sums.size() < static_cast<size_t>(at_.back())) sums.resize(static_cast<size_t>(at_.back()));
+  int32_t* sp = sums.data();
   const int P = values_per_byte(fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_linear", [&] {
     at::parallel_for(0, start.back(), std::max<int64_t>(1, 16384 / K), [&](int64_t g0, int64_t g1) {
@@ -233,9 +256,9 @@ static void run_projections(std::vector<Projection>& ps, const QuantizedRows& xq
         if (r0 >= r1) continue;
         const Projection& p = ps[i];
         const int64_t R = p.packed.size(0), n = p.n;
-        int32_t* acc = accs[i].get();
+        int32_t* acc = sp + at_[i];
         codes_dot(isa, fmt, p.packed.data_ptr<uint8_t>(), R, K, n, r0, r1, xq.q.data(), xs, M, acc, n);
-        scalar_t* yp = p.y.data_ptr<scalar_t>();
+        scalar_t* yp = static_cast<scalar_t*>(p.y);
         const scalar_t* bp = p.bias.defined() ? p.bias.data_ptr<scalar_t>() : nullptr;
         for (int64_t m = 0; m < M; ++m) {
           const float f = p.s / xq.a[m];
@@ -266,10 +289,11 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const
   const int64_t isa = active_isa();
   const at::Tensor x2 = check_input(x_in);
   std::vector<Projection> ps;
-  ps.push_back(projection(x_in, packed, scale, n, fmt, bias));
-  if (x2.size(0) == 0 || n == 0) return ps[0].y;
-  run_projections(ps, quantize_rows(x2, isa), fmt, isa);
-  return ps[0].y;
+  ps.push_back(projection(x2.size(1), x2.scalar_type(), packed, scale, n, fmt, bias));
+  at::Tensor y = output_tensors(ps, x_in)[0];
+  if (x2.size(0) == 0 || n == 0) return y;
+  run_projections(ps, quantize_rows(x2, isa), fmt, isa, x2.scalar_type());
+  return y;
 }
 
 // Several packed matrices of one input (q / k / v, gate / up): the activations quantized once and
@@ -284,10 +308,9 @@ static std::vector<at::Tensor> linear_many(const at::Tensor& x_in, at::TensorLis
               scales.size(), ", ", ns.size(), ", ", biases.size());
   const at::Tensor x2 = check_input(x_in);
   std::vector<Projection> ps;
-  for (size_t i = 0; i < J; ++i) ps.push_back(projection(x_in, packed[i], scales[i], ns[i], fmt, biases.get(i)));
-  if (x2.size(0) > 0) run_projections(ps, quantize_rows(x2, isa), fmt, isa);
-  std::vector<at::Tensor> out;
-  for (auto& p : ps) out.push_back(p.y);
+  for (size_t i = 0; i < J; ++i) ps.push_back(projection(x2.size(1), x2.scalar_type(), packed[i], scales[i], ns[i], fmt, biases.get(i)));
+  std::vector<at::Tensor> out = output_tensors(ps, x_in);
+  if (x2.size(0) > 0) run_projections(ps, quantize_rows(x2, isa), fmt, isa, x2.scalar_type());
   return out;
 }
 
@@ -434,22 +457,13 @@ static at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& codes_in
 // y = weight * (x32 * r).to(x.dtype) in x's dtype. The one reduction, the mean of squares, is summed
 // in float64 (torch sums float32 in an order of its own), so y can differ from torch's in the last
 // bit where the float32 mean rounds differently; every other operation is torch's, in its order.
-static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu(), "bitnet_cpu: rms_norm takes CPU tensors");
-  const int64_t C = x_in.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C, "bitnet_cpu: rms_norm weight has shape ", weight.sizes(),
-              " for ", C, " features");
-  TORCH_CHECK(weight.scalar_type() == x_in.scalar_type(), "bitnet_cpu: rms_norm weight dtype ", weight.scalar_type(),
-              " differs from the input's ", x_in.scalar_type());
-  const at::Tensor x = x_in.contiguous(), w = weight.contiguous();
-  at::Tensor y = at::empty_like(x);
-  const int64_t M = C ? x.numel() / C : 0;
-  const float e = static_cast<float>(eps);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bitnet_cpu_rms_norm", [&] {
+// The M rows of C values at xp (dtype) normalized into yp, weight wp of the same dtype.
+static void rms_rows(const void* xp_in, const void* wp_in, int64_t M, int64_t C, float e, at::ScalarType dtype, void* yp_in) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_rms_norm", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* xp = static_cast<const scalar_t*>(xp_in);
+    const scalar_t* wp = static_cast<const scalar_t*>(wp_in);
+    scalar_t* yp = static_cast<scalar_t*>(yp_in);
     constexpr bool simd_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
     const int64_t level = simd_type ? active_isa() : SCALAR;
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t m0, int64_t m1) {
@@ -483,7 +497,41 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, dou
       }
     });
   });
+}
+
+static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu(), "bitnet_cpu: rms_norm takes CPU tensors");
+  const int64_t C = x_in.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C, "bitnet_cpu: rms_norm weight has shape ", weight.sizes(),
+              " for ", C, " features");
+  TORCH_CHECK(weight.scalar_type() == x_in.scalar_type(), "bitnet_cpu: rms_norm weight dtype ", weight.scalar_type(),
+              " differs from the input's ", x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(), w = weight.contiguous();
+  at::Tensor y = at::empty_like(x);
+  rms_rows(x.data_ptr(), w.data_ptr(), C ? x.numel() / C : 0, C, static_cast<float>(eps), x.scalar_type(), y.data_ptr());
   return y;
+}
+
+// One head vector of the rotary embedding below: x's D values at stride sd, cos / sin rows, y
+// contiguous; SIMD for float32 / bf16 at stride 1 on AVX-512 or AVX2 (the same bits).
+template <typename scalar_t>
+static inline void rope_row(int64_t isa, const scalar_t* xr, int64_t sd, const scalar_t* cr, const scalar_t* sr, int64_t D,
+                            scalar_t* yr) {
+  using opmath_t = at::opmath_type<scalar_t>;
+#ifdef BITNET_X86
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+    constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+    if (sd == 1 && isa >= AVX512) return rope_row_avx512<bf16>(xr, cr, sr, D, yr);
+    if (sd == 1 && isa >= AVX2) return rope_row_avx2<bf16>(xr, cr, sr, D, yr);
+  }
+#endif
+  const int64_t h2 = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const opmath_t rot = d < h2 ? -static_cast<opmath_t>(xr[(d + h2) * sd]) : static_cast<opmath_t>(xr[(d - h2) * sd]);
+    const scalar_t a = static_cast<scalar_t>(static_cast<opmath_t>(xr[d * sd]) * static_cast<opmath_t>(cr[d]));
+    const scalar_t r = static_cast<scalar_t>(rot * static_cast<opmath_t>(sr[d]));
+    yr[d] = static_cast<scalar_t>(static_cast<opmath_t>(a) + static_cast<opmath_t>(r));
+  }
 }
 
 // Rotary embedding, the function of bitnet.model's `x * cos + rotate_half(x) * sin`, bit for bit:
@@ -501,42 +549,18 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
               "bitnet_cpu: rope cos / sin dtype must be the input's ", x.scalar_type());
   const at::Tensor c = cos_in.contiguous(), s = sin_in.contiguous();
   at::Tensor y = at::empty({B, H, T, D}, x.options());
-  const int64_t h2 = D / 2, cb = cos_in.size(0) == 1 ? 0 : T * D;
+  const int64_t cb = cos_in.size(0) == 1 ? 0 : T * D;
   const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2), sd = x.stride(3);
+  const int64_t isa = active_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bitnet_cpu_rope", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* spn = s.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    constexpr bool simd_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
-    const int64_t level = simd_type && sd == 1 ? active_isa() : SCALAR;
     at::parallel_for(0, B * H * T, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
-        const scalar_t* xr = xp + b * sb + h * sh + t * st;
-        const scalar_t* cr = cp + b * cb + t * D;
-        const scalar_t* sr = spn + b * cb + t * D;
-        scalar_t* yr = yp + i * D;
-#ifdef BITNET_X86
-        if constexpr (simd_type) {
-          constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
-          if (level >= AVX512) {
-            rope_row_avx512<bf16>(xr, cr, sr, D, yr);
-            continue;
-          }
-          if (level >= AVX2) {
-            rope_row_avx2<bf16>(xr, cr, sr, D, yr);
-            continue;
-          }
-        }
-#endif
-        for (int64_t d = 0; d < D; ++d) {
-          const opmath_t rot = d < h2 ? -static_cast<opmath_t>(xr[(d + h2) * sd]) : static_cast<opmath_t>(xr[(d - h2) * sd]);
-          const scalar_t a = static_cast<scalar_t>(static_cast<opmath_t>(xr[d * sd]) * static_cast<opmath_t>(cr[d]));
-          const scalar_t r = static_cast<scalar_t>(rot * static_cast<opmath_t>(sr[d]));
-          yr[d] = static_cast<scalar_t>(static_cast<opmath_t>(a) + static_cast<opmath_t>(r));
-        }
+        rope_row<scalar_t>(isa, xp + b * sb + h * sh + t * st, sd, cp + b * cb + t * D, spn + b * cb + t * D, D, yp + i * D);
       }
     });
   });
@@ -575,6 +599,29 @@ static void check_decode_rows(const at::Tensor& rows, const at::Tensor& pos, int
                 "bitnet_cpu: key_mask must be bool (N, S) with N = ", N, ", got ", key_mask->scalar_type(), " ", key_mask->sizes());
 }
 
+// The attention itself: q (N, H, D) float32 contiguous at qp, the checked caches, rows / pos (N,),
+// mask rows of ms slots or null -> y (N, H, D) float32 at yp.
+static void attend_rows(const float* qp, int64_t N, int64_t H, int64_t D, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const int64_t* rp, const int64_t* pp, const bool* mp, int64_t ms, float* yp) {
+  const int64_t G = k_cache.size(1), S = k_cache.size(2), isa = active_isa(), rep = H / G;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  // threads only where each has work worth the fork: (query, head) pairs of at least ~64K key and
+  // value elements a chunk (a decode step at a short context runs its 20 heads on one thread)
+  int64_t live = 1;
+  for (int64_t n = 0; n < N; ++n) live = std::max(live, pp[n] + 1);
+  at::parallel_for(0, N * H, std::max<int64_t>(1, 65536 / (live * D)), [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> scores;  // kept by the thread: no allocation a call
+    if (scores.size() < static_cast<size_t>(S)) scores.resize(static_cast<size_t>(S));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / H, h = i % H, g = h / rep;
+      const int64_t base = ((rp[n] * G + g) * S) * D;
+      attend_one(isa, qp + i * D, kp + base, vp + base, pp[n] + 1, D, mp ? mp + n * ms : nullptr, scale, scores.data(), yp + i * D);
+    }
+  });
+}
+
 static at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                         const at::Tensor& rows_in, const at::Tensor& pos_in, const std::optional<at::Tensor>& key_mask) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3,
@@ -587,28 +634,8 @@ static at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k
   const at::Tensor qc = q.contiguous();
   const at::Tensor mask = key_mask.has_value() && key_mask->defined() ? key_mask->contiguous() : at::Tensor();
   at::Tensor y = at::empty({N, H, D}, q.options());
-  const int64_t S = k_cache.size(2), isa = active_isa(), rep = H / G;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  // threads only where each has work worth the fork: (query, head) pairs of at least ~64K key and
-  // value elements a chunk (a decode step at a short context runs its 20 heads on one thread)
-  int64_t live = 1;
-  for (int64_t n = 0; n < N; ++n) live = std::max(live, pp[n] + 1);
-  at::parallel_for(0, N * H, std::max<int64_t>(1, 65536 / (live * D)), [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(static_cast<size_t>(S));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / H, h = i % H, g = h / rep;
-      const int64_t base = ((rp[n] * G + g) * S) * D;
-      attend_one(isa, qp + i * D, kp + base, vp + base, pp[n] + 1, D, mp ? mp + n * mask.size(1) : nullptr, scale,
-                 scores.data(), yp + i * D);
-    }
-  });
+  attend_rows(qc.data_ptr<float>(), N, H, D, k_cache, v_cache, rows.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
+              mask.defined() ? mask.data_ptr<bool>() : nullptr, mask.defined() ? mask.size(1) : 0, y.data_ptr<float>());
   return y;
 }
 
@@ -617,45 +644,84 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cach
   return decode_attention_impl(q, k_cache, v_cache, rows, pos, key_mask);
 }
 
-// x + r and act(g) * u of contiguous (N, n) tensors of one dtype: one SIMD pass for float32 / bf16
-// on AVX-512 or AVX2 (bitnet_kernels.h: torch's roundings), torch's ops otherwise; the same bits.
-static at::Tensor residual(const at::Tensor& x, const at::Tensor& r, int64_t isa) {
-  const auto dtype = x.scalar_type();
-#ifdef BITNET_X86
-  if (isa >= AVX512 && (dtype == at::kFloat || dtype == at::kBFloat16) && r.scalar_type() == dtype && x.is_contiguous() &&
-      r.is_contiguous()) {
-    at::Tensor y = at::empty_like(x);
-    (dtype == at::kFloat ? add_rows_avx512<false> : add_rows_avx512<true>)(x.data_ptr(), r.data_ptr(), x.numel(), y.data_ptr());
-    return y;
-  }
-  if (isa >= AVX2 && (dtype == at::kFloat || dtype == at::kBFloat16) && r.scalar_type() == dtype && x.is_contiguous() &&
-      r.is_contiguous()) {
-    at::Tensor y = at::empty_like(x);
-    (dtype == at::kFloat ? add_rows_avx2<false> : add_rows_avx2<true>)(x.data_ptr(), r.data_ptr(), x.numel(), y.data_ptr());
-    return y;
-  }
-#endif
-  return at::add(x, r);
+// y = x + r and y = act(g) * u over n contiguous values of one dtype: one SIMD pass for float32 /
+// bf16 on AVX-512 or AVX2 (bitnet_kernels.h: torch's roundings), torch's own ops on views of the
+// buffers otherwise; the same bits either way.
+static at::Tensor blob(const void* p, int64_t n, at::ScalarType dtype) {
+  return at::from_blob(const_cast<void*>(p), {n}, at::TensorOptions().dtype(dtype));
 }
 
-static at::Tensor act_mul(const at::Tensor& g, const at::Tensor& u, bool square, int64_t isa) {
-  const auto dtype = g.scalar_type();
+static void add_into(const void* x, const void* r, int64_t n, at::ScalarType dtype, int64_t isa, void* y) {
 #ifdef BITNET_X86
-  if (isa >= AVX512 && (dtype == at::kFloat || dtype == at::kBFloat16) && u.scalar_type() == dtype && g.is_contiguous() &&
-      u.is_contiguous()) {
-    at::Tensor y = at::empty_like(g);
-    (dtype == at::kFloat ? relu_mul_avx512<false> : relu_mul_avx512<true>)(g.data_ptr(), u.data_ptr(), g.numel(), square, y.data_ptr());
-    return y;
-  }
-  if (isa >= AVX2 && (dtype == at::kFloat || dtype == at::kBFloat16) && u.scalar_type() == dtype && g.is_contiguous() &&
-      u.is_contiguous()) {
-    at::Tensor y = at::empty_like(g);
-    (dtype == at::kFloat ? relu_mul_avx2<false> : relu_mul_avx2<true>)(g.data_ptr(), u.data_ptr(), g.numel(), square, y.data_ptr());
-    return y;
+  if (dtype == at::kFloat || dtype == at::kBFloat16) {
+    const bool bf16 = dtype == at::kBFloat16;
+    if (isa >= AVX512) return (bf16 ? add_rows_avx512<true> : add_rows_avx512<false>)(x, r, n, y);
+    if (isa >= AVX2) return (bf16 ? add_rows_avx2<true> : add_rows_avx2<false>)(x, r, n, y);
   }
 #endif
-  return at::mul(square ? at::relu(g).square() : at::relu(g), u);
+  at::Tensor out = blob(y, n, dtype);
+  at::add_out(out, blob(x, n, dtype), blob(r, n, dtype));
 }
+
+static void act_mul_into(const void* g, const void* u, int64_t n, bool square, at::ScalarType dtype, int64_t isa, void* y) {
+#ifdef BITNET_X86
+  if (dtype == at::kFloat || dtype == at::kBFloat16) {
+    const bool bf16 = dtype == at::kBFloat16;
+    if (isa >= AVX512) return (bf16 ? relu_mul_avx512<true> : relu_mul_avx512<false>)(g, u, n, square, y);
+    if (isa >= AVX2) return (bf16 ? relu_mul_avx2<true> : relu_mul_avx2<false>)(g, u, n, square, y);
+  }
+#endif
+  const at::Tensor a = at::relu(blob(g, n, dtype));
+  at::Tensor out = blob(y, n, dtype);
+  at::mul_out(out, square ? a.square() : a, blob(u, n, dtype));
+}
+
+// n values of scalar_t as float32 (exact for bf16 / fp16; float64 rounds to nearest, as .float()).
+template <typename scalar_t>
+static void to_float(const scalar_t* x, int64_t n, int64_t isa, float* y) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    std::memcpy(y, x, sizeof(float) * n);
+  else if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    widen_bf16_fn(isa)(reinterpret_cast<const uint16_t*>(x), n, y);
+  else
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(x[i]);
+}
+
+// n float32 values as scalar_t, rounded as torch's .to() does (to nearest even).
+template <typename scalar_t>
+static void from_float(const float* x, int64_t n, int64_t isa, scalar_t* y) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    std::memcpy(y, x, sizeof(float) * n);
+  else if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    narrow_bf16_fn(isa)(x, n, reinterpret_cast<uint16_t*>(y));
+  else
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(x[i]);
+}
+
+// The intermediates of a decode_layer call, carved from one buffer that the calling thread keeps
+// and grows to the largest call it has made: a layer made ~20 tensors a call before (~1/3 of its
+// host time at the 2-core EPYC's ~27 us a small layer), now only its output.
+class Scratch {
+ public:
+  // room for pieces of these byte sizes, each at a 64-byte boundary
+  void reserve(std::initializer_list<int64_t> sizes) {
+    size_t total = 64;
+    for (int64_t b : sizes) total += (static_cast<size_t>(b) + 63) / 64 * 64;
+    if (buf_.size() < total) buf_.resize(total);
+    used_ = (64 - reinterpret_cast<uintptr_t>(buf_.data()) % 64) % 64;
+  }
+  template <typename T>
+  T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(buf_.data() + used_);
+    used_ += (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+    TORCH_INTERNAL_ASSERT(used_ <= buf_.size(), "bitnet_cpu: decode_layer scratch overrun");
+    return p;
+  }
+
+ private:
+  std::vector<char> buf_;
+  size_t used_ = 0;
+};
 
 // One decoder layer of a packed model for one token per sequence, the function of
 // bitnet.model.DecoderLayer.forward at decode in one call (a decode step of a small model is
@@ -669,11 +735,13 @@ static at::Tensor act_mul(const at::Tensor& g, const at::Tensor& u, bool square,
 // ffn_sub or None] in x's dtype with their eps; the seven projections q, k, v, o, gate, up, down
 // (packed, scale, bias or None, out features) of one format; act "relu2" or "relu"; cos / sin
 // (N, D) in x's dtype; rows / pos / key_mask as decode_attention's. Writes the cache; returns x.
+// Intermediates live in the thread's Scratch, raw: no tensor is made but the output (and, for
+// dtypes or instruction sets without a SIMD step here, views of the scratch for torch's op).
 static at::Tensor decode_layer(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& norms, at::ArrayRef<double> eps,
                                at::TensorList packed, at::TensorList scales, const c10::List<std::optional<at::Tensor>>& biases,
                                at::IntArrayRef ns, c10::string_view fmt_s, c10::string_view act, at::Tensor k_cache,
-                               at::Tensor v_cache, const at::Tensor& rows_in, const at::Tensor& pos_in, const at::Tensor& cos,
-                               const at::Tensor& sin, const std::optional<at::Tensor>& key_mask, int64_t n_head, int64_t n_kv) {
+                               at::Tensor v_cache, const at::Tensor& rows_in, const at::Tensor& pos_in, const at::Tensor& cos_in,
+                               const at::Tensor& sin_in, const std::optional<at::Tensor>& key_mask, int64_t n_head, int64_t n_kv) {
   TORCH_CHECK(norms.size() == 4 && eps.size() == 4, "bitnet_cpu: decode_layer takes 4 norms and 4 eps, got ", norms.size(), " and ",
               eps.size());
   TORCH_CHECK(packed.size() == 7 && scales.size() == 7 && biases.size() == 7 && ns.size() == 7,
@@ -683,50 +751,103 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const c10::List<std::opti
   const int fmt = parse_fmt(fmt_s);
   const int64_t isa = active_isa();
   const at::Tensor x = check_input(x_in);
-  const int64_t N = x.size(0), D = ns[0] / n_head;
-  TORCH_CHECK(n_head > 0 && n_kv > 0 && ns[0] == n_head * D && ns[1] == n_kv * D && ns[2] == n_kv * D,
+  const auto dtype = x.scalar_type();
+  const int64_t N = x.size(0), C = x.size(1), D = ns[0] / n_head, Q = ns[0], KV = ns[1], I = ns[4];
+  TORCH_CHECK(n_head > 0 && n_kv > 0 && n_head % n_kv == 0 && ns[0] == n_head * D && ns[1] == n_kv * D && ns[2] == n_kv * D,
               "bitnet_cpu: q / k / v sizes ", ns[0], " / ", ns[1], " / ", ns[2], " do not fit ", n_head, " and ", n_kv, " heads");
+  TORCH_CHECK(D % 2 == 0, "bitnet_cpu: rope needs an even head dimension, got ", D);
+  TORCH_CHECK(ns[3] == C && ns[6] == C && ns[5] == I, "bitnet_cpu: decode_layer o / gate / up / down sizes ", ns[3], " / ", ns[4],
+              " / ", ns[5], " / ", ns[6], " do not fit ", C, " features");
   check_decode_cache(k_cache, v_cache, n_kv, D);
   const at::Tensor rows = rows_in.contiguous(), pos = pos_in.contiguous();
   check_decode_rows(rows, pos, N, k_cache, key_mask);
-  TORCH_CHECK(cos.sizes() == at::IntArrayRef({N, D}) && sin.sizes() == cos.sizes(), "bitnet_cpu: decode_layer cos / sin must be (",
-              N, ", ", D, "), got ", cos.sizes(), " and ", sin.sizes());
-  auto project = [&](const at::Tensor& h, size_t first, size_t count) {
-    std::vector<Projection> ps;
-    for (size_t i = first; i < first + count; ++i) ps.push_back(projection(h, packed[i], scales[i], ns[i], fmt, biases.get(i)));
-    run_projections(ps, quantize_rows(h, isa), fmt, isa);
-    std::vector<at::Tensor> out;
-    for (auto& p : ps) out.push_back(p.y);
-    return out;
-  };
-  auto norm = [&](const at::Tensor& h, size_t i) { return rms_norm(h, *norms.get(i), eps[i]); };
-  // attention
-  const std::vector<at::Tensor> qkv = project(norm(x, 0), 0, 3);
-  const at::Tensor c4 = cos.reshape({N, 1, 1, D}), s4 = sin.reshape({N, 1, 1, D});
-  const at::Tensor q = rope(qkv[0].view({N, n_head, 1, D}), c4, s4).view({N, n_head, D});
-  const at::Tensor k = rope(qkv[1].view({N, n_kv, 1, D}), c4, s4).view({N, n_kv, D}).to(at::kFloat);
-  const at::Tensor v = qkv[2].view({N, n_kv, D}).to(at::kFloat).contiguous();
-  {
-    const int64_t S = k_cache.size(2);
-    const int64_t* rp = rows.data_ptr<int64_t>();
-    const int64_t* pp = pos.data_ptr<int64_t>();
-    float* kc = k_cache.data_ptr<float>();
-    float* vc = v_cache.data_ptr<float>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t g = 0; g < n_kv; ++g) {
-        const int64_t at_ = ((rp[n] * n_kv + g) * S + pp[n]) * D;
-        std::memcpy(kc + at_, k.data_ptr<float>() + (n * n_kv + g) * D, sizeof(float) * D);
-        std::memcpy(vc + at_, v.data_ptr<float>() + (n * n_kv + g) * D, sizeof(float) * D);
-      }
+  TORCH_CHECK(cos_in.sizes() == at::IntArrayRef({N, D}) && sin_in.sizes() == cos_in.sizes(), "bitnet_cpu: decode_layer cos / sin must be (",
+              N, ", ", D, "), got ", cos_in.sizes(), " and ", sin_in.sizes());
+  TORCH_CHECK(cos_in.scalar_type() == dtype && sin_in.scalar_type() == dtype, "bitnet_cpu: rope cos / sin dtype must be the input's ",
+              dtype);
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const int64_t widths[4] = {C, Q, C, I};  // what each norm normalizes
+  std::array<at::Tensor, 4> nw;
+  for (size_t i = 0; i < 4; ++i) {
+    if (!norms.get(i).has_value()) continue;
+    const at::Tensor w = *norms.get(i);
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == widths[i] && w.scalar_type() == dtype,
+                "bitnet_cpu: decode_layer norm ", i, " weight must be ", dtype, " (", widths[i], "), got ", w.scalar_type(), " ",
+                w.sizes());
+    nw[i] = w.is_contiguous() ? w : w.contiguous();
   }
-  at::Tensor y = decode_attention_impl(q.to(at::kFloat), k_cache, v_cache, rows, pos, key_mask).to(x.scalar_type()).view({N, n_head * D});
-  if (norms.get(1).has_value()) y = norm(y, 1);
-  const at::Tensor h1 = residual(x, project(y, 3, 1)[0], isa);
-  // MLP
-  const std::vector<at::Tensor> gu = project(norm(h1, 2), 4, 2);
-  at::Tensor a = act_mul(gu[0], gu[1], act == "relu2", isa);
-  if (norms.get(3).has_value()) a = norm(a, 3);
-  return residual(h1, project(a, 6, 1)[0], isa).view(x_in.sizes());
+  std::vector<Projection> ps;
+  for (size_t i = 0; i < 7; ++i)
+    ps.push_back(projection(i < 3 ? C : i == 3 ? Q : i < 6 ? C : I, dtype, packed[i], scales[i], ns[i], fmt, biases.get(i)));
+  const at::Tensor mask = key_mask.has_value() && key_mask->defined() ? key_mask->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(x_in.sizes(), x.options());
+  if (N == 0) return out;
+  const int64_t E = x.element_size(), W = std::max({C, Q, I});
+  thread_local Scratch scratch;
+  thread_local QuantizedRows xq;
+  scratch.reserve({N * W * E, N * (Q + 2 * KV) * E, N * (Q + KV) * E, N * Q * 4, N * Q * 4, N * Q * E, N * C * E, N * C * E,
+                   N * 3 * I * E, N * C * E});
+  const bool square = act == "relu2";
+  const int64_t S = k_cache.size(2);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitnet_cpu_decode_layer", [&] {
+    using T = scalar_t;
+    T* h = scratch.take<T>(N * W);  // the norms' outputs
+    T* qkv = scratch.take<T>(N * (Q + 2 * KV));
+    T* qr = scratch.take<T>(N * (Q + KV));  // q and k after the rotary embedding
+    float* qf = scratch.take<float>(N * Q);
+    float* att = scratch.take<float>(N * Q);
+    T* y = scratch.take<T>(N * Q);
+    T* o = scratch.take<T>(N * C);
+    T* h1 = scratch.take<T>(N * C);
+    T* gu = scratch.take<T>(N * 3 * I);  // gate, up, act(gate) * up
+    T* d = scratch.take<T>(N * C);
+    auto norm = [&](const T* in, size_t i, int64_t width) {
+      rms_rows(in, nw[i].data_ptr(), N, width, static_cast<float>(eps[i]), dtype, h);
+      return static_cast<const T*>(h);
+    };
+    auto project = [&](const T* in, int64_t K, size_t first, std::initializer_list<T*> outs) {
+      size_t i = first;
+      for (T* out_i : outs) ps[i++].y = out_i;
+      quantize_rows_into(in, dtype, N, K, isa, xq);
+      run_projections(at::ArrayRef<Projection>(ps.data() + first, outs.size()), xq, fmt, isa, dtype);
+    };
+    // attention
+    T* q = qkv;
+    T* k = qkv + N * Q;
+    T* v = k + N * KV;
+    project(norm(x.data_ptr<T>(), 0, C), C, 0, {q, k, v});
+    const T* cp = cos.data_ptr<T>();
+    const T* sp = sin.data_ptr<T>();
+    T* qrot = qr;
+    T* krot = qr + N * Q;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t hd = 0; hd < n_head; ++hd)
+        rope_row<T>(isa, q + (n * n_head + hd) * D, 1, cp + n * D, sp + n * D, D, qrot + (n * n_head + hd) * D);
+      for (int64_t g = 0; g < n_kv; ++g) {
+        rope_row<T>(isa, k + (n * n_kv + g) * D, 1, cp + n * D, sp + n * D, D, krot + (n * n_kv + g) * D);
+        const int64_t at_ = ((rp[n] * n_kv + g) * S + pp[n]) * D;  // k, v -> the cache, as float32
+        to_float<T>(krot + (n * n_kv + g) * D, D, isa, k_cache.data_ptr<float>() + at_);
+        to_float<T>(v + (n * n_kv + g) * D, D, isa, v_cache.data_ptr<float>() + at_);
+      }
+    }
+    to_float<T>(qrot, N * Q, isa, qf);
+    attend_rows(qf, N, n_head, D, k_cache, v_cache, rp, pp, mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                mask.defined() ? mask.size(1) : 0, att);
+    from_float<T>(att, N * Q, isa, y);
+    project(nw[1].defined() ? norm(y, 1, Q) : y, Q, 3, {o});
+    add_into(x.data_ptr<T>(), o, N * C, dtype, isa, h1);
+    // MLP
+    T* g = gu;
+    T* u = gu + N * I;
+    T* a = gu + 2 * N * I;
+    project(norm(h1, 2, C), C, 4, {g, u});
+    act_mul_into(g, u, N * I, square, dtype, isa, a);
+    project(nw[3].defined() ? norm(a, 3, I) : a, I, 6, {d});
+    add_into(h1, d, N * C, dtype, isa, out.data_ptr<T>());
+  });
+  return out;
 }
 
 // Set the instruction-set cap (-1: leave it) and the large-M threshold (-1: leave it); returns the

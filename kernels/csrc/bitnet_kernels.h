@@ -1497,6 +1497,44 @@ static WidenFn widen_bf16_fn(int64_t isa) {
   return widen_bf16_scalar;
 }
 
+// float32 rows narrowed to bf16 bits, rounded as c10::BFloat16 (bf16_bits: to nearest even, NaN ->
+// 0x7FC0), in SIMD lanes (a decode layer's attention output, thousands of values a call).
+static void narrow_bf16_scalar(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = bf16_bits(x[i]);
+}
+#ifdef BITNET_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+static void narrow_bf16_avx512(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = mask16(n - i);
+    store_row16<true>(y, i, m, _mm512_maskz_loadu_ps(m, x + i));
+  }
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+static void narrow_bf16_avx2(const float* x, int64_t n, uint16_t* y) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {  // the low 16 bits of each 32-bit lane, packed in order
+    const __m256i b = bf16_rne_avx2(_mm256_loadu_ps(x + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  }
+  narrow_bf16_scalar(x + i, n - i, y + i);
+}
+#pragma GCC pop_options
+#endif
+using NarrowFn = void (*)(const float*, int64_t, uint16_t*);
+static NarrowFn narrow_bf16_fn(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa >= AVX512) return narrow_bf16_avx512;
+  if (isa >= AVX2) return narrow_bf16_avx2;
+#endif
+  (void)isa;
+  return narrow_bf16_scalar;
+}
+
 // The same rows in AVX2 lanes (8 floats), the remainder one value at a time with the same
 // operations: the results equal the AVX-512 rows' but for RMSNorm's float64 summation order.
 template <bool BF16>
