@@ -692,6 +692,71 @@ def test_decode_layer_equals_the_eager_layers(variant, monkeypatch):
     assert (fused - eager).abs().max() <= tol * eager.abs().max(), (fused - eager).abs().max()
 
 
+def decode_layer_in_parts(x, norms, eps, packed, scales, biases, ns, fmt, act, k_cache, v_cache, rows, pos, cos, sin,
+                          key_mask, n_head, n_kv):
+    """decode_layer's steps as the separate native ops (each tested against its own reference
+    above) and torch's own conversions and elementwise ops, for decode_layer's arguments."""
+    N, D = x.shape[0], ns[0] // n_head
+    dt = x.dtype
+    q, k, v = cpu.linear_many(cpu.rms_norm(x, norms[0], eps[0]), packed[:3], scales[:3], ns[:3], fmt, biases[:3])
+    q = cpu.rope(q.view(N, n_head, 1, D), cos.view(N, 1, 1, D), sin.view(N, 1, 1, D)).view(N, n_head, D)
+    k = cpu.rope(k.view(N, n_kv, 1, D), cos.view(N, 1, 1, D), sin.view(N, 1, 1, D)).view(N, n_kv, D)
+    k_cache[rows, :, pos], v_cache[rows, :, pos] = k.float(), v.view(N, n_kv, D).float()
+    y = cpu.decode_attention(q.float(), k_cache, v_cache, rows, pos, key_mask).to(dt).view(N, n_head * D)
+    if norms[1] is not None:
+        y = cpu.rms_norm(y, norms[1], eps[1])
+    h = x + cpu.linear(y, packed[3], scales[3], ns[3], fmt, biases[3])
+    g, u = cpu.linear_many(cpu.rms_norm(h, norms[2], eps[2]), packed[4:6], scales[4:6], ns[4:6], fmt, biases[4:6])
+    a = torch.relu(g).square() * u if act == "relu2" else torch.relu(g) * u
+    if norms[3] is not None:
+        a = cpu.rms_norm(a, norms[3], eps[3])
+    return h + cpu.linear(a, packed[6], scales[6], ns[6], fmt, biases[6])
+
+
+@pytest.mark.parametrize("variant", LAYER_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_decode_layer_equals_its_parts_at_a_real_attention_step(variant):
+    """Past slot 0 (the attention's output no longer a cached value, so its rounding back to the
+    model's dtype is at stake), several sequences at different positions with masked keys:
+    decode_layer's output and the cache it writes equal, bit for bit, the same step run as the
+    separate native ops and torch's own conversions (decode_layer_in_parts), at every
+    instruction-set level, on 1 and 2 threads."""
+    import bitnet.model as bm
+
+    variant = dict(variant)
+    dtype, packing = variant.pop("dtype"), variant.pop("packing", "2bit")
+    model = decode_model(dtype, packing, **variant)
+    model.setup_cache(4, 24)
+    g = torch.Generator().manual_seed(5)
+    layer = model.model.layers[0]
+    cache = layer.self_attn.kv_cache
+    C, N = model.config.hidden_size, 3
+    x = (torch.randn(N, C, generator=g) * 2).to(dtype)
+    a = bm.native_decode_args(layer, x[:, None], model.config.hidden_act)
+    assert a is not None
+    rows, pos = torch.tensor([2, 0, 3]), torch.tensor([5, 17, 11])
+    angle = torch.randn(N, cache.k.shape[-1], generator=g) * 3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    key_mask = torch.rand(N, 24, generator=g) > 0.25
+    saved = torch.get_num_threads()
+    try:
+        for isa in cpu.ISAS[:cpu.ISAS.index(cpu.detected_isa()) + 1]:
+            cpu.set_isa(isa)
+            for threads, mask in [(1, None), (2, key_mask)]:
+                torch.set_num_threads(threads)
+                base_k, base_v = torch.randn(cache.k.shape, generator=g), torch.randn(cache.v.shape, generator=g)
+                cache.k.copy_(base_k), cache.v.copy_(base_v)
+                out = cpu.decode_layer(x, *a[:10], rows, pos, cos, sin, mask, *a[10:])
+                got_k, got_v = cache.k.clone(), cache.v.clone()
+                cache.k.copy_(base_k), cache.v.copy_(base_v)
+                ref = decode_layer_in_parts(x, *a[:10], rows, pos, cos, sin, mask, *a[10:])
+                assert out.dtype == dtype and torch.equal(out, ref), (isa, threads, (out.double() - ref.double()).abs().max())
+                assert torch.equal(got_k, cache.k) and torch.equal(got_v, cache.v), isa
+                assert not torch.equal(got_k, base_k)  # the step wrote its keys
+    finally:
+        cpu.set_isa(cpu.detected_isa())
+        torch.set_num_threads(saved)
+
+
 def test_generate_reads_the_layers_arguments_once_a_call(monkeypatch):
     """generate() reads each layer's native arguments (native_decode_args) at its first decode step
     and keeps them for the call (BitNetForCausalLM.keep_decode_args): once a layer a call, not once
