@@ -248,6 +248,30 @@ def test_batched_decode_gives_each_sequence_its_solo_logits_bit_for_bit(dtype):
     assert len(set(solo[0].argmax(-1).tolist())) > 3  # a non-degenerate continuation
 
 
+@pytest.mark.skipif(not native.load(), reason="the native CPU kernels are not built here")
+def test_the_runner_reads_the_layers_arguments_once(monkeypatch):
+    """The runner reads each layer's native arguments (native_decode_args) at its first step and
+    keeps them until close(): once a layer for a whole staggered run, not once a layer a step, its
+    pure decode steps still one native decode_layer call a layer, and every logit still the lone
+    run's."""
+    import bitnet.serve.runner as runner_module
+
+    model = tiny(dtype=torch.bfloat16)
+    L = model.config.num_hidden_layers
+    solo = [solo_logits(model, p, 8) for p in PROMPTS]
+    reads, layers = [], []
+    real_args, real_layer = runner_module.native_decode_args, native.decode_layer
+    monkeypatch.setattr(runner_module, "native_decode_args", lambda *a: reads.append(1) or real_args(*a))
+    monkeypatch.setattr(native, "decode_layer", lambda *a: layers.append(1) or real_layer(*a))
+    runner = ModelRunner(model, max_batch=3, max_seq_len=64)
+    got = staggered(runner, PROMPTS, 8, 3)
+    assert len(reads) == L and len(layers) >= 4 * L
+    for i in range(len(PROMPTS)):
+        assert torch.equal(got[i], solo[i]), f"prompt {i}"
+    runner.close()
+    assert not runner._layer_args
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run of what the cuda test checks compiled")
 def test_batched_decode_on_the_triton_path_gives_the_solo_logits(monkeypatch):
     """The Triton path under the interpreter (its RoPE and cache writes in one launch, each token
