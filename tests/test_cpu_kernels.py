@@ -120,6 +120,10 @@ def test_linear_is_bit_identical_to_the_torch_reference(isa, fmt):
                     assert torch.equal(cpu.linear(x, packed, scale, n, fmt, b), quantized_linear(x, w, scale, b))
     x = torch.randn(2, 3, 45)  # leading dimensions are kept
     assert cpu.linear(x, pack(weights(37, 45, fmt), fmt), scale, 37, fmt).shape == (2, 3, 37)
+    cpu.set_large_m(10**9)  # many rows on the GEMV path: int32 sums past the 4 MB a thread keeps
+    w = weights(4100, 64, fmt)
+    x = torch.randn(260, 64).to(torch.bfloat16)
+    assert torch.equal(cpu.linear(x, pack(w, fmt), scale, 4100, fmt), quantized_linear(x, w, scale))
 
 
 def test_bad_input_is_named():
@@ -737,24 +741,19 @@ def test_decode_layer_equals_its_parts_at_a_real_attention_step(variant):
     angle = torch.randn(N, cache.k.shape[-1], generator=g) * 3
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     key_mask = torch.rand(N, 24, generator=g) > 0.25
-    saved = torch.get_num_threads()
-    try:
-        for isa in cpu.ISAS[:cpu.ISAS.index(cpu.detected_isa()) + 1]:
-            cpu.set_isa(isa)
-            for threads, mask in [(1, None), (2, key_mask)]:
-                torch.set_num_threads(threads)
-                base_k, base_v = torch.randn(cache.k.shape, generator=g), torch.randn(cache.v.shape, generator=g)
-                cache.k.copy_(base_k), cache.v.copy_(base_v)
-                out = cpu.decode_layer(x, *a[:10], rows, pos, cos, sin, mask, *a[10:])
-                got_k, got_v = cache.k.clone(), cache.v.clone()
-                cache.k.copy_(base_k), cache.v.copy_(base_v)
-                ref = decode_layer_in_parts(x, *a[:10], rows, pos, cos, sin, mask, *a[10:])
-                assert out.dtype == dtype and torch.equal(out, ref), (isa, threads, (out.double() - ref.double()).abs().max())
-                assert torch.equal(got_k, cache.k) and torch.equal(got_v, cache.v), isa
-                assert not torch.equal(got_k, base_k)  # the step wrote its keys
-    finally:
-        cpu.set_isa(cpu.detected_isa())
-        torch.set_num_threads(saved)
+    for isa in cpu.ISAS[:cpu.ISAS.index(cpu.detected_isa()) + 1]:  # (the restore fixture resets ISA and threads)
+        cpu.set_isa(isa)
+        for threads, mask in [(1, None), (2, key_mask)]:
+            torch.set_num_threads(threads)
+            base_k, base_v = torch.randn(cache.k.shape, generator=g), torch.randn(cache.v.shape, generator=g)
+            cache.k.copy_(base_k), cache.v.copy_(base_v)
+            out = cpu.decode_layer(x, *a[:10], rows, pos, cos, sin, mask, *a[10:])
+            got_k, got_v = cache.k.clone(), cache.v.clone()
+            cache.k.copy_(base_k), cache.v.copy_(base_v)
+            ref = decode_layer_in_parts(x, *a[:10], rows, pos, cos, sin, mask, *a[10:])
+            assert out.dtype == dtype and torch.equal(out, ref), (isa, threads, (out.double() - ref.double()).abs().max())
+            assert torch.equal(got_k, cache.k) and torch.equal(got_v, cache.v), isa
+            assert not torch.equal(got_k, base_k)  # the step wrote its keys
 
 
 def test_generate_reads_the_layers_arguments_once_a_call(monkeypatch):

@@ -239,13 +239,17 @@ static void run_projections(at::ArrayRef<Projection> ps, const QuantizedRows& xq
     }
     return;
   }
-  // packed rows of all projections end to end; their int32 sums in one buffer kept by the thread
+  // packed rows of all projections end to end; their int32 sums in one buffer, the thread's kept
+  // one up to 4 MB (every decode call's; a larger prefill's is its own, freed after it)
   c10::SmallVector<int64_t, 8> start(ps.size() + 1, 0), at_(ps.size() + 1, 0);
   for (size_t i = 0; i < ps.size(); ++i) {
     start[i + 1] = start[i] + (ps[i].n ? ps[i].packed.size(0) : 0);
     at_[i + 1] = at_[i] + M * ps[i].n;
   }
-  thread_local std::vector<int32_t> sums;
+  constexpr int64_t kKeptSums = 1 << 20;
+  thread_local std::vector<int32_t> kept;
+  std::vector<int32_t> own;
+  std::vector<int32_t>& sums = at_.back() <= kKeptSums ? kept : own;
   if (sums.size() < static_cast<size_t>(at_.back())) sums.resize(static_cast<size_t>(at_.back()));
   int32_t* sp = sums.data();
   const int P = values_per_byte(fmt);
