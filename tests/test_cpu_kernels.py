@@ -602,13 +602,19 @@ def attention_reference(q, k_cache, v_cache, rows, pos, key_mask=None):
 @pytest.mark.parametrize("isa", isas())
 def test_decode_attention_against_float64(isa):
     """One query per sequence over its own cache row, any position, GQA, masked keys, head sizes off
-    the vector widths, 1 and 2 threads; a query at slot 0 sees one key: its output is that value."""
+    the vector widths, 1 and 2 threads; a query at slot 0 sees one key: its output is that value.
+    The query heads of a KV head run as one group (attend_group): groups of 1 to 5 heads and of 18
+    (blocks of 4, 3, 2, 1 heads), head sizes over 128 (several passes of 64 outputs), and a long
+    context that the threads split."""
     cpu.set_isa(isa)
     g = torch.Generator().manual_seed(0)
-    for H, G, D in [(8, 8, 64), (8, 2, 64), (4, 1, 36), (3, 3, 128)]:
-        B, S = 4, 50
+    for H, G, D, S, positions in [(8, 8, 64, 50, None), (8, 2, 64, 50, None), (4, 1, 36, 50, None),
+                                  (3, 3, 128, 50, None), (6, 2, 64, 50, None), (4, 2, 32, 50, None),
+                                  (10, 2, 48, 50, None), (18, 1, 16, 50, None), (2, 1, 200, 50, None),
+                                  (8, 2, 128, 700, [0, 699, 350, 517, 3])]:
+        B = 4
         k_cache, v_cache = torch.randn(B, G, S, D, generator=g), torch.randn(B, G, S, D, generator=g)
-        rows, pos = torch.tensor([2, 0, 3, 1, 2]), torch.tensor([0, 7, 49, 20, 33])
+        rows, pos = torch.tensor([2, 0, 3, 1, 2]), torch.tensor(positions or [0, 7, 49, 20, 33])
         q = torch.randn(5, H, D, generator=g) * 3
         key_mask = torch.rand(5, S, generator=g) > 0.3
         for threads in (1, 2):

@@ -611,17 +611,19 @@ static void attend_rows(const float* qp, int64_t N, int64_t H, int64_t D, const 
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
-  // threads only where each has work worth the fork: (query, head) pairs of at least ~64K key and
-  // value elements a chunk (a decode step at a short context runs its 20 heads on one thread)
+  // threads over (query, KV head) pairs, each with its rep query heads (attend_group: the cache rows
+  // stream once for them), only where each has work worth the fork: ~64K key and value elements a
+  // chunk at least (a decode step at a short context runs on one thread)
   int64_t live = 1;
   for (int64_t n = 0; n < N; ++n) live = std::max(live, pp[n] + 1);
-  at::parallel_for(0, N * H, std::max<int64_t>(1, 65536 / (live * D)), [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, N * G, std::max<int64_t>(1, 65536 / (live * D * rep)), [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scores;  // kept by the thread: no allocation a call
-    if (scores.size() < static_cast<size_t>(S)) scores.resize(static_cast<size_t>(S));
+    if (scores.size() < static_cast<size_t>(rep * S)) scores.resize(static_cast<size_t>(rep * S));
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / H, h = i % H, g = h / rep;
-      const int64_t base = ((rp[n] * G + g) * S) * D;
-      attend_one(isa, qp + i * D, kp + base, vp + base, pp[n] + 1, D, mp ? mp + n * ms : nullptr, scale, scores.data(), yp + i * D);
+      const int64_t n = i / G, g = i % G;
+      const int64_t base = ((rp[n] * G + g) * S) * D, first = (n * H + g * rep) * D;
+      attend_group(isa, qp + first, rep, kp + base, vp + base, pp[n] + 1, D, mp ? mp + n * ms : nullptr, scale, scores.data(),
+                   yp + first);
     }
   });
 }
