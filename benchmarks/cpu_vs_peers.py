@@ -31,6 +31,11 @@ What is timed (llama-bench -p 128 -n 64's protocol, ours replaying it with bitne
   (model.setup_cache(1, 65), reused by every call): 64 forwards of one token at positions 0..63 (the
   prompt's forward, then 63 decode steps), each with the argmax over the logits that llama-bench
   replaces by a random token; tok/s = 64 / time of the call.
+- decode at depth (`--depth D`, tgN@ppD): llama-bench -gp D,N clears the cache, runs a D-token prompt
+  untimed and times the N single-token llama_decode calls after it (positions D..D+N-1). Ours:
+  `generate(model, D-token prompt, N + 1)` into a cache of D + N + 1 slots, timed from the prompt's
+  token (on_token's first call) to the end: its N decode steps. Where the context is long the KV
+  cache is read as much as the weights: this is the figure a chat with a long history sees.
 - prefill (pp128): llama-bench clears the cache and times one llama_decode of 128 tokens (logits of
   the last one only); tok/s = 128 / time. Ours: `generate(model, 128-token prompt, 1)`: one forward
   over 128 tokens (the head on the last token), and its argmax; tok/s = 128 / time.
@@ -146,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ik-reps", type=int, default=5, help="llama-bench -r")
     ap.add_argument("--prompt", type=int, default=128, help="prefill tokens (llama-bench -p)")
     ap.add_argument("--gen", type=int, default=64, help="decode tokens (llama-bench -n)")
+    ap.add_argument("--depth", type=int, default=0,
+                    help="decode after a prompt of this many tokens, only the decode timed (llama-bench -gp DEPTH,GEN); "
+                    "0: from an empty cache (-n GEN)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="1 round, --reps 3, --twin-reps 1, --ik-reps 3 (a check of the whole, not a result)")
@@ -189,8 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("rounds", "reps", "twin_reps", "ik_reps", "prompt", "gen"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.retries < 0:
-        ap.error("--warmup and --retries must be at least 0")
+    if args.warmup < 0 or args.retries < 0 or args.depth < 0:
+        ap.error("--warmup, --retries and --depth must be at least 0")
     args.lock = args.lock or None
     return args
 
@@ -307,8 +315,10 @@ def markdown(payload: dict) -> str:
     rows = sorted(summarize(payload["measurements"]), key=order)
     rats = sorted(ratios(payload["measurements"]), key=order)
     n_rounds = len({m["round"] for m in payload["measurements"]})
+    depth = a.get("depth", 0)
+    tg = f"tg{a['gen']}@pp{depth}" if depth else f"tg{a['gen']}"
     t1 = markdown_table(
-        ["shape", "ISA", "threads", "system", f"decode tok/s (tg{a['gen']})", f"prefill {a['prompt']} tok/s (pp{a['prompt']})",
+        ["shape", "ISA", "threads", "system", f"decode tok/s ({tg})", f"prefill {a['prompt']} tok/s (pp{a['prompt']})",
          "per round: decode / prefill"],
         [[r["shape"], r["isa"], str(r["threads"]), system_label(r["system"], (payload.get("ik_files") or {}).get(r["shape"])),
           fmt_spread(r["decode"], ".1f"), fmt_spread(r["prefill"], ".0f"),
@@ -339,8 +349,13 @@ def markdown(payload: dict) -> str:
         + (f" (snapshot of bitnet/ and kernels/, digest {snap['digest'][:12]})" if snap.get("digest") else "")
         + f"; ik_llama.cpp {payload.get('ik_commit', '?')[:12]}.",
         "",
-        f"Decode: tg{a['gen']}: {a['gen']} single-token forwards at positions 0..{a['gen'] - 1} from an empty KV cache "
-        f"(ours: generate(model, 1-token prompt, {a['gen']}), greedy; llama-bench -n {a['gen']}); prefill: one forward over "
+        (f"Decode: {tg}: {a['gen']} single-token forwards at positions {depth}..{depth + a['gen'] - 1} after a "
+         f"{depth}-token prompt, only they timed (ours: generate(model, {depth}-token prompt, {a['gen'] + 1}), greedy, "
+         f"timed from the prompt's token to the end; llama-bench -gp {depth},{a['gen']}); prefill: one forward over "
+         if depth else
+         f"Decode: tg{a['gen']}: {a['gen']} single-token forwards at positions 0..{a['gen'] - 1} from an empty KV cache "
+         f"(ours: generate(model, 1-token prompt, {a['gen']}), greedy; llama-bench -n {a['gen']}); prefill: one forward over ")
+        +
         f"{a['prompt']} tokens (ours: generate(model, {a['prompt']}-token prompt, 1); llama-bench -p {a['prompt']}). "
         f"A round's sample: the median of {a['reps']} timed calls after {a['warmup']} untimed (twin: {a['twin_reps']}), ik "
         f"the median of llama-bench -r {a['ik_reps']}'s samples. Cells: median over rounds (min-max). "
@@ -400,16 +415,17 @@ def kernel_digest() -> str | None:
 
 
 def timed_calls(fn, warmup: int, reps: int) -> dict:
-    """fn() `warmup` times untimed, then `reps` times timed: seconds per call, and the cores other
-    processes took meanwhile (machine busy CPU less this process's CPU, over the timed calls' wall)."""
+    """fn() `warmup` times untimed, then `reps` times timed: seconds per call (or what fn returns,
+    where it returns the seconds of the part to time), and the cores other processes took meanwhile
+    (machine busy CPU less this process's CPU, over the timed calls' wall)."""
     for _ in range(warmup):
         fn()
     b0, o0, w0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        part = fn()
+        times.append(time.perf_counter() - t0 if part is None else part)
     wall = time.perf_counter() - w0
     other = max(0.0, (busy_cpu_seconds() - b0) - (own_cpu_seconds() - o0)) / wall
     return {"seconds": times, "other_cpu_s_per_wall_s": round(other, 3), "wall_s": round(wall, 2)}
@@ -450,8 +466,20 @@ def child_measure(spec: dict) -> dict:
     model.setup_cache(1, P + 1)
     pp = timed_calls(lambda: generate(model, long, 1), warmup, reps)
     model.clear_cache()
-    model.setup_cache(1, N + 1)
-    tg = timed_calls(lambda: generate(model, one, N), warmup, reps)
+    depth = spec.get("depth", 0)
+    if depth:  # llama-bench -gp: the N decode steps after a prompt of `depth` tokens, the prompt untimed
+        deep = torch.randint(0, config.vocab_size, (1, depth), generator=g)
+        model.setup_cache(1, depth + N + 1)
+
+        def after_prompt():
+            first = []  # the clock when the prompt's forward has given its token
+            generate(model, deep, N + 1, on_token=lambda ids: first or first.append(time.perf_counter()))
+            return time.perf_counter() - first[0]
+
+        tg = timed_calls(after_prompt, warmup, reps)
+    else:
+        model.setup_cache(1, N + 1)
+        tg = timed_calls(lambda: generate(model, one, N), warmup, reps)
     model.clear_cache()
     sizes = weight_bytes(model)
     decode = [N / s for s in tg["seconds"]]
@@ -539,7 +567,7 @@ def run_child(spec: dict, isa: str, snap: str | None) -> dict:
 
 def measure_ours(cell: dict, args: argparse.Namespace, peer, snap: str | None) -> dict:
     spec = {"shape": cell["shape"], "system": cell["system"], "threads": cell["threads"], "seed": args.seed,
-            "prompt": args.prompt, "gen": args.gen, "warmup": args.warmup,
+            "prompt": args.prompt, "gen": args.gen, "depth": args.depth, "warmup": args.warmup,
             "reps": args.twin_reps if cell["system"] == "twin" else args.reps}
     tries = []
     for _ in range(args.retries + 1):
@@ -567,7 +595,7 @@ def keep_best(tries: list[dict]) -> dict:
 def measure_ik(cell: dict, args: argparse.Namespace, peer, ik: dict) -> dict:
     b = ik["builds"][IK_BUILD[cell["isa"]]]
     path = ik["files"][cell["shape"]][IK_HEAD[cell["system"]]]["path"]
-    ns = argparse.Namespace(prompt=args.prompt, gen=args.gen, reps=args.ik_reps, lock=args.lock,
+    ns = argparse.Namespace(prompt=args.prompt, gen=args.gen, depth=args.depth, reps=args.ik_reps, lock=args.lock,
                             max_other=args.max_other, retries=args.retries)
     res = peer.run_bench(b["bin"], path, cell["threads"], ns)
     res["decode_tok_s_mean"], res["prefill_tok_s_mean"] = res["decode_tok_s"], res["prefill_tok_s"]

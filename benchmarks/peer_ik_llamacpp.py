@@ -387,8 +387,12 @@ def quantize(bin_dir: str, src: str, dst: str, head: str, nice: int, threads: in
 
 # ----------------------------------------------------------------------------- llama-bench
 def bench_command(bin_dir: str, model: str, threads: int, args: argparse.Namespace) -> list[str]:
+    """llama-bench's pp and tg tests; with args.depth > 0 the tg test after a prompt of that many
+    tokens (-gp DEPTH,GEN: only the generation is timed) instead of from an empty cache."""
+    depth = getattr(args, "depth", 0)
+    gen = ["-n", "0", "-gp", f"{depth},{args.gen}"] if depth else ["-n", str(args.gen)]
     return [os.path.join(bin_dir, "llama-bench"), "-m", model, "-t", str(threads), "-p", str(args.prompt),
-            "-n", str(args.gen), "-r", str(args.reps), "-o", "json"]
+            *gen, "-r", str(args.reps), "-o", "json"]
 
 
 def parse_bench_json(text: str) -> dict:
@@ -396,11 +400,14 @@ def parse_bench_json(text: str) -> dict:
     tests = json.loads(text)
     out = {}
     for t in tests:
+        after_prompt = t.get("n_prompt", 0) > 0 and t.get("n_gen", 0) > 0 and "@pp" in str(t.get("test", ""))  # -gp
         kind = "prefill" if t.get("n_prompt", 0) > 0 and t.get("n_gen", 0) == 0 else \
-               "decode" if t.get("n_gen", 0) > 0 and t.get("n_prompt", 0) == 0 else None
+               "decode" if t.get("n_gen", 0) > 0 and (t.get("n_prompt", 0) == 0 or after_prompt) else None
         if kind is None:
             continue
         n = t["n_prompt"] if kind == "prefill" else t["n_gen"]
+        if kind == "decode":
+            out["decode_depth"] = t["n_prompt"] if after_prompt else 0
         out[f"{kind}_tokens"] = n
         out[f"{kind}_tok_s"] = t["avg_ts"]
         out[f"{kind}_tok_s_stddev"] = t["stddev_ts"]

@@ -50,7 +50,7 @@ def test_arguments_defaults_and_quick():
 
 @pytest.mark.parametrize("bad", [["--threads", "0"], ["--threads", "x"], ["--isas", "sse"], ["--systems", "vllm"],
                                  ["--rounds", "0"], ["--shape-threads", "2b4t"], ["--shape-isas", "2b4t=avx9"],
-                                 ["--reps", "0"], ["--warmup", "-1"], ["--shapes", ""]])
+                                 ["--reps", "0"], ["--warmup", "-1"], ["--shapes", ""], ["--depth", "-1"]])
 def test_arguments_refused(bad):
     with pytest.raises(SystemExit):
         cvp.parse_args(bad)
@@ -111,6 +111,10 @@ def test_markdown_from_samples():
     assert "| 700m | native | 2 | 1.31 (1.25-1.38) |" in text
     assert "round 2: 15.5" in text and "plus uncommitted changes" in text
     assert "1 measurement(s) run again" in text and "1 kept above it" in text
+    a["depth"] = 512  # decode after a prompt: llama-bench -gp's test, named as it names it
+    deep = cvp.markdown({"environment": env, "args": a, "measurements": samples, "complete": True, "ik_commit": "8337e4cd3861"})
+    assert "decode tok/s (tg64@pp512)" in deep and "positions 512..575 after a 512-token prompt" in deep
+    assert "llama-bench -gp 512,64" in deep
     # tied heads (2b4t) name the embedding
     assert "tied: token_embd Q6_K" in cvp.system_label("ik-default", {"default": {"types": {"token_embd": "Q6_K", "output": None}}})
 
@@ -142,6 +146,15 @@ def test_tg_and_pp_protocol_on_tiny(monkeypatch):
     model.setup_cache(1, 17)
     generate(model, torch.zeros(1, 16, dtype=torch.long), 1)
     assert len(calls) == 1  # one forward; the head over the last token only
+    # --depth: generate(model, D-token prompt, N + 1) timed from the prompt's token (on_token's first
+    # call): N forwards of one token, at positions D..D+N-1, after the clock starts
+    model.clear_cache()
+    calls.clear()
+    model.setup_cache(1, 16 + 4 + 1)
+    after = []
+    generate(model, torch.zeros(1, 16, dtype=torch.long), 4 + 1, on_token=lambda ids: after.append(len(calls)))
+    assert after[0] == 1 and len(calls) - after[0] == 4 and all(c[-2] == 1 for c in calls[1:])
     hook.remove()
     res = cvp.timed_calls(lambda: None, warmup=1, reps=3)
     assert len(res["seconds"]) == 3 and res["other_cpu_s_per_wall_s"] >= 0
+    assert cvp.timed_calls(lambda: 0.25, warmup=0, reps=2)["seconds"] == [0.25, 0.25]  # the part fn timed

@@ -102,6 +102,8 @@ def test_cmake_flags_and_commands():
     a = peer.parse_args(["--src", "/x", "--lock", "/tmp/bench.lock", "--reps", "3"])
     cmd = peer.bench_command("/b", "/m.gguf", 2, a)
     assert cmd == ["/b/llama-bench", "-m", "/m.gguf", "-t", "2", "-p", "128", "-n", "64", "-r", "3", "-o", "json"]
+    a.depth = 512  # cpu_vs_peers --depth: the generation after a prompt (-gp), not from an empty cache
+    assert peer.bench_command("/b", "/m.gguf", 2, a)[7:11] == ["-n", "0", "-gp", "512,64"]
     assert a.lock == "/tmp/bench.lock" and a.max_other == 0.1 and a.retries == 3
     assert peer.source_commit("/nowhere", "abc") == "abc"
 
@@ -114,6 +116,13 @@ def test_parse_bench_json():
     assert r["decode_samples_tok_s"] == [40.25, 39.75]
     with pytest.raises(ValueError):
         peer.parse_bench_json("[]")
+    import json
+    tests = json.loads(BENCH_SAMPLE)
+    gp = dict(tests[1], n_prompt=512, test="tg64@pp512")  # -gp 512,64: the generation timed alone
+    r = peer.parse_bench_json(json.dumps([tests[0], gp]))
+    assert (r["decode_tokens"], r["decode_depth"], r["decode_tok_s"]) == (64, 512, 40.0) and r["prefill_tokens"] == 128
+    pg = dict(tests[1], n_prompt=512, test="pp512+tg64")  # -pg: prompt and generation timed together: neither
+    assert "decode_tokens" not in peer.parse_bench_json(json.dumps([tests[0], pg]))
 
 
 def test_quantize_log():
