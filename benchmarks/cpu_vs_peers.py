@@ -414,9 +414,9 @@ def kernel_digest() -> str | None:
     return h.hexdigest()[:12]
 
 
-def timed_calls(fn, warmup: int, reps: int) -> dict:
-    """fn() `warmup` times untimed, then `reps` times timed: seconds per call (or what fn returns,
-    where it returns the seconds of the part to time), and the cores other processes took meanwhile
+def timed_calls(fn, warmup: int, reps: int, part: bool = False) -> dict:
+    """fn() `warmup` times untimed, then `reps` times timed: seconds per call (part: what fn returns,
+    the seconds of the part of the call to time), and the cores other processes took meanwhile
     (machine busy CPU less this process's CPU, over the timed calls' wall)."""
     for _ in range(warmup):
         fn()
@@ -424,8 +424,8 @@ def timed_calls(fn, warmup: int, reps: int) -> dict:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        part = fn()
-        times.append(time.perf_counter() - t0 if part is None else part)
+        seconds = fn()
+        times.append(float(seconds) if part else time.perf_counter() - t0)
     wall = time.perf_counter() - w0
     other = max(0.0, (busy_cpu_seconds() - b0) - (own_cpu_seconds() - o0)) / wall
     return {"seconds": times, "other_cpu_s_per_wall_s": round(other, 3), "wall_s": round(wall, 2)}
@@ -476,7 +476,7 @@ def child_measure(spec: dict) -> dict:
             generate(model, deep, N + 1, on_token=lambda ids: first or first.append(time.perf_counter()))
             return time.perf_counter() - first[0]
 
-        tg = timed_calls(after_prompt, warmup, reps)
+        tg = timed_calls(after_prompt, warmup, reps, part=True)
     else:
         model.setup_cache(1, N + 1)
         tg = timed_calls(lambda: generate(model, one, N), warmup, reps)

@@ -157,4 +157,5 @@ def test_tg_and_pp_protocol_on_tiny(monkeypatch):
     hook.remove()
     res = cvp.timed_calls(lambda: None, warmup=1, reps=3)
     assert len(res["seconds"]) == 3 and res["other_cpu_s_per_wall_s"] >= 0
-    assert cvp.timed_calls(lambda: 0.25, warmup=0, reps=2)["seconds"] == [0.25, 0.25]  # the part fn timed
+    assert cvp.timed_calls(lambda: 0.25, warmup=0, reps=2, part=True)["seconds"] == [0.25, 0.25]  # the part fn timed
+    assert cvp.timed_calls(lambda: torch.zeros(3), warmup=0, reps=1)["seconds"][0] < 0.25  # a result is not a time
