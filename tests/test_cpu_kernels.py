@@ -603,9 +603,10 @@ def attention_reference(q, k_cache, v_cache, rows, pos, key_mask=None):
 def test_decode_attention_against_float64(isa):
     """One query per sequence over its own cache row, any position, GQA, masked keys, head sizes off
     the vector widths, 1 and 2 threads; a query at slot 0 sees one key: its output is that value.
-    The query heads of a KV head run as one group (attend_group): groups of 1 to 5 heads and of 18
+    The query heads of a KV head run as one group (attend_part): groups of 1 to 5 heads and of 18
     (blocks of 4, 3, 2, 1 heads), head sizes over 128 (several passes of 64 outputs), and a long
-    context that the threads split."""
+    context cut in parts of 512 slots and merged (one of them wholly masked), the same bits on any
+    number of threads."""
     cpu.set_isa(isa)
     g = torch.Generator().manual_seed(0)
     for H, G, D, S, positions in [(8, 8, 64, 50, None), (8, 2, 64, 50, None), (4, 1, 36, 50, None),
@@ -617,6 +618,9 @@ def test_decode_attention_against_float64(isa):
         rows, pos = torch.tensor([2, 0, 3, 1, 2]), torch.tensor(positions or [0, 7, 49, 20, 33])
         q = torch.randn(5, H, D, generator=g) * 3
         key_mask = torch.rand(5, S, generator=g) > 0.3
+        if S > 600:
+            key_mask[1, :512] = False  # a whole part (attend_part's 512 slots) masked: it weighs nothing
+        ys = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for mask in (None, key_mask):
@@ -624,6 +628,8 @@ def test_decode_attention_against_float64(isa):
                 ref = attention_reference(q, k_cache, v_cache, rows, pos, mask)
                 assert (y.double() - ref).abs().max() < 1e-5, (isa, H, G, D, threads, mask is None)
                 assert torch.equal(y[0], v_cache[2].repeat_interleave(H // G, 0)[:, 0])
+                ys.append(y)
+        assert torch.equal(ys[0], ys[2]) and torch.equal(ys[1], ys[3])  # the same bits on 1 and 2 threads
 
 
 def test_decode_attention_rejects_bad_input():

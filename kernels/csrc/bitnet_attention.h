@@ -10,11 +10,14 @@
 // in float32, the dot products and weighted sums in SIMD lanes (AVX-512 or AVX2 where the CPU has
 // them; on AVX-512 the exponentials too, a polynomial within about 2 ulps): the last bits can
 // differ from torch's kernel, as any two attention kernels do; tests hold it to a float64 reference.
-// The query heads that share a KV head run together (attend_group), so that each cache row streams
-// from memory once for all of them, a software prefetch 8 KB ahead. At long contexts a decode step
-// reads more cache than weights (2B-4T at 2048 tokens: 315 MB of float32 cache a token against 522
-// MB of packed weights); measured on the 2-core Zen 5 EPYC, 30 layers at 2048 tokens: 34.5 -> 14.1
-// ms on one thread, 24.5 -> 8.6 on two (one head at a time, each row read 4 times, no prefetch).
+// The query heads that share a KV head run together (attend_part), so that each cache row streams
+// from memory once for all of them, a software prefetch 8 KB ahead, and a context longer than 512
+// slots runs in parts merged at the end (kPartKeys: work for more threads than a model has KV
+// heads). At long contexts a decode step reads nearly as much cache as weights (2B-4T at 2048
+// tokens: 315 MB of float32 cache a token beside 522 MB of packed weights); measured on the 2-core
+// Zen 5 EPYC, 30 layers of 2B-4T at 2048 tokens: 34.5 -> 13.2 ms on one thread, 24.5 -> 9.0 on two;
+// at 1024 tokens 15.7 -> 6.3 and 9.1 -> 4.7 (before: one head at a time, each row read 4 times,
+// no prefetch, threads over (query, head) pairs).
 
 #pragma once
 
@@ -252,14 +255,18 @@ static WeightedFn weighted_acc_fn(int64_t isa) {
   return weighted_acc_scalar;
 }
 
-// The R query heads (rows D apart) that share one KV head: keys / values (L, D) rows D apart (L =
-// pos + 1: slots 0..pos), allowed[j] (nullptr: every key) for j < pos; y (R, D) written. scores:
-// R * L floats of scratch. The keys and values stream once for the R heads (GQA: 2B-4T's 4 query
-// heads a KV head read each cache row once, not 4 times): on AVX-512 in register blocks
-// (group_*_avx512), elsewhere in blocks of 32 keys that stay in L1 across the R heads, each head's
-// arithmetic the one-head kernels' (scores_*, weighted_acc_*).
-static void attend_group(int64_t isa, const float* q, int64_t R, const float* keys, const float* values, int64_t L, int64_t D,
-                         const bool* allowed, float scale, float* scores, float* y) {
+// One part of the attention of the R query heads (rows D apart) that share one KV head: keys /
+// values (L, D) rows D apart, a run of a cache row's slots; allowed[j] (nullptr: every key) for
+// j < L, except key `own` (the query's own slot, or -1 where the part does not hold it), which
+// always counts. Writes, per head r: m[r] the part's largest scaled score (-inf where every key is
+// masked), sum[r] the sum of exp(s_j - m[r]) and y[r] (D,) the sum of exp(s_j - m[r]) v_j, not yet
+// divided by it (merge_parts does). scores: R * L floats of scratch.
+// The keys and values stream once for the R heads (GQA: 2B-4T's 4 query heads a KV head read each
+// cache row once, not 4 times): on AVX-512 in register blocks (group_*_avx512), elsewhere in blocks
+// of 32 keys that stay in L1 across the R heads, each head's arithmetic the one-head kernels'
+// (scores_*, weighted_acc_*).
+static void attend_part(int64_t isa, const float* q, int64_t R, const float* keys, const float* values, int64_t L, int64_t D,
+                        const bool* allowed, int64_t own, float scale, float* scores, float* y, float* m, float* sum) {
   constexpr int64_t kBlock = 32;
 #ifdef BITNET_X86
   if (isa >= AVX512) {
@@ -271,38 +278,32 @@ static void attend_group(int64_t isa, const float* q, int64_t R, const float* ke
     for (int64_t j0 = 0; j0 < L; j0 += kBlock)
       for (int64_t r = 0; r < R; ++r) sf(q + r * D, keys + j0 * D, std::min(kBlock, L - j0), D, scores + r * L + j0);
   }
-  std::vector<float> sums_storage;  // (R is a model's query heads a KV head: a few; no allocation below 16)
-  float sums_small[16];
-  float* sums = sums_small;
-  if (R > 16) {
-    sums_storage.resize(static_cast<size_t>(R));
-    sums = sums_storage.data();
-  }
   for (int64_t r = 0; r < R; ++r) {  // scale, mask, softmax numerators (0 for a masked key) and their sum
     float* sr = scores + r * L;
-    float m = -INFINITY;
+    float mr = -INFINITY;
     for (int64_t j = 0; j < L; ++j) {
-      if (allowed && j + 1 < L && !allowed[j]) {
+      if (allowed && j != own && !allowed[j]) {
         sr[j] = -INFINITY;
         continue;
       }
       sr[j] *= scale;
-      m = std::max(m, sr[j]);
+      mr = std::max(mr, sr[j]);
     }
-    float sum = 0.f;
+    float total = 0.f;
 #ifdef BITNET_X86
     if (isa >= AVX512) {
-      sum = softmax_exp_avx512(sr, L, m);
+      total = softmax_exp_avx512(sr, L, mr);  // (every key masked: mr = -inf, every numerator 0)
     } else
 #endif
     {
       for (int64_t j = 0; j < L; ++j) {
-        const float p = sr[j] == -INFINITY ? 0.f : std::exp(sr[j] - m);
+        const float p = sr[j] == -INFINITY ? 0.f : std::exp(sr[j] - mr);
         sr[j] = p;
-        sum += p;
+        total += p;
       }
     }
-    sums[r] = sum;
+    m[r] = mr;
+    sum[r] = total;
   }
 #ifdef BITNET_X86
   if (isa >= AVX512) {
@@ -315,9 +316,38 @@ static void attend_group(int64_t isa, const float* q, int64_t R, const float* ke
     for (int64_t j0 = 0; j0 < L; j0 += kBlock)
       for (int64_t r = 0; r < R; ++r) wf(scores + r * L + j0, values + j0 * D, std::min(kBlock, L - j0), D, y + r * D);
   }
+}
+
+// The attention of a query's context cut in parts of kPartKeys slots (the last one shorter): a cut
+// that depends on the context's length alone, never on the threads, so that a query's result is
+// the same on any number of them (and alone or in a batch). A context of one part is one
+// attend_part, its result y * (1 / sum); more parts give a step of one sequence work for more
+// threads than it has KV heads (2B-4T: 5), and merge as flash-decoding does.
+constexpr int64_t kPartKeys = 512;
+
+// Part c of P parts (c < P) at stride `stride` floats: y (R, D), then m (R), then sum (R); the
+// result (R, D) into out: M = max_c m_c, y = sum_c y_c e^(m_c - M) / sum_c sum_c e^(m_c - M).
+static void merge_parts(const float* parts, int64_t P, int64_t stride, int64_t R, int64_t D, float* out) {
   for (int64_t r = 0; r < R; ++r) {
-    const float inv = 1.f / sums[r];
-    for (int64_t d = 0; d < D; ++d) y[r * D + d] *= inv;
+    float M = -INFINITY;
+    for (int64_t c = 0; c < P; ++c) M = std::max(M, parts[c * stride + R * D + r]);
+    float total = 0.f;
+    float* o = out + r * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t c = 0; c < P; ++c) {
+      const float* part = parts + c * stride;
+      const float f = P == 1 ? 1.f : std::exp(part[R * D + r] - M);  // 0 for a part whose keys are all masked
+      if (f == 0.f) continue;
+      total += part[R * D + R + r] * f;
+      const float* yc = part + r * D;
+      if (P == 1) {
+        std::copy(yc, yc + D, o);
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] += yc[d] * f;
+      }
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
 }
 

@@ -611,21 +611,39 @@ static void attend_rows(const float* qp, int64_t N, int64_t H, int64_t D, const 
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
-  // threads over (query, KV head) pairs, each with its rep query heads (attend_group: the cache rows
-  // stream once for them), only where each has work worth the fork: ~64K key and value elements a
-  // chunk at least (a decode step at a short context runs on one thread)
-  int64_t live = 1;
-  for (int64_t n = 0; n < N; ++n) live = std::max(live, pp[n] + 1);
-  at::parallel_for(0, N * G, std::max<int64_t>(1, 65536 / (live * D * rep)), [&](int64_t i0, int64_t i1) {
+  // threads over the parts of (query, KV head) pairs (attend_part: the rep query heads of a KV head
+  // together, the cache rows streaming once for them; kPartKeys slots a part), only where each has
+  // work worth the fork: ~64K key and value elements a chunk at least (a decode step at a short
+  // context runs on one thread); then each pair's parts merged (merge_parts)
+  int64_t live = 1, most = 1;
+  for (int64_t n = 0; n < N; ++n) {
+    live = std::max(live, pp[n] + 1);
+    most = std::max(most, (pp[n] + kPartKeys) / kPartKeys);
+  }
+  const int64_t stride = rep * (D + 2);  // a part's y, m and sum
+  thread_local std::vector<float> parts_kept;
+  std::vector<float>& parts = parts_kept;
+  if (parts.size() < static_cast<size_t>(N * G * most * stride)) parts.resize(static_cast<size_t>(N * G * most * stride));
+  float* partp = parts.data();
+  const int64_t part_len = std::min(live, kPartKeys);
+  at::parallel_for(0, N * G * most, std::max<int64_t>(1, 65536 / (part_len * D * rep)), [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scores;  // kept by the thread: no allocation a call
-    if (scores.size() < static_cast<size_t>(rep * S)) scores.resize(static_cast<size_t>(rep * S));
+    if (scores.size() < static_cast<size_t>(rep * kPartKeys)) scores.resize(static_cast<size_t>(rep * kPartKeys));
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / G, g = i % G;
-      const int64_t base = ((rp[n] * G + g) * S) * D, first = (n * H + g * rep) * D;
-      attend_group(isa, qp + first, rep, kp + base, vp + base, pp[n] + 1, D, mp ? mp + n * ms : nullptr, scale, scores.data(),
-                   yp + first);
+      const int64_t n = i / (G * most), g = (i / most) % G, c = i % most;
+      const int64_t L = pp[n] + 1, j0 = c * kPartKeys;
+      if (j0 >= L) continue;  // a shorter context than the longest: fewer parts
+      const int64_t len = std::min(kPartKeys, L - j0);
+      const int64_t base = ((rp[n] * G + g) * S + j0) * D;
+      float* out = partp + i * stride;
+      attend_part(isa, qp + (n * H + g * rep) * D, rep, kp + base, vp + base, len, D, mp ? mp + n * ms + j0 : nullptr,
+                  L - 1 - j0 < len ? L - 1 - j0 : -1, scale, scores.data(), out, out + rep * D, out + rep * D + rep);
     }
   });
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g)
+      merge_parts(partp + (n * G + g) * most * stride, (pp[n] + kPartKeys) / kPartKeys, stride, rep, D,
+                  yp + (n * H + g * rep) * D);
 }
 
 static at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
