@@ -61,7 +61,24 @@ static void weighted_acc_scalar(const float* p, const float* values, int64_t L, 
 // hsum256_ps: bitnet_kernels.h
 static void scores_avx2(const float* q, const float* keys, int64_t L, int64_t D, float* s) {
   const int64_t D8 = D / 8 * 8, ahead = rows_ahead(D);
-  for (int64_t j = 0; j < L; ++j) {
+  int64_t j = 0;
+  if (D8 == D)  // four keys at a time, their four sums in one reduction (3 hadds), q loaded once for them
+    for (; j + 4 <= L; j += 4) {
+      const float* k = keys + j * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < D; d += 8) {
+        if ((d & 15) == 0)
+          for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(k + (ahead + r) * D + d), _MM_HINT_T0);
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + D + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * D + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * D + d), a3);
+      }
+      const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half: a0..a3
+      _mm_storeu_ps(s + j, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    }
+  for (; j < L; ++j) {
     const float* k = keys + j * D;
     for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(k + ahead * D + d), _MM_HINT_T0);
     __m256 a = _mm256_setzero_ps();
@@ -71,16 +88,42 @@ static void scores_avx2(const float* q, const float* keys, int64_t L, int64_t D,
     s[j] = t;
   }
 }
-static void weighted_acc_avx2(const float* p, const float* values, int64_t L, int64_t D, float* y) {
-  const int64_t D8 = D / 8 * 8, ahead = rows_ahead(D);
+// y[d0, d0 + 8 NV) += sum_j p[j] values[j][...], the NV vectors of y in registers across the keys
+// (through memory, each key's add waited on the last one's store)
+template <int NV>
+static void weighted_block_avx2(const float* p, const float* values, int64_t L, int64_t D, int64_t d0, bool fetch, float* y) {
+  const int64_t ahead = rows_ahead(D);
+  __m256 acc[NV];
+  for (int c = 0; c < NV; ++c) acc[c] = _mm256_loadu_ps(y + d0 + 8 * c);
   for (int64_t j = 0; j < L; ++j) {
     if (p[j] == 0.f) continue;
     const float* v = values + j * D;
-    for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(v + ahead * D + d), _MM_HINT_T0);
+    if (fetch)
+      for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(v + ahead * D + d), _MM_HINT_T0);
     const __m256 vp = _mm256_set1_ps(p[j]);
-    for (int64_t d = 0; d < D8; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d), _mm256_loadu_ps(y + d)));
-    for (int64_t d = D8; d < D; ++d) y[d] += p[j] * v[d];
+    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d0 + 8 * c), acc[c]);
   }
+  for (int c = 0; c < NV; ++c) _mm256_storeu_ps(y + d0 + 8 * c, acc[c]);
+}
+
+static void weighted_acc_avx2(const float* p, const float* values, int64_t L, int64_t D, float* y) {
+  const int64_t D8 = D / 8 * 8;
+  for (int64_t d0 = 0; d0 < D8; d0 += 64) {  // 64 features (8 vectors) a pass, each key's products in order
+    const bool fetch = d0 == 0;
+    switch (std::min<int64_t>(8, (D8 - d0) / 8)) {
+      case 8: weighted_block_avx2<8>(p, values, L, D, d0, fetch, y); break;
+      case 7: weighted_block_avx2<7>(p, values, L, D, d0, fetch, y); break;
+      case 6: weighted_block_avx2<6>(p, values, L, D, d0, fetch, y); break;
+      case 5: weighted_block_avx2<5>(p, values, L, D, d0, fetch, y); break;
+      case 4: weighted_block_avx2<4>(p, values, L, D, d0, fetch, y); break;
+      case 3: weighted_block_avx2<3>(p, values, L, D, d0, fetch, y); break;
+      case 2: weighted_block_avx2<2>(p, values, L, D, d0, fetch, y); break;
+      default: weighted_block_avx2<1>(p, values, L, D, d0, fetch, y); break;
+    }
+  }
+  for (int64_t j = 0; j < L; ++j)
+    if (p[j] != 0.f)
+      for (int64_t d = D8; d < D; ++d) y[d] += p[j] * values[j * D + d];
 }
 #pragma GCC pop_options
 
