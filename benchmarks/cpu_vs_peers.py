@@ -317,6 +317,13 @@ def markdown(payload: dict) -> str:
     n_rounds = len({m["round"] for m in payload["measurements"]})
     depth = a.get("depth", 0)
     tg = f"tg{a['gen']}@pp{depth}" if depth else f"tg{a['gen']}"
+    if depth:
+        decode_protocol = (f"Decode: {tg}: {a['gen']} single-token forwards at positions {depth}..{depth + a['gen'] - 1} "
+                           f"after a {depth}-token prompt, only they timed (ours: generate(model, {depth}-token prompt, "
+                           f"{a['gen'] + 1}), greedy, timed from the prompt's token to the end; llama-bench -gp {depth},{a['gen']})")
+    else:
+        decode_protocol = (f"Decode: {tg}: {a['gen']} single-token forwards at positions 0..{a['gen'] - 1} from an empty "
+                           f"KV cache (ours: generate(model, 1-token prompt, {a['gen']}), greedy; llama-bench -n {a['gen']})")
     t1 = markdown_table(
         ["shape", "ISA", "threads", "system", f"decode tok/s ({tg})", f"prefill {a['prompt']} tok/s (pp{a['prompt']})",
          "per round: decode / prefill"],
@@ -349,14 +356,7 @@ def markdown(payload: dict) -> str:
         + (f" (snapshot of bitnet/ and kernels/, digest {snap['digest'][:12]})" if snap.get("digest") else "")
         + f"; ik_llama.cpp {payload.get('ik_commit', '?')[:12]}.",
         "",
-        (f"Decode: {tg}: {a['gen']} single-token forwards at positions {depth}..{depth + a['gen'] - 1} after a "
-         f"{depth}-token prompt, only they timed (ours: generate(model, {depth}-token prompt, {a['gen'] + 1}), greedy, "
-         f"timed from the prompt's token to the end; llama-bench -gp {depth},{a['gen']}); prefill: one forward over "
-         if depth else
-         f"Decode: tg{a['gen']}: {a['gen']} single-token forwards at positions 0..{a['gen'] - 1} from an empty KV cache "
-         f"(ours: generate(model, 1-token prompt, {a['gen']}), greedy; llama-bench -n {a['gen']}); prefill: one forward over ")
-        +
-        f"{a['prompt']} tokens (ours: generate(model, {a['prompt']}-token prompt, 1); llama-bench -p {a['prompt']}). "
+        decode_protocol + f"; prefill: one forward over {a['prompt']} tokens (ours: generate(model, {a['prompt']}-token prompt, 1); llama-bench -p {a['prompt']}). "
         f"A round's sample: the median of {a['reps']} timed calls after {a['warmup']} untimed (twin: {a['twin_reps']}), ik "
         f"the median of llama-bench -r {a['ik_reps']}'s samples. Cells: median over rounds (min-max). "
         "ISA avx2: ours and the twin with BITNET_CPU_ISA=avx2, ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2; ik its "
