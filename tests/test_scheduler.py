@@ -67,8 +67,11 @@ def test_the_queue_is_bounded():
     s.add(seq(5))
     with pytest.raises(QueueFull):
         s.add(seq(6))
-    with pytest.raises(ValueError, match="a prompt and a token"):
+    with pytest.raises(ValueError, match="needs a prompt and a count of tokens"):
         Scheduler(1, 1, 1).add(seq(9, prompt_len=0))
+    with pytest.raises(ValueError, match="needs a prompt and a count of tokens"):
+        Scheduler(1, 1, 1).add(seq(9, new=-1))
+    Scheduler(1, 1, 1).add(seq(9, new=0))  # a prompt scored alone (bitnet.serve.engine: prompt_logprobs)
 
 
 def test_long_prompts_go_in_chunks_while_the_others_decode():
@@ -670,6 +673,75 @@ def test_engine_sampling_with_a_seed_is_generate_with_that_generator(monkeypatch
                                  generator=torch.Generator().manual_seed(prm.seed))
     assert outs[3].tokens == alone(model, PROMPTS[3], 10)
     assert bool(chained) == bool(ahead)
+
+
+class Scored(Collector):
+    """A Collector that keeps each output's logprob and the prompt's logprobs."""
+
+    def __init__(self):
+        super().__init__()
+        self.logprobs, self.prompt = [], None
+
+    def __call__(self, out):
+        if out.prompt_logprobs is not None:
+            assert self.prompt is None, "prompt logprobs twice"
+            self.prompt = out.prompt_logprobs
+        if out.token is not None:
+            self.logprobs.append(out.logprob)
+        super().__call__(out)
+
+
+@AHEAD
+def test_logprobs_beside_plain_streams_are_the_models_own(monkeypatch, ahead):
+    """Streams with logprobs (prompt and generated, a 39-token prompt scored in chunks of 16) beside
+    streams without, run ahead or not: every stream gets its solo tokens; each logprob is the
+    float64 log_softmax of a forward over the prompt and the tokens (its top alternatives, most
+    likely first, the greedy token among them first); a prompt scored with max_tokens 0 ends
+    without a token. (Against transformers' BitNet: tests/test_serve.py.)"""
+    kw, _ = engine_args(monkeypatch, ahead)
+    model = tiny()
+    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, **kw).start()
+    params = [SamplingParams(max_tokens=8, logprobs=3, prompt_logprobs=2), SamplingParams(max_tokens=8),
+              SamplingParams(max_tokens=8, logprobs=0), SamplingParams(max_tokens=8),
+              SamplingParams(max_tokens=0, prompt_logprobs=1), SamplingParams(max_tokens=5, prompt_logprobs=0)]
+    outs = [Scored() for _ in PROMPTS]
+    for p, prm, c in zip(PROMPTS, params, outs):
+        engine.submit(p, prm, c)
+    for c in outs:
+        c.wait()
+    engine.stop()
+    for p, prm, c in zip(PROMPTS, params, outs):
+        assert c.tokens == alone(model, p, prm.max_tokens) if prm.max_tokens else c.tokens == []
+        assert c.finish == "length"
+        with torch.no_grad():
+            ref = model(torch.tensor([p + c.tokens])).logits[0].double().log_softmax(-1)
+        if prm.logprobs is None:
+            assert c.logprobs == [None] * len(c.tokens)
+        else:
+            for k, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
+                row = ref[len(p) - 1 + k]
+                assert lp.token == t and abs(lp.logprob - row[t].item()) < 1e-5
+                assert [i for i, _ in lp.top] == row.topk(prm.logprobs).indices.tolist()
+                assert lp.top[:1] in ((), ((t, lp.logprob),))
+        if prm.prompt_logprobs is None:
+            assert c.prompt is None
+            continue
+        assert len(c.prompt) == len(p) and c.prompt[0] is None
+        for i in range(1, len(p)):
+            lp = c.prompt[i]
+            assert lp.token == p[i] and abs(lp.logprob - ref[i - 1, p[i]].item()) < 1e-5
+            assert len(lp.top) == prm.prompt_logprobs and all(abs(v - ref[i - 1, j].item()) < 1e-5 for j, v in lp.top)
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_logprobs_parameters_are_checked():
+    engine = Engine(tiny(), max_batch=1, max_seq_len=64)
+    for bad, match in ((SamplingParams(max_tokens=0), "max_tokens must be an integer >= 1"),
+                       (SamplingParams(logprobs=21), r"logprobs must be an integer in \[0, 20\]"),
+                       (SamplingParams(prompt_logprobs=-1), r"prompt_logprobs must be an integer in \[0, 20\]")):
+        with pytest.raises(ValueError, match=match):
+            engine.submit([1, 2], bad, Collector())
+    engine.submit([1, 2], SamplingParams(max_tokens=0, prompt_logprobs=0), Collector())  # a prompt scored
 
 
 def test_engine_stops_at_eos_and_frees_the_slot():

@@ -296,6 +296,189 @@ def test_seeded_sampling_is_reproducible(server):
     assert len({run(s) for s in (1, 2, 3)}) > 1
 
 
+# ----------------------------------------------------------------------------- logprobs, scoring, choices
+@pytest.fixture(scope="module")
+def scorer(folder):
+    """A server whose prompts go in chunks of 8 tokens: scores cross chunk boundaries."""
+    s = Server(folder, max_batch=2, prefill_chunk=8, max_queue=32)
+    yield s
+    s.close()
+
+
+class Scores:
+    """log_softmax in float64 of two references' logits on ids, row i scoring token i + 1:
+    transformers' own BitNet code on the same checkpoint (independent of ours: within
+    THEIRS_TOL, since it quantizes activations in another order and a rounding tie then moves a
+    logit by a few 1e-3), and our model's plain forward over the whole sequence (within OURS_TOL:
+    the server's batched steps, chunked prefill and decode kernels give the same logits)."""
+
+    THEIRS_TOL, OURS_TOL = 1e-2, 1e-4
+
+    def __init__(self, folder, model, ids):
+        from reference import hf_logits
+
+        self.theirs = hf_logits(folder, torch.tensor([ids]))[0].double().log_softmax(-1)
+        with torch.no_grad():
+            self.ours = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+    def check(self, value: float, row: int, token: int | None = None) -> None:
+        """value is row's logprob of token (None: of the most likely)."""
+        for ref, tol in ((self.theirs, self.THEIRS_TOL), (self.ours, self.OURS_TOL)):
+            want = ref[row].max() if token is None else ref[row, token]
+            assert abs(value - want.item()) < tol, (value, want.item(), row, token)
+
+
+def test_lm_eval_loglikelihood_requests_score_the_continuation(scorer, folder, reference, tokenizer):
+    """The body lm-evaluation-harness's local-completions sends for loglikelihood (token ids, a
+    batch of prompts, echo, logprobs 1, max_tokens 1), parsed as it parses it: the continuation's
+    summed logprob and whether it is the greedy one, against transformers on the same checkpoint."""
+    contexts = ["hello world, a tiny", "naïve café, 😀 gr", "a tiny corpus for a tiny tokenizer, hello world, " * 2]
+    continuations = [" corpus", "üße", " naïve"]
+    batch, ctxlens = [], []
+    for c, x in zip(contexts, continuations):
+        ctx, whole = tokenizer.encode(c).ids, tokenizer.encode(c + x).ids
+        assert whole[:len(ctx)] == ctx
+        batch.append(whole)
+        ctxlens.append(len(ctx))
+    body = {"model": scorer.name, "prompt": batch, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    r = httpx.post(f"{scorer.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["usage"]["prompt_tokens"] == sum(map(len, batch)) and out["usage"]["completion_tokens"] == 3
+    for choice, ids, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), batch, ctxlens):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        # lm-eval's parse_logprobs
+        got = sum(lp["token_logprobs"][ctxlen:-1])
+        greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]))
+        ref = Scores(folder, reference, ids)
+        for scores, tol in ((ref.theirs, ref.THEIRS_TOL), (ref.ours, ref.OURS_TOL)):
+            want = sum(scores[i - 1, ids[i]].item() for i in range(ctxlen, len(ids)))
+            assert abs(got - want) < tol, (got, want)
+        assert greedy == all(ref.ours[i - 1].argmax().item() == ids[i] for i in range(ctxlen, len(ids)))
+        # every prompt token, and the token generated after them (the greedy one)
+        for i in range(1, len(ids)):
+            ref.check(lp["token_logprobs"][i], i - 1, ids[i])
+            assert len(lp["top_logprobs"][i]) == 1
+            ref.check(max(lp["top_logprobs"][i].values()), i - 1)
+        ref.check(lp["token_logprobs"][-1], len(ids) - 1)
+        assert choice["text"].startswith(tokenizer.decode(ids))
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(scorer, folder, reference, tokenizer):
+    """max_tokens 0 with echo (the completions API's way to score a text): the prompt back, each
+    token's logprob and its 3 most likely alternatives, where each token's text starts, nothing
+    generated; streamed: the same in one chunk, then the end."""
+    text = "hello world, a tiny corpus for a tiny tokenizer"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) > 8  # (over a chunk)
+    client = scorer.client()
+    r = client.completions.create(model=scorer.name, prompt=text, max_tokens=0, echo=True, logprobs=3)
+    c = r.choices[0]
+    assert (c.text, c.finish_reason, r.usage.completion_tokens, r.usage.prompt_tokens) == (text, "length", 0, len(ids))
+    lp = c.logprobs
+    ref = Scores(folder, reference, ids)
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None
+    for i in range(1, len(ids)):
+        ref.check(lp.token_logprobs[i], i - 1, ids[i])
+        top = lp.top_logprobs[i]
+        assert list(top.values()) == sorted(top.values(), reverse=True) and len(top) == 3
+        for value, token in zip(top.values(), ref.ours[i - 1].topk(3).indices.tolist()):
+            ref.check(value, i - 1, token)
+    assert [text[a:b] for a, b in zip(lp.text_offset, lp.text_offset[1:] + [len(text)])] == lp.tokens
+    chunks = list(client.completions.create(model=scorer.name, prompt=text, max_tokens=0, echo=True, logprobs=3,
+                                            stream=True))
+    assert [ch.choices[0].text for ch in chunks] == [text, ""] and chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+    # echo without logprobs: the prompt's text before the completion's, and no logprobs
+    r = client.completions.create(model=scorer.name, prompt=text, max_tokens=4, echo=True, temperature=0)
+    plain = client.completions.create(model=scorer.name, prompt=text, max_tokens=4, temperature=0)
+    assert r.choices[0].text == text + plain.choices[0].text and r.choices[0].logprobs is None
+
+
+def test_generated_tokens_come_with_their_logprobs(scorer, folder, reference, tokenizer):
+    """logprobs 2 on a completion and top_logprobs 2 on a chat, streamed and not: each generated
+    token's logprob is transformers' at its position, its first alternative is itself (greedy),
+    the chat's bytes put together are the message's text, and the stream carries the same entries."""
+    client = scorer.client()
+
+    def check(got, prefix):
+        """got: (logprob, alternatives' logprobs) of each generated token after prefix."""
+        out = solo_ids(scorer, prefix, 10)
+        assert len(got) == len(out)
+        ref = Scores(folder, reference, prefix + out)
+        for k, (value, tops) in enumerate(got):
+            ref.check(value, len(prefix) - 1 + k, out[k])
+            assert len(tops) == 2 and tops[0] == value and tops[1] <= value  # greedy: the token is the first
+            ref.check(tops[1], len(prefix) - 1 + k, ref.ours[len(prefix) - 1 + k].topk(2).indices[1].item())
+        return out
+
+    prompt = "naïve café"
+    r = client.completions.create(model=scorer.name, prompt=prompt, max_tokens=10, temperature=0, logprobs=2)
+    c, lp = r.choices[0], r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == r.usage.completion_tokens
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    check([(v, list(top.values())) for v, top in zip(lp.token_logprobs, lp.top_logprobs)], tokenizer.encode(prompt).ids)
+    stream = list(client.completions.create(model=scorer.name, prompt=prompt, max_tokens=10, temperature=0, logprobs=2,
+                                            stream=True))
+    assert "".join(ch.choices[0].text for ch in stream) == c.text
+    assert sum((ch.choices[0].logprobs.token_logprobs for ch in stream), []) == lp.token_logprobs
+
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model=scorer.name, messages=messages, max_tokens=10, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    out = check([(e.logprob, [t.logprob for t in e.top_logprobs]) for e in content],
+                tokenizer.encode(f"<s>user: {prompt}\nassistant:", add_special_tokens=False).ids)
+    mine = content[:len(out) - (out[-1] == EOS)]  # (an EOS token's bytes are its string, not text)
+    assert b"".join(bytes(e.bytes) for e in mine).decode() == chat.choices[0].message.content
+    for e in content:  # a token that is not whole characters is written as OpenAI writes it
+        b = bytes(e.bytes)
+        assert e.token == (b.decode() if b.decode(errors="ignore").encode() == b else
+                           "bytes:" + "".join(f"\\x{c:02x}" for c in b))
+    chunks = list(client.chat.completions.create(model=scorer.name, messages=messages, max_tokens=10, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, e.bytes) for e in streamed] == [(e.token, e.logprob, e.bytes) for e in content]
+
+
+def solo_ids(server, prefix, n):
+    """The greedy tokens generate() gives the server's model after `prefix`: the reference scores them."""
+    out = generate(server.model, torch.tensor([prefix]), n, eos_token_id=EOS)[0, len(prefix):].tolist()
+    return out[:out.index(EOS) + 1] if EOS in out else out
+
+
+def test_several_prompts_and_n_choices(server, reference, tokenizer):
+    """prompt as a list (lm-eval's batches) and n: choice i * n + j is prompt i's j-th; greedy
+    choices are each their prompt's solo output; a seeded request's choice j draws as a lone
+    request with seed + j does; streamed, the chunks of each index make up the same texts."""
+    client = server.client()
+    prompts = ["hello world", "a tiny corpus"]
+    r = client.completions.create(model=server.name, prompt=prompts, n=2, max_tokens=8, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:
+        assert c.text == solo(reference, tokenizer, tokenizer.encode(prompts[c.index // 2]).ids, 8)[0]
+    assert r.usage.prompt_tokens == sum(len(tokenizer.encode(p).ids) for p in prompts)
+    sampled = client.completions.create(model=server.name, prompt="hello", n=3, max_tokens=12, temperature=1.0,
+                                        seed=7)
+    alone = [client.completions.create(model=server.name, prompt="hello", max_tokens=12, temperature=1.0,
+                                       seed=7 + j).choices[0].text for j in range(3)]
+    assert [c.text for c in sampled.choices] == alone and len(set(alone)) > 1
+    texts = {}
+    for ch in client.completions.create(model=server.name, prompt=prompts, n=2, max_tokens=8, temperature=0,
+                                        stream=True):
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in r.choices}
+    chat = client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": "hello"}], n=2,
+                                          max_tokens=6, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+
+
 def test_models_health_and_unknown_routes(server):
     client = server.client()
     models = client.models.list()
@@ -345,13 +528,18 @@ def bad_cases(name):
         ("completions", {**ok, "top_p": 1.5}, 400, "top_p", "invalid_value"),
         ("completions", {**ok, "top_k": 0}, 400, "top_k", "invalid_value"),
         ("completions", {**ok, "seed": 2**70}, 400, "seed", "invalid_value"),
-        ("completions", {**ok, "n": 3}, 400, "n", "unsupported"),
-        ("completions", {**ok, "logprobs": 2}, 400, "logprobs", "unsupported"),
+        ("completions", {**ok, "n": 0}, 400, "n", "invalid_value"),
+        ("completions", {**ok, "n": 129}, 400, "n", "invalid_value"),
+        ("completions", {**ok, "logprobs": 21}, 400, "logprobs", "invalid_value"),
+        ("completions", {**ok, "logprobs": -1}, 400, "logprobs", "invalid_value"),
         ("completions", {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
         ("completions", {**ok, "max_token": 4}, 400, "max_token", None),
         ("completions", {**ok, "prompt": ""}, 400, "prompt", "invalid_value"),
         ("completions", {**ok, "prompt": [1, 99999]}, 400, "prompt", "invalid_value"),
-        ("completions", {**ok, "prompt": ["one", "two"]}, 400, "prompt", "unsupported"),
+        ("completions", {**ok, "prompt": []}, 400, "prompt", "invalid_value"),
+        ("completions", {**ok, "prompt": [[1, 2], []]}, 400, "prompt", "invalid_value"),
+        ("completions", {**ok, "prompt": [[1, 2], [3, 99999]]}, 400, "prompt", "invalid_value"),
+        ("completions", {**ok, "prompt": ["hello " * 200, "hi"]}, 400, "prompt", "context_length_exceeded"),
         ("completions", {"prompt": "hello"}, 400, "model", "invalid_value"),
         ("chat/completions", {**chat, "messages": []}, 400, "messages", "invalid_value"),
         ("chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role",
@@ -363,10 +551,11 @@ def bad_cases(name):
         ("completions", {**ok, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported"),
         ("completions", {**ok, "frequency_penalty": -1}, 400, "frequency_penalty", "unsupported"),
         ("completions", {**ok, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported"),
-        ("completions", {**ok, "echo": True}, 400, "echo", "unsupported"),
         ("completions", {**ok, "best_of": 2}, 400, "best_of", "unsupported"),
+        ("completions", {**ok, "best_of": 3, "n": 2}, 400, "best_of", "unsupported"),
         ("completions", {**ok, "suffix": "end"}, 400, "suffix", "unsupported"),
-        ("chat/completions", {**chat, "logprobs": True}, 400, "logprobs", "unsupported"),
+        ("chat/completions", {**chat, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
+        ("chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
         ("chat/completions", {**chat, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported"),
         ("chat/completions", {**chat, "tool_choice": "required"}, 400, "tool_choice", "unsupported"),
         ("chat/completions", {**chat, "max_tokens": 4, "max_completion_tokens": 5}, 400, None, None),

@@ -32,25 +32,31 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import ContextOverflow, Engine, EngineClosed, Output, QueueFull, SamplingParams
+from .engine import ContextOverflow, Engine, EngineClosed, Output, QueueFull, SamplingParams, TokenLogprob
 from .metrics import Metrics
 from .protocol import (
+    SEED_RANGE,
     ChatChoice,
     ChatChunkChoice,
+    ChatLogprobs,
+    ChatTokenLogprob,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     AssistantMessage,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Delta,
@@ -58,6 +64,7 @@ from .protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    TopLogprob,
     Unsupported,
     Usage,
     now,
@@ -100,22 +107,37 @@ def error_json(status: int, message: str, type: str = "invalid_request_error", p
 
 
 # ----------------------------------------------------------------------------- a request in flight
+@dataclass
+class Piece:
+    """What one engine output of a choice adds: text (after the detokenizer and the stop strings),
+    the finish reason on the last, and the logprobs of the token that came (with where its text
+    starts in the choice's completion text)."""
+
+    text: str
+    finish: str | None = None
+    logprobs: list[tuple[TokenLogprob, int]] = field(default_factory=list)
+
+
 class Generation:
-    """One request in the engine: its outputs as an async iterator, its text through the
-    detokenizer and the stop strings, its timings into the metrics."""
+    """One choice of a request in the engine: its outputs made into Pieces (detokenized, cut at
+    stop strings), its timings into the metrics. Outputs arrive on the request's queue (Choices),
+    tagged with `index`."""
 
     def __init__(self, engine: Engine, metrics: Metrics, tokenizer: ServeTokenizer, prompt_ids: list[int],
-                 params: SamplingParams, stops: list[str], arrived: float):
+                 params: SamplingParams, stops: list[str], arrived: float, queue: asyncio.Queue, index: int):
         loop = asyncio.get_running_loop()
-        self.engine, self.metrics, self.arrived = engine, metrics, arrived
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        self.prompt_tokens, self.completion_tokens = len(prompt_ids), 0
+        self.engine, self.metrics, self.arrived, self.index = engine, metrics, arrived, index
+        self.prompt_ids = prompt_ids
+        self.completion_tokens = 0
         self.detok, self.stops = tokenizer.detokenizer(prompt_ids), StopStrings(stops)
+        self.chars = 0  # characters of completion text the detokenizer has given
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
         self._last: float | None = None
         self.cancelled = False  # by us (client gone, stop string), not by the server
+        self.done = False
 
         def emit(out: Output) -> None:  # the engine's thread
-            loop.call_soon_threadsafe(self.queue.put_nowait, out)
+            loop.call_soon_threadsafe(queue.put_nowait, (index, out))
 
         self.rid = engine.submit(prompt_ids, params, emit)  # ValueError, QueueFull, EngineClosed
         metrics.prompt_tokens.inc(len(prompt_ids))
@@ -124,36 +146,43 @@ class Generation:
         self.cancelled = True
         self.engine.cancel(self.rid)
 
-    async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
-        """(text, finish_reason) as tokens come; the last piece has a finish_reason. A failure of
-        the model on this request raises RuntimeError."""
-        while True:
-            out = await self.queue.get()
-            if out.finish_reason == "cancelled":
-                if self.cancelled:
-                    return
-                raise Aborted("the server cancelled this request (shutting down)")
-            if out.error is not None:
-                raise RuntimeError(out.error)
-            text = ""
-            if out.token is not None:
-                self._observe(out.time)
-                if out.finish_reason != "stop":  # an EOS / stop token is not text
-                    text = self.detok.push(out.token)
-            if out.finish_reason:
-                text += self.detok.end()
-            text, stopped = self.stops.feed(text)
-            finish = out.finish_reason
-            if stopped:
-                self.cancel()
-                finish = "stop"
-            elif finish:
-                text += self.stops.end()
-            if finish:
-                self.metrics.duration.observe(time.perf_counter() - self.arrived)
-            yield text, finish
-            if finish:
-                return
+    def take(self, out: Output) -> Piece | None:
+        """The piece an output makes; None after the end (the engine's "cancelled" that follows a
+        stop string) or at an end we asked for. A failure of the model on this choice raises
+        RuntimeError, a cancellation by the server Aborted."""
+        if self.done:
+            return None
+        if out.finish_reason == "cancelled":
+            self.done = True
+            if self.cancelled:
+                return None
+            raise Aborted("the server cancelled this request (shutting down)")
+        if out.error is not None:
+            self.done = True
+            raise RuntimeError(out.error)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        text, logprobs = "", []
+        if out.token is not None:
+            self._observe(out.time)
+            if out.logprob is not None:
+                logprobs.append((out.logprob, self.chars))
+            if out.finish_reason != "stop":  # an EOS / stop token is not text
+                text = self.detok.push(out.token)
+        if out.finish_reason:
+            text += self.detok.end()
+        self.chars += len(text)
+        text, stopped = self.stops.feed(text)
+        finish = out.finish_reason
+        if stopped:
+            self.cancel()
+            finish = "stop"
+        elif finish:
+            text += self.stops.end()
+        if finish:
+            self.done = True
+            self.metrics.duration.observe(time.perf_counter() - self.arrived)
+        return Piece(text, finish, logprobs)
 
     def _observe(self, t: float) -> None:
         self.completion_tokens += 1
@@ -164,9 +193,31 @@ class Generation:
             self.metrics.itl.observe(t - self._last)
         self._last = t
 
+
+class Choices:
+    """The choices of one request (`n` per prompt, prompt by prompt: choice i * n + j), each its
+    own engine request, their outputs through one queue."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.gens: list[Generation] = []
+
+    def cancel(self) -> None:
+        for g in self.gens:
+            g.cancel()  # a no-op once it has ended
+
+    async def pieces(self) -> AsyncIterator[tuple[int, Piece]]:
+        """(choice index, piece) as outputs come, until every choice has ended."""
+        while not all(g.done for g in self.gens):
+            index, out = await self.queue.get()
+            piece = self.gens[index].take(out)
+            if piece is not None:
+                yield index, piece
+
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+        prompts = {id(g.prompt_ids): len(g.prompt_ids) for g in self.gens}  # a prompt counts once, whatever n
+        prompt, completion = sum(prompts.values()), sum(g.completion_tokens for g in self.gens)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -246,35 +297,53 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
                            param="model", code="model_not_found")
 
     # ----- generation
-    def sampling(req, max_tokens: int) -> SamplingParams:
+    def sampling(req, max_tokens: int, choice: int, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
+        seed = req.seed
+        if seed is not None and choice:  # choice j of a seeded request draws with seed + j (wrapped into the range)
+            seed = (seed + choice - SEED_RANGE[0]) % (SEED_RANGE[1] - SEED_RANGE[0] + 1) + SEED_RANGE[0]
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p, top_k=req.top_k,
-                              seed=req.seed)
+                              seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    async def start(req, prompt_ids: list[int], max_tokens: int | None, param: str, arrived: float) -> Generation:
-        if not prompt_ids:
-            raise APIError(400, "The prompt is empty (no tokens)", param=param, code="invalid_value")
-        room = engine.max_seq_len - len(prompt_ids)
-        if max_tokens is None:  # chat without a limit: up to the context
-            max_tokens = room
-        if room < 1 or max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens. However, you "
-                           f"requested {len(prompt_ids) + max(max_tokens, 1)} tokens ({len(prompt_ids)} in the "
-                           f"{param}, {max(max_tokens, 1)} in the completion). Please reduce the length of the "
-                           f"{param} or the completion.", param=param, code="context_length_exceeded")
+    def start(req, prompts: list[list[int]], max_tokens: int | None, param: str, arrived: float,
+              params: Callable[[int, int], SamplingParams]) -> Choices:
+        """Every choice of the request submitted (n per prompt), or none: a refusal of any of them
+        (full queue, context, shutdown) cancels the ones submitted before it."""
+        choices = Choices()
         try:
-            return Generation(engine, metrics, tokenizer, prompt_ids, sampling(req, max_tokens), req.stop_list(),
-                              arrived)
+            for ids in prompts:
+                if not ids:
+                    raise APIError(400, "The prompt is empty (no tokens)", param=param, code="invalid_value")
+                room = engine.max_seq_len - len(ids)
+                limit = room if max_tokens is None else max_tokens  # chat without a limit: up to the context
+                if limit > room or room < (1 if limit else 0):
+                    raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens. However, "
+                                   f"you requested {len(ids) + max(limit, 1)} tokens ({len(ids)} in the {param}, "
+                                   f"{max(limit, 1)} in the completion). Please reduce the length of the {param} or "
+                                   f"the completion.", param=param, code="context_length_exceeded")
+                for _ in range(req.n or 1):
+                    index = len(choices.gens)
+                    choices.gens.append(Generation(engine, metrics, tokenizer, ids, params(limit, index),
+                                                   req.stop_list(), arrived, choices.queue, index))
         except QueueFull as e:
+            choices.cancel()
             retry = engine.retry_after()
             raise APIError(429, f"The server is at capacity: {e}. Retry after {retry} s.", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(retry)}) from None
         except EngineClosed as e:
+            choices.cancel()
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         except ContextOverflow as e:
+            choices.cancel()
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:
+            choices.cancel()
             raise APIError(400, str(e), param=param, code="invalid_value") from None
+        except BaseException:
+            choices.cancel()
+            raise
+        return choices
 
     async def tokenize(fn, *args, param: str):
         try:
@@ -285,19 +354,21 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
         except ValueError as e:
             raise APIError(400, str(e), param=param, code="invalid_value") from None
 
-    def prompt_ids_of(prompt) -> list[int] | str:
-        """The completion prompt as text or token ids; one prompt per request."""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            if any(t < 0 or t >= engine.vocab_size for t in prompt):
+    def prompts_of(prompt) -> list[list[int] | str]:
+        """The completion prompts, each text or token ids: a string, a list of token ids, or a list
+        of either (several prompts, a choice each)."""
+        many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+        out = list(prompt) if many else [prompt]
+        for p in out:
+            if isinstance(p, list) and not all(isinstance(t, int) for t in p):
+                raise APIError(400, "a prompt is a string or a list of token ids", param="prompt", code="invalid_value")
+            if isinstance(p, list) and any(t < 0 or t >= engine.vocab_size for t in p):
                 raise APIError(400, f"prompt token ids must lie in [0, {engine.vocab_size})", param="prompt",
                                code="invalid_value")
-            return prompt
-        raise APIError(400, "one prompt per request (a string or a list of token ids)", param="prompt",
-                       code="unsupported")
+        if not out or not all(isinstance(p, (str, list)) for p in out):
+            raise APIError(400, "prompt: a string, a list of token ids, or a list of either", param="prompt",
+                           code="invalid_value")
+        return out
 
     def unsupported(req) -> None:
         try:
@@ -305,61 +376,160 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
         except Unsupported as e:
             raise APIError(400, str(e), param=e.param, code="unsupported") from None
 
+    def top_dict(lp: TokenLogprob) -> dict[str, float]:
+        return {tokenizer.token_text(t): v for t, v in lp.top}
+
+    def completion_logprobs(entries: list[tuple[TokenLogprob, int]], start: int = 0) -> CompletionLogprobs:
+        """The completions API's logprobs of generated tokens, their text offsets counted from `start`."""
+        return CompletionLogprobs(tokens=[tokenizer.token_text(lp.token) for lp, _ in entries],
+                                  token_logprobs=[lp.logprob for lp, _ in entries],
+                                  top_logprobs=[top_dict(lp) for lp, _ in entries],
+                                  text_offset=[start + at for _, at in entries])
+
+    def prompt_logprobs(gen: Generation, echo: str) -> CompletionLogprobs:
+        """The logprobs of an echoed prompt: its first token's None, its text offsets in `echo` as
+        the tokens' text accumulates."""
+        ids, scored = gen.prompt_ids, gen.prompt_logprobs or (None,) * len(gen.prompt_ids)
+        detok, offsets, chars = tokenizer.detokenizer([]), [], 0
+        for t in ids:
+            offsets.append(min(chars, len(echo)))
+            chars += len(detok.push(t))
+        return CompletionLogprobs(tokens=[tokenizer.token_text(t) for t in ids],
+                                  token_logprobs=[None if lp is None else lp.logprob for lp in scored],
+                                  top_logprobs=[None if lp is None else top_dict(lp) for lp in scored],
+                                  text_offset=offsets)
+
+    def joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                                  top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+    def chat_logprobs(entries: list[tuple[TokenLogprob, int]]) -> ChatLogprobs:
+        def one(token: int, logprob: float) -> dict:
+            return {"token": tokenizer.token_text(token), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
+
+        return ChatLogprobs(content=[ChatTokenLogprob(**one(lp.token, lp.logprob),
+                                                      top_logprobs=[TopLogprob(**one(t, v)) for t, v in lp.top])
+                                     for lp, _ in entries])
+
+    def usage_wanted(req) -> bool:
+        return bool(req.stream_options and req.stream_options.include_usage)
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         arrived = time.perf_counter()
         check_model(req.model)
         unsupported(req)
-        prompt = prompt_ids_of(req.prompt)
-        ids = await tokenize(tokenizer.encode, prompt, param="prompt") if isinstance(prompt, str) else prompt
-        gen = await start(req, ids, req.max_tokens, "prompt", arrived)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens 0 generates nothing: it scores the prompt with echo true (and its tokens' "
+                           "logprobs with logprobs)", param="max_tokens", code="invalid_value")
+        prompts = prompts_of(req.prompt)
+        ids = [await tokenize(tokenizer.encode, p, param="prompt") if isinstance(p, str) else p for p in prompts]
+        # echo with logprobs: the prompt's tokens scored too (and alone, with max_tokens 0)
+        scored = req.logprobs if req.echo and req.logprobs is not None else 0 if req.max_tokens == 0 else None
+        choices = start(req, ids, req.max_tokens, "prompt", arrived,
+                        lambda limit, j: sampling(req, limit, j, req.logprobs, scored))
+        n = req.n or 1
+        echoes = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in prompts]
         rid, created_at = request_id("cmpl"), now()
 
-        def chunk(text: str, finish: str | None) -> str:
-            return CompletionResponse(id=rid, created=created_at, model=model_name,
-                                      choices=[CompletionChoice(text=text, finish_reason=finish)]).model_dump_json()
+        def echoed(i: int) -> tuple[str, CompletionLogprobs | None]:
+            """Choice i's echo (its prompt's text) and, with logprobs, the prompt's."""
+            text = echoes[i // n]
+            if not req.echo or req.logprobs is None:
+                return text, None
+            return text, prompt_logprobs(choices.gens[i], text)
 
-        def usage_chunk() -> str:
-            return CompletionResponse(id=rid, created=created_at, model=model_name, choices=[],
-                                      usage=gen.usage()).model_dump_json()
+        def response(parts: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+            return CompletionResponse(id=rid, created=created_at, model=model_name, choices=parts, usage=usage)
 
         if req.stream:
-            return stream(gen, chunk, None, usage_chunk if req.stream_options and req.stream_options.include_usage else None)
-        text, finish = await collect(gen, request)
-        return CompletionResponse(id=rid, created=created_at, model=model_name, usage=gen.usage(),
-                                  choices=[CompletionChoice(text=text, finish_reason=finish)]).model_dump()
+            async def events():
+                if req.echo:  # the prompt first, once it is scored (the logprobs come with the first token)
+                    ready = await choices_ready(choices, req.logprobs is not None)
+                    for i in ready:
+                        text, lps = echoed(i)
+                        yield response([CompletionChoice(index=i, text=text, logprobs=lps)])
+                async for i, piece in choices.pieces():
+                    if not (piece.text or piece.finish or piece.logprobs):
+                        continue
+                    lps = None if req.logprobs is None else completion_logprobs(piece.logprobs, len(echoes[i // n]))
+                    yield response([CompletionChoice(index=i, text=piece.text, logprobs=lps,
+                                                     finish_reason=piece.finish)])
+                if usage_wanted(req):
+                    yield response([], choices.usage())
+
+            return stream(choices, events())
+        results = await collect(choices, request)
+        parts = []
+        for i, (text, finish, entries) in enumerate(results):
+            echo, lps = echoed(i)
+            if req.logprobs is not None:
+                mine = completion_logprobs(entries, len(echo))
+                lps = joined(lps, mine) if lps is not None else mine
+            parts.append(CompletionChoice(index=i, text=echo + text, logprobs=lps, finish_reason=finish))
+        return response(parts, choices.usage()).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         arrived = time.perf_counter()
         check_model(req.model)
         unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs true", param="top_logprobs", code="invalid_value")
         ids = await tokenize(lambda: tokenizer.chat(req.template_messages()), param="messages")
-        gen = await start(req, ids, req.limit(), "messages", arrived)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        choices = start(req, [ids], req.limit(), "messages", arrived, lambda limit, j: sampling(req, limit, j, logprobs))
         rid, created_at = request_id("chatcmpl"), now()
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
-            delta = Delta(role="assistant", content="") if role else Delta(content=text if text else None)
-            return ChatCompletionChunk(id=rid, created=created_at, model=model_name,
-                                       choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump_json()
-
-        def usage_chunk() -> str:
-            return ChatCompletionChunk(id=rid, created=created_at, model=model_name, choices=[],
-                                       usage=gen.usage()).model_dump_json()
+        def chunk(i: int, delta: Delta, finish: str | None = None, lps: ChatLogprobs | None = None,
+                  usage: Usage | None = None) -> ChatCompletionChunk:
+            parts = [] if usage is not None else [ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish)]
+            return ChatCompletionChunk(id=rid, created=created_at, model=model_name, choices=parts, usage=usage)
 
         if req.stream:
-            return stream(gen, chunk, chunk(None, None, role=True),
-                          usage_chunk if req.stream_options and req.stream_options.include_usage else None)
-        text, finish = await collect(gen, request)
-        return ChatCompletionResponse(id=rid, created=created_at, model=model_name, usage=gen.usage(),
-                                      choices=[ChatChoice(message=AssistantMessage(content=text),
-                                                          finish_reason=finish)]).model_dump()
+            async def events():
+                for i in range(len(choices.gens)):
+                    yield chunk(i, Delta(role="assistant", content=""))
+                async for i, piece in choices.pieces():
+                    if piece.text or piece.finish or piece.logprobs:
+                        lps = chat_logprobs(piece.logprobs) if req.logprobs else None
+                        yield chunk(i, Delta(content=piece.text or None), piece.finish, lps)
+                if usage_wanted(req):
+                    yield chunk(0, Delta(), usage=choices.usage())
 
-    async def collect(gen: Generation, request: Request) -> tuple[str, str | None]:
-        """The whole text of a non-streamed request; cancels it if its client goes away (its
-        connection checked every DISCONNECT_POLL_S, whether or not pieces keep arriving)."""
-        parts, finish = [], None
-        pieces = gen.pieces()
+            return stream(choices, events())
+        results = await collect(choices, request)
+        return ChatCompletionResponse(
+            id=rid, created=created_at, model=model_name, usage=choices.usage(),
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish,
+                                logprobs=chat_logprobs(entries) if req.logprobs else None)
+                     for i, (text, finish, entries) in enumerate(results)]).model_dump()
+
+    async def choices_ready(choices: Choices, scored: bool) -> list[int]:
+        """Every choice's index, after (with `scored`) the first output of each has come: the
+        one that carries its prompt's logprobs. The outputs read here go back on the queue."""
+        if scored:
+            seen, held = set(), []
+            while len(seen) < len(choices.gens):
+                index, out = await choices.queue.get()
+                held.append((index, out))
+                seen.add(index)
+                if out.prompt_logprobs is not None:
+                    choices.gens[index].prompt_logprobs = out.prompt_logprobs
+            while not choices.queue.empty():  # (what came meanwhile goes back after them, in order)
+                held.append(choices.queue.get_nowait())
+            for item in held:
+                choices.queue.put_nowait(item)
+        return list(range(len(choices.gens)))
+
+    async def collect(choices: Choices, request: Request) -> list[tuple[str, str | None, list]]:
+        """Each choice's whole text, finish reason and logprob entries, for a non-streamed request;
+        cancels it if its client goes away (its connection checked every DISCONNECT_POLL_S, whether
+        or not pieces keep arriving)."""
+        texts = [[] for _ in choices.gens]
+        finishes: list[str | None] = [None] * len(choices.gens)
+        entries = [[] for _ in choices.gens]
+        pieces = choices.pieces()
         clock = asyncio.get_running_loop().time
         checked = clock()
         try:
@@ -373,41 +543,38 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
                         checked = clock()
                         if await request.is_disconnected():
                             nxt.cancel()
-                            gen.cancel()
+                            choices.cancel()
                             raise APIError(499, "client closed the request")
                     if nxt.done():
                         break
                 try:
-                    text, finish = nxt.result()
+                    i, piece = nxt.result()
                 except StopAsyncIteration:
                     break
-                parts.append(text)
+                texts[i].append(piece.text)
+                entries[i] += piece.logprobs
+                finishes[i] = piece.finish or finishes[i]
         except RuntimeError as e:
             raise APIError(500, f"the model failed on this request: {e}", type="server_error",
                            code="model_error") from None
         except Aborted as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         finally:
-            gen.cancel()  # a no-op once it has ended
-        return "".join(parts), finish
+            choices.cancel()  # a no-op once they have ended
+        return [("".join(t), f, e) for t, f, e in zip(texts, finishes, entries)]
 
-    def stream(gen: Generation, chunk, first: str | None, usage_chunk) -> EventSourceResponse:
+    def stream(choices: Choices, chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:
         async def events():
             try:
-                if first is not None:
-                    yield {"data": first}
-                async for text, finish in gen.pieces():
-                    if text or finish:
-                        yield {"data": chunk(text, finish)}
-                if usage_chunk is not None:
-                    yield {"data": usage_chunk()}
+                async for c in chunks:
+                    yield {"data": c.model_dump_json()}
             except RuntimeError as e:
                 yield {"data": json.dumps(error_json(500, f"the model failed on this request: {e}", "server_error",
                                                      code="model_error"))}
             except Aborted as e:
                 yield {"data": json.dumps(error_json(503, str(e), "server_error", code="shutting_down"))}
             finally:
-                gen.cancel()  # the client went away (sse-starlette cancelled us) or it ended: the slot is free
+                choices.cancel()  # the client went away (sse-starlette cancelled us) or it ended: the slots are free
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(events(), **SSE_DRAIN(drain_timeout))

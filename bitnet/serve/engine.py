@@ -23,6 +23,13 @@ Faults stay with their request: a step that raises is retried sequence by sequen
 sequences that fail alone are failed (the others' cache columns are simply written again). The
 loop survives anything a step raises.
 
+With `logprobs` a generated token comes with its log-probability under the model (the raw
+distribution: log_softmax of the logits, before temperature, top-k or top-p, as vLLM gives them by
+default) and the most likely alternatives; with `prompt_logprobs` every prompt token after the
+first gets the same from the prefill's logits (the head then runs on every prompt position, not
+the last alone), all of them with the first token (or alone, with max_tokens 0: a prompt scored,
+nothing generated). Rows that want logprobs are never run ahead.
+
 Greedy rows are the argmax of logits that equal a lone `generate`'s bit for bit on packed models
 (bitnet.serve.runner), so each stream gets its solo greedy output whatever else runs beside it.
 With a `seed`, a sampled row draws from its own torch.Generator seeded with it, as `generate` with
@@ -49,7 +56,10 @@ from .scheduler import Sequence as Seq
 
 log = logging.getLogger("bitnet.serve")
 
-__all__ = ["ContextOverflow", "Engine", "EngineClosed", "Output", "QueueFull", "SamplingParams"]
+__all__ = ["ContextOverflow", "Engine", "EngineClosed", "MAX_LOGPROBS", "Output", "QueueFull", "SamplingParams",
+           "TokenLogprob"]
+
+MAX_LOGPROBS = 20  # alternatives a token at most (OpenAI's chat: 20; vLLM's default max_logprobs: 20)
 
 
 class ContextOverflow(ValueError):
@@ -68,10 +78,18 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
+    logprobs: int | None = None  # each generated token's logprob and this many alternatives' (None: none)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
 
     def check(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        least = 0 if self.prompt_logprobs is not None else 1  # nothing generated: a prompt scored
+        if not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            raise ValueError(f"max_tokens must be an integer >= {least}"
+                             f"{'' if least else ' (0: the prompt scored, nothing generated)'}, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -81,14 +99,49 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's natural-log probability under the model and the `top` most likely tokens' (id,
+    logprob), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Output:
     """One event of a request: a token (with finish_reason on the last one), or an end without
-    a token (finish_reason "error" with `error`, or "cancelled"). `time`: time.perf_counter()."""
+    a token (finish_reason "error" with `error`, "cancelled", or "length" after a prompt scored
+    with max_tokens 0). `time`: time.perf_counter(). `logprob`: the token's (SamplingParams.logprobs);
+    `prompt_logprobs`: with the first event, one per prompt token, None for the first
+    (SamplingParams.prompt_logprobs)."""
 
     token: int | None
     finish_reason: str | None = None
     error: str | None = None
     time: float = field(default_factory=time.perf_counter)
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+
+
+LOGPROB_ROWS = 64  # rows of logits turned into log-probabilities at a time (64 x a 128k vocabulary: 32 MB)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int] | torch.Tensor, top: int) -> list[TokenLogprob]:
+    """logits (R, vocab) and the R tokens that follow them -> each token's log_softmax value (in
+    float32) and the `top` largest, most likely first; one host copy a block of rows."""
+    tokens = torch.as_tensor(tokens, device=logits.device).long()
+    out = []
+    for lo in range(0, logits.shape[0], LOGPROB_ROWS):
+        lp = torch.log_softmax(logits[lo:lo + LOGPROB_ROWS].float(), dim=-1)
+        own = lp.gather(1, tokens[lo:lo + LOGPROB_ROWS, None])[:, 0]
+        if top:
+            values, ids = lp.topk(min(top, lp.shape[1]), dim=-1)
+            best = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        else:
+            best = [()] * own.shape[0]
+        out += [TokenLogprob(t, v, b) for t, v, b in zip(tokens[lo:lo + LOGPROB_ROWS].tolist(), own.tolist(), best)]
+    return out
 
 
 def choose(rows: list[Seq], logits: torch.Tensor) -> torch.Tensor:
@@ -126,6 +179,7 @@ class _Request:
     generator: torch.Generator | None
     arrived: float
     last_token: int | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk (params.prompt_logprobs)
 
 
 class Engine:
@@ -226,7 +280,8 @@ class Engine:
                 raise EngineClosed("the server is shutting down and takes no new requests")
             rid = next(self._ids)
             req = _Request(rid, prompt, params, emit, frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids),
-                           generator, time.perf_counter())
+                           generator, time.perf_counter(),
+                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
             seq = Seq(rid, len(prompt), params.max_tokens, payload=req)
             self.scheduler.add(seq)  # raises QueueFull
             self._seqs[rid] = seq
@@ -313,7 +368,8 @@ class Engine:
 
     def _step(self, step) -> None:
         """One forward for the step's prefill chunks and decode tokens (bitnet.serve.runner)."""
-        work = [(seq, Segment(seq.slot, seq.payload.prompt[lo:hi], lo, logits=hi == seq.prompt_len))
+        work = [(seq, Segment(seq.slot, seq.payload.prompt[lo:hi], lo, logits=hi == seq.prompt_len,
+                              every=seq.payload.prompt_logprobs is not None))
                 for seq, lo, hi in step.prefill if not seq.finished]
         decode = [s for s in step.decode if not s.finished]
         work += [(seq, Segment(seq.slot, [seq.payload.last_token], seq.position)) for seq in decode]
@@ -322,24 +378,43 @@ class Engine:
             return
         try:
             logits = self.runner.step([seg for _, seg in work])
-            rows = [seq for seq, seg in work if seg.logits]
-            if self.run_ahead and not step.prefill:
-                self._flight = _Flight(rows, logits)  # its tokens are read at the next turn of the loop, after
-                return                                # the step that follows it is queued (where one does)
+            if self.run_ahead and not step.prefill and not any(s.payload.params.logprobs is not None for s in decode):
+                self._flight = _Flight(decode, logits)  # its tokens are read at the next turn of the loop, after
+                return                                  # the step that follows it is queued (where one does)
+            done = list(zip(work, logits.split([seg.rows for _, seg in work])))
         except Exception:  # find who: each segment alone; the others go on
-            rows, parts = [], []
+            logits, done = None, []
             for seq, seg in work:
                 try:
-                    out = self.runner.step([seg])
+                    done.append(((seq, seg), self.runner.step([seg])))
                 except Exception as e:
                     self._fail(seq, e)
-                    continue
-                if seg.logits:
-                    rows.append(seq)
-                    parts.append(out)
-            logits = torch.cat(parts) if parts else None
-        if rows:
-            self._emit_tokens(rows, logits)
+        rows, last = [], []
+        for (seq, seg), out in done:
+            if seg.every:
+                self._score_prompt(seq, seg, out)
+            if seg.logits and seq.max_new_tokens == 0:
+                self._scored(seq)
+            elif seg.logits:
+                rows.append(seq)
+                last.append(out[-1:])
+        if rows:  # (a step's logits are these rows already, unless it scored a prompt or ran segment by segment)
+            plain = logits is not None and not any(seg.every for _, seg in work)
+            self._emit_tokens(rows, logits if plain else torch.cat(last))
+
+    def _score_prompt(self, seq: Seq, seg: Segment, logits: torch.Tensor) -> None:
+        """The logprobs of the prompt tokens after a chunk's (logits: one row after each of its tokens)."""
+        req = seq.payload
+        following = req.prompt[seg.start + 1:seg.start + len(seg.tokens) + 1]  # (the last row's: a new token)
+        req.prompt_logprobs += token_logprobs(logits[:len(following)], following, req.params.prompt_logprobs)
+
+    def _scored(self, seq: Seq) -> None:
+        """A request with max_tokens 0 whose prompt is scored: it ends without a token."""
+        with self._cond:
+            if seq.finished:
+                return
+            self._end(seq, time.perf_counter())
+        self._emit(seq.payload, Output(None, "length", prompt_logprobs=tuple(seq.payload.prompt_logprobs)))
 
     # ----------------------------------------------------------------------------- running ahead
     # On a GPU a decode step is one graph replay; between two, the host read the tokens (a sync),
@@ -399,12 +474,20 @@ class Engine:
     # ----------------------------------------------------------------------------- tokens out
     def _emit_tokens(self, rows: list[Seq], logits: torch.Tensor) -> None:
         """Choose one token per row (logits (B, vocab)), emit it, end the rows that are done."""
-        self._emit_rows(rows, choose(rows, logits).tolist())  # one host sync for all
+        chosen = choose(rows, logits)
+        tokens = chosen.tolist()  # one host sync for all
+        scored = [i for i, s in enumerate(rows) if s.payload.params.logprobs is not None]
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        if scored:
+            top = max(rows[i].payload.params.logprobs for i in scored)
+            for i, lp in zip(scored, token_logprobs(logits[scored], chosen[scored], top)):
+                logprobs[i] = TokenLogprob(lp.token, lp.logprob, lp.top[:rows[i].payload.params.logprobs])
+        self._emit_rows(rows, tokens, logprobs)
 
-    def _emit_rows(self, rows: list[Seq], tokens: list[int]) -> None:
+    def _emit_rows(self, rows: list[Seq], tokens: list[int], logprobs: list | None = None) -> None:
         """Emit each row's token and end the rows that are done (a row ended meanwhile: skipped)."""
         now = time.perf_counter()
-        for seq, token in zip(rows, tokens):
+        for i, (seq, token) in enumerate(zip(rows, tokens)):
             req = seq.payload
             with self._cond:
                 if seq.finished:  # cancelled while the step ran
@@ -414,7 +497,9 @@ class Engine:
                 reason = "stop" if token in req.stop_ids else "length" if seq.generated == seq.max_new_tokens else None
                 if reason:
                     self._end(seq, now)
-            self._emit(req, Output(token, reason, time=now))
+                scored = req.prompt_logprobs if seq.generated == 1 and req.prompt_logprobs is not None else None
+            self._emit(req, Output(token, reason, time=now, logprob=logprobs[i] if logprobs else None,
+                                   prompt_logprobs=None if scored is None else tuple(scored)))
 
     def _end(self, seq: Seq, now: float) -> None:
         """Free the slot (under the lock) and fold the request's duration into the running mean."""

@@ -4,10 +4,11 @@ error body {"error": {"message", "type", "param", "code"}}.
 
 Requests are checked here, field by field, so that a bad value is a 400 naming its field: the
 ranges are OpenAI's (temperature in [0, 2], top_p in (0, 1], at most 4 stop strings) plus
-`top_k`, which vLLM and llama-server accept as well. Unknown fields are refused, as OpenAI does
-(a misspelt parameter is an error, not silently ignored); parameters of features this server does
-not have (n > 1, logprobs, tools, penalties, logit_bias, echo, suffix, best_of > 1) are refused with
-a message saying so, and accepted at their neutral values, which clients often send explicitly.
+`top_k`, which vLLM and llama-server accept as well, and up to 20 logprobs alternatives (vLLM's
+default; OpenAI's completions stop at 5). Unknown fields are refused, as OpenAI does (a misspelt
+parameter is an error, not silently ignored); parameters of features this server does not have
+(tools, penalties, logit_bias, suffix, best_of other than n) are refused with a message saying
+so, and accepted at their neutral values, which clients often send explicitly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from .engine import MAX_LOGPROBS
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
@@ -67,8 +70,6 @@ class _Generation(BaseModel):
 
     def unsupported(self) -> None:
         """Unsupported (400) for a feature asked for that this server does not have."""
-        if (self.n or 1) != 1:
-            raise Unsupported("n", "n > 1 is not supported: send one request per completion")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise Unsupported(name, f"{name} is not supported (only 0)")
@@ -78,20 +79,16 @@ class _Generation(BaseModel):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo: the prompt scored
     echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.echo:
-            raise Unsupported("echo", "echo is not supported")
-        if self.logprobs is not None:
-            raise Unsupported("logprobs", "logprobs are not supported")
-        if (self.best_of or 1) != 1:
-            raise Unsupported("best_of", "best_of > 1 is not supported")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise Unsupported("best_of", "best_of other than n is not supported (the completions are not ranked)")
         if self.suffix:
             raise Unsupported("suffix", "suffix is not supported")
 
@@ -123,7 +120,7 @@ class ChatCompletionRequest(_Generation):
     max_tokens: int | None = Field(None, ge=1)  # None: up to the context
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -131,8 +128,6 @@ class ChatCompletionRequest(_Generation):
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise Unsupported("logprobs", "logprobs are not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise Unsupported("response_format", "only response_format {\"type\": \"text\"} is supported")
         if self.tools:
@@ -170,10 +165,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The completions API's logprobs: per token (the prompt's first, with echo, then the
+    generated ones), its string, its logprob (None for the prompt's first token), the `logprobs`
+    most likely tokens' {string: logprob}, and where its text starts in the choice's text."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -192,10 +198,25 @@ class AssistantMessage(BaseModel):
     content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -221,7 +242,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

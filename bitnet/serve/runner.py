@@ -65,12 +65,19 @@ log = logging.getLogger("bitnet.serve")
 @dataclass(frozen=True)
 class Segment:
     """tokens[i] goes into cache column start + i of row `slot` (RoPE position start + i);
-    `logits`: return the logits after its last token."""
+    `logits`: return the logits after its last token; `every`: after each of its tokens (a prompt
+    scored: its tokens' logprobs)."""
 
     slot: int
     tokens: Sequence[int]
     start: int
     logits: bool = True
+    every: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows of logits the segment gets."""
+        return len(self.tokens) if self.every else int(self.logits)
 
 
 class ModelRunner:
@@ -133,8 +140,9 @@ class ModelRunner:
     # ----------------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, segments: Sequence[Segment]) -> torch.Tensor:
-        """One forward over every segment's tokens; logits (number of segments with logits, vocab),
-        in segment order."""
+        """One forward over every segment's tokens; logits (sum of the segments' rows, vocab): after
+        the last token of each segment with `logits`, after each token of those with `every`, in
+        segment order."""
         segs = list(segments)
         self._last_decode = None
         if not segs or any(not s.tokens for s in segs):
@@ -146,7 +154,7 @@ class ModelRunner:
                              f"{[(s.start, s.start + len(s.tokens)) for s in segs]}")
         m, dev = self.model.model, self.device
         pure_decode = all(len(s.tokens) == 1 for s in segs)  # one token a segment
-        wants_all = all(s.logits for s in segs)
+        wants_all = all(s.logits or s.every for s in segs)
         if pure_decode and wants_all and dev.type != "cpu":  # off the CPU no native layer: from tensors alone
             return self._decode(segs)
         if self.prompt_graphs and dev.type != "cpu":
@@ -189,16 +197,16 @@ class ModelRunner:
         return args
 
     def _head(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
-        """The logits after the last token of each segment that wants them, x (1, N, C) the last
-        layer's output over the segments' tokens side by side -> (K, vocab)."""
+        """The logits after the last token of each segment that wants them (after every token of
+        those with `every`), x (1, N, C) the last layer's output over the segments' tokens side by
+        side -> (K, vocab)."""
         ends, offset = [], 0
         for s in segs:
             offset += len(s.tokens)
-            if s.logits:
-                ends.append(offset - 1)
+            ends += range(offset - s.rows, offset)
         if not ends:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        last = x[0, ends][:, None]  # (K, 1, C): the last token of each segment that wants logits
+        last = x[0, ends][:, None]  # (K, 1, C): the tokens whose logits are asked for
         return head_rows(self.model.lm_head, self.model.model.norm(last))  # (K, vocab)
 
     def _cache_rows(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

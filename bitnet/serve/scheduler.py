@@ -94,9 +94,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; QueueFull when max_queue sequences wait already and no slot is free
         for it (a free slot takes it at the next step, so it does not count as waiting)."""
-        if seq.prompt_len < 1 or seq.max_new_tokens < 1:
-            raise ValueError(f"a sequence needs a prompt and a token to generate, got {seq.prompt_len} and "
-                             f"{seq.max_new_tokens}")
+        if seq.prompt_len < 1 or seq.max_new_tokens < 0:
+            raise ValueError(f"a sequence needs a prompt and a count of tokens to generate (0: its prompt scored "
+                             f"alone), got {seq.prompt_len} and {seq.max_new_tokens}")
         if len(self.waiting) - self.free_slots >= self.max_queue:
             raise QueueFull(f"{self.max_batch - self.free_slots} running and {len(self.waiting)} waiting "
                             f"(max_queue {self.max_queue})")

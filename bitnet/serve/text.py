@@ -33,6 +33,7 @@ class ServeTokenizer:
         self.chat_template = chat_template
         self.special_tokens = special_tokens or {}
         self._template = None
+        self._token_bytes = _token_bytes_fn(tokenizer)
 
     @classmethod
     def from_folder(cls, folder: str, files: dict[str, bytes] | None = None,
@@ -104,6 +105,57 @@ class ServeTokenizer:
 
     def detokenizer(self, prompt_ids: list[int]) -> "Detokenizer":
         return Detokenizer(self.tokenizer, prompt_ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may be part of a character; a special
+        token: its own string)."""
+        return self._token_bytes(token)
+
+    def token_text(self, token: int) -> str:
+        """The token as a string (logprobs' `token`, and the keys of the completions API's
+        top_logprobs): its bytes as UTF-8 where they are whole characters, else "bytes:\\xe2\\x80"
+        as OpenAI writes them (so that two byte tokens are two keys, not two U+FFFD)."""
+        b = self._token_bytes(token)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
+
+def _token_bytes_fn(tokenizer):
+    """token id -> bytes, after the tokenizer's decoder: byte-level (GPT-2, Llama 3: each character
+    of the token's string stands for a byte), SentencePiece-style (Metaspace, or Replace '▁' with
+    ByteFallback: '<0xE2>' is a byte), anything else decoded alone. Added tokens are their content."""
+    spec = json.loads(tokenizer.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in spec.get("decoders", [spec])} if isinstance(spec, dict) else set()
+    added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+    if "ByteLevel" in kinds:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+        def piece(s: str) -> bytes:
+            return bytes(byte_of[c] for c in s) if all(c in byte_of for c in s) else s.encode()
+    elif kinds & {"Metaspace", "ByteFallback", "Replace"}:
+        def piece(s: str) -> bytes:
+            if "ByteFallback" in kinds and len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+                try:
+                    return bytes([int(s[3:5], 16)])
+                except ValueError:
+                    pass
+            return s.replace("▁", " ").encode()
+    else:
+        piece = None
+
+    def token_bytes(token: int) -> bytes:
+        if token in added:
+            return added[token].encode()
+        if piece is None:
+            return tokenizer.decode([token], skip_special_tokens=False).encode()
+        s = tokenizer.id_to_token(token)
+        return b"" if s is None else piece(s)
+
+    return token_bytes
 
 
 class Detokenizer:
