@@ -598,6 +598,8 @@ def test_bad_input_is_an_openai_error_and_the_server_stays_up(server):
         assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"] == "invalid_request_error"
         if code is not None:
             assert err["code"] == code, (body, err)
+        if isinstance(body, dict):  # a body that parsed is not called unparsable
+            assert "could not parse" not in err["message"], (body, err)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         server.client().completions.create(model=server.name, prompt="hello", max_tokens=500)
     with pytest.raises(openai.NotFoundError):

@@ -247,7 +247,7 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {}
-        if err.get("type") == "json_invalid" or tuple(err.get("loc", ())) == ("body",):
+        if err.get("type") == "json_invalid" or (tuple(err.get("loc", ())) == ("body",) and err.get("type") != "value_error"):
             return APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
                             "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)").response()
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
