@@ -691,47 +691,58 @@ class Scored(Collector):
         super().__call__(out)
 
 
-@AHEAD
-def test_logprobs_beside_plain_streams_are_the_models_own(monkeypatch, ahead):
-    """Streams with logprobs (prompt and generated, a 39-token prompt scored in chunks of 16) beside
-    streams without, run ahead or not: every stream gets its solo tokens; each logprob is the
-    float64 log_softmax of a forward over the prompt and the tokens (its top alternatives, most
-    likely first, the greedy token among them first); a prompt scored with max_tokens 0 ends
-    without a token. (Against transformers' BitNet: tests/test_serve.py.)"""
-    kw, _ = engine_args(monkeypatch, ahead)
-    model = tiny()
-    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, **kw).start()
-    params = [SamplingParams(max_tokens=8, logprobs=3, prompt_logprobs=2), SamplingParams(max_tokens=8),
-              SamplingParams(max_tokens=8, logprobs=0), SamplingParams(max_tokens=8),
-              SamplingParams(max_tokens=0, prompt_logprobs=1), SamplingParams(max_tokens=5, prompt_logprobs=0)]
+# Streams with logprobs (prompt and generated; PROMPTS[4], 39 tokens, scored in chunks of 16) beside
+# streams without, and a prompt scored alone (max_tokens 0)
+SCORED = [SamplingParams(max_tokens=8, logprobs=3, prompt_logprobs=2), SamplingParams(max_tokens=8),
+          SamplingParams(max_tokens=8, logprobs=0), SamplingParams(max_tokens=8),
+          SamplingParams(max_tokens=0, prompt_logprobs=1), SamplingParams(max_tokens=5, prompt_logprobs=0)]
+
+
+def check_scored(model, engine, tol: float, same_order: bool) -> None:
+    """Run SCORED on the engine: every stream gets its solo tokens; each logprob is the float64
+    log_softmax of the model's forward over the prompt and the tokens, within tol (the top
+    alternatives too, most likely first, the greedy token among them first; their ids in the
+    reference's order where same_order: bf16 logits tie)."""
     outs = [Scored() for _ in PROMPTS]
-    for p, prm, c in zip(PROMPTS, params, outs):
+    for p, prm, c in zip(PROMPTS, SCORED, outs):
         engine.submit(p, prm, c)
     for c in outs:
         c.wait()
     engine.stop()
-    for p, prm, c in zip(PROMPTS, params, outs):
-        assert c.tokens == alone(model, p, prm.max_tokens) if prm.max_tokens else c.tokens == []
+    for p, prm, c in zip(PROMPTS, SCORED, outs):
+        assert c.tokens == (alone(model, p, prm.max_tokens) if prm.max_tokens else [])
         assert c.finish == "length"
         with torch.no_grad():
-            ref = model(torch.tensor([p + c.tokens])).logits[0].double().log_softmax(-1)
+            ref = model(torch.tensor([p + c.tokens], device=model.lm_head.weight.device)).logits[0].double().log_softmax(-1).cpu()
         if prm.logprobs is None:
             assert c.logprobs == [None] * len(c.tokens)
         else:
             for k, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
                 row = ref[len(p) - 1 + k]
-                assert lp.token == t and abs(lp.logprob - row[t].item()) < 1e-5
-                assert [i for i, _ in lp.top] == row.topk(prm.logprobs).indices.tolist()
-                assert lp.top[:1] in ((), ((t, lp.logprob),))
+                assert lp.token == t and abs(lp.logprob - row[t].item()) < tol
+                assert len(lp.top) == prm.logprobs and lp.top[:1] in ((), ((t, lp.logprob),))
+                want = row.topk(prm.logprobs)
+                assert all(abs(v - w) < tol for (_, v), w in zip(lp.top, want.values.tolist()))
+                assert not same_order or [i for i, _ in lp.top] == want.indices.tolist()
         if prm.prompt_logprobs is None:
             assert c.prompt is None
             continue
         assert len(c.prompt) == len(p) and c.prompt[0] is None
         for i in range(1, len(p)):
             lp = c.prompt[i]
-            assert lp.token == p[i] and abs(lp.logprob - ref[i - 1, p[i]].item()) < 1e-5
-            assert len(lp.top) == prm.prompt_logprobs and all(abs(v - ref[i - 1, j].item()) < 1e-5 for j, v in lp.top)
+            assert lp.token == p[i] and abs(lp.logprob - ref[i - 1, p[i]].item()) < tol
+            assert len(lp.top) == prm.prompt_logprobs and all(abs(v - ref[i - 1, j].item()) < tol for j, v in lp.top)
             assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+@AHEAD
+def test_logprobs_beside_plain_streams_are_the_models_own(monkeypatch, ahead):
+    """SCORED run ahead or not (rows with logprobs never are): solo tokens, and logprobs within
+    1e-5 of a float64 log_softmax of the model's forward. (Against transformers' BitNet:
+    tests/test_serve.py.)"""
+    kw, _ = engine_args(monkeypatch, ahead)
+    model = tiny()
+    check_scored(model, Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, **kw).start(), 1e-5, True)
 
 
 def test_logprobs_parameters_are_checked():
@@ -938,6 +949,17 @@ def test_batched_decode_on_cuda_gives_each_sequence_its_solo_logits(dtype):
     solo, got = solo_and_batched(model, prompts, 10, 3, device="cuda")
     for i in range(len(prompts)):
         assert torch.equal(got[i], solo[i]), f"prompt {i}"
+
+
+@pytest.mark.cuda
+def test_engine_on_cuda_scores_prompts_and_tokens():
+    """SCORED on a GPU (decode graphs, prompt graphs and run_ahead, its defaults; the head over every
+    prompt position inside the pieces): solo tokens, logprobs within 2e-2 of a float64 log_softmax
+    of the bf16 model's forward (bf16 logits; their ties leave the alternatives' order open)."""
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16).start()
+    assert engine.run_ahead and engine.runner.decode_graphs and engine.runner.prompt_graphs
+    check_scored(model, engine, 2e-2, False)
 
 
 @pytest.mark.cuda
