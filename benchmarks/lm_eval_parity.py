@@ -9,7 +9,8 @@ downloaded; HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set):
 - `mc` (multiple choice, loglikelihood): a line's first 4 words; its rest against the rest of 3
   other lines (acc, acc_norm);
 - `ppl` (loglikelihood_rolling): paragraphs (word and byte perplexity, bits per byte), in windows
-  of --max-length tokens;
+  of --max-length - 1 tokens (lm-eval's API models keep a position for the token they ask for; the
+  hf run is given the same length, so that both score the same windows);
 - `gen` (generate_until a newline, 16 tokens, greedy): exact match, and the texts themselves.
 Run 1: `lm_eval --model hf`, transformers' own BitNet code on the folder (float32, CPU). Run 2:
 `lm_eval --model local-completions` against `bitnet serve` on the same folder (its own process on a
@@ -217,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = write_tasks(args.corpus, args.tail, args.mc, args.ppl, args.gen, work)
     print(f"lm_eval_parity: {args.model}; tasks from the last {args.tail:.0%} of {args.corpus}: {counts}; in {work}")
 
-    hf_args = f"pretrained={args.model},dtype={args.dtype},max_length={args.max_length}"
+    # lm-eval's API models keep a position for the token they ask for (windows of max_length - 1
+    # tokens): the hf run gets max_length - 1, so that both score the same rolling windows
+    hf_args = f"pretrained={args.model},dtype={args.dtype},max_length={args.max_length - 1}"
     seconds = {"transformers": run_lm_eval(cmd, "hf", hf_args, work, os.path.join(work, "out_hf"),
                                            os.path.join(work, "hf.log"))}
     print(f"  lm_eval --model hf: {seconds['transformers']:.0f} s")
