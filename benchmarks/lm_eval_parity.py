@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     metric_cols = [("task", "task", ""), ("metric", "metric", ""), ("transformers", "lm_eval hf (transformers)", ".6g"),
                    ("bitnet serve", "lm_eval local-completions (bitnet serve)", ".6g"), ("difference", "difference", ".2e")]
     req_rows = [{"task": t, **r} for t, r in requests.items()]
-    req_cols = [("task", "task", ""), ("requests", "requests", ""), ("max_abs_diff", "max |d loglik|", ".2e"),
-                ("median_abs_diff", "median |d|", ".2e"), ("max_rel_diff", "max relative", ".2e"),
+    req_cols = [("task", "task", ""), ("requests", "requests", ""), ("max_abs_diff", "max abs. difference", ".2e"),
+                ("median_abs_diff", "median abs. difference", ".2e"), ("max_rel_diff", "max relative difference", ".2e"),
                 ("within_1e_4", "within 1e-4", ""), ("greedy_flags_equal", "greedy flags equal", ""),
                 ("same_text", "same text", "")]
     print(table(metrics, metric_cols))
