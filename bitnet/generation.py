@@ -45,7 +45,7 @@ import torch
 from .args import LM_HEADS, arg, command, device as named_device, lm_head_arg
 from .hub import resolve
 from .kernels import cpu as native
-from .model import attention_dtype
+from .model import cache_dtype
 from .ops import capture_cuda_graph, on_device, record_cuda_graph
 
 CACHE_MULTIPLE = 64  # cache length rounded up to this: fewer distinct shapes for torch.compile
@@ -409,11 +409,11 @@ def generate(
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
 
     held = _cache_length(model)
-    cache_dtype = attention_dtype(model.model.embed_tokens.weight)  # float32 on the CPU (bitnet.model)
-    owns_cache = not (held and held[0] == B and held[1] >= T + max_new_tokens and held[2] == cache_dtype)
+    kv_dtype = cache_dtype(model, device)  # float32 on the CPU, bf16 for packed bf16 models (bitnet.model)
+    owns_cache = not (held and held[0] == B and held[1] >= T + max_new_tokens and held[2] == kv_dtype)
     if owns_cache:
         length = -(-(T + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
-        model.setup_cache(B, min(length, config.max_position_embeddings), dtype=cache_dtype, device=device)
+        model.setup_cache(B, min(length, config.max_position_embeddings), dtype=kv_dtype, device=device)
     current = on_device(device)  # (the model's GPU current: graphs record and replay there, Triton launches there)
     current.__enter__()
     try:
@@ -650,7 +650,7 @@ def generate_cmd(args: GenerateArgs) -> None:
     held = device.type != "cpu" or args.compile  # where the first call compiles (Triton, torch.compile)
     if held:  # one cache for the warm-up and the timed call: the same buffers, so the compiled step is reused
         length = -(-(len(prompt_ids) + max_new) // CACHE_MULTIPLE) * CACHE_MULTIPLE
-        model.setup_cache(1, min(length, context), dtype=attention_dtype(model.model.embed_tokens.weight), device=device)
+        model.setup_cache(1, min(length, context), dtype=cache_dtype(model, device), device=device)
         t0 = time.perf_counter()
         # prefill and one decode step (recorded as a CUDA graph, which later steps replay)
         generate(model, input_ids, min(2, max_new), compile=args.compile, cuda_graph=cuda_graph)

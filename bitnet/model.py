@@ -147,10 +147,28 @@ def attention_dtype(x: torch.Tensor, device: torch.device | str | None = None) -
     """float32 for bf16 / fp16 activations on the CPU, else their own dtype. torch's reduced-precision
     attention kernels on the CPU are several times slower than its float32 one (one decode token,
     24 heads, 64 keys: 157 us in bf16 vs 27 us in fp32 on a 2-core EPYC), and float32 is the more
-    accurate; the CPU cache is kept in float32 too, so nothing is converted twice."""
+    accurate. The cache: cache_dtype."""
     if torch.device(device or x.device).type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return x.dtype
+
+
+def cache_dtype(model, device: torch.device | str | None = None) -> torch.dtype:
+    """The KV cache's dtype: attention_dtype, except for a packed bf16 model decoding on the native
+    CPU kernels, whose cache is bf16. Its keys and values are bf16 values already (the projections'
+    outputs, RoPE'd in bf16), so a float32 cache held the same numbers in twice the bytes: the native
+    decode attention reads bf16 as float32, exactly (tests/test_cpu_kernels.py: the same bits as from
+    a float32 cache), and at long contexts a decode step reads as much cache as weights (2B-4T at 2048
+    tokens: 315 MB of float32 cache a token beside 522 MB of weights). Elsewhere (a float twin, fp16,
+    the torch or Triton paths) attention runs in torch over a float32 cache, which a bf16 one would
+    make convert each step."""
+    ref = model.model.embed_tokens.weight
+    dtype = attention_dtype(ref, device)
+    if torch.device(device or ref.device).type != "cpu" or ref.dtype != torch.bfloat16 or \
+            model.config.hidden_act not in ("relu2", "relu") or not native_inference(ref.detach()):
+        return dtype
+    lins = [getattr(layer.self_attn, n) for layer in model.model.layers for n in ("q_proj", "k_proj", "v_proj")]
+    return torch.bfloat16 if lins and all(type(m) is BitLinear and m.frozen for m in lins) else dtype
 
 
 @dataclass
@@ -316,7 +334,7 @@ def native_decode_args(layer, x: torch.Tensor, hidden_act: str, memo: dict | Non
     layer is not exactly what that op computes: plain DecoderLayer / Attention / MLP / RMSNorm
     modules without hooks (nor global module hooks), the seven projections frozen BitLinear of one
     format on the native CPU kernels (no RMSNorm of their own), norms in x's dtype, a relu2 or relu
-    MLP, a float32 CPU cache, and native float ops allowed (bitnet.ops.native_inference). `memo`, a
+    MLP, a float32 or bf16 CPU cache, and native float ops allowed (bitnet.ops.native_inference). `memo`, a
     dict shared by the layers of one step, keeps what depends on x and the environment only. It runs
     for every layer at every step (a swapped module, weight, hook or cache takes effect at the next
     step) except inside BitNetForCausalLM.keep_decode_args (generate's decode loop), and reads
@@ -334,7 +352,7 @@ def native_decode_args(layer, x: torch.Tensor, hidden_act: str, memo: dict | Non
     if cache is None or type(cache) is not KVCache or not memo["native"]:
         return None
     k_cache, v_cache = _attr(cache, "k"), _attr(cache, "v")
-    if k_cache.dtype != torch.float32 or k_cache.device.type != "cpu":
+    if k_cache.dtype not in (torch.float32, torch.bfloat16) or k_cache.device.type != "cpu":
         return None
     lins = tuple(_attr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) + \
         tuple(_attr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
@@ -569,7 +587,7 @@ class BitNetForCausalLM(nn.Module):
         for layer in self.model.layers:
             a = layer.self_attn
             a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim,
-                                 dtype or attention_dtype(ref, device), device or ref.device, window)
+                                 dtype or cache_dtype(self, device), device or ref.device, window)
 
     def _set_cache_window(self, input_pos: torch.Tensor) -> None:
         """Eager CPU inference reads the cache up to the last slot written (the later slots are

@@ -632,12 +632,32 @@ def test_decode_attention_against_float64(isa):
         assert torch.equal(ys[0], ys[2]) and torch.equal(ys[1], ys[3])  # the same bits on 1 and 2 threads
 
 
+@pytest.mark.parametrize("isa", isas())
+def test_decode_attention_reads_a_bf16_cache_as_the_float32_one(isa):
+    """A bf16 cache (what a packed bf16 model keeps: its keys and values are bf16 already) gives
+    the same bits as a float32 cache holding the same values: every head grouping, head sizes off
+    the vector widths, masked keys, a context in several parts."""
+    cpu.set_isa(isa)
+    g = torch.Generator().manual_seed(1)
+    for H, G, D, S in [(8, 2, 64, 700), (20, 5, 128, 1100), (6, 6, 40, 33), (4, 1, 36, 70), (18, 1, 16, 50)]:
+        k32 = torch.randn(3, G, S, D, generator=g).bfloat16().float()
+        v32 = torch.randn(3, G, S, D, generator=g).bfloat16().float()
+        q = torch.randn(3, H, D, generator=g)
+        rows, pos = torch.tensor([2, 0, 1]), torch.tensor([S - 1, S // 2, 5])
+        for mask in (None, torch.rand(3, S, generator=g) > 0.3):
+            want = cpu.decode_attention(q, k32, v32, rows, pos, mask)
+            assert torch.equal(cpu.decode_attention(q, k32.bfloat16(), v32.bfloat16(), rows, pos, mask), want), (H, G, D, S)
+            ref = attention_reference(q, k32, v32, rows, pos, mask)
+            assert (want.double() - ref).abs().max() < 1e-5
+
+
 def test_decode_attention_rejects_bad_input():
     k = torch.zeros(2, 4, 10, 16)
     q, rows = torch.zeros(1, 4, 16), torch.tensor([0])
     for args, words in [((q, k, k, rows, torch.tensor([10])), "position 10"),
                         ((q, k, k, torch.tensor([2]), torch.tensor([0])), "cache row 2"),
-                        ((q, k.half(), k.half(), rows, torch.tensor([0])), "float32"),
+                        ((q, k.half(), k.half(), rows, torch.tensor([0])), "float32 or bfloat16"),
+                        ((q, k, k.bfloat16(), rows, torch.tensor([0])), "must match the key cache"),
                         ((torch.zeros(1, 3, 16), k, k, rows, torch.tensor([0])), "3 query heads")]:
         with pytest.raises(RuntimeError, match=words):
             cpu.decode_attention(*args)
@@ -717,7 +737,7 @@ def decode_layer_in_parts(x, norms, eps, packed, scales, biases, ns, fmt, act, k
     q, k, v = cpu.linear_many(cpu.rms_norm(x, norms[0], eps[0]), packed[:3], scales[:3], ns[:3], fmt, biases[:3])
     q = cpu.rope(q.view(N, n_head, 1, D), cos.view(N, 1, 1, D), sin.view(N, 1, 1, D)).view(N, n_head, D)
     k = cpu.rope(k.view(N, n_kv, 1, D), cos.view(N, 1, 1, D), sin.view(N, 1, 1, D)).view(N, n_kv, D)
-    k_cache[rows, :, pos], v_cache[rows, :, pos] = k.float(), v.view(N, n_kv, D).float()
+    k_cache[rows, :, pos], v_cache[rows, :, pos] = k.to(k_cache.dtype), v.view(N, n_kv, D).to(v_cache.dtype)
     y = cpu.decode_attention(q.float(), k_cache, v_cache, rows, pos, key_mask).to(dt).view(N, n_head * D)
     if norms[1] is not None:
         y = cpu.rms_norm(y, norms[1], eps[1])
@@ -730,18 +750,20 @@ def decode_layer_in_parts(x, norms, eps, packed, scales, biases, ns, fmt, act, k
 
 
 @pytest.mark.parametrize("variant", LAYER_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
-def test_decode_layer_equals_its_parts_at_a_real_attention_step(variant):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_decode_layer_equals_its_parts_at_a_real_attention_step(variant, cache_dtype):
     """Past slot 0 (the attention's output no longer a cached value, so its rounding back to the
     model's dtype is at stake), several sequences at different positions with masked keys:
     decode_layer's output and the cache it writes equal, bit for bit, the same step run as the
     separate native ops and torch's own conversions (decode_layer_in_parts), at every
-    instruction-set level, on 1 and 2 threads."""
+    instruction-set level, on 1 and 2 threads, with a float32 or a bf16 cache (bf16: copied from a
+    bf16 model's keys, rounded as torch's .to() rounds from the others')."""
     import bitnet.model as bm
 
     variant = dict(variant)
     dtype, packing = variant.pop("dtype"), variant.pop("packing", "2bit")
     model = decode_model(dtype, packing, **variant)
-    model.setup_cache(4, 24)
+    model.setup_cache(4, 24, dtype=cache_dtype)
     g = torch.Generator().manual_seed(5)
     layer = model.model.layers[0]
     cache = layer.self_attn.kv_cache

@@ -367,6 +367,32 @@ def test_cache_is_freed_unless_the_caller_set_it_up():
     model.clear_cache()
 
 
+@pytest.mark.parametrize("linear,dtype,kept", [("bitnet", torch.bfloat16, torch.bfloat16), ("bitnet", torch.float32, torch.float32),
+                                               ("bf16", torch.bfloat16, torch.float32)])
+def test_a_packed_bf16_model_keeps_a_bf16_cache_with_the_same_logits(linear, dtype, kept):
+    """On the CPU a packed bf16 model's KV cache is bf16 (half the bytes; its keys and values are
+    bf16 values already) and gives the float32 cache's logits and tokens, bit for bit: padded
+    prompts, prefill and decode, the native decode layers reading it. A float32 model, and the bf16
+    twin (its attention in torch, over a float32 cache), keep float32."""
+    import bitnet.generation as G
+
+    model = tiny(linear, dtype)
+    ids, mask = left_pad(PROMPTS)
+    seen, logits = [], []
+    real = model.setup_cache
+    model.setup_cache = lambda *a, **k: real(*a, **k) or seen.append(model.model.layers[0].self_attn.kv_cache.k.dtype)
+    hook = model.lm_head.register_forward_hook(lambda mod, i, o: logits.append(o.detach().clone()))
+    out = generate(model, ids, 12, attention_mask=mask)
+    n = len(logits)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(G, "cache_dtype", lambda model, device=None: torch.float32)
+        wide = generate(model, ids, 12, attention_mask=mask)
+    hook.remove()
+    assert seen == [kept, torch.float32]
+    assert torch.equal(out, wide) and n == len(logits) - n
+    assert all(torch.equal(a, b) for a, b in zip(logits[:n], logits[n:]))
+
+
 def test_bad_input_is_a_clear_error():
     model = tiny(max_position_embeddings=32)
     ok = torch.tensor([[1, 2, 3]])

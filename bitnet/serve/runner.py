@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
-from ..model import KVCache, attention_dtype, native_decode_args, prenormed, projections
+from ..model import KVCache, attention_dtype, cache_dtype, native_decode_args, prenormed, projections
 from ..ops import (capture_cuda_graph, decode_attention, native_inference, record_cuda_graph, rope, rope_cache,
                    rope_decode_attention, triton_applies)
 
@@ -108,7 +108,7 @@ class ModelRunner:
             else prompt_graphs
         self.scratch = max_batch  # the padding's cache row (decode_graphs, prompt_graphs)
         padded = self.decode_graphs or self.prompt_graphs
-        model.setup_cache(max_batch + int(padded), max_seq_len, dtype=attention_dtype(ref), device=ref.device)
+        model.setup_cache(max_batch + int(padded), max_seq_len, dtype=cache_dtype(model, ref.device), device=ref.device)
         self.caches: list[KVCache] = [layer.self_attn.kv_cache for layer in model.model.layers]
         self._buckets: dict[int, _BucketStep] = {}
         self._pieces: dict[int, _PromptPieces] = {}  # prompt_graphs: the recorded pieces of each bucket of tokens

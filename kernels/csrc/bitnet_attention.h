@@ -1,5 +1,5 @@
 // Decode attention on the CPU, pure C++ (no torch): one query token per sequence against the
-// float32 KV cache rows it has written, for every head; the piece of a decode step that torch's
+// KV cache rows it has written (float32, or bfloat16: KT = uint16_t, its bits), for every head; the piece of a decode step that torch's
 // scaled_dot_product_attention would run as one call per layer (tens of microseconds of dispatch
 // and setup for a few thousand multiply-adds at decode's context lengths).
 //
@@ -7,7 +7,7 @@
 //     s_j = (q . k_j) * scale          for the keys j in [0, pos[n]] the mask allows (slot pos[n],
 //                                      the query's own, always: a query is never all-masked)
 //     y   = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)
-// in float32, the dot products and weighted sums in SIMD lanes (AVX-512 or AVX2 where the CPU has
+// in float32 (a bf16 cache widened as it is read), the dot products and weighted sums in SIMD lanes (AVX-512 or AVX2 where the CPU has
 // them; on AVX-512 the exponentials too, a polynomial within about 2 ulps): the last bits can
 // differ from torch's kernel, as any two attention kernels do; tests hold it to a float64 reference.
 // The query heads that share a KV head run together (attend_part), so that each cache row streams
@@ -33,97 +33,118 @@ namespace bitnet_cpu {
 
 // One head, the portable and AVX2 paths: scores[j] = q . keys[j] (j < L, rows D apart) and y +=
 // sum_j p[j] values[j] (p[j] == 0 skipped), the loops over keys inside the SIMD code (no call per key).
-using ScoresFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
-using WeightedFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
+template <typename KT>
+using ScoresFn = void (*)(const float*, const KT*, int64_t, int64_t, float*);
+template <typename KT>
+using WeightedFn = void (*)(const float*, const KT*, int64_t, int64_t, float*);
+
+// A cache element as float32: itself, or bf16 bits widened (exact)
+static inline float cache_float(float x) { return x; }
+static inline float cache_float(uint16_t x) { return bf16_bits_to_float(x); }
 
 // Cache rows read ahead by a software prefetch: 8 KB, the distance the weight kernels stream at
 // (bitnet_kernels.h, kPrefetch); the hardware prefetcher alone left one Zen 5 core at ~9 GB/s here.
-static inline int64_t rows_ahead(int64_t D) { return std::max<int64_t>(4, kPrefetch / (4 * std::max<int64_t>(D, 1))); }
+template <typename KT>
+static inline int64_t rows_ahead(int64_t D) {
+  return std::max<int64_t>(4, kPrefetch / (static_cast<int64_t>(sizeof(KT)) * std::max<int64_t>(D, 1)));
+}
+// The elements between two prefetches of a row: one 64-byte line
+template <typename KT>
+constexpr int64_t kLine = 64 / sizeof(KT);
 
-static void scores_scalar(const float* q, const float* keys, int64_t L, int64_t D, float* s) {
+template <typename KT>
+static void scores_scalar(const float* q, const KT* keys, int64_t L, int64_t D, float* s) {
   for (int64_t j = 0; j < L; ++j) {
     float a = 0.f;
-    for (int64_t d = 0; d < D; ++d) a += q[d] * keys[j * D + d];
+    for (int64_t d = 0; d < D; ++d) a += q[d] * cache_float(keys[j * D + d]);
     s[j] = a;
   }
 }
 // y += sum_j p[j] values[j], key by key in order (the weighted sums of a block of keys added to
 // those of the blocks before it: the same operations as one pass)
-static void weighted_acc_scalar(const float* p, const float* values, int64_t L, int64_t D, float* y) {
+template <typename KT>
+static void weighted_acc_scalar(const float* p, const KT* values, int64_t L, int64_t D, float* y) {
   for (int64_t j = 0; j < L; ++j)
     if (p[j] != 0.f)
-      for (int64_t d = 0; d < D; ++d) y[d] += p[j] * values[j * D + d];
+      for (int64_t d = 0; d < D; ++d) y[d] += p[j] * cache_float(values[j * D + d]);
 }
 
 #ifdef BITNET_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 // hsum256_ps: bitnet_kernels.h
-static void scores_avx2(const float* q, const float* keys, int64_t L, int64_t D, float* s) {
-  const int64_t D8 = D / 8 * 8, ahead = rows_ahead(D);
+// 8 cache elements as float32
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+template <typename KT>
+static void scores_avx2(const float* q, const KT* keys, int64_t L, int64_t D, float* s) {
+  const int64_t D8 = D / 8 * 8, ahead = rows_ahead<KT>(D);
   int64_t j = 0;
   if (D8 == D)  // four keys at a time, their four sums in one reduction (3 hadds), q loaded once for them
     for (; j + 4 <= L; j += 4) {
-      const float* k = keys + j * D;
+      const KT* k = keys + j * D;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < D; d += 8) {
-        if ((d & 15) == 0)
+        if ((d & (kLine<KT> - 1)) == 0)
           for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(k + (ahead + r) * D + d), _MM_HINT_T0);
         const __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + D + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * D + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * D + d), a3);
+        a0 = _mm256_fmadd_ps(qv, load8(k + d), a0);
+        a1 = _mm256_fmadd_ps(qv, load8(k + D + d), a1);
+        a2 = _mm256_fmadd_ps(qv, load8(k + 2 * D + d), a2);
+        a3 = _mm256_fmadd_ps(qv, load8(k + 3 * D + d), a3);
       }
       const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half: a0..a3
       _mm_storeu_ps(s + j, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
     }
   for (; j < L; ++j) {
-    const float* k = keys + j * D;
-    for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(k + ahead * D + d), _MM_HINT_T0);
+    const KT* k = keys + j * D;
+    for (int64_t d = 0; d < D; d += kLine<KT>) _mm_prefetch(reinterpret_cast<const char*>(k + ahead * D + d), _MM_HINT_T0);
     __m256 a = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+    for (int64_t d = 0; d < D8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a);
     float t = hsum256_ps(a);
-    for (int64_t d = D8; d < D; ++d) t += q[d] * k[d];
+    for (int64_t d = D8; d < D; ++d) t += q[d] * cache_float(k[d]);
     s[j] = t;
   }
 }
 // y[d0, d0 + 8 NV) += sum_j p[j] values[j][...], the NV vectors of y in registers across the keys
 // (through memory, each key's add waited on the last one's store)
-template <int NV>
-static void weighted_block_avx2(const float* p, const float* values, int64_t L, int64_t D, int64_t d0, bool fetch, float* y) {
-  const int64_t ahead = rows_ahead(D);
+template <int NV, typename KT>
+static void weighted_block_avx2(const float* p, const KT* values, int64_t L, int64_t D, int64_t d0, bool fetch, float* y) {
+  const int64_t ahead = rows_ahead<KT>(D);
   __m256 acc[NV];
   for (int c = 0; c < NV; ++c) acc[c] = _mm256_loadu_ps(y + d0 + 8 * c);
   for (int64_t j = 0; j < L; ++j) {
     if (p[j] == 0.f) continue;
-    const float* v = values + j * D;
+    const KT* v = values + j * D;
     if (fetch)
-      for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(v + ahead * D + d), _MM_HINT_T0);
+      for (int64_t d = 0; d < D; d += kLine<KT>) _mm_prefetch(reinterpret_cast<const char*>(v + ahead * D + d), _MM_HINT_T0);
     const __m256 vp = _mm256_set1_ps(p[j]);
-    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d0 + 8 * c), acc[c]);
+    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(vp, load8(v + d0 + 8 * c), acc[c]);
   }
   for (int c = 0; c < NV; ++c) _mm256_storeu_ps(y + d0 + 8 * c, acc[c]);
 }
 
-static void weighted_acc_avx2(const float* p, const float* values, int64_t L, int64_t D, float* y) {
+template <typename KT>
+static void weighted_acc_avx2(const float* p, const KT* values, int64_t L, int64_t D, float* y) {
   const int64_t D8 = D / 8 * 8;
   for (int64_t d0 = 0; d0 < D8; d0 += 64) {  // 64 features (8 vectors) a pass, each key's products in order
     const bool fetch = d0 == 0;
     switch (std::min<int64_t>(8, (D8 - d0) / 8)) {
-      case 8: weighted_block_avx2<8>(p, values, L, D, d0, fetch, y); break;
-      case 7: weighted_block_avx2<7>(p, values, L, D, d0, fetch, y); break;
-      case 6: weighted_block_avx2<6>(p, values, L, D, d0, fetch, y); break;
-      case 5: weighted_block_avx2<5>(p, values, L, D, d0, fetch, y); break;
-      case 4: weighted_block_avx2<4>(p, values, L, D, d0, fetch, y); break;
-      case 3: weighted_block_avx2<3>(p, values, L, D, d0, fetch, y); break;
-      case 2: weighted_block_avx2<2>(p, values, L, D, d0, fetch, y); break;
-      default: weighted_block_avx2<1>(p, values, L, D, d0, fetch, y); break;
+      case 8: weighted_block_avx2<8, KT>(p, values, L, D, d0, fetch, y); break;
+      case 7: weighted_block_avx2<7, KT>(p, values, L, D, d0, fetch, y); break;
+      case 6: weighted_block_avx2<6, KT>(p, values, L, D, d0, fetch, y); break;
+      case 5: weighted_block_avx2<5, KT>(p, values, L, D, d0, fetch, y); break;
+      case 4: weighted_block_avx2<4, KT>(p, values, L, D, d0, fetch, y); break;
+      case 3: weighted_block_avx2<3, KT>(p, values, L, D, d0, fetch, y); break;
+      case 2: weighted_block_avx2<2, KT>(p, values, L, D, d0, fetch, y); break;
+      default: weighted_block_avx2<1, KT>(p, values, L, D, d0, fetch, y); break;
     }
   }
   for (int64_t j = 0; j < L; ++j)
     if (p[j] != 0.f)
-      for (int64_t d = D8; d < D; ++d) y[d] += p[j] * values[j * D + d];
+      for (int64_t d = D8; d < D; ++d) y[d] += p[j] * cache_float(values[j * D + d]);
 }
 #pragma GCC pop_options
 
@@ -131,6 +152,11 @@ static void weighted_acc_avx2(const float* p, const float* values, int64_t L, in
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
 static inline __mmask16 tail16(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+// the cache elements of mask m among 16 as float32 (0 elsewhere)
+static inline __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 // lane i of the result = the sum of v[i]'s 16 lanes (i < 16): a transposing tree of 15 adds and 30
 // shuffles for 16 dot products, where 16 separate reductions take ~4x the instructions, in series
@@ -149,10 +175,10 @@ static inline __m512 hsum16x16(const __m512* v) {
 
 // s[r * L + j] = q_r . keys[j] for RB queries (rows D apart) and every key, KB keys at a time (RB * KB
 // <= 16 dot products side by side, one hsum16x16), the keys past the last full block one by one
-template <int RB, int KB>
-static void group_scores_avx512(const float* q, const float* keys, int64_t L, int64_t D, float* s) {
+template <int RB, int KB, typename KT>
+static void group_scores_avx512(const float* q, const KT* keys, int64_t L, int64_t D, float* s) {
   static_assert(RB * KB <= 16, "16 accumulators at most");
-  const int64_t ahead = rows_ahead(D);
+  const int64_t ahead = rows_ahead<KT>(D);
   int64_t j = 0;
   for (; j + KB <= L; j += KB) {
     __m512 acc[16];
@@ -161,8 +187,8 @@ static void group_scores_avx512(const float* q, const float* keys, int64_t L, in
       const __mmask16 m = tail16(D - d);
       __m512 kv[KB];
       for (int jj = 0; jj < KB; ++jj) {
-        _mm_prefetch(reinterpret_cast<const char*>(keys + (j + jj + ahead) * D + d), _MM_HINT_T0);
-        kv[jj] = _mm512_maskz_loadu_ps(m, keys + (j + jj) * D + d);
+        if ((d & (kLine<KT> - 1)) == 0) _mm_prefetch(reinterpret_cast<const char*>(keys + (j + jj + ahead) * D + d), _MM_HINT_T0);
+        kv[jj] = load16(m, keys + (j + jj) * D + d);
       }
       for (int r = 0; r < RB; ++r) {
         const __m512 qv = _mm512_maskz_loadu_ps(m, q + r * D + d);
@@ -179,7 +205,7 @@ static void group_scores_avx512(const float* q, const float* keys, int64_t L, in
       __m512 a = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 16) {
         const __mmask16 m = tail16(D - d);
-        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + r * D + d), _mm512_maskz_loadu_ps(m, keys + j * D + d), a);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + r * D + d), load16(m, keys + j * D + d), a);
       }
       s[r * L + j] = _mm512_reduce_add_ps(a);
     }
@@ -188,10 +214,10 @@ static void group_scores_avx512(const float* q, const float* keys, int64_t L, in
 // y_r[d0, d0 + 16 NV) = sum_j p[r * L + j] values[j][...] for RB heads (the last vector masked by
 // mlast): each value row read once for the RB heads, the accumulators in registers; a key whose
 // weight is 0 for all of them (masked) is skipped.
-template <int RB, int NV>
-static void group_weighted_block_avx512(const float* p, const float* values, int64_t L, int64_t D, int64_t d0, __mmask16 mlast,
+template <int RB, int NV, typename KT>
+static void group_weighted_block_avx512(const float* p, const KT* values, int64_t L, int64_t D, int64_t d0, __mmask16 mlast,
                                         float* y) {
-  const int64_t ahead = rows_ahead(D);
+  const int64_t ahead = rows_ahead<KT>(D);
   __m512 acc[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -203,10 +229,11 @@ static void group_weighted_block_avx512(const float* p, const float* values, int
       any |= b;
     }
     if (!any) continue;
-    for (int c = 0; c < NV; ++c) _mm_prefetch(reinterpret_cast<const char*>(values + (j + ahead) * D + d0 + 16 * c), _MM_HINT_T0);
-    __m512 vv[NV];
     for (int c = 0; c < NV; ++c)
-      vv[c] = _mm512_maskz_loadu_ps(c + 1 < NV ? static_cast<__mmask16>(0xFFFF) : mlast, values + j * D + d0 + 16 * c);
+      if (((16 * c) & (kLine<KT> - 1)) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(values + (j + ahead) * D + d0 + 16 * c), _MM_HINT_T0);
+    __m512 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load16(c + 1 < NV ? static_cast<__mmask16>(0xFFFF) : mlast, values + j * D + d0 + 16 * c);
     for (int r = 0; r < RB; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * L + j]);
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
@@ -218,37 +245,39 @@ static void group_weighted_block_avx512(const float* p, const float* values, int
 }
 
 // y_r = sum_j p[r * L + j] values[j] for RB heads, 64 output features (4 vectors) a pass
-template <int RB>
-static void group_weighted_avx512(const float* p, const float* values, int64_t L, int64_t D, float* y) {
+template <int RB, typename KT>
+static void group_weighted_avx512(const float* p, const KT* values, int64_t L, int64_t D, float* y) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t left = D - d0;
     const __mmask16 mlast = tail16(left - (std::min<int64_t>(4, (left + 15) / 16) - 1) * 16);
     switch (std::min<int64_t>(4, (left + 15) / 16)) {
-      case 4: group_weighted_block_avx512<RB, 4>(p, values, L, D, d0, mlast, y); break;
-      case 3: group_weighted_block_avx512<RB, 3>(p, values, L, D, d0, mlast, y); break;
-      case 2: group_weighted_block_avx512<RB, 2>(p, values, L, D, d0, mlast, y); break;
-      default: group_weighted_block_avx512<RB, 1>(p, values, L, D, d0, mlast, y); break;
+      case 4: group_weighted_block_avx512<RB, 4, KT>(p, values, L, D, d0, mlast, y); break;
+      case 3: group_weighted_block_avx512<RB, 3, KT>(p, values, L, D, d0, mlast, y); break;
+      case 2: group_weighted_block_avx512<RB, 2, KT>(p, values, L, D, d0, mlast, y); break;
+      default: group_weighted_block_avx512<RB, 1, KT>(p, values, L, D, d0, mlast, y); break;
     }
   }
 }
 
 // R heads in blocks of at most 4 (16 dot products a block of keys)
-static void group_scores_avx512_any(const float* q, int64_t R, const float* keys, int64_t L, int64_t D, float* s) {
+template <typename KT>
+static void group_scores_avx512_any(const float* q, int64_t R, const KT* keys, int64_t L, int64_t D, float* s) {
   for (int64_t r = 0; r < R;) {
     const int64_t left = R - r;
-    if (left >= 4) group_scores_avx512<4, 4>(q + r * D, keys, L, D, s + r * L), r += 4;
-    else if (left == 3) group_scores_avx512<3, 5>(q + r * D, keys, L, D, s + r * L), r += 3;
-    else if (left == 2) group_scores_avx512<2, 8>(q + r * D, keys, L, D, s + r * L), r += 2;
-    else group_scores_avx512<1, 16>(q + r * D, keys, L, D, s + r * L), r += 1;
+    if (left >= 4) group_scores_avx512<4, 4, KT>(q + r * D, keys, L, D, s + r * L), r += 4;
+    else if (left == 3) group_scores_avx512<3, 5, KT>(q + r * D, keys, L, D, s + r * L), r += 3;
+    else if (left == 2) group_scores_avx512<2, 8, KT>(q + r * D, keys, L, D, s + r * L), r += 2;
+    else group_scores_avx512<1, 16, KT>(q + r * D, keys, L, D, s + r * L), r += 1;
   }
 }
-static void group_weighted_avx512_any(const float* p, int64_t R, const float* values, int64_t L, int64_t D, float* y) {
+template <typename KT>
+static void group_weighted_avx512_any(const float* p, int64_t R, const KT* values, int64_t L, int64_t D, float* y) {
   for (int64_t r = 0; r < R;) {
     const int64_t left = R - r;
-    if (left >= 4) group_weighted_avx512<4>(p + r * L, values, L, D, y + r * D), r += 4;
-    else if (left == 3) group_weighted_avx512<3>(p + r * L, values, L, D, y + r * D), r += 3;
-    else if (left == 2) group_weighted_avx512<2>(p + r * L, values, L, D, y + r * D), r += 2;
-    else group_weighted_avx512<1>(p + r * L, values, L, D, y + r * D), r += 1;
+    if (left >= 4) group_weighted_avx512<4, KT>(p + r * L, values, L, D, y + r * D), r += 4;
+    else if (left == 3) group_weighted_avx512<3, KT>(p + r * L, values, L, D, y + r * D), r += 3;
+    else if (left == 2) group_weighted_avx512<2, KT>(p + r * L, values, L, D, y + r * D), r += 2;
+    else group_weighted_avx512<1, KT>(p + r * L, values, L, D, y + r * D), r += 1;
   }
 }
 // p[j] = exp(s[j] - m) in place (0 where s[j] is -inf: a masked key), returning their sum: exp by
@@ -283,19 +312,21 @@ static float softmax_exp_avx512(float* s, int64_t L, float m) {
 #pragma GCC pop_options
 #endif
 
-static ScoresFn scores_fn(int64_t isa) {
+template <typename KT>
+static ScoresFn<KT> scores_fn(int64_t isa) {
 #ifdef BITNET_X86
-  if (isa >= AVX2) return scores_avx2;
+  if (isa >= AVX2) return scores_avx2<KT>;
 #endif
   (void)isa;
-  return scores_scalar;
+  return scores_scalar<KT>;
 }
-static WeightedFn weighted_acc_fn(int64_t isa) {
+template <typename KT>
+static WeightedFn<KT> weighted_acc_fn(int64_t isa) {
 #ifdef BITNET_X86
-  if (isa >= AVX2) return weighted_acc_avx2;
+  if (isa >= AVX2) return weighted_acc_avx2<KT>;
 #endif
   (void)isa;
-  return weighted_acc_scalar;
+  return weighted_acc_scalar<KT>;
 }
 
 // One part of the attention of the R query heads (rows D apart) that share one KV head: keys /
@@ -308,7 +339,8 @@ static WeightedFn weighted_acc_fn(int64_t isa) {
 // cache row once, not 4 times): on AVX-512 in register blocks (group_*_avx512), elsewhere in blocks
 // of 32 keys that stay in L1 across the R heads, each head's arithmetic the one-head kernels'
 // (scores_*, weighted_acc_*).
-static void attend_part(int64_t isa, const float* q, int64_t R, const float* keys, const float* values, int64_t L, int64_t D,
+template <typename KT>
+static void attend_part(int64_t isa, const float* q, int64_t R, const KT* keys, const KT* values, int64_t L, int64_t D,
                         const bool* allowed, int64_t own, float scale, float* scores, float* y, float* m, float* sum) {
   constexpr int64_t kBlock = 32;
 #ifdef BITNET_X86
@@ -317,7 +349,7 @@ static void attend_part(int64_t isa, const float* q, int64_t R, const float* key
   } else
 #endif
   {
-    const ScoresFn sf = scores_fn(isa);
+    const ScoresFn<KT> sf = scores_fn<KT>(isa);
     for (int64_t j0 = 0; j0 < L; j0 += kBlock)
       for (int64_t r = 0; r < R; ++r) sf(q + r * D, keys + j0 * D, std::min(kBlock, L - j0), D, scores + r * L + j0);
   }
@@ -355,7 +387,7 @@ static void attend_part(int64_t isa, const float* q, int64_t R, const float* key
 #endif
   {
     std::fill(y, y + R * D, 0.f);
-    const WeightedFn wf = weighted_acc_fn(isa);
+    const WeightedFn<KT> wf = weighted_acc_fn<KT>(isa);
     for (int64_t j0 = 0; j0 < L; j0 += kBlock)
       for (int64_t r = 0; r < R; ++r) wf(scores + r * L + j0, values + j0 * D, std::min(kBlock, L - j0), D, y + r * D);
   }

@@ -573,15 +573,17 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
 
 // ------------------------------------------------------------------------------------ decode
 // Attention of one query token per sequence over its cache row (bitnet_attention.h): q (N, H, D)
-// float32, k_cache / v_cache (B, G, S, D) float32, rows / pos (N,) int64 (query n sits at slot
+// float32, k_cache / v_cache (B, G, S, D) float32 or bfloat16 (read as float32), rows / pos (N,) int64 (query n sits at slot
 // pos[n] of cache row rows[n] and sees slots 0..pos[n]), key_mask (N, >= max pos + 1) bool or
 // None (a masked slot is skipped; the query's own never is). Returns y (N, H, D) float32.
 static void check_decode_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t G, int64_t D) {
-  TORCH_CHECK(k_cache.device().is_cpu() && k_cache.scalar_type() == at::kFloat && k_cache.dim() == 4 && k_cache.is_contiguous(),
-              "bitnet_cpu: the KV cache must be a contiguous float32 CPU tensor (B, G, S, D), got ", k_cache.scalar_type(), " ",
-              k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous(),
-              "bitnet_cpu: the value cache must match the key cache ", k_cache.sizes(), ", got ", v_cache.sizes());
+  TORCH_CHECK(k_cache.device().is_cpu() && (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  k_cache.dim() == 4 && k_cache.is_contiguous(),
+              "bitnet_cpu: the KV cache must be a contiguous float32 or bfloat16 CPU tensor (B, G, S, D), got ",
+              k_cache.scalar_type(), " ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type() && v_cache.is_contiguous(),
+              "bitnet_cpu: the value cache must match the key cache ", k_cache.scalar_type(), " ", k_cache.sizes(), ", got ",
+              v_cache.scalar_type(), " ", v_cache.sizes());
   TORCH_CHECK(k_cache.size(1) == G && k_cache.size(3) == D, "bitnet_cpu: the KV cache holds ", k_cache.size(1), " heads of ",
               k_cache.size(3), ", the layer has ", G, " of ", D);
 }
@@ -605,12 +607,13 @@ static void check_decode_rows(const at::Tensor& rows, const at::Tensor& pos, int
 
 // The attention itself: q (N, H, D) float32 contiguous at qp, the checked caches, rows / pos (N,),
 // mask rows of ms slots or null -> y (N, H, D) float32 at yp.
-static void attend_rows(const float* qp, int64_t N, int64_t H, int64_t D, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const int64_t* rp, const int64_t* pp, const bool* mp, int64_t ms, float* yp) {
+template <typename KT>
+static void attend_rows_t(const float* qp, int64_t N, int64_t H, int64_t D, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const int64_t* rp, const int64_t* pp, const bool* mp, int64_t ms, float* yp) {
   const int64_t G = k_cache.size(1), S = k_cache.size(2), isa = active_isa(), rep = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const KT* kp = static_cast<const KT*>(k_cache.data_ptr());
+  const KT* vp = static_cast<const KT*>(v_cache.data_ptr());
   // threads over the parts of (query, KV head) pairs (attend_part: the rep query heads of a KV head
   // together, the cache rows streaming once for them; kPartKeys slots a part), only where each has
   // work worth the fork: ~64K key and value elements a chunk at least (a decode step at a short
@@ -636,7 +639,7 @@ static void attend_rows(const float* qp, int64_t N, int64_t H, int64_t D, const 
       const int64_t len = std::min(kPartKeys, L - j0);
       const int64_t base = ((rp[n] * G + g) * S + j0) * D;
       float* out = partp + i * stride;
-      attend_part(isa, qp + (n * H + g * rep) * D, rep, kp + base, vp + base, len, D, mp ? mp + n * ms + j0 : nullptr,
+      attend_part<KT>(isa, qp + (n * H + g * rep) * D, rep, kp + base, vp + base, len, D, mp ? mp + n * ms + j0 : nullptr,
                   L - 1 - j0 < len ? L - 1 - j0 : -1, scale, scores.data(), out, out + rep * D, out + rep * D + rep);
     }
   });
@@ -644,6 +647,15 @@ static void attend_rows(const float* qp, int64_t N, int64_t H, int64_t D, const 
     for (int64_t g = 0; g < G; ++g)
       merge_parts(partp + (n * G + g) * most * stride, (pp[n] + kPartKeys) / kPartKeys, stride, rep, D,
                   yp + (n * H + g * rep) * D);
+}
+
+// attend_rows_t for the caches' element type (checked: float32 or bfloat16, its bits)
+static void attend_rows(const float* qp, int64_t N, int64_t H, int64_t D, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const int64_t* rp, const int64_t* pp, const bool* mp, int64_t ms, float* yp) {
+  if (k_cache.scalar_type() == at::kBFloat16)
+    attend_rows_t<uint16_t>(qp, N, H, D, k_cache, v_cache, rp, pp, mp, ms, yp);
+  else
+    attend_rows_t<float>(qp, N, H, D, k_cache, v_cache, rp, pp, mp, ms, yp);
 }
 
 static at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -720,6 +732,22 @@ static void from_float(const float* x, int64_t n, int64_t isa, scalar_t* y) {
     narrow_bf16_fn(isa)(x, n, reinterpret_cast<uint16_t*>(y));
   else
     for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(x[i]);
+}
+
+// n values into a float32 or bfloat16 cache at element `at`: widened to float32 (exact), copied
+// where the cache holds the input's own dtype, else rounded to bf16 as torch's .to() rounds
+template <typename scalar_t>
+static void to_cache(const scalar_t* x, int64_t n, int64_t isa, at::Tensor& cache, int64_t at) {
+  if (cache.scalar_type() == at::kFloat) {
+    to_float<scalar_t>(x, n, isa, cache.data_ptr<float>() + at);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    std::memcpy(cache.data_ptr<at::BFloat16>() + at, x, sizeof(at::BFloat16) * n);
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    from_float<at::BFloat16>(x, n, isa, cache.data_ptr<at::BFloat16>() + at);
+  } else {
+    at::BFloat16* y = cache.data_ptr<at::BFloat16>() + at;
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<at::BFloat16>(static_cast<float>(x[i]));
+  }
 }
 
 // The intermediates of a decode_layer call, carved from one buffer that the calling thread keeps
@@ -851,9 +879,9 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const c10::List<std::opti
         rope_row<T>(isa, q + (n * n_head + hd) * D, 1, cp + n * D, sp + n * D, D, qrot + (n * n_head + hd) * D);
       for (int64_t g = 0; g < n_kv; ++g) {
         rope_row<T>(isa, k + (n * n_kv + g) * D, 1, cp + n * D, sp + n * D, D, krot + (n * n_kv + g) * D);
-        const int64_t at_ = ((rp[n] * n_kv + g) * S + pp[n]) * D;  // k, v -> the cache, as float32
-        to_float<T>(krot + (n * n_kv + g) * D, D, isa, k_cache.data_ptr<float>() + at_);
-        to_float<T>(v + (n * n_kv + g) * D, D, isa, v_cache.data_ptr<float>() + at_);
+        const int64_t at_ = ((rp[n] * n_kv + g) * S + pp[n]) * D;  // k, v -> the cache, in its dtype
+        to_cache<T>(krot + (n * n_kv + g) * D, D, isa, k_cache, at_);
+        to_cache<T>(v + (n * n_kv + g) * D, D, isa, v_cache, at_);
       }
     }
     to_float<T>(qrot, N * Q, isa, qf);
