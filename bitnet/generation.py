@@ -387,8 +387,8 @@ def generate(
 
     The KV cache: if the caller has set one up (model.setup_cache) that fits this batch and
     length, it is used and kept (repeated calls reuse its memory, and CUDA graphs their
-    recording); otherwise one is allocated for this call, in the attention's dtype (the model's;
-    float32 on the CPU), and freed at the end.
+    recording); otherwise one is allocated for this call, in bitnet.model.cache_dtype (the model's
+    dtype; on the CPU float32, or bf16 for a packed bf16 model), and freed at the end.
     """
     config = model.config
     input_ids, mask = check_inputs(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,

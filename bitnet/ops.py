@@ -344,7 +344,7 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     the token's slot, key_mask (B, S), rows (B,) each token's cache row (the server's; default: row
     b) -> y (B, nh * hd), k' and v written into the cache: what rope_cache then decode_attention
     give, bit for bit. None where the Triton kernels are not the choice, autograd is recording, or
-    the dtypes differ (the CPU keeps a float32 cache for bf16 models): the caller runs those two."""
+    the dtypes differ (the CPU attends in float32 over a float32 or bf16 cache): the caller runs those two."""
     if choose_kernel(q, kernel) != "triton" or q.shape[1] != 1 or q.shape[-1] % 2 or q.shape[-1] > 256:
         return None
     if not (cos.dtype == sin.dtype == k.dtype == v.dtype == cache.k.dtype == cache.v.dtype == q.dtype):
