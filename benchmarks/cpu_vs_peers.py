@@ -43,8 +43,8 @@ What is timed (llama-bench -p 128 -n 64's protocol, ours replaying it with bitne
   64 decode steps of a bf16 model take ~10-40 s); the median is the sample of a round. ik: llama-bench
   -r --ik-reps (its own warm-up); the median of its per-repetition samples (samples_ts) is the sample
   of a round (its mean and stddev are kept in the JSON too).
-Differences that stay: our KV cache is float32 and attention eager; ik's cache is f16 with flash
-attention (llama-bench's defaults). Thread counts: ours and the twin torch.set_num_threads(T) (and
+Differences that stay: our KV cache is bf16 for the packed models (float32 before 2026-12-07; the
+twin's float32) and attention eager; ik's cache is f16 with flash attention (llama-bench's defaults). Thread counts: ours and the twin torch.set_num_threads(T) (and
 OMP_NUM_THREADS=T), ik -t T.
 
 ISA: `native`: ours with every instruction set the CPU has (our kernels' best, e.g. AMX for the
@@ -93,6 +93,8 @@ LABELS = {"ours": "ours: packed 2-bit, bf16 head", "ours-int8": "ours: packed 2-
           "twin": "bf16 twin (nn.Linear)",
           "ik-f16": "ik_llama.cpp IQ2_BN, F16 head", "ik-default": "ik_llama.cpp IQ2_BN, default head"}
 IK_HEAD = {"ik-f16": "f16", "ik-default": "default"}
+# what our systems' KV cache holds (bitnet.model.cache_dtype), recorded in each result (older results: float32)
+OURS_KV_CACHE = "a bf16 cache for the packed models (the same bits as float32), float32 for the twin"
 ISA_ENV = {  # our processes' environment per ISA label; ik: the build of that name
     "native": {},
     "avx2": {"BITNET_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -361,7 +363,8 @@ def markdown(payload: dict) -> str:
         f"the median of llama-bench -r {a['ik_reps']}'s samples. Cells: median over rounds (min-max). "
         "ISA avx2: ours and the twin with BITNET_CPU_ISA=avx2, ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2; ik its "
         "AVX2 build (no AVX-512). Ours / the twin: each measurement a fresh process, torch threads = T; ik -t T, "
-        "flash attention, f16 KV cache (ours: float32 cache). Protocol: benchmarks/cpu_vs_peers.py.",
+        f"flash attention, f16 KV cache (ours: {payload.get('ours_kv_cache', 'float32 cache')}). Protocol: "
+        "benchmarks/cpu_vs_peers.py.",
         "",
         t1,
         "",
@@ -639,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     ik_commit = next(iter(ik["builds"].values()), {}).get("commit", "")
     payload = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "complete": False,
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "snapshot": snap, "ik_commit": ik_commit,
+               "ours_kv_cache": OURS_KV_CACHE,
                "ik_builds": ik["builds"], "ik_files": ik["files"], "ik_exports": ik.get("exports"),
                "isa_env": ISA_ENV, "plan": plan, "bandwidth": [], "measurements": []}
 

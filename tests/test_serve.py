@@ -530,6 +530,8 @@ def bad_cases(name):
         ("completions", {**ok, "seed": 2**70}, 400, "seed", "invalid_value"),
         ("completions", {**ok, "n": 0}, 400, "n", "invalid_value"),
         ("completions", {**ok, "n": 129}, 400, "n", "invalid_value"),
+        ("completions", {**ok, "n": 100}, 400, "n", "invalid_value"),  # more than the server holds at once
+        ("completions", {**ok, "prompt": [[1, 2]] * 60}, 400, "prompt", "invalid_value"),
         ("completions", {**ok, "logprobs": 21}, 400, "logprobs", "invalid_value"),
         ("completions", {**ok, "logprobs": -1}, 400, "logprobs", "invalid_value"),
         ("completions", {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),

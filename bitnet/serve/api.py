@@ -311,6 +311,11 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
         """Every choice of the request submitted (n per prompt), or none: a refusal of any of them
         (full queue, context, shutdown) cancels the ones submitted before it."""
         choices = Choices()
+        most = engine.max_batch + engine.scheduler.max_queue
+        if len(prompts) * (req.n or 1) > most:  # (a 429 would never clear)
+            raise APIError(400, f"this request asks for {len(prompts) * (req.n or 1)} completions ({len(prompts)} prompts "
+                           f"x n = {req.n or 1}); the server holds at most {most} at once (--max-batch + --max-queue): "
+                           f"send fewer at a time", param="n" if (req.n or 1) > 1 else param, code="invalid_value")
         try:
             for ids in prompts:
                 if not ids:
