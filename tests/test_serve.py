@@ -479,6 +479,34 @@ def test_several_prompts_and_n_choices(server, reference, tokenizer):
     assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
 
 
+def test_the_tokenizer_routes_are_what_lm_evals_remote_tokenizer_reads(server, tokenizer):
+    """GET /tokenizer_info, POST /tokenize and /detokenize as vLLM serves them, driven as
+    lm-evaluation-harness's check_remote_tokenizer_support and RemoteTokenizer drive them: the
+    served model's own tokenizer, its EOS id from the EOS string, the chat template's ids."""
+    base = server.url
+    info = httpx.get(f"{base}/tokenizer_info").json()
+    assert info["eos_token"] == "</s>" and info["bos_token"] == "<s>" and info["chat_template"] == TEMPLATE
+    assert info["model_max_length"] == CONTEXT
+    probe = httpx.post(f"{base}/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()
+    assert isinstance(probe["tokens"], list) and probe["count"] == len(probe["tokens"])
+    for text in TEXTS:
+        ids = httpx.post(f"{base}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+        assert ids == tokenizer.encode(text, add_special_tokens=False).ids
+        assert httpx.post(f"{base}/detokenize", json={"tokens": ids}).json()["prompt"] == tokenizer.decode(ids)
+    eos = httpx.post(f"{base}/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert eos["tokens"][0] == EOS  # RemoteTokenizer.eos_token_id
+    chat = httpx.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "hello"}]}).json()
+    assert chat["tokens"] == tokenizer.encode("<s>user: hello\nassistant:", add_special_tokens=False).ids
+    for path, body, status, param in [("tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, None),
+                                      ("tokenize", {}, 400, None),
+                                      ("tokenize", {"prompt": "a", "model": "nope"}, 404, "model"),
+                                      ("detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
+                                      ("detokenize", {"tokens": "abc"}, 400, "tokens")]:
+        r = httpx.post(f"{base}/{path}", json=body)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), (body, r.text)
+        assert "could not parse" not in r.json()["error"]["message"]
+
+
 def test_models_health_and_unknown_routes(server):
     client = server.client()
     models = client.models.list()

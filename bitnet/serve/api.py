@@ -4,8 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)         # what `bitnet serve` does
 
 Endpoints: POST /v1/completions and /v1/chat/completions (`stream: true`: server-sent events in
-OpenAI's chunk format, then `data: [DONE]`), GET /v1/models, GET /health, GET /metrics
-(Prometheus text). With an API key, every /v1 route wants `Authorization: Bearer <key>`.
+OpenAI's chunk format, then `data: [DONE]`), GET /v1/models, POST /tokenize and /detokenize and
+GET /tokenizer_info (vLLM's), GET /health, GET /metrics (Prometheus text). With an API key, every /v1 route wants `Authorization: Bearer <key>`.
 
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with its status:
 400 malformed JSON, bad or unsupported parameters, a prompt beyond the context; 401 a wrong or
@@ -60,10 +60,12 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     Delta,
+    DetokenizeRequest,
     ErrorBody,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
     TopLogprob,
     Unsupported,
     Usage,
@@ -290,6 +292,36 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
     async def model(model: str):
         check_model(model)
         return card.model_dump()
+
+    # ----- the tokenizer, as vLLM serves it (lm-evaluation-harness's remote tokenizer reads these)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        special = dict(tokenizer.special_tokens)
+        if "eos_token" not in special and engine.eos_token_ids:  # the model's EOS, where tokenizer_config names none
+            special["eos_token"] = tokenizer.tokenizer.id_to_token(engine.eos_token_ids[0])
+        return {**{k: special.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+                "chat_template": tokenizer.chat_template, "model_max_length": engine.max_seq_len}
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest):
+        if req.model is not None:
+            check_model(req.model)
+        if req.messages is not None:
+            messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+            text = await tokenize(lambda: tokenizer.render_chat(messages, req.add_generation_prompt), param="messages")
+            ids = tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        else:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await tokenize(tokenizer.encode, req.prompt, add, param="prompt")
+        return {"count": len(ids), "max_model_len": engine.max_seq_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest):
+        if req.model is not None:
+            check_model(req.model)
+        if any(t < 0 or t >= engine.vocab_size for t in req.tokens):
+            raise APIError(400, f"token ids must lie in [0, {engine.vocab_size})", param="tokens", code="invalid_value")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     def check_model(name: str) -> None:
         if name != model_name:

@@ -150,6 +150,29 @@ class ChatCompletionRequest(_Generation):
         return [{**m.model_dump(exclude_none=True), "content": m.text()} for m in self.messages]
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM takes it: a prompt, or chat messages through the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template writes them)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
 # ----------------------------------------------------------------------------- responses
 def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

@@ -72,7 +72,7 @@ class ServeTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation, through the chat template."""
         if self.chat_template is None:
             raise NoChatTemplate("this model has no chat template (no chat_template in tokenizer_config.json, no "
@@ -81,7 +81,8 @@ class ServeTokenizer:
         from jinja2.exceptions import TemplateError
 
         try:
-            return self._compiled().render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+            return self._compiled().render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           **self.special_tokens)
         except TemplateError as e:  # the template's raise_exception, or a template that does not compile
             raise ValueError(f"the chat template refused these messages: {e}") from None
 
