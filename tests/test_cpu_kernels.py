@@ -393,7 +393,8 @@ def test_int4_lm_head_against_float64(isa):
 def test_bf16_head_against_float64(isa):
     """The native bf16 head (decode's few rows) equals the float64 product of the same bf16 weights
     within float32 summation error (bias included, K off every vector width; bf16 activations go
-    to the AMX-BF16 tiles where the CPU has them), each row independent of the others; a frozen model's head
+    to the AMX-BF16 tiles where the CPU has them, else to VDPBF16PS where it has AVX512-BF16), each
+    row independent of the others; a frozen model's head
     takes it on the CPU in inference and falls back to F.linear for many rows or with autograd."""
     import bitnet
     from bitnet import ops
