@@ -81,6 +81,8 @@ class Args:
                                      "with a prompt in pieces of CUDA graphs; default: the server's, on there)")
     name: str | None = arg(None, help="results file name (default: serve_<device>, _no_run_ahead with --no-run-ahead, "
                            "_no_prompt_graphs with --no-prompt-graphs)")
+    peer_name: str = arg("peer_ik_llamacpp_serve_cpu", help="the results file of peer_ik_llamacpp.py --server "
+                         "(its --serve-name) printed beside ours, where it was measured on this CPU")
     out_dir: str = arg(RESULTS_DIR, help="where the JSON and markdown go")
 
 
@@ -274,7 +276,9 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
         ]
     if args.device != "cpu":  # the peers below are CPU servers
         return "\n".join(md)
-    measured = measured_peer()
+    measured = measured_peer(args.peer_name)
+    if measured and measured["environment"].get("cpu") != environment()["cpu"]:
+        measured = None  # another machine's: not beside ours
     if measured:
         env = measured["environment"]
         md += [
@@ -296,7 +300,8 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
     md += [
         "## The peers: the issue's figures, not measured here",
         "",
-        "Measured elsewhere on this Xeon type (2 threads, 700m GGUFs of the same shape, 32 tokens per request, "
+        "Measured elsewhere on a 2-core Xeon (AMX), the issue's machine type (2 threads, 700m GGUFs of the same "
+        "shape, 32 tokens per request, "
         "streamed, the openai client), as the issue reports them:",
         "",
         table([{**p, "ttft": "" if "ttft_p50_s" not in p else f"{p['ttft_p50_s']:.1f} s", "note": p.get("note", "")}
@@ -307,9 +312,9 @@ def report(args: Args, rows: list[dict], env: dict) -> str:
     return "\n".join(md)
 
 
-def measured_peer() -> dict | None:
-    """benchmarks/results/peer_ik_llamacpp_serve_cpu.json (peer_ik_llamacpp.py --server), if measured here."""
-    path = os.path.join(RESULTS_DIR, "peer_ik_llamacpp_serve_cpu.json")
+def measured_peer(name: str) -> dict | None:
+    """benchmarks/results/<name>.json (peer_ik_llamacpp.py --server --serve-name <name>), if measured here."""
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:

@@ -5,7 +5,8 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (`stream: true`: server-sent events in
 OpenAI's chunk format, then `data: [DONE]`), GET /v1/models, POST /tokenize and /detokenize and
-GET /tokenizer_info (vLLM's), GET /health, GET /metrics (Prometheus text). With an API key, every /v1 route wants `Authorization: Bearer <key>`.
+GET /tokenizer_info (vLLM's), GET /health, GET /metrics (Prometheus text). With an API key, every
+/v1 route wants `Authorization: Bearer <key>`.
 
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with its status:
 400 malformed JSON, bad or unsupported parameters, a prompt beyond the context; 401 a wrong or
