@@ -34,7 +34,8 @@ segments side by side in one row of the activations (1, N, C):
   native call (bitnet_cpu::decode_layer, the op a lone decode step runs);
 - the lm_head runs on the last token of the segments that want logits, all at once where its
   kernel is exact per row (the native bf16 and int8 heads of packed models on the CPU), else row by
-  row (a float GEMM blocks M = 1 and M = K differently: the last bits would differ from a lone run).
+  row (a float GEMM blocks M = 1 and M = K differently: the last bits would differ from a lone run);
+  a scored prompt's other rows (Segment.every: its tokens' logprobs) in one call of the head.
 
 So each sequence's logits, hence its greedy tokens, are bit for bit those of `model.generate` on
 its prompt alone (tests/test_scheduler.py: tiny fp32 and bf16 packed models on the CPU, and on a
