@@ -415,7 +415,8 @@ static const bool kAvx512Bf16 = kDetected >= AVX512 && avx512_bf16_present();
 // whatever MB is, so a row's outputs do not depend on the other rows (a batch of decode rows gets
 // each row's solo logits). The instruction treats denormal inputs as zero and rounds its float32
 // sums to nearest even. Why: the float kernel widens every weight and multiplies one row of x at a
-// time; 16 rows of 2B-4T's head (128256 x 2560) took it 49 ms on the 2-core EPYC, torch's GEMM 35.
+// time; 16 rows of 2B-4T's head (128256 x 2560) took it 44-49 ms on the 2-core EPYC (2 threads),
+// torch's GEMM 33-35, this 25 (one row: ~10 ms either way, the weight's bytes).
 template <int MB>
 static void bf16_rows_dp(const uint16_t* W, int64_t K, const uint16_t* xb, int64_t xs, int64_t n0, int64_t n1, float* out,
                          int64_t ldo) {
@@ -652,9 +653,10 @@ static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::
 
 // ------------------------------------------------------------------------------------ decode
 // Attention of one query token per sequence over its cache row (bitnet_attention.h): q (N, H, D)
-// float32, k_cache / v_cache (B, G, S, D) float32 or bfloat16 (read as float32), rows / pos (N,) int64 (query n sits at slot
-// pos[n] of cache row rows[n] and sees slots 0..pos[n]), key_mask (N, >= max pos + 1) bool or
-// None (a masked slot is skipped; the query's own never is). Returns y (N, H, D) float32.
+// float32, k_cache / v_cache (B, G, S, D) float32 or bfloat16 (read as float32), rows / pos (N,)
+// int64 (query n sits at slot pos[n] of cache row rows[n] and sees slots 0..pos[n]), key_mask
+// (N, >= max pos + 1) bool or None (a masked slot is skipped; the query's own never is). Returns
+// y (N, H, D) float32.
 static void check_decode_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t G, int64_t D) {
   TORCH_CHECK(k_cache.device().is_cpu() && (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
                   k_cache.dim() == 4 && k_cache.is_contiguous(),
