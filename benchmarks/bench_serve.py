@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from bitnet import BitNetConfig
-from bitnet.bench import RESULTS_DIR, environment, free_port, random_model, save_results
+from bitnet.bench import RESULTS_DIR, environment, free_port, random_model, save_results, wait_healthy
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.report import table
 
@@ -115,20 +115,8 @@ def start_server(args: Args, folder: str, port: int, log) -> subprocess.Popen:
     if args.prompt_graphs is not None:
         cmd.append("--prompt-graphs" if args.prompt_graphs else "--no-prompt-graphs")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BITNET_API_KEY": ""})
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bitnet serve exited with {proc.returncode}; its log: {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("bitnet serve did not come up within 600 s")
+    wait_healthy(proc, f"http://127.0.0.1:{port}", "bitnet serve", log.name)
+    return proc
 
 
 # ----------------------------------------------------------------------------- the clients

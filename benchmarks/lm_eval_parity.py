@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from bitnet.bench import environment, free_port, save_results
+from bitnet.bench import environment, free_port, save_results, wait_healthy
 from bitnet.report import table
 
 TASKS = {
@@ -133,23 +133,11 @@ def run_lm_eval(cmd: list[str], model: str, model_args: str, tasks: str, out: st
 
 
 def start_server(model: str, port: int, max_length: int, dtype: str, log) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "bitnet", "serve", model, "--port", str(port), "--max-seq-len", str(max_length),
            "--max-batch", "4", "--dtype", dtype, "--device", "cpu", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BITNET_API_KEY": ""})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bitnet serve exited with {proc.returncode}; its log: {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("bitnet serve did not come up within 300 s")
+    wait_healthy(proc, f"http://127.0.0.1:{port}", "bitnet serve", log.name, timeout=300)
+    return proc
 
 
 def read_run(out: str) -> tuple[dict, dict, dict]:
@@ -255,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     md = (f"# lm-evaluation-harness: `bitnet serve` against transformers\n\n"
           f"`python benchmarks/lm_eval_parity.py --model {args.model} --corpus {args.corpus}`; lm-eval {version}, "
-          f"{env['cpu']}, {env['date']}. Tasks from the last {args.tail:.0%} of the corpus: {counts} items. "
+          f"{env['cpu']} (flags {', '.join(env['cpu_flags'])}), {env['date']}. Tasks from the last {args.tail:.0%} of the corpus: {counts} items. "
           f"The protocol: the script's docstring.\n\n## Metrics\n\n{table(metrics, metric_cols, markdown=True)}\n\n"
           f"## Request by request\n\n{table(req_rows, req_cols, markdown=True)}\n\n"
           f"Wall time (loading included): lm_eval hf {seconds['transformers']:.0f} s, "

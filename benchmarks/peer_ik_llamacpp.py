@@ -569,23 +569,6 @@ def server_command(bin_dir: str, model: str, port: int, args: argparse.Namespace
             "--port", str(port)]
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, log_path: str, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with {proc.returncode}; its log: {log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"llama-server did not come up within {timeout} s; its log: {log_path}")
-
-
 IK_EXTRA = {"ignore_eos": True}  # our served model has no EOS; this file's vocabulary has one
 
 
@@ -602,13 +585,15 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
     def prompts(n):
         return [prompt_text([rng.randrange(vocab_size) for _ in range(args.prompt_len)], vocab_size) for _ in range(n)]
 
+    from bitnet.bench import wait_healthy
+
     rows, raw = [], {}
     with open(log_path, "w+") as log, Lock(args.lock):
         print("server:", " ".join(cmd), file=sys.stderr, flush=True)
         # in the GGUF folder: ik's common code writes llama.log into the working directory
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(model_path))
         try:
-            wait_healthy(proc, url, log_path)
+            wait_healthy(proc, url, "llama-server", log_path)
             asyncio.run(bs.level(args, url, "ik", 1, prompts(2), IK_EXTRA))  # warm-up, untimed (bench_serve's clients)
             for c in args.clients:
                 waited = wait_idle(args.max_other)

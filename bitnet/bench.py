@@ -84,6 +84,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc, url: str, what: str, log_path: str, timeout: float = 600) -> None:
+    """Return once `url`/health answers 200 (a server a benchmark started as `proc`); RuntimeError,
+    naming `what` and its log, if the process exits first or nothing answers within timeout s."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; its log: {log_path}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{what} did not come up within {timeout} s; its log: {log_path}")
+
+
 def load_script(path: str, name: str | None = None):
     """The Python file at `path` as a module, loaded once a process: how one benchmark script uses
     another (benchmarks/ is no package) or a peer's own Python file. Registered in sys.modules under

@@ -482,12 +482,12 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
 
         if req.stream:
             async def events():
-                if req.echo:  # the prompt first, once it is scored (the logprobs come with the first token)
-                    ready = await choices_ready(choices, req.logprobs is not None)
-                    for i in ready:
+                shown = set()
+                async for i, piece in choices.pieces():
+                    if req.echo and i not in shown:  # its prompt first (its logprobs came with this first output)
+                        shown.add(i)
                         text, lps = echoed(i)
                         yield response([CompletionChoice(index=i, text=text, logprobs=lps)])
-                async for i, piece in choices.pieces():
                     if not (piece.text or piece.finish or piece.logprobs):
                         continue
                     lps = None if req.logprobs is None else completion_logprobs(piece.logprobs, len(echoes[i // n]))
@@ -542,23 +542,6 @@ def build_app(engine: Engine, tokenizer: ServeTokenizer, model_name: str, *, api
             choices=[ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish,
                                 logprobs=chat_logprobs(entries) if req.logprobs else None)
                      for i, (text, finish, entries) in enumerate(results)]).model_dump()
-
-    async def choices_ready(choices: Choices, scored: bool) -> list[int]:
-        """Every choice's index, after (with `scored`) the first output of each has come: the
-        one that carries its prompt's logprobs. The outputs read here go back on the queue."""
-        if scored:
-            seen, held = set(), []
-            while len(seen) < len(choices.gens):
-                index, out = await choices.queue.get()
-                held.append((index, out))
-                seen.add(index)
-                if out.prompt_logprobs is not None:
-                    choices.gens[index].prompt_logprobs = out.prompt_logprobs
-            while not choices.queue.empty():  # (what came meanwhile goes back after them, in order)
-                held.append(choices.queue.get_nowait())
-            for item in held:
-                choices.queue.put_nowait(item)
-        return list(range(len(choices.gens)))
 
     async def collect(choices: Choices, request: Request) -> list[tuple[str, str | None, list]]:
         """Each choice's whole text, finish reason and logprob entries, for a non-streamed request;

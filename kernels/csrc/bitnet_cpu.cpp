@@ -398,13 +398,6 @@ static at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, co
 }
 
 #ifdef BITNET_X86
-// AVX512-BF16 (CPUID leaf 7 subleaf 1 EAX bit 5: Zen 4 and 5, Cooper Lake, Sapphire Rapids on).
-static bool avx512_bf16_present() {
-  unsigned a, b, c, d;
-  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
-}
-static const bool kAvx512Bf16 = kDetected >= AVX512 && avx512_bf16_present();
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 // A bfloat16 head for bfloat16 activations with VDPBF16PS, where there is no tile unit:
@@ -466,39 +459,38 @@ static void bf16_rows_dp_any(const uint16_t* W, int64_t K, const uint16_t* xb, i
 // y = x @ W^T (+ bias) for a bfloat16 W (N, K) (a bf16 lm_head), accumulated in float32, y in x's
 // dtype. For few rows: the one pass over W runs near the memory bandwidth (torch's bf16 GEMV for
 // M = 1 reaches about half of it on the CPUs measured, README).
-// bfloat16 activations on a CPU with AMX-BF16 take the tile unit (bf16_rows_amx), every row the
-// same whatever the number of rows; float32 ones, or other CPUs, the float32 kernel.
+// bfloat16 activations on a CPU with AMX-BF16 take the tile unit (bf16_rows_amx), on one with
+// AVX512-BF16 VDPBF16PS (bf16_rows_dp), every row the same whatever the number of rows; float32
+// ones, or other CPUs, the float32 kernel.
 static at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w_in.scalar_type() == at::kBFloat16, "bitnet_cpu: bf16_linear weight must be bfloat16, got ", w_in.scalar_type());
   const at::Tensor xf = rows_input(x_in, w_in, "bf16_linear");
   const at::Tensor w = w_in.contiguous();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 #ifdef BITNET_X86
-  if (x_in.scalar_type() == at::kBFloat16 && kAmxBf16 && active_isa() >= AMX) {
+  const bool tiles = kAmxBf16 && active_isa() >= AMX, dp = kAvx512Bf16 && active_isa() >= AVX512;
+  if (x_in.scalar_type() == at::kBFloat16 && (tiles || dp)) {
+    // x's bf16 rows, xs apart (K rounded up to 32, zero past K): what both kernels read
     const int64_t M = xf.size(0), N = w.size(0), K = w.size(1), xs = std::max<int64_t>(32, (K + 31) / 32 * 32);
     at::Tensor xb = at::zeros({M, xs}, x_in.options().dtype(at::kBFloat16));
     xb.narrow(1, 0, K).copy_(x_in.reshape({M, K}));
     at::Tensor y32 = at::empty({M, N}, xf.options());
     const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
     float* yp = y32.data_ptr<float>();
-    at::parallel_for(0, (N + 63) / 64, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
-      for (int64_t m0 = 0; m0 < M; m0 += 16)
-        bf16_rows_amx(wp, K, xp + m0 * xs, xs, std::min<int64_t>(16, M - m0), b0 * 64, std::min(b1 * 64, N), yp + m0 * N + b0 * 64, N);
-    });
-    return rows_output(y32, x_in, bias);
-  }
-  if (x_in.scalar_type() == at::kBFloat16 && kAvx512Bf16 && active_isa() >= AVX512) {
-    const int64_t M = xf.size(0), N = w.size(0), K = w.size(1), xs = std::max<int64_t>(32, (K + 31) / 32 * 32);
-    at::Tensor xb = at::zeros({M, xs}, x_in.options().dtype(at::kBFloat16));
-    xb.narrow(1, 0, K).copy_(x_in.reshape({M, K}));
-    at::Tensor y32 = at::empty({M, N}, xf.options());
-    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-    float* yp = y32.data_ptr<float>();
-    constexpr int64_t kBlock = 32;  // weight rows that stay in cache while every row of x meets them
-    at::parallel_for(0, (N + kBlock - 1) / kBlock, std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
-      for (int64_t n0 = b0 * kBlock; n0 < std::min(b1 * kBlock, N); n0 += kBlock)
-        bf16_rows_dp_any(wp, K, xp, xs, M, n0, std::min(n0 + kBlock, N), yp + n0, N);
-    });
+    if (tiles) {
+      at::parallel_for(0, (N + 63) / 64, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+        for (int64_t m0 = 0; m0 < M; m0 += 16)
+          bf16_rows_amx(wp, K, xp + m0 * xs, xs, std::min<int64_t>(16, M - m0), b0 * 64, std::min(b1 * 64, N),
+                        yp + m0 * N + b0 * 64, N);
+      });
+    } else {
+      constexpr int64_t kBlock = 32;  // weight rows that stay in cache while every row of x meets them
+      at::parallel_for(0, (N + kBlock - 1) / kBlock, std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1)),
+                       [&](int64_t b0, int64_t b1) {
+        for (int64_t n0 = b0 * kBlock; n0 < std::min(b1 * kBlock, N); n0 += kBlock)
+          bf16_rows_dp_any(wp, K, xp, xs, M, n0, std::min(n0 + kBlock, N), yp + n0, N);
+      });
+    }
     return rows_output(y32, x_in, bias);
   }
 #endif

@@ -1040,6 +1040,13 @@ static bool amx_bf16_present() {
 }
 static const bool kAmxBf16 = kDetected >= AMX && amx_bf16_present();
 
+// AVX512-BF16 (CPUID leaf 7 subleaf 1 EAX bit 5: Zen 4 and 5, Cooper Lake, Sapphire Rapids on).
+static bool avx512_bf16_present() {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
+}
+static const bool kAvx512Bf16 = kDetected >= AVX512 && avx512_bf16_present();
+
 // A bfloat16 head on the tile unit, for bfloat16 activations: out[m * ldo + n - n0] = sum_k
 // W[n, k] * x[m, k] for n in [n0, n1) and M <= 16 rows of x, float32 sums. TDPBF16PS multiplies
 // 16 rows x 32 k of W, read in place (a tile load with the row stride), by 32 k x M columns of x
