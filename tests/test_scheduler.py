@@ -152,6 +152,170 @@ def test_random_traffic_keeps_the_invariants(arrivals, max_batch, chunk):
     assert admitted == sorted(admitted, key=lambda i: seqs[i].arrival)  # first come, first admitted
 
 
+# ----------------------------------------------------------------------------- prefix caching
+class Rows:
+    """What each cache row holds, as the test sees it (not the scheduler): the token fed at each
+    column, written by the steps a Step plans (its copies first) and nothing else."""
+
+    def __init__(self, max_batch, width=200):
+        self.rows = [[None] * width for _ in range(max_batch)]
+
+    def run(self, step, fed):
+        """Apply a step: its copies in order, then each prefill chunk's prompt tokens and each decode
+        sequence's last token (fed[id]: the tokens a sequence has fed so far, prompt then generated)."""
+        for src, dst, n in step.copies:
+            self.rows[dst][:n] = self.rows[src][:n]
+        for x, lo, hi in step.prefill:
+            self.rows[x.slot][lo:hi] = x.tokens[lo:hi]
+            x.written = hi
+        for x in step.decode:
+            self.rows[x.slot][x.position] = x.tokens[x.position]
+            x.written = x.position + 1
+
+
+def cached_seq(i, tokens, new=3, **kw):
+    return Sequence(i, len(tokens), new, tokens=list(tokens), **kw)
+
+
+def finish_after(s, rows, x, generated):
+    """Run x's prefill and `generated` tokens (the engine appends each to x.tokens), then end it."""
+    while not x.prefill_done or x.generated < generated:
+        step = s.schedule()
+        for y, _, hi in step.prefill:
+            if hi == y.prompt_len:
+                y.generated = 1
+                y.tokens.append(1000 + y.generated)
+        rows.run(step, None)
+        for y in step.decode:
+            y.generated += 1
+            y.tokens.append(1000 + y.generated)
+    s.finish(x)
+
+
+def test_a_prompt_starts_after_the_longest_prefix_a_free_row_holds():
+    """A finished sequence's row keeps its prompt and all its fed tokens (the last generated one is
+    never fed); a newcomer sharing min_prefix tokens or more takes that row and prefills the rest; an
+    identical prompt recomputes its last token alone (its logits give the first new token)."""
+    s = Scheduler(max_batch=3, max_queue=8, prefill_chunk=64, prefix_cache=True, min_prefix=4)
+    rows = Rows(3)
+    a = cached_seq("a", range(20))
+    s.add(a)
+    finish_after(s, rows, a, generated=3)  # fed: the prompt + 2 of its 3 tokens
+    assert a.written == 22 and rows.rows[a.slot][:22] == a.tokens[:22]
+    turn2 = cached_seq("t2", a.tokens[:22] + [7, 8])  # the next turn of a chat: history + new text
+    s.add(turn2)
+    step = s.schedule()
+    assert turn2.slot == a.slot and turn2.cached == 22 and step.copies == []
+    assert [(x.id, lo, hi) for x, lo, hi in step.prefill] == [("t2", 22, 24)]
+    rows.run(step, None)
+    s.finish(turn2)
+    same = cached_seq("same", turn2.tokens[:24])
+    short = cached_seq("short", list(range(3)) + [99] * 10)  # 3 tokens in common < min_prefix
+    s.add(same), s.add(short)
+    step = s.schedule()
+    assert (same.slot, same.cached) == (a.slot, 23) and [(lo, hi) for x, lo, hi in step.prefill if x is same] == [(23, 24)]
+    assert short.slot != a.slot and short.cached == 0
+    for x, _, _ in step.prefill:  # what each reused column holds is the newcomer's own prompt
+        assert rows.rows[x.slot][:x.cached] == x.tokens[:x.cached]
+
+
+def test_a_shared_prefix_is_copied_from_a_running_row_into_a_free_slot():
+    s = Scheduler(max_batch=3, max_queue=8, prefill_chunk=64, prefix_cache=True, min_prefix=8)
+    rows = Rows(3)
+    system = list(range(100, 140))  # a 40-token system prompt
+    a = cached_seq("a", system + [1, 2], new=50)
+    s.add(a)
+    rows.run(s.schedule(), None)  # a's prompt is in its row; a keeps decoding
+    a.generated, a.tokens = 1, a.tokens + [5]
+    b = cached_seq("b", system + [3])
+    tiny_match = cached_seq("c", system[:5] + [9] * 20)  # 5 < min_prefix: computed whole
+    s.add(b), s.add(tiny_match)
+    step = s.schedule()
+    assert step.copies == [(a.slot, b.slot, 40)] and b.cached == 40 and b.prefilled == 41
+    assert tiny_match.cached == 0 and len({a.slot, b.slot, tiny_match.slot}) == 3
+    rows.run(step, None)
+    assert rows.rows[b.slot][:41] == b.tokens[:41]
+    # not yet written columns are never offered: a newcomer admitted with a's row mid-prefill
+    s2 = Scheduler(max_batch=2, max_queue=8, prefill_chunk=16, prefix_cache=True, min_prefix=8)
+    x, y = cached_seq("x", system), cached_seq("y", system + [1])
+    s2.add(x), s2.add(y)
+    step = s2.schedule()
+    assert step.copies == [] and y.cached == 0  # x's row holds nothing yet
+    x.written = 16  # its first chunk ran
+    z = cached_seq("z", system + [2])
+    s2.finish(y)
+    s2.add(z)
+    assert s2.schedule().copies == [(x.slot, z.slot, 16)] and z.cached == 16
+
+
+def test_prefix_cache_keeps_the_latest_histories_and_skips_who_asks_not_to():
+    s = Scheduler(max_batch=2, max_queue=8, prefill_chunk=64, prefix_cache=True, min_prefix=4)
+    rows = Rows(2)
+    a, b = cached_seq("a", range(10)), cached_seq("b", range(50, 60))
+    s.add(a), s.add(b)
+    finish_after(s, rows, a, 1)
+    finish_after(s, rows, b, 1)
+    c = cached_seq("c", range(200, 210))  # no match: the row freed longest ago (a's)
+    s.add(c)
+    s.schedule()
+    assert c.slot == a.slot
+    s.finish(c)
+    scored = cached_seq("scored", list(range(50, 60)) + [1], reuse=False)  # prompt logprobs: every position computed
+    s.add(scored)
+    step = s.schedule()
+    assert scored.cached == 0 and [(lo, hi) for _, lo, hi in step.prefill] == [(0, 11)]
+    off = Scheduler(max_batch=2, max_queue=8, prefill_chunk=64)  # prefix_cache off: tokens ignored
+    d = cached_seq("d", range(10))
+    off.add(d)
+    off.schedule()
+    d.written = 10
+    off.finish(d)
+    e = cached_seq("e", list(range(10)) + [5])
+    off.add(e)
+    assert off.schedule().prefill[0][1] == 0 and e.cached == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 30), st.integers(1, 5), st.integers(0, 4), st.booleans()),
+                min_size=1, max_size=20),
+       st.integers(1, 3), st.integers(1, 16), st.integers(1, 6))
+def test_random_traffic_reuses_only_columns_that_hold_its_prompt(arrivals, max_batch, chunk, min_prefix):
+    """Requests (which of 4 shared prefixes, prompt length, max_new, arrival step, cancelled at
+    admission) through a prefix-caching scheduler and a model of the cache rows: whenever a
+    sequence starts after cached tokens, its row (after the step's copies) holds exactly its
+    prompt's first tokens there; every request ends."""
+    s = Scheduler(max_batch, max_queue=len(arrivals), prefill_chunk=chunk, prefix_cache=True, min_prefix=min_prefix)
+    rows = Rows(max_batch, width=64)
+    bases = [[p * 100 + t for t in range(30)] for p in range(4)]
+    seqs = [cached_seq(i, bases[b][:p - 1] + [900 + i], new=n) for i, (b, p, n, _, _) in enumerate(arrivals)]
+    for step_no in range(10_000):
+        for i, a in enumerate(arrivals):
+            if a[3] == step_no:
+                s.add(seqs[i])
+        if step_no > max(a[3] for a in arrivals) and not s.has_work():
+            break
+        before = {x.id for x in s.running}
+        step = s.schedule()
+        for src, dst, n in step.copies:
+            assert n >= min_prefix and rows.rows[src][:n] == s.held[dst].tokens[:n]
+        rows.run(step, None)
+        for x in s.running:
+            if x.id not in before:
+                assert x.cached == 0 or x.cached >= min_prefix
+                assert rows.rows[x.slot][:x.cached] == x.tokens[:x.cached] and x.cached < x.prompt_len
+        for x, lo, hi in step.prefill:
+            if hi == x.prompt_len:
+                x.generated = 1
+                x.tokens.append(700 + x.generated)
+        for x in step.decode:
+            x.generated += 1
+            x.tokens.append(700 + x.generated)
+        for x in s.running:
+            if x.generated >= x.max_new_tokens or (arrivals[x.id][4] and x.generated):
+                s.finish(x)
+    assert all(x.finished for x in seqs)
+
+
 # ----------------------------------------------------------------------------- the runner's premise
 @pytest.mark.skipif(not native.load(), reason="the native CPU kernels could not be built here")
 @pytest.mark.parametrize("fmt", ["2bit", "1.6bit", "1bit"])
@@ -743,6 +907,82 @@ def test_logprobs_beside_plain_streams_are_the_models_own(monkeypatch, ahead):
     kw, _ = engine_args(monkeypatch, ahead)
     model = tiny()
     check_scored(model, Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, **kw).start(), 1e-5, True)
+
+
+class Cached(Scored):
+    """Scored, and the cached_tokens its first event reports."""
+
+    def __init__(self):
+        super().__init__()
+        self.cached = None
+
+    def __call__(self, out):
+        if out.cached_tokens is not None:
+            self.cached = out.cached_tokens
+        super().__call__(out)
+
+
+def check_against_forward(model, prompt, c, tol):
+    """c's tokens are the solo greedy ones and each logprob the float64 log_softmax of the model's
+    forward over prompt + tokens, within tol."""
+    assert c.tokens == alone(model, prompt, len(c.tokens))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + c.tokens])).logits[0].double().log_softmax(-1)
+    for k, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
+        assert lp.token == t and abs(lp.logprob - ref[len(prompt) - 1 + k, t].item()) < tol
+
+
+@AHEAD
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_engine_prefix_cache_reuses_a_chat_history_and_a_running_rows_system_prompt(monkeypatch, ahead, dtype):
+    """A chat's second turn (the first turn's prompt and reply, then new text) starts after the
+    first turn's 30 + 5 fed tokens in the row it left; a request sharing a 40-token system prompt
+    with a running one gets those columns copied from its row. Each reports its cached tokens, and
+    gets its solo greedy tokens with logprobs within 1e-5 of the model's own forward (a chunked
+    prefill: the same numbers within float rounding); run ahead or not, in GPU-style pieces or not.
+    bf16 (the server's default dtype, its bf16 KV cache): within 2e-2."""
+    kw, _ = engine_args(monkeypatch, ahead)
+    model = tiny(dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(3, 512, (n,), generator=g).tolist()  # noqa: E731
+    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, min_prefix=8, **kw).start()
+    params = SamplingParams(max_tokens=6, logprobs=1)
+    turn1 = rand(30)
+    first, second = Cached(), Cached()
+    engine.submit(turn1, params, first)
+    assert first.wait().cached == 0
+    turn2 = turn1 + first.tokens + rand(5)
+    engine.submit(turn2, params, second)
+    assert second.wait().cached == 30 + 5  # the prompt and the 5 tokens fed (the sixth never was)
+    system = rand(40)
+    a, b = Cached(), Cached()
+    engine.submit(system + rand(3), SamplingParams(max_tokens=40, logprobs=1), a)
+    until(lambda: len(a.tokens) >= 2)  # a's prompt is in its row, a decodes
+    b_prompt = system + rand(4)
+    engine.submit(b_prompt, params, b)
+    b.wait(), a.wait()
+    engine.stop()
+    assert b.cached == 40 and a.cached == 0
+    for prompt, c in ((turn1, first), (turn2, second), (b_prompt, b)):
+        check_against_forward(model, prompt, c, 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_engine_without_prefix_cache_computes_every_prompt_bit_for_bit():
+    """prefix_cache=False: the same 40-token prompt twice is computed twice, whole: no cached
+    tokens, and the same logprobs to the last bit (with the cache the second would be a chunk of
+    one token after 39 cached, equal within float rounding only)."""
+    model = tiny()
+    prompt = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    engine = Engine(model, max_batch=1, max_seq_len=128, prefix_cache=False).start()
+    outs = [Cached(), Cached()]
+    for c in outs:
+        engine.submit(prompt, SamplingParams(max_tokens=4, logprobs=0), c)
+    for c in outs:
+        c.wait()
+    engine.stop()
+    assert outs[0].cached == outs[1].cached == 0
+    assert outs[0].tokens == outs[1].tokens == alone(model, prompt, 4)
+    assert [lp.logprob for lp in outs[0].logprobs] == [lp.logprob for lp in outs[1].logprobs]
 
 
 def test_logprobs_parameters_are_checked():

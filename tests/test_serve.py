@@ -274,6 +274,37 @@ def test_chat_renders_the_template_and_streams_chunks(server, reference, tokeniz
     assert len({c.id for c in chunks}) == 1
 
 
+def test_a_chats_second_turn_starts_after_its_history(server, reference, tokenizer):
+    """Prefix caching through the API: the second turn of a chat (the first turn, the reply, a new
+    message) is prefilled after the tokens the first turn left in its row (its prompt and the reply
+    but the last token: the longest common prefix of those ids and the new prompt's, counted here
+    from the tokenizer); the count comes back as OpenAI's usage.prompt_tokens_details.cached_tokens
+    and in /metrics, and the reply is the solo greedy one."""
+    client = server.client()
+    system = "answer briefly, never twice the same way"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "hello world"}]
+    render = lambda ms: tokenizer.encode("<s>" + "".join(f"{m['role']}: {m['content']}\n" for m in ms) + "assistant:",  # noqa: E731
+                                         add_special_tokens=False).ids
+    before = server.metrics()
+    first = client.chat.completions.create(model=server.name, messages=messages, max_tokens=8, temperature=0)
+    fed = render(messages) + tokenizer.encode(first.choices[0].message.content, add_special_tokens=False).ids
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "again"}]
+    ids = render(messages)
+    held = fed[:len(render(messages[:2])) + first.usage.completion_tokens - 1]
+    common = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+    assert common >= 32, "the test's history must reach --min-prefix"
+    chunks = list(client.chat.completions.create(model=server.name, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == len(ids) and usage.prompt_tokens_details.cached_tokens == min(common, len(ids) - 1)
+    want, _, _ = solo(reference, tokenizer, ids, 8)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    after = server.metrics()
+    assert after["bitnet_prefix_cache_hit_tokens_total"] - before["bitnet_prefix_cache_hit_tokens_total"] == \
+        usage.prompt_tokens_details.cached_tokens
+
+
 def test_stop_strings_cut_the_text(server, reference, tokenizer):
     client = server.client()
     full = client.completions.create(model=server.name, prompt="hello", max_tokens=24, temperature=0).choices[0].text

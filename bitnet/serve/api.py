@@ -66,6 +66,7 @@ from .protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     TokenizeRequest,
     TopLogprob,
     Unsupported,
@@ -135,6 +136,7 @@ class Generation:
         self.detok, self.stops = tokenizer.detokenizer(prompt_ids), StopStrings(stops)
         self.chars = 0  # characters of completion text the detokenizer has given
         self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+        self.cached_tokens = 0  # of the prompt, read from the prefix cache
         self._last: float | None = None
         self.cancelled = False  # by us (client gone, stop string), not by the server
         self.done = False
@@ -165,6 +167,9 @@ class Generation:
             raise RuntimeError(out.error)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        if out.cached_tokens:
+            self.cached_tokens = out.cached_tokens
+            self.metrics.cached_tokens.inc(out.cached_tokens)
         text, logprobs = "", []
         if out.token is not None:
             self._observe(out.time)
@@ -218,9 +223,12 @@ class Choices:
                 yield index, piece
 
     def usage(self) -> Usage:
-        prompts = {id(g.prompt_ids): len(g.prompt_ids) for g in self.gens}  # a prompt counts once, whatever n
-        prompt, completion = sum(prompts.values()), sum(g.completion_tokens for g in self.gens)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        prompts: dict[int, tuple[int, int]] = {}  # a prompt counts once, whatever n (cached: as its first choice found it)
+        for g in self.gens:
+            prompts.setdefault(id(g.prompt_ids), (len(g.prompt_ids), g.cached_tokens))
+        prompt, completion = sum(n for n, _ in prompts.values()), sum(g.completion_tokens for g in self.gens)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c for _, c in prompts.values())))
 
 
 # ----------------------------------------------------------------------------- the app

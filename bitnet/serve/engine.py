@@ -30,8 +30,15 @@ first gets the same from the prefill's logits (the head then runs on every promp
 the last alone), all of them with the first token (or alone, with max_tokens 0: a prompt scored,
 nothing generated). Rows that want logprobs are never run ahead.
 
+Prefix caching (prefix_cache, on by default; bitnet.serve.scheduler): a prompt whose first
+min_prefix tokens or more some cache row holds (the same conversation's earlier turn, a shared
+system prompt or few-shot examples) starts its prefill after them; its first event says how many
+(Output.cached_tokens), the server reports them as OpenAI does (usage.prompt_tokens_details).
+
 Greedy rows are the argmax of logits that equal a lone `generate`'s bit for bit on packed models
-(bitnet.serve.runner), so each stream gets its solo greedy output whatever else runs beside it.
+(bitnet.serve.runner), so each stream gets its solo greedy output whatever else runs beside it,
+unless it started after a cached prefix: then its prompt was a chunked prefill, whose logits equal
+a whole one's within float rounding (prefix_cache=False, `bitnet serve --no-prefix-cache`: bit for bit).
 With a `seed`, a sampled row draws from its own torch.Generator seeded with it, as `generate` with
 `generator=torch.Generator().manual_seed(seed)` does: the same tokens as that lone call.
 """
@@ -114,7 +121,8 @@ class Output:
     a token (finish_reason "error" with `error`, "cancelled", or "length" after a prompt scored
     with max_tokens 0). `time`: time.perf_counter(). `logprob`: the token's (SamplingParams.logprobs);
     `prompt_logprobs`: with the first event, one per prompt token, None for the first
-    (SamplingParams.prompt_logprobs)."""
+    (SamplingParams.prompt_logprobs); `cached_tokens`: with the first event, the prompt tokens
+    taken from the prefix cache (Engine's prefix_cache), not computed."""
 
     token: int | None
     finish_reason: str | None = None
@@ -122,6 +130,7 @@ class Output:
     time: float = field(default_factory=time.perf_counter)
     logprob: TokenLogprob | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    cached_tokens: int | None = None  # with the first event: prompt tokens read from the prefix cache
 
 
 LOGPROB_ROWS = 64  # rows of logits turned into log-probabilities at a time (64 x a 128k vocabulary: 32 MB)
@@ -185,7 +194,8 @@ class _Request:
 class Engine:
     def __init__(self, model, *, max_batch: int = 4, max_seq_len: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, eos_token_ids: Sequence[int] = (), decode_graphs: bool | None = None,
-                 run_ahead: bool | None = None, prompt_graphs: bool | None = None):
+                 run_ahead: bool | None = None, prompt_graphs: bool | None = None, prefix_cache: bool = True,
+                 min_prefix: int = 32):
         context = model.config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch, self.vocab_size = max_batch, model.config.vocab_size
@@ -202,7 +212,10 @@ class Engine:
             else run_ahead
         self._flight: _Flight | None = None  # a decode step queued on the device, its tokens not read yet
         self._landed = 0.0  # when the last flight's tokens were read (its step's time, for on_step)
-        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
+        # prefix_cache: a prompt starts after the longest prefix of it some cache row holds (at least
+        # min_prefix tokens; bitnet.serve.scheduler)
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, prefix_cache=prefix_cache, min_prefix=min_prefix)
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache, in all
         self._cond = threading.Condition()
         self._seqs: dict[int, Seq] = {}
         self._ids = itertools.count()
@@ -282,7 +295,9 @@ class Engine:
             req = _Request(rid, prompt, params, emit, frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids),
                            generator, time.perf_counter(),
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
-            seq = Seq(rid, len(prompt), params.max_tokens, payload=req)
+            seq = Seq(rid, len(prompt), params.max_tokens, payload=req,
+                      tokens=list(prompt) if self.scheduler.prefix_cache else None,
+                      reuse=params.prompt_logprobs is None)
             self.scheduler.add(seq)  # raises QueueFull
             self._seqs[rid] = seq
             self._cond.notify()
@@ -367,7 +382,12 @@ class Engine:
         return True
 
     def _step(self, step) -> None:
-        """One forward for the step's prefill chunks and decode tokens (bitnet.serve.runner)."""
+        """The step's prefix copies, then one forward for its prefill chunks and decode tokens
+        (bitnet.serve.runner). Each sequence's `written` moves past the columns its segment wrote
+        once they are written (or queued on the device, before anything that reads them)."""
+        for src, dst, n in step.copies:  # before the forward writes any row (in the order planned)
+            self.runner.copy_prefix(src, dst, n)
+        self.cached_tokens += sum(seq.cached for seq, lo, _ in step.prefill if lo == seq.cached)
         work = [(seq, Segment(seq.slot, seq.payload.prompt[lo:hi], lo, logits=hi == seq.prompt_len,
                               every=seq.payload.prompt_logprobs is not None))
                 for seq, lo, hi in step.prefill if not seq.finished]
@@ -378,6 +398,8 @@ class Engine:
             return
         try:
             logits = self.runner.step([seg for _, seg in work])
+            for seq, seg in work:
+                seq.written = seg.start + len(seg.tokens)
             if self.run_ahead and not step.prefill and not any(s.payload.params.logprobs is not None for s in decode):
                 self._flight = _Flight(decode, logits)  # its tokens are read at the next turn of the loop, after
                 return                                  # the step that follows it is queued (where one does)
@@ -387,6 +409,7 @@ class Engine:
             for seq, seg in work:
                 try:
                     done.append(((seq, seg), self.runner.step([seg])))
+                    seq.written = seg.start + len(seg.tokens)
                 except Exception as e:
                     self._fail(seq, e)
         rows, last = [], []
@@ -494,12 +517,16 @@ class Engine:
                     continue
                 seq.generated += 1
                 req.last_token = token
+                if seq.tokens is not None:  # token G came from a step that fed token G - 1: written to there
+                    seq.tokens.append(token)
+                    seq.written = max(seq.written, seq.prompt_len + seq.generated - 1)
                 reason = "stop" if token in req.stop_ids else "length" if seq.generated == seq.max_new_tokens else None
                 if reason:
                     self._end(seq, now)
                 scored = req.prompt_logprobs if seq.generated == 1 and req.prompt_logprobs is not None else None
             self._emit(req, Output(token, reason, time=now, logprob=logprobs[i] if logprobs else None,
-                                   prompt_logprobs=None if scored is None else tuple(scored)))
+                                   prompt_logprobs=None if scored is None else tuple(scored),
+                                   cached_tokens=seq.cached if seq.generated == 1 else None))
 
     def _end(self, seq: Seq, now: float) -> None:
         """Free the slot (under the lock) and fold the request's duration into the running mean."""

@@ -13,6 +13,7 @@ app, so that several servers in one process (tests) do not share counters.
     bitnet_request_duration_seconds               request received -> last token (histogram)
     bitnet_step_seconds{kind}                     one engine step: decode, prefill, or mixed (histogram)
     bitnet_prefill_tokens_total                   prompt tokens run through the model (chunks included)
+    bitnet_prefix_cache_hit_tokens_total          prompt tokens read from the prefix cache instead
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Metrics:
         self.step = Histogram("bitnet_step_seconds", "One engine step (one forward): decode only, prefill only, or both",
                               ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.prefilled = Counter("bitnet_prefill_tokens", "Prompt tokens run through the model", registry=r)
+        self.cached_tokens = Counter("bitnet_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache, "
+                                     "not run through the model", registry=r)
         engine.on_step = self._on_step
 
     def _on_step(self, seconds: float, prefill_tokens: int, decoded: int) -> None:  # the engine's thread

@@ -138,6 +138,20 @@ class ModelRunner:
                              f"{len(positions)}")
         return self.step([Segment(s, [t], p) for s, t, p in zip(slots, tokens, positions)])
 
+    @torch.no_grad()
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Columns 0 .. n of cache row `src` into row `dst`, every layer's keys and values (prefix
+        caching: a prompt that starts with tokens another row holds; on a GPU queued on the stream,
+        before the step that reads them)."""
+        if not (0 <= src < self.max_batch and 0 <= dst < self.max_batch and 0 <= n <= self.max_seq_len):
+            raise ValueError(f"copy_prefix needs rows in [0, {self.max_batch}) and at most {self.max_seq_len} "
+                             f"columns, got {src} -> {dst}, {n}")
+        if src == dst or n == 0:
+            return
+        for c in self.caches:
+            c.k[dst, :, :n].copy_(c.k[src, :, :n])
+            c.v[dst, :, :n].copy_(c.v[src, :, :n])
+
     # ----------------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, segments: Sequence[Segment]) -> torch.Tensor:

@@ -15,6 +15,22 @@ The policy, llama-server's slots with vLLM's chunked prefill, one cache row per 
 - every sequence whose prompt is in the cache decodes one token a step;
 - `finish` (end of sequence, client gone, failure) frees the slot at once; `cancel` also takes a
   sequence out of the queue.
+
+Prefix caching (`prefix_cache`, llama-server's `cache_prompt` over all slots): a slot's cache row
+keeps the keys and values of the last sequence that held it after it ends, columns 0 .. `written`
+holding its `tokens` (prompt, then generated ones: the engine records both). A newcomer whose
+prompt starts with tokens some row holds starts its prefill after them (`cached` tokens, at most
+all of its prompt but the last, whose logits give its first token): a multi-turn chat's history, a
+shared system prompt or few-shot examples are computed once. Where the longest match is in a free
+slot, the newcomer takes that slot; where it is in a running sequence's row (a shared prefix of
+requests in flight), the step first copies those columns into the newcomer's slot (Step.copies).
+A match shorter than `min_prefix` tokens is computed again (it saves little, and a prompt cut after
+a reused prefix is a chunked prefill: logits equal to a whole one's within float rounding, not bit
+for bit, see bitnet.serve.runner); a copy must gain min_prefix tokens over the best free slot.
+Without a match a newcomer takes the free slot that has waited longest (an unused one first), so
+the most recent histories stay longest. A sequence with `tokens` None neither reuses nor leaves its
+columns to others; one with `reuse` False leaves them but computes its whole prompt (its prompt
+logprobs need every position's logits).
 """
 
 from __future__ import annotations
@@ -43,6 +59,11 @@ class Sequence:
     finished: bool = False
     arrival: int = -1  # order of `add`, set by the scheduler
     payload: object = field(default=None, repr=False)  # the engine's request, carried along
+    # prefix caching: the prompt's token ids, then the generated ones (None: no prefix caching)
+    tokens: list[int] | None = field(default=None, repr=False)
+    reuse: bool = True  # may start after a cached prefix (False: every prompt position is computed)
+    written: int = 0  # columns of its slot that hold tokens[:written], as the engine has run them
+    cached: int = 0  # prompt tokens taken from the cache at admission, not computed
 
     @property
     def prefill_done(self) -> bool:
@@ -56,26 +77,32 @@ class Sequence:
 
 @dataclass
 class Step:
-    """What one engine step runs: prompt tokens [start, end) of each prefill sequence into its slot
-    (`last`: the chunk that ends the prompt, whose logits give the first token), then one decode
-    token for every sequence of `decode`."""
+    """What one engine step runs: the cache columns `copies` names copied from a row to another
+    (prefix caching), prompt tokens [start, end) of each prefill sequence into its slot, then one
+    decode token for every sequence of `decode`."""
 
     prefill: list[tuple[Sequence, int, int]]
     decode: list[Sequence]
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (from slot, to slot, columns), first, in order
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int):
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError(f"max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1, got {max_batch}, {max_queue}, "
-                             f"{prefill_chunk}")
+    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int, prefix_cache: bool = False,
+                 min_prefix: int = 32):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or min_prefix < 1:
+            raise ValueError(f"max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and min_prefix >= 1, got {max_batch}, "
+                             f"{max_queue}, {prefill_chunk}, {min_prefix}")
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefix_cache, self.min_prefix = prefix_cache, min_prefix
         self.slots: list[Sequence | None] = [None] * max_batch
+        self.held: list[Sequence | None] = [None] * max_batch  # the sequence whose columns each row holds
+        self.freed: list[int] = [-1] * max_batch  # when each slot was last freed (-1: never held)
         self.waiting: deque[Sequence] = deque()
         self._added = 0
+        self._finished = 0
 
     # ----- state
     @property
@@ -108,6 +135,7 @@ class Scheduler:
         seq.finished = True
         if seq.slot is not None and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None  # seq.slot keeps the slot it held (a step under way may still write there)
+            self.freed[seq.slot], self._finished = self._finished, self._finished + 1
 
     def cancel(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is: out of the queue, or out of its slot."""
@@ -121,11 +149,9 @@ class Scheduler:
         """Admit waiting sequences into free slots, then plan this step: prefill chunks within the
         token budget (oldest sequences first) and a decode token for every prefilled sequence.
         The plan counts as done: `prefilled` moves to each chunk's end."""
-        for i, s in enumerate(self.slots):
-            if s is None and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot = i
-                self.slots[i] = seq
+        copies: list[tuple[int, int, int]] = []
+        while self.waiting and None in self.slots:
+            self._admit(self.waiting.popleft(), copies)
         decode = [s for s in self.slots if s is not None and s.prefill_done and s.generated > 0]
         prefill: list[tuple[Sequence, int, int]] = []
         budget = self.prefill_chunk
@@ -139,5 +165,50 @@ class Scheduler:
             budget -= n
             if budget == 0:
                 break
-        return Step(prefill, decode)
+        return Step(prefill, decode, copies)
+
+    # ----- prefix caching
+    def _admit(self, seq: Sequence, copies: list[tuple[int, int, int]]) -> None:
+        """Give seq a free slot: the one holding the longest prefix of its prompt (min_prefix tokens
+        at least), or a copy of a running row's where that is min_prefix tokens longer, else the one
+        freed longest ago."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        slot, cached, source = free[0], 0, None
+        if self.prefix_cache:
+            slot = min(free, key=lambda i: self.freed[i])
+        if self.prefix_cache and seq.tokens is not None and seq.reuse:
+            for i in free:
+                n = self._match(i, seq)
+                if n >= self.min_prefix and n > cached:
+                    slot, cached = i, n
+            for i, s in enumerate(self.slots):
+                if s is not None and (n := self._match(i, seq)) >= cached + self.min_prefix:
+                    source, cached = i, n
+            if source is not None:  # into a free slot with no match of its own: the one freed longest ago
+                slot = min(free, key=lambda i: (self._match(i, seq) > 0, self.freed[i]))
+                copies.append((source, slot, cached))
+        seq.slot, seq.prefilled, seq.written, seq.cached = slot, cached, cached, cached
+        self.slots[slot] = self.held[slot] = seq
+
+    def _match(self, slot: int, seq: Sequence) -> int:
+        """Prompt tokens of seq that row `slot` holds at the same columns (all but its last at most)."""
+        held = self.held[slot]
+        if held is None or held.tokens is None or seq.tokens is None:
+            return 0
+        return common_prefix(held.tokens, seq.tokens, min(held.written, len(held.tokens), seq.prompt_len - 1))
+
+
+def common_prefix(a: list, b: list, most: int) -> int:
+    """The length of the longest common prefix of a and b, at most `most` (slices compared in C:
+    a few compares of a 4k-token history, not 4k of Python's)."""
+    if a[:most] == b[:most]:
+        return most
+    lo, hi = 0, most  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 

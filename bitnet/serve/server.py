@@ -34,6 +34,10 @@ class ServeArgs:
     max_queue: int = arg(64, help="requests waiting for a slot; beyond them: 429 with Retry-After")
     prefill_chunk: int = arg(256, help="prompt tokens prefilled per step at most (a longer prompt goes in chunks, so "
                              "running streams wait at most one chunk's forward for their next token)")
+    prefix_cache: bool = arg(True, help="start a prompt after the longest prefix of it a cache row holds (an earlier "
+                             "turn, a shared system prompt: computed once; default: on; --no-prefix-cache: every prompt computed "
+                             "whole, each stream's greedy tokens bit for bit its solo ones)")
+    min_prefix: int = arg(32, help="prefix caching: reuse a cached prefix of at least this many tokens")
     api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on /v1 routes (default: "
                               "$BITNET_API_KEY, else none)")
     served_model_name: str | None = arg(None, help="the model's name in the API (default: MODEL as given)")
@@ -80,7 +84,7 @@ def load(args: ServeArgs, manage_engine: bool = True):
     from .engine import Engine
     from .text import ServeTokenizer
 
-    for name in ("max_batch", "max_queue", "prefill_chunk"):
+    for name in ("max_batch", "max_queue", "prefill_chunk", "min_prefix"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be at least {0 if name == 'max_queue' else 1}")
     folder = resolve(args.model, args.revision, args.cache_dir, args.local_files_only)
@@ -105,7 +109,8 @@ def load(args: ServeArgs, manage_engine: bool = True):
         raise ValueError(f"--max-seq-len must be in [2, {context}] (the model's context), got {max_seq_len}")
     engine = Engine(model, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, eos_token_ids=eos_token_ids(model), decode_graphs=args.decode_graphs,
-                    run_ahead=args.run_ahead, prompt_graphs=args.prompt_graphs)
+                    run_ahead=args.run_ahead, prompt_graphs=args.prompt_graphs, prefix_cache=args.prefix_cache,
+                    min_prefix=args.min_prefix)
     name = args.served_model_name or args.model
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_API_KEY") or None
     app = build_app(engine, tokenizer, name, api_key=api_key, drain_timeout=args.drain_timeout,
@@ -116,7 +121,8 @@ def load(args: ServeArgs, manage_engine: bool = True):
                f"packed layers on {describe_gpu_backend(device)}" if device.type == "cuda" else f"device {device}")
     description = (f"{name}: {args.max_batch} slots x {max_seq_len} tokens (KV cache "
                    f"{human_bytes(engine.runner.cache_bytes())}), queue {args.max_queue}, prefill chunk "
-                   f"{args.prefill_chunk}, {dtype}, lm_head {args.lm_head}, {kernels}; chat template: "
+                   f"{args.prefill_chunk}, prefix cache "
+                   f"{f'on (>= {args.min_prefix} tokens)' if args.prefix_cache else 'off'}, {dtype}, lm_head {args.lm_head}, {kernels}; chat template: "
                    f"{'yes' if tokenizer.chat_template else 'none (/v1/chat/completions answers 400)'}"
                    f"{'; API key required' if api_key else ''}")
     return app, engine, description
