@@ -106,10 +106,11 @@ def write_folder(args: Args, path: str) -> BitNetConfig:
 
 
 # ----------------------------------------------------------------------------- the server
-def start_server(args: Args, folder: str, port: int, log) -> subprocess.Popen:
+def start_server(args: Args, folder: str, port: int, log, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`bitnet serve` on the folder in a process of its own (extra: more of its flags), once healthy."""
     cmd = [sys.executable, "-m", "bitnet", "serve", folder, "--port", str(port), "--max-batch",
            str(args.max_batch), "--max-seq-len", str(args.max_seq_len), "--prefill-chunk", str(args.prefill_chunk),
-           "--max-queue", str(4 * args.max_batch), "--device", args.device, "--log-level", "warning"]
+           "--max-queue", str(4 * args.max_batch), "--device", args.device, "--log-level", "warning", *extra]
     if args.run_ahead is not None:
         cmd.append("--run-ahead" if args.run_ahead else "--no-run-ahead")
     if args.prompt_graphs is not None:
