@@ -214,6 +214,40 @@ CAUSAL_PREFIX = object()
 # at all (no mask built each step, nor loaded and applied in every attention's loop).
 LIVE_SLOTS = object()
 
+# A prompt's attention in the CPU's cached (inference) path runs in blocks of PROMPT_BLOCK query
+# positions aligned to multiples of it in the sequence (prompt_attention), each over the keys up
+# to its own end: a block of positions is the same torch call whether it came in a whole prompt,
+# a chunk of one or after a cached prefix, so chunks that start at such multiples give the whole
+# prefill's numbers bit for bit.
+PROMPT_BLOCK = 32
+
+
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, start: int, gqa: bool
+                     ) -> torch.Tensor:
+    """Attention of a prompt chunk whose T queries q (B, nh, T, hd) sit at sequence positions
+    start .. start + T - 1, over the cache's keys and values k, v (B, nkv, >= start + T, hd, any
+    dtype: converted to q's) under mask (B or 1, 1, T, >= start + T), bool -> (B, nh, T, hd).
+
+    Computed block by block, the blocks [a, b) the multiples of PROMPT_BLOCK cut [start, start + T)
+    into, each block's queries over keys [0, b) with its rows of the mask, the keys and values of
+    the block converted and laid out afresh. Why: torch's attention sums a row's keys in an order
+    that depends on the call's shape (the numbers of queries and keys), and a 1-ulp difference in
+    one layer moves an activation across an int8 rounding step in the next: at the 700m shape a
+    prompt of 320 tokens prefilled in chunks of 256 + 64 (one call each, as before) gave logits
+    0.2 away from one call's. A block's call here depends only on the block (its rows, keys [0, b),
+    their values), so an aligned chunk boundary or cached prefix changes no number."""
+    T = q.shape[2]
+    y = torch.empty_like(q)
+    a, end = start, start + T
+    while a < end:
+        b = min((a // PROMPT_BLOCK + 1) * PROMPT_BLOCK, end)
+        kb = k[:, :, :b].to(q.dtype).contiguous()
+        vb = v[:, :, :b].to(q.dtype).contiguous()
+        y[:, :, a - start:b - start] = F.scaled_dot_product_attention(
+            q[:, :, a - start:b - start], kb, vb, attn_mask=mask[:, :, a - start:b - start, :b], enable_gqa=gqa)
+        a = b
+    return y
+
 
 class Attention(nn.Module):
     def __init__(self, config: BitNetConfig, prefix: str):
@@ -256,6 +290,12 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
         dtype = attention_dtype(q)
+        if cache is not None and T > 1 and q.device.type == "cpu" and isinstance(mask, torch.Tensor):
+            start = int(input_pos[0])  # a prompt (chunk) in the CPU's cache: in aligned blocks
+            if int(input_pos[-1]) == start + T - 1:
+                y = prompt_attention(q.to(dtype), k, v, mask, start, self.n_head != self.n_kv)
+                y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+                return projections(y, self.o_proj, norm=self.attn_sub_norm, residual=residual)[0]
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if decode:  # one Triton launch on the GPU (torch's SDPA would take its math path)
             y = decode_attention(q[:, :, 0], k, v, input_pos, key_mask=key_mask, kernel=getattr(self.q_proj, "kernel", None))

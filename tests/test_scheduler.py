@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from bitnet import BitNetConfig, BitNetForCausalLM, freeze
 from bitnet.generation import CACHE_MULTIPLE, decode_step, generate, prefill
 from bitnet.kernels import cpu as native
+from bitnet.model import PROMPT_BLOCK
 from bitnet.serve.engine import ContextOverflow, Engine, EngineClosed, SamplingParams
 from bitnet.serve.runner import ModelRunner, Segment
-from bitnet.serve.scheduler import QueueFull, Scheduler, Sequence
+from bitnet.serve.scheduler import QueueFull, Scheduler, Sequence, Step
 
 pytestmark = pytest.mark.usefixtures("gpu_gemm_tile")  # whole models: the GEMMs in a GPU's tile (conftest.py)
 
@@ -159,17 +160,21 @@ class Rows:
 
     def __init__(self, max_batch, width=200):
         self.rows = [[None] * width for _ in range(max_batch)]
+        self.decoded = [[False] * width for _ in range(max_batch)]  # written by a decode step
 
     def run(self, step, fed):
         """Apply a step: its copies in order, then each prefill chunk's prompt tokens and each decode
         sequence's last token (fed[id]: the tokens a sequence has fed so far, prompt then generated)."""
         for src, dst, n in step.copies:
             self.rows[dst][:n] = self.rows[src][:n]
+            self.decoded[dst][:n] = self.decoded[src][:n]
         for x, lo, hi in step.prefill:
             self.rows[x.slot][lo:hi] = x.tokens[lo:hi]
+            self.decoded[x.slot][lo:hi] = [False] * (hi - lo)
             x.written = hi
         for x in step.decode:
             self.rows[x.slot][x.position] = x.tokens[x.position]
+            self.decoded[x.slot][x.position] = True
             x.written = x.position + 1
 
 
@@ -193,34 +198,58 @@ def finish_after(s, rows, x, generated):
 
 
 def test_a_prompt_starts_after_the_longest_prefix_a_free_row_holds():
-    """A finished sequence's row keeps its prompt and all its fed tokens (the last generated one is
-    never fed); a newcomer sharing min_prefix tokens or more takes that row and prefills the rest; an
-    identical prompt recomputes its last token alone (its logits give the first new token)."""
-    s = Scheduler(max_batch=3, max_queue=8, prefill_chunk=64, prefix_cache=True, min_prefix=4)
+    """A finished sequence's row keeps its prompt's columns; a newcomer sharing min_prefix tokens
+    or more of them takes that row and prefills the rest, the reused part cut to whole blocks and
+    never the generated tokens' columns (a decode step wrote those); an identical prompt recomputes
+    at least its last token (its logits give the first new token)."""
+    s = Scheduler(max_batch=3, max_queue=8, prefill_chunk=64, prefix_cache=True, min_prefix=4, block=4)
     rows = Rows(3)
-    a = cached_seq("a", range(20))
+    a = cached_seq("a", range(22))
     s.add(a)
     finish_after(s, rows, a, generated=3)  # fed: the prompt + 2 of its 3 tokens
-    assert a.written == 22 and rows.rows[a.slot][:22] == a.tokens[:22]
-    turn2 = cached_seq("t2", a.tokens[:22] + [7, 8])  # the next turn of a chat: history + new text
+    assert a.written == 24 and rows.rows[a.slot][:24] == a.tokens[:24]
+    turn2 = cached_seq("t2", a.tokens[:24] + [7, 8])  # the next turn of a chat: history + new text
     s.add(turn2)
     step = s.schedule()
-    assert turn2.slot == a.slot and turn2.cached == 22 and step.copies == []
-    assert [(x.id, lo, hi) for x, lo, hi in step.prefill] == [("t2", 22, 24)]
+    assert turn2.slot == a.slot and turn2.cached == 20 and step.copies == []  # 22 prompt columns -> 5 blocks
+    assert [(x.id, lo, hi) for x, lo, hi in step.prefill] == [("t2", 20, 26)]
     rows.run(step, None)
     s.finish(turn2)
-    same = cached_seq("same", turn2.tokens[:24])
+    same = cached_seq("same", turn2.tokens[:26])
     short = cached_seq("short", list(range(3)) + [99] * 10)  # 3 tokens in common < min_prefix
     s.add(same), s.add(short)
     step = s.schedule()
-    assert (same.slot, same.cached) == (a.slot, 23) and [(lo, hi) for x, lo, hi in step.prefill if x is same] == [(23, 24)]
+    assert (same.slot, same.cached) == (a.slot, 24) and [(lo, hi) for x, lo, hi in step.prefill if x is same] == [(24, 26)]
     assert short.slot != a.slot and short.cached == 0
     for x, _, _ in step.prefill:  # what each reused column holds is the newcomer's own prompt
         assert rows.rows[x.slot][:x.cached] == x.tokens[:x.cached]
 
 
+def test_chunks_that_do_not_end_a_prompt_end_at_a_block_boundary():
+    s = Scheduler(max_batch=2, max_queue=4, prefill_chunk=10, block=4)
+    a, b = seq("a", prompt_len=25), seq("b", prompt_len=6)
+    s.add(a)
+    plans = []
+    for _ in range(4):
+        step = s.schedule()
+        plans.append([(x.id, lo, hi) for x, lo, hi in step.prefill])
+        if len(plans) == 1:
+            s.add(b)
+    # 10-token budget: a's chunks end at 8 and 16, its last is whole; b's whole prompt waits for room
+    assert plans == [[("a", 0, 8)], [("a", 8, 16)], [("a", 16, 25)], [("b", 0, 6)]]
+    s2 = Scheduler(max_batch=2, max_queue=4, prefill_chunk=10, block=4)
+    c, d = seq("c", prompt_len=7), seq("d", prompt_len=30)
+    s2.add(c), s2.add(d)
+    assert [(x.id, lo, hi) for x, lo, hi in s2.schedule().prefill] == [("c", 0, 7)]  # d: 3 tokens left, no boundary
+    assert [(x.id, lo, hi) for x, lo, hi in s2.schedule().prefill] == [("d", 0, 8)]
+    s3 = Scheduler(max_batch=1, max_queue=4, prefill_chunk=3, block=4)  # a budget below a block: progress anyway
+    e = seq("e", prompt_len=5)
+    s3.add(e)
+    assert [(lo, hi) for _, lo, hi in s3.schedule().prefill] == [(0, 3)]
+
+
 def test_a_shared_prefix_is_copied_from_a_running_row_into_a_free_slot():
-    s = Scheduler(max_batch=3, max_queue=8, prefill_chunk=64, prefix_cache=True, min_prefix=8)
+    s = Scheduler(max_batch=3, max_queue=8, prefill_chunk=64, prefix_cache=True, min_prefix=8, block=8)
     rows = Rows(3)
     system = list(range(100, 140))  # a 40-token system prompt
     a = cached_seq("a", system + [1, 2], new=50)
@@ -236,7 +265,7 @@ def test_a_shared_prefix_is_copied_from_a_running_row_into_a_free_slot():
     rows.run(step, None)
     assert rows.rows[b.slot][:41] == b.tokens[:41]
     # not yet written columns are never offered: a newcomer admitted with a's row mid-prefill
-    s2 = Scheduler(max_batch=2, max_queue=8, prefill_chunk=16, prefix_cache=True, min_prefix=8)
+    s2 = Scheduler(max_batch=2, max_queue=8, prefill_chunk=16, prefix_cache=True, min_prefix=8, block=8)
     x, y = cached_seq("x", system), cached_seq("y", system + [1])
     s2.add(x), s2.add(y)
     step = s2.schedule()
@@ -278,13 +307,16 @@ def test_prefix_cache_keeps_the_latest_histories_and_skips_who_asks_not_to():
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 30), st.integers(1, 5), st.integers(0, 4), st.booleans()),
                 min_size=1, max_size=20),
-       st.integers(1, 3), st.integers(1, 16), st.integers(1, 6))
-def test_random_traffic_reuses_only_columns_that_hold_its_prompt(arrivals, max_batch, chunk, min_prefix):
+       st.integers(1, 3), st.integers(1, 16), st.integers(1, 6), st.integers(1, 4))
+def test_random_traffic_reuses_only_columns_that_hold_its_prompt(arrivals, max_batch, chunk, min_prefix, block):
     """Requests (which of 4 shared prefixes, prompt length, max_new, arrival step, cancelled at
-    admission) through a prefix-caching scheduler and a model of the cache rows: whenever a
-    sequence starts after cached tokens, its row (after the step's copies) holds exactly its
-    prompt's first tokens there; every request ends."""
-    s = Scheduler(max_batch, max_queue=len(arrivals), prefill_chunk=chunk, prefix_cache=True, min_prefix=min_prefix)
+    admission) through a prefix-caching scheduler and a model of the cache rows (which also marks
+    the columns a decode step wrote): whenever a sequence starts after cached tokens, they are
+    whole blocks its row (after the step's copies) holds exactly, all written by prefills; a chunk
+    that does not end its prompt ends at a block boundary (unless the budget is below a block);
+    every request ends."""
+    s = Scheduler(max_batch, max_queue=len(arrivals), prefill_chunk=chunk, prefix_cache=True, min_prefix=min_prefix,
+                  block=block)
     rows = Rows(max_batch, width=64)
     bases = [[p * 100 + t for t in range(30)] for p in range(4)]
     seqs = [cached_seq(i, bases[b][:p - 1] + [900 + i], new=n) for i, (b, p, n, _, _) in enumerate(arrivals)]
@@ -296,12 +328,16 @@ def test_random_traffic_reuses_only_columns_that_hold_its_prompt(arrivals, max_b
             break
         before = {x.id for x in s.running}
         step = s.schedule()
-        for src, dst, n in step.copies:
+        for src, dst, n in step.copies:  # in order: a copy may read the row an earlier one wrote
             assert n >= min_prefix and rows.rows[src][:n] == s.held[dst].tokens[:n]
-        rows.run(step, None)
+            rows.run(Step([], [], [(src, dst, n)]), None)
+        for x, lo, hi in step.prefill:
+            assert hi == x.prompt_len or hi % block == 0 or (chunk < block and len(step.prefill) == 1)
+        rows.run(Step(step.prefill, step.decode), None)
         for x in s.running:
             if x.id not in before:
                 assert x.cached == 0 or x.cached >= min_prefix
+                assert x.cached % block == 0 and not any(rows.decoded[x.slot][:x.cached])
                 assert rows.rows[x.slot][:x.cached] == x.tokens[:x.cached] and x.cached < x.prompt_len
         for x, lo, hi in step.prefill:
             if hi == x.prompt_len:
@@ -643,6 +679,33 @@ def test_a_float_twin_batches_within_a_stated_tolerance():
         torch.testing.assert_close(got[i], solo[i], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_aligned_chunks_and_a_copied_prefix_give_the_whole_prefill_bit_for_bit(dtype):
+    """A 320-token prompt at a shape where one attention call per chunk was not enough (hidden 256,
+    4 heads of 64, 4 layers: chunks of 256 + 64 moved the logits by 0.017 fp32 / 0.066 bf16, a
+    last-bit difference in one layer crossing an int8 rounding step in the next): chunks cut at
+    multiples of PROMPT_BLOCK, and a prefix of 256 copied from another row whose prompt continued
+    otherwise, give generate()'s prefill logits to the last bit."""
+    torch.manual_seed(0)
+    config = BitNetConfig.from_preset("tiny", initializer_range=0.05, hidden_size=256, num_attention_heads=4,
+                                      num_key_value_heads=4, intermediate_size=512, num_hidden_layers=4,
+                                      max_position_embeddings=512)
+    model = freeze(BitNetForCausalLM(config).to(dtype).eval())
+    prompt = torch.randint(0, config.vocab_size, (320,), generator=torch.Generator().manual_seed(1)).tolist()
+    lone = solo_logits(model, prompt, 1)[0]  # generate's prefill
+    runner = ModelRunner(model, max_batch=2, max_seq_len=512)
+    assert torch.equal(runner.prefill(0, prompt, 0), lone)
+    for cut in (256, 64, 96):
+        assert cut % PROMPT_BLOCK == 0
+        runner.prefill(1, prompt[:cut], 0)
+        assert torch.equal(runner.prefill(1, prompt[cut:], cut), lone), cut
+    other = prompt[:256] + [7] * 40
+    runner.prefill(1, other, 0)
+    runner.copy_prefix(1, 0, 256)
+    assert torch.equal(runner.prefill(0, prompt[256:], 256), lone)
+    runner.close()
+
+
 def test_chunked_prefill_gives_the_whole_prefill_logits():
     model = tiny()
     runner = ModelRunner(model, max_batch=2, max_seq_len=256)
@@ -927,33 +990,30 @@ def check_against_forward(model, prompt, c, tol):
     forward over prompt + tokens, within tol."""
     assert c.tokens == alone(model, prompt, len(c.tokens))
     with torch.no_grad():
-        ref = model(torch.tensor([prompt + c.tokens])).logits[0].double().log_softmax(-1)
+        ref = model(torch.tensor([prompt + c.tokens], device=model.lm_head.weight.device)).logits[0].double()
+    ref = ref.log_softmax(-1).cpu()
     for k, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
         assert lp.token == t and abs(lp.logprob - ref[len(prompt) - 1 + k, t].item()) < tol
 
 
-@AHEAD
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_engine_prefix_cache_reuses_a_chat_history_and_a_running_rows_system_prompt(monkeypatch, ahead, dtype):
-    """A chat's second turn (the first turn's prompt and reply, then new text) starts after the
-    first turn's 30 + 5 fed tokens in the row it left; a request sharing a 40-token system prompt
-    with a running one gets those columns copied from its row. Each reports its cached tokens, and
-    gets its solo greedy tokens with logprobs within 1e-5 of the model's own forward (a chunked
-    prefill: the same numbers within float rounding); run ahead or not, in GPU-style pieces or not.
-    bf16 (the server's default dtype, its bf16 KV cache): within 2e-2."""
-    kw, _ = engine_args(monkeypatch, ahead)
-    model = tiny(dtype=dtype)
+def check_prefix_cache(model, engine, tol, exact: dict | None):
+    """A chat's second turn (the first turn's 70-token prompt and reply, then new text) starts
+    after the first turn's prompt columns in whole blocks (64: the reply's columns a decode step
+    wrote are computed again); a request sharing a 40-token system prompt with a running one gets
+    its first block (32) copied from that row. Each reports its cached tokens and gets its solo
+    greedy tokens, each logprob within tol of the model's own forward; exact (that engine's
+    keywords): equal to the last bit to those of the same engine without the cache, each prompt
+    prefilled whole (its logits are generate()'s bit for bit)."""
     g = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(3, 512, (n,), generator=g).tolist()  # noqa: E731
-    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, min_prefix=8, **kw).start()
     params = SamplingParams(max_tokens=6, logprobs=1)
-    turn1 = rand(30)
+    turn1 = rand(70)
     first, second = Cached(), Cached()
     engine.submit(turn1, params, first)
     assert first.wait().cached == 0
     turn2 = turn1 + first.tokens + rand(5)
     engine.submit(turn2, params, second)
-    assert second.wait().cached == 30 + 5  # the prompt and the 5 tokens fed (the sixth never was)
+    assert second.wait().cached == 64
     system = rand(40)
     a, b = Cached(), Cached()
     engine.submit(system + rand(3), SamplingParams(max_tokens=40, logprobs=1), a)
@@ -962,9 +1022,29 @@ def test_engine_prefix_cache_reuses_a_chat_history_and_a_running_rows_system_pro
     engine.submit(b_prompt, params, b)
     b.wait(), a.wait()
     engine.stop()
-    assert b.cached == 40 and a.cached == 0
+    assert b.cached == 32 and a.cached == 0
     for prompt, c in ((turn1, first), (turn2, second), (b_prompt, b)):
-        check_against_forward(model, prompt, c, 1e-5 if dtype == torch.float32 else 2e-2)
+        check_against_forward(model, prompt, c, tol)
+    if exact is not None:
+        plain = Engine(model, **{**exact, "prefix_cache": False, "prefill_chunk": 256}).start()  # whole prompts
+        for prompt, c in ((turn2, second), (b_prompt, b)):
+            ref = Cached()
+            plain.submit(prompt, params, ref)
+            assert ref.wait().tokens == c.tokens and [lp.logprob for lp in ref.logprobs] == [lp.logprob for lp in c.logprobs]
+        plain.stop()
+
+
+@AHEAD
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_engine_prefix_cache_reuses_a_chat_history_and_a_running_rows_system_prompt(monkeypatch, ahead, dtype):
+    """check_prefix_cache run ahead or not, in GPU-style pieces or not, fp32 and bf16 (the server's
+    default dtype, its bf16 KV cache): on the CPU a prompt after a cached prefix gets the numbers
+    of the whole prompt's prefill, bit for bit, and so do its chunks (prompt attention in aligned
+    blocks)."""
+    kw, _ = engine_args(monkeypatch, ahead)
+    model = tiny(dtype=dtype)
+    kw = dict(max_batch=3, max_seq_len=128, prefill_chunk=32, min_prefix=8, **kw)  # chunks of one block
+    check_prefix_cache(model, Engine(model, **kw).start(), 1e-5 if dtype == torch.float32 else 2e-2, exact=kw)
 
 
 def test_engine_without_prefix_cache_computes_every_prompt_bit_for_bit():
@@ -1200,6 +1280,18 @@ def test_engine_on_cuda_scores_prompts_and_tokens():
     engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16).start()
     assert engine.run_ahead and engine.runner.decode_graphs and engine.runner.prompt_graphs
     check_scored(model, engine, 2e-2, False)
+
+
+@pytest.mark.cuda
+def test_engine_on_cuda_reuses_cached_prefixes():
+    """check_prefix_cache on a GPU (decode graphs, prompt graphs, run_ahead): the copy of a running
+    row's columns queued on the stream before the step that reads them; a chunk after a cached
+    prefix in the recorded pieces. bf16, within 2e-2 (a GPU's prompt attention is not blocked: a
+    chunk's numbers are the whole prompt's within rounding)."""
+    model = tiny(dtype=torch.bfloat16).to("cuda")
+    engine = Engine(model, max_batch=3, max_seq_len=128, prefill_chunk=16, min_prefix=8).start()
+    assert engine.run_ahead and engine.runner.prompt_graphs
+    check_prefix_cache(model, engine, 2e-2, exact=None)
 
 
 @pytest.mark.cuda

@@ -31,14 +31,17 @@ the last alone), all of them with the first token (or alone, with max_tokens 0: 
 nothing generated). Rows that want logprobs are never run ahead.
 
 Prefix caching (prefix_cache, on by default; bitnet.serve.scheduler): a prompt whose first
-min_prefix tokens or more some cache row holds (the same conversation's earlier turn, a shared
-system prompt or few-shot examples) starts its prefill after them; its first event says how many
-(Output.cached_tokens), the server reports them as OpenAI does (usage.prompt_tokens_details).
+min_prefix tokens or more some cache row holds from an earlier prompt (the same conversation's
+last turn, a shared system prompt or few-shot examples) starts its prefill after them, in whole
+blocks of bitnet.model.PROMPT_BLOCK tokens; its first event says how many (Output.cached_tokens),
+the server reports them as OpenAI does (usage.prompt_tokens_details).
 
 Greedy rows are the argmax of logits that equal a lone `generate`'s bit for bit on packed models
 (bitnet.serve.runner), so each stream gets its solo greedy output whatever else runs beside it,
-unless it started after a cached prefix: then its prompt was a chunked prefill, whose logits equal
-a whole one's within float rounding (prefix_cache=False, `bitnet serve --no-prefix-cache`: bit for bit).
+on the CPU also after a cached prefix or in chunks (both cut at multiples of
+bitnet.model.PROMPT_BLOCK, where the prompt attention's blocks make a chunk's numbers the whole
+prompt's). On a GPU a prompt after a cached prefix is a chunked prefill whose logits equal a whole
+one's within float rounding (prefix_cache=False, `bitnet serve --no-prefix-cache`: bit for bit).
 With a `seed`, a sampled row draws from its own torch.Generator seeded with it, as `generate` with
 `generator=torch.Generator().manual_seed(seed)` does: the same tokens as that lone call.
 """
@@ -56,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation import HostCopy, greedy_tokens, sample
+from ..model import PROMPT_BLOCK
 from ..ops import on_device
 from .runner import ModelRunner, Segment
 from .scheduler import QueueFull, Scheduler
@@ -214,7 +218,8 @@ class Engine:
         self._landed = 0.0  # when the last flight's tokens were read (its step's time, for on_step)
         # prefix_cache: a prompt starts after the longest prefix of it some cache row holds (at least
         # min_prefix tokens; bitnet.serve.scheduler)
-        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, prefix_cache=prefix_cache, min_prefix=min_prefix)
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, prefix_cache=prefix_cache, min_prefix=min_prefix,
+                                   block=PROMPT_BLOCK)
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache, in all
         self._cond = threading.Condition()
         self._seqs: dict[int, Seq] = {}

@@ -40,8 +40,12 @@ segments side by side in one row of the activations (1, N, C):
 So each sequence's logits, hence its greedy tokens, are bit for bit those of `model.generate` on
 its prompt alone (tests/test_scheduler.py: tiny fp32 and bf16 packed models on the CPU, and on a
 GPU). A float (twin) model's projections are float GEMMs: there a batch may differ from a lone run
-in the last bits. A prompt cut in chunks is not a lone prefill either, but equal to it in the
-tests' chunk sizes, except that a chunk of one token takes the unmasked path.
+in the last bits. A prompt cut in chunks, or started after a prefix copied from another row
+(copy_prefix: prefix caching), is a lone prefill bit for bit on the CPU where every chunk starts
+at a multiple of bitnet.model.PROMPT_BLOCK (the prompt attention runs in blocks aligned to it, in
+a lone prefill too: bitnet.model.prompt_attention; the scheduler cuts there), except a chunk of one
+token, which takes the unmasked path. On a GPU a chunk's numbers are the whole prompt's within
+float rounding.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ import torch.nn.functional as F
 
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
 from ..kernels import cpu as native
-from ..model import KVCache, attention_dtype, cache_dtype, native_decode_args, prenormed, projections
+from ..model import (KVCache, attention_dtype, cache_dtype, native_decode_args, prenormed, projections,
+                     prompt_attention)
 from ..ops import (capture_cuda_graph, decode_attention, native_inference, record_cuda_graph, rope, rope_cache,
                    rope_decode_attention, triton_applies)
 
@@ -446,6 +451,11 @@ class ModelRunner:
                 continue
             q_s = q[:, :, off:off + T]  # (1, nh, T, hd)
             S = end if cpu else cache.k.shape[2]  # the CPU reads the live window, a GPU the static row
+            if cpu and T > 1:  # as a lone prefill runs it: in aligned blocks (bitnet.model.prompt_attention)
+                y_s = prompt_attention(q_s, cache.k[s.slot:s.slot + 1], cache.v[s.slot:s.slot + 1], plan.mask(i, S),
+                                       s.start, gqa)
+                y[0, off:off + T].view(T, nh, hd).copy_(y_s[0].transpose(0, 1))
+                continue
             k_s = cache.k[s.slot:s.slot + 1, :, :S].to(q.dtype)  # (1, nkv, S, hd)
             v_s = cache.v[s.slot:s.slot + 1, :, :S].to(q.dtype)
             if not cpu and T > 1 and s.start == 0:  # a whole prompt on a GPU: causal over its slots, as generate runs it

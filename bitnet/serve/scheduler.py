@@ -17,20 +17,24 @@ The policy, llama-server's slots with vLLM's chunked prefill, one cache row per 
   sequence out of the queue.
 
 Prefix caching (`prefix_cache`, llama-server's `cache_prompt` over all slots): a slot's cache row
-keeps the keys and values of the last sequence that held it after it ends, columns 0 .. `written`
-holding its `tokens` (prompt, then generated ones: the engine records both). A newcomer whose
-prompt starts with tokens some row holds starts its prefill after them (`cached` tokens, at most
-all of its prompt but the last, whose logits give its first token): a multi-turn chat's history, a
-shared system prompt or few-shot examples are computed once. Where the longest match is in a free
-slot, the newcomer takes that slot; where it is in a running sequence's row (a shared prefix of
-requests in flight), the step first copies those columns into the newcomer's slot (Step.copies).
-A match shorter than `min_prefix` tokens is computed again (it saves little, and a prompt cut after
-a reused prefix is a chunked prefill: logits equal to a whole one's within float rounding, not bit
-for bit, see bitnet.serve.runner); a copy must gain min_prefix tokens over the best free slot.
-Without a match a newcomer takes the free slot that has waited longest (an unused one first), so
-the most recent histories stay longest. A sequence with `tokens` None neither reuses nor leaves its
-columns to others; one with `reuse` False leaves them but computes its whole prompt (its prompt
-logprobs need every position's logits).
+keeps the keys and values of the last sequence that held it after it ends, and its prompt's columns
+can start another prompt: a newcomer whose prompt starts with tokens a row's prompt holds starts its
+prefill after them (`cached` tokens, at most all of its prompt but the last, whose logits give its
+first token): a chat's history, a shared system prompt or few-shot examples are computed once.
+Where the longest match is in a free slot, the newcomer takes that slot; where it is in a running
+sequence's row (a shared prefix of requests in flight), the step first copies those columns into
+the newcomer's slot (Step.copies); a copy must gain min_prefix tokens over the best free slot, and
+a match shorter than `min_prefix` tokens is computed again. Without a match a newcomer takes the
+free slot that has waited longest (an unused one first), so the most recent histories stay longest.
+A sequence with `tokens` None neither reuses nor leaves its columns to others; one with `reuse`
+False leaves them but computes its whole prompt (its prompt logprobs need every position's logits).
+
+Exactness (`block`, bitnet.model.PROMPT_BLOCK for the engine): a prompt's attention runs in blocks
+of `block` positions aligned to its multiples, so a prefill cut at such a multiple gives the whole
+prefill's numbers bit for bit. Hence a cached prefix is a multiple of `block` tokens, taken only
+from the columns a prefill wrote (a prompt's, not the generated tokens' a decode step wrote: their
+one-query attention sums in another order), and a chunk that does not end its prompt ends at a
+multiple of `block` (with a budget below one block, where it cannot, it ends where the budget does).
 """
 
 from __future__ import annotations
@@ -91,12 +95,12 @@ class Step:
 
 class Scheduler:
     def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int, prefix_cache: bool = False,
-                 min_prefix: int = 32):
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or min_prefix < 1:
-            raise ValueError(f"max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and min_prefix >= 1, got {max_batch}, "
-                             f"{max_queue}, {prefill_chunk}, {min_prefix}")
+                 min_prefix: int = 32, block: int = 1):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or min_prefix < 1 or block < 1:
+            raise ValueError(f"max_batch >= 1, max_queue >= 0, prefill_chunk >= 1, min_prefix >= 1 and block >= 1, got "
+                             f"{max_batch}, {max_queue}, {prefill_chunk}, {min_prefix}, {block}")
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.prefix_cache, self.min_prefix = prefix_cache, min_prefix
+        self.prefix_cache, self.min_prefix, self.block = prefix_cache, min_prefix, block
         self.slots: list[Sequence | None] = [None] * max_batch
         self.held: list[Sequence | None] = [None] * max_batch  # the sequence whose columns each row holds
         self.freed: list[int] = [-1] * max_batch  # when each slot was last freed (-1: never held)
@@ -160,6 +164,12 @@ class Scheduler:
             if left <= self.prefill_chunk and left > budget and prefill:
                 break  # whole prompts are not split: it goes first in the next step
             n = min(left, budget)
+            if n < left and self.block > 1:  # a chunk that does not end the prompt ends at a multiple of block
+                aligned = (seq.prefilled + n) // self.block * self.block - seq.prefilled
+                if aligned > 0:
+                    n = aligned
+                elif prefill:
+                    break  # the next step's budget reaches a boundary
             prefill.append((seq, seq.prefilled, seq.prefilled + n))
             seq.prefilled += n
             budget -= n
@@ -191,11 +201,13 @@ class Scheduler:
         self.slots[slot] = self.held[slot] = seq
 
     def _match(self, slot: int, seq: Sequence) -> int:
-        """Prompt tokens of seq that row `slot` holds at the same columns (all but its last at most)."""
+        """Prompt tokens of seq that row `slot` holds at the same columns, written by a prefill (all
+        of seq's prompt but its last at most), in whole blocks."""
         held = self.held[slot]
         if held is None or held.tokens is None or seq.tokens is None:
             return 0
-        return common_prefix(held.tokens, seq.tokens, min(held.written, len(held.tokens), seq.prompt_len - 1))
+        n = common_prefix(held.tokens, seq.tokens, min(held.written, held.prompt_len, seq.prompt_len - 1))
+        return n // self.block * self.block
 
 
 def common_prefix(a: list, b: list, most: int) -> int:
