@@ -21,8 +21,8 @@ Protocol:
   workload, time to first token (sent -> first token) p50 of the first turns and of the later
   ones, the prompt tokens the server ran (its bitnet_prefill_tokens_total) and those it read from
   the cache (usage.prompt_tokens_details.cached_tokens summed), and whether the two systems'
-  replies are the same text (greedy; a prompt after a cached prefix is a chunked prefill, equal to
-  a whole one within float rounding: a near tie may differ).
+  replies are the same text (greedy; on the CPU a prompt after a cached prefix gets its whole
+  prefill's logits bit for bit, so all should be; on a GPU within float rounding).
 Results: benchmarks/results/prefix_cache_<device>.{json,md}, stamped (bitnet.bench.environment).
 """
 
@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                        ("prompt_tokens", "prompt tokens sent", ".0f"), ("cached_tokens", "read from the cache", ".0f"),
                        ("prefilled_tokens", "run through the model", ".0f"), ("complete", "replies complete", ""),
                        ("per_round_wall_s", "workload s per round", "")]), "",
-          f"Replies equal between the two servers: {same} of {total} (greedy; after a cached prefix a prompt is a "
-          "chunked prefill, equal to a whole one within float rounding)."]
+          f"Replies equal between the two servers: {same} of {total} (greedy; "
+          + ("on the CPU a prompt after a cached prefix gets its whole prefill's logits bit for bit, so every reply "
+             "should be equal)." if args.device == "cpu" else "on a GPU a prompt after a cached prefix gets its whole "
+             "prefill's logits within float rounding: a near tie may differ).")]
     markdown = "\n".join(md)
     path = save_results(args.name, {"args": dataclasses.asdict(args), "rows": rows, "same_replies": [same, total],
                                     "runs": runs}, markdown, args.out_dir)
