@@ -266,6 +266,8 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
     if twin:
         F.linear = _linear_stand_in
     bitnet.model.attention_dtype = lambda x, device=None: x.dtype  # a GPU's: attention in the model's dtype
+    blocked = bitnet.model.blocked_prompts
+    bitnet.model.blocked_prompts = lambda device: False  # a GPU's prompt attention: one call
     try:
         with launch_mode() as launches, torch.no_grad():
             for kind, batch, tokens in cases:
@@ -313,6 +315,7 @@ def measure(args: HostArgs, mode: str = "stub") -> list[dict]:
         model.model.layers = all_layers
         bitnet.model.normed_projections = fused
         F.scaled_dot_product_attention, bitnet.model.attention_dtype, F.linear = sdpa, attention_dtype, linear
+        bitnet.model.blocked_prompts = blocked
         fast._STATE["enabled"] = enabled
     return rows
 

@@ -222,6 +222,14 @@ LIVE_SLOTS = object()
 PROMPT_BLOCK = 32
 
 
+def blocked_prompts(device: torch.device) -> bool:
+    """Whether a cached prompt's attention runs in aligned blocks (prompt_attention): on the CPU,
+    where the server's runner runs its prompt chunks that way too (a GPU's prompt paths are flash
+    attention and a masked static-row call). benchmarks/host_overhead.py, which emulates a GPU's
+    layer on the CPU, turns it off."""
+    return device.type == "cpu"
+
+
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, start: int, gqa: bool
                      ) -> torch.Tensor:
     """Attention of a prompt chunk whose T queries q (B, nh, T, hd) sit at sequence positions
@@ -290,7 +298,8 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
         dtype = attention_dtype(q)
-        if cache is not None and T > 1 and q.device.type == "cpu" and isinstance(mask, torch.Tensor):
+        if cache is not None and T > 1 and blocked_prompts(q.device) and isinstance(mask, torch.Tensor) \
+                and not torch.compiler.is_compiling():
             start = int(input_pos[0])  # a prompt (chunk) in the CPU's cache: in aligned blocks
             if int(input_pos[-1]) == start + T - 1:
                 y = prompt_attention(q.to(dtype), k, v, mask, start, self.n_head != self.n_kv)

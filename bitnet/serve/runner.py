@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bitlinear import BitLinear, Int4Linear, Int8Linear, StreamedLinear
+from .. import model as modeling
 from ..kernels import cpu as native
 from ..model import (KVCache, attention_dtype, cache_dtype, native_decode_args, prenormed, projections,
                      prompt_attention)
@@ -451,7 +452,7 @@ class ModelRunner:
                 continue
             q_s = q[:, :, off:off + T]  # (1, nh, T, hd)
             S = end if cpu else cache.k.shape[2]  # the CPU reads the live window, a GPU the static row
-            if cpu and T > 1:  # as a lone prefill runs it: in aligned blocks (bitnet.model.prompt_attention)
+            if T > 1 and modeling.blocked_prompts(q.device):  # as a lone prefill runs it: in aligned blocks
                 y_s = prompt_attention(q_s, cache.k[s.slot:s.slot + 1], cache.v[s.slot:s.slot + 1], plan.mask(i, S),
                                        s.start, gqa)
                 y[0, off:off + T].view(T, nh, hd).copy_(y_s[0].transpose(0, 1))
