@@ -264,17 +264,28 @@ def test_a_shared_prefix_is_copied_from_a_running_row_into_a_free_slot():
     assert tiny_match.cached == 0 and len({a.slot, b.slot, tiny_match.slot}) == 3
     rows.run(step, None)
     assert rows.rows[b.slot][:41] == b.tokens[:41]
-    # not yet written columns are never offered: a newcomer admitted with a's row mid-prefill
-    s2 = Scheduler(max_batch=2, max_queue=8, prefill_chunk=16, prefix_cache=True, min_prefix=8, block=8)
-    x, y = cached_seq("x", system), cached_seq("y", system + [1])
+    # a prefix not yet written: the newcomer holds a slot and waits for the donor's prefill, then copies
+    s2 = Scheduler(max_batch=3, max_queue=8, prefill_chunk=16, prefix_cache=True, min_prefix=8, block=8)
+    rows2 = Rows(3)
+    x, y = cached_seq("x", system), cached_seq("y", system[:32] + [1, 2])  # 32 shared tokens
     s2.add(x), s2.add(y)
-    step = s2.schedule()
-    assert step.copies == [] and y.cached == 0  # x's row holds nothing yet
-    x.written = 16  # its first chunk ran
-    z = cached_seq("z", system + [2])
-    s2.finish(y)
-    s2.add(z)
-    assert s2.schedule().copies == [(x.slot, z.slot, 16)] and z.cached == 16
+    plans = []
+    for _ in range(3):
+        step = s2.schedule()
+        plans.append((step.copies, [(q.id, lo, hi) for q, lo, hi in step.prefill]))
+        rows2.run(step, None)
+    assert y.donor is None and y.cached == 32 and y.slot != x.slot
+    assert plans == [([], [("x", 0, 16)]), ([], [("x", 16, 32)]), ([(x.slot, y.slot, 32)], [("x", 32, 40), ("y", 32, 34)])]
+    assert rows2.rows[y.slot][:34] == y.tokens[:34]
+    # the donor gone before it wrote what was awaited: the newcomer takes what its row holds (here 16)
+    s3 = Scheduler(max_batch=2, max_queue=8, prefill_chunk=16, prefix_cache=True, min_prefix=8, block=8)
+    u, v = cached_seq("u", system), cached_seq("v", system + [3])
+    s3.add(u), s3.add(v)
+    rows3 = Rows(2)
+    rows3.run(s3.schedule(), None)  # u: 0..16
+    s3.cancel(u)
+    step = s3.schedule()
+    assert step.copies == [(u.slot, v.slot, 16)] and [(lo, hi) for _, lo, hi in step.prefill] == [(16, 32)]
 
 
 def test_prefix_cache_keeps_the_latest_histories_and_skips_who_asks_not_to():
@@ -312,9 +323,10 @@ def test_random_traffic_reuses_only_columns_that_hold_its_prompt(arrivals, max_b
     """Requests (which of 4 shared prefixes, prompt length, max_new, arrival step, cancelled at
     admission) through a prefix-caching scheduler and a model of the cache rows (which also marks
     the columns a decode step wrote): whenever a sequence starts after cached tokens, they are
-    whole blocks its row (after the step's copies) holds exactly, all written by prefills; a chunk
-    that does not end its prompt ends at a block boundary (unless the budget is below a block);
-    every request ends."""
+    whole blocks its row (after the step's copies) holds exactly, all written by prefills; every
+    chunk starts after columns that hold its prompt (a newcomer waiting for a donor gets none); a
+    chunk that does not end its prompt ends at a block boundary (unless the budget is below a
+    block); every request ends."""
     s = Scheduler(max_batch, max_queue=len(arrivals), prefill_chunk=chunk, prefix_cache=True, min_prefix=min_prefix,
                   block=block)
     rows = Rows(max_batch, width=64)
@@ -333,6 +345,7 @@ def test_random_traffic_reuses_only_columns_that_hold_its_prompt(arrivals, max_b
             rows.run(Step([], [], [(src, dst, n)]), None)
         for x, lo, hi in step.prefill:
             assert hi == x.prompt_len or hi % block == 0 or (chunk < block and len(step.prefill) == 1)
+            assert x.donor is None and rows.rows[x.slot][:lo] == x.tokens[:lo]  # a chunk starts after its prompt
         rows.run(Step(step.prefill, step.decode), None)
         for x in s.running:
             if x.id not in before:
@@ -1045,6 +1058,39 @@ def test_engine_prefix_cache_reuses_a_chat_history_and_a_running_rows_system_pro
     model = tiny(dtype=dtype)
     kw = dict(max_batch=3, max_seq_len=128, prefill_chunk=32, min_prefix=8, **kw)  # chunks of one block
     check_prefix_cache(model, Engine(model, **kw).start(), 1e-5 if dtype == torch.float32 else 2e-2, exact=kw)
+
+
+@AHEAD
+def test_engine_requests_arriving_together_compute_a_shared_prefix_once(monkeypatch, ahead):
+    """Three requests submitted at once (n choices of one 70-token prompt, and a third sharing its
+    first 64 tokens): the first computes the prefix, the others wait for its prefill and copy its
+    64 columns; each gets the tokens and logprobs of the same engine without the cache, to the last
+    bit on the native kernels (run ahead, on the torch path's padded steps, within 1e-5: the
+    waits change which rows share a decode step, and a float head's GEMM is not exact per row)."""
+    kw, _ = engine_args(monkeypatch, ahead)
+    model = tiny()
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 512, (70,), generator=g).tolist()
+    prompts = [prompt, prompt, prompt[:64] + torch.randint(3, 512, (9,), generator=g).tolist()]
+    params = SamplingParams(max_tokens=5, logprobs=0)
+    kw = dict(max_batch=3, max_seq_len=128, prefill_chunk=32, min_prefix=8, **kw)
+    results = {}
+    for cache in (True, False):
+        engine = Engine(model, **{**kw, "prefix_cache": cache}).start()
+        outs = [Cached() for _ in prompts]
+        for p, c in zip(prompts, outs):
+            engine.submit(p, params, c)
+        for c in outs:
+            c.wait()
+        engine.stop()
+        results[cache] = outs
+    assert [c.cached for c in results[True]] == [0, 64, 64] and [c.cached for c in results[False]] == [0, 0, 0]
+    for a, b, p in zip(results[True], results[False], prompts):
+        assert a.tokens == b.tokens == alone(model, p, 5)
+        if not ahead:  # the native kernels: exact per row in any batch
+            assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]
+        else:  # the padded steps on the torch path: a float head's GEMM sums a bucket of rows in its own order
+            assert all(abs(x.logprob - y.logprob) < 1e-5 for x, y in zip(a.logprobs, b.logprobs))
 
 
 def test_engine_without_prefix_cache_computes_every_prompt_bit_for_bit():

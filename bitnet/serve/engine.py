@@ -461,7 +461,8 @@ class Engine:
     def _can_run_ahead(self, flight: "_Flight") -> bool:
         """Under the lock: whether the step after the flight is worth queueing before reading it."""
         live = [s for s in flight.rows if not s.finished]
-        return (bool(live) and not (self.scheduler.waiting and self.scheduler.free_slots)
+        pending = any(s is not None and not s.prefill_done for s in self.scheduler.slots)  # (a newcomer waiting for a donor)
+        return (bool(live) and not (self.scheduler.waiting and self.scheduler.free_slots) and not pending
                 and any(s.generated + 1 < s.max_new_tokens for s in live)
                 and self.runner.bucket(len(live)) == self.runner.bucket(len(flight.rows)))
 

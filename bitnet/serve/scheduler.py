@@ -24,8 +24,14 @@ first token): a chat's history, a shared system prompt or few-shot examples are 
 Where the longest match is in a free slot, the newcomer takes that slot; where it is in a running
 sequence's row (a shared prefix of requests in flight), the step first copies those columns into
 the newcomer's slot (Step.copies); a copy must gain min_prefix tokens over the best free slot, and
-a match shorter than `min_prefix` tokens is computed again. Without a match a newcomer takes the
-free slot that has waited longest (an unused one first), so the most recent histories stay longest.
+a match shorter than `min_prefix` tokens is computed again. A newcomer whose prompt shares a
+longer prefix with a running sequence's prompt that is not in its row yet (requests arriving
+together: `n` choices of one prompt, a burst with one system prompt) takes its slot and waits
+(`donor`): no chunk of it is planned until the donor's prefill has written those columns (or the
+donor ended), then they are copied and its prefill starts after them; the donor, older, comes
+first for the budget, so the wait costs no step that computing the prefix again would not. Without
+a match a newcomer takes the free slot that has waited longest (an unused one first), so the most
+recent histories stay longest.
 A sequence with `tokens` None neither reuses nor leaves its columns to others; one with `reuse`
 False leaves them but computes its whole prompt (its prompt logprobs need every position's logits).
 
@@ -67,7 +73,9 @@ class Sequence:
     tokens: list[int] | None = field(default=None, repr=False)
     reuse: bool = True  # may start after a cached prefix (False: every prompt position is computed)
     written: int = 0  # columns of its slot that hold tokens[:written], as the engine has run them
-    cached: int = 0  # prompt tokens taken from the cache at admission, not computed
+    cached: int = 0  # prompt tokens taken from the cache, not computed
+    donor: Sequence | None = field(default=None, repr=False)  # a running prefill it waits for (prefix caching)
+    awaits: int = 0  # the columns of the donor's row it waits for
 
     @property
     def prefill_done(self) -> bool:
@@ -156,10 +164,14 @@ class Scheduler:
         copies: list[tuple[int, int, int]] = []
         while self.waiting and None in self.slots:
             self._admit(self.waiting.popleft(), copies)
+        for seq in self.slots:
+            if seq is not None and seq.donor is not None:
+                self._await(seq, copies)
         decode = [s for s in self.slots if s is not None and s.prefill_done and s.generated > 0]
         prefill: list[tuple[Sequence, int, int]] = []
         budget = self.prefill_chunk
-        for seq in sorted((s for s in self.slots if s is not None and not s.prefill_done), key=lambda s: s.arrival):
+        for seq in sorted((s for s in self.slots if s is not None and not s.prefill_done and s.donor is None),
+                          key=lambda s: s.arrival):
             left = seq.prompt_len - seq.prefilled
             if left <= self.prefill_chunk and left > budget and prefill:
                 break  # whole prompts are not split: it goes first in the next step
@@ -180,25 +192,57 @@ class Scheduler:
     # ----- prefix caching
     def _admit(self, seq: Sequence, copies: list[tuple[int, int, int]]) -> None:
         """Give seq a free slot: the one holding the longest prefix of its prompt (min_prefix tokens
-        at least), or a copy of a running row's where that is min_prefix tokens longer, else the one
-        freed longest ago."""
+        at least); or a copy of a running row's where that is min_prefix tokens longer; or, where a
+        running prefill will write min_prefix more than either, a wait for it (seq.donor); else the
+        slot freed longest ago."""
         free = [i for i, s in enumerate(self.slots) if s is None]
-        slot, cached, source = free[0], 0, None
-        if self.prefix_cache:
-            slot = min(free, key=lambda i: self.freed[i])
+        if not self.prefix_cache:
+            slot, cached = free[0], 0
+        else:
+            slot, cached = min(free, key=lambda i: self.freed[i]), 0
         if self.prefix_cache and seq.tokens is not None and seq.reuse:
             for i in free:
                 n = self._match(i, seq)
                 if n >= self.min_prefix and n > cached:
                     slot, cached = i, n
+            source, copied = None, cached
             for i, s in enumerate(self.slots):
-                if s is not None and (n := self._match(i, seq)) >= cached + self.min_prefix:
-                    source, cached = i, n
-            if source is not None:  # into a free slot with no match of its own: the one freed longest ago
-                slot = min(free, key=lambda i: (self._match(i, seq) > 0, self.freed[i]))
-                copies.append((source, slot, cached))
+                if s is not None and (n := self._match(i, seq)) >= copied + self.min_prefix:
+                    source, copied = i, n
+            donor, awaits = None, copied
+            for s in self.slots:
+                if s is not None and s.tokens is not None and (n := self._shared(s, seq)) >= awaits + self.min_prefix:
+                    donor, awaits = s, n
+            unmatched = min(free, key=lambda i: (self._match(i, seq) > 0, self.freed[i]))  # keeps others' histories
+            if donor is not None:  # (its own slot's columns, if any, serve should the donor fail)
+                seq.donor, seq.awaits = donor, awaits
+                slot = slot if cached else unmatched
+            elif source is not None:
+                slot, cached = unmatched, copied
+                copies.append((source, slot, copied))
         seq.slot, seq.prefilled, seq.written, seq.cached = slot, cached, cached, cached
         self.slots[slot] = self.held[slot] = seq
+
+    def _await(self, seq: Sequence, copies: list[tuple[int, int, int]]) -> None:
+        """A waiting newcomer (seq.donor): once the donor's row holds the prefix it waits for (or
+        the donor ended, or its row was taken), copy what that row holds of it and start there."""
+        d = seq.donor
+        held = self.held[d.slot] is d
+        n = self._match(d.slot, seq) if held else 0
+        if held and not d.finished and n < seq.awaits:
+            return  # its prefill has more to write
+        seq.donor = None
+        if n >= seq.cached + self.min_prefix:
+            copies.append((d.slot, seq.slot, n))
+            seq.prefilled, seq.written, seq.cached = n, n, n
+
+    def _shared(self, running: Sequence, seq: Sequence) -> int:
+        """Prompt tokens of seq that a running sequence's prompt starts with (whole blocks, all of
+        seq's prompt but its last at most), written in its row or not."""
+        if running.finished or running is seq:
+            return 0
+        n = common_prefix(running.tokens, seq.tokens, min(running.prompt_len, seq.prompt_len - 1))
+        return n // self.block * self.block
 
     def _match(self, slot: int, seq: Sequence) -> int:
         """Prompt tokens of seq that row `slot` holds at the same columns, written by a prefill (all
