@@ -69,39 +69,51 @@ def words(ids: list[int]) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-async def chat(client, model: str, system: str, users: list[str], max_tokens: int) -> list[dict]:
+async def chat(client, model: str, system: str, users: list[str], max_tokens: int,
+               extra_body: dict | None = None) -> list[dict]:
     """One conversation, turn by turn: each turn's prompt is the conversation so far and its new
-    message; per turn the time to first token, the reply and the usage."""
+    message; per turn the time to first token, the reply and the usage (extra_body: a peer
+    server's own fields; where it sends no usage, the streamed chunks are counted and llama-server's
+    `timings.prompt_n`, the prompt tokens it ran, is kept)."""
     history, turns = system, []
     for user in users:
         prompt = f"{history} {user}"
         sent = time.perf_counter()
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})
-        first, text, usage = None, [], None
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 **({"extra_body": extra_body} if extra_body else {}))
+        first, text, usage, timings = None, [], None, None
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
                 first = first or time.perf_counter()
                 text.append(chunk.choices[0].text)
             if chunk.usage is not None:
                 usage = chunk.usage
+            timings = (chunk.model_extra or {}).get("timings") or timings
         reply = "".join(text).strip()
-        details = usage.prompt_tokens_details
+        details = usage.prompt_tokens_details if usage is not None else None
         turns.append({"ttft_s": first - sent, "end_s": time.perf_counter(), "reply": reply,
-                      "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                      "cached_tokens": details.cached_tokens if details else 0})
+                      "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+                      "completion_tokens": usage.completion_tokens if usage is not None else len(text),
+                      "cached_tokens": details.cached_tokens if details else 0,
+                      "prompt_run": timings.get("prompt_n") if timings else None})
         history = f"{prompt} {reply}"
     return turns
 
 
-async def workload(url: str, model: str, texts: dict, max_tokens: int) -> dict:
+async def workload(url: str, model: str, texts: dict, max_tokens: int, extra_body: dict | None = None) -> dict:
+    import httpx
     import openai
 
-    clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
+    # a connection a request (no keep-alive): llama-server closed a kept connection under a turn that
+    # followed another at once ("Server disconnected without sending a response"); loopback connects cost ~0.1 ms
+    clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600,
+                                  http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0),
+                                                                timeout=3600))
                for _ in texts["users"]]
     t0 = time.perf_counter()
     try:
-        chats = await asyncio.gather(*(chat(c, model, texts["system"], users, max_tokens)
+        chats = await asyncio.gather(*(chat(c, model, texts["system"], users, max_tokens, extra_body)
                                        for c, users in zip(clients, texts["users"])))
     finally:
         for c in clients:

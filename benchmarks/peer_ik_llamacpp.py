@@ -2,7 +2,7 @@
 700m-shape ternary model that our benchmarks use, on this CPU.
 
     python benchmarks/peer_ik_llamacpp.py --src PATH/ik_llama.cpp [--isa native|avx2] [--threads 1,2]
-        [--reps 5] [--lock /tmp/bench.lock] [--server]
+        [--reps 5] [--lock /tmp/bench.lock] [--server] [--chat]
     python benchmarks/peer_ik_llamacpp.py --src PATH --preset 2b4t --gguf-only   # the files only (cpu_vs_peers.py)
 
 Nothing is downloaded and no binary is committed: --src is a source checkout of ik_llama.cpp
@@ -11,7 +11,7 @@ the tree is an export without .git).
 
 1. Build: CMake (Ninja if there), Release, into --build-dir (default
    ~/.cache/bitnet-peers/ik_llama.cpp-<commit[:12]>/<isa>), only the targets llama-bench and
-   llama-quantize (and llama-server with --server); an existing build is reused (configured again
+   llama-quantize (and llama-server with --server or --chat); an existing build is reused (configured again
    only when its flags differ). --isa native: -DGGML_NATIVE=ON (-march=native: AVX-512, VNNI, BF16
    here); --isa avx2: -DGGML_NATIVE=OFF with AVX, AVX2, FMA, F16C on and every AVX-512 option and
    AVX-VNNI off (-mavx -mavx2 -mfma -mf16c), for rows beside our AVX2-capped ones. Both with
@@ -37,8 +37,9 @@ the tree is an export without .git).
    bitnet-b1.58 loader would count them as unexpected). (`bitnet convert --to gguf --gguf-type
    iq2_bn` writes IQ2_BN itself, the same codes as ik's llama-quantize makes here: tests/test_gguf.py.)
    The tokenizer: a byte-level BPE of the
-   model's 32000 ids (3 specials, the 256 byte symbols, then words " a", " b", ..., " aa", ... each
-   one token, merges included), so that every id is a normal token with text.
+   model's 32000 ids (3 specials, the byte symbols of ASCII, then words " a", " b", ..., " aa", ...
+   each one token, merges included), so that every id is a normal token with text and any output
+   is valid UTF-8.
 3. llama-bench -m FILE -t T -p 128 -n 64 -r REPS -o json, per file and thread count (ik's defaults
    otherwise: flash attention on, f16 KV cache, batch 2048/ubatch 512, no run-time repacking), each
    run holding flock(2) on --lock when given (the lock `flock /tmp/bench.lock CMD` takes, so that no
@@ -59,6 +60,13 @@ the tree is an export without .git).
    tokens, no BOS), 32 tokens per request, greedy, ignore_eos (no request ends early, as bench_serve's
    model has no EOS); two untimed requests first; the whole run holds --lock, each level starts on an
    idle machine and records the CPU that other processes took meanwhile. Results: benchmarks/results/peer_ik_llamacpp_serve_cpu.{json,md}.
+5. --chat: ik's llama-server -np 4 (-c: 1024 positions a slot) under bench_prefix_cache.py's
+   multi-turn workload (4 chats at once, 4 turns, a shared 256-token system prompt, 64-token
+   messages, 32-token greedy replies, ignore_eos, each turn resending the conversation), each
+   request with cache_prompt true (its default: a slot keeps its last prompt and reply, a request
+   takes the free slot whose cache shares the most with it and prefills after the common part; a
+   RAM cache of earlier prompts besides) or false, --chat-rounds rounds alternating; prompt tokens
+   run counted by the server (timings.prompt_n). Results: benchmarks/results/peer_ik_llamacpp_prefix_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -121,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="build and write the GGUF files (F16, then IQ2_BN per --heads), print their facts as JSON on "
                          "stdout, measure nothing and write no results file (e.g. --preset 2b4t for cpu_vs_peers.py)")
     ap.add_argument("--server", action="store_true", help="also build and load-test llama-server")
+    ap.add_argument("--chat", action="store_true",
+                    help="also run bench_prefix_cache.py's multi-turn chats against llama-server, its prompt cache "
+                         "(cache_prompt, its default) on and off (results: --chat-name)")
+    ap.add_argument("--chat-rounds", type=int, default=2, help="--chat: rounds, each both settings, order alternating")
+    ap.add_argument("--chat-name", default="peer_ik_llamacpp_prefix_cpu")
     ap.add_argument("--server-threads", type=int, default=2)
     ap.add_argument("--server-slots", type=int, default=16, help="llama-server -np")
     ap.add_argument("--server-ctx", type=int, default=2048, help="llama-server -c (all slots together)")
@@ -148,8 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.server and per_slot < args.prompt_len + args.max_tokens + 1:
         ap.error(f"--server-ctx {args.server_ctx} / --server-slots {args.server_slots} = {per_slot} positions a "
                  f"slot, fewer than the prompt + tokens ({args.prompt_len + args.max_tokens})")
-    if args.no_bench and not args.server and not args.gguf_only:
-        ap.error("--no-bench without --server leaves nothing to do")
+    if args.no_bench and not args.server and not args.chat and not args.gguf_only:
+        ap.error("--no-bench without --server or --chat leaves nothing to do")
+    if args.chat_rounds < 1:
+        ap.error("--chat-rounds must be at least 1")
     if args.gguf_only and args.server:
         ap.error("--gguf-only measures nothing: not with --server")
     return args
@@ -207,7 +223,7 @@ def build(args: argparse.Namespace, commit: str) -> dict:
         with open(stamp, "w") as f:
             json.dump(want, f, indent=1)
     t0 = time.time()
-    cmd = nice + ["cmake", "--build", bdir, "--target", *build_targets(args.server), "-j", str(args.jobs)]
+    cmd = nice + ["cmake", "--build", bdir, "--target", *build_targets(args.server or args.chat), "-j", str(args.jobs)]
     print("build:", " ".join(cmd), file=sys.stderr, flush=True)
     run_logged(cmd, os.path.join(bdir, "build.log"))
     cache = read_cmake_cache(os.path.join(bdir, "CMakeCache.txt"))
@@ -294,14 +310,32 @@ def word(n: int) -> str:
     return s
 
 
+def ascii_byte_symbols() -> list[str]:
+    """Byte-level BPE's symbols of the bytes 0..127 (GPT-2's bytes_to_unicode: printable bytes
+    stand for themselves, the others for chr(256 + i) in order)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    symbol, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbol[b] = chr(b)
+        else:
+            symbol[b], n = chr(256 + n), n + 1
+    return [symbol[b] for b in range(128)]
+
+
+ALPHABET = 128  # byte symbols in the peer's vocabulary: ASCII only
+
+
 def ik_tokenizer_json(vocab_size: int) -> bytes:
-    """tokenizer.json of a byte-level BPE over exactly vocab_size ids: <unk>, <s>, </s>, the 256 byte
-    symbols, then the words " a", " b", ..., " aa", ... (one token each: the merges build every word
-    from its prefix), so that every id is a normal token with text."""
+    """tokenizer.json of a byte-level BPE over exactly vocab_size ids: <unk>, <s>, </s>, the byte
+    symbols of ASCII, then the words " a", " b", ..., " aa", ... (one token each: the merges build
+    every word from its prefix), so that every id is a normal token with text. ASCII only: a random
+    model's greedy output is then always valid UTF-8 (with all 256 byte symbols a lone byte from 0x80
+    up came out, and llama-server answered 500 `invalid UTF-8 byte` or dropped the stream)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<unk>", "<s>", "</s>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 symbols, as byte-level BPE writes bytes
+    alphabet = ascii_byte_symbols()
     if vocab_size <= len(specials) + len(alphabet):
         raise ValueError(f"vocab_size {vocab_size} leaves no room for words")
     space = "\u0120"  # the byte-level symbol of " "
@@ -324,7 +358,7 @@ def ik_tokenizer_json(vocab_size: int) -> bytes:
 def prompt_text(ids: list[int], vocab_size: int) -> str:
     """Text whose tokens (by ik_tokenizer_json's tokenizer) are the word tokens with these indices
     (taken modulo the number of words)."""
-    n_words = vocab_size - 3 - 256
+    n_words = vocab_size - 3 - ALPHABET
     return "".join(" " + word(1 + i % n_words) for i in ids)
 
 
@@ -631,6 +665,106 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
                                    "finish_reason": r["finish_reason"]} for r in runs] for c, runs in raw.items()}}
 
 
+CHAT_SETTINGS = {"prompt cache": {"cache_prompt": True}, "no prompt cache": {"cache_prompt": False}}
+
+
+def chats(args: argparse.Namespace, build_info: dict, model_path: str, vocab_size: int) -> dict:
+    """bench_prefix_cache.py's workload (its defaults: 4 chats at once, 4 turns, a shared 256-token
+    system prompt, 64-token messages, 32-token greedy replies) against llama-server -np <chats>, each
+    request with cache_prompt true (llama-server's default: a slot keeps its last prompt and reply,
+    a request takes the free slot whose cache shares the most with its prompt, and prefills after
+    the common part) or false, rounds alternating; texts of the vocabulary's words (one token each)."""
+    import random
+
+    from bitnet.bench import free_port, load_script, wait_healthy
+
+    bpc = load_script(os.path.join(HERE, "bench_prefix_cache.py"))
+    bargs = bpc.Args()
+    slot_ctx = 1 << (bargs.system_len + bargs.turns * (bargs.user_len + bargs.max_tokens) + 16).bit_length()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [os.path.join(build_info["bin"], "llama-server"), "-m", model_path, "-t", str(args.server_threads),
+           "-np", str(bargs.conversations), "-cb", "-c", str(bargs.conversations * slot_ctx), "--host", "127.0.0.1",
+           "--port", str(port)]
+    rng = random.Random(args.seed + 1)
+    draw = lambda n: prompt_text([rng.randrange(vocab_size) for _ in range(n)], vocab_size).strip()  # noqa: E731
+    warm = [draw(bargs.system_len) for _ in range(2)]
+    texts = [{"system": draw(bargs.system_len),
+              "users": [[draw(bargs.user_len) for _ in range(bargs.turns)] for _ in range(bargs.conversations)]}
+             for _ in range(args.chat_rounds)]
+    runs: dict[str, list[dict]] = {name: [] for name in CHAT_SETTINGS}
+    log_path = os.path.join(os.path.dirname(model_path), "llama-server-chat.log")
+    bs = load_bench_serve()
+    with open(log_path, "w+") as log, Lock(args.lock):
+        print("server:", " ".join(cmd), file=sys.stderr, flush=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(model_path))
+        try:
+            wait_healthy(proc, url, "llama-server", log_path)
+            warm_args = argparse.Namespace(max_tokens=4, time_limit=600)
+            asyncio.run(bs.level(warm_args, url, "ik", 1, warm, IK_EXTRA))  # untimed
+            for r in range(args.chat_rounds):
+                for name in (list(CHAT_SETTINGS) if r % 2 == 0 else list(CHAT_SETTINGS)[::-1]):
+                    print(f"round {r + 1}: {name} ...", file=sys.stderr, flush=True)
+                    run = asyncio.run(bpc.workload(url, "ik", texts[r], bargs.max_tokens, {**IK_EXTRA, **CHAT_SETTINGS[name]}))
+                    run.update(round=r + 1, max_tokens=bargs.max_tokens)
+                    runs[name].append(run)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    rows = []
+    for name, rs in runs.items():
+        per = []
+        for run in rs:
+            turns = [t for c in run["chats"] for t in c]
+            per.append({"wall_s": run["wall_s"],
+                        "ttft_first_p50_ms": statistics.median(c[0]["ttft_s"] for c in run["chats"]) * 1e3,
+                        "ttft_later_p50_ms": statistics.median(t["ttft_s"] for c in run["chats"] for t in c[1:]) * 1e3,
+                        "prompt_tokens": sum(t["prompt_tokens"] or 0 for t in turns),
+                        "prompt_run": sum(t["prompt_run"] or 0 for t in turns),
+                        "complete": sum(t["completion_tokens"] == bargs.max_tokens for t in turns), "turns": len(turns)})
+        rows.append({"system": f"ik_llama.cpp llama-server, {name}",
+                     **{k: statistics.median(x[k] for x in per) for k in ("wall_s", "ttft_first_p50_ms",
+                                                                        "ttft_later_p50_ms", "prompt_tokens", "prompt_run")},
+                     "complete": f"{sum(x['complete'] for x in per)}/{sum(x['turns'] for x in per)}",
+                     "per_round_wall_s": [round(x["wall_s"], 2) for x in per]})
+    for row in rows:
+        row["speedup"] = rows[1]["wall_s"] / row["wall_s"]
+    return {"command": " ".join(cmd), "build": build_info, "workload": dataclass_dict(bargs), "rows": rows, "runs": runs}
+
+
+def dataclass_dict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def chat_markdown(payload: dict, env: dict) -> str:
+    from bitnet.report import table
+
+    w = payload["workload"]
+    return "\n".join([
+        f"# ik_llama.cpp llama-server, multi-turn chats with and without its prompt cache: the random `700m` model on "
+        f"{env['device']}", "",
+        f"CPU flags {', '.join(env['cpu_flags'])}; ik_llama.cpp commit {payload['build']['commit'][:12]}; {env['date']}. "
+        f"Server: `{os.path.basename(payload['command'].split()[0])} {' '.join(payload['command'].split()[1:])}`. "
+        f"bench_prefix_cache.py's workload: {w['conversations']} chats at once, {w['turns']} turns each, a shared "
+        f"{w['system_len']}-token system prompt, {w['user_len']}-token messages, {w['max_tokens']}-token greedy replies "
+        "(ignore_eos), each turn resending the conversation; per request cache_prompt true (llama-server's default) or "
+        "false, rounds alternating; cells: median over rounds. Prompt tokens run: llama-server's own count "
+        "(timings.prompt_n). Protocol: benchmarks/peer_ik_llamacpp.py --chat.", "",
+        table(payload["rows"], [("system", "server", ""), ("wall_s", "workload s", ".2f"), ("speedup", "x no cache", ".2f"),
+                                ("ttft_first_p50_ms", "TTFT first turn p50 ms", ".0f"),
+                                ("ttft_later_p50_ms", "TTFT later turns p50 ms", ".0f"),
+                                ("prompt_tokens", "prompt tokens sent", ".0f"),
+                                ("prompt_run", "run through the model", ".0f"), ("complete", "replies complete", ""),
+                                ("per_round_wall_s", "workload s per round", "")], markdown=True),
+        "", "Ours under the same workload: benchmarks/results/prefix_cache_cpu.md.",
+    ])
+
+
 def serve_markdown(payload: dict, env: dict) -> str:
     from bitnet.report import table
 
@@ -670,7 +804,7 @@ def prepare_files(args: argparse.Namespace, info: dict, heads: list[str]) -> tup
     """The F16 GGUF of the random --preset model (written once, kept in --workdir) and its IQ2_BN
     quantizations, one per head type (made again when older than the F16 file): (export facts,
     {head: quantize facts}, vocab size)."""
-    work = args.workdir or os.path.join(DEFAULT_CACHE, f"ik-gguf-{args.preset}-seed{args.seed}")
+    work = args.workdir or os.path.join(DEFAULT_CACHE, f"ik-gguf-{args.preset}-seed{args.seed}-ascii")  # (the vocabulary)
     os.makedirs(work, exist_ok=True)
     f16_path = os.path.join(work, f"bitnet-{args.preset}-{IK_ARCH}-F16.gguf")
     model = None
@@ -735,6 +869,12 @@ def main(argv: list[str] | None = None) -> int:
             payload["builds"] = {args.isa: info}
         env = environment()
         path = save_results(args.name, payload, bench_markdown(payload, env), args.out_dir)
+        print(f"saved {path}", file=sys.stderr)
+
+    if args.chat:
+        payload = chats(args, info, files[args.server_head]["path"], vocab_size)
+        env = environment()
+        path = save_results(args.chat_name, payload, chat_markdown(payload, env), args.out_dir)
         print(f"saved {path}", file=sys.stderr)
 
     if args.server:
