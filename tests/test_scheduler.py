@@ -697,8 +697,8 @@ def test_aligned_chunks_and_a_copied_prefix_give_the_whole_prefill_bit_for_bit(d
     """A 320-token prompt at a shape where one attention call per chunk was not enough (hidden 256,
     4 heads of 64, 4 layers: chunks of 256 + 64 moved the logits by 0.017 fp32 / 0.066 bf16, a
     last-bit difference in one layer crossing an int8 rounding step in the next): chunks cut at
-    multiples of PROMPT_BLOCK, and a prefix of 256 copied from another row whose prompt continued
-    otherwise, give generate()'s prefill logits to the last bit."""
+    multiples of PROMPT_BLOCK (a last one of one token too), and a prefix of 256 copied from another
+    row whose prompt continued otherwise, give generate()'s prefill logits to the last bit."""
     torch.manual_seed(0)
     config = BitNetConfig.from_preset("tiny", initializer_range=0.05, hidden_size=256, num_attention_heads=4,
                                       num_key_value_heads=4, intermediate_size=512, num_hidden_layers=4,
@@ -716,6 +716,11 @@ def test_aligned_chunks_and_a_copied_prefix_give_the_whole_prefill_bit_for_bit(d
     runner.prefill(1, other, 0)
     runner.copy_prefix(1, 0, 256)
     assert torch.equal(runner.prefill(0, prompt[256:], 256), lone)
+    # a last chunk of one token (a 321-token prompt after 320 cached ones) attends as the prefill does
+    longer = prompt + [11]
+    lone = solo_logits(model, longer, 1)[0]
+    runner.prefill(1, longer[:320], 0)
+    assert torch.equal(runner.prefill(1, longer[320:], 320), lone)
     runner.close()
 
 

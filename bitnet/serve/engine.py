@@ -220,7 +220,6 @@ class Engine:
         # min_prefix tokens; bitnet.serve.scheduler)
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, prefix_cache=prefix_cache, min_prefix=min_prefix,
                                    block=PROMPT_BLOCK)
-        self.cached_tokens = 0  # prompt tokens taken from the prefix cache, in all
         self._cond = threading.Condition()
         self._seqs: dict[int, Seq] = {}
         self._ids = itertools.count()
@@ -392,9 +391,8 @@ class Engine:
         once they are written (or queued on the device, before anything that reads them)."""
         for src, dst, n in step.copies:  # before the forward writes any row (in the order planned)
             self.runner.copy_prefix(src, dst, n)
-        self.cached_tokens += sum(seq.cached for seq, lo, _ in step.prefill if lo == seq.cached)
         work = [(seq, Segment(seq.slot, seq.payload.prompt[lo:hi], lo, logits=hi == seq.prompt_len,
-                              every=seq.payload.prompt_logprobs is not None))
+                              every=seq.payload.prompt_logprobs is not None, prompt=True))
                 for seq, lo, hi in step.prefill if not seq.finished]
         decode = [s for s in step.decode if not s.finished]
         work += [(seq, Segment(seq.slot, [seq.payload.last_token], seq.position)) for seq in decode]

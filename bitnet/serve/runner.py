@@ -43,9 +43,8 @@ GPU). A float (twin) model's projections are float GEMMs: there a batch may diff
 in the last bits. A prompt cut in chunks, or started after a prefix copied from another row
 (copy_prefix: prefix caching), is a lone prefill bit for bit on the CPU where every chunk starts
 at a multiple of bitnet.model.PROMPT_BLOCK (the prompt attention runs in blocks aligned to it, in
-a lone prefill too: bitnet.model.prompt_attention; the scheduler cuts there), except a chunk of one
-token, which takes the unmasked path. On a GPU a chunk's numbers are the whole prompt's within
-float rounding.
+a lone prefill too: bitnet.model.prompt_attention; the scheduler cuts there), a chunk of one token
+included (Segment.prompt). On a GPU a chunk's numbers are the whole prompt's within float rounding.
 """
 
 from __future__ import annotations
@@ -73,13 +72,15 @@ log = logging.getLogger("bitnet.serve")
 class Segment:
     """tokens[i] goes into cache column start + i of row `slot` (RoPE position start + i);
     `logits`: return the logits after its last token; `every`: after each of its tokens (a prompt
-    scored: its tokens' logprobs)."""
+    scored: its tokens' logprobs); `prompt`: tokens of a prompt (on the CPU a one-token chunk of
+    one after its first position attends as a prefill does, not as a decode step)."""
 
     slot: int
     tokens: Sequence[int]
     start: int
     logits: bool = True
     every: bool = False
+    prompt: bool = False
 
     @property
     def rows(self) -> int:
@@ -135,7 +136,7 @@ class ModelRunner:
     # ----------------------------------------------------------------------------- the two kinds
     def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
         """Prompt tokens ids at columns start.. of row `slot`; logits (vocab,) after the last one."""
-        return self.step([Segment(slot, list(ids), start)])[0]
+        return self.step([Segment(slot, list(ids), start, prompt=True)])[0]
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """One token per sequence, tokens[r] at column positions[r] of row slots[r]; logits (B, vocab)."""
@@ -174,7 +175,7 @@ class ModelRunner:
             raise ValueError(f"tokens beyond a cache row of {self.max_seq_len}: "
                              f"{[(s.start, s.start + len(s.tokens)) for s in segs]}")
         m, dev = self.model.model, self.device
-        pure_decode = all(len(s.tokens) == 1 for s in segs)  # one token a segment
+        pure_decode = all(len(s.tokens) == 1 and not _prompt_single(s, dev) for s in segs)  # one token a segment
         wants_all = all(s.logits or s.every for s in segs)
         if pure_decode and wants_all and dev.type != "cpu":  # off the CPU no native layer: from tensors alone
             return self._decode(segs)
@@ -447,12 +448,13 @@ class ModelRunner:
         singles = []  # the one-token segments, attended in one call (native or Triton decode attention; SDPA on a GPU)
         for i, s in enumerate(plan.segs):
             T, off, end = len(s.tokens), plan.offsets[i], s.start + len(s.tokens)
-            if T == 1 and (native_decode or not cpu or triton):
+            single = _prompt_single(s, q.device)  # a prompt's one-token chunk: as a prefill runs it
+            if T == 1 and not single and (native_decode or not cpu or triton):
                 singles.append(i)
                 continue
             q_s = q[:, :, off:off + T]  # (1, nh, T, hd)
             S = end if cpu else cache.k.shape[2]  # the CPU reads the live window, a GPU the static row
-            if T > 1 and modeling.blocked_prompts(q.device):  # as a lone prefill runs it: in aligned blocks
+            if (T > 1 or single) and modeling.blocked_prompts(q.device):  # as a lone prefill runs it: aligned blocks
                 y_s = prompt_attention(q_s, cache.k[s.slot:s.slot + 1], cache.v[s.slot:s.slot + 1], plan.mask(i, S),
                                        s.start, gqa)
                 y[0, off:off + T].view(T, nh, hd).copy_(y_s[0].transpose(0, 1))
@@ -493,6 +495,14 @@ class ModelRunner:
         y_b = F.scaled_dot_product_attention(q_b[:, :, None], k_b.to(dtype), v_b.to(dtype),
                                              attn_mask=mask[:, None, None, :], enable_gqa=gqa)  # (B, nh, 1, hd)
         return y_b.reshape(B, nh * hd)
+
+
+def _prompt_single(s: Segment, device: torch.device) -> bool:
+    """A one-token chunk of a prompt after its first position, on the CPU: the whole prompt's
+    prefill attends to that position in an aligned block (bitnet.model.prompt_attention), so the
+    chunk does too, not through the decode path a one-token step takes (a prompt of one token is
+    a lone decode step's, as generate runs it)."""
+    return s.prompt and s.start > 0 and len(s.tokens) == 1 and modeling.blocked_prompts(device)
 
 
 class _Plan:
