@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -680,6 +681,7 @@ def chats(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
 
     bpc = load_script(os.path.join(HERE, "bench_prefix_cache.py"))
     bargs = bpc.Args()
+    # positions a slot: the longest conversation (and a BOS), rounded up to a power of two (1024 by default)
     slot_ctx = 1 << (bargs.system_len + bargs.turns * (bargs.user_len + bargs.max_tokens) + 16).bit_length()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -732,13 +734,8 @@ def chats(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
                      "per_round_wall_s": [round(x["wall_s"], 2) for x in per]})
     for row in rows:
         row["speedup"] = rows[1]["wall_s"] / row["wall_s"]
-    return {"command": " ".join(cmd), "build": build_info, "workload": dataclass_dict(bargs), "rows": rows, "runs": runs}
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
+    return {"command": " ".join(cmd), "build": build_info, "workload": dataclasses.asdict(bargs), "rows": rows,
+            "runs": runs}
 
 
 def chat_markdown(payload: dict, env: dict) -> str:
