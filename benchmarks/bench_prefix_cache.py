@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitnet.bench import RESULTS_DIR, environment, free_port, load_script, save_results
+from bitnet.bench import RESULTS_DIR, environment, free_port, load_script, save_results, stop_server
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.report import table
 
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                         runs[name].append(run)
                         print(f"  {summary(run)}", file=sys.stderr, flush=True)
                     finally:
-                        proc.terminate()
-                        proc.wait(60)
+                        stop_server(proc)
     rows = []
     for name, rs in runs.items():
         s = [summary(run) for run in rs]

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from bitnet import BitNetConfig
-from bitnet.bench import RESULTS_DIR, environment, free_port, random_model, save_results, wait_healthy
+from bitnet.bench import RESULTS_DIR, environment, free_port, random_model, save_results, stop_server, wait_healthy
 from bitnet.cli import add_dataclass_arguments, arg
 from bitnet.report import table
 
@@ -348,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({**summarize(c, runs, args.max_tokens), **step_summary(before, step_stats(url))})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             finally:
-                proc.terminate()
-                proc.wait(60)
+                stop_server(proc)
                 log.seek(0)
                 server_log = log.read()[-4000:]
     env = {**environment(), **kernels_state()}

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from bitnet.bench import environment, free_port, save_results, wait_healthy
+from bitnet.bench import environment, free_port, save_results, stop_server, wait_healthy
 from bitnet.report import table
 
 TASKS = {
@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds["bitnet serve"] = run_lm_eval(cmd, "local-completions", served, work, os.path.join(work, "out_serve"),
                                                   os.path.join(work, "serve_eval.log"))
         finally:
-            server.terminate()
-            server.wait(60)
+            stop_server(server)
     print(f"  lm_eval --model local-completions (bitnet serve): {seconds['bitnet serve']:.0f} s")
 
     (m_hf, s_hf, versions), (m_srv, s_srv, _) = read_run(os.path.join(work, "out_hf")), read_run(os.path.join(work, "out_serve"))

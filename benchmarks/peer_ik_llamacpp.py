@@ -620,7 +620,7 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
     def prompts(n):
         return [prompt_text([rng.randrange(vocab_size) for _ in range(args.prompt_len)], vocab_size) for _ in range(n)]
 
-    from bitnet.bench import wait_healthy
+    from bitnet.bench import stop_server, wait_healthy
 
     rows, raw = [], {}
     with open(log_path, "w+") as log, Lock(args.lock):
@@ -653,11 +653,7 @@ def serve(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
             log.seek(0)
             tail = log.read()[-4000:]
     return {"command": " ".join(cmd), "levels": rows, "server_log_tail": tail,
@@ -677,7 +673,7 @@ def chats(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
     the common part) or false, rounds alternating; texts of the vocabulary's words (one token each)."""
     import random
 
-    from bitnet.bench import free_port, load_script, wait_healthy
+    from bitnet.bench import free_port, load_script, stop_server, wait_healthy
 
     bpc = load_script(os.path.join(HERE, "bench_prefix_cache.py"))
     bargs = bpc.Args()
@@ -711,11 +707,7 @@ def chats(args: argparse.Namespace, build_info: dict, model_path: str, vocab_siz
                     run.update(round=r + 1, max_tokens=bargs.max_tokens)
                     runs[name].append(run)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     rows = []
     for name, rs in runs.items():
         per = []

@@ -103,6 +103,16 @@ def wait_healthy(proc, url: str, what: str, log_path: str, timeout: float = 600)
     raise RuntimeError(f"{what} did not come up within {timeout} s; its log: {log_path}")
 
 
+def stop_server(proc, timeout: float = 60) -> None:
+    """End a server a benchmark started: SIGTERM, then SIGKILL if it has not exited within timeout s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def load_script(path: str, name: str | None = None):
     """The Python file at `path` as a module, loaded once a process: how one benchmark script uses
     another (benchmarks/ is no package) or a peer's own Python file. Registered in sys.modules under

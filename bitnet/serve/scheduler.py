@@ -201,10 +201,10 @@ class Scheduler:
         else:
             slot, cached = min(free, key=lambda i: self.freed[i]), 0
         if self.prefix_cache and seq.tokens is not None and seq.reuse:
+            own = {i: self._match(i, seq) for i in free}  # what each free row holds of the prompt
             for i in free:
-                n = self._match(i, seq)
-                if n >= self.min_prefix and n > cached:
-                    slot, cached = i, n
+                if own[i] >= self.min_prefix and own[i] > cached:
+                    slot, cached = i, own[i]
             source, copied = None, cached
             for i, s in enumerate(self.slots):
                 if s is not None and (n := self._match(i, seq)) >= copied + self.min_prefix:
@@ -213,7 +213,7 @@ class Scheduler:
             for s in self.slots:
                 if s is not None and s.tokens is not None and (n := self._shared(s, seq)) >= awaits + self.min_prefix:
                     donor, awaits = s, n
-            unmatched = min(free, key=lambda i: (self._match(i, seq) > 0, self.freed[i]))  # keeps others' histories
+            unmatched = min(free, key=lambda i: (own[i] > 0, self.freed[i]))  # keeps others' histories
             if donor is not None:  # (its own slot's columns, if any, serve should the donor fail)
                 seq.donor, seq.awaits = donor, awaits
                 slot = slot if cached else unmatched

@@ -69,6 +69,13 @@ static void weighted_acc_scalar(const float* p, const KT* values, int64_t L, int
       for (int64_t d = 0; d < D; ++d) y[d] += p[j] * cache_float(values[j * D + d]);
 }
 
+// The softmax's exponentials on AVX2 and AVX-512, one method: e^x by range reduction (n = round(x
+// log2 e), r = x - n ln 2 in two parts) and Cephes' degree-6 polynomial for e^r (max relative error
+// about 2 float32 ulps), scaled by 2^n; x clamped below at kExpMin (e^x then ~1e-38: a weight of 0).
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kExpMin = -87.3f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 #ifdef BITNET_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -147,18 +154,18 @@ static void weighted_acc_avx2(const float* p, const KT* values, int64_t L, int64
       for (int64_t d = D8; d < D; ++d) y[d] += p[j] * cache_float(values[j * D + d]);
 }
 
-// softmax_exp_avx512's exponentials on AVX2 (the same range reduction and polynomial, 2^n made in
-// the exponent's bits: n lies in [-126, 0] since x >= -87.3), 8 lanes a step, a short tail through
-// a padded copy. std::exp a key at a time took about a third of the AVX2 decode attention at 1024
+// p[j] = exp(s[j] - m) in place (0 where s[j] is -inf: a masked key), returning their sum, 8 lanes
+// a step (kExpPoly; 2^n made in the exponent's bits: n lies in [-126, 0] since x >= kExpMin), a
+// short tail through a padded copy. std::exp a key at a time took about a third of the AVX2 decode attention at 1024
 // tokens (2B-4T: 20 heads x 1024 keys x 30 layers, 614k exponentials a token). The 2-core EPYC
 // capped to AVX2, 30 layers of 2B-4T's attention from a bf16 cache, alternating processes, 2 rounds:
 // 1 thread 1024 / 2048 tokens 8.1-8.3 / 16.2-16.3 -> 6.4-6.8 / 12.7-13.1 ms; 2 threads 4.3 / 8.5-8.6
 // -> 3.5 / 6.5-6.7 ms.
 static float softmax_exp_avx2(float* s, int64_t L, float m) {
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), ln2_hi = _mm256_set1_ps(0.693359375f),
-               ln2_lo = _mm256_set1_ps(-2.12194440e-4f), lo = _mm256_set1_ps(-87.3f), mv = _mm256_set1_ps(m);
-  const __m256 c0 = _mm256_set1_ps(1.9875691500e-4f), c1 = _mm256_set1_ps(1.3981999507e-3f), c2 = _mm256_set1_ps(8.3334519073e-3f),
-               c3 = _mm256_set1_ps(4.1665795894e-2f), c4 = _mm256_set1_ps(1.6666665459e-1f), c5 = _mm256_set1_ps(5.0000001201e-1f),
+  const __m256 log2e = _mm256_set1_ps(kLog2e), ln2_hi = _mm256_set1_ps(kLn2Hi), ln2_lo = _mm256_set1_ps(kLn2Lo),
+               lo = _mm256_set1_ps(kExpMin), mv = _mm256_set1_ps(m);
+  const __m256 c0 = _mm256_set1_ps(kExpPoly[0]), c1 = _mm256_set1_ps(kExpPoly[1]), c2 = _mm256_set1_ps(kExpPoly[2]),
+               c3 = _mm256_set1_ps(kExpPoly[3]), c4 = _mm256_set1_ps(kExpPoly[4]), c5 = _mm256_set1_ps(kExpPoly[5]),
                one = _mm256_set1_ps(1.f), ninf = _mm256_set1_ps(-INFINITY);
   const __m256i bias = _mm256_set1_epi32(127);
   __m256 sum = _mm256_setzero_ps();
@@ -324,14 +331,13 @@ static void group_weighted_avx512_any(const float* p, int64_t R, const KT* value
     else group_weighted_avx512<1, KT>(p + r * L, values, L, D, y + r * D), r += 1;
   }
 }
-// p[j] = exp(s[j] - m) in place (0 where s[j] is -inf: a masked key), returning their sum: exp by
-// range reduction (n = round(x log2 e), r = x - n ln 2 in two parts) and Cephes' degree-6
-// polynomial for e^r (max relative error about 2 float32 ulps), scaled by 2^n.
+// p[j] = exp(s[j] - m) in place (0 where s[j] is -inf: a masked key), returning their sum, 16 lanes
+// a step (kExpPoly; 2^n by scalef).
 static float softmax_exp_avx512(float* s, int64_t L, float m) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
-               ln2_lo = _mm512_set1_ps(-2.12194440e-4f), lo = _mm512_set1_ps(-87.3f), mv = _mm512_set1_ps(m);
-  const __m512 c0 = _mm512_set1_ps(1.9875691500e-4f), c1 = _mm512_set1_ps(1.3981999507e-3f), c2 = _mm512_set1_ps(8.3334519073e-3f),
-               c3 = _mm512_set1_ps(4.1665795894e-2f), c4 = _mm512_set1_ps(1.6666665459e-1f), c5 = _mm512_set1_ps(5.0000001201e-1f),
+  const __m512 log2e = _mm512_set1_ps(kLog2e), ln2_hi = _mm512_set1_ps(kLn2Hi), ln2_lo = _mm512_set1_ps(kLn2Lo),
+               lo = _mm512_set1_ps(kExpMin), mv = _mm512_set1_ps(m);
+  const __m512 c0 = _mm512_set1_ps(kExpPoly[0]), c1 = _mm512_set1_ps(kExpPoly[1]), c2 = _mm512_set1_ps(kExpPoly[2]),
+               c3 = _mm512_set1_ps(kExpPoly[3]), c4 = _mm512_set1_ps(kExpPoly[4]), c5 = _mm512_set1_ps(kExpPoly[5]),
                one = _mm512_set1_ps(1.f), ninf = _mm512_set1_ps(-INFINITY);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < L; j += 16) {
