@@ -131,7 +131,10 @@ def train_cmd(cfg: TrainConfig) -> None:
     row = train(cfg)
     if row and int(os.environ.get("RANK", "0")) == 0:
         val = f", val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})" if "val_loss" in row else ""
-        print(f"step {row['step']}: train loss {row['train_loss']:.4f}{val}; checkpoint in {cfg.out}, "
+        if "teacher_val_loss" in row:
+            val += f", the teacher's {row['teacher_val_loss']:.4f}"
+        kl = f", distill loss {row['distill_loss']:.4f}" if "distill_loss" in row else ""
+        print(f"step {row['step']}: train loss {row['train_loss']:.4f}{kl}{val}; checkpoint in {cfg.out}, "
               f"packed export in {os.path.join(cfg.out, 'export')}")
 
 

@@ -40,13 +40,14 @@ from safetensors.torch import load_file
 from ..args import arg, device as named_device
 from ..atomic import SaveError, atomic_save_safetensors, atomic_write_bytes, free_bytes, human
 from ..config import PRESETS, BitNetConfig
-from ..convert import bitlinears, convert, freeze, set_quant_strength, unfreeze
+from ..convert import bitlinears, convert, freeze, quantization_mode, set_quant_strength, unfreeze
 from ..hub import resolve
 from ..model import BitNetForCausalLM
 from ..plots import plot_metrics, read_jsonl
 from ..quant import quantize_weight
 from ..runlock import RunLock, RunLockError
 from . import data as D
+from .distill import distill_loss
 from .recipes import Recipe, default_recipe
 from .schedule import SCHEDULES, Schedule
 
@@ -106,6 +107,13 @@ class TrainConfig:
     hub_cache_dir: str | None = arg(None, help="--init hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
     local_files_only: bool = arg(False, help="--init hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
     quant_warmup_steps: int = arg(0, help="quantization warm-up: lambda rises from 0 to 1 over these steps")
+    teacher: str | None = arg(None, help="distill from this frozen model (a folder or hub id with the same tokenizer; "
+                              "e.g. the float model given to --init): loss = CE + --distill-weight x T^2 x "
+                              "KL(teacher || student)")
+    teacher_revision: str | None = arg(None, help="--teacher hub id: branch, tag or commit (default: main)")
+    distill_weight: float | None = arg(None, help="--teacher: weight of the KL term (default 1)")
+    distill_temperature: float | None = arg(None, help="--teacher: softmax temperature T of both distributions "
+                                            "(default 1)")
     eval_every: int = arg(100, help="validate every N steps (and at the end)")
     eval_windows: int = arg(64, help="validation windows per evaluation (0: the whole held-out split)")
     save_every: int | None = arg(None, help="checkpoint every N steps (default: eval_every; always at the end)")
@@ -261,10 +269,14 @@ class Trainer:
         self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
         self.global_batch = cfg.micro_batch * cfg.grad_accum * d.dp
 
-        self.init_dir = self._resolve_init()
+        self.init_dir = self._resolve(cfg.init, cfg.init_revision)
+        self.teacher_dir = self._resolve(cfg.teacher, cfg.teacher_revision)
         self.tokenizer, train_tokens, val_tokens = self._prepare_data(resuming=saved is not None)
         self.model = self._build_model()
         self.config: BitNetConfig = self.model.config
+        self.teacher = self._build_teacher()
+        self.distill_weight = 1.0 if cfg.distill_weight is None else cfg.distill_weight
+        self.distill_temperature = 1.0 if cfg.distill_temperature is None else cfg.distill_temperature
         if cfg.tp > 1:
             from .parallel import ParallelError, check_layout
 
@@ -290,7 +302,10 @@ class Trainer:
 
         self.model.to(device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
+        if self.teacher is not None:
+            self.teacher.to(device)
         self.engine = self._wrap()
+        self.teacher_val_loss: float | None = None
         self.optimizer = self._optimizer()
         self.step, self.position = 0, 0
         if saved is not None:
@@ -311,6 +326,9 @@ class Trainer:
                    beta1=r.beta1, beta2=r.beta2, eps=1e-8, grad_clip=cfg.grad_clip,
                    batch_sequences=self.global_batch, seq_len=cfg.seq_len,
                    batch_tokens=self.global_batch * cfg.seq_len, source=r.source)
+        if self.teacher is not None:
+            rec.update(teacher=cfg.teacher, distill_weight=self.distill_weight,
+                       distill_temperature=self.distill_temperature)
         return rec
 
     def _recipe_line(self) -> str:
@@ -343,6 +361,15 @@ class Trainer:
             raise TrainingError(f"--lr must be positive, got {c.lr}")
         if c.stop_at is not None and c.stop_at < 1:
             raise TrainingError(f"--stop-at must be at least 1, got {c.stop_at}")
+        if not c.teacher:
+            given = [f"--{n.replace('_', '-')}" for n in ("teacher_revision", "distill_weight", "distill_temperature")
+                     if getattr(c, n) is not None]
+            if given:
+                raise TrainingError(f"{', '.join(given)} without --teacher: name the model to distill from")
+        if c.distill_weight is not None and not c.distill_weight >= 0:
+            raise TrainingError(f"--distill-weight must be 0 or more, got {c.distill_weight}")
+        if c.distill_temperature is not None and not c.distill_temperature > 0:
+            raise TrainingError(f"--distill-temperature must be positive, got {c.distill_temperature}")
         w = self.d.world
         if c.tp < 1 or c.tp > w or w % c.tp:
             why = ("must be at least 1" if c.tp < 1 else f"is larger than the world size {w}" if c.tp > w
@@ -358,12 +385,13 @@ class Trainer:
         d = self.d
         return f"world {d.world}" if d.tp == 1 else f"dp {d.dp} (world {d.world} / tp {d.tp})"
 
-    def _resolve_init(self) -> str | None:
-        """--init as a local folder: itself, or its hub snapshot (rank 0 fetches, the others then read the cache)."""
+    def _resolve(self, source: str | None, revision: str | None) -> str | None:
+        """--init / --teacher as a local folder: itself, or its hub snapshot (rank 0 fetches, the others
+        then read the cache)."""
         c = self.cfg
-        if not c.init:
+        if not source:
             return None
-        get = lambda: resolve(c.init, c.init_revision, c.hub_cache_dir, c.local_files_only)  # noqa: E731
+        get = lambda: resolve(source, revision, c.hub_cache_dir, c.local_files_only)  # noqa: E731
         folder = get() if self.d.main else None
         self.d.barrier()
         return folder if folder is not None else get()
@@ -458,20 +486,65 @@ class Trainer:
             set_quant_strength(model, 0.0)
         return model.float()
 
+    def _build_teacher(self) -> BitNetForCausalLM | None:
+        """--teacher, frozen in eval mode (bf16 where the run autocasts to bf16); its vocabulary must
+        cover the student's and its tokenizer give the student's tokens the same ids."""
+        cfg = self.cfg
+        if not self.teacher_dir:
+            return None
+        teacher = BitNetForCausalLM.from_pretrained(self.teacher_dir,
+                                                    dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        ours, theirs = self.config.vocab_size, teacher.config.vocab_size
+        if theirs < ours or (cfg.tp > 1 and theirs != ours):
+            need = "the same vocabulary size (under --tp both are sharded over it)" if cfg.tp > 1 else \
+                "at least the student's vocabulary"
+            raise TrainingError(f"--teacher {cfg.teacher} has {theirs} tokens in its vocabulary, the student {ours}: "
+                                f"distillation needs {need}")
+        if os.path.isfile(os.path.join(self.teacher_dir, "tokenizer.json")):
+            their_ids = D.load_tokenizer(self.teacher_dir).get_vocab()
+            differ = sorted(t for t, i in self.tokenizer.get_vocab().items() if their_ids.get(t) != i)
+            if differ:
+                raise TrainingError(
+                    f"--teacher {cfg.teacher}: its tokenizer differs from the student's ({len(differ)} of "
+                    f"{self.tokenizer.get_vocab_size()} tokens have another id or none there, e.g. {differ[:3]}); "
+                    "distillation compares distributions over the same token ids: train with --tokenizer "
+                    f"{cfg.teacher} (or --init from a model with that tokenizer)")
+        elif self.d.main:
+            print(f"warning: --teacher {cfg.teacher} has no tokenizer.json: whether it numbers the tokens as the "
+                  "student does is not checked", file=sys.stderr, flush=True)
+        if cfg.tp > 1 and quantization_mode(teacher) == "offline":
+            raise TrainingError(f"--teacher {cfg.teacher} is packed (offline BitLinear weights); under --tp the teacher "
+                                "is sharded as the student is, which needs its latent weights: give its online "
+                                "checkpoint (bitnet convert SRC DST --to latent)")
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
     def _wrap(self):
-        cfg, d, model = self.cfg, self.d, self.model
+        cfg, d, model, teacher = self.cfg, self.d, self.model, self.teacher
         engine = model
         if cfg.tp > 1:  # TP inside a replica, then FSDP2 over the replicas: the 2-D (dp, tp) mesh
-            from .parallel import device_mesh, tensor_parallel
+            from .parallel import ParallelError, check_layout, device_mesh, tensor_parallel
 
             mesh = device_mesh(self.device.type, d.world, cfg.tp)
             tensor_parallel(model, mesh["tp"], cfg.sequence_parallel, loss_parallel=True)
+            if teacher is not None:  # sharded alike: its logits then split over the vocabulary as the student's
+                try:
+                    check_layout(teacher.config, cfg.tp, d.world, cfg.seq_len, cfg.sequence_parallel)
+                except ParallelError as e:
+                    raise TrainingError(f"--teacher {cfg.teacher}: {e}") from None
+                tensor_parallel(teacher, mesh["tp"], cfg.sequence_parallel, loss_parallel=True)
             if d.dp > 1:
-                self._fully_shard(mesh["dp"])
+                self._fully_shard(mesh["dp"], model)
+                if teacher is not None:
+                    self._fully_shard(mesh["dp"], teacher)
         elif d.world > 1 and cfg.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
 
-            self._fully_shard(init_device_mesh(self.device.type, (d.world,)))
+            mesh = init_device_mesh(self.device.type, (d.world,))
+            self._fully_shard(mesh, model)
+            # A packed teacher (2 bits a weight, uint8 buffers) stays whole on every rank.
+            if teacher is not None and quantization_mode(teacher) != "offline":
+                self._fully_shard(mesh, teacher)
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -480,14 +553,14 @@ class Trainer:
             engine = torch.compile(engine)
         return engine
 
-    def _fully_shard(self, mesh) -> None:
+    def _fully_shard(self, mesh, model: BitNetForCausalLM) -> None:
         """FSDP2 per block and at the root over a 1-D mesh (all ranks, or the dp dimension under TP)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
-        for layer in self.model.model.layers:
+        for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(self.model, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -587,10 +660,11 @@ class Trainer:
         return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over the held-out windows (sharded over the dp ranks; a TP group reads
-        the same windows, and the all-reduce then counts each of them tp times, above and below the line)."""
-        model, d, mb = self.model, self.d, self.cfg.micro_batch
+    def evaluate(self, model: BitNetForCausalLM | None = None) -> float:
+        """Mean next-token loss of the model (default: the student) over the held-out windows (sharded
+        over the dp ranks; a TP group reads the same windows, and the all-reduce then counts each of
+        them tp times, above and below the line)."""
+        model, d, mb = model or self.model, self.d, self.cfg.micro_batch
         was_training = model.training
         model.eval()
         mine = self.val[d.dp_rank::d.dp]
@@ -645,6 +719,14 @@ class Trainer:
                   f"{'resuming at step ' + str(self.step) if self.step else 'from scratch' if not cfg.init else 'from ' + cfg.init}",
                   flush=True)
             print(self._recipe_line(), flush=True)
+        if self.teacher is not None:  # every rank: a sharded teacher's forward is a collective
+            self.teacher_val_loss = self.evaluate(self.teacher)
+            if d.main:
+                print(f"distilling from {cfg.teacher} ({self.teacher.num_parameters():,} parameters, held-out loss "
+                      f"{self.teacher_val_loss:.4f}, ppl {math.exp(min(self.teacher_val_loss, 50)):.2f}): loss = CE + "
+                      f"{self.distill_weight:g} x T^2 x KL(teacher || student), T = {self.distill_temperature:g}",
+                      flush=True)
+        if d.main:
             atomic_write_bytes(os.path.join(cfg.out, RECIPE), (json.dumps(self.recipe_record(), indent=2) + "\n").encode())
             # A checkpoint: the trainer state (weights + two AdamW moments, float32) and the model files.
             per = sum(p.numel() for p in self.model.parameters()) * 4
@@ -667,20 +749,30 @@ class Trainer:
                 lam = min(1.0, step / cfg.quant_warmup_steps)
                 set_quant_strength(model, lam)
             loss_sum = torch.zeros((), device=self.device)
+            kl_sum = torch.zeros((), device=self.device)
             for j in range(cfg.grad_accum):
                 start = self.position + (j * d.dp + d.dp_rank) * cfg.micro_batch
                 x = self.sampler.batch(start, cfg.micro_batch).to(self.device)
                 sync = contextlib.nullcontext() if (not ddp or j == cfg.grad_accum - 1) else self.engine.no_sync()
                 with sync, self._loss_parallel():
                     with self._autocast():
-                        loss = self.engine(x, labels=x).loss
-                    (loss / cfg.grad_accum).backward()
+                        out = self.engine(x, labels=x)
+                        loss = objective = out.loss
+                        if self.teacher is not None:
+                            with torch.no_grad():
+                                target = self.teacher(x).logits
+                            kl = distill_loss(out.logits, target, self.distill_temperature)
+                            objective = loss + self.distill_weight * kl
+                            kl_sum += self._plain(kl.detach().float())
+                    (objective / cfg.grad_accum).backward()
                 loss_sum += self._plain(loss.detach().float())
             train_loss = d.mean(loss_sum / cfg.grad_accum).item()
+            distill = d.mean(kl_sum / cfg.grad_accum).item() if self.teacher is not None else None
             grad_norm = None
             if cfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            if not math.isfinite(train_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            if not math.isfinite(train_loss) or (distill is not None and not math.isfinite(distill)) or \
+                    (grad_norm is not None and not math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
                 saved = self._last_saved()
                 kept = (f"the last good checkpoint (step {saved}) is kept in {cfg.out}" if saved is not None
@@ -696,6 +788,8 @@ class Trainer:
                    "tokens_per_s": self.global_batch * cfg.seq_len / dt, "step_time_s": dt}
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
+            if distill is not None:
+                row["distill_loss"] = distill
             if lam is not None:
                 row["quant_strength"] = lam
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -703,6 +797,8 @@ class Trainer:
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 row["val_loss"] = self.evaluate()
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50))
+                if self.teacher_val_loss is not None:
+                    row["teacher_val_loss"] = self.teacher_val_loss
                 bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{row['val_loss']:.3f}")
             else:
                 bar.set_postfix(loss=f"{train_loss:.3f}")
