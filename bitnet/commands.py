@@ -150,6 +150,8 @@ class MemoryArgs:
     linear: str = arg("bitnet", help="linear layers", choices=["bitnet", "bitnet1", "bf16"])
     bf16: bool = arg(True, help="bf16 autocast (fp32 master weights); --no-bf16 for fp32")
     activation_checkpointing: bool = arg(False, help="recompute blocks in the backward pass")
+    teacher: str | None = arg(None, help="a distillation teacher of this preset's shape (a float model; "
+                              "bitnet train --teacher): its weights and logits", choices=list(PRESETS))
 
 
 @command("memory", MemoryArgs)
@@ -162,15 +164,21 @@ def memory_cmd(args: MemoryArgs) -> None:
     config = BitNetConfig.from_preset(args.preset, linear=args.linear)
     if args.tp > 1:
         check_layout(config, args.tp, args.tp, args.seq_len, args.sequence_parallel)
+    teacher = None
+    if args.teacher:
+        teacher = BitNetConfig.from_preset(args.teacher, linear="bf16", vocab_size=config.vocab_size)
+        if args.tp > 1:
+            check_layout(teacher, args.tp, args.tp, args.seq_len, args.sequence_parallel)
     m = estimate(config, args.micro_batch, args.seq_len, args.dp, args.fsdp, args.bf16, args.activation_checkpointing,
-                 args.tp, args.sequence_parallel)
+                 args.tp, args.sequence_parallel, teacher)
     shard = f"sharded over {args.dp} ranks (FSDP2)" if args.fsdp else f"replicated on {args.dp} rank(s) (DDP)"
     tp = (f", tensor parallel over {args.tp} ranks ({'with' if args.sequence_parallel else 'without'} sequence "
           f"parallelism; world {args.dp * args.tp})" if args.tp > 1 else "")
     print(f"{args.preset} ({args.linear}), micro-batch {args.micro_batch} x seq_len {args.seq_len}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, states {shard}{tp}"
-          f"{', activation checkpointing' if args.activation_checkpointing else ''}")
-    for name in ("weights", "gradients", "optimizer", "activations", "total"):
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{f', distilling from a {args.teacher} teacher' if teacher else ''}")
+    for name in ("weights", "gradients", "optimizer", "activations", *(["teacher"] if teacher else []), "total"):
         value = getattr(m, name)
         print(f"  {name:<12} {human_bytes(value):>12}  ({value:,} bytes)")
 

@@ -49,3 +49,26 @@ def test_memory_command(capsys):
     assert main(["memory", "2b4t", "--micro-batch", "1", "--seq-len", "4096", "--dp", "8", "--fsdp"]) == 0
     out = capsys.readouterr().out
     assert "sharded over 8 ranks" in out and "optimizer" in out and "activations" in out
+    assert "teacher" not in out
+    assert main(["memory", "700m", "--micro-batch", "1", "--seq-len", "2048", "--teacher", "3b"]) == 0
+    out = capsys.readouterr().out
+    assert "distilling from a 3b teacher" in out and "  teacher " in out
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_distillation_teacher_within_5_percent_of_what_autograd_saves(bf16):
+    """The teacher's weights exactly (in the dtype the trainer loads it: bf16 under autocast); what the
+    KL adds to the saved activations (the student's and the teacher's logits) within 5% of the bytes
+    autograd saves beyond the cross-entropy's own (the chunked KL's backward recomputes the rest).
+    (The TP path's DTensor KL is modelled, not measured here.)"""
+    config = BitNetConfig.from_preset("small")
+    tconfig = BitNetConfig.from_preset("base", linear="bf16", vocab_size=config.vocab_size)
+    model = BitNetForCausalLM(config)
+    teacher = BitNetForCausalLM(tconfig).to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+    ids = torch.randint(0, config.vocab_size, (2, 64))
+    extra = saved_activation_bytes(model, ids, bf16, teacher) - saved_activation_bytes(model, ids, bf16)
+    est = estimate(config, 2, 64, bf16=bf16, teacher=tconfig)
+    assert est.teacher == sum(p.numel() * p.element_size() for p in teacher.parameters())
+    assert est.activations - activation_bytes(config, 2, 64, bf16) == pytest.approx(extra, rel=0.05)
+    assert est.total == estimate(config, 2, 64, bf16=bf16).total + est.teacher + est.activations - activation_bytes(
+        config, 2, 64, bf16)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-# float32 temporaries of a chunk: rows x vocabulary x 4 bytes <= 2^26 elements (256 MiB)
-CHUNK_ELEMENTS = 2**26
+# float32 temporaries of a chunk: rows x vocabulary <= 2^24 elements (64 MiB each; a few at a time)
+CHUNK_ELEMENTS = 2**24
 
 
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -25,6 +25,12 @@ What it keeps whole: the all-gathered (B, T, h) input of the colwise layers (eac
 the input its matmul sees, and DTensor gathers before the matmul; Megatron re-gathers it in the
 backward pass instead, not done here). The logits stay sharded over the vocabulary: the trainer's
 cross-entropy is vocab-parallel (torch's loss_parallel), so the log-probabilities are 1/tp too.
+
+Distillation (`bitnet train --teacher`, bitnet.train.distill) adds the teacher's weights (bf16
+under autocast, fp32 otherwise; sharded as the student's under FSDP2 and TP) and, per token, its
+logits and what the KL keeps for the backward: the student's logits and the teacher's (the chunked
+KL recomputes its softmaxes in the backward); under TP (the KL composed of DTensor ops) the
+student's exponentials and the teacher's probabilities in float32, and the teacher's logits.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 
 from ..config import BitNetConfig
 from ..model import BitNetForCausalLM
+from .distill import distill_loss
 
 
 @dataclass
@@ -45,10 +52,11 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    teacher: int = 0  # a distillation teacher's weights (its logits are in activations)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.teacher
 
 
 def parameter_shapes(config: BitNetConfig) -> list[tuple[int, ...]]:
@@ -149,17 +157,32 @@ def activation_bytes(config: BitNetConfig, micro_batch: int, seq_len: int, bf16:
     return round(layers * per_layer + blocks + head + lm_head)
 
 
+def distill_activation_bytes(config: BitNetConfig, micro_batch: int, seq_len: int, bf16: bool, tp: int = 1) -> int:
+    """What distillation keeps through a micro-batch's backward, on one rank: the student's logits
+    (saved by the chunked KL) and the teacher's, or under TP the float32 exponentials and teacher
+    probabilities the DTensor KL saves, and the teacher's logits (alive until the step's end)."""
+    e = 2 if bf16 else 4  # logits under bf16 autocast, or fp32; the teacher's alike (loaded in bf16 there)
+    per_token = (8 + e) if tp > 1 else 2 * e
+    return round(micro_batch * seq_len * per_token * config.vocab_size / tp)
+
+
 def estimate(config: BitNetConfig, micro_batch: int, seq_len: int, dp: int = 1, fsdp: bool = False,
              bf16: bool = True, checkpointing: bool = False, tp: int = 1,
-             sequence_parallel: bool = True) -> MemoryEstimate:
+             sequence_parallel: bool = True, teacher: BitNetConfig | None = None) -> MemoryEstimate:
     """Per-rank training memory (rank 0, the largest shard) of AdamW with fp32 master weights, on a
-    (dp, tp) layout: dp data-parallel replicas (FSDP2-sharded with `fsdp`) of tp tensor-parallel ranks."""
+    (dp, tp) layout: dp data-parallel replicas (FSDP2-sharded with `fsdp`) of tp tensor-parallel ranks;
+    with a distillation `teacher` (a float model: its weights and logits)."""
     shapes = tp_local_shapes(config, tp) if tp > 1 else parameter_shapes(config)
     ranks = dp if fsdp else 1
     elements = sum(_shard(s, ranks) for s in shapes)
+    activations = activation_bytes(config, micro_batch, seq_len, bf16, checkpointing, tp, sequence_parallel)
+    teacher_bytes = 0
+    if teacher is not None:
+        t_shapes = tp_local_shapes(teacher, tp) if tp > 1 else parameter_shapes(teacher)
+        teacher_bytes = (2 if bf16 else 4) * sum(_shard(s, ranks) for s in t_shapes)
+        activations += distill_activation_bytes(config, micro_batch, seq_len, bf16, tp)
     return MemoryEstimate(weights=4 * elements, gradients=4 * elements, optimizer=8 * elements + 4 * len(shapes),
-                          activations=activation_bytes(config, micro_batch, seq_len, bf16, checkpointing, tp,
-                                                       sequence_parallel))
+                          activations=activations, teacher=teacher_bytes)
 
 
 @contextmanager
@@ -189,12 +212,19 @@ def count_saved_tensors():
         yield result
 
 
-def saved_activation_bytes(model: BitNetForCausalLM, input_ids: torch.Tensor, bf16: bool) -> int:
-    """Measure: bytes of the activations one forward pass saves for its backward."""
+def saved_activation_bytes(model: BitNetForCausalLM, input_ids: torch.Tensor, bf16: bool,
+                           teacher: BitNetForCausalLM | None = None) -> int:
+    """Measure: bytes of the activations one forward pass saves for its backward (with a teacher:
+    the trainer's distillation loss beside the cross-entropy)."""
     params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
     with count_saved_tensors() as counted:
         counted["params"] = params
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids, labels=input_ids).loss
+            out = model(input_ids, labels=input_ids)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(input_ids).logits
+                loss = loss + distill_loss(out.logits, target)
     loss.backward()
     return counted["bytes"]
