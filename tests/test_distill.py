@@ -163,10 +163,10 @@ def test_refusals(tmp_path, corpus, teacher):
         run(tmp_path, corpus, "d", init=str(big), teacher=str(teacher), max_steps=1)
 
 # ----------------------------------------------------------------------------- torchrun on gloo
-def torchrun(tmp, corpus, teacher, name, nproc, *extra):
+def torchrun(tmp, corpus, teacher, name, nproc, *extra, init=None):
     args = ["-m", "torch.distributed.run", "--nproc-per-node", nproc, "--master-port", str(free_port()),
             "-m", "bitnet", "train", "--data", corpus, "--device", "cpu", "--out", tmp / name,
-            "--init", teacher / "export", "--teacher", teacher / "export", "--linear", "bitnet", "--seq-len", 64,
+            "--init", init or teacher, "--teacher", teacher, "--linear", "bitnet", "--seq-len", 64,
             "--threads", 1, "--max-steps", 6, "--eval-every", 3, "--eval-windows", 8, "--no-progress",
             "--cache-dir", tmp / "cache", *extra]
     p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600,
@@ -185,10 +185,10 @@ def test_ddp_fsdp_and_tensor_parallel_distill_as_one_process(tmp_path, corpus, t
     process flipped a code). Under TP a KL taken with F.log_softmax inside loss_parallel() (whose
     backward passes the gradient through as if an nll_loss followed) trained to CE 5.67 / KL 0.50
     at step 6 against 5.16 / 0.11 (another teacher, the same protocol)."""
-    one = torchrun(tmp_path, corpus, teacher, "one", 1, "--micro-batch", 8)
+    one = torchrun(tmp_path, corpus, teacher / "export", "one", 1, "--micro-batch", 8)
     for name, extra in (("ddp", ["--micro-batch", 4]), ("fsdp", ["--micro-batch", 4, "--fsdp"]),
                         ("tp", ["--micro-batch", 8, "--tp", 2])):
-        two = torchrun(tmp_path, corpus, teacher, name, 2, *extra)
+        two = torchrun(tmp_path, corpus, teacher / "export", name, 2, *extra)
         assert [r["step"] for r in two] == list(range(1, 7)), name
         assert two[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=1e-5), name
         assert two[0]["distill_loss"] == pytest.approx(one[0]["distill_loss"], rel=1e-4), name
@@ -196,6 +196,22 @@ def test_ddp_fsdp_and_tensor_parallel_distill_as_one_process(tmp_path, corpus, t
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=5e-4), (name, a["step"])
             assert b["distill_loss"] == pytest.approx(a["distill_loss"], rel=1e-2), (name, a["step"])
         assert two[-1]["teacher_val_loss"] == pytest.approx(one[-1]["teacher_val_loss"], rel=1e-6), name
+
+
+@needs_corpus
+def test_a_packed_teacher_whole_on_every_fsdp_rank(tmp_path, corpus, teacher):
+    """A packed BitNet teacher (2 bits a weight: uint8 buffers FSDP2 does not shard) is kept whole on
+    each rank and distills as in one process (the tolerances above)."""
+    _, packed = run(tmp_path, corpus, "packed", init=str(teacher / "export"), linear="bitnet", max_steps=4,
+                    eval_every=4)
+    init = teacher / "export"
+    one = torchrun(tmp_path, corpus, packed / "export", "one", 1, "--micro-batch", 8, init=init)
+    two = torchrun(tmp_path, corpus, packed / "export", "two", 2, "--micro-batch", 4, "--fsdp", init=init)
+    assert one[0]["distill_loss"] > 1e-3
+    assert two[0]["distill_loss"] == pytest.approx(one[0]["distill_loss"], rel=1e-4)
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=5e-4), a["step"]
+        assert b["distill_loss"] == pytest.approx(a["distill_loss"], rel=1e-2), a["step"]
 
 
 @needs_corpus
