@@ -1,16 +1,18 @@
-"""Module swaps: `convert` (nn.Linear -> training BitLinear) and `freeze` (BitLinear -> packed).
+"""Module swaps: `convert` (nn.Linear -> training BitLinear), `freeze` (BitLinear -> packed) and
+`add_sub_norms` (a Llama-style block -> BitNet's, with its sub-norms).
 
 Both are explicit calls over a model, never inferred from names or files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .bitlinear import BitLinear, StreamedLinear
+from .bitlinear import BitLinear, RMSNorm, StreamedLinear
 from .config import BitNetConfig, matches_any
 
 
@@ -53,6 +55,27 @@ def freeze(model: nn.Module, packing: str | None = None) -> nn.Module:
     head = getattr(model, "lm_head", None)
     if layers and type(head) is nn.Linear:
         StreamedLinear.adopt(head)
+    return model
+
+
+def add_sub_norms(model: nn.Module) -> nn.Module:
+    """BitNet's sub-norms (SubLN) into a Llama-style model (ours, model_type "llama"), in place: an
+    RMSNorm with weight 1 on the attention's output before o_proj and on the MLP's act(gate) * up
+    before down_proj, in every block, as BitNet b1.58's block has them and as BitNet Distillation's
+    first stage inserts them before quantization-aware fine-tuning (they keep the variance of what
+    enters the two quantized projections in check). The activation is kept (silu stays silu) and
+    the model becomes model_type "bitnet": saved, it loads as transformers' BitNetForCausalLM. The
+    function changes (the norms rescale those inputs): fine-tuning brings it back."""
+    config = model.config
+    if config.model_type != "llama":
+        raise ValueError(f"add_sub_norms: the model is model_type {config.model_type!r}, which has its sub-norms "
+                         "already; it applies to a Llama-style model")
+    ref = next(model.parameters())
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.attn_sub_norm = RMSNorm(attn.n_head * attn.head_dim, config.rms_norm_eps, ref.device, ref.dtype)
+        mlp.ffn_sub_norm = RMSNorm(config.intermediate_size, config.rms_norm_eps, ref.device, ref.dtype)
+    model.config = dataclasses.replace(config, model_type="bitnet")
     return model
 
 

@@ -299,6 +299,41 @@ def test_init_from_a_llama_folder_with_quantization_warmup(tmp_path, corpus):
     assert cfg["quantization_config"]["quantization_mode"] == "online"
 
 
+@needs_corpus
+def test_init_from_a_llama_folder_with_sub_norms(tmp_path, corpus):
+    """--sub-norms (BitNet Distillation's SubLN): a Llama 3.1-style model (llama3 RoPE, silu) gets an
+    RMSNorm before o_proj and before down_proj in every block, trains them, and saves model_type
+    bitnet with its silu and its RoPE: transformers' own BitNetForCausalLM loads the run folder and
+    the packed export and computes our logits (to float rounding)."""
+    from reference import hf_config, hf_model, write_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    _, base = run(tmp_path, corpus, "tok", linear="bf16", max_steps=1)
+    llama = tmp_path / "llama"
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    write_checkpoint(hf_model(hf_config("llama", tied=False, vocab_size=512, max_position_embeddings=256,
+                                        rope_parameters={**scaling, "rope_theta": 500000.0})), llama, None)
+    (llama / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
+    _, out = run(tmp_path, corpus, "sub", init=str(llama), linear="bitnet", sub_norms=True, max_steps=8, eval_every=8)
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["model_type"] == "bitnet" and cfg["hidden_act"] == "silu"
+    assert cfg["rope_parameters"] == {**scaling, "rope_theta": 500000.0}
+    ids = torch.randint(0, 512, (2, 48))
+    for folder in (out, out / "export"):
+        ours = BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        norms = [m.attn_sub_norm.weight for m in (layer.self_attn for layer in ours.model.layers)]
+        assert all(not torch.equal(w, torch.ones_like(w)) for w in norms)  # trained away from 1
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert type(hf).__name__ == "BitNetForCausalLM"
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TrainingError, match="--sub-norms inserts sub-norms into a Llama-style --init model"):
+        run(tmp_path, corpus, "a", sub_norms=True, max_steps=1)
+    with pytest.raises(TrainingError, match="is model_type 'bitnet', whose blocks have their sub-norms already"):
+        run(tmp_path, corpus, "b", init=str(out), linear="bitnet", sub_norms=True, max_steps=1)
+
+
 def _torchrun(tmp_path, corpus, name, nproc, *extra):
     args = ["-m", "torch.distributed.run", "--nproc-per-node", nproc, "--master-port", str(free_port()),
             "-m", "bitnet", "train", "--data", corpus, "--device", "cpu", "--out", tmp_path / name, "--preset", "tiny",

@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from ..args import arg, device as named_device
 from ..atomic import SaveError, atomic_save_safetensors, atomic_write_bytes, free_bytes, human
 from ..config import PRESETS, BitNetConfig
-from ..convert import bitlinears, convert, freeze, quantization_mode, set_quant_strength, unfreeze
+from ..convert import add_sub_norms, bitlinears, convert, freeze, quantization_mode, set_quant_strength, unfreeze
 from ..hub import resolve
 from ..model import BitNetForCausalLM
 from ..plots import plot_metrics, read_jsonl
@@ -107,6 +107,9 @@ class TrainConfig:
     hub_cache_dir: str | None = arg(None, help="--init hub id: huggingface_hub cache (default: $HF_HUB_CACHE)")
     local_files_only: bool = arg(False, help="--init hub id: the cache only, no network (as HF_HUB_OFFLINE=1)")
     quant_warmup_steps: int = arg(0, help="quantization warm-up: lambda rises from 0 to 1 over these steps")
+    sub_norms: bool = arg(False, help="--init of a Llama-style model: insert BitNet's sub-norms (an RMSNorm before "
+                          "o_proj and before down_proj, weight 1; BitNet Distillation's SubLN) before training; the "
+                          "run then saves model_type bitnet")
     teacher: str | None = arg(None, help="distill from this frozen model (a folder or hub id with the same tokenizer; "
                               "e.g. the float model given to --init): loss = CE + --distill-weight x T^2 x "
                               "KL(teacher || student)")
@@ -361,6 +364,9 @@ class Trainer:
             raise TrainingError(f"--lr must be positive, got {c.lr}")
         if c.stop_at is not None and c.stop_at < 1:
             raise TrainingError(f"--stop-at must be at least 1, got {c.stop_at}")
+        if c.sub_norms and not c.init:
+            raise TrainingError("--sub-norms inserts sub-norms into a Llama-style --init model; a model trained from "
+                                "a preset has them already (model_type bitnet)")
         if not c.teacher:
             given = [f"--{n.replace('_', '-')}" for n in ("teacher_revision", "distill_weight", "distill_temperature")
                      if getattr(c, n) is not None]
@@ -414,7 +420,9 @@ class Trainer:
             raise TrainingError(f"--resume: no {STATE} in {self.cfg.out}")
         with safe_open(self.state_path, framework="pt") as f:
             meta = json.loads(f.metadata()["bitnet_trainer"])
-        before = self._comparable(meta["config"])
+        # A field an older checkpoint does not name (added since) had its default then.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        before = self._comparable({**defaults, **meta["config"]})
         now = self._comparable({**dataclasses.asdict(self.cfg), "world_size": self.d.world, "dp_size": self.d.dp})
         diff = [f"{k}={before.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(before) | set(now))
                 if before.get(k) != now.get(k)]
@@ -473,6 +481,11 @@ class Trainer:
                 convert(model, weight_bits="ternary" if cfg.linear == "bitnet" else "binary")
             elif model.config.linear != cfg.linear:
                 raise TrainingError(f"--init {cfg.init} is a {model.config.linear} model; it cannot train as {cfg.linear}")
+            if cfg.sub_norms:
+                if model.config.model_type != "llama":
+                    raise TrainingError(f"--sub-norms: --init {cfg.init} is model_type {model.config.model_type!r}, "
+                                        "whose blocks have their sub-norms already; it applies to a Llama-style model")
+                add_sub_norms(model)
             unfreeze(model)  # packed checkpoints continue from their dequantized weights
         else:
             ids = {name: tok.token_to_id(t) for name, t in (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"))}
