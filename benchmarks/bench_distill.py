@@ -12,7 +12,8 @@ teacher: `bitnet train --linear bf16 --preset P --max-steps N` with the defaults
 byte-level BPE, seq_len 256, micro-batch 8, the twin's recipe); its export is every student's
 --init and teacher, its tokenizer theirs. Each student: `bitnet train --init TEACHER --linear
 bitnet --max-steps M` (the same data order, seed and default recipe for the converted shape),
-with --teacher TEACHER --distill-weight W --distill-temperature T where W > 0. Test perplexity:
+with --teacher TEACHER --distill-weight W --distill-temperature T where W > 0 (and, for
+--sub-norms-weights, with --sub-norms: BitNet's sub-norms inserted first). Test perplexity:
 `bitnet eval ppl`'s sliding window (256 tokens, stride 128) on the test text, the students packed
 (export/, as they are served); the KL: the float64 mean over the test text's positions (windows
 of 256) of KL(softmax(teacher) || softmax(student)), T = 1. Step time: the median of the run's
@@ -96,6 +97,8 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each student")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 10.0], help="distillation weights (beside 0)")
+    p.add_argument("--sub-norms-weights", type=float, nargs="*", default=[],
+                   help="also these weights (0: none) with --sub-norms: the teacher's blocks given BitNet's sub-norms")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -108,11 +111,15 @@ def main() -> None:
     print(f"teacher: bf16 {a.preset}, {a.teacher_steps} steps", flush=True)
     runs = [{"system": "teacher (bf16 twin)", "weight": None, **train(a, teacher, a.teacher_steps, "--linear", "bf16")}]
     t_export = os.path.join(teacher, "export")
-    for w in [0.0, *a.weights]:
-        path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-w{w:g}-t{a.temperature:g}")
+    for w, sub in [(0.0, False), *((w, False) for w in a.weights), *((w, True) for w in a.sub_norms_weights)]:
+        path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-w{w:g}-t{a.temperature:g}{'-subln' if sub else ''}")
         extra = ["--teacher", t_export, "--distill-weight", str(w), "--distill-temperature", str(a.temperature)] if w else []
-        print(f"student: BitNet b1.58 from the teacher, {a.steps} steps, distillation weight {w:g}", flush=True)
-        runs.append({"system": "BitNet b1.58 QAT" + (" + distillation" if w else ""), "weight": w, "path": path,
+        if sub:
+            extra.append("--sub-norms")
+        print(f"student: BitNet b1.58 from the teacher{' with sub-norms' if sub else ''}, {a.steps} steps, "
+              f"distillation weight {w:g}", flush=True)
+        runs.append({"system": "BitNet b1.58 QAT" + (" + sub-norms" if sub else "") + (" + distillation" if w else ""),
+                     "weight": w, "sub_norms": sub, "path": path,
                      **train(a, path, a.steps, "--init", t_export, "--linear", "bitnet", *extra)})
     runs[0]["path"] = teacher
     for r in runs:

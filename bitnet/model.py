@@ -270,12 +270,15 @@ class Attention(nn.Module):
         self.o_proj = make_linear(config, f"{prefix}.o_proj", self.n_head * self.head_dim, hidden, bias)
         self.attn_sub_norm = RMSNorm(self.n_head * self.head_dim, config.rms_norm_eps) if config.sub_norms else None
         self.kv_cache: KVCache | None = None
+        self.capture: list | None = None  # a list: each forward appends its (q, k, v) (distillation's relations)
 
     def forward(self, x, cos, sin, mask, input_pos, norm=None, residual=None):
         # x (B, T, C); norm: the input_layernorm to apply to it first (prenormed), or None;
         # residual (B, T, C): returned plus the output (the layer's skip connection, prenormed)
         B, T, _ = x.shape
         q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj, norm=norm)
+        if self.capture is not None:  # (B, T, heads x head_dim) each, before RoPE
+            self.capture.append((q, k, v))
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)

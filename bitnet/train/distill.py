@@ -17,6 +17,9 @@ composed of DTensor ops (max, exp, sum: DTensor reduces them across the shards).
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 # float32 temporaries of a chunk: rows x vocabulary <= 2^24 elements (64 MiB each; a few at a time)
@@ -87,3 +90,49 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     t = teacher[..., :v].reshape(-1, v)
     rows = max(1, CHUNK_ELEMENTS // v)
     return _ChunkedKL.apply(s, t.detach(), float(temperature), rows)
+
+
+# ----------------------------------------------------------------------------- attention relations
+@contextlib.contextmanager
+def captured(model, layer: int):
+    """Within the block: the (q, k, v) projections of `layer` in every forward of `model`, as a list of
+    (B, T, width) triples (before RoPE); nothing is kept after it (an activation-checkpointed block's
+    recomputation in the backward appends nothing)."""
+    attn = model.model.layers[layer].self_attn
+    attn.capture = seen = []
+    try:
+        yield seen
+    finally:
+        attn.capture = None
+
+
+def relation_logits(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLM's self-attention relation of a (B, T, width) projection: split into `heads` relation
+    heads of width / heads, the scaled dot products of every position with every earlier one
+    (causal: later positions masked to -inf) -> (B x heads x T, T) logits, float32."""
+    B, T, width = x.shape
+    d = width // heads
+    x = x.float().reshape(B, T, heads, d).transpose(1, 2)  # (B, heads, T, d)
+    s = x @ x.transpose(-1, -2) / math.sqrt(d)
+    later = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    return s.masked_fill(later, float("-inf")).reshape(-1, T)
+
+
+def relation_loss(student: tuple, teacher: tuple, heads: int) -> torch.Tensor:
+    """BitNet Distillation's attention term (after MiniLM v2): the mean over q, k and v of the mean
+    over rows of KL(teacher's relation || student's), each relation the softmax of relation_logits
+    (T = 1). The teacher's projections may be wider than the student's: only the relations are
+    compared (T x T per relation head)."""
+    terms = [distill_loss(relation_logits(s, heads), relation_logits(t.detach(), heads)) for s, t in zip(student, teacher)]
+    return sum(terms) / len(terms)
+
+
+def relation_heads(student_config, teacher_config) -> int:
+    """The default number of relation heads: the largest that divides both models' key/value widths
+    (the number of KV heads they share, as both widths are heads x head_dim)."""
+    return math.gcd(student_config.num_key_value_heads, teacher_config.num_key_value_heads)
+
+
+def teacher_layer(student_layer: int, student_layers: int, teacher_layers: int) -> int:
+    """The teacher's layer at the same relative depth as the student's (the same index for equal depths)."""
+    return round((student_layer + 1) * teacher_layers / student_layers) - 1

@@ -47,7 +47,7 @@ from ..plots import plot_metrics, read_jsonl
 from ..quant import quantize_weight
 from ..runlock import RunLock, RunLockError
 from . import data as D
-from .distill import distill_loss
+from .distill import captured, distill_loss, relation_heads, relation_loss, teacher_layer
 from .recipes import Recipe, default_recipe
 from .schedule import SCHEDULES, Schedule
 
@@ -117,6 +117,14 @@ class TrainConfig:
     distill_weight: float | None = arg(None, help="--teacher: weight of the KL term (default 1)")
     distill_temperature: float | None = arg(None, help="--teacher: softmax temperature T of both distributions "
                                             "(default 1)")
+    distill_attention_weight: float | None = arg(None, help="--teacher: weight of the attention-relation term (MiniLM "
+                                                 "v2's q/k/v relations at one layer, as BitNet Distillation; default: "
+                                                 "off)")
+    distill_attention_layer: int | None = arg(None, help="--distill-attention-weight: the student's layer (default: "
+                                              "the last; negative counts from the end); the teacher's at the same "
+                                              "relative depth")
+    distill_attention_heads: int | None = arg(None, help="--distill-attention-weight: relation heads (default: the "
+                                              "KV heads the two models share)")
     eval_every: int = arg(100, help="validate every N steps (and at the end)")
     eval_windows: int = arg(64, help="validation windows per evaluation (0: the whole held-out split)")
     save_every: int | None = arg(None, help="checkpoint every N steps (default: eval_every; always at the end)")
@@ -280,6 +288,7 @@ class Trainer:
         self.teacher = self._build_teacher()
         self.distill_weight = 1.0 if cfg.distill_weight is None else cfg.distill_weight
         self.distill_temperature = 1.0 if cfg.distill_temperature is None else cfg.distill_temperature
+        self.relations = self._relations()  # (student layer, teacher layer, heads) of the attention term, or None
         if cfg.tp > 1:
             from .parallel import ParallelError, check_layout
 
@@ -332,6 +341,9 @@ class Trainer:
         if self.teacher is not None:
             rec.update(teacher=cfg.teacher, distill_weight=self.distill_weight,
                        distill_temperature=self.distill_temperature)
+        if self.relations is not None:
+            rec.update(distill_attention_weight=cfg.distill_attention_weight, distill_attention_layers=
+                       list(self.relations[:2]), distill_attention_heads=self.relations[2])
         return rec
 
     def _recipe_line(self) -> str:
@@ -368,14 +380,25 @@ class Trainer:
             raise TrainingError("--sub-norms inserts sub-norms into a Llama-style --init model; a model trained from "
                                 "a preset has them already (model_type bitnet)")
         if not c.teacher:
-            given = [f"--{n.replace('_', '-')}" for n in ("teacher_revision", "distill_weight", "distill_temperature")
-                     if getattr(c, n) is not None]
+            given = [f"--{n.replace('_', '-')}" for n in ("teacher_revision", "distill_weight", "distill_temperature",
+                                                          "distill_attention_weight", "distill_attention_layer",
+                                                          "distill_attention_heads") if getattr(c, n) is not None]
             if given:
                 raise TrainingError(f"{', '.join(given)} without --teacher: name the model to distill from")
         if c.distill_weight is not None and not c.distill_weight >= 0:
             raise TrainingError(f"--distill-weight must be 0 or more, got {c.distill_weight}")
         if c.distill_temperature is not None and not c.distill_temperature > 0:
             raise TrainingError(f"--distill-temperature must be positive, got {c.distill_temperature}")
+        if c.distill_attention_weight is not None and not c.distill_attention_weight >= 0:
+            raise TrainingError(f"--distill-attention-weight must be 0 or more, got {c.distill_attention_weight}")
+        if not c.distill_attention_weight:
+            given = [f"--{n.replace('_', '-')}" for n in ("distill_attention_layer", "distill_attention_heads")
+                     if getattr(c, n) is not None]
+            if given:
+                raise TrainingError(f"{', '.join(given)} without --distill-attention-weight: the attention term is off")
+        elif c.tp > 1:
+            raise TrainingError("--distill-attention-weight under --tp: the attention relations of a tensor-parallel "
+                                "layer (its heads split over the ranks) are not implemented; distill the logits alone")
         w = self.d.world
         if c.tp < 1 or c.tp > w or w % c.tp:
             why = ("must be at least 1" if c.tp < 1 else f"is larger than the world size {w}" if c.tp > w
@@ -532,6 +555,25 @@ class Trainer:
         teacher.requires_grad_(False)
         return teacher.eval()
 
+    def _relations(self) -> tuple[int, int, int] | None:
+        """--distill-attention-*: the layers and relation heads, checked against both models."""
+        cfg = self.cfg
+        if not cfg.distill_attention_weight:
+            return None
+        s, t = self.config, self.teacher.config
+        layer = -1 if cfg.distill_attention_layer is None else cfg.distill_attention_layer
+        if not -s.num_hidden_layers <= layer < s.num_hidden_layers:
+            raise TrainingError(f"--distill-attention-layer {layer}: the student has {s.num_hidden_layers} layers")
+        layer %= s.num_hidden_layers
+        heads = cfg.distill_attention_heads or relation_heads(s, t)
+        widths = {"the student's keys": s.num_key_value_heads * s.dim_head, "the student's queries":
+                  s.num_attention_heads * s.dim_head, "the teacher's keys": t.num_key_value_heads * t.dim_head,
+                  "the teacher's queries": t.num_attention_heads * t.dim_head}
+        bad = [f"{name} ({w})" for name, w in widths.items() if heads < 1 or w % heads]
+        if bad:
+            raise TrainingError(f"--distill-attention-heads {heads} does not divide the width of {', '.join(bad)}")
+        return layer, teacher_layer(layer, s.num_hidden_layers, t.num_hidden_layers), heads
+
     def _wrap(self):
         cfg, d, model, teacher = self.cfg, self.d, self.model, self.teacher
         engine = model
@@ -677,7 +719,7 @@ class Trainer:
         """Mean next-token loss of the model (default: the student) over the held-out windows (sharded
         over the dp ranks; a TP group reads the same windows, and the all-reduce then counts each of
         them tp times, above and below the line)."""
-        model, d, mb = model or self.model, self.d, self.cfg.micro_batch
+        model, d, mb = self.model if model is None else model, self.d, self.cfg.micro_batch
         was_training = model.training
         model.eval()
         mine = self.val[d.dp_rank::d.dp]
@@ -737,8 +779,10 @@ class Trainer:
             if d.main:
                 print(f"distilling from {cfg.teacher} ({self.teacher.num_parameters():,} parameters, held-out loss "
                       f"{self.teacher_val_loss:.4f}, ppl {math.exp(min(self.teacher_val_loss, 50)):.2f}): loss = CE + "
-                      f"{self.distill_weight:g} x T^2 x KL(teacher || student), T = {self.distill_temperature:g}",
-                      flush=True)
+                      f"{self.distill_weight:g} x T^2 x KL(teacher || student), T = {self.distill_temperature:g}"
+                      + (f" + {cfg.distill_attention_weight:g} x attention relations (q, k, v of layer "
+                         f"{self.relations[0]}, the teacher's {self.relations[1]}, {self.relations[2]} relation heads)"
+                         if self.relations else ""), flush=True)
         if d.main:
             atomic_write_bytes(os.path.join(cfg.out, RECIPE), (json.dumps(self.recipe_record(), indent=2) + "\n").encode())
             # A checkpoint: the trainer state (weights + two AdamW moments, float32) and the model files.
@@ -763,12 +807,16 @@ class Trainer:
                 set_quant_strength(model, lam)
             loss_sum = torch.zeros((), device=self.device)
             kl_sum = torch.zeros((), device=self.device)
+            rel_sum = torch.zeros((), device=self.device)
             for j in range(cfg.grad_accum):
                 start = self.position + (j * d.dp + d.dp_rank) * cfg.micro_batch
                 x = self.sampler.batch(start, cfg.micro_batch).to(self.device)
                 sync = contextlib.nullcontext() if (not ddp or j == cfg.grad_accum - 1) else self.engine.no_sync()
                 with sync, self._loss_parallel():
-                    with self._autocast():
+                    with self._autocast(), contextlib.ExitStack() as capture:
+                        if self.relations is not None:
+                            ours = capture.enter_context(captured(self.model, self.relations[0]))
+                            theirs = capture.enter_context(captured(self.teacher, self.relations[1]))
                         out = self.engine(x, labels=x)
                         loss = objective = out.loss
                         if self.teacher is not None:
@@ -777,15 +825,19 @@ class Trainer:
                             kl = distill_loss(out.logits, target, self.distill_temperature)
                             objective = loss + self.distill_weight * kl
                             kl_sum += self._plain(kl.detach().float())
+                        if self.relations is not None:
+                            rel = relation_loss(ours[0], theirs[0], self.relations[2])
+                            objective = objective + cfg.distill_attention_weight * rel
+                            rel_sum += rel.detach().float()
                     (objective / cfg.grad_accum).backward()
                 loss_sum += self._plain(loss.detach().float())
             train_loss = d.mean(loss_sum / cfg.grad_accum).item()
             distill = d.mean(kl_sum / cfg.grad_accum).item() if self.teacher is not None else None
+            relation = d.mean(rel_sum / cfg.grad_accum).item() if self.relations is not None else None
             grad_norm = None
             if cfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            if not math.isfinite(train_loss) or (distill is not None and not math.isfinite(distill)) or \
-                    (grad_norm is not None and not math.isfinite(grad_norm)):
+            if not all(math.isfinite(v) for v in (train_loss, distill, relation, grad_norm) if v is not None):
                 self.optimizer.zero_grad(set_to_none=True)
                 saved = self._last_saved()
                 kept = (f"the last good checkpoint (step {saved}) is kept in {cfg.out}" if saved is not None
@@ -803,6 +855,8 @@ class Trainer:
                 row["grad_norm"] = grad_norm
             if distill is not None:
                 row["distill_loss"] = distill
+            if relation is not None:
+                row["distill_attention_loss"] = relation
             if lam is not None:
                 row["quant_strength"] = lam
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
