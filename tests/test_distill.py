@@ -345,3 +345,18 @@ def test_distillation_on_cuda(tmp_path):
         return reference_kl(*logits, 1.0).item()
 
     assert kl(tmp_path / "ten" / "export") < 0.8 * kl(tmp_path / "plain" / "export")
+
+
+@needs_corpus
+def test_attention_relations_under_fsdp_as_one_process(tmp_path, corpus, teacher):
+    """The attention term on 2 FSDP2 ranks (the captured q, k, v of a sharded block) against one
+    process, the tolerances above; under --tp it is refused before any step."""
+    extra = ("--distill-attention-weight", 10)
+    one = torchrun(tmp_path, corpus, teacher / "export", "one", 1, "--micro-batch", 8, *extra)
+    two = torchrun(tmp_path, corpus, teacher / "export", "two", 2, "--micro-batch", 4, "--fsdp", *extra)
+    assert one[1]["distill_attention_loss"] > 1e-3
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=5e-4), a["step"]
+        assert b["distill_attention_loss"] == pytest.approx(a["distill_attention_loss"], rel=1e-2), a["step"]
+    with pytest.raises(TrainingError, match="--distill-attention-weight under --tp"):
+        run(tmp_path, corpus, "tp", teacher=str(teacher / "export"), distill_attention_weight=1.0, tp=2, max_steps=1)
