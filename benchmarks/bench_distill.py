@@ -5,15 +5,18 @@ alone and once per distillation weight with the float model as teacher (`bitnet 
 trained on.
 
     python benchmarks/bench_distill.py --data ../shared/data/tinyshakespeare/input.txt
-    python benchmarks/bench_distill.py --data ... --preset small --teacher-steps 600 --steps 300 --weights 1 10
+    python benchmarks/bench_distill.py --data ... --preset small --teacher-steps 600 --steps 300 --students 0 10 10+att10
 
 Protocol. The corpus' first 90% (cut at a line) is the training file, the rest the test text. The
 teacher: `bitnet train --linear bf16 --preset P --max-steps N` with the defaults otherwise (its own
 byte-level BPE, seq_len 256, micro-batch 8, the twin's recipe); its export is every student's
 --init and teacher, its tokenizer theirs. Each student: `bitnet train --init TEACHER --linear
 bitnet --max-steps M` (the same data order, seed and default recipe for the converted shape),
-with --teacher TEACHER --distill-weight W --distill-temperature T where W > 0 (and, for
---sub-norms-weights, with --sub-norms: BitNet's sub-norms inserted first). Test perplexity:
+with --teacher TEACHER --distill-weight W --distill-temperature T where W > 0, with
+--distill-attention-weight G for the attention term, with --sub-norms for BitNet's sub-norms
+inserted first (--students 0 1 10 10+att10 10+subln). With --student-data F the students train on the training
+file's first F only (cut at a line), the regime of a converted model fine-tuned on far less text
+than its teacher learned from. Test perplexity:
 `bitnet eval ppl`'s sliding window (256 tokens, stride 128) on the test text, the students packed
 (export/, as they are served); the KL: the float64 mean over the test text's positions (windows
 of 256) of KL(softmax(teacher) || softmax(student)), T = 1. Step time: the median of the run's
@@ -51,11 +54,24 @@ def split(data: str, out: str) -> tuple[str, str]:
     return train, test
 
 
-def train(a, path: str, steps: int, *args: str) -> dict:
+def head_of(path: str, fraction: float) -> str:
+    """The file's leading `fraction`, cut at a line (written beside it)."""
+    if fraction >= 1:
+        return path
+    text = open(path, encoding="utf-8").read()
+    out = f"{path[:-4]}-{fraction:g}.txt"
+    part = text[:text.rfind("\n", 0, int(len(text) * fraction)) + 1]
+    if not os.path.isfile(out) or open(out, encoding="utf-8").read() != part:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(part)
+    return out
+
+
+def train(a, path: str, steps: int, *args: str, data: str | None = None) -> dict:
     """One `bitnet train` run (reused when complete); returns its timing."""
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     if not (rows and rows[-1]["step"] == steps and os.path.isdir(os.path.join(path, "export"))):
-        cmd = [sys.executable, "-m", "bitnet", "train", "--data", a.train, "--out", path, "--preset", a.preset,
+        cmd = [sys.executable, "-m", "bitnet", "train", "--data", data or a.train, "--out", path, "--preset", a.preset,
                "--max-steps", str(steps), "--eval-every", str(steps), "--eval-windows", "0", "--seed", str(a.seed),
                "--threads", str(a.threads), "--no-progress", "--device", "cpu", "--cache-dir",
                os.path.join(a.out, "cache"), *args]
@@ -70,7 +86,8 @@ def train(a, path: str, steps: int, *args: str) -> dict:
         print(f"    {time.time() - t0:.0f} s", flush=True)
         rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     times = [r["step_time_s"] for r in rows]
-    return {"steps": rows[-1]["step"], "step_time_ms": 1000 * statistics.median(times), "final_train_loss":
+    done = time.gmtime(os.path.getmtime(os.path.join(path, "metrics.jsonl")))
+    return {"finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", done), "steps": rows[-1]["step"], "step_time_ms": 1000 * statistics.median(times), "final_train_loss":
             rows[-1]["train_loss"], "final_val_loss": rows[-1].get("val_loss"),
             "final_distill_loss": rows[-1].get("distill_loss")}
 
@@ -89,6 +106,20 @@ def test_kl(student: str, teacher: str, test: str, window: int = 256) -> float:
     return total / n
 
 
+def student_spec(spec: str) -> tuple[float, float, bool]:
+    """'10+att10+subln' -> (logits weight 10, attention weight 10, sub-norms)."""
+    first, *rest = spec.split("+")
+    att, sub = 0.0, False
+    for part in rest:
+        if part == "subln":
+            sub = True
+        elif part.startswith("att"):
+            att = float(part[3:])
+        else:
+            raise SystemExit(f"--students {spec}: {part!r} is neither attG nor subln")
+    return float(first), att, sub
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="corpus text file (first 90%% trained on, the rest tested)")
@@ -96,9 +127,12 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each student")
-    p.add_argument("--weights", type=float, nargs="+", default=[1.0, 10.0], help="distillation weights (beside 0)")
-    p.add_argument("--sub-norms-weights", type=float, nargs="*", default=[],
-                   help="also these weights (0: none) with --sub-norms: the teacher's blocks given BitNet's sub-norms")
+    p.add_argument("--students", nargs="+", default=["0", "1", "10"],
+                   help="one run each: the logits' distillation weight (0: no teacher), +attG for the attention "
+                   "term at weight G, +subln for --sub-norms (e.g. 10+att10, 0+subln)")
+    p.add_argument("--student-data", type=float, default=1.0,
+                   help="the students train on this leading fraction of the training file (the teacher on all of "
+                   "it): a fine-tuning corpus smaller than what the teacher learned from")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -111,16 +145,22 @@ def main() -> None:
     print(f"teacher: bf16 {a.preset}, {a.teacher_steps} steps", flush=True)
     runs = [{"system": "teacher (bf16 twin)", "weight": None, **train(a, teacher, a.teacher_steps, "--linear", "bf16")}]
     t_export = os.path.join(teacher, "export")
-    for w, sub in [(0.0, False), *((w, False) for w in a.weights), *((w, True) for w in a.sub_norms_weights)]:
-        path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-w{w:g}-t{a.temperature:g}{'-subln' if sub else ''}")
-        extra = ["--teacher", t_export, "--distill-weight", str(w), "--distill-temperature", str(a.temperature)] if w else []
-        if sub:
-            extra.append("--sub-norms")
-        print(f"student: BitNet b1.58 from the teacher{' with sub-norms' if sub else ''}, {a.steps} steps, "
-              f"distillation weight {w:g}", flush=True)
-        runs.append({"system": "BitNet b1.58 QAT" + (" + sub-norms" if sub else "") + (" + distillation" if w else ""),
-                     "weight": w, "sub_norms": sub, "path": path,
-                     **train(a, path, a.steps, "--init", t_export, "--linear", "bitnet", *extra)})
+    student_data = head_of(a.train, a.student_data)
+    for spec in a.students:
+        w, att, sub = student_spec(spec)
+        tag = f"w{w:g}-t{a.temperature:g}" + (f"-att{att:g}" if att else "") + ("-subln" if sub else "") + \
+            (f"-data{a.student_data:g}" if a.student_data < 1 else "")
+        path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-{tag}")
+        extra = ["--sub-norms"] if sub else []
+        if w or att:
+            extra += ["--teacher", t_export, "--distill-weight", str(w), "--distill-temperature", str(a.temperature)]
+        if att:
+            extra += ["--distill-attention-weight", str(att)]
+        system = "BitNet b1.58 QAT" + (" + sub-norms" if sub else "") + (" + logits KD" if w else "") + \
+            (" + attention KD" if att else "")
+        print(f"student: {system}, {a.steps} steps ({spec})", flush=True)
+        runs.append({"system": system, "weight": w, "attention_weight": att, "sub_norms": sub, "path": path,
+                     **train(a, path, a.steps, "--init", t_export, "--linear", "bitnet", *extra, data=student_data)})
     runs[0]["path"] = teacher
     for r in runs:
         export = os.path.join(r["path"], "export")
@@ -133,17 +173,20 @@ def main() -> None:
         r["ppl_ratio_to_teacher"] = r["test_ppl"] / ppl_t
         r["path"] = os.path.relpath(r["path"])
 
-    head = ("| system | distill weight | steps | step time (ms) | test ppl | / teacher | KL(teacher \\|\\| student), test |\n"
-            "|---|---|---|---|---|---|---|")
+    head = ("| system | logits KD weight | attention KD weight | steps | step time (ms) | test ppl | / teacher | KL(teacher \\|\\| student), test |\n"
+            "|---|---|---|---|---|---|---|---|")
     def cell(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    lines = [f"| {r['system']} | {cell(r['weight'], 'g')} | {r['steps']} | {r['step_time_ms']:.0f} | {r['test_ppl']:.2f} | "
+    lines = [f"| {r['system']} | {cell(r['weight'], 'g')} | {cell(r.get('attention_weight'), 'g')} | {r['steps']} | {r['step_time_ms']:.0f} | {r['test_ppl']:.2f} | "
              f"{r['ppl_ratio_to_teacher']:.3f} | {cell(r['test_kl'], '.4f')} |" for r in runs]
     md = (f"# Distillation in QAT: a converted model fine-tuned with and without its float teacher\n\n"
-          f"CPU `{cpu_name()}`, {a.threads} threads, {started} to {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. "
+          f"CPU `{cpu_name()}`, {a.threads} threads; runs finished {min(r['finished'] for r in runs)} to "
+          f"{max(r['finished'] for r in runs)} (complete runs are reused), evaluated {started}. "
           f"Corpus `{os.path.relpath(a.data)}` (first 90% trained, last 10% tested); preset `{a.preset}`; teacher "
-          f"{a.teacher_steps} steps, students {a.steps} steps each from the teacher's export; temperature "
+          f"{a.teacher_steps} steps, students {a.steps} steps each from the teacher's export"
+          + (f" on the training file's first {a.student_data:.0%} only" if a.student_data < 1 else "")
+          + "; temperature "
           f"{a.temperature:g}; seed {a.seed}. Protocol: benchmarks/bench_distill.py.\n\n" + head + "\n" + "\n".join(lines)
           + "\n\nTest ppl: sliding window 256, stride 128 (students packed, as served); KL: float64, mean over the "
           "test text's positions, windows of 256. One seed.\n")
