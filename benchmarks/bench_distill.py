@@ -149,7 +149,7 @@ def main() -> None:
     for spec in a.students:
         w, att, sub = student_spec(spec)
         tag = f"w{w:g}-t{a.temperature:g}" + (f"-att{att:g}" if att else "") + ("-subln" if sub else "") + \
-            (f"-data{a.student_data:g}" if a.student_data < 1 else "")
+            (f"-data{a.student_data:g}" if a.student_data < 1 else "") + (f"-seed{a.seed}" if a.seed else "")
         path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-{tag}")
         extra = ["--sub-norms"] if sub else []
         if w or att:
