@@ -67,12 +67,12 @@ def head_of(path: str, fraction: float) -> str:
     return out
 
 
-def train(a, path: str, steps: int, *args: str, data: str | None = None) -> dict:
+def train(a, path: str, steps: int, *args: str, data: str | None = None, seed: int = 0) -> dict:
     """One `bitnet train` run (reused when complete); returns its timing."""
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     if not (rows and rows[-1]["step"] == steps and os.path.isdir(os.path.join(path, "export"))):
         cmd = [sys.executable, "-m", "bitnet", "train", "--data", data or a.train, "--out", path, "--preset", a.preset,
-               "--max-steps", str(steps), "--eval-every", str(steps), "--eval-windows", "0", "--seed", str(a.seed),
+               "--max-steps", str(steps), "--eval-every", str(steps), "--eval-windows", "0", "--seed", str(seed),
                "--threads", str(a.threads), "--no-progress", "--device", "cpu", "--cache-dir",
                os.path.join(a.out, "cache"), *args]
         print("  " + " ".join(cmd[3:]), flush=True)
@@ -134,7 +134,8 @@ def main() -> None:
                    help="the students train on this leading fraction of the training file (the teacher on all of "
                    "it): a fine-tuning corpus smaller than what the teacher learned from")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each student at each seed (its data order; "
+                   "the teacher is seed 0's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="distill_cpu")
     a = p.parse_args()
@@ -148,38 +149,48 @@ def main() -> None:
     student_data = head_of(a.train, a.student_data)
     for spec in a.students:
         w, att, sub = student_spec(spec)
-        tag = f"w{w:g}-t{a.temperature:g}" + (f"-att{att:g}" if att else "") + ("-subln" if sub else "") + \
-            (f"-data{a.student_data:g}" if a.student_data < 1 else "") + (f"-seed{a.seed}" if a.seed else "")
-        path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-{tag}")
+        system = "BitNet b1.58 QAT" + (" + sub-norms" if sub else "") + (" + logits KD" if w else "") + \
+            (" + attention KD" if att else "")
         extra = ["--sub-norms"] if sub else []
         if w or att:
             extra += ["--teacher", t_export, "--distill-weight", str(w), "--distill-temperature", str(a.temperature)]
         if att:
             extra += ["--distill-attention-weight", str(att)]
-        system = "BitNet b1.58 QAT" + (" + sub-norms" if sub else "") + (" + logits KD" if w else "") + \
-            (" + attention KD" if att else "")
-        print(f"student: {system}, {a.steps} steps ({spec})", flush=True)
-        runs.append({"system": system, "weight": w, "attention_weight": att, "sub_norms": sub, "path": path,
-                     **train(a, path, a.steps, "--init", t_export, "--linear", "bitnet", *extra, data=student_data)})
-    runs[0]["path"] = teacher
+        for seed in a.seeds:
+            tag = f"w{w:g}-t{a.temperature:g}" + (f"-att{att:g}" if att else "") + ("-subln" if sub else "") + \
+                (f"-data{a.student_data:g}" if a.student_data < 1 else "") + (f"-seed{seed}" if seed else "")
+            path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-{tag}")
+            print(f"student: {system}, {a.steps} steps ({spec}), seed {seed}", flush=True)
+            runs.append({"system": system, "spec": spec, "seed": seed, "weight": w, "attention_weight": att,
+                         "sub_norms": sub, "path": path, **train(a, path, a.steps, "--init", t_export, "--linear",
+                                                                "bitnet", *extra, data=student_data, seed=seed)})
+    runs[0].update(path=teacher, spec="teacher", seed=0)
     for r in runs:
         export = os.path.join(r["path"], "export")
         r["test_ppl"] = evaluate_folder(export, a.test, max_length=256, stride=128).ppl
         r["test_kl"] = None if r["weight"] is None else test_kl(export, t_export, a.test)
-        print(f"  {r['system']:<34} weight {r['weight']}: test ppl {r['test_ppl']:.2f}"
+        print(f"  {r['system']:<34} ({r['spec']}, seed {r['seed']}): test ppl {r['test_ppl']:.2f}"
               + (f", KL {r['test_kl']:.4f}" if r["test_kl"] is not None else ""), flush=True)
     ppl_t = runs[0]["test_ppl"]
     for r in runs:
         r["ppl_ratio_to_teacher"] = r["test_ppl"] / ppl_t
         r["path"] = os.path.relpath(r["path"])
 
-    head = ("| system | logits KD weight | attention KD weight | steps | step time (ms) | test ppl | / teacher | KL(teacher \\|\\| student), test |\n"
-            "|---|---|---|---|---|---|---|---|")
     def cell(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    lines = [f"| {r['system']} | {cell(r['weight'], 'g')} | {cell(r.get('attention_weight'), 'g')} | {r['steps']} | {r['step_time_ms']:.0f} | {r['test_ppl']:.2f} | "
-             f"{r['ppl_ratio_to_teacher']:.3f} | {cell(r['test_kl'], '.4f')} |" for r in runs]
+    head = ("| system | logits KD weight | attention KD weight | steps | step time (ms) | test ppl, mean of seeds "
+            "(each) | / teacher | KL(teacher \\|\\| student), test, mean |\n|---|---|---|---|---|---|---|---|")
+    lines = []
+    for spec in ["teacher", *a.students]:
+        group = [r for r in runs if r["spec"] == spec]
+        ppl = statistics.mean(r["test_ppl"] for r in group)
+        each = " (" + ", ".join(format(r["test_ppl"], ".2f") for r in group) + ")" if len(group) > 1 else ""
+        kl = None if group[0]["test_kl"] is None else statistics.mean(r["test_kl"] for r in group)
+        g = group[0]
+        lines.append(f"| {g['system']} | {cell(g['weight'], 'g')} | {cell(g.get('attention_weight'), 'g')} | "
+                     f"{g['steps']} | {statistics.median(r['step_time_ms'] for r in group):.0f} | {ppl:.2f}{each} | "
+                     f"{ppl / ppl_t:.3f} | {cell(kl, '.4f')} |")
     md = (f"# Distillation in QAT: a converted model fine-tuned with and without its float teacher\n\n"
           f"CPU `{cpu_name()}`, {a.threads} threads; runs finished {min(r['finished'] for r in runs)} to "
           f"{max(r['finished'] for r in runs)} (complete runs are reused), evaluated {started}. "
@@ -187,9 +198,10 @@ def main() -> None:
           f"{a.teacher_steps} steps, students {a.steps} steps each from the teacher's export"
           + (f" on the training file's first {a.student_data:.0%} only" if a.student_data < 1 else "")
           + "; temperature "
-          f"{a.temperature:g}; seed {a.seed}. Protocol: benchmarks/bench_distill.py.\n\n" + head + "\n" + "\n".join(lines)
+          f"{a.temperature:g}; student seeds {', '.join(map(str, a.seeds))} (the data order). Protocol: "
+          "benchmarks/bench_distill.py.\n\n" + head + "\n" + "\n".join(lines)
           + "\n\nTest ppl: sliding window 256, stride 128 (students packed, as served); KL: float64, mean over the "
-          "test text's positions, windows of 256. One seed.\n")
+          "test text's positions, windows of 256.\n")
     print(md)
     save_results(a.name, {"args": vars(a), "started": started, "teacher_test_ppl": ppl_t, "runs": runs}, md)
 
