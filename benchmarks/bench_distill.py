@@ -106,8 +106,9 @@ def test_kl(student: str, teacher: str, test: str, window: int = 256) -> float:
     return total / n
 
 
-def student_spec(spec: str) -> tuple[float, float, bool]:
-    """'10+att10+subln' -> (logits weight 10, attention weight 10, sub-norms)."""
+def student_spec(spec: str, steps: int) -> tuple[float, float, bool, int]:
+    """'10+att10+subln@100' -> (logits weight 10, attention weight 10, sub-norms, 100 steps; default `steps`)."""
+    spec, _, at = spec.partition("@")
     first, *rest = spec.split("+")
     att, sub = 0.0, False
     for part in rest:
@@ -117,7 +118,7 @@ def student_spec(spec: str) -> tuple[float, float, bool]:
             att = float(part[3:])
         else:
             raise SystemExit(f"--students {spec}: {part!r} is neither attG nor subln")
-    return float(first), att, sub
+    return float(first), att, sub, int(at) if at else steps
 
 
 def main() -> None:
@@ -129,7 +130,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each student")
     p.add_argument("--students", nargs="+", default=["0", "1", "10"],
                    help="one run each: the logits' distillation weight (0: no teacher), +attG for the attention "
-                   "term at weight G, +subln for --sub-norms (e.g. 10+att10, 0+subln)")
+                   "term at weight G, +subln for --sub-norms, @N for N steps instead of --steps (e.g. 10+att10, "
+                   "0+subln, 0@30)")
     p.add_argument("--student-data", type=float, default=1.0,
                    help="the students train on this leading fraction of the training file (the teacher on all of "
                    "it): a fine-tuning corpus smaller than what the teacher learned from")
@@ -148,7 +150,7 @@ def main() -> None:
     t_export = os.path.join(teacher, "export")
     student_data = head_of(a.train, a.student_data)
     for spec in a.students:
-        w, att, sub = student_spec(spec)
+        w, att, sub, steps = student_spec(spec, a.steps)
         system = "BitNet b1.58 QAT" + (" + sub-norms" if sub else "") + (" + logits KD" if w else "") + \
             (" + attention KD" if att else "")
         extra = ["--sub-norms"] if sub else []
@@ -159,10 +161,10 @@ def main() -> None:
         for seed in a.seeds:
             tag = f"w{w:g}-t{a.temperature:g}" + (f"-att{att:g}" if att else "") + ("-subln" if sub else "") + \
                 (f"-data{a.student_data:g}" if a.student_data < 1 else "") + (f"-seed{seed}" if seed else "")
-            path = os.path.join(a.out, f"student-{a.preset}-{a.steps}-{tag}")
-            print(f"student: {system}, {a.steps} steps ({spec}), seed {seed}", flush=True)
+            path = os.path.join(a.out, f"student-{a.preset}-{steps}-{tag}")
+            print(f"student: {system}, {steps} steps ({spec}), seed {seed}", flush=True)
             runs.append({"system": system, "spec": spec, "seed": seed, "weight": w, "attention_weight": att,
-                         "sub_norms": sub, "path": path, **train(a, path, a.steps, "--init", t_export, "--linear",
+                         "sub_norms": sub, "path": path, **train(a, path, steps, "--init", t_export, "--linear",
                                                                 "bitnet", *extra, data=student_data, seed=seed)})
     runs[0].update(path=teacher, spec="teacher", seed=0)
     for r in runs:
@@ -195,7 +197,7 @@ def main() -> None:
           f"CPU `{cpu_name()}`, {a.threads} threads; runs finished {min(r['finished'] for r in runs)} to "
           f"{max(r['finished'] for r in runs)} (complete runs are reused), evaluated {started}. "
           f"Corpus `{os.path.relpath(a.data)}` (first 90% trained, last 10% tested); preset `{a.preset}`; teacher "
-          f"{a.teacher_steps} steps, students {a.steps} steps each from the teacher's export"
+          f"{a.teacher_steps} steps, students {a.steps} steps each (unless a row says other) from the teacher's export"
           + (f" on the training file's first {a.student_data:.0%} only" if a.student_data < 1 else "")
           + "; temperature "
           f"{a.temperature:g}; student seeds {', '.join(map(str, a.seeds))} (the data order). Protocol: "
