@@ -281,6 +281,18 @@ def test_resume_checks(tmp_path, corpus):
 
 
 @needs_corpus
+def test_a_fresh_run_drops_the_rows_of_one_that_died_before_its_first_checkpoint(tmp_path, corpus):
+    """A folder with metrics.jsonl but no trainer state (a run killed before it saved): starting
+    afresh there logs only its own steps, not the dead run's rows too."""
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 99.0}\n{"step": 2, "train_loss": 98.0}\n')
+    run(tmp_path, corpus, "again", max_steps=3, eval_every=3)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train_loss"] < 20 for r in rows)
+
+
+@needs_corpus
 def test_init_from_a_llama_folder_with_quantization_warmup(tmp_path, corpus):
     """A float Llama-style model (transformers' own) converted with bitnet.convert and fine-tuned."""
     from reference import hf_config, hf_model, write_checkpoint

@@ -323,6 +323,8 @@ class Trainer:
         if saved is not None:
             self._check_resumed_recipe(saved)
             self._load_state(saved)
+        elif d.main:  # a run that died before its first checkpoint leaves rows no resume can continue
+            atomic_write_bytes(self.metrics_path, b"")
 
     # ------------------------------------------------------------------ recipe
     def recipe_record(self) -> dict:
