@@ -13,6 +13,11 @@ teacher's (no graph) and, per chunk of rows, float32 temporaries, not three more
 its backward recomputes the softmaxes chunk by chunk from the two logit tensors it keeps. Under
 tensor parallelism both logit tensors are sharded over the vocabulary (DTensor) and the KL is
 composed of DTensor ops (max, exp, sum: DTensor reduces them across the shards).
+
+The attention term (BitNet Distillation's second, after MiniLM v2) compares, at one layer, the
+self-relations of the q, k and v projections: softmax(X_a X_a^T / sqrt(d)) per relation head a,
+causal, the same KL row by row (`relation_loss`); the projections are read by `captured`, which
+has the model's Attention append them during a forward.
 """
 
 from __future__ import annotations
