@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,13 @@ def tokenizer():
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first 120 kB of TinyShakespeare (real text, small enough for quick training runs; the tests
+    that take it skip where ../shared/data is not beside the checkout: test_train.needs_corpus)."""
+    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(text.read_text()[:120_000])
+    return path

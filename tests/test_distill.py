@@ -17,11 +17,8 @@ import bitnet.train.distill as distill
 from bitnet import BitNetForCausalLM
 from bitnet.bench import free_port
 from bitnet.train.distill import distill_loss
-from bitnet.train.trainer import TrainConfig, TrainingError, train
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-needs_corpus = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is not beside the checkout")
-FAST = dict(preset="tiny", seq_len=64, micro_batch=4, threads=1, progress=False, eval_windows=8, device="cpu")
+from bitnet.train.trainer import TrainingError
+from test_train import SHAKESPEARE, metrics, needs_corpus, run
 
 
 def reference_kl(student, teacher, temperature):
@@ -120,22 +117,7 @@ def test_attention_relations_against_float64():
 
 
 # ----------------------------------------------------------------------------- bitnet train --teacher
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(SHAKESPEARE.read_text()[:120_000])
-    return path
-
-
-def run(tmp, corpus, name, **kw):
-    cfg = TrainConfig(data=str(corpus), out=str(tmp / name), cache_dir=str(tmp / "cache"), **{**FAST, **kw})
-    return train(cfg), tmp / name
-
-
-def metrics(path):
-    return [json.loads(line) for line in open(Path(path) / "metrics.jsonl")]
-
-
+# (`run` and `metrics` are tests/test_train.py's, the corpus fixture conftest's: 120 kB of TinyShakespeare)
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, corpus):
     """The float twin, trained 60 steps on the corpus: the model a QAT run converts and distills from."""
@@ -144,12 +126,13 @@ def teacher(tmp_path_factory, corpus):
     return out
 
 
-def heldout_kl(student_dir, teacher_dir) -> float:
-    """KL(teacher || student) on 4,096 tokens of TinyShakespeare past the corpus (text neither model
-    saw), in float64, from the exported models' logits (the student packed, as it is served)."""
+def heldout_kl(student_dir, teacher_dir, text: str | None = None) -> float:
+    """KL(teacher || student) on the first 4,096 tokens of `text` (default: TinyShakespeare past the
+    corpus, which neither model saw), in float64, from the exported models' logits on the CPU (the
+    student packed, as it is served)."""
     tok = Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
-    ids = tok.encode(SHAKESPEARE.read_text()[120_000:200_000]).ids[:4096]
-    x = torch.tensor(ids).view(-1, 64)
+    text = SHAKESPEARE.read_text()[120_000:200_000] if text is None else text
+    x = torch.tensor(tok.encode(text).ids[:4096]).view(-1, 64)
     logits = []
     for path in (student_dir, teacher_dir):
         model = BitNetForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -321,30 +304,17 @@ def test_distillation_on_cuda(tmp_path):
     and distillation at weight 10 ends nearer the teacher on held-out text than none."""
     from bitnet.corpus import stdlib_docstrings
 
-    corpus = tmp_path / "docs.txt"
-    corpus.write_text(stdlib_docstrings(max_chars=120_000))
-    gpu = {**FAST, "device": "cuda"}
-    train(TrainConfig(data=str(corpus), out=str(tmp_path / "twin"), cache_dir=str(tmp_path / "cache"),
-                      linear="bf16", max_steps=40, eval_every=40, **gpu))
-    t = str(tmp_path / "twin" / "export")
-    base = dict(init=t, linear="bitnet", max_steps=30, eval_every=30, quant_warmup_steps=4)
-    for name, extra in (("plain", {}), ("ten", dict(teacher=t, distill_weight=10.0))):
-        train(TrainConfig(data=str(corpus), out=str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
-                          **{**gpu, **base, **extra}))
-    rows = metrics(tmp_path / "ten")
+    docs = tmp_path / "docs.txt"
+    docs.write_text(stdlib_docstrings(max_chars=120_000))
+    _, twin = run(tmp_path, docs, "twin", linear="bf16", max_steps=40, eval_every=40, device="cuda")
+    t = twin / "export"
+    base = dict(init=str(t), linear="bitnet", max_steps=30, eval_every=30, quant_warmup_steps=4, device="cuda")
+    _, plain = run(tmp_path, docs, "plain", **base)
+    _, ten = run(tmp_path, docs, "ten", teacher=str(t), distill_weight=10.0, **base)
+    rows = metrics(ten)
     assert rows[0]["distill_loss"] < 1e-3 and min(r["distill_loss"] for r in rows[4:]) > 1e-3
-    tok = Tokenizer.from_file(str(Path(t) / "tokenizer.json"))
-    ids = torch.tensor(tok.encode(stdlib_docstrings(max_chars=200_000)[120_000:]).ids[:4096]).view(-1, 64)
-
-    def kl(student):
-        logits = []
-        for path in (student, t):
-            model = BitNetForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            with torch.no_grad():
-                logits.append(model(ids).logits.double())
-        return reference_kl(*logits, 1.0).item()
-
-    assert kl(tmp_path / "ten" / "export") < 0.8 * kl(tmp_path / "plain" / "export")
+    heldout = stdlib_docstrings(max_chars=200_000)[120_000:]
+    assert heldout_kl(ten / "export", t, heldout) < 0.8 * heldout_kl(plain / "export", t, heldout)
 
 
 @needs_corpus

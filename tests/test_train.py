@@ -27,14 +27,6 @@ needs_corpus = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/d
 FAST = dict(preset="tiny", seq_len=64, micro_batch=4, threads=1, progress=False, eval_windows=8, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The first 120 kB of TinyShakespeare (real text, small enough for quick runs)."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(SHAKESPEARE.read_text()[:120_000])
-    return path
-
-
 def run(tmp_path, corpus, name, **kw):
     cfg = TrainConfig(data=str(corpus), out=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), **{**FAST, **kw})
     return train(cfg), tmp_path / name
