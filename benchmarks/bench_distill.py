@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bitnet.bench import cpu_name, save_results
+from bitnet.bench import cpu_flags, cpu_name, save_results
 from bitnet.evaluate import evaluate_folder, load_text_ids
 from bitnet.model import BitNetForCausalLM
 from bitnet.plots import read_jsonl
@@ -194,7 +194,7 @@ def main() -> None:
                      f"{g['steps']} | {statistics.median(r['step_time_ms'] for r in group):.0f} | {ppl:.2f}{each} | "
                      f"{ppl / ppl_t:.3f} | {cell(kl, '.4f')} |")
     md = (f"# Distillation in QAT: a converted model fine-tuned with and without its float teacher\n\n"
-          f"CPU `{cpu_name()}`, {a.threads} threads; runs finished {min(r['finished'] for r in runs)} to "
+          f"CPU `{cpu_name()}` ({', '.join(cpu_flags())}), {a.threads} threads; runs finished {min(r['finished'] for r in runs)} to "
           f"{max(r['finished'] for r in runs)} (complete runs are reused), evaluated {started}. "
           f"Corpus `{os.path.relpath(a.data)}` (first 90% trained, last 10% tested); preset `{a.preset}`; teacher "
           f"{a.teacher_steps} steps, students {a.steps} steps each (unless a row says other) from the teacher's export"
